@@ -1,0 +1,83 @@
+"""The note's backward pass, written by hand in matrix form.
+
+Notation (rows are samples; ``n`` samples, layer ``l`` maps ``d_{l-1}`` to ``d_l``):
+
+- ``a[0] = x``                                   shape (n, d_0)
+- ``z[l] = a[l-1] @ W[l].T + b[l]``             pre-activation, shape (n, d_l)
+- ``a[l] = sigma(z[l])`` for hidden layers; the last layer's ``z[L]`` are logits
+- loss ``C = sum_i CE(z[L]_i, y_i) / normalizer`` (``normalizer = n`` is the batch mean)
+- ``delta[L] = (softmax(z[L]) - onehot(y)) / normalizer``        = dC/dz[L]
+- ``delta[l] = sigma'(z[l]) * (delta[l+1] @ W[l+1])``           = dC/dz[l], l = L-1 .. 1
+- ``dC/dW[l] = delta[l].T @ a[l-1]``,  ``dC/db[l] = delta[l].sum(0)``
+
+This is the chain rule of the note, layer L down to 1, batched: the note's
+column-vector ``delta^l (a^{l-1})^T`` summed over the samples is ``delta.T @ a``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from harness.model import MLP
+
+
+def activation_derivative(name: str, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """sigma'(z), using the activation ``a = sigma(z)`` already computed where cheaper."""
+    if name == "sigmoid":
+        return a * (1 - a)
+    if name == "tanh":
+        return 1 - a * a
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+@torch.no_grad()
+def manual_backward(model: MLP, x: torch.Tensor, y: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+    """Forward and backward by hand; writes ``.grad`` of every parameter, returns the loss.
+
+    Gradients are assigned, not accumulated: the caller need not zero them.
+    """
+    normalizer = float(len(y)) if normalizer is None else float(normalizer)
+    linears = list(model.linears)
+    activations = [x]  # a[0] .. a[L-1]
+    pre_activations = []  # z[1] .. z[L]
+    for depth, linear in enumerate(linears):
+        z = activations[-1] @ linear.weight.T + linear.bias
+        pre_activations.append(z)
+        if depth < len(linears) - 1:
+            activations.append(model.activation(z))
+    logits = pre_activations[-1]
+    loss = F.cross_entropy(logits, y, reduction="sum") / normalizer
+    delta = (torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)) / normalizer
+    for depth in range(len(linears) - 1, -1, -1):
+        linear = linears[depth]
+        linear.weight.grad = delta.T @ activations[depth]
+        linear.bias.grad = delta.sum(0)
+        if depth > 0:
+            sigma_prime = activation_derivative(model.activation_name, pre_activations[depth - 1], activations[depth])
+            delta = sigma_prime * (delta @ linear.weight)
+    return loss
+
+
+def autograd_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+    """The same loss through autograd; gradients are assigned (zeroed first)."""
+    normalizer = float(len(y)) if normalizer is None else float(normalizer)
+    for p in model.parameters():
+        p.grad = None
+    loss = F.cross_entropy(model(x), y, reduction="sum") / normalizer
+    loss.backward()
+    return loss.detach()
+
+
+def gradient_differences(model: MLP, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, float]]:
+    """Per parameter, max |manual - autograd| / max(|autograd|, tiny): the gradcheck report."""
+    manual_backward(model, x, y)
+    manual = {name: p.grad.clone() for name, p in model.named_parameters()}
+    autograd_backward(model, x, y)
+    report = []
+    for name, p in model.named_parameters():
+        scale = p.grad.abs().max().clamp_min(torch.finfo(p.grad.dtype).tiny)
+        report.append((name, float((manual[name] - p.grad).abs().max() / scale)))
+    return report

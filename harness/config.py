@@ -1,0 +1,397 @@
+"""Config: YAML in, one frozen and fully validated dataclass out.
+
+Owns the schema, YAML loading (``yaml.safe_load`` only), ``--set key=value``
+overrides and every check that can be made before data is read or a process
+group exists. Does not own launching, data loading or tracking.
+
+Every problem raises :class:`harness.errors.InputError` with one line that names
+the key (``optim.lr``) and what was expected, so launchers can exit with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from harness.errors import InputError
+
+DATASETS = ("fashion-mnist", "mnist", "digits", "synthetic")
+ACTIVATIONS = ("sigmoid", "tanh", "relu")
+GRAD_ENGINES = ("autograd", "manual")
+DEVICES = ("auto", "cpu", "cuda")
+LR_RULES = ("none", "linear", "sqrt")
+
+# Sizes of the real data sets, known without reading them, so that a batch larger
+# than the training set is refused before any process starts. (train, test)
+KNOWN_SPLIT_SIZES = {"fashion-mnist": (60000, 10000), "mnist": (60000, 10000), "digits": (1437, 360)}
+KNOWN_SHAPES = {"fashion-mnist": (784, 10), "mnist": (784, 10), "digits": (64, 10)}
+
+
+def _positive(value) -> Optional[str]:
+    return None if value > 0 else "a positive number"
+
+
+def _non_negative(value) -> Optional[str]:
+    return None if value >= 0 else "a number >= 0"
+
+
+def _in_unit_interval(value) -> Optional[str]:
+    return None if 0 <= value < 1 else "a number in [0, 1)"
+
+
+def _all_positive(values) -> Optional[str]:
+    if len(values) == 0:
+        return "a non-empty list of positive integers"
+    return None if all(v > 0 for v in values) else "a list of positive integers"
+
+
+def _choice(*names):
+    def check(value) -> Optional[str]:
+        return None if value in names else "one of " + ", ".join(repr(n) for n in names)
+
+    return check
+
+
+def _checked(default, check, **kwargs):
+    """A dataclass field whose value must pass ``check`` (returns a complaint or None)."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"check": check}, **kwargs)
+    return field(default=default, metadata={"check": check}, **kwargs)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The note's random images: ``x = rand(n, 784)``, targets ``arange(n) % num_targets``."""
+
+    num_train: int = _checked(5, _positive)
+    num_test: int = _checked(5, _positive)
+    num_features: int = _checked(784, _positive)
+    num_targets: int = _checked(5, _positive)  # the note's targets are 0..4
+    num_classes: int = _checked(10, _positive)  # ... scored by a 10-way output layer
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _checked("fashion-mnist", _choice(*DATASETS))
+    data_dir: Optional[str] = None
+    validation_size: int = _checked(5000, _non_negative)
+    # Keep only the first N training / test samples after the split (small tests).
+    train_subset: Optional[int] = _checked(None, _positive)
+    test_subset: Optional[int] = _checked(None, _positive)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_sizes: tuple[int, ...] = _checked((500,), lambda v: None if all(h > 0 for h in v) else "a list of positive integers")
+    activation: str = _checked("sigmoid", _choice(*ACTIVATIONS))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _checked(0.01, _positive)
+    momentum: float = _checked(0.9, _in_unit_interval)
+    weight_decay: float = _checked(0.0, _non_negative)
+    global_batch_size: int = _checked(128, _positive)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _checked(2, _positive)
+    grad_engine: str = _checked("autograd", _choice(*GRAD_ENGINES))
+    device: str = _checked("auto", _choice(*DEVICES))
+    eval_batch_size: int = _checked(10000, _positive)
+    # False: the last, smaller batch of an epoch is trained too, so an epoch sees
+    # every training sample exactly once at any batch size.
+    drop_last: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (resolved by the launcher).
+    uri: Optional[str] = None
+    experiment: str = "minibatch-harness"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    dir: str = "checkpoints"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A batch-size sweep: one trial per (batch size, seed)."""
+
+    batch_sizes: tuple[int, ...] = _checked((32, 128, 512), _all_positive)
+    seeds: tuple[int, ...] = (0,)
+    # LR scaling relative to (base_batch_size, optim.lr): Goyal et al. 2017 (linear),
+    # Hoffer et al. 2017 (sqrt).
+    lr_rule: str = _checked("none", _choice(*LR_RULES))
+    base_batch_size: int = _checked(128, _positive)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sweep: Optional[SweepConfig] = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Config":
+        cfg = _build(cls, raw, prefix="")
+        _check_cross_field(cfg)
+        return cfg
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def replace(self, **dotted: Any) -> "Config":
+        """A copy with dotted keys replaced, validated again: ``replace(**{"optim.lr": 0.1})``."""
+        raw = self.to_dict()
+        for key, value in dotted.items():
+            _set_dotted(raw, key, value)
+        return Config.from_dict(raw)
+
+    # Derived values, computed in one place.
+    @property
+    def input_size(self) -> int:
+        if self.data.dataset == "synthetic":
+            return self.data.synthetic.num_features
+        return KNOWN_SHAPES[self.data.dataset][0]
+
+    @property
+    def num_classes(self) -> int:
+        if self.data.dataset == "synthetic":
+            return self.data.synthetic.num_classes
+        return KNOWN_SHAPES[self.data.dataset][1]
+
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        return (self.input_size, *self.model.hidden_sizes, self.num_classes)
+
+    @property
+    def train_set_size(self) -> int:
+        """Training samples after the validation split and subset."""
+        if self.data.dataset == "synthetic":
+            total = self.data.synthetic.num_train
+        else:
+            total = KNOWN_SPLIT_SIZES[self.data.dataset][0]
+        size = total - self.data.validation_size
+        if self.data.train_subset is not None:
+            size = min(size, self.data.train_subset)
+        return size
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.sweep is not None
+
+    def per_rank_batch_size(self, world_size: int) -> int:
+        check_world_size(self, world_size)
+        return self.optim.global_batch_size // world_size
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Refuse batch sizes that W ranks cannot share equally, for the run or every trial."""
+    sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
+    key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
+    for size in sizes:
+        if size % world_size:
+            raise InputError(f"{key}: {size} is not divisible by the world size {world_size}; "
+                             f"expected a multiple of {world_size}")
+
+
+def _check_cross_field(cfg: Config) -> None:
+    data = cfg.data
+    if data.dataset == "synthetic":
+        syn = data.synthetic
+        if syn.num_targets > syn.num_classes:
+            raise InputError(f"data.synthetic.num_targets: {syn.num_targets} exceeds num_classes "
+                             f"{syn.num_classes}; expected <= num_classes")
+        total = syn.num_train
+    else:
+        total = KNOWN_SPLIT_SIZES[data.dataset][0]
+    if data.validation_size >= total:
+        raise InputError(f"data.validation_size: {data.validation_size} leaves no training data; "
+                         f"expected < {total} for {data.dataset}")
+    sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
+    key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
+    for size in sizes:
+        if size > cfg.train_set_size:
+            raise InputError(f"{key}: {size} is larger than the training set "
+                             f"({cfg.train_set_size} samples); expected <= {cfg.train_set_size}")
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate everything."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found; expected a YAML file") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read config ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise InputError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of config sections at the top level, "
+                         f"got {type(raw).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return Config.from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``optim.lr=0.05`` -> ("optim.lr", 0.05); values are parsed as YAML scalars/lists."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise InputError(f"--set {key}: cannot parse value {text!r} as YAML") from None
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    schema: Any = Config
+    for depth, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+        if part not in fields:
+            where = ".".join(parts[: depth + 1])
+            raise InputError(f"--set {key}: unknown key {where!r}; expected one of "
+                             + ", ".join(sorted(fields)) if fields else f"--set {key}: {where!r} has no sub-keys")
+        schema = _dataclass_of(_hints(schema)[part])
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_of(tp) -> Any:
+    """The dataclass inside ``tp`` (``Optional[X]`` -> X), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _build(cls, raw: Any, prefix: str):
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: expected a mapping, got {_describe(raw)}")
+    hints = _hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise InputError(f"{prefix}{unknown[0]}: unknown key; expected one of {', '.join(sorted(names))}")
+    values = {}
+    for name, value in raw.items():
+        key = prefix + name
+        converted = _convert(hints[name], value, key)
+        check = names[name].metadata.get("check")
+        if check is not None and converted is not None:
+            complaint = check(converted)
+            if complaint:
+                raise InputError(f"{key}: expected {complaint}, got {value!r}")
+        values[name] = converted
+    return cls(**values)
+
+
+def _convert(tp, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{key}: expected a list of {args[0].__name__}, got {_describe(value)}")
+        return tuple(_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise InputError(f"{key}: expected true or false, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise InputError(f"{key}: expected an integer, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise InputError(f"{key}: expected a finite number, got {value!r}")
+            return float(value)
+        raise InputError(f"{key}: expected a number, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise InputError(f"{key}: expected a string, got {_describe(value)}")
+    raise TypeError(f"config schema: unsupported type {tp!r} for {key}")  # a bug in this module
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, dict) else "a mapping"
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"optim.lr": 0.01, ...}``: the resolved config as MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix.rstrip(".")] = node
+
+    walk(cfg.to_dict(), "")
+    return out

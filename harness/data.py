@@ -1,0 +1,238 @@
+"""Data: IDX files, the four sources, the validation split and the per-rank batch plan.
+
+Owns reading and checking data files, turning each source into in-memory tensors
+(train / validation / test) and deciding which sample indices each rank trains on
+at each step. Does not own models, devices or training.
+
+Batches are slices of one seeded permutation per epoch; nothing is indexed one
+sample at a time, and no DataLoader is involved.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from harness.config import Config, DataConfig
+from harness.errors import InputError
+
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+HOW_TO_GET = {
+    "fashion-mnist": "install them with `apt-get install dataset-fashion-mnist` (files land in "
+    f"{DEBIAN_FASHION_MNIST_DIR}) or put the four IDX files in data.data_dir or $HARNESS_DATA_DIR",
+    "mnist": "put the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...) in data.data_dir "
+    "or $HARNESS_DATA_DIR",
+}
+# IDX type codes (the third byte of the magic number) -> numpy dtype, big-endian.
+IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
+              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+# --- IDX ---------------------------------------------------------------------
+
+
+def read_idx(path: str | Path, expect_ndim: Optional[int] = None) -> np.ndarray:
+    """Read one IDX file (raw or .gz), checking magic number, dimensions and length."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise InputError(f"{path}: corrupt gzip stream ({err})") from None
+    if len(raw) < 4:
+        raise InputError(f"{path}: truncated: {len(raw)} bytes, expected at least a 4-byte IDX header")
+    zero0, zero1, type_code, ndim = raw[0], raw[1], raw[2], raw[3]
+    if zero0 != 0 or zero1 != 0 or type_code not in IDX_DTYPES or ndim == 0:
+        raise InputError(f"{path}: wrong magic number 0x{raw[:4].hex()}; expected 0x0000TTNN "
+                         "(IDX: two zero bytes, a type code, the number of dimensions)")
+    if expect_ndim is not None and ndim != expect_ndim:
+        raise InputError(f"{path}: wrong number of dimensions {ndim}; expected {expect_ndim}")
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise InputError(f"{path}: truncated header: {len(raw)} bytes, expected {header_len}")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = IDX_DTYPES[type_code]
+    expected = header_len + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "trailing bytes"
+        raise InputError(f"{path}: {what}: {len(raw)} bytes, expected {expected} for dimensions {dims}")
+    return np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(directory: Path, stem: str) -> Optional[Path]:
+    for name in (stem + ".gz", stem):
+        candidate = directory / name
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def locate_idx_dir(data: DataConfig, env_dir: Optional[str]) -> Path:
+    """The first folder holding all four IDX files: data_dir, $HARNESS_DATA_DIR, Debian's."""
+    candidates = [d for d in (data.data_dir, env_dir) if d]
+    if data.dataset == "fashion-mnist":
+        candidates.append(DEBIAN_FASHION_MNIST_DIR)
+    for directory in map(Path, candidates):
+        if all(_find_idx(directory, stem) for stem in IDX_FILES.values()):
+            return directory
+    looked = ", ".join(candidates) or "nowhere (set data.data_dir)"
+    raise InputError(f"data.dataset {data.dataset!r}: IDX files not found (looked in {looked}); "
+                     + HOW_TO_GET[data.dataset])
+
+
+def load_idx_split(directory: Path, images: str, labels: str, num_classes: int):
+    image_path = _find_idx(directory, IDX_FILES[images])
+    label_path = _find_idx(directory, IDX_FILES[labels])
+    x = read_idx(image_path, expect_ndim=3)
+    y = read_idx(label_path, expect_ndim=1)
+    if x.shape[0] != y.shape[0]:
+        raise InputError(f"{label_path}: {y.shape[0]} labels for {x.shape[0]} images in {image_path}; "
+                         "expected one label per image")
+    if x.shape[1:] != (28, 28):
+        raise InputError(f"{image_path}: wrong image dimensions {x.shape[1:]}; expected (28, 28)")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise InputError(f"{label_path}: label {int(y.max()) if y.max() >= num_classes else int(y.min())} "
+                         f"out of range; expected 0..{num_classes - 1}")
+    return x.reshape(len(x), -1), y
+
+
+# --- data sets ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Features (float32 in [0, 1]) and integer targets held in memory."""
+
+    features: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def to(self, device) -> "Split":
+        return Split(self.features.to(device), self.targets.to(device))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: Split
+    validation: Split
+    test: Split
+
+
+def load_dataset(cfg: Config) -> Dataset:
+    """Read the configured source and split it into train / validation / test."""
+    data = cfg.data
+    if data.dataset in ("fashion-mnist", "mnist"):
+        directory = locate_idx_dir(data, os.environ.get("HARNESS_DATA_DIR"))
+        x_train, y_train = load_idx_split(directory, "train_images", "train_labels", cfg.num_classes)
+        x_test, y_test = load_idx_split(directory, "test_images", "test_labels", cfg.num_classes)
+        x_train, x_test = x_train.astype(np.float32) / 255.0, x_test.astype(np.float32) / 255.0
+    elif data.dataset == "digits":
+        x_train, y_train, x_test, y_test = _digits(cfg.seed)
+    else:
+        x_train, y_train, x_test, y_test = _synthetic(cfg)
+    train_all = Split(torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(y_train.astype(np.int64)))
+    test = Split(torch.from_numpy(np.ascontiguousarray(x_test)), torch.from_numpy(y_test.astype(np.int64)))
+    train, validation = split_validation(train_all, data.validation_size, seed=cfg.seed)
+    if data.train_subset is not None:
+        train = Split(train.features[: data.train_subset], train.targets[: data.train_subset])
+    if data.test_subset is not None:
+        test = Split(test.features[: data.test_subset], test.targets[: data.test_subset])
+    return Dataset(train=train, validation=validation, test=test)
+
+
+def split_validation(split: Split, validation_size: int, seed: int) -> tuple[Split, Split]:
+    """Hold out ``validation_size`` samples of the training set, chosen by a seeded permutation."""
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:validation_size], order[validation_size:]
+    # Sorted so the training set keeps the file's order: results do not depend on
+    # the split beyond which samples were held out.
+    kept, held = kept.sort().values, held.sort().values
+    return (Split(split.features[kept], split.targets[kept]),
+            Split(split.features[held], split.targets[held]))
+
+
+def _digits(seed: int):
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: always offline
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    test_size = 360
+    test, train = order[:test_size], np.sort(order[test_size:])
+    return x[train], y[train], x[np.sort(test)], y[np.sort(test)]
+
+
+def _synthetic(cfg: Config):
+    """The note's example: uniform random images, targets 0..num_targets-1 in turn."""
+    syn = cfg.data.synthetic
+    generator = torch.Generator().manual_seed(cfg.seed)
+    n = syn.num_train + syn.num_test
+    x = torch.rand(n, syn.num_features, generator=generator).numpy()
+    y = (np.arange(n) % syn.num_targets).astype(np.int64)
+    return x[: syn.num_train], y[: syn.num_train], x[syn.num_train:], y[syn.num_train:]
+
+
+# --- the batch plan ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples each rank trains on at each step of an epoch.
+
+    Every epoch draws one permutation of the training set from ``(seed, epoch)``,
+    identical on every rank. Step ``s`` takes the global batch
+    ``perm[s*B:(s+1)*B]`` and rank ``r`` of ``W`` takes the r-th of W equal
+    contiguous pieces of it. The pieces of all ranks are disjoint and together
+    cover the epoch once; with ``drop_last`` the smaller last batch is skipped.
+    The plan is a pure function of (seed, epoch), so a resumed run replays it.
+    """
+
+    num_samples: int
+    global_batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = False
+
+    def __post_init__(self):
+        if self.global_batch_size % self.world_size:
+            raise InputError(f"optim.global_batch_size: {self.global_batch_size} is not divisible by "
+                             f"the world size {self.world_size}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full, rest = divmod(self.num_samples, self.global_batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def permutation(self, epoch: int, device=None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.num_samples, generator=generator)
+        return perm if device is None else perm.to(device)
+
+    def local_batches(self, epoch: int, device=None) -> Iterator[tuple[torch.Tensor, int]]:
+        """Yield ``(local indices, global batch size)`` for every step of ``epoch``."""
+        perm = self.permutation(epoch, device)
+        for step in range(self.steps_per_epoch):
+            global_batch = perm[step * self.global_batch_size:(step + 1) * self.global_batch_size]
+            # tensor_split gives equal pieces for a full batch; for the last, smaller
+            # one the pieces differ by at most one sample.
+            local = torch.tensor_split(global_batch, self.world_size)[self.rank]
+            yield local, len(global_batch)

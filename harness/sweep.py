@@ -1,0 +1,97 @@
+"""Sweeps: expand a sweep config into trial configs and run them under one parent run.
+
+Owns the list of trials (batch size x seed), the LR scaling rule and the summary
+table. Each trial is an ordinary run of ``train_loop.train``; a trial that fails
+or diverges is recorded and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+from harness.config import Config
+from harness.data import Dataset, load_dataset
+from harness.distributed import DistContext
+from harness.train_loop import RunHooks, RunResult, train
+from harness.tracking import make_tracker
+
+
+def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:
+    """LR for ``batch_size``: ``none`` keeps it, ``linear`` scales by B/B0 (Goyal et al. 2017),
+    ``sqrt`` by sqrt(B/B0) (Hoffer et al. 2017)."""
+    ratio = batch_size / base_batch_size
+    return base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+
+
+def expand_trials(cfg: Config) -> list[Config]:
+    """One run config per (batch size, seed), in that order, with the sweep section removed."""
+    sweep = cfg.sweep
+    trials = []
+    for batch_size in sweep.batch_sizes:
+        for seed in sweep.seeds:
+            raw = cfg.to_dict()
+            raw.pop("sweep")
+            raw["name"] = f"{cfg.name}-bs{batch_size}-seed{seed}"
+            raw["seed"] = seed
+            raw["optim"]["global_batch_size"] = batch_size
+            raw["optim"]["lr"] = scaled_lr(cfg.optim.lr, batch_size, sweep.base_batch_size, sweep.lr_rule)
+            trials.append(Config.from_dict(raw))
+    return trials
+
+
+@dataclass
+class TrialOutcome:
+    cfg: Config
+    result: Optional[RunResult]
+    error: Optional[str] = None
+
+
+def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None,
+              resume: bool = False) -> list[TrialOutcome]:
+    """Run every trial in this process group, one after another, as children of one parent run."""
+    dataset = dataset or load_dataset(cfg)
+    parent = make_tracker(cfg, ctx)
+    parent_run_id = parent.start()
+    outcomes = []
+    try:
+        for trial in expand_trials(cfg):
+            outcomes.append(_run_trial(trial, ctx, dataset, parent_run_id, resume))
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.set_tags({"trials": len(outcomes), "trials_failed": sum(o.error is not None for o in outcomes)})
+    parent.finish("FINISHED")
+    return outcomes
+
+
+def _run_trial(trial: Config, ctx: DistContext, dataset: Dataset, parent_run_id, resume: bool) -> TrialOutcome:
+    try:
+        result = train(trial, ctx, hooks=RunHooks(resume=resume), dataset=dataset, parent_run_id=parent_run_id)
+        return TrialOutcome(trial, result)
+    except Exception as err:  # one broken trial must not stop the sweep
+        if ctx.world_size > 1:
+            raise  # the other ranks may be inside a collective: only a restart can recover
+        traceback.print_exc()
+        return TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
+
+
+SUMMARY_COLUMNS = ("batch_size", "lr", "seed", "train_loss", "test_loss", "test_accuracy", "generalization_gap_accuracy")
+
+
+def summary_table(outcomes: list[TrialOutcome]) -> str:
+    """The table ``make sweep`` ends with: one row per trial, final-epoch numbers."""
+    header = ["batch", "lr", "seed", "train loss", "test loss", "test acc", "gap (acc)", "gap (loss)", "status"]
+    rows = []
+    for o in outcomes:
+        m = o.result.metrics if o.result else {}
+        status = "failed" if o.error else ("diverged" if o.result.diverged else "ok")
+        rows.append([str(o.cfg.optim.global_batch_size), f"{o.cfg.optim.lr:.4g}", str(o.cfg.seed)]
+                    + [f"{m[k]:.4f}" if k in m else "-" for k in
+                       ("train_loss", "test_loss", "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss")]
+                    + [status])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -1,0 +1,200 @@
+"""Every rank-0 side effect: console lines, MLflow records, checkpoint files.
+
+The loop calls the tracker on every rank; ``make_tracker`` hands rank 0 a real
+one and the other ranks a :class:`NullTracker`, so no ``if rank == 0`` appears in
+the loop. Collectives never happen in here: values arrive already reduced.
+
+MLflow is imported only when tracking is enabled. Runs are written through
+``MlflowClient`` with explicit run ids, so a resumed run (same id) can skip every
+(metric, step) it already holds and nothing is logged twice.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from harness import checkpoint as ckpt
+from harness.config import Config, flatten
+from harness.distributed import DistContext
+
+MLFLOW_PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
+
+
+def default_tracking_uri(cwd: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else an absolute sqlite file in the working directory."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    """The commit of the harness checkout, or $HARNESS_GIT_COMMIT where there is no .git (Ray jobs)."""
+    if os.environ.get("HARNESS_GIT_COMMIT"):
+        return os.environ["HARNESS_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir) / cfg.name
+
+
+def run_params(cfg: Config, ctx: DistContext) -> dict[str, Any]:
+    """The resolved config (flattened keys) plus short names every launcher shares."""
+    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
+    if cfg.is_sweep:  # a sweep's parent run: the trials carry the per-run names below
+        return {**params, "world_size": ctx.world_size, "launcher": ctx.launcher}
+    params.update({
+        "batch_size": cfg.optim.global_batch_size,
+        "per_rank_batch_size": cfg.optim.global_batch_size // ctx.world_size,
+        "lr": cfg.optim.lr,
+        "seed": cfg.seed,
+        "world_size": ctx.world_size,
+        "launcher": ctx.launcher,
+        "device_type": ctx.device.type,
+    })
+    return params
+
+
+def format_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+class NullTracker:
+    """What ranks other than 0 get: accepts every call, writes nothing."""
+
+    run_id: Optional[str] = None
+
+    def start(self, resume_run_id: Optional[str] = None) -> Optional[str]:
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def save_checkpoint(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
+        return None
+
+    def clear_checkpoints(self) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class ConsoleTracker(NullTracker):
+    """Rank 0 without MLflow: epoch lines on stdout and checkpoint files."""
+
+    EPOCH_KEYS = ("train_loss", "val_accuracy", "test_loss", "test_accuracy", "epoch_s")
+
+    def __init__(self, cfg: Config, ctx: DistContext):
+        self.cfg, self.ctx = cfg, ctx
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if "test_accuracy" in metrics:
+            print(f"[{self.cfg.name}] epoch {step}/{self.cfg.train.epochs}  "
+                  + format_metrics(metrics, self.EPOCH_KEYS), flush=True)
+
+    def save_checkpoint(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
+        if not self.cfg.checkpoint.enabled:
+            return None
+        return ckpt.write_checkpoint(state, checkpoint_dir(self.cfg), epoch)
+
+    def clear_checkpoints(self) -> None:
+        ckpt.clear_checkpoints(checkpoint_dir(self.cfg))
+
+
+class MLflowTracker(ConsoleTracker):
+    """Rank 0 with MLflow: one run per training run, nested under a sweep's parent run."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, parent_run_id: Optional[str] = None):
+        super().__init__(cfg, ctx)
+        from mlflow.tracking import MlflowClient  # only when tracking is on
+
+        self.client = MlflowClient(tracking_uri=cfg.tracking.uri or default_tracking_uri())
+        self.parent_run_id = parent_run_id
+        self.run_id: Optional[str] = None
+        self._logged: set[tuple[str, int]] = set()
+
+    def start(self, resume_run_id: Optional[str] = None) -> Optional[str]:
+        if resume_run_id:
+            self.run_id = resume_run_id
+            self._logged = self._logged_steps(resume_run_id)
+            self.client.update_run(resume_run_id, status="RUNNING")
+            self.client.set_tag(resume_run_id, "resumed", "true")
+            return self.run_id
+        tags = {"git_commit": git_commit(), "torch_version": torch.__version__,
+                "launcher": self.ctx.launcher, "world_size": str(self.ctx.world_size)}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = self.client.create_run(experiment_id(self.client, self.cfg.tracking.experiment),
+                                     run_name=self.cfg.name, tags=tags)
+        self.run_id = run.info.run_id
+        self._log_params(run_params(self.cfg, self.ctx))
+        return self.run_id
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), MLFLOW_PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + MLFLOW_PARAM_BATCH])
+
+    def _logged_steps(self, run_id: str) -> set[tuple[str, int]]:
+        keys = self.client.get_run(run_id).data.metrics.keys()
+        return {(key, m.step) for key in keys for m in self.client.get_metric_history(run_id, key)}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        super().log_metrics(metrics, step)
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        fresh = [Metric(k, float(v), now_ms, step) for k, v in metrics.items() if (k, step) not in self._logged]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
+            self._logged.update((m.key, step) for m in fresh)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def make_tracker(cfg: Config, ctx: DistContext, parent_run_id: Optional[str] = None):
+    if not ctx.is_main:
+        return NullTracker()
+    if cfg.tracking.enabled:
+        return MLflowTracker(cfg, ctx, parent_run_id)
+    return ConsoleTracker(cfg, ctx)
+
+
+def print_main(ctx: DistContext, *lines: str) -> None:
+    if ctx.is_main:
+        for line in lines:
+            print(line, file=sys.stdout, flush=True)

@@ -1,0 +1,56 @@
+"""Train one run, or a whole sweep, on every rank of a torchrun job (or in this process).
+
+    torchrun --standalone --nproc_per_node 2 launch/train.py --config configs/fashion_mnist.yaml
+    python launch/train.py --config configs/seed.yaml --set optim.lr=0.05
+
+A restart by ``torchrun --max-restarts`` (or ``--resume``) continues from the
+newest checkpoint, into the same MLflow run.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import distributed  # noqa: E402
+from harness.config import check_world_size  # noqa: E402
+from harness.data import load_dataset  # noqa: E402
+from harness.entrypoints import add_config_arguments, exits_on_input_error, load_run_config  # noqa: E402
+from harness.sweep import run_sweep, summary_table  # noqa: E402
+from harness.train_loop import RunHooks, train  # noqa: E402
+from harness.tracking import print_main  # noqa: E402
+
+
+@exits_on_input_error
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    args = parser.parse_args(argv)
+    cfg = load_run_config(args)
+    under_torchrun = "RANK" in os.environ
+    _, local_rank, world_size = distributed.torchrun_world()
+    # Everything that can be wrong with the input is found before the process group starts.
+    check_world_size(cfg, world_size)
+    distributed.pick_device(cfg.train.device, local_rank)
+    dataset = load_dataset(cfg)
+    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    ctx = distributed.init_from_env(cfg.train.device) if under_torchrun else distributed.local_context(cfg.train.device)
+    try:
+        if cfg.is_sweep:
+            outcomes = run_sweep(cfg, ctx, dataset=dataset, resume=resume)
+            print_main(ctx, "", summary_table(outcomes))
+        else:
+            result = train(cfg, ctx, hooks=RunHooks(resume=resume), dataset=dataset)
+            print_main(ctx, f"finished {cfg.name}: epochs {result.epochs_completed}, steps {result.global_step}, "
+                            f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
+                            f"MLflow run {result.run_id or '-'}, checkpoint {result.checkpoint or '-'}")
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
