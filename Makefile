@@ -1,0 +1,50 @@
+# Two commands for a new machine: `make sweep` (the main job) and `make test`.
+# Each sets up what it needs on first use: .venv with the pinned packages, and
+# the Fashion-MNIST files. A second run finds both in place and goes straight on.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+# torch 2.13.0: its CPU build lies on local disk on machines of this kind; where a
+# GPU is present, plain PyPI serves the CUDA build. TORCH_PIP_ARGS lets a user
+# point at another index (e.g. --index-url https://download.pytorch.org/whl/cpu).
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP       := $(VENV)/.installed
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+SWEEP_CONFIG ?= configs/sweep.yaml
+NPROC       ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: sweep test setup data clean
+
+sweep: setup data
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launch/train.py --config $(SWEEP_CONFIG)
+
+test: setup data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# The data set: nothing to do where the files (or $$HARNESS_DATA_DIR) are present;
+# else Debian's package where apt is usable; else say how to get it.
+data:
+	@if [ -n "$$HARNESS_DATA_DIR" ] || [ -f $(FASHION_DIR)/train-images-idx3-ubyte.gz ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Fashion-MNIST: apt-get install dataset-fashion-mnist"; \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	else \
+		echo "Fashion-MNIST not found in $(FASHION_DIR): run 'sudo apt-get install dataset-fashion-mnist'" \
+		     "or set HARNESS_DATA_DIR to a folder with the four IDX files" >&2; exit 1; \
+	fi
+
+clean:
+	rm -rf $(VENV) checkpoints reports mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,117 @@
+"""The single-process loop: real MLflow records, FAILED on failure, reproducible, rank-0 only."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import CONFIGS, REPO, smoke_config
+from harness.checkpoint import newest_checkpoint
+from harness.distributed import DistContext
+from harness.sweep import expand_trials, run_sweep
+from harness.train_loop import RunHooks, train
+from harness.tracking import checkpoint_dir, make_tracker
+
+EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
+                 "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss", "samples_per_s",
+                 "epoch_s", "global_step"}
+
+
+def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
+    cfg = smoke_config(tmp_path)
+    result = train(cfg, DistContext())
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.1" and run.data.params["batch_size"] == "64"
+    assert run.data.params["model.hidden_sizes"] == "[32]" and run.data.params["world_size"] == "1"
+    assert {"git_commit", "torch_version", "launcher"} <= set(run.data.tags)
+    assert set(run.data.metrics) == EPOCH_METRICS
+    for key in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2], key
+    gap = run.data.metrics["train_accuracy"] - run.data.metrics["test_accuracy"]
+    assert run.data.metrics["generalization_gap_accuracy"] == pytest.approx(gap)
+    assert result.global_step == 2 * 8  # 512 samples / 64 per step, 2 epochs
+
+
+class FailAfterFirstEpoch(RunHooks):
+    def after_epoch(self, metrics, checkpoint, ctx):
+        if metrics:
+            raise RuntimeError("injected failure")
+
+
+def test_failing_run_is_marked_failed_not_running(tmp_path):
+    cfg = smoke_config(tmp_path)
+    tracker = make_tracker(cfg, DistContext())
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(cfg, DistContext(), tracker=tracker, hooks=FailAfterFirstEpoch())
+    assert MlflowClient(tracking_uri=cfg.tracking.uri).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_same_config_twice_gives_identical_metrics_and_parameters(tmp_path):
+    runs = [train(smoke_config(tmp_path / str(i), "tracking.enabled=false"), DistContext()) for i in range(2)]
+    assert runs[0].metrics.keys() == runs[1].metrics.keys()
+    for key in runs[0].metrics:
+        if key not in ("epoch_s", "samples_per_s"):
+            assert runs[0].metrics[key] == runs[1].metrics[key], key
+    states = [torch.load(r.checkpoint, weights_only=True)["model"] for r in runs]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_manual_engine_trains_like_autograd(tmp_path):
+    auto = train(smoke_config(tmp_path / "a", "tracking.enabled=false"), DistContext())
+    manual = train(smoke_config(tmp_path / "m", "tracking.enabled=false", "train.grad_engine=manual"), DistContext())
+    assert manual.metrics["train_loss"] == pytest.approx(auto.metrics["train_loss"], rel=1e-3)
+    assert manual.metrics["test_accuracy"] == pytest.approx(auto.metrics["test_accuracy"], abs=0.01)
+
+
+def test_non_zero_rank_writes_nothing(tmp_path):
+    cfg = smoke_config(tmp_path)
+    tracker = make_tracker(cfg, DistContext(rank=1, world_size=1))
+    tracker.start()
+    tracker.log_metrics({"x": 1.0}, step=1)
+    assert tracker.save_checkpoint({"a": 1}, 1) is None
+    tracker.finish()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_continues_the_same_run_and_ends_where_an_uninterrupted_run_ends(tmp_path):
+    straight = train(smoke_config(tmp_path / "straight", "train.epochs=3"), DistContext())
+    cfg = smoke_config(tmp_path / "resumed", "train.epochs=3")
+    with pytest.raises(RuntimeError):
+        train(cfg, DistContext(), hooks=FailAfterFirstEpoch())
+    resumed = train(cfg, DistContext(), hooks=RunHooks(resume=True))
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("smoke").experiment_id])) == 1
+    for key in ("train_loss", "test_accuracy", "epoch_s"):
+        assert [m.step for m in client.get_metric_history(resumed.run_id, key)] == [1, 2, 3]
+    a = torch.load(straight.checkpoint, weights_only=True)["model"]
+    b = torch.load(newest_checkpoint(checkpoint_dir(cfg)), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_in_process_sweep_nests_one_child_per_batch_size(tmp_path):
+    cfg = smoke_config(tmp_path, "sweep={batch_sizes: [32, 128], seeds: [0], lr_rule: linear, base_batch_size: 64}")
+    trials = expand_trials(cfg)
+    assert [(t.optim.global_batch_size, t.optim.lr) for t in trials] == [(32, 0.05), (128, 0.2)]
+    outcomes = run_sweep(cfg, DistContext())
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    experiment = client.get_experiment_by_name("smoke").experiment_id
+    parents = client.search_runs([experiment], "tags.trials = '2'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert sorted(int(c.data.params["batch_size"]) for c in children) == [32, 128]
+    assert {o.result.run_id for o in outcomes} == {c.info.run_id for c in children}
+
+
+def test_tracking_off_never_imports_mlflow(tmp_path):
+    code = ("import sys; from conftest import smoke_config; from harness.distributed import DistContext; "
+            "from harness.train_loop import train; from pathlib import Path; "
+            f"train(smoke_config(Path({str(tmp_path)!r}), 'tracking.enabled=false'), DistContext()); "
+            "print('mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
