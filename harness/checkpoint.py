@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from harness import faults
 from harness.config import Config
 from harness.errors import InputError
 
@@ -62,8 +63,11 @@ def write_checkpoint(state: dict[str, Any], directory: Path, epoch: int) -> Path
     with open(tmp, "wb") as handle:
         torch.save(state, handle)
         handle.flush()
+        faults.maybe_kill("checkpoint", epoch, 0)  # a half-written file must never be loaded
         os.fsync(handle.fileno())
     os.replace(tmp, final)
+    for stale in directory.glob(".epoch-*.tmp-*"):  # left by a writer killed mid-write
+        stale.unlink(missing_ok=True)
     for old in sorted(directory.glob("epoch-*.pt"))[:-KEEP_NEWEST]:
         old.unlink(missing_ok=True)
     return final

@@ -61,10 +61,24 @@ def init_from_env(requested_device: str = "auto", timeout_s: float = 300) -> Dis
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, store=_attempt_store(rank, world_size, timeout_s),
                             timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, launcher="torchrun")
+
+
+def _attempt_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """torchrun's TCPStore, with keys private to this restart attempt.
+
+    After ``--max-restarts`` relaunches the ranks, the agent's store still holds
+    the previous attempt's gloo addresses under the same keys, and a new rank can
+    dial a dead peer ("Connection refused"). A prefix per attempt keeps them apart.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+                          world_size, is_master=(rank == 0 and not agent_hosts_store),
+                          timeout=timedelta(seconds=timeout_s), multi_tenant=not agent_hosts_store)
+    return dist.PrefixStore(f"harness/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def context_from_process_group(requested_device: str, launcher: str = "ray") -> DistContext:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from harness import checkpoint as ckpt
+from harness import faults
 from harness.backprop import manual_backward
 from harness.config import Config
 from harness.data import BatchPlan, Dataset, Split, load_dataset
@@ -49,8 +50,8 @@ class RunHooks:
     def restore(self, cfg: Config) -> Optional[Path]:
         return ckpt.newest_checkpoint(checkpoint_dir(cfg)) if self.resume else None
 
-    def after_epoch(self, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
-        pass
+    def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
+        """Called on every rank after every epoch (and after the initial checkpoint, epoch 0)."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,7 +89,9 @@ class Trainer:
         """Train one epoch; returns (running mean of the training loss, samples seen by all ranks)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         local_samples = 0
-        for indices, global_batch_size in self.plan.local_batches(epoch, self.ctx.device):
+        for step, (indices, global_batch_size) in enumerate(self.plan.local_batches(epoch, self.ctx.device)):
+            if step == self.plan.steps_per_epoch // 2:
+                faults.maybe_kill("step", epoch, self.ctx.rank)
             loss_sum += self.step(self.train_set.features[indices], self.train_set.targets[indices], global_batch_size)
             local_samples += len(indices)
             progress.update(1)
@@ -115,8 +118,9 @@ def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size:
     return float(totals[0]) / count, float(totals[1]) / count
 
 
-def epoch_metrics(trainer: Trainer, dataset: Dataset, train_loss_running: float) -> dict[str, float]:
+def epoch_metrics(trainer: Trainer, dataset: Dataset, train_loss_running: float, epoch: int) -> dict[str, float]:
     batch = trainer.cfg.train.eval_batch_size
+    faults.maybe_kill("evaluate", epoch, trainer.ctx.rank)
     metrics = {"train_loss_running": train_loss_running}
     for prefix, split in (("train", dataset.train), ("val", dataset.validation), ("test", dataset.test)):
         if len(split):
@@ -188,7 +192,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
         epoch, global_step = 0, 0
         # Epoch 0 is saved too: a run killed in its first epoch resumes into the same MLflow run.
         latest = tracker.save_checkpoint(checkpoint_state(trainer, 0, 0, run_id), 0)
-        hooks.after_epoch({}, latest, ctx)
+        hooks.after_epoch(0, {}, latest, ctx)
     else:
         epoch, global_step = restore(trainer, state)
         latest = None
@@ -202,7 +206,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
         elapsed_s = time.perf_counter() - started
         global_step += trainer.plan.steps_per_epoch
         diverged = not math.isfinite(train_loss_running) or train_loss_running > DIVERGED_LOSS
-        metrics = {"train_loss_running": train_loss_running} if diverged else epoch_metrics(trainer, dataset, train_loss_running)
+        metrics = {"train_loss_running": train_loss_running} if diverged else epoch_metrics(trainer, dataset, train_loss_running, epoch)
         metrics.update(epoch_s=elapsed_s, samples_per_s=samples / elapsed_s, global_step=float(global_step))
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
         result = RunResult(run_id, epoch, global_step, metrics, diverged)
@@ -210,6 +214,6 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
             tracker.set_tags({"diverged": "true", "diverged_epoch": epoch})
             break
         latest = tracker.save_checkpoint(checkpoint_state(trainer, epoch, global_step, run_id), epoch)
-        hooks.after_epoch(metrics, latest, ctx)
+        hooks.after_epoch(epoch, metrics, latest, ctx)
     result.checkpoint = latest
     return result

@@ -42,3 +42,62 @@ def run_command(args: list[str], cwd: Path, env: dict | None = None, timeout: fl
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env.get('PATH', '')}"
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+RAY_GCS_PORT = 6390
+RAY_DASHBOARD_PORT = 8265
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One real Ray head node on 127.0.0.1 for the whole session, stopped by its PID.
+
+    ``ray start --block`` stays in the foreground as the parent of the node's
+    processes; SIGTERM to it drains the node and stops them all.
+    """
+    import tempfile
+    import time
+    import urllib.error
+    import urllib.request
+
+    # Ray's unix sockets live under --temp-dir, whose path must stay short.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+           "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--num-cpus=2", f"--port={RAY_GCS_PORT}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}",
+         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answers (asking for the auth token): it is up
+            break
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                head.kill()
+                pytest.fail(f"ray start failed; see {log.name}")
+            time.sleep(1)
+    # Ray 2.60 clients (JobSubmissionClient, ray.init) need the token mode to find
+    # the cluster's token; set for this session's clients, restored afterwards.
+    previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        yield {"address": f"127.0.0.1:{RAY_GCS_PORT}", "dashboard": dashboard, "pid": head.pid}
+    finally:
+        if previous_auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous_auth_mode
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
+            head.wait()
+        log.close()

@@ -37,8 +37,8 @@ def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
 
 
 class FailAfterFirstEpoch(RunHooks):
-    def after_epoch(self, metrics, checkpoint, ctx):
-        if metrics:
+    def after_epoch(self, epoch, metrics, checkpoint, ctx):
+        if epoch == 1:
             raise RuntimeError("injected failure")
 
 

@@ -1,0 +1,146 @@
+"""torchrun and Ray Train: the same loop, DDP over 2 real processes, exact resume after SIGKILL.
+
+Slow: every test here starts real processes (torchrun ranks, a Ray head node,
+Ray Train workers, a Ray job). Still run in CI, on the smoke config.
+"""
+
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import CONFIGS, REPO, run_command
+
+pytestmark = pytest.mark.slow
+
+TRAIN = str(REPO / "launch/train.py")
+RAY_JOB = str(REPO / "launch/ray_job.py")
+EPOCHS = 3
+
+
+def _settings(tmp, *extra):
+    return ["--set", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "--set", f"checkpoint.dir={tmp}/ckpt",
+            "--set", f"train.epochs={EPOCHS}", *extra]
+
+
+def torchrun(tmp, nproc, *extra, env=None, max_restarts=0):
+    args = [str(REPO / ".venv/bin/torchrun") if (REPO / ".venv/bin/torchrun").exists() else "torchrun",
+            "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", TRAIN,
+            "--config", str(CONFIGS / "smoke.yaml"), *_settings(tmp, *extra)]
+    result = run_command(args, cwd=tmp, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def final_params(tmp):
+    return torch.load(tmp / "ckpt" / "smoke" / f"epoch-{EPOCHS:04d}.pt", weights_only=True)["model"]
+
+
+def only_run(tmp):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def assert_each_metric_logged_once_per_epoch(client, run):
+    assert run.info.status == "FINISHED"
+    for key in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == list(range(1, EPOCHS + 1)), (key, steps)
+
+
+@pytest.fixture(scope="module")
+def torchrun_two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("torchrun2")
+    torchrun(tmp, 2)
+    return tmp
+
+
+def test_torchrun_two_gloo_ranks_record_one_finished_run(torchrun_two_ranks):
+    client, run = only_run(torchrun_two_ranks)
+    assert run.data.params["world_size"] == "2" and run.data.params["launcher"] == "torchrun"
+    assert run.data.params["per_rank_batch_size"] == "32"
+    assert_each_metric_logged_once_per_epoch(client, run)
+
+
+def test_two_ranks_match_single_process_with_the_global_batch(torchrun_two_ranks, tmp_path):
+    result = run_command([sys.executable, TRAIN, "--config", str(CONFIGS / "smoke.yaml"), *_settings(tmp_path)],
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = final_params(tmp_path), final_params(torchrun_two_ranks)
+    worst = max(float((single[k] - double[k]).abs().max()) for k in single)
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("point,rank", [("step", 1), ("evaluate", 0), ("checkpoint", 0)])
+def test_torchrun_restart_after_sigkill_resumes_exactly(torchrun_two_ranks, tmp_path, point, rank):
+    marker = tmp_path / "killed"
+    torchrun(tmp_path, 2, env={"HARNESS_INJECT_FAULT": f"{point}:2:{rank}:{marker}"}, max_restarts=1)
+    assert marker.exists(), "the fault was never injected"
+    client, run = only_run(tmp_path)
+    assert run.data.tags.get("resumed") == "true"
+    assert_each_metric_logged_once_per_epoch(client, run)
+    resumed, straight = final_params(tmp_path), final_params(torchrun_two_ranks)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert not list((tmp_path / "ckpt" / "smoke").glob(".epoch-*")), "a half-written checkpoint was left"
+
+
+def ray_job(tmp, ray_cluster, *extra, env=None):
+    result = run_command([sys.executable, RAY_JOB, "--config", str(CONFIGS / "smoke.yaml"), "--num-workers", "2",
+                          "--storage-path", str(tmp / "ray"), *_settings(tmp, *extra)],
+                         cwd=tmp, env={"RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token", **(env or {})},
+                         timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def ray_job_submitted(ray_cluster, tmp_path_factory):
+    """A run submitted as a Ray job to the head node, as a cluster user would."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    tmp = tmp_path_factory.mktemp("rayjob")
+    client = JobSubmissionClient(ray_cluster["dashboard"])
+    settings = " ".join(_settings(tmp))
+    job_id = client.submit_job(
+        entrypoint=f"python launch/ray_job.py --config configs/smoke.yaml --num-workers 2 "
+                   f"--storage-path {tmp}/ray {settings}",
+        runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "checkpoints", "*.db"]})
+    deadline = time.monotonic() + 600
+    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, "the Ray job did not finish in time"
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    return tmp, logs
+
+
+def test_ray_job_submission_trains_on_the_cluster(ray_job_submitted):
+    tmp, logs = ray_job_submitted
+    client, run = only_run(tmp)
+    assert run.data.params["launcher"] == "ray" and run.data.params["world_size"] == "2"
+    assert_each_metric_logged_once_per_epoch(client, run)
+    assert "finished smoke on Ray" in logs
+
+
+def test_ray_and_torchrun_records_have_the_same_keys(ray_job_submitted, torchrun_two_ranks):
+    _, ray_run = only_run(ray_job_submitted[0])
+    _, torchrun_run = only_run(torchrun_two_ranks)
+    assert set(ray_run.data.params) == set(torchrun_run.data.params)
+    assert set(ray_run.data.metrics) == set(torchrun_run.data.metrics)
+    assert torch.equal(final_params(ray_job_submitted[0])["linears.0.weight"],
+                       final_params(torchrun_two_ranks)["linears.0.weight"])
+
+
+def test_ray_worker_sigkill_is_restarted_and_resumes_exactly(ray_cluster, ray_job_submitted, tmp_path):
+    marker = tmp_path / "killed"
+    ray_job(tmp_path, ray_cluster, env={"HARNESS_INJECT_FAULT": f"step:2:1:{marker}"})
+    assert marker.exists(), "the fault was never injected"
+    client, run = only_run(tmp_path)
+    assert run.data.tags.get("resumed") == "true"
+    assert_each_metric_logged_once_per_epoch(client, run)
+    resumed, straight = final_params(tmp_path), final_params(ray_job_submitted[0])
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
