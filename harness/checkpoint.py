@@ -27,8 +27,8 @@ KEEP_NEWEST = 2
 
 # Keys that change bookkeeping, not the trajectory: a run may be resumed with
 # more epochs, another tracking server or another progress setting.
-_NOT_FINGERPRINTED = ("name", "tracking", "checkpoint", "sweep", "train.epochs", "train.progress",
-                      "train.eval_batch_size", "train.device")
+_NOT_FINGERPRINTED = ("name", "tracking", "checkpoint", "sweep", "trial", "metrics", "train.epochs",
+                      "train.max_steps", "train.progress", "train.eval_batch_size", "train.device")
 
 
 def config_fingerprint(cfg: Config) -> str:

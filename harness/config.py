@@ -99,11 +99,17 @@ class OptimConfig:
     momentum: float = _checked(0.9, _in_unit_interval)
     weight_decay: float = _checked(0.0, _non_negative)
     global_batch_size: int = _checked(128, _positive)
+    # Linear warmup of the LR from lr/warmup_steps to lr over this many epochs'
+    # worth of steps (Goyal et al. 2017 pair it with the linear scaling rule).
+    warmup_epochs: float = _checked(0.0, _non_negative)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = _checked(2, _positive)
+    # A step budget instead of an epoch budget: stop after this many steps
+    # (the last epoch may be partial); train.epochs is then ignored.
+    max_steps: Optional[int] = _checked(None, _positive)
     grad_engine: str = _checked("autograd", _choice(*GRAD_ENGINES))
     device: str = _checked("auto", _choice(*DEVICES))
     eval_batch_size: int = _checked(10000, _positive)
@@ -111,6 +117,29 @@ class TrainConfig:
     # every training sample exactly once at any batch size.
     drop_last: bool = False
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """What harness/metrics.py measures during a run."""
+
+    # Steps-to-target (Shallue et al. 2018): first epoch whose validation accuracy reaches this.
+    target_val_accuracy: float = _checked(0.85, lambda v: None if 0 < v <= 1 else "a number in (0, 1]")
+    noise_scale: bool = True
+    noise_scale_ema_decay: float = _checked(0.95, _in_unit_interval)
+    sharpness: bool = True
+    sharpness_samples: int = _checked(1024, _positive)
+    sharpness_iterations: int = _checked(20, _positive)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Set by a sweep on each trial it expands: how this run's LR was derived."""
+
+    sweep: str = "sweep"
+    lr_rule: str = _checked("none", _choice(*LR_RULES))
+    base_lr: float = _checked(0.01, _positive)
+    base_batch_size: int = _checked(128, _positive)
 
 
 @dataclass(frozen=True)
@@ -132,11 +161,15 @@ class SweepConfig:
     """A batch-size sweep: one trial per (batch size, seed)."""
 
     batch_sizes: tuple[int, ...] = _checked((32, 128, 512), _all_positive)
-    seeds: tuple[int, ...] = (0,)
-    # LR scaling relative to (base_batch_size, optim.lr): Goyal et al. 2017 (linear),
-    # Hoffer et al. 2017 (sqrt).
-    lr_rule: str = _checked("none", _choice(*LR_RULES))
+    seeds: tuple[int, ...] = _checked((0,), lambda v: None if len(v) else "a non-empty list of integers")
+    # LR scaling relative to (base_batch_size, optim.lr): none, linear (Goyal et
+    # al. 2017), sqrt (Hoffer et al. 2017). Every rule listed gets every batch size.
+    lr_rules: tuple[str, ...] = _checked(("none",), lambda v: None if v and all(r in LR_RULES for r in v)
+                                         else "a non-empty list of " + ", ".join(repr(r) for r in LR_RULES))
     base_batch_size: int = _checked(128, _positive)
+    # The budget of every trial: None keeps train.epochs (a fixed-epoch comparison);
+    # a number of steps gives a fixed-step comparison (train.max_steps).
+    budget_steps: Optional[int] = _checked(None, _positive)
 
 
 @dataclass(frozen=True)
@@ -149,7 +182,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sweep: Optional[SweepConfig] = None
+    trial: Optional[TrialConfig] = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Config":
@@ -199,6 +234,17 @@ class Config:
     @property
     def is_sweep(self) -> bool:
         return self.sweep is not None
+
+    def steps_per_epoch(self) -> int:
+        full, rest = divmod(self.train_set_size, self.optim.global_batch_size)
+        return full + (1 if rest and not self.train.drop_last else 0)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs to run: train.epochs, or as many as train.max_steps needs."""
+        if self.train.max_steps is None:
+            return self.train.epochs
+        return -(-self.train.max_steps // self.steps_per_epoch())
 
     def per_rank_batch_size(self, world_size: int) -> int:
         check_world_size(self, world_size)

@@ -27,18 +27,23 @@ def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) 
 
 
 def expand_trials(cfg: Config) -> list[Config]:
-    """One run config per (batch size, seed), in that order, with the sweep section removed."""
+    """One run config per (LR rule, batch size, seed), in that order, without the sweep section."""
     sweep = cfg.sweep
     trials = []
-    for batch_size in sweep.batch_sizes:
-        for seed in sweep.seeds:
-            raw = cfg.to_dict()
-            raw.pop("sweep")
-            raw["name"] = f"{cfg.name}-bs{batch_size}-seed{seed}"
-            raw["seed"] = seed
-            raw["optim"]["global_batch_size"] = batch_size
-            raw["optim"]["lr"] = scaled_lr(cfg.optim.lr, batch_size, sweep.base_batch_size, sweep.lr_rule)
-            trials.append(Config.from_dict(raw))
+    for rule in sweep.lr_rules:
+        for batch_size in sweep.batch_sizes:
+            for seed in sweep.seeds:
+                raw = cfg.to_dict()
+                raw.pop("sweep")
+                raw["name"] = f"{cfg.name}-{rule}-bs{batch_size}-seed{seed}"
+                raw["seed"] = seed
+                raw["optim"]["global_batch_size"] = batch_size
+                raw["optim"]["lr"] = scaled_lr(cfg.optim.lr, batch_size, sweep.base_batch_size, rule)
+                if sweep.budget_steps is not None:
+                    raw["train"]["max_steps"] = sweep.budget_steps
+                raw["trial"] = {"sweep": cfg.name, "lr_rule": rule, "base_lr": cfg.optim.lr,
+                                "base_batch_size": sweep.base_batch_size}
+                trials.append(Config.from_dict(raw))
     return trials
 
 
@@ -83,12 +88,12 @@ SUMMARY_COLUMNS = ("batch_size", "lr", "seed", "train_loss", "test_loss", "test_
 
 def summary_table(outcomes: list[TrialOutcome]) -> str:
     """The table ``make sweep`` ends with: one row per trial, final-epoch numbers."""
-    header = ["batch", "lr", "seed", "train loss", "test loss", "test acc", "gap (acc)", "gap (loss)", "status"]
+    header = ["rule", "batch", "lr", "seed", "train loss", "test loss", "test acc", "gap (acc)", "gap (loss)", "status"]
     rows = []
     for o in outcomes:
         m = o.result.metrics if o.result else {}
         status = "failed" if o.error else ("diverged" if o.result.diverged else "ok")
-        rows.append([str(o.cfg.optim.global_batch_size), f"{o.cfg.optim.lr:.4g}", str(o.cfg.seed)]
+        rows.append([o.cfg.trial.lr_rule if o.cfg.trial else "none", str(o.cfg.optim.global_batch_size), f"{o.cfg.optim.lr:.4g}", str(o.cfg.seed)]
                     + [f"{m[k]:.4f}" if k in m else "-" for k in
                        ("train_loss", "test_loss", "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss")]
                     + [status])

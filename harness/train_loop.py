@@ -24,6 +24,8 @@ from harness.backprop import manual_backward
 from harness.config import Config
 from harness.data import BatchPlan, Dataset, Split, load_dataset
 from harness.distributed import DistContext, all_reduce_sum, average_gradients
+from harness.grad_noise import NoiseProbe
+from harness.metrics import top_hessian_eigenvalue
 from harness.model import build_model
 from harness.tracking import NullTracker, checkpoint_dir, make_tracker
 
@@ -60,7 +62,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @dataclass
 class Trainer:
-    """What one run holds: the model (maybe DDP-wrapped), its optimiser and the batch plan."""
+    """What one run holds: the model (maybe DDP-wrapped), its optimiser, the batch plan, the probes."""
 
     cfg: Config
     ctx: DistContext
@@ -68,36 +70,85 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     plan: BatchPlan
     train_set: Split
+    noise_probe: Optional[NoiseProbe] = None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, global_batch_size: int) -> torch.Tensor:
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.cfg.optim.warmup_epochs * self.plan.steps_per_epoch)
+
+    def lr_at(self, global_step: int) -> float:
+        """Linear warmup to optim.lr over warmup_steps (Goyal et al. 2017), then constant."""
+        if global_step >= self.warmup_steps:
+            return self.cfg.optim.lr
+        return self.cfg.optim.lr * (global_step + 1) / self.warmup_steps
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> torch.Tensor:
+        """Assign this rank's gradients of sum(CE)/normalizer (not yet reduced for the manual engine)."""
+        if self.cfg.train.grad_engine == "manual":
+            return manual_backward(unwrap(self.model), x, y, normalizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y, reduction="sum") / normalizer
+        loss.backward()
+        return loss.detach()
+
+    def backward_in_halves(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One rank's gradient as two half-batch passes; also the halves' mean squared norm (as means)."""
+        half = len(y) // 2
+        params = list(unwrap(self.model).parameters())
+        first_loss = self.backward(x[:half], y[:half], normalizer)
+        first = [p.grad.clone() for p in params]
+        second_loss = self.backward(x[half:], y[half:], normalizer)
+        sizes = (half, len(y) - half)
+        small_sq = sum(((g * normalizer / sizes[0]).double().pow(2).sum() + (p.grad * normalizer / sizes[1]).double().pow(2).sum())
+                       for g, p in zip(first, params)) / 2
+        for g, p in zip(first, params):
+            p.grad.add_(g)
+        return first_loss + second_loss, small_sq
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
         """One SGD step; returns this rank's summed cross-entropy (no host sync)."""
         # Sum over the local batch divided by B/W: with equal shards this is the
         # local mean, and DDP's average over W ranks is then the mean over the
         # global batch of B. It stays exact for a smaller, unevenly split last batch.
         normalizer = global_batch_size / self.ctx.world_size
-        if self.cfg.train.grad_engine == "manual":
-            loss = manual_backward(unwrap(self.model), x, y, normalizer)
-            average_gradients(unwrap(self.model), self.ctx)
+        probe = self.noise_probe if self.noise_probe and self.noise_probe.can_measure(global_batch_size) else None
+        params = list(unwrap(self.model).parameters())
+        if probe and probe.splits_batch:
+            loss, small_sq = self.backward_in_halves(x, y, normalizer)
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(x), y, reduction="sum") / normalizer
-            loss.backward()
+            if probe:
+                probe.arm()
+            loss = self.backward(x, y, normalizer)
+            if self.cfg.train.grad_engine == "manual":
+                if probe:
+                    probe.local_sq_norm += torch.stack([p.grad.double().pow(2).sum() for p in params]).sum()
+                average_gradients(unwrap(self.model), self.ctx)
+            small_sq = probe.local_sq_norm if probe else None
+        if probe:
+            probe.record(small_sq, params)
+        if global_step <= self.warmup_steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(global_step)
         self.optimizer.step()
-        return loss.detach() * normalizer
+        return loss * normalizer
 
-    def run_epoch(self, epoch: int, progress) -> tuple[float, int]:
-        """Train one epoch; returns (running mean of the training loss, samples seen by all ranks)."""
+    def run_epoch(self, epoch: int, first_global_step: int, max_steps: int, progress) -> tuple[float, int, int]:
+        """Train up to ``max_steps`` steps of one epoch; returns (running mean loss, samples of all ranks, steps)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
-        local_samples = 0
+        local_samples = steps = 0
         for step, (indices, global_batch_size) in enumerate(self.plan.local_batches(epoch, self.ctx.device)):
+            if step == max_steps:
+                break
             if step == self.plan.steps_per_epoch // 2:
                 faults.maybe_kill("step", epoch, self.ctx.rank)
-            loss_sum += self.step(self.train_set.features[indices], self.train_set.targets[indices], global_batch_size)
+            loss_sum += self.step(self.train_set.features[indices], self.train_set.targets[indices], global_batch_size,
+                                  first_global_step + step)
             local_samples += len(indices)
+            steps += 1
             progress.update(1)
         totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(local_samples), dtype=torch.float64,
                                                                     device=self.ctx.device)]), self.ctx)
-        return float(totals[0] / totals[1]), int(totals[1])
+        return float(totals[0] / totals[1]), int(totals[1]), steps
 
 
 @torch.no_grad()
@@ -132,31 +183,58 @@ def epoch_metrics(trainer: Trainer, dataset: Dataset, train_loss_running: float,
 
 def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
     model = build_model(cfg).to(ctx.device)
+    probe = NoiseProbe(ctx, cfg.optim.global_batch_size, cfg.metrics.noise_scale_ema_decay) if cfg.metrics.noise_scale else None
     # The hand-written engine computes gradients outside autograd, where DDP's
     # hooks never fire; it averages them itself (distributed.average_gradients).
     if ctx.is_distributed and cfg.train.grad_engine == "autograd":
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if probe and not probe.splits_batch:
+            model.register_comm_hook(None, probe.ddp_comm_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size, seed=cfg.seed,
                      rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
-    return Trainer(cfg, ctx, model, optimizer, plan, dataset.train)
+    return Trainer(cfg, ctx, model, optimizer, plan, dataset.train, probe)
 
 
-def checkpoint_state(trainer: Trainer, epoch: int, global_step: int, run_id: Optional[str]) -> dict:
+@dataclass
+class Progress:
+    """Counters that outlive an epoch (and a restart: they are checkpointed)."""
+
+    epoch: int = 0
+    global_step: int = 0
+    samples_seen: int = 0
+    train_seconds: float = 0.0
+    target_reached_epoch: int = 0  # 0: validation accuracy has not reached the target yet
+
+
+def checkpoint_state(trainer: Trainer, progress: Progress, run_id: Optional[str]) -> dict:
     return {"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
-            "epoch": epoch, "global_step": global_step, "rng_cpu": torch.get_rng_state(),
-            "run_id": run_id, "config_fingerprint": ckpt.config_fingerprint(trainer.cfg)}
+            "epoch": progress.epoch, "global_step": progress.global_step, "progress": vars(progress).copy(),
+            "noise_probe": trainer.noise_probe.state_dict() if trainer.noise_probe else None,
+            "rng_cpu": torch.get_rng_state(), "run_id": run_id,
+            "config_fingerprint": ckpt.config_fingerprint(trainer.cfg)}
 
 
-def restore(trainer: Trainer, state: dict) -> tuple[int, int]:
+def restore(trainer: Trainer, state: dict) -> Progress:
     unwrap(trainer.model).load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
-    return int(state["epoch"]), int(state["global_step"])
+    if trainer.noise_probe and state.get("noise_probe"):
+        trainer.noise_probe.load_state_dict(state["noise_probe"])
+    return Progress(**state["progress"])
 
 
-def _progress(cfg: Config, ctx: DistContext, total: int, epoch: int):
+def sharpness(trainer: Trainer) -> float:
+    """Top Hessian eigenvalue of the training loss on a fixed subset (the first N training samples)."""
+    model = unwrap(trainer.model)
+    n = min(trainer.cfg.metrics.sharpness_samples, len(trainer.train_set))
+    x, y = trainer.train_set.features[:n], trainer.train_set.targets[:n]
+    return top_hessian_eigenvalue(lambda: F.cross_entropy(model(x), y), list(model.parameters()),
+                                  iterations=trainer.cfg.metrics.sharpness_iterations, seed=trainer.cfg.seed)
+
+
+def _progress_bar(cfg: Config, ctx: DistContext, total: int, epoch: int):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"{cfg.name} epoch {epoch}", unit="step", leave=False, mininterval=1.0,
@@ -189,31 +267,61 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
                   run_id: Optional[str]) -> RunResult:
     cfg, ctx = trainer.cfg, trainer.ctx
     if state is None:
-        epoch, global_step = 0, 0
+        progress = Progress()
         # Epoch 0 is saved too: a run killed in its first epoch resumes into the same MLflow run.
-        latest = tracker.save_checkpoint(checkpoint_state(trainer, 0, 0, run_id), 0)
+        latest = tracker.save_checkpoint(checkpoint_state(trainer, progress, run_id), 0)
         hooks.after_epoch(0, {}, latest, ctx)
     else:
-        epoch, global_step = restore(trainer, state)
+        progress = restore(trainer, state)
         latest = None
-    result = RunResult(run_id, epoch, global_step)
-    for epoch in range(epoch + 1, cfg.train.epochs + 1):
+    result = RunResult(run_id, progress.epoch, progress.global_step)
+    step_budget = cfg.train.max_steps or cfg.total_epochs * trainer.plan.steps_per_epoch
+    for epoch in range(progress.epoch + 1, cfg.total_epochs + 1):
         started = time.perf_counter()
-        with _progress(cfg, ctx, trainer.plan.steps_per_epoch, epoch) as progress:
-            train_loss_running, samples = trainer.run_epoch(epoch, progress)
+        with _progress_bar(cfg, ctx, trainer.plan.steps_per_epoch, epoch) as bar:
+            train_loss_running, samples, steps = trainer.run_epoch(epoch, progress.global_step,
+                                                                   step_budget - progress.global_step, bar)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         elapsed_s = time.perf_counter() - started
-        global_step += trainer.plan.steps_per_epoch
-        diverged = not math.isfinite(train_loss_running) or train_loss_running > DIVERGED_LOSS
-        metrics = {"train_loss_running": train_loss_running} if diverged else epoch_metrics(trainer, dataset, train_loss_running, epoch)
-        metrics.update(epoch_s=elapsed_s, samples_per_s=samples / elapsed_s, global_step=float(global_step))
+        progress.epoch, progress.global_step = epoch, progress.global_step + steps
+        progress.samples_seen += samples
+        progress.train_seconds += elapsed_s
+        metrics, tags = _measure_epoch(trainer, dataset, progress, train_loss_running, elapsed_s, samples)
+        diverged = "diverged" in tags
+        if not diverged and epoch == cfg.total_epochs and cfg.metrics.sharpness:
+            metrics["top_hessian_eigenvalue"] = sharpness(trainer)
+        if epoch == cfg.total_epochs and not progress.target_reached_epoch:
+            tags["steps_to_target"] = "not reached"
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
-        result = RunResult(run_id, epoch, global_step, metrics, diverged)
+        if tags:
+            tracker.set_tags(tags)
+        result = RunResult(run_id, epoch, progress.global_step, metrics, diverged)
         if diverged:
-            tracker.set_tags({"diverged": "true", "diverged_epoch": epoch})
             break
-        latest = tracker.save_checkpoint(checkpoint_state(trainer, epoch, global_step, run_id), epoch)
+        latest = tracker.save_checkpoint(checkpoint_state(trainer, progress, run_id), epoch)
         hooks.after_epoch(epoch, metrics, latest, ctx)
     result.checkpoint = latest
     return result
+
+
+def _measure_epoch(trainer: Trainer, dataset: Dataset, progress: Progress, train_loss_running: float,
+                   elapsed_s: float, samples: int) -> tuple[dict[str, float], dict[str, str]]:
+    """The epoch's metrics and tags; every rank runs it (evaluation and the probe all-reduce)."""
+    if not math.isfinite(train_loss_running) or train_loss_running > DIVERGED_LOSS:
+        # Evaluating a blown-up model only produces NaNs: record the loss and stop.
+        return ({"train_loss_running": train_loss_running, "global_step": float(progress.global_step)},
+                {"diverged": "true", "diverged_epoch": str(progress.epoch)})
+    metrics = epoch_metrics(trainer, dataset, train_loss_running, progress.epoch)
+    if trainer.noise_probe:
+        metrics.update(trainer.noise_probe.epoch_metrics())
+    metrics.update(epoch_s=elapsed_s, samples_per_s=samples / elapsed_s, global_step=float(progress.global_step),
+                   lr=trainer.lr_at(progress.global_step))
+    tags = {}
+    target = trainer.cfg.metrics.target_val_accuracy
+    if not progress.target_reached_epoch and metrics.get("val_accuracy", 0.0) >= target:
+        progress.target_reached_epoch = progress.epoch
+        metrics.update(steps_to_target=float(progress.global_step), epochs_to_target=float(progress.epoch),
+                       samples_to_target=float(progress.samples_seen), seconds_to_target=progress.train_seconds)
+        tags["steps_to_target"] = str(progress.global_step)
+    return metrics, tags

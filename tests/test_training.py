@@ -16,7 +16,8 @@ from harness.tracking import checkpoint_dir, make_tracker
 
 EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
                  "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss", "samples_per_s",
-                 "epoch_s", "global_step"}
+                 "epoch_s", "global_step", "lr", "grad_sq_norm_estimate", "grad_trace_cov_estimate"}
+FINAL_METRICS = {"top_hessian_eigenvalue"}
 
 
 def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
@@ -28,7 +29,9 @@ def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
     assert run.data.params["optim.lr"] == "0.1" and run.data.params["batch_size"] == "64"
     assert run.data.params["model.hidden_sizes"] == "[32]" and run.data.params["world_size"] == "1"
     assert {"git_commit", "torch_version", "launcher"} <= set(run.data.tags)
-    assert set(run.data.metrics) == EPOCH_METRICS
+    assert EPOCH_METRICS | FINAL_METRICS <= set(run.data.metrics) <= EPOCH_METRICS | FINAL_METRICS | {"grad_noise_scale"}
+    assert run.data.tags["steps_to_target"] == "not reached"  # smoke is far from 0.85
+    assert [m.step for m in client.get_metric_history(result.run_id, "top_hessian_eigenvalue")] == [2]
     for key in EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2], key
     gap = run.data.metrics["train_accuracy"] - run.data.metrics["test_accuracy"]
@@ -94,7 +97,7 @@ def test_resume_continues_the_same_run_and_ends_where_an_uninterrupted_run_ends(
 
 
 def test_in_process_sweep_nests_one_child_per_batch_size(tmp_path):
-    cfg = smoke_config(tmp_path, "sweep={batch_sizes: [32, 128], seeds: [0], lr_rule: linear, base_batch_size: 64}")
+    cfg = smoke_config(tmp_path, "sweep={batch_sizes: [32, 128], seeds: [0], lr_rules: [linear], base_batch_size: 64}")
     trials = expand_trials(cfg)
     assert [(t.optim.global_batch_size, t.optim.lr) for t in trials] == [(32, 0.05), (128, 0.2)]
     outcomes = run_sweep(cfg, DistContext())
