@@ -1,4 +1,4 @@
-"""The ``harness`` command: tools around training runs (gradcheck; more to come).
+"""The ``harness`` command: tools around training runs (gradcheck, report).
 
 Training itself starts from launch/ (torchrun, Ray, sweeps).
 """
@@ -39,6 +39,20 @@ def gradcheck(args: argparse.Namespace) -> int:
     return 0 if verdict == "ok" else 1
 
 
+def report(args: argparse.Namespace) -> int:
+    """Tables and plots of a finished sweep, read back from MLflow and logged to its parent run."""
+    from harness.report import build_report
+    from harness.tracking import default_tracking_uri
+
+    result = build_report(args.tracking_uri or default_tracking_uri(), args.experiment,
+                          sweep_run_id=args.sweep_run_id, out_dir=args.out)
+    print(result.markdown_table)
+    print(f"\nreport: {result.directory}")
+    for path in [result.csv_path, result.markdown_path, *result.plots]:
+        print(f"  {path}")
+    return 0
+
+
 @exits_on_input_error
 def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -47,6 +61,14 @@ def main(argv=None) -> int:
     check = commands.add_parser("gradcheck", help="compare the hand-written backward pass with autograd")
     add_config_arguments(check)
     check.set_defaults(handler=gradcheck)
+    rep = commands.add_parser("report", help="tables and plots of a finished sweep, from MLflow")
+    which = rep.add_mutually_exclusive_group()
+    which.add_argument("--sweep-run-id", default=None, help="the sweep's parent run id")
+    which.add_argument("--latest", action="store_true", help="the newest sweep of the experiment (default)")
+    rep.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    rep.add_argument("--experiment", default="minibatch-harness")
+    rep.add_argument("--out", default="reports", help="folder for the files (one subfolder per sweep)")
+    rep.set_defaults(handler=report)
     args = parser.parse_args(argv)
     return args.handler(args)
 

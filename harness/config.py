@@ -170,6 +170,9 @@ class SweepConfig:
     # The budget of every trial: None keeps train.epochs (a fixed-epoch comparison);
     # a number of steps gives a fixed-step comparison (train.max_steps).
     budget_steps: Optional[int] = _checked(None, _positive)
+    # Linear LR warmup for the trials of a scaling rule (linear, sqrt); Goyal et al.
+    # 2017 pair linear scaling with warmup. Trials of rule none keep optim.warmup_epochs.
+    warmup_epochs: float = _checked(0.0, _non_negative)
 
 
 @dataclass(frozen=True)

@@ -41,3 +41,49 @@ def exits_on_input_error(main: Callable[..., int]) -> Callable[..., int]:
             return USAGE_EXIT_CODE
 
     return wrapper
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (ranks) per run")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per run")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    parser.add_argument("--storage-path", default="checkpoints/ray", help="where Ray keeps run state")
+
+
+def prepare_ray_run(cfg: Config, args: argparse.Namespace):
+    """Check everything before Ray starts; make paths absolute for workers elsewhere."""
+    from pathlib import Path
+
+    from harness.config import check_world_size
+    from harness.data import load_dataset
+    from harness.distributed import pick_device
+
+    if args.num_workers < 1:
+        raise InputError(f"--num-workers: expected a positive integer, got {args.num_workers}")
+    check_world_size(cfg, args.num_workers)
+    if args.use_gpu:
+        pick_device("cuda")
+    load_dataset(cfg)  # a missing or damaged data file fails here, not in every worker
+    paths = {"checkpoint.dir": str(Path(cfg.checkpoint.dir).resolve())}
+    if cfg.data.data_dir:
+        paths["data.data_dir"] = str(Path(cfg.data.data_dir).resolve())
+    from harness.ray_train import RayOptions, worker_env
+
+    options = RayOptions(num_workers=args.num_workers, use_gpu=args.use_gpu, max_failures=args.max_failures,
+                         storage_path=str(Path(args.storage_path).resolve()), env_vars=worker_env())
+    return cfg.replace(**paths), options
+
+
+def connect_ray(num_cpus=None) -> None:
+    """Join $RAY_ADDRESS's cluster (always set inside a Ray job), else start a local Ray on loopback."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1")

@@ -11,7 +11,6 @@ averaged over ranks and turned into B_simple once per epoch (metrics.py), so no
 step waits for the host.
 """
 
-from __future__ import annotations
 
 import torch
 import torch.distributed as dist
@@ -40,6 +39,8 @@ class NoiseProbe:
         # Only full batches: the last, smaller batch of an epoch has other sizes.
         return global_batch_size == self.big_batch_size and (not self.splits_batch or global_batch_size >= 2)
 
+    # No postponed annotations in this module: DDP checks that ``bucket`` is
+    # annotated with the class dist.GradBucket itself, not a string.
     def ddp_comm_hook(self, _state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         """Add the bucket's local squared norm, then all-reduce it as DDP would (mean)."""
         if self.armed:

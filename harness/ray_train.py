@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +25,7 @@ import ray.train
 from harness import checkpoint as ckpt
 from harness.config import Config
 from harness.distributed import DistContext, context_from_process_group
-from harness.train_loop import RunHooks, train
+from harness.train_loop import RunHooks, RunResult, train
 
 
 class RayHooks(RunHooks):
@@ -66,3 +70,66 @@ def worker_env() -> dict[str, str]:
     """Variables the workers need from the submitting process (Ray does not pass its environment)."""
     names = ("MLFLOW_TRACKING_URI", "HARNESS_DATA_DIR", "HARNESS_GIT_COMMIT", "HARNESS_INJECT_FAULT")
     return {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    num_workers: int = 2
+    use_gpu: bool = False
+    max_failures: int = 1
+    storage_path: str = "checkpoints/ray"
+    # Captured where the run is launched: Ray tasks and workers have another environment.
+    env_vars: dict = field(default_factory=dict)
+
+
+def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None) -> RunResult:
+    """One Ray Train run of ``cfg`` (a TorchTrainer); rank 0's last report as a RunResult."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_config = RunConfig(
+        # A fresh name per run: reusing one silently resumes the old run's snapshot.
+        name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        storage_path=str(Path(options.storage_path).resolve()),
+        failure_config=FailureConfig(max_failures=options.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        worker_runtime_env={"env_vars": dict(options.env_vars)},
+    )
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": cfg.to_dict(), "parent_run_id": parent_run_id},
+        torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu),
+        run_config=run_config,
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    epoch = int(metrics.pop("epoch", 0))
+    return RunResult(None, epoch, int(metrics.get("global_step", 0)), metrics,
+                     diverged=False, checkpoint=Path(result.checkpoint.path) if result.checkpoint else None)
+
+
+def run_sweep_on_ray(cfg: Config, options: RayOptions):
+    """Every trial as its own TorchTrainer, started together as Ray tasks: they run
+    concurrently as far as the cluster's resources allow (each waits for its
+    workers' placement group), under one MLflow parent run."""
+    import ray
+
+    from harness.sweep import TrialOutcome, expand_trials, sweep_parent_run
+
+    ctx = DistContext(world_size=options.num_workers, launcher="ray")
+    trials = expand_trials(cfg)
+    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit)
+    with sweep_parent_run(cfg, ctx) as parent:
+        pending = {remote_fit.remote(trial, options, parent.run_id): trial for trial in trials}
+        outcomes = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            trial = pending.pop(done[0])
+            try:
+                outcomes[trial.name] = TrialOutcome(trial, ray.get(done[0]))
+            except Exception as err:  # one failed trial must not stop the sweep
+                print(f"[{trial.name}] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                outcomes[trial.name] = TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
+        parent.outcomes = [outcomes[t.name] for t in trials]
+    return parent

@@ -7,6 +7,7 @@ or diverges is recorded and the sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import traceback
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Optional
 from harness.config import Config
 from harness.data import Dataset, load_dataset
 from harness.distributed import DistContext
+from harness.errors import InputError
 from harness.train_loop import RunHooks, RunResult, train
 from harness.tracking import make_tracker
 
@@ -39,12 +41,24 @@ def expand_trials(cfg: Config) -> list[Config]:
                 raw["seed"] = seed
                 raw["optim"]["global_batch_size"] = batch_size
                 raw["optim"]["lr"] = scaled_lr(cfg.optim.lr, batch_size, sweep.base_batch_size, rule)
+                if rule != "none":
+                    raw["optim"]["warmup_epochs"] = sweep.warmup_epochs
                 if sweep.budget_steps is not None:
                     raw["train"]["max_steps"] = sweep.budget_steps
                 raw["trial"] = {"sweep": cfg.name, "lr_rule": rule, "base_lr": cfg.optim.lr,
                                 "base_batch_size": sweep.base_batch_size}
                 trials.append(Config.from_dict(raw))
     return trials
+
+
+def select_trial(cfg: Config, index: int) -> Config:
+    """Trial ``index`` of a sweep config (the order of ``expand_trials``)."""
+    if not cfg.is_sweep:
+        raise InputError(f"--trial {index}: {cfg.name!r} is not a sweep config; expected a config with a sweep section")
+    trials = expand_trials(cfg)
+    if not 0 <= index < len(trials):
+        raise InputError(f"--trial {index}: expected 0..{len(trials) - 1} for the {len(trials)} trials of {cfg.name!r}")
+    return trials[index]
 
 
 @dataclass
@@ -54,25 +68,42 @@ class TrialOutcome:
     error: Optional[str] = None
 
 
+class SweepParent:
+    """The sweep's MLflow parent run; the launcher fills ``outcomes`` as trials end."""
+
+    def __init__(self, run_id: Optional[str]):
+        self.run_id = run_id
+        self.outcomes: list[TrialOutcome] = []
+
+
+@contextlib.contextmanager
+def sweep_parent_run(cfg: Config, ctx: DistContext):
+    """Start the parent run; end it FINISHED with trial counts, or FAILED if the sweep itself breaks."""
+    tracker = make_tracker(cfg, ctx)
+    parent = SweepParent(tracker.start())
+    tracker.set_tags({"run_kind": "sweep"})
+    try:
+        yield parent
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.set_tags({"trials": len(parent.outcomes),
+                      "trials_failed": sum(o.error is not None for o in parent.outcomes),
+                      "trials_diverged": sum(bool(o.result and o.result.diverged) for o in parent.outcomes)})
+    tracker.finish("FINISHED")
+
+
 def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None,
-              resume: bool = False) -> list[TrialOutcome]:
+              resume: bool = False) -> SweepParent:
     """Run every trial in this process group, one after another, as children of one parent run."""
     dataset = dataset or load_dataset(cfg)
-    parent = make_tracker(cfg, ctx)
-    parent_run_id = parent.start()
-    outcomes = []
-    try:
+    with sweep_parent_run(cfg, ctx) as parent:
         for trial in expand_trials(cfg):
-            outcomes.append(_run_trial(trial, ctx, dataset, parent_run_id, resume))
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    parent.set_tags({"trials": len(outcomes), "trials_failed": sum(o.error is not None for o in outcomes)})
-    parent.finish("FINISHED")
-    return outcomes
+            parent.outcomes.append(run_trial(trial, ctx, dataset, parent.run_id, resume))
+    return parent
 
 
-def _run_trial(trial: Config, ctx: DistContext, dataset: Dataset, parent_run_id, resume: bool) -> TrialOutcome:
+def run_trial(trial: Config, ctx: DistContext, dataset: Dataset, parent_run_id, resume: bool) -> TrialOutcome:
     try:
         result = train(trial, ctx, hooks=RunHooks(resume=resume), dataset=dataset, parent_run_id=parent_run_id)
         return TrialOutcome(trial, result)

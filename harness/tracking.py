@@ -59,6 +59,7 @@ def run_params(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         "batch_size": cfg.optim.global_batch_size,
         "per_rank_batch_size": cfg.optim.global_batch_size // ctx.world_size,
         "lr": cfg.optim.lr,
+        "lr_rule": cfg.trial.lr_rule if cfg.trial else "none",
         "seed": cfg.seed,
         "world_size": ctx.world_size,
         "launcher": ctx.launcher,

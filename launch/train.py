@@ -18,7 +18,7 @@ from harness import distributed  # noqa: E402
 from harness.config import check_world_size  # noqa: E402
 from harness.data import load_dataset  # noqa: E402
 from harness.entrypoints import add_config_arguments, exits_on_input_error, load_run_config  # noqa: E402
-from harness.sweep import run_sweep, summary_table  # noqa: E402
+from harness.sweep import run_sweep, select_trial, summary_table  # noqa: E402
 from harness.train_loop import RunHooks, train  # noqa: E402
 from harness.tracking import print_main  # noqa: E402
 
@@ -28,8 +28,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--trial", type=int, default=None,
+                        help="with a sweep config: run only this trial (0-based; launch/sweep.py uses it)")
+    parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest this run under")
     args = parser.parse_args(argv)
     cfg = load_run_config(args)
+    if args.trial is not None:
+        cfg = select_trial(cfg, args.trial)
     under_torchrun = "RANK" in os.environ
     _, local_rank, world_size = distributed.torchrun_world()
     # Everything that can be wrong with the input is found before the process group starts.
@@ -40,10 +45,9 @@ def main(argv=None) -> int:
     ctx = distributed.init_from_env(cfg.train.device) if under_torchrun else distributed.local_context(cfg.train.device)
     try:
         if cfg.is_sweep:
-            outcomes = run_sweep(cfg, ctx, dataset=dataset, resume=resume)
-            print_main(ctx, "", summary_table(outcomes))
+            print_main(ctx, "", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes))
         else:
-            result = train(cfg, ctx, hooks=RunHooks(resume=resume), dataset=dataset)
+            result = train(cfg, ctx, hooks=RunHooks(resume=resume), dataset=dataset, parent_run_id=args.parent_run_id)
             print_main(ctx, f"finished {cfg.name}: epochs {result.epochs_completed}, steps {result.global_step}, "
                             f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
                             f"MLflow run {result.run_id or '-'}, checkpoint {result.checkpoint or '-'}")

@@ -100,7 +100,7 @@ def test_in_process_sweep_nests_one_child_per_batch_size(tmp_path):
     cfg = smoke_config(tmp_path, "sweep={batch_sizes: [32, 128], seeds: [0], lr_rules: [linear], base_batch_size: 64}")
     trials = expand_trials(cfg)
     assert [(t.optim.global_batch_size, t.optim.lr) for t in trials] == [(32, 0.05), (128, 0.2)]
-    outcomes = run_sweep(cfg, DistContext())
+    outcomes = run_sweep(cfg, DistContext()).outcomes
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     experiment = client.get_experiment_by_name("smoke").experiment_id
     parents = client.search_runs([experiment], "tags.trials = '2'")

@@ -1,0 +1,174 @@
+"""Read a finished sweep back from MLflow: tables (CSV, Markdown) and plots (PNG).
+
+Owns turning a parent run and its child runs into numbers per (LR rule, batch
+size), mean and standard deviation over seeds, and drawing them. Logs the files
+as artifacts of the parent run. Reads MLflow only: nothing is recomputed from
+the models.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from harness.errors import InputError
+
+# (column, metric key) of the summary; each gets a mean and a std over seeds.
+SUMMARY_METRICS = (
+    ("test_accuracy", "test_accuracy"),
+    ("gap_accuracy", "generalization_gap_accuracy"),
+    ("gap_loss", "generalization_gap_loss"),
+    ("steps_to_target", "steps_to_target"),
+    ("noise_scale", "grad_noise_scale"),
+    ("sharpness", "top_hessian_eigenvalue"),
+)
+HISTORY_KEYS = ("train_loss", "test_loss", "train_loss_running", "global_step", "test_accuracy")
+
+
+@dataclass
+class TrialRecord:
+    run_id: str
+    name: str
+    lr_rule: str
+    batch_size: int
+    lr: float
+    seed: int
+    status: str
+    diverged: bool
+    final: dict[str, float]
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+@dataclass
+class SummaryRow:
+    lr_rule: str
+    batch_size: int
+    lr: float
+    seeds: int
+    reached: int  # trials whose validation accuracy reached the target
+    diverged: int
+    stats: dict[str, tuple[float, float]]  # column -> (mean, std) over the trials that have it
+
+
+@dataclass
+class Report:
+    sweep_run_id: str
+    directory: Path
+    rows: list[SummaryRow]
+    csv_path: Path
+    markdown_path: Path
+    markdown_table: str
+    plots: list[Path]
+
+
+def find_sweep_run(client, experiment: str, sweep_run_id: Optional[str]):
+    if sweep_run_id:
+        try:
+            return client.get_run(sweep_run_id)
+        except Exception:
+            raise InputError(f"--sweep-run-id {sweep_run_id}: no such run in the tracking store") from None
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], "tags.run_kind = 'sweep'", order_by=["attributes.start_time DESC"],
+                              max_results=1) if found else []
+    if not runs:
+        raise InputError(f"--latest: no sweep run in experiment {experiment!r}; run launch/sweep.py first")
+    return runs[0]
+
+
+def collect_trials(client, parent) -> list[TrialRecord]:
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=10000)
+    records = []
+    for run in children:
+        params, tags = run.data.params, run.data.tags
+        history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+                   for key in HISTORY_KEYS if key in run.data.metrics}
+        records.append(TrialRecord(
+            run_id=run.info.run_id, name=run.info.run_name, lr_rule=params.get("lr_rule", "none"),
+            batch_size=int(params["batch_size"]), lr=float(params["lr"]), seed=int(params["seed"]),
+            status=run.info.status, diverged=tags.get("diverged") == "true", final=dict(run.data.metrics),
+            history=history))
+    return sorted(records, key=lambda r: (r.lr_rule, r.batch_size, r.seed))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(trials: list[TrialRecord]) -> list[SummaryRow]:
+    groups: dict[tuple[str, int], list[TrialRecord]] = defaultdict(list)
+    for trial in trials:
+        groups[(trial.lr_rule, trial.batch_size)].append(trial)
+    rows = []
+    for (rule, batch_size), members in sorted(groups.items()):
+        healthy = [t for t in members if not t.diverged]
+        stats = {column: _mean_std([t.final[key] for t in healthy if key in t.final]) for column, key in SUMMARY_METRICS}
+        rows.append(SummaryRow(rule, batch_size, members[0].lr, len(members),
+                               reached=sum("steps_to_target" in t.final for t in members),
+                               diverged=len(members) - len(healthy), stats=stats))
+    return rows
+
+
+def _cell(mean: float, std: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(rows: list[SummaryRow]) -> str:
+    header = ("| LR rule | batch | LR | seeds | test accuracy | gap (acc) | gap (loss) | steps to target "
+              "| reached | noise scale | sharpness | diverged |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        s = row.stats
+        lines.append(f"| {row.lr_rule} | {row.batch_size} | {row.lr:.4g} | {row.seeds} "
+                     f"| {_cell(*s['test_accuracy'], 4)} | {_cell(*s['gap_accuracy'], 4)} | {_cell(*s['gap_loss'], 4)} "
+                     f"| {_cell(*s['steps_to_target'], 0)} | {row.reached}/{row.seeds} "
+                     f"| {_cell(*s['noise_scale'], 0)} | {_cell(*s['sharpness'], 2)} | {row.diverged} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[SummaryRow], path: Path) -> None:
+    columns = [c for c, _ in SUMMARY_METRICS]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["lr_rule", "batch_size", "lr", "seeds", "reached", "diverged"]
+                        + [f"{c}_{part}" for c in columns for part in ("mean", "std")])
+        for row in rows:
+            writer.writerow([row.lr_rule, row.batch_size, row.lr, row.seeds, row.reached, row.diverged]
+                            + [v for c in columns for v in row.stats[c]])
+
+
+def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str] = None,
+                 out_dir: str | Path = "reports", log_artifacts: bool = True) -> Report:
+    """Read the sweep, write table and plots under ``out_dir/<sweep run id>/``, log them to the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from harness import plots
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    parent = find_sweep_run(client, experiment, sweep_run_id)
+    trials = collect_trials(client, parent)
+    if not trials:
+        raise InputError(f"sweep run {parent.info.run_id}: no child runs; expected one per trial")
+    rows = summarise(trials)
+    directory = Path(out_dir) / parent.info.run_id
+    directory.mkdir(parents=True, exist_ok=True)
+    csv_path, markdown_path = directory / "summary.csv", directory / "summary.md"
+    write_csv(rows, csv_path)
+    table = markdown_table(rows)
+    markdown_path.write_text(f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{table}\n")
+    target = parent.data.params.get("metrics.target_val_accuracy")
+    drawn = plots.draw_all(trials, rows, directory, target_label=f"val acc ≥ {target}" if target else "target")
+    if log_artifacts:
+        for path in [csv_path, markdown_path, *drawn]:
+            client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
+    return Report(parent.info.run_id, directory, rows, csv_path, markdown_path, table, drawn)
