@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 .PHONY: sweep test setup data clean
 
 sweep: setup data
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launch/train.py --config $(SWEEP_CONFIG)
+	$(PY) launch/sweep.py --config $(SWEEP_CONFIG) --launcher torchrun --nproc $(NPROC)
 
 test: setup data
 	$(PY) -m pytest $(PYTEST_ARGS)
