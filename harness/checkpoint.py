@@ -42,6 +42,20 @@ def config_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def checkpoint_dir(cfg: Config) -> Path:
+    """Where a run's checkpoints live: one folder per run name."""
+    return Path(cfg.checkpoint.dir) / cfg.name
+
+
+def check_resumable(cfg: Config) -> Optional[Path]:
+    """The checkpoint a resumed run would start from, read and checked now (before any
+    process group starts); None when there is none."""
+    path = newest_checkpoint(checkpoint_dir(cfg))
+    if path is not None:
+        read_checkpoint(path, cfg)
+    return path
+
+
 def checkpoint_path(directory: Path, epoch: int) -> Path:
     return Path(directory) / f"epoch-{epoch:04d}.pt"
 

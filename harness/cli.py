@@ -1,4 +1,4 @@
-"""The ``harness`` command: tools around training runs (gradcheck, report).
+"""The ``harness`` command: tools around training runs (gradcheck, report, bench).
 
 Training itself starts from launch/ (torchrun, Ray, sweeps).
 """
@@ -11,6 +11,7 @@ import sys
 import torch
 
 from harness.entrypoints import add_config_arguments, exits_on_input_error
+from harness.errors import InputError
 
 GRADCHECK_TOLERANCE = 1e-8
 GRADCHECK_MAX_SAMPLES = 64
@@ -53,6 +54,25 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Seconds per epoch of the harness's step against a plain DataLoader loop, in this process."""
+    from harness.bench import format_table, run_benchmark, write_json
+    from harness.config import load_config
+    from harness.distributed import pick_device
+
+    cfg = load_config(args.config, args.overrides)
+    device = pick_device(args.device)
+    for batch_size in args.batch_sizes:
+        if not 0 < batch_size <= cfg.train_set_size:
+            raise InputError(f"--batch-sizes: {batch_size} is outside 1..{cfg.train_set_size} (the training set)")
+    result = run_benchmark(cfg, device, args.batch_sizes, args.epochs)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"\nJSON: {args.json}")
+    return 0
+
+
 @exits_on_input_error
 def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -69,6 +89,14 @@ def main(argv=None) -> int:
     rep.add_argument("--experiment", default="minibatch-harness")
     rep.add_argument("--out", default="reports", help="folder for the files (one subfolder per sweep)")
     rep.set_defaults(handler=report)
+    ben = commands.add_parser("bench", help="time the training step against a plain DataLoader loop")
+    ben.add_argument("--config", default="configs/fashion_mnist.yaml")
+    ben.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ben.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ben.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512, 2048, 8192])
+    ben.add_argument("--epochs", type=int, default=3, help="timed epochs per path (after one warm-up)")
+    ben.add_argument("--json", default=None, help="also write the result here")
+    ben.set_defaults(handler=bench)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -127,6 +127,9 @@ class MetricsConfig:
     target_val_accuracy: float = _checked(0.85, lambda v: None if 0 < v <= 1 else "a number in (0, 1]")
     noise_scale: bool = True
     noise_scale_ema_decay: float = _checked(0.95, _in_unit_interval)
+    # Measure every N-th step: the estimate is an average anyway, and measuring
+    # costs about one extra backward's worth of memory traffic on small batches.
+    noise_scale_interval: int = _checked(4, _positive)
     sharpness: bool = True
     sharpness_samples: int = _checked(1024, _positive)
     sharpness_iterations: int = _checked(20, _positive)

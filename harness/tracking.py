@@ -46,10 +46,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def checkpoint_dir(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir) / cfg.name
-
-
 def run_params(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     """The resolved config (flattened keys) plus short names every launcher shares."""
     params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
@@ -112,10 +108,10 @@ class ConsoleTracker(NullTracker):
     def save_checkpoint(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
         if not self.cfg.checkpoint.enabled:
             return None
-        return ckpt.write_checkpoint(state, checkpoint_dir(self.cfg), epoch)
+        return ckpt.write_checkpoint(state, ckpt.checkpoint_dir(self.cfg), epoch)
 
     def clear_checkpoints(self) -> None:
-        ckpt.clear_checkpoints(checkpoint_dir(self.cfg))
+        ckpt.clear_checkpoints(ckpt.checkpoint_dir(self.cfg))
 
 
 class MLflowTracker(ConsoleTracker):

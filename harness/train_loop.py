@@ -24,10 +24,10 @@ from harness.backprop import manual_backward
 from harness.config import Config
 from harness.data import BatchPlan, Dataset, Split, load_dataset
 from harness.distributed import DistContext, all_reduce_sum, average_gradients
-from harness.grad_noise import NoiseProbe
+from harness.grad_noise import NoiseProbe, squared_norm
 from harness.metrics import top_hessian_eigenvalue
 from harness.model import build_model
-from harness.tracking import NullTracker, checkpoint_dir, make_tracker
+from harness.tracking import make_tracker
 
 # A loss above this (cross-entropy of 10 classes starts near 2.3) means the run blew up.
 DIVERGED_LOSS = 1e3
@@ -50,7 +50,7 @@ class RunHooks:
         self.resume = resume
 
     def restore(self, cfg: Config) -> Optional[Path]:
-        return ckpt.newest_checkpoint(checkpoint_dir(cfg)) if self.resume else None
+        return ckpt.newest_checkpoint(ckpt.checkpoint_dir(cfg)) if self.resume else None
 
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
         """Called on every rank after every epoch (and after the initial checkpoint, epoch 0)."""
@@ -99,8 +99,9 @@ class Trainer:
         first = [p.grad.clone() for p in params]
         second_loss = self.backward(x[half:], y[half:], normalizer)
         sizes = (half, len(y) - half)
-        small_sq = sum(((g * normalizer / sizes[0]).double().pow(2).sum() + (p.grad * normalizer / sizes[1]).double().pow(2).sum())
-                       for g, p in zip(first, params)) / 2
+        # Each half's gradient as a mean over its own samples: scale by normalizer/size.
+        small_sq = (squared_norm(first) * (normalizer / sizes[0]) ** 2
+                    + squared_norm([p.grad for p in params]) * (normalizer / sizes[1]) ** 2) / 2
         for g, p in zip(first, params):
             p.grad.add_(g)
         return first_loss + second_loss, small_sq
@@ -111,7 +112,8 @@ class Trainer:
         # local mean, and DDP's average over W ranks is then the mean over the
         # global batch of B. It stays exact for a smaller, unevenly split last batch.
         normalizer = global_batch_size / self.ctx.world_size
-        probe = self.noise_probe if self.noise_probe and self.noise_probe.can_measure(global_batch_size) else None
+        probe = self.noise_probe if (self.noise_probe and self.noise_probe.can_measure(global_batch_size)
+                                     and global_step % self.cfg.metrics.noise_scale_interval == 0) else None
         params = list(unwrap(self.model).parameters())
         if probe and probe.splits_batch:
             loss, small_sq = self.backward_in_halves(x, y, normalizer)
@@ -121,7 +123,7 @@ class Trainer:
             loss = self.backward(x, y, normalizer)
             if self.cfg.train.grad_engine == "manual":
                 if probe:
-                    probe.local_sq_norm += torch.stack([p.grad.double().pow(2).sum() for p in params]).sum()
+                    probe.local_sq_norm += squared_norm([p.grad for p in params])
                 average_gradients(unwrap(self.model), self.ctx)
             small_sq = probe.local_sq_norm if probe else None
         if probe:

@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import distributed  # noqa: E402
+from harness.checkpoint import check_resumable  # noqa: E402
 from harness.config import check_world_size  # noqa: E402
 from harness.data import load_dataset  # noqa: E402
 from harness.entrypoints import add_config_arguments, exits_on_input_error, load_run_config  # noqa: E402
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
     distributed.pick_device(cfg.train.device, local_rank)
     dataset = load_dataset(cfg)
     resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if resume and not cfg.is_sweep:
+        check_resumable(cfg)  # a corrupt or foreign checkpoint is refused here, not after init
     ctx = distributed.init_from_env(cfg.train.device) if under_torchrun else distributed.local_context(cfg.train.device)
     try:
         if cfg.is_sweep:

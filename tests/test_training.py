@@ -8,11 +8,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, REPO, smoke_config
-from harness.checkpoint import newest_checkpoint
+from harness.checkpoint import checkpoint_dir, newest_checkpoint
 from harness.distributed import DistContext
 from harness.sweep import expand_trials, run_sweep
 from harness.train_loop import RunHooks, train
-from harness.tracking import checkpoint_dir, make_tracker
+from harness.tracking import make_tracker
 
 EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
                  "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss", "samples_per_s",

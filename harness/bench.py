@@ -1,0 +1,165 @@
+"""``harness bench``: seconds per training epoch of the harness's path against a plain PyTorch peer.
+
+All paths train the same model from the same initial weights on the same data,
+in one process, one after another, and are timed the same way (one warm-up
+epoch, then the median of the timed epochs, with the device synchronised):
+
+- ``dataloader``: the peer, what a typical script (and Ray Train's Fashion-MNIST
+  example) does: ``DataLoader(TensorDataset(...), shuffle=True)`` on the host,
+  ``.to(device)`` per batch;
+- ``harness``: the harness's eager step on data resident on the device;
+- ``harness_ddp``: the same under ``DistributedDataParallel`` at world size 1;
+- ``harness_graph`` and ``harness_graph_ddp``: the CUDA-graph step, reported as
+  not available where it is not (it is not built yet; see the README).
+
+Ratios are against the peer measured in the same process, never against a
+number from elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from harness.config import Config
+from harness.data import Dataset, load_dataset
+from harness.distributed import DistContext
+from harness.model import build_model
+from harness.train_loop import build_trainer
+
+PATHS = ("dataloader", "harness", "harness_ddp", "harness_graph", "harness_graph_ddp")
+
+
+@dataclass
+class Timing:
+    path: str
+    batch_size: int
+    seconds_per_epoch: Optional[float]
+    samples_per_s: Optional[float]
+    speedup_vs_dataloader: Optional[float]
+    note: str = ""
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_epochs(run_epoch: Callable[[int], None], device: torch.device, epochs: int) -> float:
+    """Median seconds of ``epochs`` timed epochs after one warm-up epoch."""
+    run_epoch(0)
+    _synchronise(device)
+    seconds = []
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        run_epoch(epoch)
+        _synchronise(device)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+def dataloader_epoch_fn(cfg: Config, dataset: Dataset, device: torch.device) -> Callable[[int], None]:
+    """The peer: a plain PyTorch loop over a DataLoader, host to device per batch."""
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    loader = DataLoader(TensorDataset(dataset.train.features, dataset.train.targets),
+                        batch_size=cfg.optim.global_batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+
+    def run_epoch(_epoch: int) -> None:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    return run_epoch
+
+
+def harness_epoch_fn(cfg: Config, dataset: Dataset, ctx: DistContext) -> Callable[[int], None]:
+    """The harness's own step (train_loop.Trainer), data already on the device."""
+    on_device = Dataset(dataset.train.to(ctx.device), dataset.validation.to(ctx.device), dataset.test.to(ctx.device))
+    trainer = build_trainer(cfg, ctx, on_device)
+
+    class _NoBar:
+        def update(self, _n):
+            pass
+
+    def run_epoch(epoch: int) -> None:
+        trainer.run_epoch(epoch, 0, trainer.plan.steps_per_epoch, _NoBar())
+
+    return run_epoch
+
+
+def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epochs: int) -> dict:
+    """Time every path at every batch size; returns the JSON-ready result."""
+    # The bench times the training step alone: the noise-scale probe and the
+    # end-of-run sharpness are measurements a study switches on, not the step.
+    cfg = cfg.replace(**{"metrics.noise_scale": False, "metrics.sharpness": False, "tracking.enabled": False})
+    dataset = load_dataset(cfg)
+    timings: list[Timing] = []
+    for batch_size in batch_sizes:
+        trial = cfg.replace(**{"optim.global_batch_size": batch_size})
+        samples = len(dataset.train)
+        peer_s = time_epochs(dataloader_epoch_fn(trial, dataset, device), device, epochs)
+        timings.append(Timing("dataloader", batch_size, peer_s, samples / peer_s, 1.0))
+        local = DistContext(device=device, launcher="bench")
+        harness_s = time_epochs(harness_epoch_fn(trial, dataset, local), device, epochs)
+        timings.append(Timing("harness", batch_size, harness_s, samples / harness_s, peer_s / harness_s))
+        with _single_rank_process_group(device):
+            ddp_ctx = DistContext(device=device, launcher="bench", world_size=1)
+            ddp_s = time_epochs(harness_epoch_fn(trial, dataset, ddp_ctx), device, epochs)
+        timings.append(Timing("harness_ddp", batch_size, ddp_s, samples / ddp_s, peer_s / ddp_s))
+        for path in ("harness_graph", "harness_graph_ddp"):
+            timings.append(Timing(path, batch_size, None, None, None, note="CUDA-graph step not built yet"))
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "train_samples": len(dataset.train),
+        "epochs_timed": epochs,
+        "layer_sizes": list(cfg.layer_sizes),
+        "date": time.strftime("%Y-%m-%d"),
+        "timings": [asdict(t) for t in timings],
+    }
+
+
+class _single_rank_process_group:
+    """A world of one, in this process (no ports), so DDP can wrap the model."""
+
+    def __init__(self, device: torch.device):
+        self.backend = "nccl" if device.type == "cuda" else "gloo"
+
+    def __enter__(self):
+        dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1)
+
+    def __exit__(self, *exc):
+        dist.destroy_process_group()
+
+
+def format_table(result: dict) -> str:
+    lines = [f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
+             f"{result['train_samples']} samples/epoch, median of {result['epochs_timed']} epochs",
+             "| batch | path | s/epoch | samples/s | speed-up vs DataLoader |", "|---|---|---|---|---|"]
+    for t in result["timings"]:
+        if t["seconds_per_epoch"] is None:
+            lines.append(f"| {t['batch_size']} | {t['path']} | - | - | {t['note']} |")
+        else:
+            lines.append(f"| {t['batch_size']} | {t['path']} | {t['seconds_per_epoch']:.4f} | "
+                         f"{t['samples_per_s']:,.0f} | {t['speedup_vs_dataloader']:.2f}x |")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(result, handle, indent=2)

@@ -1,0 +1,34 @@
+"""The benchmark runs on CPU at a tiny size and writes JSON of the documented shape (no timing asserted)."""
+
+import json
+import sys
+
+from conftest import CONFIGS, REPO, run_command
+from harness.bench import PATHS
+
+
+def test_bench_json_has_every_path_at_every_batch_size(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
+                          "--device", "cpu", "--batch-sizes", "32", "128", "--epochs", "1", "--json", str(out)],
+                         cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert {"device", "device_name", "torch", "train_samples", "epochs_timed", "timings"} <= set(data)
+    assert data["device"] == "cpu" and data["train_samples"] == 512
+    rows = {(t["batch_size"], t["path"]): t for t in data["timings"]}
+    assert set(rows) == {(b, p) for b in (32, 128) for p in PATHS}
+    for batch in (32, 128):
+        assert rows[(batch, "dataloader")]["speedup_vs_dataloader"] == 1.0
+        for path in ("dataloader", "harness", "harness_ddp"):
+            row = rows[(batch, path)]
+            assert row["seconds_per_epoch"] > 0
+            assert abs(row["samples_per_s"] * row["seconds_per_epoch"] - 512) < 1e-6 * 512
+    assert "| 128 | harness_ddp |" in result.stdout
+
+
+def test_bench_refuses_a_batch_larger_than_the_data(tmp_path):
+    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
+                          "--batch-sizes", "4096"], cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --batch-sizes: 4096 is outside 1..512 (the training set)"
