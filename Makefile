@@ -16,7 +16,9 @@ SWEEP_CONFIG ?= configs/sweep.yaml
 NPROC       ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: sweep test setup data clean
+MLFLOW_PORT ?= 5000
+
+.PHONY: sweep test setup data clean mlflow-server
 
 sweep: setup data
 	$(PY) launch/sweep.py --config $(SWEEP_CONFIG) --launcher torchrun --nproc $(NPROC)
@@ -45,6 +47,10 @@ data:
 		echo "Fashion-MNIST not found in $(FASHION_DIR): run 'sudo apt-get install dataset-fashion-mnist'" \
 		     "or set HARNESS_DATA_DIR to a folder with the four IDX files" >&2; exit 1; \
 	fi
+
+# The MLflow UI over this folder's mlflow.db, on 127.0.0.1 only.
+mlflow-server: setup
+	$(VENV)/bin/harness mlflow-server --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf $(VENV) checkpoints reports mlflow.db mlartifacts .pytest_cache

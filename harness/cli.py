@@ -1,4 +1,4 @@
-"""The ``harness`` command: tools around training runs (gradcheck, report, bench).
+"""The ``harness`` command: tools around training runs (gradcheck, report, bench, replay, mlflow-server).
 
 Training itself starts from launch/ (torchrun, Ray, sweeps).
 """
@@ -73,6 +73,41 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def replay(args: argparse.Namespace) -> int:
+    """Deliver a spool of MLflow records that a run could not send."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from harness.spool import Spool, replay as replay_spool
+    from harness.tracking import check_tracking_server, default_tracking_uri
+
+    spool = Spool(Path(args.spool))
+    if not spool:
+        raise InputError(f"{args.spool}: no spool file (or empty); expected the path a run printed")
+    uri = args.tracking_uri or default_tracking_uri()
+    check_tracking_server(uri)
+    count = replay_spool(MlflowClient(tracking_uri=uri), spool)
+    print(f"delivered {count} records to {uri}; removed {args.spool}")
+    return 0
+
+
+def mlflow_server(args: argparse.Namespace) -> int:
+    """A local MLflow server for the UI: sqlite store, artifacts folder, one worker, no job runners."""
+    import os
+    from pathlib import Path
+
+    store = Path(args.store_dir).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+               "--artifacts-destination", str(store / "mlartifacts"), "--host", args.host, "--port", str(args.port),
+               "--workers", "1"]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {store / 'mlflow.db'})", flush=True)
+    # exec: the server takes this process's PID, so stopping that PID stops it.
+    os.execve(command[0], command, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+
+
 @exits_on_input_error
 def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -97,6 +132,15 @@ def main(argv=None) -> int:
     ben.add_argument("--epochs", type=int, default=3, help="timed epochs per path (after one warm-up)")
     ben.add_argument("--json", default=None, help="also write the result here")
     ben.set_defaults(handler=bench)
+    rp = commands.add_parser("replay", help="deliver MLflow records a run spooled while the server was down")
+    rp.add_argument("spool", help="the spool file the run printed (checkpoints/<run>/mlflow-spool.jsonl)")
+    rp.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    rp.set_defaults(handler=replay)
+    srv = commands.add_parser("mlflow-server", help="a local MLflow server for the UI (127.0.0.1 by default)")
+    srv.add_argument("--host", default="127.0.0.1", help="127.0.0.1; another address exposes every run")
+    srv.add_argument("--port", type=int, default=5000)
+    srv.add_argument("--store-dir", default=".", help="folder of mlflow.db and mlartifacts/")
+    srv.set_defaults(handler=mlflow_server)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 from harness.config import Config, load_config
 from harness.errors import USAGE_EXIT_CODE, InputError
-from harness.tracking import default_tracking_uri
+from harness.tracking import check_tracking_server, default_tracking_uri
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +28,8 @@ def load_run_config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, args.overrides)
     if cfg.tracking.enabled and not cfg.tracking.uri:
         cfg = cfg.replace(**{"tracking.uri": default_tracking_uri()})
+    if cfg.tracking.enabled:
+        check_tracking_server(cfg.tracking.uri)
     return cfg
 
 

@@ -23,6 +23,8 @@ import torch
 from harness import checkpoint as ckpt
 from harness.config import Config, flatten
 from harness.distributed import DistContext
+from harness.errors import InputError
+from harness.spool import Spool, apply_record, logged_steps, metrics_record
 
 MLFLOW_PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 
@@ -115,21 +117,34 @@ class ConsoleTracker(NullTracker):
 
 
 class MLflowTracker(ConsoleTracker):
-    """Rank 0 with MLflow: one run per training run, nested under a sweep's parent run."""
+    """Rank 0 with MLflow: one run per training run, nested under a sweep's parent run.
+
+    Records that cannot be delivered (the tracking server is down) go to a local
+    spool (harness/spool.py) and training goes on; the spool is replayed as soon
+    as the server answers again.
+    """
 
     def __init__(self, cfg: Config, ctx: DistContext, parent_run_id: Optional[str] = None):
         super().__init__(cfg, ctx)
+        uri = cfg.tracking.uri or default_tracking_uri()
+        if uri.startswith(("http://", "https://")):
+            # MLflow's client retries a dead server with backoff for minutes per
+            # call; fail fast instead and spool, so training never waits on it.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient  # only when tracking is on
 
-        self.client = MlflowClient(tracking_uri=cfg.tracking.uri or default_tracking_uri())
+        self.client = MlflowClient(tracking_uri=uri)
         self.parent_run_id = parent_run_id
         self.run_id: Optional[str] = None
         self._logged: set[tuple[str, int]] = set()
+        self.spool = Spool(ckpt.checkpoint_dir(cfg) / "mlflow-spool.jsonl")
+        self._stale_logged = False  # after a failure the store may hold more than we know
 
     def start(self, resume_run_id: Optional[str] = None) -> Optional[str]:
         if resume_run_id:
             self.run_id = resume_run_id
-            self._logged = self._logged_steps(resume_run_id)
+            self._logged = logged_steps(self.client, resume_run_id)
             self.client.update_run(resume_run_id, status="RUNNING")
             self.client.set_tag(resume_run_id, "resumed", "true")
             return self.run_id
@@ -150,27 +165,64 @@ class MLflowTracker(ConsoleTracker):
         for i in range(0, len(items), MLFLOW_PARAM_BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + MLFLOW_PARAM_BATCH])
 
-    def _logged_steps(self, run_id: str) -> set[tuple[str, int]]:
-        keys = self.client.get_run(run_id).data.metrics.keys()
-        return {(key, m.step) for key in keys for m in self.client.get_metric_history(run_id, key)}
+    def _deliver(self, record: dict[str, Any]) -> None:
+        """Send ``record``, after whatever the spool holds; spool it if the server does not answer."""
+        if self.spool and not self._flush():
+            self.spool.append(record)
+            return
+        try:
+            apply_record(self.client, record, self._logged)
+        except Exception as err:  # the server is down or unreachable: keep training
+            print(f"[{self.cfg.name}] MLflow unreachable ({type(err).__name__}); spooling to {self.spool.path}",
+                  file=sys.stderr, flush=True)
+            self._stale_logged = True
+            self.spool.append(record)
+
+    def _flush(self) -> bool:
+        try:
+            if self._stale_logged:  # a batch may have arrived although its answer was lost
+                self._logged = logged_steps(self.client, self.run_id)
+                self._stale_logged = False
+            for record in self.spool.records():
+                apply_record(self.client, record, self._logged)
+        except Exception:
+            self._stale_logged = True
+            return False
+        self.spool.remove()
+        print(f"[{self.cfg.name}] MLflow reachable again: spooled records delivered", file=sys.stderr, flush=True)
+        return True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         super().log_metrics(metrics, step)
-        from mlflow.entities import Metric
-
-        now_ms = int(time.time() * 1000)
-        fresh = [Metric(k, float(v), now_ms, step) for k, v in metrics.items() if (k, step) not in self._logged]
+        fresh = {k: float(v) for k, v in metrics.items() if (k, step) not in self._logged}
         if fresh:
-            self.client.log_batch(self.run_id, metrics=fresh)
-            self._logged.update((m.key, step) for m in fresh)
+            self._deliver(metrics_record(self.run_id, fresh, step))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        self._deliver({"op": "tags", "run_id": self.run_id, "tags": {k: str(v) for k, v in tags.items()}})
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.run_id:
-            self.client.set_terminated(self.run_id, status=status)
+        if not self.run_id:
+            return
+        self._deliver({"op": "terminate", "run_id": self.run_id, "status": status})
+        if self.spool:
+            print(f"[{self.cfg.name}] MLflow still unreachable: the run's last records are kept in "
+                  f"{self.spool.path}; deliver them with: harness replay {self.spool.path} "
+                  f"--tracking-uri {self.cfg.tracking.uri}", file=sys.stderr, flush=True)
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Refuse to start when an HTTP tracking server does not answer /health."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except OSError as err:
+        reason = getattr(err, "reason", err)
+        raise InputError(f"tracking.uri: MLflow server {uri} is unreachable ({reason}); expected a running "
+                         "server (make mlflow-server) or tracking.enabled: false") from None
 
 
 def experiment_id(client, name: str) -> str:

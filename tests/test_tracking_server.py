@@ -1,0 +1,178 @@
+"""A real MLflow tracking server that goes away: nothing is lost, nothing is doubled.
+Also: the harness's own servers and ranks listen on loopback only."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import CONFIGS, REPO, run_command
+
+pytestmark = pytest.mark.slow
+
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_addresses(pid: int, include_root: bool = True) -> set[str]:
+    """Addresses that ``pid``'s process tree listens on (its children only, without the root)."""
+    found = set()
+    try:
+        root = psutil.Process(pid)
+        for proc in ([root] if include_root else []) + root.children(recursive=True):
+            try:
+                found |= {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+            except psutil.NoSuchProcess:
+                continue
+    except psutil.NoSuchProcess:
+        pass
+    return found
+
+
+class MlflowServer:
+    """``harness mlflow-server`` on a free port; stopped and started again by its PID."""
+
+    def __init__(self, store_dir):
+        self.store_dir, self.port, self.process = store_dir, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "harness.cli", "mlflow-server", "--port", str(self.port),
+                                         "--store-dir", str(self.store_dir)], cwd=REPO, start_new_session=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(self.uri + "/health", timeout=2)
+                return
+            except OSError:
+                assert self.process.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_mlflow_server_listens_on_loopback_only(mlflow_server):
+    addresses = listening_addresses(mlflow_server.process.pid)
+    assert addresses and addresses <= set(LOOPBACK), addresses
+
+
+def test_torchrun_ranks_listen_on_loopback_only(tmp_path):
+    """The ranks (the harness's code: gloo, the per-attempt store client) bind 127.0.0.1.
+    torchrun's own agent briefly hosts its rendezvous TCPStore on all interfaces
+    while the ranks start; PyTorch offers no bind address for it (see README)."""
+    process = subprocess.Popen([str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc_per_node=2",
+                                str(REPO / "launch/train.py"), "--config", str(CONFIGS / "smoke.yaml"),
+                                "--set", "tracking.enabled=false", "--set", "train.epochs=40",
+                                "--set", f"checkpoint.dir={tmp_path}"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = set()
+    while process.poll() is None:
+        seen |= listening_addresses(process.pid, include_root=False)
+        time.sleep(0.3)
+    assert process.returncode == 0
+    assert seen and seen <= set(LOOPBACK), seen
+
+
+def start_training(tmp_path, uri, epochs):
+    return subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), "--config", str(CONFIGS / "smoke.yaml"),
+                             "--set", f"tracking.uri={uri}", "--set", f"checkpoint.dir={tmp_path}/ckpt",
+                             "--set", f"train.epochs={epochs}", "--set", "data.train_subset=4096",
+                             "--set", "model.hidden_sizes=[256]"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, what, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def the_run(uri):
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return client, runs
+
+
+def assert_every_epoch_once(client, run_id, epochs):
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "test_accuracy", "epoch_s"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, epochs + 1)), key
+
+
+def test_server_restart_mid_run_loses_and_doubles_nothing(tmp_path, mlflow_server):
+    epochs = 40
+    spool = tmp_path / "ckpt" / "smoke" / "mlflow-spool.jsonl"
+    training = start_training(tmp_path, mlflow_server.uri, epochs)
+    wait_for(lambda: (runs := the_run(mlflow_server.uri)[1]) and "test_accuracy" in runs[0].data.metrics,
+             "the first epoch's metrics")
+    mlflow_server.stop()
+    wait_for(lambda: spool.exists() and len(spool.read_text().splitlines()) >= 3, "records spooled while down")
+    assert training.poll() is None, "training must go on while the server is down"
+    mlflow_server.start()
+    out, err = training.communicate(timeout=300)
+    assert training.returncode == 0, err[-3000:]
+    assert "spooling to" in err and "spooled records delivered" in err
+    client, runs = the_run(mlflow_server.uri)
+    assert len(runs) == 1
+    assert_every_epoch_once(client, runs[0].info.run_id, epochs)
+    assert not spool.exists()
+
+
+def test_server_that_never_returns_leaves_a_spool_to_replay(tmp_path, mlflow_server):
+    epochs = 12
+    training = start_training(tmp_path, mlflow_server.uri, epochs)
+    wait_for(lambda: (runs := the_run(mlflow_server.uri)[1]) and "test_accuracy" in runs[0].data.metrics,
+             "the first epoch's metrics")
+    mlflow_server.stop()
+    out, err = training.communicate(timeout=300)
+    assert training.returncode == 0, err[-3000:]
+    spool = tmp_path / "ckpt" / "smoke" / "mlflow-spool.jsonl"
+    assert f"harness replay {spool}" in err and spool.exists()
+    mlflow_server.start()
+    result = run_command([sys.executable, "-m", "harness.cli", "replay", str(spool), "--tracking-uri", mlflow_server.uri],
+                         cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    client, runs = the_run(mlflow_server.uri)
+    assert_every_epoch_once(client, runs[0].info.run_id, epochs)
+    assert not spool.exists()
+
+
+def test_unreachable_server_at_start_is_refused_before_training(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = run_command([sys.executable, str(REPO / "launch/train.py"), "--config", str(CONFIGS / "smoke.yaml"),
+                          "--set", f"tracking.uri={uri}", "--set", f"checkpoint.dir={tmp_path}/ckpt"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: tracking.uri: MLflow server {uri} is unreachable")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ckpt").exists()
