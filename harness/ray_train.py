@@ -29,14 +29,17 @@ from harness.train_loop import RunHooks, RunResult, train
 
 
 class RayHooks(RunHooks):
-    def __init__(self):
-        super().__init__(resume=True)
+    """Resume from Ray's newest registered checkpoint; with ``resume_local`` (a resumed
+    sweep), from the run's own checkpoint folder when Ray has none."""
+
+    def __init__(self, resume_local: bool = False):
+        super().__init__(resume=resume_local)
         self._restored_dir: Optional[str] = None
 
     def restore(self, cfg: Config) -> Optional[Path]:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return None
+            return super().restore(cfg)
         # A private folder per worker: to_directory()'s default path is shared by
         # every worker of the node, and two downloads into it race.
         self._restored_dir = tempfile.mkdtemp(prefix="harness-restore-")
@@ -61,7 +64,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: rebuild the config, train, report."""
     cfg = Config.from_dict(loop_config["config"])
     ctx = context_from_process_group(cfg.train.device, launcher="ray")
-    result = train(cfg, ctx, hooks=RayHooks(), parent_run_id=loop_config.get("parent_run_id"))
+    result = train(cfg, ctx, hooks=RayHooks(loop_config.get("resume_local", False)),
+                   parent_run_id=loop_config.get("parent_run_id"))
     if ctx.is_main:
         print(f"[{cfg.name}] finished on {ctx.world_size} Ray workers: MLflow run {result.run_id or '-'}", flush=True)
 
@@ -82,7 +86,7 @@ class RayOptions:
     env_vars: dict = field(default_factory=dict)
 
 
-def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None) -> RunResult:
+def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, resume: bool = False) -> RunResult:
     """One Ray Train run of ``cfg`` (a TorchTrainer); rank 0's last report as a RunResult."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -97,7 +101,7 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None) -
     )
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "parent_run_id": parent_run_id},
+        train_loop_config={"config": cfg.to_dict(), "parent_run_id": parent_run_id, "resume_local": resume},
         torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu),
         run_config=run_config,
@@ -109,7 +113,7 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None) -
                      diverged=False, checkpoint=Path(result.checkpoint.path) if result.checkpoint else None)
 
 
-def run_sweep_on_ray(cfg: Config, options: RayOptions):
+def run_sweep_on_ray(cfg: Config, options: RayOptions, resume: bool = False):
     """Every trial as its own TorchTrainer, started together as Ray tasks: they run
     concurrently as far as the cluster's resources allow (each waits for its
     workers' placement group), under one MLflow parent run."""
@@ -120,8 +124,9 @@ def run_sweep_on_ray(cfg: Config, options: RayOptions):
     ctx = DistContext(world_size=options.num_workers, launcher="ray")
     trials = expand_trials(cfg)
     remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit)
-    with sweep_parent_run(cfg, ctx) as parent:
-        pending = {remote_fit.remote(trial, options, parent.run_id): trial for trial in trials}
+    with sweep_parent_run(cfg, ctx, resume) as parent:
+        trials = [t for t in trials if not parent.skip(t)]
+        pending = {remote_fit.remote(trial, options, parent.run_id, resume): trial for trial in trials}
         outcomes = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -131,5 +136,5 @@ def run_sweep_on_ray(cfg: Config, options: RayOptions):
             except Exception as err:  # one failed trial must not stop the sweep
                 print(f"[{trial.name}] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
                 outcomes[trial.name] = TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
-        parent.outcomes = [outcomes[t.name] for t in trials]
+        parent.outcomes += [outcomes[t.name] for t in trials]
     return parent

@@ -64,23 +64,46 @@ def select_trial(cfg: Config, index: int) -> Config:
 @dataclass
 class TrialOutcome:
     cfg: Config
-    result: Optional[RunResult]
+    result: Optional[RunResult]  # None where the trial ran in another process (torchrun) or was skipped
     error: Optional[str] = None
+    skipped: bool = False
 
 
 class SweepParent:
-    """The sweep's MLflow parent run; the launcher fills ``outcomes`` as trials end."""
+    """The sweep's MLflow parent run; the launcher fills ``outcomes`` as trials end.
 
-    def __init__(self, run_id: Optional[str]):
+    ``finished`` names the trials an earlier, interrupted attempt of this sweep
+    completed (empty unless resuming): they are skipped.
+    """
+
+    def __init__(self, run_id: Optional[str], finished: frozenset = frozenset()):
         self.run_id = run_id
+        self.finished = finished
         self.outcomes: list[TrialOutcome] = []
+
+    def skip(self, trial: Config) -> bool:
+        if trial.name in self.finished:
+            self.outcomes.append(TrialOutcome(trial, None, skipped=True))
+            print(f"[{trial.name}] finished in an earlier attempt: skipped", flush=True)
+            return True
+        return False
 
 
 @contextlib.contextmanager
-def sweep_parent_run(cfg: Config, ctx: DistContext):
-    """Start the parent run; end it FINISHED with trial counts, or FAILED if the sweep itself breaks."""
+def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
+    """Start the parent run (or, resuming, reopen the newest unfinished one of this sweep);
+    end it FINISHED with trial counts, or FAILED if the sweep itself breaks."""
     tracker = make_tracker(cfg, ctx)
-    parent = SweepParent(tracker.start())
+    previous = tracker.unfinished_sweep_run(cfg.name) if resume else None
+    if resume and previous is None:
+        raise InputError(f"--resume: no unfinished sweep named {cfg.name!r} in experiment "
+                         f"{cfg.tracking.experiment!r}; expected one that was interrupted")
+    if not resume:
+        # A new sweep starts every trial from scratch: checkpoints an older sweep
+        # of the same name left must not be resumed into by a later --resume.
+        tracker.clear_checkpoints(expand_trials(cfg))
+    parent = SweepParent(tracker.start(resume_run_id=previous),
+                         tracker.finished_children(previous) if previous else frozenset())
     tracker.set_tags({"run_kind": "sweep"})
     try:
         yield parent
@@ -88,8 +111,7 @@ def sweep_parent_run(cfg: Config, ctx: DistContext):
         tracker.finish("FAILED")
         raise
     tracker.set_tags({"trials": len(parent.outcomes),
-                      "trials_failed": sum(o.error is not None for o in parent.outcomes),
-                      "trials_diverged": sum(bool(o.result and o.result.diverged) for o in parent.outcomes)})
+                      "trials_failed": sum(o.error is not None for o in parent.outcomes)})
     tracker.finish("FINISHED")
 
 
@@ -97,9 +119,10 @@ def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None,
               resume: bool = False) -> SweepParent:
     """Run every trial in this process group, one after another, as children of one parent run."""
     dataset = dataset or load_dataset(cfg)
-    with sweep_parent_run(cfg, ctx) as parent:
+    with sweep_parent_run(cfg, ctx, resume) as parent:
         for trial in expand_trials(cfg):
-            parent.outcomes.append(run_trial(trial, ctx, dataset, parent.run_id, resume))
+            if not parent.skip(trial):
+                parent.outcomes.append(run_trial(trial, ctx, dataset, parent.run_id, resume))
     return parent
 
 
@@ -123,7 +146,8 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
     rows = []
     for o in outcomes:
         m = o.result.metrics if o.result else {}
-        status = "failed" if o.error else ("diverged" if o.result.diverged else "ok")
+        status = ("failed" if o.error else "skipped" if o.skipped else "done" if o.result is None
+                  else "diverged" if o.result.diverged else "ok")
         rows.append([o.cfg.trial.lr_rule if o.cfg.trial else "none", str(o.cfg.optim.global_batch_size), f"{o.cfg.optim.lr:.4g}", str(o.cfg.seed)]
                     + [f"{m[k]:.4f}" if k in m else "-" for k in
                        ("train_loss", "test_loss", "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss")]

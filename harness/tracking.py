@@ -87,8 +87,14 @@ class NullTracker:
     def save_checkpoint(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
         return None
 
-    def clear_checkpoints(self) -> None:
+    def clear_checkpoints(self, configs=()) -> None:
         pass
+
+    def unfinished_sweep_run(self, sweep_name: str) -> Optional[str]:
+        return None
+
+    def finished_children(self, parent_run_id: str) -> frozenset:
+        return frozenset()
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
@@ -112,8 +118,10 @@ class ConsoleTracker(NullTracker):
             return None
         return ckpt.write_checkpoint(state, ckpt.checkpoint_dir(self.cfg), epoch)
 
-    def clear_checkpoints(self) -> None:
-        ckpt.clear_checkpoints(ckpt.checkpoint_dir(self.cfg))
+    def clear_checkpoints(self, configs=()) -> None:
+        """Empty this run's checkpoint folder (or those of ``configs``, a new sweep's trials)."""
+        for cfg in configs or (self.cfg,):
+            ckpt.clear_checkpoints(ckpt.checkpoint_dir(cfg))
 
 
 class MLflowTracker(ConsoleTracker):
@@ -209,6 +217,23 @@ class MLflowTracker(ConsoleTracker):
             print(f"[{self.cfg.name}] MLflow still unreachable: the run's last records are kept in "
                   f"{self.spool.path}; deliver them with: harness replay {self.spool.path} "
                   f"--tracking-uri {self.cfg.tracking.uri}", file=sys.stderr, flush=True)
+
+
+    def unfinished_sweep_run(self, sweep_name: str) -> Optional[str]:
+        """The newest parent run of this sweep that did not finish (killed: RUNNING; broken: FAILED)."""
+        found = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
+        if found is None:
+            return None
+        runs = self.client.search_runs([found.experiment_id],
+                                       f"tags.run_kind = 'sweep' and attributes.run_name = '{sweep_name}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+
+    def finished_children(self, parent_run_id: str) -> frozenset:
+        """Names of the parent's child runs that FINISHED: trials a resumed sweep skips."""
+        children = self.client.search_runs([self.client.get_run(parent_run_id).info.experiment_id],
+                                           f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
+        return frozenset(c.info.run_name for c in children if c.info.status == "FINISHED")
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:

@@ -35,14 +35,18 @@ LAUNCHERS = ("local", "torchrun", "ray")
 def torchrun_sweep(cfg, args):
     """Each trial as a torchrun job of ``--nproc`` ranks, nested under this process's parent run."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    with sweep_parent_run(cfg, DistContext(world_size=args.nproc, launcher="torchrun")) as parent:
+    with sweep_parent_run(cfg, DistContext(world_size=args.nproc, launcher="torchrun"), args.resume) as parent:
         for index, trial in enumerate(expand_trials(cfg)):
+            if parent.skip(trial):
+                continue
             command = [str(torchrun), "--standalone", f"--nproc_per_node={args.nproc}",
                        f"--max-restarts={args.max_restarts}", str(REPO / "launch/train.py"),
                        "--config", args.config, "--trial", str(index), *sum((["--set", o] for o in args.overrides), []),
                        "--set", f"tracking.uri={cfg.tracking.uri}"]
             if parent.run_id:
                 command += ["--parent-run-id", parent.run_id]
+            if args.resume:
+                command.append("--resume")
             status = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}).returncode
             error = None if status == 0 else f"torchrun exited with {status}"
             if error:
@@ -59,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, default=None, help="ranks per trial (torchrun, ray); default 2")
     parser.add_argument("--max-restarts", type=int, default=1, help="torchrun restarts per trial")
     parser.add_argument("--report-dir", default="reports", help="where the report's files go")
+    parser.add_argument("--resume", action="store_true",
+                        help="reopen the newest unfinished sweep of this name: skip finished trials, resume the rest")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
     if args.launcher not in LAUNCHERS:
@@ -76,12 +82,12 @@ def main(argv=None) -> int:
         connect_ray(args.num_cpus)
         from harness.ray_train import run_sweep_on_ray
 
-        sweep = run_sweep_on_ray(cfg, options)
+        sweep = run_sweep_on_ray(cfg, options, resume=args.resume)
     elif args.launcher == "torchrun":
         load_dataset(cfg)  # a missing or damaged data file fails before any trial starts
         sweep = torchrun_sweep(cfg, args)
     else:
-        sweep = run_sweep(cfg, local_context(cfg.train.device))
+        sweep = run_sweep(cfg, local_context(cfg.train.device), resume=args.resume)
     outcomes = sweep.outcomes
     if cfg.tracking.enabled:
         from harness.report import build_report

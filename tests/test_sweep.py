@@ -89,3 +89,48 @@ def test_ray_sweep_runs_trials_as_ray_train_runs(tmp_path, ray_cluster):
     run_sweep_command(tmp_path, "--launcher", "ray", "--nproc", "1",
                       env={"RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token"})
     check_sweep_records(tmp_path, "ray", 1)
+
+
+def test_killed_sweep_resumes_skipping_finished_trials_into_the_same_parent(tmp_path):
+    """SIGKILL the whole sweep process during its second trial, start it again with --resume."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_SWEEP.replace("epochs: 3", "epochs: 4").replace("[8, 32, 1024]", "[32, 64, 128]")
+                      .replace("data: {dataset: digits, validation_size: 200}",
+                               "data: {dataset: fashion-mnist, validation_size: 1000, train_subset: 8192}")
+                      .replace("hidden_sizes: [32]", "hidden_sizes: [256]"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher", "local",
+               "--set", f"tracking.uri={uri}", "--set", f"checkpoint.dir={tmp_path}/ckpt",
+               "--report-dir", str(tmp_path / "reports")]
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = tmp_path / "ckpt" / "tiny-linear-bs64-seed0" / "epoch-0002.pt"
+    deadline = time.monotonic() + 300
+    while not second.exists():
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before its second trial"
+        time.sleep(0.1)
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    first_run = client.search_runs([experiment], "attributes.run_name = 'tiny-linear-bs32-seed0'")[0]
+    assert first_run.info.status == "FINISHED"
+
+    result = run_command(command + ["--resume"], cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[tiny-linear-bs32-seed0] finished in an earlier attempt: skipped" in result.stdout
+    parents = client.search_runs([experiment], "tags.run_kind = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == [f"tiny-linear-bs{b}-seed0" for b in (128, 32, 64)]
+    by_name = {c.info.run_name: c for c in children}
+    assert by_name["tiny-linear-bs32-seed0"].info.end_time == first_run.info.end_time  # not run again
+    assert by_name["tiny-linear-bs64-seed0"].data.tags.get("resumed") == "true"
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")]
+        assert steps == [1, 2, 3, 4], (child.info.run_name, steps)
