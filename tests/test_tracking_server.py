@@ -90,7 +90,7 @@ def test_torchrun_ranks_listen_on_loopback_only(tmp_path):
     while the ranks start; PyTorch offers no bind address for it (see README)."""
     process = subprocess.Popen([str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc_per_node=2",
                                 str(REPO / "launch/train.py"), "--config", str(CONFIGS / "smoke.yaml"),
-                                "--set", "tracking.enabled=false", "--set", "train.epochs=40",
+                                "--set", "tracking.enabled=false", "--set", "train.epochs=25",
                                 "--set", f"checkpoint.dir={tmp_path}"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen = set()
@@ -104,9 +104,22 @@ def test_torchrun_ranks_listen_on_loopback_only(tmp_path):
 def start_training(tmp_path, uri, epochs):
     return subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), "--config", str(CONFIGS / "smoke.yaml"),
                              "--set", f"tracking.uri={uri}", "--set", f"checkpoint.dir={tmp_path}/ckpt",
-                             "--set", f"train.epochs={epochs}", "--set", "data.train_subset=4096",
-                             "--set", "model.hidden_sizes=[256]"],
+                             "--set", f"train.epochs={epochs}"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+class paused:
+    """SIGSTOP the training process while the server stops or starts (seconds, where an
+    epoch takes a fraction of one), so the outage happens mid-run whatever the speed."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def __enter__(self):
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def __exit__(self, *exc):
+        os.kill(self.process.pid, signal.SIGCONT)
 
 
 def wait_for(condition, what, timeout=180):
@@ -131,15 +144,17 @@ def assert_every_epoch_once(client, run_id, epochs):
 
 
 def test_server_restart_mid_run_loses_and_doubles_nothing(tmp_path, mlflow_server):
-    epochs = 40
+    epochs = 30
     spool = tmp_path / "ckpt" / "smoke" / "mlflow-spool.jsonl"
     training = start_training(tmp_path, mlflow_server.uri, epochs)
     wait_for(lambda: (runs := the_run(mlflow_server.uri)[1]) and "test_accuracy" in runs[0].data.metrics,
              "the first epoch's metrics")
-    mlflow_server.stop()
+    with paused(training):
+        mlflow_server.stop()
     wait_for(lambda: spool.exists() and len(spool.read_text().splitlines()) >= 3, "records spooled while down")
-    assert training.poll() is None, "training must go on while the server is down"
-    mlflow_server.start()
+    with paused(training):
+        assert training.poll() is None, "training must go on while the server is down"
+        mlflow_server.start()
     out, err = training.communicate(timeout=300)
     assert training.returncode == 0, err[-3000:]
     assert "spooling to" in err and "spooled records delivered" in err
@@ -154,7 +169,8 @@ def test_server_that_never_returns_leaves_a_spool_to_replay(tmp_path, mlflow_ser
     training = start_training(tmp_path, mlflow_server.uri, epochs)
     wait_for(lambda: (runs := the_run(mlflow_server.uri)[1]) and "test_accuracy" in runs[0].data.metrics,
              "the first epoch's metrics")
-    mlflow_server.stop()
+    with paused(training):
+        mlflow_server.stop()
     out, err = training.communicate(timeout=300)
     assert training.returncode == 0, err[-3000:]
     spool = tmp_path / "ckpt" / "smoke" / "mlflow-spool.jsonl"
