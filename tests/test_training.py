@@ -118,3 +118,37 @@ def test_tracking_off_never_imports_mlflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_step_budget_stops_mid_epoch_at_exactly_that_many_steps(tmp_path):
+    cfg = smoke_config(tmp_path, "tracking.enabled=false", "train.max_steps=11")  # 8 steps per epoch
+    assert cfg.total_epochs == 2
+    result = train(cfg, DistContext())
+    assert (result.global_step, result.epochs_completed) == (11, 2)
+
+
+def test_sweep_step_budget_and_warmup_reach_the_trials(tmp_path):
+    cfg = smoke_config(tmp_path, "sweep={batch_sizes: [32, 64], lr_rules: [none, sqrt], base_batch_size: 32, "
+                                 "budget_steps: 20, warmup_epochs: 0.5}")
+    trials = {(t.trial.lr_rule, t.optim.global_batch_size): t for t in expand_trials(cfg)}
+    assert all(t.train.max_steps == 20 for t in trials.values())
+    assert trials[("sqrt", 64)].optim.lr == pytest.approx(0.1 * 2 ** 0.5)
+    assert trials[("none", 64)].optim.warmup_epochs == 0.0 and trials[("sqrt", 64)].optim.warmup_epochs == 0.5
+
+
+def test_linear_warmup_ramps_the_lr_then_holds_it(tmp_path):
+    from harness.data import load_dataset
+    from harness.train_loop import build_trainer
+
+    cfg = smoke_config(tmp_path, "optim.warmup_epochs=0.5")  # 8 steps per epoch: 4 warmup steps
+    trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))
+    assert [trainer.lr_at(step) for step in range(6)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+
+
+def test_diverging_run_stops_early_and_is_tagged(tmp_path):
+    cfg = smoke_config(tmp_path, "optim.lr=500", "model.activation=relu", "train.epochs=6")
+    result = train(cfg, DistContext())
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert result.diverged and result.epochs_completed < 6
+    assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "true"
