@@ -123,7 +123,7 @@ def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epo
             timings.append(Timing(path, batch_size, None, None, None, note="CUDA-graph step not built yet"))
     return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "train_samples": len(dataset.train),
@@ -132,6 +132,16 @@ def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epo
         "date": time.strftime("%Y-%m-%d"),
         "timings": [asdict(t) for t in timings],
     }
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 class _single_rank_process_group:
