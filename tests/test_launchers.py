@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, run_command
+from conftest import CONFIGS, REPO, run_command, seeded_store
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ EPOCHS = 3
 
 
 def _settings(tmp, *extra):
-    return ["--set", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "--set", f"checkpoint.dir={tmp}/ckpt",
+    return ["--set", f"tracking.uri={seeded_store(tmp)}", "--set", f"checkpoint.dir={tmp}/ckpt",
             "--set", f"train.epochs={EPOCHS}", *extra]
 
 

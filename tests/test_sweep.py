@@ -7,7 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_command
+from conftest import REPO, run_command, seeded_store
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def run_sweep_command(tmp_path, *launcher_args, env=None):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_SWEEP)
     result = run_command([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config),
-                          "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                          "--set", f"tracking.uri={seeded_store(tmp_path)}",
                           "--set", f"checkpoint.dir={tmp_path}/ckpt", "--report-dir", str(tmp_path / "reports"),
                           "--storage-path", str(tmp_path / "ray"), *launcher_args],
                          cwd=tmp_path, env=env, timeout=900)
@@ -103,7 +103,7 @@ def test_killed_sweep_resumes_skipping_finished_trials_into_the_same_parent(tmp_
                       .replace("data: {dataset: digits, validation_size: 200}",
                                "data: {dataset: fashion-mnist, validation_size: 1000, train_subset: 8192}")
                       .replace("hidden_sizes: [32]", "hidden_sizes: [256]"))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = seeded_store(tmp_path)
     command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher", "local",
                "--set", f"tracking.uri={uri}", "--set", f"checkpoint.dir={tmp_path}/ckpt",
                "--report-dir", str(tmp_path / "reports")]

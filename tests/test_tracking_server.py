@@ -13,7 +13,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, run_command
+from conftest import CONFIGS, REPO, run_command, seeded_store
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,7 @@ class MlflowServer:
     """``harness mlflow-server`` on a free port; stopped and started again by its PID."""
 
     def __init__(self, store_dir):
+        seeded_store(store_dir)
         self.store_dir, self.port, self.process = store_dir, free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 

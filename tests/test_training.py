@@ -72,12 +72,14 @@ def test_manual_engine_trains_like_autograd(tmp_path):
 
 def test_non_zero_rank_writes_nothing(tmp_path):
     cfg = smoke_config(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}  # the empty store
     tracker = make_tracker(cfg, DistContext(rank=1, world_size=1))
     tracker.start()
     tracker.log_metrics({"x": 1.0}, step=1)
+    tracker.set_tags({"y": 2})
     assert tracker.save_checkpoint({"a": 1}, 1) is None
     tracker.finish()
-    assert list(tmp_path.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_resume_continues_the_same_run_and_ends_where_an_uninterrupted_run_ends(tmp_path):
