@@ -113,11 +113,11 @@ def test_in_process_sweep_nests_one_child_per_batch_size(tmp_path):
 
 
 def test_tracking_off_never_imports_mlflow(tmp_path):
-    code = ("import sys; from conftest import smoke_config; from harness.distributed import DistContext; "
-            "from harness.train_loop import train; from pathlib import Path; "
-            f"train(smoke_config(Path({str(tmp_path)!r}), 'tracking.enabled=false'), DistContext()); "
-            "print('mlflow' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", capture_output=True, text=True, timeout=120)
+    code = ("import sys; from harness.config import load_config; from harness.distributed import DistContext; "
+            "from harness.train_loop import train; "
+            f"cfg = load_config({str(CONFIGS / 'smoke.yaml')!r}, ['tracking.enabled=false', "
+            f"'checkpoint.dir={tmp_path}']); train(cfg, DistContext()); print('mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
 
