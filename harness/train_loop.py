@@ -8,6 +8,7 @@ where a resumed run's checkpoint comes from and what happens after each epoch
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,11 @@ class Trainer:
     train_set: Split
     noise_probe: Optional[NoiseProbe] = None
 
+    @functools.cached_property
+    def params(self) -> list[torch.nn.Parameter]:
+        """The unwrapped model's parameters, listed once (not on every step)."""
+        return list(unwrap(self.model).parameters())
+
     @property
     def warmup_steps(self) -> int:
         return round(self.cfg.optim.warmup_epochs * self.plan.steps_per_epoch)
@@ -94,7 +100,7 @@ class Trainer:
     def backward_in_halves(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One rank's gradient as two half-batch passes; also the halves' mean squared norm (as means)."""
         half = len(y) // 2
-        params = list(unwrap(self.model).parameters())
+        params = self.params
         first_loss = self.backward(x[:half], y[:half], normalizer)
         first = [p.grad.clone() for p in params]
         second_loss = self.backward(x[half:], y[half:], normalizer)
@@ -114,7 +120,7 @@ class Trainer:
         normalizer = global_batch_size / self.ctx.world_size
         probe = self.noise_probe if (self.noise_probe and self.noise_probe.can_measure(global_batch_size)
                                      and global_step % self.cfg.metrics.noise_scale_interval == 0) else None
-        params = list(unwrap(self.model).parameters())
+        params = self.params
         if probe and probe.splits_batch:
             loss, small_sq = self.backward_in_halves(x, y, normalizer)
         else:
