@@ -76,7 +76,8 @@ def test_two_ranks_match_single_process_with_the_global_batch(torchrun_two_ranks
     assert worst <= 1e-5, worst
 
 
-@pytest.mark.parametrize("point,rank", [("step", 1), ("evaluate", 0), ("checkpoint", 0)])
+# Evaluation kills are covered under Ray (test_ray_worker_sigkills_...), which kills at all three points.
+@pytest.mark.parametrize("point,rank", [("step", 1), ("checkpoint", 0)])
 def test_torchrun_restart_after_sigkill_resumes_exactly(torchrun_two_ranks, tmp_path, point, rank):
     marker = tmp_path / "killed"
     torchrun(tmp_path, 2, env={"HARNESS_INJECT_FAULT": f"{point}:2:{rank}:{marker}"}, max_restarts=1)
@@ -136,12 +137,16 @@ def test_ray_and_torchrun_records_have_the_same_keys(ray_job_submitted, torchrun
                        final_params(torchrun_two_ranks)["linears.0.weight"])
 
 
-def test_ray_worker_sigkill_is_restarted_and_resumes_exactly(ray_cluster, ray_job_submitted, tmp_path):
-    marker = tmp_path / "killed"
-    ray_job(tmp_path, ray_cluster, env={"HARNESS_INJECT_FAULT": f"step:2:1:{marker}"})
-    assert marker.exists(), "the fault was never injected"
+def test_ray_worker_sigkills_are_restarted_and_resume_exactly(ray_cluster, ray_job_submitted, tmp_path):
+    """Three kills in one run: rank 1 during a step of epoch 2, then rank 0 during
+    epoch 3's evaluation, then rank 0 while writing epoch 3's checkpoint."""
+    markers = {point: tmp_path / f"killed-{point}" for point in ("step", "evaluate", "checkpoint")}
+    faults = f"step:2:1:{markers['step']},evaluate:3:0:{markers['evaluate']},checkpoint:3:0:{markers['checkpoint']}"
+    ray_job(tmp_path, ray_cluster, "--max-failures", "3", env={"HARNESS_INJECT_FAULT": faults})
+    assert all(m.exists() for m in markers.values()), "a fault was never injected"
     client, run = only_run(tmp_path)
     assert run.data.tags.get("resumed") == "true"
     assert_each_metric_logged_once_per_epoch(client, run)
     resumed, straight = final_params(tmp_path), final_params(ray_job_submitted[0])
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert not list((tmp_path / "ckpt" / "smoke").glob(".epoch-*")), "a half-written checkpoint was left"
