@@ -30,10 +30,11 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# --no-compile: Python compiles what it imports on first use; compiling every
-	# file of ray and mlflow up front only makes the first setup slower.
-	$(PY) -m pip install -q --no-compile $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-compile -r requirements.txt
+	# Bytecode is compiled at install time (pip's default) on purpose: where
+	# PYTHONDONTWRITEBYTECODE is set, as on these machines, nothing would cache it
+	# later and every process of the tests would compile ray and mlflow again.
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
