@@ -252,10 +252,6 @@ class Config:
             return self.train.epochs
         return -(-self.train.max_steps // self.steps_per_epoch())
 
-    def per_rank_batch_size(self, world_size: int) -> int:
-        check_world_size(self, world_size)
-        return self.optim.global_batch_size // world_size
-
 
 def check_world_size(cfg: Config, world_size: int) -> None:
     """Refuse batch sizes that W ranks cannot share equally, for the run or every trial."""

@@ -117,7 +117,3 @@ def average_gradients(model: torch.nn.Module, ctx: DistContext) -> None:
         g.copy_(flat[offset: offset + g.numel()].view_as(g))
         offset += g.numel()
 
-
-def barrier(ctx: DistContext) -> None:
-    if ctx.world_size > 1:
-        dist.barrier()

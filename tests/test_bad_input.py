@@ -8,7 +8,6 @@ import shutil
 import sys
 
 import pytest
-import torch
 
 from conftest import CONFIGS, REPO, run_command
 

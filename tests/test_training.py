@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, smoke_config
+from conftest import CONFIGS, smoke_config
 from harness.checkpoint import checkpoint_dir, newest_checkpoint
 from harness.distributed import DistContext
 from harness.sweep import expand_trials, run_sweep
