@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 MLFLOW_PORT ?= 5000
 
-.PHONY: sweep test setup data clean mlflow-server
+.PHONY: sweep test setup data clean mlflow-server gpu-data
 
 sweep: setup data
 	$(PY) launch/sweep.py --config $(SWEEP_CONFIG) --launcher torchrun --nproc $(NPROC)
@@ -50,6 +50,11 @@ data:
 		echo "Fashion-MNIST not found in $(FASHION_DIR): run 'sudo apt-get install dataset-fashion-mnist'" \
 		     "or set HARNESS_DATA_DIR to a folder with the four IDX files" >&2; exit 1; \
 	fi
+
+# A copy of the data set inside the repo (ignored by git), for a GPU machine that
+# gets only the working tree: see launch/gpu_check.sh.
+gpu-data: data
+	mkdir -p .gpu-data && cp $${HARNESS_DATA_DIR:-$(FASHION_DIR)}/*-ubyte* .gpu-data/
 
 # The MLflow UI over this folder's mlflow.db, on 127.0.0.1 only.
 mlflow-server: setup

@@ -9,8 +9,10 @@ epoch, then the median of the timed epochs, with the device synchronised):
   ``.to(device)`` per batch;
 - ``harness``: the harness's eager step on data resident on the device;
 - ``harness_ddp``: the same under ``DistributedDataParallel`` at world size 1;
-- ``harness_graph`` and ``harness_graph_ddp``: the CUDA-graph step, reported as
-  not available where it is not (it is not built yet; see the README).
+- ``harness_graph`` and ``harness_graph_ddp``: the same two with
+  ``performance.cuda_graph`` (graph_step.py); the warm-up epoch includes the
+  eager warm-up steps and the capture. Where graphs are unavailable (the CPU)
+  the rows carry no timing and say why.
 
 Ratios are against the peer measured in the same process, never against a
 number from elsewhere.
@@ -19,6 +21,7 @@ number from elsewhere.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -32,7 +35,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from harness.config import Config
 from harness.data import Dataset, load_dataset
-from harness.distributed import DistContext
+from harness.distributed import DistContext, allow_collective_capture
+from harness.graph_step import graph_unavailable_reason
 from harness.model import build_model
 from harness.train_loop import build_trainer
 
@@ -112,15 +116,21 @@ def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epo
         samples = len(dataset.train)
         peer_s = time_epochs(dataloader_epoch_fn(trial, dataset, device), device, epochs)
         timings.append(Timing("dataloader", batch_size, peer_s, samples / peer_s, 1.0))
-        local = DistContext(device=device, launcher="bench")
-        harness_s = time_epochs(harness_epoch_fn(trial, dataset, local), device, epochs)
-        timings.append(Timing("harness", batch_size, harness_s, samples / harness_s, peer_s / harness_s))
-        with _single_rank_process_group(device):
-            ddp_ctx = DistContext(device=device, launcher="bench", world_size=1)
-            ddp_s = time_epochs(harness_epoch_fn(trial, dataset, ddp_ctx), device, epochs)
-        timings.append(Timing("harness_ddp", batch_size, ddp_s, samples / ddp_s, peer_s / ddp_s))
-        for path in ("harness_graph", "harness_graph_ddp"):
-            timings.append(Timing(path, batch_size, None, None, None, note="CUDA-graph step not built yet"))
+        for path, graph in (("harness", False), ("harness_ddp", False), ("harness_graph", True),
+                            ("harness_graph_ddp", True)):
+            path_cfg = trial.replace(**{"performance.cuda_graph": graph})
+            ctx = DistContext(device=device, launcher="bench")
+            unavailable = graph and graph_unavailable_reason(path_cfg, ctx)
+            if unavailable:
+                timings.append(Timing(path, batch_size, None, None, None, note=f"unavailable: {unavailable}"))
+                continue
+            if path.endswith("_ddp"):
+                with _single_rank_process_group(device, capture_collectives=graph):
+                    seconds = time_epochs(harness_epoch_fn(path_cfg, dataset, DistContext(
+                        device=device, launcher="bench", world_size=1)), device, epochs)
+            else:
+                seconds = time_epochs(harness_epoch_fn(path_cfg, dataset, ctx), device, epochs)
+            timings.append(Timing(path, batch_size, seconds, samples / seconds, peer_s / seconds))
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -147,14 +157,23 @@ def cpu_name() -> str:
 class _single_rank_process_group:
     """A world of one, in this process (no ports), so DDP can wrap the model."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, capture_collectives: bool = False):
+        self.device = device
         self.backend = "nccl" if device.type == "cuda" else "gloo"
+        self.capture_collectives = capture_collectives
 
     def __enter__(self):
-        dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1)
+        self.saved_env = dict(os.environ)
+        if self.capture_collectives:
+            allow_collective_capture()
+        dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=self.device if self.device.type == "cuda" else None)
 
     def __exit__(self, *exc):
         dist.destroy_process_group()
+        # The eager DDP path of the next batch size gets NCCL's default settings again.
+        os.environ.clear()
+        os.environ.update(self.saved_env)
 
 
 def format_table(result: dict) -> str:

@@ -26,8 +26,9 @@ CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})\.pt$")
 KEEP_NEWEST = 2
 
 # Keys that change bookkeeping, not the trajectory: a run may be resumed with
-# more epochs, another tracking server or another progress setting.
-_NOT_FINGERPRINTED = ("name", "tracking", "checkpoint", "sweep", "trial", "metrics", "train.epochs",
+# more epochs, another tracking server or another progress setting, or with the
+# CUDA-graph step switched on or off (the same update, rounded differently).
+_NOT_FINGERPRINTED = ("name", "tracking", "checkpoint", "sweep", "trial", "metrics", "performance", "train.epochs",
                       "train.max_steps", "train.progress", "train.eval_batch_size", "train.device")
 
 

@@ -136,6 +136,17 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class PerformanceConfig:
+    """How the step is executed; none of it changes what is computed (up to float rounding)."""
+
+    # Capture the whole training step (zero-grad, forward, loss, backward with
+    # DDP's all-reduce, optimizer step) as CUDA graphs and replay them. Needs a
+    # CUDA device and the autograd engine; elsewhere the eager step runs and a
+    # log line says why (harness/graph_step.py).
+    cuda_graph: bool = False
+
+
+@dataclass(frozen=True)
 class TrialConfig:
     """Set by a sweep on each trial it expands: how this run's LR was derived."""
 
@@ -189,6 +200,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     sweep: Optional[SweepConfig] = None
     trial: Optional[TrialConfig] = None
 

@@ -54,6 +54,21 @@ def torchrun_world() -> tuple[int, int, int]:
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
+# PyTorch's CUDA-graph notes: NCCL's async error handling must be off in a process
+# group whose collectives are captured (its watchdog queries captured work).
+COLLECTIVE_CAPTURE_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
+
+
+def allow_collective_capture() -> None:
+    """Prepare this process for capturing NCCL collectives; call before the process group exists.
+
+    A value the user set is kept. Ray Train sets the variable to 1 in its workers
+    unless it is set already, so the Ray launcher passes it in the workers' environment.
+    """
+    for name, value in COLLECTIVE_CAPTURE_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def init_from_env(requested_device: str = "auto", timeout_s: float = 300) -> DistContext:
     """torchrun: join the process group (NCCL with one GPU per rank, else gloo)."""
     rank, local_rank, world_size = torchrun_world()

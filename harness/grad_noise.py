@@ -8,7 +8,9 @@ two halves (B/2 each) that are backpropagated one after the other.
 
 Squared norms stay on the device in exponential moving averages; they are
 averaged over ranks and turned into B_simple once per epoch (metrics.py), so no
-step waits for the host.
+step waits for the host. Everything a measured step changes is a device tensor
+(the averages and their update count), so the step can be captured in a CUDA
+graph (graph_step.py) and replayed.
 """
 
 
@@ -35,7 +37,7 @@ class NoiseProbe:
         self.big_batch_size = global_batch_size
         self.small_batch_size = global_batch_size / ctx.world_size if ctx.world_size > 1 else global_batch_size / 2
         self.ema = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (small, big) squared norms
-        self.updates = 0
+        self.updates = torch.zeros((), dtype=torch.float64, device=ctx.device)
         self.local_sq_norm = torch.zeros((), dtype=torch.float64, device=ctx.device)
         self.armed = False
 
@@ -66,17 +68,19 @@ class NoiseProbe:
         self.armed = False
         big_sq_norm = squared_norm([p.grad for p in params])
         self.ema.mul_(self.decay).add_(torch.stack([small_sq_norm, big_sq_norm]), alpha=1 - self.decay)
-        self.updates += 1
+        self.updates.add_(1)
 
     def epoch_metrics(self) -> dict[str, float]:
         """Every rank must call this (it all-reduces). Empty until a step was measured."""
         # The averages are linear in the norms, so averaging them over ranks now
         # and going on from the mean equals averaging at the very end; every rank
         # then holds the same state, which is what rank 0's checkpoint saves.
-        self.ema = all_reduce_sum(self.ema, self.ctx) / self.ctx.world_size
-        if self.updates == 0:
+        # In place: a captured step holds this tensor's address.
+        all_reduce_sum(self.ema, self.ctx).div_(self.ctx.world_size)
+        updates = int(self.updates)  # the epoch's one read of the count (a sync, once per epoch)
+        if updates == 0:
             return {}
-        small_sq, big_sq = (self.ema / (1 - self.decay ** self.updates)).tolist()
+        small_sq, big_sq = (self.ema / (1 - self.decay ** updates)).tolist()
         grad_sq_norm, trace_cov = noise_scale_components(small_sq, big_sq, self.small_batch_size, self.big_batch_size)
         metrics = {"grad_sq_norm_estimate": grad_sq_norm, "grad_trace_cov_estimate": trace_cov}
         noise_scale = simple_noise_scale(grad_sq_norm, trace_cov)
@@ -85,8 +89,8 @@ class NoiseProbe:
         return metrics
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema.cpu(), "updates": self.updates}
+        return {"ema": self.ema.cpu(), "updates": int(self.updates)}
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.copy_(state["ema"])
-        self.updates = int(state["updates"])
+        self.updates.fill_(int(state["updates"]))

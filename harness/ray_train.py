@@ -72,7 +72,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
 def worker_env() -> dict[str, str]:
     """Variables the workers need from the submitting process (Ray does not pass its environment)."""
-    names = ("MLFLOW_TRACKING_URI", "HARNESS_DATA_DIR", "HARNESS_GIT_COMMIT", "HARNESS_INJECT_FAULT")
+    names = ("MLFLOW_TRACKING_URI", "HARNESS_DATA_DIR", "HARNESS_GIT_COMMIT", "HARNESS_INJECT_FAULT",
+             "TORCH_NCCL_ASYNC_ERROR_HANDLING")
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 

@@ -26,9 +26,10 @@ from harness.config import Config
 from harness.data import BatchPlan, Dataset, Split, load_dataset
 from harness.distributed import DistContext, all_reduce_sum, average_gradients
 from harness.grad_noise import NoiseProbe, squared_norm
+from harness.graph_step import GraphStep, graph_unavailable_reason, side_stream
 from harness.metrics import top_hessian_eigenvalue
 from harness.model import build_model
-from harness.tracking import make_tracker
+from harness.tracking import make_tracker, print_main
 
 # A loss above this (cross-entropy of 10 classes starts near 2.3) means the run blew up.
 DIVERGED_LOSS = 1e3
@@ -72,6 +73,7 @@ class Trainer:
     plan: BatchPlan
     train_set: Split
     noise_probe: Optional[NoiseProbe] = None
+    graph_step: Optional[GraphStep] = None
 
     @functools.cached_property
     def params(self) -> list[torch.nn.Parameter]:
@@ -88,11 +90,16 @@ class Trainer:
             return self.cfg.optim.lr
         return self.cfg.optim.lr * (global_step + 1) / self.warmup_steps
 
+    @property
+    def keeps_gradient_buffers(self) -> bool:
+        """With a graph step, gradients are zeroed in place: a captured graph holds their addresses."""
+        return self.graph_step is not None
+
     def backward(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> torch.Tensor:
         """Assign this rank's gradients of sum(CE)/normalizer (not yet reduced for the manual engine)."""
         if self.cfg.train.grad_engine == "manual":
             return manual_backward(unwrap(self.model), x, y, normalizer)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.keeps_gradient_buffers)
         loss = F.cross_entropy(self.model(x), y, reduction="sum") / normalizer
         loss.backward()
         return loss.detach()
@@ -112,15 +119,18 @@ class Trainer:
             p.grad.add_(g)
         return first_loss + second_loss, small_sq
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
-        """One SGD step; returns this rank's summed cross-entropy (no host sync)."""
-        # Sum over the local batch divided by B/W: with equal shards this is the
-        # local mean, and DDP's average over W ranks is then the mean over the
-        # global batch of B. It stays exact for a smaller, unevenly split last batch.
-        normalizer = global_batch_size / self.ctx.world_size
-        probe = self.noise_probe if (self.noise_probe and self.noise_probe.can_measure(global_batch_size)
-                                     and global_step % self.cfg.metrics.noise_scale_interval == 0) else None
-        params = self.params
+    def should_measure(self, global_batch_size: int, global_step: int) -> bool:
+        """Does this step feed the noise probe (every noise_scale_interval-th full batch)?"""
+        return bool(self.noise_probe and self.noise_probe.can_measure(global_batch_size)
+                    and global_step % self.cfg.metrics.noise_scale_interval == 0)
+
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, normalizer: float, measure: bool) -> torch.Tensor:
+        """Every rank's p.grad := the global batch's mean gradient; returns this rank's sum(CE)/normalizer.
+
+        With ``measure`` the noise probe records the step's pair of squared norms.
+        Shared by the eager step and the CUDA-graph step (which captures it).
+        """
+        probe = self.noise_probe if measure else None
         if probe and probe.splits_batch:
             loss, small_sq = self.backward_in_halves(x, y, normalizer)
         else:
@@ -129,14 +139,24 @@ class Trainer:
             loss = self.backward(x, y, normalizer)
             if self.cfg.train.grad_engine == "manual":
                 if probe:
-                    probe.local_sq_norm += squared_norm([p.grad for p in params])
+                    probe.local_sq_norm += squared_norm([p.grad for p in self.params])
                 average_gradients(unwrap(self.model), self.ctx)
             small_sq = probe.local_sq_norm if probe else None
         if probe:
-            probe.record(small_sq, params)
-        if global_step <= self.warmup_steps:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(global_step)
+            probe.record(small_sq, self.params)
+        return loss
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
+        """One eager SGD step; returns this rank's summed cross-entropy (no host sync)."""
+        # Sum over the local batch divided by B/W: with equal shards this is the
+        # local mean, and DDP's average over W ranks is then the mean over the
+        # global batch of B. It stays exact for a smaller, unevenly split last batch.
+        normalizer = global_batch_size / self.ctx.world_size
+        loss = self.compute_gradients(x, y, normalizer, self.should_measure(global_batch_size, global_step))
+        # Set on every step, not only during warmup: graph steps in between read
+        # the LR from their own tensor and leave the group's value behind.
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(global_step)
         self.optimizer.step()
         return loss * normalizer
 
@@ -149,8 +169,11 @@ class Trainer:
                 break
             if step == self.plan.steps_per_epoch // 2:
                 faults.maybe_kill("step", epoch, self.ctx.rank)
-            loss_sum += self.step(self.train_set.features[indices], self.train_set.targets[indices], global_batch_size,
-                                  first_global_step + step)
+            if self.graph_step and self.graph_step.accepts(global_batch_size):
+                loss_sum += self.graph_step(indices, first_global_step + step)
+            else:
+                loss_sum += self.step(self.train_set.features[indices], self.train_set.targets[indices],
+                                      global_batch_size, first_global_step + step)
             local_samples += len(indices)
             steps += 1
             progress.update(1)
@@ -192,17 +215,33 @@ def epoch_metrics(trainer: Trainer, dataset: Dataset, train_loss_running: float,
 def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
     model = build_model(cfg).to(ctx.device)
     probe = NoiseProbe(ctx, cfg.optim.global_batch_size, cfg.metrics.noise_scale_ema_decay) if cfg.metrics.noise_scale else None
+    graph_stream = side_stream(cfg, ctx)
     # The hand-written engine computes gradients outside autograd, where DDP's
     # hooks never fire; it averages them itself (distributed.average_gradients).
     if ctx.is_distributed and cfg.train.grad_engine == "autograd":
-        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        model = _wrap_ddp(model, ctx, graph_stream)
         if probe and not probe.splits_batch:
             model.register_comm_hook(None, probe.ddp_comm_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size, seed=cfg.seed,
                      rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
-    return Trainer(cfg, ctx, model, optimizer, plan, dataset.train, probe)
+    trainer = Trainer(cfg, ctx, model, optimizer, plan, dataset.train, probe)
+    if graph_stream is not None:
+        trainer.graph_step = GraphStep(trainer, graph_stream)
+    elif cfg.performance.cuda_graph:
+        print_main(ctx, f"[{cfg.name}] performance.cuda_graph: running the eager step instead, because "
+                        f"{graph_unavailable_reason(cfg, ctx)}")
+    return trainer
+
+
+def _wrap_ddp(model: torch.nn.Module, ctx: DistContext, graph_stream) -> DistributedDataParallel:
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    if graph_stream is None:
+        return DistributedDataParallel(model, device_ids=device_ids)
+    # PyTorch's CUDA-graph notes: DDP must be built on the side stream that warms up and captures.
+    with torch.cuda.stream(graph_stream):
+        return DistributedDataParallel(model, device_ids=device_ids)
 
 
 @dataclass

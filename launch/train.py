@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if resume and not cfg.is_sweep:
         check_resumable(cfg)  # a corrupt or foreign checkpoint is refused here, not after init
+    if cfg.performance.cuda_graph:
+        distributed.allow_collective_capture()
     ctx = distributed.init_from_env(cfg.train.device) if under_torchrun else distributed.local_context(cfg.train.device)
     try:
         if cfg.is_sweep:

@@ -63,6 +63,8 @@ CONFIG_CASES = {
     "unknown activation": ("model: {activation: softplus}\n", "model.activation: expected one of 'sigmoid'"),
     "unknown lr rule": ("sweep: {batch_sizes: [32], lr_rules: [cubic]}\n", "sweep.lr_rules: expected a non-empty list"),
     "nan sweep size": ("sweep: {batch_sizes: [.nan]}\n", "sweep.batch_sizes[0]: expected an integer"),
+    "graph switch not a boolean": ("performance: {cuda_graph: maybe}\n",
+                                   "performance.cuda_graph: expected true or false, got str 'maybe'"),
 }
 
 

@@ -24,6 +24,10 @@ def test_bench_json_has_every_path_at_every_batch_size(tmp_path):
             row = rows[(batch, path)]
             assert row["seconds_per_epoch"] > 0
             assert abs(row["samples_per_s"] * row["seconds_per_epoch"] - 512) < 1e-6 * 512
+        for path in ("harness_graph", "harness_graph_ddp"):  # CUDA graphs: not on a CPU, and the row says why
+            row = rows[(batch, path)]
+            assert row["seconds_per_epoch"] is None and row["speedup_vs_dataloader"] is None
+            assert row["note"] == "unavailable: the device is cpu, and CUDA graphs need a CUDA device"
     assert "| 128 | harness_ddp |" in result.stdout
 
 

@@ -1,0 +1,187 @@
+"""The training step as CUDA graphs: captured once, replayed on static buffers.
+
+For the note's small DNN a step is a few dozen tiny kernels, and launching them
+one by one from Python costs more than running them. With
+``performance.cuda_graph`` the whole step (zero-grad, gather of the batch,
+forward, loss, backward with DDP's all-reduce, the noise probe, the SGD update)
+is captured once per kind of step and replayed; feeding a batch is one copy of
+its indices into a static buffer.
+
+Owns: when the step can be captured (``graph_unavailable_reason``), the eager
+warm-up before capture, the two graphs (a plain step and a step that feeds the
+noise probe), and an SGD update that reads the learning rate from a device
+tensor. It does not own the step's math: that is ``Trainer.compute_gradients``
+in train_loop.py, called here while capturing, so eager and graph steps cannot
+drift apart.
+
+What capture needs, and how it is met here (PyTorch's CUDA notes, "CUDA Graphs"
+and "Usage with DistributedDataParallel"):
+- static shapes and addresses: one graph per batch shape (the full batch); the
+  last, smaller batch of an epoch runs eagerly. Gradients are zeroed in place,
+  never set to None, so they keep their addresses between eager and graph steps.
+- no host syncs in the step: the LR is a device tensor written before replay
+  (torch.optim.SGD turns a tensor LR into a Python number, a sync, so the update
+  is written here); the probe keeps its counts on the device.
+- warm-up on a side stream before capture: 3 eager steps, 11 under DDP, whose
+  model must be constructed on that same side stream (``side_stream``), with
+  NCCL's async error handling off (``distributed.allow_collective_capture``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from harness.config import Config
+from harness.distributed import DistContext
+
+if TYPE_CHECKING:  # train_loop imports this module
+    from harness.train_loop import Trainer
+
+WARMUP_STEPS = 3
+# PyTorch's notes: "your warmup must run at least 11 DDP-enabled eager iterations
+# before capture" (DDP rebuilds its buckets during its first iterations).
+WARMUP_STEPS_DDP = 11
+
+
+def graph_unavailable_reason(cfg: Config, ctx: DistContext) -> Optional[str]:
+    """Why ``performance.cuda_graph`` cannot be honoured on this rank, or None when it can."""
+    if ctx.device.type != "cuda":
+        return f"the device is {ctx.device.type}, and CUDA graphs need a CUDA device"
+    if cfg.train.grad_engine != "autograd":
+        return (f"train.grad_engine is {cfg.train.grad_engine!r}: its hand-written backward and "
+                "all-reduce run outside autograd and DDP; the graph step captures the autograd engine")
+    return None
+
+
+def side_stream(cfg: Config, ctx: DistContext) -> Optional[torch.cuda.Stream]:
+    """The stream for DDP's construction, the warm-up and the capture (None: no graph here)."""
+    if not cfg.performance.cuda_graph or graph_unavailable_reason(cfg, ctx):
+        return None
+    stream = torch.cuda.Stream(ctx.device)
+    stream.wait_stream(torch.cuda.current_stream(ctx.device))
+    return stream
+
+
+@torch.no_grad()
+def sgd_update_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
+                lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
+    """torch.optim.SGD's update (no dampening, no Nesterov), with ``lr`` a device tensor.
+
+    Reads and writes the optimizer's own momentum buffers, so its state_dict (and
+    a checkpoint) stays what an eager run would save. The buffers must exist:
+    the eager warm-up steps create them.
+    """
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum:
+        torch._foreach_mul_(momentum_buffers, momentum)
+        torch._foreach_add_(momentum_buffers, grads)
+        grads = momentum_buffers
+    torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+
+
+class GraphStep:
+    """Full-size training steps of one Trainer, replayed from CUDA graphs.
+
+    ``capture=False`` runs the very body that would be captured, on the same
+    static buffers, without capturing it: that is how the body is checked
+    against the eager step on a machine without CUDA (tests/test_graph_step.py).
+    """
+
+    def __init__(self, trainer: "Trainer", stream: Optional[torch.cuda.Stream], capture: bool = True):
+        cfg, ctx = trainer.cfg, trainer.ctx
+        self.trainer = trainer
+        self.stream = stream
+        self.capture = capture
+        self.global_batch_size = cfg.optim.global_batch_size
+        self.static_indices = torch.zeros(self.global_batch_size // ctx.world_size, dtype=torch.long,
+                                          device=ctx.device)
+        self.lr = torch.full((), cfg.optim.lr, dtype=torch.float32, device=ctx.device)
+        self._lr_value = cfg.optim.lr
+        self.warmup_steps_left = WARMUP_STEPS_DDP if ctx.is_distributed else WARMUP_STEPS
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # measures noise? -> graph
+        self.static_losses: dict[bool, torch.Tensor] = {}
+
+    def accepts(self, global_batch_size: int) -> bool:
+        """Only the full batch has the captured shape; the smaller last batch runs eagerly."""
+        return global_batch_size == self.global_batch_size
+
+    def __call__(self, indices: torch.Tensor, global_step: int) -> torch.Tensor:
+        """One full-size step on the samples ``indices``; returns the summed loss (no host sync)."""
+        trainer = self.trainer
+        if self.warmup_steps_left:
+            self.warmup_steps_left -= 1
+            with self._on_side_stream():
+                loss = trainer.step(trainer.train_set.features[indices], trainer.train_set.targets[indices],
+                                    self.global_batch_size, global_step)
+            return loss
+        measure = trainer.should_measure(self.global_batch_size, global_step)
+        lr = trainer.lr_at(global_step)
+        if lr != self._lr_value:  # a kernel launch only while the LR warms up
+            self.lr.fill_(lr)
+            self._lr_value = lr
+        self.static_indices.copy_(indices)
+        if not self.capture:
+            return self._body(measure)
+        if not self.graphs:
+            self._capture_all()
+        self.graphs[measure].replay()
+        return self.static_losses[measure]
+
+    def _body(self, measure: bool) -> torch.Tensor:
+        """The step as it is captured: gather, gradients (zeroed in place), probe, update."""
+        trainer = self.trainer
+        x = trainer.train_set.features.index_select(0, self.static_indices)
+        y = trainer.train_set.targets.index_select(0, self.static_indices)
+        normalizer = self.global_batch_size / trainer.ctx.world_size
+        loss = trainer.compute_gradients(x, y, normalizer, measure)
+        params = trainer.params
+        optim = trainer.cfg.optim
+        momentum_buffers = ([trainer.optimizer.state[p]["momentum_buffer"] for p in params]
+                            if optim.momentum else [])
+        sgd_update_(params, [p.grad for p in params], momentum_buffers, self.lr, optim.momentum,
+                    optim.weight_decay)
+        return loss * normalizer
+
+    def _capture_all(self) -> None:
+        """Capture the plain step and, if the probe can measure this batch, the measuring step.
+
+        Both right after the warm-up, one after the other: under DDP they are then
+        its 12th and 13th iterations on every rank, clear of the iterations where
+        DDP times itself with CUDA events (its first ten, then every hundredth of
+        the eager ones), which a capture could not sync on. Capturing runs no
+        kernels, so the step's batch is trained by the replay that follows.
+        """
+        probe = self.trainer.noise_probe
+        kinds = [False, True] if probe and probe.can_measure(self.global_batch_size) else [False]
+        for measure in kinds:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                self.static_losses[measure] = self._body(measure)
+            self.graphs[measure] = graph
+
+    def _on_side_stream(self):
+        import contextlib
+
+        if self.stream is None:
+            return contextlib.nullcontext()
+        return _SideStream(self.stream)
+
+
+class _SideStream:
+    """Run on ``stream``, ordered after and before the current stream's work."""
+
+    def __init__(self, stream: torch.cuda.Stream):
+        self.stream = stream
+        self.current = torch.cuda.current_stream(stream.device)
+        self._context = torch.cuda.stream(stream)
+
+    def __enter__(self):
+        self.stream.wait_stream(self.current)
+        self._context.__enter__()
+
+    def __exit__(self, *exc):
+        self._context.__exit__(*exc)
+        self.current.wait_stream(self.stream)

@@ -1,0 +1,165 @@
+"""The CUDA-graph step computes what the eager step computes.
+
+On CPU the graph step's body (static index buffer, gradients zeroed in place,
+the LR read from a device tensor, the hand-written SGD update, the probe's
+device-side count) runs uncaptured and is checked against the eager step. The
+tests marked ``cuda`` capture and replay real graphs; they run where CUDA is
+present (the device check, launch/gpu_check.sh) and are skipped elsewhere.
+"""
+
+import pytest
+import torch
+
+from conftest import CONFIGS
+from harness.config import load_config
+from harness.data import Dataset, load_dataset
+from harness.distributed import DistContext
+from harness.graph_step import WARMUP_STEPS, GraphStep, graph_unavailable_reason, sgd_update_
+from harness.train_loop import build_trainer, train, unwrap
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# 512 samples in batches of 48: ten full batches (graph steps after the warm-up)
+# and a last batch of 32 that runs eagerly in between, every epoch.
+STEP_TEST_OVERRIDES = ("optim.global_batch_size=48", "optim.weight_decay=0.001", "optim.warmup_epochs=1.5",
+                       "metrics.sharpness=false")
+
+
+def smoke_config(tmp_path, *overrides: str):
+    """configs/smoke.yaml, tracking off: these tests also run on the GPU machine, which has no MLflow."""
+    return load_config(CONFIGS / "smoke.yaml", ["tracking.enabled=false", f"checkpoint.dir={tmp_path}/checkpoints",
+                                                *overrides])
+
+
+class _NoBar:
+    def update(self, _n):
+        pass
+
+
+def _trained(cfg, ctx: DistContext, graph: str, epochs: int = 2):
+    """A trainer after ``epochs`` epochs with the eager step, or a graph step ("body": uncaptured)."""
+    dataset = load_dataset(cfg)
+    dataset = Dataset(dataset.train.to(ctx.device), dataset.validation.to(ctx.device), dataset.test.to(ctx.device))
+    trainer = build_trainer(cfg, ctx, dataset)
+    if graph == "body":
+        trainer.graph_step = GraphStep(trainer, None, capture=False)
+    global_step = 0
+    for epoch in range(1, epochs + 1):
+        _, _, steps = trainer.run_epoch(epoch, global_step, trainer.plan.steps_per_epoch, _NoBar())
+        global_step += steps
+    return trainer
+
+
+def _assert_same_state(graph_trainer, eager_trainer, rtol: float, atol: float) -> None:
+    for got, want in zip(unwrap(graph_trainer.model).parameters(), unwrap(eager_trainer.model).parameters()):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        torch.testing.assert_close(graph_trainer.optimizer.state[got]["momentum_buffer"],
+                                   eager_trainer.optimizer.state[want]["momentum_buffer"], rtol=rtol, atol=atol)
+    torch.testing.assert_close(graph_trainer.noise_probe.ema, eager_trainer.noise_probe.ema, rtol=1e-4, atol=0)
+    assert int(graph_trainer.noise_probe.updates) == int(eager_trainer.noise_probe.updates) > 0
+
+
+def test_graph_step_body_reaches_the_eager_parameters_after_two_epochs(tmp_path):
+    cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
+    eager = _trained(cfg, DistContext(), graph="none")
+    graph = _trained(cfg, DistContext(), graph="body")
+    assert graph.graph_step.warmup_steps_left == 0  # 22 steps: 3 warm-up, 17 graph-body, 2 eager last batches
+    assert graph.plan.steps_per_epoch * 2 > WARMUP_STEPS + 2
+    # The only difference is rounding: lr*buf is formed before it is subtracted.
+    _assert_same_state(graph, eager, rtol=1e-5, atol=1e-6)
+    # The momentum also went through graph steps with the LR still warming up (warmup_epochs 1.5).
+    assert graph.warmup_steps > WARMUP_STEPS + 1
+
+
+def test_gradients_keep_their_buffers_when_a_graph_step_is_on(tmp_path):
+    cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
+    trainer = _trained(cfg, DistContext(), graph="body", epochs=1)
+    addresses = [p.grad.data_ptr() for p in trainer.params]
+    trainer.run_epoch(2, trainer.plan.steps_per_epoch, trainer.plan.steps_per_epoch, _NoBar())
+    assert [p.grad.data_ptr() for p in trainer.params] == addresses
+
+
+def test_sgd_update_with_a_tensor_lr_matches_torch_sgd():
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3), torch.randn(3)]
+    reference = [p.clone().requires_grad_() for p in params]
+    sgd = torch.optim.SGD(reference, lr=0.1, momentum=0.9, weight_decay=0.01)
+    buffers = None
+    for lr in (0.1, 0.05, 0.2, 0.2):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(reference, grads):
+            p.grad = g.clone()
+        sgd.param_groups[0]["lr"] = lr
+        sgd.step()
+        if buffers is None:  # torch's first step seeds the buffer with the gradient (plus decay)
+            buffers = [g + 0.01 * p for g, p in zip(grads, params)]
+            for p, b in zip(params, buffers):
+                p.sub_(lr * b)
+            continue
+        sgd_update_(params, grads, buffers, torch.tensor(lr), momentum=0.9, weight_decay=0.01)
+    for got, want in zip(params, reference):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_cuda_graph_on_cpu_trains_eagerly_and_says_why(tmp_path, capsys):
+    eager = train(smoke_config(tmp_path / "eager"), DistContext())
+    capsys.readouterr()
+    fallback = train(smoke_config(tmp_path / "graph", "performance.cuda_graph=true"),
+                     DistContext())
+    out = capsys.readouterr().out
+    assert ("[smoke] performance.cuda_graph: running the eager step instead, because the device is cpu, "
+            "and CUDA graphs need a CUDA device") in out
+    assert fallback.metrics.keys() == eager.metrics.keys()
+    assert fallback.metrics["train_loss"] == eager.metrics["train_loss"]
+
+
+def test_graph_is_refused_for_the_manual_engine_and_for_the_cpu(tmp_path):
+    on_gpu = DistContext(device=torch.device("cuda", 0))
+    manual = smoke_config(tmp_path, "train.grad_engine=manual", "performance.cuda_graph=true")
+    assert "train.grad_engine is 'manual'" in graph_unavailable_reason(manual, on_gpu)
+    assert graph_unavailable_reason(smoke_config(tmp_path), on_gpu) is None
+    assert "CUDA graphs need a CUDA device" in graph_unavailable_reason(smoke_config(tmp_path), DistContext())
+
+
+# --- with CUDA: real capture and replay ----------------------------------------
+
+
+@cuda
+def test_captured_graph_reaches_the_eager_parameters_on_cuda(tmp_path):
+    cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda")
+    ctx = DistContext(device=torch.device("cuda", 0))
+    eager = _trained(cfg, ctx, graph="none")
+    graph = _trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
+    assert set(graph.graph_step.graphs) == {False, True}  # a plain and a noise-measuring graph were replayed
+    _assert_same_state(graph, eager, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
+    import os
+
+    import torch.distributed as dist
+
+    from harness.distributed import allow_collective_capture
+
+    cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda")
+    ctx = DistContext(device=torch.device("cuda", 0), world_size=1)
+    allow_collective_capture()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "0"
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=ctx.device)
+    try:
+        eager = _trained(cfg, ctx, graph="none")
+        graph = _trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
+    finally:
+        dist.destroy_process_group()
+    assert set(graph.graph_step.graphs) == {False, True}
+    _assert_same_state(graph, eager, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_graph_and_eager_runs_log_the_same_metric_names(tmp_path):
+    runs = [train(smoke_config(tmp_path / str(on), "train.device=cuda",
+                               f"performance.cuda_graph={str(on).lower()}"), DistContext(device=torch.device("cuda", 0)))
+            for on in (False, True)]
+    assert runs[0].metrics.keys() == runs[1].metrics.keys()
+    assert runs[1].metrics["train_loss"] == pytest.approx(runs[0].metrics["train_loss"], rel=1e-3)
