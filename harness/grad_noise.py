@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from harness.distributed import DistContext, all_reduce_sum
-from harness.metrics import noise_scale_components, simple_noise_scale
+from harness.metrics import debiased_average, noise_scale_components, simple_noise_scale
 
 
 def squared_norm(tensors) -> torch.Tensor:
@@ -80,7 +80,7 @@ class NoiseProbe:
         updates = int(self.updates)  # the epoch's one read of the count (a sync, once per epoch)
         if updates == 0:
             return {}
-        small_sq, big_sq = (self.ema / (1 - self.decay ** updates)).tolist()
+        small_sq, big_sq = debiased_average(self.ema, self.decay, updates).tolist()
         grad_sq_norm, trace_cov = noise_scale_components(small_sq, big_sq, self.small_batch_size, self.big_batch_size)
         metrics = {"grad_sq_norm_estimate": grad_sq_norm, "grad_trace_cov_estimate": trace_cov}
         noise_scale = simple_noise_scale(grad_sq_norm, trace_cov)

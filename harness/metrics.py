@@ -42,29 +42,17 @@ def simple_noise_scale(grad_sq_norm: float, trace_cov: float) -> float:
     return trace_cov / grad_sq_norm if grad_sq_norm > 0 else math.nan
 
 
-@dataclass
-class NoiseScaleEMA:
-    """Exponential moving averages of the two estimates, as the paper recommends
-    (each single-step estimate is very noisy; their ratio is taken after averaging).
-    Bias-corrected like Adam's moments so early values are not pulled to zero."""
+def debiased_average(average, decay: float, updates: int):
+    """An exponential moving average started at zero, divided by 1 - decay**updates
+    (Adam's bias correction) so early values are not pulled towards zero.
 
-    decay: float = 0.95
-    grad_sq_norm: float = 0.0
-    trace_cov: float = 0.0
-    updates: int = 0
-
-    def update(self, grad_sq_norm: float, trace_cov: float) -> None:
-        self.grad_sq_norm = self.decay * self.grad_sq_norm + (1 - self.decay) * grad_sq_norm
-        self.trace_cov = self.decay * self.trace_cov + (1 - self.decay) * trace_cov
-        self.updates += 1
-
-    def value(self) -> tuple[float, float, float]:
-        """(|G|^2, tr(Sigma), B_simple) from the bias-corrected averages."""
-        if self.updates == 0:
-            return math.nan, math.nan, math.nan
-        correction = 1 - self.decay ** self.updates
-        grad_sq, trace = self.grad_sq_norm / correction, self.trace_cov / correction
-        return grad_sq, trace, simple_noise_scale(grad_sq, trace)
+    McCandlish et al. 2018 average the two squared norms over steps before taking
+    their ratio, because each single-step estimate is very noisy. Works on floats
+    and on tensors alike (grad_noise.NoiseProbe keeps its averages on the device).
+    """
+    if updates <= 0:
+        raise ValueError(f"no updates yet (updates={updates})")
+    return average / (1 - decay ** updates)
 
 
 # --- steps to target ---------------------------------------------------------

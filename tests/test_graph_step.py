@@ -10,7 +10,7 @@ present (the device check, launch/gpu_check.sh) and are skipped elsewhere.
 import pytest
 import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, REPO, run_command
 from harness.config import load_config
 from harness.data import Dataset, load_dataset
 from harness.distributed import DistContext
@@ -36,7 +36,7 @@ class _NoBar:
         pass
 
 
-def _trained(cfg, ctx: DistContext, graph: str, epochs: int = 2):
+def trained(cfg, ctx: DistContext, graph: str, epochs: int = 2):
     """A trainer after ``epochs`` epochs with the eager step, or a graph step ("body": uncaptured)."""
     dataset = load_dataset(cfg)
     dataset = Dataset(dataset.train.to(ctx.device), dataset.validation.to(ctx.device), dataset.test.to(ctx.device))
@@ -50,7 +50,7 @@ def _trained(cfg, ctx: DistContext, graph: str, epochs: int = 2):
     return trainer
 
 
-def _assert_same_state(graph_trainer, eager_trainer, rtol: float, atol: float) -> None:
+def assert_same_state(graph_trainer, eager_trainer, rtol: float, atol: float) -> None:
     for got, want in zip(unwrap(graph_trainer.model).parameters(), unwrap(eager_trainer.model).parameters()):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
         torch.testing.assert_close(graph_trainer.optimizer.state[got]["momentum_buffer"],
@@ -61,22 +61,32 @@ def _assert_same_state(graph_trainer, eager_trainer, rtol: float, atol: float) -
 
 def test_graph_step_body_reaches_the_eager_parameters_after_two_epochs(tmp_path):
     cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
-    eager = _trained(cfg, DistContext(), graph="none")
-    graph = _trained(cfg, DistContext(), graph="body")
+    eager = trained(cfg, DistContext(), graph="none")
+    graph = trained(cfg, DistContext(), graph="body")
     assert graph.graph_step.warmup_steps_left == 0  # 22 steps: 3 warm-up, 17 graph-body, 2 eager last batches
     assert graph.plan.steps_per_epoch * 2 > WARMUP_STEPS + 2
     # The only difference is rounding: lr*buf is formed before it is subtracted.
-    _assert_same_state(graph, eager, rtol=1e-5, atol=1e-6)
+    assert_same_state(graph, eager, rtol=1e-5, atol=1e-6)
     # The momentum also went through graph steps with the LR still warming up (warmup_epochs 1.5).
     assert graph.warmup_steps > WARMUP_STEPS + 1
 
 
 def test_gradients_keep_their_buffers_when_a_graph_step_is_on(tmp_path):
     cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
-    trainer = _trained(cfg, DistContext(), graph="body", epochs=1)
+    trainer = trained(cfg, DistContext(), graph="body", epochs=1)
     addresses = [p.grad.data_ptr() for p in trainer.params]
     trainer.run_epoch(2, trainer.plan.steps_per_epoch, trainer.plan.steps_per_epoch, _NoBar())
     assert [p.grad.data_ptr() for p in trainer.params] == addresses
+
+
+@pytest.mark.slow
+def test_graph_step_body_matches_the_eager_step_under_ddp_on_two_ranks(tmp_path):
+    torchrun = REPO / ".venv/bin/torchrun"
+    command = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests/graph_body_under_ddp.py"), str(tmp_path)]
+    result = run_command(command, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("the graph body matches the eager step under DDP") == 2
 
 
 def test_sgd_update_with_a_tensor_lr_matches_torch_sgd():
@@ -128,10 +138,10 @@ def test_graph_is_refused_for_the_manual_engine_and_for_the_cpu(tmp_path):
 def test_captured_graph_reaches_the_eager_parameters_on_cuda(tmp_path):
     cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda")
     ctx = DistContext(device=torch.device("cuda", 0))
-    eager = _trained(cfg, ctx, graph="none")
-    graph = _trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
+    eager = trained(cfg, ctx, graph="none")
+    graph = trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
     assert set(graph.graph_step.graphs) == {False, True}  # a plain and a noise-measuring graph were replayed
-    _assert_same_state(graph, eager, rtol=1e-4, atol=1e-5)
+    assert_same_state(graph, eager, rtol=1e-4, atol=1e-5)
 
 
 @cuda
@@ -148,12 +158,12 @@ def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "0"
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=ctx.device)
     try:
-        eager = _trained(cfg, ctx, graph="none")
-        graph = _trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
+        eager = trained(cfg, ctx, graph="none")
+        graph = trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
     finally:
         dist.destroy_process_group()
     assert set(graph.graph_step.graphs) == {False, True}
-    _assert_same_state(graph, eager, rtol=1e-4, atol=1e-5)
+    assert_same_state(graph, eager, rtol=1e-4, atol=1e-5)
 
 
 @cuda

@@ -5,32 +5,47 @@ import math
 import pytest
 import torch
 
-from harness.metrics import (NoiseScaleEMA, first_reaching, noise_scale_components, simple_noise_scale,
+from harness.distributed import DistContext
+from harness.grad_noise import NoiseProbe
+from harness.metrics import (debiased_average, first_reaching, noise_scale_components, simple_noise_scale,
                              steps_to_target, top_hessian_eigenvalue)
 
 
 def test_noise_scale_recovers_known_gradient_mean_and_covariance():
     # Per-example gradients g_i = G + noise, noise ~ N(0, diag(sigma^2)): |G|^2 and
-    # tr(Sigma) are known exactly, and so is B_simple = tr(Sigma) / |G|^2.
+    # tr(Sigma) are known exactly, and so is B_simple = tr(Sigma) / |G|^2. The
+    # training loop's own probe (one rank: half batches) averages the draws.
     generator = torch.Generator().manual_seed(0)
-    true_mean = torch.tensor([1.0, -2.0, 0.5, 0.0])
-    sigma = torch.tensor([3.0, 1.0, 2.0, 4.0])
-    small, big, draws = 8, 64, 4000
-    ema = NoiseScaleEMA(decay=0.999)
+    true_mean = torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    sigma = torch.tensor([3.0, 1.0, 2.0, 4.0], dtype=torch.float64)
+    big, draws = 64, 4000
+    probe = NoiseProbe(DistContext(), global_batch_size=big, decay=0.999)
+    param = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     small_sq, big_sq = [], []
     for _ in range(draws):
         per_example = true_mean + sigma * torch.randn(big, 4, generator=generator, dtype=torch.float64)
-        g_small = per_example[:small].mean(0)
-        g_big = per_example.mean(0)
-        small_sq.append(float(g_small.pow(2).sum()))
-        big_sq.append(float(g_big.pow(2).sum()))
-        ema.update(*noise_scale_components(small_sq[-1], big_sq[-1], small, big))
-    grad_sq, trace = noise_scale_components(sum(small_sq) / draws, sum(big_sq) / draws, small, big)
+        halves = per_example[:big // 2].mean(0), per_example[big // 2:].mean(0)
+        param.grad = per_example.mean(0)
+        small_sq.append(float(sum(h.pow(2).sum() for h in halves) / 2))
+        big_sq.append(float(param.grad.pow(2).sum()))
+        probe.record(torch.tensor(small_sq[-1], dtype=torch.float64), [param])
+    grad_sq, trace = noise_scale_components(sum(small_sq) / draws, sum(big_sq) / draws, big // 2, big)
     true_grad_sq, true_trace = float(true_mean.pow(2).sum()), float(sigma.pow(2).sum())
     assert grad_sq == pytest.approx(true_grad_sq, rel=0.05)
     assert trace == pytest.approx(true_trace, rel=0.05)
-    assert simple_noise_scale(grad_sq, trace) == pytest.approx(true_trace / true_grad_sq, rel=0.08)
-    assert ema.value()[2] == pytest.approx(true_trace / true_grad_sq, rel=0.2)
+    assert simple_noise_scale(grad_sq, trace) == pytest.approx(true_trace / true_grad_sq, rel=0.05)
+    measured = probe.epoch_metrics()
+    assert measured["grad_noise_scale"] == pytest.approx(true_trace / true_grad_sq, rel=0.1)
+    assert measured["grad_sq_norm_estimate"] == pytest.approx(true_grad_sq, rel=0.1)
+
+
+def test_debiased_average_of_a_constant_is_that_constant():
+    average, decay = 0.0, 0.9
+    for updates in range(1, 6):
+        average = decay * average + (1 - decay) * 7.0
+        assert debiased_average(average, decay, updates) == pytest.approx(7.0)
+    with pytest.raises(ValueError):
+        debiased_average(0.0, decay, 0)
 
 
 def test_noise_scale_components_are_exact_on_their_defining_equations():
@@ -42,7 +57,7 @@ def test_noise_scale_components_are_exact_on_their_defining_equations():
 
 def test_noise_scale_is_nan_until_gradient_norm_is_positive():
     assert math.isnan(simple_noise_scale(-1.0, 5.0))
-    assert math.isnan(NoiseScaleEMA().value()[2])
+    assert NoiseProbe(DistContext(), global_batch_size=64, decay=0.9).epoch_metrics() == {}
     with pytest.raises(ValueError):
         noise_scale_components(1.0, 1.0, 8, 8)
 

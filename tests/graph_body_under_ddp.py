@@ -1,0 +1,38 @@
+"""Run by tests/test_graph_step.py under torchrun (2 gloo ranks): the graph step's
+body, uncaptured, against the eager step, with DDP and its noise-probe comm hook."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from harness import distributed  # noqa: E402
+from harness.train_loop import unwrap  # noqa: E402
+from test_graph_step import STEP_TEST_OVERRIDES, assert_same_state, smoke_config, trained  # noqa: E402
+
+
+def main() -> int:
+    ctx = distributed.init_from_env("cpu")
+    try:
+        cfg = smoke_config(Path(sys.argv[1]), *STEP_TEST_OVERRIDES)
+        eager = trained(cfg, ctx, graph="none")
+        graph = trained(cfg, ctx, graph="body")
+        assert graph.graph_step.warmup_steps_left == 0, "no step ran through the graph body"
+        assert_same_state(graph, eager, rtol=1e-5, atol=1e-6)
+        # DDP kept the replicas identical: rank 0's parameters equal this rank's.
+        for param in unwrap(graph.model).parameters():
+            rank0 = param.detach().clone()
+            dist.broadcast(rank0, src=0)
+            torch.testing.assert_close(param.detach(), rank0, rtol=0, atol=0)
+    finally:
+        distributed.shutdown()
+    print(f"rank {ctx.rank}: the graph body matches the eager step under DDP", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
