@@ -29,6 +29,7 @@ and "Usage with DistributedDataParallel"):
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -100,7 +101,8 @@ class GraphStep:
                                           device=ctx.device)
         self.lr = torch.full((), cfg.optim.lr, dtype=torch.float32, device=ctx.device)
         self._lr_value = cfg.optim.lr
-        self.warmup_steps_left = WARMUP_STEPS_DDP if ctx.is_distributed else WARMUP_STEPS
+        under_ddp = isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+        self.warmup_steps_left = WARMUP_STEPS_DDP if under_ddp else WARMUP_STEPS
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # measures noise? -> graph
         self.static_losses: dict[bool, torch.Tensor] = {}
 
@@ -163,8 +165,6 @@ class GraphStep:
             self.graphs[measure] = graph
 
     def _on_side_stream(self):
-        import contextlib
-
         if self.stream is None:
             return contextlib.nullcontext()
         return _SideStream(self.stream)
