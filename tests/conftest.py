@@ -91,7 +91,10 @@ def ray_cluster(tmp_path_factory):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
            "RAY_AUTH_MODE": "token",
            # SIGTERM then stops the node at once instead of draining it for 30 s.
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           # Ray Train's controller polls its workers every 2 s by default; each fit
+           # and each restart after a kill waits for a poll. The workers inherit this.
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--num-cpus=2", f"--port={RAY_GCS_PORT}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}",
