@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from harness.config import Config
 from harness.data import Dataset, load_dataset
-from harness.distributed import DistContext, allow_collective_capture
+from harness.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture
 from harness.graph_step import graph_unavailable_reason
 from harness.model import build_model
-from harness.train_loop import build_trainer
+from harness.train_loop import NoProgress, build_trainer
 
 PATHS = ("dataloader", "harness", "harness_ddp", "harness_graph", "harness_graph_ddp")
 
@@ -91,15 +91,10 @@ def dataloader_epoch_fn(cfg: Config, dataset: Dataset, device: torch.device) -> 
 
 def harness_epoch_fn(cfg: Config, dataset: Dataset, ctx: DistContext) -> Callable[[int], None]:
     """The harness's own step (train_loop.Trainer), data already on the device."""
-    on_device = Dataset(dataset.train.to(ctx.device), dataset.validation.to(ctx.device), dataset.test.to(ctx.device))
-    trainer = build_trainer(cfg, ctx, on_device)
-
-    class _NoBar:
-        def update(self, _n):
-            pass
+    trainer = build_trainer(cfg, ctx, dataset.to(ctx.device))
 
     def run_epoch(epoch: int) -> None:
-        trainer.run_epoch(epoch, 0, trainer.plan.steps_per_epoch, _NoBar())
+        trainer.run_epoch(epoch, 0, trainer.plan.steps_per_epoch, NoProgress())
 
     return run_epoch
 
@@ -163,7 +158,7 @@ class _single_rank_process_group:
         self.capture_collectives = capture_collectives
 
     def __enter__(self):
-        self.saved_env = dict(os.environ)
+        self.saved_env = {name: os.environ.get(name) for name in COLLECTIVE_CAPTURE_ENV}
         if self.capture_collectives:
             allow_collective_capture()
         dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1,
@@ -172,8 +167,11 @@ class _single_rank_process_group:
     def __exit__(self, *exc):
         dist.destroy_process_group()
         # The eager DDP path of the next batch size gets NCCL's default settings again.
-        os.environ.clear()
-        os.environ.update(self.saved_env)
+        for name, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def format_table(result: dict) -> str:

@@ -134,6 +134,10 @@ class Dataset:
     validation: Split
     test: Split
 
+    def to(self, device) -> "Dataset":
+        """All three splits moved to ``device`` once (training then indexes them there)."""
+        return Dataset(self.train.to(device), self.validation.to(device), self.test.to(device))
+
 
 def load_dataset(cfg: Config) -> Dataset:
     """Read the configured source and split it into train / validation / test."""

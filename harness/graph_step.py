@@ -115,7 +115,7 @@ class GraphStep:
         trainer = self.trainer
         if self.warmup_steps_left:
             self.warmup_steps_left -= 1
-            with self._on_side_stream():
+            with _on_side_stream(self.stream):
                 loss = trainer.step(trainer.train_set.features[indices], trainer.train_set.targets[indices],
                                     self.global_batch_size, global_step)
             return loss
@@ -164,24 +164,15 @@ class GraphStep:
                 self.static_losses[measure] = self._body(measure)
             self.graphs[measure] = graph
 
-    def _on_side_stream(self):
-        if self.stream is None:
-            return contextlib.nullcontext()
-        return _SideStream(self.stream)
 
-
-class _SideStream:
-    """Run on ``stream``, ordered after and before the current stream's work."""
-
-    def __init__(self, stream: torch.cuda.Stream):
-        self.stream = stream
-        self.current = torch.cuda.current_stream(stream.device)
-        self._context = torch.cuda.stream(stream)
-
-    def __enter__(self):
-        self.stream.wait_stream(self.current)
-        self._context.__enter__()
-
-    def __exit__(self, *exc):
-        self._context.__exit__(*exc)
-        self.current.wait_stream(self.stream)
+@contextlib.contextmanager
+def _on_side_stream(stream: Optional[torch.cuda.Stream]):
+    """Run the block on ``stream``, ordered after and before the current stream's work (None: as is)."""
+    if stream is None:
+        yield
+        return
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)

@@ -281,6 +281,13 @@ def sharpness(trainer: Trainer) -> float:
                                   iterations=trainer.cfg.metrics.sharpness_iterations, seed=trainer.cfg.seed)
 
 
+class NoProgress:
+    """A progress bar that shows nothing: for callers of ``run_epoch`` with no console (bench, tests)."""
+
+    def update(self, _n: int) -> None:
+        pass
+
+
 def _progress_bar(cfg: Config, ctx: DistContext, total: int, epoch: int):
     from tqdm import tqdm
 
@@ -292,8 +299,7 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
           dataset: Optional[Dataset] = None, parent_run_id: Optional[str] = None) -> RunResult:
     """Train one run from ``cfg`` on this rank: build, maybe resume, then epochs of step/evaluate/log/checkpoint."""
     hooks = hooks or RunHooks()
-    dataset = (dataset or load_dataset(cfg))
-    dataset = Dataset(dataset.train.to(ctx.device), dataset.validation.to(ctx.device), dataset.test.to(ctx.device))
+    dataset = (dataset or load_dataset(cfg)).to(ctx.device)
     trainer = build_trainer(cfg, ctx, dataset)
     resume_from = hooks.restore(cfg)
     state = ckpt.read_checkpoint(resume_from, cfg) if resume_from else None

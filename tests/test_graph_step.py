@@ -12,10 +12,10 @@ import torch
 
 from conftest import CONFIGS, REPO, run_command
 from harness.config import load_config
-from harness.data import Dataset, load_dataset
+from harness.data import load_dataset
 from harness.distributed import DistContext
 from harness.graph_step import WARMUP_STEPS, GraphStep, graph_unavailable_reason, sgd_update_
-from harness.train_loop import build_trainer, train, unwrap
+from harness.train_loop import NoProgress, build_trainer, train, unwrap
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -31,21 +31,14 @@ def smoke_config(tmp_path, *overrides: str):
                                                 *overrides])
 
 
-class _NoBar:
-    def update(self, _n):
-        pass
-
-
 def trained(cfg, ctx: DistContext, graph: str, epochs: int = 2):
     """A trainer after ``epochs`` epochs with the eager step, or a graph step ("body": uncaptured)."""
-    dataset = load_dataset(cfg)
-    dataset = Dataset(dataset.train.to(ctx.device), dataset.validation.to(ctx.device), dataset.test.to(ctx.device))
-    trainer = build_trainer(cfg, ctx, dataset)
+    trainer = build_trainer(cfg, ctx, load_dataset(cfg).to(ctx.device))
     if graph == "body":
         trainer.graph_step = GraphStep(trainer, None, capture=False)
     global_step = 0
     for epoch in range(1, epochs + 1):
-        _, _, steps = trainer.run_epoch(epoch, global_step, trainer.plan.steps_per_epoch, _NoBar())
+        _, _, steps = trainer.run_epoch(epoch, global_step, trainer.plan.steps_per_epoch, NoProgress())
         global_step += steps
     return trainer
 
@@ -75,7 +68,7 @@ def test_gradients_keep_their_buffers_when_a_graph_step_is_on(tmp_path):
     cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
     trainer = trained(cfg, DistContext(), graph="body", epochs=1)
     addresses = [p.grad.data_ptr() for p in trainer.params]
-    trainer.run_epoch(2, trainer.plan.steps_per_epoch, trainer.plan.steps_per_epoch, _NoBar())
+    trainer.run_epoch(2, trainer.plan.steps_per_epoch, trainer.plan.steps_per_epoch, NoProgress())
     assert [p.grad.data_ptr() for p in trainer.params] == addresses
 
 
