@@ -99,8 +99,9 @@ def harness_epoch_fn(cfg: Config, dataset: Dataset, ctx: DistContext) -> Callabl
     return run_epoch
 
 
-def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epochs: int) -> dict:
-    """Time every path at every batch size; returns the JSON-ready result."""
+def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epochs: int,
+                  paths: tuple[str, ...] = PATHS) -> dict:
+    """Time ``paths`` (the DataLoader peer always) at every batch size; returns the JSON-ready result."""
     # The bench times the training step alone: the noise-scale probe and the
     # end-of-run sharpness are measurements a study switches on, not the step.
     cfg = cfg.replace(**{"metrics.noise_scale": False, "metrics.sharpness": False, "tracking.enabled": False})
@@ -111,8 +112,10 @@ def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epo
         samples = len(dataset.train)
         peer_s = time_epochs(dataloader_epoch_fn(trial, dataset, device), device, epochs)
         timings.append(Timing("dataloader", batch_size, peer_s, samples / peer_s, 1.0))
-        for path, graph in (("harness", False), ("harness_ddp", False), ("harness_graph", True),
-                            ("harness_graph_ddp", True)):
+        for path in PATHS[1:]:
+            if path not in paths:
+                continue
+            graph = "graph" in path
             path_cfg = trial.replace(**{"performance.cuda_graph": graph})
             ctx = DistContext(device=device, launcher="bench")
             unavailable = graph and graph_unavailable_reason(path_cfg, ctx)

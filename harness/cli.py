@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from harness.bench import PATHS
 from harness.entrypoints import add_config_arguments, exits_on_input_error
 from harness.errors import InputError
 
@@ -65,7 +66,7 @@ def bench(args: argparse.Namespace) -> int:
     for batch_size in args.batch_sizes:
         if not 0 < batch_size <= cfg.train_set_size:
             raise InputError(f"--batch-sizes: {batch_size} is outside 1..{cfg.train_set_size} (the training set)")
-    result = run_benchmark(cfg, device, args.batch_sizes, args.epochs)
+    result = run_benchmark(cfg, device, args.batch_sizes, args.epochs, tuple(args.paths))
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
@@ -130,6 +131,8 @@ def main(argv=None) -> int:
     ben.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ben.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512, 2048, 8192])
     ben.add_argument("--epochs", type=int, default=3, help="timed epochs per path (after one warm-up)")
+    ben.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS, metavar="PATH",
+                     help=f"which of {', '.join(PATHS)} to time (the dataloader peer always runs)")
     ben.add_argument("--json", default=None, help="also write the result here")
     ben.set_defaults(handler=bench)
     rp = commands.add_parser("replay", help="deliver MLflow records a run spooled while the server was down")

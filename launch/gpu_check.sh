@@ -3,8 +3,10 @@
 # PyTorch but no MLflow or Ray (tracking is off throughout):
 #   1. the CUDA-graph tests (real capture and replay, DDP at world size 1 on NCCL);
 #   2. one torchrun rank on NCCL with the graph step (launch/train.py);
-#   3. `harness bench --device cuda`: the table for the README;
-#   4. the default sweep, 10 epochs, graph step on, timed.
+#   3. `harness bench --device cuda`: the table for the README (again without the
+#      graph-under-DDP path if the full run fails, so one broken path costs no table);
+#   4. the issue's sweep (7 batch sizes, 10 epochs, 1 seed), graph step on, timed;
+#   5. the same sweep with the eager step, timed, for the comparison.
 # HARNESS_DATA_DIR: a folder with Fashion-MNIST's four IDX files (default
 # .gpu-data, filled by `make gpu-data`). OUT: where logs and JSON go.
 set -uo pipefail
@@ -16,19 +18,29 @@ status=0
 run() {  # run a named step, keep going after a failure, remember it
     local name=$1; shift
     echo "== $name"
-    local started=$SECONDS
+    local started=$(date +%s.%N)
     "$@" 2>&1 | tee "$out/$name.log"
     local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc, $((SECONDS - started)) s"
+    echo "== $name: exit $rc, $(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $started }") s"
     [ "$rc" = 0 ] || status=1
 }
-run environment "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
-run graph-tests "$py" -m pytest -q -p no:cacheprovider tests/test_graph_step.py -rs
+run environment bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; \
+    $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), torch.cuda.get_device_name(0))'"
+run graph-tests "$py" -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_graph_step.py
 run torchrun-nccl "$py" -m torch.distributed.run --standalone --nproc_per_node 1 launch/train.py \
     --config configs/fashion_mnist.yaml --set tracking.enabled=false --set train.device=cuda \
-    --set performance.cuda_graph=true --set checkpoint.dir=/tmp/gpu-check-checkpoints
-run bench "$py" -m harness.cli bench --config configs/fashion_mnist.yaml --device cuda \
-    --batch-sizes 32 128 512 2048 8192 --epochs 5 --json "$out/bench-cuda.json"
-run sweep "$py" launch/sweep.py --config configs/sweep.yaml --launcher local --set tracking.enabled=false \
-    --set train.epochs=10 --set performance.cuda_graph=true --set checkpoint.dir=/tmp/gpu-check-sweep
+    --set train.progress=false --set performance.cuda_graph=true --set checkpoint.dir=/tmp/gpu-check-checkpoints
+bench_args=(--config configs/fashion_mnist.yaml --device cuda --batch-sizes 32 128 512 2048 8192 --epochs 5)
+run bench "$py" -m harness.cli bench "${bench_args[@]}" --json "$out/bench-cuda.json"
+if [ ! -s "$out/bench-cuda.json" ]; then
+    run bench-without-graph-ddp "$py" -m harness.cli bench "${bench_args[@]}" \
+        --paths harness harness_ddp harness_graph --json "$out/bench-cuda.json"
+fi
+# The issue's target workload: 7 batch sizes, 10 epochs, one seed, on one GPU.
+sweep_args=(--config configs/sweep.yaml --launcher local --set tracking.enabled=false --set train.device=cuda
+            --set "sweep.batch_sizes=[32, 64, 128, 256, 512, 2048, 8192]" --set train.epochs=10)
+run sweep-graph "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_graph=true \
+    --set checkpoint.dir=/tmp/gpu-check-sweep-graph
+run sweep-eager "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_graph=false \
+    --set checkpoint.dir=/tmp/gpu-check-sweep-eager
 exit $status

@@ -36,3 +36,12 @@ def test_bench_refuses_a_batch_larger_than_the_data(tmp_path):
                           "--batch-sizes", "4096"], cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --batch-sizes: 4096 is outside 1..512 (the training set)"
+
+
+def test_bench_times_only_the_paths_asked_for_beside_the_peer(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
+                          "--device", "cpu", "--batch-sizes", "64", "--epochs", "1", "--paths", "harness_ddp",
+                          "--json", str(out)], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert [t["path"] for t in json.loads(out.read_text())["timings"]] == ["dataloader", "harness_ddp"]
