@@ -106,20 +106,24 @@ class GraphStep:
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # measures noise? -> graph
         self.static_losses: dict[bool, torch.Tensor] = {}
 
-    def accepts(self, global_batch_size: int) -> bool:
-        """Only the full batch has the captured shape; the smaller last batch runs eagerly."""
-        return global_batch_size == self.global_batch_size
+    def __call__(self, indices: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
+        """One step on the samples ``indices``; returns the summed loss (no host sync).
 
-    def __call__(self, indices: torch.Tensor, global_step: int) -> torch.Tensor:
-        """One full-size step on the samples ``indices``; returns the summed loss (no host sync)."""
+        A full batch after the warm-up is replayed; the warm-up steps and the
+        smaller last batch of an epoch (another shape) run the eager step.
+        """
         trainer = self.trainer
-        if self.warmup_steps_left:
-            self.warmup_steps_left -= 1
+        full_batch = global_batch_size == self.global_batch_size
+        if not full_batch or self.warmup_steps_left:
+            if full_batch:
+                self.warmup_steps_left -= 1
+            # Eager steps run on the side stream too: DDP, built there, keeps the
+            # parameters' gradient accumulators, which stay bound to that stream;
+            # a backward from another stream makes autograd synchronise the two.
             with _on_side_stream(self.stream):
-                loss = trainer.step(trainer.train_set.features[indices], trainer.train_set.targets[indices],
-                                    self.global_batch_size, global_step)
-            return loss
-        measure = trainer.should_measure(self.global_batch_size, global_step)
+                return trainer.step(trainer.train_set.features[indices], trainer.train_set.targets[indices],
+                                    global_batch_size, global_step)
+        measure = trainer.should_measure(global_batch_size, global_step)
         lr = trainer.lr_at(global_step)
         if lr != self._lr_value:  # a kernel launch only while the LR warms up
             self.lr.fill_(lr)

@@ -169,8 +169,8 @@ class Trainer:
                 break
             if step == self.plan.steps_per_epoch // 2:
                 faults.maybe_kill("step", epoch, self.ctx.rank)
-            if self.graph_step and self.graph_step.accepts(global_batch_size):
-                loss_sum += self.graph_step(indices, first_global_step + step)
+            if self.graph_step:
+                loss_sum += self.graph_step(indices, global_batch_size, first_global_step + step)
             else:
                 loss_sum += self.step(self.train_set.features[indices], self.train_set.targets[indices],
                                       global_batch_size, first_global_step + step)

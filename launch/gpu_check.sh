@@ -7,6 +7,8 @@
 #      graph-under-DDP path if the full run fails, so one broken path costs no table);
 #   4. the issue's sweep (7 batch sizes, 10 epochs, 1 seed), graph step on, timed;
 #   5. the same sweep with the eager step, timed, for the comparison.
+# The sweeps log to MLflow (a SQLite file) where MLflow can be imported: wheels
+# in .whl/ (see the README's GPU section) are installed first if present.
 # HARNESS_DATA_DIR: a folder with Fashion-MNIST's four IDX files (default
 # .gpu-data, filled by `make gpu-data`). OUT: where logs and JSON go.
 set -uo pipefail
@@ -15,6 +17,15 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HARNESS_DATA_DIR=${HARNESS_DATA_DIR:-$PWD/.gpu-data}
 py=${PYTHON:-python3}
 status=0
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-check-site \
+        .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/gpu-check-site
+fi
+if "$py" -c "import mlflow" 2>/dev/null; then
+    tracking=(--set tracking.enabled=true --set tracking.uri=sqlite:////tmp/gpu-check-mlflow.db)
+else
+    tracking=(--set tracking.enabled=false)
+fi
 run() {  # run a named step, keep going after a failure, remember it
     local name=$1; shift
     echo "== $name"
@@ -25,7 +36,8 @@ run() {  # run a named step, keep going after a failure, remember it
     [ "$rc" = 0 ] || status=1
 }
 run environment bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; \
-    $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), torch.cuda.get_device_name(0))'"
+    $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), torch.cuda.get_device_name(0))'; \
+    $py -c 'import mlflow; print(\"mlflow\", mlflow.__version__)' || echo 'no mlflow: the sweeps run with tracking off'"
 run graph-tests "$py" -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_graph_step.py
 run torchrun-nccl "$py" -m torch.distributed.run --standalone --nproc_per_node 1 launch/train.py \
     --config configs/fashion_mnist.yaml --set tracking.enabled=false --set train.device=cuda \
@@ -37,7 +49,7 @@ if [ ! -s "$out/bench-cuda.json" ]; then
         --paths harness harness_ddp harness_graph --json "$out/bench-cuda.json"
 fi
 # The issue's target workload: 7 batch sizes, 10 epochs, one seed, on one GPU.
-sweep_args=(--config configs/sweep.yaml --launcher local --set tracking.enabled=false --set train.device=cuda
+sweep_args=(--config configs/sweep.yaml --launcher local "${tracking[@]}" --set train.device=cuda
             --set "sweep.batch_sizes=[32, 64, 128, 256, 512, 2048, 8192]" --set train.epochs=10)
 run sweep-graph "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_graph=true \
     --set checkpoint.dir=/tmp/gpu-check-sweep-graph

@@ -7,6 +7,8 @@ tests marked ``cuda`` capture and replay real graphs; they run where CUDA is
 present (the device check, launch/gpu_check.sh) and are skipped elsewhere.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -152,10 +154,15 @@ def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=ctx.device)
     try:
         eager = trained(cfg, ctx, graph="none")
-        graph = trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
     finally:
         dist.destroy_process_group()
     assert set(graph.graph_step.graphs) == {False, True}
+    # Every eager step (warm-up, last batch) ran on the stream DDP was built on:
+    # autograd saw no gradient arriving from another stream.
+    assert not [w for w in caught if "AccumulateGrad node's stream" in str(w.message)]
     assert_same_state(graph, eager, rtol=1e-4, atol=1e-5)
 
 
