@@ -25,7 +25,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -51,6 +51,15 @@ class Timing:
     samples_per_s: Optional[float]
     speedup_vs_dataloader: Optional[float]
     note: str = ""
+    epoch_seconds: list[float] = field(default_factory=list)  # every timed epoch, for the spread
+
+    @classmethod
+    def timed(cls, path: str, batch_size: int, samples: int, epoch_seconds: list[float],
+              peer_s: Optional[float] = None) -> "Timing":
+        """A timed row: the median epoch, and its speed-up over ``peer_s`` (None: this row is the peer)."""
+        seconds = statistics.median(epoch_seconds)
+        return cls(path, batch_size, seconds, samples / seconds, (peer_s or seconds) / seconds,
+                   epoch_seconds=epoch_seconds)
 
 
 def _synchronise(device: torch.device) -> None:
@@ -58,8 +67,8 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_epochs(run_epoch: Callable[[int], None], device: torch.device, epochs: int) -> float:
-    """Median seconds of ``epochs`` timed epochs after one warm-up epoch."""
+def time_epochs(run_epoch: Callable[[int], None], device: torch.device, epochs: int) -> list[float]:
+    """Seconds of each of ``epochs`` timed epochs, after one warm-up epoch."""
     run_epoch(0)
     _synchronise(device)
     seconds = []
@@ -68,7 +77,7 @@ def time_epochs(run_epoch: Callable[[int], None], device: torch.device, epochs: 
         run_epoch(epoch)
         _synchronise(device)
         seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+    return seconds
 
 
 def dataloader_epoch_fn(cfg: Config, dataset: Dataset, device: torch.device) -> Callable[[int], None]:
@@ -110,8 +119,9 @@ def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epo
     for batch_size in batch_sizes:
         trial = cfg.replace(**{"optim.global_batch_size": batch_size})
         samples = len(dataset.train)
-        peer_s = time_epochs(dataloader_epoch_fn(trial, dataset, device), device, epochs)
-        timings.append(Timing("dataloader", batch_size, peer_s, samples / peer_s, 1.0))
+        peer = Timing.timed("dataloader", batch_size, samples,
+                            time_epochs(dataloader_epoch_fn(trial, dataset, device), device, epochs))
+        timings.append(peer)
         for path in PATHS[1:]:
             if path not in paths:
                 continue
@@ -128,7 +138,7 @@ def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epo
                         device=device, launcher="bench", world_size=1)), device, epochs)
             else:
                 seconds = time_epochs(harness_epoch_fn(path_cfg, dataset, ctx), device, epochs)
-            timings.append(Timing(path, batch_size, seconds, samples / seconds, peer_s / seconds))
+            timings.append(Timing.timed(path, batch_size, samples, seconds, peer.seconds_per_epoch))
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),

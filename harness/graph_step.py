@@ -120,7 +120,7 @@ class GraphStep:
             # Eager steps run on the side stream too: DDP, built there, keeps the
             # parameters' gradient accumulators, which stay bound to that stream;
             # a backward from another stream makes autograd synchronise the two.
-            with _on_side_stream(self.stream):
+            with self.on_side_stream():
                 return trainer.step(trainer.train_set.features[indices], trainer.train_set.targets[indices],
                                     global_batch_size, global_step)
         measure = trainer.should_measure(global_batch_size, global_step)
@@ -135,6 +135,10 @@ class GraphStep:
             self._capture_all()
         self.graphs[measure].replay()
         return self.static_losses[measure]
+
+    def on_side_stream(self):
+        """A block of eager autograd work on the parameters, run on the stream DDP was built on."""
+        return _on_side_stream(self.stream)
 
     def _body(self, measure: bool) -> torch.Tensor:
         """The step as it is captured: gather, gradients (zeroed in place), probe, update."""

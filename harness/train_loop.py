@@ -8,6 +8,7 @@ where a resumed run's checkpoint comes from and what happens after each epoch
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -89,6 +90,10 @@ class Trainer:
         if global_step >= self.warmup_steps:
             return self.cfg.optim.lr
         return self.cfg.optim.lr * (global_step + 1) / self.warmup_steps
+
+    def on_training_stream(self):
+        """Where eager autograd on the parameters runs: the graph step's side stream, if there is one."""
+        return self.graph_step.on_side_stream() if self.graph_step else contextlib.nullcontext()
 
     @property
     def keeps_gradient_buffers(self) -> bool:
@@ -277,8 +282,9 @@ def sharpness(trainer: Trainer) -> float:
     model = unwrap(trainer.model)
     n = min(trainer.cfg.metrics.sharpness_samples, len(trainer.train_set))
     x, y = trainer.train_set.features[:n], trainer.train_set.targets[:n]
-    return top_hessian_eigenvalue(lambda: F.cross_entropy(model(x), y), list(model.parameters()),
-                                  iterations=trainer.cfg.metrics.sharpness_iterations, seed=trainer.cfg.seed)
+    with trainer.on_training_stream():
+        return top_hessian_eigenvalue(lambda: F.cross_entropy(model(x), y), list(model.parameters()),
+                                      iterations=trainer.cfg.metrics.sharpness_iterations, seed=trainer.cfg.seed)
 
 
 class NoProgress:

@@ -17,7 +17,7 @@ from harness.config import load_config
 from harness.data import load_dataset
 from harness.distributed import DistContext
 from harness.graph_step import WARMUP_STEPS, GraphStep, graph_unavailable_reason, sgd_update_
-from harness.train_loop import NoProgress, build_trainer, train, unwrap
+from harness.train_loop import NoProgress, build_trainer, sharpness, train, unwrap
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -157,10 +157,11 @@ def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             graph = trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
+            assert sharpness(graph) > 0  # the end-of-run Hessian probe, eager autograd after the replays
     finally:
         dist.destroy_process_group()
     assert set(graph.graph_step.graphs) == {False, True}
-    # Every eager step (warm-up, last batch) ran on the stream DDP was built on:
+    # Every eager step (warm-up, last batch) and the Hessian probe ran on the stream DDP was built on:
     # autograd saw no gradient arriving from another stream.
     assert not [w for w in caught if "AccumulateGrad node's stream" in str(w.message)]
     assert_same_state(graph, eager, rtol=1e-4, atol=1e-5)
