@@ -5,7 +5,7 @@
 #   2. one torchrun rank on NCCL with the graph step (launch/train.py);
 #   3. `harness bench --device cuda`: the table for the README (again without the
 #      graph-under-DDP path if the full run fails, so one broken path costs no table);
-#   4. the sweep (7 batch sizes, 10 epochs, 1 seed), graph step on, timed;
+#   4. configs/sweep_gpu.yaml (7 batch sizes, 10 epochs, 1 seed, graph step on), timed;
 #   5. the same sweep with the eager step, timed, for the comparison.
 # The sweeps log to MLflow (a SQLite file) where MLflow can be imported: wheels
 # in .whl/ (see the README's GPU section) are installed first if present.
@@ -48,9 +48,8 @@ if [ ! -s "$out/bench-cuda.json" ]; then
     run bench-without-graph-ddp "$py" -m harness.cli bench "${bench_args[@]}" \
         --paths harness harness_ddp harness_graph --json "$out/bench-cuda.json"
 fi
-# The target workload: 7 batch sizes, 10 epochs, one seed, on one GPU.
-sweep_args=(--config configs/sweep.yaml --launcher local "${tracking[@]}" --set train.device=cuda
-            --set "sweep.batch_sizes=[32, 64, 128, 256, 512, 2048, 8192]" --set train.epochs=10)
+# The target workload (configs/sweep_gpu.yaml): 7 batch sizes, 10 epochs, one seed, one GPU.
+sweep_args=(--config configs/sweep_gpu.yaml --launcher local "${tracking[@]}" --set train.device=cuda)
 run sweep-graph "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_graph=true \
     --set checkpoint.dir=/tmp/gpu-check-sweep-graph
 run sweep-eager "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_graph=false \

@@ -10,7 +10,7 @@ from harness.config import Config, load_config
 from harness.errors import InputError
 
 
-@pytest.mark.parametrize("name", ["seed", "fashion_mnist", "sweep", "smoke"])
+@pytest.mark.parametrize("name", ["seed", "fashion_mnist", "sweep", "sweep_gpu", "study", "smoke"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, Config)
