@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 MLFLOW_PORT ?= 5000
 
-.PHONY: sweep test setup data clean mlflow-server gpu-data
+.PHONY: sweep test setup data clean mlflow-server gpu-data gpu-wheels
 
 # PYTHONDONTWRITEBYTECODE is set on machines of this kind. With it, no .pyc is
 # cached, and every process of a sweep or of the tests (torchrun ranks, Ray
@@ -61,6 +61,12 @@ data:
 # gets only the working tree: see launch/gpu_check.sh.
 gpu-data: data
 	mkdir -p .gpu-data && cp $${HARNESS_DATA_DIR:-$(FASHION_DIR)}/*-ubyte* .gpu-data/
+
+# MLflow's client as Python 3.12 wheels for a GPU machine without it (launch/gpu-wheels.txt).
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl -r launch/gpu-wheels.txt
 
 # The MLflow UI over this folder's mlflow.db, on 127.0.0.1 only.
 mlflow-server: setup

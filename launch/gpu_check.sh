@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Issue 5's GPU check as one script, for a machine with one NVIDIA GPU and
-# PyTorch but no MLflow or Ray (tracking is off throughout):
+# PyTorch, with or without MLflow, without Ray:
 #   1. the CUDA-graph tests (real capture and replay, DDP at world size 1 on NCCL);
 #   2. one torchrun rank on NCCL with the graph step (launch/train.py);
 #   3. `harness bench --device cuda`: the table for the README (again without the
 #      graph-under-DDP path if the full run fails, so one broken path costs no table);
 #   4. configs/sweep_gpu.yaml (7 batch sizes, 10 epochs, 1 seed, graph step on), timed;
 #   5. the same sweep with the eager step, timed, for the comparison.
-# The sweeps log to MLflow (a SQLite file) where MLflow can be imported: wheels
-# in .whl/ (see the README's GPU section) are installed first if present.
+# The sweeps log to MLflow (a SQLite file) where MLflow can be imported; wheels
+# in .whl/ (`make gpu-wheels`) are installed first if present. Elsewhere tracking is off.
 # HARNESS_DATA_DIR: a folder with Fashion-MNIST's four IDX files (default
 # .gpu-data, filled by `make gpu-data`). OUT: where logs and JSON go.
 set -uo pipefail
