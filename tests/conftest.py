@@ -131,3 +131,12 @@ def ray_cluster(tmp_path_factory):
             os.killpg(head.pid, 9)
             head.wait()
         log.close()
+
+
+def pytest_collection_modifyitems(items):
+    """`make test` runs two pytest-xdist workers (--dist loadgroup); every test on
+    the Ray cluster goes to one of them, since the cluster listens on fixed ports
+    and a second one on the same machine would collide."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray-cluster"))
