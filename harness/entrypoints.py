@@ -70,14 +70,13 @@ def prepare_ray_run(cfg: Config, args: argparse.Namespace):
     paths = {"checkpoint.dir": str(Path(cfg.checkpoint.dir).resolve())}
     if cfg.data.data_dir:
         paths["data.data_dir"] = str(Path(cfg.data.data_dir).resolve())
-    from harness.distributed import COLLECTIVE_CAPTURE_ENV
+    from harness.distributed import allow_collective_capture
     from harness.ray_train import RayOptions, worker_env
 
-    env_vars = worker_env()
     if cfg.performance.cuda_graph and args.use_gpu:
-        env_vars = {**COLLECTIVE_CAPTURE_ENV, **env_vars}
+        allow_collective_capture()  # here; worker_env() carries it to the workers
     options = RayOptions(num_workers=args.num_workers, use_gpu=args.use_gpu, max_failures=args.max_failures,
-                         storage_path=str(Path(args.storage_path).resolve()), env_vars=env_vars)
+                         storage_path=str(Path(args.storage_path).resolve()), env_vars=worker_env())
     return cfg.replace(**paths), options
 
 

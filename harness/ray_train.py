@@ -24,7 +24,7 @@ import ray.train
 
 from harness import checkpoint as ckpt
 from harness.config import Config
-from harness.distributed import DistContext, context_from_process_group
+from harness.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, context_from_process_group
 from harness.train_loop import RunHooks, RunResult, train
 
 
@@ -73,7 +73,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 def worker_env() -> dict[str, str]:
     """Variables the workers need from the submitting process (Ray does not pass its environment)."""
     names = ("MLFLOW_TRACKING_URI", "HARNESS_DATA_DIR", "HARNESS_GIT_COMMIT", "HARNESS_INJECT_FAULT",
-             "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+             *COLLECTIVE_CAPTURE_ENV)
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 

@@ -241,12 +241,10 @@ def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
 
 
 def _wrap_ddp(model: torch.nn.Module, ctx: DistContext, graph_stream) -> DistributedDataParallel:
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    if graph_stream is None:
-        return DistributedDataParallel(model, device_ids=device_ids)
-    # PyTorch's CUDA-graph notes: DDP must be built on the side stream that warms up and captures.
+    # PyTorch's CUDA-graph notes: DDP must be built on the side stream that warms
+    # up and captures. Without a graph step the stream is None, a no-op here.
     with torch.cuda.stream(graph_stream):
-        return DistributedDataParallel(model, device_ids=device_ids)
+        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 @dataclass
