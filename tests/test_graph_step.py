@@ -140,6 +140,31 @@ def test_captured_graph_reaches_the_eager_parameters_on_cuda(tmp_path):
 
 
 @cuda
+@pytest.mark.parametrize("graph_on", [False, True])
+def test_training_steps_never_wait_for_the_host(tmp_path, graph_on):
+    """A whole epoch of steps (replays, the eager last batch, probe steps) with CUDA's
+    sync check set to raise: no .item(), no host copy, no stream synchronise."""
+    cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda",
+                       f"performance.cuda_graph={str(graph_on).lower()}")
+    trainer = trained(cfg, DistContext(device=torch.device("cuda", 0)), graph="captured" if graph_on else "none",
+                      epochs=1)
+    batches = list(trainer.plan.local_batches(2, trainer.ctx.device))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.ctx.device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, (indices, global_batch_size) in enumerate(batches, start=trainer.plan.steps_per_epoch):
+            if trainer.graph_step:
+                loss_sum += trainer.graph_step(indices, global_batch_size, step)
+            else:
+                loss_sum += trainer.step(trainer.train_set.features[indices], trainer.train_set.targets[indices],
+                                         global_batch_size, step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert float(loss_sum) > 0
+
+
+@cuda
 def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
     import os
 
