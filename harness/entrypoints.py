@@ -8,8 +8,10 @@ before they start any process group, worker or MLflow run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
+import time
 from typing import Callable
 
 from harness.config import Config, load_config
@@ -80,15 +82,123 @@ def prepare_ray_run(cfg: Config, args: argparse.Namespace):
     return cfg.replace(**paths), options
 
 
+# An unreachable $RAY_ADDRESS must fail fast: ray.init alone retries for minutes
+# inside Ray's C++ client, where Python runs no signal handler (Ctrl-C is ignored).
+RAY_PROBE_TIMEOUT_S = 5.0  # TCP connect to the head's port (DNS included)
+RAY_INIT_DEADLINE_S = 60.0  # ray.init once that port accepts connections
+RAY_ADDRESS_EXPECTED = ("expected the address of a running Ray head: host:port of its GCS, as `ray start --head "
+                        "--port` printed it (e.g. 127.0.0.1:6379), or ray://host:port")
+
+
 def connect_ray(num_cpus=None) -> None:
-    """Join $RAY_ADDRESS's cluster (always set inside a Ray job), else start a local Ray on loopback."""
+    """Join $RAY_ADDRESS's cluster (always set inside a Ray job), else start a local Ray on loopback.
+
+    A malformed or unreachable address is an InputError within RAY_PROBE_TIMEOUT_S;
+    a port that accepts but is no Ray cluster, or Ctrl-C/SIGTERM while connecting,
+    ends the process with one ``error:`` line (see ``_exit_unless_done_within``).
+    """
     import os
 
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address:
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1")
+        return
+    if address != "auto":  # "auto": Ray looks up this host's running cluster itself
+        host, port = ray_host_port(address)
+        with _exit_unless_done_within(address, RAY_PROBE_TIMEOUT_S + 5, f"no answer from {address!r} within "
+                                      f"{RAY_PROBE_TIMEOUT_S + 5:.0f} s"):
+            _probe_tcp(address, host, port)
+    with _exit_unless_done_within(address, RAY_INIT_DEADLINE_S, f"{address!r} accepts connections but no Ray "
+                                  f"cluster answered within {RAY_INIT_DEADLINE_S:.0f} s"):
+        try:
+            ray.init(address=address)
+        except ConnectionError as err:  # e.g. "auto" with no cluster on this host
+            raise InputError(f"RAY_ADDRESS: {address!r}: {str(err).splitlines()[0]}; {RAY_ADDRESS_EXPECTED}") from None
+
+
+def ray_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` or ``ray://host:port`` split; anything else (an http:// dashboard URL, no port) refused."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        rest = address
+    elif scheme != "ray":
+        raise InputError(f"RAY_ADDRESS: {address!r} is a {scheme}:// URL (the dashboard's, for `ray job submit`?); "
+                         f"{RAY_ADDRESS_EXPECTED}")
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"RAY_ADDRESS: got {address!r}; {RAY_ADDRESS_EXPECTED}")
+    return host, int(port)
+
+
+def _probe_tcp(address: str, host: str, port: int) -> None:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=RAY_PROBE_TIMEOUT_S).close()
+    except OSError as err:  # refused, timed out, unknown host, no route
+        reason = err.strerror or str(err) or type(err).__name__
+        raise InputError(f"RAY_ADDRESS: nothing answers at {address!r} ({reason}); {RAY_ADDRESS_EXPECTED}") from None
+
+
+@contextlib.contextmanager
+def _exit_unless_done_within(address: str, deadline_s: float, problem: str):
+    """Run the block; if it takes longer than ``deadline_s``, or SIGINT/SIGTERM arrives,
+    print one ``error: RAY_ADDRESS: ...`` line and end the process (exit 2, or 128 + the signal).
+
+    The block may sit in Ray's C++ code, where Python's own handlers never run. Python's
+    C-level handler still writes each signal's number to the wakeup fd, which a watcher
+    thread reads. Nothing has started yet (no worker, no MLflow run), so ``os._exit``
+    leaves nothing half-done. Only from the main thread; elsewhere the block just runs.
+    """
+    import os
+    import select
+    import signal
+    import socket
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    caught = (signal.SIGINT, signal.SIGTERM)
+    # No-op Python handlers: the signal is then handled only by the watcher below
+    # (and SIGTERM, whose default kills at once, reaches the wakeup fd at all).
+    previous_handlers = {signum: signal.signal(signum, lambda *_: None) for signum in caught}
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    done = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + deadline_s
+        while not done.is_set():
+            ready, _, _ = select.select([reader], [], [], max(0.0, deadline - time.monotonic()))
+            if done.is_set():
+                return
+            if not ready:
+                print(f"error: RAY_ADDRESS: {problem}; {RAY_ADDRESS_EXPECTED}", file=sys.stderr, flush=True)
+                os._exit(USAGE_EXIT_CODE)
+            for signum in reader.recv(64):
+                if signum in caught:
+                    print(f"error: RAY_ADDRESS: interrupted ({signal.Signals(signum).name}) while connecting to "
+                          f"{address!r}", file=sys.stderr, flush=True)
+                    os._exit(128 + signum)
+
+    watcher = threading.Thread(target=watch, name="ray-connect-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        with contextlib.suppress(OSError):
+            writer.send(b"\0")  # wake the watcher; 0 is no signal
+        watcher.join()
+        signal.set_wakeup_fd(previous_fd)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        reader.close()
+        writer.close()
