@@ -60,14 +60,19 @@ class RayHooks(RunHooks):
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(staging))
 
 
-def worker_loop(loop_config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: rebuild the config, train, report."""
+def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """What each Ray Train worker runs: rebuild the config, train, report.
+
+    Returns this rank's RunResult as a dict: Ray hands rank 0's to the driver as
+    ``Result.return_value``, the only way the MLflow run id (known to rank 0 alone)
+    and a divergence (whose epoch is never reported, see train_loop) reach it.
+    """
     cfg = Config.from_dict(loop_config["config"])
     ctx = context_from_process_group(cfg.train.device, launcher="ray")
     result = train(cfg, ctx, hooks=RayHooks(loop_config.get("resume_local", False)),
                    parent_run_id=loop_config.get("parent_run_id"))
-    if ctx.is_main:
-        print(f"[{cfg.name}] finished on {ctx.world_size} Ray workers: MLflow run {result.run_id or '-'}", flush=True)
+    return {"run_id": result.run_id, "epochs_completed": result.epochs_completed,
+            "global_step": result.global_step, "metrics": dict(result.metrics), "diverged": result.diverged}
 
 
 def worker_env() -> dict[str, str]:
@@ -75,6 +80,14 @@ def worker_env() -> dict[str, str]:
     names = ("MLFLOW_TRACKING_URI", "HARNESS_DATA_DIR", "HARNESS_GIT_COMMIT", "HARNESS_INJECT_FAULT",
              *COLLECTIVE_CAPTURE_ENV)
     return {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
+# Ray Train 2.60 patches print() in its workers to log through the root logger and,
+# since Ray already replaced the worker's sys.stdout, also tees to the original
+# print: every line a worker prints (the epoch lines) reached the driver twice.
+# Unpatched, a print goes once to the worker's stdout, which Ray streams to the
+# driver prefixed by the worker's pid.
+WORKER_RUNTIME_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 @dataclass(frozen=True)
@@ -98,7 +111,7 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, r
         storage_path=str(Path(options.storage_path).resolve()),
         failure_config=FailureConfig(max_failures=options.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
-        worker_runtime_env={"env_vars": dict(options.env_vars)},
+        worker_runtime_env={"env_vars": {**WORKER_RUNTIME_ENV, **options.env_vars}},
     )
     trainer = TorchTrainer(
         worker_loop,
@@ -108,10 +121,10 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, r
         run_config=run_config,
     )
     result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    epoch = int(metrics.pop("epoch", 0))
-    return RunResult(None, epoch, int(metrics.get("global_step", 0)), metrics,
-                     diverged=False, checkpoint=Path(result.checkpoint.path) if result.checkpoint else None)
+    rank0 = result.return_value  # worker_loop's dict from rank 0
+    return RunResult(rank0["run_id"], rank0["epochs_completed"], rank0["global_step"], rank0["metrics"],
+                     diverged=rank0["diverged"],
+                     checkpoint=Path(result.checkpoint.path) if result.checkpoint else None)
 
 
 def run_sweep_on_ray(cfg: Config, options: RayOptions, resume: bool = False):

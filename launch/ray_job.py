@@ -36,7 +36,8 @@ def main(argv=None) -> int:
         result = fit(cfg, options)
         print(f"finished {cfg.name} on Ray: epochs {result.epochs_completed}, steps {result.global_step}, "
               f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
-              f"checkpoint {result.checkpoint or '-'}", flush=True)
+              f"{'diverged, ' if result.diverged else ''}"
+              f"checkpoint {result.checkpoint or '-'}, MLflow run {result.run_id or '-'}", flush=True)
     return 0
 
 

@@ -93,7 +93,7 @@ def test_torchrun_restart_after_sigkill_resumes_exactly(torchrun_two_ranks, tmp_
 def ray_job(tmp, ray_cluster, *extra, env=None):
     result = run_command([sys.executable, RAY_JOB, "--config", str(CONFIGS / "smoke.yaml"), "--num-workers", "2",
                           "--storage-path", str(tmp / "ray"), *_settings(tmp, *extra)],
-                         cwd=tmp, env={"RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token", **(env or {})},
+                         cwd=tmp, env={"RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"], **(env or {})},
                          timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
@@ -126,6 +126,16 @@ def test_ray_job_submission_trains_on_the_cluster(ray_job_submitted):
     assert run.data.params["launcher"] == "ray" and run.data.params["world_size"] == "2"
     assert_each_metric_logged_once_per_epoch(client, run)
     assert "finished smoke on Ray" in logs
+
+
+def test_ray_job_prints_each_epoch_line_once_and_ends_naming_the_mlflow_run(ray_job_submitted):
+    tmp, logs = ray_job_submitted
+    _, run = only_run(tmp)
+    lines = logs.strip().splitlines()
+    for epoch in range(1, EPOCHS + 1):
+        assert sum(f"[smoke] epoch {epoch}/{EPOCHS} " in line for line in lines) == 1, (epoch, logs[-4000:])
+    assert lines[-1].startswith("finished smoke on Ray") and lines[-1].endswith(f"MLflow run {run.info.run_id}"), \
+        lines[-3:]
 
 
 def test_ray_and_torchrun_records_have_the_same_keys(ray_job_submitted, torchrun_two_ranks):
