@@ -80,6 +80,7 @@ def ray_cluster(tmp_path_factory):
     ``ray start --block`` stays in the foreground as the parent of the node's
     processes; SIGTERM to it drains the node and stops them all.
     """
+    import secrets
     import tempfile
     import time
     import urllib.error
@@ -88,8 +89,11 @@ def ray_cluster(tmp_path_factory):
     # Ray's unix sockets live under --temp-dir, whose path must stay short.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-           "RAY_AUTH_MODE": "token",
+    # A token of this session's own, passed as RAY_AUTH_TOKEN (Ray's first token
+    # source, ahead of ~/.ray/auth_token): `ray start` in token mode refuses to
+    # start without one, and nothing may be written into the real HOME.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **auth,
            # SIGTERM then stops the node at once instead of draining it for 30 s.
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            # Ray Train's controller polls its workers every 2 s by default; each fit
@@ -113,17 +117,19 @@ def ray_cluster(tmp_path_factory):
                 head.kill()
                 pytest.fail(f"ray start failed; see {log.name}")
             time.sleep(1)
-    # Ray 2.60 clients (JobSubmissionClient, ray.init) need the token mode to find
-    # the cluster's token; set for this session's clients, restored afterwards.
-    previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
+    # Every client of this cluster needs the mode and the token: JobSubmissionClient
+    # in this process, and (through the inherited environment) `ray job submit`,
+    # launch/ray_job.py and launch/sweep.py subprocesses. Restored afterwards.
+    previous = {name: os.environ.get(name) for name in auth}
+    os.environ.update(auth)
     try:
-        yield {"address": f"127.0.0.1:{RAY_GCS_PORT}", "dashboard": dashboard, "pid": head.pid}
+        yield {"address": f"127.0.0.1:{RAY_GCS_PORT}", "dashboard": dashboard, "pid": head.pid, "env": dict(auth)}
     finally:
-        if previous_auth_mode is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous_auth_mode
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         head.terminate()
         try:
             head.wait(timeout=60)

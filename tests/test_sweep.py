@@ -93,7 +93,7 @@ def test_torchrun_sweep_runs_each_trial_as_a_torchrun_job(tmp_path):
 
 def test_ray_sweep_runs_trials_as_ray_train_runs(tmp_path, ray_cluster):
     run_sweep_command(tmp_path, "--launcher", "ray", "--nproc", "1", batch_sizes=LAUNCHER_BATCH_SIZES,
-                      env={"RAY_ADDRESS": ray_cluster["address"], "RAY_AUTH_MODE": "token"})
+                      env={"RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"]})
     check_sweep_records(tmp_path, "ray", 1, LAUNCHER_BATCH_SIZES)
 
 
