@@ -44,3 +44,15 @@ def test_compose_publishes_ports_on_loopback_only():
     published = [port for service in compose["services"].values() for port in service.get("ports", [])]
     assert published, "the UI and the dashboard should be reachable from the host"
     assert all(str(port).startswith("127.0.0.1:") for port in published), published
+
+
+def test_compose_passes_the_ray_token_to_every_ray_service_and_requires_it():
+    """Ray 2.60 in token mode refuses to start a head without a token, and a fresh
+    container has no ~/.ray/auth_token: the token must come in RAY_AUTH_TOKEN, the
+    same value for the head, the worker and the submitter, and compose must refuse
+    to start when it is unset (``${VAR:?message}``) rather than pass an empty one."""
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    for name in ("ray-head", "ray-worker", "submit"):
+        environment = services[name]["environment"]
+        assert environment["RAY_AUTH_MODE"] == "token", name
+        assert environment["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
