@@ -116,8 +116,10 @@ def connect_ray(num_cpus=None) -> None:
                                   f"cluster answered within {RAY_INIT_DEADLINE_S:.0f} s"):
         try:
             ray.init(address=address)
-        except ConnectionError as err:  # e.g. "auto" with no cluster on this host
-            raise InputError(f"RAY_ADDRESS: {address!r}: {str(err).splitlines()[0]}; {RAY_ADDRESS_EXPECTED}") from None
+        except ConnectionError as err:  # "auto" with no cluster here; a cluster that refused our token (~20 s)
+            raise InputError(f"RAY_ADDRESS: {address!r}: {str(err).splitlines()[0]}; {RAY_ADDRESS_EXPECTED}, "
+                             "and, for a cluster in token mode, its token in RAY_AUTH_TOKEN or ~/.ray/auth_token "
+                             "(Ray logs InvalidAuthToken above when that is the cause)") from None
 
 
 def ray_host_port(address: str) -> tuple[str, int]:
