@@ -87,8 +87,8 @@ def test_mlflow_server_listens_on_loopback_only(mlflow_server):
 
 def test_torchrun_ranks_listen_on_loopback_only(tmp_path):
     """The ranks (the harness's code: gloo, the per-attempt store client) bind 127.0.0.1.
-    torchrun's own agent briefly hosts its rendezvous TCPStore on all interfaces
-    while the ranks start; PyTorch offers no bind address for it (see README)."""
+    torchrun's own agent (the root, left out here) keeps its rendezvous TCPStore on
+    all interfaces for the whole run; PyTorch offers no bind address for it (see README)."""
     process = subprocess.Popen([str(REPO / ".venv/bin/torchrun"), "--standalone", "--nproc_per_node=2",
                                 str(REPO / "launch/train.py"), "--config", str(CONFIGS / "smoke.yaml"),
                                 "--set", "tracking.enabled=false", "--set", "train.epochs=25",
