@@ -105,7 +105,10 @@ def ray_job_submitted(ray_cluster, tmp_path_factory):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     tmp = tmp_path_factory.mktemp("rayjob")
-    client = JobSubmissionClient(ray_cluster["dashboard"])
+    # The token as an explicit header: Ray caches the token it first finds in each
+    # process, which an earlier test in this pytest process may have read elsewhere.
+    client = JobSubmissionClient(ray_cluster["dashboard"],
+                                 headers={"Authorization": f"Bearer {ray_cluster['env']['RAY_AUTH_TOKEN']}"})
     settings = " ".join(_settings(tmp))
     job_id = client.submit_job(
         entrypoint=f"python launch/ray_job.py --config configs/smoke.yaml --num-workers 2 "
