@@ -132,7 +132,11 @@ def run_sweep_on_ray(cfg: Config, options: RayOptions, resume: bool = False):
         try:
             pending.update({remote_fit.remote(trial, options, parent.run_id, resume): trial for trial in trials})
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                # A timeout, so the main thread returns to Python now and then: a
+                # signal handler cannot run while ray.wait blocks in C++.
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if not done:
+                    continue
                 trial = pending.pop(done[0])
                 try:
                     outcomes[trial.name] = TrialOutcome(trial, ray.get(done[0]))

@@ -80,8 +80,16 @@ def exits_on_termination(main: Callable[..., int]) -> Callable[..., int]:
         install()
         try:
             return main(*args, **kwargs)
-        except Terminated as stop:
-            print(f"stopped: {stop}; an unfinished MLflow run is marked KILLED (continue it with --resume)",
+        except BaseException as err:
+            # After a signal, what surfaces may be another error it caused: a
+            # collective broken by a peer that exited on the same signal, or Ray's
+            # ray.wait wrapping Terminated in a SystemError. The exit is the signal's.
+            signum = received()
+            if signum is None:
+                raise
+            stop = err if isinstance(err, Terminated) else Terminated(signum)
+            seen = "" if err is stop else f" ({type(err).__name__} as it stopped: {str(err)[:200]})"
+            print(f"stopped: {stop}{seen}; an unfinished MLflow run is marked KILLED (continue it with --resume)",
                   file=sys.stderr, flush=True)
             return stop.exit_code
         finally:
