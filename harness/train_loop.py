@@ -272,7 +272,8 @@ class Progress:
 
 def checkpoint_state(trainer: Trainer, progress: Progress, run_id: Optional[str],
                      launch_id: Optional[str] = None) -> dict:
-    return {"launch_id": launch_id, "model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
+    return {"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "launch_id": launch_id,  # which launch wrote it: a torchrun restart resumes only its own
             "epoch": progress.epoch, "global_step": progress.global_step, "progress": vars(progress).copy(),
             "noise_probe": trainer.noise_probe.state_dict() if trainer.noise_probe else None,
             "rng_cpu": torch.get_rng_state(), "run_id": run_id,
