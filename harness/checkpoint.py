@@ -1,8 +1,9 @@
 """The checkpoint format: what a resumable run saves, written atomically, read safely.
 
 Owns the file layout (``<dir>/epoch-0003.pt``), atomic writes (write, fsync,
-rename: a reader never sees half a file), safe reads (``weights_only=True``) and
-the config fingerprint that refuses a checkpoint made by another config.
+rename: a reader never sees half a file), safe reads (``weights_only=True``),
+the config fingerprint that refuses a checkpoint made by another config, and
+the launch id that keeps a torchrun restart from resuming an earlier launch.
 Deciding *when* to write (rank 0, every epoch) is tracking.py's business.
 """
 
@@ -48,12 +49,13 @@ def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) / cfg.name
 
 
-def check_resumable(cfg: Config) -> Optional[Path]:
+def check_resumable(cfg: Config, launch_id: Optional[str] = None) -> Optional[Path]:
     """The checkpoint a resumed run would start from, read and checked now (before any
-    process group starts); None when there is none."""
+    process group starts); None when there is none (or, with ``launch_id``, when the
+    newest is another launch's: see :func:`read_checkpoint`)."""
     path = newest_checkpoint(checkpoint_dir(cfg))
-    if path is not None:
-        read_checkpoint(path, cfg)
+    if path is not None and read_checkpoint(path, cfg, launch_id) is None:
+        return None
     return path
 
 
@@ -88,8 +90,13 @@ def write_checkpoint(state: dict[str, Any], directory: Path, epoch: int) -> Path
     return final
 
 
-def read_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
-    """Load safely and check it belongs to this config; errors name the file."""
+def read_checkpoint(path: Path, cfg: Config, launch_id: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """Load safely and check it belongs to this config; errors name the file.
+
+    With ``launch_id`` (a restart, which may resume only its own launch's files),
+    a checkpoint that another launch wrote gives None, before its config is
+    checked: that earlier run is not this one's to resume or to refuse.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -99,6 +106,8 @@ def read_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
                          "expected a file written by the harness") from None
     if not isinstance(state, dict) or "config_fingerprint" not in state:
         raise InputError(f"{path}: not a harness checkpoint; expected keys model, optimizer, epoch")
+    if launch_id is not None and state.get("launch_id") != launch_id:
+        return None
     if state["config_fingerprint"] != config_fingerprint(cfg):
         raise InputError(f"{path}: checkpoint was made by another config (fingerprint "
                          f"{state['config_fingerprint']}, this config {config_fingerprint(cfg)}); "

@@ -140,15 +140,47 @@ def run_sweep_on_ray(cfg: Config, options: RayOptions, resume: bool = False):
     remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit)
     with sweep_parent_run(cfg, ctx, resume) as parent:
         trials = [t for t in trials if not parent.skip(t)]
-        pending = {remote_fit.remote(trial, options, parent.run_id, resume): trial for trial in trials}
+        pending = {}
         outcomes = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            trial = pending.pop(done[0])
-            try:
-                outcomes[trial.name] = TrialOutcome(trial, ray.get(done[0]))
-            except Exception as err:  # one failed trial must not stop the sweep
-                print(f"[{trial.name}] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-                outcomes[trial.name] = TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
+        try:
+            pending.update({remote_fit.remote(trial, options, parent.run_id, resume): trial for trial in trials})
+            while pending:
+                # A timeout, so the main thread returns to Python now and then: a
+                # signal handler cannot run while ray.wait blocks in C++.
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if not done:
+                    continue
+                trial = pending.pop(done[0])
+                try:
+                    outcomes[trial.name] = TrialOutcome(trial, ray.get(done[0]))
+                except Exception as err:  # one failed trial must not stop the sweep
+                    print(f"[{trial.name}] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                    outcomes[trial.name] = TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
+        except BaseException:
+            _cancel_trials(list(pending))
+            raise
         parent.outcomes += [outcomes[t.name] for t in trials]
     return parent
+
+
+# How long a cancelled trial may take to go; afterwards the parent marks its run KILLED anyway.
+CANCEL_WAIT_S = 30
+
+
+def _cancel_trials(refs: list) -> None:
+    """Stop the trials still running (a signal, or the sweep broke): kill each fit's task.
+
+    force=True kills the task's worker process; the TorchTrainer's controller and
+    training workers are actors it owns, and Ray ends them with their owner. The
+    wait lets them go before the parent run marks their MLflow runs KILLED, so a
+    worker cannot write to a run after that.
+    """
+    import ray
+
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True, recursive=True)
+        except Exception as err:  # already finished, or the cluster is gone: nothing left to stop
+            print(f"could not cancel a trial ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)

@@ -13,6 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Optional
 
+from harness import signals
 from harness.config import Config
 from harness.data import Dataset, load_dataset
 from harness.distributed import DistContext
@@ -92,7 +93,8 @@ class SweepParent:
 @contextlib.contextmanager
 def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
     """Start the parent run (or, resuming, reopen the newest unfinished one of this sweep);
-    end it FINISHED with trial counts, or FAILED if the sweep itself breaks."""
+    end it FINISHED with trial counts, KILLED on a termination signal, or FAILED if the
+    sweep itself breaks; child runs still RUNNING then end with the parent's status."""
     tracker = make_tracker(cfg, ctx)
     previous = tracker.unfinished_sweep_run(cfg.name) if resume else None
     if resume and previous is None:
@@ -104,15 +106,28 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
         tracker.clear_checkpoints(expand_trials(cfg))
     parent = SweepParent(tracker.start(resume_run_id=previous),
                          tracker.finished_children(previous) if previous else frozenset())
-    tracker.set_tags({"run_kind": "sweep"})
     try:
+        tracker.set_tags({"run_kind": "sweep"})
         yield parent
-    except BaseException:
-        tracker.finish("FAILED")
+        tracker.set_tags({"trials": len(parent.outcomes),
+                          "trials_failed": sum(o.error is not None for o in parent.outcomes)})
+        # A trial whose process died without a word (SIGKILL, out of memory) left its run RUNNING.
+        tracker.end_running_children(parent.run_id, "FAILED")
+        tracker.finish("FINISHED")
+    except BaseException as err:
+        # Inline, as in train_loop.train: a termination signal is raised once, and
+        # if it lands during the first attempt the second one runs to its end.
+        # Children come first: a trial the launcher could not stop cleanly (a Ray
+        # task, a torchrun killed after its grace period) must not stay RUNNING.
+        try:
+            status = signals.end_status(err)
+            tracker.end_running_children(parent.run_id, status)
+            tracker.finish(status)
+        except signals.Terminated:
+            tracker.end_running_children(parent.run_id, "KILLED")
+            tracker.finish("KILLED")
+            raise
         raise
-    tracker.set_tags({"trials": len(parent.outcomes),
-                      "trials_failed": sum(o.error is not None for o in parent.outcomes)})
-    tracker.finish("FINISHED")
 
 
 def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None,

@@ -98,6 +98,9 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
+    def end_running_children(self, parent_run_id: Optional[str], status: str) -> list[str]:
+        return []
+
 
 class ConsoleTracker(NullTracker):
     """Rank 0 without MLflow: epoch lines on stdout and checkpoint files."""
@@ -227,6 +230,31 @@ class MLflowTracker(ConsoleTracker):
                                        f"tags.run_kind = 'sweep' and attributes.run_name = '{sweep_name}'",
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+
+    def end_running_children(self, parent_run_id: Optional[str], status: str) -> list[str]:
+        """End the parent's child runs that are still RUNNING with ``status``; returns their ids.
+
+        The fallback for trials whose own process could not finish its run: killed
+        by SIGKILL, or a Ray task cancelled with its workers. Best effort: with the
+        tracking server down there is nothing to search, and the parent's own
+        record (spooled) still says how the sweep ended.
+        """
+        if not parent_run_id:
+            return []
+        try:
+            children = self.client.search_runs(
+                [self.client.get_run(parent_run_id).info.experiment_id],
+                f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'", max_results=10000)
+            for child in children:
+                self.client.set_terminated(child.info.run_id, status=status)
+        except Exception as err:  # the store is unreachable: report, do not mask why the sweep ended
+            print(f"[{self.cfg.name}] could not end the sweep's RUNNING child runs ({type(err).__name__}: {err})",
+                  file=sys.stderr, flush=True)
+            return []
+        if children:
+            print(f"[{self.cfg.name}] {len(children)} child run(s) left RUNNING by their trial marked {status}",
+                  file=sys.stderr, flush=True)
+        return [c.info.run_id for c in children]
 
     def finished_children(self, parent_run_id: str) -> frozenset:
         """Names of the parent's child runs that FINISHED: trials a resumed sweep skips."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from harness import checkpoint as ckpt
-from harness import faults
+from harness import faults, signals
 from harness.backprop import manual_backward
 from harness.config import Config
 from harness.data import BatchPlan, Dataset, Split, load_dataset
@@ -47,13 +47,25 @@ class RunResult:
 
 
 class RunHooks:
-    """Launcher-specific resume and reporting. This default: checkpoint files on local disk."""
+    """Launcher-specific resume and reporting. This default: checkpoint files on local disk.
 
-    def __init__(self, resume: bool = False):
+    ``launch_id`` names the launch (torchrun's run id) and goes into every checkpoint;
+    with ``same_launch_only`` (a torchrun restart the user did not ask to resume) a
+    checkpoint of another launch is not resumed: the run starts afresh instead of
+    taking over the earlier run whose files are still in the folder.
+    """
+
+    def __init__(self, resume: bool = False, launch_id: Optional[str] = None, same_launch_only: bool = False):
         self.resume = resume
+        self.launch_id = launch_id
+        self.same_launch_only = same_launch_only
 
     def restore(self, cfg: Config) -> Optional[Path]:
         return ckpt.newest_checkpoint(ckpt.checkpoint_dir(cfg)) if self.resume else None
+
+    def read(self, path: Path, cfg: Config) -> Optional[dict]:
+        """The state to resume from ``path``; None where it belongs to another launch (then start afresh)."""
+        return ckpt.read_checkpoint(path, cfg, launch_id=self.launch_id if self.same_launch_only else None)
 
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
         """Called on every rank after every epoch (and after the initial checkpoint, epoch 0)."""
@@ -258,8 +270,10 @@ class Progress:
     target_reached_epoch: int = 0  # 0: validation accuracy has not reached the target yet
 
 
-def checkpoint_state(trainer: Trainer, progress: Progress, run_id: Optional[str]) -> dict:
+def checkpoint_state(trainer: Trainer, progress: Progress, run_id: Optional[str],
+                     launch_id: Optional[str] = None) -> dict:
     return {"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "launch_id": launch_id,  # which launch wrote it: a torchrun restart resumes only its own
             "epoch": progress.epoch, "global_step": progress.global_step, "progress": vars(progress).copy(),
             "noise_probe": trainer.noise_probe.state_dict() if trainer.noise_probe else None,
             "rng_cpu": torch.get_rng_state(), "run_id": run_id,
@@ -306,17 +320,28 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
     dataset = (dataset or load_dataset(cfg)).to(ctx.device)
     trainer = build_trainer(cfg, ctx, dataset)
     resume_from = hooks.restore(cfg)
-    state = ckpt.read_checkpoint(resume_from, cfg) if resume_from else None
+    state = hooks.read(resume_from, cfg) if resume_from else None
+    if resume_from and state is None:
+        print_main(ctx, f"[{cfg.name}] {resume_from} is another launch's checkpoint: starting afresh")
     tracker = tracker or make_tracker(cfg, ctx, parent_run_id)
     if state is None:
         tracker.clear_checkpoints()
-    run_id = tracker.start(resume_run_id=state["run_id"] if state else None)
+    # start and finish sit inside the try: a signal that lands while either talks to
+    # MLflow must still end the run as KILLED, not leave it RUNNING.
     try:
+        run_id = tracker.start(resume_run_id=state["run_id"] if state else None)
         result = _train_epochs(trainer, dataset, tracker, hooks, state, run_id)
-    except BaseException:
-        tracker.finish("FAILED")
+        tracker.finish("FINISHED")
+    except BaseException as err:
+        # Inline, not in a helper: a signal raises at the next function entry, and
+        # must land inside this try. It is raised only once per process
+        # (harness/signals.py), so the second finish runs to its end.
+        try:
+            tracker.finish(signals.end_status(err))
+        except signals.Terminated:
+            tracker.finish("KILLED")
+            raise
         raise
-    tracker.finish("FINISHED")
     return result
 
 
@@ -326,7 +351,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
     if state is None:
         progress = Progress()
         # Epoch 0 is saved too: a run killed in its first epoch resumes into the same MLflow run.
-        latest = tracker.save_checkpoint(checkpoint_state(trainer, progress, run_id), 0)
+        latest = tracker.save_checkpoint(checkpoint_state(trainer, progress, run_id, hooks.launch_id), 0)
         hooks.after_epoch(0, {}, latest, ctx)
     else:
         progress = restore(trainer, state)
@@ -356,7 +381,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
         result = RunResult(run_id, epoch, progress.global_step, metrics, diverged)
         if diverged:
             break
-        latest = tracker.save_checkpoint(checkpoint_state(trainer, progress, run_id), epoch)
+        latest = tracker.save_checkpoint(checkpoint_state(trainer, progress, run_id, hooks.launch_id), epoch)
         hooks.after_epoch(epoch, metrics, latest, ctx)
     result.checkpoint = latest
     return result

@@ -15,11 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness import signals  # noqa: E402
 from harness.entrypoints import (add_config_arguments, add_ray_arguments, connect_ray,  # noqa: E402
                                  exits_on_input_error, load_run_config, prepare_ray_run)
 from harness.sweep import summary_table  # noqa: E402
 
 
+@signals.exits_on_termination
 @exits_on_input_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg, options = prepare_ray_run(load_run_config(args), args)
     connect_ray(args.num_cpus)
+    signals.install()  # ray.init set its own SIGTERM handler (sys.exit)
     from harness.ray_train import fit, run_sweep_on_ray
 
     if cfg.is_sweep:

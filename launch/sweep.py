@@ -10,10 +10,15 @@
 One MLflow parent run holds one child run per trial. A trial that fails or
 diverges is recorded and the sweep goes on. With tracking on, the sweep ends with
 ``harness report``'s table and the path of its plots.
+
+SIGTERM or SIGINT stops the running trials with the sweep (a trial's torchrun and
+its ranks, the Ray tasks) and ends the parent and child runs as KILLED (exit code
+143 or 130); ``--resume`` continues the sweep.
 """
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from harness import signals  # noqa: E402
 from harness.config import check_world_size  # noqa: E402
 from harness.data import load_dataset  # noqa: E402
 from harness.distributed import DistContext, local_context  # noqa: E402
@@ -30,6 +36,56 @@ from harness.errors import InputError  # noqa: E402
 from harness.sweep import TrialOutcome, expand_trials, run_sweep, summary_table, sweep_parent_run  # noqa: E402
 
 LAUNCHERS = ("local", "torchrun", "ray")
+
+
+# torchrun gives its ranks 30 s (--shutdown-timeout) to exit after the signal it
+# passes on, then SIGKILLs them: wait longer than that before killing anything.
+TRIAL_STOP_GRACE_S = 60
+
+
+def run_trial_process(command: list[str], env: dict) -> int:
+    """Run one trial's torchrun to its end; its exit code.
+
+    torchrun runs in its own session, so a Ctrl-C in the terminal reaches it once,
+    through us, not twice. On a termination signal it gets the same signal (it
+    passes it on to its ranks, which end their MLflow run as KILLED) and time to
+    exit; whatever of its process tree is still alive after that is killed, so no
+    rank trains on as an orphan. (subprocess.run would SIGKILL torchrun alone and
+    orphan its ranks, which run in sessions of their own.)
+    """
+    process = None
+    try:
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        return process.wait()
+    except BaseException as err:
+        if process is not None:
+            stop_process_tree(process, err.signum if isinstance(err, signals.Terminated) else signal.SIGTERM)
+        raise
+
+
+def stop_process_tree(process: subprocess.Popen, signum: int) -> None:
+    """Send ``signum`` to ``process``, wait up to TRIAL_STOP_GRACE_S, then SIGKILL it and its descendants."""
+    import psutil
+
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)  # listed now: orphans lose their parent
+    except psutil.NoSuchProcess:
+        family = []
+    if process.poll() is None:
+        process.send_signal(signum)
+    try:
+        process.wait(TRIAL_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    _, alive = psutil.wait_procs(family, timeout=0)
+    for leftover in alive:
+        print(f"killing pid {leftover.pid}, left behind by the trial's torchrun", file=sys.stderr, flush=True)
+        try:
+            leftover.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 def torchrun_sweep(cfg, args):
@@ -47,7 +103,7 @@ def torchrun_sweep(cfg, args):
                 command += ["--parent-run-id", parent.run_id]
             if args.resume:
                 command.append("--resume")
-            status = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}).returncode
+            status = run_trial_process(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
             error = None if status == 0 else f"torchrun exited with {status}"
             if error:
                 print(f"[{trial.name}] failed: {error}", file=sys.stderr, flush=True)
@@ -55,6 +111,7 @@ def torchrun_sweep(cfg, args):
     return parent
 
 
+@signals.exits_on_termination
 @exits_on_input_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,6 +137,7 @@ def main(argv=None) -> int:
         args.num_workers = args.nproc
         cfg, options = prepare_ray_run(cfg, args)
         connect_ray(args.num_cpus)
+        signals.install()  # ray.init set its own SIGTERM handler (sys.exit)
         from harness.ray_train import run_sweep_on_ray
 
         sweep = run_sweep_on_ray(cfg, options, resume=args.resume)

@@ -3,8 +3,10 @@
     torchrun --standalone --nproc_per_node 2 launch/train.py --config configs/fashion_mnist.yaml
     python launch/train.py --config configs/seed.yaml --set optim.lr=0.05
 
-A restart by ``torchrun --max-restarts`` (or ``--resume``) continues from the
-newest checkpoint, into the same MLflow run.
+A restart by ``torchrun --max-restarts`` continues from the newest checkpoint of
+the same launch (torchrun's run id), into the same MLflow run; ``--resume``
+continues from the run's newest checkpoint, whichever launch wrote it. SIGTERM or
+SIGINT ends the run as KILLED (exit code 143 or 130); ``--resume`` continues it.
 """
 
 import argparse
@@ -14,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import distributed  # noqa: E402
+from harness import distributed, signals  # noqa: E402
 from harness.checkpoint import check_resumable  # noqa: E402
 from harness.config import check_world_size  # noqa: E402
 from harness.data import load_dataset  # noqa: E402
@@ -24,6 +26,7 @@ from harness.train_loop import RunHooks, train  # noqa: E402
 from harness.tracking import print_main  # noqa: E402
 
 
+@signals.exits_on_termination
 @exits_on_input_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,9 +45,16 @@ def main(argv=None) -> int:
     check_world_size(cfg, world_size)
     distributed.pick_device(cfg.train.device, local_rank)
     dataset = load_dataset(cfg)
-    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = args.resume or restart
+    # torchrun's run id is new for every launch (a uuid with --standalone or one node).
+    # A restart may resume only what this launch wrote: an earlier run's checkpoints
+    # in the same folder are not its own (unless the user asked for --resume).
+    hooks = RunHooks(resume=resume, launch_id=os.environ.get("TORCHELASTIC_RUN_ID"),
+                     same_launch_only=restart and not args.resume)
     if resume and not cfg.is_sweep:
-        check_resumable(cfg)  # a corrupt or foreign checkpoint is refused here, not after init
+        # a corrupt or foreign checkpoint is refused here, not after init
+        check_resumable(cfg, hooks.launch_id if hooks.same_launch_only else None)
     if cfg.performance.cuda_graph:
         distributed.allow_collective_capture()
     ctx = distributed.init_from_env(cfg.train.device) if under_torchrun else distributed.local_context(cfg.train.device)
@@ -52,7 +62,7 @@ def main(argv=None) -> int:
         if cfg.is_sweep:
             print_main(ctx, "", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes))
         else:
-            result = train(cfg, ctx, hooks=RunHooks(resume=resume), dataset=dataset, parent_run_id=args.parent_run_id)
+            result = train(cfg, ctx, hooks=hooks, dataset=dataset, parent_run_id=args.parent_run_id)
             print_main(ctx, f"finished {cfg.name}: epochs {result.epochs_completed}, steps {result.global_step}, "
                             f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
                             f"MLflow run {result.run_id or '-'}, checkpoint {result.checkpoint or '-'}")

@@ -1,0 +1,99 @@
+"""Termination signals: SIGTERM and SIGINT end a run as KILLED, never RUNNING.
+
+Owns the handlers of an entry point's main process. The first SIGTERM or
+SIGINT raises :class:`Terminated` in the main thread, so ``finally`` blocks and
+``except BaseException`` blocks run as the stack unwinds: the training loop and
+the sweep's parent run finish their MLflow runs as KILLED, and a launcher passes
+the signal on to the processes it started. Signals that follow the first are
+recorded and otherwise ignored, so they cannot cut that unwinding short (SIGKILL
+still can). Which MLflow status a run ends with is decided here
+(:func:`end_status`); who finishes which run is the caller's business.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import threading
+from typing import Callable, Optional
+
+HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+# Every handled signal this process received, oldest first.
+_received: list[int] = []
+
+
+class Terminated(BaseException):
+    """The first SIGTERM or SIGINT. A BaseException, like KeyboardInterrupt, so that
+    ``except Exception`` (a sweep's catch around one trial) does not swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+
+
+def _handler(signum: int, _frame) -> None:
+    _received.append(signum)
+    if len(_received) == 1:
+        raise Terminated(signum)
+
+
+def install() -> None:
+    """Handle SIGTERM and SIGINT in this process (main thread only; elsewhere Python forbids it).
+
+    Call again after anything that installs its own handler: ``ray.init`` sets
+    SIGTERM to ``sys.exit``.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for signum in HANDLED:
+            signal.signal(signum, _handler)
+
+
+def received() -> Optional[int]:
+    """The first termination signal this process got, or None."""
+    return _received[0] if _received else None
+
+
+def end_status(error: BaseException) -> str:
+    """The MLflow status of a run that ``error`` ended: KILLED when a termination was
+    asked for (even if what surfaced first was a collective broken by a peer that
+    exited on the same signal), else FAILED."""
+    if _received or isinstance(error, (Terminated, KeyboardInterrupt)):
+        return "KILLED"
+    return "FAILED"
+
+
+def exits_on_termination(main: Callable[..., int]) -> Callable[..., int]:
+    """Run ``main`` with the handlers installed; a termination signal becomes exit code 128+signal
+    and one line on stderr. The previous handlers are put back afterwards (tests call ``main`` in-process)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = {signum: signal.getsignal(signum) for signum in HANDLED} if in_main_thread else {}
+        _received.clear()
+        install()
+        try:
+            return main(*args, **kwargs)
+        except BaseException as err:
+            # After a signal, what surfaces may be another error it caused: a
+            # collective broken by a peer that exited on the same signal, or Ray's
+            # ray.wait wrapping Terminated in a SystemError. The exit is the signal's.
+            signum = received()
+            if signum is None:
+                raise
+            stop = err if isinstance(err, Terminated) else Terminated(signum)
+            seen = "" if err is stop else f" ({type(err).__name__} as it stopped: {str(err)[:200]})"
+            print(f"stopped: {stop}{seen}; an unfinished MLflow run is marked KILLED (continue it with --resume)",
+                  file=sys.stderr, flush=True)
+            return stop.exit_code
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    return wrapper
