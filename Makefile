@@ -38,11 +38,12 @@ test: setup data
 
 setup: $(STAMP)
 
+# --no-compile: compiling all of ray, mlflow and torch at install time takes
+# about 90 s, most of it for modules never imported. Python compiles what is
+# imported, once, and caches it in .venv (see unexport above).
+# (Comments stay outside recipes: make echoes a recipe's comment lines.)
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# --no-compile: compiling all of ray, mlflow and torch at install time takes
-	# about 90 s, most of it for modules never imported. Python compiles what is
-	# imported, once, and caches it in .venv (see unexport below).
 	$(PY) -m pip install -q --no-compile $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-compile -r requirements.txt
 	$(PY) -m pip install -q --no-compile --no-deps -e .
