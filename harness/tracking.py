@@ -300,7 +300,7 @@ def ui_links(uri: str, experiment_id: str, sweep_run_id: Optional[str] = None) -
     lines.append(f"  runs: {base}/#/experiments/{experiment_id}?workflowType=machine_learning")
     if sweep_run_id:
         lines.append(f"  the sweep (charts vs batch size): {base}/#/experiments/{experiment_id}/runs/{sweep_run_id}"
-                     "/model-metrics")
+                     "/model-metrics?workflowType=machine_learning")
     return lines
 
 
