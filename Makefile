@@ -22,7 +22,7 @@ TEST_WORKERS ?= 2
 
 MLFLOW_PORT ?= 5000
 
-.PHONY: sweep test setup data clean mlflow-server gpu-data gpu-wheels
+.PHONY: sweep test setup data clean mlflow-server screenshots gpu-data gpu-wheels
 
 # PYTHONDONTWRITEBYTECODE is set on machines of this kind. With it, no .pyc is
 # cached, and every process of a sweep or of the tests (torchrun ranks, Ray
@@ -38,11 +38,12 @@ test: setup data
 
 setup: $(STAMP)
 
+# --no-compile: compiling all of ray, mlflow and torch at install time takes
+# about 90 s, most of it for modules never imported. Python compiles what is
+# imported, once, and caches it in .venv (see unexport above).
+# (Comments stay outside recipes: make echoes a recipe's comment lines.)
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# --no-compile: compiling all of ray, mlflow and torch at install time takes
-	# about 90 s, most of it for modules never imported. Python compiles what is
-	# imported, once, and caches it in .venv (see unexport below).
 	$(PY) -m pip install -q --no-compile $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-compile -r requirements.txt
 	$(PY) -m pip install -q --no-compile --no-deps -e .
@@ -75,6 +76,11 @@ gpu-wheels:
 # The MLflow UI over this folder's mlflow.db, on 127.0.0.1 only.
 mlflow-server: setup
 	$(VENV)/bin/harness mlflow-server --port $(MLFLOW_PORT)
+
+# The README's MLflow UI screenshots in docs/, from a small real sweep in a
+# temporary store (docs/screenshots.sh; needs chromium, about 5 minutes).
+screenshots: setup data
+	PY=$(PY) docs/screenshots.sh
 
 clean:
 	rm -rf $(VENV) checkpoints reports mlflow.db mlartifacts .pytest_cache

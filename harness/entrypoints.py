@@ -16,17 +16,48 @@ from typing import Callable
 
 from harness.config import Config, load_config
 from harness.errors import USAGE_EXIT_CODE, InputError
-from harness.tracking import check_tracking_server, default_tracking_uri
+
+# No module here imports torch at load time (harness.tracking does, so it is
+# imported where used): `harness --help` must answer without loading torch.
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the text already says it or the option is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the defaults in the help, and usage errors as the one ``error:`` line
+    (exit 2, via ``exits_on_input_error``) that every other bad input gets."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise InputError(message)
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        if action.choices is not None and value not in action.choices:
+            name = "/".join(action.option_strings) or action.dest
+            raise InputError(f"{name}: expected one of {', '.join(map(str, action.choices))}, got {value!r}")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML file in configs/")
+    parser.add_argument("--config", required=True, help="YAML file in configs/ (required)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set optim.lr=0.05 (repeatable)")
 
 
 def load_run_config(args: argparse.Namespace) -> Config:
     """The validated config, with the tracking URI made absolute so workers elsewhere agree."""
+    from harness.tracking import check_tracking_server, default_tracking_uri
+
     cfg = load_config(args.config, args.overrides)
     if cfg.tracking.enabled and not cfg.tracking.uri:
         cfg = cfg.replace(**{"tracking.uri": default_tracking_uri()})

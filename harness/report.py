@@ -2,8 +2,10 @@
 
 Owns turning a parent run and its child runs into numbers per (LR rule, batch
 size), mean and standard deviation over seeds, and drawing them. Logs the files
-as artifacts of the parent run. Reads MLflow only: nothing is recomputed from
-the models.
+as artifacts of the parent run, and the means as the parent's metrics with
+step = batch size (``by_batch/<column>_<rule>``), so MLflow's own charts of the
+parent plot them against batch size. Reads MLflow only: nothing is recomputed
+from the models.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class SummaryRow:
 @dataclass
 class Report:
     sweep_run_id: str
+    experiment_id: str
     directory: Path
     rows: list[SummaryRow]
     csv_path: Path
@@ -89,7 +92,7 @@ def collect_trials(client, parent) -> list[TrialRecord]:
         history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
                    for key in HISTORY_KEYS if key in run.data.metrics}
         records.append(TrialRecord(
-            run_id=run.info.run_id, name=run.info.run_name, lr_rule=params.get("lr_rule", "none"),
+            run_id=run.info.run_id, name=tags.get("trial", run.info.run_name), lr_rule=params.get("lr_rule", "none"),
             batch_size=int(params["batch_size"]), lr=float(params["lr"]), seed=int(params["seed"]),
             status=run.info.status, diverged=tags.get("diverged") == "true", final=dict(run.data.metrics),
             history=history))
@@ -147,6 +150,30 @@ def write_csv(rows: list[SummaryRow], path: Path) -> None:
                             + [v for c in columns for v in row.stats[c]])
 
 
+def parent_metric_key(column: str, lr_rule: str) -> str:
+    return f"by_batch/{column}_{lr_rule}"
+
+
+def log_parent_metrics(client, parent_run_id: str, rows: list[SummaryRow]) -> None:
+    """Each row's means on the parent run, step = batch size; a (key, step) the run already holds
+    (the report built again) is not logged twice."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from harness.spool import logged_steps
+
+    logged = logged_steps(client, parent_run_id)
+    now_ms = int(time.time() * 1000)
+    metrics = [Metric(parent_metric_key(column, row.lr_rule), mean, now_ms, row.batch_size)
+               for row in rows for column, (mean, _std) in row.stats.items()
+               if math.isfinite(mean) and (parent_metric_key(column, row.lr_rule), row.batch_size) not in logged]
+    metrics += [Metric(parent_metric_key("diverged", row.lr_rule), float(row.diverged), now_ms, row.batch_size)
+                for row in rows if (parent_metric_key("diverged", row.lr_rule), row.batch_size) not in logged]
+    for i in range(0, len(metrics), 1000):  # MLflow's limit of metrics per log_batch call
+        client.log_batch(parent_run_id, metrics=metrics[i:i + 1000])
+
+
 def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str] = None,
                  out_dir: str | Path = "reports", log_artifacts: bool = True) -> Report:
     """Read the sweep, write table and plots under ``out_dir/<sweep run id>/``, log them to the parent run."""
@@ -171,4 +198,5 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     if log_artifacts:
         for path in [csv_path, markdown_path, *drawn]:
             client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
-    return Report(parent.info.run_id, directory, rows, csv_path, markdown_path, table, drawn)
+        log_parent_metrics(client, parent.info.run_id, rows)
+    return Report(parent.info.run_id, parent.info.experiment_id, directory, rows, csv_path, markdown_path, table, drawn)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Optional
@@ -19,7 +20,7 @@ from harness.data import Dataset, load_dataset
 from harness.distributed import DistContext
 from harness.errors import InputError
 from harness.train_loop import RunHooks, RunResult, train
-from harness.tracking import make_tracker
+from harness.tracking import display_name, make_tracker
 
 
 def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:
@@ -60,6 +61,38 @@ def select_trial(cfg: Config, index: int) -> Config:
     if not 0 <= index < len(trials):
         raise InputError(f"--trial {index}: expected 0..{len(trials) - 1} for the {len(trials)} trials of {cfg.name!r}")
     return trials[index]
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class SweepProgress:
+    """The line each trial of a sweep starts with: trial i of N, time elapsed, an ETA.
+
+    The loops of the local and torchrun launchers call ``starting`` once per trial
+    that runs; a trial's duration is the time to the next call, and the ETA is the
+    mean of those durations times the trials left (trials skipped by --resume
+    included, so it errs long).
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.started_s = time.monotonic()
+        self.trial_started_s: Optional[float] = None
+        self.durations_s: list[float] = []
+
+    def starting(self, index: int, trial: Config, how: str = "") -> None:
+        now = time.monotonic()
+        if self.trial_started_s is not None:
+            self.durations_s.append(now - self.trial_started_s)
+        self.trial_started_s = now
+        eta = (f"ETA {format_duration(sum(self.durations_s) / len(self.durations_s) * (self.total - index))}"
+               if self.durations_s else "ETA after the first trial")
+        print(f"[sweep] trial {index + 1}/{self.total} ({format_duration(now - self.started_s)} elapsed, {eta}): "
+              f"{display_name(trial)} ({trial.name}){': ' + how if how else ''}", flush=True)
 
 
 @dataclass
@@ -134,9 +167,13 @@ def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None,
               resume: bool = False) -> SweepParent:
     """Run every trial in this process group, one after another, as children of one parent run."""
     dataset = dataset or load_dataset(cfg)
+    trials = expand_trials(cfg)
+    progress = SweepProgress(len(trials)) if ctx.is_main else None
     with sweep_parent_run(cfg, ctx, resume) as parent:
-        for trial in expand_trials(cfg):
+        for index, trial in enumerate(trials):
             if not parent.skip(trial):
+                if progress:
+                    progress.starting(index, trial, f"in this process group of {ctx.world_size}")
                 parent.outcomes.append(run_trial(trial, ctx, dataset, parent.run_id, resume))
     return parent
 

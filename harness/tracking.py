@@ -11,6 +11,7 @@ MLflow is imported only when tracking is enabled. Runs are written through
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -54,6 +55,8 @@ def run_params(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         return {**params, "world_size": ctx.world_size, "launcher": ctx.launcher}
     params.update({
         "batch_size": cfg.optim.global_batch_size,
+        # The compare view's scatter axes are linear: log2 spaces batch sizes 32..8192 evenly.
+        "log2_batch_size": round(math.log2(cfg.optim.global_batch_size), 3),
         "per_rank_batch_size": cfg.optim.global_batch_size // ctx.world_size,
         "lr": cfg.optim.lr,
         "lr_rule": cfg.trial.lr_rule if cfg.trial else "none",
@@ -63,6 +66,42 @@ def run_params(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         "device_type": ctx.device.type,
     })
     return params
+
+
+def display_name(cfg: Config) -> str:
+    """The MLflow run name: a trial leads with what differs between trials (``bs32 lr0.1 s0 none``),
+    so the UI's truncated name column still tells runs apart; other runs keep their config name."""
+    if cfg.trial is None:
+        return cfg.name
+    return f"bs{cfg.optim.global_batch_size} lr{cfg.optim.lr:.4g} s{cfg.seed} {cfg.trial.lr_rule}"
+
+
+def run_description(cfg: Config) -> str:
+    """The run's description in the MLflow UI (tag ``mlflow.note.content``, Markdown)."""
+    if cfg.is_sweep:
+        sweep = cfg.sweep
+        return (f"Batch-size sweep `{cfg.name}`: batch sizes {list(sweep.batch_sizes)}, seeds {list(sweep.seeds)}, "
+                f"LR rules {list(sweep.lr_rules)} (base LR {cfg.optim.lr:g} at batch {sweep.base_batch_size}). "
+                "One child run per trial. This run's metrics have step = batch size, one key per LR rule "
+                "(e.g. `test_accuracy_none`): its charts plot them against batch size. "
+                "Tables and plots: artifacts, folder `report/`.")
+    if cfg.trial is not None:
+        return (f"Trial `{cfg.name}` of sweep `{cfg.trial.sweep}`: batch {cfg.optim.global_batch_size}, "
+                f"LR {cfg.optim.lr:.4g} (rule {cfg.trial.lr_rule}), seed {cfg.seed}. Metrics have step = epoch; "
+                "`by_step/<metric>` holds the same values with step = optimizer step.")
+    return (f"Run `{cfg.name}`: batch {cfg.optim.global_batch_size}, LR {cfg.optim.lr:.4g}, seed {cfg.seed}. "
+            "Metrics have step = epoch; `by_step/<metric>` holds the same values with step = optimizer step.")
+
+
+# Per-epoch metrics also logged with step = optimizer step, under ``by_step/<key>``:
+# MLflow's charts take the step as their x axis, and loss against optimizer steps
+# is what shows whether a large batch makes up for taking fewer steps.
+BY_STEP_KEYS = ("train_loss", "train_loss_running", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
+                "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss")
+
+
+def by_step_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {f"by_step/{k}": metrics[k] for k in BY_STEP_KEYS if k in metrics}
 
 
 def format_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
@@ -158,12 +197,17 @@ class MLflowTracker(ConsoleTracker):
             self.client.update_run(resume_run_id, status="RUNNING")
             self.client.set_tag(resume_run_id, "resumed", "true")
             return self.run_id
-        tags = {"git_commit": git_commit(), "torch_version": torch.__version__,
-                "launcher": self.ctx.launcher, "world_size": str(self.ctx.world_size)}
+        commit = git_commit()
+        # mlflow.source.git.commit is the key MLflow's UI shows; git_commit stays for older queries.
+        tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "torch_version": torch.__version__,
+                "launcher": self.ctx.launcher, "world_size": str(self.ctx.world_size),
+                "mlflow.note.content": run_description(self.cfg)}
+        if self.cfg.trial is not None:
+            tags["trial"] = self.cfg.name  # the trial's config name: what a resumed sweep matches on
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = self.client.create_run(experiment_id(self.client, self.cfg.tracking.experiment),
-                                     run_name=self.cfg.name, tags=tags)
+                                     run_name=display_name(self.cfg), tags=tags)
         self.run_id = run.info.run_id
         self._log_params(run_params(self.cfg, self.ctx))
         return self.run_id
@@ -257,10 +301,35 @@ class MLflowTracker(ConsoleTracker):
         return [c.info.run_id for c in children]
 
     def finished_children(self, parent_run_id: str) -> frozenset:
-        """Names of the parent's child runs that FINISHED: trials a resumed sweep skips."""
+        """Config names (tag ``trial``) of the parent's child runs that FINISHED: trials a resumed sweep skips."""
         children = self.client.search_runs([self.client.get_run(parent_run_id).info.experiment_id],
                                            f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
-        return frozenset(c.info.run_name for c in children if c.info.status == "FINISHED")
+        return frozenset(c.data.tags["trial"] for c in children
+                         if c.info.status == "FINISHED" and "trial" in c.data.tags)
+
+
+UI_PORT = 5000  # harness mlflow-server's and mlflow ui's default
+
+
+def ui_links(uri: str, experiment_id: str, sweep_run_id: Optional[str] = None) -> list[str]:
+    """How to open the MLflow UI on this store, and the URLs of the experiment's runs (its
+    model-training view: MLflow 3 opens an experiment on its GenAI overview otherwise) and of the sweep."""
+    if uri.startswith(("http://", "https://")):
+        base, lines = uri.rstrip("/"), []
+    else:
+        base = f"http://127.0.0.1:{UI_PORT}"
+        store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if store is not None and store.name == "mlflow.db":
+            command = ("make mlflow-server" if store.parent == Path.cwd().resolve()
+                       else f".venv/bin/harness mlflow-server --store-dir {store.parent}")
+        else:
+            command = f".venv/bin/mlflow ui --backend-store-uri {uri}"
+        lines = [f"open the MLflow UI: {command}"]
+    lines.append(f"  runs: {base}/#/experiments/{experiment_id}?workflowType=machine_learning")
+    if sweep_run_id:
+        lines.append(f"  the sweep (charts vs batch size): {base}/#/experiments/{experiment_id}/runs/{sweep_run_id}"
+                     "/model-metrics?workflowType=machine_learning")
+    return lines
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:

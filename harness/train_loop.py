@@ -30,7 +30,7 @@ from harness.grad_noise import NoiseProbe, squared_norm
 from harness.graph_step import GraphStep, graph_unavailable_reason, side_stream
 from harness.metrics import top_hessian_eigenvalue
 from harness.model import build_model
-from harness.tracking import make_tracker, print_main
+from harness.tracking import by_step_metrics, make_tracker, print_main
 
 # A loss above this (cross-entropy of 10 classes starts near 2.3) means the run blew up.
 DIVERGED_LOSS = 1e3
@@ -181,6 +181,7 @@ class Trainer:
         """Train up to ``max_steps`` steps of one epoch; returns (running mean loss, samples of all ranks, steps)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         local_samples = steps = 0
+        postfix = LossPostfix(progress, self.ctx.device)
         for step, (indices, global_batch_size) in enumerate(self.plan.local_batches(epoch, self.ctx.device)):
             if step == max_steps:
                 break
@@ -193,6 +194,7 @@ class Trainer:
                                       global_batch_size, first_global_step + step)
             local_samples += len(indices)
             steps += 1
+            postfix.maybe_show(loss_sum, local_samples)  # before update(): its redraw then shows the new value
             progress.update(1)
         totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(local_samples), dtype=torch.float64,
                                                                     device=self.ctx.device)]), self.ctx)
@@ -306,6 +308,44 @@ class NoProgress:
         pass
 
 
+class LossPostfix:
+    """Shows this rank's running mean loss on the epoch bar, about once a second, never waiting on the device.
+
+    On CUDA reading ``loss_sum`` would sync with the host every time: instead the
+    sum is copied without blocking into pinned memory, and the bar shows the copy
+    that an event says has landed (a second or so old).
+    """
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, bar, device: torch.device):
+        self.bar, self.device = bar, device
+        self.shown_at = time.monotonic()
+        self.enabled = not getattr(bar, "disable", True)  # NoProgress and disabled bars: nothing to do
+        self.on_host = torch.zeros((), dtype=torch.float64, pin_memory=True) if self.enabled and device.type == "cuda" else None
+        self.copied = None  # (event, samples) of the copy in flight
+
+    def maybe_show(self, loss_sum: torch.Tensor, samples: int) -> None:
+        if not self.enabled or time.monotonic() - self.shown_at < self.INTERVAL_S:
+            return
+        self.shown_at = time.monotonic()
+        if self.on_host is None:
+            self._show(float(loss_sum), samples)
+            return
+        if self.copied is not None:
+            event, copied_samples = self.copied
+            if not event.query():
+                return  # the last copy has not landed yet: try again in a second
+            self._show(float(self.on_host), copied_samples)
+        self.on_host.copy_(loss_sum, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.copied = (event, samples)
+
+    def _show(self, loss_sum: float, samples: int) -> None:
+        self.bar.set_postfix(loss=f"{loss_sum / max(samples, 1):.4f}", refresh=False)
+
+
 def _progress_bar(cfg: Config, ctx: DistContext, total: int, epoch: int):
     from tqdm import tqdm
 
@@ -375,7 +415,9 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
             metrics["top_hessian_eigenvalue"] = sharpness(trainer)
         if epoch == cfg.total_epochs and not progress.target_reached_epoch:
             tags["steps_to_target"] = "not reached"
-        tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
+        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        tracker.log_metrics(finite, step=epoch)
+        tracker.log_metrics(by_step_metrics(finite), step=progress.global_step)
         if tags:
             tracker.set_tags(tags)
         result = RunResult(run_id, epoch, progress.global_step, metrics, diverged)

@@ -9,14 +9,13 @@ MLflow run. A sweep config runs every trial as its own TorchTrainer, concurrentl
 where the cluster has room, under one MLflow parent run.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import signals  # noqa: E402
-from harness.entrypoints import (add_config_arguments, add_ray_arguments, connect_ray,  # noqa: E402
+from harness.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments, connect_ray,  # noqa: E402
                                  exits_on_input_error, load_run_config, prepare_ray_run)
 from harness.sweep import summary_table  # noqa: E402
 
@@ -24,7 +23,7 @@ from harness.sweep import summary_table  # noqa: E402
 @signals.exits_on_termination
 @exits_on_input_error
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser)
     add_ray_arguments(parser)
     args = parser.parse_args(argv)

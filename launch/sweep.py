@@ -16,11 +16,11 @@ its ranks, the Ray tasks) and ends the parent and child runs as KILLED (exit cod
 143 or 130); ``--resume`` continues the sweep.
 """
 
-import argparse
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,10 +30,10 @@ from harness import signals  # noqa: E402
 from harness.config import check_world_size  # noqa: E402
 from harness.data import load_dataset  # noqa: E402
 from harness.distributed import DistContext, local_context  # noqa: E402
-from harness.entrypoints import (add_config_arguments, add_ray_arguments, connect_ray,  # noqa: E402
-                                 exits_on_input_error, load_run_config, prepare_ray_run)
+from harness.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments,  # noqa: E402
+                                 connect_ray, exits_on_input_error, load_run_config, prepare_ray_run)
 from harness.errors import InputError  # noqa: E402
-from harness.sweep import TrialOutcome, expand_trials, run_sweep, summary_table, sweep_parent_run  # noqa: E402
+from harness.sweep import SweepProgress, TrialOutcome, expand_trials, format_duration, run_sweep, summary_table, sweep_parent_run  # noqa: E402
 
 LAUNCHERS = ("local", "torchrun", "ray")
 
@@ -91,6 +91,7 @@ def stop_process_tree(process: subprocess.Popen, signum: int) -> None:
 def torchrun_sweep(cfg, args):
     """Each trial as a torchrun job of ``--nproc`` ranks, nested under this process's parent run."""
     torchrun = Path(sys.executable).with_name("torchrun")
+    progress = SweepProgress(len(expand_trials(cfg)))
     with sweep_parent_run(cfg, DistContext(world_size=args.nproc, launcher="torchrun"), args.resume) as parent:
         for index, trial in enumerate(expand_trials(cfg)):
             if parent.skip(trial):
@@ -103,6 +104,7 @@ def torchrun_sweep(cfg, args):
                 command += ["--parent-run-id", parent.run_id]
             if args.resume:
                 command.append("--resume")
+            progress.starting(index, trial, f"torchrun --nproc_per_node={args.nproc} launch/train.py --trial {index}")
             status = run_trial_process(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
             error = None if status == 0 else f"torchrun exited with {status}"
             if error:
@@ -114,22 +116,31 @@ def torchrun_sweep(cfg, args):
 @signals.exits_on_termination
 @exits_on_input_error
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser)
-    parser.add_argument("--launcher", default="local", help="local, torchrun or ray")
-    parser.add_argument("--nproc", type=int, default=None, help="ranks per trial (torchrun, ray); default 2")
+    parser.add_argument("--launcher", default="local", choices=LAUNCHERS,
+                        help="local: every trial in this process; torchrun: a torchrun job per trial; "
+                             "ray: a Ray Train run per trial")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="ranks per trial (default: 1 with local, 2 with torchrun and ray)")
     parser.add_argument("--max-restarts", type=int, default=1, help="torchrun restarts per trial")
     parser.add_argument("--report-dir", default="reports", help="where the report's files go")
     parser.add_argument("--resume", action="store_true",
                         help="reopen the newest unfinished sweep of this name: skip finished trials, resume the rest")
     add_ray_arguments(parser)
+    # Here the ranks per trial are --nproc for every launcher; --num-workers (shared
+    # with launch/ray_job.py) is accepted with ray as the same thing, never a second value.
+    parser.set_defaults(num_workers=None)
+    for action in parser._actions:
+        if "--num-workers" in action.option_strings:
+            action.help = "with --launcher ray: the same as --nproc (give one, or both equal; default: unset)"
     args = parser.parse_args(argv)
-    if args.launcher not in LAUNCHERS:
-        raise InputError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got {args.launcher!r}")
+    args.nproc = merged_nproc(args)
     cfg = load_run_config(args)
     if not cfg.is_sweep:
         raise InputError(f"{args.config}: no sweep section; expected a sweep config (see configs/sweep.yaml)")
     args.nproc = args.nproc or (1 if args.launcher == "local" else 2)
+    started_s = time.monotonic()
     if args.launcher == "local" and args.nproc != 1:
         raise InputError("--nproc: the local launcher runs one process; use --launcher torchrun or ray")
     check_world_size(cfg, args.nproc)
@@ -142,13 +153,17 @@ def main(argv=None) -> int:
 
         sweep = run_sweep_on_ray(cfg, options, resume=args.resume)
     elif args.launcher == "torchrun":
+        print(f"loading data ({cfg.data.dataset}) to check it before the first trial", flush=True)
         load_dataset(cfg)  # a missing or damaged data file fails before any trial starts
         sweep = torchrun_sweep(cfg, args)
     else:
+        print(f"loading data ({cfg.data.dataset})", flush=True)
         sweep = run_sweep(cfg, local_context(cfg.train.device), resume=args.resume)
     outcomes = sweep.outcomes
     if cfg.tracking.enabled:
+        print(f"building the report from MLflow ({cfg.tracking.uri})", flush=True)
         from harness.report import build_report
+        from harness.tracking import ui_links
 
         report = build_report(cfg.tracking.uri, cfg.tracking.experiment, sweep_run_id=sweep.run_id,
                               out_dir=args.report_dir)
@@ -157,8 +172,22 @@ def main(argv=None) -> int:
     else:
         print(summary_table(outcomes))
     failed = sum(o.error is not None for o in outcomes)
-    print(f"{len(outcomes)} trials, {failed} failed", flush=True)
+    print(f"{len(outcomes)} trials, {failed} failed, {format_duration(time.monotonic() - started_s)}", flush=True)
+    if cfg.tracking.enabled:
+        print("\n".join(ui_links(cfg.tracking.uri, report.experiment_id, sweep.run_id)), flush=True)
     return 0
+
+
+def merged_nproc(args) -> int | None:
+    """--nproc, or --num-workers where only that was given (ray only); a conflicting pair is refused."""
+    if args.num_workers is None:
+        return args.nproc
+    if args.launcher != "ray":
+        raise InputError(f"--num-workers: only with --launcher ray; the {args.launcher} launcher takes --nproc")
+    if args.nproc is not None and args.nproc != args.num_workers:
+        raise InputError(f"--num-workers {args.num_workers} and --nproc {args.nproc}: the same setting "
+                         "(ranks per trial) given twice with different values; give one")
+    return args.num_workers
 
 
 if __name__ == "__main__":

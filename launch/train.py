@@ -9,7 +9,6 @@ continues from the run's newest checkpoint, whichever launch wrote it. SIGTERM o
 SIGINT ends the run as KILLED (exit code 143 or 130); ``--resume`` continues it.
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from harness import distributed, signals  # noqa: E402
 from harness.checkpoint import check_resumable  # noqa: E402
 from harness.config import check_world_size  # noqa: E402
 from harness.data import load_dataset  # noqa: E402
-from harness.entrypoints import add_config_arguments, exits_on_input_error, load_run_config  # noqa: E402
+from harness.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error, load_run_config  # noqa: E402
 from harness.sweep import run_sweep, select_trial, summary_table  # noqa: E402
 from harness.train_loop import RunHooks, train  # noqa: E402
 from harness.tracking import print_main  # noqa: E402
@@ -29,7 +28,7 @@ from harness.tracking import print_main  # noqa: E402
 @signals.exits_on_termination
 @exits_on_input_error
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--trial", type=int, default=None,

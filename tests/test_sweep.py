@@ -2,6 +2,8 @@
 trial that does not stop the sweep, and a report whose table matches the logged metrics."""
 
 import csv
+import math
+import re
 import sys
 
 import pytest
@@ -61,6 +63,7 @@ def check_sweep_records(tmp_path, launcher, world_size, batch_sizes=(8, 32, 1024
         assert float(params["lr"]) == pytest.approx(0.2 * int(params["batch_size"]) / 8)
     assert by_batch[1024].data.tags.get("diverged") == "true"
     assert "diverged" not in by_batch[8].data.tags
+    check_ui_records(client, parent, by_batch)
     # The report: files exist, are logged to the parent run, and say what MLflow says.
     report_dir = tmp_path / "reports" / parent.info.run_id
     for name in ("summary.csv", "summary.md", *PLOTS):
@@ -78,9 +81,44 @@ def check_sweep_records(tmp_path, launcher, world_size, batch_sizes=(8, 32, 1024
     assert rows[1024]["diverged"] == "1"
 
 
+def check_ui_records(client, parent, by_batch):
+    """What the MLflow UI shows: names that lead with what differs, descriptions, the commit,
+    metrics against optimizer steps, and the parent's metrics against batch size."""
+    assert parent.data.tags["mlflow.source.git.commit"] == parent.data.tags["git_commit"] != "unknown"
+    assert "batch sizes" in parent.data.tags["mlflow.note.content"]
+    for batch, child in by_batch.items():
+        lr = 0.2 * batch / 8
+        assert child.info.run_name == f"bs{batch} lr{lr:.4g} s0 linear"
+        assert child.data.tags["trial"] == f"tiny-linear-bs{batch}-seed0"
+        assert child.data.params["log2_batch_size"] == str(float(math.log2(batch)))
+        assert child.data.tags["mlflow.source.git.commit"] == child.data.tags["git_commit"] != "unknown"
+        assert f"batch {batch}" in child.data.tags["mlflow.note.content"]
+    # by_step/<metric>: the per-epoch values again, with step = the optimizer step reached at that epoch.
+    run_id = by_batch[8].info.run_id
+    global_steps = {m.step: int(m.value) for m in client.get_metric_history(run_id, "global_step")}
+    for key in ("test_loss", "train_loss", "test_accuracy"):
+        by_epoch = {global_steps[m.step]: m.value for m in client.get_metric_history(run_id, key)}
+        by_step = {m.step: m.value for m in client.get_metric_history(run_id, f"by_step/{key}")}
+        assert by_step == by_epoch and len(by_step) == 3, key
+    # The parent: one point per batch size (step = batch size) for each summary column.
+    accuracy = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "by_batch/test_accuracy_linear")}
+    healthy = sorted(set(by_batch) - {1024})
+    assert accuracy == {b: pytest.approx(by_batch[b].data.metrics["test_accuracy"]) for b in healthy}
+    gap = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "by_batch/gap_loss_linear")}
+    assert gap == {b: pytest.approx(by_batch[b].data.metrics["generalization_gap_loss"]) for b in healthy}
+    diverged = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "by_batch/diverged_linear")}
+    assert diverged == {b: float(b == 1024) for b in by_batch}
+
+
 def test_local_sweep_records_parent_children_and_report(tmp_path):
     result = run_sweep_command(tmp_path, "--launcher", "local")
     assert "3 trials, 0 failed" in result.stdout
+    # Progress over the whole sweep, and the way into the UI at the end.
+    assert re.search(r"^\[sweep\] trial 1/3 \(\d+m\d\ds elapsed, ETA after the first trial\): "
+                     r"bs8 lr0.2 s0 linear \(tiny-linear-bs8-seed0\)", result.stdout, re.M)
+    assert re.search(r"^\[sweep\] trial 3/3 \(\d+m\d\ds elapsed, ETA \d+m\d\ds\): bs1024", result.stdout, re.M)
+    assert "open the MLflow UI: " in result.stdout
+    assert "?workflowType=machine_learning" in result.stdout
     assert "| linear | 1024 | 25.6 | 1 |" in result.stdout
     check_sweep_records(tmp_path, "local", 1)
 
@@ -123,7 +161,7 @@ def test_killed_sweep_resumes_skipping_finished_trials_into_the_same_parent(tmp_
     sweep.wait()
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tiny").experiment_id
-    first_run = client.search_runs([experiment], "attributes.run_name = 'tiny-linear-bs32-seed0'")[0]
+    first_run = client.search_runs([experiment], "tags.trial = 'tiny-linear-bs32-seed0'")[0]
     assert first_run.info.status == "FINISHED"
 
     result = run_command(command + ["--resume"], cwd=tmp_path, timeout=600)
@@ -132,11 +170,11 @@ def test_killed_sweep_resumes_skipping_finished_trials_into_the_same_parent(tmp_
     parents = client.search_runs([experiment], "tags.run_kind = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == [f"tiny-linear-bs{b}-seed0" for b in (128, 32, 64)]
-    by_name = {c.info.run_name: c for c in children}
+    assert sorted(c.data.tags["trial"] for c in children) == [f"tiny-linear-bs{b}-seed0" for b in (128, 32, 64)]
+    by_name = {c.data.tags["trial"]: c for c in children}
     assert by_name["tiny-linear-bs32-seed0"].info.end_time == first_run.info.end_time  # not run again
     assert by_name["tiny-linear-bs64-seed0"].data.tags.get("resumed") == "true"
     for child in children:
         assert child.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")]
-        assert steps == [1, 2, 3, 4], (child.info.run_name, steps)
+        assert steps == [1, 2, 3, 4], (child.data.tags["trial"], steps)

@@ -12,7 +12,7 @@ from harness.checkpoint import checkpoint_dir, newest_checkpoint
 from harness.distributed import DistContext
 from harness.sweep import expand_trials, run_sweep
 from harness.train_loop import RunHooks, train
-from harness.tracking import make_tracker
+from harness.tracking import BY_STEP_KEYS, make_tracker
 
 EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
                  "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss", "samples_per_s",
@@ -29,7 +29,11 @@ def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
     assert run.data.params["optim.lr"] == "0.1" and run.data.params["batch_size"] == "64"
     assert run.data.params["model.hidden_sizes"] == "[32]" and run.data.params["world_size"] == "1"
     assert {"git_commit", "torch_version", "launcher"} <= set(run.data.tags)
-    assert EPOCH_METRICS | FINAL_METRICS <= set(run.data.metrics) <= EPOCH_METRICS | FINAL_METRICS | {"grad_noise_scale"}
+    by_step = {f"by_step/{key}" for key in BY_STEP_KEYS}
+    assert EPOCH_METRICS | FINAL_METRICS | by_step <= set(run.data.metrics) <= (
+        EPOCH_METRICS | FINAL_METRICS | by_step | {"grad_noise_scale"})
+    for key in by_step:  # the same values again, with step = the optimizer step at each epoch's end
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [8, 16], key
     assert run.data.tags["steps_to_target"] == "not reached"  # smoke is far from 0.85
     assert [m.step for m in client.get_metric_history(result.run_id, "top_hessian_eigenvalue")] == [2]
     for key in EPOCH_METRICS:
