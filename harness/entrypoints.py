@@ -34,6 +34,8 @@ def load_run_config(args: argparse.Namespace) -> Config:
     resolved by the parent process, as JSON: taken as it is, not re-parsed as YAML.
     """
     resolved = getattr(args, "resolved_config", None)
+    if resolved and args.overrides:
+        raise InputError("--set: not with --resolved-config; expected the overrides already applied in the JSON")
     if resolved:
         try:
             cfg = Config.from_dict(json.loads(resolved))
