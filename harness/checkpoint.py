@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -115,6 +114,60 @@ def read_checkpoint(path: Path, cfg: Config, launch_id: Optional[str] = None) ->
     return state
 
 
+# The only files a run writes into its folder: checkpoints, their temp files
+# (write_checkpoint) and the MLflow spool (tracking.py).
+_TEMP_PATTERN = re.compile(r"^\.epoch-\d{4,}\.pt\.tmp-\d+$")
+SPOOL_NAME = "mlflow-spool.jsonl"
+
+
+def is_harness_file(path: Path) -> bool:
+    return bool(CHECKPOINT_PATTERN.match(path.name) or _TEMP_PATTERN.match(path.name)) or path.name == SPOOL_NAME
+
+
 def clear_checkpoints(directory: Path) -> None:
-    """A fresh (not resumed) run starts from an empty checkpoint folder."""
-    shutil.rmtree(directory, ignore_errors=True)
+    """A fresh (not resumed) run starts without the checkpoints of an earlier run of its name.
+
+    Deletes only the files the harness writes, never a folder tree: the folder
+    may be one the user keeps other things in (``checkpoint.dir: .`` with
+    ``name: harness``). The folder itself goes only if that leaves it empty.
+    """
+    directory = Path(directory)
+    if directory.is_symlink() or not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if is_harness_file(path) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:  # not empty: something that is not ours stays
+        pass
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """Refuse a folder that is a file, lies under a file, or cannot be written, before
+    anything runs; creates nothing (a probe file in the nearest existing folder is removed)."""
+    import tempfile
+
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{key}: {existing} is not a folder (a file is in the way of {path}); "
+                         "expected a folder or a path that can be created")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".harness-write-check-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{key}: cannot write to {existing} ({err.strerror}); expected a writable folder") from None
+
+
+def check_resume_run_in_store(cfg: Config) -> None:
+    """``--resume`` continues the checkpoint's MLflow run: refuse now if the store lacks it."""
+    from harness.tracking import check_resume_run, default_tracking_uri  # tracking imports this module
+
+    path = newest_checkpoint(checkpoint_dir(cfg))
+    if path is not None:
+        state = read_checkpoint(path, cfg)
+        check_resume_run(cfg.tracking.uri or default_tracking_uri(), state.get("run_id"), path)

@@ -46,9 +46,14 @@ def gradcheck(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """Tables and plots of a finished sweep, read back from MLflow and logged to its parent run."""
-    from harness.report import build_report
-    from harness.tracking import default_tracking_uri
+    from pathlib import Path
 
+    from harness.checkpoint import check_writable_dir
+    from harness.report import build_report
+    from harness.tracking import check_tracking_uri, default_tracking_uri
+
+    check_writable_dir(Path(args.out), "--out")
+    check_tracking_uri(args.tracking_uri or default_tracking_uri())
     result = build_report(args.tracking_uri or default_tracking_uri(), args.experiment,
                           sweep_run_id=args.sweep_run_id, out_dir=args.out)
     print(result.markdown_table)
@@ -64,6 +69,8 @@ def bench(args: argparse.Namespace) -> int:
     from harness.config import load_config
     from harness.distributed import pick_device
 
+    if args.epochs < 1:
+        raise InputError(f"--epochs: expected a positive number of timed epochs, got {args.epochs}")
     cfg = load_config(args.config, args.overrides)
     device = pick_device(args.device)
     for batch_size in args.batch_sizes:
@@ -84,14 +91,20 @@ def replay(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from harness.spool import Spool, replay as replay_spool
-    from harness.tracking import check_tracking_server, default_tracking_uri
+    from harness.tracking import check_tracking_server, check_tracking_uri, default_tracking_uri
 
     spool = Spool(Path(args.spool))
     if not spool:
         raise InputError(f"{args.spool}: no spool file (or empty); expected the path a run printed")
     uri = args.tracking_uri or default_tracking_uri()
+    check_tracking_uri(uri)
     check_tracking_server(uri)
-    count = replay_spool(MlflowClient(tracking_uri=uri), spool)
+    count, bad = replay_spool(MlflowClient(tracking_uri=uri), spool)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        print(f"delivered {count} records to {uri}", flush=True)
+        raise InputError(f"{args.spool}: line(s) {shown} are not spool records (damaged); every other record "
+                         "was delivered and the file is kept")
     print(f"delivered {count} records to {uri}; removed {args.spool}")
     return 0
 
@@ -101,6 +114,11 @@ def mlflow_server(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from harness.checkpoint import check_writable_dir
+
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port: {args.port} is not a TCP port; expected 1..65535")
+    check_writable_dir(Path(args.store_dir), "--store-dir")
     store = Path(args.store_dir).resolve()
     store.mkdir(parents=True, exist_ok=True)
     mlflow = Path(sys.executable).with_name("mlflow")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,42 @@ def _all_positive(values) -> Optional[str]:
     if len(values) == 0:
         return "a non-empty list of positive integers"
     return None if all(v > 0 for v in values) else "a list of positive integers"
+
+
+# A run's name becomes a folder (checkpoint.dir/<name>) and an MLflow run name:
+# letters, digits, '.', '_', '-', starting with a letter or digit, so it can be
+# neither a path ('../x', '/abs', '.') nor empty, nor quote-break an MLflow filter.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_MAX_CHARS = 100
+# Seeds feed torch.Generator.manual_seed, which takes a signed 64-bit integer.
+SEED_LIMIT = 2**63
+
+
+def _safe_name(value) -> Optional[str]:
+    if len(value) <= NAME_MAX_CHARS and NAME_PATTERN.match(value):
+        return None
+    return (f"1..{NAME_MAX_CHARS} characters of A-Z a-z 0-9 . _ - starting with a letter or digit "
+            "(the name is a folder under checkpoint.dir)")
+
+
+def _seed(value) -> Optional[str]:
+    return None if 0 <= value < SEED_LIMIT else "an integer in [0, 2**63)"
+
+
+def _non_empty(value) -> Optional[str]:
+    return None if value.strip() else "a non-empty string"
+
+
+def _distinct(check):
+    """``check`` on a list, and no value twice (a repeated trial would share a name and a folder)."""
+    def distinct(values) -> Optional[str]:
+        complaint = check(values)
+        if complaint:
+            return complaint
+        repeated = sorted({v for v in values if list(values).count(v) > 1})
+        return f"distinct values (repeated: {', '.join(map(str, repeated))})" if repeated else None
+
+    return distinct
 
 
 def _choice(*names):
@@ -161,7 +198,7 @@ class TrackingConfig:
     enabled: bool = True
     # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (resolved by the launcher).
     uri: Optional[str] = None
-    experiment: str = "minibatch-harness"
+    experiment: str = _checked("minibatch-harness", _non_empty)
 
 
 @dataclass(frozen=True)
@@ -174,12 +211,13 @@ class CheckpointConfig:
 class SweepConfig:
     """A batch-size sweep: one trial per (batch size, seed)."""
 
-    batch_sizes: tuple[int, ...] = _checked((32, 128, 512), _all_positive)
-    seeds: tuple[int, ...] = _checked((0,), lambda v: None if len(v) else "a non-empty list of integers")
+    batch_sizes: tuple[int, ...] = _checked((32, 128, 512), _distinct(_all_positive))
+    seeds: tuple[int, ...] = _checked((0,), _distinct(
+        lambda v: None if len(v) and all(_seed(s) is None for s in v) else "a non-empty list of integers in [0, 2**63)"))
     # LR scaling relative to (base_batch_size, optim.lr): none, linear (Goyal et
     # al. 2017), sqrt (Hoffer et al. 2017). Every rule listed gets every batch size.
-    lr_rules: tuple[str, ...] = _checked(("none",), lambda v: None if v and all(r in LR_RULES for r in v)
-                                         else "a non-empty list of " + ", ".join(repr(r) for r in LR_RULES))
+    lr_rules: tuple[str, ...] = _checked(("none",), _distinct(lambda v: None if v and all(r in LR_RULES for r in v)
+                                         else "a non-empty list of " + ", ".join(repr(r) for r in LR_RULES)))
     base_batch_size: int = _checked(128, _positive)
     # The budget of every trial: None keeps train.epochs (a fixed-epoch comparison);
     # a number of steps gives a fixed-step comparison (train.max_steps).
@@ -191,8 +229,8 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "run"
-    seed: int = 0
+    name: str = _checked("run", _safe_name)
+    seed: int = _checked(0, _seed)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -288,6 +326,8 @@ def _check_cross_field(cfg: Config) -> None:
     if data.validation_size >= total:
         raise InputError(f"data.validation_size: {data.validation_size} leaves no training data; "
                          f"expected < {total} for {data.dataset}")
+    if cfg.sweep:
+        _check_trial_names(cfg)
     sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
     key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
     for size in sizes:
@@ -296,34 +336,94 @@ def _check_cross_field(cfg: Config) -> None:
                              f"({cfg.train_set_size} samples); expected <= {cfg.train_set_size}")
 
 
+def trial_name(sweep_name: str, rule: str, batch_size: int, seed: int) -> str:
+    """The path-safe name (and checkpoint folder) of one sweep trial."""
+    return f"{sweep_name}-{rule}-bs{batch_size}-seed{seed}"
+
+
+def _check_trial_names(cfg: Config) -> None:
+    """Every derived trial name must be a valid name too (the longest decides)."""
+    sweep = cfg.sweep
+    longest = max((trial_name(cfg.name, r, b, s) for r in sweep.lr_rules for b in sweep.batch_sizes
+                   for s in sweep.seeds), key=len)
+    if len(longest) > NAME_MAX_CHARS:
+        raise InputError(f"name: trial name {longest[:40]}... would be {len(longest)} characters; expected a sweep "
+                         f"name short enough for trial names of at most {NAME_MAX_CHARS} characters")
+
+
 # --- loading -----------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice or a key that is not a string.
+
+    PyYAML keeps the last of two equal keys without a word, so a config could
+    silently train with a value its author did not see.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                where = f"line {key_node.start_mark.line + 1}"
+                if not isinstance(key, str):
+                    raise InputError(f"key {key!r} at {where}: expected a string key (a config name)")
+                if key in seen:
+                    raise InputError(f"key {key!r} at {where}: given twice in one mapping; expected each key once")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML -> plain data; every problem (syntax, duplicate or non-string key,
+    nesting past Python's recursion limit) as an InputError naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from None
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply; expected at most a few levels of sections") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise InputError(f"{where}: YAML syntax error{at}: {problem}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply ``key=value`` overrides, validate everything."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: config file not found; expected a YAML file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder; expected a YAML file") from None
     except OSError as err:
         raise InputError(f"{path}: cannot read config ({err.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise InputError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not a text file (byte {err.start} is not UTF-8); expected a YAML file") from None
+    if "\0" in text:
+        raise InputError(f"{path}: not a text file (it holds NUL bytes); expected a YAML file")
+    raw = _parse_yaml(text, str(path))
     if raw is None:
-        raw = {}
+        # An empty file is a mistake (a wrong path, a truncated copy), not a request for defaults.
+        raise InputError(f"{path}: config file is empty; expected a mapping of config sections (see configs/)")
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping of config sections at the top level, "
                          f"got {type(raw).__name__}")
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
-    return Config.from_dict(raw)
+    try:
+        return Config.from_dict(raw)
+    except RecursionError:  # e.g. a self-referencing YAML alias
+        raise InputError(f"{path}: nested too deeply; expected at most a few levels of sections") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -331,10 +431,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise InputError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
+    if not text.strip():
+        return key.strip(), ""
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        raise InputError(f"--set {key}: cannot parse value {text!r} as YAML") from None
+        value = _parse_yaml(text, f"--set {key.strip()}")
+    except InputError:
+        raise InputError(f"--set {key.strip()}: cannot parse value {text!r} as YAML") from None
     return key.strip(), value
 
 
@@ -390,7 +492,7 @@ def _build(cls, raw: Any, prefix: str):
         if check is not None and converted is not None:
             complaint = check(converted)
             if complaint:
-                raise InputError(f"{key}: expected {complaint}, got {value!r}")
+                raise InputError(f"{key}: expected {complaint}, got {_short_repr(value)}")
         values[name] = converted
     return cls(**values)
 
@@ -428,6 +530,11 @@ def _convert(tp, value: Any, key: str):
             return value
         raise InputError(f"{key}: expected a string, got {_describe(value)}")
     raise TypeError(f"config schema: unsupported type {tp!r} for {key}")  # a bug in this module
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(value) if hasattr(value, '__len__') else '?'} long)"
 
 
 def _describe(value: Any) -> str:

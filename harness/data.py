@@ -83,16 +83,23 @@ def _find_idx(directory: Path, stem: str) -> Optional[Path]:
 
 
 def locate_idx_dir(data: DataConfig, env_dir: Optional[str]) -> Path:
-    """The first folder holding all four IDX files: data_dir, $HARNESS_DATA_DIR, Debian's."""
-    candidates = [d for d in (data.data_dir, env_dir) if d]
-    if data.dataset == "fashion-mnist":
-        candidates.append(DEBIAN_FASHION_MNIST_DIR)
-    for directory in map(Path, candidates):
-        if all(_find_idx(directory, stem) for stem in IDX_FILES.values()):
-            return directory
-    looked = ", ".join(candidates) or "nowhere (set data.data_dir)"
-    raise InputError(f"data.dataset {data.dataset!r}: IDX files not found (looked in {looked}); "
-                     + HOW_TO_GET[data.dataset])
+    """The folder of the four IDX files: data.data_dir if set, else $HARNESS_DATA_DIR if
+    set, else Debian's copy. A location the user named is used or refused, never
+    passed over for another copy: that would train on data nobody asked for."""
+    if data.data_dir:
+        directory, key = Path(data.data_dir), "data.data_dir"
+    elif env_dir:
+        directory, key = Path(env_dir), "$HARNESS_DATA_DIR"
+    elif data.dataset == "fashion-mnist":
+        directory, key = Path(DEBIAN_FASHION_MNIST_DIR), f"data.dataset {data.dataset!r}"
+    else:
+        raise InputError(f"data.dataset {data.dataset!r}: IDX files not found (no data.data_dir or "
+                         f"$HARNESS_DATA_DIR set); " + HOW_TO_GET[data.dataset])
+    missing = [stem for stem in IDX_FILES.values() if not _find_idx(directory, stem)]
+    if missing:
+        raise InputError(f"{key}: {directory} does not hold the {data.dataset} IDX files (missing "
+                         f"{', '.join(missing)}[.gz]); " + HOW_TO_GET[data.dataset])
+    return directory
 
 
 def load_idx_split(directory: Path, images: str, labels: str, num_classes: int):
@@ -100,6 +107,11 @@ def load_idx_split(directory: Path, images: str, labels: str, num_classes: int):
     label_path = _find_idx(directory, IDX_FILES[labels])
     x = read_idx(image_path, expect_ndim=3)
     y = read_idx(label_path, expect_ndim=1)
+    if y.dtype.kind not in "iu":
+        raise InputError(f"{label_path}: labels of type {y.dtype.name}; expected integer labels "
+                         "(IDX type code 0x08, unsigned byte)")
+    if len(y) == 0:
+        raise InputError(f"{label_path}: holds zero samples; expected at least one")
     if x.shape[0] != y.shape[0]:
         raise InputError(f"{label_path}: {y.shape[0]} labels for {x.shape[0]} images in {image_path}; "
                          "expected one label per image")
@@ -153,12 +165,30 @@ def load_dataset(cfg: Config) -> Dataset:
         x_train, y_train, x_test, y_test = _synthetic(cfg)
     train_all = Split(torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(y_train.astype(np.int64)))
     test = Split(torch.from_numpy(np.ascontiguousarray(x_test)), torch.from_numpy(y_test.astype(np.int64)))
+    check_sample_counts(cfg, len(train_all))
     train, validation = split_validation(train_all, data.validation_size, seed=cfg.seed)
     if data.train_subset is not None:
         train = Split(train.features[: data.train_subset], train.targets[: data.train_subset])
     if data.test_subset is not None:
         test = Split(test.features[: data.test_subset], test.targets[: data.test_subset])
     return Dataset(train=train, validation=validation, test=test)
+
+
+def check_sample_counts(cfg: Config, num_train_file: int) -> None:
+    """The files may hold fewer samples than the data set is known for (a cut-down copy):
+    the validation split and every batch size must still fit."""
+    data = cfg.data
+    if data.validation_size >= num_train_file:
+        raise InputError(f"data.validation_size: {data.validation_size} leaves no training data: the training "
+                         f"files hold {num_train_file} samples; expected < {num_train_file}")
+    train_size = num_train_file - data.validation_size
+    if data.train_subset is not None:
+        train_size = min(train_size, data.train_subset)
+    sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
+    key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
+    if max(sizes) > train_size:
+        raise InputError(f"{key}: {max(sizes)} is larger than the training set the files hold ({train_size} "
+                         f"samples after the validation split); expected <= {train_size}")
 
 
 def split_validation(split: Split, validation_size: int, seed: int) -> tuple[Split, Split]:

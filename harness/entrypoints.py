@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import sys
 import time
 from typing import Callable
@@ -55,15 +56,53 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_run_config(args: argparse.Namespace) -> Config:
-    """The validated config, with the tracking URI made absolute so workers elsewhere agree."""
-    from harness.tracking import check_tracking_server, default_tracking_uri
+    """The validated config, with the tracking URI made absolute so workers elsewhere agree.
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.tracking.enabled and not cfg.tracking.uri:
-        cfg = cfg.replace(**{"tracking.uri": default_tracking_uri()})
+    Everything about the input that can be checked without reading the data is
+    checked here, before any process group, worker or MLflow run starts.
+    ``args.resolved_config`` (a sweep's torchrun trial) is a config already
+    resolved by the parent process, as JSON: taken as it is, not re-parsed as YAML.
+    """
+    from harness.tracking import default_tracking_uri
+
+    resolved = getattr(args, "resolved_config", None)
+    if resolved and args.overrides:
+        raise InputError("--set: not with --resolved-config; expected the overrides already applied in the JSON")
+    if resolved:
+        try:
+            cfg = Config.from_dict(json.loads(resolved))
+        except json.JSONDecodeError as err:
+            raise InputError(f"--resolved-config: not JSON ({err.msg}); expected the JSON of a resolved config") from None
+    else:
+        cfg = load_config(args.config, args.overrides)
+    check_run_input(cfg)
+    return cfg if resolved or not cfg.tracking.enabled or cfg.tracking.uri else \
+        cfg.replace(**{"tracking.uri": default_tracking_uri()})
+
+
+def check_run_input(cfg: Config) -> None:
+    """Checks outside the config file itself: environment, tracking store, folders, memory."""
+    from harness import faults
+    from harness.checkpoint import check_writable_dir, checkpoint_dir
+    from harness.memory import check_memory
+    from harness.tracking import check_experiment, check_tracking_server, check_tracking_uri, default_tracking_uri
+
+    faults.check_env()
     if cfg.tracking.enabled:
-        check_tracking_server(cfg.tracking.uri)
-    return cfg
+        uri = cfg.tracking.uri or default_tracking_uri()
+        check_tracking_uri(uri)
+        check_tracking_server(uri)
+        check_experiment(uri, cfg.tracking.experiment)
+    if cfg.checkpoint.enabled or cfg.tracking.enabled:  # the MLflow spool lives in the run's folder too
+        check_writable_dir(checkpoint_dir(cfg), "checkpoint.dir")
+    check_memory(cfg, _device_type(cfg.train.device))
+
+
+def _device_type(device: str) -> str:
+    import torch
+
+    wants_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "cuda" if wants_cuda and torch.cuda.is_available() else "cpu"
 
 
 def exits_on_input_error(main: Callable[..., int]) -> Callable[..., int]:

@@ -19,10 +19,33 @@ ENV_VAR = "HARNESS_INJECT_FAULT"
 POINTS = ("step", "evaluate", "checkpoint")
 
 
+def parse_specs(text: str) -> list[tuple[str, int, int, str]]:
+    """``step:1:0:/tmp/m,evaluate:2:1:/tmp/n`` -> [(point, epoch, rank, marker), ...].
+
+    Raises InputError for a malformed spec, so launchers refuse it at start-up
+    (check_env) instead of a rank crashing at the point it names.
+    """
+    from harness.errors import InputError
+
+    specs = []
+    for spec in filter(None, text.split(",")):
+        parts = spec.split(":", 3)
+        ok = (len(parts) == 4 and parts[0] in POINTS and parts[1].isdigit() and parts[2].isdigit()
+              and parts[3].strip())
+        if not ok:
+            raise InputError(f"${ENV_VAR}: malformed spec {spec!r}; expected <point>:<epoch>:<rank>:<marker file> "
+                             f"with point one of {', '.join(POINTS)}, epoch and rank integers >= 0")
+        specs.append((parts[0], int(parts[1]), int(parts[2]), parts[3]))
+    return specs
+
+
+def check_env() -> None:
+    parse_specs(os.environ.get(ENV_VAR, ""))
+
+
 def maybe_kill(point: str, epoch: int, rank: int) -> None:
-    for spec in filter(None, os.environ.get(ENV_VAR, "").split(",")):
-        want_point, want_epoch, want_rank, marker = spec.split(":", 3)
-        if (want_point, int(want_epoch), int(want_rank)) != (point, epoch, rank):
+    for want_point, want_epoch, want_rank, marker in parse_specs(os.environ.get(ENV_VAR, "")):
+        if (want_point, want_epoch, want_rank) != (point, epoch, rank):
             continue
         marker_path = Path(marker)
         if marker_path.exists():

@@ -70,15 +70,45 @@ def apply_record(client, record: dict[str, Any], logged: set[tuple[str, int]]) -
         raise ValueError(f"unknown spool record {record['op']!r}")
 
 
-def replay(client, spool: Spool) -> int:
-    """Deliver a whole spool (dedup against the store), then remove it; returns records delivered."""
+RECORD_KEYS = {"metrics": ("run_id", "step", "timestamp_ms", "metrics"), "tags": ("run_id", "tags"),
+               "terminate": ("run_id", "status")}
+
+
+def parse_lines(spool: Spool) -> tuple[list[dict[str, Any]], list[int]]:
+    """The well-formed records of a spool and the numbers (1-based) of the lines that are not."""
+    records, bad = [], []
+    with open(spool.path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                ok = isinstance(record, dict) and all(k in record for k in RECORD_KEYS.get(record.get("op"), ("?",)))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                ok = False
+            if ok:
+                records.append(record)
+            else:
+                bad.append(number)
+    return records, bad
+
+
+def replay(client, spool: Spool) -> tuple[int, list[int]]:
+    """Deliver every well-formed record of a spool (dedup against the store).
+
+    Returns (records delivered, numbers of malformed lines). The spool is removed
+    only when every line was delivered; a damaged one is kept for inspection
+    (replaying it again delivers nothing twice).
+    """
+    records, bad = parse_lines(spool)
     logged_by_run: dict[str, set] = {}
     count = 0
-    for record in spool.records():
+    for record in records:
         run_id = record["run_id"]
         if run_id not in logged_by_run:
             logged_by_run[run_id] = logged_steps(client, run_id)
         apply_record(client, record, logged_by_run[run_id])
         count += 1
-    spool.remove()
-    return count
+    if not bad:
+        spool.remove()
+    return count, bad

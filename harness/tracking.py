@@ -11,6 +11,7 @@ MLflow is imported only when tracking is enabled. Runs are written through
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -181,13 +182,11 @@ class MLflowTracker(ConsoleTracker):
             # call; fail fast instead and spool, so training never waits on it.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.tracking import MlflowClient  # only when tracking is on
-
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = open_client(uri)  # MLflow is imported only when tracking is on
         self.parent_run_id = parent_run_id
         self.run_id: Optional[str] = None
         self._logged: set[tuple[str, int]] = set()
-        self.spool = Spool(ckpt.checkpoint_dir(cfg) / "mlflow-spool.jsonl")
+        self.spool = Spool(ckpt.checkpoint_dir(cfg) / ckpt.SPOOL_NAME)
         self._stale_logged = False  # after a failure the store may hold more than we know
 
     def start(self, resume_run_id: Optional[str] = None) -> Optional[str]:
@@ -344,6 +343,108 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         reason = getattr(err, "reason", err)
         raise InputError(f"tracking.uri: MLflow server {uri} is unreachable ({reason}); expected a running "
                          "server (make mlflow-server) or tracking.enabled: false") from None
+
+
+# URI schemes MLflow 3.17's tracking store registry knows (``postgresql+psycopg``
+# counts as postgresql); anything else fails deep inside MLflow after the run began.
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The file of a ``sqlite:///`` URI (None for other stores and in-memory sqlite)."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a URI MLflow cannot use, before any run starts: unknown scheme, a sqlite
+    file that is not a database or whose folder does not exist."""
+    scheme = uri.partition(":")[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise InputError(f"tracking.uri: unknown scheme in {uri!r}; expected one of "
+                         + ", ".join(f"{s}:" for s in TRACKING_SCHEMES) + " (e.g. sqlite:///mlflow.db)")
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise InputError(f"tracking.uri: {uri!r}; expected sqlite:///<path to a file>")
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if path.exists() and not path.is_file():
+        raise InputError(f"tracking.uri: {path} is not a file; expected a SQLite database file")
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise InputError(f"tracking.uri: folder {path.parent} does not exist; expected the folder of the "
+                             "SQLite file to exist")
+        return
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.execute("select count(*) from sqlite_master").fetchone()
+    except sqlite3.DatabaseError as err:
+        raise InputError(f"tracking.uri: {path} is not a SQLite database ({err}); expected an MLflow "
+                         "store or a path where one can be created") from None
+
+
+@contextlib.contextmanager
+def store_creation_lock(uri: str):
+    """Hold an exclusive lock while a sqlite store may be created or migrated.
+
+    Two processes opening a new store at once both run MLflow's schema migration
+    and the second dies. The lock is on a side file (``<db>.lock``), not the
+    database: closing any other descriptor of the database file would drop the
+    POSIX locks SQLite holds on it.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def open_client(uri: str):
+    """An ``MlflowClient`` whose store exists and is migrated (created under the lock)."""
+    from mlflow.tracking import MlflowClient
+
+    if sqlite_path(uri) is None:  # a server (or database server) migrates its own store
+        return MlflowClient(tracking_uri=uri)
+    with store_creation_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates and migrates a new store here
+    return client
+
+
+def check_experiment(uri: str, name: str) -> None:
+    """Refuse an experiment MLflow would not log to (deleted), if the store already exists;
+    a store that does not exist yet is not created by this check."""
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        return
+    experiment = open_client(uri).get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise InputError(f"tracking.experiment: {name!r} is deleted in {uri}; restore it with `mlflow experiments "
+                         f"restore --experiment-id {experiment.experiment_id}` (MLFLOW_TRACKING_URI={uri}) or "
+                         "choose another name")
+
+
+def check_resume_run(uri: str, run_id: Optional[str], checkpoint: Path) -> None:
+    """Refuse to resume into a store that lacks the run the checkpoint belongs to."""
+    if not run_id:
+        return
+    from mlflow.exceptions import MlflowException
+
+    try:
+        open_client(uri).get_run(run_id)
+    except MlflowException:
+        raise InputError(f"{checkpoint}: its MLflow run {run_id} is not in {uri}; expected the store the run was "
+                         "started with (tracking.uri), or start afresh without --resume") from None
 
 
 def experiment_id(client, name: str) -> str:

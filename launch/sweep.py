@@ -16,6 +16,7 @@ its ranks, the Ray tasks) and ends the parent and child runs as KILLED (exit cod
 143 or 130); ``--resume`` continues the sweep.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -98,8 +99,10 @@ def torchrun_sweep(cfg, args):
                 continue
             command = [str(torchrun), "--standalone", f"--nproc_per_node={args.nproc}",
                        f"--max-restarts={args.max_restarts}", str(REPO / "launch/train.py"),
-                       "--config", args.config, "--trial", str(index), *sum((["--set", o] for o in args.overrides), []),
-                       "--set", f"tracking.uri={cfg.tracking.uri}"]
+                       # The resolved config as JSON, not --set values: the trial would re-parse
+                       # those as YAML, and a URI with " #" in it would lose its tail.
+                       "--config", args.config, "--resolved-config", json.dumps(cfg.to_dict()),
+                       "--trial", str(index)]
             if parent.run_id:
                 command += ["--parent-run-id", parent.run_id]
             if args.resume:

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import distributed, signals  # noqa: E402
-from harness.checkpoint import check_resumable  # noqa: E402
+from harness.checkpoint import check_resumable, check_resume_run_in_store  # noqa: E402
 from harness.config import check_world_size  # noqa: E402
 from harness.data import load_dataset  # noqa: E402
 from harness.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error, load_run_config  # noqa: E402
@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     parser.add_argument("--trial", type=int, default=None,
                         help="with a sweep config: run only this trial (0-based; launch/sweep.py uses it)")
     parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest this run under")
+    parser.add_argument("--resolved-config", default=None, metavar="JSON",
+                        help="the whole resolved config as JSON, used instead of --config and --set "
+                             "(launch/sweep.py passes it so trials do not re-parse values as YAML)")
     args = parser.parse_args(argv)
     cfg = load_run_config(args)
     if args.trial is not None:
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
     if resume and not cfg.is_sweep:
         # a corrupt or foreign checkpoint is refused here, not after init
         check_resumable(cfg, hooks.launch_id if hooks.same_launch_only else None)
+        if args.resume and cfg.tracking.enabled:
+            check_resume_run_in_store(cfg)
     if cfg.performance.cuda_graph:
         distributed.allow_collective_capture()
     ctx = distributed.init_from_env(cfg.train.device) if under_torchrun else distributed.local_context(cfg.train.device)

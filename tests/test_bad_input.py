@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import CONFIGS, REPO, run_command
+from conftest import CONFIGS, REPO, run_command, seeded_store
 
 SMOKE = str(CONFIGS / "smoke.yaml")
 
@@ -87,7 +87,7 @@ def test_unknown_launcher(place, capsys):
 def test_missing_data_files(place, capsys):
     status = train_launcher.main(["--config", SMOKE, "--set", "data.dataset=mnist",
                                   "--set", f"data.data_dir={place}/nowhere"])
-    assert_refused(place, capsys, status, "data.dataset 'mnist': IDX files not found")
+    assert_refused(place, capsys, status, "nowhere does not hold the mnist IDX files")
 
 
 @pytest.fixture
@@ -161,3 +161,246 @@ def test_real_command_line_exits_2_and_leaves_no_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {bad}: no sweep section; expected a sweep config (see configs/sweep.yaml)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+# --- names are not paths -------------------------------------------------------
+
+HOSTILE_NAMES = {"parent": "../sibling", "absolute": "{place}/sibling", "dot": ".", "dot dot": "..", "empty": "",
+                 "300 characters": "n" * 300, "quote": "it's", "separator": "a/b"}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_NAMES))
+def test_hostile_name_is_refused_and_a_sibling_folder_is_untouched(place, capsys, case):
+    sibling = place / "sibling"
+    sibling.mkdir()
+    (sibling / "keep.txt").write_text("not the harness's")
+    name = HOSTILE_NAMES[case].format(place=place)
+    status = train_launcher.main(["--config", SMOKE, "--set", f"checkpoint.dir={place}/checkpoints",
+                                  "--set", f"name={name!r}" if name else "name=''"])
+    assert_refused(place, capsys, status, "name: expected 1..100 characters of A-Z a-z 0-9 . _ -", before={"sibling"})
+    assert [p.name for p in sibling.iterdir()] == ["keep.txt"]
+
+
+def test_name_in_a_config_file_is_checked_too(place, capsys):
+    status = train_launcher.main(["--config", write(place, 'name: "."\n')])
+    assert_refused(place, capsys, status, "name: expected 1..100 characters")
+
+
+def test_sweep_name_too_long_for_its_trial_names(place, capsys):
+    status = sweep_launcher.main(["--config", str(CONFIGS / "sweep.yaml"), "--set", "name=" + "s" * 95])
+    assert_refused(place, capsys, status, "name: trial name sssss")
+
+
+def test_quote_in_a_sweep_name(place, capsys):
+    status = sweep_launcher.main(["--config", str(CONFIGS / "sweep.yaml"), "--set", "name=\"sweep' or 1=1\""])
+    assert_refused(place, capsys, status, "name: expected 1..100 characters")
+
+
+def test_fresh_run_keeps_foreign_files_in_its_folder(place):
+    """checkpoint.dir=. with name=harness: the run's folder is a user's folder; a fresh
+    run removes only what the harness wrote there (an old checkpoint), nothing else."""
+    folder = place / "harness"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "epoch-0007.pt").write_bytes(b"an old run's checkpoint")
+    status = train_launcher.main(["--config", SMOKE, "--set", "checkpoint.dir=.", "--set", "name=harness",
+                                  "--set", "tracking.enabled=false", "--set", "train.epochs=1"])
+    assert status == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0000.pt", "epoch-0001.pt", "notes.txt"]
+
+
+# --- config files that are not configs ----------------------------------------
+
+CONFIG_FILE_CASES = {
+    "binary": (bytes(range(256)) * 4, "bad.yaml: not a text file"),
+    "empty": (b"", "bad.yaml: config file is empty; expected a mapping"),
+    "only comments": (b"# nothing here\n", "bad.yaml: config file is empty"),
+    "duplicate key": (b"optim: {lr: 0.1}\noptim: {lr: 0.5}\n", "bad.yaml: key 'optim' at line 2: given twice"),
+    "duplicate nested key": (b"optim:\n  lr: 0.1\n  lr: 0.5\n", "bad.yaml: key 'lr' at line 3: given twice"),
+    "non-string key": (b"optim: {1: 0.1}\n", "bad.yaml: key 1 at line 1: expected a string key"),
+    "deep nesting": (b"x: " + b"[" * 20000 + b"]" * 20000 + b"\n", "bad.yaml: nested too deeply"),
+    "seed below 0": (b"seed: -1\n", "seed: expected an integer in [0, 2**63), got -1"),
+    "seed of 2**63": (b"seed: 9223372036854775808\n", "seed: expected an integer in [0, 2**63)"),
+    "sweep seed outside": (b"sweep: {batch_sizes: [32], seeds: [0, 9223372036854775808]}\n",
+                           "sweep.seeds: expected a non-empty list of integers in [0, 2**63)"),
+    "duplicate sweep seeds": (b"sweep: {batch_sizes: [32], seeds: [1, 2, 1]}\n",
+                              "sweep.seeds: expected distinct values (repeated: 1)"),
+    "duplicate batch sizes": (b"sweep: {batch_sizes: [32, 64, 32]}\n",
+                              "sweep.batch_sizes: expected distinct values (repeated: 32)"),
+    "empty experiment": (b"tracking: {experiment: ''}\n", "tracking.experiment: expected a non-empty string"),
+    "unknown tracking scheme": (b"tracking: {uri: 'ftp://example.org/store'}\n",
+                                "tracking.uri: unknown scheme in 'ftp://example.org/store'"),
+    "model too large for memory": (b"model: {hidden_sizes: [200000, 200000]}\n",
+                                   "model.hidden_sizes: training needs about"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_FILE_CASES))
+def test_bad_config_file_is_refused(place, capsys, case):
+    content, expected = CONFIG_FILE_CASES[case]
+    (place / "bad.yaml").write_bytes(content)
+    assert_refused(place, capsys, train_launcher.main(["--config", str(place / "bad.yaml")]), expected)
+
+
+def test_bad_sweep_seed_is_refused_by_the_sweep_launcher(place, capsys):
+    status = sweep_launcher.main(["--config", str(CONFIGS / "sweep.yaml"), "--set", "sweep.seeds=[-3]"])
+    assert_refused(place, capsys, status, "sweep.seeds: expected a non-empty list of integers in [0, 2**63)")
+
+
+def test_malformed_fault_spec_is_refused_at_start_up(place, capsys, monkeypatch):
+    monkeypatch.setenv("HARNESS_INJECT_FAULT", "step:two:0:/tmp/marker")
+    status = train_launcher.main(["--config", SMOKE])
+    assert_refused(place, capsys, status, "$HARNESS_INJECT_FAULT: malformed spec 'step:two:0:/tmp/marker'")
+
+
+# --- data locations and files --------------------------------------------------
+
+
+def test_explicit_data_dir_without_the_files_is_refused_not_replaced(place, capsys):
+    """fashion-mnist has a system copy; a data_dir the user named must not be passed over for it."""
+    (place / "data").mkdir()
+    status = train_launcher.main(["--config", SMOKE, "--set", f"data.data_dir={place}/data"])
+    assert_refused(place, capsys, status, f"data.data_dir: {place}/data does not hold the fashion-mnist IDX files")
+
+
+def test_harness_data_dir_without_the_files_is_refused_not_replaced(place, capsys, monkeypatch):
+    (place / "data").mkdir()
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(place / "data"))
+    status = train_launcher.main(["--config", SMOKE])
+    assert_refused(place, capsys, status, f"$HARNESS_DATA_DIR: {place}/data does not hold the fashion-mnist")
+
+
+def _idx(path, type_code, dims, payload):
+    header = bytes([0, 0, type_code, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    path.write_bytes(header + payload)
+
+
+def _small_idx_set(folder, num_train, label_type=0x08):
+    import numpy as np
+
+    folder.mkdir(exist_ok=True)
+    for prefix, count in (("train", num_train), ("t10k", 100)):
+        _idx(folder / f"{prefix}-images-idx3-ubyte", 0x08, (count, 28, 28), bytes(count * 784))
+        labels = np.arange(count) % 10
+        payload = labels.astype(">f4").tobytes() if label_type == 0x0D else labels.astype(np.uint8).tobytes()
+        _idx(folder / f"{prefix}-labels-idx1-ubyte", label_type, (count,), payload)
+
+
+SMALL_IDX_CASES = {
+    "fewer samples than the validation split": (100, 0x08, "data.validation_size: 256 leaves no training data: "
+                                                "the training files hold 100 samples"),
+    "fewer samples than one batch": (300, 0x08, "optim.global_batch_size: 64 is larger than the training set the "
+                                     "files hold (44 samples"),
+    "zero samples": (0, 0x08, "train-labels-idx1-ubyte: holds zero samples"),
+    "float labels": (400, 0x0D, "train-labels-idx1-ubyte: labels of type float32; expected integer labels"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMALL_IDX_CASES))
+def test_idx_files_that_parse_but_cannot_train_are_refused(place, capsys, case):
+    num_train, label_type, expected = SMALL_IDX_CASES[case]
+    _small_idx_set(place / "data", num_train, label_type)
+    status = train_launcher.main(["--config", SMOKE, "--set", f"data.data_dir={place}/data"])
+    assert_refused(place, capsys, status, expected)
+
+
+# --- folders and tracking stores ----------------------------------------------
+
+
+@pytest.mark.parametrize("where,expected", [
+    ("{place}/afile", "checkpoint.dir: {place}/afile is not a folder"),
+    ("{place}/afile/under", "checkpoint.dir: {place}/afile is not a folder"),
+    # Root may write anywhere a mode bit forbids; /proc refuses new files even to root.
+    ("/proc/harness-checkpoints", "checkpoint.dir: cannot write to /proc"),
+])
+def test_checkpoint_folder_that_cannot_be_used_is_refused_before_the_run(place, capsys, where, expected):
+    (place / "afile").write_text("a file, not a folder")
+    status = train_launcher.main(["--config", SMOKE, "--set", f"checkpoint.dir={where.format(place=place)}"])
+    assert_refused(place, capsys, status, expected.format(place=place), before={"afile"})
+    assert (place / "afile").read_text() == "a file, not a folder"
+
+
+def test_sqlite_file_that_is_not_a_database(place, capsys):
+    (place / "notes.db").write_text("these are my notes, not a database\n" * 100)
+    status = train_launcher.main(["--config", SMOKE, "--set", f"tracking.uri=sqlite:///{place}/notes.db"])
+    assert_refused(place, capsys, status, f"tracking.uri: {place}/notes.db is not a SQLite database",
+                   before={"notes.db"})
+    assert (place / "notes.db").read_text().startswith("these are my notes")
+
+
+def _runs(uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return [r for e in client.search_experiments(view_type=3) for r in client.search_runs([e.experiment_id],
+                                                                                         run_view_type=3)]
+
+
+def test_deleted_experiment_is_refused_with_how_to_restore(place, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = seeded_store(place / "store")
+    client = MlflowClient(tracking_uri=uri)
+    client.delete_experiment(client.create_experiment("smoke"))
+    capsys.readouterr()  # MLflow's lines from making the store are not the launcher's
+    status = train_launcher.main(["--config", SMOKE, "--set", f"tracking.uri={uri}"])
+    assert_refused(place, capsys, status, "tracking.experiment: 'smoke' is deleted in", before={"store"})
+    assert _runs(uri) == []
+
+
+def test_resume_into_a_store_without_the_checkpoints_run(place, capsys):
+    from harness.checkpoint import write_checkpoint
+    from harness.config import load_config
+    from harness.data import load_dataset
+    from harness.distributed import DistContext
+    from harness.train_loop import Progress, build_trainer, checkpoint_state
+
+    cfg = load_config(SMOKE)
+    trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))
+    write_checkpoint(checkpoint_state(trainer, Progress(), "0123456789abcdef0123456789abcdef"),
+                     _checkpoint_folder(place), 1)
+    uri = seeded_store(place / "store")
+    capsys.readouterr()
+    status = train_launcher.main(["--config", SMOKE, "--resume", "--set", f"tracking.uri={uri}"])
+    assert_refused(place, capsys, status, "epoch-0001.pt: its MLflow run 0123456789abcdef0123456789abcdef is not in",
+                   before={"checkpoints", "store"})
+    assert _runs(uri) == []
+
+
+# --- the harness command -------------------------------------------------------
+
+
+def test_replay_delivers_every_valid_record_and_names_the_bad_line(place, capsys):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from harness.cli import main as harness_main
+
+    uri = seeded_store(place / "store")
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("replay")).info.run_id
+    lines = [json.dumps({"op": "metrics", "run_id": run_id, "step": 1, "timestamp_ms": 1, "metrics": {"loss": 1.0}}),
+             '{"op": "metrics", "run_id": "' + run_id + '", "step": 2, "timest',  # cut off mid-write
+             json.dumps({"op": "metrics", "run_id": run_id, "step": 3, "timestamp_ms": 3, "metrics": {"loss": 0.5}}),
+             json.dumps({"op": "terminate", "run_id": run_id, "status": "KILLED"})]
+    spool = place / "mlflow-spool.jsonl"
+    spool.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    status = harness_main(["replay", str(spool), "--tracking-uri", uri])
+    assert_refused(place, capsys, status, f"{spool}: line(s) 2 are not spool records", before={"store", spool.name})
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 1.0), (3, 0.5)]
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["bench", "--epochs", "0"], "--epochs: expected a positive number of timed epochs, got 0"),
+    (["report", "--out", "{place}/afile"], "--out: {place}/afile is not a folder"),
+    (["mlflow-server", "--port", "99999"], "--port: 99999 is not a TCP port; expected 1..65535"),
+])
+def test_harness_command_refuses_bad_arguments(place, capsys, argv, expected):
+    from harness.cli import main as harness_main
+
+    (place / "afile").write_text("a file")
+    status = harness_main([a.format(place=place) for a in argv])
+    assert_refused(place, capsys, status, expected.format(place=place), before={"afile"})

@@ -85,7 +85,8 @@ def test_corrupt_gzip(fashion_dir, tmp_path):
 def test_missing_mnist_says_where_to_put_files(tmp_path, monkeypatch):
     monkeypatch.delenv("HARNESS_DATA_DIR", raising=False)
     cfg = smoke_config(tmp_path, "data.dataset=mnist", f"data.data_dir={tmp_path}/empty")
-    with pytest.raises(InputError, match=r"data.dataset 'mnist': IDX files not found .*put the four MNIST IDX files"):
+    with pytest.raises(InputError, match=r"data.data_dir: .*/empty does not hold the mnist IDX files .*"
+                                         r"put the four MNIST IDX files"):
         load_dataset(cfg)
 
 

@@ -1,0 +1,62 @@
+"""Will the model fit? A memory estimate checked before anything is allocated.
+
+Owns the estimate of what one training process needs (parameters, gradients,
+momentum, the activations of one batch, the data set in memory) and the check
+against what the device has free. A model too large for memory is refused with
+the estimate and the limit, instead of the kernel's OOM killer ending the run
+half-way with its MLflow run left RUNNING. Does not own devices or models.
+"""
+
+from __future__ import annotations
+
+from harness.config import KNOWN_SPLIT_SIZES, Config
+from harness.errors import InputError
+
+FLOAT_BYTES = 4
+# Parameters, their gradients and SGD's momentum buffer: three copies of every weight.
+COPIES_PER_PARAMETER = 3
+# Per sample and unit: the pre-activation z, the activation a and the gradient
+# flowing back (autograd keeps z and a; the backward pass makes a delta).
+ACTIVATION_COPIES = 3
+
+
+def parameter_count(cfg: Config) -> int:
+    sizes = cfg.layer_sizes
+    return sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes, sizes[1:]))
+
+
+def estimate_training_bytes(cfg: Config) -> int:
+    """Bytes one process needs to train ``cfg`` with its largest batch (the whole batch in one process)."""
+    batch = max(cfg.sweep.batch_sizes) if cfg.sweep else cfg.optim.global_batch_size
+    eval_batch = cfg.train.eval_batch_size
+    units = sum(cfg.layer_sizes)
+    weights = COPIES_PER_PARAMETER * parameter_count(cfg)
+    activations = ACTIVATION_COPIES * max(batch, eval_batch) * units
+    if cfg.data.dataset == "synthetic":
+        samples = cfg.data.synthetic.num_train + cfg.data.synthetic.num_test
+    else:
+        samples = sum(KNOWN_SPLIT_SIZES[cfg.data.dataset])
+    data = samples * cfg.input_size
+    return FLOAT_BYTES * (weights + activations + data)
+
+
+def available_bytes(device_type: str) -> tuple[int, str]:
+    """Free memory of the device that will train, and what was measured."""
+    if device_type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return free, "free GPU memory (torch.cuda.mem_get_info)"
+    import psutil
+
+    return psutil.virtual_memory().available, "available RAM (psutil)"
+
+
+def check_memory(cfg: Config, device_type: str = "cpu") -> None:
+    needed = estimate_training_bytes(cfg)
+    limit, what = available_bytes(device_type)
+    if needed > limit:
+        raise InputError(f"model.hidden_sizes: training needs about {needed / 2**30:.1f} GiB "
+                         f"({parameter_count(cfg):,} parameters x {COPIES_PER_PARAMETER} copies, one batch's "
+                         f"activations, the data set) but only {limit / 2**30:.1f} GiB is {what}; expected a "
+                         "smaller model or batch")
