@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from harness import signals
-from harness.config import Config
+from harness.config import Config, trial_name
 from harness.data import Dataset, load_dataset
 from harness.distributed import DistContext
 from harness.errors import InputError
@@ -39,7 +39,7 @@ def expand_trials(cfg: Config) -> list[Config]:
             for seed in sweep.seeds:
                 raw = cfg.to_dict()
                 raw.pop("sweep")
-                raw["name"] = f"{cfg.name}-{rule}-bs{batch_size}-seed{seed}"
+                raw["name"] = trial_name(cfg.name, rule, batch_size, seed)
                 raw["seed"] = seed
                 raw["optim"]["global_batch_size"] = batch_size
                 raw["optim"]["lr"] = scaled_lr(cfg.optim.lr, batch_size, sweep.base_batch_size, rule)
