@@ -175,7 +175,9 @@ def connect_ray(num_cpus=None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if not address:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1")
+        # address="local": a new Ray of our own. Plain ray.init() would join any cluster
+        # this host runs (or last ran: /tmp/ray/ray_current_cluster), and then refuse num_cpus.
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1")
         return
     if address != "auto":  # "auto": Ray looks up this host's running cluster itself
         host, port = ray_host_port(address)

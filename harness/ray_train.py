@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any, Optional
 import ray.train
 
 from harness import checkpoint as ckpt
+from harness import signals
 from harness.config import Config
 from harness.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, context_from_process_group
 from harness.train_loop import RunHooks, RunResult, train
@@ -32,8 +34,8 @@ class RayHooks(RunHooks):
     """Resume from Ray's newest registered checkpoint; with ``resume_local`` (a resumed
     sweep), from the run's own checkpoint folder when Ray has none."""
 
-    def __init__(self, resume_local: bool = False):
-        super().__init__(resume=resume_local)
+    def __init__(self, resume_local: bool = False, launch_id: Optional[str] = None):
+        super().__init__(resume=resume_local, launch_id=launch_id)
         self._restored_dir: Optional[str] = None
 
     def restore(self, cfg: Config) -> Optional[Path]:
@@ -69,7 +71,7 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """
     cfg = Config.from_dict(loop_config["config"])
     ctx = context_from_process_group(cfg.train.device, launcher="ray")
-    result = train(cfg, ctx, hooks=RayHooks(loop_config.get("resume_local", False)),
+    result = train(cfg, ctx, hooks=RayHooks(loop_config.get("resume_local", False), loop_config.get("launch_id")),
                    parent_run_id=loop_config.get("parent_run_id"))
     return {"run_id": result.run_id, "epochs_completed": result.epochs_completed,
             "global_step": result.global_step, "metrics": dict(result.metrics), "diverged": result.diverged}
@@ -105,9 +107,11 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, r
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # A fresh name per run: reusing one silently resumes the old run's snapshot.
+    # It is also the run's launch id, tagged on its MLflow run (see below).
+    launch_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_config = RunConfig(
-        # A fresh name per run: reusing one silently resumes the old run's snapshot.
-        name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        name=launch_id,
         storage_path=str(Path(options.storage_path).resolve()),
         failure_config=FailureConfig(max_failures=options.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -115,16 +119,65 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, r
     )
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "parent_run_id": parent_run_id, "resume_local": resume},
+        train_loop_config={"config": cfg.to_dict(), "parent_run_id": parent_run_id, "resume_local": resume,
+                           "launch_id": launch_id},
         torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu),
         run_config=run_config,
     )
-    result = trainer.fit()
+    try:
+        result = _fit_interruptibly(trainer)
+    except BaseException as err:
+        # The workers die with this driver (or already did) and cannot end their
+        # MLflow run themselves: a signal here would leave it RUNNING.
+        end_orphaned_run(cfg, launch_id, signals.end_status(err))
+        raise
     rank0 = result.return_value  # worker_loop's dict from rank 0
     return RunResult(rank0["run_id"], rank0["epochs_completed"], rank0["global_step"], rank0["metrics"],
                      diverged=rank0["diverged"],
                      checkpoint=Path(result.checkpoint.path) if result.checkpoint else None)
+
+
+def _fit_interruptibly(trainer):
+    """``trainer.fit()`` in a helper thread, while this thread waits in Python.
+
+    In the main thread, fit blocks in Ray's C++ ``ray.get`` for the whole run, where
+    no Python signal handler runs: a SIGTERM went unanswered until training ended.
+    Off the main thread, Ray Train also leaves our SIGINT handler in place.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the waiting thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def end_orphaned_run(cfg: Config, launch_id: str, status: str) -> None:
+    """End the MLflow run of launch ``launch_id`` with ``status`` if it is still RUNNING.
+
+    Called by the driver when ``fit`` stops early. Ray ends the run's workers with the
+    driver (its owner), so first disconnect and let them go; best effort, since the
+    store may be what failed.
+    """
+    import ray
+
+    if not cfg.tracking.enabled:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
+    from harness.tracking import end_runs_of_launch
+
+    end_runs_of_launch(cfg, launch_id, status)
 
 
 def run_sweep_on_ray(cfg: Config, options: RayOptions, resume: bool = False):

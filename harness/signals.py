@@ -95,5 +95,8 @@ def exits_on_termination(main: Callable[..., int]) -> Callable[..., int]:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            # A test that calls main() in-process goes on in the same interpreter:
+            # a signal it received must not make later runs end KILLED.
+            _received.clear()
 
     return wrapper

@@ -114,7 +114,7 @@ class NullTracker:
 
     run_id: Optional[str] = None
 
-    def start(self, resume_run_id: Optional[str] = None) -> Optional[str]:
+    def start(self, resume_run_id: Optional[str] = None, launch_id: Optional[str] = None) -> Optional[str]:
         return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -189,7 +189,9 @@ class MLflowTracker(ConsoleTracker):
         self.spool = Spool(ckpt.checkpoint_dir(cfg) / ckpt.SPOOL_NAME)
         self._stale_logged = False  # after a failure the store may hold more than we know
 
-    def start(self, resume_run_id: Optional[str] = None) -> Optional[str]:
+    def start(self, resume_run_id: Optional[str] = None, launch_id: Optional[str] = None) -> Optional[str]:
+        """Create the run (or reopen ``resume_run_id``). ``launch_id`` is tagged on a new run, so that
+        the launcher can find and end it if the process holding it dies (harness/ray_train.py)."""
         if resume_run_id:
             self.run_id = resume_run_id
             self._logged = logged_steps(self.client, resume_run_id)
@@ -201,6 +203,8 @@ class MLflowTracker(ConsoleTracker):
         tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "torch_version": torch.__version__,
                 "launcher": self.ctx.launcher, "world_size": str(self.ctx.world_size),
                 "mlflow.note.content": run_description(self.cfg)}
+        if launch_id:
+            tags["launch_id"] = launch_id
         if self.cfg.trial is not None:
             tags["trial"] = self.cfg.name  # the trial's config name: what a resumed sweep matches on
         if self.parent_run_id:
@@ -445,6 +449,30 @@ def check_resume_run(uri: str, run_id: Optional[str], checkpoint: Path) -> None:
     except MlflowException:
         raise InputError(f"{checkpoint}: its MLflow run {run_id} is not in {uri}; expected the store the run was "
                          "started with (tracking.uri), or start afresh without --resume") from None
+
+
+def end_runs_of_launch(cfg: Config, launch_id: str, status: str) -> list[str]:
+    """End every run tagged ``launch_id`` that is still RUNNING with ``status``; returns their ids.
+
+    For a launcher whose workers were stopped before they could finish their own run.
+    """
+    try:
+        client = open_client(cfg.tracking.uri or default_tracking_uri())
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None:
+            return []
+        runs = client.search_runs([experiment.experiment_id],
+                                  f"tags.launch_id = '{launch_id}' and attributes.status = 'RUNNING'")
+        for run in runs:
+            client.set_terminated(run.info.run_id, status=status)
+    except Exception as err:  # the store is unreachable: report, do not mask why the run ended
+        print(f"[{cfg.name}] could not end the run of launch {launch_id} ({type(err).__name__}: {err})",
+              file=sys.stderr, flush=True)
+        return []
+    for run in runs:
+        print(f"[{cfg.name}] MLflow run {run.info.run_id} left RUNNING by its workers: marked {status}",
+              file=sys.stderr, flush=True)
+    return [run.info.run_id for run in runs]
 
 
 def experiment_id(client, name: str) -> str:

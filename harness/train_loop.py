@@ -369,7 +369,7 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
     # start and finish sit inside the try: a signal that lands while either talks to
     # MLflow must still end the run as KILLED, not leave it RUNNING.
     try:
-        run_id = tracker.start(resume_run_id=state["run_id"] if state else None)
+        run_id = tracker.start(resume_run_id=state["run_id"] if state else None, launch_id=hooks.launch_id)
         result = _train_epochs(trainer, dataset, tracker, hooks, state, run_id)
         tracker.finish("FINISHED")
     except BaseException as err:

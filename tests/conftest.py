@@ -86,6 +86,14 @@ def ray_cluster(tmp_path_factory):
     import urllib.error
     import urllib.request
 
+    import socket
+
+    # Another cluster on our ports would answer the readiness check below in place
+    # of ours (and refuse our token): fail plainly instead.
+    for port in (RAY_GCS_PORT, RAY_DASHBOARD_PORT):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} on 127.0.0.1 is taken (another Ray cluster?); the test cluster needs it")
     # Ray's unix sockets live under --temp-dir, whose path must stay short.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")

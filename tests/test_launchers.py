@@ -4,6 +4,9 @@ Slow: every test here starts real processes (torchrun ranks, a Ray head node,
 Ray Train workers, a Ray job). Still run in CI, on the smoke config.
 """
 
+import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -47,9 +50,13 @@ def only_run(tmp):
 
 def assert_each_metric_logged_once_per_epoch(client, run):
     assert run.info.status == "FINISHED"
+    # by_step/<metric> repeats an epoch metric with step = the optimizer step at that epoch's end
+    global_steps = [int(m.value) for m in client.get_metric_history(run.info.run_id, "global_step")]
+    assert len(global_steps) == EPOCHS
     for key in run.data.metrics:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-        expected = [EPOCHS] if key == "top_hessian_eigenvalue" else list(range(1, EPOCHS + 1))
+        expected = ([EPOCHS] if key == "top_hessian_eigenvalue" else global_steps if key.startswith("by_step/")
+                    else list(range(1, EPOCHS + 1)))
         assert steps == expected, (key, steps)
 
 
@@ -163,3 +170,29 @@ def test_ray_worker_sigkills_are_restarted_and_resume_exactly(ray_cluster, ray_j
     resumed, straight = final_params(tmp_path), final_params(ray_job_submitted[0])
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert not list((tmp_path / "ckpt" / "smoke").glob(".epoch-*")), "a half-written checkpoint was left"
+
+
+def test_sigterm_to_ray_job_ends_its_run_killed(ray_cluster, tmp_path):
+    """The driver's workers die with it and cannot end their MLflow run: the driver
+    ends it (found by its launch_id tag) as KILLED, and exits 143."""
+    log = open(tmp_path / "output.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, RAY_JOB, "--config", str(CONFIGS / "smoke.yaml"), "--num-workers", "1",
+         "--storage-path", str(tmp_path / "ray"), *_settings(tmp_path), "--set", "train.epochs=2000"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"]})
+    try:
+        deadline = time.monotonic() + 300
+        while "epoch 2/" not in (tmp_path / "output.log").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "output.log").read_text()[-3000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 143, (tmp_path / "output.log").read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+    client, run = only_run(tmp_path)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["launch_id"].startswith("smoke-")
