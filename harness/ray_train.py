@@ -125,25 +125,25 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, r
         scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu),
         run_config=run_config,
     )
-    try:
-        result = _fit_interruptibly(trainer)
-    except BaseException as err:
-        # The workers die with this driver (or already did) and cannot end their
-        # MLflow run themselves: a signal here would leave it RUNNING.
-        end_orphaned_run(cfg, launch_id, signals.end_status(err))
-        raise
+    # On an early stop the workers die with this driver (or already did) and cannot
+    # end their MLflow run themselves: a signal here would leave it RUNNING.
+    result = _fit_interruptibly(trainer, on_stop=lambda err: end_orphaned_run(cfg, launch_id,
+                                                                              signals.end_status(err)))
     rank0 = result.return_value  # worker_loop's dict from rank 0
     return RunResult(rank0["run_id"], rank0["epochs_completed"], rank0["global_step"], rank0["metrics"],
                      diverged=rank0["diverged"],
                      checkpoint=Path(result.checkpoint.path) if result.checkpoint else None)
 
 
-def _fit_interruptibly(trainer):
+def _fit_interruptibly(trainer, on_stop):
     """``trainer.fit()`` in a helper thread, while this thread waits in Python.
 
     In the main thread, fit blocks in Ray's C++ ``ray.get`` for the whole run, where
     no Python signal handler runs: a SIGTERM went unanswered until training ended.
-    Off the main thread, Ray Train also leaves our SIGINT handler in place.
+    Off the main thread, Ray Train also leaves our SIGINT handler in place. When
+    fit raises, or the wait is interrupted, ``on_stop(error)`` runs first. After an
+    interruption the helper thread is still inside Ray's C++ client, where a normal
+    interpreter exit can crash (seen: SIGSEGV): launch/ray_job.py then ends with os._exit.
     """
     outcome: dict[str, Any] = {}
 
@@ -155,11 +155,17 @@ def _fit_interruptibly(trainer):
 
     thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.5)
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except BaseException as err:
+        on_stop(err)
+        raise
     if "error" in outcome:
+        on_stop(outcome["error"])
         raise outcome["error"]
     return outcome["result"]
+
 
 
 def end_orphaned_run(cfg: Config, launch_id: str, status: str) -> None:

@@ -19,6 +19,7 @@ import threading
 from typing import Callable, Optional
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+EXIT_CODES = tuple(128 + signum for signum in HANDLED)  # what exits_on_termination returns
 
 # Every handled signal this process received, oldest first.
 _received: list[int] = []

@@ -9,6 +9,7 @@ MLflow run. A sweep config runs every trial as its own TorchTrainer, concurrentl
 where the cluster has room, under one MLflow parent run.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,4 +45,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code in signals.EXIT_CODES:
+        # Stopped by a signal: everything is recorded, but Ray Train's fit is still
+        # inside Ray's C++ client in another thread, and a normal interpreter exit
+        # can crash there (SIGSEGV) instead of exiting with the signal's code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -147,6 +147,10 @@ def ray_cluster(tmp_path_factory):
         log.close()
 
 
+# tryfirst: xdist's own hook turns the mark into the test's group, so the mark must
+# be there before it runs (added after, the Ray tests were spread over both workers,
+# each starting a cluster on the same ports).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """`make test` runs two pytest-xdist workers (--dist loadgroup); every test on
     the Ray cluster goes to one of them, since the cluster listens on fixed ports
