@@ -12,6 +12,7 @@ still can). Which MLflow status a run ends with is decided here
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import sys
@@ -38,10 +39,49 @@ class Terminated(BaseException):
         return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
 
+# Depth of nested ``deferred()`` blocks, and whether a Terminated waits for their end.
+_defer_depth = 0
+_pending = False
+
+
 def _handler(signum: int, _frame) -> None:
+    global _pending
     _received.append(signum)
     if len(_received) == 1:
+        if _defer_depth:
+            _pending = True
+            return
         raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def deferred():
+    """Hold the first signal's Terminated until this block ends.
+
+    For calls that must not be cut in half: a Terminated raised inside an MLflow
+    write to SQLite left its transaction open, and the store locked for the rest
+    of the process, so the run could not even be marked KILLED.
+    """
+    global _defer_depth, _pending
+    _defer_depth += 1
+    try:
+        yield
+    finally:
+        _defer_depth -= 1
+    if _pending and not _defer_depth:  # the block ended normally: raise what it held back
+        _pending = False
+        raise Terminated(_received[0])
+
+
+def deferring(function: Callable) -> Callable:
+    """``function`` run inside ``deferred()``."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with deferred():
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def install() -> None:
@@ -99,5 +139,7 @@ def exits_on_termination(main: Callable[..., int]) -> Callable[..., int]:
             # A test that calls main() in-process goes on in the same interpreter:
             # a signal it received must not make later runs end KILLED.
             _received.clear()
+            global _pending
+            _pending = False
 
     return wrapper

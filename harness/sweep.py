@@ -137,9 +137,9 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
         # A new sweep starts every trial from scratch: checkpoints an older sweep
         # of the same name left must not be resumed into by a later --resume.
         tracker.clear_checkpoints(expand_trials(cfg))
-    parent = SweepParent(tracker.start(resume_run_id=previous),
-                         tracker.finished_children(previous) if previous else frozenset())
-    try:
+    try:  # start inside: a signal held back during start is raised as it returns
+        parent = SweepParent(tracker.start(resume_run_id=previous),
+                             tracker.finished_children(previous) if previous else frozenset())
         tracker.set_tags({"run_kind": "sweep"})
         yield parent
         tracker.set_tags({"trials": len(parent.outcomes),
@@ -154,10 +154,10 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
         # task, a torchrun killed after its grace period) must not stay RUNNING.
         try:
             status = signals.end_status(err)
-            tracker.end_running_children(parent.run_id, status)
+            tracker.end_running_children(tracker.run_id, status)
             tracker.finish(status)
         except signals.Terminated:
-            tracker.end_running_children(parent.run_id, "KILLED")
+            tracker.end_running_children(tracker.run_id, "KILLED")
             tracker.finish("KILLED")
             raise
         raise

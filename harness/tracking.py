@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from harness import checkpoint as ckpt
+from harness import signals
 from harness.config import Config, flatten
 from harness.distributed import DistContext
 from harness.errors import InputError
@@ -189,6 +190,7 @@ class MLflowTracker(ConsoleTracker):
         self.spool = Spool(ckpt.checkpoint_dir(cfg) / ckpt.SPOOL_NAME)
         self._stale_logged = False  # after a failure the store may hold more than we know
 
+    @signals.deferring  # a signal must not cut an MLflow write in half (see signals.deferred)
     def start(self, resume_run_id: Optional[str] = None, launch_id: Optional[str] = None) -> Optional[str]:
         """Create the run (or reopen ``resume_run_id``). ``launch_id`` is tagged on a new run, so that
         the launcher can find and end it if the process holding it dies (harness/ray_train.py)."""
@@ -222,6 +224,7 @@ class MLflowTracker(ConsoleTracker):
         for i in range(0, len(items), MLFLOW_PARAM_BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + MLFLOW_PARAM_BATCH])
 
+    @signals.deferring
     def _deliver(self, record: dict[str, Any]) -> None:
         """Send ``record``, after whatever the spool holds; spool it if the server does not answer."""
         if self.spool and not self._flush():

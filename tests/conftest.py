@@ -90,10 +90,17 @@ def ray_cluster(tmp_path_factory):
 
     # Another cluster on our ports would answer the readiness check below in place
     # of ours (and refuse our token): fail plainly instead.
+    # xdist may finish the session fixture early (a worker briefly out of tests) and
+    # start it again: give the previous head's ports a while to close.
     for port in (RAY_GCS_PORT, RAY_DASHBOARD_PORT):
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) != 0:
+                    break
+            if time.monotonic() > deadline:
                 pytest.fail(f"port {port} on 127.0.0.1 is taken (another Ray cluster?); the test cluster needs it")
+            time.sleep(1)
     # Ray's unix sockets live under --temp-dir, whose path must stay short.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")
@@ -142,8 +149,12 @@ def ray_cluster(tmp_path_factory):
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
+            head.kill()
             head.wait()
+        try:  # whatever of the node outlived `ray start` (its own session, by PID)
+            os.killpg(head.pid, 9)
+        except ProcessLookupError:
+            pass
         log.close()
 
 

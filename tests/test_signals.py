@@ -220,3 +220,21 @@ def test_torchrun_restart_during_startup_starts_afresh_instead_of_resuming_an_ea
     (new_run,) = [r for r in found if r.info.run_id != earlier_run.info.run_id]
     assert new_run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(new_run.info.run_id, "test_accuracy")] == [1, 2]
+
+
+def test_a_signal_during_an_mlflow_write_is_raised_when_the_write_is_done():
+    """A Terminated raised inside a SQLite transaction left the store locked, and the
+    run RUNNING: inside signals.deferred() the signal waits for the block's end."""
+    happened = []
+
+    @signals.exits_on_termination
+    def main():
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs in here, and holds the exception back
+            happened.append("write finished")
+        happened.append("went on after the signal")
+        return 0
+
+    assert main() == 128 + signal.SIGTERM
+    assert happened == ["write finished"]
