@@ -43,9 +43,14 @@ def estimate_training_bytes(cfg: Config) -> int:
 def available_bytes(device_type: str) -> tuple[int, str]:
     """Free memory of the device that will train, and what was measured."""
     if device_type == "cuda":
+        import os
+
         import torch
 
-        free, _ = torch.cuda.mem_get_info()
+        # This rank's own GPU (torchrun sets LOCAL_RANK): asking about the default
+        # device would open a CUDA context on GPU 0 in every rank of the host.
+        device = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        free, _ = torch.cuda.mem_get_info(device)
         return free, "free GPU memory (torch.cuda.mem_get_info)"
     import psutil
 
