@@ -60,7 +60,8 @@ class RunHooks:
         self.launch_id = launch_id
         self.same_launch_only = same_launch_only
 
-    def restore(self, cfg: Config) -> Optional[Path]:
+    def checkpoint_to_resume(self, cfg: Config) -> Optional[Path]:
+        """The checkpoint file this run resumes from; None to start afresh."""
         return ckpt.newest_checkpoint(ckpt.checkpoint_dir(cfg)) if self.resume else None
 
     def read(self, path: Path, cfg: Config) -> Optional[dict]:
@@ -279,7 +280,8 @@ def checkpoint_state(trainer: Trainer, progress: Progress, run_id: Optional[str]
             "config_fingerprint": ckpt.config_fingerprint(trainer.cfg)}
 
 
-def restore(trainer: Trainer, state: dict) -> Progress:
+def load_state(trainer: Trainer, state: dict) -> Progress:
+    """Put a checkpoint's state into ``trainer``; returns where the run had got to."""
     unwrap(trainer.model).load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
@@ -356,7 +358,7 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
     hooks = hooks or RunHooks()
     dataset = (dataset or load_dataset(cfg)).to(ctx.device)
     trainer = build_trainer(cfg, ctx, dataset)
-    resume_from = hooks.restore(cfg)
+    resume_from = hooks.checkpoint_to_resume(cfg)
     state = hooks.read(resume_from, cfg) if resume_from else None
     if resume_from and state is None:
         print_main(ctx, f"[{cfg.name}] {resume_from} is another launch's checkpoint: starting afresh")
@@ -391,7 +393,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
         latest = tracker.save_checkpoint(checkpoint_state(trainer, progress, run_id, hooks.launch_id), 0)
         hooks.after_epoch(0, {}, latest, ctx)
     else:
-        progress = restore(trainer, state)
+        progress = load_state(trainer, state)
         latest = None
     result = RunResult(run_id, progress.epoch, progress.global_step)
     step_budget = cfg.train.max_steps or cfg.total_epochs * trainer.plan.steps_per_epoch
