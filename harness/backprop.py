@@ -61,11 +61,16 @@ def manual_backward(model: MLP, x: torch.Tensor, y: torch.Tensor, normalizer: fl
     return loss
 
 
-def autograd_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
-    """The same loss through autograd; gradients are assigned (zeroed first)."""
+def autograd_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalizer: float | None = None,
+                      set_to_none: bool = True) -> torch.Tensor:
+    """The same loss through autograd; gradients are assigned (zeroed first).
+
+    The training step's autograd engine is this function too (train_loop.Trainer.backward):
+    it passes ``set_to_none=False`` under a graph step, whose captured graph holds the
+    gradient buffers' addresses, so they must be zeroed in place rather than freed.
+    """
     normalizer = float(len(y)) if normalizer is None else float(normalizer)
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=set_to_none)
     loss = F.cross_entropy(model(x), y, reduction="sum") / normalizer
     loss.backward()
     return loss.detach()

@@ -30,6 +30,7 @@ LR_RULES = ("none", "linear", "sqrt")
 
 # Sizes of the real data sets, known without reading them, so that a batch larger
 # than the training set is refused before any process starts. (train, test)
+# data._digits splits scikit-learn's 1797 digits by these numbers.
 KNOWN_SPLIT_SIZES = {"fashion-mnist": (60000, 10000), "mnist": (60000, 10000), "digits": (1437, 360)}
 KNOWN_SHAPES = {"fashion-mnist": (784, 10), "mnist": (784, 10), "digits": (64, 10)}
 
@@ -278,11 +279,7 @@ class Config:
     @property
     def train_set_size(self) -> int:
         """Training samples after the validation split and subset."""
-        if self.data.dataset == "synthetic":
-            total = self.data.synthetic.num_train
-        else:
-            total = KNOWN_SPLIT_SIZES[self.data.dataset][0]
-        size = total - self.data.validation_size
+        size = _training_total(self.data) - self.data.validation_size
         if self.data.train_subset is not None:
             size = min(size, self.data.train_subset)
         return size
@@ -292,8 +289,7 @@ class Config:
         return self.sweep is not None
 
     def steps_per_epoch(self) -> int:
-        full, rest = divmod(self.train_set_size, self.optim.global_batch_size)
-        return full + (1 if rest and not self.train.drop_last else 0)
+        return steps_per_epoch(self.train_set_size, self.optim.global_batch_size, self.train.drop_last)
 
     @property
     def total_epochs(self) -> int:
@@ -303,14 +299,36 @@ class Config:
         return -(-self.train.max_steps // self.steps_per_epoch())
 
 
+def _training_total(data: DataConfig) -> int:
+    """Samples in the source's training file (before the validation split), known without reading it."""
+    if data.dataset == "synthetic":
+        return data.synthetic.num_train
+    return KNOWN_SPLIT_SIZES[data.dataset][0]
+
+
+def steps_per_epoch(num_samples: int, global_batch_size: int, drop_last: bool) -> int:
+    """Steps in one pass over ``num_samples``; a smaller last batch counts unless ``drop_last``.
+
+    The one definition: Config.steps_per_epoch (before any data is read) and
+    data.BatchPlan (which yields the batches) both ask it.
+    """
+    full, rest = divmod(num_samples, global_batch_size)
+    return full + (1 if rest and not drop_last else 0)
+
+
+def check_divisible_by_world_size(key: str, global_batch_size: int, world_size: int) -> None:
+    """Refuse a global batch that ``world_size`` ranks cannot share equally (``key`` names it in the error)."""
+    if global_batch_size % world_size:
+        raise InputError(f"{key}: {global_batch_size} is not divisible by the world size {world_size}; "
+                         f"expected a multiple of {world_size}")
+
+
 def check_world_size(cfg: Config, world_size: int) -> None:
     """Refuse batch sizes that W ranks cannot share equally, for the run or every trial."""
     sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
     key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
     for size in sizes:
-        if size % world_size:
-            raise InputError(f"{key}: {size} is not divisible by the world size {world_size}; "
-                             f"expected a multiple of {world_size}")
+        check_divisible_by_world_size(key, size, world_size)
 
 
 def _check_cross_field(cfg: Config) -> None:
@@ -320,9 +338,7 @@ def _check_cross_field(cfg: Config) -> None:
         if syn.num_targets > syn.num_classes:
             raise InputError(f"data.synthetic.num_targets: {syn.num_targets} exceeds num_classes "
                              f"{syn.num_classes}; expected <= num_classes")
-        total = syn.num_train
-    else:
-        total = KNOWN_SPLIT_SIZES[data.dataset][0]
+    total = _training_total(data)
     if data.validation_size >= total:
         raise InputError(f"data.validation_size: {data.validation_size} leaves no training data; "
                          f"expected < {total} for {data.dataset}")

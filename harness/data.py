@@ -19,7 +19,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from harness.config import Config, DataConfig
+from harness.config import (KNOWN_SPLIT_SIZES, Config, DataConfig, check_divisible_by_world_size,
+                            steps_per_epoch)
 from harness.errors import InputError
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -209,7 +210,7 @@ def _digits(seed: int):
     x = (bunch.data / 16.0).astype(np.float32)
     y = bunch.target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(y))
-    test_size = 360
+    test_size = KNOWN_SPLIT_SIZES["digits"][1]
     test, train = order[:test_size], np.sort(order[test_size:])
     return x[train], y[train], x[np.sort(test)], y[np.sort(test)]
 
@@ -247,14 +248,11 @@ class BatchPlan:
     drop_last: bool = False
 
     def __post_init__(self):
-        if self.global_batch_size % self.world_size:
-            raise InputError(f"optim.global_batch_size: {self.global_batch_size} is not divisible by "
-                             f"the world size {self.world_size}")
+        check_divisible_by_world_size("optim.global_batch_size", self.global_batch_size, self.world_size)
 
     @property
     def steps_per_epoch(self) -> int:
-        full, rest = divmod(self.num_samples, self.global_batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return steps_per_epoch(self.num_samples, self.global_batch_size, self.drop_last)
 
     def permutation(self, epoch: int, device=None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

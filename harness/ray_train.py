@@ -38,10 +38,10 @@ class RayHooks(RunHooks):
         super().__init__(resume=resume_local, launch_id=launch_id)
         self._restored_dir: Optional[str] = None
 
-    def restore(self, cfg: Config) -> Optional[Path]:
+    def checkpoint_to_resume(self, cfg: Config) -> Optional[Path]:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return super().restore(cfg)
+            return super().checkpoint_to_resume(cfg)
         # A private folder per worker: to_directory()'s default path is shared by
         # every worker of the node, and two downloads into it race.
         self._restored_dir = tempfile.mkdtemp(prefix="harness-restore-")
@@ -49,7 +49,7 @@ class RayHooks(RunHooks):
         return ckpt.newest_checkpoint(Path(self._restored_dir))
 
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
-        if self._restored_dir:  # read by now: the loop restores before its first epoch
+        if self._restored_dir:  # read by now: the loop loads its state before its first epoch
             shutil.rmtree(self._restored_dir, ignore_errors=True)
             self._restored_dir = None
         report = {"epoch": epoch, **metrics}

@@ -189,9 +189,6 @@ def run_trial(trial: Config, ctx: DistContext, dataset: Dataset, parent_run_id, 
         return TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
 
 
-SUMMARY_COLUMNS = ("batch_size", "lr", "seed", "train_loss", "test_loss", "test_accuracy", "generalization_gap_accuracy")
-
-
 def summary_table(outcomes: list[TrialOutcome]) -> str:
     """The table ``make sweep`` ends with: one row per trial, final-epoch numbers."""
     header = ["rule", "batch", "lr", "seed", "train loss", "test loss", "test acc", "gap (acc)", "gap (loss)", "status"]

@@ -153,7 +153,7 @@ class ConsoleTracker(NullTracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if "test_accuracy" in metrics:
-            print(f"[{self.cfg.name}] epoch {step}/{self.cfg.train.epochs}  "
+            print(f"[{self.cfg.name}] epoch {step}/{self.cfg.total_epochs}  "
                   + format_metrics(metrics, self.EPOCH_KEYS), flush=True)
 
     def save_checkpoint(self, state: dict[str, Any], epoch: int) -> Optional[Path]:

@@ -22,13 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness import checkpoint as ckpt
 from harness import faults, signals
-from harness.backprop import manual_backward
+from harness.backprop import autograd_backward, manual_backward
 from harness.config import Config
 from harness.data import BatchPlan, Dataset, Split, load_dataset
 from harness.distributed import DistContext, all_reduce_sum, average_gradients
 from harness.grad_noise import NoiseProbe, squared_norm
 from harness.graph_step import GraphStep, graph_unavailable_reason, side_stream
-from harness.metrics import top_hessian_eigenvalue
+from harness.metrics import steps_to_target, top_hessian_eigenvalue
 from harness.model import build_model
 from harness.tracking import by_step_metrics, make_tracker, print_main
 
@@ -60,7 +60,8 @@ class RunHooks:
         self.launch_id = launch_id
         self.same_launch_only = same_launch_only
 
-    def restore(self, cfg: Config) -> Optional[Path]:
+    def checkpoint_to_resume(self, cfg: Config) -> Optional[Path]:
+        """The checkpoint file this run resumes from; None to start afresh."""
         return ckpt.newest_checkpoint(ckpt.checkpoint_dir(cfg)) if self.resume else None
 
     def read(self, path: Path, cfg: Config) -> Optional[dict]:
@@ -116,10 +117,7 @@ class Trainer:
         """Assign this rank's gradients of sum(CE)/normalizer (not yet reduced for the manual engine)."""
         if self.cfg.train.grad_engine == "manual":
             return manual_backward(unwrap(self.model), x, y, normalizer)
-        self.optimizer.zero_grad(set_to_none=not self.keeps_gradient_buffers)
-        loss = F.cross_entropy(self.model(x), y, reduction="sum") / normalizer
-        loss.backward()
-        return loss.detach()
+        return autograd_backward(self.model, x, y, normalizer, set_to_none=not self.keeps_gradient_buffers)
 
     def backward_in_halves(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One rank's gradient as two half-batch passes; also the halves' mean squared norm (as means)."""
@@ -282,7 +280,8 @@ def checkpoint_state(trainer: Trainer, progress: Progress, run_id: Optional[str]
             "config_fingerprint": ckpt.config_fingerprint(trainer.cfg)}
 
 
-def restore(trainer: Trainer, state: dict) -> Progress:
+def load_state(trainer: Trainer, state: dict) -> Progress:
+    """Put a checkpoint's state into ``trainer``; returns where the run had got to."""
     unwrap(trainer.model).load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
@@ -359,7 +358,7 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
     hooks = hooks or RunHooks()
     dataset = (dataset or load_dataset(cfg)).to(ctx.device)
     trainer = build_trainer(cfg, ctx, dataset)
-    resume_from = hooks.restore(cfg)
+    resume_from = hooks.checkpoint_to_resume(cfg)
     state = hooks.read(resume_from, cfg) if resume_from else None
     if resume_from and state is None:
         print_main(ctx, f"[{cfg.name}] {resume_from} is another launch's checkpoint: starting afresh")
@@ -394,7 +393,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
         latest = tracker.save_checkpoint(checkpoint_state(trainer, progress, run_id, hooks.launch_id), 0)
         hooks.after_epoch(0, {}, latest, ctx)
     else:
-        progress = restore(trainer, state)
+        progress = load_state(trainer, state)
         latest = None
     result = RunResult(run_id, progress.epoch, progress.global_step)
     step_budget = cfg.train.max_steps or cfg.total_epochs * trainer.plan.steps_per_epoch
@@ -442,10 +441,14 @@ def _measure_epoch(trainer: Trainer, dataset: Dataset, progress: Progress, train
     metrics.update(epoch_s=elapsed_s, samples_per_s=samples / elapsed_s, global_step=float(progress.global_step),
                    lr=trainer.lr_at(progress.global_step))
     tags = {}
-    target = trainer.cfg.metrics.target_val_accuracy
-    if not progress.target_reached_epoch and metrics.get("val_accuracy", 0.0) >= target:
-        progress.target_reached_epoch = progress.epoch
-        metrics.update(steps_to_target=float(progress.global_step), epochs_to_target=float(progress.epoch),
-                       samples_to_target=float(progress.samples_seen), seconds_to_target=progress.train_seconds)
-        tags["steps_to_target"] = str(progress.global_step)
+    # Only the first epoch that reaches the target counts; the loop keeps no history of
+    # evaluations, so it asks about this one while the target has not been reached yet.
+    reached = None if progress.target_reached_epoch else steps_to_target(
+        [metrics.get("val_accuracy", 0.0)], steps=[progress.global_step], samples=[progress.samples_seen],
+        seconds=[progress.train_seconds], target=trainer.cfg.metrics.target_val_accuracy, epochs=[progress.epoch])
+    if reached:
+        progress.target_reached_epoch = reached.epochs
+        metrics.update(steps_to_target=float(reached.steps), epochs_to_target=float(reached.epochs),
+                       samples_to_target=float(reached.samples), seconds_to_target=reached.seconds)
+        tags["steps_to_target"] = str(reached.steps)
     return metrics, tags

@@ -12,13 +12,13 @@ import torch.distributed as dist  # noqa: E402
 
 from harness import distributed  # noqa: E402
 from harness.train_loop import unwrap  # noqa: E402
-from test_graph_step import STEP_TEST_OVERRIDES, assert_same_state, smoke_config, trained  # noqa: E402
+from test_graph_step import STEP_TEST_OVERRIDES, assert_same_state, untracked_smoke_config, trained  # noqa: E402
 
 
 def main() -> int:
     ctx = distributed.init_from_env("cpu")
     try:
-        cfg = smoke_config(Path(sys.argv[1]), *STEP_TEST_OVERRIDES)
+        cfg = untracked_smoke_config(Path(sys.argv[1]), *STEP_TEST_OVERRIDES)
         eager = trained(cfg, ctx, graph="none")
         graph = trained(cfg, ctx, graph="body")
         assert graph.graph_step.warmup_steps_left == 0, "no step ran through the graph body"

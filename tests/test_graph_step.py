@@ -27,7 +27,7 @@ STEP_TEST_OVERRIDES = ("optim.global_batch_size=48", "optim.weight_decay=0.001",
                        "metrics.sharpness=false")
 
 
-def smoke_config(tmp_path, *overrides: str):
+def untracked_smoke_config(tmp_path, *overrides: str):
     """configs/smoke.yaml, tracking off: these tests also run on the GPU machine, which has no MLflow."""
     return load_config(CONFIGS / "smoke.yaml", ["tracking.enabled=false", f"checkpoint.dir={tmp_path}/checkpoints",
                                                 *overrides])
@@ -55,7 +55,7 @@ def assert_same_state(graph_trainer, eager_trainer, rtol: float, atol: float) ->
 
 
 def test_graph_step_body_reaches_the_eager_parameters_after_two_epochs(tmp_path):
-    cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
+    cfg = untracked_smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
     eager = trained(cfg, DistContext(), graph="none")
     graph = trained(cfg, DistContext(), graph="body")
     assert graph.graph_step.warmup_steps_left == 0  # 22 steps: 3 warm-up, 17 graph-body, 2 eager last batches
@@ -67,7 +67,7 @@ def test_graph_step_body_reaches_the_eager_parameters_after_two_epochs(tmp_path)
 
 
 def test_gradients_keep_their_buffers_when_a_graph_step_is_on(tmp_path):
-    cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
+    cfg = untracked_smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
     trainer = trained(cfg, DistContext(), graph="body", epochs=1)
     addresses = [p.grad.data_ptr() for p in trainer.params]
     trainer.run_epoch(2, trainer.plan.steps_per_epoch, trainer.plan.steps_per_epoch, NoProgress())
@@ -107,9 +107,9 @@ def test_sgd_update_with_a_tensor_lr_matches_torch_sgd():
 
 
 def test_cuda_graph_on_cpu_trains_eagerly_and_says_why(tmp_path, capsys):
-    eager = train(smoke_config(tmp_path / "eager"), DistContext())
+    eager = train(untracked_smoke_config(tmp_path / "eager"), DistContext())
     capsys.readouterr()
-    fallback = train(smoke_config(tmp_path / "graph", "performance.cuda_graph=true"),
+    fallback = train(untracked_smoke_config(tmp_path / "graph", "performance.cuda_graph=true"),
                      DistContext())
     out = capsys.readouterr().out
     assert ("[smoke] performance.cuda_graph: running the eager step instead, because the device is cpu, "
@@ -120,10 +120,10 @@ def test_cuda_graph_on_cpu_trains_eagerly_and_says_why(tmp_path, capsys):
 
 def test_graph_is_refused_for_the_manual_engine_and_for_the_cpu(tmp_path):
     on_gpu = DistContext(device=torch.device("cuda", 0))
-    manual = smoke_config(tmp_path, "train.grad_engine=manual", "performance.cuda_graph=true")
+    manual = untracked_smoke_config(tmp_path, "train.grad_engine=manual", "performance.cuda_graph=true")
     assert "train.grad_engine is 'manual'" in graph_unavailable_reason(manual, on_gpu)
-    assert graph_unavailable_reason(smoke_config(tmp_path), on_gpu) is None
-    assert "CUDA graphs need a CUDA device" in graph_unavailable_reason(smoke_config(tmp_path), DistContext())
+    assert graph_unavailable_reason(untracked_smoke_config(tmp_path), on_gpu) is None
+    assert "CUDA graphs need a CUDA device" in graph_unavailable_reason(untracked_smoke_config(tmp_path), DistContext())
 
 
 # --- with CUDA: real capture and replay ----------------------------------------
@@ -131,7 +131,7 @@ def test_graph_is_refused_for_the_manual_engine_and_for_the_cpu(tmp_path):
 
 @cuda
 def test_captured_graph_reaches_the_eager_parameters_on_cuda(tmp_path):
-    cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda")
+    cfg = untracked_smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda")
     ctx = DistContext(device=torch.device("cuda", 0))
     eager = trained(cfg, ctx, graph="none")
     graph = trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
@@ -144,8 +144,8 @@ def test_captured_graph_reaches_the_eager_parameters_on_cuda(tmp_path):
 def test_training_steps_never_wait_for_the_host(tmp_path, graph_on):
     """A whole epoch of steps (replays, the eager last batch, probe steps) with CUDA's
     sync check set to raise: no .item(), no host copy, no stream synchronise."""
-    cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda",
-                       f"performance.cuda_graph={str(graph_on).lower()}")
+    cfg = untracked_smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda",
+                                 f"performance.cuda_graph={str(graph_on).lower()}")
     trainer = trained(cfg, DistContext(device=torch.device("cuda", 0)), graph="captured" if graph_on else "none",
                       epochs=1)
     batches = list(trainer.plan.local_batches(2, trainer.ctx.device))
@@ -172,7 +172,7 @@ def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
 
     from harness.distributed import allow_collective_capture
 
-    cfg = smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda")
+    cfg = untracked_smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda")
     ctx = DistContext(device=torch.device("cuda", 0), world_size=1)
     allow_collective_capture()
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "0"
@@ -194,8 +194,9 @@ def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
 
 @cuda
 def test_graph_and_eager_runs_log_the_same_metric_names(tmp_path):
-    runs = [train(smoke_config(tmp_path / str(on), "train.device=cuda",
-                               f"performance.cuda_graph={str(on).lower()}"), DistContext(device=torch.device("cuda", 0)))
+    runs = [train(untracked_smoke_config(tmp_path / str(on), "train.device=cuda",
+                                         f"performance.cuda_graph={str(on).lower()}"),
+                  DistContext(device=torch.device("cuda", 0)))
             for on in (False, True)]
     assert runs[0].metrics.keys() == runs[1].metrics.keys()
     assert runs[1].metrics["train_loss"] == pytest.approx(runs[0].metrics["train_loss"], rel=1e-3)

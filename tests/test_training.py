@@ -133,6 +133,14 @@ def test_step_budget_stops_mid_epoch_at_exactly_that_many_steps(tmp_path):
     assert (result.global_step, result.epochs_completed) == (11, 2)
 
 
+def test_console_counts_the_epochs_a_step_budget_runs_not_train_epochs(tmp_path, capsys):
+    # 8 steps per epoch: 20 steps run 3 epochs, while smoke.yaml says train.epochs: 2.
+    cfg = smoke_config(tmp_path, "tracking.enabled=false", "train.max_steps=20")
+    train(cfg, DistContext())
+    epochs = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith(f"[{cfg.name}] epoch")]
+    assert epochs == ["1/3", "2/3", "3/3"]
+
+
 def test_sweep_step_budget_and_warmup_reach_the_trials(tmp_path):
     cfg = smoke_config(tmp_path, "sweep={batch_sizes: [32, 64], lr_rules: [none, sqrt], base_batch_size: 32, "
                                  "budget_steps: 20, warmup_epochs: 0.5}")
