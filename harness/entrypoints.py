@@ -13,7 +13,7 @@ import functools
 import json
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from harness.config import Config, load_config
 from harness.errors import USAGE_EXIT_CODE, InputError
@@ -117,8 +117,13 @@ def exits_on_input_error(main: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (ranks) per run")
+def add_ray_arguments(parser: argparse.ArgumentParser, num_workers_help: Optional[str] = None) -> None:
+    """The Ray options; ``num_workers_help`` (launch/sweep.py, whose --nproc is the ranks per
+    trial) makes --num-workers an unset alias with that help instead of a value of its own."""
+    if num_workers_help:
+        parser.add_argument("--num-workers", type=int, default=None, help=num_workers_help)
+    else:
+        parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (ranks) per run")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per run")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")

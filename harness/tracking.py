@@ -85,7 +85,7 @@ def run_description(cfg: Config) -> str:
         return (f"Batch-size sweep `{cfg.name}`: batch sizes {list(sweep.batch_sizes)}, seeds {list(sweep.seeds)}, "
                 f"LR rules {list(sweep.lr_rules)} (base LR {cfg.optim.lr:g} at batch {sweep.base_batch_size}). "
                 "One child run per trial. This run's metrics have step = batch size, one key per LR rule "
-                "(e.g. `test_accuracy_none`): its charts plot them against batch size. "
+                "(e.g. `by_batch/test_accuracy_none`): its charts plot them against batch size. "
                 "Tables and plots: artifacts, folder `report/`.")
     if cfg.trial is not None:
         return (f"Trial `{cfg.name}` of sweep `{cfg.trial.sweep}`: batch {cfg.optim.global_batch_size}, "
@@ -291,20 +291,9 @@ class MLflowTracker(ConsoleTracker):
         """
         if not parent_run_id:
             return []
-        try:
-            children = self.client.search_runs(
-                [self.client.get_run(parent_run_id).info.experiment_id],
-                f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'", max_results=10000)
-            for child in children:
-                self.client.set_terminated(child.info.run_id, status=status)
-        except Exception as err:  # the store is unreachable: report, do not mask why the sweep ended
-            print(f"[{self.cfg.name}] could not end the sweep's RUNNING child runs ({type(err).__name__}: {err})",
-                  file=sys.stderr, flush=True)
-            return []
-        if children:
-            print(f"[{self.cfg.name}] {len(children)} child run(s) left RUNNING by their trial marked {status}",
-                  file=sys.stderr, flush=True)
-        return [c.info.run_id for c in children]
+        return end_running_runs(self.client, lambda: self.client.get_run(parent_run_id).info.experiment_id,
+                                f"tags.mlflow.parentRunId = '{parent_run_id}'", status,
+                                f"[{self.cfg.name}] the sweep's child run", "their trial")
 
     def finished_children(self, parent_run_id: str) -> frozenset:
         """Config names (tag ``trial``) of the parent's child runs that FINISHED: trials a resumed sweep skips."""
@@ -324,7 +313,7 @@ def ui_links(uri: str, experiment_id: str, sweep_run_id: Optional[str] = None) -
         base, lines = uri.rstrip("/"), []
     else:
         base = f"http://127.0.0.1:{UI_PORT}"
-        store = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        store = sqlite_path(uri)
         if store is not None and store.name == "mlflow.db":
             command = ("make mlflow-server" if store.parent == Path.cwd().resolve()
                        else f".venv/bin/harness mlflow-server --store-dir {store.parent}")
@@ -459,21 +448,38 @@ def end_runs_of_launch(cfg: Config, launch_id: str, status: str) -> list[str]:
 
     For a launcher whose workers were stopped before they could finish their own run.
     """
+    def experiment_ids():
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        return experiment.experiment_id if experiment else None
+
     try:
         client = open_client(cfg.tracking.uri or default_tracking_uri())
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    except Exception as err:  # the store is unreachable: report, do not mask why the run ended
+        print(f"[{cfg.name}] could not open the tracking store ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+        return []
+    return end_running_runs(client, experiment_ids, f"tags.launch_id = '{launch_id}'", status,
+                            f"[{cfg.name}] the run of launch {launch_id}", "its workers")
+
+
+def end_running_runs(client, experiment_id, selection: str, status: str, what: str, left_by: str) -> list[str]:
+    """End the runs matching ``selection`` that are still RUNNING with ``status``; returns their ids.
+
+    ``experiment_id`` is called inside the guard (it may query the store; None: nothing to end).
+    Best effort: with the store unreachable, say so on stderr and end nothing, rather than
+    mask why the caller is stopping.
+    """
+    try:
+        experiment = experiment_id()
         if experiment is None:
             return []
-        runs = client.search_runs([experiment.experiment_id],
-                                  f"tags.launch_id = '{launch_id}' and attributes.status = 'RUNNING'")
+        runs = client.search_runs([experiment], f"{selection} and attributes.status = 'RUNNING'", max_results=10000)
         for run in runs:
             client.set_terminated(run.info.run_id, status=status)
-    except Exception as err:  # the store is unreachable: report, do not mask why the run ended
-        print(f"[{cfg.name}] could not end the run of launch {launch_id} ({type(err).__name__}: {err})",
-              file=sys.stderr, flush=True)
+    except Exception as err:
+        print(f"{what}: could not end RUNNING runs ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
         return []
     for run in runs:
-        print(f"[{cfg.name}] MLflow run {run.info.run_id} left RUNNING by its workers: marked {status}",
+        print(f"{what}: MLflow run {run.info.run_id} left RUNNING by {left_by} marked {status}",
               file=sys.stderr, flush=True)
     return [run.info.run_id for run in runs]
 

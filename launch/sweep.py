@@ -130,13 +130,10 @@ def main(argv=None) -> int:
     parser.add_argument("--report-dir", default="reports", help="where the report's files go")
     parser.add_argument("--resume", action="store_true",
                         help="reopen the newest unfinished sweep of this name: skip finished trials, resume the rest")
-    add_ray_arguments(parser)
     # Here the ranks per trial are --nproc for every launcher; --num-workers (shared
     # with launch/ray_job.py) is accepted with ray as the same thing, never a second value.
-    parser.set_defaults(num_workers=None)
-    for action in parser._actions:
-        if "--num-workers" in action.option_strings:
-            action.help = "with --launcher ray: the same as --nproc (give one, or both equal; default: unset)"
+    add_ray_arguments(parser, num_workers_help="with --launcher ray: the same as --nproc "
+                                               "(give one, or both equal; default: unset)")
     args = parser.parse_args(argv)
     args.nproc = merged_nproc(args)
     cfg = load_run_config(args)
