@@ -11,11 +11,11 @@ import argparse
 import contextlib
 import functools
 import json
-import sys
 import time
 from typing import Callable, Optional
 
 from harness.config import Config, load_config
+from harness.console import fail
 from harness.errors import USAGE_EXIT_CODE, InputError
 
 # No module here imports torch at load time (harness.tracking does, so it is
@@ -111,7 +111,7 @@ def exits_on_input_error(main: Callable[..., int]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs)
         except InputError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            fail(f"error: {err}")
             return USAGE_EXIT_CODE
 
     return wrapper
@@ -259,12 +259,12 @@ def _exit_unless_done_within(address: str, deadline_s: float, problem: str):
             if done.is_set():
                 return
             if not ready:
-                print(f"error: RAY_ADDRESS: {problem}; {RAY_ADDRESS_EXPECTED}", file=sys.stderr, flush=True)
+                fail(f"error: RAY_ADDRESS: {problem}; {RAY_ADDRESS_EXPECTED}")
                 os._exit(USAGE_EXIT_CODE)
             for signum in reader.recv(64):
                 if signum in caught:
-                    print(f"error: RAY_ADDRESS: interrupted ({signal.Signals(signum).name}) while connecting to "
-                          f"{address!r}", file=sys.stderr, flush=True)
+                    fail(f"error: RAY_ADDRESS: interrupted ({signal.Signals(signum).name}) while connecting to "
+                         f"{address!r}")
                     os._exit(128 + signum)
 
     watcher = threading.Thread(target=watch, name="ray-connect-watch", daemon=True)

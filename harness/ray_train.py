@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ import ray.train
 from harness import checkpoint as ckpt
 from harness import signals
 from harness.config import Config
+from harness.console import warn
 from harness.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, context_from_process_group
 from harness.train_loop import RunHooks, RunResult, train
 
@@ -213,7 +213,7 @@ def run_sweep_on_ray(cfg: Config, options: RayOptions, resume: bool = False):
                 try:
                     outcomes[trial.name] = TrialOutcome(trial, ray.get(done[0]))
                 except Exception as err:  # one failed trial must not stop the sweep
-                    print(f"[{trial.name}] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                    warn(f"[{trial.name}] failed: {type(err).__name__}: {err}")
                     outcomes[trial.name] = TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
         except BaseException:
             _cancel_trials(list(pending))
@@ -240,6 +240,6 @@ def _cancel_trials(refs: list) -> None:
         try:
             ray.cancel(ref, force=True, recursive=True)
         except Exception as err:  # already finished, or the cluster is gone: nothing left to stop
-            print(f"could not cancel a trial ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+            warn(f"could not cancel a trial ({type(err).__name__}: {err})")
     if refs:
         ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)

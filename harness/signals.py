@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
-import sys
 import threading
 from typing import Callable, Optional
+
+from harness.console import fail
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 EXIT_CODES = tuple(128 + signum for signum in HANDLED)  # what exits_on_termination returns
@@ -130,8 +131,7 @@ def exits_on_termination(main: Callable[..., int]) -> Callable[..., int]:
                 raise
             stop = err if isinstance(err, Terminated) else Terminated(signum)
             seen = "" if err is stop else f" ({type(err).__name__} as it stopped: {str(err)[:200]})"
-            print(f"stopped: {stop}{seen}; an unfinished MLflow run is marked KILLED (continue it with --resume)",
-                  file=sys.stderr, flush=True)
+            fail(f"stopped: {stop}{seen}; an unfinished MLflow run is marked KILLED (continue it with --resume)")
             return stop.exit_code
         finally:
             for signum, handler in previous.items():

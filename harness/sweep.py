@@ -16,6 +16,7 @@ from typing import Optional
 
 from harness import signals
 from harness.config import Config, trial_name
+from harness.console import say
 from harness.data import Dataset, load_dataset
 from harness.distributed import DistContext
 from harness.errors import InputError
@@ -91,8 +92,8 @@ class SweepProgress:
         self.trial_started_s = now
         eta = (f"ETA {format_duration(sum(self.durations_s) / len(self.durations_s) * (self.total - index))}"
                if self.durations_s else "ETA after the first trial")
-        print(f"[sweep] trial {index + 1}/{self.total} ({format_duration(now - self.started_s)} elapsed, {eta}): "
-              f"{display_name(trial)} ({trial.name}){': ' + how if how else ''}", flush=True)
+        say(f"[sweep] trial {index + 1}/{self.total} ({format_duration(now - self.started_s)} elapsed, {eta}): "
+            f"{display_name(trial)} ({trial.name}){': ' + how if how else ''}")
 
 
 @dataclass
@@ -110,15 +111,16 @@ class SweepParent:
     completed (empty unless resuming): they are skipped.
     """
 
-    def __init__(self, run_id: Optional[str], finished: frozenset = frozenset()):
+    def __init__(self, run_id: Optional[str], finished: frozenset = frozenset(), ctx: Optional[DistContext] = None):
         self.run_id = run_id
+        self.ctx = ctx
         self.finished = finished
         self.outcomes: list[TrialOutcome] = []
 
     def skip(self, trial: Config) -> bool:
         if trial.name in self.finished:
             self.outcomes.append(TrialOutcome(trial, None, skipped=True))
-            print(f"[{trial.name}] finished in an earlier attempt: skipped", flush=True)
+            say(f"[{trial.name}] finished in an earlier attempt: skipped", ctx=self.ctx)
             return True
         return False
 
@@ -139,7 +141,7 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
         tracker.clear_checkpoints(expand_trials(cfg))
     try:  # start inside: a signal held back during start is raised as it returns
         parent = SweepParent(tracker.start(resume_run_id=previous),
-                             tracker.finished_children(previous) if previous else frozenset())
+                             tracker.finished_children(previous) if previous else frozenset(), ctx)
         tracker.set_tags({"run_kind": "sweep"})
         yield parent
         tracker.set_tags({"trials": len(parent.outcomes),

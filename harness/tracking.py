@@ -15,7 +15,6 @@ import contextlib
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +23,7 @@ import torch
 from harness import checkpoint as ckpt
 from harness import signals
 from harness.config import Config, flatten
+from harness.console import say, warn
 from harness.distributed import DistContext
 from harness.errors import InputError
 from harness.spool import Spool, apply_record, logged_steps, metrics_record
@@ -153,8 +153,8 @@ class ConsoleTracker(NullTracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if "test_accuracy" in metrics:
-            print(f"[{self.cfg.name}] epoch {step}/{self.cfg.total_epochs}  "
-                  + format_metrics(metrics, self.EPOCH_KEYS), flush=True)
+            say(f"[{self.cfg.name}] epoch {step}/{self.cfg.total_epochs}  "
+                + format_metrics(metrics, self.EPOCH_KEYS), ctx=self.ctx)
 
     def save_checkpoint(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
         if not self.cfg.checkpoint.enabled:
@@ -233,8 +233,8 @@ class MLflowTracker(ConsoleTracker):
         try:
             apply_record(self.client, record, self._logged)
         except Exception as err:  # the server is down or unreachable: keep training
-            print(f"[{self.cfg.name}] MLflow unreachable ({type(err).__name__}); spooling to {self.spool.path}",
-                  file=sys.stderr, flush=True)
+            warn(f"[{self.cfg.name}] MLflow unreachable ({type(err).__name__}); spooling to {self.spool.path}",
+                 ctx=self.ctx)
             self._stale_logged = True
             self.spool.append(record)
 
@@ -249,7 +249,7 @@ class MLflowTracker(ConsoleTracker):
             self._stale_logged = True
             return False
         self.spool.remove()
-        print(f"[{self.cfg.name}] MLflow reachable again: spooled records delivered", file=sys.stderr, flush=True)
+        warn(f"[{self.cfg.name}] MLflow reachable again: spooled records delivered", ctx=self.ctx)
         return True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -266,9 +266,9 @@ class MLflowTracker(ConsoleTracker):
             return
         self._deliver({"op": "terminate", "run_id": self.run_id, "status": status})
         if self.spool:
-            print(f"[{self.cfg.name}] MLflow still unreachable: the run's last records are kept in "
-                  f"{self.spool.path}; deliver them with: harness replay {self.spool.path} "
-                  f"--tracking-uri {self.cfg.tracking.uri}", file=sys.stderr, flush=True)
+            warn(f"[{self.cfg.name}] MLflow still unreachable: the run's last records are kept in "
+                 f"{self.spool.path}; deliver them with: harness replay {self.spool.path} "
+                 f"--tracking-uri {self.cfg.tracking.uri}", ctx=self.ctx)
 
 
     def unfinished_sweep_run(self, sweep_name: str) -> Optional[str]:
@@ -455,7 +455,7 @@ def end_runs_of_launch(cfg: Config, launch_id: str, status: str) -> list[str]:
     try:
         client = open_client(cfg.tracking.uri or default_tracking_uri())
     except Exception as err:  # the store is unreachable: report, do not mask why the run ended
-        print(f"[{cfg.name}] could not open the tracking store ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+        warn(f"[{cfg.name}] could not open the tracking store ({type(err).__name__}: {err})")
         return []
     return end_running_runs(client, experiment_ids, f"tags.launch_id = '{launch_id}'", status,
                             f"[{cfg.name}] the run of launch {launch_id}", "its workers")
@@ -476,11 +476,10 @@ def end_running_runs(client, experiment_id, selection: str, status: str, what: s
         for run in runs:
             client.set_terminated(run.info.run_id, status=status)
     except Exception as err:
-        print(f"{what}: could not end RUNNING runs ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+        warn(f"{what}: could not end RUNNING runs ({type(err).__name__}: {err})")
         return []
     for run in runs:
-        print(f"{what}: MLflow run {run.info.run_id} left RUNNING by {left_by} marked {status}",
-              file=sys.stderr, flush=True)
+        warn(f"{what}: MLflow run {run.info.run_id} left RUNNING by {left_by} marked {status}")
     return [run.info.run_id for run in runs]
 
 
@@ -502,7 +501,3 @@ def make_tracker(cfg: Config, ctx: DistContext, parent_run_id: Optional[str] = N
     return ConsoleTracker(cfg, ctx)
 
 
-def print_main(ctx: DistContext, *lines: str) -> None:
-    if ctx.is_main:
-        for line in lines:
-            print(line, file=sys.stdout, flush=True)

@@ -30,7 +30,8 @@ from harness.grad_noise import NoiseProbe, squared_norm
 from harness.graph_step import GraphStep, graph_unavailable_reason, side_stream
 from harness.metrics import steps_to_target, top_hessian_eigenvalue
 from harness.model import build_model
-from harness.tracking import by_step_metrics, make_tracker, print_main
+from harness.console import say
+from harness.tracking import by_step_metrics, make_tracker
 
 # A loss above this (cross-entropy of 10 classes starts near 2.3) means the run blew up.
 DIVERGED_LOSS = 1e3
@@ -247,8 +248,8 @@ def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
     if graph_stream is not None:
         trainer.graph_step = GraphStep(trainer, graph_stream)
     elif cfg.performance.cuda_graph:
-        print_main(ctx, f"[{cfg.name}] performance.cuda_graph: running the eager step instead, because "
-                        f"{graph_unavailable_reason(cfg, ctx)}")
+        say(f"[{cfg.name}] performance.cuda_graph: running the eager step instead, because "
+            f"{graph_unavailable_reason(cfg, ctx)}", ctx=ctx)
     return trainer
 
 
@@ -361,7 +362,7 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
     resume_from = hooks.checkpoint_to_resume(cfg)
     state = hooks.read(resume_from, cfg) if resume_from else None
     if resume_from and state is None:
-        print_main(ctx, f"[{cfg.name}] {resume_from} is another launch's checkpoint: starting afresh")
+        say(f"[{cfg.name}] {resume_from} is another launch's checkpoint: starting afresh", ctx=ctx)
     tracker = tracker or make_tracker(cfg, ctx, parent_run_id)
     if state is None:
         tracker.clear_checkpoints()

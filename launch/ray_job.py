@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import signals  # noqa: E402
+from harness.console import say  # noqa: E402
 from harness.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments, connect_ray,  # noqa: E402
                                  exits_on_input_error, load_run_config, prepare_ray_run)
 from harness.sweep import summary_table  # noqa: E402
@@ -34,13 +35,13 @@ def main(argv=None) -> int:
     from harness.ray_train import fit, run_sweep_on_ray
 
     if cfg.is_sweep:
-        print(summary_table(run_sweep_on_ray(cfg, options).outcomes), flush=True)
+        say(summary_table(run_sweep_on_ray(cfg, options).outcomes))
     else:
         result = fit(cfg, options)
-        print(f"finished {cfg.name} on Ray: epochs {result.epochs_completed}, steps {result.global_step}, "
+        say(f"finished {cfg.name} on Ray: epochs {result.epochs_completed}, steps {result.global_step}, "
               f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
               f"{'diverged, ' if result.diverged else ''}"
-              f"checkpoint {result.checkpoint or '-'}, MLflow run {result.run_id or '-'}", flush=True)
+            f"checkpoint {result.checkpoint or '-'}, MLflow run {result.run_id or '-'}")
     return 0
 
 

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from harness import signals  # noqa: E402
+from harness.console import say, warn  # noqa: E402
 from harness.config import check_world_size  # noqa: E402
 from harness.data import load_dataset  # noqa: E402
 from harness.distributed import DistContext, local_context  # noqa: E402
@@ -81,7 +82,7 @@ def stop_process_tree(process: subprocess.Popen, signum: int) -> None:
         process.wait()
     _, alive = psutil.wait_procs(family, timeout=0)
     for leftover in alive:
-        print(f"killing pid {leftover.pid}, left behind by the trial's torchrun", file=sys.stderr, flush=True)
+        warn(f"killing pid {leftover.pid}, left behind by the trial's torchrun")
         try:
             leftover.kill()
         except psutil.NoSuchProcess:
@@ -111,7 +112,7 @@ def torchrun_sweep(cfg, args):
             status = run_trial_process(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
             error = None if status == 0 else f"torchrun exited with {status}"
             if error:
-                print(f"[{trial.name}] failed: {error}", file=sys.stderr, flush=True)
+                warn(f"[{trial.name}] failed: {error}")
             parent.outcomes.append(TrialOutcome(trial, None, error))
     return parent
 
@@ -153,28 +154,28 @@ def main(argv=None) -> int:
 
         sweep = run_sweep_on_ray(cfg, options, resume=args.resume)
     elif args.launcher == "torchrun":
-        print(f"loading data ({cfg.data.dataset}) to check it before the first trial", flush=True)
+        say(f"loading data ({cfg.data.dataset}) to check it before the first trial")
         load_dataset(cfg)  # a missing or damaged data file fails before any trial starts
         sweep = torchrun_sweep(cfg, args)
     else:
-        print(f"loading data ({cfg.data.dataset})", flush=True)
+        say(f"loading data ({cfg.data.dataset})")
         sweep = run_sweep(cfg, local_context(cfg.train.device), resume=args.resume)
     outcomes = sweep.outcomes
     if cfg.tracking.enabled:
-        print(f"building the report from MLflow ({cfg.tracking.uri})", flush=True)
+        say(f"building the report from MLflow ({cfg.tracking.uri})")
         from harness.report import build_report
         from harness.tracking import ui_links
 
         report = build_report(cfg.tracking.uri, cfg.tracking.experiment, sweep_run_id=sweep.run_id,
                               out_dir=args.report_dir)
-        print("\n" + report.markdown_table)
-        print(f"\nreport: {report.directory} (plots: {', '.join(p.name for p in report.plots)})")
+        say("\n" + report.markdown_table)
+        say(f"\nreport: {report.directory} (plots: {', '.join(p.name for p in report.plots)})")
     else:
-        print(summary_table(outcomes))
+        say(summary_table(outcomes))
     failed = sum(o.error is not None for o in outcomes)
-    print(f"{len(outcomes)} trials, {failed} failed, {format_duration(time.monotonic() - started_s)}", flush=True)
+    say(f"{len(outcomes)} trials, {failed} failed, {format_duration(time.monotonic() - started_s)}")
     if cfg.tracking.enabled:
-        print("\n".join(ui_links(cfg.tracking.uri, report.experiment_id, sweep.run_id)), flush=True)
+        say("\n".join(ui_links(cfg.tracking.uri, report.experiment_id, sweep.run_id)))
     return 0
 
 

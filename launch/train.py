@@ -22,7 +22,7 @@ from harness.data import load_dataset  # noqa: E402
 from harness.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error, load_run_config  # noqa: E402
 from harness.sweep import run_sweep, select_trial, summary_table  # noqa: E402
 from harness.train_loop import RunHooks, train  # noqa: E402
-from harness.tracking import print_main  # noqa: E402
+from harness.console import say  # noqa: E402
 
 
 @signals.exits_on_termination
@@ -64,12 +64,12 @@ def main(argv=None) -> int:
     ctx = distributed.init_from_env(cfg.train.device) if under_torchrun else distributed.local_context(cfg.train.device)
     try:
         if cfg.is_sweep:
-            print_main(ctx, "", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes))
+            say("", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes), ctx=ctx)
         else:
             result = train(cfg, ctx, hooks=hooks, dataset=dataset, parent_run_id=args.parent_run_id)
-            print_main(ctx, f"finished {cfg.name}: epochs {result.epochs_completed}, steps {result.global_step}, "
-                            f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
-                            f"MLflow run {result.run_id or '-'}, checkpoint {result.checkpoint or '-'}")
+            say(f"finished {cfg.name}: epochs {result.epochs_completed}, steps {result.global_step}, "
+                f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
+                f"MLflow run {result.run_id or '-'}, checkpoint {result.checkpoint or '-'}", ctx=ctx)
     finally:
         distributed.shutdown()
     return 0
