@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Nothing imported at load time pulls in torch (harness.bench, harness.tracking
+# Nothing imported at load time pulls in torch (harness.results.bench, harness.running.tracking
 # do): `harness --help` took 3.5 s with them here, 0.2 s without.
 from harness.console import say
-from harness.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error
+from harness.running.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error
 from harness.errors import InputError
 
-# harness.bench.PATHS, named here so that building the parser needs no torch
+# harness.results.bench.PATHS, named here so that building the parser needs no torch
 # (tests/test_cli.py checks that the two agree).
 BENCH_PATHS = ("dataloader", "harness", "harness_ddp", "harness_graph", "harness_graph_ddp")
 
@@ -24,10 +24,10 @@ GRADCHECK_MAX_SAMPLES = 64
 
 def gradcheck(args: argparse.Namespace) -> int:
     """Hand-written gradients vs autograd in float64, per parameter, on one batch of the config's data."""
-    from harness.backprop import gradient_differences
-    from harness.config import load_config
-    from harness.data import load_dataset
-    from harness.model import build_model
+    from harness.core.backprop import gradient_differences
+    from harness.core.config import load_config
+    from harness.core.data import load_dataset
+    from harness.core.model import build_model
 
     cfg = load_config(args.config, args.overrides)
     train_set = load_dataset(cfg).train
@@ -49,9 +49,9 @@ def report(args: argparse.Namespace) -> int:
     """Tables and plots of a finished sweep, read back from MLflow and logged to its parent run."""
     from pathlib import Path
 
-    from harness.checkpoint import check_writable_dir
-    from harness.report import build_report
-    from harness.tracking import check_tracking_uri, default_tracking_uri
+    from harness.core.checkpoint import check_writable_dir
+    from harness.results.report import build_report
+    from harness.running.tracking import check_tracking_uri, default_tracking_uri
 
     check_writable_dir(Path(args.out), "--out")
     check_tracking_uri(args.tracking_uri or default_tracking_uri())
@@ -66,9 +66,9 @@ def report(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Seconds per epoch of the harness's step against a plain DataLoader loop, in this process."""
-    from harness.bench import format_table, run_benchmark, write_json
-    from harness.config import load_config
-    from harness.distributed import pick_device
+    from harness.results.bench import format_table, run_benchmark, write_json
+    from harness.core.config import load_config
+    from harness.core.distributed import pick_device
 
     if args.epochs < 1:
         raise InputError(f"--epochs: expected a positive number of timed epochs, got {args.epochs}")
@@ -91,8 +91,8 @@ def replay(args: argparse.Namespace) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from harness.spool import Spool, replay as replay_spool
-    from harness.tracking import check_tracking_server, check_tracking_uri, default_tracking_uri
+    from harness.running.spool import Spool, replay as replay_spool
+    from harness.running.tracking import check_tracking_server, check_tracking_uri, default_tracking_uri
 
     spool = Spool(Path(args.spool))
     if not spool:
@@ -115,7 +115,7 @@ def mlflow_server(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from harness.checkpoint import check_writable_dir
+    from harness.core.checkpoint import check_writable_dir
 
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port: {args.port} is not a TCP port; expected 1..65535")

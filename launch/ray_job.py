@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import signals  # noqa: E402
 from harness.console import say  # noqa: E402
-from harness.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments, connect_ray,  # noqa: E402
+from harness.running.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments, connect_ray,  # noqa: E402
                                  exits_on_input_error, load_run_config, prepare_ray_run)
-from harness.sweep import summary_table  # noqa: E402
+from harness.running.sweep import summary_table  # noqa: E402
 
 
 @signals.exits_on_termination
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     cfg, options = prepare_ray_run(load_run_config(args), args)
     connect_ray(args.num_cpus)
     signals.install()  # ray.init set its own SIGTERM handler (sys.exit)
-    from harness.ray_train import fit, run_sweep_on_ray
+    from harness.running.ray_train import fit, run_sweep_on_ray
 
     if cfg.is_sweep:
         say(summary_table(run_sweep_on_ray(cfg, options).outcomes))

@@ -29,13 +29,13 @@ sys.path.insert(0, str(REPO))
 
 from harness import signals  # noqa: E402
 from harness.console import say, warn  # noqa: E402
-from harness.config import check_world_size  # noqa: E402
-from harness.data import load_dataset  # noqa: E402
-from harness.distributed import DistContext, local_context  # noqa: E402
-from harness.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments,  # noqa: E402
+from harness.core.config import check_world_size  # noqa: E402
+from harness.core.data import load_dataset  # noqa: E402
+from harness.core.distributed import DistContext, local_context  # noqa: E402
+from harness.running.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments,  # noqa: E402
                                  connect_ray, exits_on_input_error, load_run_config, prepare_ray_run)
 from harness.errors import InputError  # noqa: E402
-from harness.sweep import SweepProgress, TrialOutcome, expand_trials, format_duration, run_sweep, summary_table, sweep_parent_run  # noqa: E402
+from harness.running.sweep import SweepProgress, TrialOutcome, expand_trials, format_duration, run_sweep, summary_table, sweep_parent_run  # noqa: E402
 
 LAUNCHERS = ("local", "torchrun", "ray")
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         cfg, options = prepare_ray_run(cfg, args)
         connect_ray(args.num_cpus)
         signals.install()  # ray.init set its own SIGTERM handler (sys.exit)
-        from harness.ray_train import run_sweep_on_ray
+        from harness.running.ray_train import run_sweep_on_ray
 
         sweep = run_sweep_on_ray(cfg, options, resume=args.resume)
     elif args.launcher == "torchrun":
@@ -163,8 +163,8 @@ def main(argv=None) -> int:
     outcomes = sweep.outcomes
     if cfg.tracking.enabled:
         say(f"building the report from MLflow ({cfg.tracking.uri})")
-        from harness.report import build_report
-        from harness.tracking import ui_links
+        from harness.results.report import build_report
+        from harness.running.tracking import ui_links
 
         report = build_report(cfg.tracking.uri, cfg.tracking.experiment, sweep_run_id=sweep.run_id,
                               out_dir=args.report_dir)

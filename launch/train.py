@@ -15,13 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import distributed, signals  # noqa: E402
-from harness.checkpoint import check_resumable, check_resume_run_in_store  # noqa: E402
-from harness.config import check_world_size  # noqa: E402
-from harness.data import load_dataset  # noqa: E402
-from harness.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error, load_run_config  # noqa: E402
-from harness.sweep import run_sweep, select_trial, summary_table  # noqa: E402
-from harness.train_loop import RunHooks, train  # noqa: E402
+from harness import signals  # noqa: E402
+from harness.core import distributed  # noqa: E402
+from harness.core.checkpoint import check_resumable, check_resume_run_in_store  # noqa: E402
+from harness.core.config import check_world_size  # noqa: E402
+from harness.core.data import load_dataset  # noqa: E402
+from harness.running.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error, load_run_config  # noqa: E402
+from harness.running.sweep import run_sweep, select_trial, summary_table  # noqa: E402
+from harness.core.train_loop import RunHooks, train  # noqa: E402
 from harness.console import say  # noqa: E402
 
 

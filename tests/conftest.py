@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_config
+from harness.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

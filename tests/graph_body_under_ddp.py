@@ -10,8 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from harness import distributed  # noqa: E402
-from harness.train_loop import unwrap  # noqa: E402
+from harness.core import distributed  # noqa: E402
+from harness.core.train_loop import unwrap  # noqa: E402
 from test_graph_step import STEP_TEST_OVERRIDES, assert_same_state, untracked_smoke_config, trained  # noqa: E402
 
 

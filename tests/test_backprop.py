@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO, run_command
-from harness.backprop import autograd_backward, manual_backward
-from harness.model import MLP
+from harness.core.backprop import autograd_backward, manual_backward
+from harness.core.model import MLP
 
 
 def _grads(model):

@@ -138,11 +138,11 @@ def test_corrupt_checkpoint_is_refused_on_resume(place, capsys):
 
 
 def test_checkpoint_of_another_config_is_refused_on_resume(place, capsys):
-    from harness.checkpoint import write_checkpoint
-    from harness.config import load_config
-    from harness.distributed import DistContext
-    from harness.train_loop import Progress, build_trainer, checkpoint_state
-    from harness.data import load_dataset
+    from harness.core.checkpoint import write_checkpoint
+    from harness.core.config import load_config
+    from harness.core.distributed import DistContext
+    from harness.core.train_loop import Progress, build_trainer, checkpoint_state
+    from harness.core.data import load_dataset
 
     other = load_config(SMOKE, ["model.hidden_sizes=[16]"])
     trainer = build_trainer(other, DistContext(), load_dataset(other))
@@ -349,11 +349,11 @@ def test_deleted_experiment_is_refused_with_how_to_restore(place, capsys):
 
 
 def test_resume_into_a_store_without_the_checkpoints_run(place, capsys):
-    from harness.checkpoint import write_checkpoint
-    from harness.config import load_config
-    from harness.data import load_dataset
-    from harness.distributed import DistContext
-    from harness.train_loop import Progress, build_trainer, checkpoint_state
+    from harness.core.checkpoint import write_checkpoint
+    from harness.core.config import load_config
+    from harness.core.data import load_dataset
+    from harness.core.distributed import DistContext
+    from harness.core.train_loop import Progress, build_trainer, checkpoint_state
 
     cfg = load_config(SMOKE)
     trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))

@@ -4,7 +4,7 @@ import json
 import sys
 
 from conftest import CONFIGS, REPO, run_command
-from harness.bench import PATHS
+from harness.results.bench import PATHS
 
 
 def test_bench_json_has_every_path_at_every_batch_size(tmp_path):

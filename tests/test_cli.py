@@ -100,7 +100,7 @@ def test_harness_help_does_not_import_torch():
 
 
 def test_bench_paths_in_the_cli_match_the_benchmark():
-    from harness.bench import PATHS
+    from harness.results.bench import PATHS
     from harness.cli import BENCH_PATHS
 
     assert BENCH_PATHS == PATHS

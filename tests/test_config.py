@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import CONFIGS, REPO, run_command
-from harness.config import Config, load_config
+from harness.core.config import Config, load_config
 from harness.errors import InputError
 
 

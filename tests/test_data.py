@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import smoke_config
-from harness.config import load_config
-from harness.data import BatchPlan, Split, load_dataset, read_idx, split_validation
+from harness.core.config import load_config
+from harness.core.data import BatchPlan, Split, load_dataset, read_idx, split_validation
 from harness.errors import InputError
 from conftest import CONFIGS
 

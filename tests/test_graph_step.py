@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO, run_command
-from harness.config import load_config
-from harness.data import load_dataset
-from harness.distributed import DistContext
-from harness.graph_step import WARMUP_STEPS, GraphStep, graph_unavailable_reason, sgd_update_
-from harness.train_loop import NoProgress, build_trainer, sharpness, train, unwrap
+from harness.core.config import load_config
+from harness.core.data import load_dataset
+from harness.core.distributed import DistContext
+from harness.core.graph_step import WARMUP_STEPS, GraphStep, graph_unavailable_reason, sgd_update_
+from harness.core.train_loop import NoProgress, build_trainer, sharpness, train, unwrap
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -170,7 +170,7 @@ def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
 
     import torch.distributed as dist
 
-    from harness.distributed import allow_collective_capture
+    from harness.core.distributed import allow_collective_capture
 
     cfg = untracked_smoke_config(tmp_path, *STEP_TEST_OVERRIDES, "train.device=cuda")
     ctx = DistContext(device=torch.device("cuda", 0), world_size=1)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from harness.distributed import DistContext
-from harness.grad_noise import NoiseProbe
-from harness.metrics import (debiased_average, first_reaching, noise_scale_components, simple_noise_scale,
+from harness.core.distributed import DistContext
+from harness.measure.grad_noise import NoiseProbe
+from harness.measure.metrics import (debiased_average, first_reaching, noise_scale_components, simple_noise_scale,
                              steps_to_target, top_hessian_eigenvalue)
 
 

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, REPO, run_command, seeded_store
-from harness.entrypoints import ray_host_port
+from harness.running.entrypoints import ray_host_port
 from harness.errors import InputError
 
 

@@ -21,9 +21,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, REPO, seeded_store, smoke_config
 from harness import signals
-from harness.distributed import DistContext
-from harness.tracking import make_tracker
-from harness.train_loop import RunHooks, train
+from harness.core.distributed import DistContext
+from harness.running.tracking import make_tracker
+from harness.core.train_loop import RunHooks, train
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, smoke_config
-from harness.checkpoint import checkpoint_dir, newest_checkpoint
-from harness.distributed import DistContext
-from harness.sweep import expand_trials, run_sweep
-from harness.train_loop import RunHooks, train
-from harness.tracking import BY_STEP_KEYS, make_tracker
+from harness.core.checkpoint import checkpoint_dir, newest_checkpoint
+from harness.core.distributed import DistContext
+from harness.running.sweep import expand_trials, run_sweep
+from harness.core.train_loop import RunHooks, train
+from harness.running.tracking import BY_STEP_KEYS, make_tracker
 
 EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
                  "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss", "samples_per_s",
@@ -117,8 +117,8 @@ def test_in_process_sweep_nests_one_child_per_batch_size(tmp_path):
 
 
 def test_tracking_off_never_imports_mlflow(tmp_path):
-    code = ("import sys; from harness.config import load_config; from harness.distributed import DistContext; "
-            "from harness.train_loop import train; "
+    code = ("import sys; from harness.core.config import load_config; from harness.core.distributed import DistContext; "
+            "from harness.core.train_loop import train; "
             f"cfg = load_config({str(CONFIGS / 'smoke.yaml')!r}, ['tracking.enabled=false', "
             f"'checkpoint.dir={tmp_path}']); train(cfg, DistContext()); print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -151,8 +151,8 @@ def test_sweep_step_budget_and_warmup_reach_the_trials(tmp_path):
 
 
 def test_linear_warmup_ramps_the_lr_then_holds_it(tmp_path):
-    from harness.data import load_dataset
-    from harness.train_loop import build_trainer
+    from harness.core.data import load_dataset
+    from harness.core.train_loop import build_trainer
 
     cfg = smoke_config(tmp_path, "optim.warmup_epochs=0.5")  # 8 steps per epoch: 4 warmup steps
     trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))

@@ -20,18 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from harness import checkpoint as ckpt
+from harness.core import checkpoint as ckpt
 from harness import faults, signals
-from harness.backprop import autograd_backward, manual_backward
-from harness.config import Config
-from harness.data import BatchPlan, Dataset, Split, load_dataset
-from harness.distributed import DistContext, all_reduce_sum, average_gradients
-from harness.grad_noise import NoiseProbe, squared_norm
-from harness.graph_step import GraphStep, graph_unavailable_reason, side_stream
-from harness.metrics import steps_to_target, top_hessian_eigenvalue
-from harness.model import build_model
+from harness.core.backprop import autograd_backward, manual_backward
+from harness.core.config import Config
+from harness.core.data import BatchPlan, Dataset, Split, load_dataset
+from harness.core.distributed import DistContext, all_reduce_sum, average_gradients
+from harness.measure.grad_noise import NoiseProbe, squared_norm
+from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
+from harness.measure.metrics import steps_to_target, top_hessian_eigenvalue
+from harness.core.model import build_model
 from harness.console import say
-from harness.tracking import by_step_metrics, make_tracker
+from harness.running.tracking import by_step_metrics, make_tracker
 
 # A loss above this (cross-entropy of 10 classes starts near 2.3) means the run blew up.
 DIVERGED_LOSS = 1e3

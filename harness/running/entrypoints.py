@@ -14,11 +14,11 @@ import json
 import time
 from typing import Callable, Optional
 
-from harness.config import Config, load_config
+from harness.core.config import Config, load_config
 from harness.console import fail
 from harness.errors import USAGE_EXIT_CODE, InputError
 
-# No module here imports torch at load time (harness.tracking does, so it is
+# No module here imports torch at load time (harness.running.tracking does, so it is
 # imported where used): `harness --help` must answer without loading torch.
 
 
@@ -63,7 +63,7 @@ def load_run_config(args: argparse.Namespace) -> Config:
     ``args.resolved_config`` (a sweep's torchrun trial) is a config already
     resolved by the parent process, as JSON: taken as it is, not re-parsed as YAML.
     """
-    from harness.tracking import default_tracking_uri
+    from harness.running.tracking import default_tracking_uri
 
     resolved = getattr(args, "resolved_config", None)
     if resolved and args.overrides:
@@ -83,9 +83,9 @@ def load_run_config(args: argparse.Namespace) -> Config:
 def check_run_input(cfg: Config) -> None:
     """Checks outside the config file itself: environment, tracking store, folders, memory."""
     from harness import faults
-    from harness.checkpoint import check_writable_dir, checkpoint_dir
-    from harness.memory import check_memory
-    from harness.tracking import check_experiment, check_tracking_server, check_tracking_uri, default_tracking_uri
+    from harness.core.checkpoint import check_writable_dir, checkpoint_dir
+    from harness.measure.memory import check_memory
+    from harness.running.tracking import check_experiment, check_tracking_server, check_tracking_uri, default_tracking_uri
 
     faults.check_env()
     if cfg.tracking.enabled:
@@ -134,9 +134,9 @@ def prepare_ray_run(cfg: Config, args: argparse.Namespace):
     """Check everything before Ray starts; make paths absolute for workers elsewhere."""
     from pathlib import Path
 
-    from harness.config import check_world_size
-    from harness.data import load_dataset
-    from harness.distributed import pick_device
+    from harness.core.config import check_world_size
+    from harness.core.data import load_dataset
+    from harness.core.distributed import pick_device
 
     if args.num_workers < 1:
         raise InputError(f"--num-workers: expected a positive integer, got {args.num_workers}")
@@ -147,8 +147,8 @@ def prepare_ray_run(cfg: Config, args: argparse.Namespace):
     paths = {"checkpoint.dir": str(Path(cfg.checkpoint.dir).resolve())}
     if cfg.data.data_dir:
         paths["data.data_dir"] = str(Path(cfg.data.data_dir).resolve())
-    from harness.distributed import allow_collective_capture
-    from harness.ray_train import RayOptions, worker_env
+    from harness.core.distributed import allow_collective_capture
+    from harness.running.ray_train import RayOptions, worker_env
 
     if cfg.performance.cuda_graph and args.use_gpu:
         allow_collective_capture()  # here; worker_env() carries it to the workers

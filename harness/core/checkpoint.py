@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from harness import faults
-from harness.config import Config
+from harness.core.config import Config
 from harness.errors import InputError
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})\.pt$")
@@ -165,7 +165,7 @@ def check_writable_dir(path: Path, key: str) -> None:
 
 def check_resume_run_in_store(cfg: Config) -> None:
     """``--resume`` continues the checkpoint's MLflow run: refuse now if the store lacks it."""
-    from harness.tracking import check_resume_run, default_tracking_uri  # tracking imports this module
+    from harness.running.tracking import check_resume_run, default_tracking_uri  # tracking imports this module
 
     path = newest_checkpoint(checkpoint_dir(cfg))
     if path is not None:

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from harness.config import Config
-from harness.distributed import DistContext
+from harness.core.config import Config
+from harness.core.distributed import DistContext
 
 if TYPE_CHECKING:  # train_loop imports this module
-    from harness.train_loop import Trainer
+    from harness.core.train_loop import Trainer
 
 WARMUP_STEPS = 3
 # PyTorch's notes: "your warmup must run at least 11 DDP-enabled eager iterations

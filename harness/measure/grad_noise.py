@@ -17,8 +17,8 @@ graph (graph_step.py) and replayed.
 import torch
 import torch.distributed as dist
 
-from harness.distributed import DistContext, all_reduce_sum
-from harness.metrics import debiased_average, noise_scale_components, simple_noise_scale
+from harness.core.distributed import DistContext, all_reduce_sum
+from harness.measure.metrics import debiased_average, noise_scale_components, simple_noise_scale
 
 
 def squared_norm(tensors) -> torch.Tensor:

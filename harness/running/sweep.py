@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from harness import signals
-from harness.config import Config, trial_name
+from harness.core.config import Config, trial_name
 from harness.console import say
-from harness.data import Dataset, load_dataset
-from harness.distributed import DistContext
+from harness.core.data import Dataset, load_dataset
+from harness.core.distributed import DistContext
 from harness.errors import InputError
-from harness.train_loop import RunHooks, RunResult, train
-from harness.tracking import display_name, make_tracker
+from harness.core.train_loop import RunHooks, RunResult, train
+from harness.running.tracking import display_name, make_tracker
 
 
 def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:

@@ -20,13 +20,13 @@ from typing import Any, Optional
 
 import torch
 
-from harness import checkpoint as ckpt
+from harness.core import checkpoint as ckpt
 from harness import signals
-from harness.config import Config, flatten
+from harness.core.config import Config, flatten
 from harness.console import say, warn
-from harness.distributed import DistContext
+from harness.core.distributed import DistContext
 from harness.errors import InputError
-from harness.spool import Spool, apply_record, logged_steps, metrics_record
+from harness.running.spool import Spool, apply_record, logged_steps, metrics_record
 
 MLFLOW_PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 
@@ -171,7 +171,7 @@ class MLflowTracker(ConsoleTracker):
     """Rank 0 with MLflow: one run per training run, nested under a sweep's parent run.
 
     Records that cannot be delivered (the tracking server is down) go to a local
-    spool (harness/spool.py) and training goes on; the spool is replayed as soon
+    spool (harness/running/spool.py) and training goes on; the spool is replayed as soon
     as the server answers again.
     """
 
@@ -193,7 +193,7 @@ class MLflowTracker(ConsoleTracker):
     @signals.deferring  # a signal must not cut an MLflow write in half (see signals.deferred)
     def start(self, resume_run_id: Optional[str] = None, launch_id: Optional[str] = None) -> Optional[str]:
         """Create the run (or reopen ``resume_run_id``). ``launch_id`` is tagged on a new run, so that
-        the launcher can find and end it if the process holding it dies (harness/ray_train.py)."""
+        the launcher can find and end it if the process holding it dies (harness/running/ray_train.py)."""
         if resume_run_id:
             self.run_id = resume_run_id
             self._logged = logged_steps(self.client, resume_run_id)

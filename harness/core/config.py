@@ -159,7 +159,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """What harness/metrics.py measures during a run."""
+    """What harness/measure/metrics.py measures during a run."""
 
     # Steps-to-target (Shallue et al. 2018): first epoch whose validation accuracy reaches this.
     target_val_accuracy: float = _checked(0.85, lambda v: None if 0 < v <= 1 else "a number in (0, 1]")
@@ -180,7 +180,7 @@ class PerformanceConfig:
     # Capture the whole training step (zero-grad, forward, loss, backward with
     # DDP's all-reduce, optimizer step) as CUDA graphs and replay them. Needs a
     # CUDA device and the autograd engine; elsewhere the eager step runs and a
-    # log line says why (harness/graph_step.py).
+    # log line says why (harness/core/graph_step.py).
     cuda_graph: bool = False
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.model import MLP
+from harness.core.model import MLP
 
 
 def activation_derivative(name: str, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

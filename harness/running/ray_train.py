@@ -22,12 +22,12 @@ from typing import Any, Optional
 
 import ray.train
 
-from harness import checkpoint as ckpt
+from harness.core import checkpoint as ckpt
 from harness import signals
-from harness.config import Config
+from harness.core.config import Config
 from harness.console import warn
-from harness.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, context_from_process_group
-from harness.train_loop import RunHooks, RunResult, train
+from harness.core.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, context_from_process_group
+from harness.core.train_loop import RunHooks, RunResult, train
 
 
 class RayHooks(RunHooks):
@@ -181,7 +181,7 @@ def end_orphaned_run(cfg: Config, launch_id: str, status: str) -> None:
         return
     if ray.is_initialized():
         ray.shutdown()
-    from harness.tracking import end_runs_of_launch
+    from harness.running.tracking import end_runs_of_launch
 
     end_runs_of_launch(cfg, launch_id, status)
 
@@ -192,7 +192,7 @@ def run_sweep_on_ray(cfg: Config, options: RayOptions, resume: bool = False):
     workers' placement group), under one MLflow parent run."""
     import ray
 
-    from harness.sweep import TrialOutcome, expand_trials, sweep_parent_run
+    from harness.running.sweep import TrialOutcome, expand_trials, sweep_parent_run
 
     ctx = DistContext(world_size=options.num_workers, launcher="ray")
     trials = expand_trials(cfg)

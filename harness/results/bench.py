@@ -33,12 +33,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from harness.config import Config
-from harness.data import Dataset, load_dataset
-from harness.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture
-from harness.graph_step import graph_unavailable_reason
-from harness.model import build_model
-from harness.train_loop import NoProgress, build_trainer
+from harness.core.config import Config
+from harness.core.data import Dataset, load_dataset
+from harness.core.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture
+from harness.core.graph_step import graph_unavailable_reason
+from harness.core.model import build_model
+from harness.core.train_loop import NoProgress, build_trainer
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ half-way with its MLflow run left RUNNING. Does not own devices or models.
 
 from __future__ import annotations
 
-from harness.config import KNOWN_SPLIT_SIZES, Config
+from harness.core.config import KNOWN_SPLIT_SIZES, Config
 from harness.errors import InputError
 
 FLOAT_BYTES = 4

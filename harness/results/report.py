@@ -161,7 +161,7 @@ def log_parent_metrics(client, parent_run_id: str, rows: list[SummaryRow]) -> No
 
     from mlflow.entities import Metric
 
-    from harness.spool import logged_steps
+    from harness.running.spool import logged_steps
 
     logged = logged_steps(client, parent_run_id)
     now_ms = int(time.time() * 1000)
@@ -179,7 +179,7 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     """Read the sweep, write table and plots under ``out_dir/<sweep run id>/``, log them to the parent run."""
     from mlflow.tracking import MlflowClient
 
-    from harness import plots
+    from harness.results import plots
 
     client = MlflowClient(tracking_uri=tracking_uri)
     parent = find_sweep_run(client, experiment, sweep_run_id)

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from harness.config import (KNOWN_SPLIT_SIZES, Config, DataConfig, check_divisible_by_world_size,
+from harness.core.config import (KNOWN_SPLIT_SIZES, Config, DataConfig, check_divisible_by_world_size,
                             steps_per_epoch)
 from harness.errors import InputError
 

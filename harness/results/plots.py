@@ -1,6 +1,6 @@
 """The sweep report's figures (matplotlib, no display needed).
 
-Each function takes the trial records and summary rows of harness/report.py and
+Each function takes the trial records and summary rows of harness/results/report.py and
 writes one PNG; nothing here reads MLflow or computes a metric.
 """
 
