@@ -77,7 +77,7 @@ gpu-wheels:
 mlflow-server: setup
 	$(VENV)/bin/harness mlflow-server --port $(MLFLOW_PORT)
 
-# The README's MLflow UI screenshots in docs/, from a small real sweep in a
+# The MLflow UI screenshots in docs/ (docs/mlflow-ui.md), from a small real sweep in a
 # temporary store (docs/screenshots.sh; needs chromium, about 5 minutes).
 screenshots: setup data
 	PY=$(PY) docs/screenshots.sh

@@ -3,7 +3,7 @@
 #  1. a real, small sweep (configs/sweep.yaml, fewer epochs and samples) into a
 #     fresh store in a temporary folder;
 #  2. `harness mlflow-server` over that store on 127.0.0.1;
-#  3. headless Chromium shots of the views the README links to;
+#  3. headless Chromium shots of the views docs/mlflow-ui.md shows;
 #  4. the server stopped by its PID, the temporary folder removed.
 # Needs chromium (apt-get install chromium). Takes about 5 minutes on 2 cores.
 # SCREENSHOT_STORE=DIR keeps the store in DIR and reuses it when it is there

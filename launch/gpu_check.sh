@@ -3,12 +3,14 @@
 # PyTorch, with or without MLflow, without Ray:
 #   1. the CUDA-graph tests (real capture and replay, DDP at world size 1 on NCCL);
 #   2. one torchrun rank on NCCL with the graph step (launch/train.py);
-#   3. `harness bench --device cuda`: the table for the README (again without the
+#   3. `harness bench --device cuda`: the table for docs/performance.md (again without the
 #      graph-under-DDP path if the full run fails, so one broken path costs no table);
 #   4. configs/sweep_gpu.yaml (7 batch sizes, 10 epochs, 1 seed, graph step on), timed;
 #   5. the same sweep with the eager step, timed, for the comparison.
 # The sweeps log to MLflow (a SQLite file) where MLflow can be imported; wheels
 # in .whl/ (`make gpu-wheels`) are installed first if present. Elsewhere tracking is off.
+# STEPS: the steps to run, by name (default: all); e.g. STEPS="environment graph-tests
+# torchrun-nccl bench" is the short check that fits a 15-minute device lease.
 # HARNESS_DATA_DIR: a folder with Fashion-MNIST's four IDX files (default
 # .gpu-data, filled by `make gpu-data`). OUT: where logs and JSON go.
 set -uo pipefail
@@ -26,8 +28,10 @@ if "$py" -c "import mlflow" 2>/dev/null; then
 else
     tracking=(--set tracking.enabled=false)
 fi
-run() {  # run a named step, keep going after a failure, remember it
+steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager} "
+run() {  # run a named step (if STEPS names it), keep going after a failure, remember it
     local name=$1; shift
+    case "$steps" in *" $name "*|*" ${name%-without-graph-ddp} "*) ;; *) return 0 ;; esac
     echo "== $name"
     local started=$(date +%s.%N)
     "$@" 2>&1 | tee "$out/$name.log"
