@@ -17,7 +17,8 @@ from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.graph_step import WARMUP_STEPS, GraphStep, graph_unavailable_reason, sgd_update_
-from harness.core.train_loop import NoProgress, build_trainer, sharpness, train, unwrap
+from harness.core.epoch_bar import NoBar
+from harness.core.train_loop import build_trainer, sharpness, train, unwrap
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -40,7 +41,7 @@ def trained(cfg, ctx: DistContext, graph: str, epochs: int = 2):
         trainer.graph_step = GraphStep(trainer, None, capture=False)
     global_step = 0
     for epoch in range(1, epochs + 1):
-        _, _, steps = trainer.run_epoch(epoch, global_step, trainer.plan.steps_per_epoch, NoProgress())
+        _, _, steps = trainer.run_epoch(epoch, global_step, trainer.plan.steps_per_epoch, NoBar())
         global_step += steps
     return trainer
 
@@ -70,7 +71,7 @@ def test_gradients_keep_their_buffers_when_a_graph_step_is_on(tmp_path):
     cfg = untracked_smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
     trainer = trained(cfg, DistContext(), graph="body", epochs=1)
     addresses = [p.grad.data_ptr() for p in trainer.params]
-    trainer.run_epoch(2, trainer.plan.steps_per_epoch, trainer.plan.steps_per_epoch, NoProgress())
+    trainer.run_epoch(2, trainer.plan.steps_per_epoch, trainer.plan.steps_per_epoch, NoBar())
     assert [p.grad.data_ptr() for p in trainer.params] == addresses
 
 

@@ -26,6 +26,7 @@ from harness.core.backprop import autograd_backward, manual_backward
 from harness.core.config import Config
 from harness.core.data import BatchPlan, Dataset, Split, load_dataset
 from harness.core.distributed import DistContext, all_reduce_sum, average_gradients
+from harness.core.epoch_bar import LossPostfix, epoch_bar
 from harness.measure.grad_noise import NoiseProbe, squared_norm
 from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
 from harness.measure.metrics import steps_to_target, top_hessian_eigenvalue
@@ -176,11 +177,14 @@ class Trainer:
         self.optimizer.step()
         return loss * normalizer
 
-    def run_epoch(self, epoch: int, first_global_step: int, max_steps: int, progress) -> tuple[float, int, int]:
-        """Train up to ``max_steps`` steps of one epoch; returns (running mean loss, samples of all ranks, steps)."""
+    def run_epoch(self, epoch: int, first_global_step: int, max_steps: int, bar) -> tuple[float, int, int]:
+        """Train up to ``max_steps`` steps of one epoch, counting them on the tqdm ``bar``.
+
+        Returns (running mean loss, samples of all ranks, steps).
+        """
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         local_samples = steps = 0
-        postfix = LossPostfix(progress, self.ctx.device)
+        postfix = LossPostfix(bar, self.ctx.device)
         for step, (indices, global_batch_size) in enumerate(self.plan.local_batches(epoch, self.ctx.device)):
             if step == max_steps:
                 break
@@ -194,7 +198,7 @@ class Trainer:
             local_samples += len(indices)
             steps += 1
             postfix.maybe_show(loss_sum, local_samples)  # before update(): its redraw then shows the new value
-            progress.update(1)
+            bar.update(1)
         totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(local_samples), dtype=torch.float64,
                                                                     device=self.ctx.device)]), self.ctx)
         return float(totals[0] / totals[1]), int(totals[1]), steps
@@ -301,58 +305,6 @@ def sharpness(trainer: Trainer) -> float:
                                       iterations=trainer.cfg.metrics.sharpness_iterations, seed=trainer.cfg.seed)
 
 
-class NoProgress:
-    """A progress bar that shows nothing: for callers of ``run_epoch`` with no console (bench, tests)."""
-
-    def update(self, _n: int) -> None:
-        pass
-
-
-class LossPostfix:
-    """Shows this rank's running mean loss on the epoch bar, about once a second, never waiting on the device.
-
-    On CUDA reading ``loss_sum`` would sync with the host every time: instead the
-    sum is copied without blocking into pinned memory, and the bar shows the copy
-    that an event says has landed (a second or so old).
-    """
-
-    INTERVAL_S = 1.0
-
-    def __init__(self, bar, device: torch.device):
-        self.bar, self.device = bar, device
-        self.shown_at = time.monotonic()
-        self.enabled = not getattr(bar, "disable", True)  # NoProgress and disabled bars: nothing to do
-        self.on_host = torch.zeros((), dtype=torch.float64, pin_memory=True) if self.enabled and device.type == "cuda" else None
-        self.copied = None  # (event, samples) of the copy in flight
-
-    def maybe_show(self, loss_sum: torch.Tensor, samples: int) -> None:
-        if not self.enabled or time.monotonic() - self.shown_at < self.INTERVAL_S:
-            return
-        self.shown_at = time.monotonic()
-        if self.on_host is None:
-            self._show(float(loss_sum), samples)
-            return
-        if self.copied is not None:
-            event, copied_samples = self.copied
-            if not event.query():
-                return  # the last copy has not landed yet: try again in a second
-            self._show(float(self.on_host), copied_samples)
-        self.on_host.copy_(loss_sum, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.copied = (event, samples)
-
-    def _show(self, loss_sum: float, samples: int) -> None:
-        self.bar.set_postfix(loss=f"{loss_sum / max(samples, 1):.4f}", refresh=False)
-
-
-def _progress_bar(cfg: Config, ctx: DistContext, total: int, epoch: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"{cfg.name} epoch {epoch}", unit="step", leave=False, mininterval=1.0,
-                disable=not (ctx.is_main and cfg.train.progress))
-
-
 def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks] = None,
           dataset: Optional[Dataset] = None, parent_run_id: Optional[str] = None) -> RunResult:
     """Train one run from ``cfg`` on this rank: build, maybe resume, then epochs of step/evaluate/log/checkpoint."""
@@ -400,7 +352,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
     step_budget = cfg.train.max_steps or cfg.total_epochs * trainer.plan.steps_per_epoch
     for epoch in range(progress.epoch + 1, cfg.total_epochs + 1):
         started = time.perf_counter()
-        with _progress_bar(cfg, ctx, trainer.plan.steps_per_epoch, epoch) as bar:
+        with epoch_bar(cfg, ctx, trainer.plan.steps_per_epoch, epoch) as bar:
             train_loss_running, samples, steps = trainer.run_epoch(epoch, progress.global_step,
                                                                    step_budget - progress.global_step, bar)
         if ctx.device.type == "cuda":
