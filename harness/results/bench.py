@@ -117,7 +117,7 @@ def dataloader_epoch_fn(cfg: Config, dataset: Dataset, device: torch.device) -> 
 
 
 def harness_epoch_fn(cfg: Config, dataset: Dataset, ctx: DistContext) -> Callable[[int], None]:
-    """The harness's own step (train_loop.Trainer), data already on the device."""
+    """The harness's own step (core/step.py, or the graph step wrapping it), data already on the device."""
     trainer = build_trainer(cfg, ctx, dataset.to(ctx.device))
 
     def run_epoch(epoch: int) -> None:
