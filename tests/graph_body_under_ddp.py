@@ -11,7 +11,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from harness.core import distributed  # noqa: E402
-from harness.core.train_loop import unwrap  # noqa: E402
+from harness.core.step import unwrap  # noqa: E402
 from test_graph_step import STEP_TEST_OVERRIDES, assert_same_state, untracked_smoke_config, trained  # noqa: E402
 
 
@@ -21,7 +21,7 @@ def main() -> int:
         cfg = untracked_smoke_config(Path(sys.argv[1]), *STEP_TEST_OVERRIDES)
         eager = trained(cfg, ctx, graph="none")
         graph = trained(cfg, ctx, graph="body")
-        assert graph.graph_step.warmup_steps_left == 0, "no step ran through the graph body"
+        assert graph.train_step.warmup_steps_left == 0, "no step ran through the graph body"
         assert_same_state(graph, eager, rtol=1e-5, atol=1e-6)
         # DDP kept the replicas identical: rank 0's parameters equal this rank's.
         for param in unwrap(graph.model).parameters():

@@ -17,7 +17,9 @@ from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.graph_step import WARMUP_STEPS, GraphStep, graph_unavailable_reason, sgd_update_
-from harness.core.train_loop import NoProgress, build_trainer, sharpness, train, unwrap
+from harness.core.epoch_bar import NoBar
+from harness.core.step import unwrap
+from harness.core.train_loop import build_trainer, sharpness, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -37,10 +39,10 @@ def trained(cfg, ctx: DistContext, graph: str, epochs: int = 2):
     """A trainer after ``epochs`` epochs with the eager step, or a graph step ("body": uncaptured)."""
     trainer = build_trainer(cfg, ctx, load_dataset(cfg).to(ctx.device))
     if graph == "body":
-        trainer.graph_step = GraphStep(trainer, None, capture=False)
+        trainer.train_step = GraphStep(trainer.train_step, None, capture=False)
     global_step = 0
     for epoch in range(1, epochs + 1):
-        _, _, steps = trainer.run_epoch(epoch, global_step, trainer.plan.steps_per_epoch, NoProgress())
+        _, _, steps = trainer.run_epoch(epoch, global_step, trainer.plan.steps_per_epoch, NoBar())
         global_step += steps
     return trainer
 
@@ -58,20 +60,21 @@ def test_graph_step_body_reaches_the_eager_parameters_after_two_epochs(tmp_path)
     cfg = untracked_smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
     eager = trained(cfg, DistContext(), graph="none")
     graph = trained(cfg, DistContext(), graph="body")
-    assert graph.graph_step.warmup_steps_left == 0  # 22 steps: 3 warm-up, 17 graph-body, 2 eager last batches
+    assert graph.train_step.warmup_steps_left == 0  # 22 steps: 3 warm-up, 17 graph-body, 2 eager last batches
     assert graph.plan.steps_per_epoch * 2 > WARMUP_STEPS + 2
     # The only difference is rounding: lr*buf is formed before it is subtracted.
     assert_same_state(graph, eager, rtol=1e-5, atol=1e-6)
     # The momentum also went through graph steps with the LR still warming up (warmup_epochs 1.5).
-    assert graph.warmup_steps > WARMUP_STEPS + 1
+    assert graph.schedule.warmup_steps > WARMUP_STEPS + 1
 
 
 def test_gradients_keep_their_buffers_when_a_graph_step_is_on(tmp_path):
     cfg = untracked_smoke_config(tmp_path, *STEP_TEST_OVERRIDES)
     trainer = trained(cfg, DistContext(), graph="body", epochs=1)
-    addresses = [p.grad.data_ptr() for p in trainer.params]
-    trainer.run_epoch(2, trainer.plan.steps_per_epoch, trainer.plan.steps_per_epoch, NoProgress())
-    assert [p.grad.data_ptr() for p in trainer.params] == addresses
+    params = list(unwrap(trainer.model).parameters())
+    addresses = [p.grad.data_ptr() for p in params]
+    trainer.run_epoch(2, trainer.plan.steps_per_epoch, trainer.plan.steps_per_epoch, NoBar())
+    assert [p.grad.data_ptr() for p in params] == addresses
 
 
 @pytest.mark.slow
@@ -135,7 +138,7 @@ def test_captured_graph_reaches_the_eager_parameters_on_cuda(tmp_path):
     ctx = DistContext(device=torch.device("cuda", 0))
     eager = trained(cfg, ctx, graph="none")
     graph = trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
-    assert set(graph.graph_step.graphs) == {False, True}  # a plain and a noise-measuring graph were replayed
+    assert set(graph.train_step.graphs) == {False, True}  # a plain and a noise-measuring graph were replayed
     assert_same_state(graph, eager, rtol=1e-4, atol=1e-5)
 
 
@@ -154,11 +157,7 @@ def test_training_steps_never_wait_for_the_host(tmp_path, graph_on):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step, (indices, global_batch_size) in enumerate(batches, start=trainer.plan.steps_per_epoch):
-            if trainer.graph_step:
-                loss_sum += trainer.graph_step(indices, global_batch_size, step)
-            else:
-                loss_sum += trainer.step(trainer.train_set.features[indices], trainer.train_set.targets[indices],
-                                         global_batch_size, step)
+            loss_sum += trainer.train_step(indices, global_batch_size, step)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert float(loss_sum) > 0
@@ -185,7 +184,7 @@ def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
             assert sharpness(graph) > 0  # the end-of-run Hessian probe, eager autograd after the replays
     finally:
         dist.destroy_process_group()
-    assert set(graph.graph_step.graphs) == {False, True}
+    assert set(graph.train_step.graphs) == {False, True}
     # Every eager step (warm-up, last batch) and the Hessian probe ran on the stream DDP was built on:
     # autograd saw no gradient arriving from another stream.
     assert not [w for w in caught if "AccumulateGrad node's stream" in str(w.message)]

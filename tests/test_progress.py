@@ -6,7 +6,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from harness.core.train_loop import LossPostfix
+from harness.core.epoch_bar import LossPostfix
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

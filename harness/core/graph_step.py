@@ -10,9 +10,10 @@ its indices into a static buffer.
 Owns: when the step can be captured (``graph_unavailable_reason``), the eager
 warm-up before capture, the two graphs (a plain step and a step that feeds the
 noise probe), and an SGD update that reads the learning rate from a device
-tensor. It does not own the step's math: that is ``Trainer.compute_gradients``
-in train_loop.py, called here while capturing, so eager and graph steps cannot
-drift apart.
+tensor. It does not own the step's math: ``GraphStep`` wraps the eager step
+(core/step.py), calls it for the steps it does not replay, and captures its
+``gradients``, so eager and graph steps cannot drift apart. It has the eager
+step's signature, so the training loop calls either the same way.
 
 What capture needs, and how it is met here (PyTorch's CUDA notes, "CUDA Graphs"
 and "Usage with DistributedDataParallel"):
@@ -30,15 +31,13 @@ and "Usage with DistributedDataParallel"):
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
 from harness.core.config import Config
 from harness.core.distributed import DistContext
-
-if TYPE_CHECKING:  # train_loop imports this module
-    from harness.core.train_loop import Trainer
+from harness.core.step import EagerStep
 
 WARMUP_STEPS = 3
 # PyTorch's notes: "your warmup must run at least 11 DDP-enabled eager iterations
@@ -84,16 +83,18 @@ def sgd_update_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_
 
 
 class GraphStep:
-    """Full-size training steps of one Trainer, replayed from CUDA graphs.
+    """Full-size steps of an ``EagerStep``, replayed from CUDA graphs; the others run that eager step.
 
     ``capture=False`` runs the very body that would be captured, on the same
     static buffers, without capturing it: that is how the body is checked
     against the eager step on a machine without CUDA (tests/test_graph_step.py).
     """
 
-    def __init__(self, trainer: "Trainer", stream: Optional[torch.cuda.Stream], capture: bool = True):
-        cfg, ctx = trainer.cfg, trainer.ctx
-        self.trainer = trainer
+    def __init__(self, eager: EagerStep, stream: Optional[torch.cuda.Stream], capture: bool = True):
+        cfg, ctx = eager.cfg, eager.ctx
+        self.eager = eager
+        # The graphs hold the gradient buffers' addresses: eager steps must zero them in place.
+        eager.keeps_gradient_buffers = True
         self.stream = stream
         self.capture = capture
         self.global_batch_size = cfg.optim.global_batch_size
@@ -101,7 +102,7 @@ class GraphStep:
                                           device=ctx.device)
         self.lr = torch.full((), cfg.optim.lr, dtype=torch.float32, device=ctx.device)
         self._lr_value = cfg.optim.lr
-        under_ddp = isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+        under_ddp = isinstance(eager.model, torch.nn.parallel.DistributedDataParallel)
         self.warmup_steps_left = WARMUP_STEPS_DDP if under_ddp else WARMUP_STEPS
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # measures noise? -> graph
         self.static_losses: dict[bool, torch.Tensor] = {}
@@ -112,7 +113,7 @@ class GraphStep:
         A full batch after the warm-up is replayed; the warm-up steps and the
         smaller last batch of an epoch (another shape) run the eager step.
         """
-        trainer = self.trainer
+        eager = self.eager
         full_batch = global_batch_size == self.global_batch_size
         if not full_batch or self.warmup_steps_left:
             if full_batch:
@@ -120,11 +121,10 @@ class GraphStep:
             # Eager steps run on the side stream too: DDP, built there, keeps the
             # parameters' gradient accumulators, which stay bound to that stream;
             # a backward from another stream makes autograd synchronise the two.
-            with self.on_side_stream():
-                return trainer.step(trainer.train_set.features[indices], trainer.train_set.targets[indices],
-                                    global_batch_size, global_step)
-        measure = trainer.should_measure(global_batch_size, global_step)
-        lr = trainer.lr_at(global_step)
+            with self.on_training_stream():
+                return eager(indices, global_batch_size, global_step)
+        measure = eager.should_measure(global_batch_size, global_step)
+        lr = eager.schedule.lr_at(global_step)
         if lr != self._lr_value:  # a kernel launch only while the LR warms up
             self.lr.fill_(lr)
             self._lr_value = lr
@@ -136,20 +136,20 @@ class GraphStep:
         self.graphs[measure].replay()
         return self.static_losses[measure]
 
-    def on_side_stream(self):
+    def on_training_stream(self):
         """A block of eager autograd work on the parameters, run on the stream DDP was built on."""
         return _on_side_stream(self.stream)
 
     def _body(self, measure: bool) -> torch.Tensor:
         """The step as it is captured: gather, gradients (zeroed in place), probe, update."""
-        trainer = self.trainer
-        x = trainer.train_set.features.index_select(0, self.static_indices)
-        y = trainer.train_set.targets.index_select(0, self.static_indices)
-        normalizer = self.global_batch_size / trainer.ctx.world_size
-        loss = trainer.compute_gradients(x, y, normalizer, measure)
-        params = trainer.params
-        optim = trainer.cfg.optim
-        momentum_buffers = ([trainer.optimizer.state[p]["momentum_buffer"] for p in params]
+        eager = self.eager
+        x = eager.train_set.features.index_select(0, self.static_indices)
+        y = eager.train_set.targets.index_select(0, self.static_indices)
+        normalizer = eager.normalizer(self.global_batch_size)
+        loss = eager.gradients(x, y, normalizer, measure)
+        params = eager.params
+        optim = eager.cfg.optim
+        momentum_buffers = ([eager.optimizer.state[p]["momentum_buffer"] for p in params]
                             if optim.momentum else [])
         sgd_update_(params, [p.grad for p in params], momentum_buffers, self.lr, optim.momentum,
                     optim.weight_decay)
@@ -164,8 +164,7 @@ class GraphStep:
         the eager ones), which a capture could not sync on. Capturing runs no
         kernels, so the step's batch is trained by the replay that follows.
         """
-        probe = self.trainer.noise_probe
-        kinds = [False, True] if probe and probe.can_measure(self.global_batch_size) else [False]
+        kinds = [False, True] if self.eager.can_measure(self.global_batch_size) else [False]
         for measure in kinds:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self.stream):

@@ -4,12 +4,12 @@ It does not know who started it. ``ctx`` says which rank it is; ``tracker``
 (from tracking.py) takes every rank-0 side effect; ``hooks`` let a launcher say
 where a resumed run's checkpoint comes from and what happens after each epoch
 (Ray reports there). Collectives run on every rank, before the tracker is called.
+What one step does belongs to core/step.py (and core/graph_step.py, which wraps
+it): the loop calls ``trainer.train_step`` and does not know which one it holds.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,12 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness.core import checkpoint as ckpt
 from harness import faults, signals
-from harness.core.backprop import autograd_backward, manual_backward
 from harness.core.config import Config
 from harness.core.data import BatchPlan, Dataset, Split, load_dataset
-from harness.core.distributed import DistContext, all_reduce_sum, average_gradients
-from harness.measure.grad_noise import NoiseProbe, squared_norm
+from harness.core.distributed import DistContext, all_reduce_sum
+from harness.core.epoch_bar import LossPostfix, epoch_bar
+from harness.measure.grad_noise import NoiseProbe
 from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
+from harness.core.step import EagerStep, LRSchedule, unwrap
 from harness.measure.metrics import steps_to_target, top_hessian_eigenvalue
 from harness.core.model import build_model
 from harness.console import say
@@ -73,13 +74,13 @@ class RunHooks:
         """Called on every rank after every epoch (and after the initial checkpoint, epoch 0)."""
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 @dataclass
 class Trainer:
-    """What one run holds: the model (maybe DDP-wrapped), its optimiser, the batch plan, the probes."""
+    """What one run holds: the model (maybe DDP-wrapped), its optimiser, the batch plan, the step, the probe.
+
+    ``train_step`` is the eager step or the graph step that wraps it: the loop
+    calls either the same way and does not know which it holds.
+    """
 
     cfg: Config
     ctx: DistContext
@@ -87,114 +88,32 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     plan: BatchPlan
     train_set: Split
+    schedule: LRSchedule
+    train_step: EagerStep | GraphStep
     noise_probe: Optional[NoiseProbe] = None
-    graph_step: Optional[GraphStep] = None
-
-    @functools.cached_property
-    def params(self) -> list[torch.nn.Parameter]:
-        """The unwrapped model's parameters, listed once (not on every step)."""
-        return list(unwrap(self.model).parameters())
-
-    @property
-    def warmup_steps(self) -> int:
-        return round(self.cfg.optim.warmup_epochs * self.plan.steps_per_epoch)
 
     def lr_at(self, global_step: int) -> float:
-        """Linear warmup to optim.lr over warmup_steps (Goyal et al. 2017), then constant."""
-        if global_step >= self.warmup_steps:
-            return self.cfg.optim.lr
-        return self.cfg.optim.lr * (global_step + 1) / self.warmup_steps
+        """The learning rate of step ``global_step`` (the epoch's metrics log it)."""
+        return self.schedule.lr_at(global_step)
 
-    def on_training_stream(self):
-        """Where eager autograd on the parameters runs: the graph step's side stream, if there is one."""
-        return self.graph_step.on_side_stream() if self.graph_step else contextlib.nullcontext()
+    def run_epoch(self, epoch: int, first_global_step: int, max_steps: int, bar) -> tuple[float, int, int]:
+        """Train up to ``max_steps`` steps of one epoch, counting them on the tqdm ``bar``.
 
-    @property
-    def keeps_gradient_buffers(self) -> bool:
-        """With a graph step, gradients are zeroed in place: a captured graph holds their addresses."""
-        return self.graph_step is not None
-
-    def backward(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> torch.Tensor:
-        """Assign this rank's gradients of sum(CE)/normalizer (not yet reduced for the manual engine)."""
-        if self.cfg.train.grad_engine == "manual":
-            return manual_backward(unwrap(self.model), x, y, normalizer)
-        return autograd_backward(self.model, x, y, normalizer, set_to_none=not self.keeps_gradient_buffers)
-
-    def backward_in_halves(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One rank's gradient as two half-batch passes; also the halves' mean squared norm (as means)."""
-        half = len(y) // 2
-        params = self.params
-        first_loss = self.backward(x[:half], y[:half], normalizer)
-        first = [p.grad.clone() for p in params]
-        second_loss = self.backward(x[half:], y[half:], normalizer)
-        sizes = (half, len(y) - half)
-        # Each half's gradient as a mean over its own samples: scale by normalizer/size.
-        small_sq = (squared_norm(first) * (normalizer / sizes[0]) ** 2
-                    + squared_norm([p.grad for p in params]) * (normalizer / sizes[1]) ** 2) / 2
-        for g, p in zip(first, params):
-            p.grad.add_(g)
-        return first_loss + second_loss, small_sq
-
-    def should_measure(self, global_batch_size: int, global_step: int) -> bool:
-        """Does this step feed the noise probe (every noise_scale_interval-th full batch)?"""
-        return bool(self.noise_probe and self.noise_probe.can_measure(global_batch_size)
-                    and global_step % self.cfg.metrics.noise_scale_interval == 0)
-
-    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, normalizer: float, measure: bool) -> torch.Tensor:
-        """Every rank's p.grad := the global batch's mean gradient; returns this rank's sum(CE)/normalizer.
-
-        With ``measure`` the noise probe records the step's pair of squared norms.
-        Shared by the eager step and the CUDA-graph step (which captures it).
+        Returns (running mean loss, samples of all ranks, steps).
         """
-        probe = self.noise_probe if measure else None
-        if probe and probe.splits_batch:
-            loss, small_sq = self.backward_in_halves(x, y, normalizer)
-        else:
-            if probe:
-                probe.arm()
-            loss = self.backward(x, y, normalizer)
-            if self.cfg.train.grad_engine == "manual":
-                if probe:
-                    probe.local_sq_norm += squared_norm([p.grad for p in self.params])
-                average_gradients(unwrap(self.model), self.ctx)
-            small_sq = probe.local_sq_norm if probe else None
-        if probe:
-            probe.record(small_sq, self.params)
-        return loss
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
-        """One eager SGD step; returns this rank's summed cross-entropy (no host sync)."""
-        # Sum over the local batch divided by B/W: with equal shards this is the
-        # local mean, and DDP's average over W ranks is then the mean over the
-        # global batch of B. It stays exact for a smaller, unevenly split last batch.
-        normalizer = global_batch_size / self.ctx.world_size
-        loss = self.compute_gradients(x, y, normalizer, self.should_measure(global_batch_size, global_step))
-        # Set on every step, not only during warmup: graph steps in between read
-        # the LR from their own tensor and leave the group's value behind.
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(global_step)
-        self.optimizer.step()
-        return loss * normalizer
-
-    def run_epoch(self, epoch: int, first_global_step: int, max_steps: int, progress) -> tuple[float, int, int]:
-        """Train up to ``max_steps`` steps of one epoch; returns (running mean loss, samples of all ranks, steps)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         local_samples = steps = 0
-        postfix = LossPostfix(progress, self.ctx.device)
+        postfix = LossPostfix(bar, self.ctx.device)
         for step, (indices, global_batch_size) in enumerate(self.plan.local_batches(epoch, self.ctx.device)):
             if step == max_steps:
                 break
             if step == self.plan.steps_per_epoch // 2:
                 faults.maybe_kill("step", epoch, self.ctx.rank)
-            if self.graph_step:
-                loss_sum += self.graph_step(indices, global_batch_size, first_global_step + step)
-            else:
-                loss_sum += self.step(self.train_set.features[indices], self.train_set.targets[indices],
-                                      global_batch_size, first_global_step + step)
+            loss_sum += self.train_step(indices, global_batch_size, first_global_step + step)
             local_samples += len(indices)
             steps += 1
             postfix.maybe_show(loss_sum, local_samples)  # before update(): its redraw then shows the new value
-            progress.update(1)
+            bar.update(1)
         totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(local_samples), dtype=torch.float64,
                                                                     device=self.ctx.device)]), self.ctx)
         return float(totals[0] / totals[1]), int(totals[1]), steps
@@ -235,22 +154,23 @@ def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
     probe = NoiseProbe(ctx, cfg.optim.global_batch_size, cfg.metrics.noise_scale_ema_decay) if cfg.metrics.noise_scale else None
     graph_stream = side_stream(cfg, ctx)
     # The hand-written engine computes gradients outside autograd, where DDP's
-    # hooks never fire; it averages them itself (distributed.average_gradients).
+    # hooks never fire; it averages them itself (core/step.py).
     if ctx.is_distributed and cfg.train.grad_engine == "autograd":
         model = _wrap_ddp(model, ctx, graph_stream)
-        if probe and not probe.splits_batch:
-            model.register_comm_hook(None, probe.ddp_comm_hook)
+    if probe:
+        probe.attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size, seed=cfg.seed,
                      rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
-    trainer = Trainer(cfg, ctx, model, optimizer, plan, dataset.train, probe)
+    schedule = LRSchedule(cfg.optim.lr, warmup_steps=round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
+    train_step: EagerStep | GraphStep = EagerStep(cfg, ctx, model, optimizer, dataset.train, schedule, probe)
     if graph_stream is not None:
-        trainer.graph_step = GraphStep(trainer, graph_stream)
+        train_step = GraphStep(train_step, graph_stream)
     elif cfg.performance.cuda_graph:
         say(f"[{cfg.name}] performance.cuda_graph: running the eager step instead, because "
             f"{graph_unavailable_reason(cfg, ctx)}", ctx=ctx)
-    return trainer
+    return Trainer(cfg, ctx, model, optimizer, plan, dataset.train, schedule, train_step, probe)
 
 
 def _wrap_ddp(model: torch.nn.Module, ctx: DistContext, graph_stream) -> DistributedDataParallel:
@@ -296,61 +216,9 @@ def sharpness(trainer: Trainer) -> float:
     model = unwrap(trainer.model)
     n = min(trainer.cfg.metrics.sharpness_samples, len(trainer.train_set))
     x, y = trainer.train_set.features[:n], trainer.train_set.targets[:n]
-    with trainer.on_training_stream():
+    with trainer.train_step.on_training_stream():
         return top_hessian_eigenvalue(lambda: F.cross_entropy(model(x), y), list(model.parameters()),
                                       iterations=trainer.cfg.metrics.sharpness_iterations, seed=trainer.cfg.seed)
-
-
-class NoProgress:
-    """A progress bar that shows nothing: for callers of ``run_epoch`` with no console (bench, tests)."""
-
-    def update(self, _n: int) -> None:
-        pass
-
-
-class LossPostfix:
-    """Shows this rank's running mean loss on the epoch bar, about once a second, never waiting on the device.
-
-    On CUDA reading ``loss_sum`` would sync with the host every time: instead the
-    sum is copied without blocking into pinned memory, and the bar shows the copy
-    that an event says has landed (a second or so old).
-    """
-
-    INTERVAL_S = 1.0
-
-    def __init__(self, bar, device: torch.device):
-        self.bar, self.device = bar, device
-        self.shown_at = time.monotonic()
-        self.enabled = not getattr(bar, "disable", True)  # NoProgress and disabled bars: nothing to do
-        self.on_host = torch.zeros((), dtype=torch.float64, pin_memory=True) if self.enabled and device.type == "cuda" else None
-        self.copied = None  # (event, samples) of the copy in flight
-
-    def maybe_show(self, loss_sum: torch.Tensor, samples: int) -> None:
-        if not self.enabled or time.monotonic() - self.shown_at < self.INTERVAL_S:
-            return
-        self.shown_at = time.monotonic()
-        if self.on_host is None:
-            self._show(float(loss_sum), samples)
-            return
-        if self.copied is not None:
-            event, copied_samples = self.copied
-            if not event.query():
-                return  # the last copy has not landed yet: try again in a second
-            self._show(float(self.on_host), copied_samples)
-        self.on_host.copy_(loss_sum, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.copied = (event, samples)
-
-    def _show(self, loss_sum: float, samples: int) -> None:
-        self.bar.set_postfix(loss=f"{loss_sum / max(samples, 1):.4f}", refresh=False)
-
-
-def _progress_bar(cfg: Config, ctx: DistContext, total: int, epoch: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"{cfg.name} epoch {epoch}", unit="step", leave=False, mininterval=1.0,
-                disable=not (ctx.is_main and cfg.train.progress))
 
 
 def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks] = None,
@@ -400,7 +268,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
     step_budget = cfg.train.max_steps or cfg.total_epochs * trainer.plan.steps_per_epoch
     for epoch in range(progress.epoch + 1, cfg.total_epochs + 1):
         started = time.perf_counter()
-        with _progress_bar(cfg, ctx, trainer.plan.steps_per_epoch, epoch) as bar:
+        with epoch_bar(cfg, ctx, trainer.plan.steps_per_epoch, epoch) as bar:
             train_loss_running, samples, steps = trainer.run_epoch(epoch, progress.global_step,
                                                                    step_budget - progress.global_step, bar)
         if ctx.device.type == "cuda":

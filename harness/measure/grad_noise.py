@@ -11,11 +11,19 @@ averaged over ranks and turned into B_simple once per epoch (metrics.py), so no
 step waits for the host. Everything a measured step changes is a device tensor
 (the averages and their update count), so the step can be captured in a CUDA
 graph (graph_step.py) and replayed.
+
+Owns the whole protocol of a measured step: which of the three ways applies
+(half batches on one rank; DDP's comm hook; the hand-written engine's gradient
+read before its own all-reduce), arming and recording, and the hook's
+registration. It does not own the backward or the all-reduce: the training step
+(core/step.py) passes them in, so this module never imports the step.
 """
 
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.measure.metrics import debiased_average, noise_scale_components, simple_noise_scale
@@ -28,6 +36,11 @@ def squared_norm(tensors) -> torch.Tensor:
     ``pow(2).sum()`` on the 784x500 weight costs more than the step it measures.
     """
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])).double() ** 2
+
+
+# backward(x, y, normalizer): assigns this rank's gradients of sum(CE)/normalizer
+# (under DDP also all-reduced, through the comm hook) and returns that loss.
+Backward = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 class NoiseProbe:
@@ -50,16 +63,58 @@ class NoiseProbe:
         # Only full batches: the last, smaller batch of an epoch has other sizes.
         return global_batch_size == self.big_batch_size and (not self.splits_batch or global_batch_size >= 2)
 
+    def attach(self, model: torch.nn.Module) -> None:
+        """Read the local gradients in DDP's all-reduce, where several ranks train ``model`` under DDP."""
+        if isinstance(model, DistributedDataParallel) and not self.splits_batch:
+            model.register_comm_hook(None, self._ddp_comm_hook)
+
+    def measured_gradients(self, backward: Backward, x: torch.Tensor, y: torch.Tensor, normalizer: float,
+                           params: list[torch.Tensor], all_reduce: Optional[Callable[[], None]]) -> torch.Tensor:
+        """A measured step's gradients: p.grad := the global batch's mean, as an unmeasured step leaves it.
+
+        Records the step's pair of squared norms and returns this rank's loss.
+        ``all_reduce`` averages the gradients over ranks where ``backward`` does
+        not (the hand-written engine; None under DDP or on one rank).
+        """
+        if self.splits_batch:
+            # One rank: its gradient is the global one, nothing to all-reduce.
+            loss, small_sq = self._backward_in_halves(backward, x, y, normalizer, params)
+        else:
+            self._arm()
+            loss = backward(x, y, normalizer)
+            if all_reduce:
+                # No comm hook sees this engine's gradients: read the local norm before they are averaged.
+                self.local_sq_norm += squared_norm([p.grad for p in params])
+                all_reduce()
+            small_sq = self.local_sq_norm
+        self.record(small_sq, params)
+        return loss
+
+    def _backward_in_halves(self, backward: Backward, x: torch.Tensor, y: torch.Tensor, normalizer: float,
+                            params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One rank's gradient as two half-batch passes; also the halves' mean squared norm (as means)."""
+        half = len(y) // 2
+        first_loss = backward(x[:half], y[:half], normalizer)
+        first = [p.grad.clone() for p in params]
+        second_loss = backward(x[half:], y[half:], normalizer)
+        sizes = (half, len(y) - half)
+        # Each half's gradient as a mean over its own samples: scale by normalizer/size.
+        small_sq = (squared_norm(first) * (normalizer / sizes[0]) ** 2
+                    + squared_norm([p.grad for p in params]) * (normalizer / sizes[1]) ** 2) / 2
+        for g, p in zip(first, params):
+            p.grad.add_(g)
+        return first_loss + second_loss, small_sq
+
     # No postponed annotations in this module: DDP checks that ``bucket`` is
     # annotated with the class dist.GradBucket itself, not a string.
-    def ddp_comm_hook(self, _state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def _ddp_comm_hook(self, _state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         """Add the bucket's local squared norm, then all-reduce it as DDP would (mean)."""
         if self.armed:
             self.local_sq_norm += squared_norm([bucket.buffer()])
         tensor = bucket.buffer().div_(self.ctx.world_size)
         return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
-    def arm(self) -> None:
+    def _arm(self) -> None:
         self.local_sq_norm.zero_()
         self.armed = True
 
