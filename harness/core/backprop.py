@@ -65,7 +65,7 @@ def autograd_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
                       set_to_none: bool = True) -> torch.Tensor:
     """The same loss through autograd; gradients are assigned (zeroed first).
 
-    The training step's autograd engine is this function too (train_loop.Trainer.backward):
+    The training step's autograd engine is this function too (core/step.py's EagerStep):
     it passes ``set_to_none=False`` under a graph step, whose captured graph holds the
     gradient buffers' addresses, so they must be zeroed in place rather than freed.
     """
