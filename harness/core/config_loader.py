@@ -16,13 +16,16 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Self
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from harness.errors import InputError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def _list_as_tuple(value: Any) -> Any:
 
 def list_of(item_type: type, *validators: Any) -> Any:
     """A YAML list held as a tuple (so the model stays hashable); a set or a string is refused."""
-    return Annotated[tuple[item_type, ...], BeforeValidator(_list_as_tuple), *validators]
+    return Annotated[(tuple[item_type, ...], BeforeValidator(_list_as_tuple), *validators)]
 
 
 class ConfigModel(BaseModel):
