@@ -66,7 +66,7 @@ class ConfigModel(BaseModel):
     boolean is the user's mistake, not something to coerce.
     """
 
-    # python-re: names are matched with Python's re (the pattern's `$` as before), not pydantic's Rust engine.
+    # python-re: a pattern keeps Python's re meaning (as the checks before pydantic had), not the Rust engine's.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False,
                               regex_engine="python-re")
 
@@ -107,6 +107,7 @@ _CONSTRAINT_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_t
 
 
 def _one_line(root: type[BaseModel], raw: Any, err: ValidationError) -> str:
+    """``key: expected ..., got ...`` for the error a reader of ``raw`` meets first."""
     error = min(err.errors(), key=lambda e: _file_order(e, raw))
     loc, kind, value = error["loc"], error["type"], error["input"]
     key = _dotted(loc) or "config"
@@ -120,7 +121,7 @@ def _one_line(root: type[BaseModel], raw: Any, err: ValidationError) -> str:
     if kind == "tuple_type":
         item = typing.get_args(_type_at(root, loc)[0])[0]
         return f"{key}: expected a list of {item.__name__}, got {_describe(value)}"
-    if kind == "literal_error" and not isinstance(value, str):
+    if kind == "literal_error" and not isinstance(value, str):  # every choice is a string: a type mistake
         return f"{key}: expected a string, got {_describe(value)}"
     if kind in _TYPE_PHRASES:
         return f"{key}: expected {_TYPE_PHRASES[kind]}, got {_describe(value)}"
