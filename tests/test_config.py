@@ -1,10 +1,11 @@
 """Configs: every shipped file loads; every class of bad input is one line naming the key, exit 2."""
 
-import dataclasses
+import json
 import sys
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from conftest import CONFIGS, REPO, run_command
 from harness.core.config import Config, load_config
@@ -36,8 +37,23 @@ def test_overrides_keep_types_and_round_trip():
 
 def test_config_is_frozen():
     cfg = load_config(CONFIGS / "smoke.yaml")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.optim.lr = 1.0  # type: ignore[misc]
+    assert cfg.optim.lr == 0.1
+
+
+def test_round_trip_goes_through_json_and_keeps_equality_and_hash():
+    """What Ray and torchrun hand a worker: JSON of to_dict(), rebuilt with from_dict."""
+    cfg = load_config(CONFIGS / "study.yaml")
+    again = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and hash(again) == hash(cfg)
+    assert cfg.replace(**{"optim.lr": 0.5}) != cfg and cfg.replace(**{"optim.lr": 0.5}).optim.lr == 0.5
+
+
+def test_replace_validates_again():
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    with pytest.raises(InputError, match="optim.global_batch_size: expected a positive number, got 0"):
+        cfg.replace(**{"optim.global_batch_size": 0})
 
 
 def _error(tmp_path, raw=None, text=None, overrides=()):
@@ -106,6 +122,21 @@ def test_bad_override_key_and_value(tmp_path):
     assert "unknown key 'optim.rate'" in _error(tmp_path, BASE, overrides=["optim.rate=1"])
     assert "expected key=value" in _error(tmp_path, BASE, overrides=["optim.lr"])
     assert "optim.lr: expected a number" in _error(tmp_path, BASE, overrides=["optim.lr=fast"])
+
+
+def test_first_problem_in_the_file_is_named(tmp_path):
+    """Several mistakes: within a section an unknown key first, then values in the file's order."""
+    assert "optim.zz: unknown key" in _error(tmp_path, text="optim: {lr: -1, zz: 1}\n")
+    assert "train.epochs:" in _error(tmp_path, text="train: {epochs: 0}\noptim: {lr: -1}\n")
+    assert "optim.lr:" in _error(tmp_path, text="optim: {lr: -1}\ntrain: {epochs: 0}\n")
+
+
+def test_empty_section_means_defaults_but_an_empty_config_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {dataset: digits, validation_size: 100}\noptim:\n")
+    assert load_config(path).optim == Config().optim
+    with pytest.raises(InputError, match="config: expected a mapping, got NoneType None"):
+        Config.from_dict(None)
 
 
 def test_missing_config_file(tmp_path):

@@ -1,8 +1,11 @@
-"""Config: YAML in, one frozen and fully validated dataclass out.
+"""Config: the harness's schema, YAML in, one frozen and fully validated model out.
 
-Owns the schema, YAML loading (``yaml.safe_load`` only), ``--set key=value``
-overrides and every check that can be made before data is read or a process
-group exists. Does not own launching, data loading or tracking.
+Owns the sections and their keys, the range of every value, the checks across
+keys, the facts derived from a config before any data is read (layer sizes,
+steps per epoch, trial names) and :func:`load_config`. The general machinery
+(pydantic models made strict and frozen, safe YAML reading, ``--set key=value``
+overrides, one-line errors) is harness/core/config_loader.py, which knows no
+harness key. Does not own launching, data loading or tracking.
 
 Every problem raises :class:`harness.errors.InputError` with one line that names
 the key (``optim.lr``) and what was expected, so launchers can exit with code 2.
@@ -10,23 +13,19 @@ the key (``optim.lr``) and what was expected, so launchers can exit with code 2.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
-import yaml
+from pydantic import Field, model_validator
 
+from harness.core.config_loader import (ConfigModel, Expect, check, list_of, parse_override, read_yaml_file,
+                                        set_dotted)
 from harness.errors import InputError
 
-DATASETS = ("fashion-mnist", "mnist", "digits", "synthetic")
-ACTIVATIONS = ("sigmoid", "tanh", "relu")
-GRAD_ENGINES = ("autograd", "manual")
-DEVICES = ("auto", "cpu", "cuda")
-LR_RULES = ("none", "linear", "sqrt")
+Dataset = Literal["fashion-mnist", "mnist", "digits", "synthetic"]
+LrRule = Literal["none", "linear", "sqrt"]
+LR_RULES = typing.get_args(LrRule)
 
 # Sizes of the real data sets, known without reading them, so that a batch larger
 # than the training set is refused before any process starts. (train, test)
@@ -34,17 +33,23 @@ LR_RULES = ("none", "linear", "sqrt")
 KNOWN_SPLIT_SIZES = {"fashion-mnist": (60000, 10000), "mnist": (60000, 10000), "digits": (1437, 360)}
 KNOWN_SHAPES = {"fashion-mnist": (784, 10), "mnist": (784, 10), "digits": (64, 10)}
 
+# A run's name becomes a folder (checkpoint.dir/<name>) and an MLflow run name:
+# letters, digits, '.', '_', '-', starting with a letter or digit, so it can be
+# neither a path ('../x', '/abs', '.') nor empty, nor quote-break an MLflow filter.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+NAME_MAX_CHARS = 100
+# Seeds feed torch.Generator.manual_seed, which takes a signed 64-bit integer.
+SEED_LIMIT = 2**63
 
-def _positive(value) -> Optional[str]:
-    return None if value > 0 else "a positive number"
-
-
-def _non_negative(value) -> Optional[str]:
-    return None if value >= 0 else "a number >= 0"
-
-
-def _in_unit_interval(value) -> Optional[str]:
-    return None if 0 <= value < 1 else "a number in [0, 1)"
+PositiveInt = Annotated[int, Field(gt=0), Expect("a positive number")]
+PositiveFloat = Annotated[float, Field(gt=0), Expect("a positive number")]
+NonNegativeInt = Annotated[int, Field(ge=0), Expect("a number >= 0")]
+NonNegativeFloat = Annotated[float, Field(ge=0), Expect("a number >= 0")]
+Fraction = Annotated[float, Field(ge=0, lt=1), Expect("a number in [0, 1)")]
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT), Expect("an integer in [0, 2**63)")]
+RunName = Annotated[str, Field(max_length=NAME_MAX_CHARS, pattern=NAME_PATTERN),
+                    Expect(f"1..{NAME_MAX_CHARS} characters of A-Z a-z 0-9 . _ - starting with a letter or digit "
+                           "(the name is a folder under checkpoint.dir)")]
 
 
 def _all_positive(values) -> Optional[str]:
@@ -53,128 +58,102 @@ def _all_positive(values) -> Optional[str]:
     return None if all(v > 0 for v in values) else "a list of positive integers"
 
 
-# A run's name becomes a folder (checkpoint.dir/<name>) and an MLflow run name:
-# letters, digits, '.', '_', '-', starting with a letter or digit, so it can be
-# neither a path ('../x', '/abs', '.') nor empty, nor quote-break an MLflow filter.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-NAME_MAX_CHARS = 100
-# Seeds feed torch.Generator.manual_seed, which takes a signed 64-bit integer.
-SEED_LIMIT = 2**63
+def _seeds(values) -> Optional[str]:
+    in_range = all(0 <= s < SEED_LIMIT for s in values)
+    return None if values and in_range else "a non-empty list of integers in [0, 2**63)"
 
 
-def _safe_name(value) -> Optional[str]:
-    if len(value) <= NAME_MAX_CHARS and NAME_PATTERN.match(value):
-        return None
-    return (f"1..{NAME_MAX_CHARS} characters of A-Z a-z 0-9 . _ - starting with a letter or digit "
-            "(the name is a folder under checkpoint.dir)")
+def _lr_rules(values) -> Optional[str]:
+    # Items are checked here, not typed LrRule, so that the line names the list (sweep.lr_rules), not an item.
+    return None if values and all(r in LR_RULES for r in values) else \
+        "a non-empty list of " + ", ".join(repr(r) for r in LR_RULES)
 
 
-def _seed(value) -> Optional[str]:
-    return None if 0 <= value < SEED_LIMIT else "an integer in [0, 2**63)"
-
-
-def _non_empty(value) -> Optional[str]:
-    return None if value.strip() else "a non-empty string"
-
-
-def _distinct(check):
-    """``check`` on a list, and no value twice (a repeated trial would share a name and a folder)."""
+def _distinct(complaint):
+    """``complaint`` on a list, and no value twice (a repeated trial would share a name and a folder)."""
     def distinct(values) -> Optional[str]:
-        complaint = check(values)
-        if complaint:
-            return complaint
-        repeated = sorted({v for v in values if list(values).count(v) > 1})
+        first = complaint(values)
+        if first:
+            return first
+        repeated = sorted({v for v in values if values.count(v) > 1})
         return f"distinct values (repeated: {', '.join(map(str, repeated))})" if repeated else None
 
     return distinct
 
 
-def _choice(*names):
-    def check(value) -> Optional[str]:
-        return None if value in names else "one of " + ", ".join(repr(n) for n in names)
-
-    return check
-
-
-def _checked(default, check, **kwargs):
-    """A dataclass field whose value must pass ``check`` (returns a complaint or None)."""
-    if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: tuple(default), metadata={"check": check}, **kwargs)
-    return field(default=default, metadata={"check": check}, **kwargs)
+HiddenSizes = list_of(int, check(lambda v: None if all(h > 0 for h in v) else "a list of positive integers"))
+BatchSizes = list_of(int, check(_distinct(_all_positive)))
+Seeds = list_of(int, check(_distinct(_seeds)))
+LrRules = list_of(str, check(_distinct(_lr_rules)))
+# A validator, not min_length: a string of spaces is blank too, and the value must stay as given.
+NonBlank = Annotated[str, check(lambda v: None if v.strip() else "a non-empty string")]
 
 
-@dataclass(frozen=True)
-class SyntheticConfig:
+class SyntheticConfig(ConfigModel):
     """The note's random images: ``x = rand(n, 784)``, targets ``arange(n) % num_targets``."""
 
-    num_train: int = _checked(5, _positive)
-    num_test: int = _checked(5, _positive)
-    num_features: int = _checked(784, _positive)
-    num_targets: int = _checked(5, _positive)  # the note's targets are 0..4
-    num_classes: int = _checked(10, _positive)  # ... scored by a 10-way output layer
+    num_train: PositiveInt = 5
+    num_test: PositiveInt = 5
+    num_features: PositiveInt = 784
+    num_targets: PositiveInt = 5  # the note's targets are 0..4
+    num_classes: PositiveInt = 10  # ... scored by a 10-way output layer
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: str = _checked("fashion-mnist", _choice(*DATASETS))
+class DataConfig(ConfigModel):
+    dataset: Dataset = "fashion-mnist"
     data_dir: Optional[str] = None
-    validation_size: int = _checked(5000, _non_negative)
+    validation_size: NonNegativeInt = 5000
     # Keep only the first N training / test samples after the split (small tests).
-    train_subset: Optional[int] = _checked(None, _positive)
-    test_subset: Optional[int] = _checked(None, _positive)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    train_subset: Optional[PositiveInt] = None
+    test_subset: Optional[PositiveInt] = None
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    hidden_sizes: tuple[int, ...] = _checked((500,), lambda v: None if all(h > 0 for h in v) else "a list of positive integers")
-    activation: str = _checked("sigmoid", _choice(*ACTIVATIONS))
+class ModelConfig(ConfigModel):
+    hidden_sizes: HiddenSizes = (500,)
+    activation: Literal["sigmoid", "tanh", "relu"] = "sigmoid"
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = _checked(0.01, _positive)
-    momentum: float = _checked(0.9, _in_unit_interval)
-    weight_decay: float = _checked(0.0, _non_negative)
-    global_batch_size: int = _checked(128, _positive)
+class OptimConfig(ConfigModel):
+    lr: PositiveFloat = 0.01
+    momentum: Fraction = 0.9
+    weight_decay: NonNegativeFloat = 0.0
+    global_batch_size: PositiveInt = 128
     # Linear warmup of the LR from lr/warmup_steps to lr over this many epochs'
     # worth of steps (Goyal et al. 2017 pair it with the linear scaling rule).
-    warmup_epochs: float = _checked(0.0, _non_negative)
+    warmup_epochs: NonNegativeFloat = 0.0
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = _checked(2, _positive)
+class TrainConfig(ConfigModel):
+    epochs: PositiveInt = 2
     # A step budget instead of an epoch budget: stop after this many steps
     # (the last epoch may be partial); train.epochs is then ignored.
-    max_steps: Optional[int] = _checked(None, _positive)
-    grad_engine: str = _checked("autograd", _choice(*GRAD_ENGINES))
-    device: str = _checked("auto", _choice(*DEVICES))
-    eval_batch_size: int = _checked(10000, _positive)
+    max_steps: Optional[PositiveInt] = None
+    grad_engine: Literal["autograd", "manual"] = "autograd"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_batch_size: PositiveInt = 10000
     # False: the last, smaller batch of an epoch is trained too, so an epoch sees
     # every training sample exactly once at any batch size.
     drop_last: bool = False
     progress: bool = True
 
 
-@dataclass(frozen=True)
-class MetricsConfig:
+class MetricsConfig(ConfigModel):
     """What harness/measure/metrics.py measures during a run."""
 
     # Steps-to-target (Shallue et al. 2018): first epoch whose validation accuracy reaches this.
-    target_val_accuracy: float = _checked(0.85, lambda v: None if 0 < v <= 1 else "a number in (0, 1]")
+    target_val_accuracy: Annotated[float, Field(gt=0, le=1), Expect("a number in (0, 1]")] = 0.85
     noise_scale: bool = True
-    noise_scale_ema_decay: float = _checked(0.95, _in_unit_interval)
+    noise_scale_ema_decay: Fraction = 0.95
     # Measure every N-th step: the estimate is an average anyway, and measuring
     # costs about one extra backward's worth of memory traffic on small batches.
-    noise_scale_interval: int = _checked(4, _positive)
+    noise_scale_interval: PositiveInt = 4
     sharpness: bool = True
-    sharpness_samples: int = _checked(1024, _positive)
-    sharpness_iterations: int = _checked(20, _positive)
+    sharpness_samples: PositiveInt = 1024
+    sharpness_iterations: PositiveInt = 20
 
 
-@dataclass(frozen=True)
-class PerformanceConfig:
+class PerformanceConfig(ConfigModel):
     """How the step is executed; none of it changes what is computed (up to float rounding)."""
 
     # Capture the whole training step (zero-grad, forward, loss, backward with
@@ -184,80 +163,63 @@ class PerformanceConfig:
     cuda_graph: bool = False
 
 
-@dataclass(frozen=True)
-class TrialConfig:
+class TrialConfig(ConfigModel):
     """Set by a sweep on each trial it expands: how this run's LR was derived."""
 
     sweep: str = "sweep"
-    lr_rule: str = _checked("none", _choice(*LR_RULES))
-    base_lr: float = _checked(0.01, _positive)
-    base_batch_size: int = _checked(128, _positive)
+    lr_rule: LrRule = "none"
+    base_lr: PositiveFloat = 0.01
+    base_batch_size: PositiveInt = 128
 
 
-@dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(ConfigModel):
     enabled: bool = True
     # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (resolved by the launcher).
     uri: Optional[str] = None
-    experiment: str = _checked("minibatch-harness", _non_empty)
+    experiment: NonBlank = "minibatch-harness"
 
 
-@dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(ConfigModel):
     enabled: bool = True
     dir: str = "checkpoints"
 
 
-@dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(ConfigModel):
     """A batch-size sweep: one trial per (batch size, seed)."""
 
-    batch_sizes: tuple[int, ...] = _checked((32, 128, 512), _distinct(_all_positive))
-    seeds: tuple[int, ...] = _checked((0,), _distinct(
-        lambda v: None if len(v) and all(_seed(s) is None for s in v) else "a non-empty list of integers in [0, 2**63)"))
+    batch_sizes: BatchSizes = (32, 128, 512)
+    seeds: Seeds = (0,)
     # LR scaling relative to (base_batch_size, optim.lr): none, linear (Goyal et
     # al. 2017), sqrt (Hoffer et al. 2017). Every rule listed gets every batch size.
-    lr_rules: tuple[str, ...] = _checked(("none",), _distinct(lambda v: None if v and all(r in LR_RULES for r in v)
-                                         else "a non-empty list of " + ", ".join(repr(r) for r in LR_RULES)))
-    base_batch_size: int = _checked(128, _positive)
+    lr_rules: LrRules = ("none",)
+    base_batch_size: PositiveInt = 128
     # The budget of every trial: None keeps train.epochs (a fixed-epoch comparison);
     # a number of steps gives a fixed-step comparison (train.max_steps).
-    budget_steps: Optional[int] = _checked(None, _positive)
+    budget_steps: Optional[PositiveInt] = None
     # Linear LR warmup for the trials of a scaling rule (linear, sqrt); Goyal et al.
     # 2017 pair linear scaling with warmup. Trials of rule none keep optim.warmup_epochs.
-    warmup_epochs: float = _checked(0.0, _non_negative)
+    warmup_epochs: NonNegativeFloat = 0.0
 
 
-@dataclass(frozen=True)
-class Config:
-    name: str = _checked("run", _safe_name)
-    seed: int = _checked(0, _seed)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+class Config(ConfigModel):
+    name: RunName = "run"
+    seed: Seed = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     sweep: Optional[SweepConfig] = None
     trial: Optional[TrialConfig] = None
 
-    @classmethod
-    def from_dict(cls, raw: dict) -> "Config":
-        cfg = _build(cls, raw, prefix="")
-        _check_cross_field(cfg)
-        return cfg
-
-    def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
-
-    def replace(self, **dotted: Any) -> "Config":
-        """A copy with dotted keys replaced, validated again: ``replace(**{"optim.lr": 0.1})``."""
-        raw = self.to_dict()
-        for key, value in dotted.items():
-            _set_dotted(raw, key, value)
-        return Config.from_dict(raw)
+    @model_validator(mode="after")
+    def _check_across_keys(self) -> Config:
+        # Runs only once every key is valid on its own, so it may read any of them.
+        _check_cross_field(self)
+        return self
 
     # Derived values, computed in one place.
     @property
@@ -367,202 +329,13 @@ def _check_trial_names(cfg: Config) -> None:
                          f"name short enough for trial names of at most {NAME_MAX_CHARS} characters")
 
 
-# --- loading -----------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice or a key that is not a string.
-
-    PyYAML keeps the last of two equal keys without a word, so a config could
-    silently train with a value its author did not see.
-    """
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                where = f"line {key_node.start_mark.line + 1}"
-                if not isinstance(key, str):
-                    raise InputError(f"key {key!r} at {where}: expected a string key (a config name)")
-                if key in seen:
-                    raise InputError(f"key {key!r} at {where}: given twice in one mapping; expected each key once")
-                seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    """YAML -> plain data; every problem (syntax, duplicate or non-string key,
-    nesting past Python's recursion limit) as an InputError naming ``where``."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except InputError as err:
-        raise InputError(f"{where}: {err}") from None
-    except RecursionError:
-        raise InputError(f"{where}: nested too deeply; expected at most a few levels of sections") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise InputError(f"{where}: YAML syntax error{at}: {problem}") from None
-
-
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply ``key=value`` overrides, validate everything."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: config file not found; expected a YAML file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder; expected a YAML file") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read config ({err.strerror})") from None
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not a text file (byte {err.start} is not UTF-8); expected a YAML file") from None
-    if "\0" in text:
-        raise InputError(f"{path}: not a text file (it holds NUL bytes); expected a YAML file")
-    raw = _parse_yaml(text, str(path))
-    if raw is None:
-        # An empty file is a mistake (a wrong path, a truncated copy), not a request for defaults.
-        raise InputError(f"{path}: config file is empty; expected a mapping of config sections (see configs/)")
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a mapping of config sections at the top level, "
-                         f"got {type(raw).__name__}")
+    raw = read_yaml_file(path)
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(raw, key, value)
-    try:
-        return Config.from_dict(raw)
-    except RecursionError:  # e.g. a self-referencing YAML alias
-        raise InputError(f"{path}: nested too deeply; expected at most a few levels of sections") from None
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``optim.lr=0.05`` -> ("optim.lr", 0.05); values are parsed as YAML scalars/lists."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise InputError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
-    if not text.strip():
-        return key.strip(), ""
-    try:
-        value = _parse_yaml(text, f"--set {key.strip()}")
-    except InputError:
-        raise InputError(f"--set {key.strip()}: cannot parse value {text!r} as YAML") from None
-    return key.strip(), value
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    schema: Any = Config
-    for depth, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
-        if part not in fields:
-            where = ".".join(parts[: depth + 1])
-            raise InputError(f"--set {key}: unknown key {where!r}; expected one of "
-                             + ", ".join(sorted(fields)) if fields else f"--set {key}: {where!r} has no sub-keys")
-        schema = _dataclass_of(_hints(schema)[part])
-        if depth == len(parts) - 1:
-            node[part] = value
-        else:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _dataclass_of(tp) -> Any:
-    """The dataclass inside ``tp`` (``Optional[X]`` -> X), else None."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
-def _build(cls, raw: Any, prefix: str):
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(raw, dict):
-        raise InputError(f"{where}: expected a mapping, got {_describe(raw)}")
-    hints = _hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise InputError(f"{prefix}{unknown[0]}: unknown key; expected one of {', '.join(sorted(names))}")
-    values = {}
-    for name, value in raw.items():
-        key = prefix + name
-        converted = _convert(hints[name], value, key)
-        check = names[name].metadata.get("check")
-        if check is not None and converted is not None:
-            complaint = check(converted)
-            if complaint:
-                raise InputError(f"{key}: expected {complaint}, got {_short_repr(value)}")
-        values[name] = converted
-    return cls(**values)
-
-
-def _convert(tp, value: Any, key: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key + ".")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise InputError(f"{key}: expected a list of {args[0].__name__}, got {_describe(value)}")
-        return tuple(_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise InputError(f"{key}: expected true or false, got {_describe(value)}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise InputError(f"{key}: expected an integer, got {_describe(value)}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise InputError(f"{key}: expected a finite number, got {value!r}")
-            return float(value)
-        raise InputError(f"{key}: expected a number, got {_describe(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise InputError(f"{key}: expected a string, got {_describe(value)}")
-    raise TypeError(f"config schema: unsupported type {tp!r} for {key}")  # a bug in this module
-
-
-def _short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(value) if hasattr(value, '__len__') else '?'} long)"
-
-
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, dict) else "a mapping"
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
+        set_dotted(Config, raw, key, value)
+    return Config.from_dict(raw)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
