@@ -35,6 +35,12 @@ def test_overrides_keep_types_and_round_trip():
     assert Config.from_dict(cfg.to_dict()) == cfg
 
 
+def test_name_ending_in_a_newline_is_refused():
+    """A name becomes a folder: "run\\n" would make a folder whose name ends in a newline."""
+    with pytest.raises(InputError, match="name: expected 1..100 characters"):
+        Config.from_dict({"name": "run\n"})
+
+
 def test_config_is_frozen():
     cfg = load_config(CONFIGS / "smoke.yaml")
     with pytest.raises(ValidationError, match="frozen"):

@@ -36,7 +36,8 @@ KNOWN_SHAPES = {"fashion-mnist": (784, 10), "mnist": (784, 10), "digits": (64, 1
 # A run's name becomes a folder (checkpoint.dir/<name>) and an MLflow run name:
 # letters, digits, '.', '_', '-', starting with a letter or digit, so it can be
 # neither a path ('../x', '/abs', '.') nor empty, nor quote-break an MLflow filter.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# \Z, not $: in Python's re, $ also matches before a final newline ("run\n").
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z"
 NAME_MAX_CHARS = 100
 # Seeds feed torch.Generator.manual_seed, which takes a signed 64-bit integer.
 SEED_LIMIT = 2**63
