@@ -1,4 +1,4 @@
-"""Every rank-0 side effect: console lines, MLflow records, checkpoint files.
+"""Every rank-0 side effect but checkpoints (core/checkpoint.py): console lines, MLflow records.
 
 The loop calls the tracker on every rank; ``make_tracker`` hands rank 0 a real
 one and the other ranks a :class:`NullTracker`, so no ``if rank == 0`` appears in
@@ -124,12 +124,6 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
-    def save_checkpoint(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
-        return None
-
-    def clear_checkpoints(self, configs=()) -> None:
-        pass
-
     def unfinished_sweep_run(self, sweep_name: str) -> Optional[str]:
         return None
 
@@ -144,7 +138,7 @@ class NullTracker:
 
 
 class ConsoleTracker(NullTracker):
-    """Rank 0 without MLflow: epoch lines on stdout and checkpoint files."""
+    """Rank 0 without MLflow: epoch lines on stdout."""
 
     EPOCH_KEYS = ("train_loss", "val_accuracy", "test_loss", "test_accuracy", "epoch_s")
 
@@ -155,16 +149,6 @@ class ConsoleTracker(NullTracker):
         if "test_accuracy" in metrics:
             say(f"[{self.cfg.name}] epoch {step}/{self.cfg.total_epochs}  "
                 + format_metrics(metrics, self.EPOCH_KEYS), ctx=self.ctx)
-
-    def save_checkpoint(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
-        if not self.cfg.checkpoint.enabled:
-            return None
-        return ckpt.write_checkpoint(state, ckpt.checkpoint_dir(self.cfg), epoch)
-
-    def clear_checkpoints(self, configs=()) -> None:
-        """Empty this run's checkpoint folder (or those of ``configs``, a new sweep's trials)."""
-        for cfg in configs or (self.cfg,):
-            ckpt.clear_checkpoints(ckpt.checkpoint_dir(cfg))
 
 
 class MLflowTracker(ConsoleTracker):
