@@ -223,14 +223,3 @@ def check_writable_dir(path: Path, key: str) -> None:
         os.unlink(probe)
     except OSError as err:
         raise InputError(f"{key}: cannot write to {existing} ({err.strerror}); expected a writable folder") from None
-
-
-def check_resume_run_in_store(cfg: Config) -> None:
-    """``--resume`` continues the checkpoint's MLflow run: refuse now if the store lacks it."""
-    from harness.running.tracking import check_resume_run, default_tracking_uri  # tracking imports this module
-
-    checkpoints = Checkpoints(cfg)
-    path = checkpoints.newest()
-    if path is not None:
-        state = checkpoints.load(path)
-        check_resume_run(cfg.tracking.uri or default_tracking_uri(), state.get("run_id"), path)

@@ -182,7 +182,7 @@ def end_orphaned_run(cfg: Config, launch_id: str, status: str) -> None:
         return
     if ray.is_initialized():
         ray.shutdown()
-    from harness.running.tracking import end_runs_of_launch
+    from harness.running.mlflow_store import end_runs_of_launch
 
     end_runs_of_launch(cfg, launch_id, status)
 
