@@ -51,7 +51,7 @@ def report(args: argparse.Namespace) -> int:
 
     from harness.core.checkpoint import check_writable_dir
     from harness.results.report import build_report
-    from harness.running.tracking import check_tracking_uri, default_tracking_uri
+    from harness.running.mlflow_store import check_tracking_uri, default_tracking_uri
 
     check_writable_dir(Path(args.out), "--out")
     check_tracking_uri(args.tracking_uri or default_tracking_uri())
@@ -89,10 +89,8 @@ def replay(args: argparse.Namespace) -> int:
     """Deliver a spool of MLflow records that a run could not send."""
     from pathlib import Path
 
-    from mlflow.tracking import MlflowClient
-
-    from harness.running.spool import Spool, replay as replay_spool
-    from harness.running.tracking import check_tracking_server, check_tracking_uri, default_tracking_uri
+    from harness.running.mlflow_store import (Spool, check_tracking_server, check_tracking_uri, default_tracking_uri,
+                                              open_client, replay as replay_spool)
 
     spool = Spool(Path(args.spool))
     if not spool:
@@ -100,7 +98,7 @@ def replay(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     check_tracking_server(uri)
-    count, bad = replay_spool(MlflowClient(tracking_uri=uri), spool)
+    count, bad = replay_spool(open_client(uri), spool)
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         say(f"delivered {count} records to {uri}")

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     if cfg.tracking.enabled:
         say(f"building the report from MLflow ({cfg.tracking.uri})")
         from harness.results.report import build_report
-        from harness.running.tracking import ui_links
+        from harness.running.mlflow_store import ui_links
 
         report = build_report(cfg.tracking.uri, cfg.tracking.experiment, sweep_run_id=sweep.run_id,
                               out_dir=args.report_dir)

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import signals  # noqa: E402
 from harness.core import distributed  # noqa: E402
-from harness.core.checkpoint import check_resumable, check_resume_run_in_store  # noqa: E402
+from harness.core.checkpoint import Checkpoints  # noqa: E402
+from harness.running.mlflow_store import check_resume_run_in_store  # noqa: E402
 from harness.core.config import check_world_size  # noqa: E402
 from harness.core.data import load_dataset  # noqa: E402
 from harness.running.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error, load_run_config  # noqa: E402
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
                      same_launch_only=restart and not args.resume)
     if resume and not cfg.is_sweep:
         # a corrupt or foreign checkpoint is refused here, not after init
-        check_resumable(cfg, hooks.launch_id if hooks.same_launch_only else None)
+        Checkpoints(cfg, launch_id=hooks.launch_id, same_launch_only=hooks.same_launch_only).check_resumable()
         if args.resume and cfg.tracking.enabled:
             check_resume_run_in_store(cfg)
     if cfg.performance.cuda_graph:

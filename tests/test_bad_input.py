@@ -141,12 +141,12 @@ def test_checkpoint_of_another_config_is_refused_on_resume(place, capsys):
     from harness.core.checkpoint import write_checkpoint
     from harness.core.config import load_config
     from harness.core.distributed import DistContext
-    from harness.core.train_loop import Progress, build_trainer, checkpoint_state
+    from harness.core.train_loop import RunCounters, build_trainer, checkpoint_state
     from harness.core.data import load_dataset
 
     other = load_config(SMOKE, ["model.hidden_sizes=[16]"])
     trainer = build_trainer(other, DistContext(), load_dataset(other))
-    write_checkpoint(checkpoint_state(trainer, Progress(), None), _checkpoint_folder(place), 0)
+    write_checkpoint(checkpoint_state(trainer, RunCounters(), None), _checkpoint_folder(place), 0)
     status = train_launcher.main(["--config", SMOKE, "--resume"])
     assert_refused(place, capsys, status, "epoch-0000.pt: checkpoint was made by another config",
                    before={"checkpoints"})
@@ -353,11 +353,11 @@ def test_resume_into_a_store_without_the_checkpoints_run(place, capsys):
     from harness.core.config import load_config
     from harness.core.data import load_dataset
     from harness.core.distributed import DistContext
-    from harness.core.train_loop import Progress, build_trainer, checkpoint_state
+    from harness.core.train_loop import RunCounters, build_trainer, checkpoint_state
 
     cfg = load_config(SMOKE)
     trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))
-    write_checkpoint(checkpoint_state(trainer, Progress(), "0123456789abcdef0123456789abcdef"),
+    write_checkpoint(checkpoint_state(trainer, RunCounters(), "0123456789abcdef0123456789abcdef"),
                      _checkpoint_folder(place), 1)
     uri = seeded_store(place / "store")
     capsys.readouterr()

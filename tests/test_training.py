@@ -8,7 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, smoke_config
-from harness.core.checkpoint import checkpoint_dir, newest_checkpoint
+from harness.core.checkpoint import Checkpoints
 from harness.core.distributed import DistContext
 from harness.running.sweep import expand_trials, run_sweep
 from harness.core.train_loop import RunHooks, train
@@ -81,7 +81,7 @@ def test_non_zero_rank_writes_nothing(tmp_path):
     tracker.start()
     tracker.log_metrics({"x": 1.0}, step=1)
     tracker.set_tags({"y": 2})
-    assert tracker.save_checkpoint({"a": 1}, 1) is None
+    assert Checkpoints(cfg, DistContext(rank=1, world_size=1)).save({"a": 1}, 1) is None
     tracker.finish()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
@@ -98,7 +98,7 @@ def test_resume_continues_the_same_run_and_ends_where_an_uninterrupted_run_ends(
     for key in ("train_loss", "test_accuracy", "epoch_s"):
         assert [m.step for m in client.get_metric_history(resumed.run_id, key)] == [1, 2, 3]
     a = torch.load(straight.checkpoint, weights_only=True)["model"]
-    b = torch.load(newest_checkpoint(checkpoint_dir(cfg)), weights_only=True)["model"]
+    b = torch.load(Checkpoints(cfg).newest(), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -1,10 +1,14 @@
-"""The checkpoint format: what a resumable run saves, written atomically, read safely.
+"""A run's checkpoints: one object, :class:`Checkpoints`, saves, finds, loads, resumes and clears them.
 
 Owns the file layout (``<dir>/epoch-0003.pt``), atomic writes (write, fsync,
-rename: a reader never sees half a file), safe reads (``weights_only=True``),
-the config fingerprint that refuses a checkpoint made by another config, and
-the launch id that keeps a torchrun restart from resuming an earlier launch.
-Deciding *when* to write (rank 0, every epoch) is tracking.py's business.
+rename: a reader never sees half a file; the newest two are kept), safe reads
+(``weights_only=True``), the config fingerprint that refuses a checkpoint made
+by another config, the launch id that keeps a torchrun restart from resuming an
+earlier launch, and the decision which checkpoint (if any) a run resumes from.
+Only the main rank writes or clears. What goes into a checkpoint is the loop's
+business (train_loop.checkpoint_state); a launcher that keeps checkpoints of its
+own (Ray Train) hands one in through ``restored``; the MLflow side of resuming
+(is the checkpoint's run in the store?) is harness/running/mlflow_store.py's.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from harness import faults
+from harness.console import say
 from harness.core.config import Config
 from harness.errors import InputError
 
@@ -48,30 +53,15 @@ def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) / cfg.name
 
 
-def check_resumable(cfg: Config, launch_id: Optional[str] = None) -> Optional[Path]:
-    """The checkpoint a resumed run would start from, read and checked now (before any
-    process group starts); None when there is none (or, with ``launch_id``, when the
-    newest is another launch's: see :func:`read_checkpoint`)."""
-    path = newest_checkpoint(checkpoint_dir(cfg))
-    if path is not None and read_checkpoint(path, cfg, launch_id) is None:
-        return None
-    return path
-
-
 def checkpoint_path(directory: Path, epoch: int) -> Path:
     return Path(directory) / f"epoch-{epoch:04d}.pt"
 
 
-def newest_checkpoint(directory: Path) -> Optional[Path]:
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return max(found)[1] if found else None
-
-
 def write_checkpoint(state: dict[str, Any], directory: Path, epoch: int) -> Path:
-    """Write ``state`` as ``epoch-NNNN.pt`` via a temp file and a rename; prune old ones."""
+    """Write ``state`` as ``epoch-NNNN.pt`` via a temp file and a rename; prune old ones.
+
+    The bare write, on any rank: a run saves through :meth:`Checkpoints.save`, which
+    decides whether (main rank, checkpoints enabled) and where."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, epoch)
@@ -89,33 +79,8 @@ def write_checkpoint(state: dict[str, Any], directory: Path, epoch: int) -> Path
     return final
 
 
-def read_checkpoint(path: Path, cfg: Config, launch_id: Optional[str] = None) -> Optional[dict[str, Any]]:
-    """Load safely and check it belongs to this config; errors name the file.
-
-    With ``launch_id`` (a restart, which may resume only its own launch's files),
-    a checkpoint that another launch wrote gives None, before its config is
-    checked: that earlier run is not this one's to resume or to refuse.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{path}: checkpoint not found") from None
-    except Exception as err:  # torch raises several types for a damaged file
-        raise InputError(f"{path}: corrupt checkpoint ({type(err).__name__}); "
-                         "expected a file written by the harness") from None
-    if not isinstance(state, dict) or "config_fingerprint" not in state:
-        raise InputError(f"{path}: not a harness checkpoint; expected keys model, optimizer, epoch")
-    if launch_id is not None and state.get("launch_id") != launch_id:
-        return None
-    if state["config_fingerprint"] != config_fingerprint(cfg):
-        raise InputError(f"{path}: checkpoint was made by another config (fingerprint "
-                         f"{state['config_fingerprint']}, this config {config_fingerprint(cfg)}); "
-                         "expected the same model, data, optimiser and seed")
-    return state
-
-
 # The only files a run writes into its folder: checkpoints, their temp files
-# (write_checkpoint) and the MLflow spool (tracking.py).
+# (write_checkpoint) and the MLflow spool (harness/running/mlflow_store.py).
 _TEMP_PATTERN = re.compile(r"^\.epoch-\d{4,}\.pt\.tmp-\d+$")
 SPOOL_NAME = "mlflow-spool.jsonl"
 
@@ -124,23 +89,120 @@ def is_harness_file(path: Path) -> bool:
     return bool(CHECKPOINT_PATTERN.match(path.name) or _TEMP_PATTERN.match(path.name)) or path.name == SPOOL_NAME
 
 
-def clear_checkpoints(directory: Path) -> None:
-    """A fresh (not resumed) run starts without the checkpoints of an earlier run of its name.
 
-    Deletes only the files the harness writes, never a folder tree: the folder
-    may be one the user keeps other things in (``checkpoint.dir: .`` with
-    ``name: harness``). The folder itself goes only if that leaves it empty.
-    """
+def newest_in(directory: Path) -> Optional[Path]:
+    """The checkpoint with the highest epoch in ``directory``; None if it has none."""
     directory = Path(directory)
-    if directory.is_symlink() or not directory.is_dir():
-        return
-    for path in directory.iterdir():
-        if is_harness_file(path) and path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
-    try:
-        directory.rmdir()
-    except OSError:  # not empty: something that is not ours stays
-        pass
+    if not directory.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return max(found)[1] if found else None
+
+
+class Checkpoints:
+    """One run's checkpoints, in ``checkpoint_dir(cfg)``, and the rule for resuming from them.
+
+    ``ctx`` (a DistContext; None: this process) says whether this rank writes: only
+    the main one saves and clears, the others get None and change nothing.
+    ``resume`` asks to continue from the newest checkpoint in the folder. ``launch_id``
+    names the launch and goes into every checkpoint (train_loop.checkpoint_state); with
+    ``same_launch_only`` (a torchrun restart the user did not ask to resume) a
+    checkpoint of another launch is not resumed: the run starts afresh instead of
+    taking over the earlier run whose files are still in the folder. ``restored``
+    gives a checkpoint the launcher kept itself (Ray Train's, after a restart): when it
+    returns one, that is resumed whatever ``resume`` says.
+    """
+
+    def __init__(self, cfg: Config, ctx=None, resume: bool = False, launch_id: Optional[str] = None,
+                 same_launch_only: bool = False, restored: Optional[Callable[[], Optional[Path]]] = None):
+        self.cfg, self.ctx = cfg, ctx
+        self.directory = checkpoint_dir(cfg)
+        self.resume = resume
+        self.launch_id = launch_id
+        self.same_launch_only = same_launch_only
+        self.restored = restored
+
+    @property
+    def writes(self) -> bool:
+        return self.ctx is None or self.ctx.is_main
+
+    def newest(self) -> Optional[Path]:
+        """The newest checkpoint in the run's folder (whichever launch wrote it)."""
+        return newest_in(self.directory)
+
+    def load(self, path: Path) -> Optional[dict[str, Any]]:
+        """Load safely and check it belongs to this config; errors name the file.
+
+        With ``same_launch_only``, a checkpoint that another launch wrote gives None,
+        before its config is checked: that earlier run is not this one's to resume or
+        to refuse.
+        """
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise InputError(f"{path}: checkpoint not found") from None
+        except Exception as err:  # torch raises several types for a damaged file
+            raise InputError(f"{path}: corrupt checkpoint ({type(err).__name__}); "
+                             "expected a file written by the harness") from None
+        if not isinstance(state, dict) or "config_fingerprint" not in state:
+            raise InputError(f"{path}: not a harness checkpoint; expected keys model, optimizer, epoch")
+        if self.same_launch_only and self.launch_id is not None and state.get("launch_id") != self.launch_id:
+            return None
+        if state["config_fingerprint"] != config_fingerprint(self.cfg):
+            raise InputError(f"{path}: checkpoint was made by another config (fingerprint "
+                             f"{state['config_fingerprint']}, this config {config_fingerprint(self.cfg)}); "
+                             "expected the same model, data, optimiser and seed")
+        return state
+
+    def to_resume(self) -> Optional[Path]:
+        """The checkpoint file this run resumes from; None to start afresh."""
+        restored = self.restored() if self.restored else None
+        if restored is not None:
+            return restored
+        return self.newest() if self.resume else None
+
+    def resume_state(self) -> Optional[dict[str, Any]]:
+        """The state this run resumes from (read and checked); None to start afresh."""
+        path = self.to_resume()
+        if path is None:
+            return None
+        state = self.load(path)
+        if state is None:
+            say(f"[{self.cfg.name}] {path} is another launch's checkpoint: starting afresh", ctx=self.ctx)
+        return state
+
+    def check_resumable(self) -> Optional[Path]:
+        """The checkpoint in the folder a resumed run would start from, read and checked now
+        (before any process group starts); None when there is none, or when the newest is
+        another launch's (with ``same_launch_only``)."""
+        path = self.newest()
+        if path is not None and self.load(path) is None:
+            return None
+        return path
+
+    def save(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
+        """Write ``state`` as epoch ``epoch`` (main rank, checkpoints enabled); the file, or None."""
+        if not (self.writes and self.cfg.checkpoint.enabled):
+            return None
+        return write_checkpoint(state, self.directory, epoch)
+
+    def clear(self) -> None:
+        """A fresh (not resumed) run starts without the checkpoints of an earlier run of its name.
+
+        Deletes only the files the harness writes, never a folder tree: the folder
+        may be one the user keeps other things in (``checkpoint.dir: .`` with
+        ``name: harness``). The folder itself goes only if that leaves it empty.
+        """
+        directory = self.directory
+        if not self.writes or directory.is_symlink() or not directory.is_dir():
+            return
+        for path in directory.iterdir():
+            if is_harness_file(path) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+        try:
+            directory.rmdir()
+        except OSError:  # not empty: something that is not ours stays
+            pass
 
 
 def check_writable_dir(path: Path, key: str) -> None:
@@ -161,13 +223,3 @@ def check_writable_dir(path: Path, key: str) -> None:
         os.unlink(probe)
     except OSError as err:
         raise InputError(f"{key}: cannot write to {existing} ({err.strerror}); expected a writable folder") from None
-
-
-def check_resume_run_in_store(cfg: Config) -> None:
-    """``--resume`` continues the checkpoint's MLflow run: refuse now if the store lacks it."""
-    from harness.running.tracking import check_resume_run, default_tracking_uri  # tracking imports this module
-
-    path = newest_checkpoint(checkpoint_dir(cfg))
-    if path is not None:
-        state = read_checkpoint(path, cfg)
-        check_resume_run(cfg.tracking.uri or default_tracking_uri(), state.get("run_id"), path)

@@ -1,9 +1,11 @@
 """The only training loop: ``train(cfg, ctx)``, called by every launcher.
 
 It does not know who started it. ``ctx`` says which rank it is; ``tracker``
-(from tracking.py) takes every rank-0 side effect; ``hooks`` let a launcher say
-where a resumed run's checkpoint comes from and what happens after each epoch
-(Ray reports there). Collectives run on every rank, before the tracker is called.
+(from tracking.py) takes the console lines and MLflow records; a
+``Checkpoints`` object (core/checkpoint.py) saves, finds and resumes the
+checkpoints; ``hooks`` let a launcher set the resume rules, hand in a checkpoint
+it kept itself, and act after each epoch (Ray reports there). Collectives run on
+every rank, before the tracker is called.
 What one step does belongs to core/step.py (and core/graph_step.py, which wraps
 it): the loop calls ``trainer.train_step`` and does not know which one it holds.
 """
@@ -20,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from harness.core import checkpoint as ckpt
 from harness import faults, signals
+from harness.core.checkpoint import Checkpoints, config_fingerprint
 from harness.core.config import Config
 from harness.core.data import BatchPlan, Dataset, Split, load_dataset
 from harness.core.distributed import DistContext, all_reduce_sum
@@ -49,12 +51,11 @@ class RunResult:
 
 
 class RunHooks:
-    """Launcher-specific resume and reporting. This default: checkpoint files on local disk.
+    """What a launcher adds to the loop: its resume policy and what happens after each epoch.
 
-    ``launch_id`` names the launch (torchrun's run id) and goes into every checkpoint;
-    with ``same_launch_only`` (a torchrun restart the user did not ask to resume) a
-    checkpoint of another launch is not resumed: the run starts afresh instead of
-    taking over the earlier run whose files are still in the folder.
+    ``resume``, ``launch_id`` and ``same_launch_only`` are the rules of
+    :class:`~harness.core.checkpoint.Checkpoints` (which checkpoint a run may resume);
+    a launcher that keeps checkpoints of its own overrides :meth:`restored_checkpoint`.
     """
 
     def __init__(self, resume: bool = False, launch_id: Optional[str] = None, same_launch_only: bool = False):
@@ -62,13 +63,14 @@ class RunHooks:
         self.launch_id = launch_id
         self.same_launch_only = same_launch_only
 
-    def checkpoint_to_resume(self, cfg: Config) -> Optional[Path]:
-        """The checkpoint file this run resumes from; None to start afresh."""
-        return ckpt.newest_checkpoint(ckpt.checkpoint_dir(cfg)) if self.resume else None
+    def checkpoints(self, cfg: Config, ctx: DistContext) -> Checkpoints:
+        """This run's checkpoints under this launcher's resume rules."""
+        return Checkpoints(cfg, ctx, resume=self.resume, launch_id=self.launch_id,
+                           same_launch_only=self.same_launch_only, restored=self.restored_checkpoint)
 
-    def read(self, path: Path, cfg: Config) -> Optional[dict]:
-        """The state to resume from ``path``; None where it belongs to another launch (then start afresh)."""
-        return ckpt.read_checkpoint(path, cfg, launch_id=self.launch_id if self.same_launch_only else None)
+    def restored_checkpoint(self) -> Optional[Path]:
+        """A checkpoint file the launcher itself kept for this run, resumed before the run's folder; None here."""
+        return None
 
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
         """Called on every rank after every epoch (and after the initial checkpoint, epoch 0)."""
@@ -181,8 +183,8 @@ def _wrap_ddp(model: torch.nn.Module, ctx: DistContext, graph_stream) -> Distrib
 
 
 @dataclass
-class Progress:
-    """Counters that outlive an epoch (and a restart: they are checkpointed)."""
+class RunCounters:
+    """Counters that outlive an epoch (and a restart: they are checkpointed, under the key "progress")."""
 
     epoch: int = 0
     global_step: int = 0
@@ -191,24 +193,26 @@ class Progress:
     target_reached_epoch: int = 0  # 0: validation accuracy has not reached the target yet
 
 
-def checkpoint_state(trainer: Trainer, progress: Progress, run_id: Optional[str],
+def checkpoint_state(trainer: Trainer, counters: RunCounters, run_id: Optional[str],
                      launch_id: Optional[str] = None) -> dict:
+    """What a checkpoint holds: the trainer's state, the counters, and what ties it to its run."""
+    # The counters' key stays "progress" (their old name): older checkpoints still load.
     return {"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
             "launch_id": launch_id,  # which launch wrote it: a torchrun restart resumes only its own
-            "epoch": progress.epoch, "global_step": progress.global_step, "progress": vars(progress).copy(),
+            "epoch": counters.epoch, "global_step": counters.global_step, "progress": vars(counters).copy(),
             "noise_probe": trainer.noise_probe.state_dict() if trainer.noise_probe else None,
             "rng_cpu": torch.get_rng_state(), "run_id": run_id,
-            "config_fingerprint": ckpt.config_fingerprint(trainer.cfg)}
+            "config_fingerprint": config_fingerprint(trainer.cfg)}
 
 
-def load_state(trainer: Trainer, state: dict) -> Progress:
+def load_state(trainer: Trainer, state: dict) -> RunCounters:
     """Put a checkpoint's state into ``trainer``; returns where the run had got to."""
     unwrap(trainer.model).load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
     if trainer.noise_probe and state.get("noise_probe"):
         trainer.noise_probe.load_state_dict(state["noise_probe"])
-    return Progress(**state["progress"])
+    return RunCounters(**state["progress"])
 
 
 def sharpness(trainer: Trainer) -> float:
@@ -227,18 +231,16 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
     hooks = hooks or RunHooks()
     dataset = (dataset or load_dataset(cfg)).to(ctx.device)
     trainer = build_trainer(cfg, ctx, dataset)
-    resume_from = hooks.checkpoint_to_resume(cfg)
-    state = hooks.read(resume_from, cfg) if resume_from else None
-    if resume_from and state is None:
-        say(f"[{cfg.name}] {resume_from} is another launch's checkpoint: starting afresh", ctx=ctx)
+    checkpoints = hooks.checkpoints(cfg, ctx)
+    state = checkpoints.resume_state()
     tracker = tracker or make_tracker(cfg, ctx, parent_run_id)
     if state is None:
-        tracker.clear_checkpoints()
+        checkpoints.clear()
     # start and finish sit inside the try: a signal that lands while either talks to
     # MLflow must still end the run as KILLED, not leave it RUNNING.
     try:
         run_id = tracker.start(resume_run_id=state["run_id"] if state else None, launch_id=hooks.launch_id)
-        result = _train_epochs(trainer, dataset, tracker, hooks, state, run_id)
+        result = _train_epochs(trainer, dataset, tracker, hooks, checkpoints, state, run_id)
         tracker.finish("FINISHED")
     except BaseException as err:
         # Inline, not in a helper: a signal raises at the next function entry, and
@@ -253,70 +255,70 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
     return result
 
 
-def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, state: Optional[dict],
-                  run_id: Optional[str]) -> RunResult:
+def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, checkpoints: Checkpoints,
+                  state: Optional[dict], run_id: Optional[str]) -> RunResult:
     cfg, ctx = trainer.cfg, trainer.ctx
     if state is None:
-        progress = Progress()
+        counters = RunCounters()
         # Epoch 0 is saved too: a run killed in its first epoch resumes into the same MLflow run.
-        latest = tracker.save_checkpoint(checkpoint_state(trainer, progress, run_id, hooks.launch_id), 0)
+        latest = checkpoints.save(checkpoint_state(trainer, counters, run_id, hooks.launch_id), 0)
         hooks.after_epoch(0, {}, latest, ctx)
     else:
-        progress = load_state(trainer, state)
+        counters = load_state(trainer, state)
         latest = None
-    result = RunResult(run_id, progress.epoch, progress.global_step)
+    result = RunResult(run_id, counters.epoch, counters.global_step)
     step_budget = cfg.train.max_steps or cfg.total_epochs * trainer.plan.steps_per_epoch
-    for epoch in range(progress.epoch + 1, cfg.total_epochs + 1):
+    for epoch in range(counters.epoch + 1, cfg.total_epochs + 1):
         started = time.perf_counter()
         with epoch_bar(cfg, ctx, trainer.plan.steps_per_epoch, epoch) as bar:
-            train_loss_running, samples, steps = trainer.run_epoch(epoch, progress.global_step,
-                                                                   step_budget - progress.global_step, bar)
+            train_loss_running, samples, steps = trainer.run_epoch(epoch, counters.global_step,
+                                                                   step_budget - counters.global_step, bar)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         elapsed_s = time.perf_counter() - started
-        progress.epoch, progress.global_step = epoch, progress.global_step + steps
-        progress.samples_seen += samples
-        progress.train_seconds += elapsed_s
-        metrics, tags = _measure_epoch(trainer, dataset, progress, train_loss_running, elapsed_s, samples)
+        counters.epoch, counters.global_step = epoch, counters.global_step + steps
+        counters.samples_seen += samples
+        counters.train_seconds += elapsed_s
+        metrics, tags = _measure_epoch(trainer, dataset, counters, train_loss_running, elapsed_s, samples)
         diverged = "diverged" in tags
         if not diverged and epoch == cfg.total_epochs and cfg.metrics.sharpness:
             metrics["top_hessian_eigenvalue"] = sharpness(trainer)
-        if epoch == cfg.total_epochs and not progress.target_reached_epoch:
+        if epoch == cfg.total_epochs and not counters.target_reached_epoch:
             tags["steps_to_target"] = "not reached"
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
         tracker.log_metrics(finite, step=epoch)
-        tracker.log_metrics(by_step_metrics(finite), step=progress.global_step)
+        tracker.log_metrics(by_step_metrics(finite), step=counters.global_step)
         if tags:
             tracker.set_tags(tags)
-        result = RunResult(run_id, epoch, progress.global_step, metrics, diverged)
+        result = RunResult(run_id, epoch, counters.global_step, metrics, diverged)
         if diverged:
             break
-        latest = tracker.save_checkpoint(checkpoint_state(trainer, progress, run_id, hooks.launch_id), epoch)
+        latest = checkpoints.save(checkpoint_state(trainer, counters, run_id, hooks.launch_id), epoch)
         hooks.after_epoch(epoch, metrics, latest, ctx)
     result.checkpoint = latest
     return result
 
 
-def _measure_epoch(trainer: Trainer, dataset: Dataset, progress: Progress, train_loss_running: float,
+def _measure_epoch(trainer: Trainer, dataset: Dataset, counters: RunCounters, train_loss_running: float,
                    elapsed_s: float, samples: int) -> tuple[dict[str, float], dict[str, str]]:
     """The epoch's metrics and tags; every rank runs it (evaluation and the probe all-reduce)."""
     if not math.isfinite(train_loss_running) or train_loss_running > DIVERGED_LOSS:
         # Evaluating a blown-up model only produces NaNs: record the loss and stop.
-        return ({"train_loss_running": train_loss_running, "global_step": float(progress.global_step)},
-                {"diverged": "true", "diverged_epoch": str(progress.epoch)})
-    metrics = epoch_metrics(trainer, dataset, train_loss_running, progress.epoch)
+        return ({"train_loss_running": train_loss_running, "global_step": float(counters.global_step)},
+                {"diverged": "true", "diverged_epoch": str(counters.epoch)})
+    metrics = epoch_metrics(trainer, dataset, train_loss_running, counters.epoch)
     if trainer.noise_probe:
         metrics.update(trainer.noise_probe.epoch_metrics())
-    metrics.update(epoch_s=elapsed_s, samples_per_s=samples / elapsed_s, global_step=float(progress.global_step),
-                   lr=trainer.lr_at(progress.global_step))
+    metrics.update(epoch_s=elapsed_s, samples_per_s=samples / elapsed_s, global_step=float(counters.global_step),
+                   lr=trainer.lr_at(counters.global_step))
     tags = {}
     # Only the first epoch that reaches the target counts; the loop keeps no history of
     # evaluations, so it asks about this one while the target has not been reached yet.
-    reached = None if progress.target_reached_epoch else steps_to_target(
-        [metrics.get("val_accuracy", 0.0)], steps=[progress.global_step], samples=[progress.samples_seen],
-        seconds=[progress.train_seconds], target=trainer.cfg.metrics.target_val_accuracy, epochs=[progress.epoch])
+    reached = None if counters.target_reached_epoch else steps_to_target(
+        [metrics.get("val_accuracy", 0.0)], steps=[counters.global_step], samples=[counters.samples_seen],
+        seconds=[counters.train_seconds], target=trainer.cfg.metrics.target_val_accuracy, epochs=[counters.epoch])
     if reached:
-        progress.target_reached_epoch = reached.epochs
+        counters.target_reached_epoch = reached.epochs
         metrics.update(steps_to_target=float(reached.steps), epochs_to_target=float(reached.epochs),
                        samples_to_target=float(reached.samples), seconds_to_target=reached.seconds)
         tags["steps_to_target"] = str(reached.steps)

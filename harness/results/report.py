@@ -4,7 +4,8 @@ Owns turning a parent run and its child runs into numbers per (LR rule, batch
 size), mean and standard deviation over seeds, and drawing them. Logs the files
 as artifacts of the parent run, and the means as the parent's metrics with
 step = batch size (``by_batch/<column>_<rule>``), so MLflow's own charts of the
-parent plot them against batch size. Reads MLflow only: nothing is recomputed
+parent plot them against batch size. Reads MLflow only (through
+harness/running/mlflow_store.py, which owns the queries): nothing is recomputed
 from the models.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.errors import InputError
+from harness.running.mlflow_store import child_runs, logged_steps, newest_sweep_run, open_client
 
 # (column, metric key) of the summary; each gets a mean and a std over seeds.
 SUMMARY_METRICS = (
@@ -75,19 +77,15 @@ def find_sweep_run(client, experiment: str, sweep_run_id: Optional[str]):
             return client.get_run(sweep_run_id)
         except Exception:
             raise InputError(f"--sweep-run-id {sweep_run_id}: no such run in the tracking store") from None
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], "tags.run_kind = 'sweep'", order_by=["attributes.start_time DESC"],
-                              max_results=1) if found else []
-    if not runs:
+    run = newest_sweep_run(client, experiment)
+    if run is None:
         raise InputError(f"--latest: no sweep run in experiment {experiment!r}; run launch/sweep.py first")
-    return runs[0]
+    return run
 
 
 def collect_trials(client, parent) -> list[TrialRecord]:
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=10000)
     records = []
-    for run in children:
+    for run in child_runs(client, parent.info.run_id, parent.info.experiment_id):
         params, tags = run.data.params, run.data.tags
         history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
                    for key in HISTORY_KEYS if key in run.data.metrics}
@@ -161,8 +159,6 @@ def log_parent_metrics(client, parent_run_id: str, rows: list[SummaryRow]) -> No
 
     from mlflow.entities import Metric
 
-    from harness.running.spool import logged_steps
-
     logged = logged_steps(client, parent_run_id)
     now_ms = int(time.time() * 1000)
     metrics = [Metric(parent_metric_key(column, row.lr_rule), mean, now_ms, row.batch_size)
@@ -177,11 +173,9 @@ def log_parent_metrics(client, parent_run_id: str, rows: list[SummaryRow]) -> No
 def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str] = None,
                  out_dir: str | Path = "reports", log_artifacts: bool = True) -> Report:
     """Read the sweep, write table and plots under ``out_dir/<sweep run id>/``, log them to the parent run."""
-    from mlflow.tracking import MlflowClient
-
     from harness.results import plots
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = open_client(tracking_uri)
     parent = find_sweep_run(client, experiment, sweep_run_id)
     trials = collect_trials(client, parent)
     if not trials:

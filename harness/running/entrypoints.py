@@ -63,7 +63,7 @@ def load_run_config(args: argparse.Namespace) -> Config:
     ``args.resolved_config`` (a sweep's torchrun trial) is a config already
     resolved by the parent process, as JSON: taken as it is, not re-parsed as YAML.
     """
-    from harness.running.tracking import default_tracking_uri
+    from harness.running.mlflow_store import default_tracking_uri
 
     resolved = getattr(args, "resolved_config", None)
     if resolved and args.overrides:
@@ -85,7 +85,7 @@ def check_run_input(cfg: Config) -> None:
     from harness import faults
     from harness.core.checkpoint import check_writable_dir, checkpoint_dir
     from harness.measure.memory import check_memory
-    from harness.running.tracking import check_experiment, check_tracking_server, check_tracking_uri, default_tracking_uri
+    from harness.running.mlflow_store import check_experiment, check_tracking_server, check_tracking_uri, default_tracking_uri
 
     faults.check_env()
     if cfg.tracking.enabled:

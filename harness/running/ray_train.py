@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 import ray.train
 
-from harness.core import checkpoint as ckpt
 from harness import signals
+from harness.core.checkpoint import newest_in
 from harness.core.config import Config
 from harness.console import warn
 from harness.core.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, context_from_process_group
@@ -38,15 +38,16 @@ class RayHooks(RunHooks):
         super().__init__(resume=resume_local, launch_id=launch_id)
         self._restored_dir: Optional[str] = None
 
-    def checkpoint_to_resume(self, cfg: Config) -> Optional[Path]:
+    def restored_checkpoint(self) -> Optional[Path]:
+        """Ray's newest registered checkpoint of this run (after a restart), downloaded; None if Ray has none."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return super().checkpoint_to_resume(cfg)
+            return None
         # A private folder per worker: to_directory()'s default path is shared by
         # every worker of the node, and two downloads into it race.
         self._restored_dir = tempfile.mkdtemp(prefix="harness-restore-")
         checkpoint.to_directory(self._restored_dir)
-        return ckpt.newest_checkpoint(Path(self._restored_dir))
+        return newest_in(Path(self._restored_dir))
 
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
         if self._restored_dir:  # read by now: the loop loads its state before its first epoch
@@ -181,7 +182,7 @@ def end_orphaned_run(cfg: Config, launch_id: str, status: str) -> None:
         return
     if ray.is_initialized():
         ray.shutdown()
-    from harness.running.tracking import end_runs_of_launch
+    from harness.running.mlflow_store import end_runs_of_launch
 
     end_runs_of_launch(cfg, launch_id, status)
 

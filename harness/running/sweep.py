@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from harness import signals
+from harness.core.checkpoint import Checkpoints
 from harness.core.config import Config, trial_name
 from harness.console import say
 from harness.core.data import Dataset, load_dataset
@@ -138,7 +139,8 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
     if not resume:
         # A new sweep starts every trial from scratch: checkpoints an older sweep
         # of the same name left must not be resumed into by a later --resume.
-        tracker.clear_checkpoints(expand_trials(cfg))
+        for trial in expand_trials(cfg):
+            Checkpoints(trial, ctx).clear()
     try:  # start inside: a signal held back during start is raised as it returns
         parent = SweepParent(tracker.start(resume_run_id=previous),
                              tracker.finished_children(previous) if previous else frozenset(), ctx)

@@ -1,17 +1,19 @@
-"""Every rank-0 side effect: console lines, MLflow records, checkpoint files.
+"""What a run tells the world from rank 0: console lines and its MLflow run.
 
 The loop calls the tracker on every rank; ``make_tracker`` hands rank 0 a real
 one and the other ranks a :class:`NullTracker`, so no ``if rank == 0`` appears in
 the loop. Collectives never happen in here: values arrive already reduced.
 
-MLflow is imported only when tracking is enabled. Runs are written through
-``MlflowClient`` with explicit run ids, so a resumed run (same id) can skip every
-(metric, step) it already holds and nothing is logged twice.
+Owns what a run records (params, tags, metrics, its description) and when.
+Leaves checkpoint files to core/checkpoint.py, and every MLflow query, store
+check and the spool to mlflow_store.py. MLflow is imported only when tracking
+is enabled. Runs are written through ``MlflowClient`` with explicit run ids, so
+a resumed run (same id) can skip every (metric, step) it already holds and
+nothing is logged twice.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import subprocess
@@ -20,23 +22,15 @@ from typing import Any, Optional
 
 import torch
 
-from harness.core import checkpoint as ckpt
 from harness import signals
-from harness.core.config import Config, flatten
 from harness.console import say, warn
+from harness.core.checkpoint import SPOOL_NAME, checkpoint_dir
+from harness.core.config import Config, flatten
 from harness.core.distributed import DistContext
-from harness.errors import InputError
-from harness.running.spool import Spool, apply_record, logged_steps, metrics_record
+from harness.running.mlflow_store import (Spool, apply_record, child_runs, default_tracking_uri, end_running_children,
+                                          experiment_id, logged_steps, metrics_record, newest_sweep_run, open_client)
 
 MLFLOW_PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
-
-
-def default_tracking_uri(cwd: Path | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI``, else an absolute sqlite file in the working directory."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
 
 
 def git_commit() -> str:
@@ -124,12 +118,6 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
-    def save_checkpoint(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
-        return None
-
-    def clear_checkpoints(self, configs=()) -> None:
-        pass
-
     def unfinished_sweep_run(self, sweep_name: str) -> Optional[str]:
         return None
 
@@ -144,7 +132,7 @@ class NullTracker:
 
 
 class ConsoleTracker(NullTracker):
-    """Rank 0 without MLflow: epoch lines on stdout and checkpoint files."""
+    """Rank 0 without MLflow: epoch lines on stdout."""
 
     EPOCH_KEYS = ("train_loss", "val_accuracy", "test_loss", "test_accuracy", "epoch_s")
 
@@ -156,22 +144,12 @@ class ConsoleTracker(NullTracker):
             say(f"[{self.cfg.name}] epoch {step}/{self.cfg.total_epochs}  "
                 + format_metrics(metrics, self.EPOCH_KEYS), ctx=self.ctx)
 
-    def save_checkpoint(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
-        if not self.cfg.checkpoint.enabled:
-            return None
-        return ckpt.write_checkpoint(state, ckpt.checkpoint_dir(self.cfg), epoch)
-
-    def clear_checkpoints(self, configs=()) -> None:
-        """Empty this run's checkpoint folder (or those of ``configs``, a new sweep's trials)."""
-        for cfg in configs or (self.cfg,):
-            ckpt.clear_checkpoints(ckpt.checkpoint_dir(cfg))
-
 
 class MLflowTracker(ConsoleTracker):
     """Rank 0 with MLflow: one run per training run, nested under a sweep's parent run.
 
     Records that cannot be delivered (the tracking server is down) go to a local
-    spool (harness/running/spool.py) and training goes on; the spool is replayed as soon
+    spool (mlflow_store.Spool, in the run's checkpoint folder) and training goes on; the spool is replayed as soon
     as the server answers again.
     """
 
@@ -187,7 +165,7 @@ class MLflowTracker(ConsoleTracker):
         self.parent_run_id = parent_run_id
         self.run_id: Optional[str] = None
         self._logged: set[tuple[str, int]] = set()
-        self.spool = Spool(ckpt.checkpoint_dir(cfg) / ckpt.SPOOL_NAME)
+        self.spool = Spool(checkpoint_dir(cfg) / SPOOL_NAME)
         self._stale_logged = False  # after a failure the store may hold more than we know
 
     @signals.deferring  # a signal must not cut an MLflow write in half (see signals.deferred)
@@ -273,13 +251,8 @@ class MLflowTracker(ConsoleTracker):
 
     def unfinished_sweep_run(self, sweep_name: str) -> Optional[str]:
         """The newest parent run of this sweep that did not finish (killed: RUNNING; broken: FAILED)."""
-        found = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
-        if found is None:
-            return None
-        runs = self.client.search_runs([found.experiment_id],
-                                       f"tags.run_kind = 'sweep' and attributes.run_name = '{sweep_name}'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+        run = newest_sweep_run(self.client, self.cfg.tracking.experiment, sweep_name)
+        return run.info.run_id if run is not None and run.info.status != "FINISHED" else None
 
     def end_running_children(self, parent_run_id: Optional[str], status: str) -> list[str]:
         """End the parent's child runs that are still RUNNING with ``status``; returns their ids.
@@ -291,206 +264,12 @@ class MLflowTracker(ConsoleTracker):
         """
         if not parent_run_id:
             return []
-        return end_running_runs(self.client, lambda: self.client.get_run(parent_run_id).info.experiment_id,
-                                f"tags.mlflow.parentRunId = '{parent_run_id}'", status,
-                                f"[{self.cfg.name}] the sweep's child run", "their trial")
+        return end_running_children(self.client, parent_run_id, status, f"[{self.cfg.name}] the sweep's child run")
 
     def finished_children(self, parent_run_id: str) -> frozenset:
         """Config names (tag ``trial``) of the parent's child runs that FINISHED: trials a resumed sweep skips."""
-        children = self.client.search_runs([self.client.get_run(parent_run_id).info.experiment_id],
-                                           f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
-        return frozenset(c.data.tags["trial"] for c in children
+        return frozenset(c.data.tags["trial"] for c in child_runs(self.client, parent_run_id)
                          if c.info.status == "FINISHED" and "trial" in c.data.tags)
-
-
-UI_PORT = 5000  # harness mlflow-server's and mlflow ui's default
-
-
-def ui_links(uri: str, experiment_id: str, sweep_run_id: Optional[str] = None) -> list[str]:
-    """How to open the MLflow UI on this store, and the URLs of the experiment's runs (its
-    model-training view: MLflow 3 opens an experiment on its GenAI overview otherwise) and of the sweep."""
-    if uri.startswith(("http://", "https://")):
-        base, lines = uri.rstrip("/"), []
-    else:
-        base = f"http://127.0.0.1:{UI_PORT}"
-        store = sqlite_path(uri)
-        if store is not None and store.name == "mlflow.db":
-            command = ("make mlflow-server" if store.parent == Path.cwd().resolve()
-                       else f".venv/bin/harness mlflow-server --store-dir {store.parent}")
-        else:
-            command = f".venv/bin/mlflow ui --backend-store-uri {uri}"
-        lines = [f"open the MLflow UI: {command}"]
-    lines.append(f"  runs: {base}/#/experiments/{experiment_id}?workflowType=machine_learning")
-    if sweep_run_id:
-        lines.append(f"  the sweep (charts vs batch size): {base}/#/experiments/{experiment_id}/runs/{sweep_run_id}"
-                     "/model-metrics?workflowType=machine_learning")
-    return lines
-
-
-def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Refuse to start when an HTTP tracking server does not answer /health."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
-    except OSError as err:
-        reason = getattr(err, "reason", err)
-        raise InputError(f"tracking.uri: MLflow server {uri} is unreachable ({reason}); expected a running "
-                         "server (make mlflow-server) or tracking.enabled: false") from None
-
-
-# URI schemes MLflow 3.17's tracking store registry knows (``postgresql+psycopg``
-# counts as postgresql); anything else fails deep inside MLflow after the run began.
-TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
-
-
-def sqlite_path(uri: str) -> Optional[Path]:
-    """The file of a ``sqlite:///`` URI (None for other stores and in-memory sqlite)."""
-    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
-        return None
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
-
-
-def check_tracking_uri(uri: str) -> None:
-    """Refuse a URI MLflow cannot use, before any run starts: unknown scheme, a sqlite
-    file that is not a database or whose folder does not exist."""
-    scheme = uri.partition(":")[0].split("+", 1)[0].lower() if ":" in uri else ""
-    if scheme not in TRACKING_SCHEMES:
-        raise InputError(f"tracking.uri: unknown scheme in {uri!r}; expected one of "
-                         + ", ".join(f"{s}:" for s in TRACKING_SCHEMES) + " (e.g. sqlite:///mlflow.db)")
-    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
-        raise InputError(f"tracking.uri: {uri!r}; expected sqlite:///<path to a file>")
-    path = sqlite_path(uri)
-    if path is None:
-        return
-    if path.exists() and not path.is_file():
-        raise InputError(f"tracking.uri: {path} is not a file; expected a SQLite database file")
-    if not path.exists():
-        if not path.parent.is_dir():
-            raise InputError(f"tracking.uri: folder {path.parent} does not exist; expected the folder of the "
-                             "SQLite file to exist")
-        return
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            db.execute("select count(*) from sqlite_master").fetchone()
-    except sqlite3.DatabaseError as err:
-        raise InputError(f"tracking.uri: {path} is not a SQLite database ({err}); expected an MLflow "
-                         "store or a path where one can be created") from None
-
-
-@contextlib.contextmanager
-def store_creation_lock(uri: str):
-    """Hold an exclusive lock while a sqlite store may be created or migrated.
-
-    Two processes opening a new store at once both run MLflow's schema migration
-    and the second dies. The lock is on a side file (``<db>.lock``), not the
-    database: closing any other descriptor of the database file would drop the
-    POSIX locks SQLite holds on it.
-    """
-    path = sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    import fcntl
-
-    with open(f"{path}.lock", "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-def open_client(uri: str):
-    """An ``MlflowClient`` whose store exists and is migrated (created under the lock)."""
-    from mlflow.tracking import MlflowClient
-
-    if sqlite_path(uri) is None:  # a server (or database server) migrates its own store
-        return MlflowClient(tracking_uri=uri)
-    with store_creation_lock(uri):
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # creates and migrates a new store here
-    return client
-
-
-def check_experiment(uri: str, name: str) -> None:
-    """Refuse an experiment MLflow would not log to (deleted), if the store already exists;
-    a store that does not exist yet is not created by this check."""
-    path = sqlite_path(uri)
-    if path is not None and not path.exists():
-        return
-    experiment = open_client(uri).get_experiment_by_name(name)
-    if experiment is not None and experiment.lifecycle_stage == "deleted":
-        raise InputError(f"tracking.experiment: {name!r} is deleted in {uri}; restore it with `mlflow experiments "
-                         f"restore --experiment-id {experiment.experiment_id}` (MLFLOW_TRACKING_URI={uri}) or "
-                         "choose another name")
-
-
-def check_resume_run(uri: str, run_id: Optional[str], checkpoint: Path) -> None:
-    """Refuse to resume into a store that lacks the run the checkpoint belongs to."""
-    if not run_id:
-        return
-    from mlflow.exceptions import MlflowException
-
-    try:
-        open_client(uri).get_run(run_id)
-    except MlflowException:
-        raise InputError(f"{checkpoint}: its MLflow run {run_id} is not in {uri}; expected the store the run was "
-                         "started with (tracking.uri), or start afresh without --resume") from None
-
-
-def end_runs_of_launch(cfg: Config, launch_id: str, status: str) -> list[str]:
-    """End every run tagged ``launch_id`` that is still RUNNING with ``status``; returns their ids.
-
-    For a launcher whose workers were stopped before they could finish their own run.
-    """
-    def experiment_ids():
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-        return experiment.experiment_id if experiment else None
-
-    try:
-        client = open_client(cfg.tracking.uri or default_tracking_uri())
-    except Exception as err:  # the store is unreachable: report, do not mask why the run ended
-        warn(f"[{cfg.name}] could not open the tracking store ({type(err).__name__}: {err})")
-        return []
-    return end_running_runs(client, experiment_ids, f"tags.launch_id = '{launch_id}'", status,
-                            f"[{cfg.name}] the run of launch {launch_id}", "its workers")
-
-
-def end_running_runs(client, experiment_id, selection: str, status: str, what: str, left_by: str) -> list[str]:
-    """End the runs matching ``selection`` that are still RUNNING with ``status``; returns their ids.
-
-    ``experiment_id`` is called inside the guard (it may query the store; None: nothing to end).
-    Best effort: with the store unreachable, say so on stderr and end nothing, rather than
-    mask why the caller is stopping.
-    """
-    try:
-        experiment = experiment_id()
-        if experiment is None:
-            return []
-        runs = client.search_runs([experiment], f"{selection} and attributes.status = 'RUNNING'", max_results=10000)
-        for run in runs:
-            client.set_terminated(run.info.run_id, status=status)
-    except Exception as err:
-        warn(f"{what}: could not end RUNNING runs ({type(err).__name__}: {err})")
-        return []
-    for run in runs:
-        warn(f"{what}: MLflow run {run.info.run_id} left RUNNING by {left_by} marked {status}")
-    return [run.info.run_id for run in runs]
-
-
-def experiment_id(client, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # another process created it first
-        return client.get_experiment_by_name(name).experiment_id
 
 
 def make_tracker(cfg: Config, ctx: DistContext, parent_run_id: Optional[str] = None):

@@ -1,0 +1,379 @@
+"""The one place that talks to MLflow: the store, its checks, the queries, the spool.
+
+Why one module of ~380 lines: issue 12 found the same queries written twice
+(the tracker and the report each searched for sweep runs and child runs); every
+filter string and ``search_runs`` call lives here now, next to the client they
+go through. Its three parts, in order: the store (URI, health and input checks,
+opening a client), the queries (sweep runs, child runs, ending runs left
+RUNNING), and the spool of records a run could not deliver, with their replay.
+
+It leaves to others what to record: the tracker (tracking.py) decides what a run
+logs and when, the report (harness/results/report.py) what a sweep's numbers
+mean. MLflow itself is imported inside the functions that need it, so that
+``harness --help`` and runs with tracking off never load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from harness.console import warn
+from harness.core.config import Config
+from harness.errors import InputError
+
+# --- the store: where it is, whether it answers, a client ----------------------
+
+
+def default_tracking_uri(cwd: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else an absolute sqlite file in the working directory."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Refuse to start when an HTTP tracking server does not answer /health."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except OSError as err:
+        reason = getattr(err, "reason", err)
+        raise InputError(f"tracking.uri: MLflow server {uri} is unreachable ({reason}); expected a running "
+                         "server (make mlflow-server) or tracking.enabled: false") from None
+
+
+# URI schemes MLflow 3.17's tracking store registry knows (``postgresql+psycopg``
+# counts as postgresql); anything else fails deep inside MLflow after the run began.
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The file of a ``sqlite:///`` URI (None for other stores and in-memory sqlite)."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a URI MLflow cannot use, before any run starts: unknown scheme, a sqlite
+    file that is not a database or whose folder does not exist."""
+    scheme = uri.partition(":")[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise InputError(f"tracking.uri: unknown scheme in {uri!r}; expected one of "
+                         + ", ".join(f"{s}:" for s in TRACKING_SCHEMES) + " (e.g. sqlite:///mlflow.db)")
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise InputError(f"tracking.uri: {uri!r}; expected sqlite:///<path to a file>")
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if path.exists() and not path.is_file():
+        raise InputError(f"tracking.uri: {path} is not a file; expected a SQLite database file")
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise InputError(f"tracking.uri: folder {path.parent} does not exist; expected the folder of the "
+                             "SQLite file to exist")
+        return
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.execute("select count(*) from sqlite_master").fetchone()
+    except sqlite3.DatabaseError as err:
+        raise InputError(f"tracking.uri: {path} is not a SQLite database ({err}); expected an MLflow "
+                         "store or a path where one can be created") from None
+
+
+@contextlib.contextmanager
+def store_creation_lock(uri: str):
+    """Hold an exclusive lock while a sqlite store may be created or migrated.
+
+    Two processes opening a new store at once both run MLflow's schema migration
+    and the second dies. The lock is on a side file (``<db>.lock``), not the
+    database: closing any other descriptor of the database file would drop the
+    POSIX locks SQLite holds on it.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def open_client(uri: str):
+    """An ``MlflowClient`` whose store exists and is migrated (created under the lock)."""
+    from mlflow.tracking import MlflowClient
+
+    if sqlite_path(uri) is None:  # a server (or database server) migrates its own store
+        return MlflowClient(tracking_uri=uri)
+    with store_creation_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates and migrates a new store here
+    return client
+
+
+def check_experiment(uri: str, name: str) -> None:
+    """Refuse an experiment MLflow would not log to (deleted), if the store already exists;
+    a store that does not exist yet is not created by this check."""
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        return
+    experiment = open_client(uri).get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise InputError(f"tracking.experiment: {name!r} is deleted in {uri}; restore it with `mlflow experiments "
+                         f"restore --experiment-id {experiment.experiment_id}` (MLFLOW_TRACKING_URI={uri}) or "
+                         "choose another name")
+
+
+def check_resume_run(uri: str, run_id: Optional[str], checkpoint: Path) -> None:
+    """Refuse to resume into a store that lacks the run the checkpoint belongs to."""
+    if not run_id:
+        return
+    from mlflow.exceptions import MlflowException
+
+    try:
+        open_client(uri).get_run(run_id)
+    except MlflowException:
+        raise InputError(f"{checkpoint}: its MLflow run {run_id} is not in {uri}; expected the store the run was "
+                         "started with (tracking.uri), or start afresh without --resume") from None
+
+
+def check_resume_run_in_store(cfg: Config) -> None:
+    """``--resume`` continues the checkpoint's MLflow run: refuse now if the store lacks it."""
+    # Here, not at the top: core/checkpoint.py loads torch, which `harness replay` and `harness report` never need.
+    from harness.core.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(cfg)
+    path = checkpoints.newest()
+    if path is not None:
+        state = checkpoints.load(path)
+        check_resume_run(cfg.tracking.uri or default_tracking_uri(), state.get("run_id"), path)
+
+
+UI_PORT = 5000  # harness mlflow-server's and mlflow ui's default
+
+
+def ui_links(uri: str, experiment_id: str, sweep_run_id: Optional[str] = None) -> list[str]:
+    """How to open the MLflow UI on this store, and the URLs of the experiment's runs (its
+    model-training view: MLflow 3 opens an experiment on its GenAI overview otherwise) and of the sweep."""
+    if uri.startswith(("http://", "https://")):
+        base, lines = uri.rstrip("/"), []
+    else:
+        base = f"http://127.0.0.1:{UI_PORT}"
+        store = sqlite_path(uri)
+        if store is not None and store.name == "mlflow.db":
+            command = ("make mlflow-server" if store.parent == Path.cwd().resolve()
+                       else f".venv/bin/harness mlflow-server --store-dir {store.parent}")
+        else:
+            command = f".venv/bin/mlflow ui --backend-store-uri {uri}"
+        lines = [f"open the MLflow UI: {command}"]
+    lines.append(f"  runs: {base}/#/experiments/{experiment_id}?workflowType=machine_learning")
+    if sweep_run_id:
+        lines.append(f"  the sweep (charts vs batch size): {base}/#/experiments/{experiment_id}/runs/{sweep_run_id}"
+                     "/model-metrics?workflowType=machine_learning")
+    return lines
+
+
+# --- the queries: every filter string the harness sends -------------------------
+
+SWEEP_RUNS = "tags.run_kind = 'sweep'"  # the tag sweep_parent_run sets on a sweep's parent run
+
+
+def children_of(parent_run_id: str) -> str:
+    return f"tags.mlflow.parentRunId = '{parent_run_id}'"
+
+
+def newest_sweep_run(client, experiment: str, sweep_name: Optional[str] = None):
+    """The newest sweep parent run in ``experiment`` (named ``sweep_name``, if given); None if there is none."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    selection = SWEEP_RUNS if sweep_name is None else f"{SWEEP_RUNS} and attributes.run_name = '{sweep_name}'"
+    runs = client.search_runs([found.experiment_id], selection, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+def child_runs(client, parent_run_id: str, experiment_id: Optional[str] = None) -> list:
+    """Every child run of ``parent_run_id`` (whose experiment is looked up unless given)."""
+    experiment_id = experiment_id or client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id], children_of(parent_run_id), max_results=10000)
+
+
+def end_running_children(client, parent_run_id: str, status: str, what: str) -> list[str]:
+    """End the parent's child runs still RUNNING with ``status`` (see :func:`end_running_runs`)."""
+    return end_running_runs(client, lambda: client.get_run(parent_run_id).info.experiment_id,
+                            children_of(parent_run_id), status, what, "their trial")
+
+
+def end_runs_of_launch(cfg: Config, launch_id: str, status: str) -> list[str]:
+    """End every run tagged ``launch_id`` that is still RUNNING with ``status``; returns their ids.
+
+    For a launcher whose workers were stopped before they could finish their own run.
+    """
+    def experiment_ids():
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        return experiment.experiment_id if experiment else None
+
+    try:
+        client = open_client(cfg.tracking.uri or default_tracking_uri())
+    except Exception as err:  # the store is unreachable: report, do not mask why the run ended
+        warn(f"[{cfg.name}] could not open the tracking store ({type(err).__name__}: {err})")
+        return []
+    return end_running_runs(client, experiment_ids, f"tags.launch_id = '{launch_id}'", status,
+                            f"[{cfg.name}] the run of launch {launch_id}", "its workers")
+
+
+def end_running_runs(client, experiment_id, selection: str, status: str, what: str, left_by: str) -> list[str]:
+    """End the runs matching ``selection`` that are still RUNNING with ``status``; returns their ids.
+
+    ``experiment_id`` is called inside the guard (it may query the store; None: nothing to end).
+    Best effort: with the store unreachable, say so on stderr and end nothing, rather than
+    mask why the caller is stopping.
+    """
+    try:
+        experiment = experiment_id()
+        if experiment is None:
+            return []
+        runs = client.search_runs([experiment], f"{selection} and attributes.status = 'RUNNING'", max_results=10000)
+        for run in runs:
+            client.set_terminated(run.info.run_id, status=status)
+    except Exception as err:
+        warn(f"{what}: could not end RUNNING runs ({type(err).__name__}: {err})")
+        return []
+    for run in runs:
+        warn(f"{what}: MLflow run {run.info.run_id} left RUNNING by {left_by} marked {status}")
+    return [run.info.run_id for run in runs]
+
+
+def experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+# --- the spool: records a run could not deliver, and their replay ---------------
+#
+# When the tracking server is down, the tracker appends each record (metrics of one
+# step, tags, the final status) to a JSON-lines file and goes on training. At the
+# next record, and at the end of the run, it replays the spool in order; once all
+# of it arrived the file is removed. If the server never comes back the file stays,
+# and ``harness replay <spool>`` delivers it later. Replay skips every (metric,
+# step) the run already holds, so nothing arrives twice.
+
+
+class Spool:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __bool__(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        with open(self.path) as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def metrics_record(run_id: str, metrics: dict[str, float], step: int) -> dict[str, Any]:
+    return {"op": "metrics", "run_id": run_id, "step": step, "timestamp_ms": int(time.time() * 1000),
+            "metrics": metrics}
+
+
+def logged_steps(client, run_id: str) -> set[tuple[str, int]]:
+    """Every (metric, step) the tracking store already holds for ``run_id``."""
+    keys = client.get_run(run_id).data.metrics.keys()
+    return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
+
+
+def apply_record(client, record: dict[str, Any], logged: set[tuple[str, int]]) -> None:
+    """Deliver one record; metrics already in ``logged`` are skipped, delivered ones added."""
+    from mlflow.entities import Metric
+
+    run_id = record["run_id"]
+    if record["op"] == "metrics":
+        step = record["step"]
+        fresh = [Metric(k, float(v), record["timestamp_ms"], step) for k, v in record["metrics"].items()
+                 if (k, step) not in logged]
+        if fresh:
+            client.log_batch(run_id, metrics=fresh)
+            logged.update((m.key, step) for m in fresh)
+    elif record["op"] == "tags":
+        for key, value in record["tags"].items():
+            client.set_tag(run_id, key, value)
+    elif record["op"] == "terminate":
+        client.set_terminated(run_id, status=record["status"])
+    else:
+        raise ValueError(f"unknown spool record {record['op']!r}")
+
+
+RECORD_KEYS = {"metrics": ("run_id", "step", "timestamp_ms", "metrics"), "tags": ("run_id", "tags"),
+               "terminate": ("run_id", "status")}
+
+
+def parse_lines(spool: Spool) -> tuple[list[dict[str, Any]], list[int]]:
+    """The well-formed records of a spool and the numbers (1-based) of the lines that are not."""
+    records, bad = [], []
+    with open(spool.path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                ok = isinstance(record, dict) and all(k in record for k in RECORD_KEYS.get(record.get("op"), ("?",)))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                ok = False
+            if ok:
+                records.append(record)
+            else:
+                bad.append(number)
+    return records, bad
+
+
+def replay(client, spool: Spool) -> tuple[int, list[int]]:
+    """Deliver every well-formed record of a spool (dedup against the store).
+
+    Returns (records delivered, numbers of malformed lines). The spool is removed
+    only when every line was delivered; a damaged one is kept for inspection
+    (replaying it again delivers nothing twice).
+    """
+    records, bad = parse_lines(spool)
+    logged_by_run: dict[str, set] = {}
+    count = 0
+    for record in records:
+        run_id = record["run_id"]
+        if run_id not in logged_by_run:
+            logged_by_run[run_id] = logged_steps(client, run_id)
+        apply_record(client, record, logged_by_run[run_id])
+        count += 1
+    if not bad:
+        spool.remove()
+    return count, bad
