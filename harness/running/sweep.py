@@ -1,8 +1,12 @@
 """Sweeps: expand a sweep config into trial configs and run them under one parent run.
 
-Owns the list of trials (batch size x seed), the LR scaling rule and the summary
-table. Each trial is an ordinary run of ``train_loop.train``; a trial that fails
-or diverges is recorded and the sweep goes on.
+Owns what every sweep driver shares: the list of trials (batch size x seed) and
+the LR scaling rule, the parent run (skip-on-resume, outcomes), the progress
+line, the summary table and the report that ends a sweep; and the local driver,
+``run_sweep`` (every trial in this process group). The drivers that start other
+processes per trial (torchrun, Ray) are in ``sweep_drivers``. Each trial is an
+ordinary run of ``train_loop.train``; a trial that fails or diverges is recorded
+and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext
 from harness.errors import InputError
 from harness.core.train_loop import RunHooks, RunResult, train
-from harness.running.tracking import display_name, make_tracker
+from harness.results.report import build_report
+from harness.running.tracking import display_name, make_tracker, ui_links
 
 
 def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:
@@ -206,3 +211,20 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def report_sweep(cfg: Config, parent: SweepParent, report_dir: str, elapsed_s: float) -> None:
+    """The lines a sweep launch ends with: with tracking, ``harness report``'s table, where its
+    files went and the links into the MLflow UI; without, the summary table; and the trial count."""
+    outcomes = parent.outcomes
+    if cfg.tracking.enabled:
+        say(f"building the report from MLflow ({cfg.tracking.uri})")
+        report = build_report(cfg.tracking.uri, cfg.tracking.experiment, sweep_run_id=parent.run_id, out_dir=report_dir)
+        say("\n" + report.markdown_table)
+        say(f"\nreport: {report.directory} (plots: {', '.join(p.name for p in report.plots)})")
+    else:
+        say(summary_table(outcomes))
+    failed = sum(o.error is not None for o in outcomes)
+    say(f"{len(outcomes)} trials, {failed} failed, {format_duration(elapsed_s)}")
+    if cfg.tracking.enabled:
+        say("\n".join(ui_links(cfg.tracking.uri, report.experiment_id, parent.run_id)))
