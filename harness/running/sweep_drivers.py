@@ -17,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
-
 from harness import signals
 from harness.console import warn
 from harness.core.config import Config
@@ -81,6 +79,10 @@ def run_trial_process(command: list[str], env: dict) -> int:
 
 def stop_process_tree(process: subprocess.Popen, signum: int) -> None:
     """Send ``signum`` to ``process``, wait up to TRIAL_STOP_GRACE_S, then SIGKILL it and its descendants."""
+    # Imported here only: psutil is not among launch/gpu-wheels.txt, so the GPU check's device
+    # (which runs local sweeps, never this) may lack it.
+    import psutil
+
     try:
         family = psutil.Process(process.pid).children(recursive=True)  # listed now: orphans lose their parent
     except psutil.NoSuchProcess:
