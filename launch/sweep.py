@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import signals  # noqa: E402
-from harness.running.entrypoints import ArgumentParser, add_config_arguments, add_ray_arguments, exits_on_input_error  # noqa: E402
+from harness.running.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments,  # noqa: E402
+                                         exits_on_input_error)
 
 LAUNCHERS = ("local", "torchrun", "ray")
 

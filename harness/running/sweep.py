@@ -78,7 +78,7 @@ def format_duration(seconds: float) -> str:
 class SweepProgress:
     """The line each trial of a sweep starts with: trial i of N, time elapsed, an ETA.
 
-    The loops of the local and torchrun launchers call ``starting`` once per trial
+    The local and torchrun drivers call ``starting`` once per trial
     that runs; a trial's duration is the time to the next call, and the ETA is the
     mean of those durations times the trials left (trials skipped by --resume
     included, so it errs long).
@@ -110,7 +110,7 @@ class TrialOutcome:
 
 
 class SweepParent:
-    """The sweep's MLflow parent run; the launcher fills ``outcomes`` as trials end.
+    """The sweep's MLflow parent run; the driver (``run_sweep``, ``sweep_drivers``) fills ``outcomes`` as trials end.
 
     ``finished`` names the trials an earlier, interrupted attempt of this sweep
     completed (empty unless resuming): they are skipped.
@@ -157,7 +157,7 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
     except BaseException as err:
         # Inline, as in train_loop.train: a termination signal is raised once, and
         # if it lands during the first attempt the second one runs to its end.
-        # Children come first: a trial the launcher could not stop cleanly (a Ray
+        # Children come first: a trial the driver could not stop cleanly (a Ray
         # task, a torchrun killed after its grace period) must not stay RUNNING.
         try:
             status = signals.end_status(err)

@@ -31,7 +31,8 @@ TRIAL_STOP_GRACE_S = 60
 
 
 def torchrun_sweep(cfg: Config, nproc: int, config_path: str, max_restarts: int, resume: bool) -> SweepParent:
-    """Each trial as a torchrun job of ``nproc`` ranks running launch/train.py, nested under this process's parent run."""
+    """Each trial as a torchrun job of ``nproc`` ranks (launch/train.py --trial), nested under this
+    process's parent run."""
     torchrun = Path(sys.executable).with_name("torchrun")
     progress = SweepProgress(len(expand_trials(cfg)))
     with sweep_parent_run(cfg, DistContext(world_size=nproc, launcher="torchrun"), resume) as parent:
@@ -49,7 +50,8 @@ def torchrun_sweep(cfg: Config, nproc: int, config_path: str, max_restarts: int,
             if resume:
                 command.append("--resume")
             progress.starting(index, trial, f"torchrun --nproc_per_node={nproc} launch/train.py --trial {index}")
-            status = run_trial_process(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+            status = run_trial_process(command, env={**os.environ,
+                                                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
             error = None if status == 0 else f"torchrun exited with {status}"
             if error:
                 warn(f"[{trial.name}] failed: {error}")
