@@ -16,10 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import signals  # noqa: E402
-from harness.console import say  # noqa: E402
-from harness.running.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments, connect_ray,  # noqa: E402
-                                 exits_on_input_error, load_run_config, prepare_ray_run)
-from harness.running.sweep import summary_table  # noqa: E402
+from harness.running.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments,  # noqa: E402
+                                         exits_on_input_error)
 
 
 @signals.exits_on_termination
@@ -29,20 +27,9 @@ def main(argv=None) -> int:
     add_config_arguments(parser)
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
-    cfg, options = prepare_ray_run(load_run_config(args), args)
-    connect_ray(args.num_cpus)
-    signals.install()  # ray.init set its own SIGTERM handler (sys.exit)
-    from harness.running.ray_train import fit, run_sweep_on_ray
+    from harness.running.commands import ray_job_command  # after parsing: --help answers without loading torch
 
-    if cfg.is_sweep:
-        say(summary_table(run_sweep_on_ray(cfg, options).outcomes))
-    else:
-        result = fit(cfg, options)
-        say(f"finished {cfg.name} on Ray: epochs {result.epochs_completed}, steps {result.global_step}, "
-              f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
-              f"{'diverged, ' if result.diverged else ''}"
-            f"checkpoint {result.checkpoint or '-'}, MLflow run {result.run_id or '-'}")
-    return 0
+    return ray_job_command(args)
 
 
 if __name__ == "__main__":

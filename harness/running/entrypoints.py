@@ -1,8 +1,10 @@
-"""What every command-line entry point shares: config arguments and the exit-2 rule.
+"""What every command-line entry point shares: config arguments, the exit-2 rule, joining Ray.
 
 A bad config, data file or checkpoint raises ``InputError``; ``exits_on_input_error``
 turns it into one line on stderr and exit code 2. Launchers call ``load_run_config``
-before they start any process group, worker or MLflow run.
+and then ``preflight.preflight`` (the checks beyond the config file) before they
+start any process group, worker or MLflow run; what each launcher runs after that
+is in ``harness.running.commands``.
 """
 
 from __future__ import annotations
@@ -11,15 +13,21 @@ import argparse
 import contextlib
 import functools
 import json
+import os
+import select
+import signal
+import socket
+import threading
 import time
 from typing import Callable, Optional
 
 from harness.core.config import Config, load_config
 from harness.console import fail
 from harness.errors import USAGE_EXIT_CODE, InputError
+from harness.running.mlflow_store import default_tracking_uri
 
-# No module here imports torch at load time (harness.running.tracking does, so it is
-# imported where used): `harness --help` must answer without loading torch.
+# Nothing imported here loads torch, ray or mlflow (ray is imported where Ray is
+# joined): `harness --help` and the launchers' --help answer without them.
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -58,13 +66,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def load_run_config(args: argparse.Namespace) -> Config:
     """The validated config, with the tracking URI made absolute so workers elsewhere agree.
 
-    Everything about the input that can be checked without reading the data is
-    checked here, before any process group, worker or MLflow run starts.
+    Checks the config itself (keys, types, ranges); ``preflight`` checks the rest.
     ``args.resolved_config`` (a sweep's torchrun trial) is a config already
     resolved by the parent process, as JSON: taken as it is, not re-parsed as YAML.
     """
-    from harness.running.mlflow_store import default_tracking_uri
-
     resolved = getattr(args, "resolved_config", None)
     if resolved and args.overrides:
         raise InputError("--set: not with --resolved-config; expected the overrides already applied in the JSON")
@@ -75,34 +80,8 @@ def load_run_config(args: argparse.Namespace) -> Config:
             raise InputError(f"--resolved-config: not JSON ({err.msg}); expected the JSON of a resolved config") from None
     else:
         cfg = load_config(args.config, args.overrides)
-    check_run_input(cfg)
     return cfg if resolved or not cfg.tracking.enabled or cfg.tracking.uri else \
         cfg.replace(**{"tracking.uri": default_tracking_uri()})
-
-
-def check_run_input(cfg: Config) -> None:
-    """Checks outside the config file itself: environment, tracking store, folders, memory."""
-    from harness import faults
-    from harness.core.checkpoint import check_writable_dir, checkpoint_dir
-    from harness.measure.memory import check_memory
-    from harness.running.mlflow_store import check_experiment, check_tracking_server, check_tracking_uri, default_tracking_uri
-
-    faults.check_env()
-    if cfg.tracking.enabled:
-        uri = cfg.tracking.uri or default_tracking_uri()
-        check_tracking_uri(uri)
-        check_tracking_server(uri)
-        check_experiment(uri, cfg.tracking.experiment)
-    if cfg.checkpoint.enabled or cfg.tracking.enabled:  # the MLflow spool lives in the run's folder too
-        check_writable_dir(checkpoint_dir(cfg), "checkpoint.dir")
-    check_memory(cfg, _device_type(cfg.train.device))
-
-
-def _device_type(device: str) -> str:
-    import torch
-
-    wants_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return "cuda" if wants_cuda and torch.cuda.is_available() else "cpu"
 
 
 def exits_on_input_error(main: Callable[..., int]) -> Callable[..., int]:
@@ -130,33 +109,6 @@ def add_ray_arguments(parser: argparse.ArgumentParser, num_workers_help: Optiona
     parser.add_argument("--storage-path", default="checkpoints/ray", help="where Ray keeps run state")
 
 
-def prepare_ray_run(cfg: Config, args: argparse.Namespace):
-    """Check everything before Ray starts; make paths absolute for workers elsewhere."""
-    from pathlib import Path
-
-    from harness.core.config import check_world_size
-    from harness.core.data import load_dataset
-    from harness.core.distributed import pick_device
-
-    if args.num_workers < 1:
-        raise InputError(f"--num-workers: expected a positive integer, got {args.num_workers}")
-    check_world_size(cfg, args.num_workers)
-    if args.use_gpu:
-        pick_device("cuda")
-    load_dataset(cfg)  # a missing or damaged data file fails here, not in every worker
-    paths = {"checkpoint.dir": str(Path(cfg.checkpoint.dir).resolve())}
-    if cfg.data.data_dir:
-        paths["data.data_dir"] = str(Path(cfg.data.data_dir).resolve())
-    from harness.core.distributed import allow_collective_capture
-    from harness.running.ray_train import RayOptions, worker_env
-
-    if cfg.performance.cuda_graph and args.use_gpu:
-        allow_collective_capture()  # here; worker_env() carries it to the workers
-    options = RayOptions(num_workers=args.num_workers, use_gpu=args.use_gpu, max_failures=args.max_failures,
-                         storage_path=str(Path(args.storage_path).resolve()), env_vars=worker_env())
-    return cfg.replace(**paths), options
-
-
 # An unreachable $RAY_ADDRESS must fail fast: ray.init alone retries for minutes
 # inside Ray's C++ client, where Python runs no signal handler (Ctrl-C is ignored).
 RAY_PROBE_TIMEOUT_S = 5.0  # TCP connect to the head's port (DNS included)
@@ -172,8 +124,6 @@ def connect_ray(num_cpus=None) -> None:
     a port that accepts but is no Ray cluster, or Ctrl-C/SIGTERM while connecting,
     ends the process with one ``error:`` line (see ``_exit_unless_done_within``).
     """
-    import os
-
     import ray
 
     if ray.is_initialized():
@@ -215,8 +165,6 @@ def ray_host_port(address: str) -> tuple[str, int]:
 
 
 def _probe_tcp(address: str, host: str, port: int) -> None:
-    import socket
-
     try:
         socket.create_connection((host, port), timeout=RAY_PROBE_TIMEOUT_S).close()
     except OSError as err:  # refused, timed out, unknown host, no route
@@ -234,12 +182,6 @@ def _exit_unless_done_within(address: str, deadline_s: float, problem: str):
     thread reads. Nothing has started yet (no worker, no MLflow run), so ``os._exit``
     leaves nothing half-done. Only from the main thread; elsewhere the block just runs.
     """
-    import os
-    import select
-    import signal
-    import socket
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -6,6 +6,11 @@ torchrun. Resume comes from ``ray.train.get_checkpoint()`` (the newest checkpoin
 Ray registered, which after a kill may be one epoch older than the newest file
 rank 0 wrote: the tracker's (metric, step) dedup makes that harmless). Every
 rank reports after every epoch; only rank 0 attaches a checkpoint.
+
+The driver's side is ``prepare_ray_run`` (paths and options for workers that may
+run elsewhere) and ``fit`` (one run). Checking the input is ``preflight``'s,
+joining the cluster ``entrypoints.connect_ray``'s, a sweep of Ray runs
+``sweep_drivers.run_sweep_on_ray``'s.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from harness import signals
 from harness.core.checkpoint import newest_in
 from harness.core.config import Config
-from harness.console import warn
-from harness.core.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, context_from_process_group
+from harness.core.distributed import (COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture,
+                                     context_from_process_group)
 from harness.core.train_loop import RunHooks, RunResult, train
+from harness.running.mlflow_store import end_runs_of_launch
 
 
 class RayHooks(RunHooks):
@@ -103,11 +111,21 @@ class RayOptions:
     env_vars: dict = field(default_factory=dict)
 
 
+def prepare_ray_run(cfg: Config, num_workers: int, use_gpu: bool, max_failures: int,
+                    storage_path: str) -> tuple[Config, RayOptions]:
+    """The config with its folders made absolute, for workers that run elsewhere; the runs' options."""
+    paths = {"checkpoint.dir": str(Path(cfg.checkpoint.dir).resolve())}
+    if cfg.data.data_dir:
+        paths["data.data_dir"] = str(Path(cfg.data.data_dir).resolve())
+    if cfg.performance.cuda_graph and use_gpu:
+        allow_collective_capture()  # here; worker_env() carries it to the workers
+    options = RayOptions(num_workers=num_workers, use_gpu=use_gpu, max_failures=max_failures,
+                         storage_path=str(Path(storage_path).resolve()), env_vars=worker_env())
+    return cfg.replace(**paths), options
+
+
 def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, resume: bool = False) -> RunResult:
     """One Ray Train run of ``cfg`` (a TorchTrainer); rank 0's last report as a RunResult."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     # A fresh name per run: reusing one silently resumes the old run's snapshot.
     # It is also the run's launch id, tagged on its MLflow run (see below).
     launch_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -168,7 +186,6 @@ def _fit_interruptibly(trainer, on_stop):
     return outcome["result"]
 
 
-
 def end_orphaned_run(cfg: Config, launch_id: str, status: str) -> None:
     """End the MLflow run of launch ``launch_id`` with ``status`` if it is still RUNNING.
 
@@ -176,71 +193,8 @@ def end_orphaned_run(cfg: Config, launch_id: str, status: str) -> None:
     driver (its owner), so first disconnect and let them go; best effort, since the
     store may be what failed.
     """
-    import ray
-
     if not cfg.tracking.enabled:
         return
     if ray.is_initialized():
         ray.shutdown()
-    from harness.running.mlflow_store import end_runs_of_launch
-
     end_runs_of_launch(cfg, launch_id, status)
-
-
-def run_sweep_on_ray(cfg: Config, options: RayOptions, resume: bool = False):
-    """Every trial as its own TorchTrainer, started together as Ray tasks: they run
-    concurrently as far as the cluster's resources allow (each waits for its
-    workers' placement group), under one MLflow parent run."""
-    import ray
-
-    from harness.running.sweep import TrialOutcome, expand_trials, sweep_parent_run
-
-    ctx = DistContext(world_size=options.num_workers, launcher="ray")
-    trials = expand_trials(cfg)
-    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit)
-    with sweep_parent_run(cfg, ctx, resume) as parent:
-        trials = [t for t in trials if not parent.skip(t)]
-        pending = {}
-        outcomes = {}
-        try:
-            pending.update({remote_fit.remote(trial, options, parent.run_id, resume): trial for trial in trials})
-            while pending:
-                # A timeout, so the main thread returns to Python now and then: a
-                # signal handler cannot run while ray.wait blocks in C++.
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                if not done:
-                    continue
-                trial = pending.pop(done[0])
-                try:
-                    outcomes[trial.name] = TrialOutcome(trial, ray.get(done[0]))
-                except Exception as err:  # one failed trial must not stop the sweep
-                    warn(f"[{trial.name}] failed: {type(err).__name__}: {err}")
-                    outcomes[trial.name] = TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
-        except BaseException:
-            _cancel_trials(list(pending))
-            raise
-        parent.outcomes += [outcomes[t.name] for t in trials]
-    return parent
-
-
-# How long a cancelled trial may take to go; afterwards the parent marks its run KILLED anyway.
-CANCEL_WAIT_S = 30
-
-
-def _cancel_trials(refs: list) -> None:
-    """Stop the trials still running (a signal, or the sweep broke): kill each fit's task.
-
-    force=True kills the task's worker process; the TorchTrainer's controller and
-    training workers are actors it owns, and Ray ends them with their owner. The
-    wait lets them go before the parent run marks their MLflow runs KILLED, so a
-    worker cannot write to a run after that.
-    """
-    import ray
-
-    for ref in refs:
-        try:
-            ray.cancel(ref, force=True, recursive=True)
-        except Exception as err:  # already finished, or the cluster is gone: nothing left to stop
-            warn(f"could not cancel a trial ({type(err).__name__}: {err})")
-    if refs:
-        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)

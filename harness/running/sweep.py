@@ -1,8 +1,12 @@
 """Sweeps: expand a sweep config into trial configs and run them under one parent run.
 
-Owns the list of trials (batch size x seed), the LR scaling rule and the summary
-table. Each trial is an ordinary run of ``train_loop.train``; a trial that fails
-or diverges is recorded and the sweep goes on.
+Owns what every sweep driver shares: the list of trials (batch size x seed) and
+the LR scaling rule, the parent run (skip-on-resume, outcomes), the progress
+line, the summary table and the report that ends a sweep; and the local driver,
+``run_sweep`` (every trial in this process group). The drivers that start other
+processes per trial (torchrun, Ray) are in ``sweep_drivers``. Each trial is an
+ordinary run of ``train_loop.train``; a trial that fails or diverges is recorded
+and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext
 from harness.errors import InputError
 from harness.core.train_loop import RunHooks, RunResult, train
+from harness.results.report import build_report
+from harness.running.mlflow_store import ui_links
 from harness.running.tracking import display_name, make_tracker
 
 
@@ -74,7 +80,7 @@ def format_duration(seconds: float) -> str:
 class SweepProgress:
     """The line each trial of a sweep starts with: trial i of N, time elapsed, an ETA.
 
-    The loops of the local and torchrun launchers call ``starting`` once per trial
+    The local and torchrun drivers call ``starting`` once per trial
     that runs; a trial's duration is the time to the next call, and the ETA is the
     mean of those durations times the trials left (trials skipped by --resume
     included, so it errs long).
@@ -106,7 +112,7 @@ class TrialOutcome:
 
 
 class SweepParent:
-    """The sweep's MLflow parent run; the launcher fills ``outcomes`` as trials end.
+    """The sweep's MLflow parent run; the driver (``run_sweep``, ``sweep_drivers``) fills ``outcomes`` as trials end.
 
     ``finished`` names the trials an earlier, interrupted attempt of this sweep
     completed (empty unless resuming): they are skipped.
@@ -154,7 +160,7 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
     except BaseException as err:
         # Inline, as in train_loop.train: a termination signal is raised once, and
         # if it lands during the first attempt the second one runs to its end.
-        # Children come first: a trial the launcher could not stop cleanly (a Ray
+        # Children come first: a trial the driver could not stop cleanly (a Ray
         # task, a torchrun killed after its grace period) must not stay RUNNING.
         try:
             status = signals.end_status(err)
@@ -208,3 +214,20 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def report_sweep(cfg: Config, parent: SweepParent, report_dir: str, elapsed_s: float) -> None:
+    """The lines a sweep launch ends with: with tracking, ``harness report``'s table, where its
+    files went and the links into the MLflow UI; without, the summary table; and the trial count."""
+    outcomes = parent.outcomes
+    if cfg.tracking.enabled:
+        say(f"building the report from MLflow ({cfg.tracking.uri})")
+        report = build_report(cfg.tracking.uri, cfg.tracking.experiment, sweep_run_id=parent.run_id, out_dir=report_dir)
+        say("\n" + report.markdown_table)
+        say(f"\nreport: {report.directory} (plots: {', '.join(p.name for p in report.plots)})")
+    else:
+        say(summary_table(outcomes))
+    failed = sum(o.error is not None for o in outcomes)
+    say(f"{len(outcomes)} trials, {failed} failed, {format_duration(elapsed_s)}")
+    if cfg.tracking.enabled:
+        say("\n".join(ui_links(cfg.tracking.uri, report.experiment_id, parent.run_id)))

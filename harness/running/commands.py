@@ -1,0 +1,132 @@
+"""What each script in launch/ runs once its arguments are parsed: one function per script.
+
+- ``train_command`` (launch/train.py): one run, or a sweep config's trials, on every
+  rank of a torchrun job, or in this process without torchrun.
+- ``ray_job_command`` (launch/ray_job.py): one run, or a sweep, as Ray Train runs.
+- ``sweep_command`` (launch/sweep.py): a sweep with the local, torchrun or Ray driver,
+  then its report.
+
+Each loads the config, calls ``preflight`` before any process group, worker, trial
+or MLflow run starts, runs, and says what it did. The scripts keep the parser and
+the process's exit (signals, exit codes). The checks are ``preflight``'s; the sweep
+drivers are in ``sweep`` and ``sweep_drivers``; Ray Train is ``ray_train``, imported
+only by the Ray paths (ray and Ray Train take ~1.5 s to load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from harness import signals
+from harness.console import say
+from harness.core import distributed
+from harness.core.config import Config
+from harness.core.train_loop import RunHooks, train
+from harness.errors import InputError
+from harness.running.entrypoints import connect_ray, load_run_config
+from harness.running.preflight import preflight
+from harness.running.sweep import report_sweep, run_sweep, select_trial, summary_table
+from harness.running.sweep_drivers import run_sweep_on_ray, torchrun_sweep
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """launch/train.py: ``--trial`` picks one trial of a sweep config; ``--resume``, or a torchrun
+    restart, continues from the newest checkpoint; ``--parent-run-id`` nests the MLflow run."""
+    cfg = load_run_config(args)
+    if args.trial is not None:
+        cfg = select_trial(cfg, args.trial)
+    under_torchrun = "RANK" in os.environ
+    _, _, world_size = distributed.torchrun_world()
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = args.resume or restart
+    # torchrun's run id is new for every launch (a uuid with --standalone or one node).
+    # A restart may resume only what this launch wrote: an earlier run's checkpoints
+    # in the same folder are not its own (unless the user asked for --resume).
+    hooks = RunHooks(resume=resume, launch_id=os.environ.get("TORCHELASTIC_RUN_ID"),
+                     same_launch_only=restart and not args.resume)
+    dataset = preflight(cfg, world_size, use_gpu=cfg.train.device == "cuda", resume=resume,
+                        launch_id=hooks.launch_id if hooks.same_launch_only else None)
+    if cfg.performance.cuda_graph:
+        distributed.allow_collective_capture()
+    ctx = distributed.init_from_env(cfg.train.device) if under_torchrun else distributed.local_context(cfg.train.device)
+    try:
+        if cfg.is_sweep:
+            say("", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes), ctx=ctx)
+        else:
+            result = train(cfg, ctx, hooks=hooks, dataset=dataset, parent_run_id=args.parent_run_id)
+            say(f"finished {cfg.name}: epochs {result.epochs_completed}, steps {result.global_step}, "
+                f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
+                f"MLflow run {result.run_id or '-'}, checkpoint {result.checkpoint or '-'}", ctx=ctx)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def ray_job_command(args: argparse.Namespace) -> int:
+    """launch/ray_job.py: ``--num-workers`` ranks per run, the Ray options of ``entrypoints.add_ray_arguments``."""
+    cfg, options = start_ray(load_run_config(args), args, args.num_workers)
+    if cfg.is_sweep:
+        say(summary_table(run_sweep_on_ray(cfg, options).outcomes))
+        return 0
+    from harness.running.ray_train import fit  # loaded by start_ray already
+
+    result = fit(cfg, options)
+    say(f"finished {cfg.name} on Ray: epochs {result.epochs_completed}, steps {result.global_step}, "
+        f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
+        f"{'diverged, ' if result.diverged else ''}"
+        f"checkpoint {result.checkpoint or '-'}, MLflow run {result.run_id or '-'}")
+    return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """launch/sweep.py: every trial with ``--launcher`` (local, torchrun or ray), then the report."""
+    nproc = ranks_per_trial(args)
+    cfg = load_run_config(args)
+    if not cfg.is_sweep:
+        raise InputError(f"{args.config}: no sweep section; expected a sweep config (see configs/sweep.yaml)")
+    started_s = time.monotonic()
+    if args.launcher == "local" and nproc != 1:
+        raise InputError("--nproc: the local launcher runs one process; use --launcher torchrun or ray")
+    if args.launcher == "ray":
+        cfg, options = start_ray(cfg, args, nproc)
+        sweep = run_sweep_on_ray(cfg, options, resume=args.resume)
+    elif args.launcher == "torchrun":
+        say(f"loading data ({cfg.data.dataset}) to check it before the first trial")
+        preflight(cfg, nproc, use_gpu=cfg.train.device == "cuda")
+        sweep = torchrun_sweep(cfg, nproc, args.config, args.max_restarts, args.resume)
+    else:
+        say(f"loading data ({cfg.data.dataset})")
+        dataset = preflight(cfg, nproc, use_gpu=cfg.train.device == "cuda")
+        sweep = run_sweep(cfg, distributed.local_context(cfg.train.device), dataset=dataset, resume=args.resume)
+    report_sweep(cfg, sweep, args.report_dir, time.monotonic() - started_s)
+    return 0
+
+
+def ranks_per_trial(args: argparse.Namespace) -> int:
+    """--nproc, or --num-workers where only that was given (ray only), else 1 with the local
+    launcher and 2 with the others; a conflicting pair is refused."""
+    nproc = args.nproc
+    if args.num_workers is not None:
+        if args.launcher != "ray":
+            raise InputError(f"--num-workers: only with --launcher ray; the {args.launcher} launcher takes --nproc")
+        if nproc is not None and nproc != args.num_workers:
+            raise InputError(f"--num-workers {args.num_workers} and --nproc {nproc}: the same setting "
+                             "(ranks per trial) given twice with different values; give one")
+        nproc = args.num_workers
+    return nproc or (1 if args.launcher == "local" else 2)
+
+
+def start_ray(cfg: Config, args: argparse.Namespace, num_workers: int):
+    """Preflight for runs of ``num_workers`` Ray Train workers, then join (or start) Ray;
+    the config and ``RayOptions`` the runs take (see ``ray_train.prepare_ray_run``)."""
+    if num_workers < 1:
+        raise InputError(f"--num-workers: expected a positive integer, got {num_workers}")
+    preflight(cfg, num_workers, args.use_gpu)
+    from harness.running.ray_train import prepare_ray_run  # only the Ray paths pay for loading Ray Train
+
+    cfg, options = prepare_ray_run(cfg, num_workers, args.use_gpu, args.max_failures, args.storage_path)
+    connect_ray(args.num_cpus)
+    signals.install()  # ray.init set its own SIGTERM handler (sys.exit)
+    return cfg, options

@@ -1,0 +1,59 @@
+"""Every check of a run's input that can fail before anything starts.
+
+``preflight`` is called by every launcher (launch/train.py on each rank, the sweep
+launchers, the Ray launcher) after the config is loaded and before any process
+group, worker, trial or MLflow run exists, so a bad input is one ``InputError``
+line and exit code 2 with nothing left behind. It owns the order of the checks;
+each check itself lives with what it checks (config, data, memory, tracking,
+checkpoints). Loading the config (its own key checks) is ``entrypoints.load_run_config``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from harness import faults
+from harness.core.checkpoint import Checkpoints, check_writable_dir, checkpoint_dir
+from harness.core.config import Config, check_world_size
+from harness.core.data import Dataset, load_dataset
+from harness.core.distributed import pick_device
+from harness.measure.memory import check_memory
+from harness.running.mlflow_store import (check_experiment, check_resume_run_in_store, check_tracking_server,
+                                         check_tracking_uri, default_tracking_uri)
+
+
+def preflight(cfg: Config, world_size: int, use_gpu: bool, *, resume: bool = False,
+              launch_id: Optional[str] = None) -> Dataset:
+    """Check the environment, tracking store, folders, memory, world size, device, data
+    and (``resume``) the checkpoint to resume; the data set, read once, for the caller to train on.
+
+    ``use_gpu``: every rank needs a CUDA device. ``launch_id`` (a torchrun restart):
+    only this launch's checkpoints may be resumed; without it (``--resume``) the
+    checkpoint's MLflow run must also be in the store, since the run continues there.
+    """
+    faults.check_env()
+    if cfg.tracking.enabled:
+        uri = cfg.tracking.uri or default_tracking_uri()
+        check_tracking_uri(uri)
+        check_tracking_server(uri)
+        check_experiment(uri, cfg.tracking.experiment)
+    if cfg.checkpoint.enabled or cfg.tracking.enabled:  # the MLflow spool lives in the run's folder too
+        check_writable_dir(checkpoint_dir(cfg), "checkpoint.dir")
+    check_memory(cfg, _device_type(cfg.train.device))
+    check_world_size(cfg, world_size)
+    if use_gpu:
+        pick_device("cuda")
+    dataset = load_dataset(cfg)  # a missing or damaged data file fails here, not in every rank or trial
+    if resume and not cfg.is_sweep:  # a sweep config has no checkpoint of its own; its trials do
+        # a corrupt or foreign checkpoint is refused here, not after init
+        Checkpoints(cfg, launch_id=launch_id, same_launch_only=launch_id is not None).check_resumable()
+        if launch_id is None and cfg.tracking.enabled:
+            check_resume_run_in_store(cfg)
+    return dataset
+
+
+def _device_type(device: str) -> str:
+    wants_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "cuda" if wants_cuda and torch.cuda.is_available() else "cpu"

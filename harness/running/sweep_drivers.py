@@ -1,0 +1,167 @@
+"""The sweep drivers that start other processes per trial: torchrun jobs and Ray Train runs.
+
+Each runs every trial of a sweep config under ``sweep.sweep_parent_run`` (which
+skips the trials a resumed sweep already finished) and fills its outcomes; the
+in-process driver, the trials, the parent run and the report are in ``sweep``,
+and which driver runs is chosen by ``commands.sweep_command``. A trial that fails
+is recorded and the sweep goes on; a termination signal stops the running trials
+(a trial's torchrun and its ranks, the Ray tasks) before the parent run ends KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import signals
+from harness.console import warn
+from harness.core.config import Config
+from harness.core.distributed import DistContext
+from harness.running.sweep import SweepParent, SweepProgress, TrialOutcome, expand_trials, sweep_parent_run
+
+REPO = Path(__file__).resolve().parents[2]
+
+# torchrun gives its ranks 30 s (--shutdown-timeout) to exit after the signal it
+# passes on, then SIGKILLs them: wait longer than that before killing anything.
+TRIAL_STOP_GRACE_S = 60
+
+
+def torchrun_sweep(cfg: Config, nproc: int, config_path: str, max_restarts: int, resume: bool) -> SweepParent:
+    """Each trial as a torchrun job of ``nproc`` ranks (launch/train.py --trial), nested under this
+    process's parent run."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    progress = SweepProgress(len(expand_trials(cfg)))
+    with sweep_parent_run(cfg, DistContext(world_size=nproc, launcher="torchrun"), resume) as parent:
+        for index, trial in enumerate(expand_trials(cfg)):
+            if parent.skip(trial):
+                continue
+            command = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}",
+                       f"--max-restarts={max_restarts}", str(REPO / "launch/train.py"),
+                       # The resolved config as JSON, not --set values: the trial would re-parse
+                       # those as YAML, and a URI with " #" in it would lose its tail.
+                       "--config", config_path, "--resolved-config", json.dumps(cfg.to_dict()),
+                       "--trial", str(index)]
+            if parent.run_id:
+                command += ["--parent-run-id", parent.run_id]
+            if resume:
+                command.append("--resume")
+            progress.starting(index, trial, f"torchrun --nproc_per_node={nproc} launch/train.py --trial {index}")
+            status = run_trial_process(command, env={**os.environ,
+                                                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+            error = None if status == 0 else f"torchrun exited with {status}"
+            if error:
+                warn(f"[{trial.name}] failed: {error}")
+            parent.outcomes.append(TrialOutcome(trial, None, error))
+    return parent
+
+
+def run_trial_process(command: list[str], env: dict) -> int:
+    """Run one trial's torchrun to its end; its exit code.
+
+    torchrun runs in its own session, so a Ctrl-C in the terminal reaches it once,
+    through us, not twice. On a termination signal it gets the same signal (it
+    passes it on to its ranks, which end their MLflow run as KILLED) and time to
+    exit; whatever of its process tree is still alive after that is killed, so no
+    rank trains on as an orphan. (subprocess.run would SIGKILL torchrun alone and
+    orphan its ranks, which run in sessions of their own.)
+    """
+    process = None
+    try:
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        return process.wait()
+    except BaseException as err:
+        if process is not None:
+            stop_process_tree(process, err.signum if isinstance(err, signals.Terminated) else signal.SIGTERM)
+        raise
+
+
+def stop_process_tree(process: subprocess.Popen, signum: int) -> None:
+    """Send ``signum`` to ``process``, wait up to TRIAL_STOP_GRACE_S, then SIGKILL it and its descendants."""
+    # Imported here only: psutil is not among launch/gpu-wheels.txt, so the GPU check's device
+    # (which runs local sweeps, never this) may lack it.
+    import psutil
+
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)  # listed now: orphans lose their parent
+    except psutil.NoSuchProcess:
+        family = []
+    if process.poll() is None:
+        process.send_signal(signum)
+    try:
+        process.wait(TRIAL_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    _, alive = psutil.wait_procs(family, timeout=0)
+    for leftover in alive:
+        warn(f"killing pid {leftover.pid}, left behind by the trial's torchrun")
+        try:
+            leftover.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def run_sweep_on_ray(cfg: Config, options, resume: bool = False) -> SweepParent:
+    """Every trial as its own TorchTrainer, started together as Ray tasks: they run
+    concurrently as far as the cluster's resources allow (each waits for its
+    workers' placement group), under one MLflow parent run. ``options``: a
+    ``ray_train.RayOptions``; Ray must be connected (``entrypoints.connect_ray``)."""
+    # Imported here: ray and Ray Train take ~1.5 s to load, which the torchrun and local sweeps need not pay.
+    import ray
+
+    from harness.running.ray_train import fit
+
+    ctx = DistContext(world_size=options.num_workers, launcher="ray")
+    trials = expand_trials(cfg)
+    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit)
+    with sweep_parent_run(cfg, ctx, resume) as parent:
+        trials = [t for t in trials if not parent.skip(t)]
+        pending = {}
+        outcomes = {}
+        try:
+            pending.update({remote_fit.remote(trial, options, parent.run_id, resume): trial for trial in trials})
+            while pending:
+                # A timeout, so the main thread returns to Python now and then: a
+                # signal handler cannot run while ray.wait blocks in C++.
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if not done:
+                    continue
+                trial = pending.pop(done[0])
+                try:
+                    outcomes[trial.name] = TrialOutcome(trial, ray.get(done[0]))
+                except Exception as err:  # one failed trial must not stop the sweep
+                    warn(f"[{trial.name}] failed: {type(err).__name__}: {err}")
+                    outcomes[trial.name] = TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
+        except BaseException:
+            _cancel_trials(list(pending))
+            raise
+        parent.outcomes += [outcomes[t.name] for t in trials]
+    return parent
+
+
+# How long a cancelled trial may take to go; afterwards the parent marks its run KILLED anyway.
+CANCEL_WAIT_S = 30
+
+
+def _cancel_trials(refs: list) -> None:
+    """Stop the trials still running (a signal, or the sweep broke): kill each fit's task.
+
+    force=True kills the task's worker process; the TorchTrainer's controller and
+    training workers are actors it owns, and Ray ends them with their owner. The
+    wait lets them go before the parent run marks their MLflow runs KILLED, so a
+    worker cannot write to a run after that.
+    """
+    import ray  # loaded by now (see run_sweep_on_ray)
+
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True, recursive=True)
+        except Exception as err:  # already finished, or the cluster is gone: nothing left to stop
+            warn(f"could not cancel a trial ({type(err).__name__}: {err})")
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
