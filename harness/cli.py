@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Nothing imported at load time pulls in torch (harness.results.bench, harness.running.tracking
+# Nothing imported at load time pulls in torch (harness.results.bench, harness.records.tracking
 # do): `harness --help` took 3.5 s with them here, 0.2 s without.
 from harness.console import say
 from harness.running.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error
@@ -51,7 +51,7 @@ def report(args: argparse.Namespace) -> int:
 
     from harness.core.checkpoint import check_writable_dir
     from harness.results.report import build_report
-    from harness.running.mlflow_store import check_tracking_uri, default_tracking_uri
+    from harness.records.mlflow_store import check_tracking_uri, default_tracking_uri
 
     check_writable_dir(Path(args.out), "--out")
     check_tracking_uri(args.tracking_uri or default_tracking_uri())
@@ -89,7 +89,7 @@ def replay(args: argparse.Namespace) -> int:
     """Deliver a spool of MLflow records that a run could not send."""
     from pathlib import Path
 
-    from harness.running.mlflow_store import (Spool, check_tracking_server, check_tracking_uri, default_tracking_uri,
+    from harness.records.mlflow_store import (Spool, check_tracking_server, check_tracking_uri, default_tracking_uri,
                                               open_client, replay as replay_spool)
 
     spool = Spool(Path(args.spool))

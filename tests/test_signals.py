@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from conftest import CONFIGS, REPO, seeded_store, smoke_config
 from harness import signals
 from harness.core.distributed import DistContext
-from harness.running.tracking import make_tracker
+from harness.records.tracking import make_tracker
 from harness.core.train_loop import RunHooks, train
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from harness.core.checkpoint import Checkpoints
 from harness.core.distributed import DistContext
 from harness.running.sweep import expand_trials, run_sweep
 from harness.core.train_loop import RunHooks, train
-from harness.running.tracking import BY_STEP_KEYS, make_tracker
+from harness.records.tracking import BY_STEP_KEYS, make_tracker
 
 EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
                  "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss", "samples_per_s",

@@ -8,7 +8,7 @@ earlier launch, and the decision which checkpoint (if any) a run resumes from.
 Only the main rank writes or clears. What goes into a checkpoint is the loop's
 business (train_loop.checkpoint_state); a launcher that keeps checkpoints of its
 own (Ray Train) hands one in through ``restored``; the MLflow side of resuming
-(is the checkpoint's run in the store?) is harness/running/mlflow_store.py's.
+(is the checkpoint's run in the store?) is harness/records/mlflow_store.py's.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def write_checkpoint(state: dict[str, Any], directory: Path, epoch: int) -> Path
 
 
 # The only files a run writes into its folder: checkpoints, their temp files
-# (write_checkpoint) and the MLflow spool (harness/running/mlflow_store.py).
+# (write_checkpoint) and the MLflow spool (harness/records/mlflow_store.py).
 _TEMP_PATTERN = re.compile(r"^\.epoch-\d{4,}\.pt\.tmp-\d+$")
 SPOOL_NAME = "mlflow-spool.jsonl"
 

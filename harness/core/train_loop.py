@@ -34,7 +34,7 @@ from harness.core.step import EagerStep, LRSchedule, unwrap
 from harness.measure.metrics import steps_to_target, top_hessian_eigenvalue
 from harness.core.model import build_model
 from harness.console import say
-from harness.running.tracking import by_step_metrics, make_tracker
+from harness.records.tracking import by_step_metrics, make_tracker
 
 # A loss above this (cross-entropy of 10 classes starts near 2.3) means the run blew up.
 DIVERGED_LOSS = 1e3

@@ -5,7 +5,7 @@ size), mean and standard deviation over seeds, and drawing them. Logs the files
 as artifacts of the parent run, and the means as the parent's metrics with
 step = batch size (``by_batch/<column>_<rule>``), so MLflow's own charts of the
 parent plot them against batch size. Reads MLflow only (through
-harness/running/mlflow_store.py, which owns the queries): nothing is recomputed
+harness/records/mlflow_store.py, which owns the queries): nothing is recomputed
 from the models.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.errors import InputError
-from harness.running.mlflow_store import child_runs, logged_steps, newest_sweep_run, open_client
+from harness.records.mlflow_store import child_runs, logged_steps, newest_sweep_run, open_client
 
 # (column, metric key) of the summary; each gets a mean and a std over seeds.
 SUMMARY_METRICS = (

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 from harness.core.config import Config, load_config
 from harness.console import fail
 from harness.errors import USAGE_EXIT_CODE, InputError
-from harness.running.mlflow_store import default_tracking_uri
+from harness.records.mlflow_store import default_tracking_uri
 
 # Nothing imported here loads torch, ray or mlflow (ray is imported where Ray is
 # joined): `harness --help` and the launchers' --help answer without them.

@@ -20,7 +20,7 @@ from harness.core.config import Config, check_world_size
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import pick_device
 from harness.measure.memory import check_memory
-from harness.running.mlflow_store import (check_experiment, check_resume_run_in_store, check_tracking_server,
+from harness.records.mlflow_store import (check_experiment, check_resume_run_in_store, check_tracking_server,
                                          check_tracking_uri, default_tracking_uri)
 
 

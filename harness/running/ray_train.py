@@ -35,7 +35,7 @@ from harness.core.config import Config
 from harness.core.distributed import (COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture,
                                      context_from_process_group)
 from harness.core.train_loop import RunHooks, RunResult, train
-from harness.running.mlflow_store import end_runs_of_launch
+from harness.records.mlflow_store import end_runs_of_launch
 
 
 class RayHooks(RunHooks):

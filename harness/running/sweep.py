@@ -27,8 +27,8 @@ from harness.core.distributed import DistContext
 from harness.errors import InputError
 from harness.core.train_loop import RunHooks, RunResult, train
 from harness.results.report import build_report
-from harness.running.mlflow_store import ui_links
-from harness.running.tracking import display_name, make_tracker
+from harness.records.mlflow_store import ui_links
+from harness.records.tracking import display_name, make_tracker
 
 
 def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:

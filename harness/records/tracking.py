@@ -27,7 +27,7 @@ from harness.console import say, warn
 from harness.core.checkpoint import SPOOL_NAME, checkpoint_dir
 from harness.core.config import Config, flatten
 from harness.core.distributed import DistContext
-from harness.running.mlflow_store import (Spool, apply_record, child_runs, default_tracking_uri, end_running_children,
+from harness.records.mlflow_store import (Spool, apply_record, child_runs, default_tracking_uri, end_running_children,
                                           experiment_id, logged_steps, metrics_record, newest_sweep_run, open_client)
 
 MLFLOW_PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
