@@ -86,6 +86,8 @@ HiddenSizes = list_of(int, check(lambda v: None if all(h > 0 for h in v) else "a
 BatchSizes = list_of(int, check(_distinct(_all_positive)))
 Seeds = list_of(int, check(_distinct(_seeds)))
 LrRules = list_of(str, check(_distinct(_lr_rules)))
+LrGrid = list_of(float, check(_distinct(
+    lambda v: None if v and all(x > 0 for x in v) else "a non-empty list of positive numbers")))
 # A validator, not min_length: a string of spaces is blank too, and the value must stay as given.
 NonBlank = Annotated[str, check(lambda v: None if v.strip() else "a non-empty string")]
 
@@ -200,6 +202,27 @@ class SweepConfig(ConfigModel):
     # Linear LR warmup for the trials of a scaling rule (linear, sqrt); Goyal et al.
     # 2017 pair linear scaling with warmup. Trials of rule none keep optim.warmup_epochs.
     warmup_epochs: NonNegativeFloat = 0.0
+    # The LR grid of every (rule, batch size), tuned per batch size as Shallue et al. 2018 require:
+    # lrs are used as given at every batch size (the rule then only decides warmup); lr_factors
+    # multiply the rule's LR (log-spaced factors, e.g. 0.25..4, bracket it). Neither: one LR per trial.
+    lrs: Optional[LrGrid] = None
+    lr_factors: Optional[LrGrid] = None
+
+    @model_validator(mode="after")
+    def _one_lr_grid(self) -> SweepConfig:
+        if self.lrs is not None and self.lr_factors is not None:
+            raise InputError("sweep.lr_factors: given together with sweep.lrs; expected at most one LR grid")
+        return self
+
+    def lr_grid(self) -> tuple[Optional[float], ...]:
+        """The grid's values (LRs or factors), ``(None,)`` without a grid."""
+        return self.lrs or self.lr_factors or (None,)
+
+    def lr_label(self, value: Optional[float]) -> str:
+        """How a grid value appears in a trial name: ``lr0.01`` (an LR) or ``lrx0.5`` (a factor)."""
+        if value is None:
+            return ""
+        return f"lr{value:.6g}" if self.lrs else f"lrx{value:.6g}"
 
 
 class Config(ConfigModel):
@@ -315,16 +338,22 @@ def _check_cross_field(cfg: Config) -> None:
                              f"({cfg.train_set_size} samples); expected <= {cfg.train_set_size}")
 
 
-def trial_name(sweep_name: str, rule: str, batch_size: int, seed: int) -> str:
-    """The path-safe name (and checkpoint folder) of one sweep trial."""
-    return f"{sweep_name}-{rule}-bs{batch_size}-seed{seed}"
+def trial_name(sweep_name: str, rule: str, batch_size: int, seed: int, lr_label: str = "") -> str:
+    """The path-safe name (and checkpoint folder) of one sweep trial; ``lr_label``
+    (``SweepConfig.lr_label``: ``lr0.01``, ``lrx0.5``) only in a sweep with an LR grid."""
+    return f"{sweep_name}-{rule}-bs{batch_size}-{lr_label + '-' if lr_label else ''}seed{seed}"
 
 
 def _check_trial_names(cfg: Config) -> None:
-    """Every derived trial name must be a valid name too (the longest decides)."""
+    """Every derived trial name must be a valid name too (the longest decides), and one per grid value."""
     sweep = cfg.sweep
-    longest = max((trial_name(cfg.name, r, b, s) for r in sweep.lr_rules for b in sweep.batch_sizes
-                   for s in sweep.seeds), key=len)
+    labels = [sweep.lr_label(v) for v in sweep.lr_grid()]
+    if len(set(labels)) < len(labels):  # 0.1 and 0.1000001 would share a name, a folder and a run
+        key = "sweep.lrs" if sweep.lrs else "sweep.lr_factors"
+        raise InputError(f"{key}: values that agree to 6 significant digits ({', '.join(labels)}); "
+                         "expected values that differ within 6 digits")
+    longest = max((trial_name(cfg.name, r, b, s, lr) for r in sweep.lr_rules for b in sweep.batch_sizes
+                   for s in sweep.seeds for lr in labels), key=len)
     if len(longest) > NAME_MAX_CHARS:
         raise InputError(f"name: trial name {longest[:40]}... would be {len(longest)} characters; expected a sweep "
                          f"name short enough for trial names of at most {NAME_MAX_CHARS} characters")

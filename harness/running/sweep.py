@@ -38,26 +38,39 @@ def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) 
     return base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
 
 
+def trial_lr(cfg: Config, rule: str, batch_size: int, grid_value: Optional[float]) -> float:
+    """A trial's LR: the scaling rule's LR, times a grid factor, or an explicit grid LR as given."""
+    sweep = cfg.sweep
+    if sweep.lrs:
+        return grid_value
+    rule_lr = scaled_lr(cfg.optim.lr, batch_size, sweep.base_batch_size, rule)
+    return rule_lr * grid_value if sweep.lr_factors else rule_lr
+
+
 def expand_trials(cfg: Config) -> list[Config]:
-    """One run config per (LR rule, batch size, seed), in that order, without the sweep section."""
+    """One run config per (LR rule, batch size, grid LR, seed), in that order, without the sweep section.
+
+    Without an LR grid (sweep.lrs, sweep.lr_factors) the grid is one LR, the rule's,
+    and trials keep the names they always had."""
     sweep = cfg.sweep
     trials = []
     for rule in sweep.lr_rules:
         for batch_size in sweep.batch_sizes:
-            for seed in sweep.seeds:
-                raw = cfg.to_dict()
-                raw.pop("sweep")
-                raw["name"] = trial_name(cfg.name, rule, batch_size, seed)
-                raw["seed"] = seed
-                raw["optim"]["global_batch_size"] = batch_size
-                raw["optim"]["lr"] = scaled_lr(cfg.optim.lr, batch_size, sweep.base_batch_size, rule)
-                if rule != "none":
-                    raw["optim"]["warmup_epochs"] = sweep.warmup_epochs
-                if sweep.budget_steps is not None:
-                    raw["train"]["max_steps"] = sweep.budget_steps
-                raw["trial"] = {"sweep": cfg.name, "lr_rule": rule, "base_lr": cfg.optim.lr,
-                                "base_batch_size": sweep.base_batch_size}
-                trials.append(Config.from_dict(raw))
+            for grid_value in sweep.lr_grid():
+                for seed in sweep.seeds:
+                    raw = cfg.to_dict()
+                    raw.pop("sweep")
+                    raw["name"] = trial_name(cfg.name, rule, batch_size, seed, sweep.lr_label(grid_value))
+                    raw["seed"] = seed
+                    raw["optim"]["global_batch_size"] = batch_size
+                    raw["optim"]["lr"] = trial_lr(cfg, rule, batch_size, grid_value)
+                    if rule != "none":
+                        raw["optim"]["warmup_epochs"] = sweep.warmup_epochs
+                    if sweep.budget_steps is not None:
+                        raw["train"]["max_steps"] = sweep.budget_steps
+                    raw["trial"] = {"sweep": cfg.name, "lr_rule": rule, "base_lr": cfg.optim.lr,
+                                    "base_batch_size": sweep.base_batch_size}
+                    trials.append(Config.from_dict(raw))
     return trials
 
 
