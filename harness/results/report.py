@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.errors import InputError
+from harness.results import critical
 from harness.records.mlflow_store import child_runs, logged_steps, newest_sweep_run, open_client
 
 # (column, metric key) of the summary; each gets a mean and a std over seeds.
@@ -69,6 +70,8 @@ class Report:
     markdown_path: Path
     markdown_table: str
     plots: list[Path]
+    critical: list[critical.CriticalBatch] = field(default_factory=list)
+    time_spent: dict[str, Optional[float]] = field(default_factory=dict)
 
 
 def find_sweep_run(client, experiment: str, sweep_run_id: Optional[str]):
@@ -94,7 +97,7 @@ def collect_trials(client, parent) -> list[TrialRecord]:
             batch_size=int(params["batch_size"]), lr=float(params["lr"]), seed=int(params["seed"]),
             status=run.info.status, diverged=tags.get("diverged") == "true", final=dict(run.data.metrics),
             history=history))
-    return sorted(records, key=lambda r: (r.lr_rule, r.batch_size, r.seed))
+    return sorted(records, key=lambda r: (r.lr_rule, r.batch_size, r.lr, r.seed))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -105,11 +108,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(trials: list[TrialRecord]) -> list[SummaryRow]:
-    groups: dict[tuple[str, int], list[TrialRecord]] = defaultdict(list)
-    for trial in trials:
-        groups[(trial.lr_rule, trial.batch_size)].append(trial)
+    groups: dict[tuple[str, int, float], list[TrialRecord]] = defaultdict(list)
+    for trial in trials:  # one LR per (rule, batch size) unless the sweep has an LR grid
+        groups[(trial.lr_rule, trial.batch_size, trial.lr)].append(trial)
     rows = []
-    for (rule, batch_size), members in sorted(groups.items()):
+    for (rule, batch_size, _lr), members in sorted(groups.items()):
         healthy = [t for t in members if not t.diverged]
         stats = {column: _mean_std([t.final[key] for t in healthy if key in t.final]) for column, key in SUMMARY_METRICS}
         rows.append(SummaryRow(rule, batch_size, members[0].lr, len(members),
@@ -152,22 +155,50 @@ def parent_metric_key(column: str, lr_rule: str) -> str:
     return f"by_batch/{column}_{lr_rule}"
 
 
-def log_parent_metrics(client, parent_run_id: str, rows: list[SummaryRow]) -> None:
-    """Each row's means on the parent run, step = batch size; a (key, step) the run already holds
-    (the report built again) is not logged twice."""
-    import time
+def tuned_rows(rows: list[SummaryRow], tuned: list[critical.TunedBatch]) -> list[SummaryRow]:
+    """One row per (rule, batch size): the only one, or with an LR grid the tuned LR's (the smallest LR
+    where none reached), so per-batch-size figures and the parent's ``by_batch/`` series stay one line."""
+    best = {(t.lr_rule, t.batch_size): (t.best.lr if t.best else t.grid[0].lr) for t in tuned}
+    return [row for row in rows if best[(row.lr_rule, row.batch_size)] == row.lr]
 
+
+def _new_metrics(logged: set, now_ms: int, values: dict[str, dict[int, float]]) -> list:
+    """Metric entities for (key, step) -> value, less what the run already holds (the report built again)."""
     from mlflow.entities import Metric
 
-    logged = logged_steps(client, parent_run_id)
-    now_ms = int(time.time() * 1000)
-    metrics = [Metric(parent_metric_key(column, row.lr_rule), mean, now_ms, row.batch_size)
-               for row in rows for column, (mean, _std) in row.stats.items()
-               if math.isfinite(mean) and (parent_metric_key(column, row.lr_rule), row.batch_size) not in logged]
-    metrics += [Metric(parent_metric_key("diverged", row.lr_rule), float(row.diverged), now_ms, row.batch_size)
-                for row in rows if (parent_metric_key("diverged", row.lr_rule), row.batch_size) not in logged]
+    return [Metric(key, value, now_ms, step) for key, by_step in values.items() for step, value in by_step.items()
+            if (key, step) not in logged]
+
+
+def log_parent_metrics(client, parent_run_id: str, rows: list[SummaryRow],
+                       results: list[critical.CriticalBatch] = ()) -> None:
+    """Each row's means on the parent run, step = batch size; the critical batch size's numbers
+    (critical.parent_metrics: single values at step 0, per batch size at step = batch size)."""
+    import time
+
+    values: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        for column, (mean, _std) in row.stats.items():
+            if math.isfinite(mean):
+                values[parent_metric_key(column, row.lr_rule)][row.batch_size] = mean
+        values[parent_metric_key("diverged", row.lr_rule)][row.batch_size] = float(row.diverged)
+    if results:
+        single, series = critical.parent_metrics(list(results))
+        values.update({key: {0: value} for key, value in single.items()})
+        values.update(series)
+        near = {f"grad_noise_scale_batch_sizes_{r.lr_rule}": ",".join(map(str, r.near_batch_sizes))
+                for r in results if r.near_batch_sizes}
+        if near:  # which trials the parent's grad_noise_scale_* medians are over
+            client.log_batch(parent_run_id, tags=[_tag(k, v) for k, v in near.items()])
+    metrics = _new_metrics(logged_steps(client, parent_run_id), int(time.time() * 1000), values)
     for i in range(0, len(metrics), 1000):  # MLflow's limit of metrics per log_batch call
         client.log_batch(parent_run_id, metrics=metrics[i:i + 1000])
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
 
 
 def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str] = None,
@@ -180,17 +211,23 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     trials = collect_trials(client, parent)
     if not trials:
         raise InputError(f"sweep run {parent.info.run_id}: no child runs; expected one per trial")
+    tuned = critical.tune(trials)
+    results = [critical.critical_batch(rule, tuned) for rule in sorted({t.lr_rule for t in trials})]
     rows = summarise(trials)
+    per_batch = tuned_rows(rows, tuned)
     directory = Path(out_dir) / parent.info.run_id
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, markdown_path = directory / "summary.csv", directory / "summary.md"
     write_csv(rows, csv_path)
-    table = markdown_table(rows)
+    table = markdown_table(rows) + "\n\n" + critical.markdown(results)
     markdown_path.write_text(f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{table}\n")
     target = parent.data.params.get("metrics.target_val_accuracy")
-    drawn = plots.draw_all(trials, rows, directory, target_label=f"val acc ≥ {target}" if target else "target")
+    target_label = f"val acc ≥ {target}" if target else "target"
+    drawn = plots.draw_all(trials, per_batch, directory, target_label=target_label)
+    drawn += plots.draw_critical(results, directory, target_label=target_label)
     if log_artifacts:
         for path in [csv_path, markdown_path, *drawn]:
             client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
-        log_parent_metrics(client, parent.info.run_id, rows)
-    return Report(parent.info.run_id, parent.info.experiment_id, directory, rows, csv_path, markdown_path, table, drawn)
+        log_parent_metrics(client, parent.info.run_id, per_batch, results)
+    return Report(parent.info.run_id, parent.info.experiment_id, directory, rows, csv_path, markdown_path, table, drawn,
+                  results, critical.time_spent([t.final for t in trials]))

@@ -1,0 +1,263 @@
+"""The critical batch size of a finished sweep: the LR tuned per batch size, the fit of S(B), the parent's numbers.
+
+Owns, from the trial records harness/results/report.py reads out of MLflow: the
+choice of the best LR per (LR rule, batch size) (Shallue et al. 2018: claims about
+batch size hold only with the optimizer tuned per batch size), the flag for a best LR
+on the grid's edge, the fit of S(B) = S_min (1 + B_crit/B) to the tuned steps with a
+bootstrap over seeds (McCandlish et al. 2018), the noise scale read near B_crit, the
+parent run's metrics (fixed names, so sweeps compare) and the report's Markdown.
+Pure: no MLflow, no files. The fit itself is harness/measure/critical_batch.py's.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Optional
+
+from harness.measure.critical_batch import NotEnoughBatchSizes, StepsFit, bootstrap_fit
+
+FIT_MIN_BATCH_SIZES = 3
+INTERVAL_LEVEL = 0.9  # of the bootstrap interval of B_crit
+# Per-trial metrics the training loop logs (child runs).
+STEPS, SAMPLES = "steps_to_target", "samples_to_target"
+NOISE_PROBE, NOISE_EXACT = "grad_noise_scale_at_target", "grad_noise_scale_exact_at_target"
+TIME_METRICS = ("time_train_s", "time_eval_s", "time_probe_s", "time_tracking_s")
+
+
+@dataclass
+class LrCell:
+    """One LR at one batch size: steps to target per seed (inf where the seed never reached it)."""
+    lr: float
+    trials: list  # TrialRecord, one per seed
+
+    @property
+    def steps(self) -> list[float]:
+        return [steps_of(t) for t in self.trials]
+
+    @property
+    def median_steps(self) -> float:
+        return statistics.median(self.steps)
+
+
+@dataclass
+class TunedBatch:
+    """The best LR of one (rule, batch size): fewest median steps over seeds, a median that reached."""
+    lr_rule: str
+    batch_size: int
+    grid: list[LrCell]  # ascending LR
+    best: Optional[LrCell]  # None: no LR's median reached the target
+
+    @property
+    def reached(self) -> bool:
+        return self.best is not None
+
+    @property
+    def edge(self) -> str:
+        """'smallest' / 'largest' where the best LR is a grid edge (the optimum may lie beyond), else ''."""
+        if self.best is None or len(self.grid) < 2:
+            return ""
+        return "smallest" if self.best is self.grid[0] else "largest" if self.best is self.grid[-1] else ""
+
+    def values(self, key: str) -> list[float]:
+        """``key`` of the best LR's seeds that reached the target and logged it (samples fall back to B x steps)."""
+        if self.best is None:
+            return []
+        out = []
+        for trial in self.best.trials:
+            if math.isfinite(steps_of(trial)):
+                value = trial.final.get(key, self.batch_size * steps_of(trial) if key == SAMPLES else math.nan)
+                if math.isfinite(value):
+                    out.append(value)
+        return out
+
+    def median(self, key: str) -> float:
+        values = self.values(key)
+        return statistics.median(values) if values else math.nan
+
+    @property
+    def median_samples(self) -> float:
+        """Median over the best LR's seeds of samples to target, a seed that never reached counting as
+        infinitely many (as in ``median_steps``, so the two medians describe the same seeds)."""
+        if self.best is None:
+            return math.nan
+        samples = self.values(SAMPLES)
+        return statistics.median(samples + [math.inf] * (len(self.best.trials) - len(samples)))
+
+
+@dataclass
+class CriticalBatch:
+    """One LR rule's answer: the tuned batch sizes, the fit (or why there is none), B_simple near B_crit."""
+    lr_rule: str
+    tuned: list[TunedBatch]
+    fit: Optional[StepsFit] = None
+    low: float = math.nan
+    high: float = math.nan
+    why_no_fit: str = ""
+    near_batch_sizes: tuple[int, ...] = ()  # where B_simple was read: the reached sizes around B_crit
+    noise_scale: float = math.nan  # median grad_noise_scale_at_target over their tuned trials
+    noise_scale_exact: float = math.nan
+    extra: dict = field(default_factory=dict)
+
+
+def steps_of(trial) -> float:
+    """Steps to target of one trial; inf where it never reached the target (or diverged)."""
+    value = trial.final.get(STEPS, math.inf)
+    return math.inf if trial.diverged or not math.isfinite(value) else value
+
+
+def tune(trials: list) -> list[TunedBatch]:
+    """Per (rule, batch size): the LR whose median steps over seeds is fewest (ties: the smaller LR)."""
+    cells: dict[tuple[str, int], dict[float, list]] = {}
+    for trial in trials:
+        cells.setdefault((trial.lr_rule, trial.batch_size), {}).setdefault(trial.lr, []).append(trial)
+    tuned = []
+    for (rule, batch_size), by_lr in sorted(cells.items()):
+        grid = [LrCell(lr, by_lr[lr]) for lr in sorted(by_lr)]
+        reached = [c for c in grid if math.isfinite(c.median_steps)]
+        best = min(reached, key=lambda c: (c.median_steps, c.lr)) if reached else None
+        tuned.append(TunedBatch(rule, batch_size, grid, best))
+    return tuned
+
+
+def critical_batch(rule: str, tuned: list[TunedBatch], resamples: int = 1000, seed: int = 0) -> CriticalBatch:
+    """Fit S(B) to one rule's tuned steps (bootstrap over the best LR's seeds), and read B_simple near B_crit."""
+    mine = [t for t in tuned if t.lr_rule == rule]
+    result = CriticalBatch(rule, mine)
+    # Seeds of the best LR that never reached are left out of the fit: their steps are unknown, not infinite
+    # (the median already reached, so most seeds did).
+    steps_by_batch = {t.batch_size: t.values(STEPS) for t in mine if t.reached}
+    if len(steps_by_batch) < FIT_MIN_BATCH_SIZES:
+        sizes = ", ".join(map(str, sorted(steps_by_batch))) or "none"
+        result.why_no_fit = (f"no fit of S(B) for lr rule {rule}: {len(steps_by_batch)} batch size(s) reached the "
+                             f"target ({sizes}); it needs at least {FIT_MIN_BATCH_SIZES}")
+        return result
+    try:
+        result.fit, result.low, result.high = bootstrap_fit(steps_by_batch, resamples=resamples, seed=seed,
+                                                                  level=INTERVAL_LEVEL)
+    except NotEnoughBatchSizes as err:
+        result.why_no_fit = f"no fit of S(B) for lr rule {rule}: {err}"
+        return result
+    if not result.fit.valid:  # never a negative or infinite critical batch size on the parent run
+        result.why_no_fit = f"no valid fit of S(B) for lr rule {rule}: {result.fit.problem}"
+        result.fit, result.low, result.high = None, math.nan, math.nan
+        return result
+    near = nearest_batch_sizes(sorted(steps_by_batch), result.fit.b_crit)
+    result.near_batch_sizes = near
+    by_size = {t.batch_size: t for t in mine}
+    for attr, key in (("noise_scale", NOISE_PROBE), ("noise_scale_exact", NOISE_EXACT)):
+        values = [v for b in near for v in by_size[b].values(key)]
+        setattr(result, attr, statistics.median(values) if values else math.nan)
+    return result
+
+
+def nearest_batch_sizes(sizes: list[int], b_crit: float) -> tuple[int, ...]:
+    """The batch sizes that bracket ``b_crit`` (the largest below it and the smallest at or above it);
+    the one nearest it where it lies outside ``sizes`` (or is not a positive number)."""
+    if not (math.isfinite(b_crit) and b_crit > 0):
+        return ()
+    below = [b for b in sizes if b < b_crit]
+    above = [b for b in sizes if b >= b_crit]
+    return tuple(x for x in (below[-1] if below else None, above[0] if above else None) if x is not None)
+
+
+def primary_rule(rules: list[str]) -> str:
+    """The rule whose answer gets the fixed metric names: 'none' (the grid then is the tuning), else the first."""
+    return "none" if "none" in rules else sorted(rules)[0]
+
+
+def parent_metrics(results: list[CriticalBatch]) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+    """(single values, per-batch-size series with step = batch size) for the sweep's parent run.
+
+    The primary rule's numbers carry the fixed names (``critical_batch_size``, ``tuned_lr``, ...);
+    with several rules every rule's numbers also appear as ``<name>_<rule>``. Numbers that do not exist
+    (no fit, no noise-scale metric logged) are left out, never logged as NaN.
+    """
+    rules = [r.lr_rule for r in results]
+    single: dict[str, float] = {}
+    series: dict[str, dict[int, float]] = {}
+    for result in results:
+        suffixes = [""] if len(rules) == 1 else ([""] if result.lr_rule == primary_rule(rules) else []) + \
+            [f"_{result.lr_rule}"]
+        values = {"critical_batch_size": result.fit.b_crit if result.fit else math.nan,
+                  "critical_batch_size_low": result.low, "critical_batch_size_high": result.high,
+                  "min_steps_to_target": result.fit.s_min if result.fit else math.nan,
+                  "min_samples_to_target": result.fit.e_min if result.fit else math.nan,
+                  "grad_noise_scale_at_target": result.noise_scale,
+                  "grad_noise_scale_exact": result.noise_scale_exact}
+        per_batch = {"tuned_lr": {t.batch_size: t.best.lr for t in result.tuned if t.reached},
+                     "tuned_steps_to_target": {t.batch_size: t.best.median_steps for t in result.tuned if t.reached},
+                     "tuned_samples_to_target": {t.batch_size: t.median_samples for t in result.tuned if t.reached}}
+        for suffix in suffixes:
+            single.update({k + suffix: v for k, v in values.items() if math.isfinite(v)})
+            series.update({k + suffix: {b: v for b, v in s.items() if math.isfinite(v)} for k, s in per_batch.items()})
+    return single, series
+
+
+def _spread(median: float, values: list[float], digits: int, missing: int) -> str:
+    if not values:
+        return "not reached"
+    text = f"{median:.{digits}f}"
+    if len(values) > 1:
+        text += f" [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+    return text + (f" ({missing} seed(s) not reached)" if missing else "")
+
+
+def _ratio(b_crit: float, b_simple: float) -> str:
+    if not (math.isfinite(b_crit) and math.isfinite(b_simple) and b_simple > 0):
+        return "no ratio"
+    return f"B_crit / B_simple = {b_crit / b_simple:.2f}"
+
+
+def markdown(results: list[CriticalBatch]) -> str:
+    """The tuned table per rule and the answer: B_crit with its interval beside B_simple (probe, exact)."""
+    lines = []
+    for result in results:
+        lines += [f"### LR tuned per batch size (lr rule {result.lr_rule})", "",
+                  "Steps and samples: median over the best LR's seeds (a seed that never reached counts as infinite) "
+                  "[min, max over the seeds that reached]; B_simple: median at the target over those seeds.", "",
+                  "| batch | tuned LR | on the grid's edge | LRs tried | steps to target | samples to target "
+                  "| B_simple at target (probe) | B_simple (exact) |", "|---|---|---|---|---|---|---|---|"]
+        for t in result.tuned:
+            missing = sum(not math.isfinite(s) for s in t.best.steps) if t.best else 0
+            lr = f"{t.best.lr:.4g}" if t.best else "none reached"
+            noise = [f"{t.median(k):.0f}" if math.isfinite(t.median(k)) else "-" for k in (NOISE_PROBE, NOISE_EXACT)]
+            lines.append(f"| {t.batch_size} | {lr} | {t.edge or 'no'} | {len(t.grid)} "
+                         f"| {_spread(t.best.median_steps if t.best else math.nan, t.values(STEPS), 0, missing)} "
+                         f"| {_spread(t.median_samples, t.values(SAMPLES), 0, missing)} "
+                         f"| {noise[0]} | {noise[1]} |")
+        lines.append("")
+        edges = [f"{t.batch_size} ({t.edge})" for t in result.tuned if t.edge]
+        if edges:
+            lines += [f"Best LR on the grid's edge (the optimum may lie beyond it; widen the grid): "
+                      f"{', '.join(edges)}.", ""]
+        lines += [answer_line(result), ""]
+    return "\n".join(lines)
+
+
+def answer_line(result: CriticalBatch) -> str:
+    """B_crit (fit, interval) beside B_simple probe and exact, with their ratios; or why there is no fit."""
+    if result.fit is None:
+        return result.why_no_fit
+    fit = result.fit
+    near = ", ".join(map(str, result.near_batch_sizes)) or "none"
+    return (f"lr rule {result.lr_rule}: B_crit = {fit.b_crit:.0f} ({INTERVAL_LEVEL:.0%} bootstrap interval {result.low:.0f}.."
+            f"{result.high:.0f}), S_min = {fit.s_min:.0f} steps, E_min = {fit.e_min:.0f} samples; "
+            f"B_simple (probe) = {_num(result.noise_scale)} ({_ratio(fit.b_crit, result.noise_scale)}), "
+            f"B_simple (exact) = {_num(result.noise_scale_exact)} ({_ratio(fit.b_crit, result.noise_scale_exact)}); "
+            f"B_simple is the median over the tuned trials at batch sizes {near} (those around B_crit)")
+
+
+def _num(value: float) -> str:
+    return f"{value:.0f}" if math.isfinite(value) else "not recorded"
+
+
+def time_spent(trial_metrics: list[dict[str, float]]) -> dict[str, Optional[float]]:
+    """Each time_*_s metric (one dict of final metrics per trial) summed over the trials that logged it;
+    None where no trial did."""
+    totals: dict[str, Optional[float]] = {}
+    for key in TIME_METRICS:
+        values = [m[key] for m in trial_metrics if key in m and math.isfinite(m[key])]
+        totals[key] = sum(values) if values else None
+    return totals
