@@ -1,7 +1,8 @@
 """The sweep report's figures (matplotlib, no display needed).
 
-Each function takes the trial records and summary rows of harness/results/report.py and
-writes one PNG; nothing here reads MLflow or computes a metric.
+Each function takes the trial records and summary rows of harness/results/report.py (or the
+tuned answers of harness/results/critical.py) and writes one PNG; nothing here reads MLflow
+or computes a metric beyond evaluating an already fitted curve.
 """
 
 from __future__ import annotations
@@ -124,3 +125,112 @@ def steps_to_target(trials, rows, path: Path, target_label: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def draw_critical(results, directory: Path, target_label: str = "target") -> list[Path]:
+    """The trade-off of the LR tuned per batch size (McCandlish et al. 2018, Fig. 1 and 7)."""
+    return [tuned_vs_batch(results, directory / "tuned_steps_vs_batch.png", "steps", target_label),
+            tuned_vs_batch(results, directory / "tuned_samples_vs_batch.png", "samples", target_label),
+            pareto_front(results, directory / "pareto_front.png", target_label)]
+
+
+def _tuned_points(result, key: str):
+    """(batch sizes, medians, lower, upper errors) over the best LR's seeds, reached batch sizes only."""
+    points = [(t.batch_size, t.values(key)) for t in result.tuned if t.values(key)]
+    batch = [b for b, _ in points]
+    median = [statistics.median(v) for _, v in points]
+    low = [m - min(v) for m, (_, v) in zip(median, points)]
+    high = [max(v) - m for m, (_, v) in zip(median, points)]
+    return batch, median, low, high
+
+
+def _dense(batch: list[int]) -> list[float]:
+    lo, hi = math.log(min(batch) / 2), math.log(max(batch) * 2)
+    return [math.exp(lo + (hi - lo) * k / 99) for k in range(100)]
+
+
+def tuned_vs_batch(results, path: Path, quantity: str, target_label: str) -> Path:
+    """Steps (or samples) to target at the tuned LR vs batch size, log-log: median over seeds with
+    their range, the fitted S(B) = S_min + E_min/B (E = B S), perfect scaling (S = E_min/B, E = E_min),
+    B_crit with its interval and B_simple (probe and exact) as vertical lines."""
+    key = "steps_to_target" if quantity == "steps" else "samples_to_target"
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    notes = []
+    for i, result in enumerate(results):
+        colour = f"C{i}"
+        batch, median, low, high = _tuned_points(result, key)
+        if not batch:
+            notes.append(f"lr rule {result.lr_rule}: no batch size reached the target")
+            continue
+        ax.errorbar(batch, median, yerr=[low, high], marker="o", capsize=3, color=colour,
+                    linestyle="none", label=f"tuned LR, lr rule {result.lr_rule} (median, range over seeds)")
+        fit = result.fit
+        if fit is None:
+            notes.append(result.why_no_fit)
+            continue
+        xs = _dense(batch)
+        curve = [fit.steps_at(b) * (1 if quantity == "steps" else b) for b in xs]
+        ideal = [fit.e_min / b if quantity == "steps" else fit.e_min for b in xs]
+        ax.plot(xs, curve, color=colour, label=f"fit: S_min={fit.s_min:.0f}, E_min={fit.e_min:.0f}")
+        ax.plot(xs, ideal, color=colour, linestyle=":", label="perfect scaling" + (" S = E_min/B" if quantity ==
+                                                                                    "steps" else " E = E_min"))
+        _vertical_lines(ax, result, colour)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ylabel = "optimizer steps to target" if quantity == "steps" else "training samples to target"
+    ax.set(title=f"{quantity.capitalize()} to reach {target_label}, LR tuned per batch size",
+           xlabel="global batch size", ylabel=ylabel)
+    _finish(fig, ax, path, notes)
+    return path
+
+
+def _vertical_lines(ax, result, colour) -> None:
+    fit = result.fit
+    ax.axvline(fit.b_crit, color=colour, linestyle="--", label=f"B_crit (fit) = {fit.b_crit:.0f}")
+    if math.isfinite(result.low) and math.isfinite(result.high):
+        ax.axvspan(max(result.low, 1e-9), result.high, color=colour, alpha=0.1, label="B_crit interval")
+    for value, style, name in ((result.noise_scale, "-.", "probe"), (result.noise_scale_exact, (0, (1, 1)), "exact")):
+        if math.isfinite(value) and value > 0:
+            ax.axvline(value, color="crimson", linestyle=style, label=f"B_simple ({name}) = {value:.0f}")
+
+
+def pareto_front(results, path: Path, target_label: str) -> Path:
+    """Samples vs steps to target at the tuned LR (each point a batch size), with the fitted front
+    (S/S_min - 1)(E/E_min - 1) = 1."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    notes = []
+    for i, result in enumerate(results):
+        colour = f"C{i}"
+        batch, steps, _, _ = _tuned_points(result, "steps_to_target")
+        samples_by_batch = dict(zip(*_tuned_points(result, "samples_to_target")[:2]))
+        points = [(s, samples_by_batch[b], b) for b, s in zip(batch, steps) if b in samples_by_batch]
+        if not points:
+            notes.append(f"lr rule {result.lr_rule}: no batch size reached the target")
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", linestyle="none", color=colour,
+                label=f"tuned LR, lr rule {result.lr_rule}")
+        for s, e, b in points:
+            ax.annotate(f"B={b}", (s, e), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if result.fit is not None:
+            fit = result.fit
+            xs = _dense(batch)
+            ax.plot([fit.steps_at(b) for b in xs], [b * fit.steps_at(b) for b in xs], color=colour,
+                    label=f"fit: S_min={fit.s_min:.0f}, E_min={fit.e_min:.0f}, B_crit={fit.b_crit:.0f}")
+        else:
+            notes.append(result.why_no_fit)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(title=f"Pareto front to reach {target_label}", xlabel="optimizer steps", ylabel="training samples")
+    _finish(fig, ax, path, notes)
+    return path
+
+
+def _finish(fig, ax, path: Path, notes: list[str]) -> None:
+    if notes:  # say on the figure why a curve is missing, not only in the table
+        ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
