@@ -26,6 +26,7 @@ from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext
 from harness.errors import InputError
 from harness.core.train_loop import RunHooks, RunResult, train
+from harness.results.critical import time_spent
 from harness.results.report import build_report
 from harness.records.mlflow_store import ui_links
 from harness.records.tracking import display_name, make_tracker
@@ -229,6 +230,23 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+TIME_NAMES = {"time_train_s": "training", "time_eval_s": "evaluation", "time_probe_s": "probes",
+              "time_tracking_s": "tracking"}
+
+
+def where_the_time_went(spent: dict[str, Optional[float]], elapsed_s: float) -> str:
+    """One line: each time_*_s metric summed over the trials, its share of the sweep's wall time,
+    and evaluation against training (issue 13 aims at under 15%)."""
+    parts = [f"{TIME_NAMES[key]} " + (f"{format_duration(value)} ({value / elapsed_s:.0%})" if value is not None
+                                      and elapsed_s > 0 else "not recorded")
+             for key, value in spent.items()]
+    line = f"where the time went (summed over trials, share of {format_duration(elapsed_s)}): {', '.join(parts)}"
+    train, evaluation = spent.get("time_train_s"), spent.get("time_eval_s")
+    if train and evaluation is not None:
+        line += f"; evaluation / training = {evaluation / train:.0%}"
+    return line
+
+
 def report_sweep(cfg: Config, parent: SweepParent, report_dir: str, elapsed_s: float) -> None:
     """The lines a sweep launch ends with: with tracking, ``harness report``'s table, where its
     files went and the links into the MLflow UI; without, the summary table; and the trial count."""
@@ -238,9 +256,12 @@ def report_sweep(cfg: Config, parent: SweepParent, report_dir: str, elapsed_s: f
         report = build_report(cfg.tracking.uri, cfg.tracking.experiment, sweep_run_id=parent.run_id, out_dir=report_dir)
         say("\n" + report.markdown_table)
         say(f"\nreport: {report.directory} (plots: {', '.join(p.name for p in report.plots)})")
+        spent = report.time_spent
     else:
         say(summary_table(outcomes))
+        spent = time_spent([o.result.metrics for o in outcomes if o.result])
     failed = sum(o.error is not None for o in outcomes)
     say(f"{len(outcomes)} trials, {failed} failed, {format_duration(elapsed_s)}")
+    say(where_the_time_went(spent, elapsed_s))
     if cfg.tracking.enabled:
         say("\n".join(ui_links(cfg.tracking.uri, report.experiment_id, parent.run_id)))
