@@ -1,0 +1,239 @@
+"""The report of a sweep with an LR grid, read from a real MLflow store: the tuned LR per batch size,
+the grid-edge flag, B_crit from the fit of S(B) with its bootstrap interval, the parent's metrics
+and the figures.
+
+The child runs are synthetic but written through MlflowClient into a SQLite store, exactly where
+a sweep's trials put them: steps to target follow S = S_min (1 + B_crit/B) with seeded noise, times
+a penalty that grows with the distance from a known best LR, so the right answer is known.
+Expected numbers are computed here independently (numpy's least squares, statistics.median).
+"""
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from conftest import seeded_store
+from harness.results import critical
+from harness.results.report import build_report
+from harness.running.sweep import where_the_time_went
+
+S_MIN, B_CRIT = 100.0, 200.0
+BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+LRS = (0.01, 0.03, 0.1)
+SEEDS = (0, 1, 2)
+# Index of the best LR: the middle of the grid, except on its two edges.
+BEST = {16: 0, 1024: 2}
+BEST_DEFAULT = 1
+# At B=64, LR 0.1 has one seed far faster than anything else but two seeds that never reach the
+# target: its median is infinite and it must not win. At B=512 one seed of the best LR never reaches.
+TRAP = (64, 2)
+BEST_SEED_MISSING = (512, 1)
+FIGURES = ("tuned_steps_vs_batch.png", "tuned_samples_vs_batch.png", "pareto_front.png")
+
+
+def best_index(batch_size):
+    return BEST.get(batch_size, BEST_DEFAULT)
+
+
+def synthetic_steps(batch_size, lr_index, seed, rng):
+    """Steps to target, or None where the trial never reached it."""
+    if (batch_size, lr_index) == TRAP:
+        return S_MIN * (1 + B_CRIT / batch_size) * 0.3 if seed == 2 else None
+    if (batch_size, seed) == BEST_SEED_MISSING and lr_index == best_index(batch_size):
+        return None
+    penalty = 1 + 0.6 * abs(lr_index - best_index(batch_size))
+    return round(S_MIN * (1 + B_CRIT / batch_size) * penalty * rng.lognormal(0.0, 0.03))
+
+
+def noise_scales(batch_size, seed):
+    """(probe, exact) B_simple a trial logs at its target: distinct per trial, so a median can be checked."""
+    probe = 150.0 + 10 * seed + batch_size / 64
+    return probe, 1.7 * probe
+
+
+def log_sweep(uri, batch_sizes=BATCH_SIZES, lrs=LRS, reached=lambda b: True, time_probe=False):
+    """A parent run tagged as a sweep and one child per (batch size, LR, seed), as the trackers write them."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("tuned")
+    parent = client.create_run(experiment, run_name="grid", tags={"run_kind": "sweep"}).info.run_id
+    client.log_param(parent, "metrics.target_val_accuracy", "0.8")
+    rng = np.random.default_rng(7)
+    expected = {}
+    for batch_size in batch_sizes:
+        for lr_index, lr in enumerate(lrs):
+            for seed in SEEDS:
+                steps = synthetic_steps(batch_size, lr_index, seed, rng) if reached(batch_size) else None
+                expected[(batch_size, lr, seed)] = steps
+                name = f"grid-none-bs{batch_size}-lr{lr:.6g}-seed{seed}"
+                tags = {"mlflow.parentRunId": parent, "trial": name}
+                if steps is None and seed == 0:
+                    tags["diverged"] = "true"
+                run = client.create_run(experiment, run_name=f"bs{batch_size} lr{lr:.4g} s{seed} none", tags=tags)
+                run_id = run.info.run_id
+                params = {"batch_size": batch_size, "lr": lr, "seed": seed, "lr_rule": "none"}
+                metrics = {"test_accuracy": 0.8 if steps else 0.5, "time_train_s": 2.0, "time_eval_s": 0.25,
+                           "time_tracking_s": 0.125}
+                if time_probe:
+                    metrics["time_probe_s"] = 0.5
+                if steps is not None:
+                    probe, exact = noise_scales(batch_size, seed)
+                    metrics.update(steps_to_target=steps, samples_to_target=steps * batch_size,
+                                   grad_noise_scale_at_target=probe, grad_noise_scale_exact_at_target=exact)
+                client.log_batch(run_id, metrics=[Metric(k, v, 0, 1) for k, v in metrics.items()],
+                                 params=[Param(k, str(v)) for k, v in params.items()])
+                client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    return client, parent, expected
+
+
+@pytest.fixture(scope="module")
+def tuned_sweep(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tuned")
+    uri = seeded_store(directory)
+    client, parent, expected = log_sweep(uri)
+    report = build_report(uri, "tuned", sweep_run_id=parent, out_dir=directory / "reports")
+    return client, parent, expected, report
+
+
+def median_with_misses(values):
+    return statistics.median([math.inf if v is None else v for v in values])
+
+
+def expected_tuned(expected):
+    """Independently of harness/results/critical.py: the best LR is known by construction."""
+    out = {}
+    for batch_size in BATCH_SIZES:
+        lr = LRS[best_index(batch_size)]
+        seeds = [expected[(batch_size, lr, s)] for s in SEEDS]
+        out[batch_size] = (lr, median_with_misses(seeds), [v for v in seeds if v is not None])
+    return out
+
+
+def history(client, run_id, key):
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_report_picks_the_known_best_lr_and_ignores_an_lr_whose_median_never_reached(tuned_sweep):
+    client, parent, expected, report = tuned_sweep
+    tuned = {t.batch_size: t for t in report.critical[0].tuned}
+    want = expected_tuned(expected)
+    assert {b: t.best.lr for b, t in tuned.items()} == {b: w[0] for b, w in want.items()}
+    # The trap: one seed of LR 0.1 at B=64 is the fastest trial of that batch size, yet two seeds never reached.
+    fastest = min((expected[(64, lr, s)], lr) for lr in LRS for s in SEEDS if expected[(64, lr, s)] is not None)
+    assert fastest[1] == LRS[TRAP[1]] and tuned[64].best.lr != LRS[TRAP[1]]
+    # A seed that never reached counts as infinitely many steps in the median.
+    assert tuned[512].best.median_steps == want[512][1] == max(want[512][2])
+    assert history(client, parent, "tuned_lr") == {b: pytest.approx(w[0]) for b, w in want.items()}
+    assert history(client, parent, "tuned_steps_to_target") == {b: pytest.approx(w[1]) for b, w in want.items()}
+    samples = {b: median_with_misses([None if expected[(b, w[0], s)] is None else expected[(b, w[0], s)] * b
+                                      for s in SEEDS]) for b, w in want.items()}
+    assert history(client, parent, "tuned_samples_to_target") == pytest.approx(samples)
+
+
+def test_a_best_lr_on_the_grids_edge_is_flagged(tuned_sweep):
+    _client, _parent, _expected, report = tuned_sweep
+    edges = {t.batch_size: t.edge for t in report.critical[0].tuned}
+    assert edges == {b: {16: "smallest", 1024: "largest"}.get(b, "") for b in BATCH_SIZES}
+    assert "Best LR on the grid's edge (the optimum may lie beyond it; widen the grid): 16 (smallest), " \
+           "1024 (largest)." in report.markdown_table
+    assert "| 1024 | 0.1 | largest | 3 |" in report.markdown_table
+
+
+def test_b_crit_is_recovered_within_its_interval_and_matches_numpys_least_squares(tuned_sweep):
+    client, parent, expected, report = tuned_sweep
+    metrics = client.get_run(parent).data.metrics
+    b_crit, low, high = (metrics[k] for k in ("critical_batch_size", "critical_batch_size_low",
+                                              "critical_batch_size_high"))
+    assert low < B_CRIT < high and low < b_crit < high
+    assert b_crit == pytest.approx(B_CRIT, rel=0.1)
+    # numpy's own least squares of the tuned medians (seeds that reached) on [1, 1/B].
+    want = expected_tuned(expected)
+    design = np.array([[1.0, 1.0 / b] for b in BATCH_SIZES])
+    medians = np.array([statistics.median(want[b][2]) for b in BATCH_SIZES])
+    (s_min, e_min), *_ = np.linalg.lstsq(design, medians, rcond=None)
+    assert metrics["min_steps_to_target"] == pytest.approx(s_min, rel=1e-9)
+    assert metrics["min_samples_to_target"] == pytest.approx(e_min, rel=1e-9)
+    assert b_crit == pytest.approx(e_min / s_min, rel=1e-9)
+
+
+def test_noise_scale_is_the_median_over_the_tuned_trials_around_b_crit(tuned_sweep):
+    client, parent, expected, _report = tuned_sweep
+    run = client.get_run(parent)
+    assert run.data.tags["grad_noise_scale_batch_sizes_none"] == "128,256"  # B_crit ~ 200 lies between
+    want = expected_tuned(expected)
+    trials = [(b, s) for b in (128, 256) for s in SEEDS if expected[(b, want[b][0], s)] is not None]
+    assert run.data.metrics["grad_noise_scale_at_target"] == pytest.approx(
+        statistics.median(noise_scales(b, s)[0] for b, s in trials))
+    assert run.data.metrics["grad_noise_scale_exact"] == pytest.approx(
+        statistics.median(noise_scales(b, s)[1] for b, s in trials))
+
+
+def test_report_writes_the_figures_and_states_b_crit_beside_b_simple(tuned_sweep):
+    client, parent, _expected, report = tuned_sweep
+    for name in FIGURES:
+        assert (report.directory / name).stat().st_size > 0, name
+    assert {f"report/{name}" for name in FIGURES} <= {a.path for a in client.list_artifacts(parent, "report")}
+    metrics = client.get_run(parent).data.metrics
+    ratio = metrics["critical_batch_size"] / metrics["grad_noise_scale_at_target"]
+    assert f"B_crit / B_simple = {ratio:.2f}" in report.markdown_table
+    assert "at batch sizes 128, 256 (those around B_crit)" in report.markdown_table
+
+
+def test_time_is_summed_over_trials_and_a_missing_metric_is_not_recorded(tuned_sweep):
+    _client, _parent, _expected, report = tuned_sweep
+    trials = len(BATCH_SIZES) * len(LRS) * len(SEEDS)
+    assert report.time_spent == {"time_train_s": 2.0 * trials, "time_eval_s": 0.25 * trials,
+                                 "time_probe_s": None, "time_tracking_s": 0.125 * trials}
+    line = where_the_time_went(report.time_spent, elapsed_s=2.0 * trials * 2)
+    minutes, seconds = divmod(round(2.0 * trials), 60)
+    assert f"training {minutes}m{seconds:02d}s (50%)" in line and "probes not recorded" in line
+    assert "evaluation / training = 12%" in line  # 0.25 s of evaluation per 2 s of training
+
+
+def test_fewer_than_three_batch_sizes_reaching_the_target_says_why_and_logs_no_fit(tmp_path):
+    uri = seeded_store(tmp_path)
+    client, parent, _ = log_sweep(uri, batch_sizes=(16, 32, 64), lrs=(0.01, 0.03), reached=lambda b: b < 64)
+    report = build_report(uri, "tuned", sweep_run_id=parent, out_dir=tmp_path / "reports")
+    why = "no fit of S(B) for lr rule none: 2 batch size(s) reached the target (16, 32); it needs at least 3"
+    assert report.critical[0].why_no_fit == why and why in report.markdown_table
+    metrics = client.get_run(parent).data.metrics
+    assert "critical_batch_size" not in metrics and "grad_noise_scale_at_target" not in metrics
+    assert set(history(client, parent, "tuned_lr")) == {16, 32}
+    assert "| 64 | none reached | no | 2 | not reached |" in report.markdown_table
+    for name in FIGURES:
+        assert (report.directory / name).stat().st_size > 0, name
+
+
+def test_steps_that_grow_with_the_batch_size_give_no_critical_batch_size(tmp_path):
+    """An invalid fit (E_min < 0) is reported with its reason, never logged as a negative B_crit."""
+    trials = [critical_trial(b, 0.1, s, 100.0 + b / 4 + s) for b in (16, 64, 256) for s in SEEDS]
+    result = critical.critical_batch("none", critical.tune(trials))
+    assert result.fit is None and "E_min" in result.why_no_fit and "is not positive" in result.why_no_fit
+    single, _series = critical.parent_metrics([result])
+    assert "critical_batch_size" not in single and "min_steps_to_target" not in single
+
+
+def critical_trial(batch_size, lr, seed, steps, diverged=False):
+    from harness.results.report import TrialRecord
+
+    final = {} if steps is None else {"steps_to_target": steps}
+    return TrialRecord("id", "name", "none", batch_size, lr, seed, "FINISHED", diverged, final)
+
+
+def test_one_lr_per_batch_size_is_never_on_an_edge_and_a_diverged_trial_never_wins():
+    single = critical.tune([critical_trial(32, 0.1, 0, 50.0)])
+    assert single[0].best.lr == 0.1 and single[0].edge == ""
+    tuned = critical.tune([critical_trial(32, 0.1, 0, 50.0), critical_trial(32, 1.0, 0, 10.0, diverged=True),
+                           critical_trial(32, 0.3, 0, 40.0)])
+    assert tuned[0].best.lr == 0.3 and tuned[0].edge == ""  # 0.3 sits inside the grid 0.1, 0.3, 1.0
+
+
+@pytest.mark.parametrize("sizes, b_crit, near", [((16, 64, 256), 100.0, (64, 256)), ((16, 64, 256), 64.0, (16, 64)),
+                                                 ((16, 64, 256), 5.0, (16,)), ((16, 64, 256), 1e4, (256,)),
+                                                 ((16, 64), math.nan, ())])
+def test_batch_sizes_near_b_crit_bracket_it(sizes, b_crit, near):
+    assert critical.nearest_batch_sizes(list(sizes), b_crit) == near
