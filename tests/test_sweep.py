@@ -178,3 +178,107 @@ def test_killed_sweep_resumes_skipping_finished_trials_into_the_same_parent(tmp_
         assert child.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")]
         assert steps == [1, 2, 3, 4], (child.data.tags["trial"], steps)
+
+
+# --- the LR grid (issue 13): sweep.lrs / sweep.lr_factors crossed with batch sizes and seeds ---------------
+
+def grid_config(**sweep):
+    from harness.core.config import Config
+
+    return Config.from_dict({"name": "grid", "data": {"dataset": "digits", "validation_size": 200},
+                             "optim": {"lr": 0.1}, "tracking": {"enabled": False},
+                             "sweep": {"batch_sizes": [8, 32], "seeds": [0, 1], "base_batch_size": 8, **sweep}})
+
+
+def test_explicit_lrs_are_crossed_with_every_batch_size_and_seed_under_unique_names():
+    from harness.running.sweep import expand_trials
+
+    trials = expand_trials(grid_config(lrs=[0.01, 0.3], lr_rules=["none", "sqrt"]))
+    assert len(trials) == 2 * 2 * 2 * 2 and len({t.name for t in trials}) == len(trials)
+    # Explicit LRs are used as given at every batch size: the rule (sqrt) only adds its warmup.
+    assert {(t.trial.lr_rule, t.optim.global_batch_size, t.optim.lr) for t in trials} == \
+        {(r, b, lr) for r in ("none", "sqrt") for b in (8, 32) for lr in (0.01, 0.3)}
+    assert trials[0].name == "grid-none-bs8-lr0.01-seed0" and trials[-1].name == "grid-sqrt-bs32-lr0.3-seed1"
+
+
+def test_lr_factors_multiply_the_scaling_rules_lr():
+    from harness.records.tracking import display_name
+    from harness.running.sweep import expand_trials
+
+    factors = [0.25, 0.5, 1.0, 2.0, 4.0]
+    trials = expand_trials(grid_config(lr_factors=factors, lr_rules=["linear"], seeds=[0]))
+    by_batch = {}
+    for t in trials:
+        by_batch.setdefault(t.optim.global_batch_size, []).append(t.optim.lr)
+    # linear scaling from lr 0.1 at B=8: 0.1 at 8, 0.4 at 32, each times the factors (log-spaced: ratio 2).
+    assert by_batch == {8: pytest.approx([0.1 * f for f in factors]), 32: pytest.approx([0.4 * f for f in factors])}
+    assert [t.name for t in trials[:2]] == ["grid-linear-bs8-lrx0.25-seed0", "grid-linear-bs8-lrx0.5-seed0"]
+    assert display_name(trials[-1]) == "bs32 lr1.6 s0 linear"
+
+
+def test_without_a_grid_trials_keep_their_names_and_lrs():
+    from harness.running.sweep import expand_trials
+
+    trials = expand_trials(grid_config(lr_rules=["linear"]))
+    assert [(t.name, t.optim.lr) for t in trials] == [
+        ("grid-linear-bs8-seed0", 0.1), ("grid-linear-bs8-seed1", 0.1),
+        ("grid-linear-bs32-seed0", pytest.approx(0.4)), ("grid-linear-bs32-seed1", pytest.approx(0.4))]
+
+
+@pytest.mark.parametrize("sweep_keys, expected", [
+    ("lrs: []", "sweep.lrs: expected a non-empty list of positive numbers, got []"),
+    ("lr_factors: [0.5, 0]", "sweep.lr_factors: expected a non-empty list of positive numbers"),
+    ("lrs: [0.1, -0.1]", "sweep.lrs: expected a non-empty list of positive numbers"),
+    ("{lrs: [0.1], lr_factors: [1.0]}", "sweep.lr_factors: given together with sweep.lrs; expected at most one"),
+    ("lrs: [0.1, 0.10000001]", "sweep.lrs: values that agree to 6 significant digits"),
+    ("lrs: [0.1, 0.1]", "sweep.lrs: expected distinct values (repeated: 0.1)"),
+])
+def test_a_bad_lr_grid_exits_2_with_one_line_before_anything_starts(tmp_path, monkeypatch, capsys, sweep_keys,
+                                                                   expected):
+    import importlib.util
+
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("launch_sweep_grid", REPO / "launch" / "sweep.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    config = tmp_path / "grid.yaml"
+    keys = sweep_keys if sweep_keys.startswith("{") else "{" + sweep_keys + "}"
+    config.write_text(TINY_SWEEP.split("sweep: {")[0] + f"sweep: {keys}\n")
+    status = launcher.main(["--config", str(config)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and expected in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_local_sweep_with_an_lr_grid_records_the_tuned_lr_on_the_parent(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_SWEEP.replace("lr_rules: [linear], base_batch_size: 8",
+                                         "lr_rules: [none], base_batch_size: 8, lr_factors: [0.25, 1.0]")
+                      .replace("[8, 32, 1024]", "[8, 16, 32]").replace("activation: relu", "activation: tanh")
+                      .replace("epochs: 3", "epochs: 1").replace("sharpness_samples: 256", "sharpness: false"))
+    result = run_command([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher",
+                          "local", "--set", f"tracking.uri={seeded_store(tmp_path)}",
+                          "--set", f"checkpoint.dir={tmp_path}/ckpt", "--report-dir", str(tmp_path / "reports")],
+                         cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "6 trials, 0 failed" in result.stdout
+    assert re.search(r"^where the time went \(summed over trials, share of \d+m\d\ds\): training ", result.stdout, re.M)
+    assert "### LR tuned per batch size (lr rule none)" in result.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    parent = client.search_runs([experiment], "tags.run_kind = 'sweep'")[0]
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["trial"] for c in children) == sorted(
+        f"tiny-none-bs{b}-lrx{f}-seed0" for b in (8, 16, 32) for f in ("0.25", "1"))
+    assert {c.info.run_name for c in children} == {f"bs{b} lr{lr:.4g} s0 none" for b in (8, 16, 32)
+                                                   for lr in (0.05, 0.2)}
+    # The parent's tuned LR per batch size is, at every batch size that reached the target, the LR of the
+    # child with the fewest steps (one seed: the median is the value).
+    steps = {}
+    for c in children:
+        if "steps_to_target" in c.data.metrics and c.data.tags.get("diverged") != "true":
+            key = int(c.data.params["batch_size"])
+            steps[key] = min(steps.get(key, (math.inf, 0)), (c.data.metrics["steps_to_target"],
+                                                               float(c.data.params["lr"])))
+    tuned = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "tuned_lr")}
+    assert steps and tuned == {b: pytest.approx(lr) for b, (_s, lr) in steps.items()}

@@ -180,7 +180,7 @@ def test_report_writes_the_figures_and_states_b_crit_beside_b_simple(tuned_sweep
     metrics = client.get_run(parent).data.metrics
     ratio = metrics["critical_batch_size"] / metrics["grad_noise_scale_at_target"]
     assert f"B_crit / B_simple = {ratio:.2f}" in report.markdown_table
-    assert "at batch sizes 128, 256 (those around B_crit)" in report.markdown_table
+    assert "at batch sizes 128, 256 (the nearest to B_crit)" in report.markdown_table
 
 
 def test_time_is_summed_over_trials_and_a_missing_metric_is_not_recorded(tuned_sweep):

@@ -242,15 +242,22 @@ def answer_line(result: CriticalBatch) -> str:
         return result.why_no_fit
     fit = result.fit
     near = ", ".join(map(str, result.near_batch_sizes)) or "none"
-    return (f"lr rule {result.lr_rule}: B_crit = {fit.b_crit:.0f} ({INTERVAL_LEVEL:.0%} bootstrap interval {result.low:.0f}.."
-            f"{result.high:.0f}), S_min = {fit.s_min:.0f} steps, E_min = {fit.e_min:.0f} samples; "
+    sizes = [t.batch_size for t in result.tuned if t.reached]
+    line = (f"lr rule {result.lr_rule}: B_crit = {fit.b_crit:.4g} ({INTERVAL_LEVEL:.0%} bootstrap interval "
+            f"{result.low:.4g}..{result.high:.4g}), S_min = {fit.s_min:.4g} steps, E_min = {fit.e_min:.4g} samples; "
             f"B_simple (probe) = {_num(result.noise_scale)} ({_ratio(fit.b_crit, result.noise_scale)}), "
             f"B_simple (exact) = {_num(result.noise_scale_exact)} ({_ratio(fit.b_crit, result.noise_scale_exact)}); "
-            f"B_simple is the median over the tuned trials at batch sizes {near} (those around B_crit)")
+            f"B_simple is the median over the tuned trials at batch sizes {near} (the nearest to B_crit)")
+    if not min(sizes) <= fit.b_crit <= max(sizes):
+        line += (f". B_crit lies outside the batch sizes that reached the target ({min(sizes)}..{max(sizes)}): "
+                 "an extrapolation")
+    if all(len(t.values(STEPS)) < 2 for t in result.tuned if t.reached):
+        line += ". One seed per batch size: the interval says nothing about seed noise"
+    return line
 
 
 def _num(value: float) -> str:
-    return f"{value:.0f}" if math.isfinite(value) else "not recorded"
+    return f"{value:.4g}" if math.isfinite(value) else "not recorded"
 
 
 def time_spent(trial_metrics: list[dict[str, float]]) -> dict[str, Optional[float]]:
