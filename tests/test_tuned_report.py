@@ -237,3 +237,17 @@ def test_one_lr_per_batch_size_is_never_on_an_edge_and_a_diverged_trial_never_wi
                                                  ((16, 64), math.nan, ())])
 def test_batch_sizes_near_b_crit_bracket_it(sizes, b_crit, near):
     assert critical.nearest_batch_sizes(list(sizes), b_crit) == near
+
+
+def test_with_two_lr_rules_the_fixed_names_hold_rule_none_and_each_rule_gets_suffixed_names():
+    trials = [critical_trial(b, 0.1, s, S_MIN * (1 + B_CRIT / b) + s) for b in (16, 64, 256, 1024) for s in SEEDS]
+    trials += [critical_trial(b, 0.2, s, 2 * S_MIN * (1 + B_CRIT / b) + s) for b in (16, 64, 256, 1024) for s in SEEDS]
+    for trial in trials[len(trials) // 2:]:
+        trial.lr_rule = "linear"
+    tuned = critical.tune(trials)
+    results = [critical.critical_batch(rule, tuned, resamples=50) for rule in ("linear", "none")]
+    single, series = critical.parent_metrics(results)
+    assert single["critical_batch_size"] == single["critical_batch_size_none"] == results[1].fit.b_crit
+    assert single["min_steps_to_target_linear"] == pytest.approx(2 * single["min_steps_to_target"], rel=0.05)
+    assert series["tuned_lr"] == {b: 0.1 for b in (16, 64, 256, 1024)}
+    assert series["tuned_lr_linear"] == {b: 0.2 for b in (16, 64, 256, 1024)}
