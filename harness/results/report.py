@@ -222,7 +222,7 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     table = markdown_table(rows) + "\n\n" + critical.markdown(results)
     markdown_path.write_text(f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{table}\n")
     target = parent.data.params.get("metrics.target_val_accuracy")
-    target_label = f"val acc ≥ {target}" if target else "target"
+    target_label = f"val acc ≥ {target}" if target not in (None, "None") else "target"
     drawn = plots.draw_all(trials, per_batch, directory, target_label=target_label)
     drawn += plots.draw_critical(results, directory, target_label=target_label)
     if log_artifacts:

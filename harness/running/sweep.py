@@ -230,8 +230,8 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-TIME_NAMES = {"time_train_s": "training", "time_eval_s": "evaluation", "time_probe_s": "probes",
-              "time_tracking_s": "tracking"}
+TIME_NAMES = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epoch_eval_s": "epoch-end evaluation",
+              "time_probe_s": "probes", "time_tracking_s": "tracking"}
 
 
 def where_the_time_went(spent: dict[str, Optional[float]], elapsed_s: float) -> str:
