@@ -16,8 +16,12 @@ from harness.records.tracking import BY_STEP_KEYS, make_tracker
 
 EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
                  "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss", "samples_per_s",
-                 "epoch_s", "global_step", "lr", "grad_sq_norm_estimate", "grad_trace_cov_estimate"}
+                 "epoch_s", "global_step", "lr", "grad_sq_norm_estimate", "grad_trace_cov_estimate",
+                 "time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s", "time_tracking_s",
+                 "eval_fraction"}
 FINAL_METRICS = {"top_hessian_eigenvalue"}
+TIMINGS = {"epoch_s", "samples_per_s", "time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s",
+           "time_tracking_s", "eval_fraction"}
 
 
 def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
@@ -30,8 +34,10 @@ def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
     assert run.data.params["model.hidden_sizes"] == "[32]" and run.data.params["world_size"] == "1"
     assert {"git_commit", "torch_version", "launcher"} <= set(run.data.tags)
     by_step = {f"by_step/{key}" for key in BY_STEP_KEYS}
-    assert EPOCH_METRICS | FINAL_METRICS | by_step <= set(run.data.metrics) <= (
-        EPOCH_METRICS | FINAL_METRICS | by_step | {"grad_noise_scale"})
+    assert EPOCH_METRICS | FINAL_METRICS | by_step | {"val_subset_accuracy"} <= set(run.data.metrics) <= (
+        EPOCH_METRICS | FINAL_METRICS | by_step | {"grad_noise_scale", "val_subset_accuracy"})
+    # The subset's evaluations, every step here (an automatic interval over 16 steps is 1), logged with step = step.
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_subset_accuracy")] == list(range(1, 17))
     for key in by_step:  # the same values again, with step = the optimizer step at each epoch's end
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [8, 16], key
     assert run.data.tags["steps_to_target"] == "not reached"  # smoke is far from 0.85
@@ -61,7 +67,7 @@ def test_same_config_twice_gives_identical_metrics_and_parameters(tmp_path):
     runs = [train(smoke_config(tmp_path / str(i), "tracking.enabled=false"), DistContext()) for i in range(2)]
     assert runs[0].metrics.keys() == runs[1].metrics.keys()
     for key in runs[0].metrics:
-        if key not in ("epoch_s", "samples_per_s"):
+        if key not in TIMINGS:
             assert runs[0].metrics[key] == runs[1].metrics[key], key
     states = [torch.load(r.checkpoint, weights_only=True)["model"] for r in runs]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -139,13 +139,24 @@ class TrainConfig(ConfigModel):
     # every training sample exactly once at any batch size.
     drop_last: bool = False
     progress: bool = True
+    # End the run (FINISHED, final checkpoint) at the first evaluation whose subset
+    # accuracy reaches metrics.target_val_accuracy: a grid spends nothing after the answer.
+    stop_at_target: bool = False
 
 
 class MetricsConfig(ConfigModel):
     """What harness/measure/metrics.py measures during a run."""
 
-    # Steps-to-target (Shallue et al. 2018): first epoch whose validation accuracy reaches this.
-    target_val_accuracy: Annotated[float, Field(gt=0, le=1), Expect("a number in (0, 1]")] = 0.85
+    # Steps-to-target (Shallue et al. 2018): the first evaluation (every eval_every_steps
+    # steps, on the first eval_samples validation samples) whose accuracy reaches this.
+    # None: no target (then train.stop_at_target cannot be set).
+    target_val_accuracy: Optional[Annotated[float, Field(gt=0, le=1), Expect("a number in (0, 1] or null")]] = 0.85
+    # None: about 40 evaluations over the run's step budget (harness/core/evaluation.py).
+    eval_every_steps: Optional[PositiveInt] = None
+    eval_samples: PositiveInt = 2000
+    # The exact B_simple from per-example gradients at the target (measure/exact_noise.py),
+    # over the first N training samples; None: not computed.
+    exact_noise_samples: Optional[PositiveInt] = 1024
     noise_scale: bool = True
     noise_scale_ema_decay: Fraction = 0.95
     # Measure every N-th step: the estimate is an average anyway, and measuring
@@ -328,6 +339,9 @@ def _check_cross_field(cfg: Config) -> None:
     if data.validation_size >= total:
         raise InputError(f"data.validation_size: {data.validation_size} leaves no training data; "
                          f"expected < {total} for {data.dataset}")
+    if cfg.train.stop_at_target and cfg.metrics.target_val_accuracy is None:
+        raise InputError("train.stop_at_target: true needs a target; expected metrics.target_val_accuracy "
+                         "in (0, 1], or stop_at_target false")
     if cfg.sweep:
         _check_trial_names(cfg)
     sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)

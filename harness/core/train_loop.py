@@ -8,15 +8,17 @@ it kept itself, and act after each epoch (Ray reports there). Collectives run on
 every rank, before the tracker is called.
 What one step does belongs to core/step.py (and core/graph_step.py, which wraps
 it): the loop calls ``trainer.train_step`` and does not know which one it holds.
+The evaluations every few steps, the target, what is measured there and the clock
+belong to core/evaluation.py: the loop calls it after each step and logs what it
+kept at each epoch's end (one batch of records, not one per evaluation).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +30,11 @@ from harness.core.config import Config
 from harness.core.data import BatchPlan, Dataset, Split, load_dataset
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.epoch_bar import LossPostfix, epoch_bar
+from harness.core.evaluation import RunCounters, StepEvaluations, evaluate, time_metrics, timed
 from harness.measure.grad_noise import NoiseProbe
 from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
 from harness.core.step import EagerStep, LRSchedule, unwrap
-from harness.measure.metrics import steps_to_target, top_hessian_eigenvalue
+from harness.measure.metrics import top_hessian_eigenvalue
 from harness.core.model import build_model
 from harness.console import say
 from harness.records.tracking import by_step_metrics, make_tracker
@@ -98,9 +101,12 @@ class Trainer:
         """The learning rate of step ``global_step`` (the epoch's metrics log it)."""
         return self.schedule.lr_at(global_step)
 
-    def run_epoch(self, epoch: int, first_global_step: int, max_steps: int, bar) -> tuple[float, int, int]:
+    def run_epoch(self, epoch: int, first_global_step: int, max_steps: int, bar,
+                  after_step: Optional[Callable[[int, int], bool]] = None) -> tuple[float, int, int]:
         """Train up to ``max_steps`` steps of one epoch, counting them on the tqdm ``bar``.
 
+        ``after_step(global step done, its global batch size)`` runs after every
+        step (host integers only: the periodic evaluation); true ends the epoch there.
         Returns (running mean loss, samples of all ranks, steps).
         """
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
@@ -116,27 +122,11 @@ class Trainer:
             steps += 1
             postfix.maybe_show(loss_sum, local_samples)  # before update(): its redraw then shows the new value
             bar.update(1)
+            if after_step and after_step(first_global_step + steps, global_batch_size):
+                break
         totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(local_samples), dtype=torch.float64,
                                                                     device=self.ctx.device)]), self.ctx)
         return float(totals[0] / totals[1]), int(totals[1]), steps
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size: int) -> tuple[float, float]:
-    """(mean loss, accuracy) over the whole split; each rank scores a contiguous shard, then a sum-reduce."""
-    model = unwrap(model)
-    shard = torch.tensor_split(torch.arange(len(split)), ctx.world_size)[ctx.rank]
-    start, stop = (int(shard[0]), int(shard[-1]) + 1) if len(shard) else (0, 0)
-    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
-    for lo in range(start, stop, batch_size):
-        x, y = split.features[lo:min(stop, lo + batch_size)], split.targets[lo:min(stop, lo + batch_size)]
-        logits = model(x)
-        totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        totals[1] += (logits.argmax(1) == y).sum()
-        totals[2] += len(y)
-    all_reduce_sum(totals, ctx)
-    count = max(float(totals[2]), 1.0)
-    return float(totals[0]) / count, float(totals[1]) / count
 
 
 def epoch_metrics(trainer: Trainer, dataset: Dataset, train_loss_running: float, epoch: int) -> dict[str, float]:
@@ -180,17 +170,6 @@ def _wrap_ddp(model: torch.nn.Module, ctx: DistContext, graph_stream) -> Distrib
     # up and captures. Without a graph step the stream is None, a no-op here.
     with torch.cuda.stream(graph_stream):
         return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-
-
-@dataclass
-class RunCounters:
-    """Counters that outlive an epoch (and a restart: they are checkpointed, under the key "progress")."""
-
-    epoch: int = 0
-    global_step: int = 0
-    samples_seen: int = 0
-    train_seconds: float = 0.0
-    target_reached_epoch: int = 0  # 0: validation accuracy has not reached the target yet
 
 
 def checkpoint_state(trainer: Trainer, counters: RunCounters, run_id: Optional[str],
@@ -268,35 +247,62 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
         latest = None
     result = RunResult(run_id, counters.epoch, counters.global_step)
     step_budget = cfg.train.max_steps or cfg.total_epochs * trainer.plan.steps_per_epoch
-    for epoch in range(counters.epoch + 1, cfg.total_epochs + 1):
-        started = time.perf_counter()
+    evals = StepEvaluations(cfg, ctx, trainer.model, dataset.validation, trainer.train_set, trainer.noise_probe,
+                            counters, step_budget, trainer.train_step.on_training_stream)
+    # A run that stopped at its target is finished: resuming it trains nothing more.
+    first_epoch = cfg.total_epochs + 1 if counters.stopped_at_target else counters.epoch + 1
+    for epoch in range(first_epoch, cfg.total_epochs + 1):
+        train_seconds_before = counters.train_seconds
+        evals.start_epoch()
         with epoch_bar(cfg, ctx, trainer.plan.steps_per_epoch, epoch) as bar:
-            train_loss_running, samples, steps = trainer.run_epoch(epoch, counters.global_step,
-                                                                   step_budget - counters.global_step, bar)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-        elapsed_s = time.perf_counter() - started
+            train_loss_running, samples, steps = trainer.run_epoch(
+                epoch, counters.global_step, step_budget - counters.global_step, bar, evals.after_step)
+        evals.end_epoch()
+        elapsed_s = counters.train_seconds - train_seconds_before
         counters.epoch, counters.global_step = epoch, counters.global_step + steps
         counters.samples_seen += samples
-        counters.train_seconds += elapsed_s
+        counters.stopped_at_target = cfg.train.stop_at_target and counters.target_reached_step > 0
+        is_last = epoch == cfg.total_epochs or counters.stopped_at_target
         metrics, tags = _measure_epoch(trainer, dataset, counters, train_loss_running, elapsed_s, samples)
         diverged = "diverged" in tags
-        if not diverged and epoch == cfg.total_epochs and cfg.metrics.sharpness:
-            metrics["top_hessian_eigenvalue"] = sharpness(trainer)
-        if epoch == cfg.total_epochs and not counters.target_reached_epoch:
+        metrics.update(evals.take_at_target())
+        if "steps_to_target" in metrics:
+            tags["steps_to_target"] = str(int(metrics["steps_to_target"]))
+        if not diverged and is_last and cfg.metrics.sharpness:
+            with timed(counters, "probe_seconds", ctx.device):
+                metrics["top_hessian_eigenvalue"] = sharpness(trainer)
+        if is_last and not counters.target_reached_step and cfg.metrics.target_val_accuracy is not None:
             tags["steps_to_target"] = "not reached"
+        if counters.stopped_at_target:
+            tags["stopped_at_target"] = "true"
+        metrics.update(time_metrics(counters))  # cumulative; the last epoch's are the run's
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        tracker.log_metrics(finite, step=epoch)
-        tracker.log_metrics(by_step_metrics(finite), step=counters.global_step)
-        if tags:
-            tracker.set_tags(tags)
+        with timed(counters, "tracking_seconds", ctx.device):
+            tracker.log_metrics(finite, step=epoch)
+            tracker.log_metrics(by_step_metrics(finite), step=counters.global_step)
+            tracker.log_metric_history("val_subset_accuracy", evals.take_history())
+            if tags:
+                tracker.set_tags(tags)
         result = RunResult(run_id, epoch, counters.global_step, metrics, diverged)
         if diverged:
             break
         latest = checkpoints.save(checkpoint_state(trainer, counters, run_id, hooks.launch_id), epoch)
         hooks.after_epoch(epoch, metrics, latest, ctx)
+        if counters.stopped_at_target:
+            break
+    if result.metrics:
+        say(_time_line(cfg.name, counters), ctx=ctx)
     result.checkpoint = latest
     return result
+
+
+def _time_line(name: str, counters: RunCounters) -> str:
+    """The run's last console line: where its time went."""
+    times = time_metrics(counters)
+    return (f"[{name}] time: training {times['time_train_s']:.2f} s, evaluations every few steps "
+            f"{times['time_eval_s']:.2f} s ({times['eval_fraction']:.1%} of training), epoch-end evaluations "
+            f"{times['time_epoch_eval_s']:.2f} s, probes {times['time_probe_s']:.2f} s, "
+            f"tracking {times['time_tracking_s']:.2f} s")
 
 
 def _measure_epoch(trainer: Trainer, dataset: Dataset, counters: RunCounters, train_loss_running: float,
@@ -306,20 +312,12 @@ def _measure_epoch(trainer: Trainer, dataset: Dataset, counters: RunCounters, tr
         # Evaluating a blown-up model only produces NaNs: record the loss and stop.
         return ({"train_loss_running": train_loss_running, "global_step": float(counters.global_step)},
                 {"diverged": "true", "diverged_epoch": str(counters.epoch)})
-    metrics = epoch_metrics(trainer, dataset, train_loss_running, counters.epoch)
+    with timed(counters, "epoch_eval_seconds", trainer.ctx.device):
+        metrics = epoch_metrics(trainer, dataset, train_loss_running, counters.epoch)
     if trainer.noise_probe:
-        metrics.update(trainer.noise_probe.epoch_metrics())
+        with timed(counters, "probe_seconds", trainer.ctx.device):
+            metrics.update(trainer.noise_probe.epoch_metrics())
+    # elapsed_s: the training steps only, without the evaluations between them.
     metrics.update(epoch_s=elapsed_s, samples_per_s=samples / elapsed_s, global_step=float(counters.global_step),
                    lr=trainer.lr_at(counters.global_step))
-    tags = {}
-    # Only the first epoch that reaches the target counts; the loop keeps no history of
-    # evaluations, so it asks about this one while the target has not been reached yet.
-    reached = None if counters.target_reached_epoch else steps_to_target(
-        [metrics.get("val_accuracy", 0.0)], steps=[counters.global_step], samples=[counters.samples_seen],
-        seconds=[counters.train_seconds], target=trainer.cfg.metrics.target_val_accuracy, epochs=[counters.epoch])
-    if reached:
-        counters.target_reached_epoch = reached.epochs
-        metrics.update(steps_to_target=float(reached.steps), epochs_to_target=float(reached.epochs),
-                       samples_to_target=float(reached.samples), seconds_to_target=reached.seconds)
-        tags["steps_to_target"] = str(reached.steps)
-    return metrics, tags
+    return metrics, {}

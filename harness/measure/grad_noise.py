@@ -6,9 +6,16 @@ DDP's buckets before they are all-reduced (a communication hook), and the "big"
 one is the all-reduced gradient (B). With one rank the local batch is split in
 two halves (B/2 each) that are backpropagated one after the other.
 
-Squared norms stay on the device in exponential moving averages; they are
-averaged over ranks and turned into B_simple once per epoch (metrics.py), so no
-step waits for the host. Everything a measured step changes is a device tensor
+Squared norms stay on the device, in two places. An exponential moving average
+over the whole run (decay ``metrics.noise_scale_ema_decay``) is averaged over
+ranks and turned into the epoch metric ``grad_noise_scale`` once per epoch: it is
+an average weighted towards recent steps, not the value at the epoch's end. And
+a window: the plain sums of the two squared norms since the previous evaluation
+point (core/evaluation.py closes it there and keeps the last
+``WINDOWS_KEPT`` closed windows), from which the loop reads
+``grad_noise_scale_at_target`` where a run first reaches its target. Either way
+the two components are averaged before they are divided (McCandlish et al.:
+each is unbiased, their ratio is not), and no step waits for the host. Everything a measured step changes is a device tensor
 (the averages and their update count), so the step can be captured in a CUDA
 graph (graph_step.py) and replayed.
 
@@ -27,6 +34,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.measure.metrics import debiased_average, noise_scale_components, simple_noise_scale
+
+# B_simple at the target averages the newest closed windows, the ones that end at
+# that evaluation: at least MIN_WINDOWS_AT_TARGET of them, and older ones (up to
+# WINDOWS_KEPT) until they hold MIN_MEASURED_STEPS_AT_TARGET measured steps. Not
+# windows after it: train.stop_at_target ends the run there. More than one window
+# because at ~40 evaluations per budget, with one measured step in
+# noise_scale_interval, one window can hold very few measured steps, and a
+# one-step estimate of |G|^2 is often negative.
+WINDOWS_KEPT = 8
+MIN_WINDOWS_AT_TARGET = 2
+MIN_MEASURED_STEPS_AT_TARGET = 16
 
 
 def squared_norm(tensors) -> torch.Tensor:
@@ -52,6 +70,10 @@ class NoiseProbe:
         self.ema = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (small, big) squared norms
         self.updates = torch.zeros((), dtype=torch.float64, device=ctx.device)
         self.local_sq_norm = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        # Since the last evaluation point: (small, big) squared-norm sums and their count.
+        self.window = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+        # The last WINDOWS_KEPT closed windows, oldest first, averaged over ranks.
+        self.closed_windows = torch.zeros(WINDOWS_KEPT, 3, dtype=torch.float64, device=ctx.device)
         self.armed = False
 
     @property
@@ -122,8 +144,42 @@ class NoiseProbe:
         """One step's pair of squared norms: ``small_sq_norm`` local, ``params``' grads reduced."""
         self.armed = False
         big_sq_norm = squared_norm([p.grad for p in params])
-        self.ema.mul_(self.decay).add_(torch.stack([small_sq_norm, big_sq_norm]), alpha=1 - self.decay)
+        pair = torch.stack([small_sq_norm, big_sq_norm])
+        self.ema.mul_(self.decay).add_(pair, alpha=1 - self.decay)
         self.updates.add_(1)
+        # In place, like the EMA: a captured step holds these addresses.
+        self.window[:2].add_(pair)
+        self.window[2].add_(1)
+
+    def close_window(self) -> None:
+        """At an evaluation point, on every rank (it all-reduces): keep the window, start a new one.
+
+        Device work only, no host read: the closed windows are read at the target.
+        """
+        all_reduce_sum(self.window, self.ctx).div_(self.ctx.world_size)
+        self.closed_windows.copy_(torch.cat([self.closed_windows[1:], self.window.unsqueeze(0)]))
+        self.window.zero_()
+
+    def window_metrics(self) -> dict[str, float]:
+        """B_simple and its components over the closed windows (a host read); empty if none measured."""
+        small_sum = big_sum = count = 0.0
+        windows = 0
+        for small, big, measured in reversed(self.closed_windows.tolist()):  # newest first
+            if windows >= MIN_WINDOWS_AT_TARGET and count >= MIN_MEASURED_STEPS_AT_TARGET:
+                break
+            small_sum, big_sum, count, windows = small_sum + small, big_sum + big, count + measured, windows + 1
+        if count == 0:
+            return {}
+        # Mean squared norms, then the (linear, unbiased) components, then their ratio.
+        grad_sq_norm, trace_cov = noise_scale_components(small_sum / count, big_sum / count,
+                                                         self.small_batch_size, self.big_batch_size)
+        metrics = {"grad_sq_norm_at_target": grad_sq_norm, "grad_trace_cov_at_target": trace_cov,
+                   "grad_noise_scale_measured_steps_at_target": count,
+                   "grad_noise_scale_windows_at_target": float(windows)}
+        noise_scale = simple_noise_scale(grad_sq_norm, trace_cov)
+        if noise_scale == noise_scale:
+            metrics["grad_noise_scale_at_target"] = noise_scale
+        return metrics
 
     def epoch_metrics(self) -> dict[str, float]:
         """Every rank must call this (it all-reduces). Empty until a step was measured."""
@@ -132,6 +188,8 @@ class NoiseProbe:
         # then holds the same state, which is what rank 0's checkpoint saves.
         # In place: a captured step holds this tensor's address.
         all_reduce_sum(self.ema, self.ctx).div_(self.ctx.world_size)
+        # The open window too (linear as well): what rank 0 checkpoints is then every rank's state.
+        all_reduce_sum(self.window, self.ctx).div_(self.ctx.world_size)
         updates = int(self.updates)  # the epoch's one read of the count (a sync, once per epoch)
         if updates == 0:
             return {}
@@ -144,8 +202,12 @@ class NoiseProbe:
         return metrics
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema.cpu(), "updates": int(self.updates)}
+        return {"ema": self.ema.cpu(), "updates": int(self.updates), "window": self.window.cpu(),
+                "closed_windows": self.closed_windows.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.copy_(state["ema"])
         self.updates.fill_(int(state["updates"]))
+        # Checkpoints from before the window start with empty windows.
+        self.window.copy_(state.get("window", torch.zeros(3)))
+        self.closed_windows.copy_(state.get("closed_windows", torch.zeros_like(self.closed_windows)))

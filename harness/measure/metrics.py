@@ -61,7 +61,7 @@ def debiased_average(average, decay: float, updates: int):
 @dataclass(frozen=True)
 class TargetReached:
     steps: int
-    epochs: int
+    epochs: float  # may be a fraction: evaluations fall inside epochs
     samples: int
     seconds: float
 
@@ -77,17 +77,18 @@ def first_reaching(values: Sequence[float], target: float) -> Optional[int]:
 def steps_to_target(val_accuracy: Sequence[float], steps: Sequence[int], samples: Sequence[int],
                     seconds: Sequence[float], target: float,
                     epochs: Optional[Sequence[int]] = None) -> Optional[TargetReached]:
-    """The first evaluation (epoch) whose validation accuracy reaches ``target``.
+    """The first evaluation whose validation accuracy reaches ``target``.
 
     Shallue et al. 2018 measure steps-to-result at evaluation points; so do we.
     ``steps``, ``samples`` and ``seconds`` are cumulative at each evaluation;
-    ``epochs`` numbers the evaluations (default 1, 2, ...). The training loop
-    passes one evaluation at a time, with its epoch, until the target is reached.
+    ``epochs`` gives the epochs done at each evaluation (default 1, 2, ...; a
+    fraction where evaluations fall inside epochs). The training loop passes one
+    evaluation at a time (core/evaluation.py, every few steps) until the target is reached.
     """
     index = first_reaching(val_accuracy, target)
     if index is None:
         return None
-    epoch = int(epochs[index]) if epochs is not None else index + 1
+    epoch = float(epochs[index]) if epochs is not None else index + 1
     return TargetReached(steps=int(steps[index]), epochs=epoch, samples=int(samples[index]),
                          seconds=float(seconds[index]))
 

@@ -308,6 +308,12 @@ def metrics_record(run_id: str, metrics: dict[str, float], step: int) -> dict[st
             "metrics": metrics}
 
 
+def history_record(run_id: str, key: str, points: list[tuple[int, float]]) -> dict[str, Any]:
+    """``key`` at many steps: ``points`` = [(step, value), ...]."""
+    return {"op": "history", "run_id": run_id, "key": key, "timestamp_ms": int(time.time() * 1000),
+            "points": [[int(step), float(value)] for step, value in points]}
+
+
 def logged_steps(client, run_id: str) -> set[tuple[str, int]]:
     """Every (metric, step) the tracking store already holds for ``run_id``."""
     keys = client.get_run(run_id).data.metrics.keys()
@@ -326,6 +332,12 @@ def apply_record(client, record: dict[str, Any], logged: set[tuple[str, int]]) -
         if fresh:
             client.log_batch(run_id, metrics=fresh)
             logged.update((m.key, step) for m in fresh)
+    elif record["op"] == "history":  # one metric at many steps (evaluations inside a run), in few calls
+        fresh = [Metric(record["key"], float(v), record["timestamp_ms"], int(step)) for step, v in record["points"]
+                 if (record["key"], int(step)) not in logged]
+        for lo in range(0, len(fresh), MLFLOW_METRIC_BATCH):
+            client.log_batch(run_id, metrics=fresh[lo:lo + MLFLOW_METRIC_BATCH])
+            logged.update((m.key, m.step) for m in fresh[lo:lo + MLFLOW_METRIC_BATCH])
     elif record["op"] == "tags":
         for key, value in record["tags"].items():
             client.set_tag(run_id, key, value)
@@ -336,7 +348,8 @@ def apply_record(client, record: dict[str, Any], logged: set[tuple[str, int]]) -
 
 
 RECORD_KEYS = {"metrics": ("run_id", "step", "timestamp_ms", "metrics"), "tags": ("run_id", "tags"),
-               "terminate": ("run_id", "status")}
+               "terminate": ("run_id", "status"), "history": ("run_id", "key", "timestamp_ms", "points")}
+MLFLOW_METRIC_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
 def parse_lines(spool: Spool) -> tuple[list[dict[str, Any]], list[int]]:

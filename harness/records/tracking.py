@@ -28,7 +28,8 @@ from harness.core.checkpoint import SPOOL_NAME, checkpoint_dir
 from harness.core.config import Config, flatten
 from harness.core.distributed import DistContext
 from harness.records.mlflow_store import (Spool, apply_record, child_runs, default_tracking_uri, end_running_children,
-                                          experiment_id, logged_steps, metrics_record, newest_sweep_run, open_client)
+                                          experiment_id, history_record, logged_steps, metrics_record,
+                                          newest_sweep_run, open_client)
 
 MLFLOW_PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 
@@ -117,6 +118,9 @@ class NullTracker:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
+
+    def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
+        """``key`` at many steps at once, ``points`` = [(step, value), ...] (one record, not one per step)."""
 
     def unfinished_sweep_run(self, sweep_name: str) -> Optional[str]:
         return None
@@ -235,6 +239,11 @@ class MLflowTracker(ConsoleTracker):
         fresh = {k: float(v) for k, v in metrics.items() if (k, step) not in self._logged}
         if fresh:
             self._deliver(metrics_record(self.run_id, fresh, step))
+
+    def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
+        fresh = [(step, value) for step, value in points if (key, step) not in self._logged]
+        if fresh:
+            self._deliver(history_record(self.run_id, key, fresh))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._deliver({"op": "tags", "run_id": self.run_id, "tags": {k: str(v) for k, v in tags.items()}})

@@ -1,0 +1,193 @@
+"""Evaluations inside a run, at step resolution, and where a run's time goes.
+
+Owns:
+- ``evaluate``: loss and accuracy of a split on the device, sharded over ranks;
+- the periodic evaluation (``StepEvaluations``): every ``metrics.eval_every_steps``
+  steps (or about ``AUTO_EVALUATIONS`` over the step budget), the accuracy of the
+  fixed validation subset (its first ``metrics.eval_samples`` samples); the first
+  evaluation reaching ``metrics.target_val_accuracy`` (steps, samples, seconds and
+  epochs to target, through measure.metrics.steps_to_target), what is measured
+  there (the noise probe's closed windows, the exact B_simple of
+  measure/exact_noise.py), the history still to be logged; it closes the probe's
+  window at every evaluation;
+- ``RunCounters``, the counters a checkpoint keeps, with the clock: seconds of
+  training, of these evaluations, of probes and of tracker calls.
+
+Between evaluations nothing here touches the host's view of the device: the step
+count and the samples are host integers, and the device is synchronised only at
+an evaluation point (to read the accuracy, and to time). Leaves the loop, its
+checkpoints and what is logged when to core/train_loop.py, the step to
+core/step.py, MLflow to records/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from harness.core.config import Config
+from harness.core.data import Split
+from harness.core.distributed import DistContext, all_reduce_sum
+from harness.core.step import unwrap
+from harness.measure.exact_noise import exact_noise_scale
+from harness.measure.grad_noise import NoiseProbe
+from harness.measure.metrics import steps_to_target
+
+# A few dozen evaluations per trial: steps-to-target then has a resolution of 1/40
+# of the budget, and 40 forward passes over 2000 samples stay a small cost.
+AUTO_EVALUATIONS = 40
+
+
+@dataclass
+class RunCounters:
+    """Counters that outlive an epoch (and a restart: they are checkpointed, under the key "progress")."""
+
+    epoch: int = 0
+    global_step: int = 0
+    samples_seen: int = 0
+    train_seconds: float = 0.0  # training steps only (time_train_s)
+    target_reached_epoch: int = 0  # 0: the subset accuracy has not reached the target yet
+    target_reached_step: int = 0
+    stopped_at_target: bool = False  # the run ended there (train.stop_at_target): it is finished
+    eval_seconds: float = 0.0  # the periodic subset evaluations (time_eval_s)
+    epoch_eval_seconds: float = 0.0  # the full train/val/test evaluations at each epoch's end
+    probe_seconds: float = 0.0  # sharpness, exact noise scale, the probe's readouts (time_probe_s)
+    tracking_seconds: float = 0.0  # inside tracker calls (time_tracking_s)
+
+
+def time_metrics(counters: RunCounters) -> dict[str, float]:
+    """Where the run's time went so far, as metrics."""
+    return {"time_train_s": counters.train_seconds, "time_eval_s": counters.eval_seconds,
+            "time_epoch_eval_s": counters.epoch_eval_seconds, "time_probe_s": counters.probe_seconds,
+            "time_tracking_s": counters.tracking_seconds,
+            "eval_fraction": counters.eval_seconds / counters.train_seconds if counters.train_seconds else 0.0}
+
+
+def synchronized_now(device: torch.device) -> float:
+    """perf_counter after the device's queued work: only at evaluation points and epoch ends."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def timed(counters: RunCounters, field: str, device: torch.device):
+    """Add the block's wall time (device work included) to ``counters.<field>``."""
+    started = synchronized_now(device)
+    try:
+        yield
+    finally:
+        setattr(counters, field, getattr(counters, field) + synchronized_now(device) - started)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size: int) -> tuple[float, float]:
+    """(mean loss, accuracy) over the whole split; each rank scores a contiguous shard, then a sum-reduce."""
+    model = unwrap(model)
+    shard = torch.tensor_split(torch.arange(len(split)), ctx.world_size)[ctx.rank]
+    start, stop = (int(shard[0]), int(shard[-1]) + 1) if len(shard) else (0, 0)
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
+    for lo in range(start, stop, batch_size):
+        x, y = split.features[lo:min(stop, lo + batch_size)], split.targets[lo:min(stop, lo + batch_size)]
+        logits = model(x)
+        totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        totals[1] += (logits.argmax(1) == y).sum()
+        totals[2] += len(y)
+    all_reduce_sum(totals, ctx)
+    count = max(float(totals[2]), 1.0)
+    return float(totals[0]) / count, float(totals[1]) / count
+
+
+def eval_interval(cfg: Config, step_budget: int) -> int:
+    """Steps between evaluations: metrics.eval_every_steps, else about AUTO_EVALUATIONS over the budget."""
+    return cfg.metrics.eval_every_steps or max(1, step_budget // AUTO_EVALUATIONS)
+
+
+class StepEvaluations:
+    """The periodic evaluations of one run, on every rank (they all-reduce, and all ranks agree).
+
+    The loop calls ``start_epoch`` before an epoch's steps, ``after_step`` after each
+    step (true: stop, the target is reached and train.stop_at_target is set),
+    ``end_epoch`` after the last step, then takes ``history`` and ``at_target`` to log.
+    """
+
+    def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, validation: Split,
+                 train_set: Split, probe: Optional[NoiseProbe], counters: RunCounters, step_budget: int,
+                 training_stream=contextlib.nullcontext):
+        self.cfg, self.ctx, self.model, self.probe, self.counters = cfg, ctx, model, probe, counters
+        self.interval = eval_interval(cfg, step_budget)
+        count = min(cfg.metrics.eval_samples, len(validation))
+        self.subset = Split(validation.features[:count], validation.targets[:count])
+        self.train_set = train_set
+        self.training_stream = training_stream  # where autograd on the parameters runs (the graph step's stream)
+        self.history: list[tuple[int, float]] = []  # (global step, subset accuracy) not logged yet
+        self.at_target: dict[str, float] = {}  # what was measured at the target, not logged yet
+        self.samples = counters.samples_seen
+        self.mark = 0.0
+
+    def start_epoch(self) -> None:
+        self.samples = self.counters.samples_seen
+        self.mark = synchronized_now(self.ctx.device)
+
+    def end_epoch(self) -> None:
+        self.counters.train_seconds += synchronized_now(self.ctx.device) - self.mark
+
+    def after_step(self, global_step: int, global_batch_size: int) -> bool:
+        """Count the step's samples; at an evaluation point, evaluate. True: stop training here."""
+        self.samples += global_batch_size
+        if global_step % self.interval:
+            return False
+        return self._evaluate(global_step)
+
+    def _evaluate(self, global_step: int) -> bool:
+        counters, target = self.counters, self.cfg.metrics.target_val_accuracy
+        started = synchronized_now(self.ctx.device)
+        counters.train_seconds += started - self.mark
+        _, accuracy = evaluate(self.model, self.subset, self.ctx, self.cfg.train.eval_batch_size)
+        if self.probe:
+            self.probe.close_window()
+        self.history.append((global_step, accuracy))
+        reached = None
+        if target is not None and not counters.target_reached_step:
+            reached = steps_to_target([accuracy], steps=[global_step], samples=[self.samples],
+                                      seconds=[counters.train_seconds], target=target,
+                                      epochs=[self.samples / len(self.train_set)])
+        self.mark = synchronized_now(self.ctx.device)
+        counters.eval_seconds += self.mark - started
+        if reached is None:
+            return False
+        counters.target_reached_step, counters.target_reached_epoch = reached.steps, counters.epoch + 1
+        self.at_target = {"steps_to_target": float(reached.steps), "samples_to_target": float(reached.samples),
+                          "seconds_to_target": reached.seconds, "epochs_to_target": reached.epochs}
+        with timed(counters, "probe_seconds", self.ctx.device):
+            self.at_target.update(self._noise_at_target())
+        self.mark = synchronized_now(self.ctx.device)
+        return self.cfg.train.stop_at_target
+
+    def _noise_at_target(self) -> dict[str, float]:
+        """The probe's windows ending here, and the exact B_simple at these parameters (every rank computes it)."""
+        metrics = self.probe.window_metrics() if self.probe else {}
+        count = self.cfg.metrics.exact_noise_samples
+        if count is not None and len(self.train_set) >= 2:
+            count = min(count, len(self.train_set))
+            with self.training_stream():
+                exact = exact_noise_scale(unwrap(self.model), self.train_set.features[:count],
+                                          self.train_set.targets[:count])
+            metrics.update(grad_sq_norm_exact_at_target=exact.grad_sq_norm,
+                           grad_trace_cov_exact_at_target=exact.trace_cov)
+            if exact.b_simple == exact.b_simple:
+                metrics["grad_noise_scale_exact_at_target"] = exact.b_simple
+        return metrics
+
+    def take_history(self) -> list[tuple[int, float]]:
+        history, self.history = self.history, []
+        return history
+
+    def take_at_target(self) -> dict[str, float]:
+        at_target, self.at_target = self.at_target, {}
+        return at_target

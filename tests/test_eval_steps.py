@@ -1,0 +1,153 @@
+"""Steps-to-target at step resolution: the periodic evaluation, stop_at_target, resume, the clock, bad input."""
+
+import importlib.util
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import CONFIGS, REPO, smoke_config
+from harness.core import evaluation
+from harness.core.checkpoint import Checkpoints
+from harness.core.config import load_config
+from harness.core.data import load_dataset
+from harness.core.distributed import DistContext
+from harness.core.evaluation import AUTO_EVALUATIONS, eval_interval
+from harness.core.model import build_model
+from harness.core.train_loop import RunHooks, train
+from harness.errors import InputError
+
+# smoke: 512 training samples in batches of 64, 8 steps an epoch; the validation
+# subset is the first 200 of its 256 validation samples. Seen: the subset reaches
+# 0.6 in epoch 4 (step ~26), far before the 6-epoch budget of 48 steps.
+STOP = ("train.epochs=6", "metrics.target_val_accuracy=0.6", "metrics.eval_every_steps=3",
+        "metrics.eval_samples=200", "train.stop_at_target=true", "metrics.sharpness_samples=128",
+        "metrics.exact_noise_samples=128")
+
+
+def subset_accuracy(cfg, model_state) -> float:
+    """The validation subset's accuracy, recomputed from a checkpoint's weights with plain torch."""
+    model = build_model(cfg)
+    model.load_state_dict(model_state)
+    validation = load_dataset(cfg).validation
+    x, y = validation.features[:cfg.metrics.eval_samples], validation.targets[:cfg.metrics.eval_samples]
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_automatic_interval_gives_about_forty_evaluations_and_at_least_one_step():
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    assert eval_interval(cfg, 4000) == 100 and 4000 // eval_interval(cfg, 4000) == AUTO_EVALUATIONS
+    assert eval_interval(cfg, 10) == 1
+    assert eval_interval(load_config(CONFIGS / "smoke.yaml", ["metrics.eval_every_steps=7"]), 4000) == 7
+
+
+def test_stop_at_target_ends_at_the_first_evaluation_that_reaches_it(tmp_path):
+    cfg = smoke_config(tmp_path, *STOP)
+    result = train(cfg, DistContext())
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stopped_at_target"] == "true"
+    history = [(m.step, m.value) for m in client.get_metric_history(result.run_id, "val_subset_accuracy")]
+    steps = [step for step, _ in history]
+    assert steps == list(range(3, result.global_step + 1, 3))  # every 3 steps, and none after the stop
+    # The first evaluation at or above the target is the last one, and the run stopped there.
+    assert all(value < 0.6 for _, value in history[:-1]) and history[-1][1] >= 0.6
+    metrics = run.data.metrics
+    assert metrics["steps_to_target"] == history[-1][0] == result.global_step < 48
+    assert run.data.tags["steps_to_target"] == str(result.global_step)
+    assert metrics["samples_to_target"] == 64 * result.global_step  # 512 = 8 full batches: every batch is 64
+    assert metrics["epochs_to_target"] == pytest.approx(result.global_step / 8)
+    # Independent: the final checkpoint's weights, scored by plain torch, give the logged accuracy.
+    final = torch.load(result.checkpoint, weights_only=True)
+    assert subset_accuracy(cfg, final["model"]) == pytest.approx(history[-1][1])
+    # Measured at the target, beside it: the probe's window and the exact noise scale, and the sharpness at the end.
+    for key in ("grad_noise_scale_exact_at_target", "grad_sq_norm_at_target", "grad_trace_cov_at_target",
+                "top_hessian_eigenvalue"):
+        assert key in metrics, key
+    assert metrics["eval_fraction"] == pytest.approx(metrics["time_eval_s"] / metrics["time_train_s"])
+    assert all(metrics[k] >= 0 for k in ("time_eval_s", "time_probe_s", "time_tracking_s", "time_epoch_eval_s"))
+    assert metrics["time_probe_s"] > 0 and metrics["time_eval_s"] > 0
+
+    # --resume of a finished run trains nothing more and logs nothing new.
+    again = train(cfg, DistContext(), hooks=RunHooks(resume=True))
+    assert again.global_step == result.global_step and again.metrics == {}
+    assert len(client.get_metric_history(result.run_id, "val_subset_accuracy")) == len(history)
+    newest = torch.load(Checkpoints(cfg).newest(), weights_only=True)["model"]
+    assert all(torch.equal(newest[k], final["model"][k]) for k in newest)
+
+
+def test_a_run_that_never_reaches_the_target_uses_its_budget_and_says_not_reached(tmp_path):
+    cfg = smoke_config(tmp_path, "train.max_steps=12", "metrics.target_val_accuracy=0.99", "train.stop_at_target=true",
+                       "metrics.sharpness=false")
+    result = train(cfg, DistContext())
+    run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id)
+    assert result.global_step == 12 and run.data.tags["steps_to_target"] == "not reached"
+    assert "steps_to_target" not in run.data.metrics and "stopped_at_target" not in run.data.tags
+
+
+def test_evaluations_happen_only_at_their_steps(tmp_path, monkeypatch):
+    calls = []
+    real = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args: calls.append(1) or real(*args))
+    cfg = smoke_config(tmp_path, "tracking.enabled=false", "train.max_steps=20", "metrics.eval_every_steps=4",
+                       "metrics.sharpness=false")
+    train(cfg, DistContext())
+    assert len(calls) == 20 // 4
+
+
+class FailAfterEpoch(RunHooks):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def after_epoch(self, epoch, metrics, checkpoint, ctx):
+        if epoch == self.epoch:
+            raise RuntimeError("injected failure")
+
+
+def test_resume_reaches_the_target_at_the_same_step_with_the_same_measurements(tmp_path):
+    straight = train(smoke_config(tmp_path / "straight", "tracking.enabled=false", *STOP), DistContext())
+    cfg = smoke_config(tmp_path / "resumed", "tracking.enabled=false", *STOP)
+    with pytest.raises(RuntimeError):
+        train(cfg, DistContext(), hooks=FailAfterEpoch(2))  # mid-window, before the target
+    resumed = train(cfg, DistContext(), hooks=RunHooks(resume=True))
+    assert resumed.global_step == straight.global_step
+    for key in ("steps_to_target", "samples_to_target", "grad_noise_scale_exact_at_target",
+                "grad_sq_norm_at_target", "grad_trace_cov_at_target", "val_accuracy"):
+        assert resumed.metrics[key] == pytest.approx(straight.metrics[key], rel=1e-9), key
+    a = torch.load(straight.checkpoint, weights_only=True)["model"]
+    b = torch.load(resumed.checkpoint, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["metrics.eval_every_steps=0"], "metrics.eval_every_steps: expected a positive number, got 0"),
+    (["metrics.eval_samples=-1"], "metrics.eval_samples: expected a positive number"),
+    (["metrics.target_val_accuracy=1.5"], "metrics.target_val_accuracy: expected a number in (0, 1] or null"),
+    (["metrics.target_val_accuracy=0"], "metrics.target_val_accuracy: expected a number in (0, 1] or null"),
+    (["train.stop_at_target=true", "metrics.target_val_accuracy=null"], "train.stop_at_target: true needs a target"),
+])
+def test_bad_evaluation_keys_are_refused_with_one_line(overrides, expected):
+    with pytest.raises(InputError) as error:
+        load_config(CONFIGS / "smoke.yaml", overrides)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_stop_at_target_without_a_target_exits_2_before_anything_starts(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    status = launcher.main(["--config", str(CONFIGS / "smoke.yaml"), "--set", "train.stop_at_target=true",
+                            "--set", "metrics.target_val_accuracy=null"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "train.stop_at_target" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_target_means_no_steps_to_target(tmp_path):
+    result = train(smoke_config(tmp_path, "tracking.enabled=false", "metrics.target_val_accuracy=null",
+                                "train.max_steps=8", "metrics.sharpness=false"), DistContext())
+    assert "steps_to_target" not in result.metrics and "eval_fraction" in result.metrics

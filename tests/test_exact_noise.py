@@ -1,0 +1,142 @@
+"""The exact noise scale, and the probe's windowed estimator checked against it.
+
+exact_noise_scale (torch.func per-example gradients) is checked against a plain
+loop of one autograd backward per example; the probe's two-batch estimator,
+averaged over a window of steps at fixed parameters, is checked against the
+exact value; the window averages the two components before dividing
+(SCIENCE.md: each component is unbiased, their ratio is not).
+"""
+
+import math
+
+import pytest
+import torch
+
+from harness.core.backprop import autograd_backward
+from harness.core.distributed import DistContext
+from harness.core.model import MLP
+from harness.measure import grad_noise
+from harness.measure.exact_noise import exact_noise_scale
+from harness.measure.grad_noise import NoiseProbe
+from harness.measure.metrics import noise_scale_components
+
+
+def small_problem(count=96, seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    model = MLP((12, 16, 5), "sigmoid").to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=dtype) * 0.5)
+    x = torch.rand(count, 12, generator=generator, dtype=dtype)
+    y = torch.randint(0, 5, (count,), generator=generator)
+    return model, x, y
+
+
+def per_example_gradients_by_loop(model, x, y) -> torch.Tensor:
+    """One autograd backward per example: the (N, P) matrix of flattened gradients."""
+    rows = []
+    for i in range(len(y)):
+        autograd_backward(model, x[i:i + 1], y[i:i + 1])
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return torch.stack(rows)
+
+
+def test_exact_noise_scale_equals_a_loop_of_per_example_backward_passes():
+    model, x, y = small_problem()
+    g = per_example_gradients_by_loop(model, x, y)
+    mean = g.mean(0)
+    want_grad_sq = float(mean @ mean)
+    want_trace = float(((g - mean) ** 2).sum() / (len(y) - 1))
+    for chunk in (1, 7, 96, 1000):  # chunks that divide N, do not, and exceed it
+        got = exact_noise_scale(model, x, y, chunk_size=chunk)
+        assert got.grad_sq_norm == pytest.approx(want_grad_sq, rel=1e-10)
+        assert got.trace_cov == pytest.approx(want_trace, rel=1e-10)
+        assert got.b_simple == pytest.approx(want_trace / want_grad_sq, rel=1e-10)
+
+
+def test_exact_noise_scale_refuses_fewer_than_two_examples():
+    model, x, y = small_problem(count=1)
+    with pytest.raises(ValueError, match="at least 2"):
+        exact_noise_scale(model, x, y)
+
+
+def test_windowed_probe_agrees_with_the_exact_noise_scale_at_fixed_parameters():
+    # 600 two-batch measurements (B=32 split in halves of 16) of batches drawn with
+    # replacement from the same N examples; the parameters never move, so both
+    # estimate the same tr(Sigma) and |G|^2 (here B_simple ~ 4.9). Seen with these seeds:
+    # tr(Sigma) 1.4% low, |G|^2 1.1% high, B_simple 2.5% low; the bounds leave room
+    # for the sampling error of 600 steps: 10% (tr), 20% (|G|^2), B_simple within 1.25x.
+    model, x, y = small_problem(count=512, seed=3)
+    exact = exact_noise_scale(model, x, y)
+    probe = NoiseProbe(DistContext(), global_batch_size=32, decay=0.95)
+    params = list(model.parameters())
+    generator = torch.Generator().manual_seed(4)
+    backward = lambda bx, by, normalizer: autograd_backward(model, bx, by, normalizer)  # noqa: E731
+    for _ in range(600):
+        batch = torch.randint(0, len(y), (32,), generator=generator)
+        probe.measured_gradients(backward, x[batch], y[batch], 32.0, params, None)
+    probe.close_window()
+    # All 600 in one window; one window is what this test reads.
+    probe_metrics = _window_components(probe.closed_windows[-1], probe)
+    assert probe_metrics[1] == pytest.approx(exact.trace_cov, rel=0.10)
+    assert probe_metrics[0] == pytest.approx(exact.grad_sq_norm, rel=0.20)
+    ratio = (probe_metrics[1] / probe_metrics[0]) / exact.b_simple
+    assert 1 / 1.25 < ratio < 1.25, (probe_metrics, exact)
+
+
+def _window_components(window: torch.Tensor, probe: NoiseProbe) -> tuple[float, float]:
+    small_sum, big_sum, count = window.tolist()
+    return noise_scale_components(small_sum / count, big_sum / count, probe.small_batch_size, probe.big_batch_size)
+
+
+def _record(probe: NoiseProbe, small_sq: float, big_sq: float) -> None:
+    """Feed the probe one step whose (small, big) squared norms are given: big through a fake gradient."""
+    param = torch.zeros(1, dtype=torch.float64)
+    param.grad = torch.tensor([math.sqrt(big_sq)], dtype=torch.float64)
+    probe.record(torch.tensor(small_sq, dtype=torch.float64), [param])
+
+
+def test_window_averages_the_components_before_dividing():
+    probe = NoiseProbe(DistContext(), global_batch_size=8, decay=0.9)  # halves of 4
+    pairs = [(5.0, 3.0), (2.0, 1.9), (9.0, 4.0), (4.0, 3.5)]
+    for small, big in pairs:
+        _record(probe, small, big)
+    probe.close_window()
+    assert probe.window.tolist() == [0.0, 0.0, 0.0]  # reset at the evaluation
+    metrics = probe.window_metrics()
+    # The components are linear in the norms: the window's are the mean of the per-step ones ...
+    per_step = [noise_scale_components(s, b, 4, 8) for s, b in pairs]
+    mean_grad_sq = sum(c[0] for c in per_step) / len(pairs)
+    mean_trace = sum(c[1] for c in per_step) / len(pairs)
+    assert metrics["grad_sq_norm_at_target"] == pytest.approx(mean_grad_sq)
+    assert metrics["grad_trace_cov_at_target"] == pytest.approx(mean_trace)
+    # ... and B_simple is their ratio, not the mean of the per-step ratios (which differs here).
+    assert metrics["grad_noise_scale_at_target"] == pytest.approx(mean_trace / mean_grad_sq)
+    mean_of_ratios = sum(t / g for g, t in per_step) / len(pairs)
+    assert abs(mean_of_ratios - mean_trace / mean_grad_sq) > 0.1
+    assert metrics["grad_noise_scale_measured_steps_at_target"] == 4
+
+
+def test_window_at_target_takes_older_windows_until_enough_measured_steps(monkeypatch):
+    monkeypatch.setattr(grad_noise, "MIN_MEASURED_STEPS_AT_TARGET", 3)
+    probe = NoiseProbe(DistContext(), global_batch_size=8, decay=0.9)
+    for per_window in ([(1.0, 0.5)] * 5, [(3.0, 1.0)], [], [(2.0, 1.0)]):  # oldest to newest
+        for small, big in per_window:
+            _record(probe, small, big)
+        probe.close_window()
+    metrics = probe.window_metrics()
+    # Newest first: 1 step, 0 steps (two windows, 1 step), then 1 more, then 5: stop at >= 3 steps.
+    assert metrics["grad_noise_scale_windows_at_target"] == 4
+    assert metrics["grad_noise_scale_measured_steps_at_target"] == 7
+    want = noise_scale_components((2.0 + 3.0 + 5 * 1.0) / 7, (1.0 + 1.0 + 5 * 0.5) / 7, 4, 8)
+    assert metrics["grad_sq_norm_at_target"] == pytest.approx(want[0])
+
+
+def test_window_survives_a_checkpoint():
+    probe = NoiseProbe(DistContext(), global_batch_size=8, decay=0.9)
+    _record(probe, 2.0, 1.0)
+    probe.close_window()
+    _record(probe, 3.0, 1.5)  # an open window
+    restored = NoiseProbe(DistContext(), global_batch_size=8, decay=0.9)
+    restored.load_state_dict(probe.state_dict())
+    assert torch.equal(restored.window, probe.window) and torch.equal(restored.closed_windows, probe.closed_windows)
