@@ -200,6 +200,19 @@ class SweepConfig(ConfigModel):
     # Linear LR warmup for the trials of a scaling rule (linear, sqrt); Goyal et al.
     # 2017 pair linear scaling with warmup. Trials of rule none keep optim.warmup_epochs.
     warmup_epochs: NonNegativeFloat = 0.0
+    # Early stopping of hopeless trials, with the Ray launcher only (a Ray Tune
+    # scheduler): asha = asynchronous successive halving (Li et al. 2020) on
+    # validation accuracy, one rung per grace_period x reduction_factor^k epochs.
+    early_stopping: Literal["none", "asha"] = "none"
+    asha_grace_period: PositiveInt = 1  # epochs every trial trains before ASHA may stop it
+    asha_reduction_factor: Annotated[float, Field(gt=1), Expect("a number > 1")] = 3.0
+
+
+def _check_early_stopping(cfg: Config) -> None:
+    """ASHA ranks trials by validation accuracy, so a run must have a validation split to rank."""
+    if cfg.sweep.early_stopping == "asha" and cfg.data.validation_size == 0:
+        raise InputError("sweep.early_stopping: asha ranks trials by validation accuracy; expected "
+                         "data.validation_size > 0")
 
 
 class Config(ConfigModel):
@@ -307,6 +320,7 @@ def _check_cross_field(cfg: Config) -> None:
                          f"expected < {total} for {data.dataset}")
     if cfg.sweep:
         _check_trial_names(cfg)
+        _check_early_stopping(cfg)
     sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
     key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
     for size in sizes:
