@@ -218,6 +218,12 @@ class SweepConfig(ConfigModel):
     # multiply the rule's LR (log-spaced factors, e.g. 0.25..4, bracket it). Neither: one LR per trial.
     lrs: Optional[LrGrid] = None
     lr_factors: Optional[LrGrid] = None
+    # Early stopping of hopeless trials, with the Ray launcher only (a Ray Tune
+    # scheduler): asha = asynchronous successive halving (Li et al. 2020) on
+    # validation accuracy, one rung per grace_period x reduction_factor^k epochs.
+    early_stopping: Literal["none", "asha"] = "none"
+    asha_grace_period: PositiveInt = 1  # epochs every trial trains before ASHA may stop it
+    asha_reduction_factor: Annotated[float, Field(gt=1), Expect("a number > 1")] = 3.0
 
     @model_validator(mode="after")
     def _one_lr_grid(self) -> SweepConfig:
@@ -234,6 +240,13 @@ class SweepConfig(ConfigModel):
         if value is None:
             return ""
         return f"lr{value:.6g}" if self.lrs else f"lrx{value:.6g}"
+
+
+def _check_early_stopping(cfg: Config) -> None:
+    """ASHA ranks trials by validation accuracy, so a run must have a validation split to rank."""
+    if cfg.sweep.early_stopping == "asha" and cfg.data.validation_size == 0:
+        raise InputError("sweep.early_stopping: asha ranks trials by validation accuracy; expected "
+                         "data.validation_size > 0")
 
 
 class Config(ConfigModel):
@@ -344,6 +357,7 @@ def _check_cross_field(cfg: Config) -> None:
                          "in (0, 1], or stop_at_target false")
     if cfg.sweep:
         _check_trial_names(cfg)
+        _check_early_stopping(cfg)
     sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
     key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
     for size in sizes:

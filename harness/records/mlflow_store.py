@@ -239,6 +239,28 @@ def end_runs_of_launch(cfg: Config, launch_id: str, status: str) -> list[str]:
                             f"[{cfg.name}] the run of launch {launch_id}", "its workers")
 
 
+def end_stopped_run(cfg: Config, launch_id: str, tags: dict[str, str]) -> list[str]:
+    """Tag the run of launch ``launch_id`` with ``tags`` and end it FINISHED if still RUNNING; returns its ids.
+
+    For a run a scheduler stopped on purpose (Ray Tune's ASHA): its workers were
+    killed mid-epoch, yet it ended as decided, not FAILED. The tags go first, so a
+    reader that sees it FINISHED sees why. Best effort, like ``end_runs_of_launch``.
+    """
+    try:
+        client = open_client(cfg.tracking.uri or default_tracking_uri())
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        runs = client.search_runs([experiment.experiment_id], f"tags.launch_id = '{launch_id}'") if experiment else []
+        for run in runs:
+            for key, value in tags.items():
+                client.set_tag(run.info.run_id, key, value)
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status="FINISHED")
+    except Exception as err:  # the store is unreachable: say so, the sweep goes on
+        warn(f"[{cfg.name}] could not end the run of launch {launch_id} ({type(err).__name__}: {err})")
+        return []
+    return [run.info.run_id for run in runs]
+
+
 def end_running_runs(client, experiment_id, selection: str, status: str, what: str, left_by: str) -> list[str]:
     """End the runs matching ``selection`` that are still RUNNING with ``status``; returns their ids.
 

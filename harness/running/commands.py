@@ -35,6 +35,7 @@ def train_command(args: argparse.Namespace) -> int:
     """launch/train.py: ``--trial`` picks one trial of a sweep config; ``--resume``, or a torchrun
     restart, continues from the newest checkpoint; ``--parent-run-id`` nests the MLflow run."""
     cfg = load_run_config(args)
+    refuse_early_stopping(cfg, "launch/train.py")
     if args.trial is not None:
         cfg = select_trial(cfg, args.trial)
     under_torchrun = "RANK" in os.environ
@@ -86,6 +87,8 @@ def sweep_command(args: argparse.Namespace) -> int:
     cfg = load_run_config(args)
     if not cfg.is_sweep:
         raise InputError(f"{args.config}: no sweep section; expected a sweep config (see configs/sweep.yaml)")
+    if args.launcher != "ray":
+        refuse_early_stopping(cfg, f"--launcher {args.launcher}")
     started_s = time.monotonic()
     if args.launcher == "local" and nproc != 1:
         raise InputError("--nproc: the local launcher runs one process; use --launcher torchrun or ray")
@@ -102,6 +105,13 @@ def sweep_command(args: argparse.Namespace) -> int:
         sweep = run_sweep(cfg, distributed.local_context(cfg.train.device), dataset=dataset, resume=args.resume)
     report_sweep(cfg, sweep, args.report_dir, time.monotonic() - started_s)
     return 0
+
+
+def refuse_early_stopping(cfg: Config, launcher: str) -> None:
+    """Early stopping is a Ray Tune scheduler's: refuse it, before anything starts, with a launcher without Tune."""
+    if cfg.is_sweep and cfg.sweep.early_stopping != "none":
+        raise InputError(f"sweep.early_stopping: {cfg.sweep.early_stopping} stops trials through Ray Tune, not with "
+                         f"{launcher}; expected --launcher ray (launch/sweep.py) or sweep.early_stopping=none")
 
 
 def ranks_per_trial(args: argparse.Namespace) -> int:

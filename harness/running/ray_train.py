@@ -9,8 +9,8 @@ rank reports after every epoch; only rank 0 attaches a checkpoint.
 
 The driver's side is ``prepare_ray_run`` (paths and options for workers that may
 run elsewhere) and ``fit`` (one run). Checking the input is ``preflight``'s,
-joining the cluster ``entrypoints.connect_ray``'s, a sweep of Ray runs
-``sweep_drivers.run_sweep_on_ray``'s.
+joining the cluster ``entrypoints.connect_ray``'s, a sweep of Ray runs (a Ray
+Tune experiment whose trials call ``build_trainer``) ``tune_sweep``'s.
 """
 
 from __future__ import annotations
@@ -124,19 +124,25 @@ def prepare_ray_run(cfg: Config, num_workers: int, use_gpu: bool, max_failures: 
     return cfg.replace(**paths), options
 
 
-def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, resume: bool = False) -> RunResult:
-    """One Ray Train run of ``cfg`` (a TorchTrainer); rank 0's last report as a RunResult."""
-    # A fresh name per run: reusing one silently resumes the old run's snapshot.
-    # It is also the run's launch id, tagged on its MLflow run (see below).
-    launch_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+def new_launch_id(cfg: Config) -> str:
+    """A fresh name for one Ray Train run of ``cfg``: reusing one silently resumes the old
+    run's snapshot. It is also the run's launch id, tagged on its MLflow run."""
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def build_trainer(cfg: Config, options: RayOptions, launch_id: str, parent_run_id: Optional[str] = None,
+                  resume: bool = False, callbacks: tuple = ()) -> TorchTrainer:
+    """The TorchTrainer of one run of ``cfg``; ``callbacks`` go to Ray Train's RunConfig
+    (a Tune sweep passes the one that forwards each epoch's report to Tune)."""
     run_config = RunConfig(
         name=launch_id,
         storage_path=str(Path(options.storage_path).resolve()),
         failure_config=FailureConfig(max_failures=options.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         worker_runtime_env={"env_vars": {**WORKER_RUNTIME_ENV, **options.env_vars}},
+        callbacks=list(callbacks) or None,
     )
-    trainer = TorchTrainer(
+    return TorchTrainer(
         worker_loop,
         train_loop_config={"config": cfg.to_dict(), "parent_run_id": parent_run_id, "resume_local": resume,
                            "launch_id": launch_id},
@@ -144,14 +150,25 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, r
         scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu),
         run_config=run_config,
     )
+
+
+def run_result(result) -> RunResult:
+    """Rank 0's last report (``worker_loop``'s dict, Ray's ``Result.return_value``) as a RunResult."""
+    rank0 = result.return_value
+    return RunResult(rank0["run_id"], rank0["epochs_completed"], rank0["global_step"], rank0["metrics"],
+                     diverged=rank0["diverged"],
+                     checkpoint=Path(result.checkpoint.path) if result.checkpoint else None)
+
+
+def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, resume: bool = False) -> RunResult:
+    """One Ray Train run of ``cfg`` (a TorchTrainer) from this driver; rank 0's last report as a RunResult."""
+    launch_id = new_launch_id(cfg)
+    trainer = build_trainer(cfg, options, launch_id, parent_run_id, resume)
     # On an early stop the workers die with this driver (or already did) and cannot
     # end their MLflow run themselves: a signal here would leave it RUNNING.
     result = _fit_interruptibly(trainer, on_stop=lambda err: end_orphaned_run(cfg, launch_id,
                                                                               signals.end_status(err)))
-    rank0 = result.return_value  # worker_loop's dict from rank 0
-    return RunResult(rank0["run_id"], rank0["epochs_completed"], rank0["global_step"], rank0["metrics"],
-                     diverged=rank0["diverged"],
-                     checkpoint=Path(result.checkpoint.path) if result.checkpoint else None)
+    return run_result(result)
 
 
 def _fit_interruptibly(trainer, on_stop):

@@ -1,11 +1,12 @@
-"""The sweep drivers that start other processes per trial: torchrun jobs and Ray Train runs.
+"""The sweep drivers that start other processes per trial: torchrun jobs and Ray Tune trials.
 
 Each runs every trial of a sweep config under ``sweep.sweep_parent_run`` (which
 skips the trials a resumed sweep already finished) and fills its outcomes; the
 in-process driver, the trials, the parent run and the report are in ``sweep``,
 and which driver runs is chosen by ``commands.sweep_command``. A trial that fails
 is recorded and the sweep goes on; a termination signal stops the running trials
-(a trial's torchrun and its ranks, the Ray tasks) before the parent run ends KILLED.
+(a trial's torchrun and its ranks, the Tune trials) before the parent run ends KILLED.
+The Ray driver's work is ``tune_sweep``'s.
 """
 
 from __future__ import annotations
@@ -107,61 +108,11 @@ def stop_process_tree(process: subprocess.Popen, signum: int) -> None:
 
 
 def run_sweep_on_ray(cfg: Config, options, resume: bool = False) -> SweepParent:
-    """Every trial as its own TorchTrainer, started together as Ray tasks: they run
-    concurrently as far as the cluster's resources allow (each waits for its
-    workers' placement group), under one MLflow parent run. ``options``: a
+    """Every trial as its own TorchTrainer, run as a Ray Tune experiment (``tune_sweep``): as
+    many at once as the cluster's resources allow, stopped early by ASHA if
+    ``sweep.early_stopping`` says so, under one MLflow parent run. ``options``: a
     ``ray_train.RayOptions``; Ray must be connected (``entrypoints.connect_ray``)."""
-    # Imported here: ray and Ray Train take ~1.5 s to load, which the torchrun and local sweeps need not pay.
-    import ray
+    # Imported here: ray, Ray Train and Tune take seconds to load, which the torchrun and local sweeps need not pay.
+    from harness.running.tune_sweep import run_tune_sweep
 
-    from harness.running.ray_train import fit
-
-    ctx = DistContext(world_size=options.num_workers, launcher="ray")
-    trials = expand_trials(cfg)
-    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit)
-    with sweep_parent_run(cfg, ctx, resume) as parent:
-        trials = [t for t in trials if not parent.skip(t)]
-        pending = {}
-        outcomes = {}
-        try:
-            pending.update({remote_fit.remote(trial, options, parent.run_id, resume): trial for trial in trials})
-            while pending:
-                # A timeout, so the main thread returns to Python now and then: a
-                # signal handler cannot run while ray.wait blocks in C++.
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                if not done:
-                    continue
-                trial = pending.pop(done[0])
-                try:
-                    outcomes[trial.name] = TrialOutcome(trial, ray.get(done[0]))
-                except Exception as err:  # one failed trial must not stop the sweep
-                    warn(f"[{trial.name}] failed: {type(err).__name__}: {err}")
-                    outcomes[trial.name] = TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
-        except BaseException:
-            _cancel_trials(list(pending))
-            raise
-        parent.outcomes += [outcomes[t.name] for t in trials]
-    return parent
-
-
-# How long a cancelled trial may take to go; afterwards the parent marks its run KILLED anyway.
-CANCEL_WAIT_S = 30
-
-
-def _cancel_trials(refs: list) -> None:
-    """Stop the trials still running (a signal, or the sweep broke): kill each fit's task.
-
-    force=True kills the task's worker process; the TorchTrainer's controller and
-    training workers are actors it owns, and Ray ends them with their owner. The
-    wait lets them go before the parent run marks their MLflow runs KILLED, so a
-    worker cannot write to a run after that.
-    """
-    import ray  # loaded by now (see run_sweep_on_ray)
-
-    for ref in refs:
-        try:
-            ray.cancel(ref, force=True, recursive=True)
-        except Exception as err:  # already finished, or the cluster is gone: nothing left to stop
-            warn(f"could not cancel a trial ({type(err).__name__}: {err})")
-    if refs:
-        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+    return run_tune_sweep(cfg, options, resume)

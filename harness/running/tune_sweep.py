@@ -1,0 +1,256 @@
+"""A sweep on Ray as a Ray Tune experiment: one Tune trial per sweep trial, each a function
+trainable that builds and fits that trial's TorchTrainer (Ray Train V2's Train + Tune pattern;
+``Tuner(TorchTrainer)`` is gone in V2).
+
+Owns: the trainable, what each trial's Train run forwards to Tune (rank 0's report of every
+epoch), how many trials run at once (from the cluster's resources), early stopping (ASHA on
+validation accuracy, ``sweep.early_stopping: asha``) and how an early-stopped trial's MLflow
+run ends (FINISHED, tagged ``stopped_early: asha``), failed trials' runs, and stopping the
+experiment on a termination signal. Leaves to others: the trials, the parent run and
+--resume's skipping (``sweep``), one Train run (``ray_train``), MLflow I/O
+(``records.mlflow_store``), the checks before anything starts (config, ``preflight``,
+``commands``). Imported only by the Ray path (``sweep_drivers.run_sweep_on_ray``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Optional
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from harness.console import say, warn
+from harness.core.config import Config
+from harness.core.distributed import DistContext
+from harness.core.train_loop import RunResult
+from harness.errors import InputError
+from harness.records.mlflow_store import end_runs_of_launch, end_stopped_run
+from harness.records.tracking import display_name
+from harness.running.ray_train import RayOptions, build_trainer, new_launch_id, run_result
+from harness.running.sweep import SweepParent, TrialOutcome, expand_trials, sweep_parent_run
+
+ASHA_METRIC = "val_accuracy"  # maximised
+ASHA_TIME_ATTR = "epoch"  # epochs trained, as each report says (a restarted worker group repeats none)
+# How long the trials may take to go after a termination signal; afterwards the parent run ends
+# their MLflow runs KILLED anyway.
+STOP_WAIT_S = 30
+# Set by the main thread on a termination signal, read by Tune's loop (``SignalStopper``):
+# module-level, since Tune pickles its run config and an Event does not pickle.
+_STOP_ALL = threading.Event()
+
+
+class EpochsToTune(TuneReportCallback):
+    """Forward rank 0's report of every trained epoch to this Tune trial, with the run's epoch count.
+
+    Runs in the Train run's controller. Epoch 0 (the initial checkpoint, no metrics)
+    is no result to rank; ``total_epochs`` lets the scheduler leave a trial's last
+    epoch alone (see ``TrialLines.on_trial_result``).
+    """
+
+    def __init__(self, total_epochs: int):
+        super().__init__()
+        self.total_epochs = total_epochs
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and metrics[0].get("epoch", 0) >= 1:
+            super().after_report(run_context, [{**metrics[0], "total_epochs": self.total_epochs}], checkpoint)
+
+
+def run_trial(config: dict, trials: list, launch_ids: dict, options: RayOptions,
+              parent_run_id: Optional[str], resume: bool) -> dict:
+    """The Tune function trainable: fit trial ``config["trial_index"]``'s TorchTrainer.
+
+    Returns rank 0's RunResult as Tune's final result (``run_result``), the only
+    way it reaches the driver. On a failure it raises: Tune records the trial
+    ERROR and the driver ends its MLflow run (here, a Tune stop could kill this
+    process halfway through).
+    """
+    index = config["trial_index"]
+    trial = trials[index]
+    trainer = build_trainer(trial, options, launch_ids[index], parent_run_id, resume,
+                            callbacks=(EpochsToTune(trial.total_epochs),))
+    result = run_result(trainer.fit())
+    return {"run_result": {"run_id": result.run_id, "epochs_completed": result.epochs_completed,
+                           "global_step": result.global_step, "metrics": dict(result.metrics),
+                           "diverged": result.diverged}}
+
+
+def concurrency(options: RayOptions, cluster: dict, num_trials: int) -> tuple[int, str]:
+    """How many trials fit on the cluster at once (each needs num_workers x (1 CPU [+ 1 GPU])), and why.
+
+    ``cluster``: ``ray.cluster_resources()``. Ray Train's ScalingConfig gives each
+    worker 1 CPU (and 1 GPU with use_gpu); the trainable and Train's controller take none.
+    """
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    per_trial = f"{options.num_workers} worker(s) x 1 CPU{' + 1 GPU' if options.use_gpu else ''} per trial"
+    fits = int(cpus // options.num_workers)
+    if options.use_gpu:
+        fits = min(fits, int(gpus // options.num_workers))
+    why = f"{cpus:g} CPUs{f', {gpus:g} GPUs' if options.use_gpu else ''} in the cluster, {per_trial}"
+    if fits < 1:
+        warn(f"[sweep] the cluster has too few resources for one trial ({why}): the trials wait for more")
+    return max(1, min(fits, num_trials)), why
+
+
+def asha_scheduler(cfg: Config, trials: list[Config]) -> Optional[ASHAScheduler]:
+    """ASHA on validation accuracy (maximised) over epochs, or None without ``sweep.early_stopping: asha``."""
+    sweep = cfg.sweep
+    if sweep.early_stopping != "asha":
+        return None
+    max_epochs = max(t.total_epochs for t in trials)
+    if sweep.asha_grace_period >= max_epochs:
+        raise InputError(f"sweep.asha_grace_period: {sweep.asha_grace_period} epochs leaves ASHA nothing to stop "
+                         f"in trials of at most {max_epochs} epochs; expected < {max_epochs}")
+    # stop_last_trials=False: a trial that reaches max_t ends by itself; a stop there would
+    # race its workers' last MLflow writes.
+    return ASHAScheduler(time_attr=ASHA_TIME_ATTR, metric=ASHA_METRIC, mode="max", max_t=max_epochs,
+                         grace_period=sweep.asha_grace_period, reduction_factor=sweep.asha_reduction_factor,
+                         stop_last_trials=False)
+
+
+class SignalStopper(tune.Stopper):
+    """Stops every trial once the driver caught a termination signal (``_STOP_ALL``)."""
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return _STOP_ALL.is_set()
+
+
+class TrialLines(tune.Callback):
+    """The console lines of the trials as Tune starts and ends them; remembers which ASHA stopped early.
+
+    A result Tune marks done before the trial's last epoch is a scheduler's stop.
+    """
+
+    def __init__(self, trials: list[Config], total: int):
+        self.trials = trials
+        self.total = total
+        self.started = 0
+        self.stopped_early: dict[int, dict] = {}  # trial index -> its last result
+
+    def _trial(self, trial) -> tuple[int, Config]:
+        index = trial.config["trial_index"]
+        return index, self.trials[index]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started += 1
+        index, cfg = self._trial(trial)
+        say(f"[sweep] trial {index + 1} started ({self.started}/{self.total} of this attempt): "
+            f"{display_name(cfg)} ({cfg.name}) as a Ray Tune trial")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        index, cfg = self._trial(trial)
+        epoch = result.get(ASHA_TIME_ATTR)
+        if result.get("done") and epoch is not None and epoch < result.get("total_epochs", math.inf) \
+                and not _STOP_ALL.is_set():
+            self.stopped_early[index] = dict(result)
+            say(f"[{cfg.name}] stopped early by ASHA after epoch {epoch} of {result['total_epochs']} "
+                f"({ASHA_METRIC} {result.get(ASHA_METRIC, float('nan')):.4f})")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        _, cfg = self._trial(trial)
+        warn(f"[{cfg.name}] failed (Ray Tune trial {trial.trial_id})")
+
+
+def run_tune_sweep(cfg: Config, options: RayOptions, resume: bool = False) -> SweepParent:
+    """Every trial of ``cfg`` not finished in an earlier attempt, as one Ray Tune experiment under
+    one MLflow parent run. Ray must be connected (``entrypoints.connect_ray``)."""
+    trials = expand_trials(cfg)
+    scheduler = asha_scheduler(cfg, trials)  # before anything starts: it may refuse the config
+    ctx = DistContext(world_size=options.num_workers, launcher="ray")
+    with sweep_parent_run(cfg, ctx, resume) as parent:
+        todo = [index for index, trial in enumerate(trials) if not parent.skip(trial)]
+        if todo:
+            outcomes = _run_experiment(cfg, trials, todo, options, scheduler, parent.run_id, resume)
+            parent.outcomes += [outcomes[index] for index in todo]
+    return parent
+
+
+def _run_experiment(cfg: Config, trials: list[Config], todo: list[int], options: RayOptions, scheduler,
+                    parent_run_id: Optional[str], resume: bool) -> dict[int, TrialOutcome]:
+    import ray
+
+    limit, why = concurrency(options, ray.cluster_resources(), len(todo))
+    say(f"[sweep] Ray Tune: {len(todo)} trials, at most {limit} at a time ({why})"
+        + (f"; ASHA on {ASHA_METRIC} (grace {cfg.sweep.asha_grace_period} epochs, "
+           f"reduction factor {cfg.sweep.asha_reduction_factor:g})" if scheduler else ""))
+    launch_ids = {index: new_launch_id(trials[index]) for index in todo}
+    lines = TrialLines(trials, len(todo))
+    # The trainable's final result (run_result) does not carry ASHA's metric: without this,
+    # Tune refuses it when a scheduler is set. The metric is checked by config (a validation split).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    trainable = tune.with_parameters(run_trial, trials=trials, launch_ids=launch_ids, options=options,
+                                     parent_run_id=parent_run_id, resume=resume)
+    name_of = lambda trial: trials[trial.config["trial_index"]].name  # noqa: E731
+    tuner = tune.Tuner(
+        # No CPU for the trainable (it only waits on its TorchTrainer), none for Train's controller:
+        # a trial's resources are its workers', and max_concurrent_trials is counted in those.
+        # One byte of memory: Tune refuses a placement group that asks for nothing.
+        tune.with_resources(trainable, {"cpu": 0, "memory": 1}),
+        param_space={"trial_index": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=limit, num_samples=1,
+                                    trial_name_creator=name_of, trial_dirname_creator=name_of),
+        run_config=tune.RunConfig(name=new_launch_id(cfg), storage_path=options.storage_path, verbose=0,
+                                  stop=SignalStopper(), callbacks=[lines],
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    grid = _fit_interruptibly(tuner)
+    outcomes = {}
+    for result in grid:
+        index = result.config["trial_index"]
+        outcomes[index] = _outcome(trials[index], launch_ids[index], result, lines.stopped_early.get(index))
+    return outcomes
+
+
+def _outcome(trial: Config, launch_id: str, result, stopped: Optional[dict]) -> TrialOutcome:
+    """One Tune trial's outcome; ends the MLflow run its workers could not end (failed, stopped early)."""
+    if result.error is not None:
+        error = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
+        warn(f"[{trial.name}] failed: {error}")
+        end_runs_of_launch(trial, launch_id, "FAILED")  # a worker that died could not end it
+        return TrialOutcome(trial, None, error)
+    if stopped is not None:
+        end_stopped_run(trial, launch_id, {"stopped_early": "asha", "stopped_early_epoch": str(stopped["epoch"])})
+        metrics = {k: v for k, v in stopped.items() if isinstance(v, float)}
+        return TrialOutcome(trial, RunResult(None, int(stopped["epoch"]), int(stopped.get("global_step", 0)),
+                                             metrics))
+    final = result.metrics.get("run_result")
+    if final is None:  # no final result reached Tune
+        return TrialOutcome(trial, None)
+    return TrialOutcome(trial, RunResult(final["run_id"], final["epochs_completed"], final["global_step"],
+                                         final["metrics"], diverged=final["diverged"]))
+
+
+def _fit_interruptibly(tuner):
+    """``tuner.fit()`` in a helper thread while this thread waits in Python, where signal handlers run.
+
+    Off the main thread Tune leaves SIGINT alone (it would otherwise end the experiment
+    quietly and return). On a termination signal, ``SignalStopper`` has Tune stop every
+    trial (their Train runs die with their trainables) and the wait gives it STOP_WAIT_S.
+    """
+    _STOP_ALL.clear()
+    outcome = {}
+
+    def run() -> None:
+        try:
+            outcome["grid"] = tuner.fit()
+        except BaseException as err:  # handed to the waiting thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="ray-tune-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except BaseException:
+        _STOP_ALL.set()
+        thread.join(STOP_WAIT_S)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["grid"]

@@ -1,0 +1,138 @@
+"""Ray sweeps as a Ray Tune experiment: every trial a child run of one parent, ASHA stopping
+hopeless trials (FINISHED, tagged), concurrency from the cluster, and early stopping refused
+where there is no Tune."""
+
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, run_command, seeded_store
+from harness.core.config import load_config
+from harness.errors import InputError
+
+# 2 batch sizes x 2 seeds. At lr 0.1, batch 16 makes ~77 steps in epoch 1 (validation
+# accuracy ~0.9); batch 512 makes 2 (near chance): ASHA's rung at epoch 1 can tell them apart.
+TUNE_SWEEP = """
+name: tuned
+data: {dataset: digits, validation_size: 200}
+model: {hidden_sizes: [32], activation: relu}
+optim: {lr: 0.1, momentum: 0.9, global_batch_size: 16}
+train: {epochs: 3, progress: false}
+metrics: {target_val_accuracy: 0.5, sharpness_samples: 128, sharpness_iterations: 5}
+tracking: {experiment: tuned}
+sweep: {batch_sizes: [16, 512], seeds: [0, 1], lr_rules: [none]}
+"""
+
+
+def run_tune_sweep(tmp_path, *args, env=None):
+    config = tmp_path / "tuned.yaml"
+    config.write_text(TUNE_SWEEP)
+    return run_command([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config),
+                        "--set", f"tracking.uri={seeded_store(tmp_path)}", "--set", f"checkpoint.dir={tmp_path}/ckpt",
+                        "--report-dir", str(tmp_path / "reports"), "--storage-path", str(tmp_path / "ray"), *args],
+                       cwd=tmp_path, env=env, timeout=600)
+
+
+def sweep_runs(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("tuned").experiment_id
+    parents = client.search_runs([experiment], "tags.run_kind = 'sweep'")
+    assert len(parents) == 1
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    return client, parents[0], {c.data.tags["trial"]: c for c in children}
+
+
+@pytest.mark.slow
+def test_asha_stops_the_hopeless_batch_and_ends_its_runs_finished_and_tagged(tmp_path, ray_cluster):
+    result = run_tune_sweep(tmp_path, "--launcher", "ray", "--nproc", "1", "--set", "sweep.early_stopping=asha",
+                            env={"RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"]})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    # The ray_cluster fixture has 2 CPUs; a trial of 1 worker takes 1.
+    assert "[sweep] Ray Tune: 4 trials, at most 2 at a time (2 CPUs in the cluster" in result.stdout
+    assert "4 trials, 0 failed" in result.stdout
+    client, parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert (parent.data.tags["trials"], parent.data.tags["trials_failed"]) == ("4", "0")
+    assert sorted(children) == sorted(f"tuned-none-bs{b}-seed{s}" for b in (16, 512) for s in (0, 1))
+    stopped = {name: c for name, c in children.items() if c.data.tags.get("stopped_early") == "asha"}
+    assert stopped, "ASHA stopped no trial"
+    for name, child in children.items():
+        assert child.info.status == "FINISHED", name
+        assert child.data.params["launcher"] == "ray"
+        epochs = {m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")}
+        if name in stopped:
+            # Stopped at a rung before its last epoch. Its workers train on until Tune's stop
+            # kills them (a digits epoch is ~0.1 s), so its history may go further than the rung.
+            assert int(child.data.tags["stopped_early_epoch"]) in epochs - {3}, name
+            assert f"[{name}] stopped early by ASHA after epoch" in result.stdout
+        else:
+            assert epochs == {1, 2, 3}, name
+    # Trials start in grid order, two at a time: both batch-16 trials have passed the rung at
+    # epoch 1 before a batch-512 one reaches it, and each batch-512 trial is below the cutoff
+    # (the 2/3 quantile of the rung). The second batch-16 trial may be stopped too (below the first).
+    assert {"tuned-none-bs512-seed0", "tuned-none-bs512-seed1"} <= set(stopped)
+    first_epoch = {name: min(client.get_metric_history(c.info.run_id, "val_accuracy"), key=lambda m: m.step).value
+                   for name, c in children.items()}
+    for s in (0, 1):
+        assert first_epoch[f"tuned-none-bs512-seed{s}"] < min(first_epoch[f"tuned-none-bs16-seed{t}"] for t in (0, 1))
+    # The report is built as before, from the runs in MLflow.
+    assert (tmp_path / "reports" / parent.info.run_id / "summary.csv").stat().st_size > 0
+
+
+@pytest.mark.parametrize("launcher", ["local", "torchrun"])
+def test_asha_without_the_ray_launcher_is_refused_before_anything_starts(tmp_path, launcher):
+    result = run_tune_sweep(tmp_path, "--launcher", launcher, "--set", "sweep.early_stopping=asha")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: sweep.early_stopping: asha stops trials through Ray Tune, not with --launcher {launcher}; "
+        "expected --launcher ray (launch/sweep.py) or sweep.early_stopping=none"]
+    assert not (tmp_path / "ckpt").exists()
+    assert MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("tuned") is None
+
+
+@pytest.mark.parametrize("override, complaint", [
+    ("sweep.early_stopping=hyperband", "sweep.early_stopping"),
+    ("sweep.asha_reduction_factor=1", "sweep.asha_reduction_factor: expected a number > 1"),
+    ("sweep.asha_grace_period=0", "sweep.asha_grace_period: expected a positive number"),
+])
+def test_bad_early_stopping_keys_name_the_key(tmp_path, override, complaint):
+    (tmp_path / "tuned.yaml").write_text(TUNE_SWEEP)
+    with pytest.raises(InputError, match=complaint.replace(".", r"\.")):
+        load_config(tmp_path / "tuned.yaml", [override])
+
+
+def test_asha_needs_a_validation_split(tmp_path):
+    (tmp_path / "tuned.yaml").write_text(TUNE_SWEEP)
+    with pytest.raises(InputError, match=r"sweep\.early_stopping: asha .* expected data\.validation_size > 0"):
+        load_config(tmp_path / "tuned.yaml", ["sweep.early_stopping=asha", "data.validation_size=0"])
+
+
+def test_a_grace_period_as_long_as_the_trials_is_refused(tmp_path):
+    from harness.running.sweep import expand_trials
+    from harness.running.tune_sweep import asha_scheduler
+
+    (tmp_path / "tuned.yaml").write_text(TUNE_SWEEP)
+    cfg = load_config(tmp_path / "tuned.yaml", ["sweep.early_stopping=asha", "sweep.asha_grace_period=3"])
+    with pytest.raises(InputError, match=r"sweep\.asha_grace_period: 3 epochs .* expected < 3"):
+        asha_scheduler(cfg, expand_trials(cfg))
+    scheduler = asha_scheduler(cfg.replace(**{"sweep.asha_grace_period": 1}), expand_trials(cfg))
+    assert (scheduler._metric, scheduler._time_attr, scheduler._max_t) == ("val_accuracy", "epoch", 3)
+    assert scheduler._metric_op == 1.0  # maximised
+
+
+@pytest.mark.parametrize("cluster, num_workers, use_gpu, num_trials, expected", [
+    ({"CPU": 2.0}, 1, False, 4, 2),  # two 1-worker trials on 2 CPUs
+    ({"CPU": 2.0}, 2, False, 4, 1),
+    ({"CPU": 16.0}, 2, False, 3, 3),  # never more than there are trials
+    ({"CPU": 16.0, "GPU": 1.0}, 1, True, 4, 1),  # the GPUs bound it
+    ({"CPU": 16.0, "GPU": 8.0}, 2, True, 8, 4),
+    ({"CPU": 1.0}, 2, False, 4, 1),  # too small for one: one waits, not none
+])
+def test_concurrency_counts_trials_that_fit_the_cluster(cluster, num_workers, use_gpu, num_trials, expected):
+    from harness.running.ray_train import RayOptions
+    from harness.running.tune_sweep import concurrency
+
+    limit, why = concurrency(RayOptions(num_workers=num_workers, use_gpu=use_gpu), cluster, num_trials)
+    assert limit == expected
+    assert f"{num_workers} worker(s) x 1 CPU" in why
