@@ -1,6 +1,7 @@
 """Steps-to-target at step resolution: the periodic evaluation, stop_at_target, resume, the clock, bad input."""
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from harness.core.checkpoint import Checkpoints
 from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.core.evaluation import AUTO_EVALUATIONS, eval_interval
+from harness.core.evaluation import AUTO_EVAL_COST, AUTO_EVALUATIONS, eval_interval
 from harness.core.model import build_model
 from harness.core.train_loop import RunHooks, train
 from harness.errors import InputError
@@ -35,10 +36,15 @@ def subset_accuracy(cfg, model_state) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def test_automatic_interval_gives_about_forty_evaluations_and_at_least_one_step():
-    cfg = load_config(CONFIGS / "smoke.yaml")
+def test_automatic_interval_gives_about_forty_evaluations_unless_they_would_cost_too_much():
+    cfg = load_config(CONFIGS / "smoke.yaml")  # batch 64, a validation split of 256
     assert eval_interval(cfg, 4000) == 100 and 4000 // eval_interval(cfg, 4000) == AUTO_EVALUATIONS
-    assert eval_interval(cfg, 10) == 1
+    # A short budget would evaluate every step; scoring 256 samples costs about 256/3
+    # training samples' worth, so the interval stays at 256 / (3 * 0.10 * 64) -> 14 steps.
+    assert eval_interval(cfg, 10) == math.ceil(256 / (3 * AUTO_EVAL_COST * 64)) == 14
+    big = load_config(CONFIGS / "smoke.yaml", ["optim.global_batch_size=512", "data.train_subset=null",
+                                               "data.validation_size=5000"])
+    assert eval_interval(big, 54) == math.ceil(2000 / (3 * AUTO_EVAL_COST * 512)) == 14  # eval_samples 2000
     assert eval_interval(load_config(CONFIGS / "smoke.yaml", ["metrics.eval_every_steps=7"]), 4000) == 7
 
 

@@ -23,6 +23,7 @@ core/step.py, MLflow to records/.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -103,9 +104,22 @@ def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size:
     return float(totals[0]) / count, float(totals[1]) / count
 
 
+# The automatic interval keeps evaluations under about this fraction of training:
+# scoring n samples is one forward pass, about a third of a training step's
+# forward and backward over n samples, so k steps of batch B cost 3*B*k forward
+# samples against eval_samples per evaluation.
+AUTO_EVAL_COST = 0.10
+
+
 def eval_interval(cfg: Config, step_budget: int) -> int:
-    """Steps between evaluations: metrics.eval_every_steps, else about AUTO_EVALUATIONS over the budget."""
-    return cfg.metrics.eval_every_steps or max(1, step_budget // AUTO_EVALUATIONS)
+    """Steps between evaluations: metrics.eval_every_steps, else about AUTO_EVALUATIONS over the budget,
+    but never so often that the evaluations cost more than about AUTO_EVAL_COST of training."""
+    if cfg.metrics.eval_every_steps:
+        return cfg.metrics.eval_every_steps
+    by_count = step_budget // AUTO_EVALUATIONS
+    eval_samples = min(cfg.metrics.eval_samples, cfg.data.validation_size or cfg.metrics.eval_samples)
+    by_cost = math.ceil(eval_samples / (3 * AUTO_EVAL_COST * cfg.optim.global_batch_size))
+    return max(1, by_count, by_cost)
 
 
 class StepEvaluations:
