@@ -13,7 +13,7 @@ from harness.core.checkpoint import Checkpoints
 from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.core.evaluation import AUTO_EVAL_COST, AUTO_EVALUATIONS, eval_interval
+from harness.core.evaluation import AUTO_EVAL_COST, AUTO_RESOLUTION, eval_floor, is_evaluation_step
 from harness.core.model import build_model
 from harness.core.train_loop import RunHooks, train
 from harness.errors import InputError
@@ -36,16 +36,24 @@ def subset_accuracy(cfg, model_state) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def test_automatic_interval_gives_about_forty_evaluations_unless_they_would_cost_too_much():
+def test_automatic_schedule_reads_steps_to_target_to_five_percent_at_a_bounded_cost():
     cfg = load_config(CONFIGS / "smoke.yaml")  # batch 64, a validation split of 256
-    assert eval_interval(cfg, 4000) == 100 and 4000 // eval_interval(cfg, 4000) == AUTO_EVALUATIONS
-    # A short budget would evaluate every step; scoring 256 samples costs about 256/3
-    # training samples' worth, so the interval stays at 256 / (3 * 0.10 * 64) -> 14 steps.
-    assert eval_interval(cfg, 10) == math.ceil(256 / (3 * AUTO_EVAL_COST * 64)) == 14
+    # Scoring 256 samples costs about 256/3 training samples' worth: at most 10% of
+    # training means at least 256 / (3 * 0.10 * 64) -> 14 steps between evaluations.
+    assert eval_floor(cfg) == math.ceil(256 / (3 * AUTO_EVAL_COST * 64)) == 14
+    evaluated = [step for step in range(1, 100_001) if is_evaluation_step(cfg, step)]
+    gaps = [(later - earlier) / later for earlier, later in zip(evaluated, evaluated[1:])]
+    assert min(b - a for a, b in zip(evaluated, evaluated[1:])) == 14
+    # Past the floor every evaluation is within 5% of the previous one (2.5% at the least) ...
+    late = [gap for gap, step in zip(gaps, evaluated[1:]) if step * AUTO_RESOLUTION >= 2 * 14]
+    assert late and max(late) <= AUTO_RESOLUTION and min(late) > AUTO_RESOLUTION / 2 - 0.01
+    # ... so about 20 evaluations per doubling of the steps, not one per step.
+    assert 20 * math.log2(100_000 / (14 / AUTO_RESOLUTION)) < len(evaluated) < 20 * math.log2(100_000 / 14)
     big = load_config(CONFIGS / "smoke.yaml", ["optim.global_batch_size=512", "data.train_subset=null",
                                                "data.validation_size=5000"])
-    assert eval_interval(big, 54) == math.ceil(2000 / (3 * AUTO_EVAL_COST * 512)) == 14  # eval_samples 2000
-    assert eval_interval(load_config(CONFIGS / "smoke.yaml", ["metrics.eval_every_steps=7"]), 4000) == 7
+    assert eval_floor(big) == math.ceil(2000 / (3 * AUTO_EVAL_COST * 512)) == 14  # eval_samples 2000
+    fixed = load_config(CONFIGS / "smoke.yaml", ["metrics.eval_every_steps=7"])
+    assert [s for s in range(1, 50) if is_evaluation_step(fixed, s)] == [7, 14, 21, 28, 35, 42, 49]
 
 
 def test_stop_at_target_ends_at_the_first_evaluation_that_reaches_it(tmp_path):

@@ -3,7 +3,7 @@
 Owns:
 - ``evaluate``: loss and accuracy of a split on the device, sharded over ranks;
 - the periodic evaluation (``StepEvaluations``): every ``metrics.eval_every_steps``
-  steps (or about ``AUTO_EVALUATIONS`` over the step budget), the accuracy of the
+  steps (or on an automatic schedule of about 5% resolution, ``eval_interval``), the accuracy of the
   fixed validation subset (its first ``metrics.eval_samples`` samples); the first
   evaluation reaching ``metrics.target_val_accuracy`` (steps, samples, seconds and
   epochs to target, through measure.metrics.steps_to_target), what is measured
@@ -38,10 +38,6 @@ from harness.core.step import unwrap
 from harness.measure.exact_noise import exact_noise_scale
 from harness.measure.grad_noise import NoiseProbe
 from harness.measure.metrics import steps_to_target
-
-# A few dozen evaluations per trial: steps-to-target then has a resolution of 1/40
-# of the budget, and 40 forward passes over 2000 samples stay a small cost.
-AUTO_EVALUATIONS = 40
 
 
 @dataclass
@@ -104,22 +100,38 @@ def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size:
     return float(totals[0]) / count, float(totals[1]) / count
 
 
-# The automatic interval keeps evaluations under about this fraction of training:
+# The automatic schedule keeps evaluations under about this fraction of training:
 # scoring n samples is one forward pass, about a third of a training step's
 # forward and backward over n samples, so k steps of batch B cost 3*B*k forward
 # samples against eval_samples per evaluation.
 AUTO_EVAL_COST = 0.10
+# ... and reads steps-to-target to about this relative resolution, at any scale:
+# a batch of 16 needs thousands of steps, one of 8192 a hundred, and a fixed
+# interval (or one set by the step budget) is too coarse for one or too costly
+# for the other.
+AUTO_RESOLUTION = 0.05
 
 
-def eval_interval(cfg: Config, step_budget: int) -> int:
-    """Steps between evaluations: metrics.eval_every_steps, else about AUTO_EVALUATIONS over the budget,
-    but never so often that the evaluations cost more than about AUTO_EVAL_COST of training."""
+def eval_floor(cfg: Config) -> int:
+    """The fewest steps between automatic evaluations: what keeps their cost under AUTO_EVAL_COST."""
+    eval_samples = min(cfg.metrics.eval_samples, cfg.data.validation_size or cfg.metrics.eval_samples)
+    return max(1, math.ceil(eval_samples / (3 * AUTO_EVAL_COST * cfg.optim.global_batch_size)))
+
+
+def eval_interval(cfg: Config, global_step: int) -> int:
+    """Steps between evaluations around ``global_step``: metrics.eval_every_steps, else the floor
+    doubled as often as the interval stays within AUTO_RESOLUTION of the step count (so about
+    1/AUTO_RESOLUTION = 20 evaluations per doubling of the steps, each within 2.5-5% of the last)."""
     if cfg.metrics.eval_every_steps:
         return cfg.metrics.eval_every_steps
-    by_count = step_budget // AUTO_EVALUATIONS
-    eval_samples = min(cfg.metrics.eval_samples, cfg.data.validation_size or cfg.metrics.eval_samples)
-    by_cost = math.ceil(eval_samples / (3 * AUTO_EVAL_COST * cfg.optim.global_batch_size))
-    return max(1, by_count, by_cost)
+    floor = eval_floor(cfg)
+    doublings = max(0, math.floor(math.log2(max(global_step * AUTO_RESOLUTION / floor, 1.0))))
+    return floor * 2 ** doublings
+
+
+def is_evaluation_step(cfg: Config, global_step: int) -> bool:
+    """Does the run evaluate after step ``global_step`` (1-based)? Stateless, so a resumed run keeps the schedule."""
+    return global_step % eval_interval(cfg, global_step) == 0
 
 
 class StepEvaluations:
@@ -131,10 +143,9 @@ class StepEvaluations:
     """
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, validation: Split,
-                 train_set: Split, probe: Optional[NoiseProbe], counters: RunCounters, step_budget: int,
+                 train_set: Split, probe: Optional[NoiseProbe], counters: RunCounters,
                  training_stream=contextlib.nullcontext):
         self.cfg, self.ctx, self.model, self.probe, self.counters = cfg, ctx, model, probe, counters
-        self.interval = eval_interval(cfg, step_budget)
         count = min(cfg.metrics.eval_samples, len(validation))
         self.subset = Split(validation.features[:count], validation.targets[:count])
         self.train_set = train_set
@@ -154,7 +165,7 @@ class StepEvaluations:
     def after_step(self, global_step: int, global_batch_size: int) -> bool:
         """Count the step's samples; at an evaluation point, evaluate. True: stop training here."""
         self.samples += global_batch_size
-        if global_step % self.interval:
+        if not is_evaluation_step(self.cfg, global_step):
             return False
         return self._evaluate(global_step)
 
