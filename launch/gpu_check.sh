@@ -6,7 +6,8 @@
 #   3. `harness bench --device cuda`: the table for docs/performance.md (again without the
 #      graph-under-DDP path if the full run fails, so one broken path costs no table);
 #   4. configs/sweep_gpu.yaml (7 batch sizes, 10 epochs, 1 seed, graph step on), timed;
-#   5. the same sweep with the eager step, timed, for the comparison.
+#   5. the same sweep with the eager step, timed, for the comparison;
+#   6. configs/critical_batch.yaml (issue 13: the critical batch size two ways), timed.
 # The sweeps log to MLflow (a SQLite file) where MLflow can be imported; wheels
 # in .whl/ (`make gpu-wheels`) are installed first if present. Elsewhere tracking is off.
 # STEPS: the steps to run, by name (default: all); e.g. STEPS="environment graph-tests
@@ -28,7 +29,7 @@ if "$py" -c "import mlflow" 2>/dev/null; then
 else
     tracking=(--set tracking.enabled=false)
 fi
-steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager} "
+steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager critical-batch} "
 run() {  # run a named step (if STEPS names it), keep going after a failure, remember it
     local name=$1; shift
     case "$steps" in *" $name "*|*" ${name%-without-graph-ddp} "*) ;; *) return 0 ;; esac
@@ -58,4 +59,7 @@ run sweep-graph "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_
     --set checkpoint.dir=/tmp/gpu-check-sweep-graph
 run sweep-eager "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_graph=false \
     --set checkpoint.dir=/tmp/gpu-check-sweep-eager
+# Issue 13's study at full size: 10 batch sizes x 6 LRs x 2 seeds, each trial stopped at its target.
+run critical-batch "$py" launch/sweep.py --config configs/critical_batch.yaml --launcher local "${tracking[@]}" \
+    --set train.device=cuda --set checkpoint.dir=/tmp/gpu-check-critical --report-dir "$out/critical-report"
 exit $status
