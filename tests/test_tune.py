@@ -76,6 +76,8 @@ def test_asha_stops_the_hopeless_batch_and_ends_its_runs_finished_and_tagged(tmp
                    for name, c in children.items()}
     for s in (0, 1):
         assert first_epoch[f"tuned-none-bs512-seed{s}"] < min(first_epoch[f"tuned-none-bs16-seed{t}"] for t in (0, 1))
+    # The summary table says which trials ASHA stopped, not "ok".
+    assert result.stdout.count("stopped (asha)") == len(stopped)
     # The report is built as before, from the runs in MLflow.
     assert (tmp_path / "reports" / parent.info.run_id / "summary.csv").stat().st_size > 0
 

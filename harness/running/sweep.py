@@ -123,6 +123,7 @@ class TrialOutcome:
     result: Optional[RunResult]  # None where the trial ran in another process (torchrun) or was skipped
     error: Optional[str] = None
     skipped: bool = False
+    stopped_early: Optional[str] = None  # the scheduler that stopped the trial (Ray Tune's ASHA)
 
 
 class SweepParent:
@@ -220,7 +221,8 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
     for o in outcomes:
         m = o.result.metrics if o.result else {}
         status = ("failed" if o.error else "skipped" if o.skipped else "done" if o.result is None
-                  else "diverged" if o.result.diverged else "ok")
+                  else "diverged" if o.result.diverged else f"stopped ({o.stopped_early})" if o.stopped_early
+                  else "ok")
         rows.append([o.cfg.trial.lr_rule if o.cfg.trial else "none", str(o.cfg.optim.global_batch_size), f"{o.cfg.optim.lr:.4g}", str(o.cfg.seed)]
                     + [f"{m[k]:.4f}" if k in m else "-" for k in
                        ("train_loss", "test_loss", "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss")]

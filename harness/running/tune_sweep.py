@@ -218,7 +218,7 @@ def _outcome(trial: Config, launch_id: str, result, stopped: Optional[dict]) -> 
         end_stopped_run(trial, launch_id, {"stopped_early": "asha", "stopped_early_epoch": str(stopped["epoch"])})
         metrics = {k: v for k, v in stopped.items() if isinstance(v, float)}
         return TrialOutcome(trial, RunResult(None, int(stopped["epoch"]), int(stopped.get("global_step", 0)),
-                                             metrics))
+                                             metrics), stopped_early="asha")
     final = result.metrics.get("run_result")
     if final is None:  # no final result reached Tune
         return TrialOutcome(trial, None)
