@@ -16,7 +16,7 @@ import contextlib
 import functools
 import signal
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from harness.console import fail
 
@@ -143,3 +143,40 @@ def exits_on_termination(main: Callable[..., int]) -> Callable[..., int]:
             _pending = False
 
     return wrapper
+
+
+def call_interruptibly(call: Callable[[], Any], name: str, on_stop: Callable[[BaseException], None],
+                       stop_wait_s: float = 0.0, stop_on_error: bool = True) -> Any:
+    """``call()`` in a helper thread while this thread waits in Python, where signal handlers run.
+
+    For calls that block in C++ for a whole run (Ray Train's ``fit``, Ray Tune's): in
+    the main thread no Python signal handler runs until they return, so a SIGTERM
+    went unanswered until training ended (and off the main thread Ray leaves our
+    SIGINT handler in place). When the wait is interrupted, ``on_stop(error)`` runs,
+    the helper gets ``stop_wait_s`` to wind down, and the error is raised; when the
+    call raises, ``on_stop`` runs too (with ``stop_on_error``) and its error is raised.
+    After an interruption the helper thread may still be inside C++, where a normal
+    interpreter exit can crash (seen: SIGSEGV): launch/ray_job.py then ends with os._exit.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as err:  # handed to the waiting thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except BaseException as err:
+        on_stop(err)
+        thread.join(stop_wait_s)
+        raise
+    if "error" in outcome:
+        if stop_on_error:
+            on_stop(outcome["error"])
+        raise outcome["error"]
+    return outcome["result"]

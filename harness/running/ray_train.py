@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -166,41 +165,9 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, r
     trainer = build_trainer(cfg, options, launch_id, parent_run_id, resume)
     # On an early stop the workers die with this driver (or already did) and cannot
     # end their MLflow run themselves: a signal here would leave it RUNNING.
-    result = _fit_interruptibly(trainer, on_stop=lambda err: end_orphaned_run(cfg, launch_id,
-                                                                              signals.end_status(err)))
+    result = signals.call_interruptibly(
+        trainer.fit, "ray-train-fit", on_stop=lambda err: end_orphaned_run(cfg, launch_id, signals.end_status(err)))
     return run_result(result)
-
-
-def _fit_interruptibly(trainer, on_stop):
-    """``trainer.fit()`` in a helper thread, while this thread waits in Python.
-
-    In the main thread, fit blocks in Ray's C++ ``ray.get`` for the whole run, where
-    no Python signal handler runs: a SIGTERM went unanswered until training ended.
-    Off the main thread, Ray Train also leaves our SIGINT handler in place. When
-    fit raises, or the wait is interrupted, ``on_stop(error)`` runs first. After an
-    interruption the helper thread is still inside Ray's C++ client, where a normal
-    interpreter exit can crash (seen: SIGSEGV): launch/ray_job.py then ends with os._exit.
-    """
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # handed to the waiting thread below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(0.5)
-    except BaseException as err:
-        on_stop(err)
-        raise
-    if "error" in outcome:
-        on_stop(outcome["error"])
-        raise outcome["error"]
-    return outcome["result"]
 
 
 def end_orphaned_run(cfg: Config, launch_id: str, status: str) -> None:

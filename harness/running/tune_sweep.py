@@ -23,6 +23,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from harness import signals
 from harness.console import say, warn
 from harness.core.config import Config
 from harness.core.distributed import DistContext
@@ -199,7 +200,9 @@ def _run_experiment(cfg: Config, trials: list[Config], todo: list[int], options:
         run_config=tune.RunConfig(name=new_launch_id(cfg), storage_path=options.storage_path, verbose=0,
                                   stop=SignalStopper(), callbacks=[lines],
                                   failure_config=tune.FailureConfig(max_failures=0)))
-    grid = _fit_interruptibly(tuner)
+    _STOP_ALL.clear()
+    # Off the main thread Tune leaves SIGINT alone (it would otherwise end the experiment quietly and return).
+    grid = signals.call_interruptibly(tuner.fit, "ray-tune-fit", _stop_all_trials, STOP_WAIT_S, stop_on_error=False)
     outcomes = {}
     for result in grid:
         index = result.config["trial_index"]
@@ -226,31 +229,6 @@ def _outcome(trial: Config, launch_id: str, result, stopped: Optional[dict]) -> 
                                          final["metrics"], diverged=final["diverged"]))
 
 
-def _fit_interruptibly(tuner):
-    """``tuner.fit()`` in a helper thread while this thread waits in Python, where signal handlers run.
-
-    Off the main thread Tune leaves SIGINT alone (it would otherwise end the experiment
-    quietly and return). On a termination signal, ``SignalStopper`` has Tune stop every
-    trial (their Train runs die with their trainables) and the wait gives it STOP_WAIT_S.
-    """
-    _STOP_ALL.clear()
-    outcome = {}
-
-    def run() -> None:
-        try:
-            outcome["grid"] = tuner.fit()
-        except BaseException as err:  # handed to the waiting thread below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, name="ray-tune-fit", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(0.5)
-    except BaseException:
-        _STOP_ALL.set()
-        thread.join(STOP_WAIT_S)
-        raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["grid"]
+def _stop_all_trials(_err: BaseException) -> None:
+    """On a termination signal ``SignalStopper`` has Tune stop every trial (their Train runs die with their trainables)."""
+    _STOP_ALL.set()
