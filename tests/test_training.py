@@ -17,7 +17,8 @@ from harness.records.tracking import BY_STEP_KEYS, make_tracker
 EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
                  "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss", "samples_per_s",
                  "epoch_s", "global_step", "lr", "grad_sq_norm_estimate", "grad_trace_cov_estimate"}
-FINAL_METRICS = {"top_hessian_eigenvalue"}
+FINAL_METRICS = {"top_hessian_eigenvalue", "bottom_hessian_eigenvalue", "hessian_eigensolver_converged",
+                 "hessian_vector_products"}
 
 
 def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
@@ -35,7 +36,10 @@ def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
     for key in by_step:  # the same values again, with step = the optimizer step at each epoch's end
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [8, 16], key
     assert run.data.tags["steps_to_target"] == "not reached"  # smoke is far from 0.85
-    assert [m.step for m in client.get_metric_history(result.run_id, "top_hessian_eigenvalue")] == [2]
+    for key in FINAL_METRICS:  # the Hessian's extremes, once, at the end of training
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [2], key
+    assert run.data.metrics["hessian_eigensolver_converged"] == 1.0
+    assert run.data.metrics["bottom_hessian_eigenvalue"] <= run.data.metrics["top_hessian_eigenvalue"]
     for key in EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2], key
     gap = run.data.metrics["train_accuracy"] - run.data.metrics["test_accuracy"]
