@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CONFIGS
+from harness.core.config import load_config
 from harness.core.distributed import DistContext
+from harness.errors import InputError
 from harness.measure.grad_noise import NoiseProbe
 from harness.measure.metrics import (debiased_average, first_reaching, hessian_extremes, noise_scale_components,
                                      simple_noise_scale, steps_to_target, top_hessian_eigenvalue)
@@ -166,3 +169,11 @@ def test_hessian_extremes_of_a_two_parameter_loss():
     x = torch.tensor([0.3, 0.4], dtype=torch.float64, requires_grad=True)
     found = hessian_extremes(lambda: x[0] ** 2 - 0.5 * x[1] ** 2, [x])
     assert (found.top, found.bottom, found.converged) == (pytest.approx(2.0), pytest.approx(-1.0), True)
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.01"])
+def test_sharpness_tolerance_outside_zero_one_is_refused_naming_the_key(value):
+    with pytest.raises(InputError, match=r"^metrics\.sharpness_tolerance: expected a number in \(0, 1\)"):
+        load_config(CONFIGS / "smoke.yaml", [f"metrics.sharpness_tolerance={value}"])
+    assert load_config(CONFIGS / "smoke.yaml", ["metrics.sharpness_tolerance=0.0001"]).metrics.sharpness_tolerance \
+        == 1e-4
