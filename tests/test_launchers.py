@@ -15,12 +15,17 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, REPO, run_command, seeded_store
+from harness.core.config import load_config
+from harness.core.evaluation import is_evaluation_step
 
 pytestmark = pytest.mark.slow
 
 TRAIN = str(REPO / "launch/train.py")
 RAY_JOB = str(REPO / "launch/ray_job.py")
 EPOCHS = 3
+# Every launcher here trains configs/smoke.yaml: its evaluation schedule decides which
+# steps val_subset_accuracy is logged at (harness/core/evaluation.py).
+SMOKE_CONFIG = load_config(CONFIGS / "smoke.yaml")
 
 
 def _settings(tmp, *extra):
@@ -48,14 +53,21 @@ def only_run(tmp):
     return client, runs[0]
 
 
+# Logged once, at the end of training (train_loop.sharpness).
+SHARPNESS_METRICS = {"top_hessian_eigenvalue", "bottom_hessian_eigenvalue", "hessian_eigensolver_converged",
+                     "hessian_vector_products"}
+
+
 def assert_each_metric_logged_once_per_epoch(client, run):
     assert run.info.status == "FINISHED"
     # by_step/<metric> repeats an epoch metric with step = the optimizer step at that epoch's end
     global_steps = [int(m.value) for m in client.get_metric_history(run.info.run_id, "global_step")]
     assert len(global_steps) == EPOCHS
+    evaluated = [step for step in range(1, global_steps[-1] + 1) if is_evaluation_step(SMOKE_CONFIG, step)]
     for key in run.data.metrics:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-        expected = ([EPOCHS] if key == "top_hessian_eigenvalue" else global_steps if key.startswith("by_step/")
+        expected = ([EPOCHS] if key in SHARPNESS_METRICS else global_steps if key.startswith("by_step/")
+                    else evaluated if key == "val_subset_accuracy"  # step resolution: step = optimizer step
                     else list(range(1, EPOCHS + 1)))
         assert steps == expected, (key, steps)
 

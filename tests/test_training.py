@@ -12,6 +12,7 @@ from harness.core.checkpoint import Checkpoints
 from harness.core.distributed import DistContext
 from harness.running.sweep import expand_trials, run_sweep
 from harness.core.train_loop import RunHooks, train
+from harness.core.evaluation import is_evaluation_step
 from harness.records.tracking import BY_STEP_KEYS, make_tracker
 
 EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
@@ -19,7 +20,8 @@ EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss
                  "epoch_s", "global_step", "lr", "grad_sq_norm_estimate", "grad_trace_cov_estimate",
                  "time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s", "time_tracking_s",
                  "eval_fraction"}
-FINAL_METRICS = {"top_hessian_eigenvalue"}
+FINAL_METRICS = {"top_hessian_eigenvalue", "bottom_hessian_eigenvalue", "hessian_eigensolver_converged",
+                 "hessian_vector_products"}
 TIMINGS = {"epoch_s", "samples_per_s", "time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s",
            "time_tracking_s", "eval_fraction"}
 
@@ -36,12 +38,17 @@ def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
     by_step = {f"by_step/{key}" for key in BY_STEP_KEYS}
     assert EPOCH_METRICS | FINAL_METRICS | by_step | {"val_subset_accuracy"} <= set(run.data.metrics) <= (
         EPOCH_METRICS | FINAL_METRICS | by_step | {"grad_noise_scale", "val_subset_accuracy"})
-    # The subset's evaluations, every step here (an automatic interval over 16 steps is 1), logged with step = step.
-    assert [m.step for m in client.get_metric_history(result.run_id, "val_subset_accuracy")] == list(range(1, 17))
+    # The subset's evaluations on the automatic schedule (its cost floor is 14 steps at batch 64), step = step.
+    evaluated = [step for step in range(1, 17) if is_evaluation_step(cfg, step)]
+    assert evaluated == [14]
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_subset_accuracy")] == evaluated
     for key in by_step:  # the same values again, with step = the optimizer step at each epoch's end
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [8, 16], key
     assert run.data.tags["steps_to_target"] == "not reached"  # smoke is far from 0.85
-    assert [m.step for m in client.get_metric_history(result.run_id, "top_hessian_eigenvalue")] == [2]
+    for key in FINAL_METRICS:  # the Hessian's extremes, once, at the end of training
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [2], key
+    assert run.data.metrics["hessian_eigensolver_converged"] == 1.0
+    assert run.data.metrics["bottom_hessian_eigenvalue"] <= run.data.metrics["top_hessian_eigenvalue"]
     for key in EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2], key
     gap = run.data.metrics["train_accuracy"] - run.data.metrics["test_accuracy"]

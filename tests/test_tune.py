@@ -76,10 +76,19 @@ def test_asha_stops_the_hopeless_batch_and_ends_its_runs_finished_and_tagged(tmp
                    for name, c in children.items()}
     for s in (0, 1):
         assert first_epoch[f"tuned-none-bs512-seed{s}"] < min(first_epoch[f"tuned-none-bs16-seed{t}"] for t in (0, 1))
-    # The summary table says which trials ASHA stopped, not "ok".
-    assert result.stdout.count("stopped (asha)") == len(stopped)
     # The report is built as before, from the runs in MLflow.
     assert (tmp_path / "reports" / parent.info.run_id / "summary.csv").stat().st_size > 0
+
+
+def test_the_summary_table_says_which_trials_asha_stopped():
+    from harness.core.train_loop import RunResult
+    from harness.running.sweep import TrialOutcome, summary_table
+
+    cfg = load_config(REPO / "configs/smoke.yaml")
+    table = summary_table([TrialOutcome(cfg, RunResult("r1", 1, 8), stopped_early="asha"),
+                           TrialOutcome(cfg, RunResult("r2", 2, 16))])
+    assert [line.split()[-1] for line in table.splitlines()[2:]] == ["(asha)", "ok"]
+    assert "stopped (asha)" in table
 
 
 @pytest.mark.parametrize("launcher", ["local", "torchrun"])
@@ -138,3 +147,47 @@ def test_concurrency_counts_trials_that_fit_the_cluster(cluster, num_workers, us
     limit, why = concurrency(RayOptions(num_workers=num_workers, use_gpu=use_gpu), cluster, num_trials)
     assert limit == expected
     assert f"{num_workers} worker(s) x 1 CPU" in why
+
+
+@pytest.mark.slow
+def test_ray_sweep_stopped_by_sigterm_resumes_skipping_its_finished_trial(tmp_path, ray_cluster):
+    """SIGTERM the Ray sweep once its first trial has finished; --resume reopens the same
+    parent run, skips that trial and runs the other."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    config = tmp_path / "tuned.yaml"
+    # One trial at a time (2 workers of the cluster's 2 CPUs each), the batch-16 one first.
+    config.write_text(TUNE_SWEEP.replace("seeds: [0, 1]", "seeds: [0]"))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"]}
+    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher", "ray",
+               "--nproc", "2", "--set", f"tracking.uri={seeded_store(tmp_path)}",
+               "--set", f"checkpoint.dir={tmp_path}/ckpt", "--report-dir", str(tmp_path / "reports"),
+               "--storage-path", str(tmp_path / "ray")]
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    deadline = time.monotonic() + 300
+
+    def first_finished():
+        experiment = client.get_experiment_by_name("tuned")
+        runs = client.search_runs([experiment.experiment_id], "tags.trial = 'tuned-none-bs16-seed0'") if experiment else []
+        return runs[0] if runs and runs[0].info.status == "FINISHED" else None
+
+    while (first := first_finished()) is None:
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before its first trial finished"
+        time.sleep(0.5)
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(120) == 143
+    _, parent, _ = sweep_runs(tmp_path)
+    assert parent.info.status == "KILLED"
+
+    result = run_command(command + ["--resume"], cwd=tmp_path, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "[tuned-none-bs16-seed0] finished in an earlier attempt: skipped" in result.stdout
+    _, resumed, children = sweep_runs(tmp_path)  # one parent: the same run, reopened
+    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
+    assert sorted(children) == ["tuned-none-bs16-seed0", "tuned-none-bs512-seed0"]
+    assert children["tuned-none-bs16-seed0"].info.end_time == first.info.end_time  # not run again
+    assert children["tuned-none-bs512-seed0"].info.status == "FINISHED"

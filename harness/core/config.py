@@ -165,6 +165,9 @@ class MetricsConfig(ConfigModel):
     sharpness: bool = True
     sharpness_samples: PositiveInt = 1024
     sharpness_iterations: PositiveInt = 20
+    # sharpness_iterations caps the Lanczos restarts (ARPACK's maxiter, each ~20 Hessian-vector products);
+    # each Hessian eigenvalue is returned within this fraction of the spectral radius (the residual bound).
+    sharpness_tolerance: Annotated[float, Field(gt=0, lt=1), Expect("a number in (0, 1)")] = 1e-3
 
 
 class PerformanceConfig(ConfigModel):

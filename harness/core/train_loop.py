@@ -34,9 +34,9 @@ from harness.core.evaluation import RunCounters, StepEvaluations, evaluate, time
 from harness.measure.grad_noise import NoiseProbe
 from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
 from harness.core.step import EagerStep, LRSchedule, unwrap
-from harness.measure.metrics import top_hessian_eigenvalue
+from harness.measure.metrics import hessian_extremes
 from harness.core.model import build_model
-from harness.console import say
+from harness.console import say, warn
 from harness.records.tracking import by_step_metrics, make_tracker
 
 # A loss above this (cross-entropy of 10 classes starts near 2.3) means the run blew up.
@@ -194,14 +194,30 @@ def load_state(trainer: Trainer, state: dict) -> RunCounters:
     return RunCounters(**state["progress"])
 
 
-def sharpness(trainer: Trainer) -> float:
-    """Top Hessian eigenvalue of the training loss on a fixed subset (the first N training samples)."""
+def sharpness(trainer: Trainer) -> dict[str, float]:
+    """The Hessian's largest and smallest algebraic eigenvalues on a fixed subset (the first N training samples).
+
+    Metrics ``top_hessian_eigenvalue`` (sharpness), ``bottom_hessian_eigenvalue``
+    (negative: the loss still curves down somewhere), ``hessian_eigensolver_converged``
+    (0 when Lanczos did not converge within ``metrics.sharpness_iterations`` restarts:
+    the eigenvalue it missed is left out, not guessed) and ``hessian_vector_products`` (its cost).
+    """
     model = unwrap(trainer.model)
-    n = min(trainer.cfg.metrics.sharpness_samples, len(trainer.train_set))
+    metrics_cfg = trainer.cfg.metrics
+    n = min(metrics_cfg.sharpness_samples, len(trainer.train_set))
     x, y = trainer.train_set.features[:n], trainer.train_set.targets[:n]
     with trainer.train_step.on_training_stream():
-        return top_hessian_eigenvalue(lambda: F.cross_entropy(model(x), y), list(model.parameters()),
-                                      iterations=trainer.cfg.metrics.sharpness_iterations, seed=trainer.cfg.seed)
+        extremes = hessian_extremes(lambda: F.cross_entropy(model(x), y), list(model.parameters()),
+                                    tolerance=metrics_cfg.sharpness_tolerance,
+                                    iterations=metrics_cfg.sharpness_iterations, seed=trainer.cfg.seed)
+    if not extremes.converged:
+        warn(f"sharpness: Lanczos did not converge to tolerance {extremes.tolerance:g} within "
+             f"{metrics_cfg.sharpness_iterations} restarts ({extremes.hessian_vector_products} Hessian-vector "
+             f"products); the unconverged eigenvalue is not logged (raise metrics.sharpness_iterations)",
+             ctx=trainer.ctx)
+    return {"top_hessian_eigenvalue": extremes.top, "bottom_hessian_eigenvalue": extremes.bottom,
+            "hessian_eigensolver_converged": float(extremes.converged),
+            "hessian_vector_products": float(extremes.hessian_vector_products)}
 
 
 def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks] = None,
@@ -270,7 +286,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
             tags["steps_to_target"] = str(int(metrics["steps_to_target"]))
         if not diverged and is_last and cfg.metrics.sharpness:
             with timed(counters, "probe_seconds", ctx.device):
-                metrics["top_hessian_eigenvalue"] = sharpness(trainer)
+                metrics.update(sharpness(trainer))
         if is_last and not counters.target_reached_step and cfg.metrics.target_val_accuracy is not None:
             tags["steps_to_target"] = "not reached"
         if counters.stopped_at_target:

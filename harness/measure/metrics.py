@@ -5,8 +5,8 @@ tested against a problem whose answer is known (tests/test_metrics.py).
 
 - gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, App. A)
 - steps-to-target (Shallue et al. 2018's steps-to-result)
-- sharpness: the top eigenvalue of the loss Hessian by power iteration on
-  Hessian-vector products
+- sharpness: the largest and smallest algebraic eigenvalues of the loss Hessian,
+  by Lanczos (scipy's ARPACK) on Hessian-vector products
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -95,34 +96,111 @@ def steps_to_target(val_accuracy: Sequence[float], steps: Sequence[int], samples
 
 # --- sharpness ---------------------------------------------------------------
 
+# ARPACK's maxiter counts restarts of the Lanczos process, each ~ncv (20) new
+# Hessian-vector products, so a small number already allows hundreds of them.
+DEFAULT_LANCZOS_RESTARTS = 20
+
+
+@dataclass(frozen=True)
+class HessianExtremes:
+    """The largest and smallest algebraic eigenvalues of a Hessian, and how they were found.
+
+    ``top`` or ``bottom`` is NaN when its Lanczos run did not converge within the
+    allowed restarts; ``converged`` is then False. ``hessian_vector_products``
+    counts every product the solver asked for (its cost).
+    """
+
+    top: float
+    bottom: float
+    converged: bool
+    hessian_vector_products: int
+    tolerance: float
+
+
+def hessian_extremes(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                     tolerance: float = 1e-3, iterations: int = DEFAULT_LANCZOS_RESTARTS,
+                     seed: int = 0) -> HessianExtremes:
+    """Largest and smallest ALGEBRAIC eigenvalues of the Hessian of ``loss_fn()`` w.r.t. ``params``.
+
+    Lanczos (ARPACK's implicitly restarted Lanczos, scipy's ``eigsh``) on
+    Hessian-vector products (Pearlmutter's trick: the gradient of ``g . v``), in
+    the parameters' dtype. Two runs, with rho = max |eigenvalue| (the spectral radius):
+
+    1. ``which='LM'`` finds the eigenvalue of largest magnitude, +-rho: that is
+       the top one if positive, the bottom one if negative (what power iteration
+       returned alone, and why a network with strong negative curvature used to
+       log a negative "sharpness").
+    2. The other end, as the largest eigenvalue of H + 2 rho I (for the top) or
+       2 rho I - H (for the bottom). Lanczos is shift-invariant (same Krylov
+       space, same convergence); the shift only puts that eigenvalue in
+       [rho, 3 rho], so ARPACK's relative stopping rule becomes an absolute one on
+       the scale of rho, even when the wanted eigenvalue is near zero.
+
+    Tolerance: each returned value has a Ritz residual at most ``tolerance * rho``,
+    so an eigenvalue of H lies within that distance of it. ``iterations`` caps
+    ARPACK's restarts per run. Deterministic given ``seed`` (the start vector).
+    """
+    # Imported here: scipy.sparse.linalg takes ~0.3 s to load, and only this end-of-run probe needs it.
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    params = [p for p in params if p.requires_grad]
+    hvp, size, counter = _hessian_vector_product(loss_fn, params)
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(size, generator=generator, dtype=torch.float64).numpy()
+    if size < 3:  # too small for ARPACK (k < ncv <= n): the Hessian itself, column by column
+        dense = np.stack([hvp(column) for column in np.eye(size)])
+        eigenvalues = np.linalg.eigvalsh((dense + dense.T) / 2)
+        return HessianExtremes(float(eigenvalues[-1]), float(eigenvalues[0]), True, counter[0], tolerance)
+
+    def largest(matvec, which: str, tol: float) -> float:
+        operator = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
+        try:
+            return float(eigsh(operator, k=1, which=which, v0=start, tol=tol, maxiter=iterations,
+                               return_eigenvectors=False)[0])
+        except ArpackNoConvergence:
+            return math.nan
+
+    dominant = largest(hvp, "LM", tolerance)
+    if not math.isfinite(dominant):
+        return HessianExtremes(math.nan, math.nan, False, counter[0], tolerance)
+    radius = abs(dominant)
+    # tolerance / 3: the shifted eigenvalue is at most 3 rho, so its residual stays under tolerance * rho.
+    if dominant >= 0:
+        top = dominant
+        bottom = 2 * radius - largest(lambda v: 2 * radius * v - hvp(v), "LA", tolerance / 3)
+    else:
+        bottom = dominant
+        top = largest(lambda v: hvp(v) + 2 * radius * v, "LA", tolerance / 3) - 2 * radius
+    return HessianExtremes(top, bottom, math.isfinite(top) and math.isfinite(bottom), counter[0], tolerance)
+
 
 def top_hessian_eigenvalue(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
-                           iterations: int = 20, tolerance: float = 1e-4, seed: int = 0) -> float:
-    """Largest-magnitude eigenvalue of the Hessian of ``loss_fn()`` w.r.t. ``params``.
+                           iterations: int = DEFAULT_LANCZOS_RESTARTS, tolerance: float = 1e-3,
+                           seed: int = 0) -> float:
+    """Largest ALGEBRAIC eigenvalue of the Hessian (sharpness); NaN if Lanczos did not converge.
 
-    Power iteration on Hessian-vector products (Pearlmutter's trick: the gradient
-    of ``g . v``), stopping when the Rayleigh quotient changes by less than
-    ``tolerance`` (relative). Near a minimum the top eigenvalue is positive and
-    the dominant one, which is what sharpness means here.
+    See :func:`hessian_extremes`, which also gives the smallest one and whether it converged.
     """
-    params = [p for p in params if p.requires_grad]
-    generator = torch.Generator().manual_seed(seed)
-    vector = [torch.randn(p.shape, generator=generator).to(p) for p in params]
-    vector = _normalised(vector)
+    return hessian_extremes(loss_fn, params, tolerance, iterations, seed).top
+
+
+def _hessian_vector_product(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]):
+    """``(hvp, size, counter)``: hvp maps a flat float64 numpy vector to H v (float64), counter[0] counts calls.
+
+    The gradient graph is built once (create_graph) and each product
+    differentiates ``g . v`` through it again (retain_graph).
+    """
     loss = loss_fn()
     grads = torch.autograd.grad(loss, params, create_graph=True)
-    eigenvalue = 0.0
-    for _ in range(iterations):
+    sizes = [p.numel() for p in params]
+    counter = [0]
+
+    def hvp(flat: np.ndarray) -> np.ndarray:
+        counter[0] += 1
+        pieces = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float64).reshape(-1)).split(sizes)
+        vector = [piece.reshape(p.shape).to(p) for piece, p in zip(pieces, params)]
         grad_dot_v = sum((g * v).sum() for g, v in zip(grads, vector))
-        hvp = torch.autograd.grad(grad_dot_v, params, retain_graph=True)
-        new_eigenvalue = float(sum((h * v).sum() for h, v in zip(hvp, vector)))
-        vector = _normalised([h.detach() for h in hvp])
-        if abs(new_eigenvalue - eigenvalue) <= tolerance * max(abs(new_eigenvalue), 1e-12):
-            return new_eigenvalue
-        eigenvalue = new_eigenvalue
-    return eigenvalue
+        products = torch.autograd.grad(grad_dot_v, params, retain_graph=True)
+        return torch.cat([h.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for h in products]).numpy()
 
-
-def _normalised(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-    norm = torch.sqrt(sum((v * v).sum() for v in vectors))
-    return [v / norm for v in vectors]
+    return hvp, sum(sizes), counter
