@@ -97,6 +97,9 @@ def test_a_run_that_never_reaches_the_target_uses_its_budget_and_says_not_reache
     result = train(cfg, DistContext())
     run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id)
     assert result.global_step == 12 and run.data.tags["steps_to_target"] == "not reached"
+    # The schedule's floor is 14 steps here: the only evaluation is the budget's last step.
+    history = MlflowClient(tracking_uri=cfg.tracking.uri).get_metric_history(result.run_id, "val_subset_accuracy")
+    assert [m.step for m in history] == [12]
     assert "steps_to_target" not in run.data.metrics and "stopped_at_target" not in run.data.tags
 
 

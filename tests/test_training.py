@@ -38,9 +38,10 @@ def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
     by_step = {f"by_step/{key}" for key in BY_STEP_KEYS}
     assert EPOCH_METRICS | FINAL_METRICS | by_step | {"val_subset_accuracy"} <= set(run.data.metrics) <= (
         EPOCH_METRICS | FINAL_METRICS | by_step | {"grad_noise_scale", "val_subset_accuracy"})
-    # The subset's evaluations on the automatic schedule (its cost floor is 14 steps at batch 64), step = step.
-    evaluated = [step for step in range(1, 17) if is_evaluation_step(cfg, step)]
-    assert evaluated == [14]
+    # The subset's evaluations on the automatic schedule (its cost floor is 14 steps at batch 64)
+    # and at the budget's last step, logged with step = step.
+    evaluated = [step for step in range(1, 17) if is_evaluation_step(cfg, step)] + [16]
+    assert evaluated == [14, 16]
     assert [m.step for m in client.get_metric_history(result.run_id, "val_subset_accuracy")] == evaluated
     for key in by_step:  # the same values again, with step = the optimizer step at each epoch's end
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [8, 16], key

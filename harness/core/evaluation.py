@@ -143,9 +143,12 @@ class StepEvaluations:
     """
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, validation: Split,
-                 train_set: Split, probe: Optional[NoiseProbe], counters: RunCounters,
+                 train_set: Split, probe: Optional[NoiseProbe], counters: RunCounters, last_step: int,
                  training_stream=contextlib.nullcontext):
         self.cfg, self.ctx, self.model, self.probe, self.counters = cfg, ctx, model, probe, counters
+        # The budget's last step is evaluated too: a trial whose last steps fall between
+        # two evaluations would otherwise be "not reached" when its final parameters did.
+        self.last_step = last_step
         count = min(cfg.metrics.eval_samples, len(validation))
         self.subset = Split(validation.features[:count], validation.targets[:count])
         self.train_set = train_set
@@ -165,7 +168,7 @@ class StepEvaluations:
     def after_step(self, global_step: int, global_batch_size: int) -> bool:
         """Count the step's samples; at an evaluation point, evaluate. True: stop training here."""
         self.samples += global_batch_size
-        if not is_evaluation_step(self.cfg, global_step):
+        if not (is_evaluation_step(self.cfg, global_step) or global_step == self.last_step):
             return False
         return self._evaluate(global_step)
 

@@ -264,7 +264,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
     result = RunResult(run_id, counters.epoch, counters.global_step)
     step_budget = cfg.train.max_steps or cfg.total_epochs * trainer.plan.steps_per_epoch
     evals = StepEvaluations(cfg, ctx, trainer.model, dataset.validation, trainer.train_set, trainer.noise_probe,
-                            counters, trainer.train_step.on_training_stream)
+                            counters, step_budget, trainer.train_step.on_training_stream)
     # A run that stopped at its target is finished: resuming it trains nothing more.
     first_epoch = cfg.total_epochs + 1 if counters.stopped_at_target else counters.epoch + 1
     for epoch in range(first_epoch, cfg.total_epochs + 1):
