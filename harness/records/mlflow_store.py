@@ -342,6 +342,15 @@ def logged_steps(client, run_id: str) -> set[tuple[str, int]]:
     return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
 
 
+def log_new_metrics(client, run_id: str, metrics: list, logged: set[tuple[str, int]]) -> None:
+    """Log the ``Metric`` entities whose (key, step) is not in ``logged`` yet, in batches of
+    MLflow's limit, and add them to ``logged``: delivering a record or a report twice adds nothing twice."""
+    fresh = [m for m in metrics if (m.key, m.step) not in logged]
+    for lo in range(0, len(fresh), MLFLOW_METRIC_BATCH):
+        client.log_batch(run_id, metrics=fresh[lo:lo + MLFLOW_METRIC_BATCH])
+        logged.update((m.key, m.step) for m in fresh[lo:lo + MLFLOW_METRIC_BATCH])
+
+
 def apply_record(client, record: dict[str, Any], logged: set[tuple[str, int]]) -> None:
     """Deliver one record; metrics already in ``logged`` are skipped, delivered ones added."""
     from mlflow.entities import Metric
@@ -349,17 +358,11 @@ def apply_record(client, record: dict[str, Any], logged: set[tuple[str, int]]) -
     run_id = record["run_id"]
     if record["op"] == "metrics":
         step = record["step"]
-        fresh = [Metric(k, float(v), record["timestamp_ms"], step) for k, v in record["metrics"].items()
-                 if (k, step) not in logged]
-        if fresh:
-            client.log_batch(run_id, metrics=fresh)
-            logged.update((m.key, step) for m in fresh)
+        log_new_metrics(client, run_id, [Metric(k, float(v), record["timestamp_ms"], step)
+                                         for k, v in record["metrics"].items()], logged)
     elif record["op"] == "history":  # one metric at many steps (evaluations inside a run), in few calls
-        fresh = [Metric(record["key"], float(v), record["timestamp_ms"], int(step)) for step, v in record["points"]
-                 if (record["key"], int(step)) not in logged]
-        for lo in range(0, len(fresh), MLFLOW_METRIC_BATCH):
-            client.log_batch(run_id, metrics=fresh[lo:lo + MLFLOW_METRIC_BATCH])
-            logged.update((m.key, m.step) for m in fresh[lo:lo + MLFLOW_METRIC_BATCH])
+        log_new_metrics(client, run_id, [Metric(record["key"], float(v), record["timestamp_ms"], int(step))
+                                         for step, v in record["points"]], logged)
     elif record["op"] == "tags":
         for key, value in record["tags"].items():
             client.set_tag(run_id, key, value)

@@ -21,7 +21,7 @@ from typing import Optional
 
 from harness.errors import InputError
 from harness.results import critical
-from harness.records.mlflow_store import child_runs, logged_steps, newest_sweep_run, open_client
+from harness.records.mlflow_store import child_runs, log_new_metrics, logged_steps, newest_sweep_run, open_client
 
 # (column, metric key) of the summary; each gets a mean and a std over seeds.
 SUMMARY_METRICS = (
@@ -162,14 +162,6 @@ def tuned_rows(rows: list[SummaryRow], tuned: list[critical.TunedBatch]) -> list
     return [row for row in rows if best[(row.lr_rule, row.batch_size)] == row.lr]
 
 
-def _new_metrics(logged: set, now_ms: int, values: dict[str, dict[int, float]]) -> list:
-    """Metric entities for (key, step) -> value, less what the run already holds (the report built again)."""
-    from mlflow.entities import Metric
-
-    return [Metric(key, value, now_ms, step) for key, by_step in values.items() for step, value in by_step.items()
-            if (key, step) not in logged]
-
-
 def log_parent_metrics(client, parent_run_id: str, rows: list[SummaryRow],
                        results: list[critical.CriticalBatch] = ()) -> None:
     """Each row's means on the parent run, step = batch size; the critical batch size's numbers
@@ -190,9 +182,11 @@ def log_parent_metrics(client, parent_run_id: str, rows: list[SummaryRow],
                 for r in results if r.near_batch_sizes}
         if near:  # which trials the parent's grad_noise_scale_* medians are over
             client.log_batch(parent_run_id, tags=[_tag(k, v) for k, v in near.items()])
-    metrics = _new_metrics(logged_steps(client, parent_run_id), int(time.time() * 1000), values)
-    for i in range(0, len(metrics), 1000):  # MLflow's limit of metrics per log_batch call
-        client.log_batch(parent_run_id, metrics=metrics[i:i + 1000])
+    from mlflow.entities import Metric
+
+    now_ms = int(time.time() * 1000)
+    metrics = [Metric(key, value, now_ms, step) for key, by_step in values.items() for step, value in by_step.items()]
+    log_new_metrics(client, parent_run_id, metrics, logged_steps(client, parent_run_id))
 
 
 def _tag(key: str, value: str):
