@@ -1,6 +1,7 @@
 """Run by tests/test_graph_step.py under torchrun (2 gloo ranks): the graph step's
 body, uncaptured, against the eager step, with DDP and its noise-probe comm hook."""
 
+import gc
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from test_graph_step import STEP_TEST_OVERRIDES, assert_same_state, untracked_sm
 
 def main() -> int:
     ctx = distributed.init_from_env("cpu")
+    eager = graph = None
     try:
         cfg = untracked_smoke_config(Path(sys.argv[1]), *STEP_TEST_OVERRIDES)
         eager = trained(cfg, ctx, graph="none")
@@ -29,6 +31,11 @@ def main() -> int:
             dist.broadcast(rank0, src=0)
             torch.testing.assert_close(param.detach(), rank0, rtol=0, atol=0)
     finally:
+        # The DDP replicas go before the process group: a reducer destroyed at interpreter
+        # exit, after its group, sometimes aborted the process ("terminate called without
+        # an active exception") once both ranks had printed their verdict.
+        del eager, graph
+        gc.collect()
         distributed.shutdown()
     print(f"rank {ctx.rank}: the graph body matches the eager step under DDP", flush=True)
     return 0
