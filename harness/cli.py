@@ -1,4 +1,4 @@
-"""The ``harness`` command: tools around training runs (gradcheck, report, bench, replay, mlflow-server).
+"""The ``harness`` command: tools around training runs (gradcheck, report, escape, bench, replay, mlflow-server).
 
 Training itself starts from launch/ (torchrun, Ray, sweeps).
 """
@@ -10,6 +10,7 @@ import sys
 
 # Nothing imported at load time pulls in torch (harness.results.bench, harness.records.tracking
 # do): `harness --help` took 3.5 s with them here, 0.2 s without.
+from harness import signals
 from harness.console import say
 from harness.running.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error
 from harness.errors import InputError
@@ -56,8 +57,25 @@ def report(args: argparse.Namespace) -> int:
     check_writable_dir(Path(args.out), "--out")
     check_tracking_uri(args.tracking_uri or default_tracking_uri())
     result = build_report(args.tracking_uri or default_tracking_uri(), args.experiment,
-                          sweep_run_id=args.sweep_run_id, out_dir=args.out)
+                          sweep_run_id=args.sweep_run_id, out_dir=args.out, interpolate=not args.no_interpolation)
     say(result.markdown_table)
+
+
+def escape(args: argparse.Namespace) -> int:
+    """Continue a finished sweep's smallest- and largest-batch solutions with each other's batch size."""
+    from pathlib import Path
+
+    from harness.core.checkpoint import check_writable_dir
+    from harness.records.mlflow_store import check_tracking_uri, default_tracking_uri
+    from harness.running.escape import run_escape
+
+    if args.epochs < 1:
+        raise InputError(f"--epochs: {args.epochs}; expected a positive number of epochs")
+    check_writable_dir(Path(args.out), "--out")
+    uri = args.tracking_uri or default_tracking_uri()
+    check_tracking_uri(uri)
+    run_escape(uri, args.experiment, args.sweep_run_id, args.epochs, args.out)
+    return 0
     say(f"\nreport: {result.directory}")
     for path in [result.csv_path, result.markdown_path, *result.plots]:
         say(f"  {path}")
@@ -143,7 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     rep.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment to look in")
     rep.add_argument("--out", default="reports", help="folder for the files (one subfolder per sweep)")
+    rep.add_argument("--no-interpolation", action="store_true",
+                     help="skip the loss along the line between the smallest and largest healthy batch's weights")
     rep.set_defaults(handler=report)
+    esc = commands.add_parser("escape", help="continue a sweep's smallest- and largest-batch solutions with each "
+                                             "other's batch size (and their own, as control)")
+    which = esc.add_mutually_exclusive_group()
+    which.add_argument("--sweep-run-id", default=None, help="the sweep's parent run id")
+    which.add_argument("--latest", action="store_true",
+                       help="the newest sweep of the experiment (the default when no --sweep-run-id)")
+    esc.add_argument("--epochs", type=int, default=5, help="epochs every continuation trains")
+    esc.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    esc.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment to look in")
+    esc.add_argument("--out", default="reports", help="folder for the files (one subfolder per escape run)")
+    esc.set_defaults(handler=escape)
     ben = commands.add_parser("bench", help="time the training step against a plain DataLoader loop")
     ben.add_argument("--config", default="configs/fashion_mnist.yaml", help="YAML file: data set and model to time")
     ben.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -169,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A termination signal ends what a command started (escape's training runs, an interpolation run)
+# as KILLED, and exits 128+signal with one line.
+@signals.exits_on_termination
 @exits_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)

@@ -234,3 +234,36 @@ def _finish(fig, ax, path: Path, notes: list[str]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def sharpness_trajectories(curves, path: Path, title: str) -> Path:
+    """λ_max against optimizer steps, one colour per curve group, with each group's stability limit dashed.
+
+    ``curves``: (group label, [(step, λ_max)], limit 2(1+β)/η or None), one per trial; trials of one
+    group (seeds) share a colour and a label. Steps on a symlog axis: step 0 (before the first update)
+    is a reading too, and the batch sizes' step counts differ by orders of magnitude.
+    """
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = list(dict.fromkeys(label for label, _, _ in curves))
+    cmap = plt.get_cmap("viridis")
+    notes = []
+    for i, group in enumerate(groups):
+        colour = cmap(i / max(1, len(groups) - 1))
+        members = [(points, limit) for label, points, limit in curves if label == group]
+        labelled = False
+        for points, limit in members:
+            if not points:
+                continue
+            steps, values = zip(*sorted(points))
+            ax.plot(steps, values, marker=".", color=colour, alpha=0.85, label=None if labelled else group)
+            labelled = True
+        limits = sorted({limit for _, limit in members if limit is not None})
+        for limit in limits:
+            ax.axhline(limit, color=colour, linestyle="--", linewidth=1)
+        if not labelled:
+            notes.append(f"{group}: no sharpness readings logged")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_yscale("log")
+    ax.set(title=title, xlabel="optimizer steps", ylabel="top Hessian eigenvalue λ_max")
+    _finish(fig, ax, path, notes)
+    return path

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.errors import InputError
-from harness.results import critical
+from harness.results import critical, minima
 from harness.records.mlflow_store import child_runs, log_new_metrics, logged_steps, newest_sweep_run, open_client
 
 # (column, metric key) of the summary; each gets a mean and a std over seeds.
@@ -32,7 +32,8 @@ SUMMARY_METRICS = (
     ("noise_scale", "grad_noise_scale"),
     ("sharpness", "top_hessian_eigenvalue"),
 )
-HISTORY_KEYS = ("train_loss", "test_loss", "train_loss_running", "global_step", "test_accuracy")
+HISTORY_KEYS = ("train_loss", "test_loss", "train_loss_running", "global_step", "test_accuracy",
+                "by_step/top_hessian_eigenvalue")
 
 
 @dataclass
@@ -47,6 +48,8 @@ class TrialRecord:
     diverged: bool
     final: dict[str, float]
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    momentum: float = 0.0
+    target_train_loss: Optional[float] = None  # the sweep compared its trials at this training loss
 
 
 @dataclass
@@ -96,8 +99,13 @@ def collect_trials(client, parent) -> list[TrialRecord]:
             run_id=run.info.run_id, name=tags.get("trial", run.info.run_name), lr_rule=params.get("lr_rule", "none"),
             batch_size=int(params["batch_size"]), lr=float(params["lr"]), seed=int(params["seed"]),
             status=run.info.status, diverged=tags.get("diverged") == "true", final=dict(run.data.metrics),
-            history=history))
+            history=history, momentum=float(params.get("optim.momentum", 0.0)),
+            target_train_loss=_optional_float(params.get("train.target_train_loss"))))
     return sorted(records, key=lambda r: (r.lr_rule, r.batch_size, r.lr, r.seed))
+
+
+def _optional_float(param: Optional[str]) -> Optional[float]:
+    return None if param in (None, "None") else float(param)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -196,8 +204,11 @@ def _tag(key: str, value: str):
 
 
 def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str] = None,
-                 out_dir: str | Path = "reports", log_artifacts: bool = True) -> Report:
-    """Read the sweep, write table and plots under ``out_dir/<sweep run id>/``, log them to the parent run."""
+                 out_dir: str | Path = "reports", log_artifacts: bool = True, interpolate: bool = True) -> Report:
+    """Read the sweep, write table and plots under ``out_dir/<sweep run id>/``, log them to the parent run.
+
+    ``interpolate``: also evaluate the loss along the line between the smallest and the largest
+    healthy batch size's final parameters (harness/results/interpolation.py, a run of its own)."""
     from harness.results import plots
 
     client = open_client(tracking_uri)
@@ -214,14 +225,58 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     csv_path, markdown_path = directory / "summary.csv", directory / "summary.md"
     write_csv(rows, csv_path)
     table = markdown_table(rows) + "\n\n" + critical.markdown(results)
-    markdown_path.write_text(f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{table}\n")
     target = parent.data.params.get("metrics.target_val_accuracy")
     target_label = f"val acc ≥ {target}" if target not in (None, "None") else "target"
     drawn = plots.draw_all(trials, per_batch, directory, target_label=target_label)
     drawn += plots.draw_critical(results, directory, target_label=target_label)
+    minima_table, minima_plots = _minima_sections(tracking_uri, experiment, trials, directory, interpolate)
+    table += minima_table
+    drawn += minima_plots
+    markdown_path.write_text(f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{table}\n")
     if log_artifacts:
         for path in [csv_path, markdown_path, *drawn]:
             client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
         log_parent_metrics(client, parent.info.run_id, per_batch, results)
     return Report(parent.info.run_id, parent.info.experiment_id, directory, rows, csv_path, markdown_path, table, drawn,
                   results, critical.time_spent([t.final for t in trials]))
+
+
+def sharpness_curves(trials: list[TrialRecord], label) -> list[tuple[str, list[tuple[int, float]], float]]:
+    """(label, λ_max history, stability limit) of every healthy trial that logged sharpness during training."""
+    return [(label(t), t.history[minima.SHARPNESS_HISTORY], minima.stability_limit(t.lr, t.momentum))
+            for t in trials if not t.diverged and len(t.history.get(minima.SHARPNESS_HISTORY, ())) > 1]
+
+
+def _minima_sections(tracking_uri: str, experiment: str, trials: list[TrialRecord], directory: Path,
+                     interpolate: bool) -> tuple[str, list[Path]]:
+    """The equal-training-loss table (a sweep with train.target_train_loss), the sharpness trajectories
+    (trials with sharpness readings during training) and the interpolation between the smallest and the
+    largest healthy batch size: Markdown to append, and the figures."""
+    from harness.results import plots
+
+    text, drawn = "", []
+    targets = {t.target_train_loss for t in trials if t.target_train_loss is not None}
+    if targets:
+        text += "\n\n" + minima.markdown(minima.equal_loss_rows(trials), min(targets))
+    curves = sharpness_curves(trials, lambda t: f"B={t.batch_size} lr {t.lr:.3g}" + (
+        f" ({t.lr_rule})" if len({x.lr_rule for x in trials}) > 1 else ""))
+    if curves:
+        drawn.append(plots.sharpness_trajectories(
+            curves, directory / "sharpness_vs_steps.png",
+            "Sharpness during training (dashed: 2(1+β)/η of the trial's LR)"))
+    pair = minima.interpolation_pair(trials) if interpolate else None
+    if pair:
+        from harness.results.interpolation import run_interpolation
+
+        small, large = pair
+        try:
+            result = run_interpolation(small.run_id, large.run_id, tracking_uri=tracking_uri, experiment=experiment,
+                                       out_dir=directory, label_a=f"B={small.batch_size}",
+                                       label_b=f"B={large.batch_size}")
+        except InputError as err:  # e.g. checkpoints switched off: the rest of the report still stands
+            text += f"\n\nInterpolation between B={small.batch_size} and B={large.batch_size} not drawn: {err}"
+        else:
+            drawn += [result.plot_path, result.csv_path]
+            text += (f"\n\nInterpolation θ(α) = (1-α)·θ(B={small.batch_size}) + α·θ(B={large.batch_size}), seed "
+                     f"{small.seed}: {result.plot_path.name}, MLflow run {result.run_id}")
+    return text, drawn

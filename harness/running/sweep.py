@@ -148,10 +148,14 @@ class SweepParent:
 
 
 @contextlib.contextmanager
-def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
+def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False, trials: Optional[list[Config]] = None,
+                     kind: str = "sweep"):
     """Start the parent run (or, resuming, reopen the newest unfinished one of this sweep);
     end it FINISHED with trial counts, KILLED on a termination signal, or FAILED if the
-    sweep itself breaks; child runs still RUNNING then end with the parent's status."""
+    sweep itself breaks; child runs still RUNNING then end with the parent's status.
+
+    ``trials``: the runs it will hold (default: the sweep's ``expand_trials``); ``kind``: the
+    parent's ``run_kind`` tag (``sweep``; ``escape`` for harness/running/escape.py's runs)."""
     tracker = make_tracker(cfg, ctx)
     previous = tracker.unfinished_sweep_run(cfg.name) if resume else None
     if resume and previous is None:
@@ -160,12 +164,12 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False):
     if not resume:
         # A new sweep starts every trial from scratch: checkpoints an older sweep
         # of the same name left must not be resumed into by a later --resume.
-        for trial in expand_trials(cfg):
+        for trial in trials if trials is not None else expand_trials(cfg):
             Checkpoints(trial, ctx).clear()
     try:  # start inside: a signal held back during start is raised as it returns
         parent = SweepParent(tracker.start(resume_run_id=previous),
                              tracker.finished_children(previous) if previous else frozenset(), ctx)
-        tracker.set_tags({"run_kind": "sweep"})
+        tracker.set_tags({"run_kind": kind})
         yield parent
         tracker.set_tags({"trials": len(parent.outcomes),
                           "trials_failed": sum(o.error is not None for o in parent.outcomes)})

@@ -1,0 +1,122 @@
+"""The note's second claim, read from a finished sweep: batch sizes compared at equal training loss.
+
+Owns, from the trial records harness/results/report.py reads out of MLflow: the
+table per (LR rule, batch size, LR) of a sweep whose trials stop at
+``train.target_train_loss`` (steps and epochs to that loss, and the test accuracy,
+test loss, gaps and sharpness at it), the edge-of-stability limit 2(1 + β)/η of
+each trial (Cohen et al. 2021), the choice of the two trials the report
+interpolates between, and the Markdown. Pure: no MLflow, no files.
+
+Only trials that reached the loss target enter the columns read at the target:
+a trial that ran out of budget sits at a higher loss, and averaging it in would
+compare unequal things (the point of this table).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+# Per-trial metrics the training loop logs (core/evaluation.py).
+STEPS, EPOCHS = "steps_to_train_loss_target", "epochs_to_train_loss_target"
+SHARPNESS = "top_hessian_eigenvalue"
+SHARPNESS_HISTORY = "by_step/top_hessian_eigenvalue"
+# (column, final metric) read at the target, mean and std over the trials that reached it.
+AT_TARGET = (("test_accuracy", "test_accuracy"), ("test_loss", "test_loss"), ("train_loss", "train_loss"),
+             ("gap_accuracy", "generalization_gap_accuracy"), ("gap_loss", "generalization_gap_loss"),
+             ("steps", STEPS), ("epochs", EPOCHS), ("sharpness", SHARPNESS))
+
+
+def stability_limit(lr: float, momentum: float) -> float:
+    """2(1 + β)/η: the largest Hessian eigenvalue at which gradient descent with heavy-ball momentum β
+    and LR η is still stable on a quadratic (Cohen et al. 2021; 2/η without momentum)."""
+    return 2.0 * (1.0 + momentum) / lr
+
+
+def is_healthy(trial) -> bool:
+    """Not diverged, and reached the loss target where the sweep had one."""
+    return not trial.diverged and (trial.target_train_loss is None or STEPS in trial.final)
+
+
+@dataclass
+class EqualLossRow:
+    lr_rule: str
+    batch_size: int
+    lr: float
+    momentum: float
+    seeds: int
+    reached: int
+    diverged: int
+    stats: dict[str, tuple[float, float]]  # column -> (mean, std) over the trials that reached the target
+
+    @property
+    def limit(self) -> float:
+        return stability_limit(self.lr, self.momentum)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def equal_loss_rows(trials: list) -> list[EqualLossRow]:
+    """One row per (rule, batch size, LR), its columns over the seeds that reached the loss target."""
+    groups: dict[tuple[str, int, float], list] = defaultdict(list)
+    for trial in trials:
+        groups[(trial.lr_rule, trial.batch_size, trial.lr)].append(trial)
+    rows = []
+    for (rule, batch_size, lr), members in sorted(groups.items()):
+        reached = [t for t in members if not t.diverged and STEPS in t.final]
+        stats = {column: _mean_std([t.final[key] for t in reached if key in t.final]) for column, key in AT_TARGET}
+        rows.append(EqualLossRow(rule, batch_size, lr, members[0].momentum, len(members), len(reached),
+                                 sum(t.diverged for t in members), stats))
+    return rows
+
+
+def interpolation_pair(trials: list) -> Optional[tuple]:
+    """(small, large): the healthy trials of the smallest and the largest healthy batch size, of the same
+    LR rule and seed (the lowest seed both have), each the fewest steps to the target among its LRs; None
+    when fewer than two batch sizes are healthy."""
+    healthy = [t for t in trials if is_healthy(t)]
+    for rule in sorted({t.lr_rule for t in healthy}):
+        members = [t for t in healthy if t.lr_rule == rule]
+        sizes = sorted({t.batch_size for t in members})
+        if len(sizes) < 2:
+            continue
+        seeds = sorted({t.seed for t in members if t.batch_size == sizes[0]}
+                       & {t.seed for t in members if t.batch_size == sizes[-1]})
+        if not seeds:
+            continue
+        pick = [min((t for t in members if t.batch_size == size and t.seed == seeds[0]),
+                    key=lambda t: t.final.get(STEPS, math.inf)) for size in (sizes[0], sizes[-1])]
+        return pick[0], pick[1]
+    return None
+
+
+def _cell(mean: float, std: float, digits: int) -> str:
+    return "-" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(rows: list[EqualLossRow], target: float) -> str:
+    """The table at equal training loss, and what it rests on."""
+    lines = [f"### Batch sizes at equal training loss ({target:g}, full training split)", "",
+             "Columns read at the first evaluation whose full training loss reached the target, mean ± std over "
+             "the seeds that reached it (a trial that ran out of budget is counted in 'reached', not averaged in). "
+             "Sharpness: top Hessian eigenvalue λ_max there; 2(1+β)/η: the edge-of-stability limit of the trial's "
+             "LR η and momentum β (Cohen et al. 2021).", "",
+             "| LR rule | batch | LR | reached | steps to loss | epochs to loss | test accuracy | test loss "
+             "| gap (acc) | gap (loss) | λ_max | 2(1+β)/η | λ_max / limit |",
+             "|" + "---|" * 13]
+    for row in rows:
+        s = row.stats
+        ratio = s["sharpness"][0] / row.limit if math.isfinite(s["sharpness"][0]) else math.nan
+        lines.append(f"| {row.lr_rule} | {row.batch_size} | {row.lr:.4g} | {row.reached}/{row.seeds} "
+                     f"| {_cell(*s['steps'], 0)} | {_cell(*s['epochs'], 1)} | {_cell(*s['test_accuracy'], 4)} "
+                     f"| {_cell(*s['test_loss'], 4)} | {_cell(*s['gap_accuracy'], 4)} | {_cell(*s['gap_loss'], 4)} "
+                     f"| {_cell(*s['sharpness'], 2)} | {row.limit:.3g} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} |")
+    return "\n".join(lines)

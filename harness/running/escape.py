@@ -1,0 +1,216 @@
+"""The escape experiment: does a small batch leave the region a large batch settled in (and the reverse)?
+
+Owns ``harness escape``'s runs. From a finished sweep it takes the healthy trials of
+the smallest and the largest batch size (the pair the sweep's report interpolates
+between, per seed both have) and continues each one's final weights
+(``checkpoint.init_from``: weights only, fresh optimizer) for the same number of
+epochs four ways: large → small, small → large, and the two controls large → large
+and small → small, so that a change can be told from what more training does
+anyway. A continuation takes the batch size and LR of the trial whose batch it
+adopts, keeps its source's data and model, and reads sharpness at its start and
+after every epoch. The runs are children of one MLflow parent (``run_kind``
+``escape``, tag ``escape_of`` = the sweep's run id); the table (before → after:
+training loss, test accuracy, λ_max against 2(1+β)/η) and the sharpness plot go
+to its artifacts. Training is the shared loop (core/train_loop.py, through
+running/sweep.py's ``run_trial``), in this process, one rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from harness.console import say
+from harness.core import distributed
+from harness.core.config import Config
+from harness.errors import InputError
+from harness.results import minima
+from harness.results.report import TrialRecord, collect_trials, find_sweep_run, sharpness_curves
+from harness.running.preflight import preflight
+from harness.running.sweep import SweepProgress, run_trial, sweep_parent_run
+
+# What the table reads before (the source trial's final metrics) and after (the continuation's).
+READOUTS = (("train_loss", "train loss", 4), ("test_accuracy", "test accuracy", 4),
+            ("test_loss", "test loss", 4), (minima.SHARPNESS, "λ_max", 2))
+
+
+@dataclass
+class Continuation:
+    source: TrialRecord  # whose final weights it starts from
+    adopted: TrialRecord  # whose batch size and LR it trains with
+    cfg: Config
+
+    @property
+    def label(self) -> str:
+        return f"B={self.source.batch_size} → B={self.adopted.batch_size}"
+
+
+def continuation_config(source_cfg: Config, source: TrialRecord, adopted: TrialRecord, epochs: int,
+                        name: str, tracking_uri: str, experiment: str) -> Config:
+    """``source_cfg`` (the source trial's own config) continued from its final weights with ``adopted``'s
+    batch size and LR for ``epochs`` epochs, sharpness read at step 0 and after every epoch."""
+    raw = source_cfg.to_dict()
+    raw["name"] = f"{name}-bs{source.batch_size}-to-bs{adopted.batch_size}-seed{source.seed}"
+    raw["optim"].update(global_batch_size=adopted.batch_size, lr=adopted.lr, warmup_epochs=0.0)
+    raw["train"].update(epochs=epochs, max_steps=None, target_train_loss=None, stop_at_target=False)
+    raw["metrics"].update(sharpness=True, sharpness_every=1, sharpness_every_unit="epochs", target_val_accuracy=None,
+                          exact_noise_samples=None)
+    raw["checkpoint"].update(enabled=True, init_from=source.run_id)
+    raw["tracking"].update(enabled=True, uri=tracking_uri, experiment=experiment)
+    raw["trial"] = {**(raw.get("trial") or {}), "sweep": name, "lr_rule": adopted.lr_rule}
+    raw.pop("sweep", None)
+    return Config.from_dict(raw)
+
+
+def plan_continuations(trials: list[TrialRecord], epochs: int, name: str, tracking_uri: str,
+                       experiment: str) -> list[Continuation]:
+    """The four continuations per seed both ends of the sweep share (see the module's docstring)."""
+    from harness.records.checkpoint_source import resolve_checkpoint
+
+    pairs = []
+    healthy = [t for t in trials if minima.is_healthy(t)]
+    first = minima.interpolation_pair(trials)
+    if first is None:
+        raise InputError("--sweep-run-id: the sweep has fewer than two healthy batch sizes (not diverged, loss target "
+                         "reached where set); expected a smallest and a largest to continue")
+    small_size, large_size, rule = first[0].batch_size, first[1].batch_size, first[0].lr_rule
+    for seed in sorted({t.seed for t in healthy}):
+        ends = [[t for t in healthy if t.lr_rule == rule and t.batch_size == size and t.seed == seed]
+                for size in (small_size, large_size)]
+        if all(ends):
+            pairs.append(tuple(min(end, key=lambda t: t.final.get(minima.STEPS, math.inf)) for end in ends))
+    plan = []
+    for small, large in pairs:
+        for source, adopted in ((large, small), (large, large), (small, large), (small, small)):
+            source_cfg = resolve_checkpoint(source.run_id, tracking_uri, key="--sweep-run-id").config
+            plan.append(Continuation(source, adopted, continuation_config(
+                source_cfg, source, adopted, epochs, name, tracking_uri, experiment)))
+    return plan
+
+
+def run_escape(tracking_uri: str, experiment: str, sweep_run_id: Optional[str], epochs: int,
+               out_dir: str | Path = "reports") -> Path:
+    """Run the continuations of a finished sweep and write the escape table; returns the table's path."""
+    if epochs < 1:
+        raise InputError(f"--epochs: {epochs}; expected a positive number of epochs")
+    from harness.records.mlflow_store import child_runs, open_client
+
+    client = open_client(tracking_uri)
+    parent = find_sweep_run(client, experiment, sweep_run_id)
+    trials = collect_trials(client, parent)
+    name = f"escape-{parent.info.run_name}"[:60]
+    plan = plan_continuations(trials, epochs, name, tracking_uri, experiment)
+    # Every continuation's init_from (and store, folders, data) is checked before the first starts;
+    # they share the sweep's data, read once per check and trained on from the first.
+    dataset = [preflight(c.cfg, 1, use_gpu=c.cfg.train.device == "cuda") for c in plan][0]
+    ctx = distributed.local_context(plan[0].cfg.train.device)
+    parent_cfg = Config.from_dict({**plan[0].cfg.to_dict(), "name": name, "trial": None})
+    progress = SweepProgress(len(plan))
+    with sweep_parent_run(parent_cfg, ctx, trials=[c.cfg for c in plan], kind="escape") as escape:
+        client.set_tag(escape.run_id, "escape_of", parent.info.run_id)
+        for index, continuation in enumerate(plan):
+            progress.starting(index, continuation.cfg, f"from {continuation.source.name}")
+            escape.outcomes.append(run_trial(continuation.cfg, ctx, dataset, escape.run_id, resume=False))
+        runs = {run.data.tags.get("trial"): run for run in child_runs(client, escape.run_id)}
+        directory = Path(out_dir) / escape.run_id
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = escape_rows(plan, {c.cfg.name: dict(runs[c.cfg.name].data.metrics) for c in plan
+                                  if c.cfg.name in runs})
+        table_path = directory / "escape.md"
+        table_path.write_text(f"# Escape from {parent.info.run_name} ({parent.info.run_id}), {epochs} epochs\n\n"
+                              + escape_markdown(rows, epochs) + "\n")
+        write_escape_csv(rows, directory / "escape.csv")
+        drawn = [table_path, directory / "escape.csv", _draw(client, plan, runs, directory)]
+        for path in drawn:
+            client.log_artifact(escape.run_id, str(path), artifact_path="report")
+    say("\n" + escape_markdown(rows, epochs))
+    say(f"\nescape report: {directory}")
+    return table_path
+
+
+def _draw(client, plan: list[Continuation], runs: dict, directory: Path) -> Path:
+    from harness.results import plots
+
+    curves = []
+    for continuation in plan:
+        run = runs.get(continuation.cfg.name)
+        if run is None:
+            continue
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                             minima.SHARPNESS_HISTORY))
+        record = TrialRecord(run.info.run_id, continuation.cfg.name, continuation.adopted.lr_rule,
+                             continuation.adopted.batch_size, continuation.adopted.lr, continuation.source.seed,
+                             run.info.status, run.data.tags.get("diverged") == "true", dict(run.data.metrics),
+                             {minima.SHARPNESS_HISTORY: history}, momentum=continuation.cfg.optim.momentum)
+        curves += sharpness_curves([record], lambda _t, c=continuation: c.label)
+    return plots.sharpness_trajectories(curves, directory / "escape_sharpness.png",
+                                        "Sharpness while continuing (dashed: 2(1+β)/η of the continuation's LR)")
+
+
+@dataclass
+class EscapeRow:
+    source_batch: int
+    adopted_batch: int
+    adopted_lr: float
+    momentum: float
+    seeds: int
+    before: dict[str, list[float]]
+    after: dict[str, list[float]]
+
+
+def escape_rows(plan: list[Continuation], finals: dict[str, dict[str, float]]) -> list[EscapeRow]:
+    """One row per (source batch, adopted batch): before and after values over the seeds that finished."""
+    rows: dict[tuple[int, int], EscapeRow] = {}
+    for c in plan:
+        after = finals.get(c.cfg.name)
+        if after is None:
+            continue
+        row = rows.setdefault((c.source.batch_size, c.adopted.batch_size), EscapeRow(
+            c.source.batch_size, c.adopted.batch_size, c.adopted.lr, c.cfg.optim.momentum, 0,
+            {k: [] for k, _, _ in READOUTS}, {k: [] for k, _, _ in READOUTS}))
+        row.seeds += 1
+        for key, _, _ in READOUTS:
+            row.before[key].append(c.source.final.get(key, math.nan))
+            row.after[key].append(after.get(key, math.nan))
+    return list(rows.values())
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
+def _before_after(before: list[float], after: list[float], digits: int) -> str:
+    b, a = _mean(before), _mean(after)
+    if math.isnan(b) and math.isnan(a):
+        return "-"
+    return f"{b:.{digits}f} → {a:.{digits}f}"
+
+
+def escape_markdown(rows: list[EscapeRow], epochs: int) -> str:
+    lines = [f"Each row: a sweep trial's final weights continued for {epochs} epochs with another (or its own) batch "
+             "size and that batch size's LR, fresh optimizer; before → after, mean over seeds. λ_max: top Hessian "
+             "eigenvalue; limit: 2(1+β)/η of the continuation's LR.", "",
+             "| from | continued with | LR | seeds | " + " | ".join(label for _, label, _ in READOUTS)
+             + " | λ_max / limit after |", "|" + "---|" * (5 + len(READOUTS))]
+    for row in rows:
+        limit = minima.stability_limit(row.adopted_lr, row.momentum)
+        ratio = _mean(row.after[minima.SHARPNESS]) / limit
+        lines.append(f"| B={row.source_batch} | B={row.adopted_batch} | {row.adopted_lr:.4g} | {row.seeds} | "
+                     + " | ".join(_before_after(row.before[k], row.after[k], d) for k, _, d in READOUTS)
+                     + f" | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} |")
+    return "\n".join(lines)
+
+
+def write_escape_csv(rows: list[EscapeRow], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["from_batch", "continued_with_batch", "lr", "seeds"]
+                        + [f"{k}_{when}" for k, _, _ in READOUTS for when in ("before", "after")])
+        for row in rows:
+            writer.writerow([row.source_batch, row.adopted_batch, row.adopted_lr, row.seeds]
+                            + [_mean(getattr(row, when)[k]) for k, _, _ in READOUTS for when in ("before", "after")])
