@@ -59,6 +59,10 @@ def report(args: argparse.Namespace) -> int:
     result = build_report(args.tracking_uri or default_tracking_uri(), args.experiment,
                           sweep_run_id=args.sweep_run_id, out_dir=args.out, interpolate=not args.no_interpolation)
     say(result.markdown_table)
+    say(f"\nreport: {result.directory}")
+    for path in [result.csv_path, result.markdown_path, *result.plots]:
+        say(f"  {path}")
+    return 0
 
 
 def escape(args: argparse.Namespace) -> int:
@@ -75,10 +79,6 @@ def escape(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     run_escape(uri, args.experiment, args.sweep_run_id, args.epochs, args.out)
-    return 0
-    say(f"\nreport: {result.directory}")
-    for path in [result.csv_path, result.markdown_path, *result.plots]:
-        say(f"  {path}")
     return 0
 
 
