@@ -82,12 +82,35 @@ class KeepEpochState(RunHooks):
 
 
 def test_sharpness_every_n_epochs_reads_at_those_epoch_ends_even_with_the_final_metric_off(tmp_path):
-    cfg = smoke_config(tmp_path, *TINY, "train.epochs=5", "metrics.sharpness_every=2",
+    cfg = smoke_config(tmp_path, *TINY, "train.epochs=4", "metrics.sharpness_every=2",
                        "metrics.sharpness_every_unit=epochs", "metrics.sharpness=false")
     epoch_two = KeepEpochState(2)
     result = train(cfg, DistContext(), hooks=epoch_two)
     metrics = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id).data.metrics
     top = trajectory(cfg, result.run_id)
-    assert list(top) == [0, 8, 16, 20]  # epochs 2 and 4 end at steps 8 and 16; the run ends at 20
-    assert "top_hessian_eigenvalue" not in metrics and metrics["sharpness_readings"] == 4
+    assert list(top) == [0, 8, 16]  # epochs 2 and 4 end at steps 8 and 16, where the run ends too:
+    assert "top_hessian_eigenvalue" not in metrics and metrics["sharpness_readings"] == 3  # read once there
     assert top[8] == pytest.approx(dense_hessian_extremes(cfg, epoch_two.state)[0], rel=1e-4)
+
+
+class FailAfterEpoch(RunHooks):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def after_epoch(self, epoch, metrics, checkpoint, ctx):
+        if epoch == self.epoch:
+            raise RuntimeError("injected failure")
+
+
+def test_a_resumed_run_continues_the_trajectory_without_reading_or_logging_a_step_twice(tmp_path):
+    # The default tolerance: here only where and how often it is read matters, not its last digits.
+    cfg = smoke_config(tmp_path, *TINY, "train.max_steps=7", "metrics.sharpness_every=3",
+                       "metrics.sharpness_tolerance=0.001", "metrics.sharpness=false")
+    with pytest.raises(RuntimeError):
+        train(cfg, DistContext(), hooks=FailAfterEpoch(1))  # after steps 0 and 3 were read and logged
+    result = train(cfg, DistContext(), hooks=RunHooks(resume=True))
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    steps = [m.step for m in client.get_metric_history(result.run_id, "by_step/top_hessian_eigenvalue")]
+    assert steps == [0, 3, 6, 7]
+    assert client.get_run(result.run_id).data.metrics["sharpness_readings"] == 4  # the counters were checkpointed

@@ -91,14 +91,27 @@ def test_training_loss_target_stops_at_the_step_plain_gradient_descent_first_rea
     assert len(client.get_metric_history(result.run_id, "train_loss_full")) == step
 
 
-def test_a_run_that_never_reaches_the_training_loss_target_runs_its_budget_and_says_not_reached(tmp_path):
-    cfg = smoke_config(tmp_path, *FULL_BATCH, "train.max_steps=8", "train.target_train_loss=0.01")
+def test_a_run_that_never_reaches_the_target_says_not_reached_and_one_that_does_stops_mid_epoch(tmp_path):
+    # Batches of 64: 4 steps an epoch, so a stop can fall inside an epoch.
+    minibatch = (*FULL_BATCH, "optim.global_batch_size=64", "train.max_steps=12")
+    cfg = smoke_config(tmp_path / "never", *minibatch, "train.target_train_loss=0.01")
     result = train(cfg, DistContext())
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(result.run_id)
-    assert result.global_step == 8 and run.data.tags["steps_to_train_loss_target"] == "not reached"
+    assert result.global_step == 12 and run.data.tags["steps_to_train_loss_target"] == "not reached"
     assert "steps_to_train_loss_target" not in run.data.metrics
-    assert [m.step for m in client.get_metric_history(result.run_id, "train_loss_full")] == list(range(1, 9))
+    losses = {m.step: m.value for m in client.get_metric_history(result.run_id, "train_loss_full")}
+    assert list(losses) == list(range(1, 13))
+    # The same run (same seed, same batches) with a target its step-k loss is the first to reach, k inside an epoch.
+    step = next(k for k in range(5, 12) if k % 4 and losses[k] < min(losses[j] for j in range(1, k)))
+    target = (min(losses[j] for j in range(1, step)) + losses[step]) / 2
+    cfg = smoke_config(tmp_path / "reached", *minibatch, f"train.target_train_loss={target!r}")
+    result = train(cfg, DistContext())
+    metrics = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id).data.metrics
+    assert result.global_step == step == metrics["steps_to_train_loss_target"]
+    assert metrics["epochs_to_train_loss_target"] == pytest.approx(step / 4)
+    # The epoch-end evaluation scored the parameters of the stopping step, not the epoch's last step.
+    assert metrics["train_loss"] == pytest.approx(losses[step], rel=1e-6) == metrics["train_loss_at_target_check"]
 
 
 def test_the_automatic_schedule_counts_the_training_split_a_loss_target_scores():
