@@ -45,9 +45,11 @@ def trajectory(cfg, run_id, key="by_step/top_hessian_eigenvalue"):
     return {m.step: m.value for m in MlflowClient(tracking_uri=cfg.tracking.uri).get_metric_history(run_id, key)}
 
 
-def test_sharpness_is_read_at_step_zero_every_n_steps_and_at_the_end_without_changing_training(tmp_path):
+def test_sharpness_is_read_at_step_zero_every_n_steps_and_at_the_end_without_changing_training(tmp_path, capsys):
     cfg = smoke_config(tmp_path, *TINY, "train.max_steps=10", "metrics.sharpness_every=3")
     result = train(cfg, DistContext())
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("[smoke] time:") and "sharpness " in last_line and "(5 readings)" in last_line
     run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id)
     metrics = run.data.metrics
     top, bottom = trajectory(cfg, result.run_id), trajectory(cfg, result.run_id, "by_step/bottom_hessian_eigenvalue")

@@ -193,6 +193,7 @@ def test_time_is_summed_over_trials_and_a_missing_metric_is_not_recorded(tuned_s
     minutes, seconds = divmod(round(2.0 * trials), 60)
     assert f"training {minutes}m{seconds:02d}s (50%)" in line and "probes not recorded" in line
     assert "epoch-end evaluation not recorded" in line
+    assert "sharpness not recorded" in line
     assert "evaluation / training = 12%" in line  # 0.25 s of evaluation per 2 s of training
 
 
