@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, REPO, run_command, seeded_store, smoke_config
+from harness.core.checkpoint import config_fingerprint
 from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.core.evaluation import AUTO_EVAL_COST, eval_floor
+from harness.core.evaluation import AUTO_EVAL_COST, RunCounters, eval_floor
 from harness.core.model import build_model
 from harness.core.train_loop import RunHooks, train
 
@@ -119,6 +120,20 @@ def test_the_automatic_schedule_counts_the_training_split_a_loss_target_scores()
     with_target = load_config(CONFIGS / "smoke.yaml", ["train.target_train_loss=0.5"])
     assert eval_floor(plain) == math.ceil(256 / (3 * AUTO_EVAL_COST * 64))
     assert eval_floor(with_target) == math.ceil((256 + 512) / (3 * AUTO_EVAL_COST * 64))
+
+
+def test_checkpoints_from_before_the_new_keys_still_resume():
+    smoke = load_config(CONFIGS / "smoke.yaml")
+    with_keys = load_config(CONFIGS / "smoke.yaml", ["train.target_train_loss=0.5", "metrics.sharpness_every=3",
+                                                     "metrics.sharpness_every_unit=epochs"])
+    # The fingerprint a checkpoint carries ignores the keys (as it ignores train.max_steps and metrics) ...
+    assert config_fingerprint(with_keys) == config_fingerprint(smoke)
+    # ... and counters saved before the new fields existed load with their defaults.
+    old_progress = {"epoch": 2, "global_step": 16, "samples_seen": 1024, "train_seconds": 1.0,
+                    "target_reached_epoch": 0, "target_reached_step": 0, "stopped_at_target": False,
+                    "eval_seconds": 0.1, "epoch_eval_seconds": 0.1, "probe_seconds": 0.1, "tracking_seconds": 0.1}
+    counters = RunCounters(**old_progress)
+    assert (counters.train_loss_target_step, counters.sharpness_readings, counters.sharpness_seconds) == (0, 0, 0.0)
 
 
 @pytest.mark.slow
