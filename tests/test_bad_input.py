@@ -65,6 +65,19 @@ CONFIG_CASES = {
     "nan sweep size": ("sweep: {batch_sizes: [.nan]}\n", "sweep.batch_sizes[0]: expected an integer"),
     "graph switch not a boolean": ("performance: {cuda_graph: maybe}\n",
                                    "performance.cuda_graph: expected true or false, got str 'maybe'"),
+    "zero training-loss target": ("train: {target_train_loss: 0}\n",
+                                  "train.target_train_loss: expected a positive number, got 0"),
+    "negative training-loss target": ("train: {target_train_loss: -0.5}\n",
+                                      "train.target_train_loss: expected a positive number, got -0.5"),
+    "two stopping rules": ("train: {target_train_loss: 0.5, stop_at_target: true}\n",
+                           "train.target_train_loss: 0.5 given together with train.stop_at_target true; "
+                           "expected at most one stopping rule (train.stop_at_target false)"),
+    "zero sharpness interval": ("metrics: {sharpness_every: 0}\n",
+                                "metrics.sharpness_every: expected a positive number, got 0"),
+    "negative sharpness interval": ("metrics: {sharpness_every: -3}\n",
+                                    "metrics.sharpness_every: expected a positive number, got -3"),
+    "unknown sharpness unit": ("metrics: {sharpness_every_unit: days}\n",
+                               "metrics.sharpness_every_unit: expected one of 'steps', 'epochs'"),
 }
 
 

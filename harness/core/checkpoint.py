@@ -33,8 +33,11 @@ KEEP_NEWEST = 2
 # Keys that change bookkeeping, not the trajectory: a run may be resumed with
 # more epochs, another tracking server or another progress setting, or with the
 # CUDA-graph step switched on or off (the same update, rounded differently).
+# train.target_train_loss, like the step budget, decides where the trajectory ends, not
+# what it is; left out, a checkpoint written before the key existed still resumes.
 _NOT_FINGERPRINTED = ("name", "tracking", "checkpoint", "sweep", "trial", "metrics", "performance", "train.epochs",
-                      "train.max_steps", "train.progress", "train.eval_batch_size", "train.device")
+                      "train.max_steps", "train.progress", "train.eval_batch_size", "train.device",
+                      "train.target_train_loss")
 
 
 def config_fingerprint(cfg: Config) -> str:

@@ -146,6 +146,12 @@ class TrainConfig(ConfigModel):
     # End the run (FINISHED, final checkpoint) at the first evaluation whose subset
     # accuracy reaches metrics.target_val_accuracy: a grid spends nothing after the answer.
     stop_at_target: bool = False
+    # End the run (FINISHED) at the first periodic evaluation whose loss over the whole
+    # training split is at or below this: batch sizes compared at equal training loss
+    # (Keskar et al. 2017), not at equal epochs. Each evaluation then also scores the
+    # training split, which the automatic schedule counts (core/evaluation.py eval_floor).
+    # None: no training-loss target.
+    target_train_loss: Optional[PositiveFloat] = None
 
 
 class MetricsConfig(ConfigModel):
@@ -172,6 +178,11 @@ class MetricsConfig(ConfigModel):
     # sharpness_iterations caps the Lanczos restarts (ARPACK's maxiter, each ~20 Hessian-vector products);
     # each Hessian eigenvalue is returned within this fraction of the spectral radius (the residual bound).
     sharpness_tolerance: Annotated[float, Field(gt=0, lt=1), Expect("a number in (0, 1)")] = 1e-3
+    # Sharpness over training (Cohen et al. 2021): read the Hessian's extremes at step 0, every N
+    # steps (or at the end of every N-th epoch) and at the run's end, logged as by_step/ metrics
+    # with step = optimizer step; taken whatever metrics.sharpness says. None: only the final reading.
+    sharpness_every: Optional[PositiveInt] = None
+    sharpness_every_unit: Literal["steps", "epochs"] = "steps"
 
 
 class PerformanceConfig(ConfigModel):
@@ -362,6 +373,9 @@ def _check_cross_field(cfg: Config) -> None:
     if cfg.train.stop_at_target and cfg.metrics.target_val_accuracy is None:
         raise InputError("train.stop_at_target: true needs a target; expected metrics.target_val_accuracy "
                          "in (0, 1], or stop_at_target false")
+    if cfg.train.target_train_loss is not None and cfg.train.stop_at_target:
+        raise InputError(f"train.target_train_loss: {cfg.train.target_train_loss:g} given together with "
+                         "train.stop_at_target true; expected at most one stopping rule (train.stop_at_target false)")
     if cfg.sweep:
         _check_trial_names(cfg)
         _check_early_stopping(cfg)

@@ -9,9 +9,12 @@ Owns:
   epochs to target, through measure.metrics.steps_to_target), what is measured
   there (the noise probe's closed windows, the exact B_simple of
   measure/exact_noise.py), the history still to be logged; it closes the probe's
-  window at every evaluation;
+  window at every evaluation; with ``train.target_train_loss``, the loss of the whole
+  training split at each evaluation and the first one at or below that target
+  (steps, samples, seconds and epochs to it: the run stops there); between two
+  steps it stops the training clock while core/sharpness.py reads sharpness;
 - ``RunCounters``, the counters a checkpoint keeps, with the clock: seconds of
-  training, of these evaluations, of probes and of tracker calls.
+  training, of these evaluations, of probes, of sharpness readings and of tracker calls.
 
 Between evaluations nothing here touches the host's view of the device: the step
 count and the samples are host integers, and the device is synchronised only at
@@ -53,15 +56,20 @@ class RunCounters:
     stopped_at_target: bool = False  # the run ended there (train.stop_at_target): it is finished
     eval_seconds: float = 0.0  # the periodic subset evaluations (time_eval_s)
     epoch_eval_seconds: float = 0.0  # the full train/val/test evaluations at each epoch's end
-    probe_seconds: float = 0.0  # sharpness, exact noise scale, the probe's readouts (time_probe_s)
+    probe_seconds: float = 0.0  # exact noise scale, the probe's readouts (time_probe_s)
     tracking_seconds: float = 0.0  # inside tracker calls (time_tracking_s)
+    # Fields added later have defaults, so that older checkpoints still load.
+    train_loss_target_step: int = 0  # 0: the full training loss has not reached train.target_train_loss
+    sharpness_seconds: float = 0.0  # every sharpness reading, the final one included (time_sharpness_s)
+    sharpness_readings: int = 0
+    hessian_vector_products_total: int = 0  # of all sharpness readings: their cost in backward passes
 
 
 def time_metrics(counters: RunCounters) -> dict[str, float]:
     """Where the run's time went so far, as metrics."""
     return {"time_train_s": counters.train_seconds, "time_eval_s": counters.eval_seconds,
             "time_epoch_eval_s": counters.epoch_eval_seconds, "time_probe_s": counters.probe_seconds,
-            "time_tracking_s": counters.tracking_seconds,
+            "time_tracking_s": counters.tracking_seconds, "time_sharpness_s": counters.sharpness_seconds,
             "eval_fraction": counters.eval_seconds / counters.train_seconds if counters.train_seconds else 0.0}
 
 
@@ -115,6 +123,8 @@ AUTO_RESOLUTION = 0.05
 def eval_floor(cfg: Config) -> int:
     """The fewest steps between automatic evaluations: what keeps their cost under AUTO_EVAL_COST."""
     eval_samples = min(cfg.metrics.eval_samples, cfg.data.validation_size or cfg.metrics.eval_samples)
+    if cfg.train.target_train_loss is not None:  # each evaluation then scores the whole training split too
+        eval_samples += cfg.train_set_size
     return max(1, math.ceil(eval_samples / (3 * AUTO_EVAL_COST * cfg.optim.global_batch_size)))
 
 
@@ -138,13 +148,14 @@ class StepEvaluations:
     """The periodic evaluations of one run, on every rank (they all-reduce, and all ranks agree).
 
     The loop calls ``start_epoch`` before an epoch's steps, ``after_step`` after each
-    step (true: stop, the target is reached and train.stop_at_target is set),
+    step (true: stop, the target is reached and train.stop_at_target is set, or the full
+    training loss reached train.target_train_loss),
     ``end_epoch`` after the last step, then takes ``history`` and ``at_target`` to log.
     """
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, validation: Split,
                  train_set: Split, probe: Optional[NoiseProbe], counters: RunCounters, last_step: int,
-                 training_stream=contextlib.nullcontext):
+                 training_stream=contextlib.nullcontext, sharpness=None):
         self.cfg, self.ctx, self.model, self.probe, self.counters = cfg, ctx, model, probe, counters
         # The budget's last step is evaluated too: a trial whose last steps fall between
         # two evaluations would otherwise be "not reached" when its final parameters did.
@@ -154,6 +165,9 @@ class StepEvaluations:
         self.train_set = train_set
         self.training_stream = training_stream  # where autograd on the parameters runs (the graph step's stream)
         self.history: list[tuple[int, float]] = []  # (global step, subset accuracy) not logged yet
+        self.train_loss_history: list[tuple[int, float]] = []  # (global step, full training loss) not logged yet
+        # core/sharpness.py's SharpnessReadings (or None): its readings every N steps run between two steps.
+        self.sharpness = sharpness
         self.at_target: dict[str, float] = {}  # what was measured at the target, not logged yet
         self.samples = counters.samples_seen
         self.mark = 0.0
@@ -168,9 +182,21 @@ class StepEvaluations:
     def after_step(self, global_step: int, global_batch_size: int) -> bool:
         """Count the step's samples; at an evaluation point, evaluate. True: stop training here."""
         self.samples += global_batch_size
+        if self.sharpness is not None and self.sharpness.is_due_after_step(global_step):
+            with self.off_the_training_clock():
+                self.sharpness.read(global_step)
         if not (is_evaluation_step(self.cfg, global_step) or global_step == self.last_step):
             return False
         return self._evaluate(global_step)
+
+    @contextlib.contextmanager
+    def off_the_training_clock(self):
+        """A block between two steps that is not training: the training clock stops before it, restarts after."""
+        self.counters.train_seconds += synchronized_now(self.ctx.device) - self.mark
+        try:
+            yield
+        finally:
+            self.mark = synchronized_now(self.ctx.device)
 
     def _evaluate(self, global_step: int) -> bool:
         counters, target = self.counters, self.cfg.metrics.target_val_accuracy
@@ -185,17 +211,36 @@ class StepEvaluations:
             reached = steps_to_target([accuracy], steps=[global_step], samples=[self.samples],
                                       seconds=[counters.train_seconds], target=target,
                                       epochs=[self.samples / len(self.train_set)])
+        loss_reached = self._check_train_loss(global_step)
         self.mark = synchronized_now(self.ctx.device)
         counters.eval_seconds += self.mark - started
         if reached is None:
-            return False
+            return loss_reached
         counters.target_reached_step, counters.target_reached_epoch = reached.steps, counters.epoch + 1
         self.at_target = {"steps_to_target": float(reached.steps), "samples_to_target": float(reached.samples),
                           "seconds_to_target": reached.seconds, "epochs_to_target": reached.epochs}
         with timed(counters, "probe_seconds", self.ctx.device):
             self.at_target.update(self._noise_at_target())
         self.mark = synchronized_now(self.ctx.device)
-        return self.cfg.train.stop_at_target
+        return self.cfg.train.stop_at_target or loss_reached
+
+    def _check_train_loss(self, global_step: int) -> bool:
+        """With train.target_train_loss: score the whole training split (sharded over the ranks, which
+        then agree); true at the first check at or below the target, whose numbers are kept to log."""
+        target, counters = self.cfg.train.target_train_loss, self.counters
+        if target is None or counters.train_loss_target_step:
+            return False
+        loss, _ = evaluate(self.model, self.train_set, self.ctx, self.cfg.train.eval_batch_size)
+        self.train_loss_history.append((global_step, loss))
+        if not loss <= target:  # a NaN loss never reaches it
+            return False
+        counters.train_loss_target_step = global_step
+        self.at_target.update(steps_to_train_loss_target=float(global_step),
+                              samples_to_train_loss_target=float(self.samples),
+                              seconds_to_train_loss_target=counters.train_seconds,
+                              epochs_to_train_loss_target=self.samples / len(self.train_set),
+                              train_loss_at_target_check=loss)
+        return True
 
     def _noise_at_target(self) -> dict[str, float]:
         """The probe's windows ending here, and the exact B_simple at these parameters (every rank computes it)."""
@@ -214,6 +259,10 @@ class StepEvaluations:
 
     def take_history(self) -> list[tuple[int, float]]:
         history, self.history = self.history, []
+        return history
+
+    def take_train_loss_history(self) -> list[tuple[int, float]]:
+        history, self.train_loss_history = self.train_loss_history, []
         return history
 
     def take_at_target(self) -> dict[str, float]:

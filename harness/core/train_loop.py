@@ -11,6 +11,9 @@ it): the loop calls ``trainer.train_step`` and does not know which one it holds.
 The evaluations every few steps, the target, what is measured there and the clock
 belong to core/evaluation.py: the loop calls it after each step and logs what it
 kept at each epoch's end (one batch of records, not one per evaluation).
+Sharpness readings (when, what they cost, the trajectory) belong to
+core/sharpness.py: the loop reads at step 0, at epoch ends and at the run's end,
+and logs the trajectory with the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from harness import faults, signals
@@ -34,9 +36,9 @@ from harness.core.evaluation import RunCounters, StepEvaluations, evaluate, time
 from harness.measure.grad_noise import NoiseProbe
 from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
 from harness.core.step import EagerStep, LRSchedule, unwrap
-from harness.measure.metrics import hessian_extremes
 from harness.core.model import build_model
-from harness.console import say, warn
+from harness.core.sharpness import SharpnessReadings, read_sharpness, sharpness_cost_metrics
+from harness.console import say
 from harness.records.tracking import by_step_metrics, make_tracker
 
 # A loss above this (cross-entropy of 10 classes starts near 2.3) means the run blew up.
@@ -195,29 +197,9 @@ def load_state(trainer: Trainer, state: dict) -> RunCounters:
 
 
 def sharpness(trainer: Trainer) -> dict[str, float]:
-    """The Hessian's largest and smallest algebraic eigenvalues on a fixed subset (the first N training samples).
-
-    Metrics ``top_hessian_eigenvalue`` (sharpness), ``bottom_hessian_eigenvalue``
-    (negative: the loss still curves down somewhere), ``hessian_eigensolver_converged``
-    (0 when Lanczos did not converge within ``metrics.sharpness_iterations`` restarts:
-    the eigenvalue it missed is left out, not guessed) and ``hessian_vector_products`` (its cost).
-    """
-    model = unwrap(trainer.model)
-    metrics_cfg = trainer.cfg.metrics
-    n = min(metrics_cfg.sharpness_samples, len(trainer.train_set))
-    x, y = trainer.train_set.features[:n], trainer.train_set.targets[:n]
-    with trainer.train_step.on_training_stream():
-        extremes = hessian_extremes(lambda: F.cross_entropy(model(x), y), list(model.parameters()),
-                                    tolerance=metrics_cfg.sharpness_tolerance,
-                                    iterations=metrics_cfg.sharpness_iterations, seed=trainer.cfg.seed)
-    if not extremes.converged:
-        warn(f"sharpness: Lanczos did not converge to tolerance {extremes.tolerance:g} within "
-             f"{metrics_cfg.sharpness_iterations} restarts ({extremes.hessian_vector_products} Hessian-vector "
-             f"products); the unconverged eigenvalue is not logged (raise metrics.sharpness_iterations)",
-             ctx=trainer.ctx)
-    return {"top_hessian_eigenvalue": extremes.top, "bottom_hessian_eigenvalue": extremes.bottom,
-            "hessian_eigensolver_converged": float(extremes.converged),
-            "hessian_vector_products": float(extremes.hessian_vector_products)}
+    """The Hessian's extremes at the trainer's parameters (core/sharpness.py ``read_sharpness``)."""
+    return read_sharpness(trainer.cfg, trainer.ctx, trainer.model, trainer.train_set,
+                          trainer.train_step.on_training_stream)
 
 
 def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks] = None,
@@ -255,18 +237,27 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
     cfg, ctx = trainer.cfg, trainer.ctx
     if state is None:
         counters = RunCounters()
+        sharp = SharpnessReadings(cfg, ctx, trainer.model, trainer.train_set, counters,
+                                  trainer.train_step.on_training_stream)
+        if sharp.periodic:  # step 0, before the first update, logged before epoch 0 is saved
+            sharp.read(0)
+            with timed(counters, "tracking_seconds", ctx.device):
+                _log_trajectory(tracker, sharp)
         # Epoch 0 is saved too: a run killed in its first epoch resumes into the same MLflow run.
         latest = checkpoints.save(checkpoint_state(trainer, counters, run_id, hooks.launch_id), 0)
         hooks.after_epoch(0, {}, latest, ctx)
     else:
         counters = load_state(trainer, state)
         latest = None
+        sharp = SharpnessReadings(cfg, ctx, trainer.model, trainer.train_set, counters,
+                                  trainer.train_step.on_training_stream)
     result = RunResult(run_id, counters.epoch, counters.global_step)
     step_budget = cfg.train.max_steps or cfg.total_epochs * trainer.plan.steps_per_epoch
     evals = StepEvaluations(cfg, ctx, trainer.model, dataset.validation, trainer.train_set, trainer.noise_probe,
-                            counters, step_budget, trainer.train_step.on_training_stream)
+                            counters, step_budget, trainer.train_step.on_training_stream, sharp)
     # A run that stopped at its target is finished: resuming it trains nothing more.
-    first_epoch = cfg.total_epochs + 1 if counters.stopped_at_target else counters.epoch + 1
+    stopped = counters.stopped_at_target or counters.train_loss_target_step > 0
+    first_epoch = cfg.total_epochs + 1 if stopped else counters.epoch + 1
     for epoch in range(first_epoch, cfg.total_epochs + 1):
         train_seconds_before = counters.train_seconds
         evals.start_epoch()
@@ -278,25 +269,35 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
         counters.epoch, counters.global_step = epoch, counters.global_step + steps
         counters.samples_seen += samples
         counters.stopped_at_target = cfg.train.stop_at_target and counters.target_reached_step > 0
-        is_last = epoch == cfg.total_epochs or counters.stopped_at_target
+        # train.target_train_loss: the run ends at the check that reached it (it broke out of the epoch
+        # there), so what is measured below is measured at those parameters.
+        stopped = counters.stopped_at_target or counters.train_loss_target_step > 0
+        is_last = epoch == cfg.total_epochs or stopped
         metrics, tags = _measure_epoch(trainer, dataset, counters, train_loss_running, elapsed_s, samples)
         diverged = "diverged" in tags
         metrics.update(evals.take_at_target())
         if "steps_to_target" in metrics:
             tags["steps_to_target"] = str(int(metrics["steps_to_target"]))
-        if not diverged and is_last and cfg.metrics.sharpness:
-            with timed(counters, "probe_seconds", ctx.device):
-                metrics.update(sharpness(trainer))
+        if "steps_to_train_loss_target" in metrics:
+            tags["steps_to_train_loss_target"] = str(int(metrics["steps_to_train_loss_target"]))
+        if not diverged:
+            metrics.update(_sharpness_at_epoch_end(cfg, sharp, epoch, counters.global_step, is_last))
         if is_last and not counters.target_reached_step and cfg.metrics.target_val_accuracy is not None:
             tags["steps_to_target"] = "not reached"
+        if is_last and not counters.train_loss_target_step and cfg.train.target_train_loss is not None:
+            tags["steps_to_train_loss_target"] = "not reached"
         if counters.stopped_at_target:
             tags["stopped_at_target"] = "true"
         metrics.update(time_metrics(counters))  # cumulative; the last epoch's are the run's
+        metrics.update(sharpness_cost_metrics(counters))
         finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
         with timed(counters, "tracking_seconds", ctx.device):
             tracker.log_metrics(finite, step=epoch)
             tracker.log_metrics(by_step_metrics(finite), step=counters.global_step)
             tracker.log_metric_history("val_subset_accuracy", evals.take_history())
+            if cfg.train.target_train_loss is not None:
+                tracker.log_metric_history("train_loss_full", evals.take_train_loss_history())
+            _log_trajectory(tracker, sharp)
             if tags:
                 tracker.set_tags(tags)
         result = RunResult(run_id, epoch, counters.global_step, metrics, diverged)
@@ -304,12 +305,31 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
             break
         latest = checkpoints.save(checkpoint_state(trainer, counters, run_id, hooks.launch_id), epoch)
         hooks.after_epoch(epoch, metrics, latest, ctx)
-        if counters.stopped_at_target:
+        if stopped:
             break
     if result.metrics:
         say(_time_line(cfg.name, counters), ctx=ctx)
     result.checkpoint = latest
     return result
+
+
+def _sharpness_at_epoch_end(cfg: Config, sharp: SharpnessReadings, epoch: int, global_step: int,
+                            is_last: bool) -> dict[str, float]:
+    """The epoch-unit reading when due; at the run's end the final reading, whose values are the final
+    metrics with metrics.sharpness. One reading at a step serves both (``read`` reuses it)."""
+    if sharp.is_due_after_epoch(epoch):
+        sharp.read(global_step)
+    if not (is_last and (cfg.metrics.sharpness or sharp.periodic)):
+        return {}
+    final = sharp.read(global_step)
+    return final if cfg.metrics.sharpness and final is not None else {}
+
+
+def _log_trajectory(tracker, sharp: SharpnessReadings) -> None:
+    """The sharpness readings not logged yet, with step = optimizer step (one record per key)."""
+    for key, points in sharp.take_history().items():
+        if points:
+            tracker.log_metric_history(key, points)
 
 
 def _time_line(name: str, counters: RunCounters) -> str:
@@ -318,6 +338,7 @@ def _time_line(name: str, counters: RunCounters) -> str:
     return (f"[{name}] time: training {times['time_train_s']:.2f} s, evaluations every few steps "
             f"{times['time_eval_s']:.2f} s ({times['eval_fraction']:.1%} of training), epoch-end evaluations "
             f"{times['time_epoch_eval_s']:.2f} s, probes {times['time_probe_s']:.2f} s, "
+            f"sharpness {times['time_sharpness_s']:.2f} s ({counters.sharpness_readings} readings), "
             f"tracking {times['time_tracking_s']:.2f} s")
 
 

@@ -24,7 +24,8 @@ INTERVAL_LEVEL = 0.9  # of the bootstrap interval of B_crit
 STEPS, SAMPLES = "steps_to_target", "samples_to_target"
 NOISE_PROBE, NOISE_EXACT = "grad_noise_scale_at_target", "grad_noise_scale_exact_at_target"
 # Cumulative within a run (the last logged value is the run's total).
-TIME_METRICS = ("time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s", "time_tracking_s")
+TIME_METRICS = ("time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s", "time_sharpness_s",
+                "time_tracking_s")
 
 
 @dataclass

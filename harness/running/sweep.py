@@ -237,7 +237,7 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
 
 
 TIME_NAMES = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epoch_eval_s": "epoch-end evaluation",
-              "time_probe_s": "probes", "time_tracking_s": "tracking"}
+              "time_probe_s": "probes", "time_sharpness_s": "sharpness", "time_tracking_s": "tracking"}
 
 
 def where_the_time_went(spent: dict[str, Optional[float]], elapsed_s: float) -> str:
