@@ -54,6 +54,9 @@ def test_automatic_schedule_reads_steps_to_target_to_five_percent_at_a_bounded_c
     assert eval_floor(big) == math.ceil(2000 / (3 * AUTO_EVAL_COST * 512)) == 14  # eval_samples 2000
     fixed = load_config(CONFIGS / "smoke.yaml", ["metrics.eval_every_steps=7"])
     assert [s for s in range(1, 50) if is_evaluation_step(fixed, s)] == [7, 14, 21, 28, 35, 42, 49]
+    # A study that wants a finer stopping point pays for it: three times the budget, a third of the floor.
+    finer = load_config(CONFIGS / "smoke.yaml", ["metrics.eval_cost=0.3"])
+    assert eval_floor(finer) == math.ceil(256 / (3 * 0.3 * 64)) == 5
 
 
 def test_stop_at_target_ends_at_the_first_evaluation_that_reaches_it(tmp_path):
@@ -141,6 +144,8 @@ def test_resume_reaches_the_target_at_the_same_step_with_the_same_measurements(t
 @pytest.mark.parametrize("overrides, expected", [
     (["metrics.eval_every_steps=0"], "metrics.eval_every_steps: expected a positive number, got 0"),
     (["metrics.eval_samples=-1"], "metrics.eval_samples: expected a positive number"),
+    (["metrics.eval_cost=0"], "metrics.eval_cost: expected a number in (0, 1]"),
+    (["metrics.eval_cost=1.5"], "metrics.eval_cost: expected a number in (0, 1]"),
     (["metrics.target_val_accuracy=1.5"], "metrics.target_val_accuracy: expected a number in (0, 1] or null"),
     (["metrics.target_val_accuracy=0"], "metrics.target_val_accuracy: expected a number in (0, 1] or null"),
     (["train.stop_at_target=true", "metrics.target_val_accuracy=null"], "train.stop_at_target: true needs a target"),

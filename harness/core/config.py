@@ -43,6 +43,8 @@ KNOWN_SHAPES = {"fashion-mnist": (784, 10), "mnist": (784, 10), "digits": (64, 1
 # \Z, not $: in Python's re, $ also matches before a final newline ("run\n").
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z"
 NAME_MAX_CHARS = 100
+# metrics.eval_cost's default: the periodic evaluations cost about a tenth of training at most.
+DEFAULT_EVAL_COST = 0.10
 # Seeds feed torch.Generator.manual_seed, which takes a signed 64-bit integer.
 SEED_LIMIT = 2**63
 
@@ -164,6 +166,10 @@ class MetricsConfig(ConfigModel):
     # None: about 40 evaluations over the run's step budget (harness/core/evaluation.py).
     eval_every_steps: Optional[PositiveInt] = None
     eval_samples: PositiveInt = 2000
+    # The automatic schedule's budget: evaluations cost about this fraction of training at most
+    # (core/evaluation.py eval_floor). A study that needs a finer stopping point (a training-loss
+    # target scores the whole training split each time) buys resolution with a larger fraction.
+    eval_cost: Annotated[float, Field(gt=0, le=1), Expect("a number in (0, 1]")] = DEFAULT_EVAL_COST
     # The exact B_simple from per-example gradients at the target (measure/exact_noise.py),
     # over the first N training samples; None: not computed.
     exact_noise_samples: Optional[PositiveInt] = 1024

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from harness.core.config import Config
+from harness.core.config import DEFAULT_EVAL_COST, Config
 from harness.core.data import Split
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.step import unwrap
@@ -108,11 +108,11 @@ def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size:
     return float(totals[0]) / count, float(totals[1]) / count
 
 
-# The automatic schedule keeps evaluations under about this fraction of training:
-# scoring n samples is one forward pass, about a third of a training step's
-# forward and backward over n samples, so k steps of batch B cost 3*B*k forward
-# samples against eval_samples per evaluation.
-AUTO_EVAL_COST = 0.10
+# The automatic schedule keeps evaluations under about this fraction of training
+# (metrics.eval_cost, default AUTO_EVAL_COST): scoring n samples is one forward pass,
+# about a third of a training step's forward and backward over n samples, so k steps
+# of batch B cost 3*B*k forward samples against eval_samples per evaluation.
+AUTO_EVAL_COST = DEFAULT_EVAL_COST
 # ... and reads steps-to-target to about this relative resolution, at any scale:
 # a batch of 16 needs thousands of steps, one of 8192 a hundred, and a fixed
 # interval (or one set by the step budget) is too coarse for one or too costly
@@ -121,11 +121,11 @@ AUTO_RESOLUTION = 0.05
 
 
 def eval_floor(cfg: Config) -> int:
-    """The fewest steps between automatic evaluations: what keeps their cost under AUTO_EVAL_COST."""
+    """The fewest steps between automatic evaluations: what keeps their cost under metrics.eval_cost."""
     eval_samples = min(cfg.metrics.eval_samples, cfg.data.validation_size or cfg.metrics.eval_samples)
     if cfg.train.target_train_loss is not None:  # each evaluation then scores the whole training split too
         eval_samples += cfg.train_set_size
-    return max(1, math.ceil(eval_samples / (3 * AUTO_EVAL_COST * cfg.optim.global_batch_size)))
+    return max(1, math.ceil(eval_samples / (3 * cfg.metrics.eval_cost * cfg.optim.global_batch_size)))
 
 
 def eval_interval(cfg: Config, global_step: int) -> int:
