@@ -43,6 +43,8 @@ def preflight(cfg: Config, world_size: int, use_gpu: bool, *, resume: bool = Fal
         check_writable_dir(checkpoint_dir(cfg), "checkpoint.dir")
     check_memory(cfg, _device_type(cfg.train.device))
     check_world_size(cfg, world_size)
+    if cfg.checkpoint.init_from is not None:  # every trial of a sweep shares the model, so one check covers them
+        check_init_from(cfg)
     if use_gpu:
         pick_device("cuda")
     dataset = load_dataset(cfg)  # a missing or damaged data file fails here, not in every rank or trial
@@ -52,6 +54,15 @@ def preflight(cfg: Config, world_size: int, use_gpu: bool, *, resume: bool = Fal
         if launch_id is None and cfg.tracking.enabled:
             check_resume_run_in_store(cfg)
     return dataset
+
+
+def check_init_from(cfg: Config) -> None:
+    """The run's ``checkpoint.init_from`` exists and holds a network of the run's architecture."""
+    from harness.records.checkpoint_source import check_same_architecture, resolve_checkpoint
+
+    source = resolve_checkpoint(cfg.checkpoint.init_from, cfg.tracking.uri or default_tracking_uri(),
+                                "checkpoint.init_from")
+    check_same_architecture(source, cfg, "checkpoint.init_from")
 
 
 def _device_type(device: str) -> str:
