@@ -2,6 +2,7 @@
 was expected, exit code 2, and nothing left behind (no MLflow store or run, no
 checkpoint file, no process)."""
 
+import functools
 import gzip
 import importlib.util
 import shutil
@@ -410,16 +411,23 @@ def test_harness_command_refuses_bad_arguments(place, capsys, argv, expected):
 # --- checkpoint.init_from and harness interpolate: the source checkpoints ---------
 
 
-def _source_checkpoint(folder, *overrides, drop_config=False):
-    """A checkpoint as a run writes it (no training: build, then save), of smoke.yaml with ``overrides``."""
-    from harness.core.checkpoint import write_checkpoint
+@functools.cache
+def _source_state(overrides: tuple[str, ...]) -> dict:
+    """What a run's checkpoint holds (no training: build, then take its state), of smoke.yaml with
+    ``overrides``; built once per session (reading the data is most of the cost)."""
     from harness.core.config import load_config
     from harness.core.data import load_dataset
     from harness.core.distributed import DistContext
     from harness.core.train_loop import RunCounters, build_trainer, checkpoint_state
 
     cfg = load_config(SMOKE, list(overrides))
-    state = checkpoint_state(build_trainer(cfg, DistContext(), load_dataset(cfg)), RunCounters(), None)
+    return checkpoint_state(build_trainer(cfg, DistContext(), load_dataset(cfg)), RunCounters(), None)
+
+
+def _source_checkpoint(folder, *overrides, drop_config=False):
+    from harness.core.checkpoint import write_checkpoint
+
+    state = dict(_source_state(overrides))
     if drop_config:  # as checkpoints were written before they carried their config
         del state["config"]
     return write_checkpoint(state, folder, 1)
