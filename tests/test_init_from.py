@@ -88,6 +88,23 @@ def test_init_from_a_run_id_finds_its_checkpoint_through_mlflow(source, tmp_path
     assert tags["init_from_checkpoint"] == str(result.checkpoint.resolve())
 
 
+def test_source_weights_are_written_into_the_parameters_the_step_already_holds(source):
+    """The CUDA-graph step captures the addresses of the parameters at its first step: the load must copy
+    into those tensors (and the optimiser's), not swap in new ones, or the graph would train stale copies."""
+    from harness.core.train_loop import build_trainer, start_from_source
+
+    place, result = source
+    cfg = smoke_config(place, *TINY, f"checkpoint.init_from={result.checkpoint}", "tracking.enabled=false")
+    trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))
+    held = [p.data_ptr() for p in trainer.optimizer.param_groups[0]["params"]]
+    tags = start_from_source(trainer)
+    assert [p.data_ptr() for p in trainer.model.parameters()] == held
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, _weights(result.checkpoint)[name]), name
+    assert tags == {"init_from": str(result.checkpoint), "init_from_checkpoint": str(result.checkpoint.resolve()),
+                    "init_from_run_id": result.run_id}
+
+
 def test_resumed_run_ignores_init_from(source, tmp_path):
     """Its own checkpoint has the weights: a resumed run must not reload the source (here one of another
     architecture, which would not even load) nor tag it."""
