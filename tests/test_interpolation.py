@@ -121,3 +121,20 @@ def test_cli_records_one_finished_run_naming_both_sources_with_csv_and_png(two_r
     assert [(m.step, m.value) for m in sorted(alphas, key=lambda m: m.step)] == \
         [(0, -1.0), (1, -0.25), (2, 0.5), (3, 1.25), (4, 2.0)]
     assert len(client.get_metric_history(run.info.run_id, "interpolation/test_accuracy")) == 5
+
+
+def test_run_whose_artifacts_cannot_be_stored_ends_failed_not_running(two_runs, tmp_path):
+    """An artifact store that refuses the files (here its folder lies under a file): the run that was
+    already created is ended FAILED, and the error reaches the caller."""
+    from harness.results.interpolation import run_interpolation
+
+    uri, small, large = two_runs
+    (tmp_path / "afile").write_text("a file, not a folder")
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("unstorable", artifact_location=str(tmp_path / "afile" / "artifacts"))
+    with pytest.raises(OSError):
+        run_interpolation(str(small.checkpoint), str(large.checkpoint), tracking_uri=uri, experiment="unstorable",
+                          points=3, out_dir=tmp_path / "reports", device="cpu")
+    experiment = client.get_experiment_by_name("unstorable")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
