@@ -106,10 +106,12 @@ def test_source_weights_are_written_into_the_parameters_the_step_already_holds(s
 
 
 def test_resumed_run_ignores_init_from(source, tmp_path):
-    """Its own checkpoint has the weights: a resumed run must not reload the source (here one of another
-    architecture, which would not even load) nor tag it."""
+    """Its own checkpoint has the weights: a resumed run (launch/train.py --resume) must neither refuse
+    nor load the source (here one of another architecture, which preflight refuses and which would not
+    even load), nor tag it."""
+    import importlib.util
+
     from harness.core.checkpoint import write_checkpoint
-    from harness.core.config import load_config
     from harness.core.train_loop import RunCounters, build_trainer, checkpoint_state
 
     place, _ = source
@@ -118,11 +120,16 @@ def test_resumed_run_ignores_init_from(source, tmp_path):
     other = smoke_config(place, *TINY, "model.hidden_sizes=[8]", "tracking.enabled=false")
     foreign = write_checkpoint(checkpoint_state(build_trainer(other, DistContext(), load_dataset(other)),
                                                 RunCounters(), None), tmp_path / "foreign", 0)
-    cfg = smoke_config(place, *TINY, "name=resumed", f"checkpoint.dir={tmp_path}",
-                       f"checkpoint.init_from={foreign}")
-    resumed = train(cfg, DistContext(), hooks=RunHooks(resume=True))
-    assert resumed.run_id == first.run_id and resumed.epochs_completed == 2
-    assert "init_from" not in MlflowClient(tracking_uri=cfg.tracking.uri).get_run(resumed.run_id).data.tags
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    overrides = [*TINY, "name=resumed", f"checkpoint.dir={tmp_path}", f"tracking.uri=sqlite:///{place}/mlflow.db",
+                 f"checkpoint.init_from={foreign}"]
+    assert launcher.main(["--config", str(REPO / "configs/smoke.yaml"), "--resume",
+                          *[arg for item in overrides for arg in ("--set", item)]]) == 0
+    run = MlflowClient(tracking_uri=f"sqlite:///{place}/mlflow.db").get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
+    assert "init_from" not in run.data.tags
     assert newest_in(tmp_path / "resumed").name == "epoch-0002.pt"
 
 

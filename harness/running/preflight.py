@@ -43,16 +43,19 @@ def preflight(cfg: Config, world_size: int, use_gpu: bool, *, resume: bool = Fal
         check_writable_dir(checkpoint_dir(cfg), "checkpoint.dir")
     check_memory(cfg, _device_type(cfg.train.device))
     check_world_size(cfg, world_size)
-    if cfg.checkpoint.init_from is not None:  # every trial of a sweep shares the model, so one check covers them
-        check_init_from(cfg)
     if use_gpu:
         pick_device("cuda")
     dataset = load_dataset(cfg)  # a missing or damaged data file fails here, not in every rank or trial
+    resumable = None
     if resume and not cfg.is_sweep:  # a sweep config has no checkpoint of its own; its trials do
         # a corrupt or foreign checkpoint is refused here, not after init
-        Checkpoints(cfg, launch_id=launch_id, same_launch_only=launch_id is not None).check_resumable()
+        resumable = Checkpoints(cfg, launch_id=launch_id, same_launch_only=launch_id is not None).check_resumable()
         if launch_id is None and cfg.tracking.enabled:
             check_resume_run_in_store(cfg)
+    # A run that resumes its own checkpoint ignores init_from (it has the weights), so its source may be gone.
+    # Every trial of a sweep shares the model, so one check covers them all.
+    if cfg.checkpoint.init_from is not None and resumable is None:
+        check_init_from(cfg)
     return dataset
 
 
