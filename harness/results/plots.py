@@ -245,10 +245,10 @@ def interpolation(rows: list[dict[str, float]], path: Path, label_a: str, label_
         for split, style in (("train", "-"), ("test", "--")):
             ax.plot(alphas, [row[f"{split}_{quantity}"] for row in rows], linestyle=style, marker=".",
                     label=f"{split} {quantity}")
-        for alpha, label in ((0.0, label_a), (1.0, label_b)):
+        for alpha in (0.0, 1.0):
             ax.axvline(alpha, color="grey", linestyle=":", linewidth=1)
-            ax.annotate(label, (alpha, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                        textcoords="offset points", fontsize=8)
+        # The two solutions' names on a top axis, where no curve runs through them.
+        ax.secondary_xaxis("top").set_xticks([0.0, 1.0], [label_a, label_b], fontsize=8)
         ax.set_xlabel(f"α   (0: {label_a}, 1: {label_b})")
     # Cross-entropy far from both solutions can grow by orders of magnitude: then a log axis keeps the basin
     # readable (a loss that stays within a factor of 10 reads better on a linear one).
