@@ -14,7 +14,7 @@ from harness.core.checkpoint import newest_in
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import MLP
-from harness.core.train_loop import RunHooks, train
+from harness.core.train_loop import train
 
 # Digits, one 32-unit layer; the source trains 2 epochs, so its momentum buffers are far from zero.
 TINY = ("data.dataset=digits", "metrics.sharpness=false", "metrics.noise_scale=false",

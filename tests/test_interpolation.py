@@ -27,7 +27,8 @@ def two_runs(tmp_path_factory):
     """A small-batch and a large-batch run in one real SQLite store: (uri, small result, large result)."""
     place = tmp_path_factory.mktemp("runs")
     small = train(smoke_config(place, "name=small", "optim.global_batch_size=32", "optim.lr=0.2", *TINY), DistContext())
-    large = train(smoke_config(place, "name=large", "optim.global_batch_size=256", "optim.lr=1.0", *TINY), DistContext())
+    large = train(smoke_config(place, "name=large", "optim.global_batch_size=256", "optim.lr=1.0", *TINY),
+                  DistContext())
     return f"sqlite:///{place / 'mlflow.db'}", small, large
 
 

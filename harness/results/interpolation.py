@@ -50,9 +50,9 @@ class InterpolationResult:
 
 
 def run_interpolation(ref_a: str, ref_b: str, *, tracking_uri: Optional[str], experiment: str,
-                      alpha_min: float = -1.0, alpha_max: float = 2.0, points: int = 25, out_dir: str | Path = "reports",
-                      device: str = "auto", eval_batch_size: int = 10000, label_a: Optional[str] = None,
-                      label_b: Optional[str] = None, log_to_mlflow: bool = True,
+                      alpha_min: float = -1.0, alpha_max: float = 2.0, points: int = 25,
+                      out_dir: str | Path = "reports", device: str = "auto", eval_batch_size: int = 10000,
+                      label_a: Optional[str] = None, label_b: Optional[str] = None, log_to_mlflow: bool = True,
                       parent_run_id: Optional[str] = None) -> InterpolationResult:
     """Loss and accuracy along θ(α) = (1 − α)·θ_a + α·θ_b; ``ref_a``/``ref_b``: a checkpoint file, a run's
     checkpoint folder or an MLflow run id. ``parent_run_id`` nests the new run (a sweep report's)."""
