@@ -26,9 +26,14 @@ TINY = ("data.dataset=digits", "metrics.sharpness=false", "metrics.noise_scale=f
 def two_runs(tmp_path_factory):
     """A small-batch and a large-batch run in one real SQLite store: (uri, small result, large result)."""
     place = tmp_path_factory.mktemp("runs")
-    small = train(smoke_config(place, "name=small", "optim.global_batch_size=32", "optim.lr=0.2", *TINY), DistContext())
-    large = train(smoke_config(place, "name=large", "optim.global_batch_size=256", "optim.lr=1.0", *TINY),
-                  DistContext())
+    # MLflow fixes a SQLite store's artifact root (./mlruns) when this process first opens it: from here, so
+    # that the artifacts the tests log land in this folder, not in the working directory of the test session.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(place)
+        small = train(smoke_config(place, "name=small", "optim.global_batch_size=32", "optim.lr=0.2", *TINY),
+                      DistContext())
+        large = train(smoke_config(place, "name=large", "optim.global_batch_size=256", "optim.lr=1.0", *TINY),
+                      DistContext())
     return f"sqlite:///{place / 'mlflow.db'}", small, large
 
 
@@ -93,11 +98,10 @@ def test_midpoint_parameters_are_the_average_of_the_two_state_dicts(two_runs):
     assert torch.equal(interpolate_state(a, b, 0.5)["linears.0.weight"], seen[1]["linears.0.weight"])
 
 
-def test_cli_records_one_finished_run_naming_both_sources_with_csv_and_png(two_runs, tmp_path, monkeypatch, capsys):
+def test_cli_records_one_finished_run_naming_both_sources_with_csv_and_png(two_runs, tmp_path, capsys):
     from harness.cli import main as harness_main
 
     uri, small, large = two_runs
-    monkeypatch.chdir(tmp_path)  # the store's artifacts land under the working directory
     # A by run id (through its checkpoint_path tag), B by its checkpoint folder (the newest epoch-*.pt).
     status = harness_main(["interpolate", "--run-a", small.run_id, "--run-b", str(large.checkpoint.parent),
                            "--tracking-uri", uri, "--experiment", "interp", "--points", "5", "--device", "cpu",
