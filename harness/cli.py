@@ -1,4 +1,5 @@
-"""The ``harness`` command: tools around training runs (gradcheck, report, escape, bench, replay, mlflow-server).
+"""The ``harness`` command: tools around training runs (gradcheck, report, interpolate, escape, bench, replay,
+mlflow-server).
 
 Training itself starts from launch/ (torchrun, Ray, sweeps).
 """
@@ -79,6 +80,22 @@ def escape(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     run_escape(uri, args.experiment, args.sweep_run_id, args.epochs, args.out)
+    return 0
+
+
+def interpolate(args: argparse.Namespace) -> int:
+    """Keskar et al. (2017)'s 1-D interpolation between two runs' final weights: CSV, plot, a new MLflow run."""
+    from harness.results.interpolation import run_interpolation
+
+    result = run_interpolation(args.run_a, args.run_b, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                               alpha_min=args.alpha_min, alpha_max=args.alpha_max, points=args.points,
+                               out_dir=args.out, device=args.device, eval_batch_size=args.eval_batch_size,
+                               label_a=args.label_a, label_b=args.label_b, log_to_mlflow=not args.no_mlflow)
+    say(f"{'alpha':>7} {'train loss':>11} {'train acc':>10} {'test loss':>10} {'test acc':>9}")
+    for row in result.rows:
+        say(f"{row['alpha']:>7.3f} {row['train_loss']:>11.4f} {row['train_accuracy']:>10.4f} "
+            f"{row['test_loss']:>10.4f} {row['test_accuracy']:>9.4f}")
+    say(f"\ninterpolation: {result.csv_path}", f"  {result.plot_path}", f"MLflow run {result.run_id or '-'}")
     return 0
 
 
@@ -164,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-interpolation", action="store_true",
                      help="skip the loss along the line between the smallest and largest healthy batch's weights")
     rep.set_defaults(handler=report)
+    inter = commands.add_parser("interpolate", help="loss and accuracy on the line between two runs' weights "
+                                "(Keskar et al. 2017)")
+    inter.add_argument("--run-a", required=True, help="run A (α = 0): MLflow run id, checkpoint file or a run's "
+                       "checkpoint folder (its newest epoch-*.pt) (required)")
+    inter.add_argument("--run-b", required=True, help="run B (α = 1), the same kinds (required)")
+    inter.add_argument("--alpha-min", type=float, default=-1.0, help="first α of the grid")
+    inter.add_argument("--alpha-max", type=float, default=2.0, help="last α of the grid")
+    inter.add_argument("--points", type=int, default=25, help="α values, evenly spaced, both ends included")
+    inter.add_argument("--label-a", default=None, help="name of A on the plot (default: B=<its batch size>)")
+    inter.add_argument("--label-b", default=None, help="name of B on the plot (default: B=<its batch size>)")
+    inter.add_argument("--tracking-uri", default=None,
+                       help="where run ids are looked up and the new run goes; default: $MLFLOW_TRACKING_URI, "
+                       "else sqlite:///mlflow.db")
+    inter.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment of the new run")
+    inter.add_argument("--no-mlflow", action="store_true", help="write the CSV and plot only, log no MLflow run")
+    inter.add_argument("--out", default="reports", help="folder for the files (subfolder interpolate-<a>-<b>)")
+    inter.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="auto: cuda where available, else cpu")
+    inter.add_argument("--eval-batch-size", type=int, default=10000, help="samples per forward pass when scoring")
+    inter.set_defaults(handler=interpolate)
     esc = commands.add_parser("escape", help="continue a sweep's smallest- and largest-batch solutions with each "
                                              "other's batch size (and their own, as control)")
     which = esc.add_mutually_exclusive_group()
@@ -206,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exits_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("gradcheck", "bench"):
+    if args.command in ("gradcheck", "bench", "interpolate"):
         import torch
 
         torch.set_num_threads(max(1, torch.get_num_threads()))

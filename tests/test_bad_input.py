@@ -2,6 +2,7 @@
 was expected, exit code 2, and nothing left behind (no MLflow store or run, no
 checkpoint file, no process)."""
 
+import functools
 import gzip
 import importlib.util
 import shutil
@@ -78,6 +79,7 @@ CONFIG_CASES = {
                                     "metrics.sharpness_every: expected a positive number, got -3"),
     "unknown sharpness unit": ("metrics: {sharpness_every_unit: days}\n",
                                "metrics.sharpness_every_unit: expected one of 'steps', 'epochs'"),
+    "blank init_from": ("checkpoint: {init_from: '  '}\n", "checkpoint.init_from: expected a non-empty string"),
 }
 
 
@@ -417,3 +419,116 @@ def test_harness_command_refuses_bad_arguments(place, capsys, argv, expected):
     (place / "afile").write_text("a file")
     status = harness_main([a.format(place=place) for a in argv])
     assert_refused(place, capsys, status, expected.format(place=place), before={"afile"})
+
+
+# --- checkpoint.init_from and harness interpolate: the source checkpoints ---------
+
+
+@functools.cache
+def _source_state(overrides: tuple[str, ...]) -> dict:
+    """What a run's checkpoint holds (no training: build, then take its state), of smoke.yaml with
+    ``overrides``; built once per session (reading the data is most of the cost)."""
+    from harness.core.config import load_config
+    from harness.core.data import load_dataset
+    from harness.core.distributed import DistContext
+    from harness.core.train_loop import RunCounters, build_trainer, checkpoint_state
+
+    cfg = load_config(SMOKE, list(overrides))
+    return checkpoint_state(build_trainer(cfg, DistContext(), load_dataset(cfg)), RunCounters(), None)
+
+
+def _source_checkpoint(folder, *overrides, drop_config=False):
+    from harness.core.checkpoint import write_checkpoint
+
+    state = dict(_source_state(overrides))
+    if drop_config:  # as checkpoints were written before they carried their config
+        del state["config"]
+    return write_checkpoint(state, folder, 1)
+
+
+# Synthetic images of Fashion-MNIST's shape: the same 784-32-10 network, another data set.
+SYNTHETIC = ("data.dataset=synthetic", "data.synthetic.num_train=400", "data.synthetic.num_classes=10",
+             "data.validation_size=100")
+UNKNOWN_RUN_ID = "0123456789abcdef0123456789abcdef"
+
+INIT_FROM_CASES = {
+    "missing file": (lambda place, uri: f"{place}/nowhere/epoch-0003.pt",
+                     "checkpoint.init_from: {place}/nowhere/epoch-0003.pt does not exist; expected a checkpoint file"),
+    "another architecture": (lambda place, uri: _source_checkpoint(place / "wide", "model.hidden_sizes=[16]"),
+                             "checkpoint.init_from: {place}/wide/epoch-0001.pt holds a 784-16-10 sigmoid network; "
+                             "expected 784-32-10 sigmoid (model.hidden_sizes, model.activation)"),
+    "checkpoint without its config": (lambda place, uri: _source_checkpoint(place / "old", drop_config=True),
+                                      "checkpoint.init_from: {place}/old/epoch-0001.pt holds no config"),
+    "not a checkpoint": (lambda place, uri: _write_file(place / "notes.pt", "these are my notes"),
+                         "checkpoint.init_from: {place}/notes.pt is not a harness checkpoint"),
+    "empty folder": (lambda place, uri: _make_folder(place / "empty"),
+                     "checkpoint.init_from: folder {place}/empty holds no epoch-NNNN.pt checkpoint"),
+    "unknown run id": (lambda place, uri: UNKNOWN_RUN_ID,
+                       "checkpoint.init_from: " + UNKNOWN_RUN_ID + " is not a file or folder, nor a run in"),
+    "run without a checkpoint": (lambda place, uri: _run_without_checkpoint(uri),
+                                 "has no checkpoint_path tag"),
+}
+
+
+def _write_file(path, text):
+    path.write_text(text)
+    return path
+
+
+def _make_folder(path):
+    path.mkdir()
+    return path
+
+
+def _run_without_checkpoint(uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("elsewhere"))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@pytest.mark.parametrize("case", sorted(INIT_FROM_CASES))
+def test_init_from_that_cannot_be_used_is_refused_before_any_run(place, capsys, case):
+    make, expected = INIT_FROM_CASES[case]
+    uri = seeded_store(place / "store")
+    ref = make(place, uri)
+    runs_before = len(_runs(uri))
+    capsys.readouterr()
+    status = train_launcher.main(["--config", SMOKE, "--set", f"tracking.uri={uri}",
+                                  "--set", f"checkpoint.init_from={ref}"])
+    assert_refused(place, capsys, status, expected.format(place=place),
+                   before={"store", "wide", "old", "notes.pt", "empty"})
+    assert len(_runs(uri)) == runs_before  # no run made (the one case that made a run itself still has just it)
+    assert not (place / "checkpoints").exists()
+
+
+INTERPOLATE_CASES = {
+    "empty alpha range": (["--alpha-min", "2", "--alpha-max", "1"],
+                          "--alpha-min: 2 is not below --alpha-max 1; expected a non-empty α range"),
+    "one point": (["--points", "1"], "--points: 1; expected at least 2"),
+    "missing source": (["--run-a", "{place}/nowhere"], "--run-a: {place}/nowhere does not exist"),
+    "another architecture": (["--run-b", "{place}/wide"], "--run-b: {place}/wide/epoch-0001.pt holds a 784-16-10 "
+                             "sigmoid network; expected 784-32-10 sigmoid"),
+    "another data set": (["--run-b", "{place}/synthetic"], "--run-b: {place}/synthetic/epoch-0001.pt was trained on "
+                         "synthetic (400 train, 784 features, 5 targets); expected run A's data set fashion-mnist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INTERPOLATE_CASES))
+def test_interpolation_that_cannot_be_drawn_is_refused_before_any_run(place, capsys, case):
+    from harness.cli import main as harness_main
+
+    extra, expected = INTERPOLATE_CASES[case]
+    _source_checkpoint(place / "a")
+    _source_checkpoint(place / "wide", "model.hidden_sizes=[16]")
+    _source_checkpoint(place / "synthetic", *SYNTHETIC)
+    uri = seeded_store(place / "store")
+    capsys.readouterr()
+    argv = ["interpolate", "--run-a", str(place / "a"), "--run-b", str(place / "a"), "--tracking-uri", uri,
+            *[item.format(place=place) for item in extra]]
+    status = harness_main(argv)  # the later of a repeated option wins, as argparse does
+    assert_refused(place, capsys, status, expected.format(place=place),
+                   before={"store", "a", "wide", "synthetic"})
+    assert _runs(uri) == []

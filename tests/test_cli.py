@@ -22,7 +22,7 @@ def _load_launcher(name):
 # The real entry points' main(), called in this process: --help prints and exits
 # as it does from a shell, without paying a torch import per page.
 ENTRY_POINTS = {"harness": cli.main, **{f"{name}.py": _load_launcher(name).main for name in ("train", "sweep", "ray_job")}}
-HARNESS_COMMANDS = ("gradcheck", "report", "bench", "replay", "mlflow-server")
+HARNESS_COMMANDS = ("gradcheck", "report", "interpolate", "bench", "replay", "mlflow-server")
 
 
 def help_pages():

@@ -220,6 +220,10 @@ class TrackingConfig(ConfigModel):
 class CheckpointConfig(ConfigModel):
     enabled: bool = True
     dir: str = "checkpoints"
+    # Start from another run's model weights (a checkpoint file, a run's checkpoint folder
+    # or an MLflow run id): weights only, a fresh optimiser and counters, this run's own
+    # seed for the data order. A resumed run ignores it (its own checkpoint has the weights).
+    init_from: Optional[NonBlank] = None
 
 
 class SweepConfig(ConfigModel):

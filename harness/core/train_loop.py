@@ -183,7 +183,10 @@ def checkpoint_state(trainer: Trainer, counters: RunCounters, run_id: Optional[s
             "epoch": counters.epoch, "global_step": counters.global_step, "progress": vars(counters).copy(),
             "noise_probe": trainer.noise_probe.state_dict() if trainer.noise_probe else None,
             "rng_cpu": torch.get_rng_state(), "run_id": run_id,
-            "config_fingerprint": config_fingerprint(trainer.cfg)}
+            "config_fingerprint": config_fingerprint(trainer.cfg),
+            # The resolved config: what another run needs to start from this one's weights
+            # (checkpoint.init_from) or to interpolate towards them (harness interpolate).
+            "config": trainer.cfg.to_dict()}
 
 
 def load_state(trainer: Trainer, state: dict) -> RunCounters:
@@ -194,6 +197,32 @@ def load_state(trainer: Trainer, state: dict) -> RunCounters:
     if trainer.noise_probe and state.get("noise_probe"):
         trainer.noise_probe.load_state_dict(state["noise_probe"])
     return RunCounters(**state["progress"])
+
+
+def start_from_source(trainer: Trainer) -> dict[str, str]:
+    """Load ``checkpoint.init_from``'s model weights into the (unwrapped) model; the run's tags saying so.
+
+    Weights only: the optimiser (momentum buffers), counters and data order stay this
+    run's own. Every rank reads the same file, so DDP's replicas agree without a
+    broadcast; it runs before the first step, so a CUDA-graph step (which captures at
+    its first step) captures the loaded parameters (load_state_dict copies in place).
+    """
+    ref = trainer.cfg.checkpoint.init_from
+    if ref is None:
+        return {}
+    # Here, not at the top: the resolver reads MLflow for a run id, which most runs never need.
+    from harness.records.checkpoint_source import check_same_architecture, resolve_checkpoint
+    from harness.records.mlflow_store import default_tracking_uri
+
+    key = "checkpoint.init_from"
+    source = resolve_checkpoint(ref, trainer.cfg.tracking.uri or default_tracking_uri(), key)
+    check_same_architecture(source, trainer.cfg, key)
+    unwrap(trainer.model).load_state_dict(source.model_state)
+    say(f"[{trainer.cfg.name}] starting from the weights of {source.path}", ctx=trainer.ctx)
+    tags = {"init_from": ref, "init_from_checkpoint": str(source.path)}
+    if source.run_id:
+        tags["init_from_run_id"] = source.run_id
+    return tags
 
 
 def sharpness(trainer: Trainer) -> dict[str, float]:
@@ -213,11 +242,17 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
     tracker = tracker or make_tracker(cfg, ctx, parent_run_id)
     if state is None:
         checkpoints.clear()
+    # Before the tracker starts: a source that vanished since preflight is refused with no run made.
+    init_tags = start_from_source(trainer) if state is None else {}
     # start and finish sit inside the try: a signal that lands while either talks to
     # MLflow must still end the run as KILLED, not leave it RUNNING.
     try:
         run_id = tracker.start(resume_run_id=state["run_id"] if state else None, launch_id=hooks.launch_id)
+        if init_tags:
+            tracker.set_tags(init_tags)
         result = _train_epochs(trainer, dataset, tracker, hooks, checkpoints, state, run_id)
+        if result.checkpoint is not None:  # where the run's final weights are (interpolate, init_from by run id)
+            tracker.set_tags({"checkpoint_path": str(Path(result.checkpoint).resolve())})
         tracker.finish("FINISHED")
     except BaseException as err:
         # Inline, not in a helper: a signal raises at the next function entry, and

@@ -165,6 +165,33 @@ def check_resume_run_in_store(cfg: Config) -> None:
         check_resume_run(cfg.tracking.uri or default_tracking_uri(), state.get("run_id"), path)
 
 
+CHECKPOINT_PATH_TAG = "checkpoint_path"  # set by the training loop at a run's end: its newest checkpoint
+
+
+def run_checkpoint_path(uri: str, run_id: str, key: str) -> str:
+    """The ``checkpoint_path`` tag of run ``run_id`` in the store at ``uri``; refused (``key`` names the
+    option) when the store or the run does not exist, or the run recorded no checkpoint."""
+    from mlflow.exceptions import MlflowException
+
+    check_tracking_uri(uri)
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():  # looking must not create a store
+        raise InputError(f"{key}: {run_id} is not a file or folder, and {uri} holds no MLflow store to look it up "
+                         "in; expected a checkpoint file, a run's checkpoint folder or a run id of that store")
+    check_tracking_server(uri)
+    try:
+        run = open_client(uri).get_run(run_id)
+    except MlflowException:
+        raise InputError(f"{key}: {run_id} is not a file or folder, nor a run in {uri}; expected a checkpoint "
+                         "file, a run's checkpoint folder or an MLflow run id (tracking.uri)") from None
+    tagged = run.data.tags.get(CHECKPOINT_PATH_TAG)
+    if not tagged:
+        raise InputError(f"{key}: MLflow run {run_id} has no {CHECKPOINT_PATH_TAG} tag (it wrote no checkpoint, "
+                         "did not finish, or predates the tag); expected a run that saved checkpoints, or give "
+                         "its checkpoint file")
+    return tagged
+
+
 UI_PORT = 5000  # harness mlflow-server's and mlflow ui's default
 
 

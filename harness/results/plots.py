@@ -266,4 +266,34 @@ def sharpness_trajectories(curves, path: Path, title: str) -> Path:
     ax.set_yscale("log")
     ax.set(title=title, xlabel="optimizer steps", ylabel="top Hessian eigenvalue λ_max")
     _finish(fig, ax, path, notes)
+
+
+def interpolation(rows: list[dict[str, float]], path: Path, label_a: str, label_b: str) -> Path:
+    """Keskar et al. (2017)'s figure: loss and accuracy along θ(α) = (1 − α)·θ_a + α·θ_b, train and test,
+    with α = 0 and α = 1 (the two solutions) marked. ``rows``: harness/results/interpolation.py's."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    alphas = [row["alpha"] for row in rows]
+    for ax, quantity in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        for split, style in (("train", "-"), ("test", "--")):
+            ax.plot(alphas, [row[f"{split}_{quantity}"] for row in rows], linestyle=style, marker=".",
+                    label=f"{split} {quantity}")
+        for alpha in (0.0, 1.0):
+            ax.axvline(alpha, color="grey", linestyle=":", linewidth=1)
+        # The two solutions' names on a top axis, where no curve runs through them.
+        ax.secondary_xaxis("top").set_xticks([0.0, 1.0], [label_a, label_b], fontsize=8)
+        ax.set_xlabel(f"α   (0: {label_a}, 1: {label_b})")
+    # Cross-entropy far from both solutions can grow by orders of magnitude: then a log axis keeps the basin
+    # readable (a loss that stays within a factor of 10 reads better on a linear one).
+    losses = [row[f"{split}_loss"] for row in rows for split in ("train", "test")
+              if math.isfinite(row[f"{split}_loss"]) and row[f"{split}_loss"] > 0]
+    if losses and max(losses) > 10 * min(losses):
+        loss_ax.set_yscale("log")
+    loss_ax.set(title="Loss along the line between the two solutions", ylabel="cross-entropy")
+    acc_ax.set(title="Accuracy along the same line", ylabel="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path

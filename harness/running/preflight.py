@@ -46,12 +46,26 @@ def preflight(cfg: Config, world_size: int, use_gpu: bool, *, resume: bool = Fal
     if use_gpu:
         pick_device("cuda")
     dataset = load_dataset(cfg)  # a missing or damaged data file fails here, not in every rank or trial
+    resumable = None
     if resume and not cfg.is_sweep:  # a sweep config has no checkpoint of its own; its trials do
         # a corrupt or foreign checkpoint is refused here, not after init
-        Checkpoints(cfg, launch_id=launch_id, same_launch_only=launch_id is not None).check_resumable()
+        resumable = Checkpoints(cfg, launch_id=launch_id, same_launch_only=launch_id is not None).check_resumable()
         if launch_id is None and cfg.tracking.enabled:
             check_resume_run_in_store(cfg)
+    # A run that resumes its own checkpoint ignores init_from (it has the weights), so its source may be gone.
+    # Every trial of a sweep shares the model, so one check covers them all.
+    if cfg.checkpoint.init_from is not None and resumable is None:
+        check_init_from(cfg)
     return dataset
+
+
+def check_init_from(cfg: Config) -> None:
+    """The run's ``checkpoint.init_from`` exists and holds a network of the run's architecture."""
+    from harness.records.checkpoint_source import check_same_architecture, resolve_checkpoint
+
+    source = resolve_checkpoint(cfg.checkpoint.init_from, cfg.tracking.uri or default_tracking_uri(),
+                                "checkpoint.init_from")
+    check_same_architecture(source, cfg, "checkpoint.init_from")
 
 
 def _device_type(device: str) -> str:

@@ -116,6 +116,8 @@ def prepare_ray_run(cfg: Config, num_workers: int, use_gpu: bool, max_failures: 
     paths = {"checkpoint.dir": str(Path(cfg.checkpoint.dir).resolve())}
     if cfg.data.data_dir:
         paths["data.data_dir"] = str(Path(cfg.data.data_dir).resolve())
+    if cfg.checkpoint.init_from and Path(cfg.checkpoint.init_from).exists():  # a path, not a run id
+        paths["checkpoint.init_from"] = str(Path(cfg.checkpoint.init_from).resolve())
     if cfg.performance.cuda_graph and use_gpu:
         allow_collective_capture()  # here; worker_env() carries it to the workers
     options = RayOptions(num_workers=num_workers, use_gpu=use_gpu, max_failures=max_failures,
