@@ -120,7 +120,8 @@ def steps_to_target(trials, rows, path: Path, target_label: str) -> Path:
     ax.set_yscale("log")
     ax.set(title=f"Steps to reach {target_label}", xlabel="global batch size", ylabel="optimizer steps")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a sweep without a target has nothing to plot here
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -266,6 +267,7 @@ def sharpness_trajectories(curves, path: Path, title: str) -> Path:
     ax.set_yscale("log")
     ax.set(title=title, xlabel="optimizer steps", ylabel="top Hessian eigenvalue λ_max")
     _finish(fig, ax, path, notes)
+    return path
 
 
 def interpolation(rows: list[dict[str, float]], path: Path, label_a: str, label_b: str) -> Path:

@@ -224,11 +224,13 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, markdown_path = directory / "summary.csv", directory / "summary.md"
     write_csv(rows, csv_path)
-    table = markdown_table(rows) + "\n\n" + critical.markdown(results)
     target = parent.data.params.get("metrics.target_val_accuracy")
-    target_label = f"val acc ≥ {target}" if target not in (None, "None") else "target"
+    has_target = target not in (None, "None")  # without one there is no S(B) to tune or fit
+    table = markdown_table(rows) + ("\n\n" + critical.markdown(results) if has_target else "")
+    target_label = f"val acc ≥ {target}" if has_target else "target"
     drawn = plots.draw_all(trials, per_batch, directory, target_label=target_label)
-    drawn += plots.draw_critical(results, directory, target_label=target_label)
+    if has_target:
+        drawn += plots.draw_critical(results, directory, target_label=target_label)
     minima_table, minima_plots = _minima_sections(tracking_uri, experiment, trials, directory, interpolate)
     table += minima_table
     drawn += minima_plots
