@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import re
+import sys
+
 
 import pytest
 
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, run_command, seeded_store
 from harness.results import minima
 from harness.results.report import TrialRecord
 
@@ -58,3 +65,105 @@ def test_the_interpolation_pair_is_the_smallest_and_largest_healthy_batch_of_one
     small, large = minima.interpolation_pair(trials)
     assert (small.batch_size, small.seed, large.batch_size, large.seed) == (32, 0, 1024, 0)
     assert minima.interpolation_pair([trial(32, 0, ok)]) is None
+
+
+MINIMA_SWEEP = """
+name: tinymin
+seed: 0
+data: {dataset: digits, validation_size: 200}
+model: {hidden_sizes: [32], activation: sigmoid}
+optim: {lr: 0.1, momentum: 0.9, global_batch_size: 64}
+train: {epochs: 200, target_train_loss: 0.3, progress: false}
+metrics: {target_val_accuracy: null, noise_scale: false, exact_noise_samples: null, sharpness_every: 10,
+          sharpness_every_unit: epochs, sharpness_samples: 256, eval_every_steps: 4}
+tracking: {experiment: tiny}
+sweep: {batch_sizes: [16, 512], seeds: [0], lr_rules: [sqrt], base_batch_size: 64}
+"""
+
+
+@pytest.fixture(scope="module")
+def minima_sweep(tmp_path_factory):
+    """A finished sweep at equal training loss on digits, in its own store (made once: two tests read it)."""
+    place = tmp_path_factory.mktemp("minima")
+    (place / "tiny.yaml").write_text(MINIMA_SWEEP)
+    uri = seeded_store(place)
+    result = run_command([sys.executable, str(REPO / "launch/sweep.py"), "--config", "tiny.yaml",
+                          "--set", f"tracking.uri={uri}", "--report-dir", "reports"], cwd=place, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return place, uri, result
+
+
+@pytest.mark.slow
+def test_a_sweep_at_equal_training_loss_reports_the_table_the_sharpness_paths_and_the_interpolation(minima_sweep):
+    place, uri, result = minima_sweep
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
+    trials = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    for trial in trials:  # every trial stopped at the target: the table compares equal losses
+        assert trial.data.metrics["train_loss"] <= 0.3
+        assert trial.data.tags["steps_to_train_loss_target"] == str(int(trial.data.metrics["global_step"]))
+    assert "### Batch sizes at equal training loss (0.3, full training split)" in result.stdout
+    assert re.search(r"^\| sqrt \| 16 \| 0\.05 \| 1/1 \| ", result.stdout, re.M)
+    assert re.search(r"^\| sqrt \| 512 \| 0\.2828 \| 1/1 \| ", result.stdout, re.M)
+    report = place / "reports" / parent.info.run_id
+    assert (report / "sharpness_vs_steps.png").stat().st_size > 0
+    # Keskar's interpolation between the two ends: a run of its own naming both trials, its
+    # end points the two trials' own training losses (evaluated here by the loop, there by the line).
+    (line,) = client.search_runs([experiment], "tags.run_kind = 'interpolation'")
+    assert line.info.status == "FINISHED"
+    by_batch = {int(t.data.params["batch_size"]): t for t in trials}
+    assert (line.data.tags["source_a_run_id"], line.data.tags["source_b_run_id"]) == \
+        (by_batch[16].info.run_id, by_batch[512].info.run_id)
+    rows = list(csv.DictReader(open(next(report.glob("interpolate-*/interpolation.csv")))))
+    assert len(rows) == 25
+    at = {float(r["alpha"]): float(r["train_loss"]) for r in rows}
+    assert at[0.0] == pytest.approx(by_batch[16].data.metrics["train_loss"], rel=1e-5)
+    assert at[1.0] == pytest.approx(by_batch[512].data.metrics["train_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_escape_continues_both_ends_with_each_others_batch_and_their_own(minima_sweep):
+    place, uri, _ = minima_sweep
+    result = run_command([sys.executable, "-m", "harness.cli", "escape", "--latest", "--epochs", "2",
+                          "--tracking-uri", uri, "--experiment", "tiny"], cwd=place,
+                         env={"PYTHONPATH": str(REPO)}, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    (sweep,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
+    (escape,) = client.search_runs([experiment], "tags.run_kind = 'escape'")
+    assert escape.info.status == "FINISHED" and escape.data.tags["escape_of"] == sweep.info.run_id
+    sources = {int(t.data.params["batch_size"]): t for t in
+               client.search_runs([experiment], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")}
+    continuations = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{escape.info.run_id}'")
+    pairs = set()
+    for run in continuations:
+        assert run.info.status == "FINISHED"
+        source_batch = int(run.data.tags["trial"].split("-bs")[1].split("-")[0])
+        source = sources[source_batch]
+        assert run.data.tags["init_from"] == source.info.run_id
+        pairs.add((source_batch, int(run.data.params["batch_size"])))
+        assert run.data.params["lr"] == sources[int(run.data.params["batch_size"])].data.params["lr"]
+        # Its first sharpness reading is of the source's final weights: the source's own final reading.
+        history = client.get_metric_history(run.info.run_id, "by_step/top_hessian_eigenvalue")
+        first = min(history, key=lambda m: m.step)
+        assert first.step == 0
+        assert first.value == pytest.approx(source.data.metrics["top_hessian_eigenvalue"], rel=1e-3)
+        assert len(history) == 3  # step 0 and after each of the 2 epochs
+    assert pairs == {(512, 16), (512, 512), (16, 512), (16, 16)}
+    assert "| B=512 | B=16 | 0.05 | 1 |" in result.stdout
+    assert "| B=16 | B=512 | 0.2828 | 1 |" in result.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--epochs", "0"], "error: --epochs: 0; expected a positive number of epochs"),
+    (["--sweep-run-id", "0" * 32], "error: --sweep-run-id 00000000000000000000000000000000: no such run"),
+])
+def test_escape_refuses_bad_input_with_one_line(tmp_path, args, expected):
+    uri = seeded_store(tmp_path)
+    result = run_command([sys.executable, "-m", "harness.cli", "escape", "--tracking-uri", uri, *args], cwd=tmp_path,
+                         env={"PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
+    assert result.stderr.startswith(expected), result.stderr
