@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.core.config import load_config
+from harness.core.train_loop import RunHooks
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -169,3 +170,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray-cluster"))
+
+
+class FailAfterEpoch(RunHooks):
+    """Hooks that break a run right after epoch ``epoch`` (its checkpoint is written): a crash to resume from."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def after_epoch(self, epoch, metrics, checkpoint, ctx):
+        if epoch == self.epoch:
+            raise RuntimeError("injected failure")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, smoke_config
+from conftest import CONFIGS, REPO, FailAfterEpoch, smoke_config
 from harness.core import evaluation
 from harness.core.checkpoint import Checkpoints
 from harness.core.config import load_config
@@ -114,16 +114,6 @@ def test_evaluations_happen_only_at_their_steps(tmp_path, monkeypatch):
                        "metrics.sharpness=false")
     train(cfg, DistContext())
     assert len(calls) == 20 // 4
-
-
-class FailAfterEpoch(RunHooks):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def after_epoch(self, epoch, metrics, checkpoint, ctx):
-        if epoch == self.epoch:
-            raise RuntimeError("injected failure")
 
 
 def test_resume_reaches_the_target_at_the_same_step_with_the_same_measurements(tmp_path):

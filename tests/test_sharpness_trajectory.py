@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from conftest import smoke_config
+from conftest import FailAfterEpoch, smoke_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import build_model
@@ -93,16 +93,6 @@ def test_sharpness_every_n_epochs_reads_at_those_epoch_ends_even_with_the_final_
     assert list(top) == [0, 8, 16]  # epochs 2 and 4 end at steps 8 and 16, where the run ends too:
     assert "top_hessian_eigenvalue" not in metrics and metrics["sharpness_readings"] == 3  # read once there
     assert top[8] == pytest.approx(dense_hessian_extremes(cfg, epoch_two.state)[0], rel=1e-4)
-
-
-class FailAfterEpoch(RunHooks):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def after_epoch(self, epoch, metrics, checkpoint, ctx):
-        if epoch == self.epoch:
-            raise RuntimeError("injected failure")
 
 
 def test_a_resumed_run_continues_the_trajectory_without_reading_or_logging_a_step_twice(tmp_path):
