@@ -78,7 +78,7 @@ CONFIG_CASES = {
     "negative sharpness interval": ("metrics: {sharpness_every: -3}\n",
                                     "metrics.sharpness_every: expected a positive number, got -3"),
     "unknown sharpness unit": ("metrics: {sharpness_every_unit: days}\n",
-                               "metrics.sharpness_every_unit: expected one of 'steps', 'epochs'"),
+                               "metrics.sharpness_every_unit: expected one of 'steps', 'doubling_steps', 'epochs'"),
     "blank init_from": ("checkpoint: {init_from: '  '}\n", "checkpoint.init_from: expected a non-empty string"),
 }
 

@@ -106,3 +106,13 @@ def test_a_resumed_run_continues_the_trajectory_without_reading_or_logging_a_ste
     steps = [m.step for m in client.get_metric_history(result.run_id, "by_step/top_hessian_eigenvalue")]
     assert steps == [0, 3, 6, 7]
     assert client.get_run(result.run_id).data.metrics["sharpness_readings"] == 4  # the counters were checkpointed
+
+
+
+def test_doubling_steps_reads_at_n_2n_4n_so_short_and_long_runs_get_alike_many_readings(tmp_path):
+    cfg = smoke_config(tmp_path, *TINY, "train.max_steps=37", "metrics.sharpness_every=3",
+                       "metrics.sharpness_every_unit=doubling_steps", "metrics.sharpness=false",
+                       "metrics.sharpness_tolerance=0.001")
+    result = train(cfg, DistContext())
+    assert result.global_step == 37
+    assert list(trajectory(cfg, result.run_id)) == [0, 3, 6, 12, 24, 37]  # step 0, N·2^k, the run's end

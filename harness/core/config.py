@@ -185,10 +185,11 @@ class MetricsConfig(ConfigModel):
     # each Hessian eigenvalue is returned within this fraction of the spectral radius (the residual bound).
     sharpness_tolerance: Annotated[float, Field(gt=0, lt=1), Expect("a number in (0, 1)")] = 1e-3
     # Sharpness over training (Cohen et al. 2021): read the Hessian's extremes at step 0, every N
-    # steps (or at the end of every N-th epoch) and at the run's end, logged as by_step/ metrics
+    # steps (doubling_steps: at N, 2N, 4N, ... steps; epochs: at the end of every N-th epoch) and
+    # at the run's end, logged as by_step/ metrics
     # with step = optimizer step; taken whatever metrics.sharpness says. None: only the final reading.
     sharpness_every: Optional[PositiveInt] = None
-    sharpness_every_unit: Literal["steps", "epochs"] = "steps"
+    sharpness_every_unit: Literal["steps", "doubling_steps", "epochs"] = "steps"
 
 
 class PerformanceConfig(ConfigModel):

@@ -5,9 +5,9 @@ Owns:
   training loss on a fixed subset (the first ``metrics.sharpness_samples`` training
   samples), at the current parameters; the one reading behind both the periodic
   readings and the final one;
-- ``SharpnessReadings``: when a run reads it (step 0, every ``metrics.sharpness_every``
-  steps or at the end of every N-th epoch, and the run's end), the cost (counted in
-  ``RunCounters``: seconds, readings, Hessian-vector products) and the trajectory
+- ``SharpnessReadings``: when a run reads it (step 0; every ``metrics.sharpness_every``
+  steps, at N, 2N, 4N, ... steps, or at the end of every N-th epoch; and the run's end),
+  the cost (counted in ``RunCounters``: seconds, readings, Hessian-vector products) and the trajectory
   still to be logged as ``by_step/top_hessian_eigenvalue`` and
   ``by_step/bottom_hessian_eigenvalue`` (step = optimizer step).
 
@@ -96,8 +96,17 @@ class SharpnessReadings:
         return self.every is not None
 
     def is_due_after_step(self, global_step: int) -> bool:
-        """Is there a reading after step ``global_step`` (1-based)? Stateless, so a resumed run keeps the schedule."""
-        return self.unit == "steps" and self.periodic and global_step % self.every == 0
+        """Is there a reading after step ``global_step`` (1-based)? Stateless, so a resumed run keeps the schedule.
+
+        Unit ``steps``: every N steps. Unit ``doubling_steps``: at N, 2N, 4N, 8N, ... steps, so that
+        batch sizes whose runs differ tenfold in steps get about as many readings each, evenly
+        spaced on the log-step axis the report plots them on."""
+        if not self.periodic or global_step % self.every:
+            return False
+        if self.unit == "steps":
+            return True
+        multiple = global_step // self.every
+        return self.unit == "doubling_steps" and multiple & (multiple - 1) == 0
 
     def is_due_after_epoch(self, epoch: int) -> bool:
         return self.unit == "epochs" and self.periodic and epoch % self.every == 0

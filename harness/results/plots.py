@@ -264,6 +264,7 @@ def sharpness_trajectories(curves, path: Path, title: str) -> Path:
         if not labelled:
             notes.append(f"{group}: no sharpness readings logged")
     ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlim(left=0)
     ax.set_yscale("log")
     ax.set(title=title, xlabel="optimizer steps", ylabel="top Hessian eigenvalue λ_max")
     _finish(fig, ax, path, notes)
