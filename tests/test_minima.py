@@ -8,6 +8,7 @@ import sys
 
 
 import pytest
+import torch
 
 from mlflow.tracking import MlflowClient
 
@@ -103,6 +104,9 @@ def test_a_sweep_at_equal_training_loss_reports_the_table_the_sharpness_paths_an
     for trial in trials:  # every trial stopped at the target: the table compares equal losses
         assert trial.data.metrics["train_loss"] <= 0.3
         assert trial.data.tags["steps_to_train_loss_target"] == str(int(trial.data.metrics["global_step"]))
+        final = torch.load(trial.data.tags["checkpoint_path"], weights_only=True)["model"]
+        norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in final.values())))
+        assert trial.data.metrics["weight_norm"] == pytest.approx(norm, rel=1e-9)
     assert "### Batch sizes at equal training loss (0.3, full training split)" in result.stdout
     assert re.search(r"^\| sqrt \| 16 \| 0\.05 \| 1/1 \| ", result.stdout, re.M)
     assert re.search(r"^\| sqrt \| 512 \| 0\.2828 \| 1/1 \| ", result.stdout, re.M)

@@ -391,5 +391,12 @@ def _measure_epoch(trainer: Trainer, dataset: Dataset, counters: RunCounters, tr
             metrics.update(trainer.noise_probe.epoch_metrics())
     # elapsed_s: the training steps only, without the evaluations between them.
     metrics.update(epoch_s=elapsed_s, samples_per_s=samples / elapsed_s, global_step=float(counters.global_step),
-                   lr=trainer.lr_at(counters.global_step))
+                   lr=trainer.lr_at(counters.global_step), weight_norm=weight_norm(trainer.model))
     return metrics, {}
+
+
+@torch.no_grad()
+def weight_norm(model: torch.nn.Module) -> float:
+    """‖θ‖₂ over every parameter: sharpness and the loss along a line between two solutions depend on
+    the scale of the weights (Dinh et al. 2017), so a comparison of minima reports it beside them."""
+    return float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in unwrap(model).parameters())))

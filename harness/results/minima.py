@@ -27,7 +27,7 @@ SHARPNESS_HISTORY = "by_step/top_hessian_eigenvalue"
 # (column, final metric) read at the target, mean and std over the trials that reached it.
 AT_TARGET = (("test_accuracy", "test_accuracy"), ("test_loss", "test_loss"), ("train_loss", "train_loss"),
              ("gap_accuracy", "generalization_gap_accuracy"), ("gap_loss", "generalization_gap_loss"),
-             ("steps", STEPS), ("epochs", EPOCHS), ("sharpness", SHARPNESS))
+             ("steps", STEPS), ("epochs", EPOCHS), ("sharpness", SHARPNESS), ("weight_norm", "weight_norm"))
 
 
 def stability_limit(lr: float, momentum: float) -> float:
@@ -108,15 +108,17 @@ def markdown(rows: list[EqualLossRow], target: float) -> str:
              "Columns read at the first evaluation whose full training loss reached the target, mean ± std over "
              "the seeds that reached it (a trial that ran out of budget is counted in 'reached', not averaged in). "
              "Sharpness: top Hessian eigenvalue λ_max there; 2(1+β)/η: the edge-of-stability limit of the trial's "
-             "LR η and momentum β (Cohen et al. 2021).", "",
+             "LR η and momentum β (Cohen et al. 2021). ‖θ‖: the weights' norm there (sharpness depends on the "
+             "weights' scale, Dinh et al. 2017).", "",
              "| LR rule | batch | LR | reached | steps to loss | epochs to loss | test accuracy | test loss "
-             "| gap (acc) | gap (loss) | λ_max | 2(1+β)/η | λ_max / limit |",
-             "|" + "---|" * 13]
+             "| gap (acc) | gap (loss) | λ_max | 2(1+β)/η | λ_max / limit | ‖θ‖ |",
+             "|" + "---|" * 14]
     for row in rows:
         s = row.stats
         ratio = s["sharpness"][0] / row.limit if math.isfinite(s["sharpness"][0]) else math.nan
         lines.append(f"| {row.lr_rule} | {row.batch_size} | {row.lr:.4g} | {row.reached}/{row.seeds} "
                      f"| {_cell(*s['steps'], 0)} | {_cell(*s['epochs'], 1)} | {_cell(*s['test_accuracy'], 4)} "
                      f"| {_cell(*s['test_loss'], 4)} | {_cell(*s['gap_accuracy'], 4)} | {_cell(*s['gap_loss'], 4)} "
-                     f"| {_cell(*s['sharpness'], 2)} | {row.limit:.3g} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} |")
+                     f"| {_cell(*s['sharpness'], 2)} | {row.limit:.3g} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} "
+                     f"| {_cell(*s['weight_norm'], 1)} |")
     return "\n".join(lines)

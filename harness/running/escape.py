@@ -35,7 +35,7 @@ from harness.running.sweep import SweepProgress, run_trial, sweep_parent_run
 
 # What the table reads before (the source trial's final metrics) and after (the continuation's).
 READOUTS = (("train_loss", "train loss", 4), ("test_accuracy", "test accuracy", 4),
-            ("test_loss", "test loss", 4), (minima.SHARPNESS, "λ_max", 2))
+            ("test_loss", "test loss", 4), (minima.SHARPNESS, "λ_max", 2), ("weight_norm", "‖θ‖", 1))
 
 
 @dataclass
