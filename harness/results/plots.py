@@ -82,7 +82,8 @@ def loss_curves(trials, path: Path, against: str) -> Path:
         if against == "steps":
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        if ax.get_legend_handles_labels()[0]:  # every trial of the rule diverged: no curve to name
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
