@@ -1,6 +1,7 @@
 """Deliberate crashes for fault tests: SIGKILL this process at a named point, once.
 
-Set ``HARNESS_INJECT_FAULT=<point>:<epoch>:<rank>:<marker file>`` (points: ``step``,
+Set ``HARNESS_INJECT_FAULT=<point>:<epoch>:<rank>:<marker file>`` (points: ``step``, ``micro_batch``
+(mid-accumulation: before the second pass of the epoch's middle step, optim.micro_batch_size),
 ``evaluate``, ``checkpoint``), or several such specs separated by commas. The
 process of that rank kills itself with SIGKILL at that point of that epoch,
 unless the marker file exists; it creates the marker first, so the restarted run
@@ -16,7 +17,7 @@ import signal
 from pathlib import Path
 
 ENV_VAR = "HARNESS_INJECT_FAULT"
-POINTS = ("step", "evaluate", "checkpoint")
+POINTS = ("step", "micro_batch", "evaluate", "checkpoint")
 
 
 def parse_specs(text: str) -> list[tuple[str, int, int, str]]:

@@ -34,10 +34,13 @@ def activation_derivative(name: str, z: torch.Tensor, a: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def manual_backward(model: MLP, x: torch.Tensor, y: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+def manual_backward(model: MLP, x: torch.Tensor, y: torch.Tensor, normalizer: float | None = None,
+                    accumulate: bool = False) -> torch.Tensor:
     """Forward and backward by hand; writes ``.grad`` of every parameter, returns the loss.
 
-    Gradients are assigned, not accumulated: the caller need not zero them.
+    Gradients are assigned, not accumulated: the caller need not zero them. With
+    ``accumulate`` they are added to the existing ``.grad`` instead (a micro-batch
+    after the first of a step, core/step.py).
     """
     normalizer = float(len(y)) if normalizer is None else float(normalizer)
     linears = list(model.linears)
@@ -53,8 +56,12 @@ def manual_backward(model: MLP, x: torch.Tensor, y: torch.Tensor, normalizer: fl
     delta = (torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)) / normalizer
     for depth in range(len(linears) - 1, -1, -1):
         linear = linears[depth]
-        linear.weight.grad = delta.T @ activations[depth]
-        linear.bias.grad = delta.sum(0)
+        if accumulate:
+            linear.weight.grad.add_(delta.T @ activations[depth])
+            linear.bias.grad.add_(delta.sum(0))
+        else:
+            linear.weight.grad = delta.T @ activations[depth]
+            linear.bias.grad = delta.sum(0)
         if depth > 0:
             sigma_prime = activation_derivative(model.activation_name, pre_activations[depth - 1], activations[depth])
             delta = sigma_prime * (delta @ linear.weight)
@@ -62,15 +69,16 @@ def manual_backward(model: MLP, x: torch.Tensor, y: torch.Tensor, normalizer: fl
 
 
 def autograd_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalizer: float | None = None,
-                      set_to_none: bool = True) -> torch.Tensor:
-    """The same loss through autograd; gradients are assigned (zeroed first).
+                      set_to_none: bool = True, accumulate: bool = False) -> torch.Tensor:
+    """The same loss through autograd; gradients are assigned (zeroed first), or with ``accumulate`` added.
 
     The training step's autograd engine is this function too (core/step.py's EagerStep):
     it passes ``set_to_none=False`` under a graph step, whose captured graph holds the
     gradient buffers' addresses, so they must be zeroed in place rather than freed.
     """
     normalizer = float(len(y)) if normalizer is None else float(normalizer)
-    model.zero_grad(set_to_none=set_to_none)
+    if not accumulate:
+        model.zero_grad(set_to_none=set_to_none)
     loss = F.cross_entropy(model(x), y, reduction="sum") / normalizer
     loss.backward()
     return loss.detach()

@@ -131,6 +131,11 @@ class OptimConfig(ConfigModel):
     # Linear warmup of the LR from lr/warmup_steps to lr over this many epochs'
     # worth of steps (Goyal et al. 2017 pair it with the linear scaling rule).
     warmup_epochs: NonNegativeFloat = 0.0
+    # Gradient accumulation: each rank runs its share of a global batch as forward/backward
+    # passes of this many samples, summed into one gradient before one update, so a global
+    # batch larger than the device holds trains exactly as one batch would (core/step.py).
+    # global batch = micro_batch_size x accumulation steps x world size. None: one pass per step.
+    micro_batch_size: Optional[PositiveInt] = None
 
 
 class TrainConfig(ConfigModel):
@@ -323,6 +328,15 @@ class Config(ConfigModel):
             size = min(size, self.data.train_subset)
         return size
 
+    def accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per rank in a full step: the per-rank batch over optim.micro_batch_size (1 without).
+
+        Checked by check_micro_batch (at load for one rank, by check_world_size for W ranks).
+        """
+        if self.optim.micro_batch_size is None:
+            return 1
+        return self.optim.global_batch_size // world_size // self.optim.micro_batch_size
+
     @property
     def is_sweep(self) -> bool:
         return self.sweep is not None
@@ -368,6 +382,18 @@ def check_world_size(cfg: Config, world_size: int) -> None:
     key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
     for size in sizes:
         check_divisible_by_world_size(key, size, world_size)
+        check_micro_batch(cfg.optim.micro_batch_size, key, size, world_size)
+
+
+def check_micro_batch(micro_batch_size: Optional[int], key: str, global_batch_size: int, world_size: int) -> None:
+    """Refuse a micro-batch that cannot split each rank's share of ``global_batch_size`` into equal passes."""
+    if micro_batch_size is None:
+        return
+    per_rank = global_batch_size // world_size
+    if micro_batch_size > per_rank or per_rank % micro_batch_size:
+        where = f"{key} {global_batch_size}" + (f" over {world_size} ranks" if world_size > 1 else "")
+        raise InputError(f"optim.micro_batch_size: {micro_batch_size} does not divide the per-rank batch of "
+                         f"{per_rank} ({where}); expected a divisor of {per_rank}")
 
 
 def _check_cross_field(cfg: Config) -> None:
@@ -396,6 +422,8 @@ def _check_cross_field(cfg: Config) -> None:
         if size > cfg.train_set_size:
             raise InputError(f"{key}: {size} is larger than the training set "
                              f"({cfg.train_set_size} samples); expected <= {cfg.train_set_size}")
+        # One rank's view, at load: what W ranks need is checked again by check_world_size.
+        check_micro_batch(cfg.optim.micro_batch_size, key, size, 1)
 
 
 def trial_name(sweep_name: str, rule: str, batch_size: int, seed: int, lr_label: str = "") -> str:

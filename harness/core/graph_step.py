@@ -52,6 +52,10 @@ def graph_unavailable_reason(cfg: Config, ctx: DistContext) -> Optional[str]:
     if cfg.train.grad_engine != "autograd":
         return (f"train.grad_engine is {cfg.train.grad_engine!r}: its hand-written backward and "
                 "all-reduce run outside autograd and DDP; the graph step captures the autograd engine")
+    if cfg.accumulation_steps(ctx.world_size) > 1:
+        # Capturing it would mean capturing DDP's no_sync passes and the probe's per-pass reads, untested on a GPU.
+        return (f"optim.micro_batch_size {cfg.optim.micro_batch_size} accumulates "
+                f"{cfg.accumulation_steps(ctx.world_size)} passes per step; the graph step captures one pass")
     return None
 
 

@@ -23,8 +23,9 @@ from typing import Callable, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from harness import faults
 from harness.core.backprop import autograd_backward, manual_backward
-from harness.core.config import Config
+from harness.core.config import Config, steps_per_epoch
 from harness.core.data import Split
 from harness.core.distributed import DistContext, average_gradients
 from harness.measure.grad_noise import NoiseProbe
@@ -76,10 +77,21 @@ class EagerStep:
         else:
             self._backward = self._autograd_backward
             self.all_reduce = None  # DDP all-reduces inside the backward
+        # Gradient accumulation (optim.micro_batch_size): None when a rank's share is one pass anyway.
+        self.micro_batch_size: Optional[int] = (cfg.optim.micro_batch_size
+                                                if cfg.accumulation_steps(ctx.world_size) > 1 else None)
+        # The epoch of the step now running, at the middle step of an epoch only: where the
+        # "micro_batch" fault point (harness/faults.py) may kill this rank mid-accumulation.
+        self.fault_epoch: Optional[int] = None
+        self._under_ddp = isinstance(model, DistributedDataParallel)
+        self._steps_per_epoch = steps_per_epoch(len(train_set), cfg.optim.global_batch_size, cfg.train.drop_last)
 
     def __call__(self, indices: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
         x, y = self.train_set.features[indices], self.train_set.targets[indices]
         normalizer = self.normalizer(global_batch_size)
+        if self.micro_batch_size is not None:
+            epoch, step = divmod(global_step, self._steps_per_epoch)
+            self.fault_epoch = epoch + 1 if step == self._steps_per_epoch // 2 else None
         loss = self.gradients(x, y, normalizer, self.should_measure(global_batch_size, global_step))
         # Set on every step, not only during warmup: graph steps in between read
         # the LR from their own tensor and leave the group's value behind.
@@ -111,6 +123,8 @@ class EagerStep:
         With ``measure`` the noise probe runs the backward its own way and
         records the step. Shared with the graph step, which captures it.
         """
+        if self.micro_batch_size is not None:
+            return self._accumulated_gradients(x, y, normalizer, measure)
         if measure:
             return self.noise_probe.measured_gradients(self._backward, x, y, normalizer, self.params,
                                                        self.all_reduce)
@@ -119,9 +133,46 @@ class EagerStep:
             self.all_reduce()
         return loss
 
+    def _accumulated_gradients(self, x: torch.Tensor, y: torch.Tensor, normalizer: float,
+                               measure: bool) -> torch.Tensor:
+        """``gradients`` as passes of at most micro_batch_size samples, summed into p.grad.
+
+        Every pass divides its summed loss by the same ``normalizer`` (B/W), so the
+        passes add up to the one-pass gradient, the smaller last batch of an epoch
+        included (its last pass is smaller). Under DDP only the last pass
+        all-reduces: the others run under ``no_sync`` and DDP then reduces the sum.
+        The hand-written engine averages once, after the last pass. A measured
+        step hands each pass's gradient to the probe (its small batch).
+        """
+        probe = self.noise_probe if measure else None
+        # An empty share (a last batch smaller than the world size) is still one pass: DDP's all-reduce.
+        passes = list(zip(x.split(self.micro_batch_size), y.split(self.micro_batch_size))) or [(x, y)]
+        loss = torch.zeros((), dtype=x.dtype, device=x.device)
+        for i, (xs, ys) in enumerate(passes):
+            is_last = i == len(passes) - 1
+            if i == 1 and self.fault_epoch is not None:
+                faults.maybe_kill("micro_batch", self.fault_epoch, self.ctx.rank)
+            if probe:
+                probe.before_micro_batch(self.params, i, reduces_in_backward=is_last and self._under_ddp)
+            with contextlib.nullcontext() if is_last else self._no_sync():
+                loss = loss + self._backward(xs, ys, normalizer, accumulate=i > 0)
+            if probe:
+                probe.after_micro_batch(self.params, len(ys), normalizer)
+        if self.all_reduce:
+            self.all_reduce()
+        if probe:
+            probe.record_micro_batches(self.params)
+        return loss
+
+    def _no_sync(self):
+        """DDP's no_sync (gradients stay local, summed into p.grad); nothing to skip without DDP."""
+        return self.model.no_sync() if self._under_ddp else contextlib.nullcontext()
+
     def on_training_stream(self):
         """Where eager autograd on the parameters runs: here, the current stream."""
         return contextlib.nullcontext()
 
-    def _autograd_backward(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> torch.Tensor:
-        return autograd_backward(self.model, x, y, normalizer, set_to_none=not self.keeps_gradient_buffers)
+    def _autograd_backward(self, x: torch.Tensor, y: torch.Tensor, normalizer: float,
+                           accumulate: bool = False) -> torch.Tensor:
+        return autograd_backward(self.model, x, y, normalizer, set_to_none=not self.keeps_gradient_buffers,
+                                 accumulate=accumulate)

@@ -145,7 +145,11 @@ def epoch_metrics(trainer: Trainer, dataset: Dataset, train_loss_running: float,
 
 def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
     model = build_model(cfg).to(ctx.device)
-    probe = NoiseProbe(ctx, cfg.optim.global_batch_size, cfg.metrics.noise_scale_ema_decay) if cfg.metrics.noise_scale else None
+    # With several accumulation passes per rank, the probe's small batch is the micro-batch.
+    accumulating = cfg.accumulation_steps(ctx.world_size) > 1
+    probe = NoiseProbe(ctx, cfg.optim.global_batch_size, cfg.metrics.noise_scale_ema_decay,
+                       micro_batch_size=cfg.optim.micro_batch_size if accumulating else None) \
+        if cfg.metrics.noise_scale else None
     graph_stream = side_stream(cfg, ctx)
     # The hand-written engine computes gradients outside autograd, where DDP's
     # hooks never fire; it averages them itself (core/step.py).

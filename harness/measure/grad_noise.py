@@ -4,7 +4,11 @@ McCandlish et al. 2018 (Appendix A) need |G|^2 at two batch sizes. With W ranks
 the "small" gradient is each rank's local gradient (a batch of B/W), read from
 DDP's buckets before they are all-reduced (a communication hook), and the "big"
 one is the all-reduced gradient (B). With one rank the local batch is split in
-two halves (B/2 each) that are backpropagated one after the other.
+two halves (B/2 each) that are backpropagated one after the other. With gradient
+accumulation (``optim.micro_batch_size`` = b, several passes per rank) the small
+batch is the micro-batch, on any number of ranks: each pass's gradient is read
+between the passes (the growth of p.grad over the pass; the last pass under DDP
+in the comm hook, before its all-reduce), so no pass is added.
 
 Squared norms stay on the device, in two places. An exponential moving average
 over the whole run (decay ``metrics.noise_scale_ema_decay``) is averaged over
@@ -19,9 +23,10 @@ each is unbiased, their ratio is not), and no step waits for the host. Everythin
 (the averages and their update count), so the step can be captured in a CUDA
 graph (graph_step.py) and replayed.
 
-Owns the whole protocol of a measured step: which of the three ways applies
+Owns the whole protocol of a measured step: which of the four ways applies
 (half batches on one rank; DDP's comm hook; the hand-written engine's gradient
-read before its own all-reduce), arming and recording, and the hook's
+read before its own all-reduce; micro-batches, whose loop the step runs and
+reports to ``before_micro_batch`` / ``after_micro_batch`` / ``record_micro_batches``), arming and recording, and the hook's
 registration. It does not own the backward or the all-reduce: the training step
 (core/step.py) passes them in, so this module never imports the step.
 """
@@ -62,11 +67,22 @@ Backward = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 class NoiseProbe:
-    def __init__(self, ctx: DistContext, global_batch_size: int, decay: float):
+    def __init__(self, ctx: DistContext, global_batch_size: int, decay: float,
+                 micro_batch_size: Optional[int] = None):
+        """``micro_batch_size``: the step accumulates passes of this size (several per rank); None: it does not."""
         self.ctx = ctx
         self.decay = decay
         self.big_batch_size = global_batch_size
         self.small_batch_size = global_batch_size / ctx.world_size if ctx.world_size > 1 else global_batch_size / 2
+        self.micro_batch_size = micro_batch_size
+        if micro_batch_size is not None:
+            self.small_batch_size = micro_batch_size
+        # A measured accumulating step: the sum of its passes' squared norms (as means), their count
+        # (a host int: every full step has the same number of passes), and p.grad before the pass.
+        self.micro_sq_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        self.micro_count = 0
+        self.previous_grads: Optional[list[torch.Tensor]] = None
+        self.previous_by_address: Optional[dict[int, torch.Tensor]] = None
         self.ema = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (small, big) squared norms
         self.updates = torch.zeros((), dtype=torch.float64, device=ctx.device)
         self.local_sq_norm = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -83,7 +99,8 @@ class NoiseProbe:
 
     def can_measure(self, global_batch_size: int) -> bool:
         # Only full batches: the last, smaller batch of an epoch has other sizes.
-        return global_batch_size == self.big_batch_size and (not self.splits_batch or global_batch_size >= 2)
+        return global_batch_size == self.big_batch_size and (
+            self.micro_batch_size is not None or not self.splits_batch or global_batch_size >= 2)
 
     def attach(self, model: torch.nn.Module) -> None:
         """Read the local gradients in DDP's all-reduce, where several ranks train ``model`` under DDP."""
@@ -131,10 +148,47 @@ class NoiseProbe:
     # annotated with the class dist.GradBucket itself, not a string.
     def _ddp_comm_hook(self, _state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         """Add the bucket's local squared norm, then all-reduce it as DDP would (mean)."""
-        if self.armed:
+        if self.armed and self.previous_by_address is not None:
+            # The last of several passes: the bucket holds the rank's sum over them; this pass is the growth.
+            self.local_sq_norm += squared_norm([grad - self.previous_by_address[param.data_ptr()]
+                                                for grad, param in zip(bucket.gradients(), bucket.parameters())])
+        elif self.armed:
             self.local_sq_norm += squared_norm([bucket.buffer()])
         tensor = bucket.buffer().div_(self.ctx.world_size)
         return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+    def before_micro_batch(self, params: list[torch.Tensor], index: int, reduces_in_backward: bool) -> None:
+        """Before pass ``index`` of a measured accumulating step: keep p.grad, to read the pass's own gradient.
+
+        ``reduces_in_backward``: DDP all-reduces in this pass's backward (its last),
+        so the comm hook reads the pass, before the reduction replaces p.grad.
+        """
+        self.previous_grads = [p.grad.clone() for p in params] if index > 0 else None
+        if reduces_in_backward:
+            self.previous_by_address = (None if self.previous_grads is None else
+                                        {p.data_ptr(): g for p, g in zip(params, self.previous_grads)})
+            self._arm()
+
+    def after_micro_batch(self, params: list[torch.Tensor], size: int, normalizer: float) -> None:
+        """After a pass of ``size`` samples whose loss was divided by ``normalizer``: add its squared norm as a mean."""
+        if self.armed:
+            pass_sq = self.local_sq_norm.clone()  # read by the comm hook
+            self.armed = False
+            self.previous_by_address = None
+        elif self.previous_grads is None:
+            pass_sq = squared_norm([p.grad for p in params])
+        else:
+            pass_sq = squared_norm([p.grad - g for p, g in zip(params, self.previous_grads)])
+        self.previous_grads = None
+        self.micro_sq_sum.add_(pass_sq * (normalizer / size) ** 2)
+        self.micro_count += 1
+
+    def record_micro_batches(self, params: list[torch.Tensor]) -> None:
+        """After the passes and their all-reduce: record the passes' mean squared norm against the step's gradient."""
+        small_sq = self.micro_sq_sum / self.micro_count
+        self.micro_sq_sum.zero_()
+        self.micro_count = 0
+        self.record(small_sq, params)
 
     def _arm(self) -> None:
         self.local_sq_norm.zero_()
