@@ -80,6 +80,15 @@ CONFIG_CASES = {
     "unknown sharpness unit": ("metrics: {sharpness_every_unit: days}\n",
                                "metrics.sharpness_every_unit: expected one of 'steps', 'doubling_steps', 'epochs'"),
     "blank init_from": ("checkpoint: {init_from: '  '}\n", "checkpoint.init_from: expected a non-empty string"),
+    "zero micro-batch": ("optim: {micro_batch_size: 0}\n", "optim.micro_batch_size: expected a positive number, got 0"),
+    "micro-batch not dividing the batch": ("optim: {global_batch_size: 64, micro_batch_size: 24}\n",
+                                           "optim.micro_batch_size: 24 does not divide the per-rank batch of 64 "
+                                           "(optim.global_batch_size 64); expected a divisor of 64"),
+    "micro-batch larger than the batch": ("optim: {global_batch_size: 64, micro_batch_size: 128}\n",
+                                          "optim.micro_batch_size: 128 does not divide the per-rank batch of 64"),
+    "micro-batch not dividing a trial's batch": ("optim: {micro_batch_size: 32}\nsweep: {batch_sizes: [64, 48]}\n",
+                                                 "optim.micro_batch_size: 32 does not divide the per-rank batch "
+                                                 "of 48 (sweep.batch_sizes 48)"),
 }
 
 
@@ -92,6 +101,12 @@ def test_bad_config_is_refused_before_anything_starts(place, capsys, case):
 def test_batch_not_divisible_by_the_world_size(place, capsys):
     status = ray_launcher.main(["--config", SMOKE, "--num-workers", "3"])
     assert_refused(place, capsys, status, "optim.global_batch_size: 64 is not divisible by the world size 3")
+
+
+def test_micro_batch_larger_than_the_per_rank_batch(place, capsys):
+    status = ray_launcher.main(["--config", SMOKE, "--num-workers", "2", "--set", "optim.micro_batch_size=64"])
+    assert_refused(place, capsys, status, "optim.micro_batch_size: 64 does not divide the per-rank batch of 32 "
+                                          "(optim.global_batch_size 64 over 2 ranks); expected a divisor of 32")
 
 
 def test_unknown_launcher(place, capsys):
