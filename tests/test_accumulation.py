@@ -161,3 +161,15 @@ def test_restart_after_sigkill_mid_accumulation_resumes_exactly(two_rank_script,
     resumed = final_params(tmp_path)
     straight = torch.load(two_rank_script[1] / "accumulated_autograd.pt", weights_only=True)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_checkpoints_resume_across_micro_batch_sizes(tmp_path):
+    # The same update in passes of another size: a run may resume where fewer samples fit per pass,
+    # and a checkpoint written before the key existed (its config has no micro-batch) still resumes.
+    from harness.core.checkpoint import config_fingerprint
+
+    plain = untracked_smoke_config(tmp_path)
+    split = untracked_smoke_config(tmp_path, "optim.micro_batch_size=16")
+    assert config_fingerprint(split) == config_fingerprint(plain)
+    assert config_fingerprint(untracked_smoke_config(tmp_path, "optim.global_batch_size=32")) != \
+        config_fingerprint(plain)

@@ -35,9 +35,11 @@ KEEP_NEWEST = 2
 # CUDA-graph step switched on or off (the same update, rounded differently).
 # train.target_train_loss, like the step budget, decides where the trajectory ends, not
 # what it is; left out, a checkpoint written before the key existed still resumes.
+# optim.micro_batch_size splits each step into passes that add up to the same update (rounded
+# differently): a run may resume on a device that holds fewer samples per pass.
 _NOT_FINGERPRINTED = ("name", "tracking", "checkpoint", "sweep", "trial", "metrics", "performance", "train.epochs",
                       "train.max_steps", "train.progress", "train.eval_batch_size", "train.device",
-                      "train.target_train_loss")
+                      "train.target_train_loss", "optim.micro_batch_size")
 
 
 def config_fingerprint(cfg: Config) -> str:
