@@ -9,14 +9,19 @@ checked against each micro-batch's gradient computed apart, and against the exac
 noise scale (per-example gradients) at fixed parameters.
 """
 
+import copy
+
 import pytest
 import torch
 
 from conftest import REPO, run_command
 from harness.core.backprop import autograd_backward
+from harness.core.checkpoint import config_fingerprint
+from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.graph_step import GraphStep, graph_unavailable_reason
 from harness.core.step import unwrap
+from harness.core.train_loop import build_trainer
 from harness.measure.exact_noise import exact_noise_scale
 from harness.measure.grad_noise import NoiseProbe
 from harness.measure.metrics import noise_scale_components
@@ -46,10 +51,6 @@ def test_four_micro_batches_on_one_rank_reach_the_one_pass_parameters(tmp_path, 
 
 
 def test_probe_reads_each_micro_batch_gradient_on_one_rank(tmp_path):
-    from harness.core.data import load_dataset
-    from harness.core.train_loop import build_trainer
-    import copy
-
     cfg = untracked_smoke_config(tmp_path, *BATCH_OVERRIDES, "optim.micro_batch_size=12")
     trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))
     reference = copy.deepcopy(unwrap(trainer.model))
@@ -166,8 +167,6 @@ def test_restart_after_sigkill_mid_accumulation_resumes_exactly(two_rank_script,
 def test_checkpoints_resume_across_micro_batch_sizes(tmp_path):
     # The same update in passes of another size: a run may resume where fewer samples fit per pass,
     # and a checkpoint written before the key existed (its config has no micro-batch) still resumes.
-    from harness.core.checkpoint import config_fingerprint
-
     plain = untracked_smoke_config(tmp_path)
     split = untracked_smoke_config(tmp_path, "optim.micro_batch_size=16")
     assert config_fingerprint(split) == config_fingerprint(plain)

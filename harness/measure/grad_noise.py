@@ -26,7 +26,8 @@ graph (graph_step.py) and replayed.
 Owns the whole protocol of a measured step: which of the four ways applies
 (half batches on one rank; DDP's comm hook; the hand-written engine's gradient
 read before its own all-reduce; micro-batches, whose loop the step runs and
-reports to ``before_micro_batch`` / ``after_micro_batch`` / ``record_micro_batches``), arming and recording, and the hook's
+reports to ``before_micro_batch``, ``after_micro_batch`` and
+``record_micro_batches``), arming and recording, and the hook's
 registration. It does not own the backward or the all-reduce: the training step
 (core/step.py) passes them in, so this module never imports the step.
 """
