@@ -4,8 +4,9 @@ Owns what one SGD step does on this rank: the learning rate at a step (linear
 warm-up, ``LRSchedule``), the two gradient engines (autograd, through DDP when
 there are several ranks; the hand-written ``backprop.manual_backward``, which
 averages over ranks itself), gradient accumulation (``optim.micro_batch_size``:
-passes summed into one gradient, DDP's all-reduce only in the last), the zero-grad policy (gradients are zeroed in place
-once a graph step holds their addresses) and the optimizer's update.
+passes summed into one gradient, DDP's all-reduce only in the last), the zero-grad
+policy (gradients are zeroed in place once a graph step holds their addresses) and
+the optimizer's update.
 
 It leaves to others: how the noise scale is measured (the probe in
 measure/grad_noise.py gets this step's backward and all-reduce, and hands back
