@@ -79,6 +79,10 @@ CONFIG_CASES = {
                                     "metrics.sharpness_every: expected a positive number, got -3"),
     "unknown sharpness unit": ("metrics: {sharpness_every_unit: days}\n",
                                "metrics.sharpness_every_unit: expected one of 'steps', 'doubling_steps', 'epochs'"),
+    "bf16 with the hand-written engine": ("performance: {precision: bf16}\ntrain: {grad_engine: manual}\n",
+                                          "performance.precision: bf16 with train.grad_engine manual; the "
+                                          "hand-written backward is fp32/fp64 only"),
+    "unknown precision": ("performance: {precision: fp16}\n", "performance.precision: expected one of 'fp32', 'bf16'"),
     "blank init_from": ("checkpoint: {init_from: '  '}\n", "checkpoint.init_from: expected a non-empty string"),
 }
 
