@@ -9,6 +9,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 from conftest import CONFIGS, REPO, run_command, seeded_store
 
@@ -416,6 +417,11 @@ def test_replay_delivers_every_valid_record_and_names_the_bad_line(place, capsys
     (["bench", "--epochs", "0"], "--epochs: expected a positive number of timed epochs, got 0"),
     (["report", "--out", "{place}/afile"], "--out: {place}/afile is not a folder"),
     (["mlflow-server", "--port", "99999"], "--port: 99999 is not a TCP port; expected 1..65535"),
+    (["capacity", "--max-batch", "0"], "--max-batch: 0; expected a positive batch size"),
+    (["capacity", "--config", SMOKE, "--device", "cpu", "--memory-limit", "1e-9"],
+     "--memory-limit: 1e-09 GB is below one sample's memory"),
+    pytest.param(["capacity", "--device", "cuda"], "--device: cuda was requested but no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_harness_command_refuses_bad_arguments(place, capsys, argv, expected):
     from harness.cli import main as harness_main
