@@ -15,12 +15,14 @@ from harness.results.capacity import accumulation_plans, batch_sizes, flat_until
 SMOKE = CONFIGS / "smoke.yaml"  # 784-32-10 sigmoid, 512 training samples
 
 
-def test_flat_range_ends_at_the_last_batch_within_1_5x_of_batch_1():
+def test_flat_range_ends_at_the_last_batch_within_1_5x_of_the_fastest_step_so_far():
     # Flat up to 8 (1.4x), then 16 is 1.6x: the range ends at 8 even though 32 dips back (noise past the knee).
     timings = {1: 1.0, 2: 1.1, 4: 1.2, 8: 1.4, 16: 1.6, 32: 1.45, 64: 3.0}
     assert flat_until(timings) == 8
     assert flat_until({1: 1.0, 2: 2.0}) == 1  # nothing is flat beyond batch 1
     assert flat_until({1: 1.0, 2: 1.0, 4: 1.5}) == 4  # 1.5x itself still counts as flat
+    # A batch 1 slowed by a one-off does not make everything flat: 2 is the reference from there on.
+    assert flat_until({1: 24.0, 2: 0.57, 4: 0.56, 8: 0.67, 16: 0.76, 32: 0.95, 64: 1.25}) == 16
     assert flat_until({}) is None
 
 

@@ -22,9 +22,10 @@ batch sizes 1, 2, 4, ... up to the first of: ``--max-batch``, the training set, 
 Definitions, also written into the JSON and the table:
 
 - **flat until** (where the device's parallelism is used up): the largest batch ``b``
-  such that every measured batch up to ``b`` takes at most ``FLAT_FACTOR`` (1.5) times
-  batch 1's time per step. Up to it a step costs about the same whatever the batch; past
-  it, time per step grows with the batch and time per sample stops falling.
+  such that every measured batch ``b' <= b`` takes at most ``FLAT_FACTOR`` (1.5) times
+  the fastest median step among the batches up to ``b'`` (batch 1's, unless a one-off
+  slowed it). Up to it a step costs about the same whatever the batch; past it, time
+  per step grows with the batch and time per sample stops falling.
 - **largest that fits**: the largest measured batch; ``cap_reason`` says what stopped
   the doubling (on a CPU that is ``--max-batch``, the training set or ``--memory-limit``,
   not the hardware).
@@ -72,8 +73,8 @@ CPU_MEMORY_MEANS = ("tensor bytes of the step: parameters, gradients, optimizer 
                     "saves for the backward (saved_tensors_hooks); not the process RSS")
 CUDA_MEMORY_MEANS = ("torch.cuda.max_memory_allocated over the steps and the epoch, reset before the trainer was "
                      "built (the resident data set included)")
-FLAT_DEFINITION = (f"the largest batch b such that every measured batch up to b takes at most {FLAT_FACTOR}x "
-                   "batch 1's median time per step")
+FLAT_DEFINITION = (f"the largest batch b such that every measured batch b' <= b takes at most {FLAT_FACTOR}x "
+                   "the fastest median time per step among the batches <= b'")
 
 
 @dataclass
@@ -94,14 +95,18 @@ def batch_sizes(max_batch: int, train_samples: int) -> list[int]:
 
 
 def flat_until(step_seconds: dict[int, float], factor: float = FLAT_FACTOR) -> Optional[int]:
-    """The largest batch up to which every step takes at most ``factor`` x the smallest batch's step (module doc)."""
+    """The largest batch up to which every step takes at most ``factor`` x the fastest step of the batches
+    before it and itself (module doc)."""
     if not step_seconds:
         return None
     batches = sorted(step_seconds)
-    reference = step_seconds[batches[0]]
+    # The running minimum, not batch 1's time alone: a first batch slowed by a one-off (lazy kernel set-up,
+    # another process on a shared CPU) would otherwise make every later batch look flat.
+    fastest = step_seconds[batches[0]]
     flat = batches[0]
     for batch in batches[1:]:
-        if step_seconds[batch] > factor * reference:
+        fastest = min(fastest, step_seconds[batch])
+        if step_seconds[batch] > factor * fastest:
             break
         flat = batch
     return flat
@@ -187,7 +192,8 @@ def measure_batch(cfg: Config, dataset: Dataset, device: torch.device, batch: in
             seconds.append(time.perf_counter() - started)
     steps = math.ceil(epoch_samples / batch)
     started = time.perf_counter()
-    trainer.run_epoch(1, WARMUP_STEPS + STEP_REPEATS, steps, NoBar())  # its loss all-reduce ends in a host sync
+    # Its loss all-reduce ends in a host sync. A batch larger than epoch_samples trains one whole batch.
+    _, trained_samples, _ = trainer.run_epoch(1, WARMUP_STEPS + STEP_REPEATS, steps, NoBar())
     _synchronise(device)
     epoch_s = time.perf_counter() - started
     if device.type == "cuda":
@@ -195,7 +201,7 @@ def measure_batch(cfg: Config, dataset: Dataset, device: torch.device, batch: in
     else:
         memory = step_tensor_bytes(trainer, indices)
     step_s = statistics.median(seconds)
-    return BatchPoint(batch, step_s, step_s / batch, epoch_s, min(epoch_samples, steps * batch), memory, seconds)
+    return BatchPoint(batch, step_s, step_s / batch, epoch_s, trained_samples, memory, seconds)
 
 
 def step_tensor_bytes(trainer: Trainer, indices: torch.Tensor) -> int:
@@ -239,13 +245,13 @@ def format_table(result: dict) -> str:
              f"{result['threads']} threads, layers {result['layer_sizes']}, {result['precision']}; step = median of "
              f"{result['step_repeats']} after {result['warmup_steps']} warm-up; epoch = "
              f"{result['epoch_samples']} samples",
-             "| batch | ms/step | µs/sample | s/epoch | memory MiB | |", "|---|---|---|---|---|---|"]
+             "| batch | ms/step | µs/sample | s/epoch (samples) | memory MiB | |", "|---|---|---|---|---|---|"]
     for p in result["points"]:
         mark = "flat until here" if p["batch_size"] == flat else ""
         if p["batch_size"] == largest:
             mark = (mark + "; " if mark else "") + "largest measured"
         lines.append(f"| {p['batch_size']} | {p['step_s'] * 1e3:.3f} | {p['sample_s'] * 1e6:.2f} | "
-                     f"{p['epoch_s']:.3f} | {p['memory_bytes'] / 2**20:.1f} | {mark} |")
+                     f"{p['epoch_s']:.3f} ({p['epoch_samples']}) | {p['memory_bytes'] / 2**20:.1f} | {mark} |")
     lines += [f"flat until batch {flat}: {result['flat_definition']}",
               f"largest batch {largest} (stopped by {result['cap_reason']})",
               f"memory: {result['memory_means']}",
