@@ -1,5 +1,5 @@
-"""The ``harness`` command: tools around training runs (gradcheck, report, interpolate, escape, bench, replay,
-mlflow-server).
+"""The ``harness`` command: tools around training runs (gradcheck, report, interpolate, escape, bench, capacity,
+replay, mlflow-server).
 
 Training itself starts from launch/ (torchrun, Ray, sweeps).
 """
@@ -120,6 +120,40 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def capacity(args: argparse.Namespace) -> int:
+    """Time per step, per epoch and peak memory at batch sizes 1, 2, 4, ...: where the device stops being parallel."""
+    from pathlib import Path
+
+    import torch
+
+    from harness.core.checkpoint import check_writable_dir
+    from harness.core.config import load_config
+    from harness.core.distributed import pick_device
+    from harness.records.mlflow_store import (check_experiment, check_tracking_server, check_tracking_uri,
+                                              default_tracking_uri)
+    from harness.results.capacity import check_arguments, format_table, record, run_capacity, write_outputs
+
+    check_arguments(args.max_batch, args.memory_limit, args.epoch_samples)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device: cuda was requested but no CUDA device is available; expected cpu or auto")
+    cfg = load_config(args.config, args.overrides)
+    device = pick_device(args.device)
+    check_writable_dir(Path(args.out), "--out")
+    uri = args.tracking_uri or default_tracking_uri()
+    if not args.no_mlflow:  # a store that would refuse the run is refused now, before the work
+        check_tracking_uri(uri)
+        check_tracking_server(uri)
+        check_experiment(uri, args.experiment)
+    say(f"capacity of {device.type}: {cfg.name}, batch 1, 2, 4, ... up to {args.max_batch}")
+    result = run_capacity(cfg, device, args.max_batch, args.memory_limit, args.epoch_samples)
+    say(format_table(result))
+    files = write_outputs(result, Path(args.out) / f"capacity-{device.type}-{cfg.name}", args.json)
+    say("", *[f"  {path}" for path in files], *([f"JSON: {args.json}"] if args.json else []))
+    if not args.no_mlflow:
+        say(f"MLflow run {record(uri, args.experiment, result, files, args.config)}")
+    return 0
+
+
 def replay(args: argparse.Namespace) -> int:
     """Deliver a spool of MLflow records that a run could not send."""
     from pathlib import Path
@@ -225,6 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"which of {', '.join(BENCH_PATHS)} to time (the dataloader peer always runs)")
     ben.add_argument("--json", default=None, help="also write the result here")
     ben.set_defaults(handler=bench)
+    cap = commands.add_parser("capacity", help="time per step and memory at batch 1, 2, 4, ...: where the device "
+                              "stops being parallel, the largest batch that fits, and the accumulation beyond it")
+    cap.add_argument("--config", default="configs/fashion_mnist.yaml", help="YAML file: data set and model")
+    cap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config key (repeatable), e.g. performance.precision=bf16")
+    cap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="auto: cuda where available, else cpu")
+    cap.add_argument("--max-batch", type=int, default=65536, help="largest batch size to try (a power of two "
+                     "or not: the doubling stops at or below it; the training set's size caps it too)")
+    cap.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                     help="stop before a batch whose peak memory exceeds this many GB (1e9 bytes)")
+    cap.add_argument("--epoch-samples", type=int, default=None,
+                     help="samples in the timed epoch (default: the training set); keeps batch 1 short on a CPU")
+    cap.add_argument("--json", default=None, help="also write the result here")
+    cap.add_argument("--out", default="reports", help="folder for the files (subfolder capacity-<device>-<config>)")
+    cap.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    cap.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment of the new run")
+    cap.add_argument("--no-mlflow", action="store_true", help="write the table, JSON and plot only")
+    cap.set_defaults(handler=capacity)
     rp = commands.add_parser("replay", help="deliver MLflow records a run spooled while the server was down")
     rp.add_argument("spool", help="the spool file the run printed (checkpoints/<run>/mlflow-spool.jsonl)")
     rp.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
@@ -243,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exits_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("gradcheck", "bench", "interpolate"):
+    if args.command in ("gradcheck", "bench", "interpolate", "capacity"):
         import torch
 
         torch.set_num_threads(max(1, torch.get_num_threads()))

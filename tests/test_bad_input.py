@@ -9,6 +9,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 from conftest import CONFIGS, REPO, run_command, seeded_store
 
@@ -79,6 +80,10 @@ CONFIG_CASES = {
                                     "metrics.sharpness_every: expected a positive number, got -3"),
     "unknown sharpness unit": ("metrics: {sharpness_every_unit: days}\n",
                                "metrics.sharpness_every_unit: expected one of 'steps', 'doubling_steps', 'epochs'"),
+    "bf16 with the hand-written engine": ("performance: {precision: bf16}\ntrain: {grad_engine: manual}\n",
+                                          "performance.precision: bf16 with train.grad_engine manual; the "
+                                          "hand-written backward is fp32/fp64 only"),
+    "unknown precision": ("performance: {precision: fp16}\n", "performance.precision: expected one of 'fp32', 'bf16'"),
     "blank init_from": ("checkpoint: {init_from: '  '}\n", "checkpoint.init_from: expected a non-empty string"),
     "zero micro-batch": ("optim: {micro_batch_size: 0}\n", "optim.micro_batch_size: expected a positive number, got 0"),
     "micro-batch not dividing the batch": ("optim: {global_batch_size: 64, micro_batch_size: 24}\n",
@@ -427,6 +432,11 @@ def test_replay_delivers_every_valid_record_and_names_the_bad_line(place, capsys
     (["bench", "--epochs", "0"], "--epochs: expected a positive number of timed epochs, got 0"),
     (["report", "--out", "{place}/afile"], "--out: {place}/afile is not a folder"),
     (["mlflow-server", "--port", "99999"], "--port: 99999 is not a TCP port; expected 1..65535"),
+    (["capacity", "--max-batch", "0"], "--max-batch: 0; expected a positive batch size"),
+    (["capacity", "--config", SMOKE, "--device", "cpu", "--memory-limit", "1e-9"],
+     "--memory-limit: 1e-09 GB is below one sample's memory"),
+    pytest.param(["capacity", "--device", "cuda"], "--device: cuda was requested but no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_harness_command_refuses_bad_arguments(place, capsys, argv, expected):
     from harness.cli import main as harness_main

@@ -16,6 +16,8 @@ column-vector ``delta^l (a^{l-1})^T`` summed over the samples is ``delta.T @ a``
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -69,17 +71,25 @@ def manual_backward(model: MLP, x: torch.Tensor, y: torch.Tensor, normalizer: fl
 
 
 def autograd_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalizer: float | None = None,
-                      set_to_none: bool = True, accumulate: bool = False) -> torch.Tensor:
+                      set_to_none: bool = True, accumulate: bool = False,
+                      forward_context=contextlib.nullcontext) -> torch.Tensor:
     """The same loss through autograd; gradients are assigned (zeroed first), or with ``accumulate`` added.
 
     The training step's autograd engine is this function too (core/step.py's EagerStep):
     it passes ``set_to_none=False`` under a graph step, whose captured graph holds the
     gradient buffers' addresses, so they must be zeroed in place rather than freed.
+    ``forward_context`` (core/precision.py) makes a context for the forward only, e.g. bf16
+    autocast: the loss is taken from fp32 logits and the backward runs outside it.
     """
     normalizer = float(len(y)) if normalizer is None else float(normalizer)
     if not accumulate:
         model.zero_grad(set_to_none=set_to_none)
-    loss = F.cross_entropy(model(x), y, reduction="sum") / normalizer
+    with forward_context():
+        logits = model(x)
+    # Autocast's bf16 logits get an fp32 softmax and loss; fp32 and fp64 (gradcheck) logits are left as they are.
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    loss = F.cross_entropy(logits, y, reduction="sum") / normalizer
     loss.backward()
     return loss.detach()
 

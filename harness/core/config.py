@@ -205,6 +205,10 @@ class PerformanceConfig(ConfigModel):
     # CUDA device and the autograd engine; elsewhere the eager step runs and a
     # log line says why (harness/core/graph_step.py).
     cuda_graph: bool = False
+    # bf16: the training forward runs under torch.autocast(bfloat16) (core/precision.py); the loss,
+    # the backward's gradients, the parameters and the optimizer state stay fp32. Evaluation,
+    # sharpness and gradcheck stay fp32/fp64. The hand-written engine is fp32/fp64 only.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class TrialConfig(ConfigModel):
@@ -413,6 +417,9 @@ def _check_cross_field(cfg: Config) -> None:
     if cfg.train.target_train_loss is not None and cfg.train.stop_at_target:
         raise InputError(f"train.target_train_loss: {cfg.train.target_train_loss:g} given together with "
                          "train.stop_at_target true; expected at most one stopping rule (train.stop_at_target false)")
+    if cfg.performance.precision == "bf16" and cfg.train.grad_engine == "manual":
+        raise InputError("performance.precision: bf16 with train.grad_engine manual; the hand-written backward "
+                         "is fp32/fp64 only; expected precision fp32 or grad_engine autograd")
     if cfg.sweep:
         _check_trial_names(cfg)
         _check_early_stopping(cfg)

@@ -30,6 +30,7 @@ from harness.core.backprop import autograd_backward, manual_backward
 from harness.core.config import Config, steps_per_epoch
 from harness.core.data import Split
 from harness.core.distributed import DistContext, average_gradients
+from harness.core.precision import forward_context
 from harness.measure.grad_noise import NoiseProbe
 
 
@@ -71,6 +72,8 @@ class EagerStep:
         unwrapped = unwrap(model)
         # The unwrapped model's parameters, listed once (not on every step).
         self.params: list[torch.nn.Parameter] = list(unwrapped.parameters())
+        # performance.precision: the forward's autocast (a null context in fp32), core/precision.py.
+        self.forward_context = forward_context(cfg.performance.precision, ctx.device.type)
         if cfg.train.grad_engine == "manual":
             self._backward = functools.partial(manual_backward, unwrapped)
             # The hand-written engine computes gradients outside autograd, where
@@ -177,4 +180,4 @@ class EagerStep:
     def _autograd_backward(self, x: torch.Tensor, y: torch.Tensor, normalizer: float,
                            accumulate: bool = False) -> torch.Tensor:
         return autograd_backward(self.model, x, y, normalizer, set_to_none=not self.keeps_gradient_buffers,
-                                 accumulate=accumulate)
+                                 accumulate=accumulate, forward_context=self.forward_context)

@@ -301,3 +301,29 @@ def interpolation(rows: list[dict[str, float]], path: Path, label_a: str, label_
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def capacity(result: dict, path: Path) -> Path:
+    """``harness capacity``'s figure, log-log: time per step and time per sample against the batch size,
+    with the end of the flat range and the largest measured batch marked. ``result``: results/capacity.py's."""
+    points = result["points"]
+    batches = [p["batch_size"] for p in points]
+    fig, (step_ax, sample_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    step_ax.plot(batches, [p["step_s"] * 1e3 for p in points], marker="o", label="time per step")
+    sample_ax.plot(batches, [p["sample_s"] * 1e6 for p in points], marker="o", color="C1", label="time per sample")
+    for ax in (step_ax, sample_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.axvline(result["flat_until_batch"], color="green", linestyle="--", linewidth=1,
+                   label=f"flat until {result['flat_until_batch']} (≤ {result['flat_factor']:g}x batch 1)")
+        ax.axvline(result["largest_batch"], color="red", linestyle=":", linewidth=1,
+                   label=f"largest {result['largest_batch']} ({result['cap_reason'][:40]})")
+        ax.set_xlabel("batch size")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    step_ax.set(title=f"Time per step, {result['device_name'][:40]}", ylabel="ms per step")
+    sample_ax.set(title="Time per sample", ylabel="µs per sample")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

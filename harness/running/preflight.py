@@ -19,6 +19,7 @@ from harness.core.checkpoint import Checkpoints, check_writable_dir, checkpoint_
 from harness.core.config import Config, check_world_size
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import pick_device
+from harness.core.precision import check_precision
 from harness.measure.memory import check_memory
 from harness.records.mlflow_store import (check_experiment, check_resume_run_in_store, check_tracking_server,
                                          check_tracking_uri, default_tracking_uri)
@@ -42,6 +43,7 @@ def preflight(cfg: Config, world_size: int, use_gpu: bool, *, resume: bool = Fal
     if cfg.checkpoint.enabled or cfg.tracking.enabled:  # the MLflow spool lives in the run's folder too
         check_writable_dir(checkpoint_dir(cfg), "checkpoint.dir")
     check_memory(cfg, _device_type(cfg.train.device))
+    check_precision(cfg.performance.precision, "cuda" if use_gpu else _device_type(cfg.train.device))
     check_world_size(cfg, world_size)
     if use_gpu:
         pick_device("cuda")
