@@ -7,8 +7,8 @@ both halves with the harness's own eager step (core/step.py, built by
 batch sizes 1, 2, 4, ... up to the first of: ``--max-batch``, the training set, the
 ``--memory-limit``, or (CUDA) the first ``torch.cuda.OutOfMemoryError``:
 
-- time per step: the median of ``STEP_REPEATS`` optimizer steps after
-  ``WARMUP_STEPS`` warm-up steps, each synchronised on CUDA (harness/results/bench.py's
+- time per step: the median of at least ``STEP_REPEATS`` optimizer steps and at least
+  ``MIN_TIMED_SECONDS`` of them (up to ``MAX_STEP_REPEATS``), after ``WARMUP_STEPS`` warm-up steps, each synchronised on CUDA (harness/results/bench.py's
   ``_synchronise``); time per sample = time per step / batch;
 - time per epoch: one pass over ``epoch_samples`` samples (the training set, or a cap,
   so that batch 1 stays short on a CPU) through the trainer's own epoch loop;
@@ -65,6 +65,8 @@ from harness.results.bench import _synchronise, cpu_name
 FLAT_FACTOR = 1.5
 WARMUP_STEPS = 2
 STEP_REPEATS = 5
+MIN_TIMED_SECONDS = 0.25
+MAX_STEP_REPEATS = 500
 GROWTH_FACTORS = (2, 4, 8)
 METRIC_PREFIX = "capacity/"  # MLflow keys: capacity/step_s, ..., step = batch size
 ARTIFACT_FOLDER = "capacity"
@@ -182,18 +184,22 @@ def measure_batch(cfg: Config, dataset: Dataset, device: torch.device, batch: in
     trainer = build_trainer(cfg.replace(**{"optim.global_batch_size": batch}), DistContext(device=device,
                                                                                           launcher="capacity"), dataset)
     indices = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(cfg.seed))[:batch].to(device)
-    seconds = []
-    for step in range(WARMUP_STEPS + STEP_REPEATS):
+    seconds: list[float] = []
+    step = 0
+    # At least STEP_REPEATS timed steps, and at least MIN_TIMED_SECONDS of them: a step at batch 1
+    # takes well under a millisecond, and the median of five such steps moved by 2x between runs.
+    while len(seconds) < STEP_REPEATS or (sum(seconds) < MIN_TIMED_SECONDS and len(seconds) < MAX_STEP_REPEATS):
         _synchronise(device)
         started = time.perf_counter()
         trainer.train_step(indices, batch, step)
         _synchronise(device)
         if step >= WARMUP_STEPS:
             seconds.append(time.perf_counter() - started)
+        step += 1
     steps = math.ceil(epoch_samples / batch)
     started = time.perf_counter()
     # Its loss all-reduce ends in a host sync. A batch larger than epoch_samples trains one whole batch.
-    _, trained_samples, _ = trainer.run_epoch(1, WARMUP_STEPS + STEP_REPEATS, steps, NoBar())
+    _, trained_samples, _ = trainer.run_epoch(1, step, steps, NoBar())
     _synchronise(device)
     epoch_s = time.perf_counter() - started
     if device.type == "cuda":
@@ -234,7 +240,7 @@ def _describe(cfg: Config, device: torch.device, epoch_samples: int, max_batch: 
             "torch": torch.__version__, "threads": torch.get_num_threads(), "config": cfg.name,
             "layer_sizes": list(cfg.layer_sizes), "precision": cfg.performance.precision,
             "max_batch": max_batch, "memory_limit_gb": memory_limit_gb, "epoch_samples": epoch_samples,
-            "warmup_steps": WARMUP_STEPS, "step_repeats": STEP_REPEATS,
+            "warmup_steps": WARMUP_STEPS, "step_repeats": STEP_REPEATS, "min_timed_seconds": MIN_TIMED_SECONDS,
             "memory_means": CUDA_MEMORY_MEANS if device.type == "cuda" else CPU_MEMORY_MEANS,
             "date": time.strftime("%Y-%m-%d")}
 
@@ -242,8 +248,9 @@ def _describe(cfg: Config, device: torch.device, epoch_samples: int, max_batch: 
 def format_table(result: dict) -> str:
     flat, largest = result["flat_until_batch"], result["largest_batch"]
     lines = [f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
-             f"{result['threads']} threads, layers {result['layer_sizes']}, {result['precision']}; step = median of "
-             f"{result['step_repeats']} after {result['warmup_steps']} warm-up; epoch = "
+             f"{result['threads']} threads, layers {result['layer_sizes']}, {result['precision']}; step = median of at "
+             f"least {result['step_repeats']} steps and {result['min_timed_seconds']} s after {result['warmup_steps']} "
+             f"warm-up; epoch = "
              f"{result['epoch_samples']} samples",
              "| batch | ms/step | µs/sample | s/epoch (samples) | memory MiB | |", "|---|---|---|---|---|---|"]
     for p in result["points"]:
