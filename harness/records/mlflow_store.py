@@ -442,3 +442,33 @@ def replay(client, spool: Spool) -> tuple[int, list[int]]:
     if not bad:
         spool.remove()
     return count, bad
+
+
+def record_finished_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
+                        metrics: list[tuple[str, float, int]], files: list[Path], artifact_folder: str) -> str:
+    """A run of its own for results computed before it (harness interpolate, harness capacity):
+    created, filled (params, ``(key, value, step)`` metrics, files as artifacts) and ended in one go,
+    FINISHED, or FAILED/KILLED by whatever interrupts it; never left RUNNING. Returns its id."""
+    from mlflow.entities import Metric, Param
+
+    from harness import signals
+
+    client = open_client(uri)
+    with signals.deferred():  # a signal must not cut the creation in half
+        run_id = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
+    try:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        now_ms = int(time.time() * 1000)
+        log_new_metrics(client, run_id, [Metric(key, value, now_ms, step) for key, value, step in metrics], set())
+        for path in files:
+            client.log_artifact(run_id, str(path), artifact_path=artifact_folder)
+        client.set_terminated(run_id, status="FINISHED")
+    except BaseException as err:
+        # As in train_loop.train: a second signal while ending must still end the run.
+        try:
+            client.set_terminated(run_id, status=signals.end_status(err))
+        except signals.Terminated:
+            client.set_terminated(run_id, status="KILLED")
+            raise
+        raise
+    return run_id

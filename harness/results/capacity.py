@@ -50,7 +50,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from harness import signals
 from harness.console import say
 from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
@@ -286,12 +285,9 @@ def record(uri: str, experiment: str, result: dict, files: list[Path], config_pa
 
     Ended FINISHED, or FAILED/KILLED by whatever interrupts it; never left RUNNING.
     """
-    from mlflow.entities import Metric, Param
-
-    from harness.records.mlflow_store import experiment_id, log_new_metrics, open_client
+    from harness.records.mlflow_store import record_finished_run
     from harness.records.tracking import git_commit
 
-    client = open_client(uri)
     tags = {"run_kind": "capacity", "git_commit": git_commit(),
             "mlflow.note.content": (f"Time per step, per sample, per epoch and peak memory against the batch size "
                                     f"on {result['device_name']}. Metrics `{METRIC_PREFIX}*` have step = batch "
@@ -302,26 +298,9 @@ def record(uri: str, experiment: str, result: dict, files: list[Path], config_pa
               "precision": result["precision"], "max_batch": result["max_batch"],
               "memory_limit_gb": result["memory_limit_gb"], "epoch_samples": result["epoch_samples"],
               "torch": result["torch"], "threads": result["threads"], "cap_reason": result["cap_reason"][:250]}
-    with signals.deferred():  # a signal must not cut the creation in half
-        run_id = client.create_run(experiment_id(client, experiment),
-                                   run_name=f"capacity {result['device']} {result['config']}", tags=tags).info.run_id
-    try:
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        now_ms = int(time.time() * 1000)
-        metrics = [Metric(METRIC_PREFIX + key, float(p[key]), now_ms, p["batch_size"]) for p in result["points"]
-                   for key in ("step_s", "sample_s", "epoch_s", "memory_bytes")]
-        metrics += [Metric(METRIC_PREFIX + "flat_until_batch", float(result["flat_until_batch"]), now_ms, 0),
-                    Metric(METRIC_PREFIX + "largest_batch", float(result["largest_batch"]), now_ms, 0)]
-        log_new_metrics(client, run_id, metrics, set())
-        for path in files:
-            client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_FOLDER)
-        client.set_terminated(run_id, status="FINISHED")
-    except BaseException as err:
-        # As in results/interpolation.py: a second signal while ending must still end the run.
-        try:
-            client.set_terminated(run_id, status=signals.end_status(err))
-        except signals.Terminated:
-            client.set_terminated(run_id, status="KILLED")
-            raise
-        raise
-    return run_id
+    metrics = [(METRIC_PREFIX + key, float(p[key]), p["batch_size"]) for p in result["points"]
+               for key in ("step_s", "sample_s", "epoch_s", "memory_bytes")]
+    metrics += [(METRIC_PREFIX + "flat_until_batch", float(result["flat_until_batch"]), 0),
+                (METRIC_PREFIX + "largest_batch", float(result["largest_batch"]), 0)]
+    return record_finished_run(uri, experiment, f"capacity {result['device']} {result['config']}", tags, params,
+                               metrics, files, ARTIFACT_FOLDER)

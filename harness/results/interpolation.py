@@ -16,14 +16,12 @@ from __future__ import annotations
 import csv
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from harness import signals
 from harness.console import say
 from harness.core.checkpoint import check_writable_dir
 from harness.core.data import load_dataset
@@ -34,7 +32,7 @@ from harness.errors import InputError
 from harness.measure.interpolation import alpha_grid, interpolation_curve
 from harness.records.checkpoint_source import CheckpointSource, check_same_architecture, resolve_checkpoint
 from harness.records.mlflow_store import (check_experiment, check_tracking_server, check_tracking_uri,
-                                          default_tracking_uri, experiment_id, log_new_metrics, open_client)
+                                          default_tracking_uri, record_finished_run)
 
 COLUMNS = ("alpha", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
 METRIC_PREFIX = "interpolation/"  # MLflow keys: interpolation/train_loss, ..., step = point index
@@ -168,11 +166,8 @@ def _record(uri: str, experiment: str, source_a: CheckpointSource, source_b: Che
             refs: tuple[str, str], labels: tuple[str, str], rows: list[dict[str, float]], files: list[Path],
             params: dict, parent_run_id: Optional[str]) -> str:
     """A new MLflow run: both sources in its tags, the grid in its params, one metric per point, the files."""
-    from mlflow.entities import Metric, Param
-
     from harness.records.tracking import git_commit
 
-    client = open_client(uri)
     tags = {"run_kind": "interpolation", "git_commit": git_commit(),
             **_source_tags("a", refs[0], source_a, labels[0]), **_source_tags("b", refs[1], source_b, labels[1]),
             "mlflow.note.content": (f"Keskar et al. (2017) interpolation θ(α) = (1 − α)·θ_a + α·θ_b between "
@@ -181,25 +176,8 @@ def _record(uri: str, experiment: str, source_a: CheckpointSource, source_b: Che
                                     f"CSV and plot: artifacts, folder `{ARTIFACT_FOLDER}/`.")}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    with signals.deferred():  # a signal must not cut the creation in half (signals.deferred)
-        run_id = client.create_run(experiment_id(client, experiment), run_name=f"interpolate {labels[0]} - {labels[1]}",
-                                   tags=tags).info.run_id
-    try:
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        now_ms = int(time.time() * 1000)
-        # Non-finite values (a blown-up loss far along the line) stay in the CSV, out of MLflow's charts.
-        metrics = [Metric(METRIC_PREFIX + key, row[key], now_ms, index) for index, row in enumerate(rows)
-                   for key in COLUMNS if math.isfinite(row[key])]
-        log_new_metrics(client, run_id, metrics, set())
-        for path in files:
-            client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_FOLDER)
-        client.set_terminated(run_id, status="FINISHED")
-    except BaseException as err:
-        # As in train_loop.train: a second signal while ending must still end the run.
-        try:
-            client.set_terminated(run_id, status=signals.end_status(err))
-        except signals.Terminated:
-            client.set_terminated(run_id, status="KILLED")
-            raise
-        raise
-    return run_id
+    # Non-finite values (a blown-up loss far along the line) stay in the CSV, out of MLflow's charts.
+    metrics = [(METRIC_PREFIX + key, row[key], index) for index, row in enumerate(rows)
+               for key in COLUMNS if math.isfinite(row[key])]
+    return record_finished_run(uri, experiment, f"interpolate {labels[0]} - {labels[1]}", tags, params, metrics,
+                               files, ARTIFACT_FOLDER)
