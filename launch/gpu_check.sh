@@ -7,7 +7,9 @@
 #      graph-under-DDP path if the full run fails, so one broken path costs no table);
 #   4. configs/sweep_gpu.yaml (7 batch sizes, 10 epochs, 1 seed, graph step on), timed;
 #   5. the same sweep with the eager step, timed, for the comparison;
-#   6. configs/critical_batch.yaml (issue 13: the critical batch size two ways), timed.
+#   6. configs/critical_batch.yaml (issue 13: the critical batch size two ways), timed;
+#   7. issue 15: `harness capacity --device cuda` in fp32 and in bf16 (the bf16 step on CUDA):
+#      time per step and peak memory against the batch, up to the first out-of-memory.
 # The sweeps log to MLflow (a SQLite file) where MLflow can be imported; wheels
 # in .whl/ (`make gpu-wheels`) are installed first if present. Elsewhere tracking is off.
 # STEPS: the steps to run, by name (default: all); e.g. STEPS="environment graph-tests
@@ -29,7 +31,7 @@ if "$py" -c "import mlflow" 2>/dev/null; then
 else
     tracking=(--set tracking.enabled=false)
 fi
-steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager critical-batch} "
+steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager critical-batch capacity capacity-bf16} "
 run() {  # run a named step (if STEPS names it), keep going after a failure, remember it
     local name=$1; shift
     case "$steps" in *" $name "*|*" ${name%-without-graph-ddp} "*) ;; *) return 0 ;; esac
@@ -62,4 +64,9 @@ run sweep-eager "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_
 # Issue 13's study at full size: 10 batch sizes x 6 LRs x 2 seeds, each trial stopped at its target.
 run critical-batch "$py" launch/sweep.py --config configs/critical_batch.yaml --launcher local "${tracking[@]}" \
     --set train.device=cuda --set checkpoint.dir=/tmp/gpu-check-critical --report-dir "$out/critical-report"
+# Issue 15: the note's hardware claims measured on the device, in fp32 and bf16.
+run capacity "$py" -m harness.cli capacity --config configs/fashion_mnist.yaml --device cuda --epoch-samples 55000 \
+    --no-mlflow --json "$out/capacity-cuda.json" --out "$out"
+run capacity-bf16 "$py" -m harness.cli capacity --config configs/fashion_mnist.yaml --device cuda --epoch-samples 55000 \
+    --set performance.precision=bf16 --no-mlflow --json "$out/capacity-cuda-bf16.json" --out "$out"
 exit $status
