@@ -74,8 +74,6 @@ def escape(args: argparse.Namespace) -> int:
     from harness.records.mlflow_store import check_tracking_uri, default_tracking_uri
     from harness.running.escape import run_escape
 
-    if args.epochs < 1:
-        raise InputError(f"--epochs: {args.epochs}; expected a positive number of epochs")
     check_writable_dir(Path(args.out), "--out")
     uri = args.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)

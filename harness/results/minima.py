@@ -15,10 +15,11 @@ compare unequal things (the point of this table).
 from __future__ import annotations
 
 import math
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
+
+from harness.results.spread import cell, mean_std
 
 # Per-trial metrics the training loop logs (core/evaluation.py).
 STEPS, EPOCHS = "steps_to_train_loss_target", "epochs_to_train_loss_target"
@@ -57,13 +58,6 @@ class EqualLossRow:
         return stability_limit(self.lr, self.momentum)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def equal_loss_rows(trials: list) -> list[EqualLossRow]:
     """One row per (rule, batch size, LR), its columns over the seeds that reached the loss target."""
     groups: dict[tuple[str, int, float], list] = defaultdict(list)
@@ -72,7 +66,7 @@ def equal_loss_rows(trials: list) -> list[EqualLossRow]:
     rows = []
     for (rule, batch_size, lr), members in sorted(groups.items()):
         reached = [t for t in members if not t.diverged and STEPS in t.final]
-        stats = {column: _mean_std([t.final[key] for t in reached if key in t.final]) for column, key in AT_TARGET}
+        stats = {column: mean_std([t.final[key] for t in reached if key in t.final]) for column, key in AT_TARGET}
         rows.append(EqualLossRow(rule, batch_size, lr, members[0].momentum, len(members), len(reached),
                                  sum(t.diverged for t in members), stats))
     return rows
@@ -98,10 +92,6 @@ def interpolation_pair(trials: list) -> Optional[tuple]:
     return None
 
 
-def _cell(mean: float, std: float, digits: int) -> str:
-    return "-" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def markdown(rows: list[EqualLossRow], target: float) -> str:
     """The table at equal training loss, and what it rests on."""
     lines = [f"### Batch sizes at equal training loss ({target:g}, full training split)", "",
@@ -117,8 +107,8 @@ def markdown(rows: list[EqualLossRow], target: float) -> str:
         s = row.stats
         ratio = s["sharpness"][0] / row.limit if math.isfinite(s["sharpness"][0]) else math.nan
         lines.append(f"| {row.lr_rule} | {row.batch_size} | {row.lr:.4g} | {row.reached}/{row.seeds} "
-                     f"| {_cell(*s['steps'], 0)} | {_cell(*s['epochs'], 1)} | {_cell(*s['test_accuracy'], 4)} "
-                     f"| {_cell(*s['test_loss'], 4)} | {_cell(*s['gap_accuracy'], 4)} | {_cell(*s['gap_loss'], 4)} "
-                     f"| {_cell(*s['sharpness'], 2)} | {row.limit:.3g} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} "
-                     f"| {_cell(*s['weight_norm'], 1)} |")
+                     f"| {cell(*s['steps'], 0)} | {cell(*s['epochs'], 1)} | {cell(*s['test_accuracy'], 4)} "
+                     f"| {cell(*s['test_loss'], 4)} | {cell(*s['gap_accuracy'], 4)} | {cell(*s['gap_loss'], 4)} "
+                     f"| {cell(*s['sharpness'], 2)} | {row.limit:.3g} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} "
+                     f"| {cell(*s['weight_norm'], 1)} |")
     return "\n".join(lines)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import math
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Optional
 
 from harness.errors import InputError
 from harness.results import critical, minima
+from harness.results.spread import cell, mean_std
 from harness.records.mlflow_store import child_runs, log_new_metrics, logged_steps, newest_sweep_run, open_client
 
 # (column, metric key) of the summary; each gets a mean and a std over seeds.
@@ -108,13 +108,6 @@ def _optional_float(param: Optional[str]) -> Optional[float]:
     return None if param in (None, "None") else float(param)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarise(trials: list[TrialRecord]) -> list[SummaryRow]:
     groups: dict[tuple[str, int, float], list[TrialRecord]] = defaultdict(list)
     for trial in trials:  # one LR per (rule, batch size) unless the sweep has an LR grid
@@ -122,17 +115,11 @@ def summarise(trials: list[TrialRecord]) -> list[SummaryRow]:
     rows = []
     for (rule, batch_size, _lr), members in sorted(groups.items()):
         healthy = [t for t in members if not t.diverged]
-        stats = {column: _mean_std([t.final[key] for t in healthy if key in t.final]) for column, key in SUMMARY_METRICS}
+        stats = {column: mean_std([t.final[key] for t in healthy if key in t.final]) for column, key in SUMMARY_METRICS}
         rows.append(SummaryRow(rule, batch_size, members[0].lr, len(members),
                                reached=sum("steps_to_target" in t.final for t in members),
                                diverged=len(members) - len(healthy), stats=stats))
     return rows
-
-
-def _cell(mean: float, std: float, digits: int) -> str:
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown_table(rows: list[SummaryRow]) -> str:
@@ -142,9 +129,9 @@ def markdown_table(rows: list[SummaryRow]) -> str:
     for row in rows:
         s = row.stats
         lines.append(f"| {row.lr_rule} | {row.batch_size} | {row.lr:.4g} | {row.seeds} "
-                     f"| {_cell(*s['test_accuracy'], 4)} | {_cell(*s['gap_accuracy'], 4)} | {_cell(*s['gap_loss'], 4)} "
-                     f"| {_cell(*s['steps_to_target'], 0)} | {row.reached}/{row.seeds} "
-                     f"| {_cell(*s['noise_scale'], 0)} | {_cell(*s['sharpness'], 2)} | {row.diverged} |")
+                     f"| {cell(*s['test_accuracy'], 4)} | {cell(*s['gap_accuracy'], 4)} | {cell(*s['gap_loss'], 4)} "
+                     f"| {cell(*s['steps_to_target'], 0)} | {row.reached}/{row.seeds} "
+                     f"| {cell(*s['noise_scale'], 0)} | {cell(*s['sharpness'], 2)} | {row.diverged} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,8 +28,9 @@ from harness.core import distributed
 from harness.core.config import Config
 from harness.errors import InputError
 from harness.results import minima
-from harness.results.report import TrialRecord, collect_trials, find_sweep_run, sharpness_curves
-from harness.running.preflight import preflight
+from harness.results.report import TrialRecord, collect_trials, find_sweep_run
+from harness.results.spread import mean_std
+from harness.running.preflight import check_init_from, preflight
 from harness.running.sweep import SweepProgress, run_trial, sweep_parent_run
 
 # What the table reads before (the source trial's final metrics) and after (the continuation's).
@@ -85,10 +85,12 @@ def plan_continuations(trials: list[TrialRecord], epochs: int, name: str, tracki
             pairs.append(tuple(min(end, key=lambda t: t.final.get(minima.STEPS, math.inf)) for end in ends))
     plan = []
     for small, large in pairs:
+        # Each source's own config, read once from its checkpoint (both of its continuations start from it).
+        configs = {t.run_id: resolve_checkpoint(t.run_id, tracking_uri, key="--sweep-run-id").config
+                   for t in (small, large)}
         for source, adopted in ((large, small), (large, large), (small, large), (small, small)):
-            source_cfg = resolve_checkpoint(source.run_id, tracking_uri, key="--sweep-run-id").config
             plan.append(Continuation(source, adopted, continuation_config(
-                source_cfg, source, adopted, epochs, name, tracking_uri, experiment)))
+                configs[source.run_id], source, adopted, epochs, name, tracking_uri, experiment)))
     return plan
 
 
@@ -104,9 +106,11 @@ def run_escape(tracking_uri: str, experiment: str, sweep_run_id: Optional[str], 
     trials = collect_trials(client, parent)
     name = f"escape-{parent.info.run_name}"[:60]
     plan = plan_continuations(trials, epochs, name, tracking_uri, experiment)
-    # Every continuation's init_from (and store, folders, data) is checked before the first starts;
-    # they share the sweep's data, read once per check and trained on from the first.
-    dataset = [preflight(c.cfg, 1, use_gpu=c.cfg.train.device == "cuda") for c in plan][0]
+    # Everything is checked before the first continuation starts: the store, folders and data once
+    # (they share the sweep's), and every continuation's init_from.
+    dataset = preflight(plan[0].cfg, 1, use_gpu=plan[0].cfg.train.device == "cuda")
+    for continuation in plan[1:]:
+        check_init_from(continuation.cfg)
     ctx = distributed.local_context(plan[0].cfg.train.device)
     parent_cfg = Config.from_dict({**plan[0].cfg.to_dict(), "name": name, "trial": None})
     progress = SweepProgress(len(plan))
@@ -138,15 +142,14 @@ def _draw(client, plan: list[Continuation], runs: dict, directory: Path) -> Path
     curves = []
     for continuation in plan:
         run = runs.get(continuation.cfg.name)
-        if run is None:
+        if run is None or run.data.tags.get("diverged") == "true":
             continue
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
                                                                              minima.SHARPNESS_HISTORY))
-        record = TrialRecord(run.info.run_id, continuation.cfg.name, continuation.adopted.lr_rule,
-                             continuation.adopted.batch_size, continuation.adopted.lr, continuation.source.seed,
-                             run.info.status, run.data.tags.get("diverged") == "true", dict(run.data.metrics),
-                             {minima.SHARPNESS_HISTORY: history}, momentum=continuation.cfg.optim.momentum)
-        curves += sharpness_curves([record], lambda _t, c=continuation: c.label)
+        if len(history) < 2:  # as the report's sharpness_curves: a path needs two readings
+            continue
+        optim = continuation.cfg.optim
+        curves.append((continuation.label, history, minima.stability_limit(optim.lr, optim.momentum)))
     return plots.sharpness_trajectories(curves, directory / "escape_sharpness.png",
                                         "Sharpness while continuing (dashed: 2(1+β)/η of the continuation's LR)")
 
@@ -179,13 +182,8 @@ def escape_rows(plan: list[Continuation], finals: dict[str, dict[str, float]]) -
     return list(rows.values())
 
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.fmean(finite) if finite else math.nan
-
-
 def _before_after(before: list[float], after: list[float], digits: int) -> str:
-    b, a = _mean(before), _mean(after)
+    b, a = mean_std(before)[0], mean_std(after)[0]
     if math.isnan(b) and math.isnan(a):
         return "-"
     return f"{b:.{digits}f} → {a:.{digits}f}"
@@ -199,7 +197,7 @@ def escape_markdown(rows: list[EscapeRow], epochs: int) -> str:
              + " | λ_max / limit after |", "|" + "---|" * (5 + len(READOUTS))]
     for row in rows:
         limit = minima.stability_limit(row.adopted_lr, row.momentum)
-        ratio = _mean(row.after[minima.SHARPNESS]) / limit
+        ratio = mean_std(row.after[minima.SHARPNESS])[0] / limit
         lines.append(f"| B={row.source_batch} | B={row.adopted_batch} | {row.adopted_lr:.4g} | {row.seeds} | "
                      + " | ".join(_before_after(row.before[k], row.after[k], d) for k, _, d in READOUTS)
                      + f" | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} |")
@@ -213,4 +211,4 @@ def write_escape_csv(rows: list[EscapeRow], path: Path) -> None:
                         + [f"{k}_{when}" for k, _, _ in READOUTS for when in ("before", "after")])
         for row in rows:
             writer.writerow([row.source_batch, row.adopted_batch, row.adopted_lr, row.seeds]
-                            + [_mean(getattr(row, when)[k]) for k, _, _ in READOUTS for when in ("before", "after")])
+                            + [mean_std(getattr(row, when)[k])[0] for k, _, _ in READOUTS for when in ("before", "after")])
