@@ -1,5 +1,5 @@
 """The ``harness`` command: tools around training runs (gradcheck, report, interpolate, escape, bench, capacity,
-replay, mlflow-server).
+scaling, replay, mlflow-server).
 
 Training itself starts from launch/ (torchrun, Ray, sweeps).
 """
@@ -152,6 +152,86 @@ def capacity(args: argparse.Namespace) -> int:
     return 0
 
 
+def scaling(args: argparse.Namespace) -> int:
+    """When data parallelism pays: the cost model's table (or, with --measure, its check on this machine)."""
+    import json
+    from pathlib import Path
+
+    from harness.results import scaling as model
+
+    model.check_arguments(args.world_sizes, args.link, args.link_gbps, args.link_latency_us, args.efficiency_floor,
+                          args.parameters)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise InputError(f"--json: {Path(args.json).resolve().parent} is not a folder; expected an existing folder")
+    if args.measure:
+        return _scaling_measure(args)
+    from harness.core.config import load_config
+
+    if args.from_json and args.step_times:
+        raise InputError("--step-times: given with --from-json; expected one source of step times")
+    cfg = None if args.from_json else load_config(args.config, args.overrides)
+    if args.from_json:
+        step_seconds, layer_sizes, source = model.load_capacity(args.from_json)
+    elif args.step_times:
+        step_seconds, layer_sizes = model.parse_step_times(args.step_times), list(cfg.layer_sizes)
+        source = {"kind": "--step-times", "description": " ".join(args.step_times)}
+    else:
+        step_seconds, layer_sizes, source = _scaling_capacity_now(args, cfg)
+    for batch in args.batch_sizes or ():
+        if batch < 1:
+            raise InputError(f"--batch-sizes: {batch}; expected positive global batch sizes")
+    result = model.build_result(step_seconds, args.parameters or model.parameter_count(layer_sizes),
+                                sorted({1, *args.world_sizes}),
+                                model.links_from_arguments(args.link, args.link_gbps, args.link_latency_us),
+                                args.collective, args.efficiency_floor, source, global_batches=args.batch_sizes)
+    if not result["rows"]:
+        raise InputError("--batch-sizes: no global batch has a measured step time at B and B / W; expected batch "
+                         f"sizes within the measured {min(step_seconds)}..{max(step_seconds)}")
+    say(model.format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        say(f"\nJSON: {args.json}")
+    return 0
+
+
+def _scaling_capacity_now(args: argparse.Namespace, cfg) -> tuple[dict, list, dict]:
+    """No step times given: measure them now, as `harness capacity` does (no MLflow run)."""
+    from harness.core.distributed import pick_device
+    from harness.results.capacity import check_arguments, run_capacity
+
+    check_arguments(args.max_batch, None, args.epoch_samples)
+    device = pick_device(args.device)
+    say(f"step times of {device.type}: {cfg.name}, batch 1, 2, 4, ... up to {args.max_batch}")
+    measured = run_capacity(cfg, device, args.max_batch, None, args.epoch_samples)
+    source = {"kind": "capacity measured now", "description": f"{device.type} {measured['device_name']}, "
+              f"{measured['threads']} threads, {cfg.name}"}
+    return {p["batch_size"]: p["step_s"] for p in measured["points"]}, list(cfg.layer_sizes), source
+
+
+def _scaling_measure(args: argparse.Namespace) -> int:
+    """The model checked against 2 gloo processes on 127.0.0.1: all-reduce times, 1- vs 2-rank DDP steps."""
+    import json
+    from pathlib import Path
+
+    from harness.core.config import load_config
+    from harness.results.scaling_check import DEFAULT_BATCHES, check_batches, format_report, run_check
+
+    if args.from_json or args.step_times:
+        raise InputError("--measure: given with --from-json or --step-times; expected --measure alone "
+                         "(it measures its own step times)")
+    cfg = load_config(args.config, args.overrides)
+    batches = args.batch_sizes or list(DEFAULT_BATCHES)
+    check_batches(batches, cfg.train_set_size)
+    say(f"measuring on this machine: gloo all-reduce sweep and DDP steps of {cfg.name} at B = "
+        f"{', '.join(map(str, batches))}, 2 ranks x 1 thread")
+    result = run_check(cfg, batches)
+    say(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        say(f"\nJSON: {args.json}")
+    return 0
+
+
 def replay(args: argparse.Namespace) -> int:
     """Deliver a spool of MLflow records that a run could not send."""
     from pathlib import Path
@@ -276,6 +356,41 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment of the new run")
     cap.add_argument("--no-mlflow", action="store_true", help="write the table, JSON and plot only")
     cap.set_defaults(handler=capacity)
+    sca = commands.add_parser("scaling", help="when data parallelism pays: time per step, throughput and "
+                              "efficiency against world size and link, from measured step times (a cost model); "
+                              "--measure checks it against 2 real gloo processes here")
+    sca.add_argument("--from-json", default=None, help="step times and layer sizes from a `harness capacity --json` "
+                     "result (default: measure them now, as capacity does)")
+    sca.add_argument("--step-times", nargs="+", default=None, metavar="BATCH=SECONDS",
+                     help="step times given by hand (e.g. from another device); the model is --config's")
+    sca.add_argument("--config", default="configs/fashion_mnist.yaml", help="YAML file: data set and model")
+    sca.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config key (repeatable), e.g. model.hidden_sizes=[50000]")
+    sca.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="where step times are measured now: auto = cuda where available, else cpu")
+    sca.add_argument("--max-batch", type=int, default=8192, help="largest batch measured now")
+    sca.add_argument("--epoch-samples", type=int, default=4096, help="samples of capacity's timed epoch")
+    sca.add_argument("--parameters", type=int, default=None,
+                     help="gradient elements (default: the MLP's parameter count)")
+    sca.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 8, 64], metavar="W",
+                     help="ranks (devices) to predict for; 1 is always included")
+    sca.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
+                     help="global batches (default: the measured ones); with --measure: the timed global batches "
+                     "(default 32 128 512 2048)")
+    sca.add_argument("--link", action="append", default=[], metavar="NAME",
+                     help="a named link: nvlink (300 GB/s, 5 us) or ethernet-100g (12.5 GB/s, 30 us), assumptions "
+                     "(docs/performance.md); repeatable; default: both unless --link-gbps")
+    sca.add_argument("--link-gbps", type=float, default=None, help="a custom link's bandwidth in Gb/s")
+    sca.add_argument("--link-latency-us", type=float, default=None,
+                     help="the custom link's latency per message in us (default 0)")
+    sca.add_argument("--collective", default="ring", choices=("ring", "tree"),
+                     help="latency term: 2(W-1) messages (ring) or 2 log2 W (tree); bandwidth term 2(W-1)/W x bytes")
+    sca.add_argument("--efficiency-floor", type=float, default=0.5,
+                     help="below this scaling efficiency, data parallelism 'stops paying'")
+    sca.add_argument("--measure", action="store_true", help="measure gloo all-reduce times and 1- vs 2-rank DDP "
+                     "steps on this machine and compare them with the model")
+    sca.add_argument("--json", default=None, help="also write the result here")
+    sca.set_defaults(handler=scaling)
     rp = commands.add_parser("replay", help="deliver MLflow records a run spooled while the server was down")
     rp.add_argument("spool", help="the spool file the run printed (checkpoints/<run>/mlflow-spool.jsonl)")
     rp.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
@@ -294,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exits_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("gradcheck", "bench", "interpolate", "capacity"):
+    if args.command in ("gradcheck", "bench", "interpolate", "capacity", "scaling"):
         import torch
 
         torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -437,6 +437,13 @@ def test_replay_delivers_every_valid_record_and_names_the_bad_line(place, capsys
      "--memory-limit: 1e-09 GB is below one sample's memory"),
     pytest.param(["capacity", "--device", "cuda"], "--device: cuda was requested but no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (["scaling", "--world-sizes", "1", "0"], "--world-sizes: 0; expected world sizes of at least 1"),
+    (["scaling", "--link-gbps", "0"], "--link-gbps: 0; expected a positive bandwidth in Gb/s"),
+    (["scaling", "--link", "infiniband"], "--link: 'infiniband'; expected one of nvlink, ethernet-100g"),
+    (["scaling", "--from-json", "{place}/afile"], "--from-json: {place}/afile: not JSON"),
+    (["scaling", "--from-json", str(REPO / "docs" / "bench" / "cpu.json")], "cpu.json: not a capacity result"),
+    (["scaling", "--measure", "--config", SMOKE, "--batch-sizes", "33"],
+     "--batch-sizes: 33; expected even global batch sizes"),
 ])
 def test_harness_command_refuses_bad_arguments(place, capsys, argv, expected):
     from harness.cli import main as harness_main
