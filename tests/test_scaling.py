@@ -4,9 +4,15 @@ result, and (slow) its check against two real gloo processes on 127.0.0.1 (no pe
 
 import json
 import math
+import os
+import signal
 import statistics
+import subprocess
 import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import CONFIGS, REPO, run_command
@@ -153,3 +159,43 @@ def test_measured_loopback_all_reduce_fits_within_a_factor_and_predictions_follo
         assert s["measured_over_predicted"] == pytest.approx(s["two_rank_step_s"] / predicted)
         assert s["two_rank_step_s"] > 0 and s["two_rank_compute_only_s"] > 0
     assert "fitted loopback link" in result.stdout and "| 128 |" in result.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_measurement_leaves_no_rank_behind(tmp_path):
+    """The ranks sit in gloo collectives, where the SIGINT that torch sends a spawned child when its parent
+    dies does not reach Python: without the parent ending them, they would wait for their peer for minutes."""
+    log = tmp_path / "output.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "harness.cli", "scaling", "--measure", "--config",
+                                    str(SMOKE), "--batch-sizes", "32", "128", "512"], cwd=REPO, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "ranks joined" not in log.read_text():  # both ranks are in the process group from here on
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        children = {child: " ".join(child.cmdline()) for child in psutil.Process(process.pid).children(recursive=True)}
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:  # a failed test must not leave the measurement running
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    ranks = [child for child, command in children.items() if "spawn_main" in command]
+    assert len(ranks) == 2
+    # The ranks are ended before the command exits; multiprocessing's resource tracker ends by itself once
+    # the command's end closes its pipe, a moment later.
+    _, alive = psutil.wait_procs(ranks, timeout=0)
+    assert not [children[p] for p in alive if _running(p)]
+    _, alive = psutil.wait_procs(list(children), timeout=30)
+    assert not [children[p] for p in alive if _running(p)]
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ended between the wait and the look
+        return False

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from harness.console import say
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
@@ -53,6 +54,7 @@ MAX_REPEATS = 200
 WARMUP = 2
 DEFAULT_BATCHES = (32, 128, 512, 2048)
 TIMEOUT_S = 120
+JOINED_KEY = "harness/scaling/ranks-joined"  # rank 0 sets it in the parent's store once both ranks are in
 
 
 def check_batches(batches: list[int], train_samples: int) -> None:
@@ -159,8 +161,24 @@ def spawn_ranks(cfg: Config, sizes: list[int], batches: list[int]) -> dict:
                           wait_for_workers=False)
     with tempfile.TemporaryDirectory(prefix="harness-scaling-") as folder:
         out = Path(folder) / "rank0.json"
-        mp.start_processes(_rank_main, args=(WORLD_SIZE, store.port, cfg.to_dict(), sizes, batches, str(out)),
-                           nprocs=WORLD_SIZE, start_method="spawn")
+        ranks = mp.start_processes(_rank_main, args=(WORLD_SIZE, store.port, cfg.to_dict(), sizes, batches, str(out)),
+                                   nprocs=WORLD_SIZE, start_method="spawn", join=False)
+        try:
+            announced = False
+            while not ranks.join(timeout=0.5):
+                if not announced and store.check([JOINED_KEY]):
+                    say(f"{WORLD_SIZE} ranks joined: timing all-reduces, then DDP steps")
+                    announced = True
+        finally:
+            # A SIGTERM to this process (signals.py turns it into an exception) must not leave the ranks
+            # behind: inside a gloo collective they ignore the SIGINT that torch sends when the parent dies,
+            # and would wait for their peer until the timeout.
+            for process in ranks.processes:
+                if process.is_alive():
+                    process.terminate()
+                    process.join(5)
+                    if process.is_alive():
+                        process.kill()
         return json.loads(out.read_text())
 
 
@@ -171,6 +189,9 @@ def _rank_main(rank: int, world_size: int, port: int, cfg_dict: dict, sizes: lis
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=TIMEOUT_S))
     try:
+        dist.barrier()
+        if rank == 0:
+            store.set(JOINED_KEY, "1")
         cfg = Config.from_dict(cfg_dict)
         result = {"allreduce": [_allreduce_point(n) for n in sizes],
                   "steps": {str(b): _ddp_step_s(cfg, rank, world_size, b) for b in batches}}
