@@ -196,10 +196,14 @@ def scaling(args: argparse.Namespace) -> int:
 
 def _scaling_capacity_now(args: argparse.Namespace, cfg) -> tuple[dict, list, dict]:
     """No step times given: measure them now, as `harness capacity` does (no MLflow run)."""
+    import torch
+
     from harness.core.distributed import pick_device
     from harness.results.capacity import check_arguments, run_capacity
 
     check_arguments(args.max_batch, None, args.epoch_samples)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device: cuda was requested but no CUDA device is available; expected cpu or auto")
     device = pick_device(args.device)
     say(f"step times of {device.type}: {cfg.name}, batch 1, 2, 4, ... up to {args.max_batch}")
     measured = run_capacity(cfg, device, args.max_batch, None, args.epoch_samples)
