@@ -169,6 +169,9 @@ def scaling(args: argparse.Namespace) -> int:
 
     if args.from_json and args.step_times:
         raise InputError("--step-times: given with --from-json; expected one source of step times")
+    for batch in args.batch_sizes or ():
+        if batch < 1:
+            raise InputError(f"--batch-sizes: {batch}; expected positive global batch sizes")
     cfg = None if args.from_json else load_config(args.config, args.overrides)
     if args.from_json:
         step_seconds, layer_sizes, source = model.load_capacity(args.from_json)
@@ -177,9 +180,6 @@ def scaling(args: argparse.Namespace) -> int:
         source = {"kind": "--step-times", "description": " ".join(args.step_times)}
     else:
         step_seconds, layer_sizes, source = _scaling_capacity_now(args, cfg)
-    for batch in args.batch_sizes or ():
-        if batch < 1:
-            raise InputError(f"--batch-sizes: {batch}; expected positive global batch sizes")
     result = model.build_result(step_seconds, args.parameters or model.parameter_count(layer_sizes),
                                 sorted({1, *args.world_sizes}),
                                 model.links_from_arguments(args.link, args.link_gbps, args.link_latency_us),

@@ -70,7 +70,7 @@ def run_check(cfg: Config, batches: list[int]) -> dict:
                          "train.progress": False})
     gradient_elements = parameter_count(cfg.layer_sizes)
     sizes = sorted({*ALLREDUCE_SIZES, gradient_elements})
-    one_rank = one_process_steps(cfg, sorted({b for b in batches} | {b // WORLD_SIZE for b in batches}))
+    one_rank = one_process_steps(cfg, sorted({*batches, *(b // WORLD_SIZE for b in batches)}))
     two_rank = spawn_ranks(cfg, sizes, batches)
     link = fit_link([(p["bytes"], p["median_s"]) for p in two_rank["allreduce"]])
     gradient_bytes = gradient_elements * 4
@@ -116,12 +116,10 @@ def fit_link(points: list[tuple[float, float]]) -> Link:
     return Link("loopback-fit", 1 / slope, intercept / 2, "fitted to gloo all-reduce times on 127.0.0.1")
 
 
-def _timed(call, synchronise=None) -> float:
+def _timed(call) -> float:
     """Median seconds of ``call``: at least REPEATS and MIN_TIMED_S of them, after WARMUP (one process)."""
     seconds: list[float] = []
     for index in range(MAX_REPEATS + WARMUP):
-        if synchronise:
-            synchronise()
         started = time.perf_counter()
         call(index)
         if index >= WARMUP:
@@ -132,7 +130,7 @@ def _timed(call, synchronise=None) -> float:
 
 
 def _sample_indices(cfg: Config, batch: int, rank: int, world_size: int) -> torch.Tensor:
-    # The same B samples in both runs; rank r takes every W-th, as the batch plan shards.
+    # The same B samples in the one-process and the 2-rank steps, split into W equal shares.
     chosen = torch.randperm(cfg.train_set_size, generator=torch.Generator().manual_seed(cfg.seed))[:batch]
     return chosen[rank::world_size]
 
