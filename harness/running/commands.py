@@ -40,7 +40,10 @@ def train_command(args: argparse.Namespace) -> int:
         cfg = select_trial(cfg, args.trial)
     under_torchrun = "RANK" in os.environ
     _, _, world_size = distributed.torchrun_world()
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    # The attempt the ranks agree on through torchrun's store, not TORCHELASTIC_RESTART_COUNT:
+    # on several nodes that count differs between nodes after a restart (distributed.agree_on_attempt).
+    attempt = distributed.agree_on_attempt() if under_torchrun else 0
+    restart = attempt > 0
     resume = args.resume or restart
     # torchrun's run id is new for every launch (a uuid with --standalone or one node).
     # A restart may resume only what this launch wrote: an earlier run's checkpoints
@@ -51,7 +54,8 @@ def train_command(args: argparse.Namespace) -> int:
                         launch_id=hooks.launch_id if hooks.same_launch_only else None)
     if cfg.performance.cuda_graph:
         distributed.allow_collective_capture()
-    ctx = distributed.init_from_env(cfg.train.device) if under_torchrun else distributed.local_context(cfg.train.device)
+    ctx = distributed.init_from_env(cfg.train.device, attempt=attempt) if under_torchrun \
+        else distributed.local_context(cfg.train.device)
     try:
         if cfg.is_sweep:
             say("", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes), ctx=ctx)

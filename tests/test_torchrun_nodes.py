@@ -1,0 +1,120 @@
+"""Multi-node torchrun on one machine: two torchrun agents (``--nnodes 2``, one rank each) that
+meet through a c10d rendezvous on 127.0.0.1, as two hosts would through node 0's address.
+
+Slow: real torchrun agents and ranks, real data (configs/smoke.yaml), real MLflow store.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+
+from conftest import CONFIGS, REPO
+from test_launchers import EPOCHS, TRAIN, _settings, assert_each_metric_logged_once_per_epoch, final_params, only_run
+
+pytestmark = pytest.mark.slow
+
+TORCHRUN = str(REPO / ".venv/bin/torchrun") if (REPO / ".venv/bin/torchrun").exists() else "torchrun"
+NODES = 2
+# A run that hangs (ranks that disagree wait in a collective for the process group's 300 s
+# timeout) fails the test well before that, with both agents' output.
+RUN_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_nodes(tmp, *extra, env=None, max_restarts=0, node_settings=None):
+    """Start node 0 and node 1 as two torchrun agents and wait for both; their outputs.
+
+    ``node_settings[n]``: more launch/train.py arguments for node ``n`` only. Node 0
+    hosts the rendezvous store (is_host=1), as the host named in --rdzv-endpoint would;
+    --local-addr keeps the workers' own store and gloo on loopback.
+    """
+    endpoint, run_id = f"127.0.0.1:{free_port()}", f"test-{uuid.uuid4().hex[:8]}"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env["PATH"] = f"{sys.executable.rsplit('/', 1)[0]}:{full_env.get('PATH', '')}"
+    agents = []
+    for node in range(NODES):
+        log = open(tmp / f"node{node}.log", "w")
+        command = [TORCHRUN, f"--nnodes={NODES}", f"--node-rank={node}", "--nproc-per-node=1",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
+                   f"--rdzv-conf=is_host={int(node == 0)}", "--local-addr=127.0.0.1",
+                   f"--max-restarts={max_restarts}", TRAIN, "--config", str(CONFIGS / "smoke.yaml"),
+                   *_settings(tmp, *extra), *(node_settings or {}).get(node, [])]
+        agents.append((subprocess.Popen(command, cwd=tmp, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True), log))
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        codes = [_wait_until(agent, deadline) for agent, _ in agents]
+    finally:
+        for agent, log in agents:
+            if agent.poll() is None:  # our own agents and their ranks: their own sessions
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+            log.close()
+    outputs = [(tmp / f"node{node}.log").read_text() for node in range(NODES)]
+    assert codes == [0] * NODES, "\n".join(f"--- node {n} (exit {c})\n{o[-3000:]}"
+                                            for n, (c, o) in enumerate(zip(codes, outputs)))
+    return outputs
+
+
+def _wait_until(agent, deadline):
+    """The agent's exit code, or "hung" if it is still running at ``deadline``."""
+    try:
+        return agent.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return "hung"
+
+
+@pytest.fixture(scope="module")
+def two_node_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nodes2")
+    two_nodes(tmp)
+    return tmp
+
+
+def test_two_torchrun_nodes_record_one_finished_run(two_node_run):
+    client, run = only_run(two_node_run)
+    assert run.data.params["world_size"] == "2" and run.data.params["launcher"] == "torchrun"
+    assert_each_metric_logged_once_per_epoch(client, run)
+
+
+def test_two_torchrun_nodes_match_one_process_with_the_global_batch(two_node_run, tmp_path):
+    result = subprocess.run([sys.executable, TRAIN, "--config", str(CONFIGS / "smoke.yaml"), *_settings(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = final_params(tmp_path), final_params(two_node_run)
+    worst = max(float((single[k] - double[k]).abs().max()) for k in single)
+    assert worst <= 1e-5, worst
+
+
+def test_rank_killed_on_one_node_restarts_both_and_resumes_exactly_without_a_shared_checkpoint_folder(
+        two_node_run, tmp_path):
+    """Rank 1 dies (SIGKILL) mid-epoch 2. Its agent restarts its worker; the other agent, whose
+    rank was healthy, must restart its own for the new rendezvous round, and both ranks must
+    agree that this is a restart. Each node has a checkpoint folder of its own: only rank 0
+    writes and reads one, and the other rank gets the state it resumes from through rank 0."""
+    marker = tmp_path / "killed"
+    folders = [tmp_path / f"node{node}-ckpt" for node in range(NODES)]
+    two_nodes(tmp_path, env={"HARNESS_INJECT_FAULT": f"step:2:1:{marker}"}, max_restarts=1,
+              node_settings={node: ["--set", f"checkpoint.dir={folders[node]}"] for node in range(NODES)})
+    assert marker.exists(), "the fault was never injected"
+    written = [folder for folder in folders if (folder / "smoke").is_dir()]
+    assert len(written) == 1, [list(folder.rglob("*")) for folder in folders]  # rank 0's node only
+    client, run = only_run(tmp_path)
+    assert run.data.tags.get("resumed") == "true"
+    assert_each_metric_logged_once_per_epoch(client, run)
+    resumed = torch.load(written[0] / "smoke" / f"epoch-{EPOCHS:04d}.pt", weights_only=True)["model"]
+    straight = final_params(two_node_run)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
