@@ -33,12 +33,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def two_nodes(tmp, *extra, env=None, max_restarts=0, node_settings=None):
+def two_nodes(tmp, *extra, env=None, max_restarts=0, node_settings=None, by_hand=True):
     """Start node 0 and node 1 as two torchrun agents and wait for both; their outputs.
 
-    ``node_settings[n]``: more launch/train.py arguments for node ``n`` only. Node 0
-    hosts the rendezvous store (is_host=1), as the host named in --rdzv-endpoint would;
-    --local-addr keeps the workers' own store and gloo on loopback.
+    ``by_hand``: run torchrun's own command line (docs/cluster.md); else launch/train.py
+    --nnodes, which checks its options and becomes the same torchrun. ``node_settings[n]``:
+    more launch/train.py arguments for node ``n`` only. Node 0 hosts the rendezvous store
+    (is_host=1), as the host named in --rdzv-endpoint would; --local-addr keeps the
+    workers' own store and gloo on loopback.
     """
     endpoint, run_id = f"127.0.0.1:{free_port()}", f"test-{uuid.uuid4().hex[:8]}"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
@@ -46,11 +48,12 @@ def two_nodes(tmp, *extra, env=None, max_restarts=0, node_settings=None):
     agents = []
     for node in range(NODES):
         log = open(tmp / f"node{node}.log", "w")
-        command = [TORCHRUN, f"--nnodes={NODES}", f"--node-rank={node}", "--nproc-per-node=1",
-                   "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
-                   f"--rdzv-conf=is_host={int(node == 0)}", "--local-addr=127.0.0.1",
-                   f"--max-restarts={max_restarts}", TRAIN, "--config", str(CONFIGS / "smoke.yaml"),
-                   *_settings(tmp, *extra), *(node_settings or {}).get(node, [])]
+        train = [TRAIN, "--config", str(CONFIGS / "smoke.yaml"), *_settings(tmp, *extra),
+                 *(node_settings or {}).get(node, [])]
+        nodes = [f"--nnodes={NODES}", f"--node-rank={node}", "--nproc-per-node=1", f"--rdzv-endpoint={endpoint}",
+                 f"--rdzv-id={run_id}", "--local-addr=127.0.0.1", f"--max-restarts={max_restarts}"]
+        command = ([TORCHRUN, *nodes, "--rdzv-backend=c10d", f"--rdzv-conf=is_host={int(node == 0)}", *train]
+                   if by_hand else [sys.executable, *train, *nodes])
         agents.append((subprocess.Popen(command, cwd=tmp, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True), log))
     try:
@@ -101,13 +104,13 @@ def test_two_torchrun_nodes_match_one_process_with_the_global_batch(two_node_run
 
 def test_rank_killed_on_one_node_restarts_both_and_resumes_exactly_without_a_shared_checkpoint_folder(
         two_node_run, tmp_path):
-    """Rank 1 dies (SIGKILL) mid-epoch 2. Its agent restarts its worker; the other agent, whose
+    """Started by launch/train.py --nnodes on each node. Rank 1 dies (SIGKILL) mid-epoch 2. Its agent restarts its worker; the other agent, whose
     rank was healthy, must restart its own for the new rendezvous round, and both ranks must
     agree that this is a restart. Each node has a checkpoint folder of its own: only rank 0
     writes and reads one, and the other rank gets the state it resumes from through rank 0."""
     marker = tmp_path / "killed"
     folders = [tmp_path / f"node{node}-ckpt" for node in range(NODES)]
-    two_nodes(tmp_path, env={"HARNESS_INJECT_FAULT": f"step:2:1:{marker}"}, max_restarts=1,
+    two_nodes(tmp_path, env={"HARNESS_INJECT_FAULT": f"step:2:1:{marker}"}, max_restarts=1, by_hand=False,
               node_settings={node: ["--set", f"checkpoint.dir={folders[node]}"] for node in range(NODES)})
     assert marker.exists(), "the fault was never injected"
     written = [folder for folder in folders if (folder / "smoke").is_dir()]
@@ -118,3 +121,17 @@ def test_rank_killed_on_one_node_restarts_both_and_resumes_exactly_without_a_sha
     resumed = torch.load(written[0] / "smoke" / f"epoch-{EPOCHS:04d}.pt", weights_only=True)["model"]
     straight = final_params(two_node_run)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_rank_refuses_node_options_that_differ_from_the_job_torchrun_started(tmp_path):
+    """torchrun started by hand with one node; launch/train.py told --nnodes 2: every rank
+    refuses (exit 2, one line) before its process group, and torchrun fails."""
+    result = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=1", TRAIN, "--config",
+                             str(CONFIGS / "smoke.yaml"), *_settings(tmp_path), "--nnodes", "2"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    refusals = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    assert refusals == ["error: --nnodes: 2, but torchrun started a job of 1 node(s) with 1 rank(s) each (world "
+                        "size 1); expected the same numbers as torchrun's"], result.stderr[-3000:]
+    assert not (tmp_path / "ckpt").exists()
