@@ -33,7 +33,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def two_nodes(tmp, *extra, env=None, max_restarts=0, node_settings=None, by_hand=True):
+def two_nodes(tmp, *extra, env=None, max_restarts=0, node_settings=None, by_hand=True, config="smoke.yaml"):
     """Start node 0 and node 1 as two torchrun agents and wait for both; their outputs.
 
     ``by_hand``: run torchrun's own command line (docs/cluster.md); else launch/train.py
@@ -48,7 +48,7 @@ def two_nodes(tmp, *extra, env=None, max_restarts=0, node_settings=None, by_hand
     agents = []
     for node in range(NODES):
         log = open(tmp / f"node{node}.log", "w")
-        train = [TRAIN, "--config", str(CONFIGS / "smoke.yaml"), *_settings(tmp, *extra),
+        train = [TRAIN, "--config", str(CONFIGS / config), *_settings(tmp, *extra),
                  *(node_settings or {}).get(node, [])]
         nodes = [f"--nnodes={NODES}", f"--node-rank={node}", "--nproc-per-node=1", f"--rdzv-endpoint={endpoint}",
                  f"--rdzv-id={run_id}", "--local-addr=127.0.0.1", f"--max-restarts={max_restarts}"]
@@ -135,3 +135,26 @@ def test_rank_refuses_node_options_that_differ_from_the_job_torchrun_started(tmp
     assert refusals == ["error: --nnodes: 2, but torchrun started a job of 1 node(s) with 1 rank(s) each (world "
                         "size 1); expected the same numbers as torchrun's"], result.stderr[-3000:]
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_sweep_in_one_process_group_over_two_nodes_resumes_after_a_rank_is_killed(tmp_path):
+    """launch/train.py with a sweep config runs every trial in one process group. After the
+    restart only rank 0 can read which trials the sweep finished (the others record nothing):
+    every rank must still skip and resume the same trials, or they fall out of step."""
+    from mlflow.tracking import MlflowClient
+
+    marker = tmp_path / "killed"
+    small = ["--set", "data.train_subset=512", "--set", "data.validation_size=256", "--set", "data.test_subset=512",
+             "--set", "model.hidden_sizes=[32]", "--set", "sweep.batch_sizes=[32,64]", "--set", "train.epochs=1",
+             "--set", "train.progress=false", "--set", "tracking.experiment=nodes-sweep"]
+    two_nodes(tmp_path, *small, env={"HARNESS_INJECT_FAULT": f"step:1:1:{marker}"}, max_restarts=1,
+              config="sweep.yaml")
+    assert marker.exists(), "the fault was never injected"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("nodes-sweep").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("run_kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2, [(r.info.run_name, r.info.status) for r in runs]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")] == [1]

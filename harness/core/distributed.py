@@ -164,8 +164,9 @@ def agree_on_attempt(timeout_s: float = 300) -> int:
 
 
 def broadcast_from_main(value: Any, ctx: DistContext) -> Any:
-    """The main rank's ``value`` on every rank (any picklable object); every rank must call it."""
-    if not ctx.is_distributed:
+    """The main rank's ``value`` on every rank (any picklable object); every rank of a process group
+    must call it. Without a process group (one process, or a driver that only starts ranks) it is ``value``."""
+    if ctx.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
         return value
     box = [value if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.device.type == "cuda" else None)
