@@ -2,6 +2,11 @@
 
     torchrun --standalone --nproc_per_node 2 launch/train.py --config configs/fashion_mnist.yaml
     python launch/train.py --config configs/seed.yaml --set optim.lr=0.05
+    python launch/train.py --config configs/fashion_mnist.yaml --nnodes 2 --node-rank 0 \
+        --rdzv-endpoint node0:29400 --rdzv-id run-42     # on node 0; --node-rank 1 on node 1
+
+With --nnodes, the options are checked against the config before this process
+becomes this node's torchrun (harness/running/torchrun_nodes.py, docs/cluster.md).
 
 A restart by ``torchrun --max-restarts`` continues from the newest checkpoint of
 the same launch (torchrun's run id), into the same MLflow run; ``--resume``
@@ -16,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import signals  # noqa: E402
 from harness.running.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error  # noqa: E402
+from harness.running.torchrun_nodes import add_node_arguments  # noqa: E402
 
 
 @signals.exits_on_termination
@@ -30,10 +36,11 @@ def main(argv=None) -> int:
     parser.add_argument("--resolved-config", default=None, metavar="JSON",
                         help="the whole resolved config as JSON, used instead of --config and --set "
                              "(launch/sweep.py passes it so trials do not re-parse values as YAML)")
+    add_node_arguments(parser)
     args = parser.parse_args(argv)
     from harness.running.commands import train_command  # after parsing: --help answers without loading torch
 
-    return train_command(args)
+    return train_command(args, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

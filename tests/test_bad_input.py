@@ -564,3 +564,52 @@ def test_interpolation_that_cannot_be_drawn_is_refused_before_any_run(place, cap
     assert_refused(place, capsys, status, expected.format(place=place),
                    before={"store", "a", "wide", "synthetic"})
     assert _runs(uri) == []
+
+
+# --- multi-node torchrun: launch/train.py --nnodes checks before it becomes torchrun ----
+
+ENDPOINT = ["--rdzv-endpoint", "127.0.0.1:29400", "--rdzv-id", "launch-1"]
+NODE_CASES = {
+    "nodes x ranks do not split the batch": (["--nnodes", "3", *ENDPOINT],
+                                             "optim.global_batch_size: 64 is not divisible by the world size 3"),
+    "nodes x ranks do not split a sweep's batch": (["--config", str(CONFIGS / "sweep.yaml"), "--nnodes", "2",
+                                                    "--nproc", "3", *ENDPOINT],
+                                                   "sweep.batch_sizes: 32 is not divisible by the world size 6"),
+    "micro-batch over nodes x ranks": (["--nnodes", "2", "--nproc-per-node", "2", *ENDPOINT,
+                                        "--set", "optim.micro_batch_size=32"],
+                                       "optim.micro_batch_size: 32 does not divide the per-rank batch of 16 "
+                                       "(optim.global_batch_size 64 over 4 ranks)"),
+    "zero nodes": (["--nnodes", "0"], "--nnodes: expected a whole number of at least 1"),
+    "an elastic range of nodes": (["--nnodes", "1:2", *ENDPOINT], "--nnodes: expected a whole number of at least 1 "
+                                                                   "(a fixed count"),
+    "zero ranks per node": (["--nnodes", "1", "--nproc", "0"], "--nproc-per-node: expected a whole number of at "
+                                                                "least 1"),
+    "node rank outside the job": (["--nnodes", "2", "--node-rank", "2", *ENDPOINT],
+                                  "--node-rank: 2 is not a node of --nnodes 2; expected 0..1"),
+    "no rendezvous endpoint": (["--nnodes", "2", "--rdzv-id", "launch-1"], "--rdzv-endpoint: missing with --nnodes 2"),
+    "endpoint without a port": (["--nnodes", "2", "--rdzv-endpoint", "node0", "--rdzv-id", "launch-1"],
+                                "--rdzv-endpoint: got 'node0'; expected HOST:PORT of node 0"),
+    "no rendezvous id": (["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29400"], "--rdzv-id: missing with --nnodes 2"),
+    "a node option without --nnodes": (["--node-rank", "1"], "--node-rank: only with --nnodes"),
+}
+
+
+@pytest.fixture
+def torchrun_never_starts(monkeypatch):
+    """A guard, not a stand-in: if a case were not refused, the launcher would replace
+    pytest's own process with torchrun. Fail the test instead."""
+    from harness.running import torchrun_nodes
+
+    def started(command, env=None):
+        raise AssertionError(f"torchrun was started: {command}")
+
+    monkeypatch.setattr(torchrun_nodes, "exec_torchrun", started)
+
+
+@pytest.mark.parametrize("case", sorted(NODE_CASES))
+def test_node_count_that_does_not_fit_the_world_size_is_refused_before_torchrun_starts(
+        place, capsys, torchrun_never_starts, case):
+    options, expected = NODE_CASES[case]
+    config = [] if "--config" in options else ["--config", SMOKE]
+    status = train_launcher.main([*config, *options, "--set", f"checkpoint.dir={place}/checkpoints"])
+    assert_refused(place, capsys, status, expected)

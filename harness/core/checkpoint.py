@@ -5,8 +5,9 @@ rename: a reader never sees half a file; the newest two are kept), safe reads
 (``weights_only=True``), the config fingerprint that refuses a checkpoint made
 by another config, the launch id that keeps a torchrun restart from resuming an
 earlier launch, and the decision which checkpoint (if any) a run resumes from.
-Only the main rank writes or clears. What goes into a checkpoint is the loop's
-business (train_loop.checkpoint_state); a launcher that keeps checkpoints of its
+Only the main rank writes, clears or reads them to resume (the others get its
+state by broadcast, so other nodes need no shared folder). What goes into a
+checkpoint is the loop's business (train_loop.checkpoint_state); a launcher that keeps checkpoints of its
 own (Ray Train) hands one in through ``restored``; the MLflow side of resuming
 (is the checkpoint's run in the store?) is harness/records/mlflow_store.py's.
 """
@@ -25,6 +26,7 @@ import torch
 from harness import faults
 from harness.console import say
 from harness.core.config import Config
+from harness.core.distributed import broadcast_from_main
 from harness.errors import InputError
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})\.pt$")
@@ -167,7 +169,27 @@ class Checkpoints:
         return self.newest() if self.resume else None
 
     def resume_state(self) -> Optional[dict[str, Any]]:
-        """The state this run resumes from (read and checked); None to start afresh."""
+        """The state this run resumes from (read and checked); None to start afresh. Every rank must call it.
+
+        Only the main rank decides and reads the file; the others get its state (or its
+        error) through a broadcast. So the ranks never disagree on whether to resume,
+        and ranks on other nodes need no shared checkpoint folder: only the main rank's
+        node writes and reads ``checkpoint.dir``.
+        """
+        if self.ctx is None or not self.ctx.is_distributed:
+            return self._read_resume_state()
+        outcome: Optional[tuple[str, Any]] = None
+        if self.ctx.is_main:
+            try:
+                outcome = ("state", self._read_resume_state())
+            except InputError as err:  # the others must not wait for a state that never comes
+                outcome = ("error", str(err))
+        kind, value = broadcast_from_main(outcome, self.ctx)
+        if kind == "error":
+            raise InputError(value)
+        return value
+
+    def _read_resume_state(self) -> Optional[dict[str, Any]]:
         path = self.to_resume()
         if path is None:
             return None

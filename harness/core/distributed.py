@@ -8,8 +8,11 @@ the loop needs. ``world_size == 1`` without a process group is a normal case.
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -69,31 +72,105 @@ def allow_collective_capture() -> None:
         os.environ.setdefault(name, value)
 
 
-def init_from_env(requested_device: str = "auto", timeout_s: float = 300) -> DistContext:
-    """torchrun: join the process group (NCCL with one GPU per rank, else gloo)."""
+def init_from_env(requested_device: str = "auto", timeout_s: float = 300,
+                  attempt: Optional[int] = None) -> DistContext:
+    """torchrun: join the process group (NCCL with one GPU per rank, else gloo).
+
+    ``attempt``: this restart attempt's number as ``agree_on_attempt`` returned it
+    (the same on every rank); None asks for it here.
+    """
     rank, local_rank, world_size = torchrun_world()
+    if attempt is None:
+        attempt = agree_on_attempt(timeout_s)
     device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, store=_attempt_store(rank, world_size, timeout_s),
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                            store=_attempt_store(rank, world_size, timeout_s, attempt),
                             timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, launcher="torchrun")
 
 
-def _attempt_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
+def _uses_agent_store() -> bool:
+    """torchrun's agent hosts the workers' TCPStore (c10d and static rendezvous, unless
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): the store, and every key in it, outlives a restart."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _torchrun_store(rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    agent_hosts_store = _uses_agent_store()
+    return dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+                         world_size, is_master=(rank == 0 and not agent_hosts_store),
+                         timeout=timedelta(seconds=timeout_s), multi_tenant=not agent_hosts_store)
+
+
+def _attempt_store(rank: int, world_size: int, timeout_s: float, attempt: int) -> dist.Store:
     """torchrun's TCPStore, with keys private to this restart attempt.
 
     After ``--max-restarts`` relaunches the ranks, the agent's store still holds
     the previous attempt's gloo addresses under the same keys, and a new rank can
     dial a dead peer ("Connection refused"). A prefix per attempt keeps them apart.
+    Without the agent's store, rank 0 hosts a new one every attempt: nothing is stale.
     """
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
-                          world_size, is_master=(rank == 0 and not agent_hosts_store),
-                          timeout=timedelta(seconds=timeout_s), multi_tenant=not agent_hosts_store)
-    return dist.PrefixStore(f"harness/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    store = _torchrun_store(rank, world_size, timeout_s)
+    return dist.PrefixStore(f"harness/attempt-{attempt}" if _uses_agent_store() else "harness", store)
+
+
+# How often rank 0 looks for ranks that wait to learn the attempt (agree_on_attempt).
+_WELCOME_POLL_S = 0.02
+
+
+def agree_on_attempt(timeout_s: float = 300) -> int:
+    """Under torchrun: which restart attempt this is (0: the launch's first), the same number on every rank.
+
+    TORCHELASTIC_RESTART_COUNT is not that number on several nodes: an agent whose
+    own ranks were healthy restarts them for the other node's re-rendezvous without
+    counting a restart, so after one kill one node's ranks say 0 and the other's 1.
+    The agent's store outlives restarts, so rank 0 counts its own starts there and
+    hands the count to the others. A rank cannot tell a key of this attempt from one
+    the previous attempt left, so each other rank asks under a name of its own (a
+    fresh nonce) and rank 0 answers every new name it sees until all ranks have
+    confirmed under this attempt's number. Without the agent's store (a new store
+    each attempt), the restart count is all there is: rank 0's is the one that matters
+    (it alone decides whether to resume, core/checkpoint.py).
+    """
+    rank, _, world_size = torchrun_world()
+    if not _uses_agent_store():
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = _torchrun_store(rank, world_size, timeout_s)
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"harness/hello/{rank}", nonce)
+        store.wait([f"harness/welcome/{nonce}"], timedelta(seconds=timeout_s))
+        attempt = int(store.get(f"harness/welcome/{nonce}"))
+        store.add(f"harness/joined/{attempt}", 1)
+        return attempt
+    attempt = store.add("harness/attempts", 1) - 1
+    answered: dict[int, bytes] = {}
+    deadline = time.monotonic() + timeout_s
+    while store.add(f"harness/joined/{attempt}", 0) < world_size - 1:
+        for other in range(1, world_size):
+            key = f"harness/hello/{other}"
+            if store.check([key]) and (nonce := store.get(key)) != answered.get(other):
+                store.set(f"harness/welcome/{nonce.decode()}", str(attempt))
+                answered[other] = nonce
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0: not every rank of {world_size} joined attempt {attempt} within "
+                               f"{timeout_s:.0f} s")
+        time.sleep(_WELCOME_POLL_S)
+    return attempt
+
+
+def broadcast_from_main(value: Any, ctx: DistContext) -> Any:
+    """The main rank's ``value`` on every rank (any picklable object); every rank of a process group
+    must call it. Without a process group (one process, or a driver that only starts ranks) it is ``value``."""
+    if ctx.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.device.type == "cuda" else None)
+    return box[0]
 
 
 def context_from_process_group(requested_device: str, launcher: str = "ray") -> DistContext:

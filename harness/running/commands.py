@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Optional
 
 from harness import signals
 from harness.console import say
@@ -26,21 +27,31 @@ from harness.core.config import Config
 from harness.core.train_loop import RunHooks, train
 from harness.errors import InputError
 from harness.running.entrypoints import connect_ray, load_run_config
+from harness.running import torchrun_nodes
 from harness.running.preflight import preflight
 from harness.running.sweep import report_sweep, run_sweep, select_trial, summary_table
 from harness.running.sweep_drivers import run_sweep_on_ray, torchrun_sweep
 
 
-def train_command(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     """launch/train.py: ``--trial`` picks one trial of a sweep config; ``--resume``, or a torchrun
-    restart, continues from the newest checkpoint; ``--parent-run-id`` nests the MLflow run."""
+    restart, continues from the newest checkpoint; ``--parent-run-id`` nests the MLflow run.
+    With ``--nnodes`` (not under torchrun): check, then become this node's torchrun running ``argv``."""
     cfg = load_run_config(args)
     refuse_early_stopping(cfg, "launch/train.py")
     if args.trial is not None:
         cfg = select_trial(cfg, args.trial)
+    if torchrun_nodes.starts_torchrun(args):
+        world_size = torchrun_nodes.check_node_options(args)
+        preflight(cfg, world_size, use_gpu=cfg.train.device == "cuda", resume=args.resume)
+        torchrun_nodes.exec_torchrun(torchrun_nodes.torchrun_command(args, argv or []))
+    torchrun_nodes.check_against_torchrun(args)
     under_torchrun = "RANK" in os.environ
     _, _, world_size = distributed.torchrun_world()
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    # The attempt the ranks agree on through torchrun's store, not TORCHELASTIC_RESTART_COUNT:
+    # on several nodes that count differs between nodes after a restart (distributed.agree_on_attempt).
+    attempt = distributed.agree_on_attempt() if under_torchrun else 0
+    restart = attempt > 0
     resume = args.resume or restart
     # torchrun's run id is new for every launch (a uuid with --standalone or one node).
     # A restart may resume only what this launch wrote: an earlier run's checkpoints
@@ -51,7 +62,8 @@ def train_command(args: argparse.Namespace) -> int:
                         launch_id=hooks.launch_id if hooks.same_launch_only else None)
     if cfg.performance.cuda_graph:
         distributed.allow_collective_capture()
-    ctx = distributed.init_from_env(cfg.train.device) if under_torchrun else distributed.local_context(cfg.train.device)
+    ctx = distributed.init_from_env(cfg.train.device, attempt=attempt) if under_torchrun \
+        else distributed.local_context(cfg.train.device)
     try:
         if cfg.is_sweep:
             say("", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes), ctx=ctx)

@@ -23,7 +23,7 @@ from harness.core.checkpoint import Checkpoints
 from harness.core.config import Config, trial_name
 from harness.console import say
 from harness.core.data import Dataset, load_dataset
-from harness.core.distributed import DistContext
+from harness.core.distributed import DistContext, broadcast_from_main
 from harness.errors import InputError
 from harness.core.train_loop import RunHooks, RunResult, train
 from harness.results.critical import time_spent
@@ -158,7 +158,11 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False, trials
     parent's ``run_kind`` tag (``sweep``; ``escape`` for harness/running/escape.py's runs)."""
     tracker = make_tracker(cfg, ctx)
     previous = tracker.unfinished_sweep_run(cfg.name) if resume else None
-    if resume and previous is None:
+    finished = tracker.finished_children(previous) if previous else frozenset()
+    # Only the main rank reads MLflow (the others hold a NullTracker): in a process group, every
+    # rank must skip the trials it skips (a torchrun restart resumes), or refuse as it does.
+    found, finished = broadcast_from_main((previous is not None, finished), ctx)
+    if resume and not found:
         raise InputError(f"--resume: no unfinished sweep named {cfg.name!r} in experiment "
                          f"{cfg.tracking.experiment!r}; expected one that was interrupted")
     if not resume:
@@ -167,8 +171,7 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False, trials
         for trial in trials if trials is not None else expand_trials(cfg):
             Checkpoints(trial, ctx).clear()
     try:  # start inside: a signal held back during start is raised as it returns
-        parent = SweepParent(tracker.start(resume_run_id=previous),
-                             tracker.finished_children(previous) if previous else frozenset(), ctx)
+        parent = SweepParent(tracker.start(resume_run_id=previous), finished, ctx)
         tracker.set_tags({"run_kind": kind})
         yield parent
         tracker.set_tags({"trials": len(parent.outcomes),
