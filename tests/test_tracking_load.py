@@ -268,16 +268,32 @@ def test_sqlite_file_shared_by_concurrent_writers(tmp_path, capsys):
     assert_every_step_once(uri, outcome)
 
 
-def test_stopping_the_server_by_its_pid_stops_postgresql_too(pg_server):
-    postmaster = pg_server.postmaster_pid()
-    tree = process_tree(pg_server.process.pid)
-    assert postmaster and len(tree) >= 2
-    os.kill(pg_server.process.pid, signal.SIGTERM)
-    assert pg_server.process.wait(timeout=90) == 0
-    assert all(has_exited(p.pid) for p in tree)
+def assert_all_stopped(pg_server, tree, postmaster) -> None:
+    assert all(has_exited(p.pid) for p in tree)  # mlflow and its uvicorn worker
     assert not (pg_server.cluster / "db" / "postmaster.pid").exists()  # pg_ctl -w stop saw it shut down
     # The postmaster removes that file just before it exits; then init reaps it.
     wait_for(lambda: has_exited(postmaster), "the postmaster to exit", 60)
+
+
+def test_stopping_by_pid_or_losing_mlflow_stops_postgresql_and_a_restart_keeps_the_records(pg_server):
+    client = MlflowClient(tracking_uri=pg_server.uri)
+    kept = client.create_experiment("kept across restarts")
+    password = (pg_server.cluster / "password").read_text()
+    postmaster, tree = pg_server.postmaster_pid(), process_tree(pg_server.process.pid)
+    assert postmaster and len(tree) >= 3  # this process, mlflow, uvicorn
+    os.kill(pg_server.process.pid, signal.SIGTERM)
+    assert pg_server.process.wait(timeout=90) == 0
+    assert_all_stopped(pg_server, tree, postmaster)
+
+    pg_server.start()  # the same folder: the cluster is reused, not made again
+    assert (pg_server.cluster / "password").read_text() == password
+    assert MlflowClient(tracking_uri=pg_server.uri).get_experiment_by_name("kept across restarts").experiment_id == kept
+    postmaster, tree = pg_server.postmaster_pid(), process_tree(pg_server.process.pid)
+    mlflow = psutil.Process(pg_server.process.pid).children()[0]
+    mlflow.kill()  # mlflow dies: the server command stops PostgreSQL and says so
+    assert pg_server.process.wait(timeout=90) == 1
+    assert "mlflow server exited with code -9; stopping PostgreSQL" in pg_server.log.read_text()
+    assert_all_stopped(pg_server, tree, postmaster)
 
 
 def has_exited(pid: int) -> bool:

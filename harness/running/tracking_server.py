@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -117,14 +118,31 @@ def _term_with_parent() -> None:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM mlflow (it stops its uvicorn worker itself), SIGKILL its session if it hangs."""
+    """SIGTERM mlflow (it stops its uvicorn worker itself), then end whatever is left of its session:
+    after mlflow was killed, its uvicorn worker lived on as an orphan, still serving."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(MLFLOW_STOP_WAIT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            pass
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, signum)  # the session's id is mlflow's PID (start_new_session)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + MLFLOW_STOP_WAIT_S
+        while time.monotonic() < deadline and _session_alive(process.pid):
+            time.sleep(0.2)
+    process.wait()
+
+
+def _session_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 class LocalPostgres:
