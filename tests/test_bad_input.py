@@ -495,7 +495,7 @@ def test_mlflow_server_on_a_port_in_use_is_refused(place, capsys):
             assert_refused(place, capsys, status, f"--port: cannot listen on 127.0.0.1:{port}")
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root hands PostgreSQL to another user")
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands PostgreSQL to another user")
 def test_postgresql_store_the_postgres_user_cannot_reach_is_refused(place, capsys):
     from harness.cli import main as harness_main
 

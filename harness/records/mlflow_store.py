@@ -199,8 +199,8 @@ def check_resume_run(uri: str, run_id: Optional[str], checkpoint: Path) -> None:
     try:
         open_client(uri).get_run(run_id)
     except MlflowException:
-        raise InputError(f"{checkpoint}: its MLflow run {run_id} is not in {masked_uri(uri)}; expected the store the run was "
-                         "started with (tracking.uri), or start afresh without --resume") from None
+        raise InputError(f"{checkpoint}: its MLflow run {run_id} is not in {masked_uri(uri)}; expected the store "
+                         "the run was started with (tracking.uri), or start afresh without --resume") from None
 
 
 def check_resume_run_in_store(cfg: Config) -> None:

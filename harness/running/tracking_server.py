@@ -185,7 +185,8 @@ class LocalPostgres:
         if self.folder.exists() and not (self.data / "PG_VERSION").is_file():
             raise InputError(f"--store-dir: {self.folder} exists but holds no PostgreSQL cluster (db/PG_VERSION); "
                              "expected the folder a previous start created, or no folder (move this one away)")
-        if (self.data / "postmaster.pid").exists() and self._run("pg_ctl", "status", "-D", str(self.data)).returncode == 0:
+        running = (self.data / "postmaster.pid").exists() and self._run("pg_ctl", "status", "-D", str(self.data))
+        if running and running.returncode == 0:
             raise InputError(f"--store-dir: the PostgreSQL of {self.data} is already running; expected it stopped "
                              f"(stop the harness mlflow-server that started it, or pg_ctl -D {self.data} stop)")
 
