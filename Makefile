@@ -22,7 +22,7 @@ TEST_WORKERS ?= 2
 
 MLFLOW_PORT ?= 5000
 
-.PHONY: sweep test setup data clean mlflow-server screenshots gpu-data gpu-wheels
+.PHONY: sweep test setup data clean mlflow-server mlflow-server-pg screenshots gpu-data gpu-wheels
 
 # PYTHONDONTWRITEBYTECODE is set on machines of this kind. With it, no .pyc is
 # cached, and every process of a sweep or of the tests (torchrun ranks, Ray
@@ -76,6 +76,11 @@ gpu-wheels:
 # The MLflow UI over this folder's mlflow.db, on 127.0.0.1 only.
 mlflow-server: setup
 	$(VENV)/bin/harness mlflow-server --port $(MLFLOW_PORT)
+
+# The same UI over a PostgreSQL of its own in ./mlflow-pg/ (127.0.0.1 only, generated password in
+# mlflow-pg/password), for many concurrent writers; stop it with Ctrl-C or kill <pid>: PostgreSQL stops too.
+mlflow-server-pg: setup
+	$(VENV)/bin/harness mlflow-server --backend postgresql --port $(MLFLOW_PORT)
 
 # The MLflow UI screenshots in docs/ (docs/mlflow-ui.md), from a small real sweep in a
 # temporary store (docs/screenshots.sh; needs chromium, about 5 minutes).

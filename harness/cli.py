@@ -260,24 +260,22 @@ def replay(args: argparse.Namespace) -> int:
 
 
 def mlflow_server(args: argparse.Namespace) -> int:
-    """A local MLflow server for the UI: sqlite store, artifacts folder, one worker, no job runners."""
-    import os
+    """A local MLflow server: sqlite store (or PostgreSQL, --backend postgresql), artifacts folder,
+    one worker, no job runners."""
     from pathlib import Path
 
     from harness.core.checkpoint import check_writable_dir
+    from harness.running.tracking_server import check_port_free, serve_postgresql, serve_sqlite
 
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port: {args.port} is not a TCP port; expected 1..65535")
     check_writable_dir(Path(args.store_dir), "--store-dir")
+    check_port_free(args.host, args.port, "--port")
     store = Path(args.store_dir).resolve()
+    if args.backend == "postgresql":
+        return serve_postgresql(store, args.host, args.port, args.pg_port)
     store.mkdir(parents=True, exist_ok=True)
-    mlflow = Path(sys.executable).with_name("mlflow")
-    command = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-               "--artifacts-destination", str(store / "mlartifacts"), "--host", args.host, "--port", str(args.port),
-               "--workers", "1"]
-    say(f"MLflow UI on http://{args.host}:{args.port} (store {store / 'mlflow.db'})")
-    # exec: the server takes this process's PID, so stopping that PID stops it.
-    os.execve(command[0], command, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    serve_sqlite(store, args.host, args.port)  # exec: the server takes this process's PID
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,7 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv = commands.add_parser("mlflow-server", help="a local MLflow server for the UI (127.0.0.1 by default)")
     srv.add_argument("--host", default="127.0.0.1", help="127.0.0.1; another address exposes every run")
     srv.add_argument("--port", type=int, default=5000, help="port on --host")
-    srv.add_argument("--store-dir", default=".", help="folder of mlflow.db and mlartifacts/")
+    srv.add_argument("--store-dir", default=".", help="folder of mlflow.db (or mlflow-pg/) and mlartifacts/")
+    srv.add_argument("--backend", default="sqlite", choices=("sqlite", "postgresql"),
+                     help="sqlite: one file; postgresql: a PostgreSQL of its own in <store-dir>/mlflow-pg/ "
+                     "(127.0.0.1, generated password), for many concurrent writers")
+    srv.add_argument("--pg-port", type=int, default=None,
+                     help="PostgreSQL's port on 127.0.0.1 (--backend postgresql; default: a free one)")
     srv.set_defaults(handler=mlflow_server)
     return parser
 

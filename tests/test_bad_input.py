@@ -5,6 +5,7 @@ checkpoint file, no process)."""
 import functools
 import gzip
 import importlib.util
+import os
 import shutil
 import sys
 
@@ -432,6 +433,8 @@ def test_replay_delivers_every_valid_record_and_names_the_bad_line(place, capsys
     (["bench", "--epochs", "0"], "--epochs: expected a positive number of timed epochs, got 0"),
     (["report", "--out", "{place}/afile"], "--out: {place}/afile is not a folder"),
     (["mlflow-server", "--port", "99999"], "--port: 99999 is not a TCP port; expected 1..65535"),
+    (["mlflow-server", "--backend", "postgresql", "--store-dir", "{place}/afile/store"],
+     "--store-dir: {place}/afile is not a folder"),
     (["capacity", "--max-batch", "0"], "--max-batch: 0; expected a positive batch size"),
     (["capacity", "--config", SMOKE, "--device", "cpu", "--memory-limit", "1e-9"],
      "--memory-limit: 1e-09 GB is below one sample's memory"),
@@ -451,6 +454,65 @@ def test_harness_command_refuses_bad_arguments(place, capsys, argv, expected):
     (place / "afile").write_text("a file")
     status = harness_main([a.format(place=place) for a in argv])
     assert_refused(place, capsys, status, expected.format(place=place), before={"afile"})
+
+
+# --- PostgreSQL: a tracking store that does not answer, a server that cannot start ---
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+TINY_SWEEP = """name: tinysweep
+data: {dataset: digits, validation_size: 200}
+optim: {lr: 0.1, global_batch_size: 16}
+sweep: {batch_sizes: [16, 32], seeds: [0], lr_rules: [none], base_batch_size: 16}
+"""
+
+
+@pytest.mark.parametrize("launcher", ["train", "sweep", "ray_job"])
+def test_unreachable_postgresql_store_is_refused_with_its_password_masked(place, capsys, launcher):
+    uri = f"postgresql://mlflow:hunter2-secret@127.0.0.1:{_free_port()}/mlflow"
+    config = write(place, TINY_SWEEP) if launcher == "sweep" else SMOKE
+    main = {"train": train_launcher, "sweep": sweep_launcher, "ray_job": ray_launcher}[launcher].main
+    status = main(["--config", config, "--set", f"tracking.uri={uri}"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: tracking.uri: database postgresql://mlflow:***@127.0.0.1:"), err
+    assert "is unreachable or refused the login (" in err and "hunter2" not in err
+    assert {p.name for p in place.iterdir()} <= {"bad.yaml"}
+
+
+def test_mlflow_server_on_a_port_in_use_is_refused(place, capsys):
+    import socket
+
+    from harness.cli import main as harness_main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for backend in ("sqlite", "postgresql"):
+            status = harness_main(["mlflow-server", "--backend", backend, "--port", str(port),
+                                   "--store-dir", str(place / "store")])
+            assert_refused(place, capsys, status, f"--port: cannot listen on 127.0.0.1:{port}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands PostgreSQL to another user")
+def test_postgresql_store_the_postgres_user_cannot_reach_is_refused(place, capsys):
+    from harness.cli import main as harness_main
+
+    locked = place / "locked"
+    locked.mkdir(mode=0o700)
+    status = harness_main(["mlflow-server", "--backend", "postgresql", "--port", str(_free_port()),
+                           "--store-dir", str(locked / "store")])
+    assert_refused(place, capsys, status, f"--store-dir: {locked} cannot be reached by the postgres user",
+                   before={"locked"})
+    assert list(locked.iterdir()) == []
 
 
 # --- checkpoint.init_from and harness interpolate: the source checkpoints ---------

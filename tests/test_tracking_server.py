@@ -193,3 +193,14 @@ def test_unreachable_server_at_start_is_refused_before_training(tmp_path):
     assert result.stderr.strip().startswith(f"error: tracking.uri: MLflow server {uri} is unreachable")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_unreachable_postgresql_at_start_is_refused_before_training(tmp_path):
+    uri = f"postgresql://mlflow:hunter2-secret@127.0.0.1:{free_port()}/mlflow"
+    result = run_command([sys.executable, str(REPO / "launch/train.py"), "--config", str(CONFIGS / "smoke.yaml"),
+                          "--set", f"tracking.uri={uri}", "--set", f"checkpoint.dir={tmp_path}/ckpt"], cwd=tmp_path)
+    assert result.returncode == 2
+    masked = uri.replace("hunter2-secret", "***")
+    assert result.stderr.strip().startswith(f"error: tracking.uri: database {masked} is unreachable"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "hunter2" not in result.stderr
+    assert not (tmp_path / "ckpt").exists()

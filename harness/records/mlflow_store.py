@@ -38,7 +38,11 @@ def default_tracking_uri(cwd: Path | None = None) -> str:
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Refuse to start when an HTTP tracking server does not answer /health."""
+    """Refuse to start when an HTTP tracking server does not answer /health, or a PostgreSQL
+    store does not accept a login."""
+    if uri.lower().startswith("postgresql"):
+        check_database(uri, timeout_s)
+        return
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.request
@@ -49,6 +53,51 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         reason = getattr(err, "reason", err)
         raise InputError(f"tracking.uri: MLflow server {uri} is unreachable ({reason}); expected a running "
                          "server (make mlflow-server) or tracking.enabled: false") from None
+
+
+def masked_uri(uri: str) -> str:
+    """``uri`` with its password (if any) replaced by ``***``: what error lines may show."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except ArgumentError:
+        return uri
+
+
+def check_database(uri: str, timeout_s: float = 5.0) -> None:
+    """Refuse a database URI (``postgresql://user:password@host:port/db``) whose driver is missing,
+    whose server does not answer within ``timeout_s`` or that refuses the login; the line shows
+    the URI without its password. Without a password in the URI, libpq reads ``$PGPASSFILE``
+    (default ``~/.pgpass``), as MLflow will."""
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    shown = masked_uri(uri)
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+        # NullPool: the check's connection is closed at once, not kept in a pool of this process.
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                          connect_args={"connect_timeout": max(1, int(timeout_s))})
+    except ArgumentError as err:
+        raise InputError(f"tracking.uri: {shown} is not a database URI ({err}); expected "
+                         "postgresql://user:password@host:port/database") from None
+    except ImportError as err:  # SQLAlchemy 2.1 reads postgresql:// as postgresql+psycopg (psycopg 3)
+        raise InputError(f"tracking.uri: no driver for {shown} ({err}); expected the pinned driver installed "
+                         "(pip install 'psycopg[binary]', see requirements.txt)") from None
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as err:
+        reason = " ".join(str(err.orig).split()) or type(err.orig).__name__
+        if url.password:  # libpq does not echo passwords; make sure no message ever does
+            reason = reason.replace(str(url.password), "***")
+        raise InputError(f"tracking.uri: database {shown} is unreachable or refused the login ({reason}); "
+                         "expected a running PostgreSQL that accepts this user and password "
+                         "(make mlflow-server-pg serves one) or tracking.enabled: false") from None
+    finally:
+        engine.dispose()
 
 
 # URI schemes MLflow 3.17's tracking store registry knows (``postgresql+psycopg``
@@ -135,8 +184,9 @@ def check_experiment(uri: str, name: str) -> None:
         return
     experiment = open_client(uri).get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
-        raise InputError(f"tracking.experiment: {name!r} is deleted in {uri}; restore it with `mlflow experiments "
-                         f"restore --experiment-id {experiment.experiment_id}` (MLFLOW_TRACKING_URI={uri}) or "
+        raise InputError(f"tracking.experiment: {name!r} is deleted in {masked_uri(uri)}; restore it with `mlflow "
+                         f"experiments restore --experiment-id {experiment.experiment_id}` "
+                         f"(MLFLOW_TRACKING_URI={masked_uri(uri)}) or "
                          "choose another name")
 
 
@@ -149,8 +199,8 @@ def check_resume_run(uri: str, run_id: Optional[str], checkpoint: Path) -> None:
     try:
         open_client(uri).get_run(run_id)
     except MlflowException:
-        raise InputError(f"{checkpoint}: its MLflow run {run_id} is not in {uri}; expected the store the run was "
-                         "started with (tracking.uri), or start afresh without --resume") from None
+        raise InputError(f"{checkpoint}: its MLflow run {run_id} is not in {masked_uri(uri)}; expected the store "
+                         "the run was started with (tracking.uri), or start afresh without --resume") from None
 
 
 def check_resume_run_in_store(cfg: Config) -> None:

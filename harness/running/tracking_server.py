@@ -1,0 +1,285 @@
+"""The MLflow tracking server behind ``harness mlflow-server``: over a SQLite file, or over a PostgreSQL of its own.
+
+SQLite (the default) is one file and one ``mlflow server`` process, exec'd so that
+it owns the command's PID. PostgreSQL is for many writers at once (ranks and
+trials on several nodes): this module initdb's a database cluster into
+``<store>/mlflow-pg/`` on the first start (reused afterwards), starts it on
+127.0.0.1 only with scram-sha-256 logins and a generated password, runs
+``mlflow server`` over it as a child, and stays in front of both: SIGTERM or
+SIGINT to this process stops mlflow, then PostgreSQL (``pg_ctl -w stop``); if
+mlflow dies, PostgreSQL is stopped too. Both serve artifacts through the server
+(``--artifacts-destination``), so workers need no shared disk.
+
+The password lives in ``mlflow-pg/password`` and ``mlflow-pg/pgpass`` (mode
+0600, never in the repo): mlflow gets ``MLFLOW_BACKEND_STORE_URI`` without a
+password and ``PGPASSFILE``, from which libpq reads it, so it appears in no
+process's argv or environment.
+
+Owns starting and stopping these servers and refusing what would make them fail
+(port in use, a folder PostgreSQL cannot reach, a cluster already running).
+Leaves checking a client's tracking URI to records/mlflow_store.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from harness import signals
+from harness.console import say, warn
+from harness.errors import InputError
+
+PG_FOLDER = "mlflow-pg"  # under --store-dir: the cluster (db/), its password files, log and socket
+PG_ROLE = "mlflow"       # the cluster's only role (its superuser), created by initdb
+PG_DATABASE = "mlflow"
+PG_SYSTEM_USER = "postgres"  # who runs the server when we are root: PostgreSQL refuses to run as root
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner processes (~2.5 GB less)
+MLFLOW_STOP_WAIT_S = 30
+
+
+def check_port_free(host: str, port: int, key: str) -> None:
+    """Refuse a port something already listens on: the server would start and then die in uvicorn."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # SO_REUSEADDR as the servers set it: a port left in TIME_WAIT by a stopped server is free to them.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise InputError(f"{key}: cannot listen on {host}:{port} ({err.strerror}); expected a free port "
+                             "(is another server running there?)") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def mlflow_command(host: str, port: int, artifacts: Path) -> list[str]:
+    return [str(Path(sys.executable).with_name("mlflow")), "server", "--artifacts-destination", str(artifacts),
+            "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def serve_sqlite(store: Path, host: str, port: int) -> None:
+    """exec ``mlflow server`` over ``<store>/mlflow.db``: the server takes this process's PID."""
+    command = mlflow_command(host, port, store / "mlartifacts")
+    command[2:2] = ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]
+    say(f"MLflow UI on http://{host}:{port} (store {store / 'mlflow.db'})")
+    os.execve(command[0], command, {**os.environ, **SERVER_ENV})
+
+
+def serve_postgresql(store: Path, host: str, port: int, pg_port: Optional[int]) -> int:
+    """Run PostgreSQL and ``mlflow server`` over it until a termination signal or mlflow's end."""
+    cluster = LocalPostgres(store / PG_FOLDER)
+    cluster.check(pg_port)
+    pg_port = pg_port or free_port()
+    cluster.initialise()
+    mlflow = None
+    try:
+        cluster.start(pg_port)
+        cluster.create_database(pg_port)
+        env = {**os.environ, **SERVER_ENV, "MLFLOW_BACKEND_STORE_URI": cluster.uri(pg_port),
+               "PGPASSFILE": str(cluster.pgpass)}
+        say(f"MLflow UI on http://{host}:{port} (store PostgreSQL {cluster.uri(pg_port)}, data {cluster.data}; "
+            f"artifacts {store / 'mlartifacts'}); stop with: kill {os.getpid()}")
+        # Its own session: a Ctrl-C in the terminal reaches only this process, which stops mlflow
+        # and then PostgreSQL in that order. PDEATHSIG: if this process is SIGKILLed, mlflow goes too.
+        mlflow = subprocess.Popen(mlflow_command(host, port, store / "mlartifacts"), env=env,
+                                  start_new_session=True, preexec_fn=_term_with_parent)
+        code = mlflow.wait()
+        warn(f"mlflow server exited with code {code}; stopping PostgreSQL")
+        return 1
+    except signals.Terminated as stop:
+        say(f"{stop}: stopping mlflow and PostgreSQL")
+        return 0
+    finally:
+        if mlflow is not None:
+            _stop(mlflow)
+        cluster.stop()
+
+
+def _term_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's finally block still stops it
+        pass
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM mlflow (it stops its uvicorn worker itself), then end whatever is left of its session:
+    after mlflow was killed, its uvicorn worker lived on as an orphan, still serving."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(MLFLOW_STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pass
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, signum)  # the session's id is mlflow's PID (start_new_session)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + MLFLOW_STOP_WAIT_S
+        while time.monotonic() < deadline and _session_alive(process.pid):
+            time.sleep(0.2)
+    process.wait()
+
+
+def _session_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class LocalPostgres:
+    """A PostgreSQL cluster in ``folder``: ``db/`` (PGDATA), ``password``, ``pgpass``, ``postgres.log``
+    and the Unix socket, all readable by its owner only."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.data = folder / "db"
+        self.password_file = folder / "password"
+        self.pgpass = folder / "pgpass"
+        self.log = folder / "postgres.log"
+        self.bindir = find_pg_bindir()
+        self.as_root = os.geteuid() == 0
+
+    def uri(self, port: int) -> str:
+        return f"postgresql://{PG_ROLE}@127.0.0.1:{port}/{PG_DATABASE}"
+
+    def _command(self, program: str, *args: str) -> list[str]:
+        command = [str(self.bindir / program), *args]
+        return ["runuser", "-u", PG_SYSTEM_USER, "--", *command] if self.as_root else command
+
+    def _run(self, program: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(self._command(program, *args), capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+
+    def check(self, pg_port: Optional[int]) -> None:
+        """Everything that would stop PostgreSQL from starting, refused before anything is created."""
+        try:
+            import psycopg  # noqa: F401  (the driver of postgresql:// in SQLAlchemy 2.1)
+        except ImportError:
+            raise InputError("--backend postgresql: the PostgreSQL driver psycopg is not installed; expected "
+                             "pip install 'psycopg[binary]' (pinned in requirements.txt)") from None
+        if pg_port is not None:
+            if not 1 <= pg_port <= 65535:
+                raise InputError(f"--pg-port: {pg_port} is not a TCP port; expected 1..65535")
+            check_port_free("127.0.0.1", pg_port, "--pg-port")
+        if self.as_root:
+            self._check_reachable_by_server_user()
+        if self.folder.exists() and not (self.data / "PG_VERSION").is_file():
+            raise InputError(f"--store-dir: {self.folder} exists but holds no PostgreSQL cluster (db/PG_VERSION); "
+                             "expected the folder a previous start created, or no folder (move this one away)")
+        running = (self.data / "postmaster.pid").exists() and self._run("pg_ctl", "status", "-D", str(self.data))
+        if running and running.returncode == 0:
+            raise InputError(f"--store-dir: the PostgreSQL of {self.data} is already running; expected it stopped "
+                             f"(stop the harness mlflow-server that started it, or pg_ctl -D {self.data} stop)")
+
+    def _check_reachable_by_server_user(self) -> None:
+        try:
+            pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
+            raise InputError(f"--backend postgresql: running as root, but there is no {PG_SYSTEM_USER!r} user to "
+                             "run PostgreSQL (it refuses root); expected apt-get install postgresql, or run as a "
+                             "normal user") from None
+        nearest = self.folder
+        while not nearest.exists():
+            nearest = nearest.parent
+        # test -x as that user: every folder above must be traversable by it, not only the last one.
+        probe = subprocess.run(["runuser", "-u", PG_SYSTEM_USER, "--", "test", "-x", str(nearest)],
+                               capture_output=True)
+        if probe.returncode != 0:
+            raise InputError(f"--store-dir: {nearest} cannot be reached by the {PG_SYSTEM_USER} user that runs "
+                             "PostgreSQL (root may not run it); expected a folder whose parents are all "
+                             "traversable (chmod o+x), e.g. one outside a mode-700 home or temp folder")
+
+    def initialise(self) -> None:
+        """initdb on the first start: a new cluster with a generated password. Nothing half-made
+        stays behind: a failed initdb removes the folder it was given."""
+        if (self.data / "PG_VERSION").is_file():
+            self._write_pgpass()
+            return
+        self.folder.mkdir(mode=0o700, parents=True)
+        try:
+            _write_private(self.password_file, secrets.token_urlsafe(32) + "\n")
+            if self.as_root:
+                shutil.chown(self.folder, PG_SYSTEM_USER, PG_SYSTEM_USER)
+                shutil.chown(self.password_file, PG_SYSTEM_USER, PG_SYSTEM_USER)
+            done = self._run("initdb", "-D", str(self.data), "-U", PG_ROLE, "-A", "scram-sha-256",
+                             f"--pwfile={self.password_file}", "-E", "UTF8", "--no-instructions")
+            if done.returncode != 0:
+                raise InputError(f"--store-dir: initdb in {self.data} failed: {_last_line(done.stderr)}")
+            self._write_pgpass()
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)  # made by this call, so ours to remove
+            raise
+
+    def _write_pgpass(self) -> None:
+        # libpq's format host:port:database:user:password; the port is chosen per start, so any.
+        # token_urlsafe has no ':' or '\\', which the format would need escaped.
+        password = self.password_file.read_text().strip()
+        _write_private(self.pgpass, f"127.0.0.1:*:*:{PG_ROLE}:{password}\n")
+
+    def start(self, port: int) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={shlex.quote(str(self.folder))}"
+        done = self._run("pg_ctl", "start", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "-t", "60")
+        if done.returncode != 0:
+            reason = _last_line(self.log.read_text() if self.log.exists() else done.stderr)
+            self.stop()  # pg_ctl -w gave up waiting: a server that came up late must not stay behind
+            raise InputError(f"--pg-port: PostgreSQL did not start on 127.0.0.1:{port} ({reason}); see {self.log}")
+
+    def create_database(self, port: int) -> None:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=port, user=PG_ROLE, dbname="postgres",
+                             passfile=str(self.pgpass), connect_timeout=10, autocommit=True) as connection:
+            exists = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone()
+            if not exists:
+                connection.execute(f'CREATE DATABASE "{PG_DATABASE}"')
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            done = self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "60")
+            if done.returncode != 0:
+                warn(f"PostgreSQL of {self.data} did not stop: {_last_line(done.stderr)}")
+
+
+def find_pg_bindir() -> Path:
+    """Where initdb and pg_ctl are: on PATH, else Debian's newest /usr/lib/postgresql/<version>/bin."""
+    on_path = shutil.which("initdb")
+    if on_path and shutil.which("pg_ctl"):
+        return Path(on_path).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if versions:
+        return versions[-1].parent
+    raise InputError("--backend postgresql: PostgreSQL's server programs (initdb, pg_ctl) are not installed; "
+                     "expected apt-get install postgresql (or them on PATH)")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read, never readable by others even for a moment."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # O_CREAT's mode applies to new files only
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
