@@ -87,7 +87,8 @@ clean:
 
 # Build the Docker images and run them: a smoke training in the image, then
 # docker/compose.yaml's PostgreSQL-backed MLflow, Ray head and CPU worker with a
-# submitted job (docker/check.sh; as root; about N minutes; not part of `make test`).
+# submitted job (docker/check.sh; as root; ~10 min from nothing, see docker/README.md;
+# not part of `make test`).
 .PHONY: docker-check
 docker-check:
 	bash docker/check.sh
