@@ -42,10 +42,10 @@ setup: $(STAMP)
 # about 90 s, most of it for modules never imported. Python compiles what is
 # imported, once, and caches it in .venv (see unexport above).
 # (Comments stay outside recipes: make echoes a recipe's comment lines.)
-$(STAMP): pyproject.toml requirements.txt
+$(STAMP): pyproject.toml requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q --no-compile -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install -q --no-compile --no-deps -e .
 	touch $(STAMP)
 
@@ -89,3 +89,11 @@ screenshots: setup data
 
 clean:
 	rm -rf $(VENV) checkpoints reports mlflow.db mlartifacts .pytest_cache
+
+# Build the Docker images and run them: a smoke training in the image, then
+# docker/compose.yaml's PostgreSQL-backed MLflow, Ray head and CPU worker with a
+# submitted job (docker/check.sh; as root; ~10 min from nothing, see docker/README.md;
+# not part of `make test`).
+.PHONY: docker-check
+docker-check:
+	bash docker/check.sh
