@@ -61,7 +61,7 @@ def test_default_torch_index_matches_the_default_base_images_cuda():
 def test_image_installs_the_runtime_requirements_and_no_test_only_package():
     runtime = requirement_names(REPO / "requirements.txt")
     assert not runtime & set(TEST_ONLY), runtime & set(TEST_ONLY)
-    assert {"mlflow", "ray", "psycopg2-binary"} <= runtime
+    assert {"mlflow", "ray", "psycopg"} <= runtime
     assert set(TEST_ONLY) <= requirement_names(REPO / "requirements-test.txt")
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert "pip install $PIP_ARGS -r /tmp/requirements.txt" in dockerfile
@@ -121,7 +121,7 @@ def test_compose_has_postgres_mlflow_ray_head_cpu_worker_and_a_job():
     assert "--workers 1" in services["mlflow"]["command"]
     assert services["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     assert "--artifacts-destination" in services["mlflow"]["command"]
-    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://")
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
