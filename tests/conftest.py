@@ -120,7 +120,11 @@ def ray_cluster(tmp_path_factory):
            # apart (default 5 x 3 s): tests/test_ray_nodes.py kills a node's raylet, and
            # the run waits for that verdict before it restarts. A refused check (a dead
            # raylet) fails at once; a slow one still has the default 10 s to answer.
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+           # Ray Train's placement-group cleaner (an actor) asks the State API, whose address it
+           # otherwise looks up in /tmp/ray/ray_current_cluster: with --temp-dir elsewhere that file
+           # is stale or another cluster's, the cleaner dies, and a killed trial's CPUs stay reserved.
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"}
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--num-cpus=2", f"--port={RAY_GCS_PORT}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}",

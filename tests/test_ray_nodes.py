@@ -141,7 +141,8 @@ class SecondNode:
         # Both nodes' workers would otherwise take ports from the same default range (10002-19999).
         worker_ports = ",".join(str(free_port()) for _ in range(16))
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-               **self.cluster["env"], "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+               **self.cluster["env"], "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+               "RAY_API_SERVER_ADDRESS": self.cluster["dashboard"]}  # as the head's (conftest.ray_cluster)
         self.log = open(self.log_dir / "node2.log", "a")
         self.process = subprocess.Popen(
             ["ray", "start", "--address", self.cluster["address"], "--block", "--num-cpus=1",

@@ -5,11 +5,14 @@ Ray Train made the process group; this module only reads it
 torchrun. Resume comes from ``ray.train.get_checkpoint()`` (the newest checkpoint
 Ray registered, which after a kill may be one epoch older than the newest file
 rank 0 wrote: the tracker's (metric, step) dedup makes that harmless). Every
-rank reports after every epoch; only rank 0 attaches a checkpoint.
+rank reports after every epoch; only rank 0 attaches a checkpoint. The ranks gather
+their Ray node ids as they start, and the run is tagged with them (``ray_worker_nodes``):
+where the workers ran, checked rather than assumed, again after every restart.
 
 The driver's side is ``prepare_ray_run`` (paths and options for workers that may
 run elsewhere) and ``fit`` (one run). Checking the input is ``preflight``'s,
-joining the cluster ``entrypoints.connect_ray``'s, a sweep of Ray runs (a Ray
+joining the cluster ``entrypoints.connect_ray``'s (and what a cluster of several
+nodes needs, ``ray_cluster``'s), a sweep of Ray runs (a Ray
 Tune experiment whose trials call ``build_trainer``) ``tune_sweep``'s.
 """
 
