@@ -8,9 +8,12 @@ records go to a real MLflow tracking server (``harness mlflow-server``, http), t
 checkpoints to a folder both nodes see (one machine), said with ``--shared-storage``.
 """
 
+import contextlib
 import importlib.util
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +29,7 @@ from harness.core.config import load_config
 from harness.errors import InputError
 from harness.running.ray_cluster import ClusterNode, check_cluster, check_storage_path
 from test_launchers import EPOCHS, RAY_JOB, assert_each_metric_logged_once_per_epoch
-from test_tracking_server import MlflowServer, free_port
+from test_tracking_server import MlflowServer
 
 SMOKE = str(CONFIGS / "smoke.yaml")
 HEAD, SECOND = ClusterNode("head-id", "10.0.0.1"), ClusterNode("second-id", "10.0.0.2")
@@ -57,7 +60,8 @@ def test_storage_path_in_a_missing_folder_is_refused_before_ray_starts(launcher,
     store = seeded_store(tmp_path)
     capsys.readouterr()  # the store's making may log (the session's first); only the launcher's lines count
     status = _load_launcher(launcher).main(["--config", config, *extra, "--storage-path", str(missing),
-                                            "--set", f"tracking.uri={store}", "--set", f"checkpoint.dir={tmp_path}/ckpt"])
+                                            "--set", f"tracking.uri={store}",
+                                            "--set", f"checkpoint.dir={tmp_path}/ckpt"])
     assert status == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: --storage-path: {missing}: folder {missing.parent} does not exist; expected an existing folder, "
@@ -125,6 +129,16 @@ def test_strict_spread_needs_a_node_per_worker():
 # --- a real second node ---------------------------------------------------------------------
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: held open together while picked (one at a time, the kernel may
+    hand out a port twice, and Ray refuses a node whose components share one)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
 class SecondNode:
     """``ray start --address <head> --block`` with one CPU, its own temp dir and free ports; stopped by its PID."""
 
@@ -135,11 +149,11 @@ class SecondNode:
         self.process = None
 
     def start(self):
-        ports = {flag: free_port() for flag in ("node-manager-port", "object-manager-port",
-                                                "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                "runtime-env-agent-port", "metrics-export-port")}
+        flags = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                 "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
         # Both nodes' workers would otherwise take ports from the same default range (10002-19999).
-        worker_ports = ",".join(str(free_port()) for _ in range(16))
+        free = free_ports(len(flags) + 16)
+        ports, worker_ports = dict(zip(flags, free)), ",".join(map(str, free[len(flags):]))
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
                **self.cluster["env"], "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                "RAY_API_SERVER_ADDRESS": self.cluster["dashboard"]}  # as the head's (conftest.ray_cluster)
@@ -164,18 +178,20 @@ class SecondNode:
             return None
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        try:  # whatever of the node outlived `ray start` (its own session, by PID)
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.log.close()
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            try:  # whatever of the node outlived `ray start` (its own session, by PID)
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # made by __init__; the node's own logs are in it
 
 
 @pytest.fixture(scope="module")
@@ -203,34 +219,23 @@ def cluster_env(two_nodes, **extra) -> dict:
 
 
 @pytest.mark.slow
-def test_two_node_cluster_refuses_local_storage_and_sqlite_before_anything_starts(two_nodes, tmp_path):
-    """launch/ray_job.py with a local storage path, launch/sweep.py --launcher ray with a SQLite store:
-    both refused once they have joined the cluster and counted its nodes. Run side by side (each
-    spends ~10 s importing torch, Ray and MLflow)."""
-    storage_case, sqlite_case = tmp_path / "storage", tmp_path / "sqlite"
-    sqlite = seeded_store(sqlite_case)
-    sweep_args = ray_job_args(sqlite_case, sqlite, "--shared-storage")[4:]  # from --num-workers on
-    commands = {
-        storage_case: ray_job_args(storage_case, two_nodes["tracking_uri"]),
-        sqlite_case: [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(CONFIGS / "sweep.yaml"),
-                      "--launcher", "ray", "--report-dir", str(sqlite_case / "reports"), *sweep_args],
-    }
-    storage_case.mkdir()
-    launched = {case: subprocess.Popen(command, cwd=case, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                       env=cluster_env(two_nodes))
-                for case, command in commands.items()}
-    results = {case: (process.communicate(timeout=180), process.returncode) for case, process in launched.items()}
-    for case, expected in ((storage_case, "error: --storage-path: "), (sqlite_case, "error: tracking.uri: sqlite:")):
-        (stdout, stderr), status = results[case]
-        assert status == 2, stdout[-3000:] + stderr[-3000:]
-        lines = stderr.strip().splitlines()
-        assert lines[-1].startswith(expected) and "the Ray cluster has 2 nodes" in lines[-1], lines
-        # Above it only ray.init's own two lines (connecting, connected): joining is how the nodes are counted.
-        assert [line for line in lines[:-1] if "Connect" not in line] == [], lines
-        assert not (case / "ray").exists() and not (case / "ckpt").exists()
-    assert MlflowClient(two_nodes["tracking_uri"]).get_experiment_by_name(storage_case.name) is None
-    client = MlflowClient(sqlite)
-    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+def test_two_node_cluster_refuses_a_local_storage_path_before_anything_starts(two_nodes, tmp_path):
+    """Refused once the launcher has joined the cluster and counted its nodes. One launcher only (its
+    start-up is ~10 s of imports): launch/sweep.py --launcher ray goes through the same start_ray
+    (test_storage_path_in_a_missing_folder_...[sweep]), and the SQLite refusal is the same check's
+    (test_a_tracking_file_on_two_nodes_...)."""
+    result = subprocess.run(ray_job_args(tmp_path, two_nodes["tracking_uri"]), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=180, env=cluster_env(two_nodes))
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (f"error: --storage-path: {tmp_path / 'ray'} is a folder on this machine, but the Ray cluster "
+                         "has 2 nodes, whose workers would each write their own; expected a URI every node reaches "
+                         "(s3://..., gs://...), or a folder on a file system shared by every node at the same path, "
+                         "said with --shared-storage"), lines
+    # Above it only ray.init's own two lines (connecting, connected): joining is how the nodes are counted.
+    assert [line for line in lines[:-1] if "Connect" not in line] == [], lines
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "ckpt").exists()
+    assert MlflowClient(two_nodes["tracking_uri"]).get_experiment_by_name(tmp_path.name) is None
 
 
 @pytest.mark.slow
@@ -252,7 +257,9 @@ def test_run_spread_over_two_nodes_loses_one_and_finishes_on_the_other_in_one_ml
         (before,) = client.search_runs([client.get_experiment_by_name(tmp_path.name).experiment_id])
         placed = before.data.tags["ray_worker_nodes"].split(",")
         assert len(placed) == 2 and len(set(placed)) == 2, placed  # one worker on each node
-        two_nodes["node"].raylet().kill()  # SIGKILL
+        raylet = two_nodes["node"].raylet()
+        assert raylet is not None, "the second node has no raylet to kill"
+        raylet.kill()  # SIGKILL
         assert driver.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-4000:]
     finally:
         if driver.poll() is None:
