@@ -70,8 +70,9 @@ def run_command(args: list[str], cwd: Path, env: dict | None = None, timeout: fl
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-RAY_GCS_PORT = 6390
-RAY_DASHBOARD_PORT = 8265
+# Overridable so that a second checkout can run its Ray tests beside these on one host.
+RAY_GCS_PORT = int(os.environ.get("HARNESS_TEST_RAY_GCS_PORT", "6390"))
+RAY_DASHBOARD_PORT = int(os.environ.get("HARNESS_TEST_RAY_DASHBOARD_PORT", "8265"))
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +115,16 @@ def ray_cluster(tmp_path_factory):
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            # Ray Train's controller polls its workers every 2 s by default; each fit
            # and each restart after a kill waits for a poll. The workers inherit this.
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           # The GCS declares a node dead after this many missed health checks, this far
+           # apart (default 5 x 3 s): tests/test_ray_nodes.py kills a node's raylet, and
+           # the run waits for that verdict before it restarts. A refused check (a dead
+           # raylet) fails at once; a slow one still has the default 10 s to answer.
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+           # Ray Train's placement-group cleaner (an actor) asks the State API, whose address it
+           # otherwise looks up in /tmp/ray/ray_current_cluster: with --temp-dir elsewhere that file
+           # is stale or another cluster's, the cleaner dies, and a killed trial's CPUs stay reserved.
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"}
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--num-cpus=2", f"--port={RAY_GCS_PORT}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}",

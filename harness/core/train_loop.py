@@ -77,6 +77,10 @@ class RunHooks:
         """A checkpoint file the launcher itself kept for this run, resumed before the run's folder; None here."""
         return None
 
+    def run_tags(self) -> dict[str, str]:
+        """Tags the launcher sets on the run each time it starts or resumes (e.g. where its workers are); none here."""
+        return {}
+
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
         """Called on every rank after every epoch (and after the initial checkpoint, epoch 0)."""
 
@@ -247,7 +251,7 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
     if state is None:
         checkpoints.clear()
     # Before the tracker starts: a source that vanished since preflight is refused with no run made.
-    init_tags = start_from_source(trainer) if state is None else {}
+    init_tags = {**(start_from_source(trainer) if state is None else {}), **hooks.run_tags()}
     # start and finish sit inside the try: a signal that lands while either talks to
     # MLflow must still end the run as KILLED, not leave it RUNNING.
     try:

@@ -28,7 +28,7 @@ from harness.core.train_loop import RunHooks, train
 from harness.errors import InputError
 from harness.running.entrypoints import connect_ray, load_run_config
 from harness.running import torchrun_nodes
-from harness.running.preflight import preflight
+from harness.running.preflight import preflight, preflight_ray_cluster, preflight_ray_storage
 from harness.running.sweep import report_sweep, run_sweep, select_trial, summary_table
 from harness.running.sweep_drivers import run_sweep_on_ray, torchrun_sweep
 
@@ -146,9 +146,13 @@ def start_ray(cfg: Config, args: argparse.Namespace, num_workers: int):
     if num_workers < 1:
         raise InputError(f"--num-workers: expected a positive integer, got {num_workers}")
     preflight(cfg, num_workers, args.use_gpu)
+    preflight_ray_storage(args.storage_path)
     from harness.running.ray_train import prepare_ray_run  # only the Ray paths pay for loading Ray Train
 
-    cfg, options = prepare_ray_run(cfg, num_workers, args.use_gpu, args.max_failures, args.storage_path)
+    cfg, options = prepare_ray_run(cfg, num_workers, args.use_gpu, args.max_failures, args.storage_path,
+                                   args.placement_strategy)
     connect_ray(args.num_cpus)
+    # Only now is the cluster known; still before any worker or MLflow run.
+    preflight_ray_cluster(cfg, args.storage_path, args.shared_storage, num_workers, args.placement_strategy)
     signals.install()  # ray.init set its own SIGTERM handler (sys.exit)
     return cfg, options

@@ -96,6 +96,12 @@ def exits_on_input_error(main: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
+# Ray's placement group strategies for a run's workers (ScalingConfig.placement_strategy):
+# PACK fills a node before the next (Ray's default), SPREAD uses distinct nodes where it
+# can, STRICT_SPREAD one worker per node (Ray waits for enough nodes; preflight refuses too few).
+RAY_PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+
+
 def add_ray_arguments(parser: argparse.ArgumentParser, num_workers_help: Optional[str] = None) -> None:
     """The Ray options; ``num_workers_help`` (launch/sweep.py, whose --nproc is the ranks per
     trial) makes --num-workers an unset alias with that help instead of a value of its own."""
@@ -106,7 +112,15 @@ def add_ray_arguments(parser: argparse.ArgumentParser, num_workers_help: Optiona
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per run")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
-    parser.add_argument("--storage-path", default="checkpoints/ray", help="where Ray keeps run state")
+    parser.add_argument("--storage-path", default="checkpoints/ray",
+                        help="where Ray keeps run state and checkpoints: a folder, or a URI (s3://, gs://, ...)")
+    # On a cluster of several nodes every worker writes there: see harness/running/ray_cluster.py.
+    parser.add_argument("--shared-storage", action="store_true",
+                        help="--storage-path is a folder every node of the Ray cluster sees at the same path "
+                             "(a shared file system); needed for a folder on a cluster of several nodes")
+    parser.add_argument("--placement-strategy", default="PACK", choices=RAY_PLACEMENT_STRATEGIES,
+                        help="where Ray places a run's workers: PACK fills a node first, SPREAD uses distinct "
+                             "nodes where it can, STRICT_SPREAD one worker per node")
 
 
 # An unreachable $RAY_ADDRESS must fail fast: ray.init alone retries for minutes

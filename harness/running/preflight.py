@@ -73,3 +73,19 @@ def check_init_from(cfg: Config) -> None:
 def _device_type(device: str) -> str:
     wants_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     return "cuda" if wants_cuda and torch.cuda.is_available() else "cpu"
+
+
+def preflight_ray_storage(storage_path: str) -> None:
+    """Before joining Ray: the ``--storage-path`` where Ray keeps run state (see ``ray_cluster.check_storage_path``)."""
+    from harness.running.ray_cluster import check_storage_path
+
+    check_storage_path(storage_path)
+
+
+def preflight_ray_cluster(cfg: Config, storage_path: str, shared_storage: bool, num_workers: int,
+                          placement_strategy: str) -> None:
+    """After joining Ray, before any worker or MLflow run: what a cluster of several nodes needs
+    (shared storage, a tracking store every node reaches, nodes to spread over; ``ray_cluster.check_cluster``)."""
+    from harness.running.ray_cluster import alive_nodes, check_cluster
+
+    check_cluster(cfg, storage_path, shared_storage, num_workers, placement_strategy, alive_nodes())

@@ -5,11 +5,14 @@ Ray Train made the process group; this module only reads it
 torchrun. Resume comes from ``ray.train.get_checkpoint()`` (the newest checkpoint
 Ray registered, which after a kill may be one epoch older than the newest file
 rank 0 wrote: the tracker's (metric, step) dedup makes that harmless). Every
-rank reports after every epoch; only rank 0 attaches a checkpoint.
+rank reports after every epoch; only rank 0 attaches a checkpoint. The ranks gather
+their Ray node ids as they start, and the run is tagged with them (``ray_worker_nodes``):
+where the workers ran, checked rather than assumed, again after every restart.
 
 The driver's side is ``prepare_ray_run`` (paths and options for workers that may
 run elsewhere) and ``fit`` (one run). Checking the input is ``preflight``'s,
-joining the cluster ``entrypoints.connect_ray``'s, a sweep of Ray runs (a Ray
+joining the cluster ``entrypoints.connect_ray``'s (and what a cluster of several
+nodes needs, ``ray_cluster``'s), a sweep of Ray runs (a Ray
 Tune experiment whose trials call ``build_trainer``) ``tune_sweep``'s.
 """
 
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ray.train
+import torch.distributed
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -35,15 +39,26 @@ from harness.core.distributed import (COLLECTIVE_CAPTURE_ENV, DistContext, allow
                                      context_from_process_group)
 from harness.core.train_loop import RunHooks, RunResult, train
 from harness.records.mlflow_store import end_runs_of_launch
+from harness.running.ray_cluster import resolve_storage_path
 
 
 class RayHooks(RunHooks):
     """Resume from Ray's newest registered checkpoint; with ``resume_local`` (a resumed
     sweep), from the run's own checkpoint folder when Ray has none."""
 
-    def __init__(self, resume_local: bool = False, launch_id: Optional[str] = None):
+    def __init__(self, resume_local: bool = False, launch_id: Optional[str] = None,
+                 worker_nodes: Optional[list[str]] = None):
         super().__init__(resume=resume_local, launch_id=launch_id)
         self._restored_dir: Optional[str] = None
+        self.worker_nodes = worker_nodes or []
+
+    def run_tags(self) -> dict[str, str]:
+        """Where this attempt's workers run: each rank's Ray node id, in rank order, and how many nodes
+        that is. Set again after a restart, which may place the workers elsewhere."""
+        if not self.worker_nodes:
+            return {}
+        return {"ray_worker_nodes": ",".join(self.worker_nodes),
+                "ray_worker_node_count": str(len(set(self.worker_nodes)))}
 
     def restored_checkpoint(self) -> Optional[Path]:
         """Ray's newest registered checkpoint of this run (after a restart), downloaded; None if Ray has none."""
@@ -79,16 +94,28 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """
     cfg = Config.from_dict(loop_config["config"])
     ctx = context_from_process_group(cfg.train.device, launcher="ray")
-    result = train(cfg, ctx, hooks=RayHooks(loop_config.get("resume_local", False), loop_config.get("launch_id")),
-                   parent_run_id=loop_config.get("parent_run_id"))
+    hooks = RayHooks(loop_config.get("resume_local", False), loop_config.get("launch_id"), worker_node_ids(ctx))
+    result = train(cfg, ctx, hooks=hooks, parent_run_id=loop_config.get("parent_run_id"))
     return {"run_id": result.run_id, "epochs_completed": result.epochs_completed,
             "global_step": result.global_step, "metrics": dict(result.metrics), "diverged": result.diverged}
+
+
+def worker_node_ids(ctx: DistContext) -> list[str]:
+    """Every rank's Ray node id, in rank order (a collective: every rank calls it); [] outside a Ray worker."""
+    if not ray.is_initialized():  # Ray Train's local mode (num_workers=0) runs the loop in the driver
+        return []
+    node_id = ray.get_runtime_context().get_node_id()
+    if ctx.world_size == 1 or not torch.distributed.is_initialized():
+        return [node_id]
+    gathered: list[Optional[str]] = [None] * ctx.world_size
+    torch.distributed.all_gather_object(gathered, node_id)
+    return [str(n) for n in gathered]
 
 
 def worker_env() -> dict[str, str]:
     """Variables the workers need from the submitting process (Ray does not pass its environment)."""
     names = ("MLFLOW_TRACKING_URI", "HARNESS_DATA_DIR", "HARNESS_GIT_COMMIT", "HARNESS_INJECT_FAULT",
-             *COLLECTIVE_CAPTURE_ENV)
+             "HARNESS_INJECT_HOLD", *COLLECTIVE_CAPTURE_ENV)
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
@@ -106,12 +133,13 @@ class RayOptions:
     use_gpu: bool = False
     max_failures: int = 1
     storage_path: str = "checkpoints/ray"
+    placement_strategy: str = "PACK"  # see entrypoints.RAY_PLACEMENT_STRATEGIES
     # Captured where the run is launched: Ray tasks and workers have another environment.
     env_vars: dict = field(default_factory=dict)
 
 
 def prepare_ray_run(cfg: Config, num_workers: int, use_gpu: bool, max_failures: int,
-                    storage_path: str) -> tuple[Config, RayOptions]:
+                    storage_path: str, placement_strategy: str = "PACK") -> tuple[Config, RayOptions]:
     """The config with its folders made absolute, for workers that run elsewhere; the runs' options."""
     paths = {"checkpoint.dir": str(Path(cfg.checkpoint.dir).resolve())}
     if cfg.data.data_dir:
@@ -121,7 +149,8 @@ def prepare_ray_run(cfg: Config, num_workers: int, use_gpu: bool, max_failures: 
     if cfg.performance.cuda_graph and use_gpu:
         allow_collective_capture()  # here; worker_env() carries it to the workers
     options = RayOptions(num_workers=num_workers, use_gpu=use_gpu, max_failures=max_failures,
-                         storage_path=str(Path(storage_path).resolve()), env_vars=worker_env())
+                         storage_path=resolve_storage_path(storage_path), placement_strategy=placement_strategy,
+                         env_vars=worker_env())
     return cfg.replace(**paths), options
 
 
@@ -137,7 +166,7 @@ def build_trainer(cfg: Config, options: RayOptions, launch_id: str, parent_run_i
     (a Tune sweep passes the one that forwards each epoch's report to Tune)."""
     run_config = RunConfig(
         name=launch_id,
-        storage_path=str(Path(options.storage_path).resolve()),
+        storage_path=resolve_storage_path(options.storage_path),
         failure_config=FailureConfig(max_failures=options.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         worker_runtime_env={"env_vars": {**WORKER_RUNTIME_ENV, **options.env_vars}},
@@ -148,7 +177,8 @@ def build_trainer(cfg: Config, options: RayOptions, launch_id: str, parent_run_i
         train_loop_config={"config": cfg.to_dict(), "parent_run_id": parent_run_id, "resume_local": resume,
                            "launch_id": launch_id},
         torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu),
+        scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu,
+                                     placement_strategy=options.placement_strategy),
         run_config=run_config,
     )
 
