@@ -159,3 +159,14 @@ def test_compose_passes_the_ray_token_to_every_ray_service_and_requires_it():
         environment = services[name]["environment"]
         assert environment["RAY_AUTH_MODE"] == "token", name
         assert environment["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
+
+
+def test_compose_jobs_declare_their_storage_shared_since_the_cluster_has_several_nodes():
+    """The head and a worker are two Ray nodes: a job on a local --storage-path is refused there unless it
+    says the folder is shared (here a volume every container mounts at the same path)."""
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    for name in ("submit", "submit-gpu"):
+        command = services[name]["command"]
+        assert "--storage-path /data/checkpoints/ray --shared-storage" in command, name
+        assert "checkpoints:/data/checkpoints" in services[name]["volumes"], name
+        assert "checkpoints:/data/checkpoints" in services["ray-worker"]["volumes"]

@@ -21,7 +21,7 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     # The password reaches initdb through a file only this user can read, never argv.
     pwfile=$(mktemp)
     printf '%s\n' "$password" > "$pwfile"
-    "$bin/initdb" -D "$PGDATA" -U "$user" -A scram-sha-256 --pwfile="$pwfile" >/dev/null
+    "$bin/initdb" -D "$PGDATA" -U "$user" -A scram-sha-256 --pwfile="$pwfile" --encoding=UTF8 --locale=C >/dev/null
     rm -f "$pwfile"
     echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
     echo "CREATE DATABASE \"$database\"" | "$bin/postgres" --single -D "$PGDATA" -j postgres >/dev/null

@@ -221,7 +221,7 @@ class LocalPostgres:
                 shutil.chown(self.folder, PG_SYSTEM_USER, PG_SYSTEM_USER)
                 shutil.chown(self.password_file, PG_SYSTEM_USER, PG_SYSTEM_USER)
             done = self._run("initdb", "-D", str(self.data), "-U", PG_ROLE, "-A", "scram-sha-256",
-                             f"--pwfile={self.password_file}", "-E", "UTF8", "--no-instructions")
+                             f"--pwfile={self.password_file}", "-E", "UTF8", "--locale=C", "--no-instructions")
             if done.returncode != 0:
                 raise InputError(f"--store-dir: initdb in {self.data} failed: {_last_line(done.stderr)}")
             self._write_pgpass()
