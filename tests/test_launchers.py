@@ -193,7 +193,10 @@ def test_sigterm_to_ray_job_ends_its_run_killed(ray_cluster, tmp_path):
         [sys.executable, RAY_JOB, "--config", str(CONFIGS / "smoke.yaml"), "--num-workers", "1",
          "--storage-path", str(tmp_path / "ray"), *_settings(tmp_path), "--set", "train.epochs=2000"],
         cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"]})
+        # PYTHONFAULTHANDLER: once (a fresh clone, the machine busy) the driver died of SIGSEGV on the SIGTERM
+        # instead of exiting 143; should it happen again, the log shows where.
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "RAY_ADDRESS": ray_cluster["address"],
+             **ray_cluster["env"]})
     try:
         deadline = time.monotonic() + 300
         while "epoch 2/" not in (tmp_path / "output.log").read_text():
