@@ -52,7 +52,7 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
                 trainer.run_epoch(epoch, 0, trainer.plan.steps_per_epoch, NoBar())
 
         sequential_s = time_epochs(sequential_epoch, device, epochs)
-        del trainers
+        trainers.clear()  # the solo models and optimisers go before the stack is built
         stacked = StackedTrainer(trials, [d.train for d in datasets], device)
         stacked_s = time_epochs(stacked.run_epoch, device, epochs)
         sequential, together = statistics.median(sequential_s), statistics.median(stacked_s)
