@@ -19,6 +19,9 @@ from harness.errors import InputError
 # harness.results.bench.PATHS, named here so that building the parser needs no torch
 # (tests/test_cli.py checks that the two agree).
 BENCH_PATHS = ("dataloader", "harness", "harness_ddp", "harness_graph", "harness_graph_ddp")
+BENCH_BATCH_SIZES = [32, 128, 512, 2048, 8192]
+# bench --stack: stacking pays where one trial's step uses the device poorly, the small batches (issue 17).
+STACK_BATCH_SIZES = [32, 64, 128, 512]
 
 GRADCHECK_TOLERANCE = 1e-8
 GRADCHECK_MAX_SAMPLES = 64
@@ -105,13 +108,22 @@ def bench(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise InputError(f"--epochs: expected a positive number of timed epochs, got {args.epochs}")
+    if args.stack is not None and args.stack < 1:
+        raise InputError(f"--stack: {args.stack}; expected a positive number of trials to stack")
     cfg = load_config(args.config, args.overrides)
     device = pick_device(args.device)
-    for batch_size in args.batch_sizes:
+    batch_sizes = args.batch_sizes or (STACK_BATCH_SIZES if args.stack else BENCH_BATCH_SIZES)
+    for batch_size in batch_sizes:
         if not 0 < batch_size <= cfg.train_set_size:
             raise InputError(f"--batch-sizes: {batch_size} is outside 1..{cfg.train_set_size} (the training set)")
-    result = run_benchmark(cfg, device, args.batch_sizes, args.epochs, tuple(args.paths))
-    say(format_table(result))
+    if args.stack:
+        from harness.results.stack_bench import format_stack_table, run_stack_benchmark
+
+        result = run_stack_benchmark(cfg, device, batch_sizes, args.epochs, args.stack)
+        say(format_stack_table(result))
+    else:
+        result = run_benchmark(cfg, device, batch_sizes, args.epochs, tuple(args.paths))
+        say(format_table(result))
     if args.json:
         write_json(result, args.json)
         say(f"\nJSON: {args.json}")
@@ -332,11 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one config key (repeatable)")
     ben.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="auto: cuda where available, else cpu")
-    ben.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512, 2048, 8192],
-                     help="global batch sizes to time")
+    ben.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                     help=f"global batch sizes to time (default {' '.join(map(str, BENCH_BATCH_SIZES))}; "
+                     f"with --stack {' '.join(map(str, STACK_BATCH_SIZES))})")
     ben.add_argument("--epochs", type=int, default=3, help="timed epochs per path (after one warm-up)")
     ben.add_argument("--paths", nargs="+", default=list(BENCH_PATHS), choices=BENCH_PATHS, metavar="PATH",
                      help=f"which of {', '.join(BENCH_PATHS)} to time (the dataloader peer always runs)")
+    ben.add_argument("--stack", type=int, default=None, metavar="K",
+                     help="instead: K trials (seeds seed..seed+K-1) trained as one stacked model against the same "
+                     "K one after another (core/stacked.py)")
     ben.add_argument("--json", default=None, help="also write the result here")
     ben.set_defaults(handler=bench)
     cap = commands.add_parser("capacity", help="time per step and memory at batch 1, 2, 4, ...: where the device "

@@ -45,3 +45,25 @@ def test_bench_times_only_the_paths_asked_for_beside_the_peer(tmp_path):
                           "--json", str(out)], cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert [t["path"] for t in json.loads(out.read_text())["timings"]] == ["dataloader", "harness_ddp"]
+
+
+def test_bench_stack_times_k_trials_stacked_against_them_one_after_another(tmp_path):
+    out = tmp_path / "stack.json"
+    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
+                          "--device", "cpu", "--stack", "3", "--batch-sizes", "64", "100", "--epochs", "1",
+                          "--json", str(out)], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["stack"] == 3 and data["train_samples"] == 512 and data["device"] == "cpu"
+    assert [row["batch_size"] for row in data["timings"]] == [64, 100]  # 100: an uneven last batch
+    for row in data["timings"]:
+        assert row["sequential_s_per_epoch"] > 0 and row["stacked_s_per_epoch"] > 0
+        assert row["speedup"] == row["sequential_s_per_epoch"] / row["stacked_s_per_epoch"]
+    assert "| 100 |" in result.stdout and "sequential / stacked" in result.stdout
+
+
+def test_bench_refuses_a_stack_of_zero_trials():
+    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
+                          "--stack", "0"], cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --stack: 0; expected a positive number of trials to stack"

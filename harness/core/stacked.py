@@ -1,0 +1,314 @@
+"""K trials of one MLP architecture trained as one stacked model, in one process (issue 17's foundation).
+
+Owns the stacked model (every member's parameters on a leading K axis), its
+forward as batched matrix products, the per-member loss, the per-member SGD
+update (LR schedule with warmup, momentum, weight decay, momentum buffers as
+K-vectors), the per-member data order and divergence masking.
+
+Each member is the trial it stands for, run alone: its initial weights are
+``model.build_model(its config)`` stacked, its batches are its own
+``data.BatchPlan`` permutation of its own training split, its loss is the eager
+step's (sum of cross-entropy over the batch / the batch's size), its LR is
+``step.LRSchedule.lr_at`` and its update is ``torch.optim.SGD``'s, so its
+parameters after n steps equal the solo run's up to float rounding
+(tests/test_stacked.py).
+
+It does not own (yet): DDP across ranks, the CUDA-graph step, the noise probe,
+sharpness, evaluations during training, MLflow runs, checkpoints and resume, or
+grouping a sweep's trials into stacks; those stay with core/train_loop.py and
+the modules it calls for an unstacked run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from harness.core.config import Config, steps_per_epoch
+from harness.core.data import BatchPlan, Split
+from harness.core.backprop import activation_derivative
+from harness.core.model import ACTIVATION_MODULES, build_model
+from harness.errors import InputError
+
+# Keys every member of a stack must agree on: they fix the tensors' shapes (architecture,
+# batch size, the training split's size) or what one step computes for all members at once.
+SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.validation_size",
+               "data.train_subset", "data.synthetic", "optim.global_batch_size", "optim.micro_batch_size",
+               "train.drop_last", "performance.precision")
+# A member whose running epoch loss is above this stops as diverged, as core/train_loop.py's run does.
+DIVERGED_LOSS = 1e3
+
+
+def _dotted(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_stackable(members: list[Config]) -> None:
+    """Refuse a stack its members cannot share (one line naming the key), before anything is built."""
+    if len(members) < 1:
+        raise InputError("stack: 0 members; expected at least 1 trial to stack")
+    first = members[0]
+    for key in SHARED_KEYS:
+        values = {repr(_dotted(m, key)) for m in members}
+        if len(values) > 1:
+            raise InputError(f"{key}: the stacked trials differ ({', '.join(sorted(values))}); expected one value "
+                             "for every trial of a stack")
+    if first.optim.micro_batch_size is not None:
+        raise InputError(f"optim.micro_batch_size: {first.optim.micro_batch_size} with a stack; expected null "
+                         "(a stacked step is one pass)")
+    if first.performance.precision != "fp32":
+        raise InputError(f"performance.precision: {first.performance.precision} with a stack; expected fp32")
+
+
+class StackedMLP:
+    """K MLPs of one architecture: ``weights[l]`` is [K, d_l, d_{l-1}], ``biases[l]`` is [K, d_l].
+
+    Forward of x [K, b, d_0] is one ``torch.baddbmm`` per layer: member k's rows
+    meet only member k's weights, so members never mix (a NaN in one stays there).
+    The backward is written by hand (core/backprop.py's delta recursion, with a
+    member axis in front; notation there), not autograd's: autograd's gradient of
+    the [K, d_l, d_{l-1}] weight comes out as [K, d_{l-1}, d_l] and is copied
+    into place, which cost 1.9 ms of a 6.7 ms step (six 784-500-10 members at
+    batch 32 on this CPU), more than the bmm itself. Here every gradient is
+    computed in the weight's own layout into buffers allocated once.
+    """
+
+    def __init__(self, members: list[Config], device: torch.device | str = "cpu"):
+        models = [build_model(cfg) for cfg in members]  # each member's own seed: the solo run's initial weights
+        self.activation_name = members[0].model.activation
+        self.activation = ACTIVATION_MODULES[self.activation_name]()
+        depth = len(models[0].linears)
+        self.weights = [torch.stack([m.linears[i].weight.detach() for m in models]).to(device) for i in range(depth)]
+        self.biases = [torch.stack([m.linears[i].bias.detach() for m in models]).to(device) for i in range(depth)]
+        self.weight_grads = [torch.zeros_like(w) for w in self.weights]
+        self.bias_grads = [torch.zeros_like(b) for b in self.biases]
+
+    @property
+    def num_members(self) -> int:
+        return self.weights[0].shape[0]
+
+    def parameters(self) -> list[torch.Tensor]:
+        """In nn.Module order per layer (weight, bias), as MLP.parameters() lists a member's."""
+        return [p for pair in zip(self.weights, self.biases) for p in pair]
+
+    def gradients(self) -> list[torch.Tensor]:
+        """The gradient buffers, in the order of ``parameters()``."""
+        return [g for pair in zip(self.weight_grads, self.bias_grads) for g in pair]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [K, b, classes] of x [K, b, d_0]: z = b + a @ W^T, per member."""
+        return self._forward(x)[1][-1]
+
+    def _forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Activations a[0..L-1] and pre-activations z[1..L] (the last are the logits)."""
+        activations, pre_activations = [x], []
+        for depth, (w, b) in enumerate(zip(self.weights, self.biases)):
+            z = torch.baddbmm(b.unsqueeze(1), activations[-1], w.transpose(1, 2))
+            pre_activations.append(z)
+            if depth < len(self.weights) - 1:
+                activations.append(self.activation(z))
+        return activations, pre_activations
+
+    @torch.no_grad()
+    def loss_and_gradients(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> torch.Tensor:
+        """Per member: C_k = sum_i CE(z[L]_ki, y_ki) / normalizer, returned as [K]; its gradients
+        written into ``gradients()``. delta[L] = (softmax(z[L]) - onehot(y)) / normalizer,
+        dC/dW[l] = delta[l]^T @ a[l-1] (bmm, [K, d_l, d_{l-1}]), dC/db[l] = sum over the batch of delta[l]."""
+        activations, pre_activations = self._forward(x)
+        logits = pre_activations[-1]
+        members, batch, classes = logits.shape
+        loss = F.cross_entropy(logits.reshape(members * batch, classes), y.reshape(-1),
+                               reduction="none").view(members, batch).sum(1) / normalizer
+        delta = (torch.softmax(logits, dim=2) - F.one_hot(y, classes).to(logits.dtype)) / normalizer
+        for depth in range(len(self.weights) - 1, -1, -1):
+            torch.bmm(delta.transpose(1, 2), activations[depth], out=self.weight_grads[depth])
+            torch.sum(delta, dim=1, out=self.bias_grads[depth])
+            if depth > 0:
+                sigma_prime = activation_derivative(self.activation_name, pre_activations[depth - 1],
+                                                    activations[depth])
+                delta = sigma_prime * torch.bmm(delta, self.weights[depth])
+        return loss
+
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's parameters as ``MLP.state_dict()`` names them (a solo run's checkpoint loads them)."""
+        state = {}
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            state[f"linears.{i}.weight"] = w[k].clone()
+            state[f"linears.{i}.bias"] = b[k].clone()
+        return state
+
+
+@dataclass(frozen=True)
+class StackedSchedule:
+    """Every member's ``LRSchedule`` as K-vectors (float64, as LRSchedule computes in Python floats).
+
+    ``lr_at`` is LRSchedule.lr_at's formula evaluated for all members at once, on
+    the device, with no host round trip: a graph step can later capture it.
+    """
+
+    lr: torch.Tensor  # [K] float64
+    warmup_steps: torch.Tensor  # [K] float64
+
+    def lr_at(self, global_step: int) -> torch.Tensor:
+        step = float(global_step)
+        # clamp: members without warmup (0 steps) take the first branch; the division must not make a NaN there.
+        ramp = self.lr * (step + 1) / self.warmup_steps.clamp_min(1)
+        return torch.where(self.warmup_steps <= step, self.lr, ramp)
+
+
+class StackedSGD:
+    """``torch.optim.SGD`` (no dampening, no Nesterov) for K members at once, each with its own
+    LR, momentum and weight decay, and a mask that freezes diverged members.
+
+    Per member and parameter, as SGD does: d = g + wd * p; buf = momentum * buf + d
+    (buf = d on the first step: a zero buffer gives exactly that); p -= lr * buf.
+    Every operation is in place on the stacked tensors: a fresh [K, ...] temporary
+    per operation cost more than the arithmetic (16 ms against SGD's 1 ms for six
+    784-500-10 members on this CPU, measured when the step used torch.where).
+    A frozen member's update is made a no-op: its d is zeroed (index_fill_ on the
+    K axis, since its gradient may be NaN and 0 * NaN is NaN), its momentum is 1 and
+    its LR 0, so buf and p keep their values. index_fill_ over the frozen members
+    costs nothing while none is frozen; a masked_fill_ or torch.where with a
+    broadcast [K, 1, 1] mask cost 0.7-1 ms per pass here, as much as the rest of
+    the update. Its ``nonzero`` is a host sync on a GPU: a captured step would use
+    nan_to_num_ and a multiply by the mask instead.
+    """
+
+    def __init__(self, params: list[torch.Tensor], gradients: list[torch.Tensor], momentum: torch.Tensor,
+                 weight_decay: torch.Tensor):
+        self.params, self.gradients = params, gradients
+        dtype = params[0].dtype
+        self.momentum = momentum.to(dtype)
+        self.weight_decay = weight_decay.to(dtype)
+        # Known when the stack is built, so skipping the pass costs no host sync per step.
+        self.has_weight_decay = bool((weight_decay != 0).any())
+        self.momentum_buffers = [torch.zeros_like(p) for p in params]
+
+    @staticmethod
+    def _per_member(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return vector.view(-1, *([1] * (like.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
+        """One update with ``lr`` [K] (float64, cast to the parameters' dtype as SGD casts its Python float)."""
+        frozen_members = torch.nonzero(~active).view(-1)
+        momentum = torch.where(active, self.momentum, torch.ones_like(self.momentum))
+        neg_lr = torch.where(active, -lr.to(self.params[0].dtype), torch.zeros_like(self.momentum))
+        # The gradient buffers become d in place: the next step overwrites them anyway.
+        for p, d, buf in zip(self.params, self.gradients, self.momentum_buffers):
+            if self.has_weight_decay:
+                d.addcmul_(self._per_member(self.weight_decay, p), p)
+            d.index_fill_(0, frozen_members, 0)
+            # buf = d + momentum * buf in one pass (SGD's mul_ then add_ is two; the result differs by rounding).
+            torch.addcmul(d, self._per_member(momentum, p), buf, out=buf)
+            p.addcmul_(self._per_member(neg_lr, p), buf)
+
+
+def member_schedules(members: list[Config], steps_in_epoch: int, device) -> StackedSchedule:
+    """The members' LR and warmup (train_loop.build_trainer's ``round(warmup_epochs * steps per epoch)``)."""
+    lr = torch.tensor([m.optim.lr for m in members], dtype=torch.float64, device=device)
+    warmup = torch.tensor([round(m.optim.warmup_epochs * steps_in_epoch) for m in members], dtype=torch.float64,
+                          device=device)
+    return StackedSchedule(lr, warmup)
+
+
+class StackedData:
+    """The members' training samples, gathered per member into [K, b, features] batches.
+
+    Members whose training splits are equal (same data, same split) share one copy;
+    otherwise (the validation split and the digits split depend on the seed) the
+    splits are concatenated and member k's indices are offset by k * N, so a batch
+    is still one gather.
+    """
+
+    def __init__(self, splits: list[Split], device):
+        sizes = {len(s) for s in splits}
+        if len(sizes) > 1:
+            raise InputError(f"data: the stacked trials' training splits hold {sorted(sizes)} samples; expected one "
+                             "size for every trial of a stack")
+        self.num_samples = sizes.pop()
+        first = splits[0]
+        shared = all(torch.equal(s.features, first.features) and torch.equal(s.targets, first.targets)
+                     for s in splits[1:])
+        members = [first] if shared else splits
+        self.features = torch.cat([s.features for s in members]).to(device)
+        self.targets = torch.cat([s.targets for s in members]).to(device)
+        offsets = [0] * len(splits) if shared else [k * self.num_samples for k in range(len(splits))]
+        self.offsets = torch.tensor(offsets, device=device).unsqueeze(1)  # [K, 1]
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [K, b, features], y [K, b] for member-local ``indices`` [K, b]."""
+        flat = indices + self.offsets
+        return self.features[flat], self.targets[flat]
+
+
+class StackedTrainer:
+    """K trials trained together, one stacked step per batch; each keeps its own data order and may diverge alone."""
+
+    def __init__(self, members: list[Config], splits: list[Split], device: torch.device | str = "cpu"):
+        check_stackable(members)
+        self.members = members
+        self.device = torch.device(device)
+        self.data = StackedData(splits, self.device)
+        first = members[0]
+        self.global_batch_size = first.optim.global_batch_size
+        self.plans = [BatchPlan(num_samples=self.data.num_samples, global_batch_size=self.global_batch_size,
+                                seed=m.seed, drop_last=m.train.drop_last) for m in members]
+        self.steps_per_epoch = steps_per_epoch(self.data.num_samples, self.global_batch_size, first.train.drop_last)
+        self.model = StackedMLP(members, self.device)
+        self.schedule = member_schedules(members, self.steps_per_epoch, self.device)
+        self.optimizer = StackedSGD(
+            self.model.parameters(), self.model.gradients(),
+            momentum=torch.tensor([m.optim.momentum for m in members], device=self.device),
+            weight_decay=torch.tensor([m.optim.weight_decay for m in members], device=self.device))
+        # Members still updating; a diverged one is frozen where it blew up, and the others go on.
+        self.active = torch.ones(len(members), dtype=torch.bool, device=self.device)
+        self.global_step = 0
+
+    def permutations(self, epoch: int) -> torch.Tensor:
+        """[K, N]: each member's own BatchPlan permutation of the epoch (once per epoch, not per step)."""
+        return torch.stack([plan.permutation(epoch) for plan in self.plans]).to(self.device)
+
+    def step(self, indices: torch.Tensor) -> torch.Tensor:
+        """One SGD step of every active member on its batch ``indices`` [K, b]; returns the summed CE per member [K].
+
+        Each member's loss is sum(CE over its batch) / the batch's size: the eager step's
+        normalizer at world size 1 (BatchPlan hands it the batch's own size, so the smaller
+        last batch of an epoch is a mean over its own samples too).
+        """
+        x, y = self.data.batch(indices)
+        loss = self.model.loss_and_gradients(x, y, normalizer=float(indices.shape[1]))
+        # A non-finite loss freezes its member from this step on (its update is skipped, not applied as NaN).
+        self.active &= torch.isfinite(loss)
+        self.optimizer.step(self.schedule.lr_at(self.global_step), self.active)
+        self.global_step += 1
+        return loss * indices.shape[1]
+
+    def run_epoch(self, epoch: int) -> torch.Tensor:
+        """Train one epoch (the last, smaller batch included unless drop_last); returns each member's mean loss [K].
+
+        Members that stopped updating this epoch keep their (non-finite or huge) loss;
+        the epoch's end then marks a running loss above DIVERGED_LOSS as diverged, as
+        the solo loop does.
+        """
+        perms = self.permutations(epoch)
+        loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=self.device)
+        samples = 0
+        for step in range(self.steps_per_epoch):
+            indices = perms[:, step * self.global_batch_size:(step + 1) * self.global_batch_size]
+            loss_sum += self.step(indices).double()
+            samples += indices.shape[1]
+        mean_loss = loss_sum / samples
+        self.active &= torch.isfinite(mean_loss) & (mean_loss <= DIVERGED_LOSS)
+        return mean_loss
+
+    @property
+    def diverged(self) -> list[bool]:
+        """Per member: has it stopped updating (non-finite step loss, or an epoch's loss above DIVERGED_LOSS)?"""
+        return [not bool(a) for a in self.active.tolist()]

@@ -1,0 +1,84 @@
+"""``harness bench --stack K``: K trials trained as one stacked model against the same K trials one after another.
+
+Both sides train the same K trials (the config's, with seeds seed, seed+1, ...,
+seed+K-1: own initial weights, own data order, own validation split) from the
+same initial weights, in this process, timed the same way as ``harness bench``
+(one warm-up epoch, then the median of the timed epochs):
+
+- ``sequential``: each trial's epoch through the harness's eager step
+  (core/step.py via train_loop.build_trainer), trial after trial;
+- ``stacked``: one epoch of core/stacked.py's StackedTrainer, all K at once.
+
+One "epoch" is one epoch of every trial on both sides, so the ratio
+sequential / stacked is the speed-up of the whole stack. Ratios are against the
+peer measured in the same process, never against a number from elsewhere.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from harness.core.config import Config
+from harness.core.data import load_dataset
+from harness.core.distributed import DistContext
+from harness.core.epoch_bar import NoBar
+from harness.core.stacked import StackedTrainer
+from harness.core.train_loop import build_trainer
+from harness.results.bench import cpu_name, time_epochs
+
+
+def stack_members(cfg: Config, stack: int) -> list[Config]:
+    """The K trials: the config's, one per seed from cfg.seed on (a seed sweep of one batch size)."""
+    return [cfg.replace(**{"seed": cfg.seed + k, "name": f"{cfg.name}-stack{k}"}) for k in range(stack)]
+
+
+def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epochs: int, stack: int) -> dict:
+    """Time K trials stacked against the same K one after another at every batch size; the JSON-ready result."""
+    # As harness bench: the step alone, without the probes a study switches on.
+    cfg = cfg.replace(**{"metrics.noise_scale": False, "metrics.sharpness": False, "tracking.enabled": False})
+    members = stack_members(cfg, stack)
+    datasets = [load_dataset(m).to(device) for m in members]  # each seed's own validation split
+    rows = []
+    for batch_size in batch_sizes:
+        trials = [m.replace(**{"optim.global_batch_size": batch_size}) for m in members]
+        trainers = [build_trainer(t, DistContext(device=device, launcher="bench"), d)
+                    for t, d in zip(trials, datasets)]
+
+        def sequential_epoch(epoch: int) -> None:
+            for trainer in trainers:
+                trainer.run_epoch(epoch, 0, trainer.plan.steps_per_epoch, NoBar())
+
+        sequential_s = time_epochs(sequential_epoch, device, epochs)
+        trainers.clear()  # the solo models and optimisers go before the stack is built
+        stacked = StackedTrainer(trials, [d.train for d in datasets], device)
+        stacked_s = time_epochs(stacked.run_epoch, device, epochs)
+        sequential, together = statistics.median(sequential_s), statistics.median(stacked_s)
+        rows.append({"batch_size": batch_size, "sequential_s_per_epoch": sequential,
+                     "stacked_s_per_epoch": together, "speedup": sequential / together,
+                     "sequential_epoch_seconds": sequential_s, "stacked_epoch_seconds": stacked_s})
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "stack": stack,
+        "train_samples": len(datasets[0].train),
+        "epochs_timed": epochs,
+        "layer_sizes": list(cfg.layer_sizes),
+        "date": time.strftime("%Y-%m-%d"),
+        "timings": rows,
+    }
+
+
+def format_stack_table(result: dict) -> str:
+    lines = [f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
+             f"{result['threads']} threads, {result['stack']} trials of {result['train_samples']} samples/epoch, "
+             f"median of {result['epochs_timed']} epochs",
+             "| batch | sequential s/epoch | stacked s/epoch | speed-up (sequential / stacked) |", "|---|---|---|---|"]
+    for row in result["timings"]:
+        lines.append(f"| {row['batch_size']} | {row['sequential_s_per_epoch']:.4f} | "
+                     f"{row['stacked_s_per_epoch']:.4f} | {row['speedup']:.2f}x |")
+    return "\n".join(lines)

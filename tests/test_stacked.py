@@ -1,0 +1,100 @@
+"""K trials trained as one stacked model (core/stacked.py) end where each trial run alone ends."""
+
+import pytest
+import torch
+
+from harness.core import stacked, train_loop
+from harness.core.config import Config
+from harness.core.data import load_dataset
+from harness.core.distributed import DistContext
+from harness.core.stacked import StackedTrainer, check_stackable
+from harness.core.step import LRSchedule
+from harness.core.train_loop import train
+from harness.errors import InputError
+
+EPOCHS = 3
+# digits after a validation split of 100: 1337 training samples, so batch 64 leaves a last batch of 57.
+BASE = {"data": {"dataset": "digits", "validation_size": 100}, "model": {"hidden_sizes": [32]},
+        "optim": {"global_batch_size": 64}, "train": {"epochs": EPOCHS, "progress": False},
+        "tracking": {"enabled": False},
+        "metrics": {"noise_scale": False, "sharpness": False, "target_val_accuracy": None}}
+# Every per-member knob differs: seed (initial weights, data order, and here the digits split), LR,
+# momentum (0 included: SGD then keeps no buffer), weight decay and warmup (none, within and beyond epoch 1).
+MEMBERS = [dict(seed=0, lr=0.1, momentum=0.9, weight_decay=0.0, warmup_epochs=0.0),
+           dict(seed=1, lr=0.3, momentum=0.5, weight_decay=1e-3, warmup_epochs=1.5),
+           dict(seed=7, lr=0.05, momentum=0.0, weight_decay=1e-4, warmup_epochs=0.5)]
+
+
+def _config(tmp_path, k: int, seed: int, **optim) -> Config:
+    return Config.from_dict({**BASE, "name": f"member{k}", "seed": seed, "optim": {**BASE["optim"], **optim},
+                             "checkpoint": {"dir": str(tmp_path / "checkpoints")}})
+
+
+def _solo_parameters(cfg: Config):
+    """The trial alone through the harness's training loop; its final parameters from its last checkpoint."""
+    result = train(cfg, DistContext())
+    return result, torch.load(result.checkpoint, weights_only=True)["model"]
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+def _stacked(members: list[Config]) -> StackedTrainer:
+    return StackedTrainer(members, [load_dataset(cfg).train for cfg in members])
+
+
+def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path):
+    members = [_config(tmp_path, k, **m) for k, m in enumerate(MEMBERS)]
+    stack = _stacked(members)
+    assert stack.steps_per_epoch == 21 and 1337 % 64 == 57  # the uneven last batch is trained
+    for epoch in range(1, EPOCHS + 1):
+        stack.run_epoch(epoch)
+    assert stack.diverged == [False, False, False]
+    for k, cfg in enumerate(members):
+        _, solo = _solo_parameters(cfg)
+        assert _max_difference(stack.model.member_state_dict(k), solo) <= 1e-5, cfg.name
+
+
+def test_member_lr_vector_equals_each_solo_schedule_at_every_step(tmp_path):
+    members = [_config(tmp_path, k, **m) for k, m in enumerate(MEMBERS)]
+    stack = _stacked(members)
+    solos = [LRSchedule(cfg.optim.lr, round(cfg.optim.warmup_epochs * stack.steps_per_epoch)) for cfg in members]
+    for step in range(3 * stack.steps_per_epoch):
+        assert stack.schedule.lr_at(step).tolist() == [s.lr_at(step) for s in solos]
+
+
+def test_diverged_member_stops_updating_and_the_others_match_their_solo_runs(tmp_path):
+    settings = [MEMBERS[0], {**MEMBERS[1], "lr": 1e6}, MEMBERS[2]]  # 1e6: the loss is inf in epoch 1
+    members = [_config(tmp_path, k, **m) for k, m in enumerate(settings)]
+    stack = _stacked(members)
+    stack.run_epoch(1)
+    assert stack.diverged == [False, True, False]
+    frozen = stack.model.member_state_dict(1)
+    for epoch in range(2, EPOCHS + 1):
+        stack.run_epoch(epoch)
+    assert stack.diverged == [False, True, False]
+    assert _max_difference(stack.model.member_state_dict(1), frozen) == 0.0
+    assert all(torch.isfinite(v).all() for v in frozen.values())  # frozen before its NaN update, not after
+    for k, cfg in enumerate(members):
+        result, solo = _solo_parameters(cfg)
+        assert result.diverged == (k == 1)
+        if k != 1:
+            assert _max_difference(stack.model.member_state_dict(k), solo) <= 1e-5, cfg.name
+
+
+def test_a_member_diverges_by_the_same_epoch_loss_rule_as_a_solo_run():
+    assert stacked.DIVERGED_LOSS == train_loop.DIVERGED_LOSS
+
+
+def test_trials_of_different_architectures_or_batch_sizes_are_refused_one_line(tmp_path):
+    first = _config(tmp_path, 0, **MEMBERS[0])
+    wider = first.replace(**{"model.hidden_sizes": [64]})
+    with pytest.raises(InputError, match=r"^model.hidden_sizes: the stacked trials differ \(\(32,\), \(64,\)\); "
+                                         r"expected one value for every trial of a stack$"):
+        check_stackable([first, wider])
+    with pytest.raises(InputError, match=r"^optim.global_batch_size: the stacked trials differ"):
+        check_stackable([first, first.replace(**{"optim.global_batch_size": 128})])
+    with pytest.raises(InputError, match=r"^stack: 0 members; expected at least 1"):
+        check_stackable([])
