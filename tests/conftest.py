@@ -71,6 +71,28 @@ def run_command(args: list[str], cwd: Path, env: dict | None = None, timeout: fl
 
 
 # Overridable so that a second checkout can run its Ray tests beside these on one host.
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_server(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to a server the test started in its own session; its whole group is killed after ``timeout``."""
+    import signal
+
+    if process and process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 RAY_GCS_PORT = int(os.environ.get("HARNESS_TEST_RAY_GCS_PORT", "6390"))
 RAY_DASHBOARD_PORT = int(os.environ.get("HARNESS_TEST_RAY_DASHBOARD_PORT", "8265"))
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, run_command, seeded_store
+from conftest import CONFIGS, REPO, free_port, run_command, seeded_store
 
 SMOKE = str(CONFIGS / "smoke.yaml")
 
@@ -459,14 +459,6 @@ def test_harness_command_refuses_bad_arguments(place, capsys, argv, expected):
 # --- PostgreSQL: a tracking store that does not answer, a server that cannot start ---
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 TINY_SWEEP = """name: tinysweep
 data: {dataset: digits, validation_size: 200}
 optim: {lr: 0.1, global_batch_size: 16}
@@ -476,7 +468,7 @@ sweep: {batch_sizes: [16, 32], seeds: [0], lr_rules: [none], base_batch_size: 16
 
 @pytest.mark.parametrize("launcher", ["train", "sweep", "ray_job"])
 def test_unreachable_postgresql_store_is_refused_with_its_password_masked(place, capsys, launcher):
-    uri = f"postgresql://mlflow:hunter2-secret@127.0.0.1:{_free_port()}/mlflow"
+    uri = f"postgresql://mlflow:hunter2-secret@127.0.0.1:{free_port()}/mlflow"
     config = write(place, TINY_SWEEP) if launcher == "sweep" else SMOKE
     main = {"train": train_launcher, "sweep": sweep_launcher, "ray_job": ray_launcher}[launcher].main
     status = main(["--config", config, "--set", f"tracking.uri={uri}"])
@@ -508,7 +500,7 @@ def test_postgresql_store_the_postgres_user_cannot_reach_is_refused(place, capsy
 
     locked = place / "locked"
     locked.mkdir(mode=0o700)
-    status = harness_main(["mlflow-server", "--backend", "postgresql", "--port", str(_free_port()),
+    status = harness_main(["mlflow-server", "--backend", "postgresql", "--port", str(free_port()),
                            "--store-dir", str(locked / "store")])
     assert_refused(place, capsys, status, f"--store-dir: {locked} cannot be reached by the postgres user",
                    before={"locked"})

@@ -14,15 +14,10 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, run_command, seeded_store
+from conftest import CONFIGS, REPO, free_port, run_command, seeded_store
 from harness.running.entrypoints import ray_host_port
 from harness.errors import InputError
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launcher_command(launcher: str, tmp_path) -> list[str]:

@@ -6,7 +6,6 @@ Slow: real torchrun agents and ranks, real data (configs/smoke.yaml), real MLflo
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import uuid
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, free_port
 from test_launchers import EPOCHS, TRAIN, _settings, assert_each_metric_logged_once_per_epoch, final_params, only_run
 
 pytestmark = pytest.mark.slow
@@ -26,11 +25,6 @@ NODES = 2
 # timeout) fails the test well before that, with both agents' output.
 RUN_TIMEOUT_S = 240
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def two_nodes(tmp, *extra, env=None, max_restarts=0, node_settings=None, by_hand=True, config="smoke.yaml"):

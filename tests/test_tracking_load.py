@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, run_command, seeded_store
+from conftest import CONFIGS, REPO, free_port, run_command, seeded_store, stop_server
 
 # One worker holds the module's server (a second would start another PostgreSQL).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pg-server")]
@@ -38,11 +37,6 @@ PLAIN_STEPS, PLAIN_KEYS = 30, 4
 TRAIN_EPOCHS = 4
 EPOCH_KEYS = ("train_loss", "test_accuracy", "epoch_s")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, what, timeout=180):
@@ -93,13 +87,7 @@ class PgServer:
         return int((self.cluster / "db" / "postmaster.pid").read_text().splitlines()[3])
 
     def stop(self):
-        if self.process and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_server(self.process, timeout=90)
 
 
 @pytest.fixture(scope="module")

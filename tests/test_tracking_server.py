@@ -3,7 +3,6 @@ Also: the harness's own servers and ranks listen on loopback only."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,12 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, run_command, seeded_store
+from conftest import CONFIGS, REPO, free_port, run_command, seeded_store, stop_server
 
 pytestmark = pytest.mark.slow
 
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening_addresses(pid: int, include_root: bool = True) -> set[str]:
@@ -63,13 +57,7 @@ class MlflowServer:
                 time.sleep(0.5)
 
     def stop(self):
-        if self.process and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_server(self.process, timeout=30)
 
 
 @pytest.fixture
