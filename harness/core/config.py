@@ -94,6 +94,8 @@ Seeds = list_of(int, check(_distinct(_seeds)))
 LrRules = list_of(str, check(_distinct(_lr_rules)))
 LrGrid = list_of(float, check(_distinct(
     lambda v: None if v and all(x > 0 for x in v) else "a non-empty list of positive numbers")))
+StackTrials = Annotated[Any, check(
+    lambda v: None if v == "auto" or (type(v) is int and v >= 1) else "a positive number of trials per stack, or auto")]
 # A validator, not min_length: a string of spaces is blank too, and the value must stay as given.
 NonBlank = Annotated[str, check(lambda v: None if v.strip() else "a non-empty string")]
 
@@ -262,6 +264,14 @@ class SweepConfig(ConfigModel):
     early_stopping: Literal["none", "asha"] = "none"
     asha_grace_period: PositiveInt = 1  # epochs every trial trains before ASHA may stop it
     asha_reduction_factor: Annotated[float, Field(gt=1), Expect("a number > 1")] = 3.0
+    # Trials that share batch size and architecture trained together as one stacked model
+    # (core/stacked.py, issue 17): up to this many per stack; auto: every trial that can share
+    # one; 1: each trial alone. Each member is still its own MLflow run, equal to the trial alone.
+    stack_trials: StackTrials = 1
+
+    @property
+    def stacks(self) -> bool:
+        return self.stack_trials != 1
 
     @model_validator(mode="after")
     def _one_lr_grid(self) -> SweepConfig:
@@ -423,6 +433,8 @@ def _check_cross_field(cfg: Config) -> None:
     if cfg.sweep:
         _check_trial_names(cfg)
         _check_early_stopping(cfg)
+        if cfg.sweep.stacks:
+            check_stackable_trial(cfg, f"with sweep.stack_trials {cfg.sweep.stack_trials}")
     sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
     key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
     for size in sizes:
@@ -431,6 +443,16 @@ def _check_cross_field(cfg: Config) -> None:
                              f"({cfg.train_set_size} samples); expected <= {cfg.train_set_size}")
         # One rank's view, at load: what W ranks need is checked again by check_world_size.
         check_micro_batch(cfg.optim.micro_batch_size, key, size, 1)
+
+
+def check_stackable_trial(cfg: Config, where: str) -> None:
+    """What no stacked step does (core/stacked.py): refused in one line naming the key."""
+    if cfg.optim.micro_batch_size is not None:
+        raise InputError(f"optim.micro_batch_size: {cfg.optim.micro_batch_size} {where}; expected null "
+                         "(a stacked step is one pass)")
+    if cfg.performance.precision != "fp32":
+        raise InputError(f"performance.precision: {cfg.performance.precision} {where}; expected fp32 "
+                         "(the stacked step's backward is written by hand)")
 
 
 def trial_name(sweep_name: str, rule: str, batch_size: int, seed: int, lr_label: str = "") -> str:

@@ -144,6 +144,39 @@ def is_evaluation_step(cfg: Config, global_step: int) -> bool:
     return global_step % eval_interval(cfg, global_step) == 0
 
 
+class TrainingClock:
+    """Credits the wall time between two marks to training (``counters.train_seconds``).
+
+    A run has one; a stack of trials (core/stacked_run.py) shares one among its
+    members, whose ``credit`` splits each stretch of training among the members
+    still training: their steps ran together, and one member's evaluation is not
+    another's training time.
+    """
+
+    def __init__(self, device: torch.device, credit):
+        self.device = device
+        self.credit = credit  # credit(seconds): add a stretch of training time where it belongs
+        self.mark = 0.0
+
+    def restart(self) -> float:
+        """Training (re)starts now; returns the time."""
+        self.mark = synchronized_now(self.device)
+        return self.mark
+
+    def stop(self) -> float:
+        """Training stops now: credit the time since the mark; returns the time."""
+        now = synchronized_now(self.device)
+        self.credit(now - self.mark)
+        return now
+
+
+def run_clock(counters: RunCounters, device: torch.device) -> TrainingClock:
+    """One run's clock: its training time goes to its own counters."""
+    def credit(seconds: float) -> None:
+        counters.train_seconds += seconds
+    return TrainingClock(device, credit)
+
+
 class StepEvaluations:
     """The periodic evaluations of one run, on every rank (they all-reduce, and all ranks agree).
 
@@ -155,8 +188,10 @@ class StepEvaluations:
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, validation: Split,
                  train_set: Split, probe: Optional[NoiseProbe], counters: RunCounters, last_step: int,
-                 training_stream=contextlib.nullcontext, sharpness=None):
+                 training_stream=contextlib.nullcontext, sharpness=None, clock: Optional[TrainingClock] = None):
         self.cfg, self.ctx, self.model, self.probe, self.counters = cfg, ctx, model, probe, counters
+        # Shared by a stack's members (core/stacked_run.py); a run alone has its own.
+        self.clock = clock or run_clock(counters, ctx.device)
         # The budget's last step is evaluated too: a trial whose last steps fall between
         # two evaluations would otherwise be "not reached" when its final parameters did.
         self.last_step = last_step
@@ -170,14 +205,13 @@ class StepEvaluations:
         self.sharpness = sharpness
         self.at_target: dict[str, float] = {}  # what was measured at the target, not logged yet
         self.samples = counters.samples_seen
-        self.mark = 0.0
 
     def start_epoch(self) -> None:
         self.samples = self.counters.samples_seen
-        self.mark = synchronized_now(self.ctx.device)
+        self.clock.restart()
 
     def end_epoch(self) -> None:
-        self.counters.train_seconds += synchronized_now(self.ctx.device) - self.mark
+        self.clock.stop()
 
     def after_step(self, global_step: int, global_batch_size: int) -> bool:
         """Count the step's samples; at an evaluation point, evaluate. True: stop training here."""
@@ -192,16 +226,15 @@ class StepEvaluations:
     @contextlib.contextmanager
     def off_the_training_clock(self):
         """A block between two steps that is not training: the training clock stops before it, restarts after."""
-        self.counters.train_seconds += synchronized_now(self.ctx.device) - self.mark
+        self.clock.stop()
         try:
             yield
         finally:
-            self.mark = synchronized_now(self.ctx.device)
+            self.clock.restart()
 
     def _evaluate(self, global_step: int) -> bool:
         counters, target = self.counters, self.cfg.metrics.target_val_accuracy
-        started = synchronized_now(self.ctx.device)
-        counters.train_seconds += started - self.mark
+        started = self.clock.stop()
         _, accuracy = evaluate(self.model, self.subset, self.ctx, self.cfg.train.eval_batch_size)
         if self.probe:
             self.probe.close_window()
@@ -212,8 +245,7 @@ class StepEvaluations:
                                       seconds=[counters.train_seconds], target=target,
                                       epochs=[self.samples / len(self.train_set)])
         loss_reached = self._check_train_loss(global_step)
-        self.mark = synchronized_now(self.ctx.device)
-        counters.eval_seconds += self.mark - started
+        counters.eval_seconds += self.clock.restart() - started
         if reached is None:
             return loss_reached
         counters.target_reached_step, counters.target_reached_epoch = reached.steps, counters.epoch + 1
@@ -221,7 +253,7 @@ class StepEvaluations:
                           "seconds_to_target": reached.seconds, "epochs_to_target": reached.epochs}
         with timed(counters, "probe_seconds", self.ctx.device):
             self.at_target.update(self._noise_at_target())
-        self.mark = synchronized_now(self.ctx.device)
+        self.clock.restart()
         return self.cfg.train.stop_at_target or loss_reached
 
     def _check_train_loss(self, global_step: int) -> bool:

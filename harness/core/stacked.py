@@ -22,26 +22,32 @@ the modules it calls for an unstacked run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from harness.core.config import Config, steps_per_epoch
+from harness.core.config import Config, check_stackable_trial, steps_per_epoch
 from harness.core.data import BatchPlan, Split
+from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.backprop import activation_derivative
 from harness.core.model import ACTIVATION_MODULES, build_model
 from harness.errors import InputError
+from harness.measure.grad_noise import WINDOWS_KEPT, NoiseProbe
 
 # Keys every member of a stack must agree on: they fix the tensors' shapes (architecture,
 # batch size, the training split's size) or what one step computes for all members at once.
 SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.validation_size",
                "data.train_subset", "data.synthetic", "optim.global_batch_size", "optim.micro_batch_size",
-               "train.drop_last", "performance.precision")
+               "train.drop_last", "performance.precision", "train.epochs", "train.max_steps",
+               "metrics.noise_scale", "metrics.noise_scale_ema_decay", "metrics.noise_scale_interval")
 # A member whose running epoch loss is above this stops as diverged, as core/train_loop.py's run does.
 DIVERGED_LOSS = 1e3
 
 
-def _dotted(cfg: Config, key: str):
+def dotted(cfg: Config, key: str):
+    """The value at dotted ``key`` ("optim.lr") of ``cfg``."""
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)
@@ -54,15 +60,11 @@ def check_stackable(members: list[Config]) -> None:
         raise InputError("stack: 0 members; expected at least 1 trial to stack")
     first = members[0]
     for key in SHARED_KEYS:
-        values = {repr(_dotted(m, key)) for m in members}
+        values = {repr(dotted(m, key)) for m in members}
         if len(values) > 1:
             raise InputError(f"{key}: the stacked trials differ ({', '.join(sorted(values))}); expected one value "
                              "for every trial of a stack")
-    if first.optim.micro_batch_size is not None:
-        raise InputError(f"optim.micro_batch_size: {first.optim.micro_batch_size} with a stack; expected null "
-                         "(a stacked step is one pass)")
-    if first.performance.precision != "fp32":
-        raise InputError(f"performance.precision: {first.performance.precision} with a stack; expected fp32")
+    check_stackable_trial(first, "with a stack")
 
 
 class StackedMLP:
@@ -85,8 +87,20 @@ class StackedMLP:
         depth = len(models[0].linears)
         self.weights = [torch.stack([m.linears[i].weight.detach() for m in models]).to(device) for i in range(depth)]
         self.biases = [torch.stack([m.linears[i].bias.detach() for m in models]).to(device) for i in range(depth)]
-        self.weight_grads = [torch.zeros_like(w) for w in self.weights]
-        self.bias_grads = [torch.zeros_like(b) for b in self.biases]
+        # Every gradient is a view into one flat buffer: several ranks average it with one all-reduce,
+        # and a measured step copies it in one pass.
+        self.flat_gradients = torch.zeros(sum(p.numel() for p in self.parameters()), dtype=self.weights[0].dtype,
+                                          device=device)
+        views = self.gradient_views(self.flat_gradients)
+        self.weight_grads, self.bias_grads = views[0::2], views[1::2]
+
+    def gradient_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` (laid out as ``flat_gradients``) as tensors shaped like ``parameters()``."""
+        views, offset = [], 0
+        for p in self.parameters():
+            views.append(flat[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return views
 
     @property
     def num_members(self) -> int:
@@ -134,6 +148,11 @@ class StackedMLP:
                                                     activations[depth])
                 delta = sigma_prime * torch.bmm(delta, self.weights[depth])
         return loss
+
+    def member_squared_norms(self, gradients: list[torch.Tensor]) -> torch.Tensor:
+        """[K] float64: each member's squared norm over all its gradient tensors (``gradients()`` order)."""
+        members = self.num_members
+        return sum(torch.linalg.vector_norm(g.reshape(members, -1), dim=1).double() ** 2 for g in gradients)
 
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's parameters as ``MLP.state_dict()`` names them (a solo run's checkpoint loads them)."""
@@ -248,18 +267,65 @@ class StackedData:
         return self.features[flat], self.targets[flat]
 
 
-class StackedTrainer:
-    """K trials trained together, one stacked step per batch; each keeps its own data order and may diverge alone."""
+class StackedNoiseProbe:
+    """The noise probe of every member (measure/grad_noise.py's protocol), its state stacked on a K axis.
 
-    def __init__(self, members: list[Config], splits: list[Split], device: torch.device | str = "cpu"):
+    ``members[k]`` is an ordinary ``NoiseProbe`` whose state tensors are views of
+    row k here: the stacked step records all members at once, and each member's
+    evaluations, epoch metrics and checkpoint use its probe as a run alone does.
+    A measured step on one rank backpropagates the batch in two halves, as the
+    probe does for a run alone; on several ranks the small gradient is each rank's
+    own, read before the all-reduce (the hand-written engine's way).
+    """
+
+    def __init__(self, ctx: DistContext, global_batch_size: int, decay: float, num_members: int):
+        self.ctx, self.decay = ctx, decay
+        self.members = [NoiseProbe(ctx, global_batch_size, decay) for _ in range(num_members)]
+        dtype, device = torch.float64, ctx.device
+        self.ema = torch.zeros(num_members, 2, dtype=dtype, device=device)
+        self.updates = torch.zeros(num_members, dtype=dtype, device=device)
+        self.window = torch.zeros(num_members, 3, dtype=dtype, device=device)
+        self.closed_windows = torch.zeros(num_members, WINDOWS_KEPT, 3, dtype=dtype, device=device)
+        for k, probe in enumerate(self.members):
+            probe.ema, probe.updates = self.ema[k], self.updates[k]
+            probe.window, probe.closed_windows = self.window[k], self.closed_windows[k]
+
+    def can_measure(self, global_batch_size: int) -> bool:
+        return self.members[0].can_measure(global_batch_size)
+
+    def record(self, small_sq: torch.Tensor, big_sq: torch.Tensor, active: torch.Tensor) -> None:
+        """One step's squared norms, [K] each: ``small_sq`` of the small batch (as a mean), ``big_sq`` reduced.
+
+        Only ``active`` members record: a member that stopped at its target keeps the probe
+        its run alone ended with, while the others' steps go on around it."""
+        pair = torch.stack([small_sq, big_sq], dim=1)
+        rows = active.unsqueeze(1)
+        self.ema.copy_(torch.where(rows, self.ema * self.decay + pair * (1 - self.decay), self.ema))
+        self.updates.add_(active.to(self.updates.dtype))
+        self.window.add_(torch.where(rows, torch.cat([pair, torch.ones_like(small_sq).unsqueeze(1)], dim=1), 0.0))
+
+
+class StackedTrainer:
+    """K trials trained together, one stacked step per batch; each keeps its own data order and may stop alone.
+
+    On several ranks (``ctx``) each rank takes its share of every member's batch,
+    as ``BatchPlan.local_batches`` gives a run alone, and the gradients of all
+    members are averaged over the ranks with one all-reduce, as the hand-written
+    engine of a run alone does (core/distributed.py ``average_gradients``).
+    """
+
+    def __init__(self, members: list[Config], splits: list[Split], device: torch.device | str = "cpu",
+                 ctx: Optional[DistContext] = None):
         check_stackable(members)
         self.members = members
-        self.device = torch.device(device)
+        self.ctx = ctx or DistContext(device=torch.device(device))
+        self.device = self.ctx.device
         self.data = StackedData(splits, self.device)
         first = members[0]
         self.global_batch_size = first.optim.global_batch_size
         self.plans = [BatchPlan(num_samples=self.data.num_samples, global_batch_size=self.global_batch_size,
-                                seed=m.seed, drop_last=m.train.drop_last) for m in members]
+                                seed=m.seed, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                drop_last=m.train.drop_last) for m in members]
         self.steps_per_epoch = steps_per_epoch(self.data.num_samples, self.global_batch_size, first.train.drop_last)
         self.model = StackedMLP(members, self.device)
         self.schedule = member_schedules(members, self.steps_per_epoch, self.device)
@@ -267,7 +333,10 @@ class StackedTrainer:
             self.model.parameters(), self.model.gradients(),
             momentum=torch.tensor([m.optim.momentum for m in members], device=self.device),
             weight_decay=torch.tensor([m.optim.weight_decay for m in members], device=self.device))
-        # Members still updating; a diverged one is frozen where it blew up, and the others go on.
+        self.probe = (StackedNoiseProbe(self.ctx, self.global_batch_size, first.metrics.noise_scale_ema_decay,
+                                        len(members)) if first.metrics.noise_scale else None)
+        # Members still updating; a diverged one is frozen where it blew up, one that reached its
+        # target where it stopped (``freeze``), and the others go on.
         self.active = torch.ones(len(members), dtype=torch.bool, device=self.device)
         self.global_step = 0
 
@@ -275,34 +344,77 @@ class StackedTrainer:
         """[K, N]: each member's own BatchPlan permutation of the epoch (once per epoch, not per step)."""
         return torch.stack([plan.permutation(epoch) for plan in self.plans]).to(self.device)
 
-    def step(self, indices: torch.Tensor) -> torch.Tensor:
-        """One SGD step of every active member on its batch ``indices`` [K, b]; returns the summed CE per member [K].
+    def local_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """``(indices [K, b], global batch size)`` for every step of ``epoch``: this rank's share of every
+        member's batch, the pieces ``BatchPlan.local_batches`` gives each member's run alone."""
+        perms = self.permutations(epoch)
+        for step in range(self.steps_per_epoch):
+            global_batch = perms[:, step * self.global_batch_size:(step + 1) * self.global_batch_size]
+            yield torch.tensor_split(global_batch, self.ctx.world_size, dim=1)[self.ctx.rank], global_batch.shape[1]
 
-        Each member's loss is sum(CE over its batch) / the batch's size: the eager step's
-        normalizer at world size 1 (BatchPlan hands it the batch's own size, so the smaller
-        last batch of an epoch is a mean over its own samples too).
+    def freeze(self, member: int) -> None:
+        """Member ``member`` stops updating from the next step on (its run has ended)."""
+        self.active[member] = False
+
+    def step(self, indices: torch.Tensor, global_batch_size: Optional[int] = None,
+             global_step: Optional[int] = None) -> torch.Tensor:
+        """One SGD step of every active member on its batch ``indices`` [K, b]; returns this rank's summed CE
+        per member [K] (the eager step's return, per member).
+
+        Each member's loss is sum(CE over its local batch) / (B / W): the eager step's
+        normalizer (the smaller last batch of an epoch is a mean over its own samples too).
         """
+        global_batch_size = global_batch_size or indices.shape[1]
+        global_step = self.global_step if global_step is None else global_step
         x, y = self.data.batch(indices)
-        loss = self.model.loss_and_gradients(x, y, normalizer=float(indices.shape[1]))
-        # A non-finite loss freezes its member from this step on (its update is skipped, not applied as NaN).
-        self.active &= torch.isfinite(loss)
-        self.optimizer.step(self.schedule.lr_at(self.global_step), self.active)
-        self.global_step += 1
-        return loss * indices.shape[1]
+        normalizer = global_batch_size / self.ctx.world_size
+        measure = (self.probe is not None and self.probe.can_measure(global_batch_size)
+                   and global_step % self.members[0].metrics.noise_scale_interval == 0)
+        if measure and self.ctx.world_size == 1:
+            loss = self._gradients_in_halves(x, y, normalizer)
+        else:
+            loss = self.model.loss_and_gradients(x, y, normalizer)
+            small_sq = self.model.member_squared_norms(self.model.gradients()) if measure else None
+            self._average_over_ranks()
+            if measure:
+                self.probe.record(small_sq, self.model.member_squared_norms(self.model.gradients()), self.active)
+        # A non-finite loss freezes its member from this step on (its update is skipped, not applied as NaN);
+        # on several ranks every rank must agree, so the loss is checked after it is summed over them.
+        self.active &= torch.isfinite(all_reduce_sum(loss.clone(), self.ctx) if self.ctx.world_size > 1 else loss)
+        self.optimizer.step(self.schedule.lr_at(global_step), self.active)
+        self.global_step = global_step + 1
+        return loss * normalizer
+
+    def _gradients_in_halves(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> torch.Tensor:
+        """The batch's gradient as two half-batch passes, recording each member's small/big squared norms
+        (measure/grad_noise.py ``NoiseProbe._backward_in_halves``, for all members at once)."""
+        half = y.shape[1] // 2
+        first_loss = self.model.loss_and_gradients(x[:, :half], y[:, :half], normalizer)
+        first = self.model.flat_gradients.clone()
+        second_loss = self.model.loss_and_gradients(x[:, half:], y[:, half:], normalizer)
+        sizes = (half, y.shape[1] - half)
+        small_sq = (self.model.member_squared_norms(self.model.gradient_views(first)) * (normalizer / sizes[0]) ** 2
+                    + self.model.member_squared_norms(self.model.gradients()) * (normalizer / sizes[1]) ** 2) / 2
+        self.model.flat_gradients.add_(first)
+        self.probe.record(small_sq, self.model.member_squared_norms(self.model.gradients()), self.active)
+        return first_loss + second_loss
+
+    def _average_over_ranks(self) -> None:
+        if self.ctx.world_size > 1:
+            dist.all_reduce(self.model.flat_gradients, op=dist.ReduceOp.SUM)
+            self.model.flat_gradients.div_(self.ctx.world_size)
 
     def run_epoch(self, epoch: int) -> torch.Tensor:
         """Train one epoch (the last, smaller batch included unless drop_last); returns each member's mean loss [K].
 
         Members that stopped updating this epoch keep their (non-finite or huge) loss;
         the epoch's end then marks a running loss above DIVERGED_LOSS as diverged, as
-        the solo loop does.
+        the solo loop does. (harness bench --stack; a stacked run's epochs are core/stacked_run.py's.)
         """
-        perms = self.permutations(epoch)
         loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=self.device)
         samples = 0
-        for step in range(self.steps_per_epoch):
-            indices = perms[:, step * self.global_batch_size:(step + 1) * self.global_batch_size]
-            loss_sum += self.step(indices).double()
+        for indices, global_batch_size in self.local_batches(epoch):
+            loss_sum += self.step(indices, global_batch_size).double()
             samples += indices.shape[1]
         mean_loss = loss_sum / samples
         self.active &= torch.isfinite(mean_loss) & (mean_loss <= DIVERGED_LOSS)

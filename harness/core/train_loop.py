@@ -278,82 +278,106 @@ def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks]
 def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, checkpoints: Checkpoints,
                   state: Optional[dict], run_id: Optional[str]) -> RunResult:
     cfg, ctx = trainer.cfg, trainer.ctx
-    if state is None:
-        counters = RunCounters()
-        sharp = SharpnessReadings(cfg, ctx, trainer.model, trainer.train_set, counters,
-                                  trainer.train_step.on_training_stream)
-        if sharp.periodic:  # step 0, before the first update, logged before epoch 0 is saved
-            sharp.read(0)
-            with timed(counters, "tracking_seconds", ctx.device):
-                _log_trajectory(tracker, sharp)
-        # Epoch 0 is saved too: a run killed in its first epoch resumes into the same MLflow run.
-        latest = checkpoints.save(checkpoint_state(trainer, counters, run_id, hooks.launch_id), 0)
-        hooks.after_epoch(0, {}, latest, ctx)
-    else:
-        counters = load_state(trainer, state)
-        latest = None
-        sharp = SharpnessReadings(cfg, ctx, trainer.model, trainer.train_set, counters,
-                                  trainer.train_step.on_training_stream)
+    counters, sharp, latest = begin_epochs(trainer, tracker, hooks, checkpoints, state, run_id)
     result = RunResult(run_id, counters.epoch, counters.global_step)
-    step_budget = cfg.train.max_steps or cfg.total_epochs * trainer.plan.steps_per_epoch
+    step_budget = run_step_budget(trainer)
     evals = StepEvaluations(cfg, ctx, trainer.model, dataset.validation, trainer.train_set, trainer.noise_probe,
                             counters, step_budget, trainer.train_step.on_training_stream, sharp)
-    # A run that stopped at its target is finished: resuming it trains nothing more.
-    stopped = counters.stopped_at_target or counters.train_loss_target_step > 0
-    first_epoch = cfg.total_epochs + 1 if stopped else counters.epoch + 1
-    for epoch in range(first_epoch, cfg.total_epochs + 1):
+    for epoch in range(first_epoch(cfg, counters), cfg.total_epochs + 1):
         train_seconds_before = counters.train_seconds
         evals.start_epoch()
         with epoch_bar(cfg, ctx, trainer.plan.steps_per_epoch, epoch) as bar:
             train_loss_running, samples, steps = trainer.run_epoch(
                 epoch, counters.global_step, step_budget - counters.global_step, bar, evals.after_step)
         evals.end_epoch()
-        elapsed_s = counters.train_seconds - train_seconds_before
-        counters.epoch, counters.global_step = epoch, counters.global_step + steps
-        counters.samples_seen += samples
-        counters.stopped_at_target = cfg.train.stop_at_target and counters.target_reached_step > 0
-        # train.target_train_loss: the run ends at the check that reached it (it broke out of the epoch
-        # there), so what is measured below is measured at those parameters.
-        stopped = counters.stopped_at_target or counters.train_loss_target_step > 0
-        is_last = epoch == cfg.total_epochs or stopped
-        metrics, tags = _measure_epoch(trainer, dataset, counters, train_loss_running, elapsed_s, samples)
-        diverged = "diverged" in tags
-        metrics.update(evals.take_at_target())
-        if "steps_to_target" in metrics:
-            tags["steps_to_target"] = str(int(metrics["steps_to_target"]))
-        if "steps_to_train_loss_target" in metrics:
-            tags["steps_to_train_loss_target"] = str(int(metrics["steps_to_train_loss_target"]))
-        if not diverged:
-            metrics.update(_sharpness_at_epoch_end(cfg, sharp, epoch, counters.global_step, is_last))
-        if is_last and not counters.target_reached_step and cfg.metrics.target_val_accuracy is not None:
-            tags["steps_to_target"] = "not reached"
-        if is_last and not counters.train_loss_target_step and cfg.train.target_train_loss is not None:
-            tags["steps_to_train_loss_target"] = "not reached"
-        if counters.stopped_at_target:
-            tags["stopped_at_target"] = "true"
-        metrics.update(time_metrics(counters))  # cumulative; the last epoch's are the run's
-        metrics.update(sharpness_cost_metrics(counters))
-        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        with timed(counters, "tracking_seconds", ctx.device):
-            tracker.log_metrics(finite, step=epoch)
-            tracker.log_metrics(by_step_metrics(finite), step=counters.global_step)
-            tracker.log_metric_history("val_subset_accuracy", evals.take_history())
-            if cfg.train.target_train_loss is not None:
-                tracker.log_metric_history("train_loss_full", evals.take_train_loss_history())
-            _log_trajectory(tracker, sharp)
-            if tags:
-                tracker.set_tags(tags)
-        result = RunResult(run_id, epoch, counters.global_step, metrics, diverged)
-        if diverged:
+        result, stopped = end_epoch(trainer, dataset, tracker, counters, evals, sharp, epoch, steps, samples,
+                                    train_loss_running, counters.train_seconds - train_seconds_before, run_id)
+        if result.diverged:
             break
         latest = checkpoints.save(checkpoint_state(trainer, counters, run_id, hooks.launch_id), epoch)
-        hooks.after_epoch(epoch, metrics, latest, ctx)
+        hooks.after_epoch(epoch, result.metrics, latest, ctx)
         if stopped:
             break
     if result.metrics:
-        say(_time_line(cfg.name, counters), ctx=ctx)
+        say(time_line(cfg.name, counters), ctx=ctx)
     result.checkpoint = latest
     return result
+
+
+def run_step_budget(trainer: Trainer) -> int:
+    """The run's last step: train.max_steps, else every epoch's steps."""
+    return trainer.cfg.train.max_steps or trainer.cfg.total_epochs * trainer.plan.steps_per_epoch
+
+
+def first_epoch(cfg: Config, counters: RunCounters) -> int:
+    """The next epoch to train; past the last for a run that stopped at its target (resuming it trains nothing)."""
+    stopped = counters.stopped_at_target or counters.train_loss_target_step > 0
+    return cfg.total_epochs + 1 if stopped else counters.epoch + 1
+
+
+def begin_epochs(trainer: Trainer, tracker, hooks: RunHooks, checkpoints: Checkpoints, state: Optional[dict],
+                 run_id: Optional[str]) -> tuple[RunCounters, SharpnessReadings, Optional[Path]]:
+    """A new run's start (step-0 sharpness, the epoch-0 checkpoint) or a resumed run's state loaded;
+    returns (counters, sharpness readings, the checkpoint just written or None)."""
+    cfg, ctx = trainer.cfg, trainer.ctx
+    if state is not None:
+        counters = load_state(trainer, state)
+        return counters, SharpnessReadings(cfg, ctx, trainer.model, trainer.train_set, counters,
+                                           trainer.train_step.on_training_stream), None
+    counters = RunCounters()
+    sharp = SharpnessReadings(cfg, ctx, trainer.model, trainer.train_set, counters,
+                              trainer.train_step.on_training_stream)
+    if sharp.periodic:  # step 0, before the first update, logged before epoch 0 is saved
+        sharp.read(0)
+        with timed(counters, "tracking_seconds", ctx.device):
+            _log_trajectory(tracker, sharp)
+    # Epoch 0 is saved too: a run killed in its first epoch resumes into the same MLflow run.
+    latest = checkpoints.save(checkpoint_state(trainer, counters, run_id, hooks.launch_id), 0)
+    hooks.after_epoch(0, {}, latest, ctx)
+    return counters, sharp, latest
+
+
+def end_epoch(trainer: Trainer, dataset: Dataset, tracker, counters: RunCounters, evals: StepEvaluations,
+              sharp: SharpnessReadings, epoch: int, steps: int, samples: int, train_loss_running: float,
+              elapsed_s: float, run_id: Optional[str]) -> tuple[RunResult, bool]:
+    """After an epoch's steps (all of them, or those before the run stopped inside it): count them,
+    measure, log. Returns the run's result so far and whether it stopped (target reached)."""
+    cfg, ctx = trainer.cfg, trainer.ctx
+    counters.epoch, counters.global_step = epoch, counters.global_step + steps
+    counters.samples_seen += samples
+    counters.stopped_at_target = cfg.train.stop_at_target and counters.target_reached_step > 0
+    # train.target_train_loss: the run ends at the check that reached it (it broke out of the epoch
+    # there), so what is measured below is measured at those parameters.
+    stopped = counters.stopped_at_target or counters.train_loss_target_step > 0
+    is_last = epoch == cfg.total_epochs or stopped
+    metrics, tags = _measure_epoch(trainer, dataset, counters, train_loss_running, elapsed_s, samples)
+    diverged = "diverged" in tags
+    metrics.update(evals.take_at_target())
+    if "steps_to_target" in metrics:
+        tags["steps_to_target"] = str(int(metrics["steps_to_target"]))
+    if "steps_to_train_loss_target" in metrics:
+        tags["steps_to_train_loss_target"] = str(int(metrics["steps_to_train_loss_target"]))
+    if not diverged:
+        metrics.update(_sharpness_at_epoch_end(cfg, sharp, epoch, counters.global_step, is_last))
+    if is_last and not counters.target_reached_step and cfg.metrics.target_val_accuracy is not None:
+        tags["steps_to_target"] = "not reached"
+    if is_last and not counters.train_loss_target_step and cfg.train.target_train_loss is not None:
+        tags["steps_to_train_loss_target"] = "not reached"
+    if counters.stopped_at_target:
+        tags["stopped_at_target"] = "true"
+    metrics.update(time_metrics(counters))  # cumulative; the last epoch's are the run's
+    metrics.update(sharpness_cost_metrics(counters))
+    finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    with timed(counters, "tracking_seconds", ctx.device):
+        tracker.log_metrics(finite, step=epoch)
+        tracker.log_metrics(by_step_metrics(finite), step=counters.global_step)
+        tracker.log_metric_history("val_subset_accuracy", evals.take_history())
+        if cfg.train.target_train_loss is not None:
+            tracker.log_metric_history("train_loss_full", evals.take_train_loss_history())
+        _log_trajectory(tracker, sharp)
+        if tags:
+            tracker.set_tags(tags)
+    return RunResult(run_id, epoch, counters.global_step, metrics, diverged), stopped
 
 
 def _sharpness_at_epoch_end(cfg: Config, sharp: SharpnessReadings, epoch: int, global_step: int,
@@ -375,7 +399,7 @@ def _log_trajectory(tracker, sharp: SharpnessReadings) -> None:
             tracker.log_metric_history(key, points)
 
 
-def _time_line(name: str, counters: RunCounters) -> str:
+def time_line(name: str, counters: RunCounters) -> str:
     """The run's last console line: where its time went."""
     times = time_metrics(counters)
     return (f"[{name}] time: training {times['time_train_s']:.2f} s, evaluations every few steps "

@@ -25,6 +25,8 @@ from harness.console import say
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext, broadcast_from_main
 from harness.errors import InputError
+from harness.core.stacked import SHARED_KEYS, dotted
+from harness.core.stacked_run import train_stack
 from harness.core.train_loop import RunHooks, RunResult, train
 from harness.results.critical import time_spent
 from harness.results.report import build_report
@@ -85,6 +87,25 @@ def select_trial(cfg: Config, index: int) -> Config:
     return trials[index]
 
 
+def stack_groups(trials: list[Config], stack_trials, split_by_seed: bool = False) -> list[list[int]]:
+    """``trials``' indices in stacks (``sweep.stack_trials``): trials that share every key a stack
+    must share (core/stacked.py SHARED_KEYS: architecture, batch size, data, budget, probe) go
+    together, in sweep order, up to ``stack_trials`` per stack (``auto``: all of them).
+
+    ``split_by_seed``: trials whose data differ by seed (each process loads its trial's
+    own validation split: the torchrun driver) share a stack only with their seed's trials.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for index, trial in enumerate(trials):
+        key = tuple(repr(dotted(trial, k)) for k in SHARED_KEYS) + ((trial.seed,) if split_by_seed else ())
+        groups.setdefault(key, []).append(index)
+    stacks = []
+    for members in groups.values():
+        size = len(members) if stack_trials == "auto" else stack_trials
+        stacks += [members[i:i + size] for i in range(0, len(members), size)]
+    return sorted(stacks)
+
+
 def format_duration(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -104,17 +125,27 @@ class SweepProgress:
         self.total = total
         self.started_s = time.monotonic()
         self.trial_started_s: Optional[float] = None
+        self.last_count = 1  # trials in the stack that started last
         self.durations_s: list[float] = []
 
     def starting(self, index: int, trial: Config, how: str = "") -> None:
+        self.starting_stack([index], [trial], how)
+
+    def starting_stack(self, indices: list[int], trials: list[Config], how: str = "") -> None:
+        """Trials ``indices`` start (together, as one stack, when there are several)."""
         now = time.monotonic()
         if self.trial_started_s is not None:
-            self.durations_s.append(now - self.trial_started_s)
-        self.trial_started_s = now
-        eta = (f"ETA {format_duration(sum(self.durations_s) / len(self.durations_s) * (self.total - index))}"
+            # A stack's time is its trials' time: each counts as an equal share of it.
+            self.durations_s += [(now - self.trial_started_s) / self.last_count] * self.last_count
+        self.trial_started_s, self.last_count = now, len(indices)
+        left = self.total - indices[0]
+        eta = (f"ETA {format_duration(sum(self.durations_s) / len(self.durations_s) * left)}"
                if self.durations_s else "ETA after the first trial")
-        say(f"[sweep] trial {index + 1}/{self.total} ({format_duration(now - self.started_s)} elapsed, {eta}): "
-            f"{display_name(trial)} ({trial.name}){': ' + how if how else ''}")
+        which = (f"trial {indices[0] + 1}/{self.total}" if len(indices) == 1 else
+                 f"trials {', '.join(str(i + 1) for i in indices)}/{self.total} as one stack")
+        names = "; ".join(f"{display_name(t)} ({t.name})" for t in trials)
+        say(f"[sweep] {which} ({format_duration(now - self.started_s)} elapsed, {eta}): "
+            f"{names}{': ' + how if how else ''}")
 
 
 @dataclass
@@ -201,12 +232,25 @@ def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None,
     dataset = dataset or load_dataset(cfg)
     trials = expand_trials(cfg)
     progress = SweepProgress(len(trials)) if ctx.is_main else None
+    how = f"in this process group of {ctx.world_size}"
     with sweep_parent_run(cfg, ctx, resume) as parent:
-        for index, trial in enumerate(trials):
-            if not parent.skip(trial):
-                if progress:
-                    progress.starting(index, trial, f"in this process group of {ctx.world_size}")
-                parent.outcomes.append(run_trial(trial, ctx, dataset, parent.run_id, resume))
+        if not cfg.sweep.stacks:
+            for index, trial in enumerate(trials):
+                if not parent.skip(trial):
+                    if progress:
+                        progress.starting(index, trial, how)
+                    parent.outcomes.append(run_trial(trial, ctx, dataset, parent.run_id, resume))
+            return parent
+        # Every trial of the sweep shares this process's dataset, so stacks need not split by seed.
+        pending = [i for i, trial in enumerate(trials) if not parent.skip(trial)]
+        for stack in stack_groups([trials[i] for i in pending], cfg.sweep.stack_trials):
+            indices = [pending[i] for i in stack]
+            members = [trials[i] for i in indices]
+            if progress:
+                progress.starting_stack(indices, members, how)
+            parent.outcomes += run_stack(members, ctx, dataset, parent.run_id, resume)
+        order = {trial.name: i for i, trial in enumerate(trials)}
+        parent.outcomes.sort(key=lambda outcome: order[outcome.cfg.name])
     return parent
 
 
@@ -219,6 +263,21 @@ def run_trial(trial: Config, ctx: DistContext, dataset: Dataset, parent_run_id, 
             raise  # the other ranks may be inside a collective: only a restart can recover
         traceback.print_exc()
         return TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
+
+
+def run_stack(members: list[Config], ctx: DistContext, dataset: Dataset, parent_run_id,
+              resume: bool) -> list[TrialOutcome]:
+    """``members`` as one stack (core/stacked_run.py); one outcome per member, all failed if the stack fails."""
+    if len(members) == 1:
+        return [run_trial(members[0], ctx, dataset, parent_run_id, resume)]
+    try:
+        results = train_stack(members, ctx, dataset, hooks=RunHooks(resume=resume), parent_run_id=parent_run_id)
+        return [TrialOutcome(trial, result) for trial, result in zip(members, results)]
+    except Exception as err:  # one broken stack must not stop the sweep
+        if ctx.world_size > 1:
+            raise
+        traceback.print_exc()
+        return [TrialOutcome(trial, None, f"{type(err).__name__}: {err}") for trial in members]
 
 
 def summary_table(outcomes: list[TrialOutcome]) -> str:

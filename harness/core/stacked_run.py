@@ -1,0 +1,300 @@
+"""A stack of trials as one run: ``train_stack(members, ctx, ...)``, the stacked counterpart of train_loop.train.
+
+core/stacked.py trains K trials of one architecture and batch size as one
+stacked model; this module makes each of them the run it stands for. Every
+member gets what ``train_loop.train`` gives a run alone, through the same
+functions: its own MLflow run (same params, metrics and tags, plus
+``stack_size`` / ``stack_position``), its periodic evaluations and target
+(core/evaluation.py ``StepEvaluations``), its noise probe (a view of the stacked
+probe), its sharpness readings, its epoch-end measurements and log
+(train_loop.end_epoch), and its checkpoints, in the format and folder of a run
+alone, so a stacked run resumes (and a member's checkpoint loads) like one.
+
+A member is evaluated through a view: an ordinary ``MLP`` whose parameters alias
+row k of the stacked tensors, so evaluation, the exact noise scale and the
+Hessian readings run on it unchanged. A member that reaches its target (or
+whose loss blows up) stops updating at that step; the others go on, and its run
+ends at the epoch's end with what a run alone logs there. The training clock is
+shared: each stretch of stacked steps is split evenly among the members still
+training, so a member's ``time_train_s`` is its share, and the trials' times
+still add up to the sweep's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from harness import faults, signals
+from harness.console import say
+from harness.core.config import Config
+from harness.core.data import BatchPlan, Dataset
+from harness.core.distributed import DistContext, all_reduce_sum
+from harness.core.epoch_bar import epoch_bar
+from harness.core.evaluation import RunCounters, StepEvaluations, TrainingClock
+from harness.core.model import build_model
+from harness.core.sharpness import SharpnessReadings
+from harness.core.stacked import StackedTrainer
+from harness.core.step import LRSchedule
+from harness.core.train_loop import (RunHooks, RunResult, Trainer, begin_epochs, checkpoint_state, end_epoch,
+                                     first_epoch, run_step_budget, time_line)
+from harness.records.tracking import make_tracker
+
+
+class MemberStep:
+    """What the loop's helpers ask of a member's step: where autograd on its parameters runs (here)."""
+
+    @staticmethod
+    def on_training_stream():
+        return contextlib.nullcontext()
+
+
+class MemberOptimizer:
+    """Member k's view of the stack's SGD, in ``torch.optim.SGD``'s checkpoint format.
+
+    Its momentum buffers are row k of the stacked ones: ``state_dict`` is what a run
+    alone would save, and ``load_state_dict`` copies a saved state back into the rows.
+    """
+
+    def __init__(self, cfg: Config, params: list[torch.nn.Parameter], buffers: list[torch.Tensor]):
+        self.sgd = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                   weight_decay=cfg.optim.weight_decay)
+        self.params, self.buffers = params, buffers
+
+    def state_dict(self) -> dict:
+        for p, buf in zip(self.params, self.buffers):
+            self.sgd.state[p]["momentum_buffer"] = buf.clone()
+        return self.sgd.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sgd.load_state_dict(state)
+        for p, buf in zip(self.params, self.buffers):
+            saved = self.sgd.state.get(p, {}).get("momentum_buffer")
+            buf.copy_(saved) if saved is not None else buf.zero_()  # no buffer yet: SGD's first step starts it
+
+
+def member_model(stack: StackedTrainer, k: int, cfg: Config) -> torch.nn.Module:
+    """An ``MLP`` of member k's architecture whose parameters alias row k of the stack's tensors."""
+    model = build_model(cfg).to(stack.device)
+    for i, linear in enumerate(model.linears):
+        linear.weight = torch.nn.Parameter(stack.model.weights[i][k], requires_grad=True)
+        linear.bias = torch.nn.Parameter(stack.model.biases[i][k], requires_grad=True)
+    return model
+
+
+@dataclass
+class Member:
+    """One trial of the stack: its run's pieces, and where it is within the current epoch."""
+
+    position: int
+    trainer: Trainer
+    tracker: object
+    checkpoints: object
+    state: Optional[dict]
+    run_id: Optional[str] = None
+    counters: Optional[RunCounters] = None
+    sharp: Optional[SharpnessReadings] = None
+    evals: Optional[StepEvaluations] = None
+    latest: object = None
+    result: Optional[RunResult] = None
+    finished: bool = False  # its run has ended (FINISHED)
+    training: bool = False  # still stepping in the current epoch
+    steps: int = 0  # this epoch's steps, until it stopped
+    samples: int = 0  # this rank's samples of this epoch, until it stopped
+    seconds_before: float = 0.0
+
+    @property
+    def cfg(self) -> Config:
+        return self.trainer.cfg
+
+
+class SharedClock(TrainingClock):
+    """One clock for the whole stack: a stretch of training is split evenly among the members still training."""
+
+    def __init__(self, device: torch.device, members: list[Member]):
+        super().__init__(device, self._split)
+        self.members = members
+
+    def _split(self, seconds: float) -> None:
+        training = [m for m in self.members if m.training]
+        for m in training:
+            m.counters.train_seconds += seconds / len(training)
+
+
+def build_members(members: list[Config], ctx: DistContext, dataset: Dataset, hooks: RunHooks,
+                  parent_run_id: Optional[str]) -> tuple[StackedTrainer, list[Member]]:
+    """The stack and each member's run pieces (nothing logged yet)."""
+    stack = StackedTrainer(members, [dataset.train] * len(members), ctx=ctx)
+    built = []
+    for k, cfg in enumerate(members):
+        model = member_model(stack, k, cfg)
+        params = list(model.parameters())
+        optimizer = MemberOptimizer(cfg, params, [buf[k] for buf in stack.optimizer.momentum_buffers])
+        plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size,
+                         seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
+        schedule = LRSchedule(cfg.optim.lr, warmup_steps=round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
+        probe = stack.probe.members[k] if stack.probe else None
+        trainer = Trainer(cfg, ctx, model, optimizer, plan, dataset.train, schedule, MemberStep(), probe)
+        checkpoints = MemberCheckpoints(hooks.checkpoints(cfg, ctx))
+        built.append(Member(k, trainer, make_tracker(cfg, ctx, parent_run_id), checkpoints,
+                            checkpoints.resume_state()))
+    return stack, built
+
+
+def train_stack(members: list[Config], ctx: DistContext, dataset: Dataset, hooks: Optional[RunHooks] = None,
+                parent_run_id: Optional[str] = None) -> list[RunResult]:
+    """Train ``members`` (trials that ``stacked.check_stackable`` accepts) as one stack; one result each.
+
+    Members resumed from checkpoints of different epochs (a kill between two of
+    their epoch-end saves) cannot share steps: they are trained as separate stacks.
+    """
+    hooks = hooks or RunHooks()
+    dataset = dataset.to(ctx.device)
+    stack, built = build_members(members, ctx, dataset, hooks, parent_run_id)
+    epochs = {m.state["epoch"] if m.state else 0 for m in built}
+    if len(epochs) > 1:
+        results: dict[int, RunResult] = {}
+        for epoch in sorted(epochs):
+            part = [k for k, m in enumerate(built) if (m.state["epoch"] if m.state else 0) == epoch]
+            del stack, built  # one stack's tensors at a time
+            results.update(zip(part, train_stack([members[k] for k in part], ctx, dataset, hooks, parent_run_id)))
+            stack, built = build_members(members, ctx, dataset, hooks, parent_run_id)
+        return [results[k] for k in range(len(members))]
+    for m in built:
+        if m.state is None:
+            m.checkpoints.clear()
+    try:
+        for m in built:
+            m.run_id = m.tracker.start(resume_run_id=m.state["run_id"] if m.state else None,
+                                       launch_id=hooks.launch_id)
+            m.tracker.set_tags({"stack_size": len(built), "stack_position": m.position, **hooks.run_tags()})
+        _train_stack_epochs(stack, built, dataset, hooks)
+        for m in built:
+            _finish(m)
+    except BaseException as err:
+        # As train_loop.train: every member's run still open ends with the signal's status.
+        try:
+            status = signals.end_status(err)
+            for m in built:
+                if m.run_id and not m.finished:
+                    m.finished = True
+                    m.tracker.finish(status)
+        except signals.Terminated:
+            for m in built:
+                if m.run_id:
+                    m.tracker.finish("KILLED")
+            raise
+        raise
+    return [m.result for m in built]
+
+
+def _finish(m: Member) -> None:
+    """End a member's run as a run alone ends: the time line, where its final weights are, FINISHED."""
+    if m.finished:
+        return
+    m.finished = True
+    if m.result.metrics:
+        say(time_line(m.cfg.name, m.counters), ctx=m.trainer.ctx)
+    m.result.checkpoint = m.latest
+    if m.latest is not None:
+        m.tracker.set_tags({"checkpoint_path": str(Path(m.latest).resolve())})
+    m.tracker.finish("FINISHED")
+
+
+def _save(m: Member, epoch: int, hooks: RunHooks) -> None:
+    m.latest = m.checkpoints.save(checkpoint_state(m.trainer, m.counters, m.run_id, hooks.launch_id), epoch) \
+        or m.latest
+
+
+class MemberCheckpoints:
+    """A member's ``Checkpoints`` (a run alone's folder and rules) whose saves copy its tensors out of the
+    stack first: its parameters are views, and saving a view saves all K rows."""
+
+    def __init__(self, checkpoints):
+        self.checkpoints = checkpoints
+
+    def __getattr__(self, name):
+        return getattr(self.checkpoints, name)
+
+    def save(self, state: dict, epoch: int):
+        state = {**state, "model": {key: value.clone() for key, value in state["model"].items()}}
+        return self.checkpoints.save(state, epoch)
+
+
+def _train_stack_epochs(stack: StackedTrainer, built: list[Member], dataset: Dataset, hooks: RunHooks) -> None:
+    ctx = stack.ctx
+    clock = SharedClock(ctx.device, built)
+    for m in built:
+        m.counters, m.sharp, m.latest = begin_epochs(m.trainer, m.tracker, hooks, m.checkpoints,
+                                                     m.state, m.run_id)
+        m.result = RunResult(m.run_id, m.counters.epoch, m.counters.global_step)
+        m.evals = StepEvaluations(m.cfg, ctx, m.trainer.model, dataset.validation, m.trainer.train_set,
+                                  m.trainer.noise_probe, m.counters, run_step_budget(m.trainer),
+                                  MemberStep.on_training_stream, m.sharp, clock=clock)
+        if first_epoch(m.cfg, m.counters) > m.cfg.total_epochs:
+            m.finished = True  # stopped at its target before the restart: nothing left to train
+            m.tracker.finish("FINISHED")
+    for k, m in enumerate(built):
+        if m.finished:
+            stack.freeze(k)
+    first = built[0].cfg
+    global_step = built[0].counters.global_step
+    stack.global_step = global_step
+    budget = run_step_budget(built[0].trainer)
+    for epoch in range(min(first_epoch(m.cfg, m.counters) for m in built), first.total_epochs + 1):
+        live = [m for m in built if not m.finished]
+        if not live:
+            break
+        for m in live:
+            m.training, m.steps, m.samples, m.seconds_before = True, 0, 0, m.counters.train_seconds
+            m.evals.start_epoch()
+        loss_sum = torch.zeros(len(built), dtype=torch.float64, device=ctx.device)
+        stepping = torch.tensor([m.training for m in built], device=ctx.device)
+        with epoch_bar(first, ctx, stack.steps_per_epoch, epoch) as bar:
+            for step, (indices, global_batch_size) in enumerate(stack.local_batches(epoch)):
+                if step == budget - global_step:
+                    break
+                if step == stack.steps_per_epoch // 2:
+                    faults.maybe_kill("step", epoch, ctx.rank)
+                loss = stack.step(indices, global_batch_size, global_step + step)
+                # Only the steps a member took count towards its running loss (its run alone stopped there).
+                loss_sum += torch.where(stepping, loss.double(), 0.0)
+                bar.update(1)
+                stopped_now = False
+                for m in live:
+                    if not m.training:
+                        continue
+                    m.steps += 1
+                    m.samples += indices.shape[1]
+                    if m.evals.after_step(global_step + step + 1, global_batch_size):
+                        m.training, stopped_now = False, True
+                        stack.freeze(m.position)
+                if stopped_now:
+                    stepping = torch.tensor([m.training for m in built], device=ctx.device)
+                    if not stepping.any():
+                        break
+        clock.stop()
+        for m in live:
+            m.training = False
+        global_step += max(m.steps for m in live)
+        totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor([float(m.samples) for m in built],
+                                                                      dtype=torch.float64, device=ctx.device)]), ctx)
+        for m in live:
+            samples = int(totals[1][m.position])
+            running = float(totals[0][m.position] / max(samples, 1))
+            m.result, stopped = end_epoch(m.trainer, dataset, m.tracker, m.counters, m.evals, m.sharp, epoch,
+                                          m.steps, samples, running, m.counters.train_seconds - m.seconds_before,
+                                          m.run_id)
+            if m.result.diverged:
+                stack.freeze(m.position)
+                _finish(m)
+                continue
+            _save(m, epoch, hooks)
+            hooks.after_epoch(epoch, m.result.metrics, m.latest, ctx)
+            if stopped or epoch == first.total_epochs:
+                stack.freeze(m.position)
+                _finish(m)
