@@ -9,7 +9,10 @@
 #   5. the same sweep with the eager step, timed, for the comparison;
 #   6. configs/critical_batch.yaml (issue 13: the critical batch size two ways), timed;
 #   7. issue 15: `harness capacity --device cuda` in fp32 and in bf16 (the bf16 step on CUDA):
-#      time per step and peak memory against the batch, up to the first out-of-memory.
+#      time per step and peak memory against the batch, up to the first out-of-memory;
+#   8. issue 17: `harness bench --stack 16 --device cuda` (16 trials as one stacked model against
+#      the same 16 one after another), and configs/critical_batch.yaml without stacks, timed
+#      (step 6 runs it with its stacks).
 # The sweeps log to MLflow (a SQLite file) where MLflow can be imported; wheels
 # in .whl/ (`make gpu-wheels`) are installed first if present. Elsewhere tracking is off.
 # STEPS: the steps to run, by name (default: all); e.g. STEPS="environment graph-tests
@@ -31,7 +34,7 @@ if "$py" -c "import mlflow" 2>/dev/null; then
 else
     tracking=(--set tracking.enabled=false)
 fi
-steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager critical-batch capacity capacity-bf16} "
+steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager critical-batch capacity capacity-bf16 stack-bench critical-batch-unstacked} "
 run() {  # run a named step (if STEPS names it), keep going after a failure, remember it
     local name=$1; shift
     case "$steps" in *" $name "*|*" ${name%-without-graph-ddp} "*) ;; *) return 0 ;; esac
@@ -69,4 +72,10 @@ run capacity "$py" -m harness.cli capacity --config configs/fashion_mnist.yaml -
     --no-mlflow --json "$out/capacity-cuda.json" --out "$out"
 run capacity-bf16 "$py" -m harness.cli capacity --config configs/fashion_mnist.yaml --device cuda --epoch-samples 55000 \
     --set performance.precision=bf16 --no-mlflow --json "$out/capacity-cuda-bf16.json" --out "$out"
+# Issue 17: stacks of trials on the device, and the study without them for its time.
+run stack-bench "$py" -m harness.cli bench --config configs/fashion_mnist.yaml --device cuda --stack 16 \
+    --batch-sizes 32 64 128 512 --epochs 3 --json "$out/bench-cuda-stack16.json"
+run critical-batch-unstacked "$py" launch/sweep.py --config configs/critical_batch.yaml --launcher local \
+    "${tracking[@]}" --set train.device=cuda --set sweep.stack_trials=1 --set checkpoint.dir=/tmp/gpu-check-critical1 \
+    --report-dir "$out/critical-report-unstacked"
 exit $status

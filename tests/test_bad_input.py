@@ -95,6 +95,12 @@ CONFIG_CASES = {
     "micro-batch not dividing a trial's batch": ("optim: {micro_batch_size: 32}\nsweep: {batch_sizes: [64, 48]}\n",
                                                  "optim.micro_batch_size: 32 does not divide the per-rank batch "
                                                  "of 48 (sweep.batch_sizes 48)"),
+    "stack of zero trials": ("sweep: {stack_trials: 0}\n",
+                             "sweep.stack_trials: expected a positive number of trials per stack, or auto, got 0"),
+    "stack of micro-batches": ("optim: {micro_batch_size: 32}\nsweep: {stack_trials: 4}\n",
+                               "optim.micro_batch_size: 32 with sweep.stack_trials 4; expected null"),
+    "stack in bf16": ("performance: {precision: bf16}\nsweep: {stack_trials: auto}\n",
+                      "performance.precision: bf16 with sweep.stack_trials auto; expected fp32"),
 }
 
 
@@ -113,6 +119,12 @@ def test_micro_batch_larger_than_the_per_rank_batch(place, capsys):
     status = ray_launcher.main(["--config", SMOKE, "--num-workers", "2", "--set", "optim.micro_batch_size=64"])
     assert_refused(place, capsys, status, "optim.micro_batch_size: 64 does not divide the per-rank batch of 32 "
                                           "(optim.global_batch_size 64 over 2 ranks); expected a divisor of 32")
+
+
+def test_stacks_on_the_ray_launcher_are_refused_before_ray_starts(place, capsys):
+    status = sweep_launcher.main(["--config", str(CONFIGS / "sweep.yaml"), "--launcher", "ray",
+                                  "--set", "sweep.stack_trials=4"])
+    assert_refused(place, capsys, status, "sweep.stack_trials: 4 with the Ray launcher; expected 1")
 
 
 def test_unknown_launcher(place, capsys):

@@ -94,6 +94,15 @@ class StackedMLP:
         views = self.gradient_views(self.flat_gradients)
         self.weight_grads, self.bias_grads = views[0::2], views[1::2]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the members ``rows`` (new tensors; views of the old rows still see the old values)."""
+        self.weights = [w.index_select(0, rows) for w in self.weights]
+        self.biases = [b.index_select(0, rows) for b in self.biases]
+        self.flat_gradients = torch.zeros(sum(p.numel() for p in self.parameters()), dtype=self.weights[0].dtype,
+                                          device=self.flat_gradients.device)
+        views = self.gradient_views(self.flat_gradients)
+        self.weight_grads, self.bias_grads = views[0::2], views[1::2]
+
     def gradient_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``flat`` (laid out as ``flat_gradients``) as tensors shaped like ``parameters()``."""
         views, offset = [], 0
@@ -209,6 +218,12 @@ class StackedSGD:
         self.has_weight_decay = bool((weight_decay != 0).any())
         self.momentum_buffers = [torch.zeros_like(p) for p in params]
 
+    def keep(self, rows: torch.Tensor, params: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
+        """Keep only the members ``rows``, whose parameters and gradients are now ``params``, ``gradients``."""
+        self.params, self.gradients = params, gradients
+        self.momentum, self.weight_decay = self.momentum[rows], self.weight_decay[rows]
+        self.momentum_buffers = [buf.index_select(0, rows) for buf in self.momentum_buffers]
+
     @staticmethod
     def _per_member(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return vector.view(-1, *([1] * (like.dim() - 1)))
@@ -286,9 +301,19 @@ class StackedNoiseProbe:
         self.updates = torch.zeros(num_members, dtype=dtype, device=device)
         self.window = torch.zeros(num_members, 3, dtype=dtype, device=device)
         self.closed_windows = torch.zeros(num_members, WINDOWS_KEPT, 3, dtype=dtype, device=device)
+        self._point_members()
+
+    def _point_members(self) -> None:
         for k, probe in enumerate(self.members):
             probe.ema, probe.updates = self.ema[k], self.updates[k]
             probe.window, probe.closed_windows = self.window[k], self.closed_windows[k]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the members ``rows``: a dropped member's probe keeps the state it stopped with."""
+        self.members = [self.members[k] for k in rows.tolist()]
+        self.ema, self.updates = self.ema[rows], self.updates[rows]
+        self.window, self.closed_windows = self.window[rows], self.closed_windows[rows]
+        self._point_members()
 
     def can_measure(self, global_batch_size: int) -> bool:
         return self.members[0].can_measure(global_batch_size)
@@ -335,10 +360,11 @@ class StackedTrainer:
             weight_decay=torch.tensor([m.optim.weight_decay for m in members], device=self.device))
         self.probe = (StackedNoiseProbe(self.ctx, self.global_batch_size, first.metrics.noise_scale_ema_decay,
                                         len(members)) if first.metrics.noise_scale else None)
-        # Members still updating; a diverged one is frozen where it blew up, one that reached its
-        # target where it stopped (``freeze``), and the others go on.
+        # Members still updating: one whose loss turns non-finite is frozen where it blew up (on the
+        # device, no host sync), and the others go on; members whose runs end are dropped (``keep``).
         self.active = torch.ones(len(members), dtype=torch.bool, device=self.device)
         self.global_step = 0
+        self.epoch_permutations: Optional[torch.Tensor] = None  # [K, N] of the epoch being trained
 
     def permutations(self, epoch: int) -> torch.Tensor:
         """[K, N]: each member's own BatchPlan permutation of the epoch (once per epoch, not per step)."""
@@ -347,14 +373,32 @@ class StackedTrainer:
     def local_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, int]]:
         """``(indices [K, b], global batch size)`` for every step of ``epoch``: this rank's share of every
         member's batch, the pieces ``BatchPlan.local_batches`` gives each member's run alone."""
-        perms = self.permutations(epoch)
+        # An attribute, not a local: ``keep`` may drop members' rows between two steps.
+        self.epoch_permutations = self.permutations(epoch)
         for step in range(self.steps_per_epoch):
-            global_batch = perms[:, step * self.global_batch_size:(step + 1) * self.global_batch_size]
+            global_batch = self.epoch_permutations[:, step * self.global_batch_size:(step + 1) * self.global_batch_size]
             yield torch.tensor_split(global_batch, self.ctx.world_size, dim=1)[self.ctx.rank], global_batch.shape[1]
 
     def freeze(self, member: int) -> None:
-        """Member ``member`` stops updating from the next step on (its run has ended)."""
+        """Member ``member`` stops updating from the next step on."""
         self.active[member] = False
+
+    def keep(self, members: list[int]) -> None:
+        """Go on with only ``members`` (rows, in this order), even mid-epoch: the step then costs what
+        those members cost, not the whole stack. The dropped members' rows stay as they were
+        in the old tensors, for whoever still holds views of them (core/stacked_run.py's member runs)."""
+        rows = torch.tensor(members, device=self.device)
+        self.members = [self.members[k] for k in members]
+        self.plans = [self.plans[k] for k in members]
+        self.model.keep(rows)
+        self.optimizer.keep(rows, self.model.parameters(), self.model.gradients())
+        self.schedule = StackedSchedule(self.schedule.lr[rows], self.schedule.warmup_steps[rows])
+        if self.probe:
+            self.probe.keep(rows)
+        self.active = self.active[rows]
+        self.data.offsets = self.data.offsets[rows]
+        if self.epoch_permutations is not None:
+            self.epoch_permutations = self.epoch_permutations[rows]
 
     def step(self, indices: torch.Tensor, global_batch_size: Optional[int] = None,
              global_step: Optional[int] = None) -> torch.Tensor:

@@ -106,6 +106,7 @@ class Member:
     steps: int = 0  # this epoch's steps, until it stopped
     samples: int = 0  # this rank's samples of this epoch, until it stopped
     seconds_before: float = 0.0
+    loss: float = 0.0  # this rank's summed loss of this epoch, banked from the stack's rows
 
     @property
     def cfg(self) -> Config:
@@ -164,6 +165,9 @@ def train_stack(members: list[Config], ctx: DistContext, dataset: Dataset, hooks
             results.update(zip(part, train_stack([members[k] for k in part], ctx, dataset, hooks, parent_run_id)))
             stack, built = build_members(members, ctx, dataset, hooks, parent_run_id)
         return [results[k] for k in range(len(members))]
+    if members[0].performance.cuda_graph:
+        say(f"[stack of {len(members)}] performance.cuda_graph: the stacked step runs eagerly (it is not "
+            "captured in a CUDA graph yet)", ctx=ctx)
     for m in built:
         if m.state is None:
             m.checkpoints.clear()
@@ -229,8 +233,7 @@ def _train_stack_epochs(stack: StackedTrainer, built: list[Member], dataset: Dat
     ctx = stack.ctx
     clock = SharedClock(ctx.device, built)
     for m in built:
-        m.counters, m.sharp, m.latest = begin_epochs(m.trainer, m.tracker, hooks, m.checkpoints,
-                                                     m.state, m.run_id)
+        m.counters, m.sharp, m.latest = begin_epochs(m.trainer, m.tracker, hooks, m.checkpoints, m.state, m.run_id)
         m.result = RunResult(m.run_id, m.counters.epoch, m.counters.global_step)
         m.evals = StepEvaluations(m.cfg, ctx, m.trainer.model, dataset.validation, m.trainer.train_set,
                                   m.trainer.noise_probe, m.counters, run_step_budget(m.trainer),
@@ -238,63 +241,75 @@ def _train_stack_epochs(stack: StackedTrainer, built: list[Member], dataset: Dat
         if first_epoch(m.cfg, m.counters) > m.cfg.total_epochs:
             m.finished = True  # stopped at its target before the restart: nothing left to train
             m.tracker.finish("FINISHED")
-    for k, m in enumerate(built):
-        if m.finished:
-            stack.freeze(k)
+    in_stack = _keep(stack, built, built)
     first = built[0].cfg
-    global_step = built[0].counters.global_step
-    stack.global_step = global_step
+    global_step = stack.global_step = built[0].counters.global_step
     budget = run_step_budget(built[0].trainer)
-    for epoch in range(min(first_epoch(m.cfg, m.counters) for m in built), first.total_epochs + 1):
-        live = [m for m in built if not m.finished]
-        if not live:
+    for epoch in range(first_epoch(first, built[0].counters), first.total_epochs + 1):
+        if not in_stack:
             break
+        live = list(in_stack)
         for m in live:
-            m.training, m.steps, m.samples, m.seconds_before = True, 0, 0, m.counters.train_seconds
+            m.training, m.steps, m.samples, m.loss = True, 0, 0, 0.0
+            m.seconds_before = m.counters.train_seconds
             m.evals.start_epoch()
-        loss_sum = torch.zeros(len(built), dtype=torch.float64, device=ctx.device)
-        stepping = torch.tensor([m.training for m in built], device=ctx.device)
+        loss_sum = torch.zeros(len(in_stack), dtype=torch.float64, device=ctx.device)
         with epoch_bar(first, ctx, stack.steps_per_epoch, epoch) as bar:
             for step, (indices, global_batch_size) in enumerate(stack.local_batches(epoch)):
                 if step == budget - global_step:
                     break
                 if step == stack.steps_per_epoch // 2:
                     faults.maybe_kill("step", epoch, ctx.rank)
-                loss = stack.step(indices, global_batch_size, global_step + step)
-                # Only the steps a member took count towards its running loss (its run alone stopped there).
-                loss_sum += torch.where(stepping, loss.double(), 0.0)
+                loss_sum += stack.step(indices, global_batch_size, global_step + step).double()
                 bar.update(1)
-                stopped_now = False
-                for m in live:
-                    if not m.training:
-                        continue
+                for m in in_stack:
                     m.steps += 1
                     m.samples += indices.shape[1]
                     if m.evals.after_step(global_step + step + 1, global_batch_size):
-                        m.training, stopped_now = False, True
-                        stack.freeze(m.position)
-                if stopped_now:
-                    stepping = torch.tensor([m.training for m in built], device=ctx.device)
-                    if not stepping.any():
+                        m.training = False  # its run alone stops here (its target)
+                if not all(m.training for m in in_stack):
+                    _bank(loss_sum, in_stack)
+                    in_stack = _keep(stack, in_stack, [m for m in in_stack if m.training])
+                    if not in_stack:
                         break
+                    loss_sum = torch.zeros(len(in_stack), dtype=torch.float64, device=ctx.device)
         clock.stop()
+        _bank(loss_sum, in_stack)
         for m in live:
             m.training = False
         global_step += max(m.steps for m in live)
-        totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor([float(m.samples) for m in built],
-                                                                      dtype=torch.float64, device=ctx.device)]), ctx)
-        for m in live:
-            samples = int(totals[1][m.position])
-            running = float(totals[0][m.position] / max(samples, 1))
+        # Every rank's loss and samples, summed, as Trainer.run_epoch sums a run alone's.
+        totals = all_reduce_sum(torch.tensor([[m.loss for m in live], [float(m.samples) for m in live]],
+                                             dtype=torch.float64, device=ctx.device), ctx).tolist()
+        for m, loss, samples in zip(live, *totals):
             m.result, stopped = end_epoch(m.trainer, dataset, m.tracker, m.counters, m.evals, m.sharp, epoch,
-                                          m.steps, samples, running, m.counters.train_seconds - m.seconds_before,
-                                          m.run_id)
-            if m.result.diverged:
-                stack.freeze(m.position)
+                                          m.steps, int(samples), loss / max(samples, 1.0),
+                                          m.counters.train_seconds - m.seconds_before, m.run_id)
+            if not m.result.diverged:
+                _save(m, epoch, hooks)
+                hooks.after_epoch(epoch, m.result.metrics, m.latest, ctx)
+            if m.result.diverged or stopped or epoch == first.total_epochs:
                 _finish(m)
-                continue
-            _save(m, epoch, hooks)
-            hooks.after_epoch(epoch, m.result.metrics, m.latest, ctx)
-            if stopped or epoch == first.total_epochs:
-                stack.freeze(m.position)
-                _finish(m)
+        in_stack = _keep(stack, in_stack, [m for m in in_stack if not m.finished])
+
+
+def _bank(loss_sum: torch.Tensor, in_stack: list[Member]) -> None:
+    """Move the stack's running loss sums (one per row) to the members' own (a host read, so only
+    when members leave the stack and at the epoch's end)."""
+    for m, value in zip(in_stack, loss_sum.tolist()):
+        m.loss += value
+
+
+def _keep(stack: StackedTrainer, in_stack: list[Member], staying: list[Member]) -> list[Member]:
+    """Shrink the stack to ``staying`` (the others' runs have ended or stop here) and point every staying
+    member's views at its new row; a member that leaves keeps views of its old row, which no step
+    touches any more: its parameters, momentum and probe stay where its run alone stopped."""
+    if len(staying) < len(in_stack) and staying:
+        rows = {id(m): row for row, m in enumerate(in_stack)}
+        stack.keep([rows[id(m)] for m in staying])
+        for row, m in enumerate(staying):
+            for i, linear in enumerate(m.trainer.model.linears):
+                linear.weight.data = stack.model.weights[i][row]
+                linear.bias.data = stack.model.biases[i][row]
+            m.trainer.optimizer.buffers = [buf[row] for buf in stack.optimizer.momentum_buffers]
+    return staying

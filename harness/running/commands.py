@@ -79,7 +79,9 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
 
 def ray_job_command(args: argparse.Namespace) -> int:
     """launch/ray_job.py: ``--num-workers`` ranks per run, the Ray options of ``entrypoints.add_ray_arguments``."""
-    cfg, options = start_ray(load_run_config(args), args, args.num_workers)
+    cfg = load_run_config(args)
+    refuse_stacks_on_ray(cfg)
+    cfg, options = start_ray(cfg, args, args.num_workers)
     if cfg.is_sweep:
         say(summary_table(run_sweep_on_ray(cfg, options).outcomes))
         return 0
@@ -105,6 +107,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.launcher == "local" and nproc != 1:
         raise InputError("--nproc: the local launcher runs one process; use --launcher torchrun or ray")
     if args.launcher == "ray":
+        refuse_stacks_on_ray(cfg)
         cfg, options = start_ray(cfg, args, nproc)
         sweep = run_sweep_on_ray(cfg, options, resume=args.resume)
     elif args.launcher == "torchrun":
@@ -124,6 +127,13 @@ def refuse_early_stopping(cfg: Config, launcher: str) -> None:
     if cfg.is_sweep and cfg.sweep.early_stopping != "none":
         raise InputError(f"sweep.early_stopping: {cfg.sweep.early_stopping} stops trials through Ray Tune, not with "
                          f"{launcher}; expected --launcher ray (launch/sweep.py) or sweep.early_stopping=none")
+
+
+def refuse_stacks_on_ray(cfg: Config) -> None:
+    """A Ray Tune trial is one run of one TorchTrainer; stacks of trials run with the local and torchrun drivers."""
+    if cfg.is_sweep and cfg.sweep.stacks:
+        raise InputError(f"sweep.stack_trials: {cfg.sweep.stack_trials} with the Ray launcher; expected 1 "
+                         "(stacks of trials run with launch/sweep.py --launcher local or torchrun)")
 
 
 def ranks_per_trial(args: argparse.Namespace) -> int:
