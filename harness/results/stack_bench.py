@@ -1,8 +1,9 @@
 """``harness bench --stack K``: K trials trained as one stacked model against the same K trials one after another.
 
 Both sides train the same K trials (the config's, with seeds seed, seed+1, ...,
-seed+K-1: own initial weights, own data order, own validation split) from the
-same initial weights, in this process, timed the same way as ``harness bench``
+seed+K-1: own initial weights, own data order) on one copy of the data (the
+config's split, as a local sweep's trials share it) from the same initial
+weights, in this process, timed the same way as ``harness bench``
 (one warm-up epoch, then the median of the timed epochs):
 
 - ``sequential``: each trial's epoch through the harness's eager step
@@ -40,7 +41,7 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
     # As harness bench: the step alone, without the probes a study switches on.
     cfg = cfg.replace(**{"metrics.noise_scale": False, "metrics.sharpness": False, "tracking.enabled": False})
     members = stack_members(cfg, stack)
-    datasets = [load_dataset(m).to(device) for m in members]  # each seed's own validation split
+    datasets = [load_dataset(cfg).to(device)] * stack  # one copy, as the trials of a local sweep share it
     rows = []
     for batch_size in batch_sizes:
         trials = [m.replace(**{"optim.global_batch_size": batch_size}) for m in members]
