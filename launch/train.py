@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 launch/train.py --config configs/fashion_mnist.yaml
     python launch/train.py --config configs/seed.yaml --set optim.lr=0.05
+    torchrun --standalone --nproc_per_node 2 launch/train.py --config configs/sweep.yaml \
+        --set 'sweep.lr_factors=[0.5,1,2]' --trials 0,1,2   # batch 32's three LRs as one stack
     python launch/train.py --config configs/fashion_mnist.yaml --nnodes 2 --node-rank 0 \
         --rdzv-endpoint node0:29400 --rdzv-id run-42     # on node 0; --node-rank 1 on node 1
 
@@ -32,6 +34,9 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--trial", type=int, default=None,
                         help="with a sweep config: run only this trial (0-based; launch/sweep.py uses it)")
+    parser.add_argument("--trials", default=None, metavar="I,J,...",
+                        help="with a sweep config: train these trials (0-based, comma-separated) as one stack, "
+                             "each its own MLflow run (launch/sweep.py uses it with sweep.stack_trials)")
     parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest this run under")
     parser.add_argument("--resolved-config", default=None, metavar="JSON",
                         help="the whole resolved config as JSON, used instead of --config and --set "

@@ -24,22 +24,30 @@ from harness import signals
 from harness.console import say
 from harness.core import distributed
 from harness.core.config import Config
+from harness.core.stacked_run import train_stack
 from harness.core.train_loop import RunHooks, train
 from harness.errors import InputError
 from harness.running.entrypoints import connect_ray, load_run_config
 from harness.running import torchrun_nodes
-from harness.running.preflight import preflight, preflight_ray_cluster, preflight_ray_storage
-from harness.running.sweep import report_sweep, run_sweep, select_trial, summary_table
+from harness.running.preflight import check_resumable, preflight, preflight_ray_cluster, preflight_ray_storage
+from harness.running.sweep import report_sweep, run_sweep, select_trial, select_trials, summary_table
 from harness.running.sweep_drivers import run_sweep_on_ray, torchrun_sweep
 
 
 def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
-    """launch/train.py: ``--trial`` picks one trial of a sweep config; ``--resume``, or a torchrun
-    restart, continues from the newest checkpoint; ``--parent-run-id`` nests the MLflow run.
+    """launch/train.py: ``--trial`` picks one trial of a sweep config, ``--trials`` several to train as
+    one stack (core/stacked_run.py, each member its own run); ``--resume``, or a torchrun restart,
+    continues from the newest checkpoint (each member's own); ``--parent-run-id`` nests the MLflow run(s).
     With ``--nnodes`` (not under torchrun): check, then become this node's torchrun running ``argv``."""
     cfg = load_run_config(args)
     refuse_early_stopping(cfg, "launch/train.py")
-    if args.trial is not None:
+    members = None  # with --trials: the trials of one stack, the first of them is ``cfg``
+    if args.trials is not None:
+        if args.trial is not None:
+            raise InputError(f"--trials {args.trials}: given together with --trial {args.trial}; expected one of them")
+        members = select_trials(cfg, args.trials)
+        cfg = members[0]
+    elif args.trial is not None:
         cfg = select_trial(cfg, args.trial)
     if torchrun_nodes.starts_torchrun(args):
         world_size = torchrun_nodes.check_node_options(args)
@@ -58,8 +66,11 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
     # in the same folder are not its own (unless the user asked for --resume).
     hooks = RunHooks(resume=resume, launch_id=os.environ.get("TORCHELASTIC_RUN_ID"),
                      same_launch_only=restart and not args.resume)
-    dataset = preflight(cfg, world_size, use_gpu=cfg.train.device == "cuda", resume=resume,
-                        launch_id=hooks.launch_id if hooks.same_launch_only else None)
+    launch_id = hooks.launch_id if hooks.same_launch_only else None
+    dataset = preflight(cfg, world_size, use_gpu=cfg.train.device == "cuda", resume=resume, launch_id=launch_id)
+    if members and resume:
+        for member in members[1:]:  # preflight checked the first member's checkpoint
+            check_resumable(member, launch_id)
     if cfg.performance.cuda_graph:
         distributed.allow_collective_capture()
     ctx = distributed.init_from_env(cfg.train.device, attempt=attempt) if under_torchrun \
@@ -67,14 +78,25 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
     try:
         if cfg.is_sweep:
             say("", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes), ctx=ctx)
+        elif members:
+            # Every member's data is the first's: select_trials refused members whose data differ.
+            results = train_stack(members, ctx, dataset, hooks=hooks, parent_run_id=args.parent_run_id)
+            for member, result in zip(members, results):
+                say(finished_line(member, result), ctx=ctx)
         else:
             result = train(cfg, ctx, hooks=hooks, dataset=dataset, parent_run_id=args.parent_run_id)
-            say(f"finished {cfg.name}: epochs {result.epochs_completed}, steps {result.global_step}, "
-                f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
-                f"MLflow run {result.run_id or '-'}, checkpoint {result.checkpoint or '-'}", ctx=ctx)
+            say(finished_line(cfg, result), ctx=ctx)
     finally:
         distributed.shutdown()
     return 0
+
+
+def finished_line(cfg: Config, result) -> str:
+    """The line launch/train.py ends a run with."""
+    return (f"finished {cfg.name}: epochs {result.epochs_completed}, steps {result.global_step}, "
+            f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
+            f"{'diverged, ' if result.diverged else ''}"
+            f"MLflow run {result.run_id or '-'}, checkpoint {result.checkpoint or '-'}")
 
 
 def ray_job_command(args: argparse.Namespace) -> int:

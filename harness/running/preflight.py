@@ -10,6 +10,7 @@ checkpoints). Loading the config (its own key checks) is ``entrypoints.load_run_
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -50,15 +51,21 @@ def preflight(cfg: Config, world_size: int, use_gpu: bool, *, resume: bool = Fal
     dataset = load_dataset(cfg)  # a missing or damaged data file fails here, not in every rank or trial
     resumable = None
     if resume and not cfg.is_sweep:  # a sweep config has no checkpoint of its own; its trials do
-        # a corrupt or foreign checkpoint is refused here, not after init
-        resumable = Checkpoints(cfg, launch_id=launch_id, same_launch_only=launch_id is not None).check_resumable()
-        if launch_id is None and cfg.tracking.enabled:
-            check_resume_run_in_store(cfg)
+        resumable = check_resumable(cfg, launch_id)
     # A run that resumes its own checkpoint ignores init_from (it has the weights), so its source may be gone.
     # Every trial of a sweep shares the model, so one check covers them all.
     if cfg.checkpoint.init_from is not None and resumable is None:
         check_init_from(cfg)
     return dataset
+
+
+def check_resumable(cfg: Config, launch_id: Optional[str]) -> Optional[Path]:
+    """The checkpoint a resumed run of ``cfg`` starts from (``Checkpoints.check_resumable``); a corrupt or
+    foreign checkpoint, or (``--resume``) one whose MLflow run is not in the store, is refused here, not after init."""
+    resumable = Checkpoints(cfg, launch_id=launch_id, same_launch_only=launch_id is not None).check_resumable()
+    if launch_id is None and cfg.tracking.enabled:
+        check_resume_run_in_store(cfg)
+    return resumable
 
 
 def check_init_from(cfg: Config) -> None:

@@ -25,7 +25,7 @@ from harness.console import say
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext, broadcast_from_main
 from harness.errors import InputError
-from harness.core.stacked import SHARED_KEYS, dotted
+from harness.core.stacked import SHARED_KEYS, check_stackable, dotted
 from harness.core.stacked_run import train_stack
 from harness.core.train_loop import RunHooks, RunResult, train
 from harness.results.critical import time_spent
@@ -85,6 +85,43 @@ def select_trial(cfg: Config, index: int) -> Config:
     if not 0 <= index < len(trials):
         raise InputError(f"--trial {index}: expected 0..{len(trials) - 1} for the {len(trials)} trials of {cfg.name!r}")
     return trials[index]
+
+
+def data_depends_on_seed(cfg: Config) -> bool:
+    """Do trials of different seeds hold different data? (core/data.py ``load_dataset``: the validation
+    split is drawn by the seed, digits' test split too, and synthetic data is drawn from it.)"""
+    return cfg.data.validation_size > 0 or cfg.data.dataset in ("digits", "synthetic")
+
+
+def select_trials(cfg: Config, text: str) -> list[Config]:
+    """Trials ``text`` (``"0,2,5"``, 0-based, the order of ``expand_trials``) of a sweep config, to train
+    as one stack (launch/train.py --trials): refused in one line unless they can share one.
+
+    Every rank trains on the data of the first trial (``preflight`` loads it), so trials whose
+    data differ by seed must not share a stack here; the local sweep driver, whose trials all
+    share the sweep's data, may stack them."""
+    try:
+        indices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InputError(f"--trials {text}: expected comma-separated trial indices, e.g. 0,1,2") from None
+    if not cfg.is_sweep:
+        raise InputError(f"--trials {text}: {cfg.name!r} is not a sweep config; expected a config with a sweep "
+                         "section")
+    trials = expand_trials(cfg)
+    for index in indices:
+        if not 0 <= index < len(trials):
+            raise InputError(f"--trials {text}: trial {index} does not exist; expected indices 0..{len(trials) - 1} "
+                             f"for the {len(trials)} trials of {cfg.name!r}")
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise InputError(f"--trials {text}: trial {repeated[0]} given more than once; expected each trial once")
+    members = [trials[i] for i in indices]
+    check_stackable(members)
+    seeds = sorted({m.seed for m in members})
+    if len(seeds) > 1 and data_depends_on_seed(members[0]):
+        raise InputError(f"--trials {text}: trials of seeds {', '.join(map(str, seeds))} hold different data "
+                         f"(the split of {members[0].data.dataset} depends on the seed); expected trials of one seed")
+    return members
 
 
 def stack_groups(trials: list[Config], stack_trials, split_by_seed: bool = False) -> list[list[int]]:

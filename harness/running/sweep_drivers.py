@@ -22,7 +22,8 @@ from harness import signals
 from harness.console import warn
 from harness.core.config import Config
 from harness.core.distributed import DistContext
-from harness.running.sweep import SweepParent, SweepProgress, TrialOutcome, expand_trials, sweep_parent_run
+from harness.running.sweep import (SweepParent, SweepProgress, TrialOutcome, expand_trials, stack_groups,
+                                   sweep_parent_run)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,30 +34,38 @@ TRIAL_STOP_GRACE_S = 60
 
 def torchrun_sweep(cfg: Config, nproc: int, config_path: str, max_restarts: int, resume: bool) -> SweepParent:
     """Each trial as a torchrun job of ``nproc`` ranks (launch/train.py --trial), nested under this
-    process's parent run."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    progress = SweepProgress(len(expand_trials(cfg)))
+    process's parent run; with ``sweep.stack_trials``, each stack of trials as one job (--trials)."""
+    trials = expand_trials(cfg)
+    progress = SweepProgress(len(trials))
     with sweep_parent_run(cfg, DistContext(world_size=nproc, launcher="torchrun"), resume) as parent:
-        for index, trial in enumerate(expand_trials(cfg)):
-            if parent.skip(trial):
-                continue
-            command = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}",
+        pending = [i for i, trial in enumerate(trials) if not parent.skip(trial)]
+        # Each job's ranks load its first trial's data: trials whose data differ by seed go in different stacks.
+        jobs = ([[pending[i] for i in stack] for stack in stack_groups([trials[i] for i in pending],
+                                                                        cfg.sweep.stack_trials, split_by_seed=True)]
+                if cfg.sweep.stacks else [[i] for i in pending])
+        for indices in jobs:
+            members = [trials[i] for i in indices]
+            which = ["--trial", str(indices[0])] if len(indices) == 1 else ["--trials", ",".join(map(str, indices))]
+            command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}",
                        f"--max-restarts={max_restarts}", str(REPO / "launch/train.py"),
                        # The resolved config as JSON, not --set values: the trial would re-parse
                        # those as YAML, and a URI with " #" in it would lose its tail.
-                       "--config", config_path, "--resolved-config", json.dumps(cfg.to_dict()),
-                       "--trial", str(index)]
+                       "--config", config_path, "--resolved-config", json.dumps(cfg.to_dict()), *which]
             if parent.run_id:
                 command += ["--parent-run-id", parent.run_id]
             if resume:
                 command.append("--resume")
-            progress.starting(index, trial, f"torchrun --nproc_per_node={nproc} launch/train.py --trial {index}")
+            progress.starting_stack(indices, members,
+                                    f"torchrun --nproc_per_node={nproc} launch/train.py {' '.join(which)}")
             status = run_trial_process(command, env={**os.environ,
                                                      "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
             error = None if status == 0 else f"torchrun exited with {status}"
-            if error:
-                warn(f"[{trial.name}] failed: {error}")
-            parent.outcomes.append(TrialOutcome(trial, None, error))
+            for trial in members:  # a stack's members fail together: they ran in one job
+                if error:
+                    warn(f"[{trial.name}] failed: {error}")
+                parent.outcomes.append(TrialOutcome(trial, None, error))
+        order = {trial.name: i for i, trial in enumerate(trials)}
+        parent.outcomes.sort(key=lambda outcome: order[outcome.cfg.name])
     return parent
 
 
