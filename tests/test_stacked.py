@@ -98,3 +98,20 @@ def test_trials_of_different_architectures_or_batch_sizes_are_refused_one_line(t
         check_stackable([first, first.replace(**{"optim.global_batch_size": 128})])
     with pytest.raises(InputError, match=r"^stack: 0 members; expected at least 1"):
         check_stackable([])
+
+
+def test_stacked_members_warm_started_from_a_checkpoint_end_as_their_warm_started_runs_alone(tmp_path):
+    # checkpoint.init_from: each member starts from the source's weights (loaded into its row of the
+    # stack through its view) with its own momentum, data order and LR, as train_loop.train starts it.
+    from harness.core.stacked_run import train_stack
+
+    source = train(_config(tmp_path, 9, seed=5, lr=0.1).replace(**{"train.epochs": 1}), DistContext()).checkpoint
+    members = [_config(tmp_path, k, **m).replace(**{"checkpoint.init_from": str(source)})
+               for k, m in enumerate(MEMBERS[:2])]
+    dataset = load_dataset(members[0])  # one copy for every member, as in a local sweep
+    stacked_results = train_stack(members, DistContext(), dataset)
+    for cfg, result in zip(members, stacked_results):
+        stacked = torch.load(result.checkpoint, weights_only=True)["model"]
+        alone_run = train(cfg.replace(**{"checkpoint.dir": str(tmp_path / "alone")}), DistContext(), dataset=dataset)
+        alone = torch.load(alone_run.checkpoint, weights_only=True)["model"]
+        assert _max_difference(stacked, alone) <= 1e-5, cfg.name

@@ -119,8 +119,6 @@ REFUSALS = {
     "not indices": ([], "--trials 0,x: expected comma-separated trial indices", "0,x"),
     "batch sizes differ": (["sweep.batch_sizes=[32,64]", "sweep.lr_rules=[none]"],
                            "optim.global_batch_size: the stacked trials differ (32, 64)", "0,1"),
-    "warm start": (["checkpoint.init_from=elsewhere.pt"], "checkpoint.init_from: elsewhere.pt with a stack; "
-                   "expected null", "0,1"),
     "seeds differ": (["sweep.seeds=[0,1]", "sweep.lr_rules=[none]"],
                      "--trials 0,1: trials of seeds 0, 1 hold different data (the split of digits depends on the "
                      "seed); expected trials of one seed", "0,1"),

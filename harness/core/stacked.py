@@ -65,11 +65,6 @@ def check_stackable(members: list[Config]) -> None:
             raise InputError(f"{key}: the stacked trials differ ({', '.join(sorted(values))}); expected one value "
                              "for every trial of a stack")
     check_stackable_trial(first, "with a stack")
-    # core/stacked_run.py builds every member from its own seed and never loads a source's weights:
-    # refused here rather than trained silently from scratch.
-    if first.checkpoint.init_from is not None:
-        raise InputError(f"checkpoint.init_from: {first.checkpoint.init_from} with a stack; expected null (a stacked "
-                         "run starts from each trial's own initial weights)")
 
 
 class StackedMLP:

@@ -41,7 +41,7 @@ from harness.core.sharpness import SharpnessReadings
 from harness.core.stacked import StackedTrainer
 from harness.core.step import LRSchedule
 from harness.core.train_loop import (RunHooks, RunResult, Trainer, begin_epochs, checkpoint_state, end_epoch,
-                                     first_epoch, run_step_budget, time_line)
+                                     first_epoch, run_step_budget, start_from_source, time_line)
 from harness.records.tracking import make_tracker
 
 
@@ -126,8 +126,8 @@ class SharedClock(TrainingClock):
             m.counters.train_seconds += seconds / len(training)
 
 
-def build_members(members: list[Config], ctx: DistContext, dataset: Dataset, hooks: RunHooks,
-                  parent_run_id: Optional[str]) -> tuple[StackedTrainer, list[Member]]:
+def build_members(members: list[Config], ctx: DistContext, dataset: Dataset, checkpoints: list,
+                  states: list[Optional[dict]], parent_run_id: Optional[str]) -> tuple[StackedTrainer, list[Member]]:
     """The stack and each member's run pieces (nothing logged yet)."""
     stack = StackedTrainer(members, [dataset.train] * len(members), ctx=ctx)
     built = []
@@ -140,9 +140,7 @@ def build_members(members: list[Config], ctx: DistContext, dataset: Dataset, hoo
         schedule = LRSchedule(cfg.optim.lr, warmup_steps=round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
         probe = stack.probe.members[k] if stack.probe else None
         trainer = Trainer(cfg, ctx, model, optimizer, plan, dataset.train, schedule, MemberStep(), probe)
-        checkpoints = MemberCheckpoints(hooks.checkpoints(cfg, ctx))
-        built.append(Member(k, trainer, make_tracker(cfg, ctx, parent_run_id), checkpoints,
-                            checkpoints.resume_state()))
+        built.append(Member(k, trainer, make_tracker(cfg, ctx, parent_run_id), checkpoints[k], states[k]))
     return stack, built
 
 
@@ -155,27 +153,30 @@ def train_stack(members: list[Config], ctx: DistContext, dataset: Dataset, hooks
     """
     hooks = hooks or RunHooks()
     dataset = dataset.to(ctx.device)
-    stack, built = build_members(members, ctx, dataset, hooks, parent_run_id)
-    epochs = {m.state["epoch"] if m.state else 0 for m in built}
-    if len(epochs) > 1:
+    checkpoints = [MemberCheckpoints(hooks.checkpoints(cfg, ctx)) for cfg in members]
+    states = [c.resume_state() for c in checkpoints]
+    epochs = [state["epoch"] if state else 0 for state in states]
+    if len(set(epochs)) > 1:
         results: dict[int, RunResult] = {}
-        for epoch in sorted(epochs):
-            part = [k for k, m in enumerate(built) if (m.state["epoch"] if m.state else 0) == epoch]
-            del stack, built  # one stack's tensors at a time
+        for epoch in sorted(set(epochs)):
+            part = [k for k, e in enumerate(epochs) if e == epoch]
             results.update(zip(part, train_stack([members[k] for k in part], ctx, dataset, hooks, parent_run_id)))
-            stack, built = build_members(members, ctx, dataset, hooks, parent_run_id)
         return [results[k] for k in range(len(members))]
+    stack, built = build_members(members, ctx, dataset, checkpoints, states, parent_run_id)
     if members[0].performance.cuda_graph:
         say(f"[stack of {len(members)}] performance.cuda_graph: the stacked step runs eagerly (it is not "
             "captured in a CUDA graph yet)", ctx=ctx)
     for m in built:
         if m.state is None:
             m.checkpoints.clear()
+    # Before any run starts, as train_loop.train: a source that vanished since preflight is refused with no run made.
+    init_tags = [start_from_source(m.trainer) if m.state is None else {} for m in built]
     try:
         for m in built:
             m.run_id = m.tracker.start(resume_run_id=m.state["run_id"] if m.state else None,
                                        launch_id=hooks.launch_id)
-            m.tracker.set_tags({"stack_size": len(built), "stack_position": m.position, **hooks.run_tags()})
+            m.tracker.set_tags({**init_tags[m.position], "stack_size": len(built), "stack_position": m.position,
+                                **hooks.run_tags()})
         _train_stack_epochs(stack, built, dataset, hooks)
         for m in built:
             _finish(m)
