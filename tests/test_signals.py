@@ -173,10 +173,14 @@ sweep: {{batch_sizes: [64], seeds: [0], base_batch_size: 64}}
 """
 
 
-@pytest.mark.parametrize("launcher", ["local", "torchrun"])
+@pytest.mark.parametrize("launcher", ["local", "torchrun", "local-stacked", "torchrun-stacked"])
 def test_sigterm_to_sweep_kills_parent_and_child_runs_and_leaves_no_process(tmp_path, launcher):
     config = tmp_path / "sig.yaml"
-    config.write_text(SIGNAL_SWEEP)
+    # -stacked: two trials (two LRs) trained as one stack, whose two member runs must both end KILLED.
+    stacked = launcher.endswith("-stacked")
+    launcher = launcher.removesuffix("-stacked")
+    config.write_text(SIGNAL_SWEEP.replace("base_batch_size: 64}", "base_batch_size: 64, lrs: [0.05, 0.1], "
+                                                                   "stack_trials: auto}") if stacked else SIGNAL_SWEEP)
     process = start(tmp_path, [sys.executable, SWEEP, "--config", str(config), "--launcher", launcher,
                                # One rank: the agent test covers two; here the claim is the process tree.
                                *(["--nproc", "1"] if launcher == "torchrun" else []),
@@ -190,8 +194,10 @@ def test_sigterm_to_sweep_kills_parent_and_child_runs_and_leaves_no_process(tmp_
     client, found = runs(tmp_path, "sig")
     parents = [r for r in found if r.data.tags.get("run_kind") == "sweep"]
     children = [r for r in found if r.data.tags.get("mlflow.parentRunId")]
-    assert len(parents) == 1 and len(children) == 1, [(r.info.run_name, r.data.tags) for r in found]
-    assert parents[0].info.status == "KILLED" and children[0].info.status == "KILLED"
+    assert len(parents) == 1 and len(children) == (2 if stacked else 1), [(r.info.run_name, r.data.tags) for r in found]
+    assert parents[0].info.status == "KILLED" and {c.info.status for c in children} == {"KILLED"}
+    if stacked:
+        assert {c.data.tags["stack_size"] for c in children} == {"2"}
     assert_all_gone(trial_processes)
 
 
