@@ -45,7 +45,10 @@ def _stacked(members: list[Config]) -> StackedTrainer:
     return StackedTrainer(members, [load_dataset(cfg).train for cfg in members])
 
 
-def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path):
+@pytest.mark.parametrize("samples_per_pass", [stacked.CPU_PASS_SAMPLES, 64], ids=["one_pass", "member_by_member"])
+def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path, monkeypatch, samples_per_pass):
+    # member_by_member: the CPU's large-batch way (one member per pass, CPU_PASS_SAMPLES // 64 = 1), the same sums.
+    monkeypatch.setattr(stacked, "CPU_PASS_SAMPLES", samples_per_pass)
     members = [_config(tmp_path, k, **m) for k, m in enumerate(MEMBERS)]
     stack = _stacked(members)
     assert stack.steps_per_epoch == 21 and 1337 % 64 == 57  # the uneven last batch is trained
@@ -65,10 +68,13 @@ def test_member_lr_vector_equals_each_solo_schedule_at_every_step(tmp_path):
         assert stack.schedule.lr_at(step).tolist() == [s.lr_at(step) for s in solos]
 
 
-def test_diverged_member_stops_updating_and_the_others_match_their_solo_runs(tmp_path):
+@pytest.mark.parametrize("host_sync_free", [False, True], ids=["index_fill", "mask_multiply"])
+def test_diverged_member_stops_updating_and_the_others_match_their_solo_runs(tmp_path, host_sync_free):
+    # mask_multiply: the GPU's way of freezing a member (nan_to_num_ and a multiply, no host read), run here.
     settings = [MEMBERS[0], {**MEMBERS[1], "lr": 1e6}, MEMBERS[2]]  # 1e6: the loss is inf in epoch 1
     members = [_config(tmp_path, k, **m) for k, m in enumerate(settings)]
     stack = _stacked(members)
+    stack.optimizer.host_sync_free = host_sync_free
     stack.run_epoch(1)
     assert stack.diverged == [False, True, False]
     frozen = stack.model.member_state_dict(1)

@@ -55,7 +55,7 @@ def test_stacked_probe_records_what_each_members_probe_alone_records_and_agrees_
     for _ in range(600):
         batches = torch.randint(0, len(data), (3, BATCH), generator=generator)
         x, y = stack.data.batch(batches)
-        stack._gradients_in_halves(x, y, float(BATCH))
+        stack._gradients_in_halves(batches, float(BATCH))
         for k, model in enumerate(models):
             params = list(model.parameters())
             backward = lambda bx, by, n, model=model: autograd_backward(model, bx, by, n)  # noqa: E731

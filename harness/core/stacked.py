@@ -1,9 +1,11 @@
-"""K trials of one MLP architecture trained as one stacked model, in one process (issue 17's foundation).
+"""K trials of one MLP architecture trained as one stacked model: the stacked step.
 
 Owns the stacked model (every member's parameters on a leading K axis), its
 forward as batched matrix products, the per-member loss, the per-member SGD
 update (LR schedule with warmup, momentum, weight decay, momentum buffers as
-K-vectors), the per-member data order and divergence masking.
+K-vectors), the per-member data order (each rank's share of it), the gradients'
+one all-reduce over ranks, the stacked noise probe, divergence masking, and
+dropping members whose runs have ended (``StackedTrainer.keep``).
 
 Each member is the trial it stands for, run alone: its initial weights are
 ``model.build_model(its config)`` stacked, its batches are its own
@@ -13,10 +15,10 @@ step's (sum of cross-entropy over the batch / the batch's size), its LR is
 parameters after n steps equal the solo run's up to float rounding
 (tests/test_stacked.py).
 
-It does not own (yet): DDP across ranks, the CUDA-graph step, the noise probe,
-sharpness, evaluations during training, MLflow runs, checkpoints and resume, or
-grouping a sweep's trials into stacks; those stay with core/train_loop.py and
-the modules it calls for an unstacked run.
+Each member's run (MLflow, evaluations, target, sharpness, checkpoints) is
+core/stacked_run.py's; grouping a sweep's trials into stacks is
+running/sweep.py's. Not here (yet): a CUDA-graph capture of the stacked step
+(``StackedSGD.step``'s ``nonzero`` is a host sync on a GPU).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.v
                "data.train_subset", "data.synthetic", "optim.global_batch_size", "optim.micro_batch_size",
                "train.drop_last", "performance.precision", "train.epochs", "train.max_steps",
                "metrics.noise_scale", "metrics.noise_scale_ema_decay", "metrics.noise_scale_interval")
+# On a CPU one pass of the stacked step computes at most about this many samples (members x batch):
+# beyond it the stack's activations outgrow the caches and the step ran slower than the same
+# members one after another (measured: docs/performance.md, "Stacks in a sweep").
+CPU_PASS_SAMPLES = 4096
 # A member whose running epoch loss is above this stops as diverged, as core/train_loop.py's run does.
 DIVERGED_LOSS = 1e3
 
@@ -123,15 +129,23 @@ class StackedMLP:
         """The gradient buffers, in the order of ``parameters()``."""
         return [g for pair in zip(self.weight_grads, self.bias_grads) for g in pair]
 
+    def members_per_pass(self, batch: int) -> int:
+        """How many members one pass of the step computes at once: all of them, except on a CPU where
+        the stack's activations would outgrow its caches (``CPU_PASS_SAMPLES``)."""
+        if self.weights[0].device.type != "cpu":
+            return self.num_members
+        return max(1, min(self.num_members, CPU_PASS_SAMPLES // max(batch, 1)))
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [K, b, classes] of x [K, b, d_0]: z = b + a @ W^T, per member."""
         return self._forward(x)[1][-1]
 
-    def _forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Activations a[0..L-1] and pre-activations z[1..L] (the last are the logits)."""
+    def _forward(self, x: torch.Tensor, rows: slice = slice(None)) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Activations a[0..L-1] and pre-activations z[1..L] (the last are the logits) of members ``rows``."""
         activations, pre_activations = [x], []
         for depth, (w, b) in enumerate(zip(self.weights, self.biases)):
+            w, b = w[rows], b[rows]
             z = torch.baddbmm(b.unsqueeze(1), activations[-1], w.transpose(1, 2))
             pre_activations.append(z)
             if depth < len(self.weights) - 1:
@@ -139,23 +153,25 @@ class StackedMLP:
         return activations, pre_activations
 
     @torch.no_grad()
-    def loss_and_gradients(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> torch.Tensor:
-        """Per member: C_k = sum_i CE(z[L]_ki, y_ki) / normalizer, returned as [K]; its gradients
-        written into ``gradients()``. delta[L] = (softmax(z[L]) - onehot(y)) / normalizer,
-        dC/dW[l] = delta[l]^T @ a[l-1] (bmm, [K, d_l, d_{l-1}]), dC/db[l] = sum over the batch of delta[l]."""
-        activations, pre_activations = self._forward(x)
+    def loss_and_gradients(self, x: torch.Tensor, y: torch.Tensor, normalizer: float,
+                           rows: slice = slice(None)) -> torch.Tensor:
+        """Per member (of ``rows``, whose samples x and y are): C_k = sum_i CE(z[L]_ki, y_ki) / normalizer,
+        returned as [K]; its gradients written into its rows of ``gradients()``. delta[L] = (softmax(z[L])
+        - onehot(y)) / normalizer, dC/dW[l] = delta[l]^T @ a[l-1] (bmm, [K, d_l, d_{l-1}]), dC/db[l] = sum
+        over the batch of delta[l]."""
+        activations, pre_activations = self._forward(x, rows)
         logits = pre_activations[-1]
         members, batch, classes = logits.shape
         loss = F.cross_entropy(logits.reshape(members * batch, classes), y.reshape(-1),
                                reduction="none").view(members, batch).sum(1) / normalizer
         delta = (torch.softmax(logits, dim=2) - F.one_hot(y, classes).to(logits.dtype)) / normalizer
         for depth in range(len(self.weights) - 1, -1, -1):
-            torch.bmm(delta.transpose(1, 2), activations[depth], out=self.weight_grads[depth])
-            torch.sum(delta, dim=1, out=self.bias_grads[depth])
+            torch.bmm(delta.transpose(1, 2), activations[depth], out=self.weight_grads[depth][rows])
+            torch.sum(delta, dim=1, out=self.bias_grads[depth][rows])
             if depth > 0:
                 sigma_prime = activation_derivative(self.activation_name, pre_activations[depth - 1],
                                                     activations[depth])
-                delta = sigma_prime * torch.bmm(delta, self.weights[depth])
+                delta = sigma_prime * torch.bmm(delta, self.weights[depth][rows])
         return loss
 
     def member_squared_norms(self, gradients: list[torch.Tensor]) -> torch.Tensor:
@@ -204,8 +220,10 @@ class StackedSGD:
     its LR 0, so buf and p keep their values. index_fill_ over the frozen members
     costs nothing while none is frozen; a masked_fill_ or torch.where with a
     broadcast [K, 1, 1] mask cost 0.7-1 ms per pass here, as much as the rest of
-    the update. Its ``nonzero`` is a host sync on a GPU: a captured step would use
-    nan_to_num_ and a multiply by the mask instead.
+    the update. That ``nonzero`` is a host sync on a GPU, where a step should queue
+    work without waiting: there (``host_sync_free``) d is zeroed by ``nan_to_num_``
+    and a multiply by the mask instead, two cheap passes on a GPU and no read of
+    the mask, as a CUDA graph would need.
     """
 
     def __init__(self, params: list[torch.Tensor], gradients: list[torch.Tensor], momentum: torch.Tensor,
@@ -217,6 +235,7 @@ class StackedSGD:
         # Known when the stack is built, so skipping the pass costs no host sync per step.
         self.has_weight_decay = bool((weight_decay != 0).any())
         self.momentum_buffers = [torch.zeros_like(p) for p in params]
+        self.host_sync_free = params[0].device.type == "cuda"
 
     def keep(self, rows: torch.Tensor, params: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
         """Keep only the members ``rows``, whose parameters and gradients are now ``params``, ``gradients``."""
@@ -231,14 +250,20 @@ class StackedSGD:
     @torch.no_grad()
     def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
         """One update with ``lr`` [K] (float64, cast to the parameters' dtype as SGD casts its Python float)."""
-        frozen_members = torch.nonzero(~active).view(-1)
+        if self.host_sync_free:
+            keep = active.to(self.params[0].dtype)
+        else:
+            frozen_members = torch.nonzero(~active).view(-1)
         momentum = torch.where(active, self.momentum, torch.ones_like(self.momentum))
         neg_lr = torch.where(active, -lr.to(self.params[0].dtype), torch.zeros_like(self.momentum))
         # The gradient buffers become d in place: the next step overwrites them anyway.
         for p, d, buf in zip(self.params, self.gradients, self.momentum_buffers):
             if self.has_weight_decay:
                 d.addcmul_(self._per_member(self.weight_decay, p), p)
-            d.index_fill_(0, frozen_members, 0)
+            if self.host_sync_free:
+                d.nan_to_num_(0.0, 0.0, 0.0).mul_(self._per_member(keep, d))
+            else:
+                d.index_fill_(0, frozen_members, 0)
             # buf = d + momentum * buf in one pass (SGD's mul_ then add_ is two; the result differs by rounding).
             torch.addcmul(d, self._per_member(momentum, p), buf, out=buf)
             p.addcmul_(self._per_member(neg_lr, p), buf)
@@ -276,9 +301,9 @@ class StackedData:
         offsets = [0] * len(splits) if shared else [k * self.num_samples for k in range(len(splits))]
         self.offsets = torch.tensor(offsets, device=device).unsqueeze(1)  # [K, 1]
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [K, b, features], y [K, b] for member-local ``indices`` [K, b]."""
-        flat = indices + self.offsets
+    def batch(self, indices: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [K, b, features], y [K, b] for member-local ``indices`` [K, b] of members ``rows``."""
+        flat = indices + self.offsets[rows]
         return self.features[flat], self.targets[flat]
 
 
@@ -410,14 +435,13 @@ class StackedTrainer:
         """
         global_batch_size = global_batch_size or indices.shape[1]
         global_step = self.global_step if global_step is None else global_step
-        x, y = self.data.batch(indices)
         normalizer = global_batch_size / self.ctx.world_size
         measure = (self.probe is not None and self.probe.can_measure(global_batch_size)
                    and global_step % self.members[0].metrics.noise_scale_interval == 0)
         if measure and self.ctx.world_size == 1:
-            loss = self._gradients_in_halves(x, y, normalizer)
+            loss = self._gradients_in_halves(indices, normalizer)
         else:
-            loss = self.model.loss_and_gradients(x, y, normalizer)
+            loss = self._loss_and_gradients(indices, normalizer)
             small_sq = self.model.member_squared_norms(self.model.gradients()) if measure else None
             self._average_over_ranks()
             if measure:
@@ -429,14 +453,26 @@ class StackedTrainer:
         self.global_step = global_step + 1
         return loss * normalizer
 
-    def _gradients_in_halves(self, x: torch.Tensor, y: torch.Tensor, normalizer: float) -> torch.Tensor:
+    def _loss_and_gradients(self, indices: torch.Tensor, normalizer: float) -> torch.Tensor:
+        """``StackedMLP.loss_and_gradients`` on the members' samples ``indices`` [K, b], gathered and
+        computed ``members_per_pass`` members at a time."""
+        members, batch = indices.shape
+        per_pass = self.model.members_per_pass(batch)
+        losses = []
+        for first in range(0, members, per_pass):
+            rows = slice(first, first + per_pass)
+            x, y = self.data.batch(indices[rows], rows)
+            losses.append(self.model.loss_and_gradients(x, y, normalizer, rows))
+        return losses[0] if len(losses) == 1 else torch.cat(losses)
+
+    def _gradients_in_halves(self, indices: torch.Tensor, normalizer: float) -> torch.Tensor:
         """The batch's gradient as two half-batch passes, recording each member's small/big squared norms
         (measure/grad_noise.py ``NoiseProbe._backward_in_halves``, for all members at once)."""
-        half = y.shape[1] // 2
-        first_loss = self.model.loss_and_gradients(x[:, :half], y[:, :half], normalizer)
+        half = indices.shape[1] // 2
+        first_loss = self._loss_and_gradients(indices[:, :half], normalizer)
         first = self.model.flat_gradients.clone()
-        second_loss = self.model.loss_and_gradients(x[:, half:], y[:, half:], normalizer)
-        sizes = (half, y.shape[1] - half)
+        second_loss = self._loss_and_gradients(indices[:, half:], normalizer)
+        sizes = (half, indices.shape[1] - half)
         small_sq = (self.model.member_squared_norms(self.model.gradient_views(first)) * (normalizer / sizes[0]) ** 2
                     + self.model.member_squared_norms(self.model.gradients()) * (normalizer / sizes[1]) ** 2) / 2
         self.model.flat_gradients.add_(first)
