@@ -242,7 +242,8 @@ def _train_stack_epochs(stack: StackedTrainer, built: list[Member], dataset: Dat
         if first_epoch(m.cfg, m.counters) > m.cfg.total_epochs:
             m.finished = True  # stopped at its target before the restart: nothing left to train
             m.tracker.finish("FINISHED")
-    in_stack = _keep(stack, built, built)
+    # A member that stopped at its target before a restart has just ended: it trains no more.
+    in_stack = _keep(stack, built, [m for m in built if not m.finished])
     first = built[0].cfg
     global_step = stack.global_step = built[0].counters.global_step
     budget = run_step_budget(built[0].trainer)
