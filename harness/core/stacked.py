@@ -404,10 +404,6 @@ class StackedTrainer:
             global_batch = self.epoch_permutations[:, step * self.global_batch_size:(step + 1) * self.global_batch_size]
             yield torch.tensor_split(global_batch, self.ctx.world_size, dim=1)[self.ctx.rank], global_batch.shape[1]
 
-    def freeze(self, member: int) -> None:
-        """Member ``member`` stops updating from the next step on."""
-        self.active[member] = False
-
     def keep(self, members: list[int]) -> None:
         """Go on with only ``members`` (rows, in this order), even mid-epoch: the step then costs what
         those members cost, not the whole stack. The dropped members' rows stay as they were

@@ -80,10 +80,15 @@ class MemberOptimizer:
 def member_model(stack: StackedTrainer, k: int, cfg: Config) -> torch.nn.Module:
     """An ``MLP`` of member k's architecture whose parameters alias row k of the stack's tensors."""
     model = build_model(cfg).to(stack.device)
-    for i, linear in enumerate(model.linears):
-        linear.weight = torch.nn.Parameter(stack.model.weights[i][k], requires_grad=True)
-        linear.bias = torch.nn.Parameter(stack.model.biases[i][k], requires_grad=True)
+    point_at_row(model, stack, k)
     return model
+
+
+def point_at_row(model: torch.nn.Module, stack: StackedTrainer, row: int) -> None:
+    """Make ``model``'s parameters views of row ``row`` of the stack's weights and biases."""
+    for i, linear in enumerate(model.linears):
+        linear.weight.data = stack.model.weights[i][row]
+        linear.bias.data = stack.model.biases[i][row]
 
 
 @dataclass
@@ -310,8 +315,6 @@ def _keep(stack: StackedTrainer, in_stack: list[Member], staying: list[Member]) 
         rows = {id(m): row for row, m in enumerate(in_stack)}
         stack.keep([rows[id(m)] for m in staying])
         for row, m in enumerate(staying):
-            for i, linear in enumerate(m.trainer.model.linears):
-                linear.weight.data = stack.model.weights[i][row]
-                linear.bias.data = stack.model.biases[i][row]
+            point_at_row(m.trainer.model, stack, row)
             m.trainer.optimizer.buffers = [buf[row] for buf in stack.optimizer.momentum_buffers]
     return staying

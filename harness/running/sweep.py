@@ -143,6 +143,23 @@ def stack_groups(trials: list[Config], stack_trials, split_by_seed: bool = False
     return sorted(stacks)
 
 
+def pending_stacks(cfg: Config, trials: list[Config], parent: "SweepParent",
+                   split_by_seed: bool = False) -> list[list[int]]:
+    """The indices of the trials still to run (``parent`` skips the finished ones), grouped in
+    stacks by ``stack_groups`` (one trial per group without ``sweep.stack_trials``)."""
+    pending = [i for i, trial in enumerate(trials) if not parent.skip(trial)]
+    if not cfg.sweep.stacks:
+        return [[i] for i in pending]
+    return [[pending[i] for i in stack]
+            for stack in stack_groups([trials[i] for i in pending], cfg.sweep.stack_trials, split_by_seed)]
+
+
+def in_sweep_order(parent: "SweepParent", trials: list[Config]) -> None:
+    """Sort ``parent``'s outcomes into the order of ``trials`` (stacks and skips append them out of it)."""
+    order = {trial.name: i for i, trial in enumerate(trials)}
+    parent.outcomes.sort(key=lambda outcome: order[outcome.cfg.name])
+
+
 def format_duration(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -271,23 +288,13 @@ def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None,
     progress = SweepProgress(len(trials)) if ctx.is_main else None
     how = f"in this process group of {ctx.world_size}"
     with sweep_parent_run(cfg, ctx, resume) as parent:
-        if not cfg.sweep.stacks:
-            for index, trial in enumerate(trials):
-                if not parent.skip(trial):
-                    if progress:
-                        progress.starting(index, trial, how)
-                    parent.outcomes.append(run_trial(trial, ctx, dataset, parent.run_id, resume))
-            return parent
         # Every trial of the sweep shares this process's dataset, so stacks need not split by seed.
-        pending = [i for i, trial in enumerate(trials) if not parent.skip(trial)]
-        for stack in stack_groups([trials[i] for i in pending], cfg.sweep.stack_trials):
-            indices = [pending[i] for i in stack]
+        for indices in pending_stacks(cfg, trials, parent):
             members = [trials[i] for i in indices]
             if progress:
                 progress.starting_stack(indices, members, how)
             parent.outcomes += run_stack(members, ctx, dataset, parent.run_id, resume)
-        order = {trial.name: i for i, trial in enumerate(trials)}
-        parent.outcomes.sort(key=lambda outcome: order[outcome.cfg.name])
+        in_sweep_order(parent, trials)
     return parent
 
 

@@ -22,8 +22,8 @@ from harness import signals
 from harness.console import warn
 from harness.core.config import Config
 from harness.core.distributed import DistContext
-from harness.running.sweep import (SweepParent, SweepProgress, TrialOutcome, expand_trials, stack_groups,
-                                   sweep_parent_run)
+from harness.running.sweep import (SweepParent, SweepProgress, TrialOutcome, expand_trials, in_sweep_order,
+                                   pending_stacks, sweep_parent_run)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,12 +38,8 @@ def torchrun_sweep(cfg: Config, nproc: int, config_path: str, max_restarts: int,
     trials = expand_trials(cfg)
     progress = SweepProgress(len(trials))
     with sweep_parent_run(cfg, DistContext(world_size=nproc, launcher="torchrun"), resume) as parent:
-        pending = [i for i, trial in enumerate(trials) if not parent.skip(trial)]
         # Each job's ranks load its first trial's data: trials whose data differ by seed go in different stacks.
-        jobs = ([[pending[i] for i in stack] for stack in stack_groups([trials[i] for i in pending],
-                                                                        cfg.sweep.stack_trials, split_by_seed=True)]
-                if cfg.sweep.stacks else [[i] for i in pending])
-        for indices in jobs:
+        for indices in pending_stacks(cfg, trials, parent, split_by_seed=True):
             members = [trials[i] for i in indices]
             which = ["--trial", str(indices[0])] if len(indices) == 1 else ["--trials", ",".join(map(str, indices))]
             command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}",
@@ -64,8 +60,7 @@ def torchrun_sweep(cfg: Config, nproc: int, config_path: str, max_restarts: int,
                 if error:
                     warn(f"[{trial.name}] failed: {error}")
                 parent.outcomes.append(TrialOutcome(trial, None, error))
-        order = {trial.name: i for i, trial in enumerate(trials)}
-        parent.outcomes.sort(key=lambda outcome: order[outcome.cfg.name])
+        in_sweep_order(parent, trials)
     return parent
 
 
