@@ -11,14 +11,16 @@
 #   7. issue 15: `harness capacity --device cuda` in fp32 and in bf16 (the bf16 step on CUDA):
 #      time per step and peak memory against the batch, up to the first out-of-memory;
 #   8. issue 17: `harness bench --stack 16 --device cuda` (16 trials as one stacked model against
-#      the same 16 one after another), and configs/critical_batch.yaml without stacks, timed
-#      (step 6 runs it with its stacks).
+#      the same 16 one after another, graph step on both sides), and configs/critical_batch.yaml
+#      without stacks, timed (step 6 runs it with its stacks); the stacked graph step's tests run
+#      in step 1 (tests/test_stacked_graph.py).
 # The sweeps log to MLflow (a SQLite file) where MLflow can be imported; wheels
 # in .whl/ (`make gpu-wheels`) are installed first if present. Elsewhere tracking is off.
 # STEPS: the steps to run, by name (default: all); e.g. STEPS="environment graph-tests
 # torchrun-nccl bench" is the short check that fits a 15-minute device lease.
 # HARNESS_DATA_DIR: a folder with Fashion-MNIST's four IDX files (default
-# .gpu-data, filled by `make gpu-data`). OUT: where logs and JSON go.
+# .gpu-data, filled by `make gpu-data`). OUT: where logs and JSON go. STEP_TIMEOUT: seconds after
+# which a step is stopped and counted failed (default: none), so one slow step cannot eat a lease.
 set -uo pipefail
 out=${OUT:-reports/gpu}
 mkdir -p "$out"
@@ -40,7 +42,7 @@ run() {  # run a named step (if STEPS names it), keep going after a failure, rem
     case "$steps" in *" $name "*|*" ${name%-without-graph-ddp} "*) ;; *) return 0 ;; esac
     echo "== $name"
     local started=$(date +%s.%N)
-    "$@" 2>&1 | tee "$out/$name.log"
+    timeout "${STEP_TIMEOUT:-0}" "$@" 2>&1 | tee "$out/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc, $(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $started }") s"
     [ "$rc" = 0 ] || status=1
@@ -48,7 +50,7 @@ run() {  # run a named step (if STEPS names it), keep going after a failure, rem
 run environment bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; \
     $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), torch.cuda.get_device_name(0))'; \
     $py -c 'import mlflow; print(\"mlflow\", mlflow.__version__)' || echo 'no mlflow: the sweeps run with tracking off'"
-run graph-tests "$py" -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_graph_step.py
+run graph-tests "$py" -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_graph_step.py tests/test_stacked_graph.py
 run torchrun-nccl "$py" -m torch.distributed.run --standalone --nproc_per_node 1 launch/train.py \
     --config configs/fashion_mnist.yaml --set tracking.enabled=false --set train.device=cuda \
     --set train.progress=false --set performance.cuda_graph=true --set checkpoint.dir=/tmp/gpu-check-checkpoints

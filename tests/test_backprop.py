@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO, run_command
-from harness.core.backprop import autograd_backward, manual_backward
+from harness.core.backprop import activation_backward, autograd_backward, manual_backward
 from harness.core.model import MLP
 
 
@@ -28,6 +28,16 @@ def test_hand_written_gradients_equal_autograd_float64(activation, layer_sizes, 
     torch.testing.assert_close(manual_loss, auto_loss, rtol=1e-10, atol=0)
     for name, grad in _grads(model).items():
         torch.testing.assert_close(manual[name], grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+def test_activation_backward_is_autograds_own_to_the_bit(activation):
+    # The stacked step's backward (core/stacked.py) uses it where a run alone's autograd does.
+    z = torch.randn(3, 7, 11, requires_grad=True)
+    a = getattr(torch, activation)(z)
+    grad = torch.randn_like(a)
+    (expected,) = torch.autograd.grad(a, z, grad)
+    assert torch.equal(activation_backward(activation, grad, z.detach(), a.detach()), expected)
 
 
 def test_normalizer_scales_loss_and_gradients():

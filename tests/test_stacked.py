@@ -45,12 +45,18 @@ def _stacked(members: list[Config]) -> StackedTrainer:
     return StackedTrainer(members, [load_dataset(cfg).train for cfg in members])
 
 
-@pytest.mark.parametrize("samples_per_pass", [stacked.CPU_PASS_SAMPLES, 64], ids=["one_pass", "member_by_member"])
-def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path, monkeypatch, samples_per_pass):
+@pytest.mark.parametrize("samples_per_pass, member_major", [(stacked.CPU_PASS_SAMPLES, False), (64, False),
+                                                             (stacked.CPU_PASS_SAMPLES, True)],
+                         ids=["one_pass", "member_by_member", "gpu_layout"])
+def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path, monkeypatch, samples_per_pass,
+                                                                   member_major):
     # member_by_member: the CPU's large-batch way (one member per pass, CPU_PASS_SAMPLES // 64 = 1), the same sums.
+    # gpu_layout: the GPU's member-major buffers (core/stacked.py MemberLayout), run here.
     monkeypatch.setattr(stacked, "CPU_PASS_SAMPLES", samples_per_pass)
+    monkeypatch.setattr(stacked, "PARAMETER_MAJOR_DEVICES", ("cpu",) if not member_major else ())
     members = [_config(tmp_path, k, **m) for k, m in enumerate(MEMBERS)]
     stack = _stacked(members)
+    assert stack.model.layout.member_major == member_major
     assert stack.steps_per_epoch == 21 and 1337 % 64 == 57  # the uneven last batch is trained
     for epoch in range(1, EPOCHS + 1):
         stack.run_epoch(epoch)

@@ -35,6 +35,17 @@ def activation_derivative(name: str, z: torch.Tensor, a: torch.Tensor) -> torch.
     raise ValueError(f"unknown activation {name!r}")
 
 
+def activation_backward(name: str, grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """grad * sigma'(z) in one kernel: autograd's own backward of the activation (``a = sigma(z)``)."""
+    if name == "sigmoid":
+        return torch.ops.aten.sigmoid_backward(grad, a)
+    if name == "tanh":
+        return torch.ops.aten.tanh_backward(grad, a)
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, a, 0)
+    raise ValueError(f"unknown activation {name!r}")
+
+
 @torch.no_grad()
 def manual_backward(model: MLP, x: torch.Tensor, y: torch.Tensor, normalizer: float | None = None,
                     accumulate: bool = False) -> torch.Tensor:

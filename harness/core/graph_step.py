@@ -142,7 +142,7 @@ class GraphStep:
 
     def on_training_stream(self):
         """A block of eager autograd work on the parameters, run on the stream DDP was built on."""
-        return _on_side_stream(self.stream)
+        return on_side_stream(self.stream)
 
     def _body(self, measure: bool) -> torch.Tensor:
         """The step as it is captured: gather, gradients (zeroed in place), probe, update."""
@@ -177,7 +177,7 @@ class GraphStep:
 
 
 @contextlib.contextmanager
-def _on_side_stream(stream: Optional[torch.cuda.Stream]):
+def on_side_stream(stream: Optional[torch.cuda.Stream]):
     """Run the block on ``stream``, ordered after and before the current stream's work (None: as is)."""
     if stream is None:
         yield

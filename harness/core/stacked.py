@@ -17,12 +17,12 @@ parameters after n steps equal the solo run's up to float rounding
 
 Each member's run (MLflow, evaluations, target, sharpness, checkpoints) is
 core/stacked_run.py's; grouping a sweep's trials into stacks is
-running/sweep.py's. Not here (yet): a CUDA-graph capture of the stacked step
-(``StackedSGD.step``'s ``nonzero`` is a host sync on a GPU).
+running/sweep.py's; the step's CUDA-graph capture is core/stacked_graph.py's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from harness.core.config import Config, check_stackable_trial, steps_per_epoch
 from harness.core.data import BatchPlan, Split
 from harness.core.distributed import DistContext, all_reduce_sum
-from harness.core.backprop import activation_derivative
+from harness.core.backprop import activation_backward
 from harness.core.model import ACTIVATION_MODULES, build_model
 from harness.errors import InputError
 from harness.measure.grad_noise import WINDOWS_KEPT, NoiseProbe
@@ -48,6 +48,8 @@ SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.v
 # beyond it the stack's activations outgrow the caches and the step ran slower than the same
 # members one after another (measured: docs/performance.md, "Stacks in a sweep").
 CPU_PASS_SAMPLES = 4096
+# Devices whose stacks lay their parameters out parameter by parameter (MemberLayout); elsewhere member by member.
+PARAMETER_MAJOR_DEVICES = ("cpu",)
 # A member whose running epoch loss is above this stops as diverged, as core/train_loop.py's run does.
 DIVERGED_LOSS = 1e3
 
@@ -73,6 +75,56 @@ def check_stackable(members: list[Config]) -> None:
     check_stackable_trial(first, "with a stack")
 
 
+class MemberLayout:
+    """Where each member's parameters lie in one flat buffer (parameters, gradients and momentum share it).
+
+    Member-major (on a GPU): member k's parameters end to end in row k of a [K, P]
+    block, so one elementwise pass over that one block updates every parameter of
+    every member (StackedSGD: 4 kernels a step where one per parameter tensor took
+    16), and a batched GEMM writes a weight's gradient straight into its
+    batch-strided view. Parameter-major (on a CPU): each parameter tensor's [K, n]
+    block in turn, so each weight's gradient is a contiguous [K, d_l, d_{l-1}]:
+    a CPU's bmm into a batch-strided view gave up its batched GEMM for one
+    GEMM per member, and the step took 25% longer (six 784-500-10 members at batch
+    32). Either way the buffer is 1-D and ``blocks`` are the [K, n] pieces the
+    optimizer and the norms walk over.
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]], member_major: bool):
+        self.shapes, self.member_major = shapes, member_major
+        self.sizes = [math.prod(shape) for shape in shapes]
+        self.width = sum(self.sizes)  # P: one member's parameters
+
+    def flatten(self, members: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The buffer of ``members`` (each a list of tensors shaped ``shapes``)."""
+        stacked = [torch.stack([tensors[i].detach() for tensors in members]) for i in range(len(self.shapes))]
+        return self.select(stacked, torch.arange(len(members)))
+
+    def select(self, views: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """A new buffer holding only the members ``rows`` of the [K, ...] tensors ``views``, in this layout."""
+        picked = [v.index_select(0, rows.to(v.device)).reshape(len(rows), -1) for v in views]
+        return torch.cat(picked, dim=1).reshape(-1) if self.member_major else torch.cat([p.reshape(-1) for p in picked])
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` as [K, *shape] views, one per parameter tensor in ``parameters()`` order."""
+        members = flat.numel() // self.width
+        views, offset = [], 0
+        for shape, size in zip(self.shapes, self.sizes):
+            if self.member_major:
+                views.append(flat.view(members, self.width)[:, offset:offset + size].view(members, *shape))
+            else:
+                views.append(flat[members * offset:members * (offset + size)].view(members, *shape))
+            offset += size
+        return views
+
+    def blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` as the [K, n] pieces an elementwise pass with per-member [K, 1] columns walks over."""
+        members = flat.numel() // self.width
+        if self.member_major:
+            return [flat.view(members, self.width)]
+        return [view.reshape(members, -1) for view in self.views(flat)]
+
+
 class StackedMLP:
     """K MLPs of one architecture: ``weights[l]`` is [K, d_l, d_{l-1}], ``biases[l]`` is [K, d_l].
 
@@ -90,32 +142,22 @@ class StackedMLP:
         models = [build_model(cfg) for cfg in members]  # each member's own seed: the solo run's initial weights
         self.activation_name = members[0].model.activation
         self.activation = ACTIVATION_MODULES[self.activation_name]()
-        depth = len(models[0].linears)
-        self.weights = [torch.stack([m.linears[i].weight.detach() for m in models]).to(device) for i in range(depth)]
-        self.biases = [torch.stack([m.linears[i].bias.detach() for m in models]).to(device) for i in range(depth)]
-        # Every gradient is a view into one flat buffer: several ranks average it with one all-reduce,
-        # and a measured step copies it in one pass.
-        self.flat_gradients = torch.zeros(sum(p.numel() for p in self.parameters()), dtype=self.weights[0].dtype,
-                                          device=device)
-        views = self.gradient_views(self.flat_gradients)
+        self.layout = MemberLayout([tuple(p.shape) for p in models[0].parameters()],
+                                   member_major=torch.device(device).type not in PARAMETER_MAJOR_DEVICES)
+        self.flat_parameters = self.layout.flatten([list(m.parameters()) for m in models]).to(device)
+        self._make_views()
+
+    def _make_views(self) -> None:
+        views = self.layout.views(self.flat_parameters)
+        self.weights, self.biases = views[0::2], views[1::2]
+        self.flat_gradients = torch.zeros_like(self.flat_parameters)
+        views = self.layout.views(self.flat_gradients)
         self.weight_grads, self.bias_grads = views[0::2], views[1::2]
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the members ``rows`` (new tensors; views of the old rows still see the old values)."""
-        self.weights = [w.index_select(0, rows) for w in self.weights]
-        self.biases = [b.index_select(0, rows) for b in self.biases]
-        self.flat_gradients = torch.zeros(sum(p.numel() for p in self.parameters()), dtype=self.weights[0].dtype,
-                                          device=self.flat_gradients.device)
-        views = self.gradient_views(self.flat_gradients)
-        self.weight_grads, self.bias_grads = views[0::2], views[1::2]
-
-    def gradient_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``flat`` (laid out as ``flat_gradients``) as tensors shaped like ``parameters()``."""
-        views, offset = [], 0
-        for p in self.parameters():
-            views.append(flat[offset:offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        return views
+        self.flat_parameters = self.layout.select(self.parameters(), rows)
+        self._make_views()
 
     @property
     def num_members(self) -> int:
@@ -164,20 +206,24 @@ class StackedMLP:
         members, batch, classes = logits.shape
         loss = F.cross_entropy(logits.reshape(members * batch, classes), y.reshape(-1),
                                reduction="none").view(members, batch).sum(1) / normalizer
-        delta = (torch.softmax(logits, dim=2) - F.one_hot(y, classes).to(logits.dtype)) / normalizer
+        # The one-hot targets by a scatter: F.one_hot's checks of y read it back on some devices, and a
+        # captured step (core/stacked_graph.py) must not read anything back.
+        one_hot = torch.zeros_like(logits).scatter_(2, y.unsqueeze(2), 1.0)
+        delta = (torch.softmax(logits, dim=2) - one_hot) / normalizer
         for depth in range(len(self.weights) - 1, -1, -1):
             torch.bmm(delta.transpose(1, 2), activations[depth], out=self.weight_grads[depth][rows])
             torch.sum(delta, dim=1, out=self.bias_grads[depth][rows])
             if depth > 0:
-                sigma_prime = activation_derivative(self.activation_name, pre_activations[depth - 1],
-                                                    activations[depth])
-                delta = sigma_prime * torch.bmm(delta, self.weights[depth][rows])
+                # sigma'(z) * (delta @ W) in one kernel, as autograd computes it for a run alone.
+                delta = activation_backward(self.activation_name, torch.bmm(delta, self.weights[depth][rows]),
+                                            pre_activations[depth - 1], activations[depth])
         return loss
 
-    def member_squared_norms(self, gradients: list[torch.Tensor]) -> torch.Tensor:
-        """[K] float64: each member's squared norm over all its gradient tensors (``gradients()`` order)."""
-        members = self.num_members
-        return sum(torch.linalg.vector_norm(g.reshape(members, -1), dim=1).double() ** 2 for g in gradients)
+    def member_squared_norms(self, flat: torch.Tensor) -> torch.Tensor:
+        """[K] float64: each member's squared norm over all its gradients, from ``flat`` (laid out as
+        ``flat_gradients``): one norm kernel per block (one block on a GPU)."""
+        return sum(torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square()
+                   for block in self.layout.blocks(flat))
 
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's parameters as ``MLP.state_dict()`` names them (a solo run's checkpoint loads them)."""
@@ -215,58 +261,63 @@ class StackedSGD:
     Every operation is in place on the stacked tensors: a fresh [K, ...] temporary
     per operation cost more than the arithmetic (16 ms against SGD's 1 ms for six
     784-500-10 members on this CPU, measured when the step used torch.where).
+    Each operation is one elementwise pass per block of the flat buffers
+    (MemberLayout.blocks: one [K, P] block on a GPU), with each member's LR,
+    momentum and weight decay as a [K, 1] column.
     A frozen member's update is made a no-op: its d is zeroed (index_fill_ on the
     K axis, since its gradient may be NaN and 0 * NaN is NaN), its momentum is 1 and
     its LR 0, so buf and p keep their values. index_fill_ over the frozen members
     costs nothing while none is frozen; a masked_fill_ or torch.where with a
     broadcast [K, 1, 1] mask cost 0.7-1 ms per pass here, as much as the rest of
     the update. That ``nonzero`` is a host sync on a GPU, where a step should queue
-    work without waiting: there (``host_sync_free``) d is zeroed by ``nan_to_num_``
-    and a multiply by the mask instead, two cheap passes on a GPU and no read of
-    the mask, as a CUDA graph would need.
+    work without waiting: there (``host_sync_free``) d is zeroed by one
+    ``torch.where`` on the mask instead, a cheap pass on a GPU and no read of the
+    mask, as a CUDA graph needs.
     """
 
-    def __init__(self, params: list[torch.Tensor], gradients: list[torch.Tensor], momentum: torch.Tensor,
-                 weight_decay: torch.Tensor):
-        self.params, self.gradients = params, gradients
-        dtype = params[0].dtype
-        self.momentum = momentum.to(dtype)
-        self.weight_decay = weight_decay.to(dtype)
+    def __init__(self, flat_parameters: torch.Tensor, flat_gradients: torch.Tensor, momentum: torch.Tensor,
+                 weight_decay: torch.Tensor, layout: MemberLayout):
+        self.layout = layout
+        dtype = flat_parameters.dtype
+        self.momentum = momentum.to(dtype).unsqueeze(1)  # [K, 1]
+        self.weight_decay = weight_decay.to(dtype).unsqueeze(1)
         # Known when the stack is built, so skipping the pass costs no host sync per step.
         self.has_weight_decay = bool((weight_decay != 0).any())
-        self.momentum_buffers = [torch.zeros_like(p) for p in params]
-        self.host_sync_free = params[0].device.type == "cuda"
+        self.host_sync_free = flat_parameters.device.type == "cuda"
+        self._zero = torch.zeros((), dtype=dtype, device=flat_parameters.device)  # where(..., out=) takes no number
+        self._point(flat_parameters, flat_gradients, torch.zeros_like(flat_parameters))
 
-    def keep(self, rows: torch.Tensor, params: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
-        """Keep only the members ``rows``, whose parameters and gradients are now ``params``, ``gradients``."""
-        self.params, self.gradients = params, gradients
+    def _point(self, flat_parameters: torch.Tensor, flat_gradients: torch.Tensor, flat_momentum: torch.Tensor) -> None:
+        self.flat_momentum = flat_momentum
+        self.momentum_buffers = self.layout.views(flat_momentum)  # [K, ...] per parameter tensor
+        self._blocks = list(zip(self.layout.blocks(flat_parameters), self.layout.blocks(flat_gradients),
+                                self.layout.blocks(flat_momentum)))
+
+    def keep(self, rows: torch.Tensor, flat_parameters: torch.Tensor, flat_gradients: torch.Tensor) -> None:
+        """Keep only the members ``rows``, whose parameters and gradients are now ``flat_parameters``,
+        ``flat_gradients``."""
         self.momentum, self.weight_decay = self.momentum[rows], self.weight_decay[rows]
-        self.momentum_buffers = [buf.index_select(0, rows) for buf in self.momentum_buffers]
-
-    @staticmethod
-    def _per_member(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return vector.view(-1, *([1] * (like.dim() - 1)))
+        self._point(flat_parameters, flat_gradients, self.layout.select(self.momentum_buffers, rows))
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
         """One update with ``lr`` [K] (float64, cast to the parameters' dtype as SGD casts its Python float)."""
-        if self.host_sync_free:
-            keep = active.to(self.params[0].dtype)
-        else:
-            frozen_members = torch.nonzero(~active).view(-1)
-        momentum = torch.where(active, self.momentum, torch.ones_like(self.momentum))
-        neg_lr = torch.where(active, -lr.to(self.params[0].dtype), torch.zeros_like(self.momentum))
+        rows = active.unsqueeze(1)
+        frozen_members = None if self.host_sync_free else torch.nonzero(~active).view(-1)
+        momentum = torch.where(rows, self.momentum, 1.0)
+        lr = torch.where(rows, lr.to(self._zero.dtype).unsqueeze(1), 0.0)
         # The gradient buffers become d in place: the next step overwrites them anyway.
-        for p, d, buf in zip(self.params, self.gradients, self.momentum_buffers):
+        for p, d, buf in self._blocks:
             if self.has_weight_decay:
-                d.addcmul_(self._per_member(self.weight_decay, p), p)
+                d.addcmul_(self.weight_decay, p)
             if self.host_sync_free:
-                d.nan_to_num_(0.0, 0.0, 0.0).mul_(self._per_member(keep, d))
+                torch.where(rows, d, self._zero, out=d)
             else:
                 d.index_fill_(0, frozen_members, 0)
             # buf = d + momentum * buf in one pass (SGD's mul_ then add_ is two; the result differs by rounding).
-            torch.addcmul(d, self._per_member(momentum, p), buf, out=buf)
-            p.addcmul_(self._per_member(neg_lr, p), buf)
+            torch.addcmul(d, momentum, buf, out=buf)
+            # p + (-1) * lr * buf is SGD's p - lr * buf to the bit: the sign flip is exact.
+            p.addcmul_(lr, buf, value=-1)
 
 
 def member_schedules(members: list[Config], steps_in_epoch: int, device) -> StackedSchedule:
@@ -300,10 +351,11 @@ class StackedData:
         self.targets = torch.cat([s.targets for s in members]).to(device)
         offsets = [0] * len(splits) if shared else [k * self.num_samples for k in range(len(splits))]
         self.offsets = torch.tensor(offsets, device=device).unsqueeze(1)  # [K, 1]
+        self.shared = shared  # then every offset is 0, and a batch needs no addition
 
     def batch(self, indices: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """x [K, b, features], y [K, b] for member-local ``indices`` [K, b] of members ``rows``."""
-        flat = indices + self.offsets[rows]
+        flat = indices if self.shared else indices + self.offsets[rows]
         return self.features[flat], self.targets[flat]
 
 
@@ -380,9 +432,10 @@ class StackedTrainer:
         self.model = StackedMLP(members, self.device)
         self.schedule = member_schedules(members, self.steps_per_epoch, self.device)
         self.optimizer = StackedSGD(
-            self.model.parameters(), self.model.gradients(),
+            self.model.flat_parameters, self.model.flat_gradients,
             momentum=torch.tensor([m.optim.momentum for m in members], device=self.device),
-            weight_decay=torch.tensor([m.optim.weight_decay for m in members], device=self.device))
+            weight_decay=torch.tensor([m.optim.weight_decay for m in members], device=self.device),
+            layout=self.model.layout)
         self.probe = (StackedNoiseProbe(self.ctx, self.global_batch_size, first.metrics.noise_scale_ema_decay,
                                         len(members)) if first.metrics.noise_scale else None)
         # Members still updating: one whose loss turns non-finite is frozen where it blew up (on the
@@ -390,6 +443,8 @@ class StackedTrainer:
         self.active = torch.ones(len(members), dtype=torch.bool, device=self.device)
         self.global_step = 0
         self.epoch_permutations: Optional[torch.Tensor] = None  # [K, N] of the epoch being trained
+        # What trains one batch: ``step``, or core/stacked_graph.py's StackedGraphStep wrapping it.
+        self.train_step = self.step
 
     def permutations(self, epoch: int) -> torch.Tensor:
         """[K, N]: each member's own BatchPlan permutation of the epoch (once per epoch, not per step)."""
@@ -412,7 +467,7 @@ class StackedTrainer:
         self.members = [self.members[k] for k in members]
         self.plans = [self.plans[k] for k in members]
         self.model.keep(rows)
-        self.optimizer.keep(rows, self.model.parameters(), self.model.gradients())
+        self.optimizer.keep(rows, self.model.flat_parameters, self.model.flat_gradients)
         self.schedule = StackedSchedule(self.schedule.lr[rows], self.schedule.warmup_steps[rows])
         if self.probe:
             self.probe.keep(rows)
@@ -431,22 +486,33 @@ class StackedTrainer:
         """
         global_batch_size = global_batch_size or indices.shape[1]
         global_step = self.global_step if global_step is None else global_step
+        loss = self.step_body(indices, global_batch_size, self.schedule.lr_at(global_step),
+                              self.measures(global_batch_size, global_step))
+        self.global_step = global_step + 1
+        return loss
+
+    def measures(self, global_batch_size: int, global_step: int) -> bool:
+        """Does this step feed the noise probe (the solo step's rule: a probe, a batch it can split, the interval)?"""
+        return (self.probe is not None and self.probe.can_measure(global_batch_size)
+                and global_step % self.members[0].metrics.noise_scale_interval == 0)
+
+    def step_body(self, indices: torch.Tensor, global_batch_size: int, lr: torch.Tensor,
+                  measure: bool) -> torch.Tensor:
+        """``step``'s work with the LR vector given: on a GPU it queues kernels and reads nothing back,
+        so core/stacked_graph.py captures it as it stands."""
         normalizer = global_batch_size / self.ctx.world_size
-        measure = (self.probe is not None and self.probe.can_measure(global_batch_size)
-                   and global_step % self.members[0].metrics.noise_scale_interval == 0)
         if measure and self.ctx.world_size == 1:
             loss = self._gradients_in_halves(indices, normalizer)
         else:
             loss = self._loss_and_gradients(indices, normalizer)
-            small_sq = self.model.member_squared_norms(self.model.gradients()) if measure else None
+            small_sq = self.model.member_squared_norms(self.model.flat_gradients) if measure else None
             self._average_over_ranks()
             if measure:
-                self.probe.record(small_sq, self.model.member_squared_norms(self.model.gradients()), self.active)
+                self.probe.record(small_sq, self.model.member_squared_norms(self.model.flat_gradients), self.active)
         # A non-finite loss freezes its member from this step on (its update is skipped, not applied as NaN);
         # on several ranks every rank must agree, so the loss is checked after it is summed over them.
         self.active &= torch.isfinite(all_reduce_sum(loss.clone(), self.ctx) if self.ctx.world_size > 1 else loss)
-        self.optimizer.step(self.schedule.lr_at(global_step), self.active)
-        self.global_step = global_step + 1
+        self.optimizer.step(lr, self.active)
         return loss * normalizer
 
     def _loss_and_gradients(self, indices: torch.Tensor, normalizer: float) -> torch.Tensor:
@@ -469,10 +535,10 @@ class StackedTrainer:
         first = self.model.flat_gradients.clone()
         second_loss = self._loss_and_gradients(indices[:, half:], normalizer)
         sizes = (half, indices.shape[1] - half)
-        small_sq = (self.model.member_squared_norms(self.model.gradient_views(first)) * (normalizer / sizes[0]) ** 2
-                    + self.model.member_squared_norms(self.model.gradients()) * (normalizer / sizes[1]) ** 2) / 2
+        small_sq = (self.model.member_squared_norms(first) * (normalizer / sizes[0]) ** 2
+                    + self.model.member_squared_norms(self.model.flat_gradients) * (normalizer / sizes[1]) ** 2) / 2
         self.model.flat_gradients.add_(first)
-        self.probe.record(small_sq, self.model.member_squared_norms(self.model.gradients()), self.active)
+        self.probe.record(small_sq, self.model.member_squared_norms(self.model.flat_gradients), self.active)
         return first_loss + second_loss
 
     def _average_over_ranks(self) -> None:
@@ -490,7 +556,7 @@ class StackedTrainer:
         loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=self.device)
         samples = 0
         for indices, global_batch_size in self.local_batches(epoch):
-            loss_sum += self.step(indices, global_batch_size).double()
+            loss_sum.add_(self.train_step(indices, global_batch_size, self.global_step))  # summed in float64
             samples += indices.shape[1]
         mean_loss = loss_sum / samples
         self.active &= torch.isfinite(mean_loss) & (mean_loss <= DIVERGED_LOSS)

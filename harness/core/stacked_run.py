@@ -39,6 +39,7 @@ from harness.core.evaluation import RunCounters, StepEvaluations, TrainingClock
 from harness.core.model import build_model
 from harness.core.sharpness import SharpnessReadings
 from harness.core.stacked import StackedTrainer
+from harness.core.stacked_graph import use_graph_step
 from harness.core.step import LRSchedule
 from harness.core.train_loop import (RunHooks, RunResult, Trainer, begin_epochs, checkpoint_state, end_epoch,
                                      first_epoch, run_step_budget, start_from_source, time_line)
@@ -168,9 +169,10 @@ def train_stack(members: list[Config], ctx: DistContext, dataset: Dataset, hooks
             results.update(zip(part, train_stack([members[k] for k in part], ctx, dataset, hooks, parent_run_id)))
         return [results[k] for k in range(len(members))]
     stack, built = build_members(members, ctx, dataset, checkpoints, states, parent_run_id)
-    if members[0].performance.cuda_graph:
-        say(f"[stack of {len(members)}] performance.cuda_graph: the stacked step runs eagerly (it is not "
-            "captured in a CUDA graph yet)", ctx=ctx)
+    unavailable = use_graph_step(stack, members[0].performance.cuda_graph, ctx)
+    if unavailable:
+        say(f"[stack of {len(members)}] performance.cuda_graph: running the eager stacked step instead, because "
+            f"{unavailable}", ctx=ctx)
     for m in built:
         if m.state is None:
             m.checkpoints.clear()
@@ -267,7 +269,7 @@ def _train_stack_epochs(stack: StackedTrainer, built: list[Member], dataset: Dat
                     break
                 if step == stack.steps_per_epoch // 2:
                     faults.maybe_kill("step", epoch, ctx.rank)
-                loss_sum += stack.step(indices, global_batch_size, global_step + step).double()
+                loss_sum.add_(stack.train_step(indices, global_batch_size, global_step + step))  # in float64
                 bar.update(1)
                 for m in in_stack:
                     m.steps += 1

@@ -6,9 +6,11 @@ config's split, as a local sweep's trials share it) from the same initial
 weights, in this process, timed the same way as ``harness bench``
 (one warm-up epoch, then the median of the timed epochs):
 
-- ``sequential``: each trial's epoch through the harness's eager step
-  (core/step.py via train_loop.build_trainer), trial after trial;
-- ``stacked``: one epoch of core/stacked.py's StackedTrainer, all K at once.
+- ``sequential``: each trial's epoch through the harness's step (core/step.py
+  via train_loop.build_trainer; on CUDA its graph step, core/graph_step.py),
+  trial after trial;
+- ``stacked``: one epoch of core/stacked.py's StackedTrainer, all K at once (on
+  CUDA replayed from core/stacked_graph.py's graphs).
 
 One "epoch" is one epoch of every trial on both sides, so the ratio
 sequential / stacked is the speed-up of the whole stack. Ratios are against the
@@ -27,6 +29,7 @@ from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.epoch_bar import NoBar
 from harness.core.stacked import StackedTrainer
+from harness.core.stacked_graph import use_graph_step
 from harness.core.train_loop import build_trainer
 from harness.results.bench import cpu_name, time_epochs
 
@@ -39,7 +42,11 @@ def stack_members(cfg: Config, stack: int) -> list[Config]:
 def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epochs: int, stack: int) -> dict:
     """Time K trials stacked against the same K one after another at every batch size; the JSON-ready result."""
     # As harness bench: the step alone, without the probes a study switches on.
-    cfg = cfg.replace(**{"metrics.noise_scale": False, "metrics.sharpness": False, "tracking.enabled": False})
+    # On CUDA both sides take the graph step (core/graph_step.py one trial at a time, core/stacked_graph.py
+    # the stack): each side at its fastest, the comparison the stack has to win.
+    graph = device.type == "cuda"
+    cfg = cfg.replace(**{"metrics.noise_scale": False, "metrics.sharpness": False, "tracking.enabled": False,
+                         "performance.cuda_graph": graph})
     members = stack_members(cfg, stack)
     datasets = [load_dataset(cfg).to(device)] * stack  # one copy, as the trials of a local sweep share it
     rows = []
@@ -55,6 +62,7 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
         sequential_s = time_epochs(sequential_epoch, device, epochs)
         trainers.clear()  # the solo models and optimisers go before the stack is built
         stacked = StackedTrainer(trials, [d.train for d in datasets], device)
+        use_graph_step(stacked, graph, stacked.ctx)
         stacked_s = time_epochs(stacked.run_epoch, device, epochs)
         sequential, together = statistics.median(sequential_s), statistics.median(stacked_s)
         rows.append({"batch_size": batch_size, "sequential_s_per_epoch": sequential,
@@ -66,6 +74,7 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "stack": stack,
+        "cuda_graph": graph,
         "train_samples": len(datasets[0].train),
         "epochs_timed": epochs,
         "layer_sizes": list(cfg.layer_sizes),
@@ -77,7 +86,7 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
 def format_stack_table(result: dict) -> str:
     lines = [f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
              f"{result['threads']} threads, {result['stack']} trials of {result['train_samples']} samples/epoch, "
-             f"median of {result['epochs_timed']} epochs",
+             f"median of {result['epochs_timed']} epochs, CUDA-graph step {'on' if result.get('cuda_graph') else 'off'}",
              "| batch | sequential s/epoch | stacked s/epoch | speed-up (sequential / stacked) |", "|---|---|---|---|"]
     for row in result["timings"]:
         lines.append(f"| {row['batch_size']} | {row['sequential_s_per_epoch']:.4f} | "

@@ -1,0 +1,179 @@
+"""The stacked step replayed from CUDA graphs (core/stacked_graph.py) trains what the eager stacked step trains.
+
+On CPU the graph step's body (static [K, b] index buffer, the LR vector read
+from a static buffer, the mask-multiply freeze of a diverged member, the probe's
+device-side counts, new buffers after members leave the stack) runs uncaptured
+and must give the eager stacked step's tensors bit for bit. The tests marked
+``cuda`` capture and replay real graphs; they run where CUDA is present (the
+device check, launch/gpu_check.sh) and are skipped elsewhere.
+"""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import CONFIGS
+from harness.core.config import load_config
+from harness.core.data import load_dataset
+from harness.core.distributed import DistContext
+from harness.core import stacked
+from harness.core.stacked import StackedTrainer
+from harness.core.stacked_graph import StackedGraphStep
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+EPOCHS = 3
+# 512 training samples in batches of 48: ten full batches (replayed after the warm-up) and an eager last
+# batch of 32 each epoch. Every per-member knob differs; member 3's LR makes its loss blow up in epoch 1.
+MEMBERS = [dict(seed=0, lr=0.1, momentum=0.9, weight_decay=0.0, warmup_epochs=0.0),
+           dict(seed=1, lr=0.3, momentum=0.5, weight_decay=1e-3, warmup_epochs=1.5),
+           dict(seed=2, lr=0.05, momentum=0.0, weight_decay=1e-4, warmup_epochs=0.5),
+           dict(seed=3, lr=1e6, momentum=0.9, weight_decay=0.0, warmup_epochs=0.0)]
+# After this step (epoch, step within it) members 1 and 3 leave the stack, as members whose runs
+# ended leave it in core/stacked_run.py: the stack's tensors are rebuilt smaller, mid-epoch.
+LEAVE_AT, STAYING = (2, 4), [0, 2]
+
+
+def _members(tmp_path, device: str):
+    return [load_config(CONFIGS / "smoke.yaml", [
+        "tracking.enabled=false", f"checkpoint.dir={tmp_path}/checkpoints", f"train.device={device}",
+        "optim.global_batch_size=48", "metrics.noise_scale=true", "metrics.noise_scale_interval=2",
+        "metrics.sharpness=false", f"name=member{k}", f"seed={m['seed']}", f"optim.lr={m['lr']}",
+        f"optim.momentum={m['momentum']}", f"optim.weight_decay={m['weight_decay']}",
+        f"optim.warmup_epochs={m['warmup_epochs']}"]) for k, m in enumerate(MEMBERS)]
+
+
+def _trained(members, device: torch.device, graph: str):
+    """The stack after EPOCHS epochs with the eager stacked step, or its graph step ("body": uncaptured)."""
+    stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], device)
+    # The GPU's way of freezing a diverged member (no host read), on every device here: the graph needs it.
+    stack.optimizer.host_sync_free = True
+    bodies = Counter()
+    if graph != "none":
+        step = StackedGraphStep(stack, capture=graph == "captured")
+        body = step._body
+        step._body = lambda measure: (bodies.update([measure]), body(measure))[1]
+        stack.train_step = step
+    losses = []
+    for epoch in range(1, EPOCHS + 1):
+        for number, (indices, global_batch_size) in enumerate(stack.local_batches(epoch)):
+            losses.append(stack.train_step(indices, global_batch_size, stack.global_step).clone())
+            if (epoch, number) == LEAVE_AT:
+                stack.keep(STAYING)
+    return stack, losses, bodies
+
+
+def _state(stack: StackedTrainer) -> dict[str, torch.Tensor]:
+    tensors = {f"param{i}": p for i, p in enumerate(stack.model.parameters())}
+    tensors.update({f"momentum{i}": b for i, b in enumerate(stack.optimizer.momentum_buffers)})
+    tensors.update(probe_ema=stack.probe.ema, probe_updates=stack.probe.updates, probe_window=stack.probe.window,
+                   active=stack.active)
+    return tensors
+
+
+@pytest.mark.parametrize("member_major", [True, False], ids=["gpu_layout", "cpu_layout"])
+def test_graph_body_gives_the_eager_stacked_step_bit_for_bit(tmp_path, monkeypatch, member_major):
+    monkeypatch.setattr(stacked, "PARAMETER_MAJOR_DEVICES", () if member_major else ("cpu",))
+    members = _members(tmp_path, "cpu")
+    eager, eager_losses, _ = _trained(members, torch.device("cpu"), graph="none")
+    graph, graph_losses, bodies = _trained(members, torch.device("cpu"), graph="body")
+    # Both kinds of step went through the graph's body, before and after the members left.
+    assert bodies[True] > 0 and bodies[False] > 0
+    assert graph.train_step.static_indices.shape == (len(STAYING), 48)
+    assert graph.model.num_members == len(STAYING) and graph.active.tolist() == [True, True]
+    for name, want in _state(eager).items():
+        assert torch.equal(_state(graph)[name], want), name
+    for got, want in zip(graph_losses, eager_losses):
+        assert torch.equal(got, want)
+
+
+def test_member_that_diverged_before_leaving_was_frozen_by_the_graph_body(tmp_path):
+    members = _members(tmp_path, "cpu")[2:]  # member 2 trains, member 3 blows up
+    stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], torch.device("cpu"))
+    stack.optimizer.host_sync_free = True
+    stack.train_step = StackedGraphStep(stack, capture=False)
+    stack.run_epoch(1)
+    assert stack.diverged == [False, True]
+    assert all(torch.isfinite(p[1]).all() for p in stack.model.parameters())  # frozen before its NaN update
+
+
+def test_lr_buffer_holds_every_members_warmup_lr_until_the_last_warmup_ends(tmp_path):
+    members = _members(tmp_path, "cpu")[:3]
+    stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], torch.device("cpu"))
+    step = StackedGraphStep(stack, capture=False)
+    step.warmup_steps_left = 0  # every full batch goes through the buffers
+    assert int(stack.schedule.warmup_steps.max()) == round(1.5 * stack.steps_per_epoch) == 16
+    global_step = 0
+    for epoch in (1, 2):  # steps 0-21: the last warmup ends within epoch 2
+        for indices, global_batch_size in stack.local_batches(epoch):
+            if global_batch_size == 48:
+                step(indices, global_batch_size, global_step)
+                assert torch.equal(step.static_lr, stack.schedule.lr_at(global_step)), global_step
+                assert step._lr_constant == (global_step >= 16)  # from then on no LR is written
+            global_step += 1
+
+
+def test_stack_on_cpu_with_cuda_graph_asked_trains_eagerly_and_says_why(tmp_path, capsys):
+    from harness.core.stacked_run import train_stack
+
+    members = [cfg.replace(**{"performance.cuda_graph": True, "train.epochs": 1})
+               for cfg in _members(tmp_path, "cpu")[:2]]
+    train_stack(members, DistContext(), load_dataset(members[0]))
+    assert ("[stack of 2] performance.cuda_graph: running the eager stacked step instead, because the device "
+            "is cpu, and CUDA graphs need a CUDA device") in capsys.readouterr().out
+
+
+# --- with CUDA: real capture and replay ----------------------------------------
+
+
+@cuda
+def test_captured_stacked_graph_reaches_the_eager_stacked_tensors_on_cuda(tmp_path):
+    members = _members(tmp_path, "cuda")
+    device = torch.device("cuda", 0)
+    eager, eager_losses, _ = _trained(members, device, graph="none")
+    graph, graph_losses, _ = _trained(members, device, graph="captured")
+    # A plain and a measuring graph on the four members, then both again on the two that stayed.
+    assert graph.train_step.captures == 4
+    for name, want in _state(eager).items():
+        torch.testing.assert_close(_state(graph)[name], want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+    torch.testing.assert_close(torch.cat(graph_losses[-10:]), torch.cat(eager_losses[-10:]), rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_stacked_graph_steps_never_wait_for_the_host(tmp_path):
+    """An epoch of stacked steps (replays, the eager last batch, probe steps) with CUDA's sync check set to raise."""
+    members = _members(tmp_path, "cuda")[:3]
+    device = torch.device("cuda", 0)
+    stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], device)
+    stack.train_step = StackedGraphStep(stack)
+    stack.run_epoch(1)
+    batches = list(stack.local_batches(2))
+    loss_sum = torch.zeros(len(members), dtype=torch.float64, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for indices, global_batch_size in batches:
+            loss_sum += stack.train_step(indices, global_batch_size, stack.global_step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert bool((loss_sum > 0).all())
+
+
+@cuda
+def test_stacked_runs_with_the_graph_step_end_where_eager_stacked_runs_end_on_cuda(tmp_path):
+    """train_stack with performance.cuda_graph: members stop at their targets (leaving the stack, so the
+    graphs are captured again) and their checkpoints hold what the eager stacked runs' hold."""
+    from harness.core.stacked_run import train_stack
+
+    finals = {}
+    for on in (False, True):
+        members = [cfg.replace(**{"performance.cuda_graph": on, "checkpoint.dir": str(tmp_path / str(on)),
+                                  "metrics.target_val_accuracy": 0.5, "train.stop_at_target": True,
+                                  "train.epochs": 4})
+                   for cfg in _members(tmp_path, "cuda")[:3]]
+        results = train_stack(members, DistContext(device=torch.device("cuda", 0)), load_dataset(members[0]))
+        finals[on] = [torch.load(r.checkpoint, weights_only=True)["model"] for r in results]
+    for eager, graph in zip(finals[False], finals[True]):
+        for name in eager:
+            torch.testing.assert_close(graph[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
