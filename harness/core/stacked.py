@@ -221,9 +221,10 @@ class StackedMLP:
 
     def member_squared_norms(self, flat: torch.Tensor) -> torch.Tensor:
         """[K] float64: each member's squared norm over all its gradients, from ``flat`` (laid out as
-        ``flat_gradients``): one norm kernel per block (one block on a GPU)."""
-        return sum(torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square()
-                   for block in self.layout.blocks(flat))
+        ``flat_gradients``): one norm kernel per block (one block on a GPU). The norms are taken in the
+        gradients' own precision, as a run alone's probe takes them: ``dtype=float64`` would first copy
+        the whole buffer to float64 (on this CPU the batch-16 stack of the study took 120 s against 79)."""
+        return sum(torch.linalg.vector_norm(block, dim=1).double().square() for block in self.layout.blocks(flat))
 
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's parameters as ``MLP.state_dict()`` names them (a solo run's checkpoint loads them)."""
@@ -278,7 +279,7 @@ class StackedSGD:
     def __init__(self, flat_parameters: torch.Tensor, flat_gradients: torch.Tensor, momentum: torch.Tensor,
                  weight_decay: torch.Tensor, layout: MemberLayout):
         self.layout = layout
-        dtype = flat_parameters.dtype
+        self.dtype = dtype = flat_parameters.dtype
         self.momentum = momentum.to(dtype).unsqueeze(1)  # [K, 1]
         self.weight_decay = weight_decay.to(dtype).unsqueeze(1)
         # Known when the stack is built, so skipping the pass costs no host sync per step.
@@ -305,7 +306,7 @@ class StackedSGD:
         rows = active.unsqueeze(1)
         frozen_members = None if self.host_sync_free else torch.nonzero(~active).view(-1)
         momentum = torch.where(rows, self.momentum, 1.0)
-        lr = torch.where(rows, lr.to(self._zero.dtype).unsqueeze(1), 0.0)
+        lr = torch.where(rows, lr.to(self.dtype).unsqueeze(1), 0.0)
         # The gradient buffers become d in place: the next step overwrites them anyway.
         for p, d, buf in self._blocks:
             if self.has_weight_decay:
