@@ -18,9 +18,10 @@ What capture needs, and how it is met:
   runs ended leave the stack) makes new, smaller tensors: the graphs are then
   dropped and captured again on them, after one eager step.
 - no host reads in the step: on a GPU the stacked SGD freezes a diverged member
-  with a multiply by the mask (``StackedSGD.host_sync_free``), the probe counts
-  on the device, and the LR vector is written into a static buffer before the
-  replay, only while some member's warmup still changes it.
+  with a ``torch.where`` on the device-side mask (``StackedSGD.host_sync_free``),
+  the one-hot targets are a scatter, the probe counts on the device, and the LR
+  vector is written into a static buffer before the replay, only while some
+  member's warmup still changes it.
 - warm-up on a side stream before the first capture (PyTorch's CUDA notes).
 """
 
