@@ -63,8 +63,13 @@ def side_stream(cfg: Config, ctx: DistContext) -> Optional[torch.cuda.Stream]:
     """The stream for DDP's construction, the warm-up and the capture (None: no graph here)."""
     if not cfg.performance.cuda_graph or graph_unavailable_reason(cfg, ctx):
         return None
-    stream = torch.cuda.Stream(ctx.device)
-    stream.wait_stream(torch.cuda.current_stream(ctx.device))
+    return new_side_stream(ctx.device)
+
+
+def new_side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream on ``device`` that starts after the work already queued on its current stream."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
     return stream
 
 

@@ -167,10 +167,6 @@ class StackedMLP:
         """In nn.Module order per layer (weight, bias), as MLP.parameters() lists a member's."""
         return [p for pair in zip(self.weights, self.biases) for p in pair]
 
-    def gradients(self) -> list[torch.Tensor]:
-        """The gradient buffers, in the order of ``parameters()``."""
-        return [g for pair in zip(self.weight_grads, self.bias_grads) for g in pair]
-
     def members_per_pass(self, batch: int) -> int:
         """How many members one pass of the step computes at once: all of them, except on a CPU where
         the stack's activations would outgrow its caches (``CPU_PASS_SAMPLES``)."""
@@ -198,7 +194,7 @@ class StackedMLP:
     def loss_and_gradients(self, x: torch.Tensor, y: torch.Tensor, normalizer: float,
                            rows: slice = slice(None)) -> torch.Tensor:
         """Per member (of ``rows``, whose samples x and y are): C_k = sum_i CE(z[L]_ki, y_ki) / normalizer,
-        returned as [K]; its gradients written into its rows of ``gradients()``. delta[L] = (softmax(z[L])
+        returned as [K]; its gradients written into its rows of ``flat_gradients``. delta[L] = (softmax(z[L])
         - onehot(y)) / normalizer, dC/dW[l] = delta[l]^T @ a[l-1] (bmm, [K, d_l, d_{l-1}]), dC/db[l] = sum
         over the batch of delta[l]."""
         activations, pre_activations = self._forward(x, rows)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from harness.core.distributed import DistContext
-from harness.core.graph_step import WARMUP_STEPS, on_side_stream
+from harness.core.graph_step import WARMUP_STEPS, new_side_stream, on_side_stream
 from harness.core.stacked import StackedTrainer
 
 
@@ -55,10 +55,7 @@ class StackedGraphStep:
     def __init__(self, stack: StackedTrainer, capture: bool = True):
         self.stack = stack
         self.capture = capture
-        self.stream: Optional[torch.cuda.Stream] = None
-        if capture:
-            self.stream = torch.cuda.Stream(stack.device)
-            self.stream.wait_stream(torch.cuda.current_stream(stack.device))
+        self.stream: Optional[torch.cuda.Stream] = new_side_stream(stack.device) if capture else None
         self.global_batch_size = stack.global_batch_size
         self.warmup_steps_left = WARMUP_STEPS
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # measures noise? -> graph
