@@ -121,10 +121,12 @@ def test_micro_batch_larger_than_the_per_rank_batch(place, capsys):
                                           "(optim.global_batch_size 64 over 2 ranks); expected a divisor of 32")
 
 
-def test_stacks_on_the_ray_launcher_are_refused_before_ray_starts(place, capsys):
+def test_stacks_under_asha_are_refused_before_ray_starts(place, capsys):
     status = sweep_launcher.main(["--config", str(CONFIGS / "sweep.yaml"), "--launcher", "ray",
-                                  "--set", "sweep.stack_trials=4"])
-    assert_refused(place, capsys, status, "sweep.stack_trials: 4 with the Ray launcher; expected 1")
+                                  "--set", "sweep.stack_trials=4", "--set", "sweep.early_stopping=asha"])
+    assert_refused(place, capsys, status, "sweep.stack_trials: 4 with sweep.early_stopping: asha; expected 1 "
+                                          "(ASHA stops each Ray Tune trial on its own, and a stack of trials is one "
+                                          "Tune trial)")
 
 
 def test_unknown_launcher(place, capsys):

@@ -249,6 +249,8 @@ def _train_stack_epochs(stack: StackedTrainer, built: list[Member], dataset: Dat
         if first_epoch(m.cfg, m.counters) > m.cfg.total_epochs:
             m.finished = True  # stopped at its target before the restart: nothing left to train
             m.tracker.finish("FINISHED")
+    if any(m.state is None for m in built):  # their epoch-0 checkpoints were just written
+        hooks.after_stack_epoch(0, ctx)
     # A member that stopped at its target before a restart has just ended: it trains no more.
     in_stack = _keep(stack, built, [m for m in built if not m.finished])
     first = built[0].cfg
@@ -290,6 +292,7 @@ def _train_stack_epochs(stack: StackedTrainer, built: list[Member], dataset: Dat
         # Every rank's loss and samples, summed, as Trainer.run_epoch sums a run alone's.
         totals = all_reduce_sum(torch.tensor([[m.loss for m in live], [float(m.samples) for m in live]],
                                              dtype=torch.float64, device=ctx.device), ctx).tolist()
+        ending = []
         for m, loss, samples in zip(live, *totals):
             m.result, stopped = end_epoch(m.trainer, dataset, m.tracker, m.counters, m.evals, m.sharp, epoch,
                                           m.steps, int(samples), loss / max(samples, 1.0),
@@ -298,7 +301,11 @@ def _train_stack_epochs(stack: StackedTrainer, built: list[Member], dataset: Dat
                 _save(m, epoch, hooks)
                 hooks.after_epoch(epoch, m.result.metrics, m.latest, ctx)
             if m.result.diverged or stopped or epoch == first.total_epochs:
-                _finish(m)
+                ending.append(m)
+        # The launcher has every member's checkpoint of this epoch before any of their runs ends.
+        hooks.after_stack_epoch(epoch, ctx)
+        for m in ending:
+            _finish(m)
         in_stack = _keep(stack, in_stack, [m for m in in_stack if not m.finished])
 
 

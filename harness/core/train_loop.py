@@ -84,6 +84,11 @@ class RunHooks:
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
         """Called on every rank after every epoch (and after the initial checkpoint, epoch 0)."""
 
+    def after_stack_epoch(self, epoch: int, ctx: DistContext) -> None:
+        """Called on every rank once a stack of runs (core/stacked_run.py) has ended epoch ``epoch``
+        (0: its members' initial checkpoints), after each of its members' ``after_epoch``: a
+        launcher that reports once per training run (Ray Train) reports the whole stack here."""
+
 
 @dataclass
 class Trainer:

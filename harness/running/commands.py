@@ -102,7 +102,7 @@ def finished_line(cfg: Config, result) -> str:
 def ray_job_command(args: argparse.Namespace) -> int:
     """launch/ray_job.py: ``--num-workers`` ranks per run, the Ray options of ``entrypoints.add_ray_arguments``."""
     cfg = load_run_config(args)
-    refuse_stacks_on_ray(cfg)
+    refuse_stacks_under_asha(cfg)
     cfg, options = start_ray(cfg, args, args.num_workers)
     if cfg.is_sweep:
         say(summary_table(run_sweep_on_ray(cfg, options).outcomes))
@@ -129,7 +129,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.launcher == "local" and nproc != 1:
         raise InputError("--nproc: the local launcher runs one process; use --launcher torchrun or ray")
     if args.launcher == "ray":
-        refuse_stacks_on_ray(cfg)
+        refuse_stacks_under_asha(cfg)
         cfg, options = start_ray(cfg, args, nproc)
         sweep = run_sweep_on_ray(cfg, options, resume=args.resume)
     elif args.launcher == "torchrun":
@@ -151,11 +151,12 @@ def refuse_early_stopping(cfg: Config, launcher: str) -> None:
                          f"{launcher}; expected --launcher ray (launch/sweep.py) or sweep.early_stopping=none")
 
 
-def refuse_stacks_on_ray(cfg: Config) -> None:
-    """A Ray Tune trial is one run of one TorchTrainer; stacks of trials run with the local and torchrun drivers."""
-    if cfg.is_sweep and cfg.sweep.stacks:
-        raise InputError(f"sweep.stack_trials: {cfg.sweep.stack_trials} with the Ray launcher; expected 1 "
-                         "(stacks of trials run with launch/sweep.py --launcher local or torchrun)")
+def refuse_stacks_under_asha(cfg: Config) -> None:
+    """ASHA stops one Ray Tune trial, and a stack of trials is one Tune trial: it would stop every member
+    for the rank of one. Refused before Ray starts."""
+    if cfg.is_sweep and cfg.sweep.stacks and cfg.sweep.early_stopping == "asha":
+        raise InputError(f"sweep.stack_trials: {cfg.sweep.stack_trials} with sweep.early_stopping: asha; expected 1 "
+                         "(ASHA stops each Ray Tune trial on its own, and a stack of trials is one Tune trial)")
 
 
 def ranks_per_trial(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 Ray Train made the process group; this module only reads it
 (``distributed.context_from_process_group``) and calls the same ``train`` as
-torchrun. Resume comes from ``ray.train.get_checkpoint()`` (the newest checkpoint
+torchrun (or, for a stack of a sweep's trials, the same ``train_stack``: one
+report per epoch carries every member's checkpoint, ``StackRayHooks``). Resume comes from ``ray.train.get_checkpoint()`` (the newest checkpoint
 Ray registered, which after a kill may be one epoch older than the newest file
 rank 0 wrote: the tracker's (metric, step) dedup makes that harmless). Every
 rank reports after every epoch; only rank 0 attaches a checkpoint. The ranks gather
@@ -33,10 +34,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from harness import signals
-from harness.core.checkpoint import newest_in
+from harness.core.checkpoint import Checkpoints, checkpoint_dir, newest_in
 from harness.core.config import Config
+from harness.core.data import load_dataset
 from harness.core.distributed import (COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture,
                                      context_from_process_group)
+from harness.core.stacked_run import train_stack
 from harness.core.train_loop import RunHooks, RunResult, train
 from harness.records.mlflow_store import end_runs_of_launch
 from harness.running.ray_cluster import resolve_storage_path
@@ -85,6 +88,67 @@ class RayHooks(RunHooks):
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(staging))
 
 
+class StackRayHooks(RayHooks):
+    """RayHooks for a stack of trials trained as one Ray Train run (core/stacked_run.py ``train_stack``).
+
+    Ray keeps one checkpoint per report, so the stack reports once per epoch
+    (``after_stack_epoch``), with every member's newest checkpoint file in a folder
+    named as the member's own checkpoint folder (its run name). After a restart each
+    member resumes from its folder of Ray's newest checkpoint. A member whose run has
+    ended stays in every later report: a restart finds it ended and does not train it again.
+    """
+
+    def __init__(self, resume_local: bool = False, launch_id: Optional[str] = None,
+                 worker_nodes: Optional[list[str]] = None):
+        super().__init__(resume_local, launch_id, worker_nodes)
+        self.latest: dict[str, Path] = {}  # member's folder name -> its newest checkpoint file (main rank only)
+
+    def checkpoints(self, cfg: Config, ctx: DistContext) -> Checkpoints:
+        return Checkpoints(cfg, ctx, resume=self.resume, launch_id=self.launch_id,
+                           same_launch_only=self.same_launch_only, restored=lambda: self._restored_member(cfg))
+
+    def _restored_member(self, cfg: Config) -> Optional[Path]:
+        """Member ``cfg``'s file in Ray's newest registered checkpoint (downloaded once); None if there is none."""
+        if self._restored_dir is None:
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is None:
+                return None
+            self._restored_dir = tempfile.mkdtemp(prefix="harness-restore-")
+            checkpoint.to_directory(self._restored_dir)
+        name = checkpoint_dir(cfg).name
+        path = newest_in(Path(self._restored_dir) / name)
+        if path is not None:
+            self.latest.setdefault(name, path)  # until the member saves again (or for good, if it has ended)
+        return path
+
+    def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
+        if checkpoint is not None:
+            self.latest[checkpoint.parent.name] = checkpoint
+
+    def after_stack_epoch(self, epoch: int, ctx: DistContext) -> None:
+        report = {"epoch": epoch}
+        if not self.latest:  # a rank other than the main one (or checkpoints off)
+            ray.train.report(report)
+            return
+        with tempfile.TemporaryDirectory(prefix="harness-ckpt-") as staging:
+            for name, path in self.latest.items():
+                (Path(staging) / name).mkdir()
+                shutil.copy2(path, Path(staging) / name / path.name)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(staging))
+
+    def close(self) -> None:
+        """Remove Ray's downloaded checkpoint: the members' reports copy from it until the run ends."""
+        if self._restored_dir:
+            shutil.rmtree(self._restored_dir, ignore_errors=True)
+            self._restored_dir = None
+
+
+def result_dict(result: RunResult) -> dict[str, Any]:
+    """What of a RunResult a worker hands back to the driver (``run_result`` reads it)."""
+    return {"run_id": result.run_id, "epochs_completed": result.epochs_completed,
+            "global_step": result.global_step, "metrics": dict(result.metrics), "diverged": result.diverged}
+
+
 def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """What each Ray Train worker runs: rebuild the config, train, report.
 
@@ -96,8 +160,24 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     ctx = context_from_process_group(cfg.train.device, launcher="ray")
     hooks = RayHooks(loop_config.get("resume_local", False), loop_config.get("launch_id"), worker_node_ids(ctx))
     result = train(cfg, ctx, hooks=hooks, parent_run_id=loop_config.get("parent_run_id"))
-    return {"run_id": result.run_id, "epochs_completed": result.epochs_completed,
-            "global_step": result.global_step, "metrics": dict(result.metrics), "diverged": result.diverged}
+    return result_dict(result)
+
+
+def stack_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """``worker_loop`` for a stack of trials: ``train_stack`` on every worker; each member's result, in order.
+
+    The members' data are the first member's (the sweep groups trials whose data
+    differ by seed into different stacks, as for torchrun).
+    """
+    members = [Config.from_dict(member) for member in loop_config["configs"]]
+    ctx = context_from_process_group(members[0].train.device, launcher="ray")
+    hooks = StackRayHooks(loop_config.get("resume_local", False), loop_config.get("launch_id"), worker_node_ids(ctx))
+    try:
+        results = train_stack(members, ctx, load_dataset(members[0]), hooks=hooks,
+                              parent_run_id=loop_config.get("parent_run_id"))
+    finally:
+        hooks.close()
+    return {"members": [result_dict(result) for result in results]}
 
 
 def worker_node_ids(ctx: DistContext) -> list[str]:
@@ -161,9 +241,10 @@ def new_launch_id(cfg: Config) -> str:
 
 
 def build_trainer(cfg: Config, options: RayOptions, launch_id: str, parent_run_id: Optional[str] = None,
-                  resume: bool = False, callbacks: tuple = ()) -> TorchTrainer:
-    """The TorchTrainer of one run of ``cfg``; ``callbacks`` go to Ray Train's RunConfig
-    (a Tune sweep passes the one that forwards each epoch's report to Tune)."""
+                  resume: bool = False, callbacks: tuple = (), stack: tuple[Config, ...] = ()) -> TorchTrainer:
+    """The TorchTrainer of one run of ``cfg``, or with ``stack`` (trials whose first is ``cfg``) of those
+    trials as one stack; ``callbacks`` go to Ray Train's RunConfig (a Tune sweep passes the one that
+    forwards each epoch's report to Tune)."""
     run_config = RunConfig(
         name=launch_id,
         storage_path=resolve_storage_path(options.storage_path),
@@ -172,10 +253,14 @@ def build_trainer(cfg: Config, options: RayOptions, launch_id: str, parent_run_i
         worker_runtime_env={"env_vars": {**WORKER_RUNTIME_ENV, **options.env_vars}},
         callbacks=list(callbacks) or None,
     )
+    loop_config = {"parent_run_id": parent_run_id, "resume_local": resume, "launch_id": launch_id}
+    if stack:
+        loop_config["configs"] = [member.to_dict() for member in stack]
+    else:
+        loop_config["config"] = cfg.to_dict()
     return TorchTrainer(
-        worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "parent_run_id": parent_run_id, "resume_local": resume,
-                           "launch_id": launch_id},
+        stack_worker_loop if stack else worker_loop,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu,
                                      placement_strategy=options.placement_strategy),
@@ -185,10 +270,19 @@ def build_trainer(cfg: Config, options: RayOptions, launch_id: str, parent_run_i
 
 def run_result(result) -> RunResult:
     """Rank 0's last report (``worker_loop``'s dict, Ray's ``Result.return_value``) as a RunResult."""
-    rank0 = result.return_value
-    return RunResult(rank0["run_id"], rank0["epochs_completed"], rank0["global_step"], rank0["metrics"],
-                     diverged=rank0["diverged"],
-                     checkpoint=Path(result.checkpoint.path) if result.checkpoint else None)
+    return _as_run_result(result.return_value, Path(result.checkpoint.path) if result.checkpoint else None)
+
+
+def stack_results(result, members: list[Config]) -> list[RunResult]:
+    """``stack_worker_loop``'s results as RunResults, each with its member's folder of Ray's last checkpoint."""
+    folder = Path(result.checkpoint.path) if result.checkpoint else None
+    return [_as_run_result(returned, folder / checkpoint_dir(member).name if folder else None)
+            for member, returned in zip(members, result.return_value["members"])]
+
+
+def _as_run_result(returned: dict[str, Any], checkpoint: Optional[Path]) -> RunResult:
+    return RunResult(returned["run_id"], returned["epochs_completed"], returned["global_step"], returned["metrics"],
+                     diverged=returned["diverged"], checkpoint=checkpoint)
 
 
 def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, resume: bool = False) -> RunResult:

@@ -1,6 +1,7 @@
 """A sweep on Ray as a Ray Tune experiment: one Tune trial per sweep trial, each a function
 trainable that builds and fits that trial's TorchTrainer (Ray Train V2's Train + Tune pattern;
-``Tuner(TorchTrainer)`` is gone in V2).
+``Tuner(TorchTrainer)`` is gone in V2). With ``sweep.stack_trials``, one Tune trial per stack:
+its TorchTrainer trains the stack's trials as one stacked model, each trial its own MLflow run.
 
 Owns: the trainable, what each trial's Train run forwards to Tune (rank 0's report of every
 epoch), how many trials run at once (from the cluster's resources), early stopping (ASHA on
@@ -31,8 +32,9 @@ from harness.core.train_loop import RunResult
 from harness.errors import InputError
 from harness.records.mlflow_store import end_runs_of_launch, end_stopped_run
 from harness.records.tracking import display_name
-from harness.running.ray_train import RayOptions, build_trainer, new_launch_id, run_result
-from harness.running.sweep import SweepParent, TrialOutcome, expand_trials, sweep_parent_run
+from harness.running.ray_train import RayOptions, build_trainer, new_launch_id, run_result, stack_results
+from harness.running.sweep import (SweepParent, TrialOutcome, expand_trials, in_sweep_order, pending_stacks,
+                                   sweep_parent_run)
 
 ASHA_METRIC = "val_accuracy"  # maximised
 ASHA_TIME_ATTR = "epoch"  # epochs trained, as each report says (a restarted worker group repeats none)
@@ -61,23 +63,25 @@ class EpochsToTune(TuneReportCallback):
             super().after_report(run_context, [{**metrics[0], "total_epochs": self.total_epochs}], checkpoint)
 
 
-def run_trial(config: dict, trials: list, launch_ids: dict, options: RayOptions,
+def run_trial(config: dict, trials: list, stacks: dict, launch_ids: dict, options: RayOptions,
               parent_run_id: Optional[str], resume: bool) -> dict:
-    """The Tune function trainable: fit trial ``config["trial_index"]``'s TorchTrainer.
+    """The Tune function trainable: fit the TorchTrainer of the sweep trials ``stacks[config["trial_index"]]``
+    (one trial, or several trained as one stack, core/stacked_run.py).
 
-    Returns rank 0's RunResult as Tune's final result (``run_result``), the only
-    way it reaches the driver. On a failure it raises: Tune records the trial
-    ERROR and the driver ends its MLflow run (here, a Tune stop could kill this
-    process halfway through).
+    Returns rank 0's RunResults as Tune's final result (``run_results``, one per
+    trial), the only way they reach the driver. On a failure it raises: Tune records
+    the trial ERROR and the driver ends its MLflow runs (here, a Tune stop could
+    kill this process halfway through).
     """
     index = config["trial_index"]
-    trial = trials[index]
-    trainer = build_trainer(trial, options, launch_ids[index], parent_run_id, resume,
-                            callbacks=(EpochsToTune(trial.total_epochs),))
-    result = run_result(trainer.fit())
-    return {"run_result": {"run_id": result.run_id, "epochs_completed": result.epochs_completed,
-                           "global_step": result.global_step, "metrics": dict(result.metrics),
-                           "diverged": result.diverged}}
+    members = [trials[i] for i in stacks[index]]
+    stack = tuple(members) if len(members) > 1 else ()
+    trainer = build_trainer(members[0], options, launch_ids[index], parent_run_id, resume,
+                            callbacks=(EpochsToTune(members[0].total_epochs),), stack=stack)
+    fitted = trainer.fit()
+    results = stack_results(fitted, members) if stack else [run_result(fitted)]
+    return {"run_results": [{"run_id": r.run_id, "epochs_completed": r.epochs_completed, "global_step": r.global_step,
+                             "metrics": dict(r.metrics), "diverged": r.diverged} for r in results]}
 
 
 def concurrency(options: RayOptions, cluster: dict, num_trials: int) -> tuple[int, str]:
@@ -126,12 +130,12 @@ class SignalStopper(tune.Stopper):
 class TrialLines(tune.Callback):
     """The console lines of the trials as Tune starts and ends them; remembers which ASHA stopped early.
 
-    A result Tune marks done before the trial's last epoch is a scheduler's stop.
+    With ASHA (``asha``), a result Tune marks done before the trial's last epoch is its stop.
     """
 
-    def __init__(self, trials: list[Config], total: int):
-        self.trials = trials
-        self.total = total
+    def __init__(self, trials: list[Config], stacks: dict[int, list[int]], asha: bool):
+        self.trials, self.stacks, self.asha = trials, stacks, asha
+        self.total = len(stacks)
         self.started = 0
         self.stopped_early: dict[int, dict] = {}  # trial index -> its last result
 
@@ -142,13 +146,19 @@ class TrialLines(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started += 1
         index, cfg = self._trial(trial)
+        stack = self.stacks[index]
+        if len(stack) > 1:
+            say(f"[sweep] trials {', '.join(str(i + 1) for i in stack)} started as one stack "
+                f"({self.started}/{self.total} Ray Tune trials of this attempt): "
+                f"{', '.join(self.trials[i].name for i in stack)}")
+            return
         say(f"[sweep] trial {index + 1} started ({self.started}/{self.total} of this attempt): "
             f"{display_name(cfg)} ({cfg.name}) as a Ray Tune trial")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         index, cfg = self._trial(trial)
         epoch = result.get(ASHA_TIME_ATTR)
-        if result.get("done") and epoch is not None and epoch < result.get("total_epochs", math.inf) \
+        if self.asha and result.get("done") and epoch is not None and epoch < result.get("total_epochs", math.inf) \
                 and not _STOP_ALL.is_set():
             self.stopped_early[index] = dict(result)
             say(f"[{cfg.name}] stopped early by ASHA after epoch {epoch} of {result['total_epochs']} "
@@ -166,35 +176,48 @@ def run_tune_sweep(cfg: Config, options: RayOptions, resume: bool = False) -> Sw
     scheduler = asha_scheduler(cfg, trials)  # before anything starts: it may refuse the config
     ctx = DistContext(world_size=options.num_workers, launcher="ray")
     with sweep_parent_run(cfg, ctx, resume) as parent:
-        todo = [index for index, trial in enumerate(trials) if not parent.skip(trial)]
-        if todo:
-            outcomes = _run_experiment(cfg, trials, todo, options, scheduler, parent.run_id, resume)
-            parent.outcomes += [outcomes[index] for index in todo]
+        # With sweep.stack_trials, a Tune trial trains a stack. Each worker loads its first trial's
+        # data, so trials whose data differ by seed go in different stacks, as under torchrun.
+        stacks = pending_stacks(cfg, trials, parent, split_by_seed=True)
+        if stacks:
+            outcomes = _run_experiment(cfg, trials, {stack[0]: stack for stack in stacks}, options, scheduler,
+                                       parent.run_id, resume)
+            parent.outcomes += [outcomes[index] for stack in stacks for index in stack]
+        in_sweep_order(parent, trials)
     return parent
 
 
-def _run_experiment(cfg: Config, trials: list[Config], todo: list[int], options: RayOptions, scheduler,
+def _run_experiment(cfg: Config, trials: list[Config], stacks: dict[int, list[int]], options: RayOptions, scheduler,
                     parent_run_id: Optional[str], resume: bool) -> dict[int, TrialOutcome]:
+    """``stacks`` (first trial's index -> the trials trained together) as one Tune trial each; every trial's outcome."""
     import ray
 
-    limit, why = concurrency(options, ray.cluster_resources(), len(todo))
-    say(f"[sweep] Ray Tune: {len(todo)} trials, at most {limit} at a time ({why})"
+    limit, why = concurrency(options, ray.cluster_resources(), len(stacks))
+    count = sum(len(stack) for stack in stacks.values())
+    say(f"[sweep] Ray Tune: {count} trials"
+        + (f" in {len(stacks)} stacks (a Ray Tune trial each)" if count > len(stacks) else "")
+        + f", at most {limit} at a time ({why})"
         + (f"; ASHA on {ASHA_METRIC} (grace {cfg.sweep.asha_grace_period} epochs, "
            f"reduction factor {cfg.sweep.asha_reduction_factor:g})" if scheduler else ""))
-    launch_ids = {index: new_launch_id(trials[index]) for index in todo}
-    lines = TrialLines(trials, len(todo))
+    launch_ids = {index: new_launch_id(trials[index]) for index in stacks}
+    lines = TrialLines(trials, stacks, asha=scheduler is not None)
     # The trainable's final result (run_result) does not carry ASHA's metric: without this,
     # Tune refuses it when a scheduler is set. The metric is checked by config (a validation split).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    trainable = tune.with_parameters(run_trial, trials=trials, launch_ids=launch_ids, options=options,
+    trainable = tune.with_parameters(run_trial, trials=trials, stacks=stacks, launch_ids=launch_ids, options=options,
                                      parent_run_id=parent_run_id, resume=resume)
-    name_of = lambda trial: trials[trial.config["trial_index"]].name  # noqa: E731
+
+    def name_of(trial) -> str:
+        index = trial.config["trial_index"]
+        size = len(stacks[index])
+        return trials[index].name + (f"-stack{size}" if size > 1 else "")
+
     tuner = tune.Tuner(
         # No CPU for the trainable (it only waits on its TorchTrainer), none for Train's controller:
         # a trial's resources are its workers', and max_concurrent_trials is counted in those.
         # One byte of memory: Tune refuses a placement group that asks for nothing.
         tune.with_resources(trainable, {"cpu": 0, "memory": 1}),
-        param_space={"trial_index": tune.grid_search(todo)},
+        param_space={"trial_index": tune.grid_search(sorted(stacks))},
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=limit, num_samples=1,
                                     trial_name_creator=name_of, trial_dirname_creator=name_of),
         run_config=tune.RunConfig(name=new_launch_id(cfg), storage_path=options.storage_path, verbose=0,
@@ -206,27 +229,33 @@ def _run_experiment(cfg: Config, trials: list[Config], todo: list[int], options:
     outcomes = {}
     for result in grid:
         index = result.config["trial_index"]
-        outcomes[index] = _outcome(trials[index], launch_ids[index], result, lines.stopped_early.get(index))
+        members = [trials[i] for i in stacks[index]]
+        outcomes.update(zip(stacks[index], _outcomes(members, launch_ids[index], result,
+                                                     lines.stopped_early.get(index))))
     return outcomes
 
 
-def _outcome(trial: Config, launch_id: str, result, stopped: Optional[dict]) -> TrialOutcome:
-    """One Tune trial's outcome; ends the MLflow run its workers could not end (failed, stopped early)."""
+def _outcomes(members: list[Config], launch_id: str, result, stopped: Optional[dict]) -> list[TrialOutcome]:
+    """One Tune trial's outcome per sweep trial it trained; ends the MLflow runs its workers could not
+    end (failed, stopped early). The trials of a stack fail together: they ran in one Train run."""
+    first = members[0]
     if result.error is not None:
         error = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
-        warn(f"[{trial.name}] failed: {error}")
-        end_runs_of_launch(trial, launch_id, "FAILED")  # a worker that died could not end it
-        return TrialOutcome(trial, None, error)
-    if stopped is not None:
-        end_stopped_run(trial, launch_id, {"stopped_early": "asha", "stopped_early_epoch": str(stopped["epoch"])})
+        for trial in members:
+            warn(f"[{trial.name}] failed: {error}")
+        end_runs_of_launch(first, launch_id, "FAILED")  # a worker that died could not end them
+        return [TrialOutcome(trial, None, error) for trial in members]
+    if stopped is not None:  # ASHA: never a stack (commands.refuse_stacks_under_asha)
+        end_stopped_run(first, launch_id, {"stopped_early": "asha", "stopped_early_epoch": str(stopped["epoch"])})
         metrics = {k: v for k, v in stopped.items() if isinstance(v, float)}
-        return TrialOutcome(trial, RunResult(None, int(stopped["epoch"]), int(stopped.get("global_step", 0)),
-                                             metrics), stopped_early="asha")
-    final = result.metrics.get("run_result")
-    if final is None:  # no final result reached Tune
-        return TrialOutcome(trial, None)
-    return TrialOutcome(trial, RunResult(final["run_id"], final["epochs_completed"], final["global_step"],
-                                         final["metrics"], diverged=final["diverged"]))
+        return [TrialOutcome(first, RunResult(None, int(stopped["epoch"]), int(stopped.get("global_step", 0)),
+                                              metrics), stopped_early="asha")]
+    finals = result.metrics.get("run_results")
+    if finals is None:  # no final result reached Tune
+        return [TrialOutcome(trial, None) for trial in members]
+    return [TrialOutcome(trial, RunResult(final["run_id"], final["epochs_completed"], final["global_step"],
+                                          final["metrics"], diverged=final["diverged"]))
+            for trial, final in zip(members, finals)]
 
 
 def _stop_all_trials(_err: BaseException) -> None:

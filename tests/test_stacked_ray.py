@@ -1,0 +1,81 @@
+"""Stacks on Ray: with sweep.stack_trials, launch/sweep.py --launcher ray trains each stack as one
+Ray Tune trial (one TorchTrainer of 2 workers on a real local Ray cluster); every member is its own
+MLflow run and ends where its trial run alone ends; a worker SIGKILLed mid-epoch is restarted by
+Ray Train and every member resumes exactly from its own file in Ray's checkpoint."""
+
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, run_command, seeded_store
+from harness.core.data import load_dataset
+from harness.core.distributed import DistContext
+from harness.core.stacked_run import train_stack
+from test_stacked_torchrun import EPOCHS, SWEEP, _assert_members_match_solo, _trials
+import test_stacked_torchrun
+
+
+solo = test_stacked_torchrun.solo  # the fixture: each trial run alone, its final parameters
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The same stack trained in this process, uninterrupted: each member's MLflow run, by trial name."""
+    folder = tmp_path_factory.mktemp("straight")
+    uri = seeded_store(folder)
+    members = [t.replace(**{"tracking.uri": uri, "checkpoint.dir": str(folder / "ckpt")}) for t in _trials()]
+    results = train_stack(members, DistContext(), load_dataset(members[0]))
+    client = MlflowClient(tracking_uri=uri)
+    return client, {m.name: client.get_run(r.run_id) for m, r in zip(members, results)}
+
+
+@pytest.mark.slow
+def test_ray_stack_killed_mid_epoch_resumes_every_member_from_rays_checkpoint_and_matches_each_trial_alone(
+        tmp_path, ray_cluster, solo, straight):
+    config = tmp_path / "stk.yaml"
+    config.write_text(SWEEP)
+    marker = tmp_path / "killed-step"
+    result = run_command(
+        [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher", "ray", "--nproc", "2",
+         "--max-failures", "1", "--set", f"tracking.uri={seeded_store(tmp_path)}",
+         "--set", f"checkpoint.dir={tmp_path}/ckpt", "--set", "sweep.stack_trials=auto",
+         "--report-dir", str(tmp_path / "reports"), "--storage-path", str(tmp_path / "ray")],
+        cwd=tmp_path, timeout=600,
+        env={"RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"],
+             # rank 1 dies in the middle of epoch 2: the members' newest checkpoints in Ray are epoch 1's
+             "HARNESS_INJECT_FAULT": f"step:2:1:{marker}"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert marker.exists(), "the fault was never injected"
+    assert "[sweep] Ray Tune: 3 trials in 1 stacks (a Ray Tune trial each)" in result.stdout
+    assert "[sweep] trials 1, 2, 3 started as one stack" in result.stdout
+    assert "3 trials, 0 failed" in result.stdout
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("stk").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["trials_failed"] == "0"
+    members = {r.data.tags["trial"]: r for r in
+               client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert sorted(members) == sorted(t.name for t in _trials())
+    straight_client, uninterrupted = straight
+    # One Ray Train run for the stack: one launch id on every member.
+    assert len({r.data.tags["launch_id"] for r in members.values()}) == 1
+    for name, run in members.items():
+        twin = uninterrupted[name]
+        assert run.info.status == "FINISHED", name
+        assert (run.data.params["world_size"], run.data.tags["stack_size"]) == ("2", "3"), name
+        # Without --resume, only Ray's own checkpoint can have resumed it.
+        assert run.data.tags.get("resumed") == "true", name
+        assert run.data.metrics.keys() == twin.data.metrics.keys(), name
+        for key in twin.data.metrics:  # every (metric, step) once, at the uninterrupted run's steps
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == sorted(m.step for m in straight_client.get_metric_history(twin.info.run_id, key)), \
+                (name, key, steps)
+    _assert_members_match_solo(tmp_path, solo)
+    for trial in _trials():
+        assert (tmp_path / "ckpt" / trial.name / f"epoch-{EPOCHS:04d}.pt").exists()
+        assert not list((tmp_path / "ckpt" / trial.name).glob(".epoch-*")), "a half-written checkpoint was left"
+    # Ray's storage holds the stack's last checkpoint with a folder per member.
+    stored = [p.parent.name for p in (tmp_path / "ray").rglob(f"epoch-{EPOCHS:04d}.pt")]
+    assert sorted(set(stored)) == sorted(t.name for t in _trials()), stored
