@@ -41,17 +41,63 @@ def per_example_gradients_by_loop(model, x, y) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def test_exact_noise_scale_equals_a_loop_of_per_example_backward_passes():
+@pytest.mark.parametrize("method", ["vmap", "layers"])
+def test_exact_noise_scale_equals_a_loop_of_per_example_backward_passes(method):
     model, x, y = small_problem()
     g = per_example_gradients_by_loop(model, x, y)
     mean = g.mean(0)
     want_grad_sq = float(mean @ mean)
     want_trace = float(((g - mean) ** 2).sum() / (len(y) - 1))
-    for chunk in (1, 7, 96, 1000):  # chunks that divide N, do not, and exceed it
-        got = exact_noise_scale(model, x, y, chunk_size=chunk)
+    for chunk in (1, 7, 96, 1000):  # chunks that divide N, do not, and exceed it (vmap's passes)
+        got = exact_noise_scale(model, x, y, chunk_size=chunk, method=method)
         assert got.grad_sq_norm == pytest.approx(want_grad_sq, rel=1e-10)
         assert got.trace_cov == pytest.approx(want_trace, rel=1e-10)
         assert got.b_simple == pytest.approx(want_trace / want_grad_sq, rel=1e-10)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
+def test_the_layer_identity_matches_per_example_gradients_on_the_notes_network_in_float32(activation):
+    """784-500-10 in float32 at a point off its initialisation, N = 256: the two float32 computations
+    (outer products never formed, and formed by vmap) agree to float32 rounding."""
+    torch.manual_seed(0)
+    model = MLP((784, 500, 10), activation)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, y = torch.rand(256, 784), torch.randint(0, 10, (256,))
+    by_layers = exact_noise_scale(model, x, y, method="layers")
+    by_vmap = exact_noise_scale(model, x, y, method="vmap")
+    assert by_layers.grad_sq_norm == pytest.approx(by_vmap.grad_sq_norm, rel=1e-5)
+    assert by_layers.trace_cov == pytest.approx(by_vmap.trace_cov, rel=1e-5)
+    assert exact_noise_scale(model, x, y) == by_layers  # auto takes the identity for an MLP
+
+
+class SharedLayer(torch.nn.Module):
+    """One nn.Linear applied twice: the per-layer identity does not hold (a layer's gradient is a sum of two
+    outer products), and auto must fall back to per-example gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(6, 6).double()
+        self.head = torch.nn.Linear(6, 3).double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(torch.tanh(self.layer(x)))))
+
+
+def test_a_model_the_identity_does_not_cover_goes_through_per_example_gradients():
+    torch.manual_seed(1)
+    model = SharedLayer()
+    x, y = torch.rand(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    g = per_example_gradients_by_loop(model, x, y)
+    mean = g.mean(0)
+    got = exact_noise_scale(model, x, y)
+    assert got.trace_cov == pytest.approx(float(((g - mean) ** 2).sum() / (len(y) - 1)), rel=1e-10)
+    assert got.grad_sq_norm == pytest.approx(float(mean @ mean), rel=1e-10)
+    not_only_linear = torch.nn.Sequential(torch.nn.Linear(6, 3).double(), torch.nn.Tanh())
+    not_only_linear.register_parameter("scale", torch.nn.Parameter(torch.ones((), dtype=torch.float64)))
+    with pytest.raises(ValueError, match="nn.Linear weights and biases"):
+        exact_noise_scale(not_only_linear, x, y, method="layers")
 
 
 def test_exact_noise_scale_refuses_fewer_than_two_examples():
