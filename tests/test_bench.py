@@ -1,9 +1,13 @@
 """The benchmark runs on CPU at a tiny size and writes JSON of the documented shape (no timing asserted)."""
 
+import collections
 import json
 import sys
 
+import pytest
+
 from conftest import CONFIGS, REPO, run_command
+from harness.core.config import load_config
 from harness.results.bench import PATHS
 
 
@@ -59,7 +63,42 @@ def test_bench_stack_times_k_trials_stacked_against_them_one_after_another(tmp_p
     for row in data["timings"]:
         assert row["sequential_s_per_epoch"] > 0 and row["stacked_s_per_epoch"] > 0
         assert row["speedup"] == row["sequential_s_per_epoch"] / row["stacked_s_per_epoch"]
+        assert row["speedup_bound"] == row["sequential_s_per_epoch"] / row["matmuls_s_per_epoch"]
     assert "| 100 |" in result.stdout and "sequential / stacked" in result.stdout
+    assert "bound (sequential / matmuls)" in result.stdout
+
+
+@pytest.mark.parametrize("batch_size", [64, 100, 2048])
+def test_the_matmul_floor_runs_exactly_the_stacked_steps_matrix_products(batch_size):
+    """The bound's epoch and a real stacked epoch call bmm/baddbmm with the same shapes, the same number of
+    times (100: an uneven last batch; 2048 x 3 members: more than one pass on a CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from harness.core.data import load_dataset
+    from harness.core.stacked import StackedTrainer
+    from harness.results.stack_bench import matmuls_only_epoch, stack_members
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("bmm", "baddbmm"):
+                self.seen[(name, *(tuple(a.shape) for a in args[:3]))] += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["metrics.noise_scale=false", f"optim.global_batch_size={batch_size}",
+                                               "data.train_subset=2200"])
+    members = stack_members(cfg, 3)
+    dataset = load_dataset(cfg)
+    stacked = StackedTrainer(members, [dataset.train] * 3)
+    with Products() as real:
+        stacked.run_epoch(0)
+    with Products() as floor:
+        matmuls_only_epoch(stacked)(0)
+    assert floor.seen == real.seen and sum(real.seen.values()) > 0
 
 
 def test_bench_refuses_a_stack_of_zero_trials():

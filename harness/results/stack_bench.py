@@ -15,6 +15,13 @@ weights, in this process, timed the same way as ``harness bench``
 One "epoch" is one epoch of every trial on both sides, so the ratio
 sequential / stacked is the speed-up of the whole stack. Ratios are against the
 peer measured in the same process, never against a number from elsewhere.
+
+A third column bounds what any stack could gain: ``matmuls`` times only the
+stacked step's matrix products for the same epoch (each layer's forward, weight
+gradient and delta, batched over the K members), with nothing else: no
+activations, loss, update, gathering or launch of anything but those products.
+Neither side can train an epoch in less than its arithmetic takes, so
+sequential / matmuls is the most a stack of these K trials can gain here.
 """
 
 from __future__ import annotations
@@ -62,12 +69,16 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
         sequential_s = time_epochs(sequential_epoch, device, epochs)
         trainers.clear()  # the solo models and optimisers go before the stack is built
         stacked = StackedTrainer(trials, [d.train for d in datasets], device)
+        matmuls_s = time_epochs(matmuls_only_epoch(stacked), device, epochs)
         use_graph_step(stacked, graph, stacked.ctx)
         stacked_s = time_epochs(stacked.run_epoch, device, epochs)
         sequential, together = statistics.median(sequential_s), statistics.median(stacked_s)
+        matmuls = statistics.median(matmuls_s)
         rows.append({"batch_size": batch_size, "sequential_s_per_epoch": sequential,
                      "stacked_s_per_epoch": together, "speedup": sequential / together,
-                     "sequential_epoch_seconds": sequential_s, "stacked_epoch_seconds": stacked_s})
+                     "matmuls_s_per_epoch": matmuls, "speedup_bound": sequential / matmuls,
+                     "sequential_epoch_seconds": sequential_s, "stacked_epoch_seconds": stacked_s,
+                     "matmuls_epoch_seconds": matmuls_s})
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -83,12 +94,47 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
     }
 
 
+def matmuls_only_epoch(stacked: StackedTrainer):
+    """``run_epoch(epoch)`` of only the matrix products of ``stacked``'s steps: per step, each layer's
+    forward (``baddbmm``), weight gradient and, below the last layer, delta (``bmm``), for all members
+    and the epoch's batch sizes (the uneven last batch included), into buffers made once. The inputs are
+    zeros: a product's time does not depend on its values."""
+    model = stacked.model
+    full, last = divmod(stacked.data.num_samples, stacked.global_batch_size)
+    sizes = [stacked.global_batch_size] * full + ([last] if last and not stacked.members[0].train.drop_last else [])
+    widths = [model.weights[0].shape[2]] + [w.shape[1] for w in model.weights]
+    members = model.num_members
+    # As the step: on a CPU, at most members_per_pass members per pass (core/stacked.py CPU_PASS_SAMPLES).
+    passes = {size: [slice(first, first + model.members_per_pass(size))
+                     for first in range(0, members, model.members_per_pass(size))] for size in set(sizes)}
+    activations = [torch.zeros(members, stacked.global_batch_size, width, device=model.weights[0].device)
+                   for width in widths]
+    deltas = [torch.zeros_like(a) for a in activations]
+
+    def run_epoch(_epoch: int) -> None:
+        for size in sizes:
+            for rows in passes[size]:
+                for depth, (w, b) in enumerate(zip(model.weights, model.biases)):
+                    torch.baddbmm(b[rows].unsqueeze(1), activations[depth][rows, :size], w[rows].transpose(1, 2),
+                                  out=activations[depth + 1][rows, :size])
+                for depth in range(len(model.weights) - 1, -1, -1):
+                    delta = deltas[depth + 1][rows, :size]
+                    torch.bmm(delta.transpose(1, 2), activations[depth][rows, :size],
+                              out=model.weight_grads[depth][rows])
+                    if depth > 0:
+                        torch.bmm(delta, model.weights[depth][rows], out=deltas[depth][rows, :size])
+
+    return run_epoch
+
+
 def format_stack_table(result: dict) -> str:
     lines = [f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
              f"{result['threads']} threads, {result['stack']} trials of {result['train_samples']} samples/epoch, "
              f"median of {result['epochs_timed']} epochs, CUDA-graph step {'on' if result.get('cuda_graph') else 'off'}",
-             "| batch | sequential s/epoch | stacked s/epoch | speed-up (sequential / stacked) |", "|---|---|---|---|"]
+             "| batch | sequential s/epoch | stacked s/epoch | speed-up (sequential / stacked) "
+             "| matmuls alone s/epoch | bound (sequential / matmuls) |", "|---|---|---|---|---|---|"]
     for row in result["timings"]:
         lines.append(f"| {row['batch_size']} | {row['sequential_s_per_epoch']:.4f} | "
-                     f"{row['stacked_s_per_epoch']:.4f} | {row['speedup']:.2f}x |")
+                     f"{row['stacked_s_per_epoch']:.4f} | {row['speedup']:.2f}x | "
+                     f"{row['matmuls_s_per_epoch']:.4f} | {row['speedup_bound']:.2f}x |")
     return "\n".join(lines)
