@@ -3,10 +3,11 @@
 Ray Train made the process group; this module only reads it
 (``distributed.context_from_process_group``) and calls the same ``train`` as
 torchrun (or, for a stack of a sweep's trials, the same ``train_stack``: one
-report per epoch carries every member's checkpoint, ``StackRayHooks``). Resume comes from ``ray.train.get_checkpoint()`` (the newest checkpoint
-Ray registered, which after a kill may be one epoch older than the newest file
-rank 0 wrote: the tracker's (metric, step) dedup makes that harmless). Every
-rank reports after every epoch; only rank 0 attaches a checkpoint. The ranks gather
+report per epoch carries every member's checkpoint, ``StackRayHooks``). Resume
+comes from ``ray.train.get_checkpoint()`` (the newest checkpoint Ray registered,
+which after a kill may be one epoch older than the newest file rank 0 wrote: the
+tracker's (metric, step) dedup makes that harmless). Every rank reports after
+every epoch; only rank 0 attaches a checkpoint. The ranks gather
 their Ray node ids as they start, and the run is tagged with them (``ray_worker_nodes``):
 where the workers ran, checked rather than assumed, again after every restart.
 
