@@ -3,6 +3,7 @@ Ray Tune trial (one TorchTrainer of 2 workers on a real local Ray cluster); ever
 MLflow run and ends where its trial run alone ends; a worker SIGKILLed mid-epoch is restarted by
 Ray Train and every member resumes exactly from its own file in Ray's checkpoint."""
 
+import os
 import sys
 
 import pytest
@@ -79,3 +80,53 @@ def test_ray_stack_killed_mid_epoch_resumes_every_member_from_rays_checkpoint_an
     # Ray's storage holds the stack's last checkpoint with a folder per member.
     stored = [p.parent.name for p in (tmp_path / "ray").rglob(f"epoch-{EPOCHS:04d}.pt")]
     assert sorted(set(stored)) == sorted(t.name for t in _trials()), stored
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_ray_stack_ends_every_member_killed_and_resume_finishes_them_as_each_trial_alone(
+        tmp_path, ray_cluster, solo):
+    """SIGTERM while rank 0 is held in the middle of epoch 2: the sweep exits 143 and the parent and
+    all three members' runs end KILLED. --resume reopens them and resumes every member from its
+    own epoch-1 checkpoint in the run's folder (Ray's storage of the stopped run is not reused)."""
+    import signal
+    import subprocess
+    import time
+
+    config = tmp_path / "stk.yaml"
+    config.write_text(SWEEP)
+    held = tmp_path / "held"
+    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher", "ray",
+               "--nproc", "2", "--set", f"tracking.uri={seeded_store(tmp_path)}",
+               "--set", f"checkpoint.dir={tmp_path}/ckpt", "--set", "sweep.stack_trials=auto",
+               "--report-dir", str(tmp_path / "reports"), "--storage-path", str(tmp_path / "ray")]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"]}
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**env, "HARNESS_INJECT_HOLD": f"step:2:0:{held}"})
+    try:
+        deadline = time.monotonic() + 300
+        while not held.exists():
+            assert sweep.poll() is None and time.monotonic() < deadline, "the stack never reached epoch 2"
+            time.sleep(0.5)
+        sweep.send_signal(signal.SIGTERM)
+        assert sweep.wait(120) == 143
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("stk").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
+    members = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "KILLED"
+    assert sorted((r.data.tags["trial"], r.info.status) for r in members) == \
+        sorted((t.name, "KILLED") for t in _trials())
+
+    result = run_command(command + ["--resume"], cwd=tmp_path, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (resumed,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
+    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
+    after = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    # The same three runs, reopened and finished: no member started a second run.
+    assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in members)
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("resumed") == "true" for r in after)
+    _assert_members_match_solo(tmp_path, solo)
