@@ -145,7 +145,8 @@ class StackRayHooks(RayHooks):
 
 
 def result_dict(result: RunResult) -> dict[str, Any]:
-    """What of a RunResult a worker hands back to the driver (``run_result`` reads it)."""
+    """What of a RunResult a worker hands back to the driver (``run_result`` reads it; a Tune
+    trainable hands it on to its driver the same way)."""
     return {"run_id": result.run_id, "epochs_completed": result.epochs_completed,
             "global_step": result.global_step, "metrics": dict(result.metrics), "diverged": result.diverged}
 

@@ -32,7 +32,8 @@ from harness.core.train_loop import RunResult
 from harness.errors import InputError
 from harness.records.mlflow_store import end_runs_of_launch, end_stopped_run
 from harness.records.tracking import display_name
-from harness.running.ray_train import RayOptions, build_trainer, new_launch_id, run_result, stack_results
+from harness.running.ray_train import (RayOptions, build_trainer, new_launch_id, result_dict, run_result,
+                                      stack_results)
 from harness.running.sweep import (SweepParent, TrialOutcome, expand_trials, in_sweep_order, pending_stacks,
                                    sweep_parent_run)
 
@@ -80,8 +81,7 @@ def run_trial(config: dict, trials: list, stacks: dict, launch_ids: dict, option
                             callbacks=(EpochsToTune(members[0].total_epochs),), stack=stack)
     fitted = trainer.fit()
     results = stack_results(fitted, members) if stack else [run_result(fitted)]
-    return {"run_results": [{"run_id": r.run_id, "epochs_completed": r.epochs_completed, "global_step": r.global_step,
-                             "metrics": dict(r.metrics), "diverged": r.diverged} for r in results]}
+    return {"run_results": [result_dict(result) for result in results]}
 
 
 def concurrency(options: RayOptions, cluster: dict, num_trials: int) -> tuple[int, str]:
@@ -201,7 +201,7 @@ def _run_experiment(cfg: Config, trials: list[Config], stacks: dict[int, list[in
            f"reduction factor {cfg.sweep.asha_reduction_factor:g})" if scheduler else ""))
     launch_ids = {index: new_launch_id(trials[index]) for index in stacks}
     lines = TrialLines(trials, stacks, asha=scheduler is not None)
-    # The trainable's final result (run_result) does not carry ASHA's metric: without this,
+    # The trainable's final result (run_results) does not carry ASHA's metric: without this,
     # Tune refuses it when a scheduler is set. The metric is checked by config (a validation split).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_parameters(run_trial, trials=trials, stacks=stacks, launch_ids=launch_ids, options=options,
