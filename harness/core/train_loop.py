@@ -71,10 +71,11 @@ class RunHooks:
     def checkpoints(self, cfg: Config, ctx: DistContext) -> Checkpoints:
         """This run's checkpoints under this launcher's resume rules."""
         return Checkpoints(cfg, ctx, resume=self.resume, launch_id=self.launch_id,
-                           same_launch_only=self.same_launch_only, restored=self.restored_checkpoint)
+                           same_launch_only=self.same_launch_only, restored=lambda: self.restored_checkpoint(cfg))
 
-    def restored_checkpoint(self) -> Optional[Path]:
-        """A checkpoint file the launcher itself kept for this run, resumed before the run's folder; None here."""
+    def restored_checkpoint(self, cfg: Config) -> Optional[Path]:
+        """A checkpoint file the launcher itself kept for run ``cfg`` (a stack's member, or the run), resumed
+        before the run's folder; None here."""
         return None
 
     def run_tags(self) -> dict[str, str]:

@@ -100,8 +100,7 @@ def matmuls_only_epoch(stacked: StackedTrainer):
     and the epoch's batch sizes (the uneven last batch included), into buffers made once. The inputs are
     zeros: a product's time does not depend on its values."""
     model = stacked.model
-    full, last = divmod(stacked.data.num_samples, stacked.global_batch_size)
-    sizes = [stacked.global_batch_size] * full + ([last] if last and not stacked.members[0].train.drop_last else [])
+    sizes = [indices.shape[1] for indices, _ in stacked.local_batches(0)]  # the step's own batches
     widths = [model.weights[0].shape[2]] + [w.shape[1] for w in model.weights]
     members = model.num_members
     # As the step: on a CPU, at most members_per_pass members per pass (core/stacked.py CPU_PASS_SAMPLES).

@@ -35,7 +35,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from harness import signals
-from harness.core.checkpoint import Checkpoints, checkpoint_dir, newest_in
+from harness.core.checkpoint import checkpoint_dir, newest_in
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import (COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture,
@@ -64,16 +64,22 @@ class RayHooks(RunHooks):
         return {"ray_worker_nodes": ",".join(self.worker_nodes),
                 "ray_worker_node_count": str(len(set(self.worker_nodes)))}
 
-    def restored_checkpoint(self) -> Optional[Path]:
+    def restored_checkpoint(self, cfg: Config) -> Optional[Path]:
         """Ray's newest registered checkpoint of this run (after a restart), downloaded; None if Ray has none."""
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        # A private folder per worker: to_directory()'s default path is shared by
-        # every worker of the node, and two downloads into it race.
-        self._restored_dir = tempfile.mkdtemp(prefix="harness-restore-")
-        checkpoint.to_directory(self._restored_dir)
-        return newest_in(Path(self._restored_dir))
+        folder = self._download_restored()
+        return newest_in(folder) if folder else None
+
+    def _download_restored(self) -> Optional[Path]:
+        """Ray's newest registered checkpoint, downloaded once into a folder of this hook's; None if Ray has none."""
+        if self._restored_dir is None:
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is None:
+                return None
+            # A private folder per worker: to_directory()'s default path is shared by
+            # every worker of the node, and two downloads into it race.
+            self._restored_dir = tempfile.mkdtemp(prefix="harness-restore-")
+            checkpoint.to_directory(self._restored_dir)
+        return Path(self._restored_dir)
 
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
         if self._restored_dir:  # read by now: the loop loads its state before its first epoch
@@ -104,20 +110,13 @@ class StackRayHooks(RayHooks):
         super().__init__(resume_local, launch_id, worker_nodes)
         self.latest: dict[str, Path] = {}  # member's folder name -> its newest checkpoint file (main rank only)
 
-    def checkpoints(self, cfg: Config, ctx: DistContext) -> Checkpoints:
-        return Checkpoints(cfg, ctx, resume=self.resume, launch_id=self.launch_id,
-                           same_launch_only=self.same_launch_only, restored=lambda: self._restored_member(cfg))
-
-    def _restored_member(self, cfg: Config) -> Optional[Path]:
+    def restored_checkpoint(self, cfg: Config) -> Optional[Path]:
         """Member ``cfg``'s file in Ray's newest registered checkpoint (downloaded once); None if there is none."""
-        if self._restored_dir is None:
-            checkpoint = ray.train.get_checkpoint()
-            if checkpoint is None:
-                return None
-            self._restored_dir = tempfile.mkdtemp(prefix="harness-restore-")
-            checkpoint.to_directory(self._restored_dir)
+        folder = self._download_restored()
+        if folder is None:
+            return None
         name = checkpoint_dir(cfg).name
-        path = newest_in(Path(self._restored_dir) / name)
+        path = newest_in(folder / name)
         if path is not None:
             self.latest.setdefault(name, path)  # until the member saves again (or for good, if it has ended)
         return path
