@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from conftest import CONFIGS, REPO, run_command
 from harness.core.config import load_config
@@ -68,14 +69,25 @@ def test_bench_stack_times_k_trials_stacked_against_them_one_after_another(tmp_p
     assert "bound (sequential / matmuls)" in result.stdout
 
 
+def test_interleaved_timing_takes_one_epoch_of_every_side_per_round_after_one_warm_up_each():
+    from harness.results.bench import time_interleaved
+
+    calls = []
+    seconds = time_interleaved({side: (lambda epoch, side=side: calls.append((side, epoch)))
+                                for side in ("sequential", "stacked")}, torch.device("cpu"), epochs=3)
+    assert calls == [("sequential", 0), ("stacked", 0), ("sequential", 1), ("stacked", 1),
+                     ("sequential", 2), ("stacked", 2), ("sequential", 3), ("stacked", 3)]
+    assert [len(seconds[side]) for side in ("sequential", "stacked")] == [3, 3]
+
+
 @pytest.mark.parametrize("batch_size", [64, 100, 2048])
 def test_the_matmul_floor_runs_exactly_the_stacked_steps_matrix_products(batch_size):
-    """The bound's epoch and a real stacked epoch call bmm/baddbmm with the same shapes, the same number of
+    """The bound's epoch and a real stacked epoch call bmm/baddbmm(_) with the same shapes, the same number of
     times (100: an uneven last batch; 2048 x 3 members: more than one pass on a CPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from harness.core.data import load_dataset
-    from harness.core.stacked import StackedTrainer
+    from harness.core.stacked import CPU_PASS_SAMPLES, StackedTrainer
     from harness.results.stack_bench import matmuls_only_epoch, stack_members
 
     class Products(TorchDispatchMode):
@@ -85,7 +97,7 @@ def test_the_matmul_floor_runs_exactly_the_stacked_steps_matrix_products(batch_s
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
-            if name in ("bmm", "baddbmm"):
+            if name in ("bmm", "baddbmm", "baddbmm_"):
                 self.seen[(name, *(tuple(a.shape) for a in args[:3]))] += 1
             return func(*args, **(kwargs or {}))
 
@@ -99,6 +111,10 @@ def test_the_matmul_floor_runs_exactly_the_stacked_steps_matrix_products(batch_s
     with Products() as floor:
         matmuls_only_epoch(stacked)(0)
     assert floor.seen == real.seen and sum(real.seen.values()) > 0
+    # The step folds the weight gradients into the momentum where all members fit one CPU pass.
+    # (2048: the full batches take two passes and do not fold; the last batch of 152 does.)
+    folded_full_batches = any(key[0] == "baddbmm_" and key[2][-1] == batch_size for key in real.seen)
+    assert folded_full_batches == (3 * batch_size <= CPU_PASS_SAMPLES)
 
 
 def test_bench_refuses_a_stack_of_zero_trials():

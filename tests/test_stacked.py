@@ -66,6 +66,29 @@ def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path, mo
         assert _max_difference(stack.model.member_state_dict(k), solo) <= 1e-5, cfg.name
 
 
+def test_members_sharing_one_momentum_fold_their_weight_gradients_and_still_end_as_their_solo_runs(tmp_path):
+    """With one momentum for all, every step's weight-gradient product adds into the momentum buffers
+    (StackedSGD, folding); seeds, LRs, weight decay and warm-up still differ, the last batch is uneven."""
+    members = [_config(tmp_path, k, **{**m, "momentum": 0.9}) for k, m in enumerate(MEMBERS)]
+    stack = _stacked(members)
+    assert stack.optimizer.fold_momentum == pytest.approx(0.9)
+    folded = []
+    loss_and_gradients = stack.model.loss_and_gradients
+
+    def spy(*args, **kwargs):
+        loss, was_folded = loss_and_gradients(*args, **kwargs)
+        folded.append(was_folded)
+        return loss, was_folded
+
+    stack.model.loss_and_gradients = spy
+    for epoch in range(1, EPOCHS + 1):
+        stack.run_epoch(epoch)
+    assert folded == [True] * (EPOCHS * stack.steps_per_epoch)
+    for k, cfg in enumerate(members):
+        _, solo = _solo_parameters(cfg)
+        assert _max_difference(stack.model.member_state_dict(k), solo) <= 1e-5, cfg.name
+
+
 def test_member_lr_vector_equals_each_solo_schedule_at_every_step(tmp_path):
     members = [_config(tmp_path, k, **m) for k, m in enumerate(MEMBERS)]
     stack = _stacked(members)
@@ -74,13 +97,19 @@ def test_member_lr_vector_equals_each_solo_schedule_at_every_step(tmp_path):
         assert stack.schedule.lr_at(step).tolist() == [s.lr_at(step) for s in solos]
 
 
-@pytest.mark.parametrize("host_sync_free", [False, True], ids=["index_fill", "mask_multiply"])
-def test_diverged_member_stops_updating_and_the_others_match_their_solo_runs(tmp_path, host_sync_free):
+@pytest.mark.parametrize("host_sync_free, momentum", [(False, None), (True, None), (False, 0.9)],
+                         ids=["index_fill", "mask_multiply", "folded"])
+def test_diverged_member_stops_updating_and_the_others_match_their_solo_runs(tmp_path, host_sync_free, momentum):
     # mask_multiply: the GPU's way of freezing a member (nan_to_num_ and a multiply, no host read), run here.
+    # folded: one momentum for all, so the weight gradients fold into the momentum until the step whose loss
+    # is not finite, which must not fold (the frozen member's buffer keeps its value), nor any step after it.
     settings = [MEMBERS[0], {**MEMBERS[1], "lr": 1e6}, MEMBERS[2]]  # 1e6: the loss is inf in epoch 1
+    if momentum is not None:
+        settings = [{**m, "momentum": momentum} for m in settings]
     members = [_config(tmp_path, k, **m) for k, m in enumerate(settings)]
     stack = _stacked(members)
     stack.optimizer.host_sync_free = host_sync_free
+    assert (stack.optimizer.fold_momentum is not None) == (momentum is not None)
     stack.run_epoch(1)
     assert stack.diverged == [False, True, False]
     frozen = stack.model.member_state_dict(1)
@@ -94,6 +123,23 @@ def test_diverged_member_stops_updating_and_the_others_match_their_solo_runs(tmp
         assert result.diverged == (k == 1)
         if k != 1:
             assert _max_difference(stack.model.member_state_dict(k), solo) <= 1e-5, cfg.name
+
+
+@pytest.mark.parametrize("host_sync_free, momentum", [(False, None), (True, None), (False, 0.9)],
+                         ids=["index_fill", "mask_multiply", "folded"])
+def test_the_step_whose_loss_is_not_finite_leaves_that_members_parameters_and_momentum_as_they_were(
+        tmp_path, host_sync_free, momentum):
+    settings = MEMBERS if momentum is None else [{**m, "momentum": momentum} for m in MEMBERS]
+    stack = _stacked([_config(tmp_path, k, **m) for k, m in enumerate(settings)])
+    stack.optimizer.host_sync_free = host_sync_free
+    batches = stack.local_batches(1)
+    stack.step(next(batches)[0])  # momentum buffers that are not zero
+    stack.model.weights[-1][1].mul_(1e38)  # finite weights whose logits overflow: member 1's loss is not finite
+    before = [t[1].clone() for t in stack.model.parameters() + stack.optimizer.momentum_buffers]
+    loss = stack.step(next(batches)[0])
+    assert torch.isfinite(loss).tolist() == [True, False, True] and stack.diverged == [False, True, False]
+    after = [t[1] for t in stack.model.parameters() + stack.optimizer.momentum_buffers]
+    assert all(torch.equal(b, a) for b, a in zip(before, after))
 
 
 def test_a_member_diverges_by_the_same_epoch_loss_rule_as_a_solo_run():

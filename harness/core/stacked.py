@@ -192,28 +192,40 @@ class StackedMLP:
 
     @torch.no_grad()
     def loss_and_gradients(self, x: torch.Tensor, y: torch.Tensor, normalizer: float,
-                           rows: slice = slice(None)) -> torch.Tensor:
+                           rows: slice = slice(None),
+                           fold: Optional[tuple[list[torch.Tensor], float]] = None) -> tuple[torch.Tensor, bool]:
         """Per member (of ``rows``, whose samples x and y are): C_k = sum_i CE(z[L]_ki, y_ki) / normalizer,
         returned as [K]; its gradients written into its rows of ``flat_gradients``. delta[L] = (softmax(z[L])
         - onehot(y)) / normalizer, dC/dW[l] = delta[l]^T @ a[l-1] (bmm, [K, d_l, d_{l-1}]), dC/db[l] = sum
-        over the batch of delta[l]."""
+        over the batch of delta[l].
+
+        ``fold`` = (the weights' momentum buffers, momentum): if every member's loss is finite, each weight's
+        gradient is not written but added to its momentum buffer by the product itself, buf = momentum * buf
+        + delta^T @ a (one ``baddbmm_``: SGD's momentum step without the pass that writes the gradient and
+        the pass that reads it back; StackedSGD.step then skips that step for the weights). Returns the
+        loss and whether the weights' gradients were so folded (a non-finite loss: written as usual, so
+        the update can skip its member)."""
         activations, pre_activations = self._forward(x, rows)
         logits = pre_activations[-1]
         members, batch, classes = logits.shape
         loss = F.cross_entropy(logits.reshape(members * batch, classes), y.reshape(-1),
                                reduction="none").view(members, batch).sum(1) / normalizer
+        folded = fold is not None and bool(torch.isfinite(loss).all())
         # The one-hot targets by a scatter: F.one_hot's checks of y read it back on some devices, and a
         # captured step (core/stacked_graph.py) must not read anything back.
         one_hot = torch.zeros_like(logits).scatter_(2, y.unsqueeze(2), 1.0)
         delta = (torch.softmax(logits, dim=2) - one_hot) / normalizer
         for depth in range(len(self.weights) - 1, -1, -1):
-            torch.bmm(delta.transpose(1, 2), activations[depth], out=self.weight_grads[depth][rows])
+            if folded:
+                fold[0][depth][rows].baddbmm_(delta.transpose(1, 2), activations[depth], beta=fold[1])
+            else:
+                torch.bmm(delta.transpose(1, 2), activations[depth], out=self.weight_grads[depth][rows])
             torch.sum(delta, dim=1, out=self.bias_grads[depth][rows])
             if depth > 0:
                 # sigma'(z) * (delta @ W) in one kernel, as autograd computes it for a run alone.
                 delta = activation_backward(self.activation_name, torch.bmm(delta, self.weights[depth][rows]),
                                             pre_activations[depth - 1], activations[depth])
-        return loss
+        return loss, folded
 
     def member_squared_norms(self, flat: torch.Tensor) -> torch.Tensor:
         """[K] float64: each member's squared norm over all its gradients, from ``flat`` (laid out as
@@ -270,6 +282,15 @@ class StackedSGD:
     work without waiting: there (``host_sync_free``) d is zeroed by one
     ``torch.where`` on the mask instead, a cheap pass on a GPU and no read of the
     mask, as a CUDA graph needs.
+
+    Folding (``fold_momentum``, a CPU's parameter-major layout with one momentum for
+    every member): the weight-gradient product adds straight into the weights'
+    momentum buffers (StackedMLP.loss_and_gradients), and ``step(...,
+    weights_folded=True)`` then only adds the weight decay and moves the weights.
+    The update is memory-bound on a CPU (it reads and writes every parameter,
+    gradient and buffer once a step), and folding drops a write and a read of the
+    weights' gradients: measured 1.73 ms against 1.22 ms per step for the first
+    layer of six 784-500-10 members at batch 32 (product and update together).
     """
 
     def __init__(self, flat_parameters: torch.Tensor, flat_gradients: torch.Tensor, momentum: torch.Tensor,
@@ -281,6 +302,11 @@ class StackedSGD:
         # Known when the stack is built, so skipping the pass costs no host sync per step.
         self.has_weight_decay = bool((weight_decay != 0).any())
         self.host_sync_free = flat_parameters.device.type == "cuda"
+        # One momentum for all, as a product's beta is one number; parameter-major, so each weight's buffer
+        # is one contiguous [K, d_l, d_{l-1}] a batched GEMM adds into as a batched GEMM (MemberLayout).
+        shared = momentum.unique()
+        self.fold_momentum = (float(shared.to(dtype)) if len(shared) == 1 and not layout.member_major
+                              and flat_parameters.device.type == "cpu" else None)
         self._zero = torch.zeros((), dtype=dtype, device=flat_parameters.device)  # where(..., out=) takes no number
         self._point(flat_parameters, flat_gradients, torch.zeros_like(flat_parameters))
 
@@ -296,15 +322,25 @@ class StackedSGD:
         self.momentum, self.weight_decay = self.momentum[rows], self.weight_decay[rows]
         self._point(flat_parameters, flat_gradients, self.layout.select(self.momentum_buffers, rows))
 
+    def weight_buffers(self) -> list[torch.Tensor]:
+        """The weights' momentum buffers, [K, d_l, d_{l-1}] each (what a folded product adds into)."""
+        return self.momentum_buffers[0::2]
+
     @torch.no_grad()
-    def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
-        """One update with ``lr`` [K] (float64, cast to the parameters' dtype as SGD casts its Python float)."""
+    def step(self, lr: torch.Tensor, active: torch.Tensor, weights_folded: bool = False) -> None:
+        """One update with ``lr`` [K] (float64, cast to the parameters' dtype as SGD casts its Python float).
+        ``weights_folded``: the weights' buffers already hold momentum * buf + gradient (every member active)."""
         rows = active.unsqueeze(1)
         frozen_members = None if self.host_sync_free else torch.nonzero(~active).view(-1)
         momentum = torch.where(rows, self.momentum, 1.0)
         lr = torch.where(rows, lr.to(self.dtype).unsqueeze(1), 0.0)
         # The gradient buffers become d in place: the next step overwrites them anyway.
-        for p, d, buf in self._blocks:
+        for block, (p, d, buf) in enumerate(self._blocks):
+            if weights_folded and block % 2 == 0:  # parameter-major blocks: weight, bias, weight, bias, ...
+                if self.has_weight_decay:
+                    buf.addcmul_(self.weight_decay, p)  # SGD's d = g + wd * p, its g already in buf
+                p.addcmul_(lr, buf, value=-1)
+                continue
             if self.has_weight_decay:
                 d.addcmul_(self.weight_decay, p)
             if self.host_sync_free:
@@ -498,8 +534,13 @@ class StackedTrainer:
         """``step``'s work with the LR vector given: on a GPU it queues kernels and reads nothing back,
         so core/stacked_graph.py captures it as it stands."""
         normalizer = global_batch_size / self.ctx.world_size
+        folded = False
         if measure and self.ctx.world_size == 1:
             loss = self._gradients_in_halves(indices, normalizer)
+        elif self.can_fold(indices):
+            x, y = self.data.batch(indices)
+            loss, folded = self.model.loss_and_gradients(
+                x, y, normalizer, fold=(self.optimizer.weight_buffers(), self.optimizer.fold_momentum))
         else:
             loss = self._loss_and_gradients(indices, normalizer)
             small_sq = self.model.member_squared_norms(self.model.flat_gradients) if measure else None
@@ -509,8 +550,16 @@ class StackedTrainer:
         # A non-finite loss freezes its member from this step on (its update is skipped, not applied as NaN);
         # on several ranks every rank must agree, so the loss is checked after it is summed over them.
         self.active &= torch.isfinite(all_reduce_sum(loss.clone(), self.ctx) if self.ctx.world_size > 1 else loss)
-        self.optimizer.step(lr, self.active)
+        self.optimizer.step(lr, self.active, weights_folded=folded)
         return loss * normalizer
+
+    def can_fold(self, indices: torch.Tensor) -> bool:
+        """May this step's weight gradients go straight into the momentum buffers (StackedSGD, folding)? Only
+        where the gradient itself is read by nothing else: one rank (no all-reduce of it), no probe on this
+        step (the caller's), every member still updating (a frozen member's buffer must keep its value),
+        all members in one pass. Reads ``active`` back: only on a CPU, where ``fold_momentum`` is set."""
+        return (self.optimizer.fold_momentum is not None and self.ctx.world_size == 1
+                and self.model.members_per_pass(indices.shape[1]) >= indices.shape[0] and bool(self.active.all()))
 
     def _loss_and_gradients(self, indices: torch.Tensor, normalizer: float) -> torch.Tensor:
         """``StackedMLP.loss_and_gradients`` on the members' samples ``indices`` [K, b], gathered and
@@ -521,7 +570,7 @@ class StackedTrainer:
         for first in range(0, members, per_pass):
             rows = slice(first, first + per_pass)
             x, y = self.data.batch(indices[rows], rows)
-            losses.append(self.model.loss_and_gradients(x, y, normalizer, rows))
+            losses.append(self.model.loss_and_gradients(x, y, normalizer, rows)[0])
         return losses[0] if len(losses) == 1 else torch.cat(losses)
 
     def _gradients_in_halves(self, indices: torch.Tensor, normalizer: float) -> torch.Tensor:

@@ -98,6 +98,25 @@ def time_epochs(run_epoch: Callable[[int], None], device: torch.device, epochs: 
     return seconds
 
 
+def time_interleaved(sides: dict[str, Callable[[int], None]], device: torch.device,
+                     epochs: int) -> dict[str, list[float]]:
+    """Seconds of each side's ``epochs`` timed epochs, taken in rounds: one warm-up epoch of every side,
+    then per round one timed epoch of each side in turn. A machine that slows down for a while (another
+    tenant, the clock) then slows every side's epoch of those rounds alike, where timing one side's
+    epochs after the other's would charge the slow spell to one side only."""
+    for run_epoch in sides.values():
+        run_epoch(0)
+    _synchronise(device)
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    for epoch in range(1, epochs + 1):
+        for name, run_epoch in sides.items():
+            started = time.perf_counter()
+            run_epoch(epoch)
+            _synchronise(device)
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
 def dataloader_epoch_fn(cfg: Config, dataset: Dataset, device: torch.device) -> Callable[[int], None]:
     """The peer: a plain PyTorch loop over a DataLoader, host to device per batch."""
     model = build_model(cfg).to(device)

@@ -3,8 +3,9 @@
 Both sides train the same K trials (the config's, with seeds seed, seed+1, ...,
 seed+K-1: own initial weights, own data order) on one copy of the data (the
 config's split, as a local sweep's trials share it) from the same initial
-weights, in this process, timed the same way as ``harness bench``
-(one warm-up epoch, then the median of the timed epochs):
+weights, in this process, one warm-up epoch each, then in rounds: per round
+one timed epoch of each side in turn (bench.py ``time_interleaved``), so a
+slow spell of the machine falls on every side of its rounds alike:
 
 - ``sequential``: each trial's epoch through the harness's step (core/step.py
   via train_loop.build_trainer; on CUDA its graph step, core/graph_step.py),
@@ -13,8 +14,14 @@ weights, in this process, timed the same way as ``harness bench``
   CUDA replayed from core/stacked_graph.py's graphs).
 
 One "epoch" is one epoch of every trial on both sides, so the ratio
-sequential / stacked is the speed-up of the whole stack. Ratios are against the
-peer measured in the same process, never against a number from elsewhere.
+sequential / stacked is the speed-up of the whole stack. Each side's time is its
+fastest timed epoch: on this shared 2-core machine a slow spell (measured: one
+trial's epoch going from 0.29 s to 0.50-0.56 s for seconds at a time, with the
+machine otherwise idle) only ever adds time, and it adds more to the sequential
+side's many small operations than to the stack's few large ones, so a median or
+a ratio of rounds taken in a spell would flatter the stack. The rounds give both
+sides the same chances at an undisturbed epoch. Ratios are against the peer
+measured in the same process, never against a number from elsewhere.
 
 A third column bounds what any stack could gain: ``matmuls`` times only the
 stacked step's matrix products for the same epoch (each layer's forward, weight
@@ -26,7 +33,6 @@ sequential / matmuls is the most a stack of these K trials can gain here.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -38,7 +44,7 @@ from harness.core.epoch_bar import NoBar
 from harness.core.stacked import StackedTrainer
 from harness.core.stacked_graph import use_graph_step
 from harness.core.train_loop import build_trainer
-from harness.results.bench import cpu_name, time_epochs
+from harness.results.bench import cpu_name, time_interleaved
 
 
 def stack_members(cfg: Config, stack: int) -> list[Config]:
@@ -66,16 +72,16 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
             for trainer in trainers:
                 trainer.run_epoch(epoch, 0, trainer.plan.steps_per_epoch, NoBar())
 
-        sequential_s = time_epochs(sequential_epoch, device, epochs)
-        trainers.clear()  # the solo models and optimisers go before the stack is built
         stacked = StackedTrainer(trials, [d.train for d in datasets], device)
-        matmuls_s = time_epochs(matmuls_only_epoch(stacked), device, epochs)
         use_graph_step(stacked, graph, stacked.ctx)
-        stacked_s = time_epochs(stacked.run_epoch, device, epochs)
-        sequential, together = statistics.median(sequential_s), statistics.median(stacked_s)
-        matmuls = statistics.median(matmuls_s)
+        seconds = time_interleaved({"sequential": sequential_epoch, "stacked": stacked.run_epoch,
+                                    "matmuls": matmuls_only_epoch(stacked)}, device, epochs)
+        trainers.clear()
+        sequential_s, stacked_s, matmuls_s = seconds["sequential"], seconds["stacked"], seconds["matmuls"]
+        sequential, together, matmuls = min(sequential_s), min(stacked_s), min(matmuls_s)
         rows.append({"batch_size": batch_size, "sequential_s_per_epoch": sequential,
-                     "stacked_s_per_epoch": together, "speedup": sequential / together,
+                     "stacked_s_per_epoch": together,
+                     "speedup": sequential / together,
                      "matmuls_s_per_epoch": matmuls, "speedup_bound": sequential / matmuls,
                      "sequential_epoch_seconds": sequential_s, "stacked_epoch_seconds": stacked_s,
                      "matmuls_epoch_seconds": matmuls_s})
@@ -96,7 +102,8 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
 
 def matmuls_only_epoch(stacked: StackedTrainer):
     """``run_epoch(epoch)`` of only the matrix products of ``stacked``'s steps: per step, each layer's
-    forward (``baddbmm``), weight gradient and, below the last layer, delta (``bmm``), for all members
+    forward (``baddbmm``), weight gradient (``bmm``, or ``baddbmm_`` where the step folds it into the
+    momentum) and, below the last layer, delta (``bmm``), for all members
     and the epoch's batch sizes (the uneven last batch included), into buffers made once. The inputs are
     zeros: a product's time does not depend on its values."""
     model = stacked.model
@@ -109,6 +116,13 @@ def matmuls_only_epoch(stacked: StackedTrainer):
     activations = [torch.zeros(members, stacked.global_batch_size, width, device=model.weights[0].device)
                    for width in widths]
     deltas = [torch.zeros_like(a) for a in activations]
+    # Gradients into a buffer of its own in the step's layout (the same strides): the bench times this epoch
+    # between the stack's own epochs, whose state it must not touch.
+    weight_grads = model.layout.views(torch.zeros_like(model.flat_gradients))[0::2]
+    # Where the step folds the weight gradient into the momentum buffer (StackedSGD), its product is that
+    # baddbmm_; the bench's stack trains every member, so folding depends only on the batch's size.
+    folds = {size: stacked.can_fold(torch.empty(members, size)) for size in set(sizes)}
+    momentum = stacked.optimizer.fold_momentum
 
     def run_epoch(_epoch: int) -> None:
         for size in sizes:
@@ -118,8 +132,12 @@ def matmuls_only_epoch(stacked: StackedTrainer):
                                   out=activations[depth + 1][rows, :size])
                 for depth in range(len(model.weights) - 1, -1, -1):
                     delta = deltas[depth + 1][rows, :size]
-                    torch.bmm(delta.transpose(1, 2), activations[depth][rows, :size],
-                              out=model.weight_grads[depth][rows])
+                    if folds[size]:
+                        weight_grads[depth][rows].baddbmm_(delta.transpose(1, 2), activations[depth][rows, :size],
+                                                           beta=momentum)
+                    else:
+                        torch.bmm(delta.transpose(1, 2), activations[depth][rows, :size],
+                                  out=weight_grads[depth][rows])
                     if depth > 0:
                         torch.bmm(delta, model.weights[depth][rows], out=deltas[depth][rows, :size])
 
@@ -129,7 +147,7 @@ def matmuls_only_epoch(stacked: StackedTrainer):
 def format_stack_table(result: dict) -> str:
     lines = [f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
              f"{result['threads']} threads, {result['stack']} trials of {result['train_samples']} samples/epoch, "
-             f"median of {result['epochs_timed']} epochs, CUDA-graph step {'on' if result.get('cuda_graph') else 'off'}",
+             f"fastest of {result['epochs_timed']} epochs each, taken in rounds, CUDA-graph step {'on' if result.get('cuda_graph') else 'off'}",
              "| batch | sequential s/epoch | stacked s/epoch | speed-up (sequential / stacked) "
              "| matmuls alone s/epoch | bound (sequential / matmuls) |", "|---|---|---|---|---|---|"]
     for row in result["timings"]:
