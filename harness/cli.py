@@ -7,6 +7,7 @@ Training itself starts from launch/ (torchrun, Ray, sweeps).
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 # Nothing imported at load time pulls in torch (harness.results.bench, harness.records.tracking
@@ -110,6 +111,9 @@ def bench(args: argparse.Namespace) -> int:
         raise InputError(f"--epochs: expected a positive number of timed epochs, got {args.epochs}")
     if args.stack is not None and args.stack < 1:
         raise InputError(f"--stack: {args.stack}; expected a positive number of trials to stack")
+    if args.profile and not args.stack:
+        raise InputError(f"--profile: {args.profile} without --stack; expected --stack K (only the stack bench "
+                         "profiles its epochs)")
     cfg = load_config(args.config, args.overrides)
     device = pick_device(args.device)
     batch_sizes = args.batch_sizes or (STACK_BATCH_SIZES if args.stack else BENCH_BATCH_SIZES)
@@ -119,7 +123,8 @@ def bench(args: argparse.Namespace) -> int:
     if args.stack:
         from harness.results.stack_bench import format_stack_table, run_stack_benchmark
 
-        result = run_stack_benchmark(cfg, device, batch_sizes, args.epochs, args.stack)
+        result = run_stack_benchmark(cfg, device, batch_sizes, args.epochs, args.stack,
+                                     pathlib.Path(args.profile) if args.profile else None)
         say(format_stack_table(result))
     else:
         result = run_benchmark(cfg, device, batch_sizes, args.epochs, tuple(args.paths))
@@ -353,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--stack", type=int, default=None, metavar="K",
                      help="instead: K trials (seeds seed..seed+K-1) trained as one stacked model against the same "
                      "K one after another (core/stacked.py)")
+    ben.add_argument("--profile", default=None, metavar="DIR",
+                     help="with --stack: also profile one more epoch of the stack and of one trial alone per batch "
+                     "size (torch.profiler; the kernels on a GPU), a table per batch size into DIR")
     ben.add_argument("--json", default=None, help="also write the result here")
     ben.set_defaults(handler=bench)
     cap = commands.add_parser("capacity", help="time per step and memory at batch 1, 2, 4, ...: where the device "

@@ -22,7 +22,8 @@
 # .gpu-data, filled by `make gpu-data`). OUT: where logs and JSON go. STEP_TIMEOUT: seconds after
 # which a step is stopped and counted failed (default: none), so one slow step cannot eat a lease.
 # STACK: the trials stack-bench stacks (default 16; its table also times the stacked step's matrix
-# products alone, the floor any stack has to stay above).
+# products alone, the floor any stack has to stay above; its kernels, per batch size, stacked and one
+# trial alone, go to $OUT/stack-profile/).
 set -uo pipefail
 out=${OUT:-reports/gpu}
 mkdir -p "$out"
@@ -78,7 +79,8 @@ run capacity-bf16 "$py" -m harness.cli capacity --config configs/fashion_mnist.y
     --set performance.precision=bf16 --no-mlflow --json "$out/capacity-cuda-bf16.json" --out "$out"
 # Issue 17: stacks of trials on the device, and the study without them for its time.
 run stack-bench "$py" -m harness.cli bench --config configs/fashion_mnist.yaml --device cuda --stack "${STACK:-16}" \
-    --batch-sizes 32 64 128 512 --epochs 3 --json "$out/bench-cuda-stack${STACK:-16}.json"
+    --batch-sizes 32 64 128 512 --epochs 3 --json "$out/bench-cuda-stack${STACK:-16}.json" \
+    --profile "$out/stack-profile"
 run critical-batch-unstacked "$py" launch/sweep.py --config configs/critical_batch.yaml --launcher local \
     "${tracking[@]}" --set train.device=cuda --set sweep.stack_trials=1 --set checkpoint.dir=/tmp/gpu-check-critical1 \
     --report-dir "$out/critical-report-unstacked"

@@ -117,6 +117,26 @@ def test_the_matmul_floor_runs_exactly_the_stacked_steps_matrix_products(batch_s
     assert folded_full_batches == (3 * batch_size <= CPU_PASS_SAMPLES)
 
 
+def test_bench_stack_profile_writes_where_each_sides_epoch_goes(tmp_path):
+    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
+                          "--device", "cpu", "--stack", "2", "--batch-sizes", "64", "--epochs", "1",
+                          "--profile", str(tmp_path / "profiles")], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "profiles" / "stack2-batch64.txt").read_text()
+    stacked, alone = table.split("== one trial alone")
+    # 512 samples at batch 64: 8 steps, each one forward baddbmm per layer for the stack, addmm for a trial.
+    assert stacked.startswith("== the stack of 2: one epoch of 8 steps") and "aten::baddbmm" in stacked
+    assert "aten::addmm" in alone and "aten::baddbmm " not in alone
+
+
+def test_bench_refuses_a_profile_without_a_stack(tmp_path):
+    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
+                          "--profile", str(tmp_path)], cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: --profile: {tmp_path} without --stack; expected --stack K (only the "
+                                     "stack bench profiles its epochs)")
+
+
 def test_bench_refuses_a_stack_of_zero_trials():
     result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
                           "--stack", "0"], cwd=REPO)

@@ -34,6 +34,8 @@ sequential / matmuls is the most a stack of these K trials can gain here.
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -52,8 +54,10 @@ def stack_members(cfg: Config, stack: int) -> list[Config]:
     return [cfg.replace(**{"seed": cfg.seed + k, "name": f"{cfg.name}-stack{k}"}) for k in range(stack)]
 
 
-def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epochs: int, stack: int) -> dict:
-    """Time K trials stacked against the same K one after another at every batch size; the JSON-ready result."""
+def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epochs: int, stack: int,
+                        profile_dir: Optional[Path] = None) -> dict:
+    """Time K trials stacked against the same K one after another at every batch size; the JSON-ready result.
+    ``profile_dir``: also profile one more epoch of each side per batch size there (``profile_epochs``)."""
     # As harness bench: the step alone, without the probes a study switches on.
     # On CUDA both sides take the graph step (core/graph_step.py one trial at a time, core/stacked_graph.py
     # the stack): each side at its fastest, the comparison the stack has to win.
@@ -76,6 +80,11 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
         use_graph_step(stacked, graph, stacked.ctx)
         seconds = time_interleaved({"sequential": sequential_epoch, "stacked": stacked.run_epoch,
                                     "matmuls": matmuls_only_epoch(stacked)}, device, epochs)
+        if profile_dir is not None:
+            profile_epochs(profile_dir / f"stack{stack}-batch{batch_size}.txt", device, epochs + 1,
+                           {f"the stack of {stack}": stacked.run_epoch, "one trial alone": lambda epoch: trainers[0]
+                            .run_epoch(epoch, 0, trainers[0].plan.steps_per_epoch, NoBar())},
+                           stacked.steps_per_epoch)
         trainers.clear()
         sequential_s, stacked_s, matmuls_s = seconds["sequential"], seconds["stacked"], seconds["matmuls"]
         sequential, together, matmuls = min(sequential_s), min(stacked_s), min(matmuls_s)
@@ -98,6 +107,27 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
         "date": time.strftime("%Y-%m-%d"),
         "timings": rows,
     }
+
+
+def profile_epochs(path: Path, device: torch.device, epoch: int, sides: dict, steps: int) -> None:
+    """One epoch of each of ``sides`` under ``torch.profiler`` (with the CUDA kernels on a GPU, those a
+    graph replays included), each side's operators and kernels as a table, into ``path``: where a step's
+    time goes, per operator or kernel and per call, and how many calls a step makes (calls / ``steps``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for name, run_epoch in sides.items():
+        with profile(activities=activities) as prof:
+            run_epoch(epoch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        tables.append(f"== {name}: one epoch of {steps} steps, {device} "
+                      f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()})\n"
+                      + prof.key_averages().table(sort_by=sort_by, row_limit=40))
+    path.write_text("\n\n".join(tables) + "\n")
 
 
 def matmuls_only_epoch(stacked: StackedTrainer):
