@@ -1,7 +1,6 @@
 """performance.precision: bf16 runs the training forward in bfloat16, keeps everything else fp32,
 and lands near the fp32 run; gradcheck stays fp64; what cannot run is refused with one line."""
 
-import pytest
 import torch
 
 from conftest import CONFIGS

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import CONFIGS, REPO, run_command
-from harness.results.scaling import (Link, all_reduce_s, build_result, parameter_count, predict,
+from harness.results.scaling import (Link, all_reduce_s, parameter_count, predict,
                                      ring_bytes_sent_per_rank, step_time_at, stops_paying)
 from harness.results.scaling_check import fit_link
 
