@@ -103,7 +103,7 @@ def interpolate(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Seconds per epoch of the harness's step against a plain DataLoader loop, in this process."""
-    from harness.results.bench import format_table, run_benchmark, write_json
+    from harness.results.bench import format_table, run_benchmark, tf32_matmuls, write_json
     from harness.core.config import load_config
     from harness.core.distributed import pick_device
 
@@ -120,15 +120,19 @@ def bench(args: argparse.Namespace) -> int:
     for batch_size in batch_sizes:
         if not 0 < batch_size <= cfg.train_set_size:
             raise InputError(f"--batch-sizes: {batch_size} is outside 1..{cfg.train_set_size} (the training set)")
-    if args.stack:
-        from harness.results.stack_bench import format_stack_table, run_stack_benchmark
+    if args.tf32 and device.type != "cuda":
+        raise InputError(f"--tf32: the device is {device.type}; expected a CUDA device (TF32 is the tensor-core "
+                         "format of NVIDIA GPUs)")
+    with tf32_matmuls(args.tf32):
+        if args.stack:
+            from harness.results.stack_bench import format_stack_table, run_stack_benchmark
 
-        result = run_stack_benchmark(cfg, device, batch_sizes, args.epochs, args.stack,
-                                     pathlib.Path(args.profile) if args.profile else None)
-        say(format_stack_table(result))
-    else:
-        result = run_benchmark(cfg, device, batch_sizes, args.epochs, tuple(args.paths))
-        say(format_table(result))
+            result = run_stack_benchmark(cfg, device, batch_sizes, args.epochs, args.stack,
+                                         pathlib.Path(args.profile) if args.profile else None)
+        else:
+            result = run_benchmark(cfg, device, batch_sizes, args.epochs, tuple(args.paths))
+    result["matmuls"] = "tf32" if args.tf32 else "fp32"
+    say(format_stack_table(result) if args.stack else format_table(result))
     if args.json:
         write_json(result, args.json)
         say(f"\nJSON: {args.json}")
@@ -358,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--stack", type=int, default=None, metavar="K",
                      help="instead: K trials (seeds seed..seed+K-1) trained as one stacked model against the same "
                      "K one after another (core/stacked.py)")
+    ben.add_argument("--tf32", action="store_true",
+                     help="every side's fp32 matrix products on CUDA in TF32 (tensor cores), for this bench only; "
+                     "training itself stays fp32")
     ben.add_argument("--profile", default=None, metavar="DIR",
                      help="with --stack: also profile one more epoch of the stack and of one trial alone per batch "
                      "size (torch.profiler; the kernels on a GPU), a table per batch size into DIR")

@@ -11,7 +11,8 @@
 #   7. issue 15: `harness capacity --device cuda` in fp32 and in bf16 (the bf16 step on CUDA):
 #      time per step and peak memory against the batch, up to the first out-of-memory;
 #   8. issue 17: `harness bench --stack 16 --device cuda` (16 trials as one stacked model against
-#      the same 16 one after another, graph step on both sides), and configs/critical_batch.yaml
+#      the same 16 one after another, graph step on both sides; its kernels profiled; again with
+#      every side's products in TF32, stack-bench-tf32), and configs/critical_batch.yaml
 #      without stacks, timed (step 6 runs it with its stacks); the stacked graph step's tests run
 #      in step 1 (tests/test_stacked_graph.py).
 # The sweeps log to MLflow (a SQLite file) where MLflow can be imported; wheels
@@ -39,7 +40,7 @@ if "$py" -c "import mlflow" 2>/dev/null; then
 else
     tracking=(--set tracking.enabled=false)
 fi
-steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager critical-batch capacity capacity-bf16 stack-bench critical-batch-unstacked} "
+steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager critical-batch capacity capacity-bf16 stack-bench stack-bench-tf32 critical-batch-unstacked} "
 run() {  # run a named step (if STEPS names it), keep going after a failure, remember it
     local name=$1; shift
     case "$steps" in *" $name "*|*" ${name%-without-graph-ddp} "*) ;; *) return 0 ;; esac
@@ -81,6 +82,10 @@ run capacity-bf16 "$py" -m harness.cli capacity --config configs/fashion_mnist.y
 run stack-bench "$py" -m harness.cli bench --config configs/fashion_mnist.yaml --device cuda --stack "${STACK:-16}" \
     --batch-sizes 32 64 128 512 --epochs 3 --json "$out/bench-cuda-stack${STACK:-16}.json" \
     --profile "$out/stack-profile"
+# The same with every side's products in TF32 (tensor cores): is fp32 GEMM what holds the stack back at 512?
+run stack-bench-tf32 "$py" -m harness.cli bench --config configs/fashion_mnist.yaml --device cuda \
+    --stack "${STACK:-16}" --batch-sizes 32 64 128 512 --epochs 3 --tf32 \
+    --json "$out/bench-cuda-stack${STACK:-16}-tf32.json"
 run critical-batch-unstacked "$py" launch/sweep.py --config configs/critical_batch.yaml --launcher local \
     "${tracking[@]}" --set train.device=cuda --set sweep.stack_trials=1 --set checkpoint.dir=/tmp/gpu-check-critical1 \
     --report-dir "$out/critical-report-unstacked"

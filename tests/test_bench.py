@@ -137,6 +137,25 @@ def test_bench_refuses_a_profile_without_a_stack(tmp_path):
                                      "stack bench profiles its epochs)")
 
 
+def test_tf32_matmuls_holds_cudas_fp32_products_in_tf32_inside_and_restores_the_setting():
+    from harness.results.bench import tf32_matmuls
+
+    before = torch.backends.cuda.matmul.fp32_precision
+    with tf32_matmuls(True):
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    with tf32_matmuls(False):
+        assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+def test_bench_refuses_tf32_off_a_gpu():
+    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
+                          "--device", "cpu", "--stack", "2", "--tf32"], cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --tf32: the device is cpu; expected a CUDA device (TF32 is the "
+                                     "tensor-core format of NVIDIA GPUs)")
+
+
 def test_bench_refuses_a_stack_of_zero_trials():
     result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
                           "--stack", "0"], cwd=REPO)

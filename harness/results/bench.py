@@ -20,6 +20,7 @@ number from elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -115,6 +116,25 @@ def time_interleaved(sides: dict[str, Callable[[int], None]], device: torch.devi
             _synchronise(device)
             seconds[name].append(time.perf_counter() - started)
     return seconds
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """With ``enabled``: CUDA's fp32 matrix products in TF32 (10-bit mantissa, on tensor cores) inside, and
+    the setting as it was after. A bench knob: whether the stacked step's products, fp32 by default, are
+    what holds it back on a GPU (docs/performance.md). A CUDA graph captured inside keeps TF32 kernels."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    # fp32_precision: the setting since torch 2.9 (mixing it with the older allow_tf32 is an error there).
+    key, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    before = getattr(matmul, key)
+    setattr(matmul, key, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, key, before)
 
 
 def dataloader_epoch_fn(cfg: Config, dataset: Dataset, device: torch.device) -> Callable[[int], None]:
@@ -225,7 +245,8 @@ class _single_rank_process_group:
 
 def format_table(result: dict) -> str:
     lines = [f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
-             f"{result['train_samples']} samples/epoch, median of {result['epochs_timed']} epochs",
+             f"{result['train_samples']} samples/epoch, median of {result['epochs_timed']} epochs, "
+             f"matrix products in {result.get('matmuls', 'fp32')}",
              "| batch | path | s/epoch | samples/s | speed-up vs DataLoader |", "|---|---|---|---|---|"]
     for t in result["timings"]:
         if t["seconds_per_epoch"] is None:

@@ -177,7 +177,8 @@ def matmuls_only_epoch(stacked: StackedTrainer):
 def format_stack_table(result: dict) -> str:
     lines = [f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
              f"{result['threads']} threads, {result['stack']} trials of {result['train_samples']} samples/epoch, "
-             f"fastest of {result['epochs_timed']} epochs each, taken in rounds, CUDA-graph step {'on' if result.get('cuda_graph') else 'off'}",
+             f"fastest of {result['epochs_timed']} epochs each, taken in rounds, CUDA-graph step "
+             f"{'on' if result.get('cuda_graph') else 'off'}, matrix products in {result.get('matmuls', 'fp32')}",
              "| batch | sequential s/epoch | stacked s/epoch | speed-up (sequential / stacked) "
              "| matmuls alone s/epoch | bound (sequential / matmuls) |", "|---|---|---|---|---|---|"]
     for row in result["timings"]:
