@@ -382,16 +382,15 @@ class StackedData:
         shared = all(torch.equal(s.features, first.features) and torch.equal(s.targets, first.targets)
                      for s in splits[1:])
         members = [first] if shared else splits
-        self.features = torch.cat([s.features for s in members]).to(device)
-        self.targets = torch.cat([s.targets for s in members]).to(device)
+        self.samples = Split(torch.cat([s.features for s in members]).to(device),
+                             torch.cat([s.targets for s in members]).to(device))
         offsets = [0] * len(splits) if shared else [k * self.num_samples for k in range(len(splits))]
         self.offsets = torch.tensor(offsets, device=device).unsqueeze(1)  # [K, 1]
         self.shared = shared  # then every offset is 0, and a batch needs no addition
 
     def batch(self, indices: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """x [K, b, features], y [K, b] for member-local ``indices`` [K, b] of members ``rows``."""
-        flat = indices if self.shared else indices + self.offsets[rows]
-        return self.features[flat], self.targets[flat]
+        return self.samples.batch(indices if self.shared else indices + self.offsets[rows])
 
 
 class StackedNoiseProbe:

@@ -92,7 +92,7 @@ class EagerStep:
         self._steps_per_epoch = steps_per_epoch(len(train_set), cfg.optim.global_batch_size, cfg.train.drop_last)
 
     def __call__(self, indices: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
-        x, y = self.train_set.features[indices], self.train_set.targets[indices]
+        x, y = self.train_set.batch(indices)
         normalizer = self.normalizer(global_batch_size)
         if self.micro_batch_size is not None:
             epoch, step = divmod(global_step, self._steps_per_epoch)

@@ -223,7 +223,7 @@ def step_tensor_bytes(trainer: Trainer, indices: torch.Tensor) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    x, y = trainer.train_set.features[indices], trainer.train_set.targets[indices]
+    x, y = trainer.train_set.batch(indices)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with forward_context(trainer.cfg.performance.precision, indices.device.type)():
             logits = model(x)
