@@ -142,6 +142,14 @@ def test_the_step_whose_loss_is_not_finite_leaves_that_members_parameters_and_mo
     assert all(torch.equal(b, a) for b, a in zip(before, after))
 
 
+def test_finite_is_torch_isfinite_on_every_kind_of_float():
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    x = torch.tensor([0.0, -0.0, 1.5, -3.0, tiny, tiny / 8, -tiny / 8, huge, -huge,
+                      float("inf"), float("-inf"), float("nan")])
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(stacked.finite(x.to(dtype)), torch.isfinite(x.to(dtype)))
+
+
 def test_a_member_diverges_by_the_same_epoch_loss_rule_as_a_solo_run():
     assert stacked.DIVERGED_LOSS == train_loop.DIVERGED_LOSS
 
