@@ -193,8 +193,9 @@ def test_sigterm_to_ray_job_ends_its_run_killed(ray_cluster, tmp_path):
         [sys.executable, RAY_JOB, "--config", str(CONFIGS / "smoke.yaml"), "--num-workers", "1",
          "--storage-path", str(tmp_path / "ray"), *_settings(tmp_path), "--set", "train.epochs=2000"],
         cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # PYTHONFAULTHANDLER: once (a fresh clone, the machine busy) the driver died of SIGSEGV on the SIGTERM
-        # instead of exiting 143; should it happen again, the log shows where.
+        # The driver used to die of SIGSEGV here now and then (fresh clones, the machine busy), without a
+        # faulthandler trace (Ray's C++ client holds SIGSEGV): it shut Ray down under fit's thread
+        # (ray_train.end_orphaned_run). PYTHONFAULTHANDLER stays, for a crash that is Python's.
         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "RAY_ADDRESS": ray_cluster["address"],
              **ray_cluster["env"]})
     try:

@@ -292,20 +292,30 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, r
     trainer = build_trainer(cfg, options, launch_id, parent_run_id, resume)
     # On an early stop the workers die with this driver (or already did) and cannot
     # end their MLflow run themselves: a signal here would leave it RUNNING.
-    result = signals.call_interruptibly(
-        trainer.fit, "ray-train-fit", on_stop=lambda err: end_orphaned_run(cfg, launch_id, signals.end_status(err)))
+    def on_stop(error: BaseException) -> None:
+        # A signal interrupts only the wait (signals.call_interruptibly): fit itself goes on in its thread.
+        fit_still_running = isinstance(error, (signals.Terminated, KeyboardInterrupt))
+        end_orphaned_run(cfg, launch_id, signals.end_status(error), disconnect=not fit_still_running)
+
+    result = signals.call_interruptibly(trainer.fit, "ray-train-fit", on_stop=on_stop)
     return run_result(result)
 
 
-def end_orphaned_run(cfg: Config, launch_id: str, status: str) -> None:
+def end_orphaned_run(cfg: Config, launch_id: str, status: str, disconnect: bool) -> None:
     """End the MLflow run of launch ``launch_id`` with ``status`` if it is still RUNNING.
 
-    Called by the driver when ``fit`` stops early. Ray ends the run's workers with the
-    driver (its owner), so first disconnect and let them go; best effort, since the
-    store may be what failed.
+    Called by the driver when ``fit`` stops early; best effort, since the store may be
+    what failed. Ray ends the run's workers with the driver (their owner). With
+    ``disconnect`` (fit has returned) the driver disconnects first and lets them go.
+    Without it (a signal: fit still runs in its thread, inside Ray's C++ client) Ray
+    stays up: ``ray.shutdown()`` destroyed the core worker under that thread, whose next
+    call into Ray then crashed the driver with SIGSEGV instead of its exit 143 (seen in
+    fresh clones under load: the session's driver log ends at the shutdown the SIGTERM
+    began, and the driver died during the MLflow write after it). launch/ray_job.py
+    then ends the process with ``os._exit``, and Ray ends the workers with it.
     """
     if not cfg.tracking.enabled:
         return
-    if ray.is_initialized():
+    if disconnect and ray.is_initialized():
         ray.shutdown()
     end_runs_of_launch(cfg, launch_id, status)
