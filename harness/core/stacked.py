@@ -311,8 +311,8 @@ class StackedSGD:
         # Known when the stack is built, so skipping the pass costs no host sync per step.
         self.has_weight_decay = bool((weight_decay != 0).any())
         self.host_sync_free = flat_parameters.device.type == "cuda"
-        # One momentum for all, as a product's beta is one number; parameter-major, so each weight's buffer
-        # is one contiguous [K, d_l, d_{l-1}] a batched GEMM adds into as a batched GEMM (MemberLayout).
+        # One momentum for all, since a product's beta is one number; parameter-major, so that each weight's
+        # buffer is one contiguous [K, d_l, d_{l-1}], which the CPU's bmm adds into as one batched GEMM.
         shared = momentum.unique()
         self.fold_momentum = (float(shared.to(dtype)) if len(shared) == 1 and not layout.member_major
                               and flat_parameters.device.type == "cpu" else None)
