@@ -152,6 +152,9 @@ class StackedMLP:
         self.layout = MemberLayout([tuple(p.shape) for p in models[0].parameters()],
                                    member_major=torch.device(device).type not in PARAMETER_MAJOR_DEVICES)
         self.flat_parameters = self.layout.flatten([list(m.parameters()) for m in models]).to(device)
+        # The -1 scattered into the softmax for each sample's target (loss_and_gradients): one number made
+        # once, expanded to the batch, so no step fills a tensor with it.
+        self._minus_one = torch.full((1, 1, 1), -1.0, dtype=self.flat_parameters.dtype, device=device)
         self._make_views()
 
     def _make_views(self) -> None:
@@ -223,7 +226,7 @@ class StackedMLP:
         # no F.one_hot, whose checks of y read it back on some devices: a captured step
         # (core/stacked_graph.py) must not read anything back.
         delta = torch.softmax(logits, dim=2).scatter_add_(
-            2, y.unsqueeze(2), torch.full_like(logits[:, :, :1], -1.0)).div_(normalizer)
+            2, y.unsqueeze(2), self._minus_one.expand(members, batch, 1)).div_(normalizer)
         for depth in range(len(self.weights) - 1, -1, -1):
             if folded:
                 fold[0][depth][rows].baddbmm_(delta.transpose(1, 2), activations[depth], beta=fold[1])

@@ -103,7 +103,9 @@ class StackedGraphStep:
         self.graphs.clear()
         self.static_losses.clear()
         self.static_indices = None
-        self.static_lr = torch.zeros(stack.model.num_members, dtype=torch.float64, device=stack.device)
+        # In the parameters' dtype: the copy into it casts as StackedSGD.step would (float64 to float32, the
+        # same rounding), so the replayed step has no cast kernel of its own.
+        self.static_lr = torch.zeros(stack.model.num_members, dtype=stack.optimizer.dtype, device=stack.device)
         # One host read per layout, not per step: after this step every member's LR is its base LR.
         self._lr_constant_from = int(stack.schedule.warmup_steps.max()) if stack.model.num_members else 0
         self._lr_constant = False
