@@ -103,8 +103,9 @@ def time_interleaved(sides: dict[str, Callable[[int], None]], device: torch.devi
                      epochs: int) -> dict[str, list[float]]:
     """Seconds of each side's ``epochs`` timed epochs, taken in rounds: one warm-up epoch of every side,
     then per round one timed epoch of each side in turn. A machine that slows down for a while (another
-    tenant, the clock) then slows every side's epoch of those rounds alike, where timing one side's
-    epochs after the other's would charge the slow spell to one side only."""
+    tenant, the clock) then does so in every side's epochs of those rounds, where timing one side's
+    epochs after the other's would charge the slow spell to one side only. (How much a spell slows
+    each side may still differ: stack_bench.py keeps each side's fastest epoch.)"""
     for run_epoch in sides.values():
         run_epoch(0)
     _synchronise(device)

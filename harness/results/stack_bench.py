@@ -81,16 +81,17 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
         seconds = time_interleaved({"sequential": sequential_epoch, "stacked": stacked.run_epoch,
                                     "matmuls": matmuls_only_epoch(stacked)}, device, epochs)
         if profile_dir is not None:
+            def one_trial_alone(epoch: int) -> None:
+                trainers[0].run_epoch(epoch, 0, trainers[0].plan.steps_per_epoch, NoBar())
+
             profile_epochs(profile_dir / f"stack{stack}-batch{batch_size}.txt", device, epochs + 1,
-                           {f"the stack of {stack}": stacked.run_epoch, "one trial alone": lambda epoch: trainers[0]
-                            .run_epoch(epoch, 0, trainers[0].plan.steps_per_epoch, NoBar())},
+                           {f"the stack of {stack}": stacked.run_epoch, "one trial alone": one_trial_alone},
                            stacked.steps_per_epoch)
         trainers.clear()
         sequential_s, stacked_s, matmuls_s = seconds["sequential"], seconds["stacked"], seconds["matmuls"]
         sequential, together, matmuls = min(sequential_s), min(stacked_s), min(matmuls_s)
         rows.append({"batch_size": batch_size, "sequential_s_per_epoch": sequential,
-                     "stacked_s_per_epoch": together,
-                     "speedup": sequential / together,
+                     "stacked_s_per_epoch": together, "speedup": sequential / together,
                      "matmuls_s_per_epoch": matmuls, "speedup_bound": sequential / matmuls,
                      "sequential_epoch_seconds": sequential_s, "stacked_epoch_seconds": stacked_s,
                      "matmuls_epoch_seconds": matmuls_s})
