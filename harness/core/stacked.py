@@ -548,12 +548,10 @@ class StackedTrainer:
         folded = False
         if measure and self.ctx.world_size == 1:
             loss = self._gradients_in_halves(indices, normalizer)
-        elif self.can_fold(indices):
-            x, y = self.data.batch(indices)
-            loss, folded = self.model.loss_and_gradients(
-                x, y, normalizer, fold=(self.optimizer.weight_buffers(), self.optimizer.fold_momentum))
         else:
-            loss = self._loss_and_gradients(indices, normalizer)
+            can_fold = self.can_fold(indices.shape[1])
+            fold = (self.optimizer.weight_buffers(), self.optimizer.fold_momentum) if can_fold else None
+            loss, folded = self._loss_and_gradients(indices, normalizer, fold)
             small_sq = self.model.member_squared_norms(self.model.flat_gradients) if measure else None
             self._average_over_ranks()
             if measure:
@@ -564,33 +562,36 @@ class StackedTrainer:
         self.optimizer.step(lr, self.active, weights_folded=folded)
         return loss * normalizer
 
-    def can_fold(self, indices: torch.Tensor) -> bool:
+    def can_fold(self, local_batch: int) -> bool:
         """May this step's weight gradients go straight into the momentum buffers (StackedSGD, folding)? Only
         where the gradient itself is read by nothing else: one rank (no all-reduce of it), no probe on this
         step (the caller's), every member still updating (a frozen member's buffer must keep its value),
         all members in one pass. Reads ``active`` back: only on a CPU, where ``fold_momentum`` is set."""
         return (self.optimizer.fold_momentum is not None and self.ctx.world_size == 1
-                and self.model.members_per_pass(indices.shape[1]) >= indices.shape[0] and bool(self.active.all()))
+                and self.model.members_per_pass(local_batch) >= self.model.num_members and bool(self.active.all()))
 
-    def _loss_and_gradients(self, indices: torch.Tensor, normalizer: float) -> torch.Tensor:
+    def _loss_and_gradients(self, indices: torch.Tensor, normalizer: float,
+                            fold: Optional[tuple[list[torch.Tensor], float]] = None) -> tuple[torch.Tensor, bool]:
         """``StackedMLP.loss_and_gradients`` on the members' samples ``indices`` [K, b], gathered and
-        computed ``members_per_pass`` members at a time."""
+        computed ``members_per_pass`` members at a time; the loss, and whether it folded (``fold``: only
+        where ``can_fold``, so in one pass)."""
         members, batch = indices.shape
         per_pass = self.model.members_per_pass(batch)
         losses = []
         for first in range(0, members, per_pass):
             rows = slice(first, first + per_pass)
             x, y = self.data.batch(indices[rows], rows)
-            losses.append(self.model.loss_and_gradients(x, y, normalizer, rows)[0])
-        return losses[0] if len(losses) == 1 else torch.cat(losses)
+            loss, folded = self.model.loss_and_gradients(x, y, normalizer, rows, fold)
+            losses.append(loss)
+        return (losses[0] if len(losses) == 1 else torch.cat(losses)), folded
 
     def _gradients_in_halves(self, indices: torch.Tensor, normalizer: float) -> torch.Tensor:
         """The batch's gradient as two half-batch passes, recording each member's small/big squared norms
         (measure/grad_noise.py ``NoiseProbe._backward_in_halves``, for all members at once)."""
         half = indices.shape[1] // 2
-        first_loss = self._loss_and_gradients(indices[:, :half], normalizer)
+        first_loss, _ = self._loss_and_gradients(indices[:, :half], normalizer)
         first = self.model.flat_gradients.clone()
-        second_loss = self._loss_and_gradients(indices[:, half:], normalizer)
+        second_loss, _ = self._loss_and_gradients(indices[:, half:], normalizer)
         sizes = (half, indices.shape[1] - half)
         small_sq = (self.model.member_squared_norms(first) * (normalizer / sizes[0]) ** 2
                     + self.model.member_squared_norms(self.model.flat_gradients) * (normalizer / sizes[1]) ** 2) / 2

@@ -88,15 +88,7 @@ def _synchronise(device: torch.device) -> None:
 
 def time_epochs(run_epoch: Callable[[int], None], device: torch.device, epochs: int) -> list[float]:
     """Seconds of each of ``epochs`` timed epochs, after one warm-up epoch."""
-    run_epoch(0)
-    _synchronise(device)
-    seconds = []
-    for epoch in range(1, epochs + 1):
-        started = time.perf_counter()
-        run_epoch(epoch)
-        _synchronise(device)
-        seconds.append(time.perf_counter() - started)
-    return seconds
+    return time_interleaved({"only": run_epoch}, device, epochs)["only"]
 
 
 def time_interleaved(sides: dict[str, Callable[[int], None]], device: torch.device,

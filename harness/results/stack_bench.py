@@ -152,7 +152,7 @@ def matmuls_only_epoch(stacked: StackedTrainer):
     weight_grads = model.layout.views(torch.zeros_like(model.flat_gradients))[0::2]
     # Where the step folds the weight gradient into the momentum buffer (StackedSGD), its product is that
     # baddbmm_; the bench's stack trains every member, so folding depends only on the batch's size.
-    folds = {size: stacked.can_fold(torch.empty(members, size)) for size in set(sizes)}
+    folds = {size: stacked.can_fold(size) for size in set(sizes)}
     momentum = stacked.optimizer.fold_momentum
 
     def run_epoch(_epoch: int) -> None:
