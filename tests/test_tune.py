@@ -78,6 +78,88 @@ def test_asha_stops_the_hopeless_batch_and_ends_its_runs_finished_and_tagged(tmp
         assert first_epoch[f"tuned-none-bs512-seed{s}"] < min(first_epoch[f"tuned-none-bs16-seed{t}"] for t in (0, 1))
     # The report is built as before, from the runs in MLflow.
     assert (tmp_path / "reports" / parent.info.run_id / "summary.csv").stat().st_size > 0
+    # ASHA's stops left no placement group holding the cluster's CPUs (Ray Train can leak one;
+    # the sweep removes its job's leftovers, tune_sweep.remove_leftover_placement_groups).
+    assert live_placement_groups(ray_cluster) == []
+
+
+def live_placement_groups(ray_cluster, settle_s=10.0):
+    """The cluster's placement groups not REMOVED, asked of the State API (this process joins no
+    cluster); waits up to ``settle_s`` for the GCS to finish removing those of jobs just ended."""
+    import time
+
+    from ray.util.state import list_placement_groups
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        live = [g.placement_group_id for g in list_placement_groups(address=ray_cluster["dashboard"])
+                if g.state != "REMOVED"]
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(0.5)
+
+
+# A driver that holds two placement groups of its own job (one made by the driver, created; one made
+# by one of its actors, as Ray Train's controller makes a worker group's, pending: it asks for both
+# CPUs while another job holds one), then removes its job's leftovers.
+LEFTOVER_DRIVER = """
+import json, os, ray
+from ray.util.placement_group import placement_group, placement_group_table
+from harness.running.tune_sweep import remove_leftover_placement_groups
+
+ray.init(address=os.environ["RAY_ADDRESS"])
+made_by_driver = placement_group([{"CPU": 1}])
+ray.get(made_by_driver.ready(), timeout=60)
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def make(self):
+        return placement_group([{"CPU": 2}]).id.hex()
+
+made_by_actor = ray.get(Controller.remote().make.remote())
+before = {k: v["state"] for k, v in placement_group_table().items()}
+removed = remove_leftover_placement_groups()
+after = {k: v["state"] for k, v in placement_group_table().items()}
+print(json.dumps({"own": [made_by_driver.id.hex(), made_by_actor], "removed": removed, "before": before,
+                  "after": after}))
+"""
+
+OTHER_JOB_DRIVER = """
+import os, sys, ray
+from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
+
+ray.init(address=os.environ["RAY_ADDRESS"], namespace="leftover-test")  # a named group lives in a namespace
+if sys.argv[1] == "make":
+    group = placement_group([{"CPU": 1}], name="another-jobs-group", lifetime="detached")
+    ray.get(group.ready(), timeout=60)
+    print(group.id.hex())
+else:
+    remove_placement_group(get_placement_group("another-jobs-group"))
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_removes_the_placement_groups_its_job_left_and_no_other_jobs(tmp_path, ray_cluster):
+    import json
+
+    env = {"RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"], "PYTHONPATH": str(REPO)}
+    other = run_command([sys.executable, "-c", OTHER_JOB_DRIVER, "make"], cwd=tmp_path, env=env, timeout=120)
+    assert other.returncode == 0, other.stderr[-3000:]
+    other_group = other.stdout.split()[-1]
+    try:
+        result = run_command([sys.executable, "-c", LEFTOVER_DRIVER], cwd=tmp_path, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        seen = json.loads(result.stdout.splitlines()[-1])
+        made_by_driver, made_by_actor = seen["own"]
+        assert (seen["before"][made_by_driver], seen["before"][made_by_actor]) == ("CREATED", "PENDING")
+        assert sorted(seen["removed"]) == sorted(seen["own"])
+        assert seen["after"][made_by_driver] == seen["after"][made_by_actor] == "REMOVED"
+        # The other job's group (detached, so it outlived its job) is not this sweep's to remove.
+        assert seen["before"][other_group] == seen["after"][other_group] == "CREATED"
+    finally:
+        cleanup = run_command([sys.executable, "-c", OTHER_JOB_DRIVER, "remove"], cwd=tmp_path, env=env, timeout=120)
+        assert cleanup.returncode == 0, cleanup.stderr[-3000:]
+    assert live_placement_groups(ray_cluster) == []
 
 
 def test_the_summary_table_says_which_trials_asha_stopped():
