@@ -83,20 +83,31 @@ def test_asha_stops_the_hopeless_batch_and_ends_its_runs_finished_and_tagged(tmp
     assert live_placement_groups(ray_cluster) == []
 
 
-def live_placement_groups(ray_cluster, settle_s=10.0):
-    """The cluster's placement groups not REMOVED, asked of the State API (this process joins no
-    cluster); waits up to ``settle_s`` for the GCS to finish removing those of jobs just ended."""
-    import time
+# The cluster's placement groups not REMOVED, once none of a job just ended is still being removed
+# (up to 10 s). Asked by a driver of its own: this process's Ray client may have settled its auth mode
+# before the ray_cluster fixture set the token, and the State API then refuses it.
+LIVE_GROUPS_DRIVER = """
+import json, os, time, ray
+from ray.util.placement_group import placement_group_table
 
-    from ray.util.state import list_placement_groups
+ray.init(address=os.environ["RAY_ADDRESS"])
+deadline = time.monotonic() + 10
+while True:
+    live = [k for k, v in placement_group_table().items() if v["state"] != "REMOVED"]
+    if not live or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps(live))
+"""
 
-    deadline = time.monotonic() + settle_s
-    while True:
-        live = [g.placement_group_id for g in list_placement_groups(address=ray_cluster["dashboard"])
-                if g.state != "REMOVED"]
-        if not live or time.monotonic() > deadline:
-            return live
-        time.sleep(0.5)
+
+def live_placement_groups(ray_cluster):
+    import json
+
+    env = {"RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"]}
+    result = run_command([sys.executable, "-c", LIVE_GROUPS_DRIVER], cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 # A driver that holds two placement groups of its own job (one made by the driver, created; one made
@@ -264,6 +275,9 @@ def test_ray_sweep_stopped_by_sigterm_resumes_skipping_its_finished_trial(tmp_pa
     assert sweep.wait(120) == 143
     _, parent, _ = sweep_runs(tmp_path)
     assert parent.info.status == "KILLED"
+    # Tune stopped the running trial: its Train controller's placement group (seen: registered after
+    # the controller was killed) must not hold the CPUs the resumed sweep's trial needs.
+    assert live_placement_groups(ray_cluster) == []
 
     result = run_command(command + ["--resume"], cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

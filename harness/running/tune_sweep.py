@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from typing import Optional
 
 from ray import tune
@@ -42,6 +43,9 @@ ASHA_TIME_ATTR = "epoch"  # epochs trained, as each report says (a restarted wor
 # How long the trials may take to go after a termination signal; afterwards the parent run ends
 # their MLflow runs KILLED anyway.
 STOP_WAIT_S = 30
+# How long no leftover placement group of the sweep's job must turn up before the sweep stops
+# looking for them (``remove_leftover_placement_groups``).
+LEFTOVER_QUIET_S = 2.0
 # Set by the main thread on a termination signal, read by Tune's loop (``SignalStopper``):
 # module-level, since Tune pickles its run config and an Event does not pickle.
 _STOP_ALL = threading.Event()
@@ -262,31 +266,39 @@ def _outcomes(members: list[Config], launch_id: str, result, stopped: Optional[d
             for trial, final in zip(members, finals)]
 
 
-def remove_leftover_placement_groups() -> list[str]:
-    """Remove every placement group this driver's Ray job still holds; the ids removed.
+def remove_leftover_placement_groups(quiet_s: float = LEFTOVER_QUIET_S, poll_s: float = 0.25) -> list[str]:
+    """Remove every placement group this driver's Ray job holds, until none has turned up for ``quiet_s``;
+    the ids removed.
 
     Called once the experiment is over (or has had ``STOP_WAIT_S`` to stop after a
     signal). Every group of a Ray job carries the job's id at the end of its own, the
-    Train controllers' (actors of this job) included. Why: Ray Train 2.60 can leak
-    one. When ASHA stops a trial while its Train controller is making the worker
-    group's placement group, the GCS can register the group after it has seen the
-    controller die, and then never removes it, not even when the job ends (seen in
-    tests/test_tune.py: the ASHA sweep's job left a group holding 1 of the cluster's
-    2 CPUs, and the next sweep's 2-worker trial waited for it until its deadline).
-    Tune's own trial groups are gone by now. A failure here is a warning: it must not
-    hide how the experiment ended.
+    Train controllers' (actors of this job) included. Why: Ray Train 2.60 leaks them.
+    A Train controller that Tune stops while it makes its worker group's placement
+    group (ASHA's stop, or every trial's on a signal) can have the group registered
+    after the GCS has seen the controller die, and the GCS then never removes it, not
+    even when the job ends. Seen in tests/test_tune.py: an ASHA sweep's job left a
+    group holding 1 of the cluster's 2 CPUs; a SIGTERM'd sweep's controller registered
+    its 2-worker group 100 ms after Tune had killed it. Either way the next sweep's
+    trial waited for the CPUs until its deadline. Ray gives no way to wait for a dying
+    actor's last requests, hence the quiet spell: such a group turns up within a few
+    hundred ms of its controller's death. Tune's own trial groups are gone by now. A
+    failure here is a warning: it must not hide how the experiment ended.
     """
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-    removed = []
+    removed: list[str] = []
     try:
         job = ray.get_runtime_context().get_job_id()
-        for group_id, group in placement_group_table().items():
-            if group_id.endswith(job) and group["state"] != "REMOVED":
-                remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group_id)))
-                removed.append(group_id)
+        last_found = time.monotonic()
+        while time.monotonic() - last_found < quiet_s:
+            for group_id, group in placement_group_table().items():
+                if group_id.endswith(job) and group["state"] != "REMOVED" and group_id not in removed:
+                    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group_id)))
+                    removed.append(group_id)
+                    last_found = time.monotonic()
+            time.sleep(poll_s)
     except Exception as err:  # noqa: BLE001 - see the docstring
         warn(f"[sweep] could not remove this sweep's leftover Ray placement groups: {type(err).__name__}: {err}")
     if removed:
