@@ -112,9 +112,10 @@ def live_placement_groups(ray_cluster):
 
 # A driver that holds two placement groups of its own job (one made by the driver, created; one made
 # by one of its actors, as Ray Train's controller makes a worker group's, pending: it asks for both
-# CPUs while another job holds one), then removes its job's leftovers.
+# CPUs while another job holds one), and has a third made by an actor 0.7 s after it starts removing
+# its job's leftovers (as a dying controller's group turns up after Tune has returned).
 LEFTOVER_DRIVER = """
-import json, os, ray
+import json, os, time, ray
 from ray.util.placement_group import placement_group, placement_group_table
 from harness.running.tune_sweep import remove_leftover_placement_groups
 
@@ -124,15 +125,19 @@ ray.get(made_by_driver.ready(), timeout=60)
 
 @ray.remote(num_cpus=0)
 class Controller:
-    def make(self):
+    def make(self, delay_s=0.0):
+        time.sleep(delay_s)
         return placement_group([{"CPU": 2}]).id.hex()
 
 made_by_actor = ray.get(Controller.remote().make.remote())
+late_controller = Controller.remote()
+ray.get(late_controller.__ray_ready__.remote())
 before = {k: v["state"] for k, v in placement_group_table().items()}
+made_late = late_controller.make.remote(0.7)
 removed = remove_leftover_placement_groups()
 after = {k: v["state"] for k, v in placement_group_table().items()}
-print(json.dumps({"own": [made_by_driver.id.hex(), made_by_actor], "removed": removed, "before": before,
-                  "after": after}))
+print(json.dumps({"own": [made_by_driver.id.hex(), made_by_actor, ray.get(made_late)], "removed": removed,
+                  "before": before, "after": after}))
 """
 
 OTHER_JOB_DRIVER = """
@@ -161,10 +166,11 @@ def test_a_sweep_removes_the_placement_groups_its_job_left_and_no_other_jobs(tmp
         result = run_command([sys.executable, "-c", LEFTOVER_DRIVER], cwd=tmp_path, env=env, timeout=120)
         assert result.returncode == 0, result.stderr[-3000:]
         seen = json.loads(result.stdout.splitlines()[-1])
-        made_by_driver, made_by_actor = seen["own"]
+        made_by_driver, made_by_actor, made_late = seen["own"]
         assert (seen["before"][made_by_driver], seen["before"][made_by_actor]) == ("CREATED", "PENDING")
+        assert made_late not in seen["before"]  # it turned up while the leftovers were being removed
         assert sorted(seen["removed"]) == sorted(seen["own"])
-        assert seen["after"][made_by_driver] == seen["after"][made_by_actor] == "REMOVED"
+        assert {seen["after"][group] for group in seen["own"]} == {"REMOVED"}
         # The other job's group (detached, so it outlived its job) is not this sweep's to remove.
         assert seen["before"][other_group] == seen["after"][other_group] == "CREATED"
     finally:

@@ -7,10 +7,11 @@ Owns: the trainable, what each trial's Train run forwards to Tune (rank 0's repo
 epoch), how many trials run at once (from the cluster's resources), early stopping (ASHA on
 validation accuracy, ``sweep.early_stopping: asha``) and how an early-stopped trial's MLflow
 run ends (FINISHED, tagged ``stopped_early: asha``), failed trials' runs, stopping the
-experiment on a termination signal, and the placement groups Ray Train leaves behind. Leaves to others: the trials, the parent run and
---resume's skipping (``sweep``), one Train run (``ray_train``), MLflow I/O
-(``records.mlflow_store``), the checks before anything starts (config, ``preflight``,
-``commands``). Imported only by the Ray path (``sweep_drivers.run_sweep_on_ray``).
+experiment on a termination signal, and the placement groups Ray Train leaves behind.
+Leaves to others: the trials, the parent run and --resume's skipping (``sweep``), one
+Train run (``ray_train``), MLflow I/O (``records.mlflow_store``), the checks before
+anything starts (config, ``preflight``, ``commands``). Imported only by the Ray path
+(``sweep_drivers.run_sweep_on_ray``).
 """
 
 from __future__ import annotations
