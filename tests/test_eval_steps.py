@@ -15,7 +15,8 @@ from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.evaluation import AUTO_EVAL_COST, AUTO_RESOLUTION, eval_floor, is_evaluation_step
 from harness.core.model import build_model
-from harness.core.train_loop import RunHooks, train
+from harness.core.train_loop import RunHooks
+from harness.running.runs import train_run
 from harness.errors import InputError
 
 # smoke: 512 training samples in batches of 64, 8 steps an epoch; the validation
@@ -61,7 +62,7 @@ def test_automatic_schedule_reads_steps_to_target_to_five_percent_at_a_bounded_c
 
 def test_stop_at_target_ends_at_the_first_evaluation_that_reaches_it(tmp_path):
     cfg = smoke_config(tmp_path, *STOP)
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stopped_at_target"] == "true"
@@ -87,7 +88,7 @@ def test_stop_at_target_ends_at_the_first_evaluation_that_reaches_it(tmp_path):
     assert metrics["time_probe_s"] > 0 and metrics["time_eval_s"] > 0
 
     # --resume of a finished run trains nothing more and logs nothing new.
-    again = train(cfg, DistContext(), hooks=RunHooks(resume=True))
+    again = train_run(cfg, DistContext(), hooks=RunHooks(resume=True))
     assert again.global_step == result.global_step and again.metrics == {}
     assert len(client.get_metric_history(result.run_id, "val_subset_accuracy")) == len(history)
     newest = torch.load(Checkpoints(cfg).newest(), weights_only=True)["model"]
@@ -97,7 +98,7 @@ def test_stop_at_target_ends_at_the_first_evaluation_that_reaches_it(tmp_path):
 def test_a_run_that_never_reaches_the_target_uses_its_budget_and_says_not_reached(tmp_path):
     cfg = smoke_config(tmp_path, "train.max_steps=12", "metrics.target_val_accuracy=0.99", "train.stop_at_target=true",
                        "metrics.sharpness=false")
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id)
     assert result.global_step == 12 and run.data.tags["steps_to_target"] == "not reached"
     # The schedule's floor is 14 steps here: the only evaluation is the budget's last step.
@@ -112,16 +113,16 @@ def test_evaluations_happen_only_at_their_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate", lambda *args: calls.append(1) or real(*args))
     cfg = smoke_config(tmp_path, "tracking.enabled=false", "train.max_steps=20", "metrics.eval_every_steps=4",
                        "metrics.sharpness=false")
-    train(cfg, DistContext())
+    train_run(cfg, DistContext())
     assert len(calls) == 20 // 4
 
 
 def test_resume_reaches_the_target_at_the_same_step_with_the_same_measurements(tmp_path):
-    straight = train(smoke_config(tmp_path / "straight", "tracking.enabled=false", *STOP), DistContext())
+    straight = train_run(smoke_config(tmp_path / "straight", "tracking.enabled=false", *STOP), DistContext())
     cfg = smoke_config(tmp_path / "resumed", "tracking.enabled=false", *STOP)
     with pytest.raises(RuntimeError):
-        train(cfg, DistContext(), hooks=FailAfterEpoch(2))  # mid-window, before the target
-    resumed = train(cfg, DistContext(), hooks=RunHooks(resume=True))
+        train_run(cfg, DistContext(), hooks=FailAfterEpoch(2))  # mid-window, before the target
+    resumed = train_run(cfg, DistContext(), hooks=RunHooks(resume=True))
     assert resumed.global_step == straight.global_step
     for key in ("steps_to_target", "samples_to_target", "grad_noise_scale_exact_at_target",
                 "grad_sq_norm_at_target", "grad_trace_cov_at_target", "val_accuracy"):
@@ -160,6 +161,6 @@ def test_stop_at_target_without_a_target_exits_2_before_anything_starts(tmp_path
 
 
 def test_no_target_means_no_steps_to_target(tmp_path):
-    result = train(smoke_config(tmp_path, "tracking.enabled=false", "metrics.target_val_accuracy=null",
+    result = train_run(smoke_config(tmp_path, "tracking.enabled=false", "metrics.target_val_accuracy=null",
                                 "train.max_steps=8", "metrics.sharpness=false"), DistContext())
     assert "steps_to_target" not in result.metrics and "eval_fraction" in result.metrics

@@ -19,7 +19,9 @@ from harness.core.distributed import DistContext
 from harness.core.graph_step import WARMUP_STEPS, GraphStep, graph_unavailable_reason, sgd_update_
 from harness.core.epoch_bar import NoBar
 from harness.core.step import unwrap
-from harness.core.train_loop import build_trainer, sharpness, train
+from harness.core.train_loop import sharpness
+from harness.core.trainer import build_trainer
+from harness.running.runs import train_run
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -110,9 +112,9 @@ def test_sgd_update_with_a_tensor_lr_matches_torch_sgd():
 
 
 def test_cuda_graph_on_cpu_trains_eagerly_and_says_why(tmp_path, capsys):
-    eager = train(untracked_smoke_config(tmp_path / "eager"), DistContext())
+    eager = train_run(untracked_smoke_config(tmp_path / "eager"), DistContext())
     capsys.readouterr()
-    fallback = train(untracked_smoke_config(tmp_path / "graph", "performance.cuda_graph=true"),
+    fallback = train_run(untracked_smoke_config(tmp_path / "graph", "performance.cuda_graph=true"),
                      DistContext())
     out = capsys.readouterr().out
     assert ("[smoke] performance.cuda_graph: running the eager step instead, because the device is cpu, "
@@ -194,7 +196,7 @@ def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
 
 @cuda
 def test_graph_and_eager_runs_log_the_same_metric_names(tmp_path):
-    runs = [train(untracked_smoke_config(tmp_path / str(on), "train.device=cuda",
+    runs = [train_run(untracked_smoke_config(tmp_path / str(on), "train.device=cuda",
                                          f"performance.cuda_graph={str(on).lower()}"),
                   DistContext(device=torch.device("cuda", 0)))
             for on in (False, True)]

@@ -14,7 +14,7 @@ from harness.core.checkpoint import newest_in
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import MLP
-from harness.core.train_loop import train
+from harness.running.runs import train_run
 
 # Digits, one 32-unit layer; the source trains 2 epochs, so its momentum buffers are far from zero.
 TINY = ("data.dataset=digits", "metrics.sharpness=false", "metrics.noise_scale=false",
@@ -27,7 +27,7 @@ ONE_FULL_BATCH_STEP = ("name=continued", "optim.global_batch_size=512", "train.m
 def source(tmp_path_factory):
     """A finished run in a real SQLite store: (its folder, its result)."""
     place = tmp_path_factory.mktemp("source")
-    return place, train(smoke_config(place, "name=source", *TINY), DistContext())
+    return place, train_run(smoke_config(place, "name=source", *TINY), DistContext())
 
 
 def _weights(checkpoint: Path) -> dict:
@@ -64,7 +64,7 @@ def test_run_starts_from_the_sources_weights_with_a_fresh_optimizer(source, tmp_
     assert result.global_step > 1  # the source's momentum buffers hold something to leak
     cfg = smoke_config(place, *TINY, *ONE_FULL_BATCH_STEP, f"checkpoint.dir={tmp_path}",
                        f"checkpoint.init_from={result.checkpoint}")
-    continued = train(cfg, DistContext())
+    continued = train_run(cfg, DistContext())
     # Parameters equal to one fresh-SGD step from the source's weights: the weights were loaded before the
     # first step, and no momentum came along (a carried buffer adds lr * 0.9 * buffer to the step).
     _assert_started_from(result.checkpoint, cfg)
@@ -81,7 +81,7 @@ def test_init_from_a_run_id_finds_its_checkpoint_through_mlflow(source, tmp_path
     assert client.get_run(result.run_id).data.tags["checkpoint_path"] == str(result.checkpoint.resolve())
     cfg = smoke_config(place, *TINY, *ONE_FULL_BATCH_STEP, f"checkpoint.dir={tmp_path}",
                        f"checkpoint.init_from={result.run_id}")
-    continued = train(cfg, DistContext())
+    continued = train_run(cfg, DistContext())
     _assert_started_from(result.checkpoint, cfg)
     tags = client.get_run(continued.run_id).data.tags
     assert (tags["init_from"], tags["init_from_run_id"]) == (result.run_id, result.run_id)
@@ -91,13 +91,14 @@ def test_init_from_a_run_id_finds_its_checkpoint_through_mlflow(source, tmp_path
 def test_source_weights_are_written_into_the_parameters_the_step_already_holds(source):
     """The CUDA-graph step captures the addresses of the parameters at its first step: the load must copy
     into those tensors (and the optimiser's), not swap in new ones, or the graph would train stale copies."""
-    from harness.core.train_loop import build_trainer, start_from_source
+    from harness.core.trainer import build_trainer, load_init_weights
+    from harness.running.runs import init_weights
 
     place, result = source
     cfg = smoke_config(place, *TINY, f"checkpoint.init_from={result.checkpoint}", "tracking.enabled=false")
     trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))
     held = [p.data_ptr() for p in trainer.optimizer.param_groups[0]["params"]]
-    tags = start_from_source(trainer)
+    tags = load_init_weights(trainer, init_weights(cfg))
     assert [p.data_ptr() for p in trainer.model.parameters()] == held
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, _weights(result.checkpoint)[name]), name
@@ -115,7 +116,7 @@ def test_resumed_run_ignores_init_from(source, tmp_path):
     from harness.core.train_loop import RunCounters, build_trainer, checkpoint_state
 
     place, _ = source
-    first = train(smoke_config(place, *TINY, "name=resumed", "train.epochs=1", f"checkpoint.dir={tmp_path}"),
+    first = train_run(smoke_config(place, *TINY, "name=resumed", "train.epochs=1", f"checkpoint.dir={tmp_path}"),
                   DistContext())
     other = smoke_config(place, *TINY, "model.hidden_sizes=[8]", "tracking.enabled=false")
     foreign = write_checkpoint(checkpoint_state(build_trainer(other, DistContext(), load_dataset(other)),

@@ -13,7 +13,7 @@ from conftest import smoke_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import MLP
-from harness.core.train_loop import train
+from harness.running.runs import train_run
 from harness.measure.interpolation import interpolate_state, interpolation_curve
 
 # Digits and a 32-unit layer: two runs of three epochs each take about two seconds, and leave
@@ -30,9 +30,9 @@ def two_runs(tmp_path_factory):
     # that the artifacts the tests log land in this folder, not in the working directory of the test session.
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(place)
-        small = train(smoke_config(place, "name=small", "optim.global_batch_size=32", "optim.lr=0.2", *TINY),
+        small = train_run(smoke_config(place, "name=small", "optim.global_batch_size=32", "optim.lr=0.2", *TINY),
                       DistContext())
-        large = train(smoke_config(place, "name=large", "optim.global_batch_size=256", "optim.lr=1.0", *TINY),
+        large = train_run(smoke_config(place, "name=large", "optim.global_batch_size=256", "optim.lr=1.0", *TINY),
                       DistContext())
     return f"sqlite:///{place / 'mlflow.db'}", small, large
 

@@ -10,7 +10,8 @@ from conftest import FailAfterEpoch, smoke_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import build_model
-from harness.core.train_loop import RunHooks, train
+from harness.core.train_loop import RunHooks
+from harness.running.runs import train_run
 
 # Digits, 256 training samples in batches of 64: 4 steps an epoch. A 64-4-10 network has
 # 310 parameters, few enough for the dense Hessian.
@@ -47,7 +48,7 @@ def trajectory(cfg, run_id, key="by_step/top_hessian_eigenvalue"):
 
 def test_sharpness_is_read_at_step_zero_every_n_steps_and_at_the_end_without_changing_training(tmp_path, capsys):
     cfg = smoke_config(tmp_path, *TINY, "train.max_steps=10", "metrics.sharpness_every=3")
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("[smoke] time:") and "sharpness " in last_line and "(5 readings)" in last_line
     run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id)
@@ -64,7 +65,7 @@ def test_sharpness_is_read_at_step_zero_every_n_steps_and_at_the_end_without_cha
         assert top[step] == pytest.approx(dense_top, rel=1e-4), step
         assert bottom[step] == pytest.approx(dense_bottom, abs=1e-4 * abs(dense_top)), step
     # Reading the Hessian leaves the training alone: the same parameters as a run that never reads it.
-    plain = train(smoke_config(tmp_path / "plain", *TINY, "train.max_steps=10", "metrics.sharpness=false",
+    plain = train_run(smoke_config(tmp_path / "plain", *TINY, "train.max_steps=10", "metrics.sharpness=false",
                                "tracking.enabled=false"), DistContext())
     final, plain_final = (torch.load(r.checkpoint, weights_only=True)["model"] for r in (result, plain))
     assert all(torch.equal(final[k], plain_final[k]) for k in final)
@@ -87,7 +88,7 @@ def test_sharpness_every_n_epochs_reads_at_those_epoch_ends_even_with_the_final_
     cfg = smoke_config(tmp_path, *TINY, "train.epochs=4", "metrics.sharpness_every=2",
                        "metrics.sharpness_every_unit=epochs", "metrics.sharpness=false")
     epoch_two = KeepEpochState(2)
-    result = train(cfg, DistContext(), hooks=epoch_two)
+    result = train_run(cfg, DistContext(), hooks=epoch_two)
     metrics = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id).data.metrics
     top = trajectory(cfg, result.run_id)
     assert list(top) == [0, 8, 16]  # epochs 2 and 4 end at steps 8 and 16, where the run ends too:
@@ -100,8 +101,8 @@ def test_a_resumed_run_continues_the_trajectory_without_reading_or_logging_a_ste
     cfg = smoke_config(tmp_path, *TINY, "train.max_steps=7", "metrics.sharpness_every=3",
                        "metrics.sharpness_tolerance=0.001", "metrics.sharpness=false")
     with pytest.raises(RuntimeError):
-        train(cfg, DistContext(), hooks=FailAfterEpoch(1))  # after steps 0 and 3 were read and logged
-    result = train(cfg, DistContext(), hooks=RunHooks(resume=True))
+        train_run(cfg, DistContext(), hooks=FailAfterEpoch(1))  # after steps 0 and 3 were read and logged
+    result = train_run(cfg, DistContext(), hooks=RunHooks(resume=True))
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     steps = [m.step for m in client.get_metric_history(result.run_id, "by_step/top_hessian_eigenvalue")]
     assert steps == [0, 3, 6, 7]
@@ -113,6 +114,6 @@ def test_doubling_steps_reads_at_n_2n_4n_so_short_and_long_runs_get_alike_many_r
     cfg = smoke_config(tmp_path, *TINY, "train.max_steps=37", "metrics.sharpness_every=3",
                        "metrics.sharpness_every_unit=doubling_steps", "metrics.sharpness=false",
                        "metrics.sharpness_tolerance=0.001")
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     assert result.global_step == 37
     assert list(trajectory(cfg, result.run_id)) == [0, 3, 6, 12, 24, 37]  # step 0, N·2^k, the run's end

@@ -24,6 +24,7 @@ from harness import signals
 from harness.core.distributed import DistContext
 from harness.records.tracking import make_tracker
 from harness.core.train_loop import RunHooks, train
+from harness.running.runs import train_run
 
 pytestmark = pytest.mark.slow
 
@@ -142,8 +143,8 @@ class SignalThenBrokenCollective(RunHooks):
 def test_error_surfacing_after_a_termination_signal_still_ends_the_run_killed(tmp_path):
     cfg = smoke_config(tmp_path)
     tracker = make_tracker(cfg, DistContext())
-    code = signals.exits_on_termination(lambda: train(cfg, DistContext(), tracker=tracker,
-                                                      hooks=SignalThenBrokenCollective()))()
+    code = signals.exits_on_termination(lambda: train([cfg], DistContext(), [tracker],
+                                                  hooks=SignalThenBrokenCollective()))()
     assert code == 128 + signal.SIGTERM
     assert MlflowClient(tracking_uri=cfg.tracking.uri).get_run(tracker.run_id).info.status == "KILLED"
 
@@ -206,7 +207,7 @@ def test_torchrun_restart_during_startup_starts_afresh_instead_of_resuming_an_ea
     the first checkpoint, torchrun restarts the ranks: they must train a run of their own."""
     smoke = ["--config", str(CONFIGS / "smoke.yaml"), *_settings(tmp_path, "--set", "train.epochs=2")]
     # The earlier run in this process (no interpreter to start): same store, same checkpoint folder.
-    train(smoke_config(tmp_path, f"checkpoint.dir={tmp_path}/ckpt", "train.epochs=2"), DistContext())
+    train_run(smoke_config(tmp_path, f"checkpoint.dir={tmp_path}/ckpt", "train.epochs=2"), DistContext())
     _, (earlier_run,) = runs(tmp_path)
     assert list((tmp_path / "ckpt" / "smoke").glob("epoch-*.pt")), "the earlier run left no checkpoint to take over"
 

@@ -9,7 +9,7 @@ from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.stacked import StackedTrainer, check_stackable
 from harness.core.step import LRSchedule
-from harness.core.train_loop import train
+from harness.running.runs import train_run
 from harness.errors import InputError
 
 EPOCHS = 3
@@ -32,7 +32,7 @@ def _config(tmp_path, k: int, seed: int, **optim) -> Config:
 
 def _solo_parameters(cfg: Config):
     """The trial alone through the harness's training loop; its final parameters from its last checkpoint."""
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     return result, torch.load(result.checkpoint, weights_only=True)["model"]
 
 
@@ -169,15 +169,15 @@ def test_trials_of_different_architectures_or_batch_sizes_are_refused_one_line(t
 def test_stacked_members_warm_started_from_a_checkpoint_end_as_their_warm_started_runs_alone(tmp_path):
     # checkpoint.init_from: each member starts from the source's weights (loaded into its row of the
     # stack through its view) with its own momentum, data order and LR, as train_loop.train starts it.
-    from harness.core.stacked_run import train_stack
+    from harness.running.runs import train_trials
 
-    source = train(_config(tmp_path, 9, seed=5, lr=0.1).replace(**{"train.epochs": 1}), DistContext()).checkpoint
+    source = train_run(_config(tmp_path, 9, seed=5, lr=0.1).replace(**{"train.epochs": 1}), DistContext()).checkpoint
     members = [_config(tmp_path, k, **m).replace(**{"checkpoint.init_from": str(source)})
                for k, m in enumerate(MEMBERS[:2])]
     dataset = load_dataset(members[0])  # one copy for every member, as in a local sweep
-    stacked_results = train_stack(members, DistContext(), dataset)
+    stacked_results = train_trials(members, DistContext(), dataset=dataset)
     for cfg, result in zip(members, stacked_results):
         stacked = torch.load(result.checkpoint, weights_only=True)["model"]
-        alone_run = train(cfg.replace(**{"checkpoint.dir": str(tmp_path / "alone")}), DistContext(), dataset=dataset)
+        alone_run = train_run(cfg.replace(**{"checkpoint.dir": str(tmp_path / "alone")}), DistContext(), dataset=dataset)
         alone = torch.load(alone_run.checkpoint, weights_only=True)["model"]
         assert _max_difference(stacked, alone) <= 1e-5, cfg.name

@@ -116,11 +116,11 @@ def test_lr_buffer_holds_every_members_warmup_lr_until_the_last_warmup_ends(tmp_
 
 
 def test_stack_on_cpu_with_cuda_graph_asked_trains_eagerly_and_says_why(tmp_path, capsys):
-    from harness.core.stacked_run import train_stack
+    from harness.running.runs import train_trials
 
     members = [cfg.replace(**{"performance.cuda_graph": True, "train.epochs": 1})
                for cfg in _members(tmp_path, "cpu")[:2]]
-    train_stack(members, DistContext(), load_dataset(members[0]))
+    train_trials(members, DistContext(), dataset=load_dataset(members[0]))
     assert ("[stack of 2] performance.cuda_graph: running the eager stacked step instead, because the device "
             "is cpu, and CUDA graphs need a CUDA device") in capsys.readouterr().out
 
@@ -163,9 +163,9 @@ def test_stacked_graph_steps_never_wait_for_the_host(tmp_path):
 
 @cuda
 def test_stacked_runs_with_the_graph_step_end_where_eager_stacked_runs_end_on_cuda(tmp_path):
-    """train_stack with performance.cuda_graph: members stop at their targets (leaving the stack, so the
+    """train_trials with performance.cuda_graph: members stop at their targets (leaving the stack, so the
     graphs are captured again) and their checkpoints hold what the eager stacked runs' hold."""
-    from harness.core.stacked_run import train_stack
+    from harness.running.runs import train_trials
 
     finals = {}
     for on in (False, True):
@@ -173,7 +173,7 @@ def test_stacked_runs_with_the_graph_step_end_where_eager_stacked_runs_end_on_cu
                                   "metrics.target_val_accuracy": 0.5, "train.stop_at_target": True,
                                   "train.epochs": 4})
                    for cfg in _members(tmp_path, "cuda")[:3]]
-        results = train_stack(members, DistContext(device=torch.device("cuda", 0)), load_dataset(members[0]))
+        results = train_trials(members, DistContext(device=torch.device("cuda", 0)), dataset=load_dataset(members[0]))
         finals[on] = [torch.load(r.checkpoint, weights_only=True)["model"] for r in results]
     for eager, graph in zip(finals[False], finals[True]):
         for name in eager:

@@ -11,7 +11,8 @@ from harness.core.config import Config
 from harness.core.data import Split
 from harness.core.distributed import DistContext
 from harness.core.stacked import StackedTrainer
-from harness.core.stacked_run import member_model
+from harness.core.model import build_model
+from harness.core.stacked_run import point_at_row
 from harness.core.backprop import autograd_backward
 from harness.measure.exact_noise import exact_noise_scale
 from harness.measure.grad_noise import NoiseProbe
@@ -19,6 +20,13 @@ from harness.measure.metrics import hessian_extremes, noise_scale_components
 
 BATCH = 32
 
+
+
+def member_model(stack, k, cfg):
+    """An MLP whose parameters are views of row k of the stack (a member's model in the loop)."""
+    model = build_model(cfg)
+    point_at_row(model, stack, k)
+    return model
 
 def _members(count: int, features: int = 12, hidden: int = 16) -> list[Config]:
     base = {"data": {"dataset": "synthetic", "validation_size": 0,

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, run_command, seeded_store
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.core.stacked_run import train_stack
+from harness.running.runs import train_trials
 from test_stacked_torchrun import EPOCHS, SWEEP, _assert_members_match_solo, _trials
 import test_stacked_torchrun
 
@@ -26,7 +26,7 @@ def straight(tmp_path_factory):
     folder = tmp_path_factory.mktemp("straight")
     uri = seeded_store(folder)
     members = [t.replace(**{"tracking.uri": uri, "checkpoint.dir": str(folder / "ckpt")}) for t in _trials()]
-    results = train_stack(members, DistContext(), load_dataset(members[0]))
+    results = train_trials(members, DistContext(), dataset=load_dataset(members[0]))
     client = MlflowClient(tracking_uri=uri)
     return client, {m.name: client.get_run(r.run_id) for m, r in zip(members, results)}
 

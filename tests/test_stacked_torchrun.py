@@ -14,8 +14,9 @@ from conftest import REPO, run_command, seeded_store
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.core.stacked_run import train_stack
-from harness.core.train_loop import RunHooks, train
+from harness.running.runs import train_trials
+from harness.core.train_loop import RunHooks
+from harness.running.runs import train_run
 from harness.running.sweep import expand_trials
 
 TRAIN = str(REPO / "launch/train.py")
@@ -84,7 +85,7 @@ def solo(tmp_path_factory):
     finals = {}
     for trial in _trials():
         cfg = trial.replace(**{"tracking.enabled": False, "checkpoint.dir": str(folder / "ckpt")})
-        finals[trial.name] = torch.load(train(cfg, DistContext()).checkpoint, weights_only=True)["model"]
+        finals[trial.name] = torch.load(train_run(cfg, DistContext()).checkpoint, weights_only=True)["model"]
     return finals
 
 
@@ -105,7 +106,7 @@ def _assert_members_match_solo(folder, solo):
 
 
 def _load_launcher():
-    spec = importlib.util.spec_from_file_location("launch_train_trials", REPO / "launch" / "train.py")
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -175,11 +176,11 @@ def test_members_resumed_from_different_epochs_end_as_the_uninterrupted_stack(tm
                              "train.epochs": epochs}) for t in _trials()]
 
     dataset = load_dataset(trials(tmp_path, EPOCHS)[0])
-    train_stack(trials(tmp_path / "straight", EPOCHS), DistContext(), dataset)
+    train_trials(trials(tmp_path / "straight", EPOCHS), DistContext(), dataset=dataset)
     # What such a kill leaves on disk: every member's epoch 1, the first member's epoch 2 too.
-    train_stack(trials(tmp_path, 1), DistContext(), dataset)
-    train_stack(trials(tmp_path, 2)[:1], DistContext(), dataset, hooks=RunHooks(resume=True))
-    results = train_stack(trials(tmp_path, EPOCHS), DistContext(), dataset, hooks=RunHooks(resume=True))
+    train_trials(trials(tmp_path, 1), DistContext(), dataset=dataset)
+    train_trials(trials(tmp_path, 2)[:1], DistContext(), dataset=dataset, hooks=RunHooks(resume=True))
+    results = train_trials(trials(tmp_path, EPOCHS), DistContext(), dataset=dataset, hooks=RunHooks(resume=True))
     assert [r.epochs_completed for r in results] == [EPOCHS] * 3
     for trial in trials(tmp_path, EPOCHS):
         resumed, straight = _final_params(tmp_path, trial), _final_params(tmp_path / "straight", trial)

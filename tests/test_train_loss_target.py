@@ -20,7 +20,8 @@ from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.evaluation import AUTO_EVAL_COST, RunCounters, eval_floor
 from harness.core.model import build_model
-from harness.core.train_loop import RunHooks, train
+from harness.core.train_loop import RunHooks
+from harness.running.runs import train_run
 
 TRAIN_SIZE = 256
 # Digits, 256 training samples in one batch of 256: every step is a full-batch step and
@@ -60,7 +61,7 @@ def test_training_loss_target_stops_at_the_step_plain_gradient_descent_first_rea
     step, target, losses = known_stop(smoke_config(tmp_path / "probe", *FULL_BATCH), level=0.6)
     assert 10 < step < 60 and losses[step - 1] - losses[step] > 1e-3
     cfg = smoke_config(tmp_path, *FULL_BATCH, f"train.target_train_loss={target!r}")
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(result.run_id)
     metrics, tags = run.data.metrics, run.data.tags
@@ -87,7 +88,7 @@ def test_training_loss_target_stops_at_the_step_plain_gradient_descent_first_rea
     assert metrics["test_loss"] == pytest.approx(test_loss, rel=1e-5)
     assert metrics["generalization_gap_loss"] == pytest.approx(metrics["test_loss"] - metrics["train_loss"])
     # A finished run trains nothing more when resumed.
-    again = train(cfg, DistContext(), hooks=RunHooks(resume=True))
+    again = train_run(cfg, DistContext(), hooks=RunHooks(resume=True))
     assert again.global_step == step and again.metrics == {}
     assert len(client.get_metric_history(result.run_id, "train_loss_full")) == step
 
@@ -96,7 +97,7 @@ def test_a_run_that_never_reaches_the_target_says_not_reached_and_one_that_does_
     # Batches of 64: 4 steps an epoch, so a stop can fall inside an epoch.
     minibatch = (*FULL_BATCH, "optim.global_batch_size=64", "train.max_steps=12")
     cfg = smoke_config(tmp_path / "never", *minibatch, "train.target_train_loss=0.01")
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(result.run_id)
     assert result.global_step == 12 and run.data.tags["steps_to_train_loss_target"] == "not reached"
@@ -107,7 +108,7 @@ def test_a_run_that_never_reaches_the_target_says_not_reached_and_one_that_does_
     step = next(k for k in range(5, 12) if k % 4 and losses[k] < min(losses[j] for j in range(1, k)))
     target = (min(losses[j] for j in range(1, step)) + losses[step]) / 2
     cfg = smoke_config(tmp_path / "reached", *minibatch, f"train.target_train_loss={target!r}")
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     metrics = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id).data.metrics
     assert result.global_step == step == metrics["steps_to_train_loss_target"]
     assert metrics["epochs_to_train_loss_target"] == pytest.approx(step / 4)

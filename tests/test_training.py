@@ -12,6 +12,7 @@ from harness.core.checkpoint import Checkpoints
 from harness.core.distributed import DistContext
 from harness.running.sweep import expand_trials, run_sweep
 from harness.core.train_loop import RunHooks, train
+from harness.running.runs import train_run
 from harness.core.evaluation import is_evaluation_step
 from harness.records.tracking import BY_STEP_KEYS, make_tracker
 
@@ -29,7 +30,7 @@ TIMINGS = {"epoch_s", "samples_per_s", "time_train_s", "time_eval_s", "time_epoc
 
 def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
     cfg = smoke_config(tmp_path)
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -68,12 +69,12 @@ def test_failing_run_is_marked_failed_not_running(tmp_path):
     cfg = smoke_config(tmp_path)
     tracker = make_tracker(cfg, DistContext())
     with pytest.raises(RuntimeError, match="injected failure"):
-        train(cfg, DistContext(), tracker=tracker, hooks=FailAfterFirstEpoch())
+        train([cfg], DistContext(), [tracker], hooks=FailAfterFirstEpoch())
     assert MlflowClient(tracking_uri=cfg.tracking.uri).get_run(tracker.run_id).info.status == "FAILED"
 
 
 def test_same_config_twice_gives_identical_metrics_and_parameters(tmp_path):
-    runs = [train(smoke_config(tmp_path / str(i), "tracking.enabled=false"), DistContext()) for i in range(2)]
+    runs = [train_run(smoke_config(tmp_path / str(i), "tracking.enabled=false"), DistContext()) for i in range(2)]
     assert runs[0].metrics.keys() == runs[1].metrics.keys()
     for key in runs[0].metrics:
         if key not in TIMINGS:
@@ -83,8 +84,8 @@ def test_same_config_twice_gives_identical_metrics_and_parameters(tmp_path):
 
 
 def test_manual_engine_trains_like_autograd(tmp_path):
-    auto = train(smoke_config(tmp_path / "a", "tracking.enabled=false"), DistContext())
-    manual = train(smoke_config(tmp_path / "m", "tracking.enabled=false", "train.grad_engine=manual"), DistContext())
+    auto = train_run(smoke_config(tmp_path / "a", "tracking.enabled=false"), DistContext())
+    manual = train_run(smoke_config(tmp_path / "m", "tracking.enabled=false", "train.grad_engine=manual"), DistContext())
     assert manual.metrics["train_loss"] == pytest.approx(auto.metrics["train_loss"], rel=1e-3)
     assert manual.metrics["test_accuracy"] == pytest.approx(auto.metrics["test_accuracy"], abs=0.01)
 
@@ -102,11 +103,11 @@ def test_non_zero_rank_writes_nothing(tmp_path):
 
 
 def test_resume_continues_the_same_run_and_ends_where_an_uninterrupted_run_ends(tmp_path):
-    straight = train(smoke_config(tmp_path / "straight", "train.epochs=3"), DistContext())
+    straight = train_run(smoke_config(tmp_path / "straight", "train.epochs=3"), DistContext())
     cfg = smoke_config(tmp_path / "resumed", "train.epochs=3")
     with pytest.raises(RuntimeError):
-        train(cfg, DistContext(), hooks=FailAfterFirstEpoch())
-    resumed = train(cfg, DistContext(), hooks=RunHooks(resume=True))
+        train_run(cfg, DistContext(), hooks=FailAfterFirstEpoch())
+    resumed = train_run(cfg, DistContext(), hooks=RunHooks(resume=True))
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
     assert len(client.search_runs([client.get_experiment_by_name("smoke").experiment_id])) == 1
@@ -133,9 +134,9 @@ def test_in_process_sweep_nests_one_child_per_batch_size(tmp_path):
 
 def test_tracking_off_never_imports_mlflow(tmp_path):
     code = ("import sys; from harness.core.config import load_config; from harness.core.distributed import DistContext; "
-            "from harness.core.train_loop import train; "
+            "from harness.running.runs import train_run; "
             f"cfg = load_config({str(CONFIGS / 'smoke.yaml')!r}, ['tracking.enabled=false', "
-            f"'checkpoint.dir={tmp_path}']); train(cfg, DistContext()); print('mlflow' in sys.modules)")
+            f"'checkpoint.dir={tmp_path}']); train_run(cfg, DistContext()); print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
@@ -144,14 +145,14 @@ def test_tracking_off_never_imports_mlflow(tmp_path):
 def test_step_budget_stops_mid_epoch_at_exactly_that_many_steps(tmp_path):
     cfg = smoke_config(tmp_path, "tracking.enabled=false", "train.max_steps=11")  # 8 steps per epoch
     assert cfg.total_epochs == 2
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     assert (result.global_step, result.epochs_completed) == (11, 2)
 
 
 def test_console_counts_the_epochs_a_step_budget_runs_not_train_epochs(tmp_path, capsys):
     # 8 steps per epoch: 20 steps run 3 epochs, while smoke.yaml says train.epochs: 2.
     cfg = smoke_config(tmp_path, "tracking.enabled=false", "train.max_steps=20")
-    train(cfg, DistContext())
+    train_run(cfg, DistContext())
     epochs = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith(f"[{cfg.name}] epoch")]
     assert epochs == ["1/3", "2/3", "3/3"]
 
@@ -176,7 +177,7 @@ def test_linear_warmup_ramps_the_lr_then_holds_it(tmp_path):
 
 def test_diverging_run_stops_early_and_is_tagged(tmp_path):
     cfg = smoke_config(tmp_path, "optim.lr=500", "model.activation=relu", "train.epochs=6")
-    result = train(cfg, DistContext())
+    result = train_run(cfg, DistContext())
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(result.run_id)
     assert result.diverged and result.epochs_completed < 6

@@ -7,7 +7,7 @@ by another config, the launch id that keeps a torchrun restart from resuming an
 earlier launch, and the decision which checkpoint (if any) a run resumes from.
 Only the main rank writes, clears or reads them to resume (the others get its
 state by broadcast, so other nodes need no shared folder). What goes into a
-checkpoint is the loop's business (train_loop.checkpoint_state); a launcher that keeps checkpoints of its
+checkpoint is the loop's business (trainer.checkpoint_state); a launcher that keeps checkpoints of its
 own (Ray Train) hands one in through ``restored``; the MLflow side of resuming
 (is the checkpoint's run in the store?) is harness/records/mlflow_store.py's.
 """
@@ -112,7 +112,7 @@ class Checkpoints:
     ``ctx`` (a DistContext; None: this process) says whether this rank writes: only
     the main one saves and clears, the others get None and change nothing.
     ``resume`` asks to continue from the newest checkpoint in the folder. ``launch_id``
-    names the launch and goes into every checkpoint (train_loop.checkpoint_state); with
+    names the launch and goes into every checkpoint (trainer.checkpoint_state); with
     ``same_launch_only`` (a torchrun restart the user did not ask to resume) a
     checkpoint of another launch is not resumed: the run starts afresh instead of
     taking over the earlier run whose files are still in the folder. ``restored``

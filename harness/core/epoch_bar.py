@@ -24,7 +24,8 @@ class NoBar:
 
 
 class LossPostfix:
-    """Shows this rank's running mean loss on the epoch bar, about once a second, never waiting on the device.
+    """Shows this rank's running mean loss on the epoch bar (a stack's: the mean over its members), about once
+    a second, never waiting on the device.
 
     On CUDA reading ``loss_sum`` would sync with the host every time: instead the
     sum is copied without blocking into pinned memory, and the bar shows the copy
@@ -45,14 +46,14 @@ class LossPostfix:
             return
         self.shown_at = time.monotonic()
         if self.on_host is None:
-            self._show(float(loss_sum), samples)
+            self._show(float(loss_sum.mean()), samples)
             return
         if self.copied is not None:
             event, copied_samples = self.copied
             if not event.query():
                 return  # the last copy has not landed yet: try again in a second
             self._show(float(self.on_host), copied_samples)
-        self.on_host.copy_(loss_sum, non_blocking=True)
+        self.on_host.copy_(loss_sum.mean(), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self.copied = (event, samples)

@@ -45,7 +45,7 @@ from harness.measure.metrics import steps_to_target
 
 @dataclass
 class RunCounters:
-    """Counters that outlive an epoch (and a restart: they are checkpointed, under the key "progress")."""
+    """Counters that outlive an epoch (and a restart: they are checkpointed, under the key "counters")."""
 
     epoch: int = 0
     global_step: int = 0

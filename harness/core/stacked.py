@@ -366,7 +366,7 @@ class StackedSGD:
 
 
 def member_schedules(members: list[Config], steps_in_epoch: int, device) -> StackedSchedule:
-    """The members' LR and warmup (train_loop.build_trainer's ``round(warmup_epochs * steps per epoch)``)."""
+    """The members' LR and warmup (trainer.build_trainer's ``round(warmup_epochs * steps per epoch)``)."""
     lr = torch.tensor([m.optim.lr for m in members], dtype=torch.float64, device=device)
     warmup = torch.tensor([round(m.optim.warmup_epochs * steps_in_epoch) for m in members], dtype=torch.float64,
                           device=device)

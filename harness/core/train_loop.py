@@ -1,19 +1,19 @@
-"""The only training loop: ``train(cfg, ctx)``, called by every launcher.
+"""The only training loop: ``train(trials, ctx, trackers)``, called by every launcher.
 
-It does not know who started it. ``ctx`` says which rank it is; ``tracker``
-(from tracking.py) takes the console lines and MLflow records; a
-``Checkpoints`` object (core/checkpoint.py) saves, finds and resumes the
-checkpoints; ``hooks`` let a launcher set the resume rules, hand in a checkpoint
-it kept itself, and act after each epoch (Ray reports there). Collectives run on
-every rank, before the tracker is called.
-What one step does belongs to core/step.py (and core/graph_step.py, which wraps
-it): the loop calls ``trainer.train_step`` and does not know which one it holds.
-The evaluations every few steps, the target, what is measured there and the clock
-belong to core/evaluation.py: the loop calls it after each step and logs what it
-kept at each epoch's end (one batch of records, not one per evaluation).
-Sharpness readings (when, what they cost, the trajectory) belong to
-core/sharpness.py: the loop reads at step 0, at epoch ends and at the run's end,
-and logs the trajectory with the rest.
+It trains a list of K >= 1 trials, its members, through one engine: a run alone
+is a stack of one (core/trainer.py ``SingleRun``), K trials of one architecture
+one stacked model (core/stacked_run.py). Nothing here knows which engine it
+drives: it asks the engine for each epoch's batches and trains them with
+``engine.train_step``, which returns each member's loss; a member that stops (its
+target, a blown-up loss) leaves the engine (``engine.keep``) and the others go on.
+
+Each member is the run it stands for: its own tracker (built by the launcher:
+this package imports no tracking code), its evaluations every few steps, target
+and clock (core/evaluation.py), its sharpness readings (core/sharpness.py), its
+epoch-end measurements and log, and its checkpoints (core/checkpoint.py), whose
+format is core/trainer.py's. ``hooks`` let a launcher set the resume rules, hand
+in checkpoints it kept itself, and act after each epoch (Ray reports there).
+Collectives run on every rank, before a tracker is called.
 """
 
 from __future__ import annotations
@@ -24,22 +24,21 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from harness import faults, signals
-from harness.core.checkpoint import Checkpoints, config_fingerprint
+from harness.console import say
+from harness.core.checkpoint import Checkpoints
 from harness.core.config import Config
-from harness.core.data import BatchPlan, Dataset, Split, load_dataset
+from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.epoch_bar import LossPostfix, epoch_bar
-from harness.core.evaluation import RunCounters, StepEvaluations, evaluate, time_metrics, timed
-from harness.measure.grad_noise import NoiseProbe
-from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
-from harness.core.step import EagerStep, LRSchedule, unwrap
-from harness.core.model import build_model
+from harness.core.evaluation import (RunCounters, StepEvaluations, TrainingClock, evaluate, time_metrics,
+                                     timed)
 from harness.core.sharpness import SharpnessReadings, read_sharpness, sharpness_cost_metrics
-from harness.console import say
-from harness.records.tracking import by_step_metrics, make_tracker
+from harness.core.stacked_run import build_stack
+from harness.core.step import unwrap
+from harness.core.trainer import (InitWeights, SingleRun, Trainer, build_trainer, checkpoint_state,
+                                  load_init_weights, load_state)
 
 # A loss above this (cross-entropy of 10 classes starts near 2.3) means the run blew up.
 DIVERGED_LOSS = 1e3
@@ -69,76 +68,261 @@ class RunHooks:
         self.same_launch_only = same_launch_only
 
     def checkpoints(self, cfg: Config, ctx: DistContext) -> Checkpoints:
-        """This run's checkpoints under this launcher's resume rules."""
+        """Run ``cfg``'s checkpoints under this launcher's resume rules."""
         return Checkpoints(cfg, ctx, resume=self.resume, launch_id=self.launch_id,
                            same_launch_only=self.same_launch_only, restored=lambda: self.restored_checkpoint(cfg))
 
     def restored_checkpoint(self, cfg: Config) -> Optional[Path]:
-        """A checkpoint file the launcher itself kept for run ``cfg`` (a stack's member, or the run), resumed
-        before the run's folder; None here."""
+        """A checkpoint file the launcher itself kept for run ``cfg``, resumed before the run's folder; None here."""
         return None
 
     def run_tags(self) -> dict[str, str]:
-        """Tags the launcher sets on the run each time it starts or resumes (e.g. where its workers are); none here."""
+        """Tags the launcher sets on every run each time it starts or resumes (e.g. where its workers are)."""
         return {}
 
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
-        """Called on every rank after every epoch (and after the initial checkpoint, epoch 0)."""
+        """Called on every rank for every member after each of its epochs (epoch 0: its initial checkpoint)."""
 
-    def after_stack_epoch(self, epoch: int, ctx: DistContext) -> None:
-        """Called on every rank once a stack of runs (core/stacked_run.py) has ended epoch ``epoch``
-        (0: its members' initial checkpoints), after each of its members' ``after_epoch``: a
-        launcher that reports once per training run (Ray Train) reports the whole stack here."""
+    def epoch_done(self, epoch: int, ctx: DistContext) -> None:
+        """Called on every rank once per epoch of the loop, after every member's ``after_epoch``: a launcher
+        that reports once per training run (Ray Train) reports here."""
 
 
 @dataclass
-class Trainer:
-    """What one run holds: the model (maybe DDP-wrapped), its optimiser, the batch plan, the step, the probe.
+class Member:
+    """One trial of the loop: its run's pieces, and where it is within the current epoch."""
 
-    ``train_step`` is the eager step or the graph step that wraps it: the loop
-    calls either the same way and does not know which it holds.
+    position: int
+    trainer: Trainer
+    tracker: object
+    checkpoints: Checkpoints
+    state: Optional[dict]
+    run_id: Optional[str] = None
+    counters: Optional[RunCounters] = None
+    sharp: Optional[SharpnessReadings] = None
+    evals: Optional[StepEvaluations] = None
+    latest: Optional[Path] = None
+    result: Optional[RunResult] = None
+    finished: bool = False  # its run has ended (FINISHED)
+    training: bool = False  # still stepping in the current epoch
+    steps: int = 0  # this epoch's steps, until it stopped
+    samples: int = 0  # this rank's samples of this epoch, until it stopped
+    seconds_before: float = 0.0
+    loss: float = 0.0  # this rank's summed loss of this epoch, banked from the engine's rows
+
+    @property
+    def cfg(self) -> Config:
+        return self.trainer.cfg
+
+
+class SharedClock(TrainingClock):
+    """The members' training clock: a stretch of training is split evenly among the members still training
+    (their steps ran together; one member's evaluation is not another's training time)."""
+
+    def __init__(self, device: torch.device, members: list[Member]):
+        super().__init__(device, self._split)
+        self.members = members
+
+    def _split(self, seconds: float) -> None:
+        training = [m for m in self.members if m.training]
+        for m in training:
+            m.counters.train_seconds += seconds / len(training)
+
+
+def build_engine(trials: list[Config], ctx: DistContext, dataset: Dataset):
+    """The engine that trains ``trials`` and each one's trainer: a run alone, or a stack."""
+    if len(trials) == 1:
+        trainer = build_trainer(trials[0], ctx, dataset)
+        return SingleRun(trainer), [trainer]
+    return build_stack(trials, ctx, dataset)
+
+
+def train(trials: list[Config], ctx: DistContext, trackers: list, hooks: Optional[RunHooks] = None,
+          dataset: Optional[Dataset] = None,
+          init_weights: Optional[Callable[[Config], Optional[InitWeights]]] = None) -> list[RunResult]:
+    """Train ``trials`` (one, or several that ``stacked.check_stackable`` accepts) on this rank; one result each.
+
+    ``trackers[k]`` records trial k (the launcher builds them). ``init_weights(cfg)``
+    resolves a trial's ``checkpoint.init_from`` (the launcher's function: it may read
+    MLflow); it is asked only for trials that start afresh, since a resumed run has its
+    weights. Trials resumed from checkpoints of different epochs (a kill between two of
+    their epoch-end saves) cannot share steps: they are trained as separate groups.
     """
+    hooks = hooks or RunHooks()
+    dataset = (dataset or load_dataset(trials[0])).to(ctx.device)
+    checkpoints = [hooks.checkpoints(cfg, ctx) for cfg in trials]
+    states = [c.resume_state() for c in checkpoints]
+    epochs = [state["epoch"] if state else 0 for state in states]
+    if len(set(epochs)) > 1:
+        results: dict[int, RunResult] = {}
+        for epoch in sorted(set(epochs)):
+            part = [k for k, e in enumerate(epochs) if e == epoch]
+            results.update(zip(part, train([trials[k] for k in part], ctx, [trackers[k] for k in part], hooks,
+                                           dataset, init_weights)))
+        return [results[k] for k in range(len(trials))]
+    engine, trainers = build_engine(trials, ctx, dataset)
+    members = [Member(k, trainer, trackers[k], checkpoints[k], states[k]) for k, trainer in enumerate(trainers)]
+    for m in members:
+        if m.state is None:
+            m.checkpoints.clear()
+    # Before any run starts: a source that vanished since preflight is refused with no run made.
+    init_tags = [load_init_weights(m.trainer, init_weights(m.cfg)) if m.state is None and init_weights else {}
+                 for m in members]
+    # start and finish sit inside the try: a signal that lands while either talks to
+    # MLflow must still end every run as KILLED, not leave it RUNNING.
+    try:
+        for m in members:
+            m.run_id = m.tracker.start(resume_run_id=m.state["run_id"] if m.state else None,
+                                       launch_id=hooks.launch_id)
+            tags = {**init_tags[m.position], **hooks.run_tags()}
+            if len(members) > 1:
+                tags.update(stack_size=len(members), stack_position=m.position)
+            if tags:
+                m.tracker.set_tags(tags)
+        _train_epochs(engine, members, dataset, hooks)
+        for m in members:
+            _finish(m)
+    except BaseException as err:
+        # Inline, not in a helper: a signal raises at the next function entry, and
+        # must land inside this try. It is raised only once per process
+        # (harness/signals.py), so the second round of finishes runs to its end.
+        try:
+            status = signals.end_status(err)
+            for m in members:
+                if m.run_id and not m.finished:
+                    m.finished = True
+                    m.tracker.finish(status)
+        except signals.Terminated:
+            for m in members:
+                if m.run_id:
+                    m.tracker.finish("KILLED")
+            raise
+        raise
+    return [m.result for m in members]
 
-    cfg: Config
-    ctx: DistContext
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    plan: BatchPlan
-    train_set: Split
-    schedule: LRSchedule
-    train_step: EagerStep | GraphStep
-    noise_probe: Optional[NoiseProbe] = None
 
-    def lr_at(self, global_step: int) -> float:
-        """The learning rate of step ``global_step`` (the epoch's metrics log it)."""
-        return self.schedule.lr_at(global_step)
+def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHooks) -> None:
+    """Every member's epochs: each epoch's batches through the engine, each member's evaluations after each
+    step, and at the epoch's end each member's measurements, log, checkpoint and (if its run ends) finish."""
+    ctx = members[0].trainer.ctx
+    clock = SharedClock(ctx.device, members)
+    for m in members:
+        m.counters, m.sharp, m.latest = begin_epochs(m.trainer, m.tracker, hooks, m.checkpoints, m.state, m.run_id)
+        m.result = RunResult(m.run_id, m.counters.epoch, m.counters.global_step)
+        m.evals = StepEvaluations(m.cfg, ctx, m.trainer.model, dataset.validation, m.trainer.train_set,
+                                  m.trainer.noise_probe, m.counters, run_step_budget(m.trainer),
+                                  m.trainer.train_step.on_training_stream, m.sharp, clock=clock)
+        if first_epoch(m.cfg, m.counters) > m.cfg.total_epochs:
+            m.finished = True  # stopped at its target before the restart: nothing left to train
+            m.tracker.finish("FINISHED")
+    if any(m.state is None for m in members):  # their epoch-0 checkpoints were just written
+        hooks.epoch_done(0, ctx)
+    # A member that stopped at its target before a restart has just ended: it trains no more.
+    in_engine = _keep(engine, members, [m for m in members if not m.finished])
+    first = members[0]
+    global_step = first.counters.global_step
+    budget = run_step_budget(first.trainer)
+    for epoch in range(first_epoch(first.cfg, first.counters), first.cfg.total_epochs + 1):
+        if not in_engine:
+            break
+        live = list(in_engine)
+        for m in live:
+            m.training, m.steps, m.samples, m.loss = True, 0, 0, 0.0
+            m.seconds_before = m.counters.train_seconds
+            m.evals.start_epoch()
+        in_engine = _train_one_epoch(engine, in_engine, epoch, global_step, budget)
+        clock.stop()
+        for m in live:
+            m.training = False
+        global_step += max(m.steps for m in live)
+        _end_members_epoch(live, dataset, hooks, epoch)
+        in_engine = _keep(engine, in_engine, [m for m in in_engine if not m.finished])
 
-    def run_epoch(self, epoch: int, first_global_step: int, max_steps: int, bar,
-                  after_step: Optional[Callable[[int, int], bool]] = None) -> tuple[float, int, int]:
-        """Train up to ``max_steps`` steps of one epoch, counting them on the tqdm ``bar``.
 
-        ``after_step(global step done, its global batch size)`` runs after every
-        step (host integers only: the periodic evaluation); true ends the epoch there.
-        Returns (running mean loss, samples of all ranks, steps).
-        """
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
-        local_samples = steps = 0
-        postfix = LossPostfix(bar, self.ctx.device)
-        for step, (indices, global_batch_size) in enumerate(self.plan.local_batches(epoch, self.ctx.device)):
-            if step == max_steps:
+def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: int, budget: int) -> list[Member]:
+    """The engine's steps of ``epoch`` until the budget, or until every member has stopped; the members still
+    training at its end. Each member's loss and samples are banked on it."""
+    ctx = in_engine[0].trainer.ctx
+    loss_sum = torch.zeros(len(in_engine), dtype=torch.float64, device=ctx.device)
+    window_samples = 0  # this rank's samples since loss_sum was last reset (the bar's running loss)
+    with epoch_bar(in_engine[0].cfg, ctx, engine.steps_per_epoch, epoch) as bar:
+        postfix = LossPostfix(bar, ctx.device)
+        for step, (indices, global_batch_size) in enumerate(engine.local_batches(epoch)):
+            if step == budget - global_step:
                 break
-            if step == self.plan.steps_per_epoch // 2:
-                faults.maybe_kill("step", epoch, self.ctx.rank)
-            loss_sum += self.train_step(indices, global_batch_size, first_global_step + step)
-            local_samples += len(indices)
-            steps += 1
-            postfix.maybe_show(loss_sum, local_samples)  # before update(): its redraw then shows the new value
+            if step == engine.steps_per_epoch // 2:
+                faults.maybe_kill("step", epoch, ctx.rank)
+            loss_sum.add_(engine.train_step(indices, global_batch_size, global_step + step))  # in float64
+            local_samples = indices.shape[-1]
+            window_samples += local_samples
+            postfix.maybe_show(loss_sum, window_samples)  # before update(): its redraw then shows the new value
             bar.update(1)
-            if after_step and after_step(first_global_step + steps, global_batch_size):
-                break
-        totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(local_samples), dtype=torch.float64,
-                                                                    device=self.ctx.device)]), self.ctx)
-        return float(totals[0] / totals[1]), int(totals[1]), steps
+            for m in in_engine:
+                m.steps += 1
+                m.samples += local_samples
+                if m.evals.after_step(global_step + step + 1, global_batch_size):
+                    m.training = False  # its run stops here (its target)
+            if not all(m.training for m in in_engine):
+                _bank(loss_sum, in_engine)
+                in_engine = _keep(engine, in_engine, [m for m in in_engine if m.training])
+                if not in_engine:
+                    break
+                loss_sum = torch.zeros(len(in_engine), dtype=torch.float64, device=ctx.device)
+                window_samples = 0
+    _bank(loss_sum, in_engine)
+    return in_engine
+
+
+def _end_members_epoch(live: list[Member], dataset: Dataset, hooks: RunHooks, epoch: int) -> None:
+    """Each member that trained this epoch: measure, log, save, and end the runs that end here."""
+    ctx = live[0].trainer.ctx
+    # Every rank's loss and samples, summed.
+    totals = all_reduce_sum(torch.tensor([[m.loss for m in live], [float(m.samples) for m in live]],
+                                         dtype=torch.float64, device=ctx.device), ctx).tolist()
+    ending = []
+    for m, loss, samples in zip(live, *totals):
+        m.result, stopped = end_epoch(m.trainer, dataset, m.tracker, m.counters, m.evals, m.sharp, epoch, m.steps,
+                                      int(samples), loss / max(samples, 1.0),
+                                      m.counters.train_seconds - m.seconds_before, m.run_id)
+        if not m.result.diverged:
+            m.latest = m.checkpoints.save(checkpoint_state(m.trainer, m.counters, m.run_id, hooks.launch_id),
+                                          epoch) or m.latest
+            hooks.after_epoch(epoch, m.result.metrics, m.latest, ctx)
+        if m.result.diverged or stopped or epoch == m.cfg.total_epochs:
+            ending.append(m)
+    # The launcher has every member's checkpoint of this epoch before any of their runs ends.
+    hooks.epoch_done(epoch, ctx)
+    for m in ending:
+        _finish(m)
+
+
+def _bank(loss_sum: torch.Tensor, in_engine: list[Member]) -> None:
+    """Move the engine's running loss sums (one per row) to the members' own (a host read, so only
+    when members leave the engine and at the epoch's end)."""
+    for m, value in zip(in_engine, loss_sum.reshape(-1).tolist()):
+        m.loss += value
+
+
+def _keep(engine, in_engine: list[Member], staying: list[Member]) -> list[Member]:
+    """Shrink the engine to ``staying`` (the others' runs have ended or stop here). A member that leaves
+    keeps what it had: its parameters, optimizer state and probe stay where its run stopped."""
+    if len(staying) < len(in_engine) and staying:
+        rows = {id(m): row for row, m in enumerate(in_engine)}
+        engine.keep([rows[id(m)] for m in staying], [m.trainer for m in staying])
+    return staying
+
+
+def _finish(m: Member) -> None:
+    """End a member's run: the time line, where its final weights are, FINISHED."""
+    if m.finished:
+        return
+    m.finished = True
+    if m.result.metrics:
+        say(time_line(m.cfg.name, m.counters), ctx=m.trainer.ctx)
+    m.result.checkpoint = m.latest
+    if m.latest is not None:  # where the run's final weights are (interpolate, init_from by run id)
+        m.tracker.set_tags({"checkpoint_path": str(Path(m.latest).resolve())})
+    m.tracker.finish("FINISHED")
 
 
 def epoch_metrics(trainer: Trainer, dataset: Dataset, train_loss_running: float, epoch: int) -> dict[str, float]:
@@ -153,161 +337,10 @@ def epoch_metrics(trainer: Trainer, dataset: Dataset, train_loss_running: float,
     return metrics
 
 
-def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
-    model = build_model(cfg).to(ctx.device)
-    # With several accumulation passes per rank, the probe's small batch is the micro-batch.
-    accumulating = cfg.accumulation_steps(ctx.world_size) > 1
-    probe = NoiseProbe(ctx, cfg.optim.global_batch_size, cfg.metrics.noise_scale_ema_decay,
-                       micro_batch_size=cfg.optim.micro_batch_size if accumulating else None) \
-        if cfg.metrics.noise_scale else None
-    graph_stream = side_stream(cfg, ctx)
-    # The hand-written engine computes gradients outside autograd, where DDP's
-    # hooks never fire; it averages them itself (core/step.py).
-    if ctx.is_distributed and cfg.train.grad_engine == "autograd":
-        model = _wrap_ddp(model, ctx, graph_stream)
-    if probe:
-        probe.attach(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
-    plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size, seed=cfg.seed,
-                     rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
-    schedule = LRSchedule(cfg.optim.lr, warmup_steps=round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
-    train_step: EagerStep | GraphStep = EagerStep(cfg, ctx, model, optimizer, dataset.train, schedule, probe)
-    if graph_stream is not None:
-        train_step = GraphStep(train_step, graph_stream)
-    elif cfg.performance.cuda_graph:
-        say(f"[{cfg.name}] performance.cuda_graph: running the eager step instead, because "
-            f"{graph_unavailable_reason(cfg, ctx)}", ctx=ctx)
-    return Trainer(cfg, ctx, model, optimizer, plan, dataset.train, schedule, train_step, probe)
-
-
-def _wrap_ddp(model: torch.nn.Module, ctx: DistContext, graph_stream) -> DistributedDataParallel:
-    # PyTorch's CUDA-graph notes: DDP must be built on the side stream that warms
-    # up and captures. Without a graph step the stream is None, a no-op here.
-    with torch.cuda.stream(graph_stream):
-        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-
-
-def checkpoint_state(trainer: Trainer, counters: RunCounters, run_id: Optional[str],
-                     launch_id: Optional[str] = None) -> dict:
-    """What a checkpoint holds: the trainer's state, the counters, and what ties it to its run."""
-    # The counters' key stays "progress" (their old name): older checkpoints still load.
-    return {"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
-            "launch_id": launch_id,  # which launch wrote it: a torchrun restart resumes only its own
-            "epoch": counters.epoch, "global_step": counters.global_step, "progress": vars(counters).copy(),
-            "noise_probe": trainer.noise_probe.state_dict() if trainer.noise_probe else None,
-            "rng_cpu": torch.get_rng_state(), "run_id": run_id,
-            "config_fingerprint": config_fingerprint(trainer.cfg),
-            # The resolved config: what another run needs to start from this one's weights
-            # (checkpoint.init_from) or to interpolate towards them (harness interpolate).
-            "config": trainer.cfg.to_dict()}
-
-
-def load_state(trainer: Trainer, state: dict) -> RunCounters:
-    """Put a checkpoint's state into ``trainer``; returns where the run had got to."""
-    unwrap(trainer.model).load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_cpu"])
-    if trainer.noise_probe and state.get("noise_probe"):
-        trainer.noise_probe.load_state_dict(state["noise_probe"])
-    return RunCounters(**state["progress"])
-
-
-def start_from_source(trainer: Trainer) -> dict[str, str]:
-    """Load ``checkpoint.init_from``'s model weights into the (unwrapped) model; the run's tags saying so.
-
-    Weights only: the optimiser (momentum buffers), counters and data order stay this
-    run's own. Every rank reads the same file, so DDP's replicas agree without a
-    broadcast; it runs before the first step, so a CUDA-graph step (which captures at
-    its first step) captures the loaded parameters (load_state_dict copies in place).
-    """
-    ref = trainer.cfg.checkpoint.init_from
-    if ref is None:
-        return {}
-    # Here, not at the top: the resolver reads MLflow for a run id, which most runs never need.
-    from harness.records.checkpoint_source import check_same_architecture, resolve_checkpoint
-    from harness.records.mlflow_store import default_tracking_uri
-
-    key = "checkpoint.init_from"
-    source = resolve_checkpoint(ref, trainer.cfg.tracking.uri or default_tracking_uri(), key)
-    check_same_architecture(source, trainer.cfg, key)
-    unwrap(trainer.model).load_state_dict(source.model_state)
-    say(f"[{trainer.cfg.name}] starting from the weights of {source.path}", ctx=trainer.ctx)
-    tags = {"init_from": ref, "init_from_checkpoint": str(source.path)}
-    if source.run_id:
-        tags["init_from_run_id"] = source.run_id
-    return tags
-
-
 def sharpness(trainer: Trainer) -> dict[str, float]:
     """The Hessian's extremes at the trainer's parameters (core/sharpness.py ``read_sharpness``)."""
     return read_sharpness(trainer.cfg, trainer.ctx, trainer.model, trainer.train_set,
                           trainer.train_step.on_training_stream)
-
-
-def train(cfg: Config, ctx: DistContext, tracker=None, hooks: Optional[RunHooks] = None,
-          dataset: Optional[Dataset] = None, parent_run_id: Optional[str] = None) -> RunResult:
-    """Train one run from ``cfg`` on this rank: build, maybe resume, then epochs of step/evaluate/log/checkpoint."""
-    hooks = hooks or RunHooks()
-    dataset = (dataset or load_dataset(cfg)).to(ctx.device)
-    trainer = build_trainer(cfg, ctx, dataset)
-    checkpoints = hooks.checkpoints(cfg, ctx)
-    state = checkpoints.resume_state()
-    tracker = tracker or make_tracker(cfg, ctx, parent_run_id)
-    if state is None:
-        checkpoints.clear()
-    # Before the tracker starts: a source that vanished since preflight is refused with no run made.
-    init_tags = {**(start_from_source(trainer) if state is None else {}), **hooks.run_tags()}
-    # start and finish sit inside the try: a signal that lands while either talks to
-    # MLflow must still end the run as KILLED, not leave it RUNNING.
-    try:
-        run_id = tracker.start(resume_run_id=state["run_id"] if state else None, launch_id=hooks.launch_id)
-        if init_tags:
-            tracker.set_tags(init_tags)
-        result = _train_epochs(trainer, dataset, tracker, hooks, checkpoints, state, run_id)
-        if result.checkpoint is not None:  # where the run's final weights are (interpolate, init_from by run id)
-            tracker.set_tags({"checkpoint_path": str(Path(result.checkpoint).resolve())})
-        tracker.finish("FINISHED")
-    except BaseException as err:
-        # Inline, not in a helper: a signal raises at the next function entry, and
-        # must land inside this try. It is raised only once per process
-        # (harness/signals.py), so the second finish runs to its end.
-        try:
-            tracker.finish(signals.end_status(err))
-        except signals.Terminated:
-            tracker.finish("KILLED")
-            raise
-        raise
-    return result
-
-
-def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, checkpoints: Checkpoints,
-                  state: Optional[dict], run_id: Optional[str]) -> RunResult:
-    cfg, ctx = trainer.cfg, trainer.ctx
-    counters, sharp, latest = begin_epochs(trainer, tracker, hooks, checkpoints, state, run_id)
-    result = RunResult(run_id, counters.epoch, counters.global_step)
-    step_budget = run_step_budget(trainer)
-    evals = StepEvaluations(cfg, ctx, trainer.model, dataset.validation, trainer.train_set, trainer.noise_probe,
-                            counters, step_budget, trainer.train_step.on_training_stream, sharp)
-    for epoch in range(first_epoch(cfg, counters), cfg.total_epochs + 1):
-        train_seconds_before = counters.train_seconds
-        evals.start_epoch()
-        with epoch_bar(cfg, ctx, trainer.plan.steps_per_epoch, epoch) as bar:
-            train_loss_running, samples, steps = trainer.run_epoch(
-                epoch, counters.global_step, step_budget - counters.global_step, bar, evals.after_step)
-        evals.end_epoch()
-        result, stopped = end_epoch(trainer, dataset, tracker, counters, evals, sharp, epoch, steps, samples,
-                                    train_loss_running, counters.train_seconds - train_seconds_before, run_id)
-        if result.diverged:
-            break
-        latest = checkpoints.save(checkpoint_state(trainer, counters, run_id, hooks.launch_id), epoch)
-        hooks.after_epoch(epoch, result.metrics, latest, ctx)
-        if stopped:
-            break
-    if result.metrics:
-        say(time_line(cfg.name, counters), ctx=ctx)
-    result.checkpoint = latest
-    return result
 
 
 def run_step_budget(trainer: Trainer) -> int:
@@ -375,8 +408,7 @@ def end_epoch(trainer: Trainer, dataset: Dataset, tracker, counters: RunCounters
     metrics.update(sharpness_cost_metrics(counters))
     finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
     with timed(counters, "tracking_seconds", ctx.device):
-        tracker.log_metrics(finite, step=epoch)
-        tracker.log_metrics(by_step_metrics(finite), step=counters.global_step)
+        tracker.log_epoch(finite, epoch, counters.global_step)
         tracker.log_metric_history("val_subset_accuracy", evals.take_history())
         if cfg.train.target_train_loss is not None:
             tracker.log_metric_history("train_loss_full", evals.take_train_loss_history())

@@ -119,6 +119,12 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
+    def log_epoch(self, metrics: dict[str, float], epoch: int, global_step: int) -> None:
+        """An epoch's metrics at step = epoch, and the curves compared across batch sizes again at step =
+        the optimizer step (``by_step/...``)."""
+        self.log_metrics(metrics, step=epoch)
+        self.log_metrics(by_step_metrics(metrics), step=global_step)
+
     def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
         """``key`` at many steps at once, ``points`` = [(step, value), ...] (one record, not one per step)."""
 

@@ -40,7 +40,7 @@ from harness.core.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, allow_
 from harness.core.graph_step import graph_unavailable_reason
 from harness.core.model import build_model
 from harness.core.epoch_bar import NoBar
-from harness.core.train_loop import build_trainer
+from harness.core.trainer import build_trainer
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The note says a device runs a mini-batch in parallel, so a larger batch costs little
 more time per update, until the device's size caps the batch. This module measures
 both halves with the harness's own eager step (core/step.py, built by
-``train_loop.build_trainer``: one process, no DDP, data resident on the device), at
+``trainer.build_trainer``: one process, no DDP, data resident on the device), at
 batch sizes 1, 2, 4, ... up to the first of: ``--max-batch``, the training set, the
 ``--memory-limit``, or (CUDA) the first ``torch.cuda.OutOfMemoryError``:
 
@@ -57,7 +57,7 @@ from harness.core.distributed import DistContext
 from harness.core.epoch_bar import NoBar
 from harness.core.precision import forward_context
 from harness.core.step import unwrap
-from harness.core.train_loop import Trainer, build_trainer
+from harness.core.trainer import Trainer, build_trainer
 from harness.errors import InputError
 from harness.results.bench import _synchronise, cpu_name
 

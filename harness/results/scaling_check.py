@@ -7,7 +7,7 @@ Two processes on 127.0.0.1 (torch.multiprocessing, gloo over loopback TCP) measu
    barrier and its return on rank 0. ``fit_link`` fits the model's ring formula for W = 2,
    ``t = 2 alpha + n / beta``, to them (least squares on relative error, so small sizes count as much as
    large) and gives the loopback "link": its alpha and beta.
-2. the harness's own DDP step (core/train_loop.build_trainer, autograd through DDP, gloo) at global batch
+2. the harness's own DDP step (core/trainer.build_trainer, autograd through DDP, gloo) at global batch
    B over 2 ranks, against the same step in one process without a process group at B and at B / 2; and
    the 2-rank step under DDP's ``no_sync`` (both ranks computing at once, no all-reduce), which shows
    what sharing the machine's cores costs the compute, apart from the all-reduce.
@@ -41,7 +41,7 @@ from harness.console import say
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.core.train_loop import build_trainer
+from harness.core.trainer import build_trainer
 from harness.errors import InputError
 from harness.results.bench import cpu_name
 from harness.results.scaling import Link, all_reduce_s, parameter_count

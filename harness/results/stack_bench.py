@@ -8,7 +8,7 @@ one timed epoch of each side in turn (bench.py ``time_interleaved``), so a
 slow spell of the machine falls on every side of its rounds alike:
 
 - ``sequential``: each trial's epoch through the harness's step (core/step.py
-  via train_loop.build_trainer; on CUDA its graph step, core/graph_step.py),
+  via trainer.build_trainer; on CUDA its graph step, core/graph_step.py),
   trial after trial;
 - ``stacked``: one epoch of core/stacked.py's StackedTrainer, all K at once (on
   CUDA replayed from core/stacked_graph.py's graphs).
@@ -45,7 +45,7 @@ from harness.core.distributed import DistContext
 from harness.core.epoch_bar import NoBar
 from harness.core.stacked import StackedTrainer
 from harness.core.stacked_graph import use_graph_step
-from harness.core.train_loop import build_trainer
+from harness.core.trainer import build_trainer
 from harness.results.bench import cpu_name, time_interleaved
 
 

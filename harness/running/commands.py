@@ -24,12 +24,12 @@ from harness import signals
 from harness.console import say
 from harness.core import distributed
 from harness.core.config import Config
-from harness.core.stacked_run import train_stack
-from harness.core.train_loop import RunHooks, train
+from harness.core.train_loop import RunHooks
 from harness.errors import InputError
 from harness.running.entrypoints import connect_ray, load_run_config
 from harness.running import torchrun_nodes
 from harness.running.preflight import check_resumable, preflight, preflight_ray_cluster, preflight_ray_storage
+from harness.running.runs import train_trials
 from harness.running.sweep import report_sweep, run_sweep, select_trial, select_trials, summary_table
 from harness.running.sweep_drivers import run_sweep_on_ray, torchrun_sweep
 
@@ -41,14 +41,13 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
     With ``--nnodes`` (not under torchrun): check, then become this node's torchrun running ``argv``."""
     cfg = load_run_config(args)
     refuse_early_stopping(cfg, "launch/train.py")
-    members = None  # with --trials: the trials of one stack, the first of them is ``cfg``
-    if args.trials is not None:
-        if args.trial is not None:
-            raise InputError(f"--trials {args.trials}: given together with --trial {args.trial}; expected one of them")
-        members = select_trials(cfg, args.trials)
-        cfg = members[0]
-    elif args.trial is not None:
-        cfg = select_trial(cfg, args.trial)
+    if args.trials is not None and args.trial is not None:
+        raise InputError(f"--trials {args.trials}: given together with --trial {args.trial}; expected one of them")
+    # The trials this process trains as one run of the loop (one, or a stack); the first is ``cfg``.
+    # A sweep config without --trial or --trials runs as a sweep.
+    members = select_trials(cfg, args.trials) if args.trials is not None \
+        else [select_trial(cfg, args.trial)] if args.trial is not None else [cfg]
+    cfg = members[0]
     if torchrun_nodes.starts_torchrun(args):
         world_size = torchrun_nodes.check_node_options(args)
         preflight(cfg, world_size, use_gpu=cfg.train.device == "cuda", resume=args.resume)
@@ -68,7 +67,7 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
                      same_launch_only=restart and not args.resume)
     launch_id = hooks.launch_id if hooks.same_launch_only else None
     dataset = preflight(cfg, world_size, use_gpu=cfg.train.device == "cuda", resume=resume, launch_id=launch_id)
-    if members and resume:
+    if resume:
         for member in members[1:]:  # preflight checked the first member's checkpoint
             check_resumable(member, launch_id)
     if cfg.performance.cuda_graph:
@@ -78,14 +77,11 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
     try:
         if cfg.is_sweep:
             say("", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes), ctx=ctx)
-        elif members:
+        else:
             # Every member's data is the first's: select_trials refused members whose data differ.
-            results = train_stack(members, ctx, dataset, hooks=hooks, parent_run_id=args.parent_run_id)
+            results = train_trials(members, ctx, hooks=hooks, dataset=dataset, parent_run_id=args.parent_run_id)
             for member, result in zip(members, results):
                 say(finished_line(member, result), ctx=ctx)
-        else:
-            result = train(cfg, ctx, hooks=hooks, dataset=dataset, parent_run_id=args.parent_run_id)
-            say(finished_line(cfg, result), ctx=ctx)
     finally:
         distributed.shutdown()
     return 0

@@ -12,7 +12,7 @@ after every epoch. The runs are children of one MLflow parent (``run_kind``
 ``escape``, tag ``escape_of`` = the sweep's run id); the table (before → after:
 training loss, test accuracy, λ_max against 2(1+β)/η) and the sharpness plot go
 to its artifacts. Training is the shared loop (core/train_loop.py, through
-running/sweep.py's ``run_trial``), in this process, one rank.
+running/sweep.py's ``run_trials``), in this process, one rank.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from harness.results import minima
 from harness.results.report import TrialRecord, collect_trials, find_sweep_run
 from harness.results.spread import mean_std
 from harness.running.preflight import check_init_from, preflight
-from harness.running.sweep import SweepProgress, run_trial, sweep_parent_run
+from harness.running.sweep import SweepProgress, run_trials, sweep_parent_run
 
 # What the table reads before (the source trial's final metrics) and after (the continuation's).
 READOUTS = (("train_loss", "train loss", 4), ("test_accuracy", "test accuracy", 4),
@@ -118,7 +118,7 @@ def run_escape(tracking_uri: str, experiment: str, sweep_run_id: Optional[str], 
         client.set_tag(escape.run_id, "escape_of", parent.info.run_id)
         for index, continuation in enumerate(plan):
             progress.starting(index, continuation.cfg, f"from {continuation.source.name}")
-            escape.outcomes.append(run_trial(continuation.cfg, ctx, dataset, escape.run_id, resume=False))
+            escape.outcomes += run_trials([continuation.cfg], ctx, dataset, escape.run_id, resume=False)
         runs = {run.data.tags.get("trial"): run for run in child_runs(client, escape.run_id)}
         directory = Path(out_dir) / escape.run_id
         directory.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """Ray Train glue: the worker function TorchTrainer runs, and its resume/report hooks.
 
 Ray Train made the process group; this module only reads it
-(``distributed.context_from_process_group``) and calls the same ``train`` as
-torchrun (or, for a stack of a sweep's trials, the same ``train_stack``: one
-report per epoch carries every member's checkpoint, ``StackRayHooks``). Resume
+(``distributed.context_from_process_group``) and trains through the same loop as
+torchrun (one run, or a stack of a sweep's trials: one report per epoch carries
+every member's checkpoint, ``RayHooks``). Resume
 comes from ``ray.train.get_checkpoint()`` (the newest checkpoint Ray registered,
 which after a kill may be one epoch older than the newest file rank 0 wrote: the
 tracker's (metric, step) dedup makes that harmless). Every rank reports after
@@ -40,21 +40,31 @@ from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import (COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture,
                                      context_from_process_group)
-from harness.core.stacked_run import train_stack
-from harness.core.train_loop import RunHooks, RunResult, train
+from harness.core.train_loop import RunHooks, RunResult
 from harness.records.mlflow_store import end_runs_of_launch
 from harness.running.ray_cluster import resolve_storage_path
+from harness.running.runs import train_trials
 
 
 class RayHooks(RunHooks):
-    """Resume from Ray's newest registered checkpoint; with ``resume_local`` (a resumed
-    sweep), from the run's own checkpoint folder when Ray has none."""
+    """Resume from Ray's newest registered checkpoint; with ``resume_local`` (a resumed sweep), from each
+    run's own checkpoint folder when Ray has none.
+
+    Ray keeps one checkpoint per report, so the loop reports once per epoch
+    (``epoch_done``), with every member's newest checkpoint file in a folder named as
+    the member's own checkpoint folder (its run name), and, for a run alone, the
+    epoch's metrics (what a Tune scheduler reads). After a restart each member resumes
+    from its folder of Ray's newest checkpoint. A member whose run has ended stays in
+    every later report: a restart finds it ended and does not train it again.
+    """
 
     def __init__(self, resume_local: bool = False, launch_id: Optional[str] = None,
                  worker_nodes: Optional[list[str]] = None):
         super().__init__(resume=resume_local, launch_id=launch_id)
         self._restored_dir: Optional[str] = None
         self.worker_nodes = worker_nodes or []
+        self.latest: dict[str, Path] = {}  # member's folder name -> its newest checkpoint file (main rank only)
+        self.epoch_metrics: list[dict[str, float]] = []  # this epoch's, one per member that ended it
 
     def run_tags(self) -> dict[str, str]:
         """Where this attempt's workers run: each rank's Ray node id, in rank order, and how many nodes
@@ -65,9 +75,15 @@ class RayHooks(RunHooks):
                 "ray_worker_node_count": str(len(set(self.worker_nodes)))}
 
     def restored_checkpoint(self, cfg: Config) -> Optional[Path]:
-        """Ray's newest registered checkpoint of this run (after a restart), downloaded; None if Ray has none."""
+        """Run ``cfg``'s file in Ray's newest registered checkpoint (downloaded once); None if there is none."""
         folder = self._download_restored()
-        return newest_in(folder) if folder else None
+        if folder is None:
+            return None
+        name = checkpoint_dir(cfg).name
+        path = newest_in(folder / name)
+        if path is not None:
+            self.latest.setdefault(name, path)  # until the member saves again (or for good, if it has ended)
+        return path
 
     def _download_restored(self) -> Optional[Path]:
         """Ray's newest registered checkpoint, downloaded once into a folder of this hook's; None if Ray has none."""
@@ -82,51 +98,15 @@ class RayHooks(RunHooks):
         return Path(self._restored_dir)
 
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
-        if self._restored_dir:  # read by now: the loop loads its state before its first epoch
-            shutil.rmtree(self._restored_dir, ignore_errors=True)
-            self._restored_dir = None
-        report = {"epoch": epoch, **metrics}
-        if checkpoint is None:
-            ray.train.report(report)
-            return
-        with tempfile.TemporaryDirectory(prefix="harness-ckpt-") as staging:
-            shutil.copy2(checkpoint, Path(staging) / checkpoint.name)
-            # SYNC upload: the checkpoint is in Ray's storage when report returns.
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(staging))
-
-
-class StackRayHooks(RayHooks):
-    """RayHooks for a stack of trials trained as one Ray Train run (core/stacked_run.py ``train_stack``).
-
-    Ray keeps one checkpoint per report, so the stack reports once per epoch
-    (``after_stack_epoch``), with every member's newest checkpoint file in a folder
-    named as the member's own checkpoint folder (its run name). After a restart each
-    member resumes from its folder of Ray's newest checkpoint. A member whose run has
-    ended stays in every later report: a restart finds it ended and does not train it again.
-    """
-
-    def __init__(self, resume_local: bool = False, launch_id: Optional[str] = None,
-                 worker_nodes: Optional[list[str]] = None):
-        super().__init__(resume_local, launch_id, worker_nodes)
-        self.latest: dict[str, Path] = {}  # member's folder name -> its newest checkpoint file (main rank only)
-
-    def restored_checkpoint(self, cfg: Config) -> Optional[Path]:
-        """Member ``cfg``'s file in Ray's newest registered checkpoint (downloaded once); None if there is none."""
-        folder = self._download_restored()
-        if folder is None:
-            return None
-        name = checkpoint_dir(cfg).name
-        path = newest_in(folder / name)
-        if path is not None:
-            self.latest.setdefault(name, path)  # until the member saves again (or for good, if it has ended)
-        return path
-
-    def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
         if checkpoint is not None:
             self.latest[checkpoint.parent.name] = checkpoint
+        self.epoch_metrics.append(metrics)
 
-    def after_stack_epoch(self, epoch: int, ctx: DistContext) -> None:
+    def epoch_done(self, epoch: int, ctx: DistContext) -> None:
         report = {"epoch": epoch}
+        if len(self.epoch_metrics) == 1:  # a run alone: its metrics, for Tune's schedulers
+            report.update(self.epoch_metrics[0])
+        self.epoch_metrics = []
         if not self.latest:  # a rank other than the main one (or checkpoints off)
             ray.train.report(report)
             return
@@ -134,48 +114,38 @@ class StackRayHooks(RayHooks):
             for name, path in self.latest.items():
                 (Path(staging) / name).mkdir()
                 shutil.copy2(path, Path(staging) / name / path.name)
+            # SYNC upload: the checkpoint is in Ray's storage when report returns.
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(staging))
 
     def close(self) -> None:
-        """Remove Ray's downloaded checkpoint: the members' reports copy from it until the run ends."""
+        """Remove Ray's downloaded checkpoint: the reports copy from it until the run ends."""
         if self._restored_dir:
             shutil.rmtree(self._restored_dir, ignore_errors=True)
             self._restored_dir = None
 
 
 def result_dict(result: RunResult) -> dict[str, Any]:
-    """What of a RunResult a worker hands back to the driver (``run_result`` reads it; a Tune
+    """What of a RunResult a worker hands back to the driver (``run_results`` reads it; a Tune
     trainable hands it on to its driver the same way)."""
     return {"run_id": result.run_id, "epochs_completed": result.epochs_completed,
             "global_step": result.global_step, "metrics": dict(result.metrics), "diverged": result.diverged}
 
 
 def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """What each Ray Train worker runs: rebuild the config, train, report.
+    """What each Ray Train worker runs: rebuild the trials' configs (one run, or a stack), train, report.
 
-    Returns this rank's RunResult as a dict: Ray hands rank 0's to the driver as
-    ``Result.return_value``, the only way the MLflow run id (known to rank 0 alone)
-    and a divergence (whose epoch is never reported, see train_loop) reach it.
-    """
-    cfg = Config.from_dict(loop_config["config"])
-    ctx = context_from_process_group(cfg.train.device, launcher="ray")
-    hooks = RayHooks(loop_config.get("resume_local", False), loop_config.get("launch_id"), worker_node_ids(ctx))
-    result = train(cfg, ctx, hooks=hooks, parent_run_id=loop_config.get("parent_run_id"))
-    return result_dict(result)
-
-
-def stack_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """``worker_loop`` for a stack of trials: ``train_stack`` on every worker; each member's result, in order.
-
-    The members' data are the first member's (the sweep groups trials whose data
-    differ by seed into different stacks, as for torchrun).
+    Returns each member's RunResult as a dict: Ray hands rank 0's to the driver as
+    ``Result.return_value``, the only way the MLflow run ids (known to rank 0 alone)
+    and a divergence (whose epoch is never reported) reach it. The members' data
+    are the first member's (the sweep groups trials whose data differ by seed into
+    different stacks, as for torchrun).
     """
     members = [Config.from_dict(member) for member in loop_config["configs"]]
     ctx = context_from_process_group(members[0].train.device, launcher="ray")
-    hooks = StackRayHooks(loop_config.get("resume_local", False), loop_config.get("launch_id"), worker_node_ids(ctx))
+    hooks = RayHooks(loop_config.get("resume_local", False), loop_config.get("launch_id"), worker_node_ids(ctx))
     try:
-        results = train_stack(members, ctx, load_dataset(members[0]), hooks=hooks,
-                              parent_run_id=loop_config.get("parent_run_id"))
+        results = train_trials(members, ctx, hooks=hooks, dataset=load_dataset(members[0]),
+                               parent_run_id=loop_config.get("parent_run_id"))
     finally:
         hooks.close()
     return {"members": [result_dict(result) for result in results]}
@@ -241,11 +211,10 @@ def new_launch_id(cfg: Config) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def build_trainer(cfg: Config, options: RayOptions, launch_id: str, parent_run_id: Optional[str] = None,
-                  resume: bool = False, callbacks: tuple = (), stack: tuple[Config, ...] = ()) -> TorchTrainer:
-    """The TorchTrainer of one run of ``cfg``, or with ``stack`` (trials whose first is ``cfg``) of those
-    trials as one stack; ``callbacks`` go to Ray Train's RunConfig (a Tune sweep passes the one that
-    forwards each epoch's report to Tune)."""
+def build_trainer(trials: list[Config], options: RayOptions, launch_id: str, parent_run_id: Optional[str] = None,
+                  resume: bool = False, callbacks: tuple = ()) -> TorchTrainer:
+    """The TorchTrainer of one run of the loop over ``trials`` (one run, or a stack); ``callbacks`` go to Ray
+    Train's RunConfig (a Tune sweep passes the one that forwards each epoch's report to Tune)."""
     run_config = RunConfig(
         name=launch_id,
         storage_path=resolve_storage_path(options.storage_path),
@@ -254,13 +223,10 @@ def build_trainer(cfg: Config, options: RayOptions, launch_id: str, parent_run_i
         worker_runtime_env={"env_vars": {**WORKER_RUNTIME_ENV, **options.env_vars}},
         callbacks=list(callbacks) or None,
     )
-    loop_config = {"parent_run_id": parent_run_id, "resume_local": resume, "launch_id": launch_id}
-    if stack:
-        loop_config["configs"] = [member.to_dict() for member in stack]
-    else:
-        loop_config["config"] = cfg.to_dict()
+    loop_config = {"parent_run_id": parent_run_id, "resume_local": resume, "launch_id": launch_id,
+                   "configs": [trial.to_dict() for trial in trials]}
     return TorchTrainer(
-        stack_worker_loop if stack else worker_loop,
+        worker_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu,
@@ -269,27 +235,19 @@ def build_trainer(cfg: Config, options: RayOptions, launch_id: str, parent_run_i
     )
 
 
-def run_result(result) -> RunResult:
-    """Rank 0's last report (``worker_loop``'s dict, Ray's ``Result.return_value``) as a RunResult."""
-    return _as_run_result(result.return_value, Path(result.checkpoint.path) if result.checkpoint else None)
-
-
-def stack_results(result, members: list[Config]) -> list[RunResult]:
-    """``stack_worker_loop``'s results as RunResults, each with its member's folder of Ray's last checkpoint."""
+def run_results(result, trials: list[Config]) -> list[RunResult]:
+    """``worker_loop``'s results as RunResults, each with its member's folder of Ray's last checkpoint."""
     folder = Path(result.checkpoint.path) if result.checkpoint else None
-    return [_as_run_result(returned, folder / checkpoint_dir(member).name if folder else None)
-            for member, returned in zip(members, result.return_value["members"])]
-
-
-def _as_run_result(returned: dict[str, Any], checkpoint: Optional[Path]) -> RunResult:
-    return RunResult(returned["run_id"], returned["epochs_completed"], returned["global_step"], returned["metrics"],
-                     diverged=returned["diverged"], checkpoint=checkpoint)
+    return [RunResult(returned["run_id"], returned["epochs_completed"], returned["global_step"],
+                      returned["metrics"], diverged=returned["diverged"],
+                      checkpoint=folder / checkpoint_dir(trial).name if folder else None)
+            for trial, returned in zip(trials, result.return_value["members"])]
 
 
 def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, resume: bool = False) -> RunResult:
     """One Ray Train run of ``cfg`` (a TorchTrainer) from this driver; rank 0's last report as a RunResult."""
     launch_id = new_launch_id(cfg)
-    trainer = build_trainer(cfg, options, launch_id, parent_run_id, resume)
+    trainer = build_trainer([cfg], options, launch_id, parent_run_id, resume)
     # On an early stop the workers die with this driver (or already did) and cannot
     # end their MLflow run themselves: a signal here would leave it RUNNING.
     def on_stop(error: BaseException) -> None:
@@ -298,7 +256,7 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, r
         end_orphaned_run(cfg, launch_id, signals.end_status(error), disconnect=not fit_still_running)
 
     result = signals.call_interruptibly(trainer.fit, "ray-train-fit", on_stop=on_stop)
-    return run_result(result)
+    return run_results(result, [cfg])[0]
 
 
 def end_orphaned_run(cfg: Config, launch_id: str, status: str, disconnect: bool) -> None:

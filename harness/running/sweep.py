@@ -26,12 +26,12 @@ from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext, broadcast_from_main
 from harness.errors import InputError
 from harness.core.stacked import SHARED_KEYS, check_stackable, dotted
-from harness.core.stacked_run import train_stack
-from harness.core.train_loop import RunHooks, RunResult, train
+from harness.core.train_loop import RunHooks, RunResult
 from harness.results.critical import time_spent
 from harness.results.report import build_report
 from harness.records.mlflow_store import ui_links
 from harness.records.tracking import display_name, make_tracker
+from harness.running.runs import train_trials
 
 
 def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:
@@ -293,33 +293,22 @@ def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None,
             members = [trials[i] for i in indices]
             if progress:
                 progress.starting_stack(indices, members, how)
-            parent.outcomes += run_stack(members, ctx, dataset, parent.run_id, resume)
+            parent.outcomes += run_trials(members, ctx, dataset, parent.run_id, resume)
         in_sweep_order(parent, trials)
     return parent
 
 
-def run_trial(trial: Config, ctx: DistContext, dataset: Dataset, parent_run_id, resume: bool) -> TrialOutcome:
+def run_trials(members: list[Config], ctx: DistContext, dataset: Dataset, parent_run_id,
+              resume: bool) -> list[TrialOutcome]:
+    """``members`` (one trial, or a stack of them) as one run of the loop; one outcome per member, all failed
+    if it fails."""
     try:
-        result = train(trial, ctx, hooks=RunHooks(resume=resume), dataset=dataset, parent_run_id=parent_run_id)
-        return TrialOutcome(trial, result)
-    except Exception as err:  # one broken trial must not stop the sweep
+        results = train_trials(members, ctx, hooks=RunHooks(resume=resume), dataset=dataset,
+                               parent_run_id=parent_run_id)
+        return [TrialOutcome(trial, result) for trial, result in zip(members, results)]
+    except Exception as err:  # one broken trial or stack must not stop the sweep
         if ctx.world_size > 1:
             raise  # the other ranks may be inside a collective: only a restart can recover
-        traceback.print_exc()
-        return TrialOutcome(trial, None, f"{type(err).__name__}: {err}")
-
-
-def run_stack(members: list[Config], ctx: DistContext, dataset: Dataset, parent_run_id,
-              resume: bool) -> list[TrialOutcome]:
-    """``members`` as one stack (core/stacked_run.py); one outcome per member, all failed if the stack fails."""
-    if len(members) == 1:
-        return [run_trial(members[0], ctx, dataset, parent_run_id, resume)]
-    try:
-        results = train_stack(members, ctx, dataset, hooks=RunHooks(resume=resume), parent_run_id=parent_run_id)
-        return [TrialOutcome(trial, result) for trial, result in zip(members, results)]
-    except Exception as err:  # one broken stack must not stop the sweep
-        if ctx.world_size > 1:
-            raise
         traceback.print_exc()
         return [TrialOutcome(trial, None, f"{type(err).__name__}: {err}") for trial in members]
 

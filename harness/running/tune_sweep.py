@@ -34,8 +34,7 @@ from harness.core.train_loop import RunResult
 from harness.errors import InputError
 from harness.records.mlflow_store import end_runs_of_launch, end_stopped_run
 from harness.records.tracking import display_name
-from harness.running.ray_train import (RayOptions, build_trainer, new_launch_id, result_dict, run_result,
-                                      stack_results)
+from harness.running.ray_train import RayOptions, build_trainer, new_launch_id, result_dict, run_results
 from harness.running.sweep import (SweepParent, TrialOutcome, expand_trials, in_sweep_order, pending_stacks,
                                    sweep_parent_run)
 
@@ -72,7 +71,7 @@ class EpochsToTune(TuneReportCallback):
 def run_trial(config: dict, trials: list, stacks: dict, launch_ids: dict, options: RayOptions,
               parent_run_id: Optional[str], resume: bool) -> dict:
     """The Tune function trainable: fit the TorchTrainer of the sweep trials ``stacks[config["trial_index"]]``
-    (one trial, or several trained as one stack, core/stacked_run.py).
+    (one trial, or several trained as one stack).
 
     Returns rank 0's RunResults as Tune's final result (``run_results``, one per
     trial), the only way they reach the driver. On a failure it raises: Tune records
@@ -81,11 +80,9 @@ def run_trial(config: dict, trials: list, stacks: dict, launch_ids: dict, option
     """
     index = config["trial_index"]
     members = [trials[i] for i in stacks[index]]
-    stack = tuple(members) if len(members) > 1 else ()
-    trainer = build_trainer(members[0], options, launch_ids[index], parent_run_id, resume,
-                            callbacks=(EpochsToTune(members[0].total_epochs),), stack=stack)
-    fitted = trainer.fit()
-    results = stack_results(fitted, members) if stack else [run_result(fitted)]
+    trainer = build_trainer(members, options, launch_ids[index], parent_run_id, resume,
+                            callbacks=(EpochsToTune(members[0].total_epochs),))
+    results = run_results(trainer.fit(), members)
     return {"run_results": [result_dict(result) for result in results]}
 
 

@@ -1,0 +1,167 @@
+"""What one member of the training loop holds (``Trainer``), and the engine of a run alone (``SingleRun``).
+
+The loop (core/train_loop.py) trains K >= 1 members through one engine: an
+object with ``steps_per_epoch``, ``local_batches(epoch)``, ``train_step(indices,
+global batch size, global step) -> this rank's summed loss`` (a number, or one per
+member) and ``keep(rows, trainers)`` (go on with only those members). A run alone
+is ``SingleRun``: one model, maybe DDP-wrapped, its step the eager step or the CUDA
+graph step (core/step.py, core/graph_step.py), with every feature of a run alone
+(DDP, either gradient engine, accumulation, bf16). A stack of K trials is
+core/stacked_run.py's engine. Above the engine, the loop sees only ``Trainer``s:
+each member's model (for a stack, a view of its row), optimizer, batch plan,
+schedule and probe, which evaluations, checkpoints and sharpness readings use
+as they would for a run alone.
+
+Also here: what a member's checkpoint holds (``checkpoint_state``, ``load_state``)
+and starting from another run's weights (``InitWeights``, resolved by the launcher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from harness.console import say
+from harness.core.checkpoint import config_fingerprint
+from harness.core.config import Config
+from harness.core.data import BatchPlan, Dataset, Split
+from harness.core.distributed import DistContext
+from harness.core.evaluation import RunCounters
+from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
+from harness.core.model import build_model
+from harness.core.step import EagerStep, LRSchedule, unwrap
+from harness.measure.grad_noise import NoiseProbe
+
+
+@dataclass
+class Trainer:
+    """What one member holds: its model (maybe DDP-wrapped, or a view of a stack's row), optimiser,
+    batch plan, training split, LR schedule, step and noise probe.
+
+    ``train_step`` is what the loop's helpers ask where autograd on the parameters
+    runs (``on_training_stream``); the engine, not the member, trains the batches.
+    """
+
+    cfg: Config
+    ctx: DistContext
+    model: torch.nn.Module
+    optimizer: object
+    plan: BatchPlan
+    train_set: Split
+    schedule: LRSchedule
+    train_step: object
+    noise_probe: Optional[NoiseProbe] = None
+
+    def lr_at(self, global_step: int) -> float:
+        """The learning rate of step ``global_step`` (the epoch's metrics log it)."""
+        return float(self.schedule.lr_at(global_step))
+
+
+class SingleRun:
+    """The engine of a run alone: its trainer's step over its batch plan."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.steps_per_epoch = trainer.plan.steps_per_epoch
+
+    def local_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, int]]:
+        return self.trainer.plan.local_batches(epoch, self.trainer.ctx.device)
+
+    def train_step(self, indices: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
+        return self.trainer.train_step(indices, global_batch_size, global_step)
+
+    def keep(self, rows: list[int], trainers: list[Trainer]) -> None:
+        """Nothing to shrink: a run alone that stops ends the loop."""
+
+
+def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
+    """A run alone's trainer: model, DDP where autograd needs it, probe, optimiser, plan, schedule, step."""
+    model = build_model(cfg).to(ctx.device)
+    # With several accumulation passes per rank, the probe's small batch is the micro-batch.
+    accumulating = cfg.accumulation_steps(ctx.world_size) > 1
+    probe = NoiseProbe(ctx, cfg.optim.global_batch_size, cfg.metrics.noise_scale_ema_decay,
+                       micro_batch_size=cfg.optim.micro_batch_size if accumulating else None) \
+        if cfg.metrics.noise_scale else None
+    graph_stream = side_stream(cfg, ctx)
+    # The hand-written engine computes gradients outside autograd, where DDP's
+    # hooks never fire; it averages them itself (core/step.py).
+    if ctx.is_distributed and cfg.train.grad_engine == "autograd":
+        model = _wrap_ddp(model, ctx, graph_stream)
+    if probe:
+        probe.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size, seed=cfg.seed,
+                     rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
+    schedule = LRSchedule(cfg.optim.lr, warmup_steps=round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
+    train_step: EagerStep | GraphStep = EagerStep(cfg, ctx, model, optimizer, dataset.train, schedule, probe)
+    if graph_stream is not None:
+        train_step = GraphStep(train_step, graph_stream)
+    elif cfg.performance.cuda_graph:
+        say(f"[{cfg.name}] performance.cuda_graph: running the eager step instead, because "
+            f"{graph_unavailable_reason(cfg, ctx)}", ctx=ctx)
+    return Trainer(cfg, ctx, model, optimizer, plan, dataset.train, schedule, train_step, probe)
+
+
+def _wrap_ddp(model: torch.nn.Module, ctx: DistContext, graph_stream) -> DistributedDataParallel:
+    # PyTorch's CUDA-graph notes: DDP must be built on the side stream that warms
+    # up and captures. Without a graph step the stream is None, a no-op here.
+    with torch.cuda.stream(graph_stream):
+        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def checkpoint_state(trainer: Trainer, counters: RunCounters, run_id: Optional[str],
+                     launch_id: Optional[str] = None) -> dict:
+    """What a checkpoint holds: the member's state, its counters, and what ties it to its run.
+
+    The weights are copied: a stack's member model is a view of its row, and saving
+    a view would save every row of the stack."""
+    return {"model": {key: value.detach().clone() for key, value in unwrap(trainer.model).state_dict().items()},
+            "optimizer": trainer.optimizer.state_dict(),
+            "launch_id": launch_id,  # which launch wrote it: a torchrun restart resumes only its own
+            "epoch": counters.epoch, "global_step": counters.global_step, "counters": vars(counters).copy(),
+            "noise_probe": trainer.noise_probe.state_dict() if trainer.noise_probe else None,
+            "rng_cpu": torch.get_rng_state(), "run_id": run_id,
+            "config_fingerprint": config_fingerprint(trainer.cfg),
+            # The resolved config: what another run needs to start from this one's weights
+            # (checkpoint.init_from) or to interpolate towards them (harness interpolate).
+            "config": trainer.cfg.to_dict()}
+
+
+def load_state(trainer: Trainer, state: dict) -> RunCounters:
+    """Put a checkpoint's state into ``trainer``; returns where the run had got to."""
+    unwrap(trainer.model).load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if trainer.noise_probe and state.get("noise_probe"):
+        trainer.noise_probe.load_state_dict(state["noise_probe"])
+    return RunCounters(**state["counters"])
+
+
+@dataclass(frozen=True)
+class InitWeights:
+    """``checkpoint.init_from`` resolved by the launcher: the weights a new run starts from, and the tags
+    that say where they came from."""
+
+    path: Path
+    model_state: dict
+    tags: dict = field(default_factory=dict)
+
+
+def load_init_weights(trainer: Trainer, init: Optional[InitWeights]) -> dict[str, str]:
+    """Load ``init``'s weights into the (unwrapped) model; the run's tags saying so.
+
+    Weights only: the optimiser state, counters and data order stay this run's own.
+    Every rank loads the same weights, so DDP's replicas agree without a broadcast;
+    it runs before the first step, so a CUDA-graph step (which captures at its first
+    step) captures the loaded parameters (load_state_dict copies in place).
+    """
+    if init is None:
+        return {}
+    unwrap(trainer.model).load_state_dict(init.model_state)
+    say(f"[{trainer.cfg.name}] starting from the weights of {init.path}", ctx=trainer.ctx)
+    return dict(init.tags)
