@@ -19,7 +19,6 @@ from harness.errors import InputError
 
 # harness.results.bench.PATHS, named here so that building the parser needs no torch
 # (tests/test_cli.py checks that the two agree).
-BENCH_PATHS = ("dataloader", "harness", "harness_ddp", "harness_graph", "harness_graph_ddp")
 BENCH_BATCH_SIZES = [32, 128, 512, 2048, 8192]
 # bench --stack: stacking pays where one trial's step uses the device poorly, the small batches (issue 17).
 STACK_BATCH_SIZES = [32, 64, 128, 512]
@@ -103,10 +102,14 @@ def interpolate(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Seconds per epoch of the harness's step against a plain DataLoader loop, in this process."""
-    from harness.results.bench import format_table, run_benchmark, tf32_matmuls, write_json
+    from harness.results.bench import PATHS, format_table, run_benchmark, tf32_matmuls, write_json
     from harness.core.config import load_config
     from harness.core.distributed import pick_device
 
+    unknown = sorted(set(args.paths or ()) - set(PATHS))
+    if unknown:
+        raise InputError(f"--paths: {', '.join(unknown)} is not a path of the bench; expected some of "
+                         f"{', '.join(PATHS)}")
     if args.epochs < 1:
         raise InputError(f"--epochs: expected a positive number of timed epochs, got {args.epochs}")
     if args.stack is not None and args.stack < 1:
@@ -130,7 +133,7 @@ def bench(args: argparse.Namespace) -> int:
             result = run_stack_benchmark(cfg, device, batch_sizes, args.epochs, args.stack,
                                          pathlib.Path(args.profile) if args.profile else None)
         else:
-            result = run_benchmark(cfg, device, batch_sizes, args.epochs, tuple(args.paths))
+            result = run_benchmark(cfg, device, batch_sizes, args.epochs, tuple(args.paths or PATHS))
     result["matmuls"] = "tf32" if args.tf32 else "fp32"
     say(format_stack_table(result) if args.stack else format_table(result))
     if args.json:
@@ -357,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"global batch sizes to time (default {' '.join(map(str, BENCH_BATCH_SIZES))}; "
                      f"with --stack {' '.join(map(str, STACK_BATCH_SIZES))})")
     ben.add_argument("--epochs", type=int, default=3, help="timed epochs per path (after one warm-up)")
-    ben.add_argument("--paths", nargs="+", default=list(BENCH_PATHS), choices=BENCH_PATHS, metavar="PATH",
-                     help=f"which of {', '.join(BENCH_PATHS)} to time (the dataloader peer always runs)")
+    ben.add_argument("--paths", nargs="+", default=None, metavar="PATH",
+                     help="which of the bench's paths to time: dataloader, harness, harness_ddp, harness_graph, "
+                     "harness_graph_ddp (default all; the dataloader peer always runs)")
     ben.add_argument("--stack", type=int, default=None, metavar="K",
                      help="instead: K trials (seeds seed..seed+K-1) trained as one stacked model against the same "
                      "K one after another (core/stacked.py)")

@@ -445,6 +445,8 @@ def test_replay_delivers_every_valid_record_and_names_the_bad_line(place, capsys
 
 @pytest.mark.parametrize("argv,expected", [
     (["bench", "--epochs", "0"], "--epochs: expected a positive number of timed epochs, got 0"),
+    (["bench", "--config", SMOKE, "--device", "cpu", "--paths", "harness", "dataloaders"],
+     "--paths: dataloaders is not a path of the bench; expected some of dataloader, harness"),
     (["report", "--out", "{place}/afile"], "--out: {place}/afile is not a folder"),
     (["mlflow-server", "--port", "99999"], "--port: 99999 is not a TCP port; expected 1..65535"),
     (["mlflow-server", "--backend", "postgresql", "--store-dir", "{place}/afile/store"],

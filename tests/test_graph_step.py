@@ -17,7 +17,7 @@ from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.graph_step import WARMUP_STEPS, GraphStep, graph_unavailable_reason, sgd_update_
-from harness.core.epoch_bar import NoBar
+from harness.core.trainer import SingleRun, train_epoch
 from harness.core.step import unwrap
 from harness.core.train_loop import sharpness
 from harness.core.trainer import build_trainer
@@ -44,7 +44,7 @@ def trained(cfg, ctx: DistContext, graph: str, epochs: int = 2):
         trainer.train_step = GraphStep(trainer.train_step, None, capture=False)
     global_step = 0
     for epoch in range(1, epochs + 1):
-        _, _, steps = trainer.run_epoch(epoch, global_step, trainer.plan.steps_per_epoch, NoBar())
+        _, _, steps = train_epoch(SingleRun(trainer), epoch, global_step)
         global_step += steps
     return trainer
 
@@ -75,7 +75,7 @@ def test_gradients_keep_their_buffers_when_a_graph_step_is_on(tmp_path):
     trainer = trained(cfg, DistContext(), graph="body", epochs=1)
     params = list(unwrap(trainer.model).parameters())
     addresses = [p.grad.data_ptr() for p in params]
-    trainer.run_epoch(2, trainer.plan.steps_per_epoch, trainer.plan.steps_per_epoch, NoBar())
+    train_epoch(SingleRun(trainer), 2, trainer.plan.steps_per_epoch)
     assert [p.grad.data_ptr() for p in params] == addresses
 
 

@@ -7,7 +7,7 @@ from conftest import CONFIGS
 from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.core.epoch_bar import NoBar
+from harness.core.trainer import SingleRun, train_epoch
 from harness.core.evaluation import evaluate
 from harness.core.graph_step import GraphStep
 from harness.core.precision import precision_unsupported_reason
@@ -40,7 +40,7 @@ def trained(cfg, graph_body: bool = False):
         lambda _module, _inputs, output: logits_dtypes.add(output.dtype))
     global_step = 0
     for epoch in range(1, EPOCHS + 1):
-        global_step += trainer.run_epoch(epoch, global_step, trainer.plan.steps_per_epoch, NoBar())[2]
+        global_step += train_epoch(SingleRun(trainer), epoch, global_step)[2]
     hook.remove()
     return trainer, logits_dtypes
 

@@ -1,7 +1,6 @@
 """The epoch bar: a tqdm bar of one epoch's steps, with the running mean loss beside it.
 
-Owns the bar (``epoch_bar``), a bar that shows nothing (``NoBar``), and how the
-loss reaches the bar without waiting on the device (``LossPostfix``). The
+Owns the bar (``epoch_bar``) and how the loss reaches the bar without waiting on the device (``LossPostfix``). The
 training loop (train_loop.py) counts the steps on it; the other human-readable
 lines go through harness/console.py.
 """
@@ -14,13 +13,6 @@ import torch
 
 from harness.core.config import Config
 from harness.core.distributed import DistContext
-
-
-class NoBar:
-    """An epoch bar that shows nothing: for callers of ``run_epoch`` with no console (bench, tests)."""
-
-    def update(self, _n: int) -> None:
-        pass
 
 
 class LossPostfix:
@@ -37,7 +29,7 @@ class LossPostfix:
     def __init__(self, bar, device: torch.device):
         self.bar, self.device = bar, device
         self.shown_at = time.monotonic()
-        self.enabled = not getattr(bar, "disable", True)  # NoBar and disabled bars: nothing to do
+        self.enabled = not getattr(bar, "disable", True)  # a disabled bar: nothing to do
         self.on_host = torch.zeros((), dtype=torch.float64, pin_memory=True) if self.enabled and device.type == "cuda" else None
         self.copied = None  # (event, samples) of the copy in flight
 

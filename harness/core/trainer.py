@@ -165,3 +165,19 @@ def load_init_weights(trainer: Trainer, init: Optional[InitWeights]) -> dict[str
     unwrap(trainer.model).load_state_dict(init.model_state)
     say(f"[{trainer.cfg.name}] starting from the weights of {init.path}", ctx=trainer.ctx)
     return dict(init.tags)
+
+
+def train_epoch(engine, epoch: int, first_global_step: int = 0,
+                max_steps: Optional[int] = None) -> tuple[torch.Tensor, int, int]:
+    """Train up to ``max_steps`` steps of ``epoch`` through ``engine`` (``SingleRun``, or a stacked trainer)
+    with no evaluation, record or checkpoint: what the benchmarks time. Returns this rank's summed loss
+    (one per member of a stack), its samples and the steps taken."""
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    samples = steps = 0
+    for indices, global_batch_size in engine.local_batches(epoch):
+        if steps == max_steps:
+            break
+        loss_sum = loss_sum.to(indices.device) + engine.train_step(indices, global_batch_size, first_global_step + steps)
+        samples += indices.shape[-1]
+        steps += 1
+    return loss_sum, samples, steps

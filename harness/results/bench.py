@@ -39,8 +39,7 @@ from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture
 from harness.core.graph_step import graph_unavailable_reason
 from harness.core.model import build_model
-from harness.core.epoch_bar import NoBar
-from harness.core.trainer import build_trainer
+from harness.core.trainer import SingleRun, build_trainer, train_epoch
 
 
 @dataclass(frozen=True)
@@ -150,10 +149,10 @@ def dataloader_epoch_fn(cfg: Config, dataset: Dataset, device: torch.device) -> 
 
 def harness_epoch_fn(cfg: Config, dataset: Dataset, ctx: DistContext) -> Callable[[int], None]:
     """The harness's own step (core/step.py, or the graph step wrapping it), data already on the device."""
-    trainer = build_trainer(cfg, ctx, dataset.to(ctx.device))
+    engine = SingleRun(build_trainer(cfg, ctx, dataset.to(ctx.device)))
 
     def run_epoch(epoch: int) -> None:
-        trainer.run_epoch(epoch, 0, trainer.plan.steps_per_epoch, NoBar())
+        train_epoch(engine, epoch)
 
     return run_epoch
 

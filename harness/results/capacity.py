@@ -54,10 +54,9 @@ from harness.console import say
 from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext
-from harness.core.epoch_bar import NoBar
 from harness.core.precision import forward_context
 from harness.core.step import unwrap
-from harness.core.trainer import Trainer, build_trainer
+from harness.core.trainer import SingleRun, Trainer, build_trainer, train_epoch
 from harness.errors import InputError
 from harness.results.bench import _synchronise, cpu_name
 
@@ -198,7 +197,7 @@ def measure_batch(cfg: Config, dataset: Dataset, device: torch.device, batch: in
     steps = math.ceil(epoch_samples / batch)
     started = time.perf_counter()
     # Its loss all-reduce ends in a host sync. A batch larger than epoch_samples trains one whole batch.
-    _, trained_samples, _ = trainer.run_epoch(1, step, steps, NoBar())
+    _, trained_samples, _ = train_epoch(SingleRun(trainer), 1, step, steps)
     _synchronise(device)
     epoch_s = time.perf_counter() - started
     if device.type == "cuda":

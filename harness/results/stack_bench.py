@@ -42,10 +42,9 @@ import torch
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.core.epoch_bar import NoBar
 from harness.core.stacked import StackedTrainer
 from harness.core.stacked_graph import use_graph_step
-from harness.core.trainer import build_trainer
+from harness.core.trainer import SingleRun, build_trainer, train_epoch
 from harness.results.bench import cpu_name, time_interleaved
 
 
@@ -69,25 +68,28 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
     rows = []
     for batch_size in batch_sizes:
         trials = [m.replace(**{"optim.global_batch_size": batch_size}) for m in members]
-        trainers = [build_trainer(t, DistContext(device=device, launcher="bench"), d)
-                    for t, d in zip(trials, datasets)]
+        engines = [SingleRun(build_trainer(t, DistContext(device=device, launcher="bench"), d))
+                   for t, d in zip(trials, datasets)]
 
         def sequential_epoch(epoch: int) -> None:
-            for trainer in trainers:
-                trainer.run_epoch(epoch, 0, trainer.plan.steps_per_epoch, NoBar())
+            for engine in engines:
+                train_epoch(engine, epoch)
+
+        def stacked_epoch(epoch: int) -> None:
+            train_epoch(stacked, epoch)
 
         stacked = StackedTrainer(trials, [d.train for d in datasets], device)
         use_graph_step(stacked, graph, stacked.ctx)
-        seconds = time_interleaved({"sequential": sequential_epoch, "stacked": stacked.run_epoch,
+        seconds = time_interleaved({"sequential": sequential_epoch, "stacked": stacked_epoch,
                                     "matmuls": matmuls_only_epoch(stacked)}, device, epochs)
         if profile_dir is not None:
             def one_trial_alone(epoch: int) -> None:
-                trainers[0].run_epoch(epoch, 0, trainers[0].plan.steps_per_epoch, NoBar())
+                train_epoch(engines[0], epoch)
 
             profile_epochs(profile_dir / f"stack{stack}-batch{batch_size}.txt", device, epochs + 1,
-                           {f"the stack of {stack}": stacked.run_epoch, "one trial alone": one_trial_alone},
+                           {f"the stack of {stack}": stacked_epoch, "one trial alone": one_trial_alone},
                            stacked.steps_per_epoch)
-        trainers.clear()
+        engines.clear()
         sequential_s, stacked_s, matmuls_s = seconds["sequential"], seconds["stacked"], seconds["matmuls"]
         sequential, together, matmuls = min(sequential_s), min(stacked_s), min(matmuls_s)
         rows.append({"batch_size": batch_size, "sequential_s_per_epoch": sequential,
