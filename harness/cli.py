@@ -10,14 +10,14 @@ import argparse
 import pathlib
 import sys
 
-# Nothing imported at load time pulls in torch (harness.results.bench, harness.records.tracking
+# Nothing imported at load time pulls in torch (harness.bench.bench, harness.records.tracking
 # do): `harness --help` took 3.5 s with them here, 0.2 s without.
 from harness import signals
 from harness.console import say
-from harness.running.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error
+from harness.launching.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error
 from harness.errors import InputError
 
-# harness.results.bench.PATHS, named here so that building the parser needs no torch
+# harness.bench.bench.PATHS, named here so that building the parser needs no torch
 # (tests/test_cli.py checks that the two agree).
 BENCH_BATCH_SIZES = [32, 128, 512, 2048, 8192]
 # bench --stack: stacking pays where one trial's step uses the device poorly, the small batches (issue 17).
@@ -55,7 +55,7 @@ def report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from harness.core.checkpoint import check_writable_dir
-    from harness.results.report import build_report
+    from harness.analysis.report import build_report
     from harness.records.mlflow_store import check_tracking_uri, default_tracking_uri
 
     check_writable_dir(Path(args.out), "--out")
@@ -75,7 +75,7 @@ def escape(args: argparse.Namespace) -> int:
 
     from harness.core.checkpoint import check_writable_dir
     from harness.records.mlflow_store import check_tracking_uri, default_tracking_uri
-    from harness.running.escape import run_escape
+    from harness.sweeps.escape import run_escape
 
     check_writable_dir(Path(args.out), "--out")
     uri = args.tracking_uri or default_tracking_uri()
@@ -86,7 +86,7 @@ def escape(args: argparse.Namespace) -> int:
 
 def interpolate(args: argparse.Namespace) -> int:
     """Keskar et al. (2017)'s 1-D interpolation between two runs' final weights: CSV, plot, a new MLflow run."""
-    from harness.results.interpolation import run_interpolation
+    from harness.analysis.interpolation import run_interpolation
 
     result = run_interpolation(args.run_a, args.run_b, tracking_uri=args.tracking_uri, experiment=args.experiment,
                                alpha_min=args.alpha_min, alpha_max=args.alpha_max, points=args.points,
@@ -102,7 +102,7 @@ def interpolate(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Seconds per epoch of the harness's step against a plain DataLoader loop, in this process."""
-    from harness.results.bench import PATHS, format_table, run_benchmark, tf32_matmuls, write_json
+    from harness.bench.bench import PATHS, format_table, run_benchmark, tf32_matmuls, write_json
     from harness.core.config import load_config
     from harness.core.distributed import pick_device
 
@@ -128,7 +128,7 @@ def bench(args: argparse.Namespace) -> int:
                          "format of NVIDIA GPUs)")
     with tf32_matmuls(args.tf32):
         if args.stack:
-            from harness.results.stack_bench import format_stack_table, run_stack_benchmark
+            from harness.bench.stack_bench import format_stack_table, run_stack_benchmark
 
             result = run_stack_benchmark(cfg, device, batch_sizes, args.epochs, args.stack,
                                          pathlib.Path(args.profile) if args.profile else None)
@@ -153,7 +153,7 @@ def capacity(args: argparse.Namespace) -> int:
     from harness.core.distributed import pick_device
     from harness.records.mlflow_store import (check_experiment, check_tracking_server, check_tracking_uri,
                                               default_tracking_uri)
-    from harness.results.capacity import check_arguments, format_table, record, run_capacity, write_outputs
+    from harness.bench.capacity import check_arguments, format_table, record, run_capacity, write_outputs
 
     check_arguments(args.max_batch, args.memory_limit, args.epoch_samples)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -181,7 +181,7 @@ def scaling(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from harness.results import scaling as model
+    from harness.bench import scaling as model
 
     model.check_arguments(args.world_sizes, args.link, args.link_gbps, args.link_latency_us, args.efficiency_floor,
                           args.parameters)
@@ -223,7 +223,7 @@ def _scaling_capacity_now(args: argparse.Namespace, cfg) -> tuple[dict, list, di
     import torch
 
     from harness.core.distributed import pick_device
-    from harness.results.capacity import check_arguments, run_capacity
+    from harness.bench.capacity import check_arguments, run_capacity
 
     check_arguments(args.max_batch, None, args.epoch_samples)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -242,7 +242,7 @@ def _scaling_measure(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from harness.core.config import load_config
-    from harness.results.scaling_check import DEFAULT_BATCHES, check_batches, format_report, run_check
+    from harness.bench.scaling_check import DEFAULT_BATCHES, check_batches, format_report, run_check
 
     if args.from_json or args.step_times:
         raise InputError("--measure: given with --from-json or --step-times; expected --measure alone "
@@ -289,7 +289,7 @@ def mlflow_server(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from harness.core.checkpoint import check_writable_dir
-    from harness.running.tracking_server import check_port_free, serve_postgresql, serve_sqlite
+    from harness.records.tracking_server import check_port_free, serve_postgresql, serve_sqlite
 
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port: {args.port} is not a TCP port; expected 1..65535")

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import signals  # noqa: E402
-from harness.running.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments,  # noqa: E402
+from harness.launching.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments,  # noqa: E402
                                          exits_on_input_error)
 
 
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     add_config_arguments(parser)
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
-    from harness.running.commands import ray_job_command  # after parsing: --help answers without loading torch
+    from harness.commands import ray_job_command  # after parsing: --help answers without loading torch
 
     return ray_job_command(args)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import signals  # noqa: E402
-from harness.running.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments,  # noqa: E402
+from harness.launching.entrypoints import (ArgumentParser, add_config_arguments, add_ray_arguments,  # noqa: E402
                                          exits_on_input_error)
 
 LAUNCHERS = ("local", "torchrun", "ray")
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     add_ray_arguments(parser, num_workers_help="with --launcher ray: the same as --nproc "
                                                "(give one, or both equal; default: unset)")
     args = parser.parse_args(argv)
-    from harness.running.commands import sweep_command  # after parsing: --help answers without loading torch
+    from harness.commands import sweep_command  # after parsing: --help answers without loading torch
 
     return sweep_command(args)
 

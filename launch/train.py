@@ -8,7 +8,7 @@
         --rdzv-endpoint node0:29400 --rdzv-id run-42     # on node 0; --node-rank 1 on node 1
 
 With --nnodes, the options are checked against the config before this process
-becomes this node's torchrun (harness/running/torchrun_nodes.py, docs/cluster.md).
+becomes this node's torchrun (harness/launching/torchrun_nodes.py, docs/cluster.md).
 
 A restart by ``torchrun --max-restarts`` continues from the newest checkpoint of
 the same launch (torchrun's run id), into the same MLflow run; ``--resume``
@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import signals  # noqa: E402
-from harness.running.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error  # noqa: E402
-from harness.running.torchrun_nodes import add_node_arguments  # noqa: E402
+from harness.launching.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error  # noqa: E402
+from harness.launching.torchrun_nodes import add_node_arguments  # noqa: E402
 
 
 @signals.exits_on_termination
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
                              "(launch/sweep.py passes it so trials do not re-parse values as YAML)")
     add_node_arguments(parser)
     args = parser.parse_args(argv)
-    from harness.running.commands import train_command  # after parsing: --help answers without loading torch
+    from harness.commands import train_command  # after parsing: --help answers without loading torch
 
     return train_command(args, sys.argv[1:] if argv is None else list(argv))
 

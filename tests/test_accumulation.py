@@ -23,7 +23,7 @@ from harness.core.graph_step import GraphStep, graph_unavailable_reason
 from harness.core.step import unwrap
 from harness.core.train_loop import build_trainer
 from harness.measure.exact_noise import exact_noise_scale
-from harness.measure.grad_noise import NoiseProbe
+from harness.core.noise_probe import NoiseProbe
 from harness.measure.metrics import noise_scale_components
 from test_exact_noise import small_problem
 from test_graph_step import trained, untracked_smoke_config

@@ -668,7 +668,7 @@ NODE_CASES = {
 def torchrun_never_starts(monkeypatch):
     """A guard, not a stand-in: if a case were not refused, the launcher would replace
     pytest's own process with torchrun. Fail the test instead."""
-    from harness.running import torchrun_nodes
+    from harness.launching import torchrun_nodes
 
     def started(command, env=None):
         raise AssertionError(f"torchrun was started: {command}")

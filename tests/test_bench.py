@@ -9,7 +9,7 @@ import torch
 
 from conftest import CONFIGS, REPO, run_command
 from harness.core.config import load_config
-from harness.results.bench import PATHS
+from harness.bench.bench import PATHS
 
 
 def test_bench_json_has_every_path_at_every_batch_size(tmp_path):
@@ -70,7 +70,7 @@ def test_bench_stack_times_k_trials_stacked_against_them_one_after_another(tmp_p
 
 
 def test_interleaved_timing_takes_one_epoch_of_every_side_per_round_after_one_warm_up_each():
-    from harness.results.bench import time_interleaved
+    from harness.bench.bench import time_interleaved
 
     calls = []
     seconds = time_interleaved({side: (lambda epoch, side=side: calls.append((side, epoch)))
@@ -88,7 +88,7 @@ def test_the_matmul_floor_runs_exactly_the_stacked_steps_matrix_products(batch_s
 
     from harness.core.data import load_dataset
     from harness.core.stacked import CPU_PASS_SAMPLES, StackedTrainer
-    from harness.results.stack_bench import matmuls_only_epoch, stack_members
+    from harness.bench.stack_bench import matmuls_only_epoch, stack_members
 
     class Products(TorchDispatchMode):
         def __init__(self):
@@ -138,7 +138,7 @@ def test_bench_refuses_a_profile_without_a_stack(tmp_path):
 
 
 def test_tf32_matmuls_holds_cudas_fp32_products_in_tf32_inside_and_restores_the_setting():
-    from harness.results.bench import tf32_matmuls
+    from harness.bench.bench import tf32_matmuls
 
     before = torch.backends.cuda.matmul.fp32_precision
     with tf32_matmuls(True):

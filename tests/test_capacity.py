@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, REPO, run_command, seeded_store
 from harness.core.config import load_config
-from harness.results.capacity import accumulation_plans, batch_sizes, flat_until, run_capacity
+from harness.bench.capacity import accumulation_plans, batch_sizes, flat_until, run_capacity
 
 SMOKE = CONFIGS / "smoke.yaml"  # 784-32-10 sigmoid, 512 training samples
 

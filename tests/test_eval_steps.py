@@ -16,7 +16,7 @@ from harness.core.distributed import DistContext
 from harness.core.evaluation import AUTO_EVAL_COST, AUTO_RESOLUTION, eval_floor, is_evaluation_step
 from harness.core.model import build_model
 from harness.core.train_loop import RunHooks
-from harness.running.runs import train_run
+from harness.launching.runs import train_run
 from harness.errors import InputError
 
 # smoke: 512 training samples in batches of 64, 8 steps an epoch; the validation

@@ -15,9 +15,9 @@ import torch
 from harness.core.backprop import autograd_backward
 from harness.core.distributed import DistContext
 from harness.core.model import MLP
-from harness.measure import grad_noise
+from harness.core import noise_probe as grad_noise
 from harness.measure.exact_noise import exact_noise_scale
-from harness.measure.grad_noise import NoiseProbe
+from harness.core.noise_probe import NoiseProbe
 from harness.measure.metrics import noise_scale_components
 
 

@@ -21,7 +21,7 @@ from harness.core.trainer import SingleRun, train_epoch
 from harness.core.step import unwrap
 from harness.core.train_loop import sharpness
 from harness.core.trainer import build_trainer
-from harness.running.runs import train_run
+from harness.launching.runs import train_run
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

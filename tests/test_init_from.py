@@ -14,7 +14,7 @@ from harness.core.checkpoint import newest_in
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import MLP
-from harness.running.runs import train_run
+from harness.launching.runs import train_run
 
 # Digits, one 32-unit layer; the source trains 2 epochs, so its momentum buffers are far from zero.
 TINY = ("data.dataset=digits", "metrics.sharpness=false", "metrics.noise_scale=false",
@@ -92,7 +92,7 @@ def test_source_weights_are_written_into_the_parameters_the_step_already_holds(s
     """The CUDA-graph step captures the addresses of the parameters at its first step: the load must copy
     into those tensors (and the optimiser's), not swap in new ones, or the graph would train stale copies."""
     from harness.core.trainer import build_trainer, load_init_weights
-    from harness.running.runs import init_weights
+    from harness.launching.runs import init_weights
 
     place, result = source
     cfg = smoke_config(place, *TINY, f"checkpoint.init_from={result.checkpoint}", "tracking.enabled=false")

@@ -13,7 +13,7 @@ from conftest import smoke_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import MLP
-from harness.running.runs import train_run
+from harness.launching.runs import train_run
 from harness.measure.interpolation import interpolate_state, interpolation_curve
 
 # Digits and a 32-unit layer: two runs of three epochs each take about two seconds, and leave
@@ -60,7 +60,7 @@ def _direct_scores(checkpoint: Path) -> dict[str, float]:
 
 
 def test_ends_of_the_line_equal_the_two_models_evaluated_directly(two_runs, tmp_path):
-    from harness.results.interpolation import run_interpolation
+    from harness.analysis.interpolation import run_interpolation
 
     uri, small, large = two_runs
     # -1, 0, 1, 2: the grid holds both ends exactly.
@@ -131,7 +131,7 @@ def test_cli_records_one_finished_run_naming_both_sources_with_csv_and_png(two_r
 def test_run_whose_artifacts_cannot_be_stored_ends_failed_not_running(two_runs, tmp_path):
     """An artifact store that refuses the files (here its folder lies under a file): the run that was
     already created is ended FAILED, and the error reaches the caller."""
-    from harness.results.interpolation import run_interpolation
+    from harness.analysis.interpolation import run_interpolation
 
     uri, small, large = two_runs
     (tmp_path / "afile").write_text("a file, not a folder")

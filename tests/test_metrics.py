@@ -10,7 +10,7 @@ from conftest import CONFIGS
 from harness.core.config import load_config
 from harness.core.distributed import DistContext
 from harness.errors import InputError
-from harness.measure.grad_noise import NoiseProbe
+from harness.core.noise_probe import NoiseProbe
 from harness.measure.metrics import (debiased_average, first_reaching, hessian_extremes, noise_scale_components,
                                      simple_noise_scale, steps_to_target, top_hessian_eigenvalue)
 

@@ -1,4 +1,4 @@
-"""The equal-training-loss view of a sweep (harness/results/minima.py) and the escape experiment."""
+"""The equal-training-loss view of a sweep (harness/analysis/minima.py) and the escape experiment."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, run_command, seeded_store
-from harness.results import minima
-from harness.results.report import TrialRecord
+from harness.analysis import minima
+from harness.analysis.report import TrialRecord
 
 
 def heavy_ball_stays_bounded(curvature: float, lr: float, momentum: float, steps: int = 4000) -> bool:

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, REPO, free_port, run_command, seeded_store
-from harness.running.entrypoints import ray_host_port
+from harness.launching.entrypoints import ray_host_port
 from harness.errors import InputError
 
 

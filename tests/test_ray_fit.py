@@ -1,4 +1,4 @@
-"""harness.running.ray_train.fit hands the driver rank 0's result: the MLflow run id and a divergence.
+"""harness.launching.ray_train.fit hands the driver rank 0's result: the MLflow run id and a divergence.
 
 Ray Train's local mode (``num_workers=0``) runs the same worker function in this
 process, with the same ``ray.train.report`` calls and ``Result.return_value``, and
@@ -8,7 +8,7 @@ needs no cluster; the cluster path is covered in test_launchers.py.
 from mlflow.tracking import MlflowClient
 
 from conftest import smoke_config
-from harness.running.ray_train import RayOptions, fit
+from harness.launching.ray_train import RayOptions, fit
 
 
 def test_ray_fit_returns_the_mlflow_run_and_a_divergence(tmp_path):

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from conftest import CONFIGS, REPO, seeded_store
 from harness.core.config import load_config
 from harness.errors import InputError
-from harness.running.ray_cluster import ClusterNode, check_cluster, check_storage_path
+from harness.launching.ray_cluster import ClusterNode, check_cluster, check_storage_path
 from test_launchers import EPOCHS, RAY_JOB, assert_each_metric_logged_once_per_epoch
 from test_tracking_server import MlflowServer
 

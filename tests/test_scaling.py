@@ -15,9 +15,9 @@ import psutil
 import pytest
 
 from conftest import CONFIGS, REPO, run_command
-from harness.results.scaling import (Link, all_reduce_s, parameter_count, predict,
+from harness.bench.scaling import (Link, all_reduce_s, parameter_count, predict,
                                      ring_bytes_sent_per_rank, step_time_at, stops_paying)
-from harness.results.scaling_check import fit_link
+from harness.bench.scaling_check import fit_link
 
 SMOKE = CONFIGS / "smoke.yaml"  # 784-32-10: 25,450 parameters, 101,800 gradient bytes
 

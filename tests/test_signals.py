@@ -24,7 +24,7 @@ from harness import signals
 from harness.core.distributed import DistContext
 from harness.records.tracking import make_tracker
 from harness.core.train_loop import RunHooks, train
-from harness.running.runs import train_run
+from harness.launching.runs import train_run
 
 pytestmark = pytest.mark.slow
 

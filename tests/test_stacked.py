@@ -9,7 +9,7 @@ from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.stacked import StackedTrainer, check_stackable
 from harness.core.step import LRSchedule
-from harness.running.runs import train_run
+from harness.launching.runs import train_run
 from harness.errors import InputError
 
 EPOCHS = 3
@@ -169,7 +169,7 @@ def test_trials_of_different_architectures_or_batch_sizes_are_refused_one_line(t
 def test_stacked_members_warm_started_from_a_checkpoint_end_as_their_warm_started_runs_alone(tmp_path):
     # checkpoint.init_from: each member starts from the source's weights (loaded into its row of the
     # stack through its view) with its own momentum, data order and LR, as train_loop.train starts it.
-    from harness.running.runs import train_trials
+    from harness.launching.runs import train_trials
 
     source = train_run(_config(tmp_path, 9, seed=5, lr=0.1).replace(**{"train.epochs": 1}), DistContext()).checkpoint
     members = [_config(tmp_path, k, **m).replace(**{"checkpoint.init_from": str(source)})

@@ -116,7 +116,7 @@ def test_lr_buffer_holds_every_members_warmup_lr_until_the_last_warmup_ends(tmp_
 
 
 def test_stack_on_cpu_with_cuda_graph_asked_trains_eagerly_and_says_why(tmp_path, capsys):
-    from harness.running.runs import train_trials
+    from harness.launching.runs import train_trials
 
     members = [cfg.replace(**{"performance.cuda_graph": True, "train.epochs": 1})
                for cfg in _members(tmp_path, "cpu")[:2]]
@@ -165,7 +165,7 @@ def test_stacked_graph_steps_never_wait_for_the_host(tmp_path):
 def test_stacked_runs_with_the_graph_step_end_where_eager_stacked_runs_end_on_cuda(tmp_path):
     """train_trials with performance.cuda_graph: members stop at their targets (leaving the stack, so the
     graphs are captured again) and their checkpoints hold what the eager stacked runs' hold."""
-    from harness.running.runs import train_trials
+    from harness.launching.runs import train_trials
 
     finals = {}
     for on in (False, True):

@@ -15,7 +15,7 @@ from harness.core.model import build_model
 from harness.core.stacked_run import point_at_row
 from harness.core.backprop import autograd_backward
 from harness.measure.exact_noise import exact_noise_scale
-from harness.measure.grad_noise import NoiseProbe
+from harness.core.noise_probe import NoiseProbe
 from harness.measure.metrics import hessian_extremes, noise_scale_components
 
 BATCH = 32

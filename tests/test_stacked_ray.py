@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, run_command, seeded_store
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.running.runs import train_trials
+from harness.launching.runs import train_trials
 from test_stacked_torchrun import EPOCHS, SWEEP, _assert_members_match_solo, _trials
 import test_stacked_torchrun
 

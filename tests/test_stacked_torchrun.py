@@ -14,10 +14,10 @@ from conftest import REPO, run_command, seeded_store
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.running.runs import train_trials
+from harness.launching.runs import train_trials
 from harness.core.train_loop import RunHooks
-from harness.running.runs import train_run
-from harness.running.sweep import expand_trials
+from harness.launching.runs import train_run
+from harness.sweeps.sweep import expand_trials
 
 TRAIN = str(REPO / "launch/train.py")
 EPOCHS = 3

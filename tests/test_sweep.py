@@ -191,7 +191,7 @@ def grid_config(**sweep):
 
 
 def test_explicit_lrs_are_crossed_with_every_batch_size_and_seed_under_unique_names():
-    from harness.running.sweep import expand_trials
+    from harness.sweeps.sweep import expand_trials
 
     trials = expand_trials(grid_config(lrs=[0.01, 0.3], lr_rules=["none", "sqrt"]))
     assert len(trials) == 2 * 2 * 2 * 2 and len({t.name for t in trials}) == len(trials)
@@ -203,7 +203,7 @@ def test_explicit_lrs_are_crossed_with_every_batch_size_and_seed_under_unique_na
 
 def test_lr_factors_multiply_the_scaling_rules_lr():
     from harness.records.tracking import display_name
-    from harness.running.sweep import expand_trials
+    from harness.sweeps.sweep import expand_trials
 
     factors = [0.25, 0.5, 1.0, 2.0, 4.0]
     trials = expand_trials(grid_config(lr_factors=factors, lr_rules=["linear"], seeds=[0]))
@@ -217,7 +217,7 @@ def test_lr_factors_multiply_the_scaling_rules_lr():
 
 
 def test_without_a_grid_trials_keep_their_names_and_lrs():
-    from harness.running.sweep import expand_trials
+    from harness.sweeps.sweep import expand_trials
 
     trials = expand_trials(grid_config(lr_rules=["linear"]))
     assert [(t.name, t.optim.lr) for t in trials] == [

@@ -21,7 +21,7 @@ from harness.core.distributed import DistContext
 from harness.core.evaluation import AUTO_EVAL_COST, RunCounters, eval_floor
 from harness.core.model import build_model
 from harness.core.train_loop import RunHooks
-from harness.running.runs import train_run
+from harness.launching.runs import train_run
 
 TRAIN_SIZE = 256
 # Digits, 256 training samples in one batch of 256: every step is a full-batch step and

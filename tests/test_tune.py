@@ -117,7 +117,7 @@ def live_placement_groups(ray_cluster):
 LEFTOVER_DRIVER = """
 import json, os, time, ray
 from ray.util.placement_group import placement_group, placement_group_table
-from harness.running.tune_sweep import remove_leftover_placement_groups
+from harness.sweeps.tune_sweep import remove_leftover_placement_groups
 
 ray.init(address=os.environ["RAY_ADDRESS"])
 made_by_driver = placement_group([{"CPU": 1}])
@@ -181,7 +181,7 @@ def test_a_sweep_removes_the_placement_groups_its_job_left_and_no_other_jobs(tmp
 
 def test_the_summary_table_says_which_trials_asha_stopped():
     from harness.core.train_loop import RunResult
-    from harness.running.sweep import TrialOutcome, summary_table
+    from harness.sweeps.sweep import TrialOutcome, summary_table
 
     cfg = load_config(REPO / "configs/smoke.yaml")
     table = summary_table([TrialOutcome(cfg, RunResult("r1", 1, 8), stopped_early="asha"),
@@ -219,8 +219,8 @@ def test_asha_needs_a_validation_split(tmp_path):
 
 
 def test_a_grace_period_as_long_as_the_trials_is_refused(tmp_path):
-    from harness.running.sweep import expand_trials
-    from harness.running.tune_sweep import asha_scheduler
+    from harness.sweeps.sweep import expand_trials
+    from harness.sweeps.tune_sweep import asha_scheduler
 
     (tmp_path / "tuned.yaml").write_text(TUNE_SWEEP)
     cfg = load_config(tmp_path / "tuned.yaml", ["sweep.early_stopping=asha", "sweep.asha_grace_period=3"])
@@ -240,8 +240,8 @@ def test_a_grace_period_as_long_as_the_trials_is_refused(tmp_path):
     ({"CPU": 1.0}, 2, False, 4, 1),  # too small for one: one waits, not none
 ])
 def test_concurrency_counts_trials_that_fit_the_cluster(cluster, num_workers, use_gpu, num_trials, expected):
-    from harness.running.ray_train import RayOptions
-    from harness.running.tune_sweep import concurrency
+    from harness.launching.ray_train import RayOptions
+    from harness.sweeps.tune_sweep import concurrency
 
     limit, why = concurrency(RayOptions(num_workers=num_workers, use_gpu=use_gpu), cluster, num_trials)
     assert limit == expected

@@ -17,9 +17,9 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from conftest import seeded_store
-from harness.results import critical
-from harness.results.report import build_report
-from harness.running.sweep import where_the_time_went
+from harness.analysis import critical
+from harness.analysis.report import build_report
+from harness.sweeps.sweep import where_the_time_went
 
 S_MIN, B_CRIT = 100.0, 200.0
 BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
@@ -104,7 +104,7 @@ def median_with_misses(values):
 
 
 def expected_tuned(expected):
-    """Independently of harness/results/critical.py: the best LR is known by construction."""
+    """Independently of harness/analysis/critical.py: the best LR is known by construction."""
     out = {}
     for batch_size in BATCH_SIZES:
         lr = LRS[best_index(batch_size)]
@@ -221,7 +221,7 @@ def test_steps_that_grow_with_the_batch_size_give_no_critical_batch_size(tmp_pat
 
 
 def critical_trial(batch_size, lr, seed, steps, diverged=False):
-    from harness.results.report import TrialRecord
+    from harness.analysis.report import TrialRecord
 
     final = {} if steps is None else {"steps_to_target": steps}
     return TrialRecord("id", "name", "none", batch_size, lr, seed, "FINISHED", diverged, final)

@@ -39,7 +39,7 @@ from harness.core.data import Split
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.step import unwrap
 from harness.measure.exact_noise import exact_noise_scale
-from harness.measure.grad_noise import NoiseProbe
+from harness.core.noise_probe import NoiseProbe
 from harness.measure.metrics import steps_to_target
 
 

@@ -47,7 +47,7 @@ def precision_unsupported_reason(precision: str, device_type: str, cuda_has_bf16
 
 
 def check_precision(precision: str, device_type: str) -> None:
-    """Refuse a precision the training device cannot do, before anything starts (running/preflight.py)."""
+    """Refuse a precision the training device cannot do, before anything starts (launching/preflight.py)."""
     cuda_has_bf16 = device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     reason = precision_unsupported_reason(precision, device_type, cuda_has_bf16)
     if reason:

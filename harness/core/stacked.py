@@ -17,7 +17,7 @@ parameters after n steps equal the solo run's up to float rounding
 
 Each member's run (MLflow, evaluations, target, sharpness, checkpoints) is
 core/stacked_run.py's; grouping a sweep's trials into stacks is
-running/sweep.py's; the step's CUDA-graph capture is core/stacked_graph.py's.
+sweeps/sweep.py's; the step's CUDA-graph capture is core/stacked_graph.py's.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.backprop import activation_backward
 from harness.core.model import ACTIVATION_MODULES, build_model
 from harness.errors import InputError
-from harness.measure.grad_noise import WINDOWS_KEPT, NoiseProbe
+from harness.core.noise_probe import WINDOWS_KEPT, NoiseProbe
 
 # Keys every member of a stack must agree on: they fix the tensors' shapes (architecture,
 # batch size, the training split's size) or what one step computes for all members at once.
@@ -404,7 +404,7 @@ class StackedData:
 
 
 class StackedNoiseProbe:
-    """The noise probe of every member (measure/grad_noise.py's protocol), its state stacked on a K axis.
+    """The noise probe of every member (core/noise_probe.py's protocol), its state stacked on a K axis.
 
     ``members[k]`` is an ordinary ``NoiseProbe`` whose state tensors are views of
     row k here: the stacked step records all members at once, and each member's
@@ -587,7 +587,7 @@ class StackedTrainer:
 
     def _gradients_in_halves(self, indices: torch.Tensor, normalizer: float) -> torch.Tensor:
         """The batch's gradient as two half-batch passes, recording each member's small/big squared norms
-        (measure/grad_noise.py ``NoiseProbe._backward_in_halves``, for all members at once)."""
+        (core/noise_probe.py ``NoiseProbe._backward_in_halves``, for all members at once)."""
         half = indices.shape[1] // 2
         first_loss, _ = self._loss_and_gradients(indices[:, :half], normalizer)
         first = self.model.flat_gradients.clone()

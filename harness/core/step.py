@@ -9,7 +9,7 @@ policy (gradients are zeroed in place once a graph step holds their addresses) a
 the optimizer's update.
 
 It leaves to others: how the noise scale is measured (the probe in
-measure/grad_noise.py gets this step's backward and all-reduce, and hands back
+core/noise_probe.py gets this step's backward and all-reduce, and hands back
 the measured step's gradients), the CUDA-graph step (core/graph_step.py, which
 wraps this one and reuses ``gradients``), and which samples a step trains on
 (the batch plan, data.py, through the training loop).
@@ -31,7 +31,7 @@ from harness.core.config import Config, steps_per_epoch
 from harness.core.data import Split
 from harness.core.distributed import DistContext, average_gradients
 from harness.core.precision import forward_context
-from harness.measure.grad_noise import NoiseProbe
+from harness.core.noise_probe import NoiseProbe
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -34,7 +34,7 @@ from harness.core.evaluation import RunCounters
 from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
 from harness.core.model import build_model
 from harness.core.step import EagerStep, LRSchedule, unwrap
-from harness.measure.grad_noise import NoiseProbe
+from harness.core.noise_probe import NoiseProbe
 
 
 @dataclass

@@ -8,7 +8,7 @@ E_min (slope); B_crit = E_min / S_min. A bootstrap over seeds gives an interval.
 
 Numbers in, numbers out: no I/O, no MLflow. Which trials reached the target, which
 LR is best per batch size, and what is logged are the report's business
-(harness/results); this module only fits.
+(harness/analysis); this module only fits.
 """
 
 from __future__ import annotations

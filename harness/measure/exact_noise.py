@@ -18,7 +18,7 @@ model, in chunks so memory stays at ``chunk_size`` gradients (a 784-500-10 MLP h
 ~0.4 M parameters: 1.6 MB each). tests/test_exact_noise.py checks both against a
 loop of one backward pass per example.
 
-This is the check of the training-time estimator (measure/grad_noise.py), which
+This is the check of the training-time estimator (core/noise_probe.py), which
 infers the same two quantities from batch gradients at two sizes. Pure: a model
 and tensors in, numbers out; no process group, no I/O. The caller chooses the
 examples (the training loop takes the first ``metrics.exact_noise_samples``).

@@ -3,7 +3,7 @@
 θ(α) = (1 − α)·θ_a + α·θ_b for α on a grid (Keskar: α from −1 to 2, 25 points), and
 what a caller-given ``score`` says of the network at each θ(α). Owns the grid, the
 mixing of two state dicts and the walk along the line; knows no data set, file or
-MLflow (the scoring, the CSV, the plot and the record are harness/results/interpolation.py's).
+MLflow (the scoring, the CSV, the plot and the record are harness/analysis/interpolation.py's).
 """
 
 from __future__ import annotations

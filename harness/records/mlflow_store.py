@@ -8,7 +8,7 @@ opening a client), the queries (sweep runs, child runs, ending runs left
 RUNNING), and the spool of records a run could not deliver, with their replay.
 
 It leaves to others what to record: the tracker (tracking.py) decides what a run
-logs and when, the report (harness/results/report.py) what a sweep's numbers
+logs and when, the report (harness/analysis/report.py) what a sweep's numbers
 mean. MLflow itself is imported inside the functions that need it, so that
 ``harness --help`` and runs with tracking off never load it.
 """

@@ -181,7 +181,7 @@ class MLflowTracker(ConsoleTracker):
     @signals.deferring  # a signal must not cut an MLflow write in half (see signals.deferred)
     def start(self, resume_run_id: Optional[str] = None, launch_id: Optional[str] = None) -> Optional[str]:
         """Create the run (or reopen ``resume_run_id``). ``launch_id`` is tagged on a new run, so that
-        the launcher can find and end it if the process holding it dies (harness/running/ray_train.py)."""
+        the launcher can find and end it if the process holding it dies (harness/launching/ray_train.py)."""
         if resume_run_id:
             self.run_id = resume_run_id
             self._logged = logged_steps(self.client, resume_run_id)

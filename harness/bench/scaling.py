@@ -29,10 +29,10 @@ data parallelism "stops paying": the devices do more work as separate trials.
 
 The named links' numbers are assumptions, not measurements (``NAMED_LINKS`` says where each comes from);
 ``--link-gbps`` / ``--link-latency-us`` give any other link. The check of the model against real
-processes on this machine is harness/results/scaling_check.py.
+processes on this machine is harness/bench/scaling_check.py.
 
 Owns the model (pure functions), the table, the verdict lines and the JSON. Reads a capacity JSON but does
-not measure (harness/results/capacity.py does).
+not measure (harness/bench/capacity.py does).
 """
 
 from __future__ import annotations

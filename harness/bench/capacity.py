@@ -8,7 +8,7 @@ batch sizes 1, 2, 4, ... up to the first of: ``--max-batch``, the training set, 
 ``--memory-limit``, or (CUDA) the first ``torch.cuda.OutOfMemoryError``:
 
 - time per step: the median of at least ``STEP_REPEATS`` optimizer steps and at least
-  ``MIN_TIMED_SECONDS`` of them (up to ``MAX_STEP_REPEATS``), after ``WARMUP_STEPS`` warm-up steps, each synchronised on CUDA (harness/results/bench.py's
+  ``MIN_TIMED_SECONDS`` of them (up to ``MAX_STEP_REPEATS``), after ``WARMUP_STEPS`` warm-up steps, each synchronised on CUDA (harness/bench/bench.py's
   ``_synchronise``); time per sample = time per step / batch;
 - time per epoch: one pass over ``epoch_samples`` samples (the training set, or a cap,
   so that batch 1 stays short on a CPU) through the trainer's own epoch loop;
@@ -34,7 +34,7 @@ Definitions, also written into the JSON and the table:
 
 Owns the measurement, the analysis (pure functions: ``flat_until``, ``accumulation_plans``),
 the table, the JSON and the MLflow run (run_kind=capacity). The figure is
-harness/results/plots.py's ``capacity``. Reuses bench.py's device naming and synchronisation.
+harness/analysis/plots.py's ``capacity``. Reuses bench.py's device naming and synchronisation.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from harness.core.precision import forward_context
 from harness.core.step import unwrap
 from harness.core.trainer import SingleRun, Trainer, build_trainer, train_epoch
 from harness.errors import InputError
-from harness.results.bench import _synchronise, cpu_name
+from harness.bench.bench import _synchronise, cpu_name
 
 FLAT_FACTOR = 1.5
 WARMUP_STEPS = 2
@@ -268,7 +268,7 @@ def format_table(result: dict) -> str:
 
 def write_outputs(result: dict, directory: Path, json_path: Optional[str]) -> list[Path]:
     """The JSON (in ``directory`` and at ``json_path`` if given) and the plot; the files for MLflow."""
-    from harness.results import plots  # matplotlib only where a figure is drawn
+    from harness.analysis import plots  # matplotlib only where a figure is drawn
 
     directory.mkdir(parents=True, exist_ok=True)
     files = [directory / "capacity.json", directory / "capacity.png"]

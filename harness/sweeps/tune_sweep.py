@@ -34,8 +34,8 @@ from harness.core.train_loop import RunResult
 from harness.errors import InputError
 from harness.records.mlflow_store import end_runs_of_launch, end_stopped_run
 from harness.records.tracking import display_name
-from harness.running.ray_train import RayOptions, build_trainer, new_launch_id, result_dict, run_results
-from harness.running.sweep import (SweepParent, TrialOutcome, expand_trials, in_sweep_order, pending_stacks,
+from harness.launching.ray_train import RayOptions, build_trainer, new_launch_id, result_dict, run_results
+from harness.sweeps.sweep import (SweepParent, TrialOutcome, expand_trials, in_sweep_order, pending_stacks,
                                    sweep_parent_run)
 
 ASHA_METRIC = "val_accuracy"  # maximised

@@ -26,12 +26,12 @@ from harness.core import distributed
 from harness.core.config import Config
 from harness.core.train_loop import RunHooks
 from harness.errors import InputError
-from harness.running.entrypoints import connect_ray, load_run_config
-from harness.running import torchrun_nodes
-from harness.running.preflight import check_resumable, preflight, preflight_ray_cluster, preflight_ray_storage
-from harness.running.runs import train_trials
-from harness.running.sweep import report_sweep, run_sweep, select_trial, select_trials, summary_table
-from harness.running.sweep_drivers import run_sweep_on_ray, torchrun_sweep
+from harness.launching.entrypoints import connect_ray, load_run_config
+from harness.launching import torchrun_nodes
+from harness.launching.preflight import check_resumable, preflight, preflight_ray_cluster, preflight_ray_storage
+from harness.launching.runs import train_trials
+from harness.sweeps.sweep import report_sweep, run_sweep, select_trial, select_trials, summary_table
+from harness.sweeps.sweep_drivers import run_sweep_on_ray, torchrun_sweep
 
 
 def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
@@ -103,7 +103,7 @@ def ray_job_command(args: argparse.Namespace) -> int:
     if cfg.is_sweep:
         say(summary_table(run_sweep_on_ray(cfg, options).outcomes))
         return 0
-    from harness.running.ray_train import fit  # loaded by start_ray already
+    from harness.launching.ray_train import fit  # loaded by start_ray already
 
     result = fit(cfg, options)
     say(f"finished {cfg.name} on Ray: epochs {result.epochs_completed}, steps {result.global_step}, "
@@ -176,7 +176,7 @@ def start_ray(cfg: Config, args: argparse.Namespace, num_workers: int):
         raise InputError(f"--num-workers: expected a positive integer, got {num_workers}")
     preflight(cfg, num_workers, args.use_gpu)
     preflight_ray_storage(args.storage_path)
-    from harness.running.ray_train import prepare_ray_run  # only the Ray paths pay for loading Ray Train
+    from harness.launching.ray_train import prepare_ray_run  # only the Ray paths pay for loading Ray Train
 
     cfg, options = prepare_ray_run(cfg, num_workers, args.use_gpu, args.max_failures, args.storage_path,
                                    args.placement_strategy)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from harness.errors import InputError
-from harness.results import critical, minima
-from harness.results.spread import cell, mean_std
+from harness.analysis import critical, minima
+from harness.analysis.spread import cell, mean_std
 from harness.records.mlflow_store import child_runs, log_new_metrics, logged_steps, newest_sweep_run, open_client
 
 # (column, metric key) of the summary; each gets a mean and a std over seeds.
@@ -195,8 +195,8 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     """Read the sweep, write table and plots under ``out_dir/<sweep run id>/``, log them to the parent run.
 
     ``interpolate``: also evaluate the loss along the line between the smallest and the largest
-    healthy batch size's final parameters (harness/results/interpolation.py, a run of its own)."""
-    from harness.results import plots
+    healthy batch size's final parameters (harness/analysis/interpolation.py, a run of its own)."""
+    from harness.analysis import plots
 
     client = open_client(tracking_uri)
     parent = find_sweep_run(client, experiment, sweep_run_id)
@@ -241,7 +241,7 @@ def _minima_sections(tracking_uri: str, experiment: str, trials: list[TrialRecor
     """The equal-training-loss table (a sweep with train.target_train_loss), the sharpness trajectories
     (trials with sharpness readings during training) and the interpolation between the smallest and the
     largest healthy batch size: Markdown to append, and the figures."""
-    from harness.results import plots
+    from harness.analysis import plots
 
     text, drawn = "", []
     targets = {t.target_train_loss for t in trials if t.target_train_loss is not None}
@@ -255,7 +255,7 @@ def _minima_sections(tracking_uri: str, experiment: str, trials: list[TrialRecor
             "Sharpness during training (dashed: 2(1+β)/η of the trial's LR)"))
     pair = minima.interpolation_pair(trials) if interpolate else None
     if pair:
-        from harness.results.interpolation import run_interpolation
+        from harness.analysis.interpolation import run_interpolation
 
         small, large = pair
         try:

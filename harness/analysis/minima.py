@@ -1,6 +1,6 @@
 """The note's second claim, read from a finished sweep: batch sizes compared at equal training loss.
 
-Owns, from the trial records harness/results/report.py reads out of MLflow: the
+Owns, from the trial records harness/analysis/report.py reads out of MLflow: the
 table per (LR rule, batch size, LR) of a sweep whose trials stop at
 ``train.target_train_loss`` (steps and epochs to that loss, and the test accuracy,
 test loss, gaps and sharpness at it), the edge-of-stability limit 2(1 + β)/η of
@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
-from harness.results.spread import cell, mean_std
+from harness.analysis.spread import cell, mean_std
 
 # Per-trial metrics the training loop logs (core/evaluation.py).
 STEPS, EPOCHS = "steps_to_train_loss_target", "epochs_to_train_loss_target"

@@ -22,7 +22,7 @@ from harness import signals
 from harness.console import warn
 from harness.core.config import Config
 from harness.core.distributed import DistContext
-from harness.running.sweep import (SweepParent, SweepProgress, TrialOutcome, expand_trials, in_sweep_order,
+from harness.sweeps.sweep import (SweepParent, SweepProgress, TrialOutcome, expand_trials, in_sweep_order,
                                    pending_stacks, sweep_parent_run)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,6 +117,6 @@ def run_sweep_on_ray(cfg: Config, options, resume: bool = False) -> SweepParent:
     ``sweep.early_stopping`` says so, under one MLflow parent run. ``options``: a
     ``ray_train.RayOptions``; Ray must be connected (``entrypoints.connect_ray``)."""
     # Imported here: ray, Ray Train and Tune take seconds to load, which the torchrun and local sweeps need not pay.
-    from harness.running.tune_sweep import run_tune_sweep
+    from harness.sweeps.tune_sweep import run_tune_sweep
 
     return run_tune_sweep(cfg, options, resume)

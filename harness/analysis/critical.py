@@ -1,6 +1,6 @@
 """The critical batch size of a finished sweep: the LR tuned per batch size, the fit of S(B), the parent's numbers.
 
-Owns, from the trial records harness/results/report.py reads out of MLflow: the
+Owns, from the trial records harness/analysis/report.py reads out of MLflow: the
 choice of the best LR per (LR rule, batch size) (Shallue et al. 2018: claims about
 batch size hold only with the optimizer tuned per batch size), the flag for a best LR
 on the grid's edge, the fit of S(B) = S_min (1 + B_crit/B) to the tuned steps with a

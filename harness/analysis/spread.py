@@ -1,7 +1,7 @@
 """Mean ± standard deviation over seeds, as every report table computes and prints it (no I/O).
 
-Used by harness/results/report.py (the sweep's summary), harness/results/minima.py (the table at
-equal training loss) and harness/running/escape.py (before → after). Non-finite values are left
+Used by harness/analysis/report.py (the sweep's summary), harness/analysis/minima.py (the table at
+equal training loss) and harness/sweeps/escape.py (before → after). Non-finite values are left
 out; no value at all gives NaN, printed as "-".
 """
 

@@ -12,7 +12,7 @@ after every epoch. The runs are children of one MLflow parent (``run_kind``
 ``escape``, tag ``escape_of`` = the sweep's run id); the table (before → after:
 training loss, test accuracy, λ_max against 2(1+β)/η) and the sharpness plot go
 to its artifacts. Training is the shared loop (core/train_loop.py, through
-running/sweep.py's ``run_trials``), in this process, one rank.
+sweeps/sweep.py's ``run_trials``), in this process, one rank.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from harness.console import say
 from harness.core import distributed
 from harness.core.config import Config
 from harness.errors import InputError
-from harness.results import minima
-from harness.results.report import TrialRecord, collect_trials, find_sweep_run
-from harness.results.spread import mean_std
-from harness.running.preflight import check_init_from, preflight
-from harness.running.sweep import SweepProgress, run_trials, sweep_parent_run
+from harness.analysis import minima
+from harness.analysis.report import TrialRecord, collect_trials, find_sweep_run
+from harness.analysis.spread import mean_std
+from harness.launching.preflight import check_init_from, preflight
+from harness.sweeps.sweep import SweepProgress, run_trials, sweep_parent_run
 
 # What the table reads before (the source trial's final metrics) and after (the continuation's).
 READOUTS = (("train_loss", "train loss", 4), ("test_accuracy", "test accuracy", 4),
@@ -137,7 +137,7 @@ def run_escape(tracking_uri: str, experiment: str, sweep_run_id: Optional[str], 
 
 
 def _draw(client, plan: list[Continuation], runs: dict, directory: Path) -> Path:
-    from harness.results import plots
+    from harness.analysis import plots
 
     curves = []
     for continuation in plan:

@@ -45,7 +45,7 @@ from harness.core.distributed import DistContext
 from harness.core.stacked import StackedTrainer
 from harness.core.stacked_graph import use_graph_step
 from harness.core.trainer import SingleRun, build_trainer, train_epoch
-from harness.results.bench import cpu_name, time_interleaved
+from harness.bench.bench import cpu_name, time_interleaved
 
 
 def stack_members(cfg: Config, stack: int) -> list[Config]:

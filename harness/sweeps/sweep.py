@@ -27,11 +27,11 @@ from harness.core.distributed import DistContext, broadcast_from_main
 from harness.errors import InputError
 from harness.core.stacked import SHARED_KEYS, check_stackable, dotted
 from harness.core.train_loop import RunHooks, RunResult
-from harness.results.critical import time_spent
-from harness.results.report import build_report
+from harness.analysis.critical import time_spent
+from harness.analysis.report import build_report
 from harness.records.mlflow_store import ui_links
 from harness.records.tracking import display_name, make_tracker
-from harness.running.runs import train_trials
+from harness.launching.runs import train_trials
 
 
 def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:
@@ -240,7 +240,7 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False, trials
     sweep itself breaks; child runs still RUNNING then end with the parent's status.
 
     ``trials``: the runs it will hold (default: the sweep's ``expand_trials``); ``kind``: the
-    parent's ``run_kind`` tag (``sweep``; ``escape`` for harness/running/escape.py's runs)."""
+    parent's ``run_kind`` tag (``sweep``; ``escape`` for harness/sweeps/escape.py's runs)."""
     tracker = make_tracker(cfg, ctx)
     previous = tracker.unfinished_sweep_run(cfg.name) if resume else None
     finished = tracker.finished_children(previous) if previous else frozenset()

@@ -21,7 +21,7 @@ from harness.core.config import Config, check_world_size
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import pick_device
 from harness.core.precision import check_precision
-from harness.measure.memory import check_memory
+from harness.launching.memory import check_memory
 from harness.records.mlflow_store import (check_experiment, check_resume_run_in_store, check_tracking_server,
                                          check_tracking_uri, default_tracking_uri)
 
@@ -84,7 +84,7 @@ def _device_type(device: str) -> str:
 
 def preflight_ray_storage(storage_path: str) -> None:
     """Before joining Ray: the ``--storage-path`` where Ray keeps run state (see ``ray_cluster.check_storage_path``)."""
-    from harness.running.ray_cluster import check_storage_path
+    from harness.launching.ray_cluster import check_storage_path
 
     check_storage_path(storage_path)
 
@@ -93,6 +93,6 @@ def preflight_ray_cluster(cfg: Config, storage_path: str, shared_storage: bool, 
                           placement_strategy: str) -> None:
     """After joining Ray, before any worker or MLflow run: what a cluster of several nodes needs
     (shared storage, a tracking store every node reaches, nodes to spread over; ``ray_cluster.check_cluster``)."""
-    from harness.running.ray_cluster import alive_nodes, check_cluster
+    from harness.launching.ray_cluster import alive_nodes, check_cluster
 
     check_cluster(cfg, storage_path, shared_storage, num_workers, placement_strategy, alive_nodes())

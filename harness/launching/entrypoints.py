@@ -4,7 +4,7 @@ A bad config, data file or checkpoint raises ``InputError``; ``exits_on_input_er
 turns it into one line on stderr and exit code 2. Launchers call ``load_run_config``
 and then ``preflight.preflight`` (the checks beyond the config file) before they
 start any process group, worker or MLflow run; what each launcher runs after that
-is in ``harness.running.commands``.
+is in ``harness.commands``.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser, num_workers_help: Optiona
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
     parser.add_argument("--storage-path", default="checkpoints/ray",
                         help="where Ray keeps run state and checkpoints: a folder, or a URI (s3://, gs://, ...)")
-    # On a cluster of several nodes every worker writes there: see harness/running/ray_cluster.py.
+    # On a cluster of several nodes every worker writes there: see harness/launching/ray_cluster.py.
     parser.add_argument("--shared-storage", action="store_true",
                         help="--storage-path is a folder every node of the Ray cluster sees at the same path "
                              "(a shared file system); needed for a folder on a cluster of several nodes")

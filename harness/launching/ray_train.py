@@ -42,8 +42,8 @@ from harness.core.distributed import (COLLECTIVE_CAPTURE_ENV, DistContext, allow
                                      context_from_process_group)
 from harness.core.train_loop import RunHooks, RunResult
 from harness.records.mlflow_store import end_runs_of_launch
-from harness.running.ray_cluster import resolve_storage_path
-from harness.running.runs import train_trials
+from harness.launching.ray_cluster import resolve_storage_path
+from harness.launching.runs import train_trials
 
 
 class RayHooks(RunHooks):

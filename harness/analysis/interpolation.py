@@ -7,7 +7,7 @@ of run A's data config (core.data.load_dataset, core.evaluation.evaluate), write
 ``interpolation.csv`` and ``interpolation.png`` under ``<out>/interpolate-<a>-<b>/``,
 and log a new MLflow run naming both sources, with the files as artifacts and one
 metric per point (step = the point's index). The walk along the line is
-harness/measure/interpolation.py's, the figure harness/results/plots.py's, every
+harness/measure/interpolation.py's, the figure harness/analysis/plots.py's, every
 MLflow store check harness/records/mlflow_store.py's.
 """
 
@@ -75,7 +75,7 @@ def run_interpolation(ref_a: str, ref_b: str, *, tracking_uri: Optional[str], ex
     directory = Path(out_dir) / f"interpolate-{_short(source_a)}-{_short(source_b)}"
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, plot_path = _write_csv(rows, directory / "interpolation.csv"), directory / "interpolation.png"
-    from harness.results import plots  # matplotlib only where a figure is drawn
+    from harness.analysis import plots  # matplotlib only where a figure is drawn
 
     plots.interpolation(rows, plot_path, label_a, label_b)
     run_id = None

@@ -1,4 +1,4 @@
-"""``harness scaling --measure``: the cost model (results/scaling.py) checked against real processes here.
+"""``harness scaling --measure``: the cost model (bench/scaling.py) checked against real processes here.
 
 Two processes on 127.0.0.1 (torch.multiprocessing, gloo over loopback TCP) measure:
 
@@ -18,7 +18,7 @@ use this 2-core machine's two cores; the one-process steps run with one thread t
 2-rank step is ``compute(B / 2) + all_reduce(2, gradient bytes)`` with the fitted link (no overlap: the
 whole gradient is one DDP bucket), printed beside the measured one with their ratio.
 
-Owns the processes, the timing and the fit; the formula is results/scaling.py's.
+Owns the processes, the timing and the fit; the formula is bench/scaling.py's.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.trainer import build_trainer
 from harness.errors import InputError
-from harness.results.bench import cpu_name
-from harness.results.scaling import Link, all_reduce_s, parameter_count
+from harness.bench.bench import cpu_name
+from harness.bench.scaling import Link, all_reduce_s, parameter_count
 
 WORLD_SIZE = 2
 THREADS_PER_RANK = 1

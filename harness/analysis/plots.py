@@ -1,7 +1,7 @@
 """The sweep report's figures (matplotlib, no display needed).
 
-Each function takes the trial records and summary rows of harness/results/report.py (or the
-tuned answers of harness/results/critical.py) and writes one PNG; nothing here reads MLflow
+Each function takes the trial records and summary rows of harness/analysis/report.py (or the
+tuned answers of harness/analysis/critical.py) and writes one PNG; nothing here reads MLflow
 or computes a metric beyond evaluating an already fitted curve.
 """
 
@@ -274,7 +274,7 @@ def sharpness_trajectories(curves, path: Path, title: str) -> Path:
 
 def interpolation(rows: list[dict[str, float]], path: Path, label_a: str, label_b: str) -> Path:
     """Keskar et al. (2017)'s figure: loss and accuracy along θ(α) = (1 − α)·θ_a + α·θ_b, train and test,
-    with α = 0 and α = 1 (the two solutions) marked. ``rows``: harness/results/interpolation.py's."""
+    with α = 0 and α = 1 (the two solutions) marked. ``rows``: harness/analysis/interpolation.py's."""
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     alphas = [row["alpha"] for row in rows]
     for ax, quantity in ((loss_ax, "loss"), (acc_ax, "accuracy")):
@@ -305,7 +305,7 @@ def interpolation(rows: list[dict[str, float]], path: Path, label_a: str, label_
 
 def capacity(result: dict, path: Path) -> Path:
     """``harness capacity``'s figure, log-log: time per step and time per sample against the batch size,
-    with the end of the flat range and the largest measured batch marked. ``result``: results/capacity.py's."""
+    with the end of the flat range and the largest measured batch marked. ``result``: bench/capacity.py's."""
     points = result["points"]
     batches = [p["batch_size"] for p in points]
     fig, (step_ax, sample_ax) = plt.subplots(1, 2, figsize=(11, 4))
