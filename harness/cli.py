@@ -17,10 +17,8 @@ from harness.console import say
 from harness.launching.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error
 from harness.errors import InputError
 
-# harness.bench.bench.PATHS, named here so that building the parser needs no torch
-# (tests/test_cli.py checks that the two agree).
 BENCH_BATCH_SIZES = [32, 128, 512, 2048, 8192]
-# bench --stack: stacking pays where one trial's step uses the device poorly, the small batches (issue 17).
+# bench --stack: stacking pays where one trial's step uses the device poorly, the small batches.
 STACK_BATCH_SIZES = [32, 64, 128, 512]
 
 GRADCHECK_TOLERANCE = 1e-8

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU check as one script, for a machine with one NVIDIA GPU and
+# The GPU check as one script, for a machine with one NVIDIA GPU and
 # PyTorch, with or without MLflow, without Ray:
 #   1. the CUDA-graph tests (real capture and replay, DDP at world size 1 on NCCL);
 #   2. one torchrun rank on NCCL with the graph step (launch/train.py);
@@ -7,10 +7,10 @@
 #      graph-under-DDP path if the full run fails, so one broken path costs no table);
 #   4. configs/sweep_gpu.yaml (7 batch sizes, 10 epochs, 1 seed, graph step on), timed;
 #   5. the same sweep with the eager step, timed, for the comparison;
-#   6. configs/critical_batch.yaml (issue 13: the critical batch size two ways), timed;
-#   7. issue 15: `harness capacity --device cuda` in fp32 and in bf16 (the bf16 step on CUDA):
+#   6. configs/critical_batch.yaml (the critical batch size two ways), timed;
+#   7. `harness capacity --device cuda` in fp32 and in bf16 (the bf16 step on CUDA):
 #      time per step and peak memory against the batch, up to the first out-of-memory;
-#   8. issue 17: `harness bench --stack 16 --device cuda` (16 trials as one stacked model against
+#   8. `harness bench --stack 16 --device cuda` (16 trials as one stacked model against
 #      the same 16 one after another, graph step on both sides; its kernels profiled; again with
 #      every side's products in TF32, stack-bench-tf32; both again with 32 trials, stack-bench-wide
 #      and stack-bench-wide-tf32), and configs/critical_batch.yaml
@@ -72,15 +72,15 @@ run sweep-graph "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_
     --set checkpoint.dir=/tmp/gpu-check-sweep-graph
 run sweep-eager "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_graph=false \
     --set checkpoint.dir=/tmp/gpu-check-sweep-eager
-# Issue 13's study at full size: 10 batch sizes x 6 LRs x 2 seeds, each trial stopped at its target.
+# The critical-batch study at full size: 10 batch sizes x 6 LRs x 2 seeds, each trial stopped at its target.
 run critical-batch "$py" launch/sweep.py --config configs/critical_batch.yaml --launcher local "${tracking[@]}" \
     --set train.device=cuda --set checkpoint.dir=/tmp/gpu-check-critical --report-dir "$out/critical-report"
-# Issue 15: the note's hardware claims measured on the device, in fp32 and bf16.
+# The note's hardware claims measured on the device, in fp32 and bf16.
 run capacity "$py" -m harness.cli capacity --config configs/fashion_mnist.yaml --device cuda --epoch-samples 55000 \
     --no-mlflow --json "$out/capacity-cuda.json" --out "$out"
 run capacity-bf16 "$py" -m harness.cli capacity --config configs/fashion_mnist.yaml --device cuda --epoch-samples 55000 \
     --set performance.precision=bf16 --no-mlflow --json "$out/capacity-cuda-bf16.json" --out "$out"
-# Issue 17: stacks of trials on the device, and the study without them for its time.
+# Stacks of trials on the device, and the study without them for its time.
 run stack-bench "$py" -m harness.cli bench --config configs/fashion_mnist.yaml --device cuda --stack "${STACK:-16}" \
     --batch-sizes 32 64 128 512 --epochs 3 --json "$out/bench-cuda-stack${STACK:-16}.json" \
     --profile "$out/stack-profile"

@@ -13,7 +13,7 @@ Two processes on 127.0.0.1 (torch.multiprocessing, gloo over loopback TCP) measu
    what sharing the machine's cores costs the compute, apart from the all-reduce.
 
 Compute shares the cores: each rank runs with one thread (``torch.set_num_threads(1)``), so that two ranks
-use this 2-core machine's two cores; the one-process steps run with one thread too, which is the fair
+use two cores of the machine; the one-process steps run with one thread too, which is the fair
 "one device" of the model (with two threads the one-process step would have both cores). The predicted
 2-rank step is ``compute(B / 2) + all_reduce(2, gradient bytes)`` with the fitted link (no overlap: the
 whole gradient is one DDP bucket), printed beside the measured one with their ratio.

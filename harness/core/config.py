@@ -265,7 +265,7 @@ class SweepConfig(ConfigModel):
     asha_grace_period: PositiveInt = 1  # epochs every trial trains before ASHA may stop it
     asha_reduction_factor: Annotated[float, Field(gt=1), Expect("a number > 1")] = 3.0
     # Trials that share batch size and architecture trained together as one stacked model
-    # (core/stacked.py, issue 17): up to this many per stack; auto: every trial that can share
+    # (core/stacked.py): up to this many per stack; auto: every trial that can share
     # one; 1: each trial alone. Each member is still its own MLflow run, equal to the trial alone.
     stack_trials: StackTrials = 1
 

@@ -4,8 +4,8 @@ On one node, every worker writes where the driver checked. On several, Ray place
 each worker (rank 0 included) on any node, and that worker writes Ray Train's
 checkpoints to ``--storage-path`` and the MLflow records to ``tracking.uri`` from
 there: a local folder or a SQLite file on another node is another folder or file,
-so a restarted run would not find its checkpoint and the records would be split
-(issue 16). The checks here refuse that, with one line, before any worker or MLflow
+so a restarted run would not find its checkpoint and the records would be split.
+The checks here refuse that, with one line, before any worker or MLflow
 run starts:
 
 - ``check_storage_path`` (before joining Ray): the folder exists, or can be made in

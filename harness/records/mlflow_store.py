@@ -1,9 +1,7 @@
 """The one place that talks to MLflow: the store, its checks, the queries, the spool.
 
-Why one module of ~380 lines: issue 12 found the same queries written twice
-(the tracker and the report each searched for sweep runs and child runs); every
-filter string and ``search_runs`` call lives here now, next to the client they
-go through. Its three parts, in order: the store (URI, health and input checks,
+Every filter string and ``search_runs`` call lives here, next to the client they
+go through, so the tracker and the report never write the same query twice. Its three parts, in order: the store (URI, health and input checks,
 opening a client), the queries (sweep runs, child runs, ending runs left
 RUNNING), and the spool of records a run could not deliver, with their replay.
 

@@ -337,7 +337,7 @@ TIME_NAMES = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epo
 
 def where_the_time_went(spent: dict[str, Optional[float]], elapsed_s: float) -> str:
     """One line: each time_*_s metric summed over the trials, its share of the sweep's wall time,
-    and evaluation against training (issue 13 aims at under 15%)."""
+    and evaluation against training."""
     parts = [f"{TIME_NAMES[key]} " + (f"{format_duration(value)} ({value / elapsed_s:.0%})" if value is not None
                                       and elapsed_s > 0 else "not recorded")
              for key, value in spent.items()]
