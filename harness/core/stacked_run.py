@@ -40,7 +40,7 @@ from harness.core.model import build_model
 from harness.core.sharpness import SharpnessReadings
 from harness.core.stacked import StackedTrainer
 from harness.core.stacked_graph import use_graph_step
-from harness.core.step import LRSchedule
+from harness.core.optim import Schedule
 from harness.core.train_loop import (RunHooks, RunResult, Trainer, begin_epochs, checkpoint_state, end_epoch,
                                      first_epoch, run_step_budget, start_from_source, time_line)
 from harness.records.tracking import make_tracker
@@ -52,30 +52,6 @@ class MemberStep:
     @staticmethod
     def on_training_stream():
         return contextlib.nullcontext()
-
-
-class MemberOptimizer:
-    """Member k's view of the stack's SGD, in ``torch.optim.SGD``'s checkpoint format.
-
-    Its momentum buffers are row k of the stacked ones: ``state_dict`` is what a run
-    alone would save, and ``load_state_dict`` copies a saved state back into the rows.
-    """
-
-    def __init__(self, cfg: Config, params: list[torch.nn.Parameter], buffers: list[torch.Tensor]):
-        self.sgd = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                   weight_decay=cfg.optim.weight_decay)
-        self.params, self.buffers = params, buffers
-
-    def state_dict(self) -> dict:
-        for p, buf in zip(self.params, self.buffers):
-            self.sgd.state[p]["momentum_buffer"] = buf.clone()
-        return self.sgd.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sgd.load_state_dict(state)
-        for p, buf in zip(self.params, self.buffers):
-            saved = self.sgd.state.get(p, {}).get("momentum_buffer")
-            buf.copy_(saved) if saved is not None else buf.zero_()  # no buffer yet: SGD's first step starts it
 
 
 def member_model(stack: StackedTrainer, k: int, cfg: Config) -> torch.nn.Module:
@@ -139,11 +115,10 @@ def build_members(members: list[Config], ctx: DistContext, dataset: Dataset, che
     built = []
     for k, cfg in enumerate(members):
         model = member_model(stack, k, cfg)
-        params = list(model.parameters())
-        optimizer = MemberOptimizer(cfg, params, [buf[k] for buf in stack.optimizer.momentum_buffers])
+        optimizer = stack.optimizer.member(k)  # row k of the stack's state, saved as a run alone saves its own
         plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size,
                          seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
-        schedule = LRSchedule(cfg.optim.lr, warmup_steps=round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
+        schedule = Schedule.of([cfg], plan.steps_per_epoch, ctx.device)
         probe = stack.probe.members[k] if stack.probe else None
         trainer = Trainer(cfg, ctx, model, optimizer, plan, dataset.train, schedule, MemberStep(), probe)
         built.append(Member(k, trainer, make_tracker(cfg, ctx, parent_run_id), checkpoints[k], states[k]))
@@ -325,5 +300,5 @@ def _keep(stack: StackedTrainer, in_stack: list[Member], staying: list[Member]) 
         stack.keep([rows[id(m)] for m in staying])
         for row, m in enumerate(staying):
             point_at_row(m.trainer.model, stack, row)
-            m.trainer.optimizer.buffers = [buf[row] for buf in stack.optimizer.momentum_buffers]
+            m.trainer.optimizer = stack.optimizer.member(row)
     return staying

@@ -35,7 +35,8 @@ from harness.core.epoch_bar import LossPostfix, epoch_bar
 from harness.core.evaluation import RunCounters, StepEvaluations, evaluate, time_metrics, timed
 from harness.measure.grad_noise import NoiseProbe
 from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
-from harness.core.step import EagerStep, LRSchedule, unwrap
+from harness.core.optim import MemberState, Optimizer, Schedule
+from harness.core.step import EagerStep, unwrap
 from harness.core.model import build_model
 from harness.core.sharpness import SharpnessReadings, read_sharpness, sharpness_cost_metrics
 from harness.console import say
@@ -102,16 +103,16 @@ class Trainer:
     cfg: Config
     ctx: DistContext
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer | MemberState
     plan: BatchPlan
     train_set: Split
-    schedule: LRSchedule
+    schedule: Schedule
     train_step: EagerStep | GraphStep
     noise_probe: Optional[NoiseProbe] = None
 
     def lr_at(self, global_step: int) -> float:
         """The learning rate of step ``global_step`` (the epoch's metrics log it)."""
-        return self.schedule.lr_at(global_step)
+        return float(self.schedule.lr_at(global_step)[0])
 
     def run_epoch(self, epoch: int, first_global_step: int, max_steps: int, bar,
                   after_step: Optional[Callable[[int, int], bool]] = None) -> tuple[float, int, int]:
@@ -167,11 +168,10 @@ def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
         model = _wrap_ddp(model, ctx, graph_stream)
     if probe:
         probe.attach(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = Optimizer([cfg.optim], [p.view(1, -1) for p in unwrap(model).parameters()])
     plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size, seed=cfg.seed,
                      rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
-    schedule = LRSchedule(cfg.optim.lr, warmup_steps=round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
+    schedule = Schedule.of([cfg], plan.steps_per_epoch, ctx.device)
     train_step: EagerStep | GraphStep = EagerStep(cfg, ctx, model, optimizer, dataset.train, schedule, probe)
     if graph_stream is not None:
         train_step = GraphStep(train_step, graph_stream)
@@ -312,7 +312,7 @@ def _train_epochs(trainer: Trainer, dataset: Dataset, tracker, hooks: RunHooks, 
 
 def run_step_budget(trainer: Trainer) -> int:
     """The run's last step: train.max_steps, else every epoch's steps."""
-    return trainer.cfg.train.max_steps or trainer.cfg.total_epochs * trainer.plan.steps_per_epoch
+    return trainer.cfg.step_budget(trainer.plan.steps_per_epoch)
 
 
 def first_epoch(cfg: Config, counters: RunCounters) -> int:
