@@ -83,7 +83,7 @@ class Schedule:
 
     def select(self, rows: torch.Tensor) -> Schedule:
         """The schedules of members ``rows`` only."""
-        return Schedule(self.base_lr[rows], self.warmup_steps[rows], self.decay_end[rows], self.kind[rows])
+        return Schedule(*(t[rows] for t in (self.base_lr, self.warmup_steps, self.decay_end, self.kind)))
 
 
 class Optimizer:
@@ -259,7 +259,5 @@ class MemberState:
             raise InputError(f"optimizer: a checkpoint of {state.get('name', 'another optimizer')!r}; expected the "
                              f"state of {self.name!r} (keys {', '.join(self.rows)})")
         for key, rows in self.rows.items():
-            offset = 0
-            for row in rows:
-                row.copy_(state[key][offset:offset + row.numel()])
-                offset += row.numel()
+            for row, saved in zip(rows, state[key].split([row.numel() for row in rows])):
+                row.copy_(saved)
