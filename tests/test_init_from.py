@@ -97,7 +97,7 @@ def test_source_weights_are_written_into_the_parameters_the_step_already_holds(s
     place, result = source
     cfg = smoke_config(place, *TINY, f"checkpoint.init_from={result.checkpoint}", "tracking.enabled=false")
     trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))
-    held = [p.data_ptr() for p in trainer.optimizer.param_groups[0]["params"]]
+    held = [p.data_ptr() for p in trainer.train_step.parameter_blocks]
     tags = load_init_weights(trainer, init_weights(cfg))
     assert [p.data_ptr() for p in trainer.model.parameters()] == held
     for name, value in trainer.model.state_dict().items():

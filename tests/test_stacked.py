@@ -8,7 +8,7 @@ from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.stacked import StackedTrainer, check_stackable
-from harness.core.step import LRSchedule
+from harness.core.optim import Schedule
 from harness.launching.runs import train_run
 from harness.errors import InputError
 
@@ -68,10 +68,10 @@ def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path, mo
 
 def test_members_sharing_one_momentum_fold_their_weight_gradients_and_still_end_as_their_solo_runs(tmp_path):
     """With one momentum for all, every step's weight-gradient product adds into the momentum buffers
-    (StackedSGD, folding); seeds, LRs, weight decay and warm-up still differ, the last batch is uneven."""
+    (StackedTrainer.can_fold); seeds, LRs, weight decay and warm-up still differ, the last batch is uneven."""
     members = [_config(tmp_path, k, **{**m, "momentum": 0.9}) for k, m in enumerate(MEMBERS)]
     stack = _stacked(members)
-    assert stack.optimizer.fold_momentum == pytest.approx(0.9)
+    assert stack.fold_momentum == pytest.approx(0.9)
     folded = []
     loss_and_gradients = stack.model.loss_and_gradients
 
@@ -92,9 +92,9 @@ def test_members_sharing_one_momentum_fold_their_weight_gradients_and_still_end_
 def test_member_lr_vector_equals_each_solo_schedule_at_every_step(tmp_path):
     members = [_config(tmp_path, k, **m) for k, m in enumerate(MEMBERS)]
     stack = _stacked(members)
-    solos = [LRSchedule(cfg.optim.lr, round(cfg.optim.warmup_epochs * stack.steps_per_epoch)) for cfg in members]
+    solos = [Schedule.of([cfg], stack.steps_per_epoch, "cpu") for cfg in members]
     for step in range(3 * stack.steps_per_epoch):
-        assert stack.schedule.lr_at(step).tolist() == [s.lr_at(step) for s in solos]
+        assert stack.schedule.lr(step).tolist() == [float(s.lr(step)[0]) for s in solos]
 
 
 @pytest.mark.parametrize("host_sync_free, momentum", [(False, None), (True, None), (False, 0.9)],
@@ -109,7 +109,7 @@ def test_diverged_member_stops_updating_and_the_others_match_their_solo_runs(tmp
     members = [_config(tmp_path, k, **m) for k, m in enumerate(settings)]
     stack = _stacked(members)
     stack.optimizer.host_sync_free = host_sync_free
-    assert (stack.optimizer.fold_momentum is not None) == (momentum is not None)
+    assert (stack.fold_momentum is not None) == (momentum is not None)
     stack.run_epoch(1)
     assert stack.diverged == [False, True, False]
     frozen = stack.model.member_state_dict(1)
@@ -135,10 +135,10 @@ def test_the_step_whose_loss_is_not_finite_leaves_that_members_parameters_and_mo
     batches = stack.local_batches(1)
     stack.step(next(batches)[0])  # momentum buffers that are not zero
     stack.model.weights[-1][1].mul_(1e38)  # finite weights whose logits overflow: member 1's loss is not finite
-    before = [t[1].clone() for t in stack.model.parameters() + stack.optimizer.momentum_buffers]
+    before = [t[1].clone() for t in stack.model.parameters() + stack.optimizer.state["momentum_buffer"]]
     loss = stack.step(next(batches)[0])
     assert torch.isfinite(loss).tolist() == [True, False, True] and stack.diverged == [False, True, False]
-    after = [t[1] for t in stack.model.parameters() + stack.optimizer.momentum_buffers]
+    after = [t[1] for t in stack.model.parameters() + stack.optimizer.state["momentum_buffer"]]
     assert all(torch.equal(b, a) for b, a in zip(before, after))
 
 

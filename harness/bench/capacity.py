@@ -212,7 +212,7 @@ def step_tensor_bytes(trainer: Trainer, indices: torch.Tensor) -> int:
     """Parameters, gradients and optimizer state, plus what autograd saves for one step's backward (CPU memory)."""
     model = unwrap(trainer.model)
     state = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
-    state += [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    state += [t for blocks in trainer.optimizer.state.values() for t in blocks]
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state}
     saved: dict[int, int] = {}
 

@@ -152,10 +152,10 @@ def matmuls_only_epoch(stacked: StackedTrainer):
     # Gradients into a buffer of its own in the step's layout (the same strides): the bench times this epoch
     # between the stack's own epochs, whose state it must not touch.
     weight_grads = model.layout.views(torch.zeros_like(model.flat_gradients))[0::2]
-    # Where the step folds the weight gradient into the momentum buffer (StackedSGD), its product is that
+    # Where the step folds the weight gradient into the momentum buffer (StackedTrainer.can_fold), its product is that
     # baddbmm_; the bench's stack trains every member, so folding depends only on the batch's size.
     folds = {size: stacked.can_fold(size) for size in set(sizes)}
-    momentum = stacked.optimizer.fold_momentum
+    momentum = stacked.fold_momentum
 
     def run_epoch(_epoch: int) -> None:
         for size in sizes:

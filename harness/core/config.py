@@ -30,6 +30,9 @@ from harness.errors import InputError
 Dataset = Literal["fashion-mnist", "mnist", "digits", "synthetic"]
 LrRule = Literal["none", "linear", "sqrt"]
 LR_RULES = typing.get_args(LrRule)
+OptimizerName = Literal["sgd", "nesterov", "adam", "adamw"]
+ScheduleName = Literal["constant", "linear", "cosine"]
+SCHEDULES = typing.get_args(ScheduleName)
 
 # Sizes of the real data sets, known without reading them, so that a batch larger
 # than the training set is refused before any process starts. (train, test)
@@ -98,6 +101,8 @@ StackTrials = Annotated[Any, check(
     lambda v: None if v == "auto" or (type(v) is int and v >= 1) else "a positive number of trials per stack, or auto")]
 # A validator, not min_length: a string of spaces is blank too, and the value must stay as given.
 NonBlank = Annotated[str, check(lambda v: None if v.strip() else "a non-empty string")]
+Betas = list_of(float, check(lambda v: None if len(v) == 2 and all(0 <= b < 1 for b in v)
+                             else "two numbers in [0, 1)"))
 
 
 class SyntheticConfig(ConfigModel):
@@ -126,13 +131,23 @@ class ModelConfig(ConfigModel):
 
 
 class OptimConfig(ConfigModel):
+    # The update (core/optim.py): sgd (momentum SGD, torch.optim.SGD's), nesterov (its Nesterov
+    # form), adam (Kingma & Ba 2015; weight_decay as an L2 term) or adamw (decoupled weight decay,
+    # Loshchilov & Hutter 2019). momentum is SGD's; betas and eps are Adam's.
+    name: OptimizerName = "sgd"
     lr: PositiveFloat = 0.01
     momentum: Fraction = 0.9
     weight_decay: NonNegativeFloat = 0.0
+    betas: Betas = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
     global_batch_size: PositiveInt = 128
     # Linear warmup of the LR from lr/warmup_steps to lr over this many epochs'
     # worth of steps (Goyal et al. 2017 pair it with the linear scaling rule).
     warmup_epochs: NonNegativeFloat = 0.0
+    # After the warmup: the LR held (constant), or decayed to 0 at the end of the step budget
+    # (train.max_steps, else every epoch's steps), linearly or along a half cosine (Loshchilov &
+    # Hutter 2017, without restarts).
+    schedule: ScheduleName = "constant"
     # Gradient accumulation: each rank runs its share of a global batch as forward/backward
     # passes of this many samples, summed into one gradient before one update, so a global
     # batch larger than the device holds trains exactly as one batch would (core/step.py).
@@ -365,6 +380,10 @@ class Config(ConfigModel):
             return self.train.epochs
         return -(-self.train.max_steps // self.steps_per_epoch())
 
+    def step_budget(self, steps_in_epoch: int) -> int:
+        """The run's steps: train.max_steps, else every epoch's steps (``steps_in_epoch`` each)."""
+        return self.train.max_steps or self.total_epochs * steps_in_epoch
+
 
 def _training_total(data: DataConfig) -> int:
     """Samples in the source's training file (before the validation split), known without reading it."""
@@ -427,6 +446,9 @@ def _check_cross_field(cfg: Config) -> None:
     if cfg.train.target_train_loss is not None and cfg.train.stop_at_target:
         raise InputError(f"train.target_train_loss: {cfg.train.target_train_loss:g} given together with "
                          "train.stop_at_target true; expected at most one stopping rule (train.stop_at_target false)")
+    if cfg.optim.name == "nesterov" and cfg.optim.momentum == 0:
+        raise InputError("optim.name: nesterov with optim.momentum 0; expected a momentum > 0 "
+                         "(Nesterov's step is a momentum step), or optim.name sgd")
     if cfg.performance.precision == "bf16" and cfg.train.grad_engine == "manual":
         raise InputError("performance.precision: bf16 with train.grad_engine manual; the hand-written backward "
                          "is fp32/fp64 only; expected precision fp32 or grad_engine autograd")

@@ -3,16 +3,16 @@
 For the note's small DNN a step is a few dozen tiny kernels, and launching them
 one by one from Python costs more than running them. With
 ``performance.cuda_graph`` the whole step (zero-grad, gather of the batch,
-forward, loss, backward with DDP's all-reduce, the noise probe, the SGD update)
+forward, loss, backward with DDP's all-reduce, the noise probe, the update)
 is captured once per kind of step and replayed; feeding a batch is one copy of
 its indices into a static buffer.
 
 Owns: when the step can be captured (``graph_unavailable_reason``), the eager
 warm-up before capture, the two graphs (a plain step and a step that feeds the
-noise probe), and an SGD update that reads the learning rate from a device
-tensor. It does not own the step's math: ``GraphStep`` wraps the eager step
-(core/step.py), calls it for the steps it does not replay, and captures its
-``gradients``, so eager and graph steps cannot drift apart. It has the eager
+noise probe), and the static LR buffer the captured update reads. It does not
+own the step's math: ``GraphStep`` wraps the eager step (core/step.py), calls it
+for the steps it does not replay, and captures its ``gradients`` and ``update``,
+so eager and graph steps cannot drift apart. It has the eager
 step's signature, so the training loop calls either the same way.
 
 What capture needs, and how it is met here (PyTorch's CUDA notes, "CUDA Graphs"
@@ -20,9 +20,9 @@ and "Usage with DistributedDataParallel"):
 - static shapes and addresses: one graph per batch shape (the full batch); the
   last, smaller batch of an epoch runs eagerly. Gradients are zeroed in place,
   never set to None, so they keep their addresses between eager and graph steps.
-- no host syncs in the step: the LR is a device tensor written before replay
-  (torch.optim.SGD turns a tensor LR into a Python number, a sync, so the update
-  is written here); the probe keeps its counts on the device.
+- no host syncs in the step: the update (core/optim.py) takes its LR as a device
+  tensor, copied from the schedule's table before every replay; the probe keeps
+  its counts on the device.
 - warm-up on a side stream before capture: 3 eager steps, 11 under DDP, whose
   model must be constructed on that same side stream (``side_stream``), with
   NCCL's async error handling off (``distributed.allow_collective_capture``).
@@ -73,24 +73,6 @@ def new_side_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-@torch.no_grad()
-def sgd_update_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-                lr: torch.Tensor, momentum: float, weight_decay: float) -> None:
-    """torch.optim.SGD's update (no dampening, no Nesterov), with ``lr`` a device tensor.
-
-    Reads and writes the optimizer's own momentum buffers, so its state_dict (and
-    a checkpoint) stays what an eager run would save. The buffers must exist:
-    the eager warm-up steps create them.
-    """
-    if weight_decay:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    if momentum:
-        torch._foreach_mul_(momentum_buffers, momentum)
-        torch._foreach_add_(momentum_buffers, grads)
-        grads = momentum_buffers
-    torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
-
-
 class GraphStep:
     """Full-size steps of an ``EagerStep``, replayed from CUDA graphs; the others run that eager step.
 
@@ -109,8 +91,8 @@ class GraphStep:
         self.global_batch_size = cfg.optim.global_batch_size
         self.static_indices = torch.zeros(self.global_batch_size // ctx.world_size, dtype=torch.long,
                                           device=ctx.device)
-        self.lr = torch.full((), cfg.optim.lr, dtype=torch.float32, device=ctx.device)
-        self._lr_value = cfg.optim.lr
+        # In the parameters' dtype: the copy into it casts as the eager update does.
+        self.lr = torch.zeros(1, dtype=eager.optimizer.dtype, device=ctx.device)
         under_ddp = isinstance(eager.model, torch.nn.parallel.DistributedDataParallel)
         self.warmup_steps_left = WARMUP_STEPS_DDP if under_ddp else WARMUP_STEPS
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # measures noise? -> graph
@@ -133,10 +115,7 @@ class GraphStep:
             with self.on_training_stream():
                 return eager(indices, global_batch_size, global_step)
         measure = eager.should_measure(global_batch_size, global_step)
-        lr = eager.schedule.lr_at(global_step)
-        if lr != self._lr_value:  # a kernel launch only while the LR warms up
-            self.lr.fill_(lr)
-            self._lr_value = lr
+        self.lr.copy_(eager.schedule.lr(global_step))  # one kernel: a view of the schedule's table
         self.static_indices.copy_(indices)
         if not self.capture:
             return self._body(measure)
@@ -156,12 +135,7 @@ class GraphStep:
         y = eager.train_set.targets.index_select(0, self.static_indices)
         normalizer = eager.normalizer(self.global_batch_size)
         loss = eager.gradients(x, y, normalizer, measure)
-        params = eager.params
-        optim = eager.cfg.optim
-        momentum_buffers = ([eager.optimizer.state[p]["momentum_buffer"] for p in params]
-                            if optim.momentum else [])
-        sgd_update_(params, [p.grad for p in params], momentum_buffers, self.lr, optim.momentum,
-                    optim.weight_decay)
+        eager.update(self.lr)
         return loss * normalizer
 
     def _capture_all(self) -> None:

@@ -1,17 +1,18 @@
 """K trials of one MLP architecture trained as one stacked model: the stacked step.
 
 Owns the stacked model (every member's parameters on a leading K axis), its
-forward as batched matrix products, the per-member loss, the per-member SGD
-update (LR schedule with warmup, momentum, weight decay, momentum buffers as
-K-vectors), the per-member data order (each rank's share of it), the gradients'
-one all-reduce over ranks, the stacked noise probe, divergence masking, and
-dropping members whose runs have ended (``StackedTrainer.keep``).
+forward as batched matrix products, the per-member loss, the stacked step
+(gradients, then core/optim.py's update and LR schedule for all members at
+once), the fold of SGD's momentum into the weight-gradient product, the
+per-member data order (each rank's share of it), the gradients' one all-reduce
+over ranks, the stacked noise probe, divergence masking, and dropping members
+whose runs have ended (``StackedTrainer.keep``).
 
 Each member is the trial it stands for, run alone: its initial weights are
 ``model.build_model(its config)`` stacked, its batches are its own
 ``data.BatchPlan`` permutation of its own training split, its loss is the eager
-step's (sum of cross-entropy over the batch / the batch's size), its LR is
-``step.LRSchedule.lr_at`` and its update is ``torch.optim.SGD``'s, so its
+step's (sum of cross-entropy over the batch / the batch's size), its LR and
+update are core/optim.py's, the very code that updates a run alone, so its
 parameters after n steps equal the solo run's up to float rounding
 (tests/test_stacked.py).
 
@@ -23,7 +24,6 @@ sweeps/sweep.py's; the step's CUDA-graph capture is core/stacked_graph.py's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -35,14 +35,15 @@ from harness.core.data import BatchPlan, Split
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.backprop import activation_backward
 from harness.core.model import ACTIVATION_MODULES, build_model
+from harness.core.optim import Optimizer, Schedule
 from harness.errors import InputError
 from harness.core.noise_probe import WINDOWS_KEPT, NoiseProbe
 
 # Keys every member of a stack must agree on: they fix the tensors' shapes (architecture,
 # batch size, the training split's size) or what one step computes for all members at once.
 SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.validation_size",
-               "data.train_subset", "data.synthetic", "optim.global_batch_size", "optim.micro_batch_size",
-               "train.drop_last", "performance.precision", "train.epochs", "train.max_steps",
+               "data.train_subset", "data.synthetic", "optim.name", "optim.global_batch_size",
+               "optim.micro_batch_size", "train.drop_last", "performance.precision", "train.epochs", "train.max_steps",
                "metrics.noise_scale", "metrics.noise_scale_ema_decay", "metrics.noise_scale_interval")
 # On a CPU one pass of the stacked step computes at most about this many samples (members x batch):
 # beyond it the stack's activations outgrow the caches and the step ran slower than the same
@@ -83,11 +84,12 @@ def check_stackable(members: list[Config]) -> None:
 
 
 class MemberLayout:
-    """Where each member's parameters lie in one flat buffer (parameters, gradients and momentum share it).
+    """Where each member's parameters lie in one flat buffer (parameters and gradients share it; the
+    optimizer's state takes the shapes of its ``blocks``).
 
     Member-major (on a GPU): member k's parameters end to end in row k of a [K, P]
     block, so one elementwise pass over that one block updates every parameter of
-    every member (StackedSGD: 4 kernels a step where one per parameter tensor took
+    every member (the update: 4 kernels a step where one per parameter tensor took
     16), and a batched GEMM writes a weight's gradient straight into its
     batch-strided view. Parameter-major (on a CPU): each parameter tensor's [K, n]
     block in turn, so each weight's gradient is a contiguous [K, d_l, d_{l-1}]:
@@ -163,6 +165,9 @@ class StackedMLP:
         self.flat_gradients = torch.zeros_like(self.flat_parameters)
         views = self.layout.views(self.flat_gradients)
         self.weight_grads, self.bias_grads = views[0::2], views[1::2]
+        # The [K, n] pieces the optimizer updates (core/optim.py).
+        self.parameter_blocks = self.layout.blocks(self.flat_parameters)
+        self.gradient_blocks = self.layout.blocks(self.flat_gradients)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the members ``rows`` (new tensors; views of the old rows still see the old values)."""
@@ -212,7 +217,7 @@ class StackedMLP:
         ``fold`` = (the weights' momentum buffers, momentum): if every member's loss is finite, each weight's
         gradient is not written but added to its momentum buffer by the product itself, buf = momentum * buf
         + delta^T @ a (one ``baddbmm_``: SGD's momentum step without the pass that writes the gradient and
-        the pass that reads it back; StackedSGD.step then skips that step for the weights). Returns the
+        the pass that reads it back; the update then skips that step for the weights). Returns the
         loss and whether the weights' gradients were so folded (a non-finite loss: written as usual, so
         the update can skip its member)."""
         activations, pre_activations = self._forward(x, rows)
@@ -253,124 +258,6 @@ class StackedMLP:
             state[f"linears.{i}.weight"] = w[k].clone()
             state[f"linears.{i}.bias"] = b[k].clone()
         return state
-
-
-@dataclass(frozen=True)
-class StackedSchedule:
-    """Every member's ``LRSchedule`` as K-vectors (float64, as LRSchedule computes in Python floats).
-
-    ``lr_at`` is LRSchedule.lr_at's formula evaluated for all members at once, on
-    the device, with no host round trip: a graph step can later capture it.
-    """
-
-    lr: torch.Tensor  # [K] float64
-    warmup_steps: torch.Tensor  # [K] float64
-
-    def lr_at(self, global_step: int) -> torch.Tensor:
-        step = float(global_step)
-        # clamp: members without warmup (0 steps) take the first branch; the division must not make a NaN there.
-        ramp = self.lr * (step + 1) / self.warmup_steps.clamp_min(1)
-        return torch.where(self.warmup_steps <= step, self.lr, ramp)
-
-
-class StackedSGD:
-    """``torch.optim.SGD`` (no dampening, no Nesterov) for K members at once, each with its own
-    LR, momentum and weight decay, and a mask that freezes diverged members.
-
-    Per member and parameter, as SGD does: d = g + wd * p; buf = momentum * buf + d
-    (buf = d on the first step: a zero buffer gives exactly that); p -= lr * buf.
-    Every operation is in place on the stacked tensors: a fresh [K, ...] temporary
-    per operation cost more than the arithmetic (16 ms against SGD's 1 ms for six
-    784-500-10 members on this CPU, measured when the step used torch.where).
-    Each operation is one elementwise pass per block of the flat buffers
-    (MemberLayout.blocks: one [K, P] block on a GPU), with each member's LR,
-    momentum and weight decay as a [K, 1] column.
-    A frozen member's update is made a no-op: its d is zeroed (index_fill_ on the
-    K axis, since its gradient may be NaN and 0 * NaN is NaN), its momentum is 1 and
-    its LR 0, so buf and p keep their values. index_fill_ over the frozen members
-    costs nothing while none is frozen; a masked_fill_ or torch.where with a
-    broadcast [K, 1, 1] mask cost 0.7-1 ms per pass here, as much as the rest of
-    the update. That ``nonzero`` is a host sync on a GPU, where a step should queue
-    work without waiting: there (``host_sync_free``) d is zeroed by one
-    ``torch.where`` on the mask instead, a cheap pass on a GPU and no read of the
-    mask, as a CUDA graph needs.
-
-    Folding (``fold_momentum``, a CPU's parameter-major layout with one momentum for
-    every member): the weight-gradient product adds straight into the weights'
-    momentum buffers (StackedMLP.loss_and_gradients), and ``step(...,
-    weights_folded=True)`` then only adds the weight decay and moves the weights.
-    The update is memory-bound on a CPU (it reads and writes every parameter,
-    gradient and buffer once a step), and folding drops a write and a read of the
-    weights' gradients: measured 1.73 ms against 1.22 ms per step for the first
-    layer of six 784-500-10 members at batch 32 (product and update together).
-    """
-
-    def __init__(self, flat_parameters: torch.Tensor, flat_gradients: torch.Tensor, momentum: torch.Tensor,
-                 weight_decay: torch.Tensor, layout: MemberLayout):
-        self.layout = layout
-        self.dtype = dtype = flat_parameters.dtype
-        self.momentum = momentum.to(dtype).unsqueeze(1)  # [K, 1]
-        self.weight_decay = weight_decay.to(dtype).unsqueeze(1)
-        # Known when the stack is built, so skipping the pass costs no host sync per step.
-        self.has_weight_decay = bool((weight_decay != 0).any())
-        self.host_sync_free = flat_parameters.device.type == "cuda"
-        # One momentum for all, since a product's beta is one number; parameter-major, so that each weight's
-        # buffer is one contiguous [K, d_l, d_{l-1}], which the CPU's bmm adds into as one batched GEMM.
-        shared = momentum.unique()
-        self.fold_momentum = (float(shared.to(dtype)) if len(shared) == 1 and not layout.member_major
-                              and flat_parameters.device.type == "cpu" else None)
-        self._zero = torch.zeros((), dtype=dtype, device=flat_parameters.device)  # where(..., out=) takes no number
-        self._point(flat_parameters, flat_gradients, torch.zeros_like(flat_parameters))
-
-    def _point(self, flat_parameters: torch.Tensor, flat_gradients: torch.Tensor, flat_momentum: torch.Tensor) -> None:
-        self.flat_momentum = flat_momentum
-        self.momentum_buffers = self.layout.views(flat_momentum)  # [K, ...] per parameter tensor
-        self._blocks = list(zip(self.layout.blocks(flat_parameters), self.layout.blocks(flat_gradients),
-                                self.layout.blocks(flat_momentum)))
-
-    def keep(self, rows: torch.Tensor, flat_parameters: torch.Tensor, flat_gradients: torch.Tensor) -> None:
-        """Keep only the members ``rows``, whose parameters and gradients are now ``flat_parameters``,
-        ``flat_gradients``."""
-        self.momentum, self.weight_decay = self.momentum[rows], self.weight_decay[rows]
-        self._point(flat_parameters, flat_gradients, self.layout.select(self.momentum_buffers, rows))
-
-    def weight_buffers(self) -> list[torch.Tensor]:
-        """The weights' momentum buffers, [K, d_l, d_{l-1}] each (what a folded product adds into)."""
-        return self.momentum_buffers[0::2]
-
-    @torch.no_grad()
-    def step(self, lr: torch.Tensor, active: torch.Tensor, weights_folded: bool = False) -> None:
-        """One update with ``lr`` [K] (float64, cast to the parameters' dtype as SGD casts its Python float).
-        ``weights_folded``: the weights' buffers already hold momentum * buf + gradient (every member active)."""
-        rows = active.unsqueeze(1)
-        frozen_members = None if self.host_sync_free else torch.nonzero(~active).view(-1)
-        momentum = torch.where(rows, self.momentum, 1.0)
-        lr = torch.where(rows, lr.to(self.dtype).unsqueeze(1), 0.0)
-        # The gradient buffers become d in place: the next step overwrites them anyway.
-        for block, (p, d, buf) in enumerate(self._blocks):
-            if weights_folded and block % 2 == 0:  # parameter-major blocks: weight, bias, weight, bias, ...
-                if self.has_weight_decay:
-                    buf.addcmul_(self.weight_decay, p)  # SGD's d = g + wd * p, its g already in buf
-                p.addcmul_(lr, buf, value=-1)
-                continue
-            if self.has_weight_decay:
-                d.addcmul_(self.weight_decay, p)
-            if self.host_sync_free:
-                torch.where(rows, d, self._zero, out=d)
-            else:
-                d.index_fill_(0, frozen_members, 0)
-            # buf = d + momentum * buf in one pass (SGD's mul_ then add_ is two; the result differs by rounding).
-            torch.addcmul(d, momentum, buf, out=buf)
-            # p + (-1) * lr * buf is SGD's p - lr * buf to the bit: the sign flip is exact.
-            p.addcmul_(lr, buf, value=-1)
-
-
-def member_schedules(members: list[Config], steps_in_epoch: int, device) -> StackedSchedule:
-    """The members' LR and warmup (trainer.build_trainer's ``round(warmup_epochs * steps per epoch)``)."""
-    lr = torch.tensor([m.optim.lr for m in members], dtype=torch.float64, device=device)
-    warmup = torch.tensor([round(m.optim.warmup_epochs * steps_in_epoch) for m in members], dtype=torch.float64,
-                          device=device)
-    return StackedSchedule(lr, warmup)
 
 
 class StackedData:
@@ -474,12 +361,16 @@ class StackedTrainer:
                                 drop_last=m.train.drop_last) for m in members]
         self.steps_per_epoch = steps_per_epoch(self.data.num_samples, self.global_batch_size, first.train.drop_last)
         self.model = StackedMLP(members, self.device)
-        self.schedule = member_schedules(members, self.steps_per_epoch, self.device)
-        self.optimizer = StackedSGD(
-            self.model.flat_parameters, self.model.flat_gradients,
-            momentum=torch.tensor([m.optim.momentum for m in members], device=self.device),
-            weight_decay=torch.tensor([m.optim.weight_decay for m in members], device=self.device),
-            layout=self.model.layout)
+        self.schedule = Schedule.of(members, self.steps_per_epoch, self.device)
+        self.optimizer = Optimizer([m.optim for m in members], self.model.parameter_blocks)
+        # Folding (``can_fold``): the weight-gradient product adds straight into the weights' momentum
+        # buffers. The update is memory-bound on a CPU (it reads and writes every parameter, gradient and
+        # buffer once a step); folding drops a write and a read of the weights' gradients (docs/performance.md).
+        # It needs one momentum for every member of a plain-SGD stack (a product's beta is one number) and
+        # the parameter-major layout (each weight's buffer one contiguous [K, d_l, d_{l-1}], which the
+        # CPU's bmm adds into as one batched GEMM).
+        self.fold_momentum = (self.optimizer.shared_momentum() if not self.model.layout.member_major
+                              and self.device.type == "cpu" else None)
         self.probe = (StackedNoiseProbe(self.ctx, self.global_batch_size, first.metrics.noise_scale_ema_decay,
                                         len(members)) if first.metrics.noise_scale else None)
         # Members still updating: one whose loss turns non-finite is frozen where it blew up (on the
@@ -511,8 +402,8 @@ class StackedTrainer:
         self.members = [self.members[k] for k in members]
         self.plans = [self.plans[k] for k in members]
         self.model.keep(rows)
-        self.optimizer.keep(rows, self.model.flat_parameters, self.model.flat_gradients)
-        self.schedule = StackedSchedule(self.schedule.lr[rows], self.schedule.warmup_steps[rows])
+        self.optimizer.keep(rows)
+        self.schedule = self.schedule.select(rows)
         if self.probe:
             self.probe.keep(rows)
         self.active = self.active[rows]
@@ -522,7 +413,7 @@ class StackedTrainer:
 
     def step(self, indices: torch.Tensor, global_batch_size: Optional[int] = None,
              global_step: Optional[int] = None) -> torch.Tensor:
-        """One SGD step of every active member on its batch ``indices`` [K, b]; returns this rank's summed CE
+        """One step of every active member on its batch ``indices`` [K, b]; returns this rank's summed CE
         per member [K] (the eager step's return, per member).
 
         Each member's loss is sum(CE over its local batch) / (B / W): the eager step's
@@ -530,7 +421,7 @@ class StackedTrainer:
         """
         global_batch_size = global_batch_size or indices.shape[1]
         global_step = self.global_step if global_step is None else global_step
-        loss = self.step_body(indices, global_batch_size, self.schedule.lr_at(global_step),
+        loss = self.step_body(indices, global_batch_size, self.schedule.lr(global_step),
                               self.measures(global_batch_size, global_step))
         self.global_step = global_step + 1
         return loss
@@ -550,7 +441,7 @@ class StackedTrainer:
             loss = self._gradients_in_halves(indices, normalizer)
         else:
             can_fold = self.can_fold(indices.shape[1])
-            fold = (self.optimizer.weight_buffers(), self.optimizer.fold_momentum) if can_fold else None
+            fold = (self.weight_momentum(), self.fold_momentum) if can_fold else None
             loss, folded = self._loss_and_gradients(indices, normalizer, fold)
             small_sq = self.model.member_squared_norms(self.model.flat_gradients) if measure else None
             self._average_over_ranks()
@@ -559,15 +450,21 @@ class StackedTrainer:
         # A non-finite loss freezes its member from this step on (its update is skipped, not applied as NaN);
         # on several ranks every rank must agree, so the loss is checked after it is summed over them.
         self.active &= finite(all_reduce_sum(loss.clone(), self.ctx) if self.ctx.world_size > 1 else loss)
-        self.optimizer.step(lr, self.active, weights_folded=folded)
+        # Parameter-major blocks (the only layout that folds) alternate weight, bias, weight, ...
+        weight_blocks = range(0, len(self.model.parameter_blocks), 2) if folded else ()
+        self.optimizer.step(self.model.parameter_blocks, self.model.gradient_blocks, lr, self.active, weight_blocks)
         return loss * normalizer
 
+    def weight_momentum(self) -> list[torch.Tensor]:
+        """The weights' momentum buffers as [K, d_l, d_{l-1}] (what a folded product adds into)."""
+        return [buf.view_as(w) for buf, w in zip(self.optimizer.state["momentum_buffer"][0::2], self.model.weights)]
+
     def can_fold(self, local_batch: int) -> bool:
-        """May this step's weight gradients go straight into the momentum buffers (StackedSGD, folding)? Only
+        """May this step's weight gradients go straight into the momentum buffers (folding)? Only
         where the gradient itself is read by nothing else: one rank (no all-reduce of it), no probe on this
         step (the caller's), every member still updating (a frozen member's buffer must keep its value),
         all members in one pass. Reads ``active`` back: only on a CPU, where ``fold_momentum`` is set."""
-        return (self.optimizer.fold_momentum is not None and self.ctx.world_size == 1
+        return (self.fold_momentum is not None and self.ctx.world_size == 1
                 and self.model.members_per_pass(local_batch) >= self.model.num_members and bool(self.active.all()))
 
     def _loss_and_gradients(self, indices: torch.Tensor, normalizer: float,

@@ -17,11 +17,11 @@ What capture needs, and how it is met:
   smaller batch of an epoch runs eagerly. ``StackedTrainer.keep`` (members whose
   runs ended leave the stack) makes new, smaller tensors: the graphs are then
   dropped and captured again on them, after one eager step.
-- no host reads in the step: on a GPU the stacked SGD freezes a diverged member
-  with a ``torch.where`` on the device-side mask (``StackedSGD.host_sync_free``),
-  the one-hot targets are a scatter, the probe counts on the device, and the LR
-  vector is written into a static buffer before the replay, only while some
-  member's warmup still changes it.
+- no host reads in the step: on a GPU the update freezes a diverged member
+  with a ``torch.where`` on the device-side mask (core/optim.py ``host_sync_free``),
+  the one-hot targets are a scatter, the probe counts on the device, and the
+  step's LR vector (core/optim.py ``Schedule.lr``) is copied into a static
+  buffer before every replay.
 - warm-up on a side stream before the first capture (PyTorch's CUDA notes).
 """
 
@@ -64,8 +64,6 @@ class StackedGraphStep:
         self.static_lr: Optional[torch.Tensor] = None
         self.captures = 0  # graphs captured so far (again after every change of the stack's members)
         self._layout: Optional[torch.Tensor] = None  # the gradient buffer the graphs were captured on
-        self._lr_constant_from = 0  # the first step from which no member's LR changes any more
-        self._lr_constant = False  # static_lr already holds every member's LR after its warmup
 
     def __call__(self, indices: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
         """One stacked step on the members' samples ``indices`` [K, b]; returns each member's summed loss [K]."""
@@ -79,9 +77,7 @@ class StackedGraphStep:
             with on_side_stream(self.stream):
                 return stack.step(indices, global_batch_size, global_step)
         measure = stack.measures(global_batch_size, global_step)
-        if not self._lr_constant:
-            self.static_lr.copy_(stack.schedule.lr_at(global_step))
-            self._lr_constant = global_step >= self._lr_constant_from
+        self.static_lr.copy_(stack.schedule.lr(global_step))  # one kernel: a view of the schedule's table
         if self.static_indices is None:
             self.static_indices = torch.empty_like(indices)
         self.static_indices.copy_(indices)
@@ -103,12 +99,9 @@ class StackedGraphStep:
         self.graphs.clear()
         self.static_losses.clear()
         self.static_indices = None
-        # In the parameters' dtype: the copy into it casts as StackedSGD.step would (float64 to float32, the
+        # In the parameters' dtype: the copy into it casts as the eager update would (float64 to float32, the
         # same rounding), so the replayed step has no cast kernel of its own.
         self.static_lr = torch.zeros(stack.model.num_members, dtype=stack.optimizer.dtype, device=stack.device)
-        # One host read per layout, not per step: after this step every member's LR is its base LR.
-        self._lr_constant_from = int(stack.schedule.warmup_steps.max()) if stack.model.num_members else 0
-        self._lr_constant = False
 
     def _body(self, measure: bool) -> torch.Tensor:
         return self.stack.step_body(self.static_indices, self.global_batch_size, self.static_lr, measure)

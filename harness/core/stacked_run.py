@@ -5,8 +5,8 @@ stacked model; this module makes each of them a member the loop
 (core/train_loop.py) can treat as a run alone. Each member's ``Trainer`` holds an
 ordinary ``MLP`` whose parameters alias row k of the stacked tensors (so
 evaluation, the exact noise scale, the Hessian readings and checkpoints run on it
-unchanged), a view of its row of the stack's optimizer state in the format a run
-alone saves, and its row of the stacked noise probe. When members leave the
+unchanged), its row of the stack's optimizer state (saved as a run alone saves its
+own), and its row of the stacked noise probe. When members leave the
 stack (``StackEngine.keep``), the staying members' views are pointed at their new
 rows; a member that leaves keeps views of its old row, which no step touches any
 more.
@@ -25,7 +25,7 @@ from harness.core.distributed import DistContext
 from harness.core.model import build_model
 from harness.core.stacked import StackedTrainer
 from harness.core.stacked_graph import use_graph_step
-from harness.core.step import LRSchedule
+from harness.core.optim import Schedule
 from harness.core.trainer import Trainer
 
 
@@ -35,30 +35,6 @@ class MemberStep:
     @staticmethod
     def on_training_stream():
         return contextlib.nullcontext()
-
-
-class MemberOptimizer:
-    """Member k's view of the stack's SGD, in ``torch.optim.SGD``'s checkpoint format.
-
-    Its momentum buffers are row k of the stacked ones: ``state_dict`` is what a run
-    alone would save, and ``load_state_dict`` copies a saved state back into the rows.
-    """
-
-    def __init__(self, cfg: Config, params: list[torch.nn.Parameter], buffers: list[torch.Tensor]):
-        self.sgd = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                   weight_decay=cfg.optim.weight_decay)
-        self.params, self.buffers = params, buffers
-
-    def state_dict(self) -> dict:
-        for p, buf in zip(self.params, self.buffers):
-            self.sgd.state[p]["momentum_buffer"] = buf.clone()
-        return self.sgd.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sgd.load_state_dict(state)
-        for p, buf in zip(self.params, self.buffers):
-            saved = self.sgd.state.get(p, {}).get("momentum_buffer")
-            buf.copy_(saved) if saved is not None else buf.zero_()  # no buffer yet: SGD's first step starts it
 
 
 class StackEngine:
@@ -79,7 +55,7 @@ class StackEngine:
         self.stack.keep(rows)
         for row, trainer in enumerate(trainers):
             point_at_row(trainer.model, self.stack, row)
-            trainer.optimizer.buffers = [buf[row] for buf in self.stack.optimizer.momentum_buffers]
+            trainer.optimizer = self.stack.optimizer.member(row)
 
 
 def point_at_row(model: torch.nn.Module, stack: StackedTrainer, row: int) -> None:
@@ -100,10 +76,10 @@ def build_stack(trials: list[Config], ctx: DistContext, dataset: Dataset) -> tup
     for k, cfg in enumerate(trials):
         model = build_model(cfg).to(stack.device)
         point_at_row(model, stack, k)
-        optimizer = MemberOptimizer(cfg, list(model.parameters()), [buf[k] for buf in stack.optimizer.momentum_buffers])
+        optimizer = stack.optimizer.member(k)  # row k of the stack's state, saved as a run alone saves its own
         plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size,
                          seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
-        schedule = LRSchedule(cfg.optim.lr, warmup_steps=round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
+        schedule = Schedule.of([cfg], plan.steps_per_epoch, ctx.device)
         probe = stack.probe.members[k] if stack.probe else None
         trainers.append(Trainer(cfg, ctx, model, optimizer, plan, dataset.train, schedule, MemberStep(), probe))
     return StackEngine(stack), trainers

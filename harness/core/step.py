@@ -1,12 +1,13 @@
 """The eager training step: ``EagerStep(indices, global_batch_size, global_step) -> summed loss``.
 
-Owns what one SGD step does on this rank: the learning rate at a step (linear
-warm-up, ``LRSchedule``), the two gradient engines (autograd, through DDP when
-there are several ranks; the hand-written ``backprop.manual_backward``, which
-averages over ranks itself), gradient accumulation (``optim.micro_batch_size``:
-passes summed into one gradient, DDP's all-reduce only in the last), the zero-grad
-policy (gradients are zeroed in place once a graph step holds their addresses) and
-the optimizer's update.
+Owns what one training step does on this rank: the two gradient engines
+(autograd, through DDP when there are several ranks; the hand-written
+``backprop.manual_backward``, which averages over ranks itself), gradient
+accumulation (``optim.micro_batch_size``: passes summed into one gradient, DDP's
+all-reduce only in the last), the zero-grad policy (gradients are zeroed in place
+once a graph step holds their addresses) and the update after the gradients, on
+the parameters viewed as one member's [1, n] blocks. The update and the LR
+schedule themselves are core/optim.py's, shared with the stacked step.
 
 It leaves to others: how the noise scale is measured (the probe in
 core/noise_probe.py gets this step's backward and all-reduce, and hands back
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -30,6 +30,7 @@ from harness.core.backprop import autograd_backward, manual_backward
 from harness.core.config import Config, steps_per_epoch
 from harness.core.data import Split
 from harness.core.distributed import DistContext, average_gradients
+from harness.core.optim import Optimizer, Schedule
 from harness.core.precision import forward_context
 from harness.core.noise_probe import NoiseProbe
 
@@ -39,27 +40,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-@dataclass(frozen=True)
-class LRSchedule:
-    """Linear warmup to ``lr`` over ``warmup_steps`` (Goyal et al. 2017), then constant."""
-
-    lr: float
-    warmup_steps: int
-
-    def lr_at(self, global_step: int) -> float:
-        if global_step >= self.warmup_steps:
-            return self.lr
-        return self.lr * (global_step + 1) / self.warmup_steps
-
-
 class EagerStep:
-    """One eager SGD step on the training samples ``indices``; returns this rank's summed cross-entropy.
+    """One eager step on the training samples ``indices``; returns this rank's summed cross-entropy.
 
     No host sync: the loss stays a device tensor.
     """
 
-    def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 train_set: Split, schedule: LRSchedule, noise_probe: Optional[NoiseProbe] = None):
+    def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, optimizer: Optimizer,
+                 train_set: Split, schedule: Schedule, noise_probe: Optional[NoiseProbe] = None):
         self.cfg, self.ctx = cfg, ctx
         self.model = model
         self.optimizer = optimizer
@@ -72,6 +60,8 @@ class EagerStep:
         unwrapped = unwrap(model)
         # The unwrapped model's parameters, listed once (not on every step).
         self.params: list[torch.nn.Parameter] = list(unwrapped.parameters())
+        # Each parameter as the optimizer's [K, n] block of a run alone: K = 1 (views, updated in place).
+        self.parameter_blocks = [p.view(1, -1) for p in self.params]
         # performance.precision: the forward's autocast (a null context in fp32), core/precision.py.
         self.forward_context = forward_context(cfg.performance.precision, ctx.device.type)
         if cfg.train.grad_engine == "manual":
@@ -98,12 +88,13 @@ class EagerStep:
             epoch, step = divmod(global_step, self._steps_per_epoch)
             self.fault_epoch = epoch + 1 if step == self._steps_per_epoch // 2 else None
         loss = self.gradients(x, y, normalizer, self.should_measure(global_batch_size, global_step))
-        # Set on every step, not only during warmup: graph steps in between read
-        # the LR from their own tensor and leave the group's value behind.
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule.lr_at(global_step)
-        self.optimizer.step()
+        self.update(self.schedule.lr(global_step))
         return loss * normalizer
+
+    def update(self, lr: torch.Tensor) -> None:
+        """The optimizer's step from p.grad with ``lr`` [1]; p.grad is its scratch (it holds the decayed
+        gradient afterwards). Shared with the graph step, which captures it."""
+        self.optimizer.step(self.parameter_blocks, [p.grad.reshape(1, -1) for p in self.params], lr)
 
     def normalizer(self, global_batch_size: int) -> float:
         """What this rank divides its summed loss by: B/W.

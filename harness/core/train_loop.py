@@ -345,7 +345,7 @@ def sharpness(trainer: Trainer) -> dict[str, float]:
 
 def run_step_budget(trainer: Trainer) -> int:
     """The run's last step: train.max_steps, else every epoch's steps."""
-    return trainer.cfg.train.max_steps or trainer.cfg.total_epochs * trainer.plan.steps_per_epoch
+    return trainer.cfg.step_budget(trainer.plan.steps_per_epoch)
 
 
 def first_epoch(cfg: Config, counters: RunCounters) -> int:

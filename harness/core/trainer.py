@@ -33,7 +33,8 @@ from harness.core.distributed import DistContext
 from harness.core.evaluation import RunCounters
 from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
 from harness.core.model import build_model
-from harness.core.step import EagerStep, LRSchedule, unwrap
+from harness.core.optim import MemberState, Optimizer, Schedule
+from harness.core.step import EagerStep, unwrap
 from harness.core.noise_probe import NoiseProbe
 
 
@@ -49,16 +50,16 @@ class Trainer:
     cfg: Config
     ctx: DistContext
     model: torch.nn.Module
-    optimizer: object
+    optimizer: Optimizer | MemberState
     plan: BatchPlan
     train_set: Split
-    schedule: LRSchedule
+    schedule: Schedule
     train_step: object
     noise_probe: Optional[NoiseProbe] = None
 
     def lr_at(self, global_step: int) -> float:
         """The learning rate of step ``global_step`` (the epoch's metrics log it)."""
-        return float(self.schedule.lr_at(global_step))
+        return float(self.schedule.lr_at(global_step)[0])
 
 
 class SingleRun:
@@ -93,11 +94,10 @@ def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
         model = _wrap_ddp(model, ctx, graph_stream)
     if probe:
         probe.attach(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = Optimizer([cfg.optim], [p.view(1, -1) for p in unwrap(model).parameters()])
     plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size, seed=cfg.seed,
                      rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
-    schedule = LRSchedule(cfg.optim.lr, warmup_steps=round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
+    schedule = Schedule.of([cfg], plan.steps_per_epoch, ctx.device)
     train_step: EagerStep | GraphStep = EagerStep(cfg, ctx, model, optimizer, dataset.train, schedule, probe)
     if graph_stream is not None:
         train_step = GraphStep(train_step, graph_stream)
