@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.core.config import load_config
+from harness.core.graph_step import GraphStep
 from harness.core.train_loop import RunHooks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,3 +215,39 @@ class FailAfterEpoch(RunHooks):
     def after_epoch(self, epoch, metrics, checkpoint, ctx):
         if epoch == self.epoch:
             raise RuntimeError("injected failure")
+
+
+class UncapturedGraphStep(GraphStep):
+    """A graph step that runs the body it would capture, on the same static buffers, without capturing it:
+    how the body is checked against the eager step on a machine without CUDA."""
+
+    def replay(self, measure: bool):
+        return self.body(measure)
+
+
+def stack_epoch(stack, epoch: int):
+    """One epoch of a stacked trainer outside the loop (no evaluation, record or checkpoint); each member's
+    mean loss [K]. A member whose epoch loss is above DIVERGED_LOSS stops updating, as the loop stops its run."""
+    import torch
+
+    from harness.core.train_loop import DIVERGED_LOSS
+    from harness.core.trainer import train_epoch
+
+    loss_sum, samples, _ = train_epoch(stack, epoch, stack.global_step)
+    mean_loss = loss_sum / samples
+    stack.active &= torch.isfinite(mean_loss) & (mean_loss <= DIVERGED_LOSS)
+    return mean_loss
+
+
+def diverged(stack) -> list[bool]:
+    """Per member of a stacked trainer: has it stopped updating?"""
+    return [not bool(a) for a in stack.active.tolist()]
+
+
+def member_state_dict(stack, k: int) -> dict:
+    """Member k's parameters as ``MLP.state_dict()`` names them (copies, not views)."""
+    state = {}
+    for i, (w, b) in enumerate(zip(stack.model.weights, stack.model.biases)):
+        state[f"linears.{i}.weight"] = w[k].clone()
+        state[f"linears.{i}.bias"] = b[k].clone()
+    return state

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, run_command
+from conftest import CONFIGS, REPO, run_command, stack_epoch
 from harness.core.config import load_config
 from harness.bench.bench import PATHS
 
@@ -107,7 +107,7 @@ def test_the_matmul_floor_runs_exactly_the_stacked_steps_matrix_products(batch_s
     dataset = load_dataset(cfg)
     stacked = StackedTrainer(members, [dataset.train] * 3)
     with Products() as real:
-        stacked.run_epoch(0)
+        stack_epoch(stacked, 0)
     with Products() as floor:
         matmuls_only_epoch(stacked)(0)
     assert floor.seen == real.seen and sum(real.seen.values()) > 0

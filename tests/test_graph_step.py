@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, run_command
+from conftest import CONFIGS, REPO, run_command, UncapturedGraphStep
 from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
-from harness.core.graph_step import WARMUP_STEPS, GraphStep, graph_unavailable_reason
+from harness.core.graph_step import WARMUP_STEPS, graph_unavailable_reason
 from harness.core.trainer import SingleRun, train_epoch
 from harness.core.step import unwrap
 from harness.core.train_loop import sharpness
@@ -41,7 +41,7 @@ def trained(cfg, ctx: DistContext, graph: str, epochs: int = 2):
     """A trainer after ``epochs`` epochs with the eager step, or a graph step ("body": uncaptured)."""
     trainer = build_trainer(cfg, ctx, load_dataset(cfg).to(ctx.device))
     if graph == "body":
-        trainer.train_step = GraphStep(trainer.train_step, None, capture=False)
+        trainer.train_step = UncapturedGraphStep(trainer.train_step, None)
     global_step = 0
     for epoch in range(1, epochs + 1):
         _, _, steps = train_epoch(SingleRun(trainer), epoch, global_step)

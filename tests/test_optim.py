@@ -14,18 +14,17 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
+from conftest import UncapturedGraphStep, diverged, member_state_dict
 from harness.core.backprop import autograd_backward
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.evaluation import RunCounters
-from harness.core.graph_step import GraphStep
 from harness.core.model import build_model
 from harness.core.optim import Optimizer, Schedule
 from harness.core.stacked import StackedTrainer, check_stackable
-from harness.core.stacked_graph import StackedGraphStep
 from harness.core.step import unwrap
-from harness.core.train_loop import build_trainer, checkpoint_state, load_state
+from harness.core.trainer import build_trainer, checkpoint_state, load_state
 from harness.errors import InputError
 
 OPTIMIZERS = ["sgd", "nesterov", "adam", "adamw"]
@@ -115,7 +114,7 @@ def test_each_member_of_a_stack_follows_torch_optim_and_its_lr_scheduler_step_fo
     references = []
     for k, cfg in enumerate(members):
         model = build_model(cfg)
-        model.load_state_dict(stack.model.member_state_dict(k))  # a copy of its initial weights, not a view
+        model.load_state_dict(member_state_dict(stack, k))  # a copy of its initial weights, not a view
         references.append((model, *_reference(list(model.parameters()), cfg,
                                                round(cfg.optim.warmup_epochs * STEPS_PER_EPOCH))))
     for step, indices, global_batch_size in _first_steps(stack.local_batches):
@@ -123,7 +122,7 @@ def test_each_member_of_a_stack_follows_torch_optim_and_its_lr_scheduler_step_fo
         x, y = stack.data.batch(indices)
         for k, (model, optimizer, scheduler) in enumerate(references):
             _reference_step(model, optimizer, scheduler, x[k], y[k], global_batch_size)
-    assert stack.diverged == [False, False, False]
+    assert diverged(stack) == [False, False, False]
     for k, (model, _, _) in enumerate(references):
         got = [p[k] for p in stack.model.parameters()]
         assert _max_difference(got, list(model.parameters())) <= TOLERANCE, k
@@ -140,7 +139,7 @@ def test_the_stacked_graph_body_reads_every_members_decaying_lr_at_every_step(sc
     for stack in stacks:
         stack.optimizer.host_sync_free = True  # the graph's way of freezing, in both
     eager, graphed = stacks
-    graph = StackedGraphStep(graphed, capture=False)
+    graph = UncapturedGraphStep(graphed, None)
     graph.warmup_steps_left = 0  # every full batch goes through the static buffers
     replayed = 0
     for (step, indices, global_batch_size), (_, same, _) in zip(_first_steps(graphed.local_batches),
@@ -161,13 +160,13 @@ def test_the_stacked_graph_body_reads_every_members_decaying_lr_at_every_step(sc
 def test_the_graph_body_of_a_run_alone_reads_its_decaying_lr_at_every_step(schedule):
     cfg = _config("sgd", schedule)
     eager, graphed = (build_trainer(cfg, DistContext(), load_dataset(cfg)) for _ in range(2))
-    graph = GraphStep(graphed.train_step, None, capture=False)
+    graph = UncapturedGraphStep(graphed.train_step, None)
     graph.warmup_steps_left = 0
     for step, indices, global_batch_size in _first_steps(graphed.plan.local_batches):
         graph(indices, global_batch_size, step)
         eager.train_step(indices, global_batch_size, step)
         if global_batch_size == 64:
-            assert float(graph.lr) == pytest.approx(_run_alone_lr(cfg, step), rel=1e-6, abs=0), step
+            assert float(graph.static_lr) == pytest.approx(_run_alone_lr(cfg, step), rel=1e-6, abs=0), step
     for got, want in zip(unwrap(graphed.model).parameters(), unwrap(eager.model).parameters()):
         assert torch.equal(got, want)
 

@@ -3,13 +3,13 @@ and lands near the fp32 run; gradcheck stays fp64; what cannot run is refused wi
 
 import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, UncapturedGraphStep
 from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.trainer import SingleRun, train_epoch
 from harness.core.evaluation import evaluate
-from harness.core.graph_step import GraphStep
+
 from harness.core.precision import precision_unsupported_reason
 from harness.core.step import unwrap
 from harness.core.train_loop import build_trainer
@@ -34,7 +34,7 @@ def trained(cfg, graph_body: bool = False):
     """A trainer after EPOCHS epochs, and the dtypes its output layer produced during training (forward hook)."""
     trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))
     if graph_body:
-        trainer.train_step = GraphStep(trainer.train_step, None, capture=False)
+        trainer.train_step = UncapturedGraphStep(trainer.train_step, None)
     logits_dtypes = set()
     hook = unwrap(trainer.model).linears[-1].register_forward_hook(
         lambda _module, _inputs, output: logits_dtypes.add(output.dtype))

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from harness.core import stacked, train_loop
+from conftest import diverged, member_state_dict, stack_epoch
+from harness.core import stacked
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
@@ -59,11 +60,11 @@ def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path, mo
     assert stack.model.layout.member_major == member_major
     assert stack.steps_per_epoch == 21 and 1337 % 64 == 57  # the uneven last batch is trained
     for epoch in range(1, EPOCHS + 1):
-        stack.run_epoch(epoch)
-    assert stack.diverged == [False, False, False]
+        stack_epoch(stack, epoch)
+    assert diverged(stack) == [False, False, False]
     for k, cfg in enumerate(members):
         _, solo = _solo_parameters(cfg)
-        assert _max_difference(stack.model.member_state_dict(k), solo) <= 1e-5, cfg.name
+        assert _max_difference(member_state_dict(stack, k), solo) <= 1e-5, cfg.name
 
 
 def test_members_sharing_one_momentum_fold_their_weight_gradients_and_still_end_as_their_solo_runs(tmp_path):
@@ -82,11 +83,11 @@ def test_members_sharing_one_momentum_fold_their_weight_gradients_and_still_end_
 
     stack.model.loss_and_gradients = spy
     for epoch in range(1, EPOCHS + 1):
-        stack.run_epoch(epoch)
+        stack_epoch(stack, epoch)
     assert folded == [True] * (EPOCHS * stack.steps_per_epoch)
     for k, cfg in enumerate(members):
         _, solo = _solo_parameters(cfg)
-        assert _max_difference(stack.model.member_state_dict(k), solo) <= 1e-5, cfg.name
+        assert _max_difference(member_state_dict(stack, k), solo) <= 1e-5, cfg.name
 
 
 def test_member_lr_vector_equals_each_solo_schedule_at_every_step(tmp_path):
@@ -110,19 +111,19 @@ def test_diverged_member_stops_updating_and_the_others_match_their_solo_runs(tmp
     stack = _stacked(members)
     stack.optimizer.host_sync_free = host_sync_free
     assert (stack.fold_momentum is not None) == (momentum is not None)
-    stack.run_epoch(1)
-    assert stack.diverged == [False, True, False]
-    frozen = stack.model.member_state_dict(1)
+    stack_epoch(stack, 1)
+    assert diverged(stack) == [False, True, False]
+    frozen = member_state_dict(stack, 1)
     for epoch in range(2, EPOCHS + 1):
-        stack.run_epoch(epoch)
-    assert stack.diverged == [False, True, False]
-    assert _max_difference(stack.model.member_state_dict(1), frozen) == 0.0
+        stack_epoch(stack, epoch)
+    assert diverged(stack) == [False, True, False]
+    assert _max_difference(member_state_dict(stack, 1), frozen) == 0.0
     assert all(torch.isfinite(v).all() for v in frozen.values())  # frozen before its NaN update, not after
     for k, cfg in enumerate(members):
         result, solo = _solo_parameters(cfg)
         assert result.diverged == (k == 1)
         if k != 1:
-            assert _max_difference(stack.model.member_state_dict(k), solo) <= 1e-5, cfg.name
+            assert _max_difference(member_state_dict(stack, k), solo) <= 1e-5, cfg.name
 
 
 @pytest.mark.parametrize("host_sync_free, momentum", [(False, None), (True, None), (False, 0.9)],
@@ -137,7 +138,7 @@ def test_the_step_whose_loss_is_not_finite_leaves_that_members_parameters_and_mo
     stack.model.weights[-1][1].mul_(1e38)  # finite weights whose logits overflow: member 1's loss is not finite
     before = [t[1].clone() for t in stack.model.parameters() + stack.optimizer.state["momentum_buffer"]]
     loss = stack.step(next(batches)[0])
-    assert torch.isfinite(loss).tolist() == [True, False, True] and stack.diverged == [False, True, False]
+    assert torch.isfinite(loss).tolist() == [True, False, True] and diverged(stack) == [False, True, False]
     after = [t[1] for t in stack.model.parameters() + stack.optimizer.state["momentum_buffer"]]
     assert all(torch.equal(b, a) for b, a in zip(before, after))
 
@@ -148,10 +149,6 @@ def test_finite_is_torch_isfinite_on_every_kind_of_float():
                       float("inf"), float("-inf"), float("nan")])
     for dtype in (torch.float32, torch.float64):
         assert torch.equal(stacked.finite(x.to(dtype)), torch.isfinite(x.to(dtype)))
-
-
-def test_a_member_diverges_by_the_same_epoch_loss_rule_as_a_solo_run():
-    assert stacked.DIVERGED_LOSS == train_loop.DIVERGED_LOSS
 
 
 def test_trials_of_different_architectures_or_batch_sizes_are_refused_one_line(tmp_path):

@@ -1,4 +1,4 @@
-"""The stacked step replayed from CUDA graphs (core/stacked_graph.py) trains what the eager stacked step trains.
+"""The stacked step replayed from CUDA graphs (core/graph_step.py) trains what the eager stacked step trains.
 
 On CPU the graph step's body (static [K, b] index buffer, the LR vector read
 from a static buffer, the mask-multiply freeze of a diverged member, the probe's
@@ -13,13 +13,13 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, UncapturedGraphStep, diverged, stack_epoch
 from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core import stacked
 from harness.core.stacked import StackedTrainer
-from harness.core.stacked_graph import StackedGraphStep
+from harness.core.graph_step import GraphStep, new_side_stream
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -51,14 +51,16 @@ def _trained(members, device: torch.device, graph: str):
     stack.optimizer.host_sync_free = True
     bodies = Counter()
     if graph != "none":
-        step = StackedGraphStep(stack, capture=graph == "captured")
-        body = step._body
-        step._body = lambda measure: (bodies.update([measure]), body(measure))[1]
+        step = (GraphStep(stack, new_side_stream(stack.device)) if graph == "captured" else UncapturedGraphStep(stack, None))
+        body = step.body
+        step.body = lambda measure: (bodies.update([measure]), body(measure))[1]
         stack.train_step = step
     losses = []
+    global_step = 0
     for epoch in range(1, EPOCHS + 1):
         for number, (indices, global_batch_size) in enumerate(stack.local_batches(epoch)):
-            losses.append(stack.train_step(indices, global_batch_size, stack.global_step).clone())
+            losses.append(stack.train_step(indices, global_batch_size, global_step).clone())
+            global_step += 1
             if (epoch, number) == LEAVE_AT:
                 stack.keep(STAYING)
     return stack, losses, bodies
@@ -92,9 +94,9 @@ def test_member_that_diverged_before_leaving_was_frozen_by_the_graph_body(tmp_pa
     members = _members(tmp_path, "cpu")[2:]  # member 2 trains, member 3 blows up
     stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], torch.device("cpu"))
     stack.optimizer.host_sync_free = True
-    stack.train_step = StackedGraphStep(stack, capture=False)
-    stack.run_epoch(1)
-    assert stack.diverged == [False, True]
+    stack.train_step = UncapturedGraphStep(stack, None)
+    stack_epoch(stack, 1)
+    assert diverged(stack) == [False, True]
     assert all(torch.isfinite(p[1]).all() for p in stack.model.parameters())  # frozen before its NaN update
 
 
@@ -116,9 +118,10 @@ def test_captured_stacked_graph_reaches_the_eager_stacked_tensors_on_cuda(tmp_pa
     members = _members(tmp_path, "cuda")
     device = torch.device("cuda", 0)
     eager, eager_losses, _ = _trained(members, device, graph="none")
-    graph, graph_losses, _ = _trained(members, device, graph="captured")
-    # A plain and a measuring graph on the four members, then both again on the two that stayed.
-    assert graph.train_step.captures == 4
+    graph, graph_losses, captured = _trained(members, device, graph="captured")
+    # A plain and a measuring graph on the four members, then both again on the two that stayed
+    # (a captured body runs once, when it is captured).
+    assert sum(captured.values()) == 4
     for name, want in _state(eager).items():
         torch.testing.assert_close(_state(graph)[name], want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
     torch.testing.assert_close(torch.cat(graph_losses[-10:]), torch.cat(eager_losses[-10:]), rtol=1e-5, atol=1e-6)
@@ -130,8 +133,8 @@ def test_stacked_graph_steps_never_wait_for_the_host(tmp_path):
     members = _members(tmp_path, "cuda")[:3]
     device = torch.device("cuda", 0)
     stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], device)
-    stack.train_step = StackedGraphStep(stack)
-    stack.run_epoch(1)
+    stack.train_step = GraphStep(stack, new_side_stream(stack.device))
+    stack_epoch(stack, 1)
     batches = list(stack.local_batches(2))
     loss_sum = torch.zeros(len(members), dtype=torch.float64, device=device)
     torch.cuda.synchronize()
@@ -189,11 +192,11 @@ def test_a_replayed_stacked_step_dispatches_at_most_29_kernels_in_the_gpus_layou
     members = [cfg.replace(**{"metrics.noise_scale": False}) for cfg in _members(tmp_path, "cpu")[:3]]
     stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], torch.device("cpu"))
     stack.optimizer.host_sync_free = True
-    step = StackedGraphStep(stack, capture=False)
+    step = UncapturedGraphStep(stack, None)
     step.warmup_steps_left = 0
     batches = stack.local_batches(1)
     step(*next(batches), 0)  # the static buffers exist, the LR is written
     step.static_indices.copy_(next(batches)[0])
     with Kernels() as kernels:
-        step._body(measure=False)
+        step.body(measure=False)
     assert sum(kernels.seen.values()) <= 29, kernels.seen

@@ -11,7 +11,7 @@ slow spell of the machine falls on every side of its rounds alike:
   via trainer.build_trainer; on CUDA its graph step, core/graph_step.py),
   trial after trial;
 - ``stacked``: one epoch of core/stacked.py's StackedTrainer, all K at once (on
-  CUDA replayed from core/stacked_graph.py's graphs).
+  CUDA replayed from core/graph_step.py's graphs).
 
 One "epoch" is one epoch of every trial on both sides, so the ratio
 sequential / stacked is the speed-up of the whole stack. Each side's time is its
@@ -43,7 +43,7 @@ from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.stacked import StackedTrainer
-from harness.core.stacked_graph import use_graph_step
+from harness.core.stacked_run import use_graph_step
 from harness.core.trainer import SingleRun, build_trainer, train_epoch
 from harness.bench.bench import cpu_name, time_interleaved
 
@@ -58,8 +58,8 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
     """Time K trials stacked against the same K one after another at every batch size; the JSON-ready result.
     ``profile_dir``: also profile one more epoch of each side per batch size there (``profile_epochs``)."""
     # As harness bench: the step alone, without the probes a study switches on.
-    # On CUDA both sides take the graph step (core/graph_step.py one trial at a time, core/stacked_graph.py
-    # the stack): each side at its fastest, the comparison the stack has to win.
+    # On CUDA both sides take the graph step (core/graph_step.py, one trial at a time or the
+    # whole stack): each side at its fastest, the comparison the stack has to win.
     graph = device.type == "cuda"
     cfg = cfg.replace(**{"metrics.noise_scale": False, "metrics.sharpness": False, "tracking.enabled": False,
                          "performance.cuda_graph": graph})
@@ -79,7 +79,8 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
             train_epoch(stacked, epoch)
 
         stacked = StackedTrainer(trials, [d.train for d in datasets], device)
-        use_graph_step(stacked, graph, stacked.ctx)
+        if graph:
+            use_graph_step(stacked, stack, stacked.ctx)
         seconds = time_interleaved({"sequential": sequential_epoch, "stacked": stacked_epoch,
                                     "matmuls": matmuls_only_epoch(stacked)}, device, epochs)
         if profile_dir is not None:

@@ -7,22 +7,32 @@ forward, loss, backward with DDP's all-reduce, the noise probe, the update)
 is captured once per kind of step and replayed; feeding a batch is one copy of
 its indices into a static buffer.
 
-Owns: when the step can be captured (``graph_unavailable_reason``), the eager
-warm-up before capture, the two graphs (a plain step and a step that feeds the
-noise probe), and the static LR buffer the captured update reads. It does not
-own the step's math: ``GraphStep`` wraps the eager step (core/step.py), calls it
-for the steps it does not replay, and captures its ``gradients`` and ``update``,
-so eager and graph steps cannot drift apart. It has the eager
-step's signature, so the training loop calls either the same way.
+The same wrapper serves a run alone (core/step.py) and a stack of K trials
+(core/stacked.py), whose step is a few dozen small kernels for all K members
+together: replayed, the whole stack costs one launch where K trials one after
+another cost K replays. That is what makes stacking pay on a GPU, whose step at
+the note's sizes is launch latency, not arithmetic.
+
+Owns: when a run alone's step can be captured (``graph_unavailable_reason``), the
+eager warm-up before capture, the two graphs (a plain step and a step that feeds
+the noise probe), the static buffers they read (the batch's indices, [b] or
+[K, b], and the LR, [1] or [K]), and capturing again when a stack's members
+leave it. It does not own the step's math: ``GraphStep`` calls the wrapped step
+for the steps it does not replay and captures its ``step_body``, so eager and
+graph steps cannot drift apart.
 
 What capture needs, and how it is met here (PyTorch's CUDA notes, "CUDA Graphs"
 and "Usage with DistributedDataParallel"):
 - static shapes and addresses: one graph per batch shape (the full batch); the
   last, smaller batch of an epoch runs eagerly. Gradients are zeroed in place,
   never set to None, so they keep their addresses between eager and graph steps.
+  A stack whose members leave makes new, smaller tensors: the graphs are then
+  dropped and captured again on them, after one eager step.
 - no host syncs in the step: the update (core/optim.py) takes its LR as a device
-  tensor, copied from the schedule's table before every replay; the probe keeps
-  its counts on the device.
+  tensor, copied from the schedule's table before every replay, and on a GPU
+  freezes a diverged stack member with a ``torch.where`` on the device-side mask;
+  the one-hot targets of a stack are a scatter; the probe keeps its counts on the
+  device.
 - warm-up on a side stream before capture: 3 eager steps, 11 under DDP, whose
   model must be constructed on that same side stream (``side_stream``), with
   NCCL's async error handling off (``distributed.allow_collective_capture``).
@@ -37,7 +47,6 @@ import torch
 
 from harness.core.config import Config
 from harness.core.distributed import DistContext
-from harness.core.step import EagerStep
 
 WARMUP_STEPS = 3
 # PyTorch's notes: "your warmup must run at least 11 DDP-enabled eager iterations
@@ -74,29 +83,30 @@ def new_side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class GraphStep:
-    """Full-size steps of an ``EagerStep``, replayed from CUDA graphs; the others run that eager step.
+    """Full-size steps of a step, replayed from CUDA graphs; the others run that step eagerly.
 
-    ``capture=False`` runs the very body that would be captured, on the same
-    static buffers, without capturing it: that is how the body is checked
-    against the eager step on a machine without CUDA (tests/test_graph_step.py).
+    Wraps any step that offers what capture needs, and is called as that step is
+    (``step(indices, global batch size, global step) -> summed loss``): a run alone's
+    ``EagerStep`` (core/step.py) or a stack's ``StackedTrainer`` (core/stacked.py),
+    which both offer ``step_body(indices, global batch size, lr, measure)`` (the very
+    function the eager step runs, so the two cannot drift apart), ``should_measure``,
+    ``can_measure``, their ``schedule`` and ``optimizer``, ``graph_warmup_steps`` and
+    ``capture_layout()`` (tensors whose replacement, as when members leave a stack,
+    means the graphs must be captured again, after one more eager step).
     """
 
-    def __init__(self, eager: EagerStep, stream: Optional[torch.cuda.Stream], capture: bool = True):
-        cfg, ctx = eager.cfg, eager.ctx
-        self.eager = eager
+    def __init__(self, step, stream: Optional[torch.cuda.Stream]):
+        self.step = step
         # The graphs hold the gradient buffers' addresses: eager steps must zero them in place.
-        eager.keeps_gradient_buffers = True
+        step.keeps_gradient_buffers = True
         self.stream = stream
-        self.capture = capture
-        self.global_batch_size = cfg.optim.global_batch_size
-        self.static_indices = torch.zeros(self.global_batch_size // ctx.world_size, dtype=torch.long,
-                                          device=ctx.device)
-        # In the parameters' dtype: the copy into it casts as the eager update does.
-        self.lr = torch.zeros(1, dtype=eager.optimizer.dtype, device=ctx.device)
-        under_ddp = isinstance(eager.model, torch.nn.parallel.DistributedDataParallel)
-        self.warmup_steps_left = WARMUP_STEPS_DDP if under_ddp else WARMUP_STEPS
+        self.global_batch_size = step.global_batch_size
+        self.warmup_steps_left = step.graph_warmup_steps
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # measures noise? -> graph
         self.static_losses: dict[bool, torch.Tensor] = {}
+        self.static_indices: Optional[torch.Tensor] = None
+        self.static_lr: Optional[torch.Tensor] = None
+        self._layout: Optional[torch.Tensor] = None  # what the graphs were captured on
 
     def __call__(self, indices: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
         """One step on the samples ``indices``; returns the summed loss (no host sync).
@@ -104,7 +114,9 @@ class GraphStep:
         A full batch after the warm-up is replayed; the warm-up steps and the
         smaller last batch of an epoch (another shape) run the eager step.
         """
-        eager = self.eager
+        step = self.step
+        if step.capture_layout() is not self._layout:
+            self._new_layout()
         full_batch = global_batch_size == self.global_batch_size
         if not full_batch or self.warmup_steps_left:
             if full_batch:
@@ -113,30 +125,42 @@ class GraphStep:
             # parameters' gradient accumulators, which stay bound to that stream;
             # a backward from another stream makes autograd synchronise the two.
             with self.on_training_stream():
-                return eager(indices, global_batch_size, global_step)
-        measure = eager.should_measure(global_batch_size, global_step)
-        self.lr.copy_(eager.schedule.lr(global_step))  # one kernel: a view of the schedule's table
+                return step(indices, global_batch_size, global_step)
+        measure = step.should_measure(global_batch_size, global_step)
+        lr = step.schedule.lr(global_step)  # a view of the schedule's table
+        if self.static_indices is None:
+            self.static_indices = torch.empty_like(indices)
+            # In the parameters' dtype: the copy into it casts as the eager update does, so the
+            # replayed step has no cast kernel of its own.
+            self.static_lr = torch.empty(lr.shape, dtype=step.optimizer.dtype, device=lr.device)
+        self.static_lr.copy_(lr)  # every replay: a decaying schedule reaches the captured update
         self.static_indices.copy_(indices)
-        if not self.capture:
-            return self._body(measure)
-        if not self.graphs:
-            self._capture_all()
-        self.graphs[measure].replay()
-        return self.static_losses[measure]
+        return self.replay(measure)
 
     def on_training_stream(self):
         """A block of eager autograd work on the parameters, run on the stream DDP was built on."""
         return on_side_stream(self.stream)
 
-    def _body(self, measure: bool) -> torch.Tensor:
-        """The step as it is captured: gather, gradients (zeroed in place), probe, update."""
-        eager = self.eager
-        x = eager.train_set.features.index_select(0, self.static_indices)
-        y = eager.train_set.targets.index_select(0, self.static_indices)
-        normalizer = eager.normalizer(self.global_batch_size)
-        loss = eager.gradients(x, y, normalizer, measure)
-        eager.update(self.lr)
-        return loss * normalizer
+    def replay(self, measure: bool) -> torch.Tensor:
+        """Replay the graph of this kind of step, capturing the graphs first if there are none."""
+        if not self.graphs:
+            self._capture_all()
+        self.graphs[measure].replay()
+        return self.static_losses[measure]
+
+    def body(self, measure: bool) -> torch.Tensor:
+        """The step as it is captured, on the static buffers."""
+        return self.step.step_body(self.static_indices, self.global_batch_size, self.static_lr, measure)
+
+    def _new_layout(self) -> None:
+        """The step's tensors are new (first call, or members left a stack): drop the graphs and buffers."""
+        if self._layout is not None:
+            # One eager step before capturing on the new shapes, as before the first capture.
+            self.warmup_steps_left = max(self.warmup_steps_left, 1)
+        self._layout = self.step.capture_layout()
+        self.graphs.clear()
+        self.static_losses.clear()
+        self.static_indices = self.static_lr = None
 
     def _capture_all(self) -> None:
         """Capture the plain step and, if the probe can measure this batch, the measuring step.
@@ -147,11 +171,11 @@ class GraphStep:
         the eager ones), which a capture could not sync on. Capturing runs no
         kernels, so the step's batch is trained by the replay that follows.
         """
-        kinds = [False, True] if self.eager.can_measure(self.global_batch_size) else [False]
+        kinds = [False, True] if self.step.can_measure(self.global_batch_size) else [False]
         for measure in kinds:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self.stream):
-                self.static_losses[measure] = self._body(measure)
+                self.static_losses[measure] = self.body(measure)
             self.graphs[measure] = graph
 
 

@@ -9,7 +9,7 @@ stack, each member's slice saved and loaded as a checkpoint's ``optimizer`` (``M
 It does not own where the blocks come from: a stack's flat buffers (core/stacked.py
 ``MemberLayout.blocks``) or a run alone's parameters, each viewed as [1, n] (core/step.py), nor
 when a step runs. The LR, every hyperparameter and Adam's step count are device tensors, so a
-step reads nothing back and a CUDA graph can capture it (core/graph_step.py, core/stacked_graph.py).
+step reads nothing back and a CUDA graph can capture it (core/graph_step.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ parameters after n steps equal the solo run's up to float rounding
 
 Each member's run (MLflow, evaluations, target, sharpness, checkpoints) is
 core/stacked_run.py's; grouping a sweep's trials into stacks is
-sweeps/sweep.py's; the step's CUDA-graph capture is core/stacked_graph.py's.
+sweeps/sweep.py's; the step's CUDA-graph capture is core/graph_step.py's.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from harness.core.config import Config, check_stackable_trial, steps_per_epoch
 from harness.core.data import BatchPlan, Split
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.backprop import activation_backward
+from harness.core.graph_step import WARMUP_STEPS
 from harness.core.model import ACTIVATION_MODULES, build_model
 from harness.core.optim import Optimizer, Schedule
 from harness.errors import InputError
@@ -51,8 +52,6 @@ SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.v
 CPU_PASS_SAMPLES = 4096
 # Devices whose stacks lay their parameters out parameter by parameter (MemberLayout); elsewhere member by member.
 PARAMETER_MAJOR_DEVICES = ("cpu",)
-# A member whose running epoch loss is above this stops as diverged, as core/train_loop.py's run does.
-DIVERGED_LOSS = 1e3
 
 
 def finite(x: torch.Tensor) -> torch.Tensor:
@@ -93,9 +92,8 @@ class MemberLayout:
     16), and a batched GEMM writes a weight's gradient straight into its
     batch-strided view. Parameter-major (on a CPU): each parameter tensor's [K, n]
     block in turn, so each weight's gradient is a contiguous [K, d_l, d_{l-1}]:
-    a CPU's bmm into a batch-strided view gave up its batched GEMM for one
-    GEMM per member, and the step took 25% longer (six 784-500-10 members at batch
-    32). Either way the buffer is 1-D and ``blocks`` are the [K, n] pieces the
+    a CPU's bmm into a batch-strided view gives up its batched GEMM for one
+    GEMM per member (docs/steps.md measures the cost). Either way the buffer is 1-D and ``blocks`` are the [K, n] pieces the
     optimizer and the norms walk over.
     """
 
@@ -142,8 +140,7 @@ class StackedMLP:
     The backward is written by hand (core/backprop.py's delta recursion, with a
     member axis in front; notation there), not autograd's: autograd's gradient of
     the [K, d_l, d_{l-1}] weight comes out as [K, d_{l-1}, d_l] and is copied
-    into place, which cost 1.9 ms of a 6.7 ms step (six 784-500-10 members at
-    batch 32 on this CPU), more than the bmm itself. Here every gradient is
+    into place, a copy that costs more than the bmm itself (docs/steps.md). Here every gradient is
     computed in the weight's own layout into buffers allocated once.
     """
 
@@ -189,11 +186,6 @@ class StackedMLP:
             return self.num_members
         return max(1, min(self.num_members, CPU_PASS_SAMPLES // max(batch, 1)))
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [K, b, classes] of x [K, b, d_0]: z = b + a @ W^T, per member."""
-        return self._forward(x)[1][-1]
-
     def _forward(self, x: torch.Tensor, rows: slice = slice(None)) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Activations a[0..L-1] and pre-activations z[1..L] (the last are the logits) of members ``rows``."""
         activations, pre_activations = [x], []
@@ -229,7 +221,7 @@ class StackedMLP:
         # softmax - onehot(y) as one scatter of -1 into the softmax: s + (-1) is s - 1 to the bit, and the other
         # classes keep s, which is s - 0. Two kernels fewer than building the one-hot and subtracting it, and
         # no F.one_hot, whose checks of y read it back on some devices: a captured step
-        # (core/stacked_graph.py) must not read anything back.
+        # (core/graph_step.py) must not read anything back.
         delta = torch.softmax(logits, dim=2).scatter_add_(
             2, y.unsqueeze(2), self._minus_one.expand(members, batch, 1)).div_(normalizer)
         for depth in range(len(self.weights) - 1, -1, -1):
@@ -248,16 +240,8 @@ class StackedMLP:
         """[K] float64: each member's squared norm over all its gradients, from ``flat`` (laid out as
         ``flat_gradients``): one norm kernel per block (one block on a GPU). The norms are taken in the
         gradients' own precision, as a run alone's probe takes them: ``dtype=float64`` would first copy
-        the whole buffer to float64 (on this CPU the batch-16 stack of the study took 120 s against 79)."""
+        the whole buffer to float64, a pass that costs more than the norms."""
         return sum(torch.linalg.vector_norm(block, dim=1).double().square() for block in self.layout.blocks(flat))
-
-    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
-        """Member k's parameters as ``MLP.state_dict()`` names them (a solo run's checkpoint loads them)."""
-        state = {}
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            state[f"linears.{i}.weight"] = w[k].clone()
-            state[f"linears.{i}.bias"] = b[k].clone()
-        return state
 
 
 class StackedData:
@@ -378,8 +362,10 @@ class StackedTrainer:
         self.active = torch.ones(len(members), dtype=torch.bool, device=self.device)
         self.global_step = 0
         self.epoch_permutations: Optional[torch.Tensor] = None  # [K, N] of the epoch being trained
-        # What trains one batch: ``step``, or core/stacked_graph.py's StackedGraphStep wrapping it.
+        # What trains one batch: ``step``, or core/graph_step.py's GraphStep wrapping it.
         self.train_step = self.step
+        self.keeps_gradient_buffers = True  # its gradients always live in one flat buffer
+        self.graph_warmup_steps = WARMUP_STEPS
 
     def permutations(self, epoch: int) -> torch.Tensor:
         """[K, N]: each member's own BatchPlan permutation of the epoch (once per epoch, not per step)."""
@@ -422,19 +408,29 @@ class StackedTrainer:
         global_batch_size = global_batch_size or indices.shape[1]
         global_step = self.global_step if global_step is None else global_step
         loss = self.step_body(indices, global_batch_size, self.schedule.lr(global_step),
-                              self.measures(global_batch_size, global_step))
+                              self.should_measure(global_batch_size, global_step))
         self.global_step = global_step + 1
         return loss
 
-    def measures(self, global_batch_size: int, global_step: int) -> bool:
+    __call__ = step
+
+    def can_measure(self, global_batch_size: int) -> bool:
+        """Can a step of this batch size feed the noise probe at all?"""
+        return self.probe is not None and self.probe.can_measure(global_batch_size)
+
+    def should_measure(self, global_batch_size: int, global_step: int) -> bool:
         """Does this step feed the noise probe (the solo step's rule: a probe, a batch it can split, the interval)?"""
-        return (self.probe is not None and self.probe.can_measure(global_batch_size)
+        return (self.can_measure(global_batch_size)
                 and global_step % self.members[0].metrics.noise_scale_interval == 0)
+
+    def capture_layout(self) -> torch.Tensor:
+        """What a captured graph holds the address of: the gradient buffer, new whenever members leave."""
+        return self.model.flat_gradients
 
     def step_body(self, indices: torch.Tensor, global_batch_size: int, lr: torch.Tensor,
                   measure: bool) -> torch.Tensor:
         """``step``'s work with the LR vector given: on a GPU it queues kernels and reads nothing back,
-        so core/stacked_graph.py captures it as it stands."""
+        so core/graph_step.py captures it as it stands."""
         normalizer = global_batch_size / self.ctx.world_size
         folded = False
         if measure and self.ctx.world_size == 1:
@@ -500,24 +496,3 @@ class StackedTrainer:
         if self.ctx.world_size > 1:
             dist.all_reduce(self.model.flat_gradients, op=dist.ReduceOp.SUM)
             self.model.flat_gradients.div_(self.ctx.world_size)
-
-    def run_epoch(self, epoch: int) -> torch.Tensor:
-        """Train one epoch (the last, smaller batch included unless drop_last); returns each member's mean loss [K].
-
-        Members that stopped updating this epoch keep their (non-finite or huge) loss;
-        the epoch's end then marks a running loss above DIVERGED_LOSS as diverged, as
-        the solo loop does. (harness bench --stack; a stacked run's epochs are core/stacked_run.py's.)
-        """
-        loss_sum = torch.zeros(len(self.members), dtype=torch.float64, device=self.device)
-        samples = 0
-        for indices, global_batch_size in self.local_batches(epoch):
-            loss_sum.add_(self.train_step(indices, global_batch_size, self.global_step))  # summed in float64
-            samples += indices.shape[1]
-        mean_loss = loss_sum / samples
-        self.active &= torch.isfinite(mean_loss) & (mean_loss <= DIVERGED_LOSS)
-        return mean_loss
-
-    @property
-    def diverged(self) -> list[bool]:
-        """Per member: has it stopped updating (non-finite step loss, or an epoch's loss above DIVERGED_LOSS)?"""
-        return [not bool(a) for a in self.active.tolist()]

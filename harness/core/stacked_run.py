@@ -24,7 +24,7 @@ from harness.core.data import BatchPlan, Dataset
 from harness.core.distributed import DistContext
 from harness.core.model import build_model
 from harness.core.stacked import StackedTrainer
-from harness.core.stacked_graph import use_graph_step
+from harness.core.graph_step import GraphStep, new_side_stream
 from harness.core.optim import Schedule
 from harness.core.trainer import Trainer
 
@@ -65,13 +65,20 @@ def point_at_row(model: torch.nn.Module, stack: StackedTrainer, row: int) -> Non
         linear.bias.data = stack.model.biases[i][row]
 
 
+def use_graph_step(stack: StackedTrainer, size: int, ctx: DistContext) -> None:
+    """Train the stack through a ``GraphStep`` where CUDA graphs can run; elsewhere say in one line why not."""
+    if ctx.device.type == "cuda":
+        stack.train_step = GraphStep(stack, new_side_stream(ctx.device))
+    else:
+        say(f"[stack of {size}] performance.cuda_graph: running the eager stacked step instead, because the device "
+            f"is {ctx.device.type}, and CUDA graphs need a CUDA device", ctx=ctx)
+
+
 def build_stack(trials: list[Config], ctx: DistContext, dataset: Dataset) -> tuple[StackEngine, list[Trainer]]:
     """The stack of ``trials`` (``stacked.check_stackable`` refuses what cannot share it) and each member's trainer."""
     stack = StackedTrainer(trials, [dataset.train] * len(trials), ctx=ctx)
-    unavailable = use_graph_step(stack, trials[0].performance.cuda_graph, ctx)
-    if unavailable:
-        say(f"[stack of {len(trials)}] performance.cuda_graph: running the eager stacked step instead, because "
-            f"{unavailable}", ctx=ctx)
+    if trials[0].performance.cuda_graph:
+        use_graph_step(stack, len(trials), ctx)
     trainers = []
     for k, cfg in enumerate(trials):
         model = build_model(cfg).to(stack.device)

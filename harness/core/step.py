@@ -29,6 +29,7 @@ from harness import faults
 from harness.core.backprop import autograd_backward, manual_backward
 from harness.core.config import Config, steps_per_epoch
 from harness.core.data import Split
+from harness.core.graph_step import WARMUP_STEPS, WARMUP_STEPS_DDP
 from harness.core.distributed import DistContext, average_gradients
 from harness.core.optim import Optimizer, Schedule
 from harness.core.precision import forward_context
@@ -79,6 +80,10 @@ class EagerStep:
         # "micro_batch" fault point (harness/faults.py) may kill this rank mid-accumulation.
         self.fault_epoch: Optional[int] = None
         self._under_ddp = isinstance(model, DistributedDataParallel)
+        # What a graph step (core/graph_step.py) wrapping this one needs: the full batch it replays, and how
+        # many eager steps warm up first (PyTorch's notes ask for 11 DDP iterations before capture).
+        self.global_batch_size = cfg.optim.global_batch_size
+        self.graph_warmup_steps = WARMUP_STEPS_DDP if self._under_ddp else WARMUP_STEPS
         self._steps_per_epoch = steps_per_epoch(len(train_set), cfg.optim.global_batch_size, cfg.train.drop_last)
 
     def __call__(self, indices: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
@@ -90,6 +95,21 @@ class EagerStep:
         loss = self.gradients(x, y, normalizer, self.should_measure(global_batch_size, global_step))
         self.update(self.schedule.lr(global_step))
         return loss * normalizer
+
+    def step_body(self, indices: torch.Tensor, global_batch_size: int, lr: torch.Tensor,
+                  measure: bool) -> torch.Tensor:
+        """The step as a graph captures it, with the LR given: gather (whole rows), gradients (zeroed in
+        place), probe, update."""
+        x = self.train_set.features.index_select(0, indices)
+        y = self.train_set.targets.index_select(0, indices)
+        normalizer = self.normalizer(global_batch_size)
+        loss = self.gradients(x, y, normalizer, measure)
+        self.update(lr)
+        return loss * normalizer
+
+    def capture_layout(self) -> torch.Tensor:
+        """What a captured graph holds the address of: the parameters, which never change here."""
+        return self.params[0]
 
     def update(self, lr: torch.Tensor) -> None:
         """The optimizer's step from p.grad with ``lr`` [1]; p.grad is its scratch (it holds the decayed
