@@ -67,6 +67,26 @@ def squared_norm(tensors) -> torch.Tensor:
 Backward = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
+def accumulate(ema: torch.Tensor, updates: torch.Tensor, window: torch.Tensor, decay: float,
+               small_sq: torch.Tensor, big_sq: torch.Tensor, active: Optional[torch.Tensor] = None) -> None:
+    """One measured step into a probe's running state, or K probes' at once (a member axis in front):
+    the EMA of the (small, big) squared norms ``ema`` [.., 2], its count ``updates`` [..] and the open
+    window's sums ``window`` [.., 3] (small, big, steps). Only ``active`` members record (None: all): a
+    stack member that stopped keeps the probe its run ended with. In place: a captured step holds
+    these addresses."""
+    pair = torch.stack([small_sq, big_sq], dim=-1)
+    measured = torch.cat([pair, torch.ones_like(pair[..., :1])], dim=-1)
+    if active is None:
+        ema.mul_(decay).add_(pair, alpha=1 - decay)
+        updates.add_(1)
+        window.add_(measured)
+        return
+    rows = active.unsqueeze(-1)
+    ema.copy_(torch.where(rows, ema * decay + pair * (1 - decay), ema))
+    updates.add_(active.to(updates.dtype))
+    window.add_(torch.where(rows, measured, 0.0))
+
+
 class NoiseProbe:
     def __init__(self, ctx: DistContext, global_batch_size: int, decay: float,
                  micro_batch_size: Optional[int] = None):
@@ -199,12 +219,7 @@ class NoiseProbe:
         """One step's pair of squared norms: ``small_sq_norm`` local, ``params``' grads reduced."""
         self.armed = False
         big_sq_norm = squared_norm([p.grad for p in params])
-        pair = torch.stack([small_sq_norm, big_sq_norm])
-        self.ema.mul_(self.decay).add_(pair, alpha=1 - self.decay)
-        self.updates.add_(1)
-        # In place, like the EMA: a captured step holds these addresses.
-        self.window[:2].add_(pair)
-        self.window[2].add_(1)
+        accumulate(self.ema, self.updates, self.window, self.decay, small_sq_norm, big_sq_norm)
 
     def close_window(self) -> None:
         """At an evaluation point, on every rank (it all-reduces): keep the window, start a new one.
@@ -266,3 +281,47 @@ class NoiseProbe:
         # Checkpoints from before the window start with empty windows.
         self.window.copy_(state.get("window", torch.zeros(3)))
         self.closed_windows.copy_(state.get("closed_windows", torch.zeros_like(self.closed_windows)))
+
+
+class MemberProbes:
+    """The noise probes of K members (a stack's), their state on a member axis.
+
+    ``members[k]`` is an ordinary ``NoiseProbe`` whose state tensors are views of
+    row k here: the stacked step records all members at once, and each member's
+    evaluations, epoch metrics and checkpoint use its probe as a run alone does.
+    A measured step on one rank backpropagates the batch in two halves, as the
+    probe does for a run alone; on several ranks the small gradient is each rank's
+    own, read before the all-reduce (the hand-written engine's way).
+    """
+
+    def __init__(self, ctx: DistContext, global_batch_size: int, decay: float, num_members: int):
+        self.ctx, self.decay = ctx, decay
+        self.members = [NoiseProbe(ctx, global_batch_size, decay) for _ in range(num_members)]
+        dtype, device = torch.float64, ctx.device
+        self.ema = torch.zeros(num_members, 2, dtype=dtype, device=device)
+        self.updates = torch.zeros(num_members, dtype=dtype, device=device)
+        self.window = torch.zeros(num_members, 3, dtype=dtype, device=device)
+        self.closed_windows = torch.zeros(num_members, WINDOWS_KEPT, 3, dtype=dtype, device=device)
+        self._point_members()
+
+    def _point_members(self) -> None:
+        for k, probe in enumerate(self.members):
+            probe.ema, probe.updates = self.ema[k], self.updates[k]
+            probe.window, probe.closed_windows = self.window[k], self.closed_windows[k]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the members ``rows``: a dropped member's probe keeps the state it stopped with."""
+        self.members = [self.members[k] for k in rows.tolist()]
+        self.ema, self.updates = self.ema[rows], self.updates[rows]
+        self.window, self.closed_windows = self.window[rows], self.closed_windows[rows]
+        self._point_members()
+
+    def can_measure(self, global_batch_size: int) -> bool:
+        return self.members[0].can_measure(global_batch_size)
+
+    def record(self, small_sq: torch.Tensor, big_sq: torch.Tensor, active: torch.Tensor) -> None:
+        """One step's squared norms, [K] each: ``small_sq`` of the small batch (as a mean), ``big_sq`` reduced.
+
+        Only ``active`` members record: a member that stopped at its target keeps the probe
+        its run alone ended with, while the others' steps go on around it."""
+        accumulate(self.ema, self.updates, self.window, self.decay, small_sq, big_sq, active)

@@ -38,7 +38,7 @@ from harness.core.graph_step import WARMUP_STEPS
 from harness.core.model import ACTIVATION_MODULES, build_model
 from harness.core.optim import Optimizer, Schedule
 from harness.errors import InputError
-from harness.core.noise_probe import WINDOWS_KEPT, NoiseProbe
+from harness.core.noise_probe import MemberProbes
 
 # Keys every member of a stack must agree on: they fix the tensors' shapes (architecture,
 # batch size, the training split's size) or what one step computes for all members at once.
@@ -274,54 +274,6 @@ class StackedData:
         return self.samples.batch(indices if self.shared else indices + self.offsets[rows])
 
 
-class StackedNoiseProbe:
-    """The noise probe of every member (core/noise_probe.py's protocol), its state stacked on a K axis.
-
-    ``members[k]`` is an ordinary ``NoiseProbe`` whose state tensors are views of
-    row k here: the stacked step records all members at once, and each member's
-    evaluations, epoch metrics and checkpoint use its probe as a run alone does.
-    A measured step on one rank backpropagates the batch in two halves, as the
-    probe does for a run alone; on several ranks the small gradient is each rank's
-    own, read before the all-reduce (the hand-written engine's way).
-    """
-
-    def __init__(self, ctx: DistContext, global_batch_size: int, decay: float, num_members: int):
-        self.ctx, self.decay = ctx, decay
-        self.members = [NoiseProbe(ctx, global_batch_size, decay) for _ in range(num_members)]
-        dtype, device = torch.float64, ctx.device
-        self.ema = torch.zeros(num_members, 2, dtype=dtype, device=device)
-        self.updates = torch.zeros(num_members, dtype=dtype, device=device)
-        self.window = torch.zeros(num_members, 3, dtype=dtype, device=device)
-        self.closed_windows = torch.zeros(num_members, WINDOWS_KEPT, 3, dtype=dtype, device=device)
-        self._point_members()
-
-    def _point_members(self) -> None:
-        for k, probe in enumerate(self.members):
-            probe.ema, probe.updates = self.ema[k], self.updates[k]
-            probe.window, probe.closed_windows = self.window[k], self.closed_windows[k]
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only the members ``rows``: a dropped member's probe keeps the state it stopped with."""
-        self.members = [self.members[k] for k in rows.tolist()]
-        self.ema, self.updates = self.ema[rows], self.updates[rows]
-        self.window, self.closed_windows = self.window[rows], self.closed_windows[rows]
-        self._point_members()
-
-    def can_measure(self, global_batch_size: int) -> bool:
-        return self.members[0].can_measure(global_batch_size)
-
-    def record(self, small_sq: torch.Tensor, big_sq: torch.Tensor, active: torch.Tensor) -> None:
-        """One step's squared norms, [K] each: ``small_sq`` of the small batch (as a mean), ``big_sq`` reduced.
-
-        Only ``active`` members record: a member that stopped at its target keeps the probe
-        its run alone ended with, while the others' steps go on around it."""
-        pair = torch.stack([small_sq, big_sq], dim=1)
-        rows = active.unsqueeze(1)
-        self.ema.copy_(torch.where(rows, self.ema * self.decay + pair * (1 - self.decay), self.ema))
-        self.updates.add_(active.to(self.updates.dtype))
-        self.window.add_(torch.where(rows, torch.cat([pair, torch.ones_like(small_sq).unsqueeze(1)], dim=1), 0.0))
-
-
 class StackedTrainer:
     """K trials trained together, one stacked step per batch; each keeps its own data order and may stop alone.
 
@@ -355,7 +307,7 @@ class StackedTrainer:
         # CPU's bmm adds into as one batched GEMM).
         self.fold_momentum = (self.optimizer.shared_momentum() if not self.model.layout.member_major
                               and self.device.type == "cpu" else None)
-        self.probe = (StackedNoiseProbe(self.ctx, self.global_batch_size, first.metrics.noise_scale_ema_decay,
+        self.probe = (MemberProbes(self.ctx, self.global_batch_size, first.metrics.noise_scale_ema_decay,
                                         len(members)) if first.metrics.noise_scale else None)
         # Members still updating: one whose loss turns non-finite is frozen where it blew up (on the
         # device, no host sync), and the others go on; members whose runs end are dropped (``keep``).
