@@ -15,9 +15,8 @@ slow spell of the machine falls on every side of its rounds alike:
 
 One "epoch" is one epoch of every trial on both sides, so the ratio
 sequential / stacked is the speed-up of the whole stack. Each side's time is its
-fastest timed epoch: on this shared 2-core machine a slow spell (measured: one
-trial's epoch going from 0.29 s to 0.50-0.56 s for seconds at a time, with the
-machine otherwise idle) only ever adds time, and it adds more to the sequential
+fastest timed epoch: on a shared machine a slow spell (one trial's epoch taking
+nearly twice as long for seconds at a time) only ever adds time, and it adds more to the sequential
 side's many small operations than to the stack's few large ones, so a median or
 a ratio of rounds taken in a spell would flatter the stack. The rounds give both
 sides the same chances at an undisturbed epoch. Ratios are against the peer

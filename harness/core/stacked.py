@@ -47,8 +47,8 @@ SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.v
                "optim.micro_batch_size", "train.drop_last", "performance.precision", "train.epochs", "train.max_steps",
                "metrics.noise_scale", "metrics.noise_scale_ema_decay", "metrics.noise_scale_interval")
 # On a CPU one pass of the stacked step computes at most about this many samples (members x batch):
-# beyond it the stack's activations outgrow the caches and the step ran slower than the same
-# members one after another (measured: docs/performance.md, "Stacks in a sweep").
+# beyond it the stack's activations outgrow the caches and the step runs slower than the same
+# members one after another (docs/steps.md measures it).
 CPU_PASS_SAMPLES = 4096
 # Devices whose stacks lay their parameters out parameter by parameter (MemberLayout); elsewhere member by member.
 PARAMETER_MAJOR_DEVICES = ("cpu",)

@@ -266,10 +266,8 @@ def end_orphaned_run(cfg: Config, launch_id: str, status: str, disconnect: bool)
     what failed. Ray ends the run's workers with the driver (their owner). With
     ``disconnect`` (fit has returned) the driver disconnects first and lets them go.
     Without it (a signal: fit still runs in its thread, inside Ray's C++ client) Ray
-    stays up: ``ray.shutdown()`` destroyed the core worker under that thread, whose next
-    call into Ray then crashed the driver with SIGSEGV instead of its exit 143 (seen in
-    fresh clones under load: the session's driver log ends at the shutdown the SIGTERM
-    began, and the driver died during the MLflow write after it). launch/ray_job.py
+    stays up: ``ray.shutdown()`` would destroy the core worker under that thread, whose
+    next call into Ray would crash the driver with SIGSEGV instead of its exit 143. launch/ray_job.py
     then ends the process with ``os._exit``, and Ray ends the workers with it.
     """
     if not cfg.tracking.enabled:

@@ -127,9 +127,9 @@ def hessian_extremes(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch
     the parameters' dtype. Two runs, with rho = max |eigenvalue| (the spectral radius):
 
     1. ``which='LM'`` finds the eigenvalue of largest magnitude, +-rho: that is
-       the top one if positive, the bottom one if negative (what power iteration
-       returned alone, and why a network with strong negative curvature used to
-       log a negative "sharpness").
+       the top one if positive, the bottom one if negative (so power iteration
+       alone would report a negative "sharpness" on a network with strong negative
+       curvature).
     2. The other end, as the largest eigenvalue of H + 2 rho I (for the top) or
        2 rho I - H (for the bottom). Lanczos is shift-invariant (same Krylov
        space, same convergence); the shift only puts that eigenvalue in

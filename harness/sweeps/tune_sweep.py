@@ -274,10 +274,8 @@ def remove_leftover_placement_groups(quiet_s: float = LEFTOVER_QUIET_S, poll_s: 
     A Train controller that Tune stops while it makes its worker group's placement
     group (ASHA's stop, or every trial's on a signal) can have the group registered
     after the GCS has seen the controller die, and the GCS then never removes it, not
-    even when the job ends. Seen in tests/test_tune.py: an ASHA sweep's job left a
-    group holding 1 of the cluster's 2 CPUs; a SIGTERM'd sweep's controller registered
-    its 2-worker group 100 ms after Tune had killed it. Either way the next sweep's
-    trial waited for the CPUs until its deadline. Ray gives no way to wait for a dying
+    even when the job ends, and the next sweep's trial waits for its CPUs for ever
+    (docs/cluster.md says when it happens). Ray gives no way to wait for a dying
     actor's last requests, hence the quiet spell: such a group turns up within a few
     hundred ms of its controller's death. Tune's own trial groups are gone by now. A
     failure here is a warning: it must not hide how the experiment ended.
