@@ -129,9 +129,10 @@ class SharedClock(TrainingClock):
             m.counters.train_seconds += seconds / len(training)
 
 
-def build_engine(trials: list[Config], ctx: DistContext, dataset: Dataset):
-    """The engine that trains ``trials`` and each one's trainer: a run alone, or a stack."""
-    if len(trials) == 1:
+def build_engine(trials: list[Config], ctx: DistContext, dataset: Dataset, stacked: bool):
+    """The engine that trains ``trials`` and each one's trainer: a run alone, or a stack (of one too, where a
+    stack's members resumed from different epochs go on in separate groups: their arithmetic stays the stack's)."""
+    if not stacked:
         trainer = build_trainer(trials[0], ctx, dataset)
         return SingleRun(trainer), [trainer]
     return build_stack(trials, ctx, dataset)
@@ -153,15 +154,19 @@ def train(trials: list[Config], ctx: DistContext, trackers: list, hooks: Optiona
     checkpoints = [hooks.checkpoints(cfg, ctx) for cfg in trials]
     states = [c.resume_state() for c in checkpoints]
     epochs = [state["epoch"] if state else 0 for state in states]
-    if len(set(epochs)) > 1:
-        results: dict[int, RunResult] = {}
-        for epoch in sorted(set(epochs)):
-            part = [k for k, e in enumerate(epochs) if e == epoch]
-            results.update(zip(part, train([trials[k] for k in part], ctx, [trackers[k] for k in part], hooks,
-                                           dataset, init_weights)))
-        return [results[k] for k in range(len(trials))]
-    engine, trainers = build_engine(trials, ctx, dataset)
-    members = [Member(k, trainer, trackers[k], checkpoints[k], states[k]) for k, trainer in enumerate(trainers)]
+    results: dict[int, RunResult] = {}
+    for epoch in sorted(set(epochs)):
+        group = [k for k, e in enumerate(epochs) if e == epoch]
+        engine, trainers = build_engine([trials[k] for k in group], ctx, dataset, stacked=len(trials) > 1)
+        members = [Member(k, trainer, trackers[k], checkpoints[k], states[k]) for k, trainer in zip(group, trainers)]
+        results.update(zip(group, _train_members(engine, members, dataset, hooks, init_weights, len(trials))))
+    return [results[k] for k in range(len(trials))]
+
+
+def _train_members(engine, members: list[Member], dataset: Dataset, hooks: RunHooks,
+                   init_weights: Optional[Callable[[Config], Optional[InitWeights]]],
+                   stack_size: int) -> list[RunResult]:
+    """Start (or resume) every member's run, train their epochs, end their runs; one result each."""
     for m in members:
         if m.state is None:
             m.checkpoints.clear()
@@ -171,12 +176,12 @@ def train(trials: list[Config], ctx: DistContext, trackers: list, hooks: Optiona
     # start and finish sit inside the try: a signal that lands while either talks to
     # MLflow must still end every run as KILLED, not leave it RUNNING.
     try:
-        for m in members:
+        for m, tags in zip(members, init_tags):
             m.run_id = m.tracker.start(resume_run_id=m.state["run_id"] if m.state else None,
                                        launch_id=hooks.launch_id)
-            tags = {**init_tags[m.position], **hooks.run_tags()}
-            if len(members) > 1:
-                tags.update(stack_size=len(members), stack_position=m.position)
+            tags = {**tags, **hooks.run_tags()}
+            if stack_size > 1:
+                tags.update(stack_size=stack_size, stack_position=m.position)
             if tags:
                 m.tracker.set_tags(tags)
         _train_epochs(engine, members, dataset, hooks)
