@@ -1,7 +1,7 @@
 """Will the model fit? A memory estimate checked before anything is allocated.
 
 Owns the estimate of what one training process needs (parameters, gradients,
-momentum, the activations of one batch, the data set in memory) and the check
+the optimizer's state, the activations of one batch, the data set in memory) and the check
 against what the device has free. A model too large for memory is refused with
 the estimate and the limit, instead of the kernel's OOM killer ending the run
 half-way with its MLflow run left RUNNING. Does not own devices or models.
@@ -10,11 +10,14 @@ half-way with its MLflow run left RUNNING. Does not own devices or models.
 from __future__ import annotations
 
 from harness.core.config import KNOWN_SPLIT_SIZES, Config
+from harness.core.optim import STATE_KEYS
 from harness.errors import InputError
 
 FLOAT_BYTES = 4
-# Parameters, their gradients and SGD's momentum buffer: three copies of every weight.
-COPIES_PER_PARAMETER = 3
+def copies_per_parameter(cfg: Config) -> int:
+    """Parameters, their gradients and the optimizer's state of every weight (SGD's momentum buffer, Adam's
+    two moments; its step count is one number per run)."""
+    return 2 + sum(key != "step" for key in STATE_KEYS[cfg.optim.name])
 # Per sample and unit: the pre-activation z, the activation a and the gradient
 # flowing back (autograd keeps z and a; the backward pass makes a delta).
 ACTIVATION_COPIES = 3
@@ -30,7 +33,7 @@ def estimate_training_bytes(cfg: Config) -> int:
     batch = max(cfg.sweep.batch_sizes) if cfg.sweep else cfg.optim.global_batch_size
     eval_batch = cfg.train.eval_batch_size
     units = sum(cfg.layer_sizes)
-    weights = COPIES_PER_PARAMETER * parameter_count(cfg)
+    weights = copies_per_parameter(cfg) * parameter_count(cfg)
     activations = ACTIVATION_COPIES * max(batch, eval_batch) * units
     if cfg.data.dataset == "synthetic":
         samples = cfg.data.synthetic.num_train + cfg.data.synthetic.num_test
@@ -62,6 +65,6 @@ def check_memory(cfg: Config, device_type: str = "cpu") -> None:
     limit, what = available_bytes(device_type)
     if needed > limit:
         raise InputError(f"model.hidden_sizes: training needs about {needed / 2**30:.1f} GiB "
-                         f"({parameter_count(cfg):,} parameters x {COPIES_PER_PARAMETER} copies, one batch's "
+                         f"({parameter_count(cfg):,} parameters x {copies_per_parameter(cfg)} copies, one batch's "
                          f"activations, the data set) but only {limit / 2**30:.1f} GiB is {what}; expected a "
                          "smaller model or batch")
