@@ -19,7 +19,7 @@ from harness.core.distributed import DistContext
 from harness.core.graph_step import WARMUP_STEPS, graph_unavailable_reason
 from harness.core.trainer import SingleRun, train_epoch
 from harness.core.step import unwrap
-from harness.core.train_loop import sharpness
+from harness.core.sharpness import read_sharpness
 from harness.core.trainer import build_trainer
 from harness.launching.runs import train_run
 
@@ -163,7 +163,8 @@ def test_captured_graph_under_ddp_at_world_size_one_matches_eager(tmp_path):
             warnings.simplefilter("always")
             graph = trained(cfg.replace(**{"performance.cuda_graph": True}), ctx, graph="captured")
             # the end-of-run Hessian probe, eager autograd after the replays
-            assert sharpness(graph)["top_hessian_eigenvalue"] > 0
+            assert read_sharpness(graph.cfg, graph.ctx, graph.model, graph.train_set,
+                                  graph.train_step.on_training_stream)["top_hessian_eigenvalue"] > 0
     finally:
         dist.destroy_process_group()
     assert set(graph.train_step.graphs) == {False, True}

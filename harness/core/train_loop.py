@@ -34,7 +34,7 @@ from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.epoch_bar import LossPostfix, epoch_bar
 from harness.core.evaluation import (RunCounters, StepEvaluations, TrainingClock, evaluate, time_metrics,
                                      timed)
-from harness.core.sharpness import SharpnessReadings, read_sharpness, sharpness_cost_metrics
+from harness.core.sharpness import SharpnessReadings, sharpness_cost_metrics
 from harness.core.stacked_run import build_stack
 from harness.core.step import unwrap
 from harness.core.trainer import (InitWeights, SingleRun, Trainer, build_trainer, checkpoint_state,
@@ -340,12 +340,6 @@ def epoch_metrics(trainer: Trainer, dataset: Dataset, train_loss_running: float,
     metrics["generalization_gap_accuracy"] = metrics["train_accuracy"] - metrics["test_accuracy"]
     metrics["generalization_gap_loss"] = metrics["test_loss"] - metrics["train_loss"]
     return metrics
-
-
-def sharpness(trainer: Trainer) -> dict[str, float]:
-    """The Hessian's extremes at the trainer's parameters (core/sharpness.py ``read_sharpness``)."""
-    return read_sharpness(trainer.cfg, trainer.ctx, trainer.model, trainer.train_set,
-                          trainer.train_step.on_training_stream)
 
 
 def run_step_budget(trainer: Trainer) -> int:
