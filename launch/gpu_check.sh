@@ -15,7 +15,7 @@
 #      every side's products in TF32, stack-bench-tf32; both again with 32 trials, stack-bench-wide
 #      and stack-bench-wide-tf32), and configs/critical_batch.yaml
 #      without stacks, timed (step 6 runs it with its stacks); the stacked graph step's tests run
-#      in step 1 (tests/test_stacked_graph.py).
+#      in step 1 (tests/unit/test_stacked_graph.py).
 # The sweeps log to MLflow (a SQLite file) where MLflow can be imported; wheels
 # in .whl/ (`make gpu-wheels`) are installed first if present. Elsewhere tracking is off.
 # STEPS: the steps to run, by name (default: all); e.g. STEPS="environment graph-tests
@@ -56,7 +56,7 @@ run() {  # run a named step (if STEPS names it), keep going after a failure, rem
 run environment bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; \
     $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), torch.cuda.get_device_name(0))'; \
     $py -c 'import mlflow; print(\"mlflow\", mlflow.__version__)' || echo 'no mlflow: the sweeps run with tracking off'"
-run graph-tests "$py" -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_graph_step.py tests/test_stacked_graph.py
+run graph-tests "$py" -m pytest -q -p no:cacheprovider --tb=short -rs tests/e2e/test_graph_step.py tests/unit/test_stacked_graph.py
 run torchrun-nccl "$py" -m torch.distributed.run --standalone --nproc_per_node 1 launch/train.py \
     --config configs/fashion_mnist.yaml --set tracking.enabled=false --set train.device=cuda \
     --set train.progress=false --set performance.cuda_graph=true --set checkpoint.dir=/tmp/gpu-check-checkpoints

@@ -1,4 +1,6 @@
-"""Shared fixtures: the repo's paths, the real data set, temporary MLflow stores."""
+"""Fixtures and helpers shared by tests/unit and tests/e2e: the repo's paths, the real data set,
+temporary MLflow stores, commands with the venv on PATH, and the session's Ray cluster (e2e only,
+kept here with the rule that sends every test on it to one pytest-xdist worker)."""
 
 from __future__ import annotations
 
@@ -140,7 +142,7 @@ def ray_cluster(tmp_path_factory):
            # and each restart after a kill waits for a poll. The workers inherit this.
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
            # The GCS declares a node dead after this many missed health checks, this far
-           # apart (default 5 x 3 s): tests/test_ray_nodes.py kills a node's raylet, and
+           # apart (default 5 x 3 s): tests/e2e/test_ray_nodes.py kills a node's raylet, and
            # the run waits for that verdict before it restarts. A refused check (a dead
            # raylet) fails at once; a slow one still has the default 10 s to answer.
            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
@@ -199,8 +201,12 @@ def ray_cluster(tmp_path_factory):
 def pytest_collection_modifyitems(items):
     """`make test` runs two pytest-xdist workers (--dist loadgroup); every test on
     the Ray cluster goes to one of them, since the cluster listens on fixed ports
-    and a second one on the same machine would collide."""
+    and a second one on the same machine would collide. Tests in tests/e2e are
+    marked e2e (-m 'not e2e' runs the unit tests alone)."""
+    e2e = Path(__file__).parent / "e2e"
     for item in items:
+        if e2e in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.e2e)
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray-cluster"))
 

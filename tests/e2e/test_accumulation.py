@@ -4,7 +4,7 @@ One rank x 4 micro-batches of B/4 and one rank x B reach the same parameters, wi
 either engine, over epochs whose last batch is smaller (512 samples in batches of 48:
 its last batch of 32 runs as passes of 12, 12 and 8). Under DDP, 2 ranks x 2
 micro-batches of B/4 against 1 rank x B run in real torchrun processes
-(tests/accumulation_under_ddp.py). The noise probe's small batch is the micro-batch:
+(tests/e2e/accumulation_under_ddp.py). The noise probe's small batch is the micro-batch:
 checked against each micro-batch's gradient computed apart, and against the exact
 noise scale (per-example gradients) at fixed parameters.
 """
@@ -94,11 +94,11 @@ def test_probe_on_micro_batches_agrees_with_the_exact_noise_scale_at_fixed_param
 
 @pytest.fixture(scope="module")
 def two_rank_script(tmp_path_factory):
-    """tests/accumulation_under_ddp.py under torchrun: its output, and its folder (rank 0's parameters)."""
+    """tests/e2e/accumulation_under_ddp.py under torchrun: its output, and its folder (rank 0's parameters)."""
     tmp = tmp_path_factory.mktemp("accumulation_ddp")
     torchrun = REPO / ".venv/bin/torchrun"
     command = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc_per_node=2",
-               str(REPO / "tests/accumulation_under_ddp.py"), str(tmp)]
+               str(REPO / "tests/e2e/accumulation_under_ddp.py"), str(tmp)]
     result = run_command(command, cwd=tmp, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout, tmp

@@ -84,7 +84,7 @@ def test_gradients_keep_their_buffers_when_a_graph_step_is_on(tmp_path):
 def test_graph_step_body_matches_the_eager_step_under_ddp_on_two_ranks(tmp_path):
     torchrun = REPO / ".venv/bin/torchrun"
     command = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc_per_node=2",
-               str(REPO / "tests/graph_body_under_ddp.py"), str(tmp_path)]
+               str(REPO / "tests/e2e/graph_body_under_ddp.py"), str(tmp_path)]
     result = run_command(command, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("the graph body matches the eager step under DDP") == 2

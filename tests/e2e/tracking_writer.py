@@ -1,4 +1,4 @@
-"""The plain writers of the tracking load test (tests/test_tracking_load.py): COUNT processes.
+"""The plain writers of the tracking load test (tests/e2e/test_tracking_load.py): COUNT processes.
 
 Each logs ``steps`` steps of ``keys`` metrics to its own MLflow run through the
 harness's own tracker (``MLflowTracker``: the same calls, spool and
@@ -10,7 +10,7 @@ The writers are forked from this process after the imports: each is a process
 of its own with its own connections, and the test does not pay for loading torch
 and MLflow once per writer (on a busy 2-core machine that took a minute).
 
-    python tests/tracking_writer.py URI COUNT STEPS KEYS GATE FOLDER
+    python tests/e2e/tracking_writer.py URI COUNT STEPS KEYS GATE FOLDER
 """
 
 import json
@@ -24,7 +24,7 @@ from harness.core.config import load_config
 from harness.core.distributed import DistContext
 from harness.records.tracking import MLflowTracker
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GATE_TIMEOUT_S = 300
 
 

@@ -3,7 +3,7 @@
 
 The writers, all real processes started together: one torchrun job of 2 ranks
 (launch/train.py; rank 0 writes its run, rank 1 writes nothing) and
-PLAIN_WRITERS processes logging through the harness's tracker (tests/tracking_writer.py
+PLAIN_WRITERS processes logging through the harness's tracker (tests/e2e/tracking_writer.py
 forks them), which wait at a gate until all of them are ready, so that they write at the same
 time as the training run. (A local sweep as a further writer tripled the test's
 time: its report and plots; its trials log through the same tracker.) Also here:
@@ -161,7 +161,7 @@ def start_writers(uri: str, folder: Path) -> tuple[list, Path]:
                           "--set", f"train.epochs={TRAIN_EPOCHS}", "--set", f"checkpoint.dir={folder}/ckpt"], **common),
     ]
     gate = folder / "gate"
-    processes.append(subprocess.Popen([sys.executable, str(REPO / "tests/tracking_writer.py"), uri, str(PLAIN_WRITERS),
+    processes.append(subprocess.Popen([sys.executable, str(REPO / "tests/e2e/tracking_writer.py"), uri, str(PLAIN_WRITERS),
                                        str(PLAIN_STEPS), str(PLAIN_KEYS), str(gate), str(folder)], **common))
     return processes, gate
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_accumulation.py under torchrun (2 gloo ranks): gradient accumulation under DDP.
+"""Run by tests/e2e/test_accumulation.py under torchrun (2 gloo ranks): gradient accumulation under DDP.
 
 For each engine: 2 ranks x 2 micro-batches of B/4 against 1 rank x B (trained in the
 same process, without a process group), over several epochs with an uneven last
@@ -11,8 +11,9 @@ import gc
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repo (harness), and tests/, tests/unit, tests/e2e (conftest and the test modules imported below).
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS.parent), str(TESTS), str(TESTS / "unit"), str(TESTS / "e2e")]
 
 import torch  # noqa: E402
 

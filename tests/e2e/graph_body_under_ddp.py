@@ -1,12 +1,13 @@
-"""Run by tests/test_graph_step.py under torchrun (2 gloo ranks): the graph step's
+"""Run by tests/e2e/test_graph_step.py under torchrun (2 gloo ranks): the graph step's
 body, uncaptured, against the eager step, with DDP and its noise-probe comm hook."""
 
 import gc
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repo (harness), and tests/, tests/unit, tests/e2e (conftest and the test modules imported below).
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS.parent), str(TESTS), str(TESTS / "unit"), str(TESTS / "e2e")]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
