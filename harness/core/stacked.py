@@ -14,7 +14,7 @@ Each member is the trial it stands for, run alone: its initial weights are
 step's (sum of cross-entropy over the batch / the batch's size), its LR and
 update are core/optim.py's, the very code that updates a run alone, so its
 parameters after n steps equal the solo run's up to float rounding
-(tests/test_stacked.py).
+(tests/unit/test_stacked.py).
 
 Each member's run (MLflow, evaluations, target, sharpness, checkpoints) is
 core/stacked_run.py's; grouping a sweep's trials into stacks is

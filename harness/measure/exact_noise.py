@@ -14,7 +14,7 @@ per-example gradient norms, 2015). No per-example gradient is formed, which make
 about a hundred times faster than ``vmap`` over per-example gradients of the MLP. Any other model goes through torch.func:
 ``vmap`` of ``grad`` of one example's loss through a ``functional_call`` of the
 model, in chunks so memory stays at ``chunk_size`` gradients (a 784-500-10 MLP has
-~0.4 M parameters: 1.6 MB each). tests/test_exact_noise.py checks both against a
+~0.4 M parameters: 1.6 MB each). tests/unit/test_exact_noise.py checks both against a
 loop of one backward pass per example.
 
 This is the check of the training-time estimator (core/noise_probe.py), which

@@ -1,7 +1,7 @@
 """Measurements that explain batch-size effects, as pure functions.
 
 Tensors or numbers in, numbers out: no I/O, no process groups, so each one is
-tested against a problem whose answer is known (tests/test_metrics.py).
+tested against a problem whose answer is known (tests/unit/test_metrics.py).
 
 - gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, App. A)
 - steps-to-target (Shallue et al. 2018's steps-to-result)
