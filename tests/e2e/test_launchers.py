@@ -97,11 +97,13 @@ def test_two_ranks_match_single_process_with_the_global_batch(torchrun_two_ranks
 
 
 # Evaluation kills are covered under Ray (test_ray_worker_sigkills_...), which kills at all three points.
-@pytest.mark.parametrize("point,rank", [("step", 1), ("checkpoint", 0)])
-def test_torchrun_restart_after_sigkill_resumes_exactly(torchrun_two_ranks, tmp_path, point, rank):
-    marker = tmp_path / "killed"
-    torchrun(tmp_path, 2, env={"HARNESS_INJECT_FAULT": f"{point}:2:{rank}:{marker}"}, max_restarts=1)
-    assert marker.exists(), "the fault was never injected"
+def test_torchrun_restart_after_sigkill_resumes_exactly(torchrun_two_ranks, tmp_path):
+    """Two kills in one run, each followed by a restart of both ranks: rank 1 during a step of
+    epoch 2, then rank 0 while writing epoch 3's checkpoint (one torchrun job, not one per kill)."""
+    markers = {point: tmp_path / f"killed-{point}" for point in ("step", "checkpoint")}
+    faults = f"step:2:1:{markers['step']},checkpoint:3:0:{markers['checkpoint']}"
+    torchrun(tmp_path, 2, env={"HARNESS_INJECT_FAULT": faults}, max_restarts=2)
+    assert all(m.exists() for m in markers.values()), "a fault was never injected"
     client, run = only_run(tmp_path)
     assert run.data.tags.get("resumed") == "true"
     assert_each_metric_logged_once_per_epoch(client, run)
