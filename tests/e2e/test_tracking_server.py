@@ -60,12 +60,21 @@ class MlflowServer:
         stop_server(self.process, timeout=30)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path / "server")
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    """One server for this module's tests (each starts in ~6 s): each test records to an experiment of its own."""
+    server = MlflowServer(tmp_path_factory.mktemp("server"))
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def mlflow_server(module_server):
+    """The module's server, running (a test that stopped it and failed before starting it again left it down)."""
+    if module_server.process.poll() is not None:
+        module_server.start()
+    return module_server
 
 
 def test_mlflow_server_listens_on_loopback_only(mlflow_server):
@@ -91,9 +100,10 @@ def test_torchrun_ranks_listen_on_loopback_only(tmp_path):
 
 
 def start_training(tmp_path, uri, epochs):
+    """A smoke run recording to the experiment named after the test's folder."""
     return subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), "--config", str(CONFIGS / "smoke.yaml"),
                              "--set", f"tracking.uri={uri}", "--set", f"checkpoint.dir={tmp_path}/ckpt",
-                             "--set", f"train.epochs={epochs}"],
+                             "--set", f"train.epochs={epochs}", "--set", f"tracking.experiment={tmp_path.name}"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -118,9 +128,9 @@ def wait_for(condition, what, timeout=180):
         time.sleep(0.2)
 
 
-def the_run(uri):
+def the_run(uri, experiment_name):
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("smoke")
+    experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     return client, runs
 
@@ -136,8 +146,8 @@ def test_server_restart_mid_run_loses_and_doubles_nothing(tmp_path, mlflow_serve
     epochs = 30
     spool = tmp_path / "ckpt" / "smoke" / "mlflow-spool.jsonl"
     training = start_training(tmp_path, mlflow_server.uri, epochs)
-    wait_for(lambda: (runs := the_run(mlflow_server.uri)[1]) and "test_accuracy" in runs[0].data.metrics,
-             "the first epoch's metrics")
+    wait_for(lambda: (runs := the_run(mlflow_server.uri, tmp_path.name)[1])
+             and "test_accuracy" in runs[0].data.metrics, "the first epoch's metrics")
     with paused(training):
         mlflow_server.stop()
     wait_for(lambda: spool.exists() and len(spool.read_text().splitlines()) >= 3, "records spooled while down")
@@ -147,7 +157,7 @@ def test_server_restart_mid_run_loses_and_doubles_nothing(tmp_path, mlflow_serve
     out, err = training.communicate(timeout=300)
     assert training.returncode == 0, err[-3000:]
     assert "spooling to" in err and "spooled records delivered" in err
-    client, runs = the_run(mlflow_server.uri)
+    client, runs = the_run(mlflow_server.uri, tmp_path.name)
     assert len(runs) == 1
     assert_every_epoch_once(client, runs[0].info.run_id, epochs)
     assert not spool.exists()
@@ -156,8 +166,8 @@ def test_server_restart_mid_run_loses_and_doubles_nothing(tmp_path, mlflow_serve
 def test_server_that_never_returns_leaves_a_spool_to_replay(tmp_path, mlflow_server):
     epochs = 12
     training = start_training(tmp_path, mlflow_server.uri, epochs)
-    wait_for(lambda: (runs := the_run(mlflow_server.uri)[1]) and "test_accuracy" in runs[0].data.metrics,
-             "the first epoch's metrics")
+    wait_for(lambda: (runs := the_run(mlflow_server.uri, tmp_path.name)[1])
+             and "test_accuracy" in runs[0].data.metrics, "the first epoch's metrics")
     with paused(training):
         mlflow_server.stop()
     out, err = training.communicate(timeout=300)
@@ -168,7 +178,7 @@ def test_server_that_never_returns_leaves_a_spool_to_replay(tmp_path, mlflow_ser
     result = run_command([sys.executable, "-m", "harness.cli", "replay", str(spool), "--tracking-uri", mlflow_server.uri],
                          cwd=REPO)
     assert result.returncode == 0, result.stderr
-    client, runs = the_run(mlflow_server.uri)
+    client, runs = the_run(mlflow_server.uri, tmp_path.name)
     assert_every_epoch_once(client, runs[0].info.run_id, epochs)
     assert not spool.exists()
 
