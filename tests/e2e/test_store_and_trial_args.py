@@ -1,4 +1,5 @@
-"""Two real processes on one new MLflow store, and the values a torchrun sweep hands its trials."""
+"""Two real processes on one new MLflow store. (The tracking URI a torchrun sweep hands its trials
+as given, space and hash included: tests/e2e/test_sweep.py, on its torchrun sweep.)"""
 
 import os
 import subprocess
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, REPO, run_command
+from conftest import CONFIGS, REPO
 
 
 def _finished_runs(uri, experiment):
@@ -46,26 +47,3 @@ def test_two_runs_started_together_on_a_new_sqlite_store_both_record_everything(
     for run in runs:
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1]
-
-
-@pytest.mark.slow
-def test_torchrun_sweep_trials_use_a_tracking_uri_with_space_hash_as_given(tmp_path):
-    """`--set tracking.uri=...` re-parsed as YAML would cut the URI at ' #' and send the
-    trials to a stray store; the resolved config goes to the trials as JSON instead."""
-    store_dir = tmp_path / "runs #1"
-    store_dir.mkdir()
-    uri = f"sqlite:///{store_dir}/mlflow.db"
-    result = run_command([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(CONFIGS / "sweep.yaml"),
-                          "--launcher", "torchrun", "--nproc", "1", "--report-dir", str(tmp_path / "reports"),
-                          "--set", f"tracking.uri={uri!r}", "--set", "sweep.batch_sizes=[64]",
-                          "--set", "data.validation_size=256", "--set", "data.train_subset=256",
-                          "--set", "data.test_subset=256", "--set", "model.hidden_sizes=[16]",
-                          "--set", "train.epochs=1", "--set", "metrics.sharpness=false",
-                          "--set", f"checkpoint.dir={tmp_path}/checkpoints"],
-                         cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    client, runs = _finished_runs(uri, "minibatch-harness")
-    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
-    assert "test_accuracy" in trials[0].data.metrics
-    assert not (tmp_path / "runs").exists()  # where the URI cut at " #" would have put a store

@@ -33,11 +33,12 @@ PLOTS = ("accuracy_gap_vs_batch.png", "loss_curves_epochs.png", "loss_curves_ste
 LAUNCHER_BATCH_SIZES = (8, 1024)
 
 
-def run_sweep_command(tmp_path, *launcher_args, env=None, batch_sizes=(8, 32, 1024)):
+def run_sweep_command(tmp_path, *launcher_args, env=None, batch_sizes=(8, 32, 1024), store=None):
+    """The sweep; its MLflow store in ``store`` (default: ``tmp_path``), the URI quoted as a YAML string."""
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_SWEEP.replace("[8, 32, 1024]", str(list(batch_sizes))))
     result = run_command([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config),
-                          "--set", f"tracking.uri={seeded_store(tmp_path)}",
+                          "--set", f"tracking.uri={seeded_store(store or tmp_path)!r}",
                           "--set", f"checkpoint.dir={tmp_path}/ckpt", "--report-dir", str(tmp_path / "reports"),
                           "--storage-path", str(tmp_path / "ray"), *launcher_args],
                          cwd=tmp_path, env=env, timeout=900)
@@ -45,8 +46,8 @@ def run_sweep_command(tmp_path, *launcher_args, env=None, batch_sizes=(8, 32, 10
     return result
 
 
-def check_sweep_records(tmp_path, launcher, world_size, batch_sizes=(8, 32, 1024)):
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+def check_sweep_records(tmp_path, launcher, world_size, batch_sizes=(8, 32, 1024), store=None):
+    client = MlflowClient(tracking_uri=f"sqlite:///{store or tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("tiny").experiment_id
     parents = client.search_runs([experiment], "tags.run_kind = 'sweep'")
     assert len(parents) == 1
@@ -123,10 +124,31 @@ def test_local_sweep_records_parent_children_and_report(tmp_path):
     check_sweep_records(tmp_path, "local", 1)
 
 
-def test_torchrun_sweep_runs_each_trial_as_a_torchrun_job(tmp_path):
-    # One rank per job keeps this test short; two-rank torchrun runs are tested in test_launchers.py.
-    run_sweep_command(tmp_path, "--launcher", "torchrun", "--nproc", "1", batch_sizes=LAUNCHER_BATCH_SIZES)
-    check_sweep_records(tmp_path, "torchrun", 1, LAUNCHER_BATCH_SIZES)
+@pytest.fixture(scope="module")
+def torchrun_sweep(tmp_path_factory):
+    """One torchrun sweep for the two tests below: its folder, and its store's (a name with ' #' in it)."""
+    tmp = tmp_path_factory.mktemp("torchrun_sweep")
+    # One rank per job keeps this short; two-rank torchrun runs are tested in test_launchers.py.
+    run_sweep_command(tmp, "--launcher", "torchrun", "--nproc", "1", batch_sizes=LAUNCHER_BATCH_SIZES,
+                      store=tmp / "runs #1")
+    return tmp, tmp / "runs #1"
+
+
+def test_torchrun_sweep_runs_each_trial_as_a_torchrun_job(torchrun_sweep):
+    tmp, store = torchrun_sweep
+    check_sweep_records(tmp, "torchrun", 1, LAUNCHER_BATCH_SIZES, store=store)
+
+
+def test_torchrun_sweep_trials_use_a_tracking_uri_with_space_hash_as_given(torchrun_sweep):
+    """`--set tracking.uri=...` re-parsed as YAML would cut the URI at ' #' and send the
+    trials to a stray store; the resolved config goes to the trials as JSON instead."""
+    tmp, store = torchrun_sweep
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(trials) == len(LAUNCHER_BATCH_SIZES) and {t.info.status for t in trials} == {"FINISHED"}
+    assert all("test_accuracy" in t.data.metrics for t in trials)
+    assert not (tmp / "runs").exists()  # where the URI cut at " #" would have put a store
 
 
 def test_ray_sweep_runs_trials_as_ray_train_runs(tmp_path, ray_cluster):
