@@ -174,7 +174,9 @@ sweep: {{batch_sizes: [64], seeds: [0], base_batch_size: 64}}
 """
 
 
-@pytest.mark.parametrize("launcher", ["local", "torchrun", "local-stacked", "torchrun-stacked"])
+# No plain "torchrun": its sweep driver, process tree and rank are torchrun-stacked's, and a run alone
+# under torchrun ending KILLED is test_sigterm_to_torchrun_agent_ends_two_rank_run_killed's.
+@pytest.mark.parametrize("launcher", ["local", "local-stacked", "torchrun-stacked"])
 def test_sigterm_to_sweep_kills_parent_and_child_runs_and_leaves_no_process(tmp_path, launcher):
     config = tmp_path / "sig.yaml"
     # -stacked: two trials (two LRs) trained as one stack, whose two member runs must both end KILLED.
