@@ -36,11 +36,19 @@ def test_bench_json_has_every_path_at_every_batch_size(tmp_path):
     assert "| 128 | harness_ddp |" in result.stdout
 
 
-def test_bench_refuses_a_batch_larger_than_the_data(tmp_path):
-    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
-                          "--batch-sizes", "4096"], cwd=REPO)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: --batch-sizes: 4096 is outside 1..512 (the training set)"
+def refused(capsys, *args) -> tuple[int, str]:
+    """``harness bench --config configs/smoke.yaml ARGS`` in this process (the same main() the command line calls,
+    as test_bad_input.py runs the command's other refusals): its exit status and what it wrote to stderr."""
+    from harness.cli import main as harness_main
+
+    status = harness_main(["bench", "--config", str(CONFIGS / "smoke.yaml"), *args])
+    return status, capsys.readouterr().err.strip()
+
+
+def test_bench_refuses_a_batch_larger_than_the_data(capsys):
+    status, stderr = refused(capsys, "--batch-sizes", "4096")
+    assert status == 2
+    assert stderr == "error: --batch-sizes: 4096 is outside 1..512 (the training set)"
 
 
 def test_bench_times_only_the_paths_asked_for_beside_the_peer(tmp_path):
@@ -129,12 +137,11 @@ def test_bench_stack_profile_writes_where_each_sides_epoch_goes(tmp_path):
     assert "aten::addmm" in alone and "aten::baddbmm " not in alone
 
 
-def test_bench_refuses_a_profile_without_a_stack(tmp_path):
-    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
-                          "--profile", str(tmp_path)], cwd=REPO)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: --profile: {tmp_path} without --stack; expected --stack K (only the "
-                                     "stack bench profiles its epochs)")
+def test_bench_refuses_a_profile_without_a_stack(tmp_path, capsys):
+    status, stderr = refused(capsys, "--profile", str(tmp_path))
+    assert status == 2
+    assert stderr == (f"error: --profile: {tmp_path} without --stack; expected --stack K (only the "
+                      "stack bench profiles its epochs)")
 
 
 def test_tf32_matmuls_holds_cudas_fp32_products_in_tf32_inside_and_restores_the_setting():
@@ -148,16 +155,14 @@ def test_tf32_matmuls_holds_cudas_fp32_products_in_tf32_inside_and_restores_the_
         assert torch.backends.cuda.matmul.fp32_precision == before
 
 
-def test_bench_refuses_tf32_off_a_gpu():
-    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
-                          "--device", "cpu", "--stack", "2", "--tf32"], cwd=REPO)
-    assert result.returncode == 2
-    assert result.stderr.strip() == ("error: --tf32: the device is cpu; expected a CUDA device (TF32 is the "
-                                     "tensor-core format of NVIDIA GPUs)")
+def test_bench_refuses_tf32_off_a_gpu(capsys):
+    status, stderr = refused(capsys, "--device", "cpu", "--stack", "2", "--tf32")
+    assert status == 2
+    assert stderr == ("error: --tf32: the device is cpu; expected a CUDA device (TF32 is the "
+                      "tensor-core format of NVIDIA GPUs)")
 
 
-def test_bench_refuses_a_stack_of_zero_trials():
-    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
-                          "--stack", "0"], cwd=REPO)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: --stack: 0; expected a positive number of trials to stack"
+def test_bench_refuses_a_stack_of_zero_trials(capsys):
+    status, stderr = refused(capsys, "--stack", "0")
+    assert status == 2
+    assert stderr == "error: --stack: 0; expected a positive number of trials to stack"
