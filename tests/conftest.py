@@ -209,18 +209,25 @@ def ray_cluster(tmp_path_factory):
 def pytest_collection_modifyitems(items):
     """`make test` runs two pytest-xdist workers (--dist loadgroup); every test on
     the Ray cluster goes to one of them, since the cluster listens on fixed ports
-    and a second one on the same machine would collide. A test that shares a
-    module-scoped fixture with a Ray test goes with them: on the other worker the
-    fixture's run (a torchrun job) would be made a second time. Tests in tests/e2e
-    are marked e2e (-m 'not e2e' runs the unit tests alone)."""
+    and a second one on the same machine would collide.
+
+    A module-scoped fixture (a torchrun job, a sweep, a server that several tests
+    read) is made once per module and worker, and --dist loadgroup hands out the
+    other tests one by one: the tests of a module that use one go to one worker
+    together, as a group named after the module, so that it is made once. With the
+    Ray tests if they share one with a Ray test. Tests in tests/e2e are marked e2e
+    (-m 'not e2e' runs the unit tests alone)."""
     e2e = Path(__file__).parent / "e2e"
     on_ray = [item for item in items if "ray_cluster" in getattr(item, "fixturenames", ())]
     shared = {(item.module.__name__, name) for item in on_ray for name in _module_fixtures(item)}
     for item in items:
         if e2e in Path(item.fspath).parents:
             item.add_marker(pytest.mark.e2e)
-        if item in on_ray or any((item.module.__name__, name) in shared for name in _module_fixtures(item)):
+        module_fixtures = _module_fixtures(item)
+        if item in on_ray or any((item.module.__name__, name) in shared for name in module_fixtures):
             item.add_marker(pytest.mark.xdist_group("ray-cluster"))
+        elif module_fixtures and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def _module_fixtures(item) -> list[str]:
