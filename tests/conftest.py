@@ -12,9 +12,10 @@ from pathlib import Path
 # One intra-op thread per process, set before torch is imported here, in the pytest-xdist
 # workers and (inherited) in every process a test starts. `make test` runs two workers
 # on two cores, and their launchers start more processes: torch's default of one thread
-# per core then makes the threads of different processes wait on each other (a smoke
-# run's Hessian took 3 s of CPU instead of 0.1 s). The tiny models gain nothing from
-# threads; torchrun and Ray already give each rank one. Set OMP_NUM_THREADS to override.
+# per core then makes the threads of different processes spin and wait on each other,
+# many times over the work itself (a smoke run's Hessian most of all). The tiny models
+# gain nothing from threads; torchrun and Ray already give each rank one. Set
+# OMP_NUM_THREADS to override.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -150,8 +151,8 @@ def ray_cluster(tmp_path_factory):
            # and each restart after a kill waits for a poll. The workers inherit this.
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
            # Ray Train starts a PreemptionWatcher actor (a Python process of its own) with every worker
-           # group, restarts included, to hear of spot-instance preemptions; none come on this machine.
-           # Without it a 2-trial Ray sweep took ~32 s instead of ~36 s here.
+           # group, restarts included, to hear of spot-instance preemptions; none come on this machine,
+           # and every such process is seconds of imports on the test machine's two cores.
            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
            # The GCS declares a node dead after this many missed health checks, this far
            # apart (default 5 x 3 s): tests/e2e/test_ray_nodes.py kills a node's raylet, and

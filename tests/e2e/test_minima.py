@@ -168,7 +168,7 @@ def test_escape_refuses_bad_input_with_one_line(tmp_path, monkeypatch, capsys, a
     from harness.cli import main as harness_main
 
     # In this process, as test_bad_input.py runs the harness command's other refusals: the same
-    # main() the command line calls, without the ~5 s of a new interpreter's imports.
+    # main() the command line calls, without a new interpreter's imports.
     monkeypatch.chdir(tmp_path)
     uri = seeded_store(tmp_path)
     capsys.readouterr()  # the store's making may log (the session's first); only the command's lines count

@@ -62,7 +62,8 @@ class MlflowServer:
 
 @pytest.fixture(scope="module")
 def module_server(tmp_path_factory):
-    """One server for this module's tests (each starts in ~6 s): each test records to an experiment of its own."""
+    """One server for this module's tests (a start is seconds of imports): each test records to an experiment
+    of its own."""
     server = MlflowServer(tmp_path_factory.mktemp("server"))
     server.start()
     yield server
