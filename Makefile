@@ -16,7 +16,7 @@ SWEEP_CONFIG ?= configs/sweep.yaml
 NPROC       ?= 2
 PYTEST_ARGS ?=
 # Two pytest workers: most of the end-to-end tests wait on servers and process
-# start-up, so two of them share this 2-core machine's time well (11m40s -> 9m40s).
+# start-up, so two of them share a 2-core machine's time well.
 # Tests on the Ray cluster all go to one worker, and so do a module's tests that share
 # a module-scoped fixture (tests/conftest.py). tests/unit runs in the pytest process,
 # tests/e2e starts real processes: PYTEST_ARGS="-m 'not e2e'" runs the unit tests alone.
