@@ -3,13 +3,12 @@ cap by their definitions, and a finished MLflow run with its files (no timing as
 
 import json
 import statistics
-import sys
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, run_command, seeded_store
+from conftest import CONFIGS, seeded_store
 from harness.core.config import load_config
 from harness.bench.capacity import accumulation_plans, batch_sizes, flat_until, run_capacity
 
@@ -55,13 +54,19 @@ def test_cpu_memory_is_the_step_tensors_counted_by_hand():
 
 
 @pytest.mark.slow
-def test_cpu_capacity_run_writes_every_batch_a_plot_and_a_finished_mlflow_run(tmp_path):
+def test_cpu_capacity_run_writes_every_batch_a_plot_and_a_finished_mlflow_run(tmp_path, monkeypatch, capsys):
+    from harness.cli import main as harness_main
+
+    # The command's main() in this process (the capacity run is in its process either way), from a folder of
+    # its own: what it writes outside --out and --json would show up there.
+    monkeypatch.chdir(tmp_path)
     uri = seeded_store(tmp_path / "store")
     out = tmp_path / "capacity.json"
-    result = run_command([sys.executable, "-m", "harness.cli", "capacity", "--config", str(SMOKE), "--device", "cpu",
-                          "--max-batch", "32", "--epoch-samples", "64", "--json", str(out), "--out",
-                          str(tmp_path / "reports"), "--tracking-uri", uri, "--experiment", "capacity"], cwd=REPO)
-    assert result.returncode == 0, result.stderr
+    status = harness_main(["capacity", "--config", str(SMOKE), "--device", "cpu", "--max-batch", "32",
+                           "--epoch-samples", "64", "--json", str(out), "--out", str(tmp_path / "reports"),
+                           "--tracking-uri", uri, "--experiment", "capacity"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
     data = json.loads(out.read_text())
     points = data["points"]
     assert [p["batch_size"] for p in points] == [1, 2, 4, 8, 16, 32]
@@ -74,7 +79,7 @@ def test_cpu_capacity_run_writes_every_batch_a_plot_and_a_finished_mlflow_run(tm
         assert len(timed) >= 5 and (sum(timed) >= 0.25 or len(timed) == 500) and p["epoch_samples"] == 64
         assert p["step_s"] == statistics.median(timed)
     assert data["largest_batch"] == 32 and data["flat_until_batch"] in (1, 2, 4, 8, 16, 32)
-    assert "| 32 |" in result.stdout and "flat until batch" in result.stdout
+    assert "| 32 |" in captured.out and "flat until batch" in captured.out
     plot = tmp_path / "reports" / "capacity-cpu-smoke" / "capacity.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

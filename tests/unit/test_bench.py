@@ -1,23 +1,33 @@
-"""The benchmark runs on CPU at a tiny size and writes JSON of the documented shape (no timing asserted)."""
+"""The benchmark runs on CPU at a tiny size and writes JSON of the documented shape (no timing asserted).
+The `harness bench` command runs through its main() in the pytest process."""
 
 import collections
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, run_command, stack_epoch
+from conftest import CONFIGS, stack_epoch
 from harness.core.config import load_config
 from harness.bench.bench import PATHS
 
 
-def test_bench_json_has_every_path_at_every_batch_size(tmp_path):
+def bench(capsys, *args) -> tuple[int, str, str]:
+    """``harness bench --config configs/smoke.yaml ARGS`` in this process: the same main() the command line
+    calls (the bench runs in its process either way), without a new interpreter's imports. Its exit status,
+    stdout and stderr."""
+    from harness.cli import main as harness_main
+
+    status = harness_main(["bench", "--config", str(CONFIGS / "smoke.yaml"), *args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err.strip()
+
+
+def test_bench_json_has_every_path_at_every_batch_size(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
-                          "--device", "cpu", "--batch-sizes", "32", "128", "--epochs", "1", "--json", str(out)],
-                         cwd=REPO)
-    assert result.returncode == 0, result.stderr
+    status, stdout, stderr = bench(capsys, "--device", "cpu", "--batch-sizes", "32", "128", "--epochs", "1",
+                                   "--json", str(out))
+    assert status == 0, stderr
     data = json.loads(out.read_text())
     assert {"device", "device_name", "torch", "train_samples", "epochs_timed", "timings"} <= set(data)
     assert data["device"] == "cpu" and data["train_samples"] == 512
@@ -33,16 +43,13 @@ def test_bench_json_has_every_path_at_every_batch_size(tmp_path):
             row = rows[(batch, path)]
             assert row["seconds_per_epoch"] is None and row["speedup_vs_dataloader"] is None
             assert row["note"] == "unavailable: the device is cpu, and CUDA graphs need a CUDA device"
-    assert "| 128 | harness_ddp |" in result.stdout
+    assert "| 128 | harness_ddp |" in stdout
 
 
 def refused(capsys, *args) -> tuple[int, str]:
-    """``harness bench --config configs/smoke.yaml ARGS`` in this process (the same main() the command line calls,
-    as test_bad_input.py runs the command's other refusals): its exit status and what it wrote to stderr."""
-    from harness.cli import main as harness_main
-
-    status = harness_main(["bench", "--config", str(CONFIGS / "smoke.yaml"), *args])
-    return status, capsys.readouterr().err.strip()
+    """A refused bench (as test_bad_input.py runs the harness command's other refusals): exit status, stderr."""
+    status, _, stderr = bench(capsys, *args)
+    return status, stderr
 
 
 def test_bench_refuses_a_batch_larger_than_the_data(capsys):
@@ -51,21 +58,19 @@ def test_bench_refuses_a_batch_larger_than_the_data(capsys):
     assert stderr == "error: --batch-sizes: 4096 is outside 1..512 (the training set)"
 
 
-def test_bench_times_only_the_paths_asked_for_beside_the_peer(tmp_path):
+def test_bench_times_only_the_paths_asked_for_beside_the_peer(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
-                          "--device", "cpu", "--batch-sizes", "64", "--epochs", "1", "--paths", "harness_ddp",
-                          "--json", str(out)], cwd=REPO)
-    assert result.returncode == 0, result.stderr
+    status, _, stderr = bench(capsys, "--device", "cpu", "--batch-sizes", "64", "--epochs", "1", "--paths",
+                              "harness_ddp", "--json", str(out))
+    assert status == 0, stderr
     assert [t["path"] for t in json.loads(out.read_text())["timings"]] == ["dataloader", "harness_ddp"]
 
 
-def test_bench_stack_times_k_trials_stacked_against_them_one_after_another(tmp_path):
+def test_bench_stack_times_k_trials_stacked_against_them_one_after_another(tmp_path, capsys):
     out = tmp_path / "stack.json"
-    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
-                          "--device", "cpu", "--stack", "3", "--batch-sizes", "64", "100", "--epochs", "1",
-                          "--json", str(out)], cwd=REPO)
-    assert result.returncode == 0, result.stderr
+    status, stdout, stderr = bench(capsys, "--device", "cpu", "--stack", "3", "--batch-sizes", "64", "100",
+                                   "--epochs", "1", "--json", str(out))
+    assert status == 0, stderr
     data = json.loads(out.read_text())
     assert data["stack"] == 3 and data["train_samples"] == 512 and data["device"] == "cpu"
     assert [row["batch_size"] for row in data["timings"]] == [64, 100]  # 100: an uneven last batch
@@ -73,8 +78,8 @@ def test_bench_stack_times_k_trials_stacked_against_them_one_after_another(tmp_p
         assert row["sequential_s_per_epoch"] > 0 and row["stacked_s_per_epoch"] > 0
         assert row["speedup"] == row["sequential_s_per_epoch"] / row["stacked_s_per_epoch"]
         assert row["speedup_bound"] == row["sequential_s_per_epoch"] / row["matmuls_s_per_epoch"]
-    assert "| 100 |" in result.stdout and "sequential / stacked" in result.stdout
-    assert "bound (sequential / matmuls)" in result.stdout
+    assert "| 100 |" in stdout and "sequential / stacked" in stdout
+    assert "bound (sequential / matmuls)" in stdout
 
 
 def test_interleaved_timing_takes_one_epoch_of_every_side_per_round_after_one_warm_up_each():
@@ -125,11 +130,10 @@ def test_the_matmul_floor_runs_exactly_the_stacked_steps_matrix_products(batch_s
     assert folded_full_batches == (3 * batch_size <= CPU_PASS_SAMPLES)
 
 
-def test_bench_stack_profile_writes_where_each_sides_epoch_goes(tmp_path):
-    result = run_command([sys.executable, "-m", "harness.cli", "bench", "--config", str(CONFIGS / "smoke.yaml"),
-                          "--device", "cpu", "--stack", "2", "--batch-sizes", "64", "--epochs", "1",
-                          "--profile", str(tmp_path / "profiles")], cwd=REPO)
-    assert result.returncode == 0, result.stderr
+def test_bench_stack_profile_writes_where_each_sides_epoch_goes(tmp_path, capsys):
+    status, _, stderr = bench(capsys, "--device", "cpu", "--stack", "2", "--batch-sizes", "64", "--epochs", "1",
+                              "--profile", str(tmp_path / "profiles"))
+    assert status == 0, stderr
     table = (tmp_path / "profiles" / "stack2-batch64.txt").read_text()
     stacked, alone = table.split("== one trial alone")
     # 512 samples at batch 64: 8 steps, each one forward baddbmm per layer for the stack, addmm for a trial.
