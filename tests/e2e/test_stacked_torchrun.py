@@ -91,8 +91,18 @@ def solo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
+    """The stack on two torchrun ranks, started by the torchrun sweep driver (sweep.stack_trials auto):
+    ``torchrun --nproc_per_node=2 launch/train.py --trials 0,1,2`` under the sweep's parent run. One run
+    for three tests: the driver's, two ranks against each trial alone, and the kills' uninterrupted twin."""
     folder = tmp_path_factory.mktemp("two_ranks")
-    return folder, _torchrun(folder, 2)
+    config = _sweep_file(folder)
+    result = run_command([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher",
+                          "torchrun", "--nproc", "2", *_settings(folder), "--set", "sweep.stack_trials=auto",
+                          "--report-dir", str(folder / "reports")], cwd=folder, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    (parent,) = client.search_runs([client.get_experiment_by_name("stk").experiment_id], "tags.run_kind = 'sweep'")
+    return folder, parent.info.run_id, result.stdout
 
 
 def _assert_members_match_solo(folder, solo):
@@ -193,28 +203,24 @@ def test_members_resumed_from_different_epochs_end_as_the_uninterrupted_stack(tm
 
 
 @pytest.mark.slow
-def test_torchrun_sweep_runs_a_stack_as_one_job_and_its_members_match_their_runs_alone(tmp_path, solo):
+def test_torchrun_sweep_runs_a_stack_as_one_job_and_its_members_match_their_runs_alone(two_ranks, solo):
     """The torchrun driver with sweep.stack_trials auto: the three trials are one job,
-    ``torchrun --nproc_per_node=1 launch/train.py --trials 0,1,2``; each member one FINISHED child run."""
-    config = _sweep_file(tmp_path)
-    result = run_command([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher",
-                          "torchrun", "--nproc", "1", *_settings(tmp_path), "--set", "sweep.stack_trials=auto",
-                          "--report-dir", str(tmp_path / "reports")], cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "trials 1, 2, 3/3 as one stack" in result.stdout
-    assert "torchrun --nproc_per_node=1 launch/train.py --trials 0,1,2" in result.stdout
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    (parent,) = client.search_runs([client.get_experiment_by_name("stk").experiment_id], "tags.run_kind = 'sweep'")
+    ``torchrun --nproc_per_node=2 launch/train.py --trials 0,1,2``; each member one FINISHED child run."""
+    folder, parent_id, stdout = two_ranks
+    assert "trials 1, 2, 3/3 as one stack" in stdout
+    assert "torchrun --nproc_per_node=2 launch/train.py --trials 0,1,2" in stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["trials_failed"] == "0"
-    _, members = _members(tmp_path, parent.info.run_id)
+    _, members = _members(folder, parent_id)
     assert sorted(members) == sorted(t.name for t in _trials())
     assert {r.data.tags["stack_size"] for r in members.values()} == {"3"}
-    _assert_members_match_solo(tmp_path, solo)
+    _assert_members_match_solo(folder, solo)
 
 
 @pytest.mark.slow
 def test_stack_on_two_torchrun_ranks_matches_each_trial_run_alone(two_ranks, solo):
-    folder, parent = two_ranks
+    folder, parent, _ = two_ranks
     _, members = _members(folder, parent)
     assert sorted(members) == sorted(t.name for t in _trials())
     assert all(r.data.params["world_size"] == "2" for r in members.values())
@@ -232,7 +238,7 @@ def test_stack_killed_mid_epoch_and_mid_checkpoint_resumes_every_member_exactly_
     faults = f"step:2:1:{markers['step']},checkpoint:3:0:{markers['checkpoint']}"
     parent = _torchrun(tmp_path, 2, env={"HARNESS_INJECT_FAULT": faults}, max_restarts=2)
     assert all(m.exists() for m in markers.values()), "a fault was never injected"
-    straight_folder, straight_parent = two_ranks
+    straight_folder, straight_parent, _ = two_ranks
     client, members = _members(tmp_path, parent)
     straight_client, straight = _members(straight_folder, straight_parent)
     assert sorted(members) == sorted(straight) and len(members) == 3
