@@ -315,11 +315,14 @@ def end_runs_of_launch(cfg: Config, launch_id: str, status: str) -> list[str]:
 
 
 def end_stopped_run(cfg: Config, launch_id: str, tags: dict[str, str]) -> list[str]:
-    """Tag the run of launch ``launch_id`` with ``tags`` and end it FINISHED if still RUNNING; returns its ids.
+    """Tag the run of launch ``launch_id`` with ``tags`` and end it FINISHED; returns its ids.
 
     For a run a scheduler stopped on purpose (Ray Tune's ASHA): its workers were
-    killed mid-epoch, yet it ended as decided, not FAILED. The tags go first, so a
-    reader that sees it FINISHED sees why. Best effort, like ``end_runs_of_launch``.
+    killed mid-epoch, yet it ended as decided. A worker torn down by the stop may
+    have ended the run FAILED or KILLED first (its next report to the stopped
+    controller raises): that status is the stop's echo, not the run's outcome, so it
+    is overwritten too. The tags go first, so a reader that sees it FINISHED sees
+    why. Best effort, like ``end_runs_of_launch``.
     """
     try:
         client = open_client(cfg.tracking.uri or default_tracking_uri())
@@ -328,7 +331,7 @@ def end_stopped_run(cfg: Config, launch_id: str, tags: dict[str, str]) -> list[s
         for run in runs:
             for key, value in tags.items():
                 client.set_tag(run.info.run_id, key, value)
-            if run.info.status == "RUNNING":
+            if run.info.status != "FINISHED":
                 client.set_terminated(run.info.run_id, status="FINISHED")
     except Exception as err:  # the store is unreachable: say so, the sweep goes on
         warn(f"[{cfg.name}] could not end the run of launch {launch_id} ({type(err).__name__}: {err})")
