@@ -1,4 +1,5 @@
-"""The update and the LR schedule (core/optim.py) are torch.optim's, for a run alone and for every member of a stack.
+"""The update and the LR schedule (core/optim.py) are torch.optim's for each of the loop's K members: a run
+alone (K = 1) and every member of a stack.
 
 The reference for each claim is ``torch.optim.{SGD, Adam, AdamW}`` driven by
 ``torch.optim.lr_scheduler`` (a ``LinearLR`` warmup, then ``LinearLR`` or
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
-from conftest import UncapturedGraphStep, diverged, member_state_dict
+from conftest import UncapturedGraphStep
 from harness.core.backprop import autograd_backward
 from harness.core.config import Config
 from harness.core.data import load_dataset
@@ -24,7 +25,8 @@ from harness.core.model import build_model
 from harness.core.optim import Optimizer, Schedule
 from harness.core.stacked import StackedTrainer, check_stackable
 from harness.core.step import unwrap
-from harness.core.trainer import build_trainer, checkpoint_state, load_state
+from harness.core.train_loop import build_engine
+from harness.core.trainer import SingleRun, build_trainer, checkpoint_state, load_state
 from harness.errors import InputError
 
 OPTIMIZERS = ["sgd", "nesterov", "adam", "adamw"]
@@ -48,11 +50,30 @@ def _config(name: str, schedule: str, seed: int = 0, **optim) -> Config:
     return Config.from_dict({**BASE, "name": f"run{seed}", "seed": seed, "optim": {**BASE["optim"], **settings}})
 
 
-def _stack_members(name: str, schedule: str) -> list[Config]:
-    """Three members that differ in seed (weights, data order, digits split), LR, warmup, weight decay, betas."""
-    return [_config(name, schedule, seed=0),
+def _members(name: str, schedule: str, size: int = 3, warmup_epochs: float = 0.25) -> list[Config]:
+    """The first ``size`` of three members that differ in seed (weights, data order, digits split), LR, warmup,
+    weight decay, betas; the first warms up for ``warmup_epochs``."""
+    return [_config(name, schedule, seed=0, warmup_epochs=warmup_epochs),
             _config(name, schedule, seed=1, lr=LR[name] / 2, warmup_epochs=0.0, weight_decay=0.0, betas=[0.8, 0.99]),
-            _config(name, schedule, seed=2, lr=LR[name] * 2, warmup_epochs=0.5, weight_decay=1e-4)]
+            _config(name, schedule, seed=2, lr=LR[name] * 2, warmup_epochs=0.5, weight_decay=1e-4)][:size]
+
+
+def _engine(members: list[Config]):
+    """The loop's engine for ``members`` (core/train_loop.py ``build_engine``: a run alone's for one, a stack's
+    for several, on the first member's digits split) and each member's trainer."""
+    return build_engine(members, DistContext(), load_dataset(members[0]), stacked=len(members) > 1)
+
+
+def _as_on_a_gpu(engine, graph: bool):
+    """``engine`` freezing a member as on a GPU (no host read: the graph needs it) and, with ``graph``, training
+    its full batches through the graph step's body, uncaptured; returns that graph step (None without)."""
+    alone = isinstance(engine, SingleRun)
+    owner = engine.trainer if alone else engine.stack  # what holds the step the engine runs
+    owner.optimizer.host_sync_free = True
+    if not graph:
+        return None
+    owner.train_step = UncapturedGraphStep(owner.train_step if alone else owner, None)
+    return owner.train_step
 
 
 def _first_steps(local_batches) -> list[tuple[int, torch.Tensor, int]]:
@@ -91,84 +112,54 @@ def _max_difference(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max(float((g - w.reshape(g.shape)).abs().max()) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("warmup_epochs", [0.25, 0.0], ids=["warmup", "no_warmup"])
+# A run alone with and without warm-up; a stack whose members warm up for 0.25, 0 and 0.5 epochs.
+@pytest.mark.parametrize("size, warmup_epochs", [(1, 0.25), (1, 0.0), (3, 0.25)],
+                         ids=["alone-warmup", "alone-no_warmup", "stack"])
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_a_run_alone_follows_torch_optim_and_its_lr_scheduler_step_for_step(name, schedule, warmup_epochs):
-    cfg = _config(name, schedule, warmup_epochs=warmup_epochs)
-    trainer = build_trainer(cfg, DistContext(), load_dataset(cfg))
-    model = copy.deepcopy(unwrap(trainer.model))
-    optimizer, scheduler = _reference(list(model.parameters()), cfg, round(warmup_epochs * STEPS_PER_EPOCH))
-    for step, indices, global_batch_size in _first_steps(trainer.plan.local_batches):
-        trainer.train_step(indices, global_batch_size, step)
-        x, y = trainer.train_set.batch(indices)
-        _reference_step(model, optimizer, scheduler, x, y, global_batch_size)
-    assert _max_difference(list(unwrap(trainer.model).parameters()), list(model.parameters())) <= TOLERANCE
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_each_member_of_a_stack_follows_torch_optim_and_its_lr_scheduler_step_for_step(name, schedule):
-    members = _stack_members(name, schedule)
-    stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members])
+def test_each_member_follows_torch_optim_and_its_lr_scheduler_step_for_step(name, schedule, size, warmup_epochs):
+    members = _members(name, schedule, size, warmup_epochs)
+    engine, trainers = _engine(members)
     references = []
-    for k, cfg in enumerate(members):
+    for cfg, trainer in zip(members, trainers):
         model = build_model(cfg)
-        model.load_state_dict(member_state_dict(stack, k))  # a copy of its initial weights, not a view
+        model.load_state_dict(unwrap(trainer.model).state_dict())  # a copy of its initial weights, not a view
         references.append((model, *_reference(list(model.parameters()), cfg,
                                                round(cfg.optim.warmup_epochs * STEPS_PER_EPOCH))))
-    for step, indices, global_batch_size in _first_steps(stack.local_batches):
-        stack.step(indices, global_batch_size, step)
-        x, y = stack.data.batch(indices)
-        for k, (model, optimizer, scheduler) in enumerate(references):
-            _reference_step(model, optimizer, scheduler, x[k], y[k], global_batch_size)
-    assert diverged(stack) == [False, False, False]
-    for k, (model, _, _) in enumerate(references):
-        got = [p[k] for p in stack.model.parameters()]
-        assert _max_difference(got, list(model.parameters())) <= TOLERANCE, k
+    for step, indices, global_batch_size in _first_steps(engine.local_batches):
+        loss = engine.train_step(indices, global_batch_size, step)
+        assert bool(torch.isfinite(loss).all()), step  # no member froze
+        for trainer, own, (model, optimizer, scheduler) in zip(trainers, indices.reshape(size, -1), references):
+            _reference_step(model, optimizer, scheduler, *trainer.train_set.batch(own), global_batch_size)
+    for k, (trainer, (model, _, _)) in enumerate(zip(trainers, references)):
+        assert _max_difference(list(unwrap(trainer.model).parameters()), list(model.parameters())) <= TOLERANCE, k
 
 
 def _run_alone_lr(cfg: Config, step: int) -> float:
     return float(Schedule.of([cfg], STEPS_PER_EPOCH, "cpu").lr_at(step)[0])
 
 
+@pytest.mark.parametrize("size", [1, 3], ids=["alone", "stack"])
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_the_stacked_graph_body_reads_every_members_decaying_lr_at_every_step(schedule):
-    members = _stack_members("sgd", schedule)
-    stacks = [StackedTrainer(members, [load_dataset(cfg).train for cfg in members]) for _ in range(2)]
-    for stack in stacks:
-        stack.optimizer.host_sync_free = True  # the graph's way of freezing, in both
-    eager, graphed = stacks
-    graph = UncapturedGraphStep(graphed, None)
+def test_the_graph_body_reads_every_members_decaying_lr_at_every_step(schedule, size):
+    members = _members("sgd", schedule, size)
+    (eager, eager_trainers), (graphed, trainers) = _engine(members), _engine(members)
+    _as_on_a_gpu(eager, graph=False)  # the graph's way of freezing, in both
+    graph = _as_on_a_gpu(graphed, graph=True)
     graph.warmup_steps_left = 0  # every full batch goes through the static buffers
     replayed = 0
     for (step, indices, global_batch_size), (_, same, _) in zip(_first_steps(graphed.local_batches),
                                                                 _first_steps(eager.local_batches)):
-        graph(indices, global_batch_size, step)
-        eager.step(same, global_batch_size, step)
+        graphed.train_step(indices, global_batch_size, step)
+        eager.train_step(same, global_batch_size, step)
         if global_batch_size == 64:
             replayed += 1
             want = torch.tensor([_run_alone_lr(cfg, step) for cfg in members], dtype=torch.float32)
             torch.testing.assert_close(graph.static_lr, want, rtol=1e-6, atol=0, msg=f"step {step}")
     assert replayed == STEPS - 2  # the two uneven last batches ran eagerly
-    # The LRs the body read reached the update: the eager stacked step's parameters, bit for bit.
-    for got, want in zip(graphed.model.parameters(), eager.model.parameters()):
-        assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_the_graph_body_of_a_run_alone_reads_its_decaying_lr_at_every_step(schedule):
-    cfg = _config("sgd", schedule)
-    eager, graphed = (build_trainer(cfg, DistContext(), load_dataset(cfg)) for _ in range(2))
-    graph = UncapturedGraphStep(graphed.train_step, None)
-    graph.warmup_steps_left = 0
-    for step, indices, global_batch_size in _first_steps(graphed.plan.local_batches):
-        graph(indices, global_batch_size, step)
-        eager.train_step(indices, global_batch_size, step)
-        if global_batch_size == 64:
-            assert float(graph.static_lr) == pytest.approx(_run_alone_lr(cfg, step), rel=1e-6, abs=0), step
-    for got, want in zip(unwrap(graphed.model).parameters(), unwrap(eager.model).parameters()):
-        assert torch.equal(got, want)
+    # The LRs the body read reached the update: the eager step's parameters, bit for bit.
+    for got, want in zip(trainers, eager_trainers, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(unwrap(got.model).parameters(), unwrap(want.model).parameters()))
 
 
 @pytest.mark.parametrize("frozen_after", [0, 2], ids=["from_the_start", "after_two_steps"])
@@ -177,7 +168,7 @@ def test_the_graph_body_of_a_run_alone_reads_its_decaying_lr_at_every_step(sched
 def test_a_frozen_member_keeps_its_parameters_and_state_while_the_others_update(name, host_sync_free,
                                                                                   frozen_after):
     torch.manual_seed(0)
-    members = [cfg.optim for cfg in _stack_members(name, "constant")]
+    members = [cfg.optim for cfg in _members(name, "constant")]
     params = [torch.randn(3, 12), torch.randn(3, 4)]  # two [K, n] blocks of three members
     optimizer = Optimizer(members, params)
     optimizer.host_sync_free = host_sync_free
@@ -221,7 +212,7 @@ def test_a_stack_members_optimizer_state_is_a_run_alones_and_back(monkeypatch, n
     from harness.core import stacked
 
     monkeypatch.setattr(stacked, "PARAMETER_MAJOR_DEVICES", () if member_major else ("cpu",))
-    members = _stack_members(name, "constant")
+    members = _members(name, "constant")
     stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members])
     assert stack.model.layout.member_major == member_major
     batches = stack.local_batches(1)

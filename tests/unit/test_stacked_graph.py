@@ -1,11 +1,14 @@
-"""The stacked step replayed from CUDA graphs (core/graph_step.py) trains what the eager stacked step trains.
+"""The CUDA-graph step (core/graph_step.py) trains what the eager step trains, for every member of the loop.
 
-On CPU the graph step's body (static [K, b] index buffer, the LR vector read
-from a static buffer, the mask-multiply freeze of a diverged member, the probe's
-device-side counts, new buffers after members leave the stack) runs uncaptured
-and must give the eager stacked step's tensors bit for bit. The tests marked
-``cuda`` capture and replay real graphs; they run where CUDA is present (the
-device check, launch/gpu_check.sh) and are skipped elsewhere.
+For K members (a run alone, K = 1, and a stack): asked for on a CPU, the graph
+step gives way to the eager step and says why; on CUDA no step waits for the
+host. For a stack, on CPU the graph step's body (static [K, b] index buffer, the
+LR vector read from a static buffer, the mask-multiply freeze of a diverged
+member, the probe's device-side counts, new buffers after members leave the
+stack) runs uncaptured and must give the eager stacked step's tensors bit for
+bit. The tests marked ``cuda`` capture and replay real graphs; they run where
+CUDA is present (the device check, launch/gpu_check.sh) and are skipped
+elsewhere.
 """
 
 from collections import Counter
@@ -20,14 +23,18 @@ from harness.core.distributed import DistContext
 from harness.core import stacked
 from harness.core.stacked import StackedTrainer
 from harness.core.graph_step import GraphStep, new_side_stream
+from harness.core.train_loop import build_engine
+from harness.core.trainer import train_epoch
+from harness.launching.runs import train_trials
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 EPOCHS = 3
 # 512 training samples in batches of 48: ten full batches (replayed after the warm-up) and an eager last
 # batch of 32 each epoch. Every per-member knob differs; member 3's LR makes its loss blow up in epoch 1.
-MEMBERS = [dict(seed=0, lr=0.1, momentum=0.9, weight_decay=0.0, warmup_epochs=0.0),
-           dict(seed=1, lr=0.3, momentum=0.5, weight_decay=1e-3, warmup_epochs=1.5),
+# Member 0 alone (K = 1) has weight decay and an LR still warming up when the graphs are first replayed.
+MEMBERS = [dict(seed=1, lr=0.3, momentum=0.5, weight_decay=1e-3, warmup_epochs=1.5),
+           dict(seed=0, lr=0.1, momentum=0.9, weight_decay=0.0, warmup_epochs=0.0),
            dict(seed=2, lr=0.05, momentum=0.0, weight_decay=1e-4, warmup_epochs=0.5),
            dict(seed=3, lr=1e6, momentum=0.9, weight_decay=0.0, warmup_epochs=0.0)]
 # After this step (epoch, step within it) members 1 and 3 leave the stack, as members whose runs
@@ -100,14 +107,20 @@ def test_member_that_diverged_before_leaving_was_frozen_by_the_graph_body(tmp_pa
     assert all(torch.isfinite(p[1]).all() for p in stack.model.parameters())  # frozen before its NaN update
 
 
-def test_stack_on_cpu_with_cuda_graph_asked_trains_eagerly_and_says_why(tmp_path, capsys):
-    from harness.launching.runs import train_trials
-
-    members = [cfg.replace(**{"performance.cuda_graph": True, "train.epochs": 1})
-               for cfg in _members(tmp_path, "cpu")[:2]]
-    train_trials(members, DistContext(), dataset=load_dataset(members[0]))
-    assert ("[stack of 2] performance.cuda_graph: running the eager stacked step instead, because the device "
-            "is cpu, and CUDA graphs need a CUDA device") in capsys.readouterr().out
+@pytest.mark.parametrize("size, says", [(1, "[member0] performance.cuda_graph: running the eager step instead"),
+                                        (3, "[stack of 3] performance.cuda_graph: running the eager stacked step "
+                                            "instead")], ids=["alone", "stack"])
+def test_cuda_graph_asked_on_cpu_trains_eagerly_and_says_why(tmp_path, capsys, size, says):
+    runs = {}
+    for graph in (False, True):
+        capsys.readouterr()
+        members = [cfg.replace(**{"performance.cuda_graph": graph, "train.epochs": 1})
+                   for cfg in _members(tmp_path / str(graph), "cpu")]
+        runs[graph] = train_trials(members[:size], DistContext(), dataset=load_dataset(members[0]))
+    assert f"{says}, because the device is cpu, and CUDA graphs need a CUDA device" in capsys.readouterr().out
+    for got, want in zip(runs[True], runs[False], strict=True):
+        assert got.metrics.keys() == want.metrics.keys()
+        assert got.metrics["train_loss"] == want.metrics["train_loss"]
 
 
 # --- with CUDA: real capture and replay ----------------------------------------
@@ -128,20 +141,22 @@ def test_captured_stacked_graph_reaches_the_eager_stacked_tensors_on_cuda(tmp_pa
 
 
 @cuda
-def test_stacked_graph_steps_never_wait_for_the_host(tmp_path):
-    """An epoch of stacked steps (replays, the eager last batch, probe steps) with CUDA's sync check set to raise."""
-    members = _members(tmp_path, "cuda")[:3]
-    device = torch.device("cuda", 0)
-    stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], device)
-    stack.train_step = GraphStep(stack, new_side_stream(stack.device))
-    stack_epoch(stack, 1)
-    batches = list(stack.local_batches(2))
-    loss_sum = torch.zeros(len(members), dtype=torch.float64, device=device)
+@pytest.mark.parametrize("graph_on", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("size", [1, 3], ids=["alone", "stack"])
+def test_training_steps_never_wait_for_the_host(tmp_path, size, graph_on):
+    """A whole epoch of steps (replays, the eager last batch, probe steps), after an epoch that warmed up and
+    captured, with CUDA's sync check set to raise: no .item(), no host copy, no stream synchronise."""
+    ctx = DistContext(device=torch.device("cuda", 0))
+    members = [cfg.replace(**{"performance.cuda_graph": graph_on}) for cfg in _members(tmp_path, "cuda")[:size]]
+    engine, _ = build_engine(members, ctx, load_dataset(members[0]).to(ctx.device), stacked=size > 1)
+    train_epoch(engine, 1)
+    batches = list(engine.local_batches(2))
+    loss_sum = torch.zeros(size, dtype=torch.float64, device=ctx.device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for indices, global_batch_size in batches:
-            loss_sum += stack.train_step(indices, global_batch_size, stack.global_step)
+        for step, (indices, global_batch_size) in enumerate(batches, start=engine.steps_per_epoch):
+            loss_sum += engine.train_step(indices, global_batch_size, step)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert bool((loss_sum > 0).all())
@@ -151,8 +166,6 @@ def test_stacked_graph_steps_never_wait_for_the_host(tmp_path):
 def test_stacked_runs_with_the_graph_step_end_where_eager_stacked_runs_end_on_cuda(tmp_path):
     """train_trials with performance.cuda_graph: members stop at their targets (leaving the stack, so the
     graphs are captured again) and their checkpoints hold what the eager stacked runs' hold."""
-    from harness.launching.runs import train_trials
-
     finals = {}
     for on in (False, True):
         members = [cfg.replace(**{"performance.cuda_graph": on, "checkpoint.dir": str(tmp_path / str(on)),
