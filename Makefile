@@ -15,12 +15,12 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 SWEEP_CONFIG ?= configs/sweep.yaml
 NPROC       ?= 2
 PYTEST_ARGS ?=
-# Two pytest workers: most of the end-to-end tests wait on servers and process
-# start-up, so two of them share a 2-core machine's time well.
+# Three pytest workers on a 2-core machine: most end-to-end tests wait on servers,
+# polls and process start-up, so a third worker fills the cores that two leave idle.
 # Tests on the Ray cluster all go to one worker, and so do a module's tests that share
 # a module-scoped fixture (tests/conftest.py). tests/unit runs in the pytest process,
 # tests/e2e starts real processes: PYTEST_ARGS="-m 'not e2e'" runs the unit tests alone.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 MLFLOW_PORT ?= 5000
 

@@ -104,22 +104,6 @@ def test_two_ranks_match_single_process_with_the_global_batch(torchrun_two_ranks
     assert worst <= 1e-5, worst
 
 
-# Evaluation kills are covered under Ray (test_ray_worker_sigkills_...), which kills at all three points.
-def test_torchrun_restart_after_sigkill_resumes_exactly(torchrun_two_ranks, tmp_path):
-    """Two kills in one run, each followed by a restart of both ranks: rank 1 during a step of
-    epoch 2, then rank 0 while writing epoch 3's checkpoint (one torchrun job, not one per kill)."""
-    markers = {point: tmp_path / f"killed-{point}" for point in ("step", "checkpoint")}
-    faults = f"step:2:1:{markers['step']},checkpoint:3:0:{markers['checkpoint']}"
-    torchrun(tmp_path, 2, env={"HARNESS_INJECT_FAULT": faults}, max_restarts=2)
-    assert all(m.exists() for m in markers.values()), "a fault was never injected"
-    client, run = only_run(tmp_path)
-    assert run.data.tags.get("resumed") == "true"
-    assert_each_metric_logged_once_per_epoch(client, run)
-    resumed, straight = final_params(tmp_path), final_params(torchrun_two_ranks)
-    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
-    assert not list((tmp_path / "ckpt" / "smoke").glob(".epoch-*")), "a half-written checkpoint was left"
-
-
 def ray_job(tmp, ray_cluster, *extra, env=None):
     result = run_command([sys.executable, RAY_JOB, "--config", str(CONFIGS / "smoke.yaml"), "--num-workers", "2",
                           "--storage-path", str(tmp / "ray"), *_settings(tmp, *extra)],
@@ -171,13 +155,18 @@ def test_ray_job_prints_each_epoch_line_once_and_ends_naming_the_mlflow_run(ray_
         lines[-3:]
 
 
-def test_ray_and_torchrun_records_have_the_same_keys(ray_job_submitted, torchrun_two_ranks):
+def test_a_ray_run_records_the_keys_and_reaches_the_parameters_of_the_loop_that_launch_train_runs(
+        ray_job_submitted, tmp_path):
+    """Against the loop run in this process (what launch/train.py runs, under torchrun or alone):
+    the Ray tests share one pytest worker, and a torchrun job here would add its start to theirs."""
+    single = single_process_params(tmp_path)
     _, ray_run = only_run(ray_job_submitted[0])
-    _, torchrun_run = only_run(torchrun_two_ranks)
-    assert set(ray_run.data.params) == set(torchrun_run.data.params)
-    assert set(ray_run.data.metrics) == set(torchrun_run.data.metrics)
-    assert torch.equal(final_params(ray_job_submitted[0])["linears.0.weight"],
-                       final_params(torchrun_two_ranks)["linears.0.weight"])
+    _, single_run = only_run(tmp_path)
+    assert set(ray_run.data.params) == set(single_run.data.params)
+    assert set(ray_run.data.metrics) == set(single_run.data.metrics)
+    on_ray = final_params(ray_job_submitted[0])
+    worst = max(float((single[k] - on_ray[k]).abs().max()) for k in single)
+    assert worst <= 1e-5, worst
 
 
 def test_ray_worker_sigkills_are_restarted_and_resume_exactly(ray_cluster, ray_job_submitted, tmp_path):

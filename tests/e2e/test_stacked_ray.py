@@ -1,7 +1,8 @@
 """Stacks on Ray: with sweep.stack_trials, launch/sweep.py --launcher ray trains each stack as one
 Ray Tune trial (one TorchTrainer of 2 workers on a real local Ray cluster); every member is its own
 MLflow run and ends where its trial run alone ends; a worker SIGKILLed mid-epoch is restarted by
-Ray Train and every member resumes exactly from its own file in Ray's checkpoint."""
+Ray Train and every member resumes exactly from its own file in Ray's checkpoint; SIGTERM to the sweep
+ends every run KILLED, leaves no placement group behind, and --resume reopens the same runs."""
 
 import os
 import sys
@@ -13,6 +14,7 @@ from conftest import REPO, run_command, seeded_store
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.launching.runs import train_trials
+from test_tune import live_placement_groups
 from test_stacked_torchrun import EPOCHS, SWEEP, _assert_members_match_solo, _trials
 import test_stacked_torchrun
 
@@ -120,6 +122,9 @@ def test_sigterm_to_a_ray_stack_ends_every_member_killed_and_resume_finishes_the
     assert parent.info.status == "KILLED"
     assert sorted((r.data.tags["trial"], r.info.status) for r in members) == \
         sorted((t.name, "KILLED") for t in _trials())
+    # Tune stopped the running trial: its Train controller's placement group (it can be registered
+    # after the controller is killed) must not hold the CPUs the resumed sweep's trial needs.
+    assert live_placement_groups(ray_cluster) == []
 
     result = run_command(command + ["--resume"], cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
