@@ -16,6 +16,7 @@ only by the Ray paths (ray and Ray Train take ~1.5 s to load).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from typing import Optional
@@ -29,6 +30,7 @@ from harness.errors import InputError
 from harness.launching.entrypoints import connect_ray, load_run_config
 from harness.launching import torchrun_nodes
 from harness.launching.preflight import check_resumable, preflight, preflight_ray_cluster, preflight_ray_storage
+from harness.launching.run_lock import run_folders_held
 from harness.launching.runs import train_trials
 from harness.sweeps.sweep import report_sweep, run_sweep, select_trial, select_trials, summary_table
 from harness.sweeps.sweep_drivers import run_sweep_on_ray, torchrun_sweep
@@ -72,18 +74,32 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
             check_resumable(member, launch_id)
     if cfg.performance.cuda_graph:
         distributed.allow_collective_capture()
-    ctx = distributed.init_from_env(cfg.train.device, attempt=attempt) if under_torchrun \
-        else distributed.local_context(cfg.train.device)
-    try:
-        if cfg.is_sweep:
-            say("", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes), ctx=ctx)
-        else:
-            # Every member's data is the first's: select_trials refused members whose data differ.
-            results = train_trials(members, ctx, hooks=hooks, dataset=dataset, parent_run_id=args.parent_run_id)
-            for member, result in zip(members, results):
-                say(finished_line(member, result), ctx=ctx)
-    finally:
-        distributed.shutdown()
+    with contextlib.ExitStack() as held:
+        # Rank 0 writes the folders (a sweep config's trials run in this process group, under its name);
+        # the other ranks learn whether it may, so that a refusal ends every rank at once.
+        refusal = None
+        if int(os.environ.get("RANK", "0")) == 0:
+            try:
+                held.enter_context(run_folders_held(members, "sweep" if cfg.is_sweep else "run"))
+            except InputError as err:
+                refusal = str(err)
+        if under_torchrun:
+            refusal = distributed.rank_zero_refusal("folders-held", attempt, refusal)
+        if refusal:
+            raise InputError(refusal)
+        ctx = distributed.init_from_env(cfg.train.device, attempt=attempt) if under_torchrun \
+            else distributed.local_context(cfg.train.device)
+        try:
+            if cfg.is_sweep:
+                say("", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes), ctx=ctx)
+            else:
+                # Every member's data is the first's: select_trials refused members whose data differ.
+                results = train_trials(members, ctx, hooks=hooks, dataset=dataset,
+                                       parent_run_id=args.parent_run_id)
+                for member, result in zip(members, results):
+                    say(finished_line(member, result), ctx=ctx)
+        finally:
+            distributed.shutdown()
     return 0
 
 
@@ -101,11 +117,13 @@ def ray_job_command(args: argparse.Namespace) -> int:
     refuse_stacks_under_asha(cfg)
     cfg, options = start_ray(cfg, args, args.num_workers)
     if cfg.is_sweep:
-        say(summary_table(run_sweep_on_ray(cfg, options).outcomes))
+        with run_folders_held([cfg], "sweep"):
+            say(summary_table(run_sweep_on_ray(cfg, options).outcomes))
         return 0
     from harness.launching.ray_train import fit  # loaded by start_ray already
 
-    result = fit(cfg, options)
+    with run_folders_held([cfg]):  # the driver: Ray's workers restart and may run on other nodes
+        result = fit(cfg, options)
     say(f"finished {cfg.name} on Ray: epochs {result.epochs_completed}, steps {result.global_step}, "
         f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
         f"{'diverged, ' if result.diverged else ''}"
@@ -124,19 +142,26 @@ def sweep_command(args: argparse.Namespace) -> int:
     started_s = time.monotonic()
     if args.launcher == "local" and nproc != 1:
         raise InputError("--nproc: the local launcher runs one process; use --launcher torchrun or ray")
+    # The sweep's folder is held by this driver from its last check to its report; each trial's by
+    # whatever writes it (this process, or rank 0 of the trial's torchrun job).
     if args.launcher == "ray":
         refuse_stacks_under_asha(cfg)
         cfg, options = start_ray(cfg, args, nproc)
-        sweep = run_sweep_on_ray(cfg, options, resume=args.resume)
+        with run_folders_held([cfg], "sweep"):
+            sweep = run_sweep_on_ray(cfg, options, resume=args.resume)
+            report_sweep(cfg, sweep, args.report_dir, time.monotonic() - started_s)
     elif args.launcher == "torchrun":
         say(f"loading data ({cfg.data.dataset}) to check it before the first trial")
         preflight(cfg, nproc, use_gpu=cfg.train.device == "cuda")
-        sweep = torchrun_sweep(cfg, nproc, args.config, args.max_restarts, args.resume)
+        with run_folders_held([cfg], "sweep"):
+            sweep = torchrun_sweep(cfg, nproc, args.config, args.max_restarts, args.resume)
+            report_sweep(cfg, sweep, args.report_dir, time.monotonic() - started_s)
     else:
         say(f"loading data ({cfg.data.dataset})")
         dataset = preflight(cfg, nproc, use_gpu=cfg.train.device == "cuda")
-        sweep = run_sweep(cfg, distributed.local_context(cfg.train.device), dataset=dataset, resume=args.resume)
-    report_sweep(cfg, sweep, args.report_dir, time.monotonic() - started_s)
+        with run_folders_held([cfg], "sweep"):
+            sweep = run_sweep(cfg, distributed.local_context(cfg.train.device), dataset=dataset, resume=args.resume)
+            report_sweep(cfg, sweep, args.report_dir, time.monotonic() - started_s)
     return 0
 
 

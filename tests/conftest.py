@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 # One intra-op thread per process, set before torch is imported here, in the pytest-xdist
-# workers and (inherited) in every process a test starts. `make test` runs three workers
+# workers and (inherited) in every process a test starts. `make test` runs four workers
 # on two cores, and their launchers start more processes: torch's default of one thread
 # per core then makes the threads of different processes spin and wait on each other,
 # many times over the work itself (a smoke run's Hessian most of all). The tiny models
@@ -105,8 +105,75 @@ def stop_server(process: subprocess.Popen, timeout: float) -> None:
             process.wait()
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: held open together while picked (one at a time, the kernel may
+    hand out a port twice, and Ray refuses a node whose components share one)."""
+    import contextlib
+    import socket
+
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
 RAY_GCS_PORT = int(os.environ.get("HARNESS_TEST_RAY_GCS_PORT", "6390"))
 RAY_DASHBOARD_PORT = int(os.environ.get("HARNESS_TEST_RAY_DASHBOARD_PORT", "8265"))
+# A node's other listeners, on free ports: Ray's fixed defaults (10001, 52365) would stop a
+# second cluster on this host (another checkout's tests) from starting beside this one.
+RAY_NODE_PORT_FLAGS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                       "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+
+
+def ray_head_pid_file(gcs_port: int) -> Path:
+    """Where a test session notes its Ray head ("<pid> <temp dir>"), per GCS port, so that the next
+    session on that port can recognise one a killed session left and stop it."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"harness-test-ray-head-{gcs_port}.pid"
+
+
+def stop_stale_ray_head(pid_file: Path, wait_s: float = 30) -> None:
+    """Stop the head that ``pid_file`` names if it still runs and is ours (its command line names the
+    temp dir noted beside its PID); the file goes either way. Only that session is signalled."""
+    import signal
+    import time
+
+    import psutil
+
+    try:
+        pid, temp_dir = pid_file.read_text().split(maxsplit=1)
+        head = psutil.Process(int(pid))
+        ours = temp_dir.strip() in " ".join(head.cmdline())
+    except (OSError, ValueError, psutil.Error):
+        ours = False
+    if ours:
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, signum)  # ray start --block and the node's processes: its own session
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and _session_alive(head.pid):
+                time.sleep(0.5)
+    pid_file.unlink(missing_ok=True)
+
+
+def _session_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _terminated_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies, however it dies."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +181,10 @@ def ray_cluster(tmp_path_factory):
     """One real Ray head node on 127.0.0.1 for the whole session, stopped by its PID.
 
     ``ray start --block`` stays in the foreground as the parent of the node's
-    processes; SIGTERM to it drains the node and stops them all.
+    processes; SIGTERM to it drains the node and stops them all. It gets that SIGTERM
+    from the kernel too when this pytest process dies, however it dies (a CI time-out),
+    and a head that a killed session left anyway (noted in ``ray_head_pid_file``) is
+    stopped before this one starts.
     """
     import secrets
     import tempfile
@@ -124,6 +194,8 @@ def ray_cluster(tmp_path_factory):
 
     import socket
 
+    pid_file = ray_head_pid_file(RAY_GCS_PORT)
+    stop_stale_ray_head(pid_file)
     # Another cluster on our ports would answer the readiness check below in place
     # of ours (and refuse our token): fail plainly instead.
     # xdist may finish the session fixture early (a worker briefly out of tests) and
@@ -166,8 +238,11 @@ def ray_cluster(tmp_path_factory):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--num-cpus=2", f"--port={RAY_GCS_PORT}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}",
-         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         f"--ray-client-server-port={free_ports(1)[0]}",
+         *(f"--{flag}={port}" for flag, port in zip(RAY_NODE_PORT_FLAGS, free_ports(len(RAY_NODE_PORT_FLAGS))))],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_terminated_with_parent)
+    pid_file.write_text(f"{head.pid} {temp_dir}\n")
     dashboard = f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
     deadline = time.monotonic() + 120
     while True:
@@ -204,6 +279,7 @@ def ray_cluster(tmp_path_factory):
             os.killpg(head.pid, 9)
         except ProcessLookupError:
             pass
+        pid_file.unlink(missing_ok=True)
         log.close()
 
 
@@ -212,7 +288,7 @@ def ray_cluster(tmp_path_factory):
 # each starting a cluster on the same ports).
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """`make test` runs three pytest-xdist workers (--dist loadgroup); every test on
+    """`make test` runs four pytest-xdist workers (--dist loadgroup); every test on
     the Ray cluster goes to one of them, since the cluster listens on fixed ports
     and a second one on the same machine would collide.
 

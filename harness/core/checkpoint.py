@@ -55,6 +55,42 @@ def config_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def weight_shapes(layer_sizes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of model.MLP's weights for ``layer_sizes``: what a checkpoint's ``model`` must hold."""
+    shapes = {}
+    for index, (n_in, n_out) in enumerate(zip(layer_sizes, layer_sizes[1:])):
+        shapes[f"linears.{index}.weight"] = (n_out, n_in)
+        shapes[f"linears.{index}.bias"] = (n_out,)
+    return shapes
+
+
+def check_model_weights(state: Any, path: Path, layer_sizes: tuple[int, ...], key: str = "") -> None:
+    """Refuse, in one line naming the file (after ``key``), a checkpoint whose ``model`` would not load
+    into the network of ``layer_sizes`` or holds a weight that is not finite: a tampered or foreign file
+    is turned away before anything trains on it, not met as a traceback halfway through."""
+    head = f"{key}: {path}" if key else f"{path}"
+    expected = weight_shapes(layer_sizes)
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict) or not model:
+        found = "missing" if model is None else "empty" if isinstance(model, dict) else f"a {type(model).__name__}"
+        raise InputError(f"{head}: its model weights are {found}; expected a mapping of the network's "
+                         f"{len(expected)} weight tensors ({', '.join(expected)})")
+    if set(model) != set(expected):
+        odd = sorted(set(model) ^ set(expected), key=str)[:3]
+        raise InputError(f"{head}: its model weights are named {', '.join(map(str, odd))}...; expected exactly "
+                         f"{', '.join(expected)} (a {'-'.join(map(str, layer_sizes))} network)")
+    for name, shape in expected.items():
+        tensor = model[name]
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise InputError(f"{head}: model weight {name} is a {type(tensor).__name__} "
+                             f"{getattr(tensor, 'dtype', '')}; expected a floating-point tensor")
+        if tuple(tensor.shape) != shape:
+            raise InputError(f"{head}: model weight {name} has shape {list(tensor.shape)}; expected {list(shape)} "
+                             f"(a {'-'.join(map(str, layer_sizes))} network)")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{head}: model weight {name} holds NaN or infinite values; expected finite weights")
+
+
 def checkpoint_dir(cfg: Config) -> Path:
     """Where a run's checkpoints live: one folder per run name."""
     return Path(cfg.checkpoint.dir) / cfg.name
@@ -81,7 +117,9 @@ def write_checkpoint(state: dict[str, Any], directory: Path, epoch: int) -> Path
     os.replace(tmp, final)
     for stale in directory.glob(".epoch-*.tmp-*"):  # left by a writer killed mid-write
         stale.unlink(missing_ok=True)
-    for old in sorted(directory.glob("epoch-*.pt"))[:-KEEP_NEWEST]:
+    # By epoch number, not by name: epoch-10000.pt sorts before epoch-9999.pt as text.
+    numbered = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)))
+    for _, old in numbered[:-KEEP_NEWEST]:
         old.unlink(missing_ok=True)
     return final
 
@@ -159,6 +197,7 @@ class Checkpoints:
             raise InputError(f"{path}: checkpoint was made by another config (fingerprint "
                              f"{state['config_fingerprint']}, this config {config_fingerprint(self.cfg)}); "
                              "expected the same model, data, optimiser and seed")
+        check_model_weights(state, path, self.cfg.layer_sizes)
         return state
 
     def to_resume(self) -> Optional[Path]:

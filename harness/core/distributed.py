@@ -122,6 +122,25 @@ def _attempt_store(rank: int, world_size: int, timeout_s: float, attempt: int) -
 _WELCOME_POLL_S = 0.02
 
 
+def rank_zero_refusal(name: str, attempt: int, refusal: Optional[str], timeout_s: float = 300) -> Optional[str]:
+    """Under torchrun, before the process group: rank 0's ``refusal`` (None, or a one-line error) on every rank,
+    through the agent's store under this attempt's key ``name``; the others' own ``refusal`` is not used.
+
+    For a check only rank 0 can make (it alone holds the run's folder): without it, the
+    other ranks would wait in the process group's start for a rank 0 that has exited,
+    until torchrun tears them down. Without the agent's store, each rank keeps its own."""
+    rank, _, world_size = torchrun_world()
+    if world_size == 1 or not _uses_agent_store():
+        return refusal
+    store = _torchrun_store(rank, world_size, timeout_s)
+    key = f"harness/{name}/{attempt}"
+    if rank == 0:
+        store.set(key, refusal or "")
+        return refusal
+    store.wait([key], timedelta(seconds=timeout_s))
+    return store.get(key).decode() or None
+
+
 def agree_on_attempt(timeout_s: float = 300) -> int:
     """Under torchrun: which restart attempt this is (0: the launch's first), the same number on every rank.
 

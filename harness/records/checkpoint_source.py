@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from harness.core.checkpoint import newest_in
+from harness.core.checkpoint import check_model_weights, newest_in
 from harness.core.config import Config
 from harness.errors import InputError
 from harness.records.mlflow_store import default_tracking_uri, run_checkpoint_path
@@ -53,6 +53,7 @@ def resolve_checkpoint(ref: str, tracking_uri: Optional[str], key: str) -> Check
     except InputError as err:  # a config this version no longer accepts
         raise InputError(f"{key}: {path} holds a config this harness cannot read ({err}); expected a checkpoint "
                          "written by this version") from None
+    check_model_weights(state, path, config.layer_sizes, key)
     return CheckpointSource(path=path, run_id=run_id or state.get("run_id"), config=config,
                             model_state=state["model"])
 
@@ -83,7 +84,7 @@ def _load(path: Path, key: str) -> dict:
     except Exception as err:  # torch raises several types for a file that is not a checkpoint
         raise InputError(f"{key}: {path} is not a harness checkpoint (unreadable: {type(err).__name__}); "
                          "expected an epoch-NNNN.pt file written by a run") from None
-    if not isinstance(state, dict) or "model" not in state or "config_fingerprint" not in state:
+    if not isinstance(state, dict) or "config_fingerprint" not in state:
         raise InputError(f"{key}: {path} is not a harness checkpoint; expected an epoch-NNNN.pt file written "
                          "by a run (keys model, optimizer, config)")
     if "config" not in state:

@@ -36,11 +36,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from harness import signals
+from harness import folder_lock, signals
 from harness.console import say, warn
 from harness.errors import InputError
 
 PG_FOLDER = "mlflow-pg"  # under --store-dir: the cluster (db/), its password files, log and socket
+SERVER_LOCK = "mlflow-server.lock"  # under --store-dir: held by the one server of the store (harness.folder_lock)
+STARTED_BY_US = "postmaster.started"  # under PG_FOLDER: the PID of the postmaster a server started
 PG_ROLE = "mlflow"       # the cluster's only role (its superuser), created by initdb
 PG_DATABASE = "mlflow"
 PG_SYSTEM_USER = "postgres"  # who runs the server when we are root: PostgreSQL refuses to run as root
@@ -80,33 +82,44 @@ def serve_sqlite(store: Path, host: str, port: int) -> None:
 
 
 def serve_postgresql(store: Path, host: str, port: int, pg_port: Optional[int]) -> int:
-    """Run PostgreSQL and ``mlflow server`` over it until a termination signal or mlflow's end."""
+    """Run PostgreSQL and ``mlflow server`` over it until a termination signal or mlflow's end.
+
+    One server per store: it holds ``<store>/mlflow-server.lock`` from its first check to its
+    last stop, so a second one over the same store is refused before it touches the cluster.
+    A termination signal while it starts ends it as one once it is up does: what it
+    started is stopped, and it exits 0."""
+    if pg_port is not None and pg_port == port:
+        raise InputError(f"--pg-port: {pg_port} is --port too; expected two different ports (the MLflow UI "
+                         "listens on one, PostgreSQL on the other)")
     cluster = LocalPostgres(store / PG_FOLDER)
-    cluster.check(pg_port)
-    pg_port = pg_port or free_port()
-    cluster.initialise()
     mlflow = None
-    try:
-        cluster.start(pg_port)
-        cluster.create_database(pg_port)
-        env = {**os.environ, **SERVER_ENV, "MLFLOW_BACKEND_STORE_URI": cluster.uri(pg_port),
-               "PGPASSFILE": str(cluster.pgpass)}
-        say(f"MLflow UI on http://{host}:{port} (store PostgreSQL {cluster.uri(pg_port)}, data {cluster.data}; "
-            f"artifacts {store / 'mlartifacts'}); stop with: kill {os.getpid()}")
-        # Its own session: a Ctrl-C in the terminal reaches only this process, which stops mlflow
-        # and then PostgreSQL in that order. PDEATHSIG: if this process is SIGKILLed, mlflow goes too.
-        mlflow = subprocess.Popen(mlflow_command(host, port, store / "mlartifacts"), env=env,
-                                  start_new_session=True, preexec_fn=_term_with_parent)
-        code = mlflow.wait()
-        warn(f"mlflow server exited with code {code}; stopping PostgreSQL")
-        return 1
-    except signals.Terminated as stop:
-        say(f"{stop}: stopping mlflow and PostgreSQL")
-        return 0
-    finally:
-        if mlflow is not None:
-            _stop(mlflow)
-        cluster.stop()
+    with folder_lock.held(store / SERVER_LOCK,
+                          lambda holder: f"--store-dir: {store} is served by another harness mlflow-server "
+                                         f"({holder}); expected one server per store: stop that one first"):
+        try:
+            cluster.check(pg_port)
+            pg_port = pg_port or free_port()
+            cluster.initialise()
+            cluster.start(pg_port)
+            cluster.create_database(pg_port)
+            env = {**os.environ, **SERVER_ENV, "MLFLOW_BACKEND_STORE_URI": cluster.uri(pg_port),
+                   "PGPASSFILE": str(cluster.pgpass)}
+            say(f"MLflow UI on http://{host}:{port} (store PostgreSQL {cluster.uri(pg_port)}, data {cluster.data}; "
+                f"artifacts {store / 'mlartifacts'}); stop with: kill {os.getpid()}")
+            # Its own session: a Ctrl-C in the terminal reaches only this process, which stops mlflow
+            # and then PostgreSQL in that order. PDEATHSIG: if this process is SIGKILLed, mlflow goes too.
+            mlflow = subprocess.Popen(mlflow_command(host, port, store / "mlartifacts"), env=env,
+                                      start_new_session=True, preexec_fn=_term_with_parent)
+            code = mlflow.wait()
+            warn(f"mlflow server exited with code {code}; stopping PostgreSQL")
+            return 1
+        except signals.Terminated as stop:
+            say(f"{stop}: stopping mlflow and PostgreSQL")
+            return 0
+        finally:
+            if mlflow is not None:
+                _stop(mlflow)
+            cluster.stop()  # only a PostgreSQL this process started
 
 
 def _term_with_parent() -> None:
@@ -155,8 +168,10 @@ class LocalPostgres:
         self.password_file = folder / "password"
         self.pgpass = folder / "pgpass"
         self.log = folder / "postgres.log"
+        self.started_record = folder / STARTED_BY_US
         self.bindir = find_pg_bindir()
         self.as_root = os.geteuid() == 0
+        self.started = False  # whether this process ran pg_ctl start: only then does stop() stop it
 
     def uri(self, port: int) -> str:
         return f"postgresql://{PG_ROLE}@127.0.0.1:{port}/{PG_DATABASE}"
@@ -187,8 +202,29 @@ class LocalPostgres:
                              "expected the folder a previous start created, or no folder (move this one away)")
         running = (self.data / "postmaster.pid").exists() and self._run("pg_ctl", "status", "-D", str(self.data))
         if running and running.returncode == 0:
-            raise InputError(f"--store-dir: the PostgreSQL of {self.data} is already running; expected it stopped "
-                             f"(stop the harness mlflow-server that started it, or pg_ctl -D {self.data} stop)")
+            if self._postmaster_pid() is None or self._postmaster_pid() != self._recorded_pid():
+                raise InputError(f"--store-dir: the PostgreSQL of {self.data} is already running, not started by "
+                                 "a harness mlflow-server; expected it stopped "
+                                 f"(pg_ctl -D {self.data} stop)")
+            # Ours, left by a server that was killed (the store's lock, which this process now holds,
+            # says that no server is running): stopped, then started again as on any start.
+            warn(f"stopping the PostgreSQL (pid {self._postmaster_pid()}) that a killed harness mlflow-server "
+                 f"left running on {self.data}")
+            self.started = True
+            self.stop()
+
+    def _postmaster_pid(self) -> Optional[int]:
+        """The running postmaster's PID, from the first line of PGDATA/postmaster.pid."""
+        try:
+            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def _recorded_pid(self) -> Optional[int]:
+        try:
+            return int(self.started_record.read_text())
+        except (OSError, ValueError):
+            return None
 
     def _check_reachable_by_server_user(self) -> None:
         try:
@@ -237,7 +273,10 @@ class LocalPostgres:
 
     def start(self, port: int) -> None:
         options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={shlex.quote(str(self.folder))}"
+        self.started = True  # from here on, a postmaster of this data folder is this process's to stop
         done = self._run("pg_ctl", "start", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "-t", "60")
+        if (postmaster := self._postmaster_pid()) is not None:
+            _write_private(self.started_record, f"{postmaster}\n")
         if done.returncode != 0:
             reason = _last_line(self.log.read_text() if self.log.exists() else done.stderr)
             self.stop()  # pg_ctl -w gave up waiting: a server that came up late must not stay behind
@@ -253,10 +292,15 @@ class LocalPostgres:
                 connection.execute(f'CREATE DATABASE "{PG_DATABASE}"')
 
     def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
+        """Stop the PostgreSQL this process started (or found left by a killed server of this store); any
+        other is not this process's to stop."""
+        if self.started and (self.data / "postmaster.pid").exists():
             done = self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "60")
             if done.returncode != 0:
                 warn(f"PostgreSQL of {self.data} did not stop: {_last_line(done.stderr)}")
+                return
+        self.started = False
+        self.started_record.unlink(missing_ok=True)
 
 
 def find_pg_bindir() -> Path:

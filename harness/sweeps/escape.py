@@ -31,6 +31,7 @@ from harness.analysis import minima
 from harness.analysis.report import TrialRecord, collect_trials, find_sweep_run
 from harness.analysis.spread import mean_std
 from harness.launching.preflight import check_init_from, preflight
+from harness.launching.run_lock import run_folders_held
 from harness.sweeps.sweep import SweepProgress, run_trials, sweep_parent_run
 
 # What the table reads before (the source trial's final metrics) and after (the continuation's).
@@ -114,7 +115,8 @@ def run_escape(tracking_uri: str, experiment: str, sweep_run_id: Optional[str], 
     ctx = distributed.local_context(plan[0].cfg.train.device)
     parent_cfg = Config.from_dict({**plan[0].cfg.to_dict(), "name": name, "trial": None})
     progress = SweepProgress(len(plan))
-    with sweep_parent_run(parent_cfg, ctx, trials=[c.cfg for c in plan], kind="escape") as escape:
+    with run_folders_held([c.cfg for c in plan], "escape run"), \
+            sweep_parent_run(parent_cfg, ctx, trials=[c.cfg for c in plan], kind="escape") as escape:
         client.set_tag(escape.run_id, "escape_of", parent.info.run_id)
         for index, continuation in enumerate(plan):
             progress.starting(index, continuation.cfg, f"from {continuation.source.name}")

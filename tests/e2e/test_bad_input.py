@@ -683,3 +683,65 @@ def test_node_count_that_does_not_fit_the_world_size_is_refused_before_torchrun_
     config = [] if "--config" in options else ["--config", SMOKE]
     status = train_launcher.main([*config, *options, "--set", f"checkpoint.dir={place}/checkpoints"])
     assert_refused(place, capsys, status, expected)
+
+
+# --- tampered or foreign checkpoints, wherever a checkpoint is read ---------------------------------
+
+def _tampered(state, case):
+    model = dict(state["model"])
+    if case == "a weight of the wrong shape":
+        model["linears.0.weight"] = torch.zeros(32, 700)
+    elif case == "a NaN weight":
+        model["linears.1.bias"] = torch.full((10,), float("nan"))
+    elif case == "model not a mapping":
+        model = [1, 2, 3]
+    elif case == "model empty":
+        model = {}
+    return {**state, "model": model} if case != "no model" else {k: v for k, v in state.items() if k != "model"}
+
+
+TAMPERED = {
+    "a weight of the wrong shape": "model weight linears.0.weight has shape [32, 700]; expected [32, 784] "
+                                   "(a 784-32-10 network)",
+    "a NaN weight": "model weight linears.1.bias holds NaN or infinite values; expected finite weights",
+    "model not a mapping": "its model weights are a list; expected a mapping of the network's 4 weight tensors",
+    "model empty": "its model weights are empty; expected a mapping",
+    "no model": "its model weights are missing; expected a mapping",
+}
+
+
+@pytest.mark.parametrize("reader", ["--resume", "checkpoint.init_from", "harness interpolate"])
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_a_tampered_checkpoint_is_refused_in_one_line_naming_the_file_before_anything_trains(place, capsys, case,
+                                                                                             reader):
+    from mlflow.tracking import MlflowClient
+
+    from harness.cli import main as harness_main
+    from harness.core.checkpoint import write_checkpoint
+
+    uri = seeded_store(place / "store")
+    # A FINISHED run whose checkpoint folder then gets a tampered newest checkpoint: it must stay FINISHED.
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("smoke")).info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    good = {**_source_state(()), "run_id": run_id}
+    folder = place / "checkpoints" / "smoke"
+    write_checkpoint(good, folder, 1)
+    bad = write_checkpoint(_tampered(good, case), folder if reader == "--resume" else place / "source", 2)
+    capsys.readouterr()
+    if reader == "--resume":
+        status = train_launcher.main(["--config", SMOKE, "--resume", "--set", f"tracking.uri={uri}",
+                                      "--set", "train.epochs=3"])
+        prefix = "checkpoints/smoke/epoch-0002.pt"  # checkpoint.dir as the config gives it
+    elif reader == "checkpoint.init_from":
+        status = train_launcher.main(["--config", SMOKE, "--set", f"tracking.uri={uri}", "--set", "name=warm",
+                                      "--set", f"checkpoint.init_from={bad}"])
+        prefix = f"checkpoint.init_from: {bad}"
+    else:
+        status = harness_main(["interpolate", "--run-a", str(folder / "epoch-0001.pt"), "--run-b", str(bad),
+                               "--tracking-uri", uri])
+        prefix = f"--run-b: {bad}"
+    assert_refused(place, capsys, status, f"{prefix}: {TAMPERED[case]}", before={"store", "checkpoints", "source"})
+    (run,) = _runs(uri)
+    assert run.info.status == "FINISHED"
+    assert not (place / "checkpoints" / "warm").exists()

@@ -8,12 +8,10 @@ records go to a real MLflow tracking server (``harness mlflow-server``, http), t
 checkpoints to a folder both nodes see (one machine), said with ``--shared-storage``.
 """
 
-import contextlib
 import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +22,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, seeded_store
+from conftest import CONFIGS, REPO, free_ports, seeded_store
 from harness.core.config import load_config
 from harness.errors import InputError
 from harness.launching.ray_cluster import ClusterNode, check_cluster, check_storage_path
@@ -127,16 +125,6 @@ def test_strict_spread_needs_a_node_per_worker():
 
 
 # --- a real second node ---------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports: held open together while picked (one at a time, the kernel may
-    hand out a port twice, and Ray refuses a node whose components share one)."""
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
 
 
 class SecondNode:

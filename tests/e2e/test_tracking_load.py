@@ -289,3 +289,72 @@ def has_exited(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def server_command(port: int, store: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "harness.cli", "mlflow-server", "--backend", "postgresql", "--port", str(port),
+            "--store-dir", str(store), *extra]
+
+
+def serving(pg_server) -> PgServer:
+    """The module's server, started again if an earlier test stopped it."""
+    if pg_server.process.poll() is not None:
+        pg_server.start()
+    return pg_server
+
+
+def test_a_second_server_over_a_served_store_is_refused_in_one_line_and_stops_nothing(pg_server):
+    server = serving(pg_server)
+    postmaster = server.postmaster_pid()
+    second = run_command(server_command(free_port(), server.store), cwd=REPO, timeout=120)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.strip().splitlines() == [
+        f"error: --store-dir: {server.store} is served by another harness mlflow-server "
+        f"({(server.store / 'mlflow-server.lock').read_text().strip()}); expected one server per store: stop that "
+        "one first"]
+    assert server.postmaster_pid() == postmaster and psutil.pid_exists(postmaster)
+    assert MlflowClient(tracking_uri=server.uri).create_experiment("still answering")
+
+
+def test_a_server_killed_by_sigkill_leaves_a_postgresql_that_the_next_start_stops_and_replaces(pg_server):
+    server = serving(pg_server)
+    kept = MlflowClient(tracking_uri=server.uri).create_experiment("kept across a sigkill")
+    postmaster = server.postmaster_pid()
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    # Its mlflow gets SIGTERM from the kernel (PDEATHSIG) and stops; its PostgreSQL is nobody's child.
+    wait_for(lambda: not answers(server.uri + "/health"), "the killed server's mlflow to stop", 60)
+    assert psutil.pid_exists(postmaster)
+    server.start()
+    assert "that a killed harness mlflow-server left running" in server.log.read_text()
+    assert server.postmaster_pid() != postmaster and has_exited(postmaster)
+    assert MlflowClient(tracking_uri=server.uri).get_experiment_by_name("kept across a sigkill").experiment_id == kept
+
+
+def test_sigterm_while_the_server_starts_stops_what_it_started_and_exits_as_when_up(tmp_path):
+    other = PgServer()
+    try:
+        process = subprocess.Popen(server_command(other.port, other.store), cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: (other.cluster / "db" / "postmaster.pid").exists() or process.poll() is not None,
+                 "PostgreSQL to start", 120)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 0
+        data = str(other.cluster / "db")
+        left = [p for p in psutil.process_iter(["cmdline"]) if data in " ".join(p.info["cmdline"] or [])]
+        assert not left, left
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(other.root, ignore_errors=True)
+
+
+def test_the_same_port_for_postgresql_and_the_ui_is_refused_in_one_line(tmp_path):
+    port = free_port()
+    result = run_command(server_command(port, tmp_path / "store", "--pg-port", str(port)), cwd=REPO, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --pg-port: {port} is --port too; expected two different ports (the MLflow UI listens on one, "
+        "PostgreSQL on the other)"]
+    assert not (tmp_path / "store").exists()
