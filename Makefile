@@ -15,12 +15,13 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 SWEEP_CONFIG ?= configs/sweep.yaml
 NPROC       ?= 2
 PYTEST_ARGS ?=
-# Four pytest workers on a 2-core machine: most end-to-end tests wait on servers,
-# polls and process start-up, so more workers than cores fill the time two leave idle.
+# Three pytest workers on a 2-core machine: most end-to-end tests wait on servers,
+# polls and process start-up, so a third worker fills time that two leave idle (a fourth
+# only makes the processes of all four wait longer for the cores).
 # Tests on the Ray cluster all go to one worker, and so do a module's tests that share
 # a module-scoped fixture (tests/conftest.py). tests/unit runs in the pytest process,
 # tests/e2e starts real processes: PYTEST_ARGS="-m 'not e2e'" runs the unit tests alone.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 
 MLFLOW_PORT ?= 5000
 

@@ -14,7 +14,7 @@ import sys
 # do): `harness --help` answers without paying for torch.
 from harness import signals
 from harness.console import say
-from harness.launching.entrypoints import ArgumentParser, add_config_arguments, exits_on_input_error
+from harness.launching.entrypoints import ArgumentParser, add_config_arguments, check_output_file, exits_on_input_error
 from harness.errors import InputError
 
 BENCH_BATCH_SIZES = [32, 128, 512, 2048, 8192]
@@ -100,7 +100,7 @@ def interpolate(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Seconds per epoch of the harness's step against a plain DataLoader loop, in this process."""
-    from harness.bench.bench import PATHS, format_table, run_benchmark, tf32_matmuls, write_json
+    from harness.bench.bench import PATHS, format_table, run_benchmark, tf32_matmuls
     from harness.core.config import load_config
     from harness.core.distributed import pick_device
 
@@ -115,6 +115,8 @@ def bench(args: argparse.Namespace) -> int:
     if args.profile and not args.stack:
         raise InputError(f"--profile: {args.profile} without --stack; expected --stack K (only the stack bench "
                          "profiles its epochs)")
+    if args.json:
+        check_output_file(args.json, "--json")
     cfg = load_config(args.config, args.overrides)
     device = pick_device(args.device)
     batch_sizes = args.batch_sizes or (STACK_BATCH_SIZES if args.stack else BENCH_BATCH_SIZES)
@@ -135,9 +137,21 @@ def bench(args: argparse.Namespace) -> int:
     result["matmuls"] = "tf32" if args.tf32 else "fp32"
     say(format_stack_table(result) if args.stack else format_table(result))
     if args.json:
-        write_json(result, args.json)
-        say(f"\nJSON: {args.json}")
+        write_result_json(result, args.json, "the table above is the result")
     return 0
+
+
+def write_result_json(result: dict, path: str, kept: str) -> None:
+    """A tool's ``--json`` file, written after its work (its path was checked before it): a write that
+    fails now is one line saying where the result still is."""
+    import json
+
+    try:
+        with open(path, "w") as handle:
+            handle.write(json.dumps(result, indent=2) + "\n")
+    except OSError as err:
+        raise InputError(f"--json: could not write {path} ({err.strerror}); {kept}") from None
+    say(f"\nJSON: {path}")
 
 
 def capacity(args: argparse.Namespace) -> int:
@@ -159,6 +173,8 @@ def capacity(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     device = pick_device(args.device)
     check_writable_dir(Path(args.out), "--out")
+    if args.json:
+        check_output_file(args.json, "--json")
     uri = args.tracking_uri or default_tracking_uri()
     if not args.no_mlflow:  # a store that would refuse the run is refused now, before the work
         check_tracking_uri(uri)
@@ -167,24 +183,23 @@ def capacity(args: argparse.Namespace) -> int:
     say(f"capacity of {device.type}: {cfg.name}, batch 1, 2, 4, ... up to {args.max_batch}")
     result = run_capacity(cfg, device, args.max_batch, args.memory_limit, args.epoch_samples)
     say(format_table(result))
-    files = write_outputs(result, Path(args.out) / f"capacity-{device.type}-{cfg.name}", args.json)
-    say("", *[f"  {path}" for path in files], *([f"JSON: {args.json}"] if args.json else []))
+    files = write_outputs(result, Path(args.out) / f"capacity-{device.type}-{cfg.name}")
+    say("", *[f"  {path}" for path in files])
     if not args.no_mlflow:
         say(f"MLflow run {record(uri, args.experiment, result, files, args.config)}")
+    if args.json:  # last: a write that fails now still leaves the measurement recorded
+        write_result_json(result, args.json, f"the measurement is kept in {files[0]}")
     return 0
 
 
 def scaling(args: argparse.Namespace) -> int:
     """When data parallelism pays: the cost model's table (or, with --measure, its check on this machine)."""
-    import json
-    from pathlib import Path
-
     from harness.bench import scaling as model
 
     model.check_arguments(args.world_sizes, args.link, args.link_gbps, args.link_latency_us, args.efficiency_floor,
                           args.parameters)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise InputError(f"--json: {Path(args.json).resolve().parent} is not a folder; expected an existing folder")
+    if args.json:
+        check_output_file(args.json, "--json")
     if args.measure:
         return _scaling_measure(args)
     from harness.core.config import load_config
@@ -211,8 +226,7 @@ def scaling(args: argparse.Namespace) -> int:
                          f"sizes within the measured {min(step_seconds)}..{max(step_seconds)}")
     say(model.format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        say(f"\nJSON: {args.json}")
+        write_result_json(result, args.json, "the table above is the result")
     return 0
 
 
@@ -236,9 +250,6 @@ def _scaling_capacity_now(args: argparse.Namespace, cfg) -> tuple[dict, list, di
 
 def _scaling_measure(args: argparse.Namespace) -> int:
     """The model checked against 2 gloo processes on 127.0.0.1: all-reduce times, 1- vs 2-rank DDP steps."""
-    import json
-    from pathlib import Path
-
     from harness.core.config import load_config
     from harness.bench.scaling_check import DEFAULT_BATCHES, check_batches, format_report, run_check
 
@@ -253,8 +264,7 @@ def _scaling_measure(args: argparse.Namespace) -> int:
     result = run_check(cfg, batches)
     say(format_report(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        say(f"\nJSON: {args.json}")
+        write_result_json(result, args.json, "the report above is the result")
     return 0
 
 
@@ -445,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # A termination signal ends what a command started (escape's training runs, an interpolation run)
 # as KILLED, and exits 128+signal with one line.
-@signals.exits_on_termination
+@signals.exits_on_termination(after="a run it started is marked KILLED")
 @exits_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)

@@ -110,9 +110,16 @@ def end_status(error: BaseException) -> str:
     return "FAILED"
 
 
-def exits_on_termination(main: Callable[..., int]) -> Callable[..., int]:
+RESUME_ADVICE = "an unfinished MLflow run is marked KILLED (continue it with --resume)"
+
+
+def exits_on_termination(main: Optional[Callable[..., int]] = None, *, after: str = RESUME_ADVICE):
     """Run ``main`` with the handlers installed; a termination signal becomes exit code 128+signal
-    and one line on stderr. The previous handlers are put back afterwards (tests call ``main`` in-process)."""
+    and one line on stderr, ending with ``after`` (what became of the work, and what to do next: only
+    a command that has ``--resume`` says to use it). The previous handlers are put back afterwards
+    (tests call ``main`` in-process). Used bare, or with ``after=`` as a decorator factory."""
+    if main is None:
+        return functools.partial(exits_on_termination, after=after)
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -131,7 +138,7 @@ def exits_on_termination(main: Callable[..., int]) -> Callable[..., int]:
                 raise
             stop = err if isinstance(err, Terminated) else Terminated(signum)
             seen = "" if err is stop else f" ({type(err).__name__} as it stopped: {str(err)[:200]})"
-            fail(f"stopped: {stop}{seen}; an unfinished MLflow run is marked KILLED (continue it with --resume)")
+            fail(f"stopped: {stop}{seen}; {after}")
             return stop.exit_code
         finally:
             for signum, handler in previous.items():

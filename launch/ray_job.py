@@ -20,7 +20,7 @@ from harness.launching.entrypoints import (ArgumentParser, add_config_arguments,
                                          exits_on_input_error)
 
 
-@signals.exits_on_termination
+@signals.exits_on_termination(after="its unfinished MLflow run is marked KILLED (a new start trains afresh)")
 @exits_on_input_error
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 # One intra-op thread per process, set before torch is imported here, in the pytest-xdist
-# workers and (inherited) in every process a test starts. `make test` runs four workers
+# workers and (inherited) in every process a test starts. `make test` runs three workers
 # on two cores, and their launchers start more processes: torch's default of one thread
 # per core then makes the threads of different processes spin and wait on each other,
 # many times over the work itself (a smoke run's Hessian most of all). The tiny models
@@ -288,7 +288,7 @@ def ray_cluster(tmp_path_factory):
 # each starting a cluster on the same ports).
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """`make test` runs four pytest-xdist workers (--dist loadgroup); every test on
+    """`make test` runs three pytest-xdist workers (--dist loadgroup); every test on
     the Ray cluster goes to one of them, since the cluster listens on fixed ports
     and a second one on the same machine would collide.
 

@@ -80,9 +80,16 @@ class Report:
 def find_sweep_run(client, experiment: str, sweep_run_id: Optional[str]):
     if sweep_run_id:
         try:
-            return client.get_run(sweep_run_id)
+            run = client.get_run(sweep_run_id)
         except Exception:
             raise InputError(f"--sweep-run-id {sweep_run_id}: no such run in the tracking store") from None
+        kind = run.data.tags.get("run_kind")
+        if kind != "sweep":
+            raise InputError(f"--sweep-run-id {sweep_run_id}: run {run.info.run_name!r} is "
+                             f"{('an ' if kind[0] in 'aeiou' else 'a ') + kind + ' run' if kind else 'not a sweep'}; "
+                             "expected the parent run of a sweep "
+                             "(tag run_kind = sweep)")
+        return run
     run = newest_sweep_run(client, experiment)
     if run is None:
         raise InputError(f"--latest: no sweep run in experiment {experiment!r}; run launch/sweep.py first")

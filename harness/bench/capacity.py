@@ -266,15 +266,13 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: dict, directory: Path, json_path: Optional[str]) -> list[Path]:
-    """The JSON (in ``directory`` and at ``json_path`` if given) and the plot; the files for MLflow."""
+def write_outputs(result: dict, directory: Path) -> list[Path]:
+    """The JSON and the plot in ``directory``; the files for MLflow."""
     from harness.analysis import plots  # matplotlib only where a figure is drawn
 
     directory.mkdir(parents=True, exist_ok=True)
     files = [directory / "capacity.json", directory / "capacity.png"]
     files[0].write_text(json.dumps(result, indent=2))
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
     plots.capacity(result, files[1])
     return files
 

@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from harness.core.config import Config, load_config
@@ -55,6 +56,36 @@ class ArgumentParser(argparse.ArgumentParser):
         if action.choices is not None and value not in action.choices:
             name = "/".join(action.option_strings) or action.dest
             raise InputError(f"{name}: expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+
+
+def check_output_file(path: str | Path, key: str) -> Path:
+    """A file a tool writes after its work (``--json``): refused now, not after the measurement, if it
+    names a folder or a device, lies in a folder that does not exist, or cannot be written there;
+    creates nothing (the probe file in its folder is removed at once)."""
+    import tempfile
+
+    given = Path(path).expanduser()
+    try:
+        exists, is_file = given.exists(), given.is_file()
+        folder = given.absolute().parent
+        folder_is_dir = folder.is_dir()
+    except OSError as err:  # a name past the file system's limit, a loop of links
+        raise InputError(f"{key}: {path}: {err.strerror}; expected a file path to write") from None
+    if exists and not is_file:
+        raise InputError(f"{key}: {given} is {'a folder' if given.is_dir() else 'not a regular file'}; "
+                         "expected the path of a file to write")
+    if not folder_is_dir:
+        raise InputError(f"{key}: {folder} is not a folder; expected a file in an existing folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".harness-write-check-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+        if exists:
+            with open(given, "a"):
+                pass
+    except OSError as err:
+        raise InputError(f"{key}: cannot write {given} ({err.strerror}); expected a writable file") from None
+    return given
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,6 +59,15 @@ def resolve_checkpoint(ref: str, tracking_uri: Optional[str], key: str) -> Check
 
 
 def _locate(ref: str, tracking_uri: str, key: str) -> tuple[Path, Optional[str]]:
+    try:
+        return _locate_path(ref, tracking_uri, key)
+    except (OSError, RuntimeError) as err:  # a name past the file system's limit, an unknown ~user, no access
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise InputError(f"{key}: {ref[:200]}{'...' if len(ref) > 200 else ''}: {reason}; expected a checkpoint "
+                         "file, a run's checkpoint folder or an MLflow run id") from None
+
+
+def _locate_path(ref: str, tracking_uri: str, key: str) -> tuple[Path, Optional[str]]:
     given = Path(ref).expanduser()
     if given.is_file():
         return given.resolve(), None
@@ -81,6 +90,9 @@ def _locate(ref: str, tracking_uri: str, key: str) -> tuple[Path, Optional[str]]
 def _load(path: Path, key: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise InputError(f"{key}: {path}: cannot read it ({err.strerror}); expected a readable checkpoint file") \
+            from None
     except Exception as err:  # torch raises several types for a file that is not a checkpoint
         raise InputError(f"{key}: {path} is not a harness checkpoint (unreadable: {type(err).__name__}); "
                          "expected an epoch-NNNN.pt file written by a run") from None

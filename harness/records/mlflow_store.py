@@ -481,8 +481,17 @@ def replay(client, spool: Spool) -> tuple[int, list[int]]:
     only when every line was delivered; a damaged one is kept for inspection
     (replaying it again delivers nothing twice).
     """
+    from mlflow.exceptions import MlflowException
+
     records, bad = parse_lines(spool)
     logged_by_run: dict[str, set] = {}
+    for run_id in dict.fromkeys(record["run_id"] for record in records):  # every run first: all or nothing
+        try:
+            logged_by_run[run_id] = logged_steps(client, run_id)
+        except MlflowException:
+            raise InputError(f"{spool.path}: its records are for MLflow run {run_id}, which this tracking store "
+                             "does not hold; expected --tracking-uri of the store the run wrote to (nothing was "
+                             "delivered)") from None
     count = 0
     for record in records:
         run_id = record["run_id"]

@@ -92,12 +92,14 @@ def serve_postgresql(store: Path, host: str, port: int, pg_port: Optional[int]) 
         raise InputError(f"--pg-port: {pg_port} is --port too; expected two different ports (the MLflow UI "
                          "listens on one, PostgreSQL on the other)")
     cluster = LocalPostgres(store / PG_FOLDER)
+    cluster.check(pg_port)  # what needs no lock: refused with nothing created
+    made_store = not store.exists()
     mlflow = None
     with folder_lock.held(store / SERVER_LOCK,
                           lambda holder: f"--store-dir: {store} is served by another harness mlflow-server "
                                          f"({holder}); expected one server per store: stop that one first"):
         try:
-            cluster.check(pg_port)
+            cluster.take_over_if_stale()
             pg_port = pg_port or free_port()
             cluster.initialise()
             cluster.start(pg_port)
@@ -116,6 +118,11 @@ def serve_postgresql(store: Path, host: str, port: int, pg_port: Optional[int]) 
         except signals.Terminated as stop:
             say(f"{stop}: stopping mlflow and PostgreSQL")
             return 0
+        except InputError:
+            if made_store and not cluster.folder.exists():  # refused on a new store: leave no trace of it
+                (store / SERVER_LOCK).unlink(missing_ok=True)
+                store.rmdir()
+            raise
         finally:
             if mlflow is not None:
                 _stop(mlflow)
@@ -200,6 +207,11 @@ class LocalPostgres:
         if self.folder.exists() and not (self.data / "PG_VERSION").is_file():
             raise InputError(f"--store-dir: {self.folder} exists but holds no PostgreSQL cluster (db/PG_VERSION); "
                              "expected the folder a previous start created, or no folder (move this one away)")
+
+    def take_over_if_stale(self) -> None:
+        """With the store's lock held: a PostgreSQL of this cluster that is still running was left by a
+        server that was killed, if it is the one that server started (its PID recorded); stopped, so that
+        this start begins as any other. Any other running one is refused."""
         running = (self.data / "postmaster.pid").exists() and self._run("pg_ctl", "status", "-D", str(self.data))
         if running and running.returncode == 0:
             if self._postmaster_pid() is None or self._postmaster_pid() != self._recorded_pid():

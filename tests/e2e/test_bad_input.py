@@ -256,7 +256,8 @@ def test_fresh_run_keeps_foreign_files_in_its_folder(place):
     status = train_launcher.main(["--config", SMOKE, "--set", "checkpoint.dir=.", "--set", "name=harness",
                                   "--set", "tracking.enabled=false", "--set", "train.epochs=1"])
     assert status == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0000.pt", "epoch-0001.pt", "notes.txt"]
+    # .lock: the run's lock on its folder (harness/launching/run_lock.py), kept for the next run of the name.
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "epoch-0000.pt", "epoch-0001.pt", "notes.txt"]
 
 
 # --- config files that are not configs ----------------------------------------
@@ -443,6 +444,37 @@ def test_replay_delivers_every_valid_record_and_names_the_bad_line(place, capsys
     assert client.get_run(run_id).info.status == "KILLED"
 
 
+def test_replay_of_a_spool_whose_run_the_store_lacks_is_refused_in_one_line_delivering_nothing(place, capsys):
+    import json
+
+    from harness.cli import main as harness_main
+
+    uri = seeded_store(place / "store")
+    spool = place / "mlflow-spool.jsonl"
+    spool.write_text(json.dumps({"op": "metrics", "run_id": UNKNOWN_RUN_ID, "step": 1, "timestamp_ms": 1,
+                                 "metrics": {"loss": 1.0}}) + "\n")
+    capsys.readouterr()
+    status = harness_main(["replay", str(spool), "--tracking-uri", uri])
+    assert_refused(place, capsys, status, f"{spool}: its records are for MLflow run {UNKNOWN_RUN_ID}, which this "
+                   "tracking store does not hold", before={"store", spool.name})
+    assert spool.exists() and _runs(uri) == []
+
+
+@pytest.mark.parametrize("command", ["escape", "report"])
+def test_a_run_id_that_is_not_a_sweep_is_refused_in_one_line(place, capsys, command):
+    from mlflow.tracking import MlflowClient
+
+    from harness.cli import main as harness_main
+
+    uri = seeded_store(place / "store")
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("single"), run_name="alone", tags={"run_kind": "capacity"})
+    capsys.readouterr()
+    status = harness_main([command, "--sweep-run-id", run.info.run_id, "--tracking-uri", uri])
+    assert_refused(place, capsys, status, f"--sweep-run-id {run.info.run_id}: run 'alone' is a capacity run; "
+                   "expected the parent run of a sweep (tag run_kind = sweep)", before={"store"})
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["bench", "--epochs", "0"], "--epochs: expected a positive number of timed epochs, got 0"),
     (["bench", "--config", SMOKE, "--device", "cpu", "--paths", "harness", "dataloaders"],
@@ -470,6 +502,35 @@ def test_harness_command_refuses_bad_arguments(place, capsys, argv, expected):
     (place / "afile").write_text("a file")
     status = harness_main([a.format(place=place) for a in argv])
     assert_refused(place, capsys, status, expected.format(place=place), before={"afile"})
+
+
+# Every tool that writes a --json file after its work checks the path before the work.
+JSON_TOOLS = {
+    "capacity": ["capacity", "--config", SMOKE, "--device", "cpu", "--max-batch", "4", "--out", "{place}/out"],
+    "scaling": ["scaling", "--config", SMOKE, "--device", "cpu", "--max-batch", "4"],
+    "bench": ["bench", "--config", SMOKE, "--device", "cpu", "--epochs", "1", "--batch-sizes", "64"],
+}
+BAD_OUTPUTS = {
+    "a missing folder": ("{place}/nowhere/x.json", "--json: {place}/nowhere is not a folder; expected a file in an "
+                                                   "existing folder"),
+    "a folder": ("{place}", "--json: {place} is a folder; expected the path of a file to write"),
+    "a device": ("/dev/full", "--json: /dev/full is not a regular file; expected the path of a file to write"),
+    "a name past the limit": ("{place}/" + "x" * 300 + ".json", "File name too long; expected a file path to write"),
+}
+
+
+@pytest.mark.parametrize("output", sorted(BAD_OUTPUTS))
+@pytest.mark.parametrize("tool", sorted(JSON_TOOLS))
+def test_a_json_output_that_cannot_be_written_is_refused_before_the_work(place, capsys, tool, output):
+    from harness.cli import main as harness_main
+
+    path, expected = BAD_OUTPUTS[output]
+    uri = seeded_store(place / "store")
+    capsys.readouterr()  # MLflow's lines if the store's template was made just now
+    argv = [a.format(place=place) for a in JSON_TOOLS[tool]] + ["--json", path.format(place=place)]
+    status = harness_main(argv + (["--tracking-uri", uri] if tool == "capacity" else []))
+    assert_refused(place, capsys, status, expected.format(place=place), before={"store"})
+    assert _runs(uri) == []
 
 
 # --- PostgreSQL: a tracking store that does not answer, a server that cannot start ---
@@ -565,6 +626,10 @@ INIT_FROM_CASES = {
                          "checkpoint.init_from: {place}/notes.pt is not a harness checkpoint"),
     "empty folder": (lambda place, uri: _make_folder(place / "empty"),
                      "checkpoint.init_from: folder {place}/empty holds no epoch-NNNN.pt checkpoint"),
+    "a name past the limit": (lambda place, uri: f"{place}/{'x' * 300}.pt",
+                              "checkpoint.init_from: {place}/xxx"),
+    "an unknown home": (lambda place, uri: "~no-such-user-here/epoch-0001.pt",
+                        "checkpoint.init_from: ~no-such-user-here/epoch-0001.pt: Could not determine home directory"),
     "unknown run id": (lambda place, uri: UNKNOWN_RUN_ID,
                        "checkpoint.init_from: " + UNKNOWN_RUN_ID + " is not a file or folder, nor a run in"),
     "run without a checkpoint": (lambda place, uri: _run_without_checkpoint(uri),

@@ -45,13 +45,17 @@ def store_runs(tmp_path):
 def test_a_second_start_of_a_name_is_refused_while_the_first_trains_and_the_first_keeps_its_weights(tmp_path, kind):
     _, _, folder_name, holder = KINDS[kind]
     folder = tmp_path / "ckpt" / folder_name
-    first = subprocess.Popen([sys.executable, *command(tmp_path, kind, 0.1, 100000)], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    held_at = tmp_path / "held"
+    # The first is held (asleep, not training) in epoch 2, once epoch 1's checkpoint is written.
+    first = subprocess.Popen([sys.executable, *command(tmp_path, kind, 0.1, 3)], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                             env={**os.environ, "HARNESS_INJECT_HOLD": f"step:2:0:{held_at}"})
     try:
         deadline = time.monotonic() + 120
-        while not list(folder.glob("epoch-*.pt")):  # the newest two are kept: epoch 1's may be gone already
-            assert first.poll() is None and time.monotonic() < deadline, "the first never wrote a checkpoint"
+        while not held_at.exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first never reached epoch 2"
             time.sleep(0.2)
+        assert (folder / "epoch-0001.pt").exists()
         runs_before = {r.info.run_id for r in store_runs(tmp_path)}
         held = tmp_path / "ckpt" / "smoke" / ".lock"  # the run's folder, or the sweep's (its name is smoke too)
         second = run_command([sys.executable, *command(tmp_path, kind, 0.05, 1)], cwd=tmp_path, timeout=120)
@@ -72,9 +76,10 @@ def test_a_second_start_of_a_name_is_refused_while_the_first_trains_and_the_firs
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
-    newest = max(folder.glob("epoch-*.pt"))
-    assert torch.load(newest, weights_only=False)["config"]["optim"]["lr"] == 0.1  # the first's own weights
-    # The kernel dropped the killed run's lock: a new start of the name runs (and replaces the first).
-    third = run_command([sys.executable, *command(tmp_path, kind, 0.05, 1)], cwd=tmp_path, timeout=300)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert torch.load(folder / "epoch-0001.pt", weights_only=False)["config"]["optim"]["lr"] == 0.05
+    kept = sorted(folder.glob("epoch-*.pt"))
+    assert kept[-1].name == "epoch-0001.pt"  # the first's checkpoints, written before it was held, are its own
+    assert {torch.load(path, weights_only=False)["config"]["optim"]["lr"] for path in kept} == {0.1}
+    if kind == "run":  # the kernel dropped the killed run's lock: a new start of the name runs, and replaces it
+        third = run_command([sys.executable, *command(tmp_path, kind, 0.05, 1)], cwd=tmp_path, timeout=300)
+        assert third.returncode == 0, third.stderr[-3000:]
+        assert torch.load(folder / "epoch-0001.pt", weights_only=False)["config"]["optim"]["lr"] == 0.05

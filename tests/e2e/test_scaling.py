@@ -180,6 +180,9 @@ def test_sigterm_during_the_measurement_leaves_no_rank_behind(tmp_path):
         children = {child: " ".join(child.cmdline()) for child in psutil.Process(process.pid).children(recursive=True)}
         os.kill(process.pid, signal.SIGTERM)
         assert process.wait(120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+        # One line, and a tool without --resume does not send the user to it.
+        stopped = [line for line in log.read_text().splitlines() if line.startswith("stopped: ")]
+        assert stopped == ["stopped: terminated by SIGTERM; a run it started is marked KILLED"], stopped
     finally:
         if process.poll() is None:  # a failed test must not leave the measurement running
             os.killpg(process.pid, signal.SIGKILL)
