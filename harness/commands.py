@@ -199,6 +199,12 @@ def start_ray(cfg: Config, args: argparse.Namespace, num_workers: int):
     the config and ``RayOptions`` the runs take (see ``ray_train.prepare_ray_run``)."""
     if num_workers < 1:
         raise InputError(f"--num-workers: expected a positive integer, got {num_workers}")
+    if args.max_failures < -1:
+        raise InputError(f"--max-failures: {args.max_failures}; expected -1 (restart without limit) or a number "
+                         "of restarts, 0 or more")
+    if args.num_cpus is not None and args.num_cpus < num_workers:
+        raise InputError(f"--num-cpus: {args.num_cpus}; expected at least {num_workers}, the workers of a run (each "
+                         "takes one CPU of the local Ray; with fewer the run would wait for them for ever)")
     preflight(cfg, num_workers, args.use_gpu)
     preflight_ray_storage(args.storage_path)
     from harness.launching.ray_train import prepare_ray_run  # only the Ray paths pay for loading Ray Train

@@ -118,6 +118,8 @@ def free_ports(count: int) -> list[int]:
         return [probe.getsockname()[1] for probe in probes]
 
 
+from harness.records.tracking_server import end_session, terminated_with_parent  # noqa: E402  (after OMP_NUM_THREADS)
+
 RAY_GCS_PORT = int(os.environ.get("HARNESS_TEST_RAY_GCS_PORT", "6390"))
 RAY_DASHBOARD_PORT = int(os.environ.get("HARNESS_TEST_RAY_DASHBOARD_PORT", "8265"))
 # A node's other listeners, on free ports: Ray's fixed defaults (10001, 52365) would stop a
@@ -137,9 +139,6 @@ def ray_head_pid_file(gcs_port: int) -> Path:
 def stop_stale_ray_head(pid_file: Path, wait_s: float = 30) -> None:
     """Stop the head that ``pid_file`` names if it still runs and is ours (its command line names the
     temp dir noted beside its PID); the file goes either way. Only that session is signalled."""
-    import signal
-    import time
-
     import psutil
 
     try:
@@ -149,31 +148,8 @@ def stop_stale_ray_head(pid_file: Path, wait_s: float = 30) -> None:
     except (OSError, ValueError, psutil.Error):
         ours = False
     if ours:
-        for signum in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, signum)  # ray start --block and the node's processes: its own session
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline and _session_alive(head.pid):
-                time.sleep(0.5)
+        end_session(head.pid, wait_s)  # ray start --block and the node's processes: its own session
     pid_file.unlink(missing_ok=True)
-
-
-def _session_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _terminated_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the process that started it dies, however it dies."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @pytest.fixture(scope="session")
@@ -241,7 +217,7 @@ def ray_cluster(tmp_path_factory):
          "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
          f"--ray-client-server-port={free_ports(1)[0]}",
          *(f"--{flag}={port}" for flag, port in zip(RAY_NODE_PORT_FLAGS, free_ports(len(RAY_NODE_PORT_FLAGS))))],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_terminated_with_parent)
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=terminated_with_parent)
     pid_file.write_text(f"{head.pid} {temp_dir}\n")
     dashboard = f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
     deadline = time.monotonic() + 120

@@ -111,7 +111,7 @@ def serve_postgresql(store: Path, host: str, port: int, pg_port: Optional[int]) 
             # Its own session: a Ctrl-C in the terminal reaches only this process, which stops mlflow
             # and then PostgreSQL in that order. PDEATHSIG: if this process is SIGKILLed, mlflow goes too.
             mlflow = subprocess.Popen(mlflow_command(host, port, store / "mlartifacts"), env=env,
-                                      start_new_session=True, preexec_fn=_term_with_parent)
+                                      start_new_session=True, preexec_fn=terminated_with_parent)
             code = mlflow.wait()
             warn(f"mlflow server exited with code {code}; stopping PostgreSQL")
             return 1
@@ -129,7 +129,8 @@ def serve_postgresql(store: Path, host: str, port: int, pg_port: Optional[int]) 
             cluster.stop()  # only a PostgreSQL this process started
 
 
-def _term_with_parent() -> None:
+def terminated_with_parent() -> None:
+    """In a child, before exec (``preexec_fn``): SIGTERM when the process that started it dies, however it dies."""
     PR_SET_PDEATHSIG = 1
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -146,15 +147,21 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(MLFLOW_STOP_WAIT_S)
         except subprocess.TimeoutExpired:
             pass
+    end_session(process.pid, MLFLOW_STOP_WAIT_S)  # the session's id is mlflow's PID (start_new_session)
+    process.wait()
+
+
+def end_session(sid: int, wait_s: float) -> None:
+    """SIGTERM every process of session ``sid`` (a process started with ``start_new_session``), then
+    SIGKILL what is left after ``wait_s``; returns once none is left or that wait is over too."""
     for signum in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(process.pid, signum)  # the session's id is mlflow's PID (start_new_session)
+            os.killpg(sid, signum)
         except ProcessLookupError:
-            break
-        deadline = time.monotonic() + MLFLOW_STOP_WAIT_S
-        while time.monotonic() < deadline and _session_alive(process.pid):
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and _session_alive(sid):
             time.sleep(0.2)
-    process.wait()
 
 
 def _session_alive(pgid: int) -> bool:

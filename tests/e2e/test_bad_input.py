@@ -115,6 +115,16 @@ def test_batch_not_divisible_by_the_world_size(place, capsys):
     assert_refused(place, capsys, status, "optim.global_batch_size: 64 is not divisible by the world size 3")
 
 
+@pytest.mark.parametrize("option, expected", [
+    (["--max-failures", "-2"], "--max-failures: -2; expected -1 (restart without limit) or a number of restarts"),
+    (["--num-cpus", "0"], "--num-cpus: 0; expected at least 2, the workers of a run"),
+    (["--num-cpus", "1"], "--num-cpus: 1; expected at least 2, the workers of a run"),
+])
+def test_ray_options_that_would_hang_the_run_are_refused_before_ray_starts(place, capsys, option, expected):
+    status = ray_launcher.main(["--config", SMOKE, "--num-workers", "2", *option])
+    assert_refused(place, capsys, status, expected)
+
+
 def test_micro_batch_larger_than_the_per_rank_batch(place, capsys):
     status = ray_launcher.main(["--config", SMOKE, "--num-workers", "2", "--set", "optim.micro_batch_size=64"])
     assert_refused(place, capsys, status, "optim.micro_batch_size: 64 does not divide the per-rank batch of 32 "
