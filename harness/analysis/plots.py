@@ -275,6 +275,8 @@ def sharpness_trajectories(curves, path: Path, title: str) -> Path:
 def interpolation(rows: list[dict[str, float]], path: Path, label_a: str, label_b: str) -> Path:
     """Keskar et al. (2017)'s figure: loss and accuracy along θ(α) = (1 − α)·θ_a + α·θ_b, train and test,
     with α = 0 and α = 1 (the two solutions) marked. ``rows``: harness/analysis/interpolation.py's."""
+    # A user's label is text, not mathtext: an unpaired "$" would stop the figure from rendering.
+    label_a, label_b = (label.replace("$", r"\$") for label in (label_a, label_b))
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     alphas = [row["alpha"] for row in rows]
     for ax, quantity in ((loss_ax, "loss"), (acc_ax, "accuracy")):

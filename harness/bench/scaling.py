@@ -274,23 +274,42 @@ def parse_step_times(pairs: list[str]) -> dict[int, float]:
     return step_seconds
 
 
+MAX_CAPACITY_JSON_BYTES = 10_000_000  # a capacity result of 30 batch sizes is a few kB
+
+
+def _whole(value) -> int:
+    """A JSON number that is a whole number (``64`` or ``64.0``), else ValueError; booleans are not numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(value)
+    return int(value)
+
+
 def load_capacity(path: str) -> tuple[dict[int, float], list[int], dict]:
     """Step times and layer sizes from a ``harness capacity`` JSON; InputError for anything else."""
     expected = "expected the JSON that `harness capacity --json` writes"
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_CAPACITY_JSON_BYTES:  # read and parsed only once it is known to be small
+            raise InputError(f"--from-json: {path}: {size} bytes, more than a capacity result's "
+                             f"{MAX_CAPACITY_JSON_BYTES}; {expected}")
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise InputError(f"--from-json: {path}: no such file; {expected}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise InputError(f"--from-json: {path}: not JSON ({err.__class__.__name__}); {expected}") from None
     try:
-        step_seconds = {int(p["batch_size"]): float(p["step_s"]) for p in data["points"]}
-        layer_sizes = [int(n) for n in data["layer_sizes"]]
-    except (KeyError, TypeError, ValueError):
+        step_seconds = {_whole(p["batch_size"]): float(p["step_s"]) for p in data["points"]}
+        layer_sizes = [_whole(n) for n in data["layer_sizes"]]
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise InputError(f"--from-json: {path}: not a capacity result (no points with batch_size and step_s, "
                          f"or no layer_sizes); {expected}") from None
-    if not step_seconds or len(layer_sizes) < 2 or not all(s > 0 for s in step_seconds.values()):
+    if not step_seconds or len(layer_sizes) < 2:
         raise InputError(f"--from-json: {path}: a capacity result without measured steps; {expected}")
+    if bad := [b for b, s in step_seconds.items() if b < 1 or not (math.isfinite(s) and s > 0)]:
+        raise InputError(f"--from-json: {path}: batch {bad[0]} with step time {step_seconds[bad[0]]!r}; expected "
+                         "positive batch sizes with finite, positive step times")
+    if any(n < 1 for n in layer_sizes):
+        raise InputError(f"--from-json: {path}: layer sizes {layer_sizes}; expected positive layer sizes")
     description = (f"{path} ({data.get('device', '?')} {data.get('device_name', '?')}, "
                    f"{data.get('threads', '?')} threads, {data.get('date', '?')})")
     return step_seconds, layer_sizes, {"kind": "capacity JSON", "description": description}

@@ -22,10 +22,19 @@ class InterpolationPoint:
     scores: dict[str, float]  # e.g. train_loss, train_accuracy, test_loss, test_accuracy
 
 
+MAX_POINTS = 10_000
+MAX_ALPHA = 100.0  # Keskar et al. draw -1..2; far beyond, the weights are the ends' difference magnified
+
+
 def alpha_grid(alpha_min: float, alpha_max: float, points: int) -> list[float]:
     """``points`` evenly spaced values from ``alpha_min`` to ``alpha_max``, both included."""
-    if points < 2:
-        raise InputError(f"--points: {points}; expected at least 2 (both ends of the α range)")
+    if not 2 <= points <= MAX_POINTS:
+        raise InputError(f"--points: {points}; expected 2 (both ends of the α range) to {MAX_POINTS} (each point "
+                         "scores the whole training and test sets)")
+    for name, alpha in (("--alpha-min", alpha_min), ("--alpha-max", alpha_max)):
+        if not -MAX_ALPHA <= alpha <= MAX_ALPHA:  # NaN fails too
+            raise InputError(f"{name}: {alpha:g}; expected a number in [-{MAX_ALPHA:g}, {MAX_ALPHA:g}] (beyond, "
+                             "(1 − α)·θ_a + α·θ_b leaves the float range or says nothing about the two solutions)")
     if not alpha_min < alpha_max:
         raise InputError(f"--alpha-min: {alpha_min:g} is not below --alpha-max {alpha_max:g}; expected a "
                          "non-empty α range (Keskar et al. use -1 to 2)")

@@ -514,6 +514,36 @@ def test_harness_command_refuses_bad_arguments(place, capsys, argv, expected):
     assert_refused(place, capsys, status, expected.format(place=place), before={"afile"})
 
 
+def _capacity_json(points, layer_sizes=(784, 32, 10)):
+    import json
+
+    return json.dumps({"points": points, "layer_sizes": list(layer_sizes)})
+
+
+BAD_CAPACITY_JSON = {
+    "batch 0": (_capacity_json([{"batch_size": 0, "step_s": 0.01}]), "batch 0 with step time 0.01; expected positive"),
+    "a negative step time": (_capacity_json([{"batch_size": 8, "step_s": -1}]), "batch 8 with step time -1.0"),
+    "a NaN step time": ('{"points": [{"batch_size": 8, "step_s": NaN}], "layer_sizes": [784, 10]}',
+                        "batch 8 with step time nan"),
+    "a fractional batch": (_capacity_json([{"batch_size": 8.5, "step_s": 0.01}]), "not a capacity result"),
+    "negative layer sizes": (_capacity_json([{"batch_size": 8, "step_s": 0.01}], (784, -32, 10)),
+                             "layer sizes [784, -32, 10]; expected positive layer sizes"),
+    "a deeply nested document": ("[" * 100000 + "]" * 100000, "not JSON (RecursionError)"),
+    "an enormous document": (" " * 10_000_001 + "{}", "10000003 bytes, more than a capacity result's 10000000"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CAPACITY_JSON))
+def test_scaling_from_a_capacity_json_that_says_nothing_sound_is_refused_in_one_line(place, capsys, case):
+    from harness.cli import main as harness_main
+
+    text, expected = BAD_CAPACITY_JSON[case]
+    (place / "capacity.json").write_text(text)
+    status = harness_main(["scaling", "--from-json", str(place / "capacity.json")])
+    assert_refused(place, capsys, status, f"--from-json: {place}/capacity.json: {expected}",
+                   before={"capacity.json"})
+
+
 # Every tool that writes a --json file after its work checks the path before the work.
 JSON_TOOLS = {
     "capacity": ["capacity", "--config", SMOKE, "--device", "cpu", "--max-batch", "4", "--out", "{place}/out"],
@@ -684,7 +714,10 @@ def test_init_from_that_cannot_be_used_is_refused_before_any_run(place, capsys, 
 INTERPOLATE_CASES = {
     "empty alpha range": (["--alpha-min", "2", "--alpha-max", "1"],
                           "--alpha-min: 2 is not below --alpha-max 1; expected a non-empty α range"),
-    "one point": (["--points", "1"], "--points: 1; expected at least 2"),
+    "one point": (["--points", "1"], "--points: 1; expected 2 (both ends of the α range) to 10000"),
+    "points past what is worth scoring": (["--points", "100000000"], "--points: 100000000; expected 2"),
+    "an α past the float range": (["--alpha-max", "1e308"], "--alpha-max: 1e+308; expected a number in [-100, 100]"),
+    "a NaN α": (["--alpha-min", "nan"], "--alpha-min: nan; expected a number in [-100, 100]"),
     "missing source": (["--run-a", "{place}/nowhere"], "--run-a: {place}/nowhere does not exist"),
     "another architecture": (["--run-b", "{place}/wide"], "--run-b: {place}/wide/epoch-0001.pt holds a 784-16-10 "
                              "sigmoid network; expected 784-32-10 sigmoid"),

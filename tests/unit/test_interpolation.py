@@ -143,3 +143,12 @@ def test_run_whose_artifacts_cannot_be_stored_ends_failed_not_running(two_runs, 
     experiment = client.get_experiment_by_name("unstorable")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_a_label_with_an_unpaired_dollar_is_drawn_as_text(tmp_path):
+    from harness.analysis import plots
+
+    rows = [{"alpha": a, "train_loss": 1.0 + a * a, "train_accuracy": 0.9, "test_loss": 1.1 + a * a,
+             "test_accuracy": 0.8} for a in (-1.0, 0.0, 1.0, 2.0)]
+    path = plots.interpolation(rows, tmp_path / "line.png", "$cheap run", "B=2048 (50% $)")
+    assert path.stat().st_size > 0
