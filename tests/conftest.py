@@ -29,6 +29,33 @@ CONFIGS = REPO / "configs"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+def _read_each_idx_file_once() -> None:
+    """In the pytest processes, an IDX file is decompressed once per content, not at every load_dataset:
+    the in-process tests read the real Fashion-MNIST files hundreds of times (about 0.5 s each). Keyed by
+    the file's path, size and modification time, so a test's damaged copy is read afresh; the processes
+    a test starts read the files themselves."""
+    from harness.core import data
+
+    read = data.read_idx
+    arrays: dict = {}
+
+    def read_idx(path, expect_ndim=None):
+        try:
+            stat = os.stat(path)
+        except (OSError, TypeError):
+            return read(path, expect_ndim)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, expect_ndim)
+        if key not in arrays:
+            arrays[key] = read(path, expect_ndim)
+            arrays[key].flags.writeable = False  # shared by every caller: none may change it
+        return arrays[key]
+
+    data.read_idx = read_idx
+
+
+_read_each_idx_file_once()
+
+
 @pytest.fixture(scope="session")
 def fashion_dir() -> Path:
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():

@@ -11,6 +11,7 @@ CUDA is present (the device check, launch/gpu_check.sh) and are skipped
 elsewhere.
 """
 
+import json
 from collections import Counter
 
 import pytest
@@ -51,9 +52,20 @@ def _members(tmp_path, device: str):
         f"optim.warmup_epochs={m['warmup_epochs']}"]) for k, m in enumerate(MEMBERS)]
 
 
+_TRAIN_SETS: dict = {}
+
+
+def _train_set(cfg):
+    """A member's training split, read once per module: what it depends on is the data keys and the seed."""
+    key = (json.dumps(cfg.to_dict()["data"], sort_keys=True), cfg.seed)
+    if key not in _TRAIN_SETS:
+        _TRAIN_SETS[key] = load_dataset(cfg).train
+    return _TRAIN_SETS[key]
+
+
 def _trained(members, device: torch.device, graph: str):
     """The stack after EPOCHS epochs with the eager stacked step, or its graph step ("body": uncaptured)."""
-    stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], device)
+    stack = StackedTrainer(members, [_train_set(cfg) for cfg in members], device)
     # The GPU's way of freezing a diverged member (no host read), on every device here: the graph needs it.
     stack.optimizer.host_sync_free = True
     bodies = Counter()
@@ -99,7 +111,7 @@ def test_graph_body_gives_the_eager_stacked_step_bit_for_bit(tmp_path, monkeypat
 
 def test_member_that_diverged_before_leaving_was_frozen_by_the_graph_body(tmp_path):
     members = _members(tmp_path, "cpu")[2:]  # member 2 trains, member 3 blows up
-    stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], torch.device("cpu"))
+    stack = StackedTrainer(members, [_train_set(cfg) for cfg in members], torch.device("cpu"))
     stack.optimizer.host_sync_free = True
     stack.train_step = UncapturedGraphStep(stack, None)
     stack_epoch(stack, 1)
@@ -203,7 +215,7 @@ def test_a_replayed_stacked_step_dispatches_at_most_29_kernels_in_the_gpus_layou
 
     monkeypatch.setattr(stacked, "PARAMETER_MAJOR_DEVICES", ())
     members = [cfg.replace(**{"metrics.noise_scale": False}) for cfg in _members(tmp_path, "cpu")[:3]]
-    stack = StackedTrainer(members, [load_dataset(cfg).train for cfg in members], torch.device("cpu"))
+    stack = StackedTrainer(members, [_train_set(cfg) for cfg in members], torch.device("cpu"))
     stack.optimizer.host_sync_free = True
     step = UncapturedGraphStep(stack, None)
     step.warmup_steps_left = 0
