@@ -853,3 +853,24 @@ def test_a_tampered_checkpoint_is_refused_in_one_line_naming_the_file_before_any
     (run,) = _runs(uri)
     assert run.info.status == "FINISHED"
     assert not (place / "checkpoints" / "warm").exists()
+
+
+def test_a_tampered_checkpoint_given_to_a_torchrun_resume_ends_every_rank_with_its_line(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from harness.core.checkpoint import write_checkpoint
+
+    uri = seeded_store(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("smoke")).info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    bad = write_checkpoint(_tampered({**_source_state(()), "run_id": run_id}, "a NaN weight"),
+                           tmp_path / "ckpt" / "smoke", 1)
+    torchrun = str(REPO / ".venv/bin/torchrun") if (REPO / ".venv/bin/torchrun").exists() else "torchrun"
+    result = run_command([torchrun, "--standalone", "--nproc-per-node=2", str(REPO / "launch/train.py"), "--config",
+                          SMOKE, "--resume", "--set", f"tracking.uri={uri}", "--set", f"checkpoint.dir={tmp_path}/ckpt"],
+                         cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == [f"error: {bad}: {TAMPERED['a NaN weight']}"] * 2, result.stderr[-3000:]  # each rank's
+    assert client.get_run(run_id).info.status == "FINISHED"

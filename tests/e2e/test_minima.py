@@ -177,3 +177,31 @@ def test_escape_refuses_bad_input_with_one_line(tmp_path, monkeypatch, capsys, a
     assert status == 2
     assert stderr.strip() == stderr.strip().splitlines()[0]
     assert stderr.startswith(expected), stderr
+
+
+@pytest.mark.slow
+def test_escape_from_a_tampered_source_is_refused_in_one_line_before_any_run(minima_sweep, monkeypatch, capsys):
+    from harness.cli import main as harness_main
+
+    place, uri, _ = minima_sweep
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    (sweep,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
+    source = next(t for t in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+                  if t.data.params["batch_size"] == "512")
+    path = source.data.tags["checkpoint_path"]
+    kept = open(path, "rb").read()
+    runs_before = len(client.search_runs([experiment]))
+    state = torch.load(path, weights_only=True)
+    state["model"]["linears.0.weight"][0, 0] = float("nan")
+    torch.save(state, path)
+    monkeypatch.chdir(place)
+    capsys.readouterr()
+    try:
+        status = harness_main(["escape", "--sweep-run-id", sweep.info.run_id, "--epochs", "1", "--tracking-uri", uri])
+    finally:
+        open(path, "wb").write(kept)  # the module's other tests read this sweep
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == [f"error: --sweep-run-id: {path}: model weight linears.0.weight holds NaN or "
+                                   "infinite values; expected finite weights"], err
+    assert len(client.search_runs([experiment])) == runs_before
