@@ -121,7 +121,10 @@ def serve_postgresql(store: Path, host: str, port: int, pg_port: Optional[int]) 
         except InputError:
             if made_store and not cluster.folder.exists():  # refused on a new store: leave no trace of it
                 (store / SERVER_LOCK).unlink(missing_ok=True)
-                store.rmdir()
+                try:
+                    store.rmdir()  # only if empty: nothing but the lock was made in it
+                except OSError:
+                    pass
             raise
         finally:
             if mlflow is not None:
