@@ -142,26 +142,23 @@ def sweep_command(args: argparse.Namespace) -> int:
     started_s = time.monotonic()
     if args.launcher == "local" and nproc != 1:
         raise InputError("--nproc: the local launcher runs one process; use --launcher torchrun or ray")
-    # The sweep's folder is held by this driver from its last check to its report; each trial's by
-    # whatever writes it (this process, or rank 0 of the trial's torchrun job).
     if args.launcher == "ray":
         refuse_stacks_under_asha(cfg)
         cfg, options = start_ray(cfg, args, nproc)
-        with run_folders_held([cfg], "sweep"):
-            sweep = run_sweep_on_ray(cfg, options, resume=args.resume)
-            report_sweep(cfg, sweep, args.report_dir, time.monotonic() - started_s)
+        run = lambda: run_sweep_on_ray(cfg, options, resume=args.resume)  # noqa: E731
     elif args.launcher == "torchrun":
         say(f"loading data ({cfg.data.dataset}) to check it before the first trial")
         preflight(cfg, nproc, use_gpu=cfg.train.device == "cuda")
-        with run_folders_held([cfg], "sweep"):
-            sweep = torchrun_sweep(cfg, nproc, args.config, args.max_restarts, args.resume)
-            report_sweep(cfg, sweep, args.report_dir, time.monotonic() - started_s)
+        run = lambda: torchrun_sweep(cfg, nproc, args.config, args.max_restarts, args.resume)  # noqa: E731
     else:
         say(f"loading data ({cfg.data.dataset})")
         dataset = preflight(cfg, nproc, use_gpu=cfg.train.device == "cuda")
-        with run_folders_held([cfg], "sweep"):
-            sweep = run_sweep(cfg, distributed.local_context(cfg.train.device), dataset=dataset, resume=args.resume)
-            report_sweep(cfg, sweep, args.report_dir, time.monotonic() - started_s)
+        run = lambda: run_sweep(cfg, distributed.local_context(cfg.train.device), dataset=dataset,  # noqa: E731
+                                resume=args.resume)
+    # The sweep's folder is held by this driver from its last check to its report; each trial's by
+    # whatever writes it (this process, or rank 0 of the trial's torchrun job).
+    with run_folders_held([cfg], "sweep"):
+        report_sweep(cfg, run(), args.report_dir, time.monotonic() - started_s)
     return 0
 
 
