@@ -24,19 +24,8 @@ import torch.nn.functional as F
 from harness.core.model import MLP
 
 
-def activation_derivative(name: str, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """sigma'(z), using the activation ``a = sigma(z)`` already computed where cheaper."""
-    if name == "sigmoid":
-        return a * (1 - a)
-    if name == "tanh":
-        return 1 - a * a
-    if name == "relu":
-        return (z > 0).to(z.dtype)
-    raise ValueError(f"unknown activation {name!r}")
-
-
 def activation_backward(name: str, grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """grad * sigma'(z) in one kernel: autograd's own backward of the activation (``a = sigma(z)``)."""
+    """grad * sigma'(z) in one kernel, from ``a = sigma(z)``: autograd's own backward of the activation."""
     if name == "sigmoid":
         return torch.ops.aten.sigmoid_backward(grad, a)
     if name == "tanh":
@@ -49,12 +38,8 @@ def activation_backward(name: str, grad: torch.Tensor, z: torch.Tensor, a: torch
 @torch.no_grad()
 def manual_backward(model: MLP, x: torch.Tensor, y: torch.Tensor, normalizer: float | None = None,
                     accumulate: bool = False) -> torch.Tensor:
-    """Forward and backward by hand; writes ``.grad`` of every parameter, returns the loss.
-
-    Gradients are assigned, not accumulated: the caller need not zero them. With
-    ``accumulate`` they are added to the existing ``.grad`` instead (a micro-batch
-    after the first of a step, core/step.py).
-    """
+    """Forward and backward by hand; assigns ``.grad`` of every parameter (no zeroing needed), or with
+    ``accumulate`` adds to it (a micro-batch after the first of a step); returns the loss."""
     normalizer = float(len(y)) if normalizer is None else float(normalizer)
     linears = list(model.linears)
     activations = [x]  # a[0] .. a[L-1]
@@ -76,8 +61,8 @@ def manual_backward(model: MLP, x: torch.Tensor, y: torch.Tensor, normalizer: fl
             linear.weight.grad = delta.T @ activations[depth]
             linear.bias.grad = delta.sum(0)
         if depth > 0:
-            sigma_prime = activation_derivative(model.activation_name, pre_activations[depth - 1], activations[depth])
-            delta = sigma_prime * (delta @ linear.weight)
+            delta = activation_backward(model.activation_name, delta @ linear.weight, pre_activations[depth - 1],
+                                        activations[depth])
     return loss
 
 
@@ -86,11 +71,9 @@ def autograd_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
                       forward_context=contextlib.nullcontext) -> torch.Tensor:
     """The same loss through autograd; gradients are assigned (zeroed first), or with ``accumulate`` added.
 
-    The training step's autograd engine is this function too (core/step.py's EagerStep):
-    it passes ``set_to_none=False`` under a graph step, whose captured graph holds the
-    gradient buffers' addresses, so they must be zeroed in place rather than freed.
-    ``forward_context`` (core/precision.py) makes a context for the forward only, e.g. bf16
-    autocast: the loss is taken from fp32 logits and the backward runs outside it.
+    The training step's autograd engine too: a graph step passes ``set_to_none=False``, as its captured
+    graph holds the gradient buffers' addresses. ``forward_context`` (core/precision.py) wraps the
+    forward only: the loss is taken from fp32 logits and the backward runs outside it.
     """
     normalizer = float(len(y)) if normalizer is None else float(normalizer)
     if not accumulate:

@@ -1,23 +1,23 @@
 """A run's checkpoints: one object, :class:`Checkpoints`, saves, finds, loads, resumes and clears them.
 
-Owns the file layout (``<dir>/epoch-0003.pt``), atomic writes (write, fsync,
-rename: a reader never sees half a file; the newest two are kept), safe reads
-(``weights_only=True``), the config fingerprint that refuses a checkpoint made
-by another config, the launch id that keeps a torchrun restart from resuming an
-earlier launch, and the decision which checkpoint (if any) a run resumes from.
-Only the main rank writes, clears or reads them to resume (the others get its
-state by broadcast, so other nodes need no shared folder). What goes into a
-checkpoint is the loop's business (trainer.checkpoint_state); a launcher that keeps checkpoints of its
-own (Ray Train) hands one in through ``restored``; the MLflow side of resuming
-(is the checkpoint's run in the store?) is harness/records/mlflow_store.py's.
+Owns the file layout (``<dir>/epoch-0003.pt``), atomic writes (write, fsync, rename; the
+newest two are kept), safe reads (``weights_only=True``), the config fingerprint that
+refuses another config's checkpoint, the launch id that keeps a torchrun restart from
+resuming an earlier launch, and which checkpoint (if any) a run resumes from. Only the
+main rank writes or reads them (the others get its state by broadcast). What goes into a
+checkpoint is trainer.checkpoint_state's business; the MLflow side of resuming is
+harness/records/mlflow_store.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -32,13 +32,8 @@ from harness.errors import InputError
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})\.pt$")
 KEEP_NEWEST = 2
 
-# Keys that change bookkeeping, not the trajectory: a run may be resumed with
-# more epochs, another tracking server or another progress setting, or with the
-# CUDA-graph step switched on or off (the same update, rounded differently).
-# train.target_train_loss, like the step budget, decides where the trajectory ends, not
-# what it is; left out, a checkpoint written before the key existed still resumes.
-# optim.micro_batch_size splits each step into passes that add up to the same update (rounded
-# differently): a run may resume on a device that holds fewer samples per pass.
+# Keys that change bookkeeping, not the trajectory (a budget, where records go, how a step is
+# executed: the same update, rounded differently), so a run may resume with another value.
 _NOT_FINGERPRINTED = ("name", "tracking", "checkpoint", "sweep", "trial", "metrics", "performance", "train.epochs",
                       "train.max_steps", "train.progress", "train.eval_batch_size", "train.device",
                       "train.target_train_loss", "optim.micro_batch_size")
@@ -47,29 +42,18 @@ _NOT_FINGERPRINTED = ("name", "tracking", "checkpoint", "sweep", "trial", "metri
 def config_fingerprint(cfg: Config) -> str:
     raw = cfg.to_dict()
     for key in _NOT_FINGERPRINTED:
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
+        section, _, leaf = key.rpartition(".")  # a top-level key or one a section deep
+        (raw[section] if section else raw).pop(leaf, None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def weight_shapes(layer_sizes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """The names and shapes of model.MLP's weights for ``layer_sizes``: what a checkpoint's ``model`` must hold."""
-    shapes = {}
-    for index, (n_in, n_out) in enumerate(zip(layer_sizes, layer_sizes[1:])):
-        shapes[f"linears.{index}.weight"] = (n_out, n_in)
-        shapes[f"linears.{index}.bias"] = (n_out,)
-    return shapes
 
 
 def check_model_weights(state: Any, path: Path, layer_sizes: tuple[int, ...], key: str = "") -> None:
     """Refuse, in one line naming the file (after ``key``), a checkpoint whose ``model`` would not load
-    into the network of ``layer_sizes`` or holds a weight that is not finite: a tampered or foreign file
-    is turned away before anything trains on it, not met as a traceback halfway through."""
-    head = f"{key}: {path}" if key else f"{path}"
-    expected = weight_shapes(layer_sizes)
+    into the network of ``layer_sizes`` or holds a weight that is not finite."""
+    head, network = f"{key}: {path}" if key else f"{path}", "-".join(map(str, layer_sizes))
+    expected = {}  # model.MLP's weights for layer_sizes
+    for index, (n_in, n_out) in enumerate(zip(layer_sizes, layer_sizes[1:])):
+        expected.update({f"linears.{index}.weight": (n_out, n_in), f"linears.{index}.bias": (n_out,)})
     model = state.get("model") if isinstance(state, dict) else None
     if not isinstance(model, dict) or not model:
         found = "missing" if model is None else "empty" if isinstance(model, dict) else f"a {type(model).__name__}"
@@ -78,7 +62,7 @@ def check_model_weights(state: Any, path: Path, layer_sizes: tuple[int, ...], ke
     if set(model) != set(expected):
         odd = sorted(set(model) ^ set(expected), key=str)[:3]
         raise InputError(f"{head}: its model weights are named {', '.join(map(str, odd))}...; expected exactly "
-                         f"{', '.join(expected)} (a {'-'.join(map(str, layer_sizes))} network)")
+                         f"{', '.join(expected)} (a {network} network)")
     for name, shape in expected.items():
         tensor = model[name]
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
@@ -86,7 +70,7 @@ def check_model_weights(state: Any, path: Path, layer_sizes: tuple[int, ...], ke
                              f"{getattr(tensor, 'dtype', '')}; expected a floating-point tensor")
         if tuple(tensor.shape) != shape:
             raise InputError(f"{head}: model weight {name} has shape {list(tensor.shape)}; expected {list(shape)} "
-                             f"(a {'-'.join(map(str, layer_sizes))} network)")
+                             f"(a {network} network)")
         if not bool(torch.isfinite(tensor).all()):
             raise InputError(f"{head}: model weight {name} holds NaN or infinite values; expected finite weights")
 
@@ -101,10 +85,8 @@ def checkpoint_path(directory: Path, epoch: int) -> Path:
 
 
 def write_checkpoint(state: dict[str, Any], directory: Path, epoch: int) -> Path:
-    """Write ``state`` as ``epoch-NNNN.pt`` via a temp file and a rename; prune old ones.
-
-    The bare write, on any rank: a run saves through :meth:`Checkpoints.save`, which
-    decides whether (main rank, checkpoints enabled) and where."""
+    """Write ``state`` as ``epoch-NNNN.pt`` via a temp file and a rename; prune old ones. The bare
+    write, on any rank: a run saves through :meth:`Checkpoints.save`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, epoch)
@@ -117,11 +99,15 @@ def write_checkpoint(state: dict[str, Any], directory: Path, epoch: int) -> Path
     os.replace(tmp, final)
     for stale in directory.glob(".epoch-*.tmp-*"):  # left by a writer killed mid-write
         stale.unlink(missing_ok=True)
-    # By epoch number, not by name: epoch-10000.pt sorts before epoch-9999.pt as text.
-    numbered = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)))
-    for _, old in numbered[:-KEEP_NEWEST]:
+    for old in _by_epoch(directory)[:-KEEP_NEWEST]:
         old.unlink(missing_ok=True)
     return final
+
+
+def _by_epoch(directory: Path) -> list[Path]:
+    # By epoch number, not by name: epoch-10000.pt sorts before epoch-9999.pt as text.
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 # The only files a run writes into its folder: checkpoints, their temp files
@@ -130,42 +116,34 @@ _TEMP_PATTERN = re.compile(r"^\.epoch-\d{4,}\.pt\.tmp-\d+$")
 SPOOL_NAME = "mlflow-spool.jsonl"
 
 
-def is_harness_file(path: Path) -> bool:
-    return bool(CHECKPOINT_PATTERN.match(path.name) or _TEMP_PATTERN.match(path.name)) or path.name == SPOOL_NAME
-
-
-
 def newest_in(directory: Path) -> Optional[Path]:
     """The checkpoint with the highest epoch in ``directory``; None if it has none."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return max(found)[1] if found else None
+    found = _by_epoch(Path(directory)) if Path(directory).is_dir() else []
+    return found[-1] if found else None
 
 
+@dataclass
 class Checkpoints:
     """One run's checkpoints, in ``checkpoint_dir(cfg)``, and the rule for resuming from them.
 
-    ``ctx`` (a DistContext; None: this process) says whether this rank writes: only
-    the main one saves and clears, the others get None and change nothing.
+    ``ctx`` (a DistContext; None: this process): only the main rank saves and clears.
     ``resume`` asks to continue from the newest checkpoint in the folder. ``launch_id``
-    names the launch and goes into every checkpoint (trainer.checkpoint_state); with
-    ``same_launch_only`` (a torchrun restart the user did not ask to resume) a
-    checkpoint of another launch is not resumed: the run starts afresh instead of
-    taking over the earlier run whose files are still in the folder. ``restored``
-    gives a checkpoint the launcher kept itself (Ray Train's, after a restart): when it
-    returns one, that is resumed whatever ``resume`` says.
+    goes into every checkpoint; with ``same_launch_only`` (a torchrun restart the user
+    did not ask to resume) another launch's checkpoint is not resumed: the run starts
+    afresh. ``restored`` gives a checkpoint the launcher kept itself (Ray Train's, after a
+    restart): when it returns one, that is resumed whatever ``resume`` says.
     """
 
-    def __init__(self, cfg: Config, ctx=None, resume: bool = False, launch_id: Optional[str] = None,
-                 same_launch_only: bool = False, restored: Optional[Callable[[], Optional[Path]]] = None):
-        self.cfg, self.ctx = cfg, ctx
-        self.directory = checkpoint_dir(cfg)
-        self.resume = resume
-        self.launch_id = launch_id
-        self.same_launch_only = same_launch_only
-        self.restored = restored
+    cfg: Config
+    ctx: Any = None
+    resume: bool = False
+    launch_id: Optional[str] = None
+    same_launch_only: bool = False
+    restored: Optional[Callable[[], Optional[Path]]] = None
+
+    @property
+    def directory(self) -> Path:
+        return checkpoint_dir(self.cfg)
 
     @property
     def writes(self) -> bool:
@@ -176,12 +154,8 @@ class Checkpoints:
         return newest_in(self.directory)
 
     def load(self, path: Path) -> Optional[dict[str, Any]]:
-        """Load safely and check it belongs to this config; errors name the file.
-
-        With ``same_launch_only``, a checkpoint that another launch wrote gives None,
-        before its config is checked: that earlier run is not this one's to resume or
-        to refuse.
-        """
+        """Load safely and check it belongs to this config; errors name the file. With
+        ``same_launch_only``, another launch's checkpoint gives None, before its config is checked."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -200,20 +174,11 @@ class Checkpoints:
         check_model_weights(state, path, self.cfg.layer_sizes)
         return state
 
-    def to_resume(self) -> Optional[Path]:
-        """The checkpoint file this run resumes from; None to start afresh."""
-        restored = self.restored() if self.restored else None
-        if restored is not None:
-            return restored
-        return self.newest() if self.resume else None
-
     def resume_state(self) -> Optional[dict[str, Any]]:
         """The state this run resumes from (read and checked); None to start afresh. Every rank must call it.
 
         Only the main rank decides and reads the file; the others get its state (or its
-        error) through a broadcast. So the ranks never disagree on whether to resume,
-        and ranks on other nodes need no shared checkpoint folder: only the main rank's
-        node writes and reads ``checkpoint.dir``.
+        error) through a broadcast, so they never disagree and need no shared folder.
         """
         if self.ctx is None or not self.ctx.is_distributed:
             return self._read_resume_state()
@@ -229,7 +194,9 @@ class Checkpoints:
         return value
 
     def _read_resume_state(self) -> Optional[dict[str, Any]]:
-        path = self.to_resume()
+        path = self.restored() if self.restored else None
+        if path is None and self.resume:
+            path = self.newest()
         if path is None:
             return None
         state = self.load(path)
@@ -242,44 +209,31 @@ class Checkpoints:
         (before any process group starts); None when there is none, or when the newest is
         another launch's (with ``same_launch_only``)."""
         path = self.newest()
-        if path is not None and self.load(path) is None:
-            return None
-        return path
+        return None if path is None or self.load(path) is None else path
 
     def save(self, state: dict[str, Any], epoch: int) -> Optional[Path]:
         """Write ``state`` as epoch ``epoch`` (main rank, checkpoints enabled); the file, or None."""
-        if not (self.writes and self.cfg.checkpoint.enabled):
-            return None
-        return write_checkpoint(state, self.directory, epoch)
+        return write_checkpoint(state, self.directory, epoch) if self.writes and self.cfg.checkpoint.enabled else None
 
     def clear(self) -> None:
         """A fresh (not resumed) run starts without the checkpoints of an earlier run of its name.
-
-        Deletes only the files the harness writes, never a folder tree: the folder
-        may be one the user keeps other things in (``checkpoint.dir: .`` with
-        ``name: harness``). The folder itself goes only if that leaves it empty.
-        """
+        Deletes only the files the harness writes (the folder may hold the user's), then the folder if empty."""
         directory = self.directory
         if not self.writes or directory.is_symlink() or not directory.is_dir():
             return
         for path in directory.iterdir():
-            if is_harness_file(path) and path.is_file() and not path.is_symlink():
+            ours = CHECKPOINT_PATTERN.match(path.name) or _TEMP_PATTERN.match(path.name) or path.name == SPOOL_NAME
+            if ours and path.is_file() and not path.is_symlink():
                 path.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):  # not empty: something that is not ours stays
             directory.rmdir()
-        except OSError:  # not empty: something that is not ours stays
-            pass
 
 
 def check_writable_dir(path: Path, key: str) -> None:
     """Refuse a folder that is a file, lies under a file, or cannot be written, before
     anything runs; creates nothing (a probe file in the nearest existing folder is removed)."""
-    import tempfile
-
     path = Path(path).absolute()
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the root, at the latest
     if not existing.is_dir():
         raise InputError(f"{key}: {existing} is not a folder (a file is in the way of {path}); "
                          "expected a folder or a path that can be created")

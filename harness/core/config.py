@@ -1,18 +1,11 @@
 """Config: the harness's schema, YAML in, one frozen and fully validated model out.
 
-Owns the sections and their keys, the range of every value, the checks across
-keys, the facts derived from a config before any data is read (layer sizes,
-steps per epoch, trial names) and :func:`load_config`. The general machinery
-(pydantic models made strict and frozen, safe YAML reading, ``--set key=value``
-overrides, one-line errors) is harness/core/config_loader.py, which knows no
-harness key. Does not own launching, data loading or tracking.
-
-Every problem raises :class:`harness.errors.InputError` with one line that names
-the key (``optim.lr``) and what was expected, so launchers can exit with code 2.
-
-Why about 410 lines: it is the one place a reader looks up a key, its default,
-its range and the comment saying why; splitting the sections over modules would
-scatter that table, and the generic half already lives in config_loader.py.
+Owns the sections and their keys, the range of every value, the checks across keys,
+the facts derived from a config before any data is read (layer sizes, steps per
+epoch, trial names) and :func:`load_config`; the general machinery, which knows no
+harness key, is harness/core/config_loader.py. Every problem raises
+:class:`harness.errors.InputError` with one line that names the key (``optim.lr``)
+and what was expected, so launchers can exit with code 2.
 """
 
 from __future__ import annotations
@@ -34,14 +27,12 @@ OptimizerName = Literal["sgd", "nesterov", "adam", "adamw"]
 ScheduleName = Literal["constant", "linear", "cosine"]
 SCHEDULES = typing.get_args(ScheduleName)
 
-# Sizes of the real data sets, known without reading them, so that a batch larger
-# than the training set is refused before any process starts. (train, test)
-# data._digits splits scikit-learn's 1797 digits by these numbers.
+# (train, test) sizes known without reading the data, so that a batch larger than the training
+# set is refused before any process starts; data._digits splits scikit-learn's 1797 digits so.
 KNOWN_SPLIT_SIZES = {"fashion-mnist": (60000, 10000), "mnist": (60000, 10000), "digits": (1437, 360)}
 KNOWN_SHAPES = {"fashion-mnist": (784, 10), "mnist": (784, 10), "digits": (64, 10)}
 
-# A run's name becomes a folder (checkpoint.dir/<name>) and an MLflow run name:
-# letters, digits, '.', '_', '-', starting with a letter or digit, so it can be
+# A run's name becomes a folder (checkpoint.dir/<name>) and an MLflow run name, so it can be
 # neither a path ('../x', '/abs', '.') nor empty, nor quote-break an MLflow filter.
 # \Z, not $: in Python's re, $ also matches before a final newline ("run\n").
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z"
@@ -62,41 +53,26 @@ RunName = Annotated[str, Field(max_length=NAME_MAX_CHARS, pattern=NAME_PATTERN),
                            "(the name is a folder under checkpoint.dir)")]
 
 
-def _all_positive(values) -> Optional[str]:
-    if len(values) == 0:
-        return "a non-empty list of positive integers"
-    return None if all(v > 0 for v in values) else "a list of positive integers"
-
-
-def _seeds(values) -> Optional[str]:
-    in_range = all(0 <= s < SEED_LIMIT for s in values)
-    return None if values and in_range else "a non-empty list of integers in [0, 2**63)"
-
-
-def _lr_rules(values) -> Optional[str]:
-    # Items are checked here, not typed LrRule, so that the line names the list (sweep.lr_rules), not an item.
-    return None if values and all(r in LR_RULES for r in values) else \
-        "a non-empty list of " + ", ".join(repr(r) for r in LR_RULES)
-
-
-def _distinct(complaint):
-    """``complaint`` on a list, and no value twice (a repeated trial would share a name and a folder)."""
-    def distinct(values) -> Optional[str]:
-        first = complaint(values)
-        if first:
-            return first
+def _distinct_list(item_type: type, item_ok, expected: str, if_empty: Optional[str] = None) -> Any:
+    """A non-empty list of items that pass ``item_ok``, no value twice (a repeated trial would share
+    a name and a folder). Items are checked here, not typed, so that the line names the list."""
+    def complaint(values) -> Optional[str]:
+        if not values:
+            return if_empty or expected
+        if not all(map(item_ok, values)):
+            return expected
         repeated = sorted({v for v in values if values.count(v) > 1})
         return f"distinct values (repeated: {', '.join(map(str, repeated))})" if repeated else None
 
-    return distinct
+    return list_of(item_type, check(complaint))
 
 
 HiddenSizes = list_of(int, check(lambda v: None if all(h > 0 for h in v) else "a list of positive integers"))
-BatchSizes = list_of(int, check(_distinct(_all_positive)))
-Seeds = list_of(int, check(_distinct(_seeds)))
-LrRules = list_of(str, check(_distinct(_lr_rules)))
-LrGrid = list_of(float, check(_distinct(
-    lambda v: None if v and all(x > 0 for x in v) else "a non-empty list of positive numbers")))
+BatchSizes = _distinct_list(int, lambda v: v > 0, "a list of positive integers",
+                            if_empty="a non-empty list of positive integers")
+Seeds = _distinct_list(int, lambda s: 0 <= s < SEED_LIMIT, "a non-empty list of integers in [0, 2**63)")
+LrRules = _distinct_list(str, lambda r: r in LR_RULES, "a non-empty list of " + ", ".join(map(repr, LR_RULES)))
+LrGrid = _distinct_list(float, lambda x: x > 0, "a non-empty list of positive numbers")
 StackTrials = Annotated[Any, check(
     lambda v: None if v == "auto" or (type(v) is int and v >= 1) else "a positive number of trials per stack, or auto")]
 # A validator, not min_length: a string of spaces is blank too, and the value must stay as given.
@@ -131,9 +107,8 @@ class ModelConfig(ConfigModel):
 
 
 class OptimConfig(ConfigModel):
-    # The update (core/optim.py): sgd (momentum SGD, torch.optim.SGD's), nesterov (its Nesterov
-    # form), adam (Kingma & Ba 2015; weight_decay as an L2 term) or adamw (decoupled weight decay,
-    # Loshchilov & Hutter 2019). momentum is SGD's; betas and eps are Adam's.
+    # core/optim.py: sgd (torch.optim.SGD's momentum), nesterov, adam (Kingma & Ba 2015; weight_decay
+    # as an L2 term) or adamw (decoupled weight decay, Loshchilov & Hutter 2019).
     name: OptimizerName = "sgd"
     lr: PositiveFloat = 0.01
     momentum: Fraction = 0.9
@@ -141,24 +116,20 @@ class OptimConfig(ConfigModel):
     betas: Betas = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
     global_batch_size: PositiveInt = 128
-    # Linear warmup of the LR from lr/warmup_steps to lr over this many epochs'
-    # worth of steps (Goyal et al. 2017 pair it with the linear scaling rule).
+    # Linear LR warmup over this many epochs' worth of steps (Goyal et al. 2017).
     warmup_epochs: NonNegativeFloat = 0.0
-    # After the warmup: the LR held (constant), or decayed to 0 at the end of the step budget
-    # (train.max_steps, else every epoch's steps), linearly or along a half cosine (Loshchilov &
-    # Hutter 2017, without restarts).
+    # After the warmup: the LR held, or decayed to 0 at the end of the step budget, linearly or
+    # along a half cosine (Loshchilov & Hutter 2017, without restarts).
     schedule: ScheduleName = "constant"
-    # Gradient accumulation: each rank runs its share of a global batch as forward/backward
-    # passes of this many samples, summed into one gradient before one update, so a global
-    # batch larger than the device holds trains exactly as one batch would (core/step.py).
-    # global batch = micro_batch_size x accumulation steps x world size. None: one pass per step.
+    # Gradient accumulation (core/step.py): each rank runs its share of a global batch as passes of
+    # this many samples summed into one update, so a batch larger than the device holds trains as
+    # one batch would. None: one pass per step.
     micro_batch_size: Optional[PositiveInt] = None
 
 
 class TrainConfig(ConfigModel):
     epochs: PositiveInt = 2
-    # A step budget instead of an epoch budget: stop after this many steps
-    # (the last epoch may be partial); train.epochs is then ignored.
+    # A step budget instead of train.epochs (the last epoch may be partial).
     max_steps: Optional[PositiveInt] = None
     grad_engine: Literal["autograd", "manual"] = "autograd"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -167,49 +138,41 @@ class TrainConfig(ConfigModel):
     # every training sample exactly once at any batch size.
     drop_last: bool = False
     progress: bool = True
-    # End the run (FINISHED, final checkpoint) at the first evaluation whose subset
-    # accuracy reaches metrics.target_val_accuracy: a grid spends nothing after the answer.
+    # End the run (FINISHED) at the first evaluation reaching metrics.target_val_accuracy.
     stop_at_target: bool = False
-    # End the run (FINISHED) at the first periodic evaluation whose loss over the whole
-    # training split is at or below this: batch sizes compared at equal training loss
-    # (Keskar et al. 2017), not at equal epochs. Each evaluation then also scores the
-    # training split, which the automatic schedule counts (core/evaluation.py eval_floor).
-    # None: no training-loss target.
+    # End the run (FINISHED) at the first evaluation whose loss over the whole training split is
+    # at or below this: batch sizes compared at equal training loss (Keskar et al. 2017).
     target_train_loss: Optional[PositiveFloat] = None
 
 
 class MetricsConfig(ConfigModel):
     """What harness/measure/metrics.py measures during a run."""
 
-    # Steps-to-target (Shallue et al. 2018): the first evaluation (every eval_every_steps
-    # steps, on the first eval_samples validation samples) whose accuracy reaches this.
-    # None: no target (then train.stop_at_target cannot be set).
+    # Steps-to-target (Shallue et al. 2018): the first evaluation (on the first eval_samples
+    # validation samples) whose accuracy reaches this.
     target_val_accuracy: Optional[Annotated[float, Field(gt=0, le=1), Expect("a number in (0, 1] or null")]] = 0.85
     # None: about 40 evaluations over the run's step budget (harness/core/evaluation.py).
     eval_every_steps: Optional[PositiveInt] = None
     eval_samples: PositiveInt = 2000
     # The automatic schedule's budget: evaluations cost about this fraction of training at most
-    # (core/evaluation.py eval_floor). A study that needs a finer stopping point (a training-loss
-    # target scores the whole training split each time) buys resolution with a larger fraction.
+    # (core/evaluation.py eval_floor); a larger fraction buys a finer stopping point.
     eval_cost: Annotated[float, Field(gt=0, le=1), Expect("a number in (0, 1]")] = DEFAULT_EVAL_COST
     # The exact B_simple from per-example gradients at the target (measure/exact_noise.py),
     # over the first N training samples; None: not computed.
     exact_noise_samples: Optional[PositiveInt] = 1024
     noise_scale: bool = True
     noise_scale_ema_decay: Fraction = 0.95
-    # Measure every N-th step: the estimate is an average anyway, and measuring
-    # costs about one extra backward's worth of memory traffic on small batches.
+    # Measure every N-th step: the estimate is an average anyway, and measuring costs.
     noise_scale_interval: PositiveInt = 4
     sharpness: bool = True
     sharpness_samples: PositiveInt = 1024
     sharpness_iterations: PositiveInt = 20
-    # sharpness_iterations caps the Lanczos restarts (ARPACK's maxiter, each ~20 Hessian-vector products);
-    # each Hessian eigenvalue is returned within this fraction of the spectral radius (the residual bound).
+    # sharpness_iterations caps the Lanczos restarts (ARPACK's maxiter); each eigenvalue is
+    # returned within this fraction of the spectral radius.
     sharpness_tolerance: Annotated[float, Field(gt=0, lt=1), Expect("a number in (0, 1)")] = 1e-3
-    # Sharpness over training (Cohen et al. 2021): read the Hessian's extremes at step 0, every N
-    # steps (doubling_steps: at N, 2N, 4N, ... steps; epochs: at the end of every N-th epoch) and
-    # at the run's end, logged as by_step/ metrics
-    # with step = optimizer step; taken whatever metrics.sharpness says. None: only the final reading.
+    # Sharpness over training (Cohen et al. 2021, core/sharpness.py): read at step 0, every N steps
+    # (doubling_steps: N, 2N, 4N, ...; epochs: every N-th epoch's end) and at the end, as by_step/
+    # metrics. None: only the final reading.
     sharpness_every: Optional[PositiveInt] = None
     sharpness_every_unit: Literal["steps", "doubling_steps", "epochs"] = "steps"
 
@@ -217,14 +180,11 @@ class MetricsConfig(ConfigModel):
 class PerformanceConfig(ConfigModel):
     """How the step is executed; none of it changes what is computed (up to float rounding)."""
 
-    # Capture the whole training step (zero-grad, forward, loss, backward with
-    # DDP's all-reduce, optimizer step) as CUDA graphs and replay them. Needs a
-    # CUDA device and the autograd engine; elsewhere the eager step runs and a
-    # log line says why (harness/core/graph_step.py).
+    # Capture the whole training step as CUDA graphs and replay them (core/graph_step.py); needs
+    # CUDA and the autograd engine, elsewhere the eager step runs and a log line says why.
     cuda_graph: bool = False
-    # bf16: the training forward runs under torch.autocast(bfloat16) (core/precision.py); the loss,
-    # the backward's gradients, the parameters and the optimizer state stay fp32. Evaluation,
-    # sharpness and gradcheck stay fp32/fp64. The hand-written engine is fp32/fp64 only.
+    # bf16: the training forward runs under torch.autocast(bfloat16) (core/precision.py); all else
+    # stays fp32. The hand-written engine is fp32/fp64 only.
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
@@ -247,9 +207,8 @@ class TrackingConfig(ConfigModel):
 class CheckpointConfig(ConfigModel):
     enabled: bool = True
     dir: str = "checkpoints"
-    # Start from another run's model weights (a checkpoint file, a run's checkpoint folder
-    # or an MLflow run id): weights only, a fresh optimiser and counters, this run's own
-    # seed for the data order. A resumed run ignores it (its own checkpoint has the weights).
+    # Start from another run's weights (a checkpoint file, a run's checkpoint folder or an MLflow
+    # run id), with a fresh optimiser and counters. A resumed run ignores it.
     init_from: Optional[NonBlank] = None
 
 
@@ -262,26 +221,21 @@ class SweepConfig(ConfigModel):
     # al. 2017), sqrt (Hoffer et al. 2017). Every rule listed gets every batch size.
     lr_rules: LrRules = ("none",)
     base_batch_size: PositiveInt = 128
-    # The budget of every trial: None keeps train.epochs (a fixed-epoch comparison);
-    # a number of steps gives a fixed-step comparison (train.max_steps).
+    # Every trial's budget: None keeps train.epochs; a number of steps sets train.max_steps.
     budget_steps: Optional[PositiveInt] = None
-    # Linear LR warmup for the trials of a scaling rule (linear, sqrt); Goyal et al.
-    # 2017 pair linear scaling with warmup. Trials of rule none keep optim.warmup_epochs.
+    # Linear LR warmup for the trials of a scaling rule (Goyal et al. 2017); rule none keeps optim's.
     warmup_epochs: NonNegativeFloat = 0.0
-    # The LR grid of every (rule, batch size), tuned per batch size as Shallue et al. 2018 require:
-    # lrs are used as given at every batch size (the rule then only decides warmup); lr_factors
-    # multiply the rule's LR (log-spaced factors, e.g. 0.25..4, bracket it). Neither: one LR per trial.
+    # The LR grid of every (rule, batch size), tuned per batch size (Shallue et al. 2018): lrs as
+    # given, or lr_factors times the rule's LR. Neither: one LR per trial.
     lrs: Optional[LrGrid] = None
     lr_factors: Optional[LrGrid] = None
-    # Early stopping of hopeless trials, with the Ray launcher only (a Ray Tune
-    # scheduler): asha = asynchronous successive halving (Li et al. 2020) on
-    # validation accuracy, one rung per grace_period x reduction_factor^k epochs.
+    # Early stopping of hopeless trials, Ray launcher only: asha = asynchronous successive halving
+    # (Li et al. 2020) on validation accuracy, one rung per grace_period x reduction_factor^k epochs.
     early_stopping: Literal["none", "asha"] = "none"
     asha_grace_period: PositiveInt = 1  # epochs every trial trains before ASHA may stop it
     asha_reduction_factor: Annotated[float, Field(gt=1), Expect("a number > 1")] = 3.0
-    # Trials that share batch size and architecture trained together as one stacked model
-    # (core/stacked.py): up to this many per stack; auto: every trial that can share
-    # one; 1: each trial alone. Each member is still its own MLflow run, equal to the trial alone.
+    # Trials that share batch size and architecture trained as one stacked model (core/stacked.py),
+    # up to this many per stack; auto: as many as can; 1: each alone.
     stack_trials: StackTrials = 1
 
     @property
@@ -300,16 +254,7 @@ class SweepConfig(ConfigModel):
 
     def lr_label(self, value: Optional[float]) -> str:
         """How a grid value appears in a trial name: ``lr0.01`` (an LR) or ``lrx0.5`` (a factor)."""
-        if value is None:
-            return ""
-        return f"lr{value:.6g}" if self.lrs else f"lrx{value:.6g}"
-
-
-def _check_early_stopping(cfg: Config) -> None:
-    """ASHA ranks trials by validation accuracy, so a run must have a validation split to rank."""
-    if cfg.sweep.early_stopping == "asha" and cfg.data.validation_size == 0:
-        raise InputError("sweep.early_stopping: asha ranks trials by validation accuracy; expected "
-                         "data.validation_size > 0")
+        return "" if value is None else f"lr{'' if self.lrs else 'x'}{value:.6g}"
 
 
 class Config(ConfigModel):
@@ -335,15 +280,11 @@ class Config(ConfigModel):
     # Derived values, computed in one place.
     @property
     def input_size(self) -> int:
-        if self.data.dataset == "synthetic":
-            return self.data.synthetic.num_features
-        return KNOWN_SHAPES[self.data.dataset][0]
+        return _known_sizes(self.data)[1]
 
     @property
     def num_classes(self) -> int:
-        if self.data.dataset == "synthetic":
-            return self.data.synthetic.num_classes
-        return KNOWN_SHAPES[self.data.dataset][1]
+        return _known_sizes(self.data)[2]
 
     @property
     def layer_sizes(self) -> tuple[int, ...]:
@@ -352,16 +293,14 @@ class Config(ConfigModel):
     @property
     def train_set_size(self) -> int:
         """Training samples after the validation split and subset."""
-        size = _training_total(self.data) - self.data.validation_size
-        if self.data.train_subset is not None:
-            size = min(size, self.data.train_subset)
-        return size
+        return self.train_size_of(_known_sizes(self.data)[0])
+
+    def train_size_of(self, training_file_size: int) -> int:
+        size = training_file_size - self.data.validation_size
+        return size if self.data.train_subset is None else min(size, self.data.train_subset)
 
     def accumulation_steps(self, world_size: int = 1) -> int:
-        """Micro-batches per rank in a full step: the per-rank batch over optim.micro_batch_size (1 without).
-
-        Checked by check_micro_batch (at load for one rank, by check_world_size for W ranks).
-        """
+        """Micro-batches per rank in a full step: the per-rank batch over optim.micro_batch_size (1 without)."""
         if self.optim.micro_batch_size is None:
             return 1
         return self.optim.global_batch_size // world_size // self.optim.micro_batch_size
@@ -370,36 +309,38 @@ class Config(ConfigModel):
     def is_sweep(self) -> bool:
         return self.sweep is not None
 
+    def batch_sizes(self) -> tuple[str, tuple[int, ...]]:
+        """The key that names the global batch sizes (of the run, or of every trial) and the sizes."""
+        if self.sweep:
+            return "sweep.batch_sizes", self.sweep.batch_sizes
+        return "optim.global_batch_size", (self.optim.global_batch_size,)
+
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(self.train_set_size, self.optim.global_batch_size, self.train.drop_last)
 
     @property
     def total_epochs(self) -> int:
         """Epochs to run: train.epochs, or as many as train.max_steps needs."""
-        if self.train.max_steps is None:
-            return self.train.epochs
-        return -(-self.train.max_steps // self.steps_per_epoch())
+        max_steps = self.train.max_steps
+        return self.train.epochs if max_steps is None else -(-max_steps // self.steps_per_epoch())
 
     def step_budget(self, steps_in_epoch: int) -> int:
         """The run's steps: train.max_steps, else every epoch's steps (``steps_in_epoch`` each)."""
         return self.train.max_steps or self.total_epochs * steps_in_epoch
 
 
-def _training_total(data: DataConfig) -> int:
-    """Samples in the source's training file (before the validation split), known without reading it."""
+def _known_sizes(data: DataConfig) -> tuple[int, int, int]:
+    """(samples in the training file before the validation split, features, classes), known without reading it."""
+    syn = data.synthetic
     if data.dataset == "synthetic":
-        return data.synthetic.num_train
-    return KNOWN_SPLIT_SIZES[data.dataset][0]
+        return syn.num_train, syn.num_features, syn.num_classes
+    return KNOWN_SPLIT_SIZES[data.dataset][0], *KNOWN_SHAPES[data.dataset]
 
 
 def steps_per_epoch(num_samples: int, global_batch_size: int, drop_last: bool) -> int:
     """Steps in one pass over ``num_samples``; a smaller last batch counts unless ``drop_last``.
-
-    The one definition: Config.steps_per_epoch (before any data is read) and
-    data.BatchPlan (which yields the batches) both ask it.
-    """
-    full, rest = divmod(num_samples, global_batch_size)
-    return full + (1 if rest and not drop_last else 0)
+    Config.steps_per_epoch (before any data is read) and data.BatchPlan both ask it."""
+    return num_samples // global_batch_size if drop_last else -(-num_samples // global_batch_size)
 
 
 def check_divisible_by_world_size(key: str, global_batch_size: int, world_size: int) -> None:
@@ -411,8 +352,7 @@ def check_divisible_by_world_size(key: str, global_batch_size: int, world_size: 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
     """Refuse batch sizes that W ranks cannot share equally, for the run or every trial."""
-    sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
-    key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
+    key, sizes = cfg.batch_sizes()
     for size in sizes:
         check_divisible_by_world_size(key, size, world_size)
         check_micro_batch(cfg.optim.micro_batch_size, key, size, world_size)
@@ -420,23 +360,19 @@ def check_world_size(cfg: Config, world_size: int) -> None:
 
 def check_micro_batch(micro_batch_size: Optional[int], key: str, global_batch_size: int, world_size: int) -> None:
     """Refuse a micro-batch that cannot split each rank's share of ``global_batch_size`` into equal passes."""
-    if micro_batch_size is None:
-        return
     per_rank = global_batch_size // world_size
-    if micro_batch_size > per_rank or per_rank % micro_batch_size:
+    if micro_batch_size is not None and (micro_batch_size > per_rank or per_rank % micro_batch_size):
         where = f"{key} {global_batch_size}" + (f" over {world_size} ranks" if world_size > 1 else "")
         raise InputError(f"optim.micro_batch_size: {micro_batch_size} does not divide the per-rank batch of "
                          f"{per_rank} ({where}); expected a divisor of {per_rank}")
 
 
 def _check_cross_field(cfg: Config) -> None:
-    data = cfg.data
-    if data.dataset == "synthetic":
-        syn = data.synthetic
-        if syn.num_targets > syn.num_classes:
-            raise InputError(f"data.synthetic.num_targets: {syn.num_targets} exceeds num_classes "
-                             f"{syn.num_classes}; expected <= num_classes")
-    total = _training_total(data)
+    data, syn = cfg.data, cfg.data.synthetic
+    if data.dataset == "synthetic" and syn.num_targets > syn.num_classes:
+        raise InputError(f"data.synthetic.num_targets: {syn.num_targets} exceeds num_classes "
+                         f"{syn.num_classes}; expected <= num_classes")
+    total = _known_sizes(data)[0]
     if data.validation_size >= total:
         raise InputError(f"data.validation_size: {data.validation_size} leaves no training data; "
                          f"expected < {total} for {data.dataset}")
@@ -454,11 +390,12 @@ def _check_cross_field(cfg: Config) -> None:
                          "is fp32/fp64 only; expected precision fp32 or grad_engine autograd")
     if cfg.sweep:
         _check_trial_names(cfg)
-        _check_early_stopping(cfg)
+        if cfg.sweep.early_stopping == "asha" and data.validation_size == 0:
+            raise InputError("sweep.early_stopping: asha ranks trials by validation accuracy; expected "
+                             "data.validation_size > 0")
         if cfg.sweep.stacks:
             check_stackable_trial(cfg, f"with sweep.stack_trials {cfg.sweep.stack_trials}")
-    sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
-    key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
+    key, sizes = cfg.batch_sizes()
     for size in sizes:
         if size > cfg.train_set_size:
             raise InputError(f"{key}: {size} is larger than the training set "
@@ -502,21 +439,17 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML config, apply ``key=value`` overrides, validate everything."""
     raw = read_yaml_file(path)
     for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(Config, raw, key, value)
+        set_dotted(Config, raw, *parse_override(item))
     return Config.from_dict(raw)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
     """``{"optim.lr": 0.01, ...}``: the resolved config as MLflow params."""
-    out: dict[str, Any] = {}
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key, value
 
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix.rstrip(".")] = node
-
-    walk(cfg.to_dict(), "")
-    return out
+    return dict(walk(cfg.to_dict(), ""))

@@ -1,14 +1,10 @@
 """A general config loader: YAML in, a frozen pydantic model out, every problem one line.
 
-Owns what any typed config needs and no harness key: the strict, frozen model
-base (:class:`ConfigModel`: ``from_dict``, ``to_dict``, ``replace``), the
-phrases that errors quote (:class:`Expect` beside a pydantic constraint,
-:func:`check` for a rule pydantic has no constraint for, :func:`list_of`),
-reading a YAML file safely (:func:`read_yaml_file`), dotted ``key=value``
-overrides (:func:`parse_override`, :func:`set_dotted`) and the translation of
-pydantic's ``ValidationError`` into one :class:`~harness.errors.InputError` that
-names the dotted key and what was expected. The harness's schema, its derived
-facts and its cross-field checks live in harness/core/config.py.
+Owns what any typed config needs and no harness key: the strict, frozen model base
+(:class:`ConfigModel`), the phrases errors quote (:class:`Expect`, :func:`check`,
+:func:`list_of`), safe YAML reading, dotted ``key=value`` overrides and the translation
+of pydantic's ``ValidationError`` into one :class:`~harness.errors.InputError` naming the
+dotted key and what was expected. The harness's schema lives in harness/core/config.py.
 """
 
 from __future__ import annotations
@@ -30,10 +26,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Expect:
-    """``Annotated`` marker: what an error says was expected when the field's constraints fail.
-
-    pydantic reports one bound at a time ("less than 1"); the user is told the whole range.
-    """
+    """``Annotated`` marker: what an error says was expected when the field's constraints fail
+    (pydantic reports one bound at a time, "less than 1"; the user is told the whole range)."""
 
     phrase: str
 
@@ -42,31 +36,24 @@ def check(complaint: Callable[[Any], Optional[str]]) -> AfterValidator:
     """A validator for a rule with no pydantic constraint: ``complaint(value)`` returns
     what was expected, or None when the value is fine."""
     def validate(value):
-        expected = complaint(value)
-        if expected:
+        if expected := complaint(value):
             raise PydanticCustomError("expected", "expected {expected}", {"expected": expected})
         return value
 
     return AfterValidator(validate)
 
 
-def _list_as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
 def list_of(item_type: type, *validators: Any) -> Any:
     """A YAML list held as a tuple (so the model stays hashable); a set or a string is refused."""
-    return Annotated[(tuple[item_type, ...], BeforeValidator(_list_as_tuple), *validators)]
+    as_tuple = BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
+    return Annotated[(tuple[item_type, ...], as_tuple, *validators)]
 
 
 class ConfigModel(BaseModel):
-    """A section of a config: strict types, no unknown keys, frozen, finite numbers.
+    """A section of a config: strict types, no unknown keys, frozen, finite numbers. Strict: YAML
+    already typed every value, so "64" for an integer is the user's mistake, not something to coerce."""
 
-    Strict: YAML already typed every value, so "64" for an integer or 1 for a
-    boolean is the user's mistake, not something to coerce.
-    """
-
-    # python-re: a pattern keeps Python's re meaning (as the checks before pydantic had), not the Rust engine's.
+    # python-re: a pattern keeps Python's re meaning, not the Rust engine's.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False,
                               regex_engine="python-re")
 
@@ -98,8 +85,6 @@ class ConfigModel(BaseModel):
         return type(self).from_dict(raw)
 
 
-# --- one line per ValidationError ------------------------------------------------
-
 _TYPE_PHRASES = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
                  "string_type": "a string", "model_type": "a mapping"}
 _CONSTRAINT_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal",
@@ -126,7 +111,7 @@ def _one_line(root: type[BaseModel], raw: Any, err: ValidationError) -> str:
     if kind in _TYPE_PHRASES:
         return f"{key}: expected {_TYPE_PHRASES[kind]}, got {_describe(value)}"
     expected = _expected(root, loc, kind, error.get("ctx") or {})
-    if expected is None:  # a pydantic error this schema does not plan for: still one line
+    if expected is None:  # still one line
         return f"{key}: {error['msg']}"
     return f"{key}: expected {expected}, got {_short_repr(value)}"
 
@@ -139,7 +124,7 @@ def _expected(root: type[BaseModel], loc: tuple, kind: str, ctx: dict) -> Option
         return "one of " + ", ".join(repr(choice) for choice in typing.get_args(field_type))
     if kind in _CONSTRAINT_ERRORS:
         return next((m.phrase for m in metadata if isinstance(m, Expect)), None)
-    return None
+    return None  # a pydantic error this schema does not plan for
 
 
 def _file_order(error: dict, raw: Any) -> list:
@@ -202,15 +187,9 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}" if not isinstance(value, dict) else "a mapping"
 
 
-# --- YAML --------------------------------------------------------------------
-
-
 class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice or a key that is not a string.
-
-    PyYAML keeps the last of two equal keys without a word, so a config could
-    silently train with a value its author did not see.
-    """
+    """``yaml.SafeLoader`` that refuses a key given twice (PyYAML would keep the last without a
+    word) or a key that is not a string."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -271,21 +250,16 @@ def read_yaml_file(path: str | Path) -> dict:
     return raw
 
 
-# --- overrides -----------------------------------------------------------------
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     """``optim.lr=0.05`` -> ("optim.lr", 0.05); values are parsed as YAML scalars/lists."""
     key, sep, text = item.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise InputError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
-    if not text.strip():
-        return key.strip(), ""
     try:
-        value = _parse_yaml(text, f"--set {key.strip()}")
+        return key, _parse_yaml(text, key) if text.strip() else ""
     except InputError:
-        raise InputError(f"--set {key.strip()}: cannot parse value {text!r} as YAML") from None
-    return key.strip(), value
+        raise InputError(f"--set {key}: cannot parse value {text!r} as YAML") from None
 
 
 def set_dotted(root: type[BaseModel], raw: dict, key: str, value: Any) -> None:
@@ -301,10 +275,7 @@ def set_dotted(root: type[BaseModel], raw: dict, key: str, value: Any) -> None:
         schema = _model_in(fields[part].annotation)
         if depth == len(parts) - 1:
             node[part] = value
-        else:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
+        elif not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
 

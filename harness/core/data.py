@@ -4,8 +4,7 @@ Owns reading and checking data files, turning each source into in-memory tensors
 (train / validation / test) and deciding which sample indices each rank trains on
 at each step. Does not own models, devices or training.
 
-Batches are slices of one seeded permutation per epoch; nothing is indexed one
-sample at a time, and no DataLoader is involved.
+Batches are slices of one seeded permutation per epoch; no DataLoader is involved.
 """
 
 from __future__ import annotations
@@ -41,9 +40,6 @@ IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"
               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-# --- IDX ---------------------------------------------------------------------
-
-
 def read_idx(path: str | Path, expect_ndim: Optional[int] = None) -> np.ndarray:
     """Read one IDX file (raw or .gz), checking magic number, dimensions and length."""
     path = Path(path)
@@ -76,17 +72,12 @@ def read_idx(path: str | Path, expect_ndim: Optional[int] = None) -> np.ndarray:
 
 
 def _find_idx(directory: Path, stem: str) -> Optional[Path]:
-    for name in (stem + ".gz", stem):
-        candidate = directory / name
-        if candidate.exists():
-            return candidate
-    return None
+    return next((path for path in (directory / (stem + ".gz"), directory / stem) if path.exists()), None)
 
 
 def locate_idx_dir(data: DataConfig, env_dir: Optional[str]) -> Path:
-    """The folder of the four IDX files: data.data_dir if set, else $HARNESS_DATA_DIR if
-    set, else Debian's copy. A location the user named is used or refused, never
-    passed over for another copy: that would train on data nobody asked for."""
+    """The folder of the four IDX files: data.data_dir, else $HARNESS_DATA_DIR, else Debian's copy.
+    A location the user named is used or refused, never passed over for another copy."""
     if data.data_dir:
         directory, key = Path(data.data_dir), "data.data_dir"
     elif env_dir:
@@ -103,11 +94,11 @@ def locate_idx_dir(data: DataConfig, env_dir: Optional[str]) -> Path:
     return directory
 
 
-def load_idx_split(directory: Path, images: str, labels: str, num_classes: int):
-    image_path = _find_idx(directory, IDX_FILES[images])
-    label_path = _find_idx(directory, IDX_FILES[labels])
-    x = read_idx(image_path, expect_ndim=3)
-    y = read_idx(label_path, expect_ndim=1)
+def load_idx_split(directory: Path, part: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``part`` ("train" or "test") of an IDX data set: features scaled to [0, 1], labels checked."""
+    image_path = _find_idx(directory, IDX_FILES[f"{part}_images"])
+    label_path = _find_idx(directory, IDX_FILES[f"{part}_labels"])
+    x, y = read_idx(image_path, expect_ndim=3), read_idx(label_path, expect_ndim=1)
     if y.dtype.kind not in "iu":
         raise InputError(f"{label_path}: labels of type {y.dtype.name}; expected integer labels "
                          "(IDX type code 0x08, unsigned byte)")
@@ -118,13 +109,10 @@ def load_idx_split(directory: Path, images: str, labels: str, num_classes: int):
                          "expected one label per image")
     if x.shape[1:] != (28, 28):
         raise InputError(f"{image_path}: wrong image dimensions {x.shape[1:]}; expected (28, 28)")
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
+    if y.min() < 0 or y.max() >= num_classes:
         raise InputError(f"{label_path}: label {int(y.max()) if y.max() >= num_classes else int(y.min())} "
                          f"out of range; expected 0..{num_classes - 1}")
-    return x.reshape(len(x), -1), y
-
-
-# --- data sets ---------------------------------------------------------------
+    return x.reshape(len(x), -1).astype(np.float32) / 255.0, y
 
 
 @dataclass(frozen=True)
@@ -140,11 +128,13 @@ class Split:
     def to(self, device) -> "Split":
         return Split(self.features.to(device), self.targets.to(device))
 
+    def head(self, count: int) -> "Split":
+        """The first ``count`` samples."""
+        return Split(self.features[:count], self.targets[:count])
+
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The samples at ``indices`` (any shape): features [*indices.shape, d] and targets [*indices.shape].
-
-        ``index_select`` copies whole rows, where ``features[indices]`` (advanced indexing) computes an
-        offset per element and is several times slower for the same values."""
+        ``index_select`` copies whole rows: several times faster than ``features[indices]``."""
         flat = indices.reshape(-1)
         return (self.features.index_select(0, flat).view(*indices.shape, *self.features.shape[1:]),
                 self.targets.index_select(0, flat).view(indices.shape))
@@ -166,36 +156,34 @@ def load_dataset(cfg: Config) -> Dataset:
     data = cfg.data
     if data.dataset in ("fashion-mnist", "mnist"):
         directory = locate_idx_dir(data, os.environ.get("HARNESS_DATA_DIR"))
-        x_train, y_train = load_idx_split(directory, "train_images", "train_labels", cfg.num_classes)
-        x_test, y_test = load_idx_split(directory, "test_images", "test_labels", cfg.num_classes)
-        x_train, x_test = x_train.astype(np.float32) / 255.0, x_test.astype(np.float32) / 255.0
+        x_train, y_train = load_idx_split(directory, "train", cfg.num_classes)
+        x_test, y_test = load_idx_split(directory, "test", cfg.num_classes)
     elif data.dataset == "digits":
         x_train, y_train, x_test, y_test = _digits(cfg.seed)
     else:
         x_train, y_train, x_test, y_test = _synthetic(cfg)
-    train_all = Split(torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(y_train.astype(np.int64)))
-    test = Split(torch.from_numpy(np.ascontiguousarray(x_test)), torch.from_numpy(y_test.astype(np.int64)))
+    def as_split(x, y):
+        return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+
+    train_all, test = as_split(x_train, y_train), as_split(x_test, y_test)
     check_sample_counts(cfg, len(train_all))
     train, validation = split_validation(train_all, data.validation_size, seed=cfg.seed)
     if data.train_subset is not None:
-        train = Split(train.features[: data.train_subset], train.targets[: data.train_subset])
+        train = train.head(data.train_subset)
     if data.test_subset is not None:
-        test = Split(test.features[: data.test_subset], test.targets[: data.test_subset])
+        test = test.head(data.test_subset)
     return Dataset(train=train, validation=validation, test=test)
 
 
 def check_sample_counts(cfg: Config, num_train_file: int) -> None:
     """The files may hold fewer samples than the data set is known for (a cut-down copy):
     the validation split and every batch size must still fit."""
-    data = cfg.data
-    if data.validation_size >= num_train_file:
-        raise InputError(f"data.validation_size: {data.validation_size} leaves no training data: the training "
+    validation_size = cfg.data.validation_size
+    if validation_size >= num_train_file:
+        raise InputError(f"data.validation_size: {validation_size} leaves no training data: the training "
                          f"files hold {num_train_file} samples; expected < {num_train_file}")
-    train_size = num_train_file - data.validation_size
-    if data.train_subset is not None:
-        train_size = min(train_size, data.train_subset)
-    sizes = cfg.sweep.batch_sizes if cfg.sweep else (cfg.optim.global_batch_size,)
-    key = "sweep.batch_sizes" if cfg.sweep else "optim.global_batch_size"
+    train_size = cfg.train_size_of(num_train_file)
+    key, sizes = cfg.batch_sizes()
     if max(sizes) > train_size:
         raise InputError(f"{key}: {max(sizes)} is larger than the training set the files hold ({train_size} "
                          f"samples after the validation split); expected <= {train_size}")
@@ -204,12 +192,10 @@ def check_sample_counts(cfg: Config, num_train_file: int) -> None:
 def split_validation(split: Split, validation_size: int, seed: int) -> tuple[Split, Split]:
     """Hold out ``validation_size`` samples of the training set, chosen by a seeded permutation."""
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    held, kept = order[:validation_size], order[validation_size:]
     # Sorted so the training set keeps the file's order: results do not depend on
     # the split beyond which samples were held out.
-    kept, held = kept.sort().values, held.sort().values
-    return (Split(split.features[kept], split.targets[kept]),
-            Split(split.features[held], split.targets[held]))
+    kept, held = order[validation_size:].sort().values, order[:validation_size].sort().values
+    return Split(*split.batch(kept)), Split(*split.batch(held))
 
 
 def _digits(seed: int):
@@ -220,33 +206,27 @@ def _digits(seed: int):
     y = bunch.target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(y))
     test_size = KNOWN_SPLIT_SIZES["digits"][1]
-    test, train = order[:test_size], np.sort(order[test_size:])
-    return x[train], y[train], x[np.sort(test)], y[np.sort(test)]
+    test, train = np.sort(order[:test_size]), np.sort(order[test_size:])
+    return x[train], y[train], x[test], y[test]
 
 
 def _synthetic(cfg: Config):
     """The note's example: uniform random images, targets 0..num_targets-1 in turn."""
     syn = cfg.data.synthetic
-    generator = torch.Generator().manual_seed(cfg.seed)
     n = syn.num_train + syn.num_test
-    x = torch.rand(n, syn.num_features, generator=generator).numpy()
+    x = torch.rand(n, syn.num_features, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
     y = (np.arange(n) % syn.num_targets).astype(np.int64)
     return x[: syn.num_train], y[: syn.num_train], x[syn.num_train:], y[syn.num_train:]
-
-
-# --- the batch plan ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class BatchPlan:
     """Which samples each rank trains on at each step of an epoch.
 
-    Every epoch draws one permutation of the training set from ``(seed, epoch)``,
-    identical on every rank. Step ``s`` takes the global batch
-    ``perm[s*B:(s+1)*B]`` and rank ``r`` of ``W`` takes the r-th of W equal
-    contiguous pieces of it. The pieces of all ranks are disjoint and together
-    cover the epoch once; with ``drop_last`` the smaller last batch is skipped.
-    The plan is a pure function of (seed, epoch), so a resumed run replays it.
+    Every epoch draws one permutation from ``(seed, epoch)``, the same on every rank (so a
+    resumed run replays it). Step ``s`` takes the global batch ``perm[s*B:(s+1)*B]`` and rank
+    ``r`` of ``W`` the r-th of W contiguous pieces of it; with ``drop_last`` the smaller last
+    batch is skipped.
     """
 
     num_samples: int
@@ -273,7 +253,5 @@ class BatchPlan:
         perm = self.permutation(epoch, device)
         for step in range(self.steps_per_epoch):
             global_batch = perm[step * self.global_batch_size:(step + 1) * self.global_batch_size]
-            # tensor_split gives equal pieces for a full batch; for the last, smaller
-            # one the pieces differ by at most one sample.
-            local = torch.tensor_split(global_batch, self.world_size)[self.rank]
-            yield local, len(global_batch)
+            # Equal pieces for a full batch; for the last, smaller one they differ by at most one sample.
+            yield torch.tensor_split(global_batch, self.world_size)[self.rank], len(global_batch)

@@ -1,8 +1,7 @@
 """Who am I in the job: DistContext, process-group setup and teardown, reductions.
 
-Owns ``torch.distributed``: torchrun's init/shutdown, reading a process group
-that Ray Train made, the choice of backend and device, and the few collectives
-the loop needs. ``world_size == 1`` without a process group is a normal case.
+Owns ``torch.distributed``: torchrun's init/shutdown, reading Ray Train's process group, the
+backend and device, and the few collectives the loop needs. ``world_size == 1`` is normal.
 """
 
 from __future__ import annotations
@@ -47,6 +46,14 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def _rank_device(requested: str, local_rank: int) -> torch.device:
+    """This rank's device, made CUDA's current one where it is a GPU."""
+    device = pick_device(requested, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def local_context(requested_device: str = "auto") -> DistContext:
     return DistContext(device=pick_device(requested_device))
 
@@ -64,29 +71,20 @@ COLLECTIVE_CAPTURE_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
 
 def allow_collective_capture() -> None:
     """Prepare this process for capturing NCCL collectives; call before the process group exists.
-
-    A value the user set is kept. Ray Train sets the variable to 1 in its workers
-    unless it is set already, so the Ray launcher passes it in the workers' environment.
-    """
+    A value the user set is kept (the Ray launcher passes it in the workers' environment)."""
     for name, value in COLLECTIVE_CAPTURE_ENV.items():
         os.environ.setdefault(name, value)
 
 
 def init_from_env(requested_device: str = "auto", timeout_s: float = 300,
                   attempt: Optional[int] = None) -> DistContext:
-    """torchrun: join the process group (NCCL with one GPU per rank, else gloo).
-
-    ``attempt``: this restart attempt's number as ``agree_on_attempt`` returned it
-    (the same on every rank); None asks for it here.
-    """
+    """torchrun: join the process group (NCCL with one GPU per rank, else gloo) for restart ``attempt``
+    (``agree_on_attempt``'s number, the same on every rank; None asks for it here)."""
     rank, local_rank, world_size = torchrun_world()
     if attempt is None:
         attempt = agree_on_attempt(timeout_s)
-    device = pick_device(requested_device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+    device = _rank_device(requested_device, local_rank)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                             store=_attempt_store(rank, world_size, timeout_s, attempt),
                             timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
@@ -107,13 +105,9 @@ def _torchrun_store(rank: int, world_size: int, timeout_s: float) -> dist.TCPSto
 
 
 def _attempt_store(rank: int, world_size: int, timeout_s: float, attempt: int) -> dist.Store:
-    """torchrun's TCPStore, with keys private to this restart attempt.
-
-    After ``--max-restarts`` relaunches the ranks, the agent's store still holds
-    the previous attempt's gloo addresses under the same keys, and a new rank can
-    dial a dead peer ("Connection refused"). A prefix per attempt keeps them apart.
-    Without the agent's store, rank 0 hosts a new one every attempt: nothing is stale.
-    """
+    """torchrun's TCPStore, with keys private to this restart attempt: after a restart the agent's
+    store still holds the previous attempt's gloo addresses, and a new rank could dial a dead peer.
+    Without the agent's store, rank 0 hosts a new one every attempt: nothing is stale."""
     store = _torchrun_store(rank, world_size, timeout_s)
     return dist.PrefixStore(f"harness/attempt-{attempt}" if _uses_agent_store() else "harness", store)
 
@@ -126,9 +120,8 @@ def rank_zero_refusal(name: str, attempt: int, refusal: Optional[str], timeout_s
     """Under torchrun, before the process group: rank 0's ``refusal`` (None, or a one-line error) on every rank,
     through the agent's store under this attempt's key ``name``; the others' own ``refusal`` is not used.
 
-    For a check only rank 0 can make (it alone holds the run's folder): without it, the
-    other ranks would wait in the process group's start for a rank 0 that has exited,
-    until torchrun tears them down. Without the agent's store, each rank keeps its own."""
+    For a check only rank 0 can make (it alone holds the run's folder): the others would
+    otherwise wait for a rank 0 that has exited. Without the agent's store, each keeps its own."""
     rank, _, world_size = torchrun_world()
     if world_size == 1 or not _uses_agent_store():
         return refusal
@@ -143,17 +136,13 @@ def rank_zero_refusal(name: str, attempt: int, refusal: Optional[str], timeout_s
 
 def agree_on_attempt(timeout_s: float = 300) -> int:
     """Under torchrun: which restart attempt this is (0: the launch's first), the same number on every rank.
-
-    TORCHELASTIC_RESTART_COUNT is not that number on several nodes: an agent whose
-    own ranks were healthy restarts them for the other node's re-rendezvous without
-    counting a restart, so after one kill one node's ranks say 0 and the other's 1.
-    The agent's store outlives restarts, so rank 0 counts its own starts there and
-    hands the count to the others. A rank cannot tell a key of this attempt from one
-    the previous attempt left, so each other rank asks under a name of its own (a
-    fresh nonce) and rank 0 answers every new name it sees until all ranks have
-    confirmed under this attempt's number. Without the agent's store (a new store
-    each attempt), the restart count is all there is: rank 0's is the one that matters
-    (it alone decides whether to resume, core/checkpoint.py).
+    TORCHELASTIC_RESTART_COUNT differs between nodes: an agent whose own ranks were healthy
+    restarts them for the other node's re-rendezvous without counting a restart. The agent's
+    store outlives restarts, so rank 0 counts its own starts there and hands the count to the
+    others. A rank cannot tell this attempt's key from one the previous attempt left, so each
+    other rank asks under a fresh nonce and rank 0 answers every new one until all ranks have
+    confirmed. Without the agent's store, the restart count is all there is: rank 0's is the
+    one that matters (it alone decides whether to resume).
     """
     rank, _, world_size = torchrun_world()
     if not _uses_agent_store():
@@ -197,10 +186,8 @@ def context_from_process_group(requested_device: str, launcher: str = "ray") -> 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = pick_device(requested_device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device, launcher=launcher)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size,
+                       device=_rank_device(requested_device, local_rank), launcher=launcher)
 
 
 def shutdown() -> None:
@@ -223,8 +210,6 @@ def average_gradients(model: torch.nn.Module, ctx: DistContext) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= ctx.world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 

@@ -1,8 +1,6 @@
-"""The epoch bar: a tqdm bar of one epoch's steps, with the running mean loss beside it.
-
-Owns the bar (``epoch_bar``) and how the loss reaches the bar without waiting on the device (``LossPostfix``). The
-training loop (train_loop.py) counts the steps on it; the other human-readable
-lines go through harness/console.py.
+"""The epoch bar: a tqdm bar of one epoch's steps, with the running mean loss beside it
+(``LossPostfix``, which never waits on the device). Other human-readable lines go through
+harness/console.py.
 """
 
 from __future__ import annotations

@@ -1,26 +1,12 @@
 """Evaluations inside a run, at step resolution, and where a run's time goes.
 
-Owns:
-- ``evaluate``: loss and accuracy of a split on the device, sharded over ranks;
-- the periodic evaluation (``StepEvaluations``): every ``metrics.eval_every_steps``
-  steps (or on an automatic schedule of about 5% resolution, ``eval_interval``), the accuracy of the
-  fixed validation subset (its first ``metrics.eval_samples`` samples); the first
-  evaluation reaching ``metrics.target_val_accuracy`` (steps, samples, seconds and
-  epochs to target, through measure.metrics.steps_to_target), what is measured
-  there (the noise probe's closed windows, the exact B_simple of
-  measure/exact_noise.py), the history still to be logged; it closes the probe's
-  window at every evaluation; with ``train.target_train_loss``, the loss of the whole
-  training split at each evaluation and the first one at or below that target
-  (steps, samples, seconds and epochs to it: the run stops there); between two
-  steps it stops the training clock while core/sharpness.py reads sharpness;
-- ``RunCounters``, the counters a checkpoint keeps, with the clock: seconds of
-  training, of these evaluations, of probes, of sharpness readings and of tracker calls.
+Owns ``evaluate`` (loss and accuracy of a split, sharded over ranks); ``StepEvaluations``
+(the periodic accuracy of a fixed validation subset, on ``eval_interval``'s schedule, the
+first one reaching ``metrics.target_val_accuracy`` and what is measured there; with
+``train.target_train_loss``, the whole training split's loss); ``RunCounters`` and the clock.
 
-Between evaluations nothing here touches the host's view of the device: the step
-count and the samples are host integers, and the device is synchronised only at
-an evaluation point (to read the accuracy, and to time). Leaves the loop, its
-checkpoints and what is logged when to core/train_loop.py, the step to
-core/step.py, MLflow to records/.
+Between evaluations nothing here syncs with the device: steps and samples are host
+integers. Leaves the loop and what is logged when to core/train_loop.py.
 """
 
 from __future__ import annotations
@@ -113,10 +99,8 @@ def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size:
 # about a third of a training step's forward and backward over n samples, so k steps
 # of batch B cost 3*B*k forward samples against eval_samples per evaluation.
 AUTO_EVAL_COST = DEFAULT_EVAL_COST
-# ... and reads steps-to-target to about this relative resolution, at any scale:
-# a batch of 16 needs thousands of steps, one of 8192 a hundred, and a fixed
-# interval (or one set by the step budget) is too coarse for one or too costly
-# for the other.
+# ... and reads steps-to-target to about this relative resolution at any scale (a batch of
+# 16 needs thousands of steps, one of 8192 a hundred: no fixed interval suits both).
 AUTO_RESOLUTION = 0.05
 
 
@@ -130,13 +114,11 @@ def eval_floor(cfg: Config) -> int:
 
 def eval_interval(cfg: Config, global_step: int) -> int:
     """Steps between evaluations around ``global_step``: metrics.eval_every_steps, else the floor
-    doubled as often as the interval stays within AUTO_RESOLUTION of the step count (so about
-    1/AUTO_RESOLUTION = 20 evaluations per doubling of the steps, each within 2.5-5% of the last)."""
+    doubled as often as the interval stays within AUTO_RESOLUTION of the step count."""
     if cfg.metrics.eval_every_steps:
         return cfg.metrics.eval_every_steps
     floor = eval_floor(cfg)
-    doublings = max(0, math.floor(math.log2(max(global_step * AUTO_RESOLUTION / floor, 1.0))))
-    return floor * 2 ** doublings
+    return floor * 2 ** max(0, math.floor(math.log2(max(global_step * AUTO_RESOLUTION / floor, 1.0))))
 
 
 def is_evaluation_step(cfg: Config, global_step: int) -> bool:
@@ -145,17 +127,12 @@ def is_evaluation_step(cfg: Config, global_step: int) -> bool:
 
 
 class TrainingClock:
-    """Credits the wall time between two marks to training (``counters.train_seconds``).
-
-    A run has one; a stack of trials (core/stacked_run.py) shares one among its
-    members, whose ``credit`` splits each stretch of training among the members
-    still training: their steps ran together, and one member's evaluation is not
-    another's training time.
-    """
+    """Credits the wall time between two marks to training: ``credit(seconds)`` adds it where it belongs
+    (a run's own counters, or a stack's members still training, core/train_loop.py's SharedClock)."""
 
     def __init__(self, device: torch.device, credit):
         self.device = device
-        self.credit = credit  # credit(seconds): add a stretch of training time where it belongs
+        self.credit = credit
         self.mark = 0.0
 
     def restart(self) -> float:
@@ -170,39 +147,25 @@ class TrainingClock:
         return now
 
 
-def run_clock(counters: RunCounters, device: torch.device) -> TrainingClock:
-    """One run's clock: its training time goes to its own counters."""
-    def credit(seconds: float) -> None:
-        counters.train_seconds += seconds
-    return TrainingClock(device, credit)
-
-
 class StepEvaluations:
-    """The periodic evaluations of one run, on every rank (they all-reduce, and all ranks agree).
-
-    The loop calls ``start_epoch`` before an epoch's steps, ``after_step`` after each
-    step (true: stop, the target is reached and train.stop_at_target is set, or the full
-    training loss reached train.target_train_loss),
-    ``end_epoch`` after the last step, then takes ``history`` and ``at_target`` to log.
-    """
+    """The periodic evaluations of one run, on every rank (they all-reduce, and all ranks agree). The loop
+    calls ``start_epoch``, ``after_step`` after each step (true: stop, a target is reached), stops ``clock``
+    after the last step, then takes the histories and ``at_target`` to log."""
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, validation: Split,
                  train_set: Split, probe: Optional[NoiseProbe], counters: RunCounters, last_step: int,
-                 training_stream=contextlib.nullcontext, sharpness=None, clock: Optional[TrainingClock] = None):
+                 training_stream=contextlib.nullcontext, sharpness=None, *, clock: TrainingClock):
         self.cfg, self.ctx, self.model, self.probe, self.counters = cfg, ctx, model, probe, counters
-        # Shared by a stack's members (core/stacked_run.py); a run alone has its own.
-        self.clock = clock or run_clock(counters, ctx.device)
+        self.clock = clock  # a stack's members share one
         # The budget's last step is evaluated too: a trial whose last steps fall between
         # two evaluations would otherwise be "not reached" when its final parameters did.
         self.last_step = last_step
-        count = min(cfg.metrics.eval_samples, len(validation))
-        self.subset = Split(validation.features[:count], validation.targets[:count])
+        self.subset = validation.head(cfg.metrics.eval_samples)
         self.train_set = train_set
         self.training_stream = training_stream  # where autograd on the parameters runs (the graph step's stream)
         self.history: list[tuple[int, float]] = []  # (global step, subset accuracy) not logged yet
         self.train_loss_history: list[tuple[int, float]] = []  # (global step, full training loss) not logged yet
-        # core/sharpness.py's SharpnessReadings (or None): its readings every N steps run between two steps.
-        self.sharpness = sharpness
+        self.sharpness = sharpness  # core/sharpness.py's SharpnessReadings, read between two steps, or None
         self.at_target: dict[str, float] = {}  # what was measured at the target, not logged yet
         self.samples = counters.samples_seen
 
@@ -210,27 +173,16 @@ class StepEvaluations:
         self.samples = self.counters.samples_seen
         self.clock.restart()
 
-    def end_epoch(self) -> None:
-        self.clock.stop()
-
     def after_step(self, global_step: int, global_batch_size: int) -> bool:
         """Count the step's samples; at an evaluation point, evaluate. True: stop training here."""
         self.samples += global_batch_size
         if self.sharpness is not None and self.sharpness.is_due_after_step(global_step):
-            with self.off_the_training_clock():
-                self.sharpness.read(global_step)
+            self.clock.stop()  # reading sharpness is not training
+            self.sharpness.read(global_step)
+            self.clock.restart()
         if not (is_evaluation_step(self.cfg, global_step) or global_step == self.last_step):
             return False
         return self._evaluate(global_step)
-
-    @contextlib.contextmanager
-    def off_the_training_clock(self):
-        """A block between two steps that is not training: the training clock stops before it, restarts after."""
-        self.clock.stop()
-        try:
-            yield
-        finally:
-            self.clock.restart()
 
     def _evaluate(self, global_step: int) -> bool:
         counters, target = self.counters, self.cfg.metrics.target_val_accuracy
@@ -279,10 +231,9 @@ class StepEvaluations:
         metrics = self.probe.window_metrics() if self.probe else {}
         count = self.cfg.metrics.exact_noise_samples
         if count is not None and len(self.train_set) >= 2:
-            count = min(count, len(self.train_set))
+            subset = self.train_set.head(count)
             with self.training_stream():
-                exact = exact_noise_scale(unwrap(self.model), self.train_set.features[:count],
-                                          self.train_set.targets[:count])
+                exact = exact_noise_scale(unwrap(self.model), subset.features, subset.targets)
             metrics.update(grad_sq_norm_exact_at_target=exact.grad_sq_norm,
                            grad_trace_cov_exact_at_target=exact.trace_cov)
             if exact.b_simple == exact.b_simple:

@@ -1,8 +1,7 @@
 """The lecture note's DNN: a multilayer perceptron (nn.Module only).
 
-The output layer returns logits. The note applies a sigmoid before
-``CrossEntropyLoss``, which squashes the logits into (0, 1) and flattens the
-softmax; we leave them raw, as ``CrossEntropyLoss`` expects.
+The output layer returns raw logits, as ``CrossEntropyLoss`` expects; the note's sigmoid
+before the loss would squash them into (0, 1) and flatten the softmax.
 """
 
 from __future__ import annotations

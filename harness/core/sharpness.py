@@ -1,22 +1,11 @@
 """Sharpness inside a run: one reading of the Hessian's extremes, and the readings over training.
 
-Owns:
-- ``read_sharpness``: the Hessian's largest and smallest algebraic eigenvalues of the
-  training loss on a fixed subset (the first ``metrics.sharpness_samples`` training
-  samples), at the current parameters; the one reading behind both the periodic
-  readings and the final one;
-- ``SharpnessReadings``: when a run reads it (step 0; every ``metrics.sharpness_every``
-  steps, at N, 2N, 4N, ... steps, or at the end of every N-th epoch; and the run's end),
-  the cost (counted in ``RunCounters``: seconds, readings, Hessian-vector products) and the trajectory
-  still to be logged as ``by_step/top_hessian_eigenvalue`` and
-  ``by_step/bottom_hessian_eigenvalue`` (step = optimizer step).
-
-Every rank reads it the same way (the unwrapped model, the same subset, the same
-Lanczos start vector), so the ranks agree without a collective. The Lanczos solver
-is measure/metrics.py's ``hessian_extremes``; keeping the training clock still while
-a reading runs is core/evaluation.py's; when the records are logged, core/train_loop.py's.
-Edge of stability (Cohen et al. 2021): full-batch GD drives the top eigenvalue up to
-2/lr (2(1 + momentum)/lr with heavy-ball momentum); the trajectory shows it.
+Owns ``read_sharpness`` (the Hessian's largest and smallest eigenvalues of the training
+loss on the first ``metrics.sharpness_samples`` training samples) and ``SharpnessReadings``
+(when a run reads it, what it costs, and the ``by_step/`` trajectory still to be logged).
+Every rank reads it the same way (same subset, same Lanczos start vector), so the ranks
+agree without a collective. Edge of stability (Cohen et al. 2021): full-batch GD drives
+the top eigenvalue up to 2/lr (2(1 + momentum)/lr with heavy-ball momentum).
 """
 
 from __future__ import annotations
@@ -35,24 +24,24 @@ from harness.core.evaluation import RunCounters, timed
 from harness.core.step import unwrap
 from harness.measure.metrics import hessian_extremes
 
-# The trajectory's metric names (the final reading's are the same without the prefix).
-TRAJECTORY_KEYS = ("top_hessian_eigenvalue", "bottom_hessian_eigenvalue")
-
 
 def read_sharpness(cfg: Config, ctx: DistContext, model: torch.nn.Module, train_set: Split,
-                   training_stream=contextlib.nullcontext) -> dict[str, float]:
+                   training_stream=contextlib.nullcontext) -> Optional[dict[str, float]]:
     """The Hessian's largest and smallest algebraic eigenvalues on a fixed subset (the first N training samples).
 
     Metrics ``top_hessian_eigenvalue`` (sharpness), ``bottom_hessian_eigenvalue``
     (negative: the loss still curves down somewhere), ``hessian_eigensolver_converged``
     (0 when Lanczos did not converge within ``metrics.sharpness_iterations`` restarts:
     the eigenvalue it missed is left out, not guessed) and ``hessian_vector_products`` (its cost).
+    None when the loss there is not finite: Lanczos on NaN products has nothing to find.
     ``training_stream``: where autograd on the parameters runs (the graph step's side stream).
     """
-    model = unwrap(model)
-    metrics_cfg = cfg.metrics
-    n = min(metrics_cfg.sharpness_samples, len(train_set))
-    x, y = train_set.features[:n], train_set.targets[:n]
+    model, metrics_cfg = unwrap(model), cfg.metrics
+    subset = train_set.head(metrics_cfg.sharpness_samples)
+    x, y = subset.features, subset.targets
+    with torch.no_grad():
+        if not torch.isfinite(F.cross_entropy(model(x), y)):
+            return None
     with training_stream():
         extremes = hessian_extremes(lambda: F.cross_entropy(model(x), y), list(model.parameters()),
                                     tolerance=metrics_cfg.sharpness_tolerance,
@@ -75,10 +64,9 @@ def sharpness_cost_metrics(counters: RunCounters) -> dict[str, float]:
 class SharpnessReadings:
     """The sharpness readings of one run, on every rank.
 
-    With ``metrics.sharpness_every`` set (``periodic``) the loop reads at step 0
-    (``read(0)`` before the first update), ``after_step`` or ``after_epoch`` says when
-    else, and the run's end reads once more; every reading then joins the trajectory.
-    Without it only the final reading is taken (for ``metrics.sharpness``), as before.
+    With ``metrics.sharpness_every`` set (``periodic``) the loop reads at step 0, when
+    ``is_due_after_step`` or ``is_due_after_epoch`` says, and at the run's end; every reading
+    then joins the trajectory. Without it only the final reading is taken.
     """
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, train_set: Split,
@@ -103,10 +91,8 @@ class SharpnessReadings:
         spaced on the log-step axis the report plots them on."""
         if not self.periodic or global_step % self.every:
             return False
-        if self.unit == "steps":
-            return True
         multiple = global_step // self.every
-        return self.unit == "doubling_steps" and multiple & (multiple - 1) == 0
+        return self.unit == "steps" or (self.unit == "doubling_steps" and multiple & (multiple - 1) == 0)
 
     def is_due_after_epoch(self, epoch: int) -> bool:
         return self.unit == "epochs" and self.periodic and epoch % self.every == 0
@@ -116,7 +102,7 @@ class SharpnessReadings:
         if self.last is not None and self.last[0] == global_step:
             return self.last[1]
         with timed(self.counters, "sharpness_seconds", self.ctx.device):
-            reading = self._read()
+            reading = read_sharpness(self.cfg, self.ctx, self.model, self.train_set, self.training_stream)
         self.last = (global_step, reading)
         if reading is not None:
             self.counters.sharpness_readings += 1
@@ -125,17 +111,8 @@ class SharpnessReadings:
                 self.history.append((global_step, reading))
         return reading
 
-    def _read(self) -> Optional[dict[str, float]]:
-        n = min(self.cfg.metrics.sharpness_samples, len(self.train_set))
-        with torch.no_grad():
-            loss = F.cross_entropy(unwrap(self.model)(self.train_set.features[:n]), self.train_set.targets[:n])
-        # A blown-up model between two epoch ends: Lanczos on NaN products has nothing to find.
-        if not torch.isfinite(loss):
-            return None
-        return read_sharpness(self.cfg, self.ctx, self.model, self.train_set, self.training_stream)
-
     def take_history(self) -> dict[str, list[tuple[int, float]]]:
         """``by_step/<key>`` -> [(global step, value)] not logged yet; an unconverged eigenvalue (NaN) is left out."""
         history, self.history = self.history, []
         return {f"by_step/{key}": [(step, reading[key]) for step, reading in history if reading[key] == reading[key]]
-                for key in TRAJECTORY_KEYS}
+                for key in ("top_hessian_eigenvalue", "bottom_hessian_eigenvalue")}
