@@ -341,14 +341,15 @@ class UncapturedGraphStep(GraphStep):
 
 
 def stack_epoch(stack, epoch: int):
-    """One epoch of a stacked trainer outside the loop (no evaluation, record or checkpoint); each member's
-    mean loss [K]. A member whose epoch loss is above DIVERGED_LOSS stops updating, as the loop stops its run."""
+    """One epoch (the first is 0 or 1; the others follow it) of a stacked trainer outside the loop (no evaluation,
+    record or checkpoint); each member's mean loss [K]. A member whose epoch loss is above DIVERGED_LOSS stops
+    updating, as the loop stops its run."""
     import torch
 
     from harness.core.train_loop import DIVERGED_LOSS
     from harness.core.trainer import train_epoch
 
-    loss_sum, samples, _ = train_epoch(stack, epoch, stack.global_step)
+    loss_sum, samples, _ = train_epoch(stack, epoch, max(epoch - 1, 0) * stack.steps_per_epoch)
     mean_loss = loss_sum / samples
     stack.active &= torch.isfinite(mean_loss) & (mean_loss <= DIVERGED_LOSS)
     return mean_loss

@@ -1,41 +1,21 @@
 """The training step as CUDA graphs: captured once, replayed on static buffers.
 
-For the note's small DNN a step is a few dozen tiny kernels, and launching them
-one by one from Python costs more than running them. With
-``performance.cuda_graph`` the whole step (zero-grad, gather of the batch,
-forward, loss, backward with DDP's all-reduce, the noise probe, the update)
-is captured once per kind of step and replayed; feeding a batch is one copy of
-its indices into a static buffer.
+At the note's sizes a step is a few dozen tiny kernels whose Python launches cost
+more than their arithmetic. With ``performance.cuda_graph`` each kind of step
+(plain, or feeding the noise probe) is captured once and replayed; feeding a
+batch is one copy of its indices into a static buffer. The same wrapper serves a
+run alone (core/step.py) and a stack (core/stacked.py), whose K members then cost
+one launch. It owns when a run alone can be captured, the warm-up, the graphs,
+their static buffers and recapture when a stack shrinks; the step's math stays
+the wrapped step's ``step_body``, so eager and graph steps cannot drift apart.
 
-The same wrapper serves a run alone (core/step.py) and a stack of K trials
-(core/stacked.py), whose step is a few dozen small kernels for all K members
-together: replayed, the whole stack costs one launch where K trials one after
-another cost K replays. That is what makes stacking pay on a GPU, whose step at
-the note's sizes is launch latency, not arithmetic.
-
-Owns: when a run alone's step can be captured (``graph_unavailable_reason``), the
-eager warm-up before capture, the two graphs (a plain step and a step that feeds
-the noise probe), the static buffers they read (the batch's indices, [b] or
-[K, b], and the LR, [1] or [K]), and capturing again when a stack's members
-leave it. It does not own the step's math: ``GraphStep`` calls the wrapped step
-for the steps it does not replay and captures its ``step_body``, so eager and
-graph steps cannot drift apart.
-
-What capture needs, and how it is met here (PyTorch's CUDA notes, "CUDA Graphs"
-and "Usage with DistributedDataParallel"):
-- static shapes and addresses: one graph per batch shape (the full batch); the
-  last, smaller batch of an epoch runs eagerly. Gradients are zeroed in place,
-  never set to None, so they keep their addresses between eager and graph steps.
-  A stack whose members leave makes new, smaller tensors: the graphs are then
-  dropped and captured again on them, after one eager step.
-- no host syncs in the step: the update (core/optim.py) takes its LR as a device
-  tensor, copied from the schedule's table before every replay, and on a GPU
-  freezes a diverged stack member with a ``torch.where`` on the device-side mask;
-  the one-hot targets of a stack are a scatter; the probe keeps its counts on the
-  device.
-- warm-up on a side stream before capture: 3 eager steps, 11 under DDP, whose
-  model must be constructed on that same side stream (``side_stream``), with
-  NCCL's async error handling off (``distributed.allow_collective_capture``).
+What capture needs (PyTorch's CUDA notes, "CUDA Graphs" and "Usage with
+DistributedDataParallel"): static shapes and addresses (one graph for the full
+batch, the smaller last batch eager; gradients zeroed in place; new graphs, after
+one eager step, when a stack's tensors are rebuilt), no host syncs (the LR is a
+device tensor copied in before every replay; the probe counts on the device), and
+a warm-up on a side stream (3 eager steps, 11 under DDP, whose model is built on
+that stream, with NCCL's async error handling off).
 """
 
 from __future__ import annotations
@@ -68,13 +48,6 @@ def graph_unavailable_reason(cfg: Config, ctx: DistContext) -> Optional[str]:
     return None
 
 
-def side_stream(cfg: Config, ctx: DistContext) -> Optional[torch.cuda.Stream]:
-    """The stream for DDP's construction, the warm-up and the capture (None: no graph here)."""
-    if not cfg.performance.cuda_graph or graph_unavailable_reason(cfg, ctx):
-        return None
-    return new_side_stream(ctx.device)
-
-
 def new_side_stream(device: torch.device) -> torch.cuda.Stream:
     """A stream on ``device`` that starts after the work already queued on its current stream."""
     stream = torch.cuda.Stream(device)
@@ -82,42 +55,45 @@ def new_side_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-class GraphStep:
-    """Full-size steps of a step, replayed from CUDA graphs; the others run that step eagerly.
+class CapturableStep:
+    """What ``GraphStep`` asks of the step it wraps (``EagerStep``, ``StackedTrainer``), besides being called as
+    ``step(indices, global batch size, global step) -> summed loss``: ``step_body(indices, global batch size,
+    lr, measure)``, ``schedule``, ``optimizer``, ``global_batch_size``, ``graph_warmup_steps``,
+    ``capture_layout()`` (tensors whose replacement means capturing again) and, from ``probe`` and
+    ``measure_interval``, which steps feed the noise probe."""
 
-    Wraps any step that offers what capture needs, and is called as that step is
-    (``step(indices, global batch size, global step) -> summed loss``): a run alone's
-    ``EagerStep`` (core/step.py) or a stack's ``StackedTrainer`` (core/stacked.py),
-    which both offer ``step_body(indices, global batch size, lr, measure)`` (the very
-    function the eager step runs, so the two cannot drift apart), ``should_measure``,
-    ``can_measure``, their ``schedule`` and ``optimizer``, ``graph_warmup_steps`` and
-    ``capture_layout()`` (tensors whose replacement, as when members leave a stack,
-    means the graphs must be captured again, after one more eager step).
-    """
+    on_training_stream = staticmethod(contextlib.nullcontext)  # where eager autograd runs: the current stream
+
+    def can_measure(self, global_batch_size: int) -> bool:
+        """Can a step of this batch size feed the noise probe at all?"""
+        return self.probe is not None and self.probe.can_measure(global_batch_size)
+
+    def should_measure(self, global_batch_size: int, global_step: int) -> bool:
+        """Does this step feed the noise probe (every noise_scale_interval-th step it can measure)?"""
+        return self.can_measure(global_batch_size) and global_step % self.measure_interval == 0
+
+
+class GraphStep:
+    """Full-size steps of a ``CapturableStep``, replayed from CUDA graphs; the others run that step eagerly."""
 
     def __init__(self, step, stream: Optional[torch.cuda.Stream]):
-        self.step = step
+        self.step, self.stream = step, stream
         # The graphs hold the gradient buffers' addresses: eager steps must zero them in place.
         step.keeps_gradient_buffers = True
-        self.stream = stream
-        self.global_batch_size = step.global_batch_size
         self.warmup_steps_left = step.graph_warmup_steps
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # measures noise? -> graph
-        self.static_losses: dict[bool, torch.Tensor] = {}
-        self.static_indices: Optional[torch.Tensor] = None
-        self.static_lr: Optional[torch.Tensor] = None
+        # measures noise? -> the graph and the loss tensor it writes
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.static_indices: Optional[torch.Tensor] = None  # the batch's indices, copied in before every replay
+        self.static_lr: Optional[torch.Tensor] = None  # and its LR
         self._layout: Optional[torch.Tensor] = None  # what the graphs were captured on
 
     def __call__(self, indices: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
-        """One step on the samples ``indices``; returns the summed loss (no host sync).
-
-        A full batch after the warm-up is replayed; the warm-up steps and the
-        smaller last batch of an epoch (another shape) run the eager step.
-        """
+        """One step on the samples ``indices``; returns the summed loss (no host sync). A full batch after
+        the warm-up is replayed; the warm-up steps and the smaller last batch run the eager step."""
         step = self.step
         if step.capture_layout() is not self._layout:
             self._new_layout()
-        full_batch = global_batch_size == self.global_batch_size
+        full_batch = global_batch_size == step.global_batch_size
         if not full_batch or self.warmup_steps_left:
             if full_batch:
                 self.warmup_steps_left -= 1
@@ -126,7 +102,6 @@ class GraphStep:
             # a backward from another stream makes autograd synchronise the two.
             with self.on_training_stream():
                 return step(indices, global_batch_size, global_step)
-        measure = step.should_measure(global_batch_size, global_step)
         lr = step.schedule.lr(global_step)  # a view of the schedule's table
         if self.static_indices is None:
             self.static_indices = torch.empty_like(indices)
@@ -135,22 +110,32 @@ class GraphStep:
             self.static_lr = torch.empty(lr.shape, dtype=step.optimizer.dtype, device=lr.device)
         self.static_lr.copy_(lr)  # every replay: a decaying schedule reaches the captured update
         self.static_indices.copy_(indices)
-        return self.replay(measure)
+        return self.replay(step.should_measure(global_batch_size, global_step))
 
+    @contextlib.contextmanager
     def on_training_stream(self):
-        """A block of eager autograd work on the parameters, run on the stream DDP was built on."""
-        return on_side_stream(self.stream)
+        """A block of eager autograd work on the parameters, run on the stream DDP was built on, ordered
+        after and before the current stream's work (no stream: as is)."""
+        if self.stream is None:
+            yield
+            return
+        current = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)
 
     def replay(self, measure: bool) -> torch.Tensor:
         """Replay the graph of this kind of step, capturing the graphs first if there are none."""
         if not self.graphs:
             self._capture_all()
-        self.graphs[measure].replay()
-        return self.static_losses[measure]
+        graph, loss = self.graphs[measure]
+        graph.replay()
+        return loss
 
     def body(self, measure: bool) -> torch.Tensor:
         """The step as it is captured, on the static buffers."""
-        return self.step.step_body(self.static_indices, self.global_batch_size, self.static_lr, measure)
+        return self.step.step_body(self.static_indices, self.step.global_batch_size, self.static_lr, measure)
 
     def _new_layout(self) -> None:
         """The step's tensors are new (first call, or members left a stack): drop the graphs and buffers."""
@@ -159,34 +144,18 @@ class GraphStep:
             self.warmup_steps_left = max(self.warmup_steps_left, 1)
         self._layout = self.step.capture_layout()
         self.graphs.clear()
-        self.static_losses.clear()
         self.static_indices = self.static_lr = None
 
     def _capture_all(self) -> None:
         """Capture the plain step and, if the probe can measure this batch, the measuring step.
 
-        Both right after the warm-up, one after the other: under DDP they are then
-        its 12th and 13th iterations on every rank, clear of the iterations where
-        DDP times itself with CUDA events (its first ten, then every hundredth of
-        the eager ones), which a capture could not sync on. Capturing runs no
-        kernels, so the step's batch is trained by the replay that follows.
+        Both right after the warm-up: under DDP its 12th and 13th iterations on every rank, clear of
+        those where DDP times itself with CUDA events, which a capture could not sync on. Capturing
+        runs no kernels: the replay that follows trains the batch.
         """
-        kinds = [False, True] if self.step.can_measure(self.global_batch_size) else [False]
-        for measure in kinds:
+        for measure in (False, True) if self.step.can_measure(self.step.global_batch_size) else (False,):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self.stream):
-                self.static_losses[measure] = self.body(measure)
-            self.graphs[measure] = graph
+                loss = self.body(measure)
+            self.graphs[measure] = graph, loss
 
-
-@contextlib.contextmanager
-def on_side_stream(stream: Optional[torch.cuda.Stream]):
-    """Run the block on ``stream``, ordered after and before the current stream's work (None: as is)."""
-    if stream is None:
-        yield
-        return
-    current = torch.cuda.current_stream(stream.device)
-    stream.wait_stream(current)
-    with torch.cuda.stream(stream):
-        yield
-    current.wait_stream(stream)

@@ -1,35 +1,20 @@
 """Measuring the gradient noise scale inside training, without a second backward pass.
 
-McCandlish et al. 2018 (Appendix A) need |G|^2 at two batch sizes. With W ranks
-the "small" gradient is each rank's local gradient (a batch of B/W), read from
-DDP's buckets before they are all-reduced (a communication hook), and the "big"
-one is the all-reduced gradient (B). With one rank the local batch is split in
-two halves (B/2 each) that are backpropagated one after the other. With gradient
-accumulation (``optim.micro_batch_size`` = b, several passes per rank) the small
-batch is the micro-batch, on any number of ranks: each pass's gradient is read
-between the passes (the growth of p.grad over the pass; the last pass under DDP
-in the comm hook, before its all-reduce), so no pass is added.
+McCandlish et al. 2018 (Appendix A) need |G|^2 at two batch sizes. The "big" gradient is the
+all-reduced one (B); the "small" one is each rank's local gradient (B/W), read from DDP's buckets
+in a communication hook before they are all-reduced, or, on one rank, the two halves of the batch
+(B/2) backpropagated one after the other. With gradient accumulation the small batch is the
+micro-batch: each pass's gradient is read between the passes (the last under DDP in the hook).
 
-Squared norms stay on the device, in two places. An exponential moving average
-over the whole run (decay ``metrics.noise_scale_ema_decay``) is averaged over
-ranks and turned into the epoch metric ``grad_noise_scale`` once per epoch: it is
-an average weighted towards recent steps, not the value at the epoch's end. And
-a window: the plain sums of the two squared norms since the previous evaluation
-point (core/evaluation.py closes it there and keeps the last
-``WINDOWS_KEPT`` closed windows), from which the loop reads
-``grad_noise_scale_at_target`` where a run first reaches its target. Either way
-the two components are averaged before they are divided (McCandlish et al.:
-each is unbiased, their ratio is not), and no step waits for the host. Everything a measured step changes is a device tensor
-(the averages and their update count), so the step can be captured in a CUDA
-graph (graph_step.py) and replayed.
+Squared norms stay on the device, in an exponential moving average over the run (averaged over
+ranks into the epoch metric ``grad_noise_scale``) and in windows between evaluation points
+(core/evaluation.py closes them), from which ``grad_noise_scale_at_target`` is read. The two
+components are averaged before they are divided (each is unbiased, their ratio is not). A measured
+step changes only device tensors, so a CUDA graph can capture it (core/graph_step.py).
 
-Owns the whole protocol of a measured step: which of the four ways applies
-(half batches on one rank; DDP's comm hook; the hand-written engine's gradient
-read before its own all-reduce; micro-batches, whose loop the step runs and
-reports to ``before_micro_batch``, ``after_micro_batch`` and
-``record_micro_batches``), arming and recording, and the hook's
-registration. It does not own the backward or the all-reduce: the training step
-(core/step.py) passes them in, so this module never imports the step.
+Owns the protocol of a measured step (half batches, DDP's hook, the hand-written engine's read
+before its all-reduce, micro-batches) and the hook's registration; the training step (core/step.py)
+passes in the backward and the all-reduce.
 """
 
 from typing import Callable, Optional
@@ -41,25 +26,25 @@ from torch.nn.parallel import DistributedDataParallel
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.measure.metrics import debiased_average, noise_scale_components, simple_noise_scale
 
-# B_simple at the target averages the newest closed windows, the ones that end at
-# that evaluation: at least MIN_WINDOWS_AT_TARGET of them, and older ones (up to
-# WINDOWS_KEPT) until they hold MIN_MEASURED_STEPS_AT_TARGET measured steps. Not
-# windows after it: train.stop_at_target ends the run there. More than one window
-# because at ~40 evaluations per budget, with one measured step in
-# noise_scale_interval, one window can hold very few measured steps, and a
-# one-step estimate of |G|^2 is often negative.
+# B_simple at the target averages the newest closed windows ending there: at least MIN_WINDOWS_AT_TARGET,
+# and older ones (up to WINDOWS_KEPT) until they hold MIN_MEASURED_STEPS_AT_TARGET measured steps: one
+# window can hold very few, and a one-step estimate of |G|^2 is often negative.
 WINDOWS_KEPT = 8
+STATE = ("ema", "updates", "window", "closed_windows")  # a probe's running state, per run or per member
 MIN_WINDOWS_AT_TARGET = 2
 MIN_MEASURED_STEPS_AT_TARGET = 16
 
 
 def squared_norm(tensors) -> torch.Tensor:
-    """Sum of squares of all elements, as a float64 scalar on the device.
-
-    One fused norm kernel per tensor, no temporaries: an elementwise
-    ``pow(2).sum()`` on the 784x500 weight costs more than the step it measures.
-    """
+    """Sum of squares of all elements, as a float64 scalar on the device: one fused norm kernel per tensor
+    (an elementwise ``pow(2).sum()`` on the 784x500 weight costs more than the step it measures)."""
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])).double() ** 2
+
+
+def halves_squared_norm(first_sq, second_sq, normalizer: float, half: int, size: int):
+    """The mean squared norm of two half batches' gradients (of sum(CE)/normalizer, squared norms ``first_sq``
+    and ``second_sq``), each half's taken as a mean over its own samples (``half`` and ``size - half``)."""
+    return (first_sq * (normalizer / half) ** 2 + second_sq * (normalizer / (size - half)) ** 2) / 2
 
 
 # backward(x, y, normalizer): assigns this rank's gradients of sum(CE)/normalizer
@@ -91,17 +76,15 @@ class NoiseProbe:
     def __init__(self, ctx: DistContext, global_batch_size: int, decay: float,
                  micro_batch_size: Optional[int] = None):
         """``micro_batch_size``: the step accumulates passes of this size (several per rank); None: it does not."""
-        self.ctx = ctx
-        self.decay = decay
-        self.big_batch_size = global_batch_size
-        self.small_batch_size = global_batch_size / ctx.world_size if ctx.world_size > 1 else global_batch_size / 2
-        self.micro_batch_size = micro_batch_size
-        if micro_batch_size is not None:
-            self.small_batch_size = micro_batch_size
+        self.ctx, self.decay = ctx, decay
+        self.big_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.splits_batch = ctx.world_size == 1  # one rank: measure by backpropagating two halves of the batch
+        # The small batch: the micro-batch, else a rank's share, else (one rank) half the batch.
+        self.small_batch_size = (micro_batch_size if micro_batch_size is not None
+                                 else global_batch_size / max(ctx.world_size, 2))
         # A measured accumulating step: the sum of its passes' squared norms (as means), their count
         # (a host int: every full step has the same number of passes), and p.grad before the pass.
-        self.micro_sq_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        self.micro_count = 0
+        self.micro_sq_sum, self.micro_count = torch.zeros((), dtype=torch.float64, device=ctx.device), 0
         self.previous_grads: Optional[list[torch.Tensor]] = None
         self.previous_by_address: Optional[dict[int, torch.Tensor]] = None
         self.ema = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (small, big) squared norms
@@ -112,11 +95,6 @@ class NoiseProbe:
         # The last WINDOWS_KEPT closed windows, oldest first, averaged over ranks.
         self.closed_windows = torch.zeros(WINDOWS_KEPT, 3, dtype=torch.float64, device=ctx.device)
         self.armed = False
-
-    @property
-    def splits_batch(self) -> bool:
-        """One rank: measure by backpropagating two halves of the batch."""
-        return self.ctx.world_size == 1
 
     def can_measure(self, global_batch_size: int) -> bool:
         # Only full batches: the last, smaller batch of an epoch has other sizes.
@@ -130,12 +108,9 @@ class NoiseProbe:
 
     def measured_gradients(self, backward: Backward, x: torch.Tensor, y: torch.Tensor, normalizer: float,
                            params: list[torch.Tensor], all_reduce: Optional[Callable[[], None]]) -> torch.Tensor:
-        """A measured step's gradients: p.grad := the global batch's mean, as an unmeasured step leaves it.
-
-        Records the step's pair of squared norms and returns this rank's loss.
-        ``all_reduce`` averages the gradients over ranks where ``backward`` does
-        not (the hand-written engine; None under DDP or on one rank).
-        """
+        """A measured step's gradients (p.grad := the global batch's mean, as an unmeasured step leaves it),
+        its pair of squared norms recorded; this rank's loss. ``all_reduce`` averages the gradients where
+        ``backward`` does not (the hand-written engine; None under DDP or on one rank)."""
         if self.splits_batch:
             # One rank: its gradient is the global one, nothing to all-reduce.
             loss, small_sq = self._backward_in_halves(backward, x, y, normalizer, params)
@@ -157,10 +132,8 @@ class NoiseProbe:
         first_loss = backward(x[:half], y[:half], normalizer)
         first = [p.grad.clone() for p in params]
         second_loss = backward(x[half:], y[half:], normalizer)
-        sizes = (half, len(y) - half)
-        # Each half's gradient as a mean over its own samples: scale by normalizer/size.
-        small_sq = (squared_norm(first) * (normalizer / sizes[0]) ** 2
-                    + squared_norm([p.grad for p in params]) * (normalizer / sizes[1]) ** 2) / 2
+        small_sq = halves_squared_norm(squared_norm(first), squared_norm([p.grad for p in params]), normalizer,
+                                       half, len(y))
         for g, p in zip(first, params):
             p.grad.add_(g)
         return first_loss + second_loss, small_sq
@@ -180,10 +153,8 @@ class NoiseProbe:
 
     def before_micro_batch(self, params: list[torch.Tensor], index: int, reduces_in_backward: bool) -> None:
         """Before pass ``index`` of a measured accumulating step: keep p.grad, to read the pass's own gradient.
-
-        ``reduces_in_backward``: DDP all-reduces in this pass's backward (its last),
-        so the comm hook reads the pass, before the reduction replaces p.grad.
-        """
+        ``reduces_in_backward``: DDP all-reduces in this pass's backward (its last), so the comm hook reads
+        the pass, before the reduction replaces p.grad."""
         self.previous_grads = [p.grad.clone() for p in params] if index > 0 else None
         if reduces_in_backward:
             self.previous_by_address = (None if self.previous_grads is None else
@@ -194,8 +165,7 @@ class NoiseProbe:
         """After a pass of ``size`` samples whose loss was divided by ``normalizer``: add its squared norm as a mean."""
         if self.armed:
             pass_sq = self.local_sq_norm.clone()  # read by the comm hook
-            self.armed = False
-            self.previous_by_address = None
+            self.armed, self.previous_by_address = False, None
         elif self.previous_grads is None:
             pass_sq = squared_norm([p.grad for p in params])
         else:
@@ -215,61 +185,51 @@ class NoiseProbe:
         self.local_sq_norm.zero_()
         self.armed = True
 
-    def record(self, small_sq_norm: torch.Tensor, params) -> None:
-        """One step's pair of squared norms: ``small_sq_norm`` local, ``params``' grads reduced."""
+    def record(self, small_sq: torch.Tensor, params) -> None:
+        """One step's pair of squared norms: ``small_sq`` local, ``params``' grads reduced."""
         self.armed = False
-        big_sq_norm = squared_norm([p.grad for p in params])
-        accumulate(self.ema, self.updates, self.window, self.decay, small_sq_norm, big_sq_norm)
+        accumulate(self.ema, self.updates, self.window, self.decay, small_sq, squared_norm([p.grad for p in params]))
 
     def close_window(self) -> None:
-        """At an evaluation point, on every rank (it all-reduces): keep the window, start a new one.
-
-        Device work only, no host read: the closed windows are read at the target.
-        """
+        """At an evaluation point, on every rank (it all-reduces): keep the window, start a new one (device
+        work only: the closed windows are read at the target)."""
         all_reduce_sum(self.window, self.ctx).div_(self.ctx.world_size)
         self.closed_windows.copy_(torch.cat([self.closed_windows[1:], self.window.unsqueeze(0)]))
         self.window.zero_()
 
     def window_metrics(self) -> dict[str, float]:
         """B_simple and its components over the closed windows (a host read); empty if none measured."""
-        small_sum = big_sum = count = 0.0
-        windows = 0
+        small_sum, big_sum, count, windows = 0.0, 0.0, 0.0, 0
         for small, big, measured in reversed(self.closed_windows.tolist()):  # newest first
             if windows >= MIN_WINDOWS_AT_TARGET and count >= MIN_MEASURED_STEPS_AT_TARGET:
                 break
             small_sum, big_sum, count, windows = small_sum + small, big_sum + big, count + measured, windows + 1
         if count == 0:
             return {}
-        # Mean squared norms, then the (linear, unbiased) components, then their ratio.
-        grad_sq_norm, trace_cov = noise_scale_components(small_sum / count, big_sum / count,
-                                                         self.small_batch_size, self.big_batch_size)
-        metrics = {"grad_sq_norm_at_target": grad_sq_norm, "grad_trace_cov_at_target": trace_cov,
-                   "grad_noise_scale_measured_steps_at_target": count,
-                   "grad_noise_scale_windows_at_target": float(windows)}
-        noise_scale = simple_noise_scale(grad_sq_norm, trace_cov)
-        if noise_scale == noise_scale:
-            metrics["grad_noise_scale_at_target"] = noise_scale
-        return metrics
+        return {**self._noise_metrics(small_sum / count, big_sum / count, ("grad_sq_norm_at_target",
+                                      "grad_trace_cov_at_target", "grad_noise_scale_at_target")),
+                "grad_noise_scale_measured_steps_at_target": count,
+                "grad_noise_scale_windows_at_target": float(windows)}
 
     def epoch_metrics(self) -> dict[str, float]:
         """Every rank must call this (it all-reduces). Empty until a step was measured."""
-        # The averages are linear in the norms, so averaging them over ranks now
-        # and going on from the mean equals averaging at the very end; every rank
-        # then holds the same state, which is what rank 0's checkpoint saves.
-        # In place: a captured step holds this tensor's address.
+        # The averages and the open window are linear in the norms: averaging them over ranks now equals
+        # averaging at the end, and every rank then holds the state rank 0's checkpoint saves. In place:
+        # a captured step holds these addresses.
         all_reduce_sum(self.ema, self.ctx).div_(self.ctx.world_size)
-        # The open window too (linear as well): what rank 0 checkpoints is then every rank's state.
         all_reduce_sum(self.window, self.ctx).div_(self.ctx.world_size)
         updates = int(self.updates)  # the epoch's one read of the count (a sync, once per epoch)
         if updates == 0:
             return {}
-        small_sq, big_sq = debiased_average(self.ema, self.decay, updates).tolist()
+        return self._noise_metrics(*debiased_average(self.ema, self.decay, updates).tolist(),
+                                   ("grad_sq_norm_estimate", "grad_trace_cov_estimate", "grad_noise_scale"))
+
+    def _noise_metrics(self, small_sq: float, big_sq: float, names: tuple[str, str, str]) -> dict[str, float]:
+        """``names`` for |G|^2, tr(Sigma) and B_simple from the mean squared norms: the (linear, unbiased)
+        components, then their ratio, left out where NaN (|G|^2 not estimated positive)."""
         grad_sq_norm, trace_cov = noise_scale_components(small_sq, big_sq, self.small_batch_size, self.big_batch_size)
-        metrics = {"grad_sq_norm_estimate": grad_sq_norm, "grad_trace_cov_estimate": trace_cov}
         noise_scale = simple_noise_scale(grad_sq_norm, trace_cov)
-        if noise_scale == noise_scale:  # not NaN: |G|^2 estimated positive
-            metrics["grad_noise_scale"] = noise_scale
-        return metrics
+        return dict(zip(names, (grad_sq_norm, trace_cov) + ((noise_scale,) if noise_scale == noise_scale else ())))
 
     def state_dict(self) -> dict:
         return {"ema": self.ema.cpu(), "updates": int(self.updates), "window": self.window.cpu(),
@@ -284,44 +244,30 @@ class NoiseProbe:
 
 
 class MemberProbes:
-    """The noise probes of K members (a stack's), their state on a member axis.
-
-    ``members[k]`` is an ordinary ``NoiseProbe`` whose state tensors are views of
-    row k here: the stacked step records all members at once, and each member's
-    evaluations, epoch metrics and checkpoint use its probe as a run alone does.
-    A measured step on one rank backpropagates the batch in two halves, as the
-    probe does for a run alone; on several ranks the small gradient is each rank's
-    own, read before the all-reduce (the hand-written engine's way).
-    """
+    """The noise probes of K members (a stack's), their state on a member axis: ``members[k]`` is an
+    ordinary ``NoiseProbe`` whose state tensors are views of row k, which the stacked step records all at
+    once and each member's evaluations, epoch metrics and checkpoint use as a run alone's."""
 
     def __init__(self, ctx: DistContext, global_batch_size: int, decay: float, num_members: int):
-        self.ctx, self.decay = ctx, decay
+        self.decay = decay
         self.members = [NoiseProbe(ctx, global_batch_size, decay) for _ in range(num_members)]
-        dtype, device = torch.float64, ctx.device
-        self.ema = torch.zeros(num_members, 2, dtype=dtype, device=device)
-        self.updates = torch.zeros(num_members, dtype=dtype, device=device)
-        self.window = torch.zeros(num_members, 3, dtype=dtype, device=device)
-        self.closed_windows = torch.zeros(num_members, WINDOWS_KEPT, 3, dtype=dtype, device=device)
-        self._point_members()
+        self._set_state(*(torch.stack([getattr(probe, name) for probe in self.members]) for name in STATE))
 
-    def _point_members(self) -> None:
+    def _set_state(self, *state: torch.Tensor) -> None:
+        """The members' ``STATE`` tensors, [K, ...]: each member's probe gets views of its row."""
+        self.ema, self.updates, self.window, self.closed_windows = state
         for k, probe in enumerate(self.members):
-            probe.ema, probe.updates = self.ema[k], self.updates[k]
-            probe.window, probe.closed_windows = self.window[k], self.closed_windows[k]
+            probe.ema, probe.updates, probe.window, probe.closed_windows = (tensor[k] for tensor in state)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the members ``rows``: a dropped member's probe keeps the state it stopped with."""
         self.members = [self.members[k] for k in rows.tolist()]
-        self.ema, self.updates = self.ema[rows], self.updates[rows]
-        self.window, self.closed_windows = self.window[rows], self.closed_windows[rows]
-        self._point_members()
+        self._set_state(self.ema[rows], self.updates[rows], self.window[rows], self.closed_windows[rows])
 
     def can_measure(self, global_batch_size: int) -> bool:
         return self.members[0].can_measure(global_batch_size)
 
     def record(self, small_sq: torch.Tensor, big_sq: torch.Tensor, active: torch.Tensor) -> None:
         """One step's squared norms, [K] each: ``small_sq`` of the small batch (as a mean), ``big_sq`` reduced.
-
-        Only ``active`` members record: a member that stopped at its target keeps the probe
-        its run alone ended with, while the others' steps go on around it."""
+        Only ``active`` members record: one that stopped keeps the probe its run ended with."""
         accumulate(self.ema, self.updates, self.window, self.decay, small_sq, big_sq, active)

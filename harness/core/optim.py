@@ -1,15 +1,12 @@
 """The learning-rate schedule and the update, written once for K members at a time: a run alone is K = 1.
 
-Owns the schedule (``lr_at``: linear warmup, then the LR held or decayed to 0, as one formula of
-the step for every member at once; ``Schedule`` holds the members' settings), the update
-(``Optimizer``: momentum SGD, Nesterov, Adam, AdamW) over member-stacked [K, n] blocks with a mask
-that freezes members, and the update's state: made here, its rows kept when members leave a
-stack, each member's slice saved and loaded as a checkpoint's ``optimizer`` (``MemberState``).
-
-It does not own where the blocks come from: a stack's flat buffers (core/stacked.py
-``MemberLayout.blocks``) or a run alone's parameters, each viewed as [1, n] (core/step.py), nor
-when a step runs. The LR, every hyperparameter and Adam's step count are device tensors, so a
-step reads nothing back and a CUDA graph can capture it (core/graph_step.py).
+Owns the schedule (``Schedule``: linear warmup, then the LR held or decayed to 0, one formula for
+every member at once), the update (``Optimizer``: momentum SGD, Nesterov, Adam, AdamW) over
+member-stacked [K, n] blocks with a mask that freezes members, and its state (rows kept when
+members leave a stack; each member's slice a checkpoint's ``optimizer``: ``MemberState``). The
+blocks are a stack's flat buffers (core/stacked.py) or a run alone's parameters viewed as [1, n]
+(core/step.py). The LR, hyperparameters and Adam's step count are device tensors, so a step reads
+nothing back and a CUDA graph can capture it (core/graph_step.py).
 """
 
 from __future__ import annotations
@@ -27,25 +24,6 @@ TABLE_STEPS = 1024
 # The state each update keeps, per member and parameter; Adam's step count is one number per member.
 STATE_KEYS = {"sgd": ("momentum_buffer",), "nesterov": ("momentum_buffer",),
               "adam": ("step", "exp_avg", "exp_avg_sq"), "adamw": ("step", "exp_avg", "exp_avg_sq")}
-
-
-def lr_at(steps, base_lr: torch.Tensor, warmup_steps: torch.Tensor, decay_end: torch.Tensor,
-          kind: torch.Tensor) -> torch.Tensor:
-    """The LR at ``steps`` (an int: [K]; a [S] tensor: [S, K]) of K members, each given as a [K] tensor.
-
-    While step < warmup_steps: base_lr * (step + 1) / warmup_steps (Goyal et al. 2017). Then
-    base_lr * f(progress), progress = (step - warmup_steps) / (decay_end - warmup_steps) held in [0, 1],
-    with f by ``kind`` (an index into config.SCHEDULES): 1 (constant), 1 - progress (linear) or
-    (1 + cos(pi * progress)) / 2 (cosine, Loshchilov & Hutter 2017). A decay reaches 0 at decay_end,
-    the step after the run's last, so no step trains at LR 0. In float64, as Python floats compute it.
-    """
-    step = torch.as_tensor(steps, dtype=torch.float64, device=base_lr.device).unsqueeze(-1)
-    # clamp: members without warmup (0 steps) take the other branch; the division must not make a NaN there.
-    ramp = base_lr * (step + 1) / warmup_steps.clamp_min(1)
-    progress = ((step - warmup_steps) / (decay_end - warmup_steps).clamp_min(1)).clamp(0, 1)
-    factor = torch.where(kind == SCHEDULES.index("linear"), 1 - progress,
-                         torch.where(kind == SCHEDULES.index("cosine"), (1 + torch.cos(math.pi * progress)) / 2, 1.0))
-    return torch.where(step < warmup_steps, ramp, base_lr * factor)
 
 
 class Schedule:
@@ -71,7 +49,22 @@ class Schedule:
                    column([SCHEDULES.index(m.optim.schedule) for m in members], torch.long))
 
     def lr_at(self, steps) -> torch.Tensor:
-        return lr_at(steps, self.base_lr, self.warmup_steps, self.decay_end, self.kind)
+        """The LR at ``steps`` (an int: [K]; a [S] tensor: [S, K]), in float64 as Python floats compute it.
+
+        While step < warmup_steps: base_lr * (step + 1) / warmup_steps (Goyal et al. 2017). Then
+        base_lr * f(progress), progress = (step - warmup_steps) / (decay_end - warmup_steps) held in [0, 1],
+        with f by ``kind`` (an index into config.SCHEDULES): 1 (constant), 1 - progress (linear) or
+        (1 + cos(pi * progress)) / 2 (cosine, Loshchilov & Hutter 2017). A decay reaches 0 at decay_end,
+        the step after the run's last, so no step trains at LR 0.
+        """
+        step = torch.as_tensor(steps, dtype=torch.float64, device=self.base_lr.device).unsqueeze(-1)
+        # clamp: members without warmup (0 steps) take the other branch; the division must not make a NaN there.
+        ramp = self.base_lr * (step + 1) / self.warmup_steps.clamp_min(1)
+        progress = ((step - self.warmup_steps) / (self.decay_end - self.warmup_steps).clamp_min(1)).clamp(0, 1)
+        factor = torch.where(self.kind == SCHEDULES.index("linear"), 1 - progress,
+                             torch.where(self.kind == SCHEDULES.index("cosine"),
+                                         (1 + torch.cos(math.pi * progress)) / 2, 1.0))
+        return torch.where(step < self.warmup_steps, ramp, self.base_lr * factor)
 
     def lr(self, step: int) -> torch.Tensor:
         """``lr_at(step)``, [K] float64, as a view of a table evaluated once per TABLE_STEPS steps."""
@@ -96,33 +89,24 @@ class Optimizer:
     - adam: d = g + wd * p; m = lerp(m, d, 1 - beta1); v = beta2 * v + (1 - beta2) * d^2;
       p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps) (Kingma & Ba 2015, Algorithm 1
       with torch's placement of eps). adamw: d = g and p *= 1 - lr * wd first (Loshchilov & Hutter 2019).
-    Every pass is in place on the blocks, one elementwise pass per block with each member's
-    hyperparameters as a [K, 1] column: on a CPU stack a fresh [K, n] temporary per operation cost
-    more than the arithmetic (docs/performance.md, "Why a hand-written backward and in-place
-    updates"). The gradient blocks become d in place: the next step overwrites them anyway.
+    Every pass is in place on the blocks, each member's hyperparameters a [K, 1] column: on a CPU
+    stack a fresh [K, n] temporary per operation cost more than the arithmetic (docs/performance.md).
+    The gradient blocks become d in place: the next step overwrites them anyway.
 
     A member whose ``active`` is false keeps its parameters and state: its d is zeroed (its gradient
-    may be NaN, and 0 * NaN is NaN), its LR is 0 and its decay rates 1 (momentum; Adam's betas), and
-    Adam's step count stays. On a CPU the zeroing is an ``index_fill_`` over the frozen rows, which
-    costs nothing while none is frozen (a masked_fill_ or torch.where with a broadcast mask cost as
-    much as the rest of the update). Finding those rows (``nonzero``) is a host sync on a GPU, where a
-    step must queue work without waiting: there (``host_sync_free``) one ``torch.where`` on the mask
-    zeroes them instead, a cheap pass on a GPU and no read of the mask, as a CUDA graph needs.
+    may be NaN), its LR is 0, its decay rates 1, and Adam's step count stays. On a CPU the zeroing is
+    an ``index_fill_`` over the frozen rows, free while none is; finding them is a host sync, so on a
+    GPU (``host_sync_free``) one ``torch.where`` on the mask zeroes them, as a CUDA graph needs.
     """
 
     def __init__(self, members: list[OptimConfig], params: list[torch.Tensor]):
         self.name = members[0].name  # one for every member of a stack (core/stacked.py SHARED_KEYS)
         self.dtype, device = params[0].dtype, params[0].device
         self.host_sync_free = device.type == "cuda"
-
-        def column(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float64, device=device)
-
         # [K] each, float64 as torch.optim's Python numbers are.
-        self.hyper = {"momentum": column([m.momentum for m in members]),
-                      "weight_decay": column([m.weight_decay for m in members]),
-                      "beta1": column([m.betas[0] for m in members]), "beta2": column([m.betas[1] for m in members]),
-                      "eps": column([m.eps for m in members])}
+        hyper = torch.tensor([[m.momentum, m.weight_decay, *m.betas, m.eps] for m in members], dtype=torch.float64,
+                             device=device).T.contiguous()
+        self.hyper = dict(zip(("momentum", "weight_decay", "beta1", "beta2", "eps"), hyper))
         # Known when the optimizer is built, so skipping the pass costs no host sync per step.
         self.has_weight_decay = bool((self.hyper["weight_decay"] != 0).any())
         self.state = {key: [torch.zeros(len(members), 1, dtype=torch.float64, device=device)] if key == "step"
@@ -153,17 +137,13 @@ class Optimizer:
     def step(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: torch.Tensor,
              active: Optional[torch.Tensor] = None, folded: tuple[int, ...] | range = ()) -> None:
         """One update of [K, n] blocks ``params`` from ``grads`` (laid out as the state) with ``lr`` [K].
-
-        ``active`` [K] bool: only these members update (None: all). ``folded`` (sgd, every member
-        active): blocks whose momentum buffer already holds momentum * buf + g, summed there by the
-        product that computed g; only the weight decay is added before the parameters move.
-        """
+        ``active`` [K] bool: only these members update (None: all). ``folded`` (sgd, every member active):
+        blocks whose momentum buffer already holds momentum * buf + g (core/stacked.py)."""
         adam = self.name in ("adam", "adamw")
         # Adam's corrections are formed in float64, as torch.optim forms them in Python floats.
         lr = lr.to(torch.float64 if adam else self.dtype).unsqueeze(1)
         rows = None if active is None else active.unsqueeze(1)
-        if rows is not None:
-            lr = torch.where(rows, lr, 0.0)
+        lr = lr if rows is None else torch.where(rows, lr, 0.0)
         blocks = list(zip(params, grads, *(self.state[key] for key in STATE_KEYS[self.name] if key != "step")))
         if adam:
             self._adam(blocks, lr, rows, self._freezer(active))
@@ -206,8 +186,7 @@ class Optimizer:
         t = steps.clamp_min(1)
         step_size = (lr / (1 - self.hyper["beta1"].unsqueeze(1) ** t)).to(self.dtype)
         correction2_sqrt = (1 - self.hyper["beta2"].unsqueeze(1) ** t).sqrt().to(self.dtype)
-        one_minus_beta1, beta2 = columns["one_minus_beta1"], columns["beta2"]
-        one_minus_beta2 = columns["one_minus_beta2"]
+        one_minus_beta1, beta2, one_minus_beta2 = (columns[k] for k in ("one_minus_beta1", "beta2", "one_minus_beta2"))
         if rows is not None:
             one_minus_beta1 = torch.where(rows, one_minus_beta1, 0.0)
             beta2, one_minus_beta2 = torch.where(rows, beta2, 1.0), torch.where(rows, one_minus_beta2, 0.0)
@@ -239,11 +218,8 @@ class Optimizer:
 
 
 class MemberState:
-    """One member's rows of an optimizer's state: what its checkpoint saves and loads.
-
-    Views, not copies: a member that leaves a stack keeps its rows of the old tensors, which no
-    step touches any more, so its checkpoint holds the state its run stopped with.
-    """
+    """One member's rows of an optimizer's state: what its checkpoint saves and loads. Views: a member that
+    leaves a stack keeps its rows of the old tensors, which no step touches any more."""
 
     def __init__(self, optimizer: Optimizer, row: int):
         self.name = optimizer.name

@@ -1,44 +1,35 @@
 """K trials of one MLP architecture trained as one stacked model: the stacked step.
 
-Owns the stacked model (every member's parameters on a leading K axis), its
-forward as batched matrix products, the per-member loss, the stacked step
-(gradients, then core/optim.py's update and LR schedule for all members at
-once), the fold of SGD's momentum into the weight-gradient product, the
-per-member data order (each rank's share of it), the gradients' one all-reduce
-over ranks, the stacked noise probe, divergence masking, and dropping members
-whose runs have ended (``StackedTrainer.keep``).
+Owns the stacked model (every member's parameters on a leading K axis), its forward as batched
+matrix products and hand-written backward, the per-member loss, the step (core/optim.py's update
+and schedule for all members at once, SGD's momentum folded into the weight-gradient product),
+each member's data order and rank share, the one all-reduce of the gradients, the stacked noise
+probe, freezing diverged members, and dropping members whose runs ended (``StackedTrainer.keep``).
 
-Each member is the trial it stands for, run alone: its initial weights are
-``model.build_model(its config)`` stacked, its batches are its own
-``data.BatchPlan`` permutation of its own training split, its loss is the eager
-step's (sum of cross-entropy over the batch / the batch's size), its LR and
-update are core/optim.py's, the very code that updates a run alone, so its
-parameters after n steps equal the solo run's up to float rounding
-(tests/unit/test_stacked.py).
-
-Each member's run (MLflow, evaluations, target, sharpness, checkpoints) is
-core/stacked_run.py's; grouping a sweep's trials into stacks is
-sweeps/sweep.py's; the step's CUDA-graph capture is core/graph_step.py's.
+Each member is the trial it stands for, run alone: the same initial weights, its own batch plan,
+the eager step's loss and core/optim.py's update, so its parameters after n steps equal the solo
+run's up to float rounding (tests/unit/test_stacked.py). Each member's run is
+core/stacked_run.py's; grouping trials into stacks is sweeps/sweep.py's.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from harness.core.config import Config, check_stackable_trial, steps_per_epoch
+from harness.core.config import Config, check_stackable_trial
 from harness.core.data import BatchPlan, Split
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.backprop import activation_backward
-from harness.core.graph_step import WARMUP_STEPS
+from harness.core.graph_step import WARMUP_STEPS, CapturableStep
 from harness.core.model import ACTIVATION_MODULES, build_model
 from harness.core.optim import Optimizer, Schedule
 from harness.errors import InputError
-from harness.core.noise_probe import MemberProbes
+from harness.core.noise_probe import MemberProbes, halves_squared_norm
 
 # Keys every member of a stack must agree on: they fix the tensors' shapes (architecture,
 # batch size, the training split's size) or what one step computes for all members at once.
@@ -55,57 +46,42 @@ PARAMETER_MAJOR_DEVICES = ("cpu",)
 
 
 def finite(x: torch.Tensor) -> torch.Tensor:
-    """``torch.isfinite(x)`` in two kernels where it takes four (abs, ne, eq, mul): x - x is exactly 0 for
-    finite x and NaN for inf and NaN. The stacked step's per-step kernels are what a stack on a GPU pays
-    (docs/performance.md)."""
+    """``torch.isfinite(x)`` in two kernels where it takes four: x - x is exactly 0 for finite x, NaN otherwise
+    (a stack on a GPU pays per kernel: docs/performance.md)."""
     return (x - x) == 0
 
 
 def dotted(cfg: Config, key: str):
     """The value at dotted ``key`` ("optim.lr") of ``cfg``."""
-    node = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def check_stackable(members: list[Config]) -> None:
     """Refuse a stack its members cannot share (one line naming the key), before anything is built."""
     if len(members) < 1:
         raise InputError("stack: 0 members; expected at least 1 trial to stack")
-    first = members[0]
     for key in SHARED_KEYS:
         values = {repr(dotted(m, key)) for m in members}
         if len(values) > 1:
             raise InputError(f"{key}: the stacked trials differ ({', '.join(sorted(values))}); expected one value "
                              "for every trial of a stack")
-    check_stackable_trial(first, "with a stack")
+    check_stackable_trial(members[0], "with a stack")
 
 
 class MemberLayout:
-    """Where each member's parameters lie in one flat buffer (parameters and gradients share it; the
-    optimizer's state takes the shapes of its ``blocks``).
+    """Where each member's parameters lie in one flat 1-D buffer (gradients share the layout; the optimizer's
+    state takes the shapes of its ``blocks``, the [K, n] pieces the update and the norms walk over).
 
-    Member-major (on a GPU): member k's parameters end to end in row k of a [K, P]
-    block, so one elementwise pass over that one block updates every parameter of
-    every member (the update: 4 kernels a step where one per parameter tensor took
-    16), and a batched GEMM writes a weight's gradient straight into its
-    batch-strided view. Parameter-major (on a CPU): each parameter tensor's [K, n]
-    block in turn, so each weight's gradient is a contiguous [K, d_l, d_{l-1}]:
-    a CPU's bmm into a batch-strided view gives up its batched GEMM for one
-    GEMM per member (docs/steps.md measures the cost). Either way the buffer is 1-D and ``blocks`` are the [K, n] pieces the
-    optimizer and the norms walk over.
+    Member-major (on a GPU): member k's parameters end to end in row k of one [K, P] block, so one
+    elementwise pass updates every parameter of every member. Parameter-major (on a CPU): each
+    parameter's [K, n] block in turn, so each weight's gradient is a contiguous [K, d_l, d_{l-1}]:
+    a CPU's bmm into a batch-strided view runs one GEMM per member (docs/steps.md).
     """
 
     def __init__(self, shapes: list[tuple[int, ...]], member_major: bool):
         self.shapes, self.member_major = shapes, member_major
         self.sizes = [math.prod(shape) for shape in shapes]
         self.width = sum(self.sizes)  # P: one member's parameters
-
-    def flatten(self, members: list[list[torch.Tensor]]) -> torch.Tensor:
-        """The buffer of ``members`` (each a list of tensors shaped ``shapes``)."""
-        stacked = [torch.stack([tensors[i].detach() for tensors in members]) for i in range(len(self.shapes))]
-        return self.select(stacked, torch.arange(len(members)))
 
     def select(self, views: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         """A new buffer holding only the members ``rows`` of the [K, ...] tensors ``views``, in this layout."""
@@ -115,14 +91,11 @@ class MemberLayout:
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``flat`` as [K, *shape] views, one per parameter tensor in ``parameters()`` order."""
         members = flat.numel() // self.width
-        views, offset = [], 0
-        for shape, size in zip(self.shapes, self.sizes):
-            if self.member_major:
-                views.append(flat.view(members, self.width)[:, offset:offset + size].view(members, *shape))
-            else:
-                views.append(flat[members * offset:members * (offset + size)].view(members, *shape))
-            offset += size
-        return views
+        if self.member_major:
+            pieces = flat.view(members, self.width).split(self.sizes, dim=1)
+        else:
+            pieces = flat.split([members * size for size in self.sizes])
+        return [piece.view(members, *shape) for piece, shape in zip(pieces, self.shapes)]
 
     def blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``flat`` as the [K, n] pieces an elementwise pass with per-member [K, 1] columns walks over."""
@@ -135,13 +108,10 @@ class MemberLayout:
 class StackedMLP:
     """K MLPs of one architecture: ``weights[l]`` is [K, d_l, d_{l-1}], ``biases[l]`` is [K, d_l].
 
-    Forward of x [K, b, d_0] is one ``torch.baddbmm`` per layer: member k's rows
-    meet only member k's weights, so members never mix (a NaN in one stays there).
-    The backward is written by hand (core/backprop.py's delta recursion, with a
-    member axis in front; notation there), not autograd's: autograd's gradient of
-    the [K, d_l, d_{l-1}] weight comes out as [K, d_{l-1}, d_l] and is copied
-    into place, a copy that costs more than the bmm itself (docs/steps.md). Here every gradient is
-    computed in the weight's own layout into buffers allocated once.
+    Forward of x [K, b, d_0] is one ``torch.baddbmm`` per layer: members never mix (a NaN in one
+    stays there). The backward is core/backprop.py's delta recursion with a member axis in front,
+    by hand: autograd's weight gradient comes out transposed and its copy into place costs more
+    than the bmm (docs/steps.md). Every gradient goes into buffers allocated once.
     """
 
     def __init__(self, members: list[Config], device: torch.device | str = "cpu"):
@@ -150,7 +120,8 @@ class StackedMLP:
         self.activation = ACTIVATION_MODULES[self.activation_name]()
         self.layout = MemberLayout([tuple(p.shape) for p in models[0].parameters()],
                                    member_major=torch.device(device).type not in PARAMETER_MAJOR_DEVICES)
-        self.flat_parameters = self.layout.flatten([list(m.parameters()) for m in models]).to(device)
+        stacked = [torch.stack([p.detach() for p in same]) for same in zip(*(m.parameters() for m in models))]
+        self.flat_parameters = self.layout.select(stacked, torch.arange(len(models))).to(device)
         # The -1 scattered into the softmax for each sample's target (loss_and_gradients): one number made
         # once, expanded to the batch, so no step fills a tensor with it.
         self._minus_one = torch.full((1, 1, 1), -1.0, dtype=self.flat_parameters.dtype, device=device)
@@ -190,8 +161,7 @@ class StackedMLP:
         """Activations a[0..L-1] and pre-activations z[1..L] (the last are the logits) of members ``rows``."""
         activations, pre_activations = [x], []
         for depth, (w, b) in enumerate(zip(self.weights, self.biases)):
-            w, b = w[rows], b[rows]
-            z = torch.baddbmm(b.unsqueeze(1), activations[-1], w.transpose(1, 2))
+            z = torch.baddbmm(b[rows].unsqueeze(1), activations[-1], w[rows].transpose(1, 2))
             pre_activations.append(z)
             if depth < len(self.weights) - 1:
                 activations.append(self.activation(z))
@@ -203,15 +173,11 @@ class StackedMLP:
                            fold: Optional[tuple[list[torch.Tensor], float]] = None) -> tuple[torch.Tensor, bool]:
         """Per member (of ``rows``, whose samples x and y are): C_k = sum_i CE(z[L]_ki, y_ki) / normalizer,
         returned as [K]; its gradients written into its rows of ``flat_gradients``. delta[L] = (softmax(z[L])
-        - onehot(y)) / normalizer, dC/dW[l] = delta[l]^T @ a[l-1] (bmm, [K, d_l, d_{l-1}]), dC/db[l] = sum
-        over the batch of delta[l].
+        - onehot(y)) / normalizer, dC/dW[l] = delta[l]^T @ a[l-1], dC/db[l] = sum over the batch of delta[l].
 
-        ``fold`` = (the weights' momentum buffers, momentum): if every member's loss is finite, each weight's
-        gradient is not written but added to its momentum buffer by the product itself, buf = momentum * buf
-        + delta^T @ a (one ``baddbmm_``: SGD's momentum step without the pass that writes the gradient and
-        the pass that reads it back; the update then skips that step for the weights). Returns the
-        loss and whether the weights' gradients were so folded (a non-finite loss: written as usual, so
-        the update can skip its member)."""
+        ``fold`` = (the weights' momentum buffers, momentum): if every loss is finite, each weight gradient
+        goes straight into buf = momentum * buf + delta^T @ a (one ``baddbmm_``; the update then skips that
+        step). Returns the loss and whether the weight gradients were so folded."""
         activations, pre_activations = self._forward(x, rows)
         logits = pre_activations[-1]
         members, batch, classes = logits.shape
@@ -237,21 +203,15 @@ class StackedMLP:
         return loss, folded
 
     def member_squared_norms(self, flat: torch.Tensor) -> torch.Tensor:
-        """[K] float64: each member's squared norm over all its gradients, from ``flat`` (laid out as
-        ``flat_gradients``): one norm kernel per block (one block on a GPU). The norms are taken in the
-        gradients' own precision, as a run alone's probe takes them: ``dtype=float64`` would first copy
-        the whole buffer to float64, a pass that costs more than the norms."""
+        """[K] float64: each member's squared norm over all of ``flat`` (laid out as ``flat_gradients``), one
+        norm kernel per block, in the gradients' own precision as a run alone's probe takes them."""
         return sum(torch.linalg.vector_norm(block, dim=1).double().square() for block in self.layout.blocks(flat))
 
 
 class StackedData:
-    """The members' training samples, gathered per member into [K, b, features] batches.
-
-    Members whose training splits are equal (same data, same split) share one copy;
-    otherwise (the validation split and the digits split depend on the seed) the
-    splits are concatenated and member k's indices are offset by k * N, so a batch
-    is still one gather.
-    """
+    """The members' training samples, gathered per member into [K, b, features] batches. Equal training
+    splits share one copy; otherwise (splits depend on the seed) they are concatenated and member k's
+    indices offset by k * N, so a batch is still one gather."""
 
     def __init__(self, splits: list[Split], device):
         sizes = {len(s) for s in splits}
@@ -274,19 +234,14 @@ class StackedData:
         return self.samples.batch(indices if self.shared else indices + self.offsets[rows])
 
 
-class StackedTrainer:
+class StackedTrainer(CapturableStep):
     """K trials trained together, one stacked step per batch; each keeps its own data order and may stop alone.
-
-    On several ranks (``ctx``) each rank takes its share of every member's batch,
-    as ``BatchPlan.local_batches`` gives a run alone, and the gradients of all
-    members are averaged over the ranks with one all-reduce, as the hand-written
-    engine of a run alone does (core/distributed.py ``average_gradients``).
-    """
+    On several ranks each takes its share of every member's batch, as a run alone's, and one all-reduce
+    averages all members' gradients, as the hand-written engine of a run alone does."""
 
     def __init__(self, members: list[Config], splits: list[Split], device: torch.device | str = "cpu",
                  ctx: Optional[DistContext] = None):
         check_stackable(members)
-        self.members = members
         self.ctx = ctx or DistContext(device=torch.device(device))
         self.device = self.ctx.device
         self.data = StackedData(splits, self.device)
@@ -295,49 +250,40 @@ class StackedTrainer:
         self.plans = [BatchPlan(num_samples=self.data.num_samples, global_batch_size=self.global_batch_size,
                                 seed=m.seed, rank=self.ctx.rank, world_size=self.ctx.world_size,
                                 drop_last=m.train.drop_last) for m in members]
-        self.steps_per_epoch = steps_per_epoch(self.data.num_samples, self.global_batch_size, first.train.drop_last)
+        self.steps_per_epoch = self.plans[0].steps_per_epoch
         self.model = StackedMLP(members, self.device)
         self.schedule = Schedule.of(members, self.steps_per_epoch, self.device)
         self.optimizer = Optimizer([m.optim for m in members], self.model.parameter_blocks)
-        # Folding (``can_fold``): the weight-gradient product adds straight into the weights' momentum
-        # buffers. The update is memory-bound on a CPU (it reads and writes every parameter, gradient and
-        # buffer once a step); folding drops a write and a read of the weights' gradients (docs/performance.md).
-        # It needs one momentum for every member of a plain-SGD stack (a product's beta is one number) and
-        # the parameter-major layout (each weight's buffer one contiguous [K, d_l, d_{l-1}], which the
-        # CPU's bmm adds into as one batched GEMM).
+        # Folding (``can_fold``) saves the memory-bound CPU update a write and a read of the weight gradients
+        # (docs/performance.md). It needs one momentum for every member of a plain-SGD stack (a product's beta
+        # is one number) and the parameter-major layout (each weight's buffer one contiguous block).
         self.fold_momentum = (self.optimizer.shared_momentum() if not self.model.layout.member_major
                               and self.device.type == "cpu" else None)
         self.probe = (MemberProbes(self.ctx, self.global_batch_size, first.metrics.noise_scale_ema_decay,
-                                        len(members)) if first.metrics.noise_scale else None)
+                                   len(members)) if first.metrics.noise_scale else None)
+        self.measure_interval = first.metrics.noise_scale_interval
         # Members still updating: one whose loss turns non-finite is frozen where it blew up (on the
         # device, no host sync), and the others go on; members whose runs end are dropped (``keep``).
         self.active = torch.ones(len(members), dtype=torch.bool, device=self.device)
-        self.global_step = 0
         self.epoch_permutations: Optional[torch.Tensor] = None  # [K, N] of the epoch being trained
         # What trains one batch: ``step``, or core/graph_step.py's GraphStep wrapping it.
         self.train_step = self.step
-        self.keeps_gradient_buffers = True  # its gradients always live in one flat buffer
         self.graph_warmup_steps = WARMUP_STEPS
-
-    def permutations(self, epoch: int) -> torch.Tensor:
-        """[K, N]: each member's own BatchPlan permutation of the epoch (once per epoch, not per step)."""
-        return torch.stack([plan.permutation(epoch) for plan in self.plans]).to(self.device)
 
     def local_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, int]]:
         """``(indices [K, b], global batch size)`` for every step of ``epoch``: this rank's share of every
         member's batch, the pieces ``BatchPlan.local_batches`` gives each member's run alone."""
         # An attribute, not a local: ``keep`` may drop members' rows between two steps.
-        self.epoch_permutations = self.permutations(epoch)
+        self.epoch_permutations = torch.stack([plan.permutation(epoch) for plan in self.plans]).to(self.device)
         for step in range(self.steps_per_epoch):
             global_batch = self.epoch_permutations[:, step * self.global_batch_size:(step + 1) * self.global_batch_size]
             yield torch.tensor_split(global_batch, self.ctx.world_size, dim=1)[self.ctx.rank], global_batch.shape[1]
 
-    def keep(self, members: list[int]) -> None:
-        """Go on with only ``members`` (rows, in this order), even mid-epoch: the step then costs what
-        those members cost, not the whole stack. The dropped members' rows stay as they were
-        in the old tensors, for whoever still holds views of them (core/stacked_run.py's member runs)."""
+    def keep(self, members: list[int], trainers: list = ()) -> None:
+        """Go on with only ``members`` (rows, in this order), even mid-epoch, so the step costs only what they
+        cost; their ``trainers`` (the loop's, core/stacked_run.py) are pointed at their new rows. The
+        dropped members' rows stay as they were in the old tensors, for whoever still holds views of them."""
         rows = torch.tensor(members, device=self.device)
-        self.members = [self.members[k] for k in members]
         self.plans = [self.plans[k] for k in members]
         self.model.keep(rows)
         self.optimizer.keep(rows)
@@ -348,32 +294,17 @@ class StackedTrainer:
         self.data.offsets = self.data.offsets[rows]
         if self.epoch_permutations is not None:
             self.epoch_permutations = self.epoch_permutations[rows]
+        for row, trainer in enumerate(trainers):
+            point_at_row(trainer.model, self, row)
+            trainer.optimizer = self.optimizer.member(row)
 
-    def step(self, indices: torch.Tensor, global_batch_size: Optional[int] = None,
-             global_step: Optional[int] = None) -> torch.Tensor:
+    def step(self, indices: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
         """One step of every active member on its batch ``indices`` [K, b]; returns this rank's summed CE
-        per member [K] (the eager step's return, per member).
-
-        Each member's loss is sum(CE over its local batch) / (B / W): the eager step's
-        normalizer (the smaller last batch of an epoch is a mean over its own samples too).
-        """
-        global_batch_size = global_batch_size or indices.shape[1]
-        global_step = self.global_step if global_step is None else global_step
-        loss = self.step_body(indices, global_batch_size, self.schedule.lr(global_step),
+        per member [K], each normalized as the eager step's (by B / W)."""
+        return self.step_body(indices, global_batch_size, self.schedule.lr(global_step),
                               self.should_measure(global_batch_size, global_step))
-        self.global_step = global_step + 1
-        return loss
 
     __call__ = step
-
-    def can_measure(self, global_batch_size: int) -> bool:
-        """Can a step of this batch size feed the noise probe at all?"""
-        return self.probe is not None and self.probe.can_measure(global_batch_size)
-
-    def should_measure(self, global_batch_size: int, global_step: int) -> bool:
-        """Does this step feed the noise probe (the solo step's rule: a probe, a batch it can split, the interval)?"""
-        return (self.can_measure(global_batch_size)
-                and global_step % self.members[0].metrics.noise_scale_interval == 0)
 
     def capture_layout(self) -> torch.Tensor:
         """What a captured graph holds the address of: the gradient buffer, new whenever members leave."""
@@ -388,11 +319,11 @@ class StackedTrainer:
         if measure and self.ctx.world_size == 1:
             loss = self._gradients_in_halves(indices, normalizer)
         else:
-            can_fold = self.can_fold(indices.shape[1])
-            fold = (self.weight_momentum(), self.fold_momentum) if can_fold else None
+            fold = (self.weight_momentum(), self.fold_momentum) if self.can_fold(indices.shape[1]) else None
             loss, folded = self._loss_and_gradients(indices, normalizer, fold)
             small_sq = self.model.member_squared_norms(self.model.flat_gradients) if measure else None
-            self._average_over_ranks()
+            if self.ctx.world_size > 1:  # every member's gradients averaged over the ranks in one all-reduce
+                all_reduce_sum(self.model.flat_gradients, self.ctx).div_(self.ctx.world_size)
             if measure:
                 self.probe.record(small_sq, self.model.member_squared_norms(self.model.flat_gradients), self.active)
         # A non-finite loss freezes its member from this step on (its update is skipped, not applied as NaN);
@@ -437,14 +368,16 @@ class StackedTrainer:
         first_loss, _ = self._loss_and_gradients(indices[:, :half], normalizer)
         first = self.model.flat_gradients.clone()
         second_loss, _ = self._loss_and_gradients(indices[:, half:], normalizer)
-        sizes = (half, indices.shape[1] - half)
-        small_sq = (self.model.member_squared_norms(first) * (normalizer / sizes[0]) ** 2
-                    + self.model.member_squared_norms(self.model.flat_gradients) * (normalizer / sizes[1]) ** 2) / 2
+        small_sq = halves_squared_norm(self.model.member_squared_norms(first),
+                                       self.model.member_squared_norms(self.model.flat_gradients),
+                                       normalizer, half, indices.shape[1])
         self.model.flat_gradients.add_(first)
         self.probe.record(small_sq, self.model.member_squared_norms(self.model.flat_gradients), self.active)
         return first_loss + second_loss
 
-    def _average_over_ranks(self) -> None:
-        if self.ctx.world_size > 1:
-            dist.all_reduce(self.model.flat_gradients, op=dist.ReduceOp.SUM)
-            self.model.flat_gradients.div_(self.ctx.world_size)
+
+def point_at_row(model: torch.nn.Module, stack: StackedTrainer, row: int) -> None:
+    """Make ``model``'s parameters views of row ``row`` of the stack's weights and biases."""
+    for i, linear in enumerate(model.linears):
+        linear.weight.data = stack.model.weights[i][row]
+        linear.bias.data = stack.model.biases[i][row]

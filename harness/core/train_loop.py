@@ -1,19 +1,12 @@
 """The only training loop: ``train(trials, ctx, trackers)``, called by every launcher.
 
-It trains a list of K >= 1 trials, its members, through one engine: a run alone
-is a stack of one (core/trainer.py ``SingleRun``), K trials of one architecture
-one stacked model (core/stacked_run.py). Nothing here knows which engine it
-drives: it asks the engine for each epoch's batches and trains them with
-``engine.train_step``, which returns each member's loss; a member that stops (its
-target, a blown-up loss) leaves the engine (``engine.keep``) and the others go on.
-
-Each member is the run it stands for: its own tracker (built by the launcher:
-this package imports no tracking code), its evaluations every few steps, target
-and clock (core/evaluation.py), its sharpness readings (core/sharpness.py), its
-epoch-end measurements and log, and its checkpoints (core/checkpoint.py), whose
-format is core/trainer.py's. ``hooks`` let a launcher set the resume rules, hand
-in checkpoints it kept itself, and act after each epoch (Ray reports there).
-Collectives run on every rank, before a tracker is called.
+It trains K >= 1 trials, its members, through one engine (a run alone, core/trainer.py
+``SingleRun``; a stack, core/stacked_run.py): each epoch's batches go through
+``engine.train_step``, which returns each member's loss; a member that stops (its target, a
+blown-up loss) leaves the engine (``engine.keep``) and the others go on. Each member is the run it
+stands for: its own tracker (built by the launcher), evaluations, target and clock
+(core/evaluation.py), sharpness readings, epoch-end measurements and checkpoints. ``hooks`` set the
+launcher's resume rules and act after each epoch. Collectives run on every rank, before a tracker.
 """
 
 from __future__ import annotations
@@ -32,8 +25,7 @@ from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.epoch_bar import LossPostfix, epoch_bar
-from harness.core.evaluation import (RunCounters, StepEvaluations, TrainingClock, evaluate, time_metrics,
-                                     timed)
+from harness.core.evaluation import RunCounters, StepEvaluations, TrainingClock, evaluate, time_metrics, timed
 from harness.core.sharpness import SharpnessReadings, sharpness_cost_metrics
 from harness.core.stacked_run import build_stack
 from harness.core.step import unwrap
@@ -55,17 +47,12 @@ class RunResult:
 
 
 class RunHooks:
-    """What a launcher adds to the loop: its resume policy and what happens after each epoch.
-
-    ``resume``, ``launch_id`` and ``same_launch_only`` are the rules of
-    :class:`~harness.core.checkpoint.Checkpoints` (which checkpoint a run may resume);
-    a launcher that keeps checkpoints of its own overrides :meth:`restored_checkpoint`.
-    """
+    """What a launcher adds to the loop: its resume rules (those of core/checkpoint.py ``Checkpoints``;
+    a launcher that keeps checkpoints of its own overrides ``restored_checkpoint``) and what happens after
+    each epoch."""
 
     def __init__(self, resume: bool = False, launch_id: Optional[str] = None, same_launch_only: bool = False):
-        self.resume = resume
-        self.launch_id = launch_id
-        self.same_launch_only = same_launch_only
+        self.resume, self.launch_id, self.same_launch_only = resume, launch_id, same_launch_only
 
     def checkpoints(self, cfg: Config, ctx: DistContext) -> Checkpoints:
         """Run ``cfg``'s checkpoints under this launcher's resume rules."""
@@ -84,8 +71,8 @@ class RunHooks:
         """Called on every rank for every member after each of its epochs (epoch 0: its initial checkpoint)."""
 
     def epoch_done(self, epoch: int, ctx: DistContext) -> None:
-        """Called on every rank once per epoch of the loop, after every member's ``after_epoch``: a launcher
-        that reports once per training run (Ray Train) reports here."""
+        """Called on every rank once per epoch of the loop, after every member's ``after_epoch`` (Ray Train
+        reports here)."""
 
 
 @dataclass
@@ -115,23 +102,20 @@ class Member:
         return self.trainer.cfg
 
 
-class SharedClock(TrainingClock):
+def shared_clock(device: torch.device, members: list[Member]) -> TrainingClock:
     """The members' training clock: a stretch of training is split evenly among the members still training
     (their steps ran together; one member's evaluation is not another's training time)."""
-
-    def __init__(self, device: torch.device, members: list[Member]):
-        super().__init__(device, self._split)
-        self.members = members
-
-    def _split(self, seconds: float) -> None:
-        training = [m for m in self.members if m.training]
+    def split(seconds: float) -> None:
+        training = [m for m in members if m.training]
         for m in training:
             m.counters.train_seconds += seconds / len(training)
 
+    return TrainingClock(device, split)
+
 
 def build_engine(trials: list[Config], ctx: DistContext, dataset: Dataset, stacked: bool):
-    """The engine that trains ``trials`` and each one's trainer: a run alone, or a stack (of one too, where a
-    stack's members resumed from different epochs go on in separate groups: their arithmetic stays the stack's)."""
+    """The engine that trains ``trials`` and each one's trainer: a run alone, or a stack (of one too, for a
+    stack's members resumed from different epochs: their arithmetic stays the stack's)."""
     if not stacked:
         trainer = build_trainer(trials[0], ctx, dataset)
         return SingleRun(trainer), [trainer]
@@ -143,11 +127,9 @@ def train(trials: list[Config], ctx: DistContext, trackers: list, hooks: Optiona
           init_weights: Optional[Callable[[Config], Optional[InitWeights]]] = None) -> list[RunResult]:
     """Train ``trials`` (one, or several that ``stacked.check_stackable`` accepts) on this rank; one result each.
 
-    ``trackers[k]`` records trial k (the launcher builds them). ``init_weights(cfg)``
-    resolves a trial's ``checkpoint.init_from`` (the launcher's function: it may read
-    MLflow); it is asked only for trials that start afresh, since a resumed run has its
-    weights. Trials resumed from checkpoints of different epochs (a kill between two of
-    their epoch-end saves) cannot share steps: they are trained as separate groups.
+    ``trackers[k]`` records trial k. ``init_weights(cfg)`` (the launcher's) resolves the
+    ``checkpoint.init_from`` of a trial that starts afresh. Trials resumed from checkpoints of
+    different epochs cannot share steps: they are trained as separate groups.
     """
     hooks = hooks or RunHooks()
     dataset = (dataset or load_dataset(trials[0])).to(ctx.device)
@@ -177,8 +159,7 @@ def _train_members(engine, members: list[Member], dataset: Dataset, hooks: RunHo
     # MLflow must still end every run as KILLED, not leave it RUNNING.
     try:
         for m, tags in zip(members, init_tags):
-            m.run_id = m.tracker.start(resume_run_id=m.state["run_id"] if m.state else None,
-                                       launch_id=hooks.launch_id)
+            m.run_id = m.tracker.start(resume_run_id=m.state["run_id"] if m.state else None, launch_id=hooks.launch_id)
             tags = {**tags, **hooks.run_tags()}
             if stack_size > 1:
                 tags.update(stack_size=stack_size, stack_position=m.position)
@@ -210,13 +191,9 @@ def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHoo
     """Every member's epochs: each epoch's batches through the engine, each member's evaluations after each
     step, and at the epoch's end each member's measurements, log, checkpoint and (if its run ends) finish."""
     ctx = members[0].trainer.ctx
-    clock = SharedClock(ctx.device, members)
+    clock = shared_clock(ctx.device, members)
     for m in members:
-        m.counters, m.sharp, m.latest = begin_epochs(m.trainer, m.tracker, hooks, m.checkpoints, m.state, m.run_id)
-        m.result = RunResult(m.run_id, m.counters.epoch, m.counters.global_step)
-        m.evals = StepEvaluations(m.cfg, ctx, m.trainer.model, dataset.validation, m.trainer.train_set,
-                                  m.trainer.noise_probe, m.counters, run_step_budget(m.trainer),
-                                  m.trainer.train_step.on_training_stream, m.sharp, clock=clock)
+        _begin(m, dataset, hooks, clock)
         if first_epoch(m.cfg, m.counters) > m.cfg.total_epochs:
             m.finished = True  # stopped at its target before the restart: nothing left to train
             m.tracker.finish("FINISHED")
@@ -226,14 +203,13 @@ def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHoo
     in_engine = _keep(engine, members, [m for m in members if not m.finished])
     first = members[0]
     global_step = first.counters.global_step
-    budget = run_step_budget(first.trainer)
+    budget = first.cfg.step_budget(engine.steps_per_epoch)  # the run's last step, the same for every member
     for epoch in range(first_epoch(first.cfg, first.counters), first.cfg.total_epochs + 1):
         if not in_engine:
             break
         live = list(in_engine)
         for m in live:
-            m.training, m.steps, m.samples, m.loss = True, 0, 0, 0.0
-            m.seconds_before = m.counters.train_seconds
+            m.training, m.steps, m.samples, m.loss, m.seconds_before = True, 0, 0, 0.0, m.counters.train_seconds
             m.evals.start_epoch()
         in_engine = _train_one_epoch(engine, in_engine, epoch, global_step, budget)
         clock.stop()
@@ -248,10 +224,10 @@ def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: i
     """The engine's steps of ``epoch`` until the budget, or until every member has stopped; the members still
     training at its end. Each member's loss and samples are banked on it."""
     ctx = in_engine[0].trainer.ctx
-    loss_sum = torch.zeros(len(in_engine), dtype=torch.float64, device=ctx.device)
-    window_samples = 0  # this rank's samples since loss_sum was last reset (the bar's running loss)
     with epoch_bar(in_engine[0].cfg, ctx, engine.steps_per_epoch, epoch) as bar:
         postfix = LossPostfix(bar, ctx.device)
+        # window_samples: this rank's samples since loss_sum was last reset (the bar's running loss)
+        loss_sum, window_samples = torch.zeros(len(in_engine), dtype=torch.float64, device=ctx.device), 0
         for step, (indices, global_batch_size) in enumerate(engine.local_batches(epoch)):
             if step == budget - global_step:
                 break
@@ -272,8 +248,7 @@ def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: i
                 in_engine = _keep(engine, in_engine, [m for m in in_engine if m.training])
                 if not in_engine:
                     break
-                loss_sum = torch.zeros(len(in_engine), dtype=torch.float64, device=ctx.device)
-                window_samples = 0
+                loss_sum, window_samples = torch.zeros(len(in_engine), dtype=torch.float64, device=ctx.device), 0
     _bank(loss_sum, in_engine)
     return in_engine
 
@@ -286,13 +261,9 @@ def _end_members_epoch(live: list[Member], dataset: Dataset, hooks: RunHooks, ep
                                          dtype=torch.float64, device=ctx.device), ctx).tolist()
     ending = []
     for m, loss, samples in zip(live, *totals):
-        m.result, stopped = end_epoch(m.trainer, dataset, m.tracker, m.counters, m.evals, m.sharp, epoch, m.steps,
-                                      int(samples), loss / max(samples, 1.0),
-                                      m.counters.train_seconds - m.seconds_before, m.run_id)
+        stopped = _end_epoch(m, dataset, epoch, int(samples), loss / max(samples, 1.0))
         if not m.result.diverged:
-            m.latest = m.checkpoints.save(checkpoint_state(m.trainer, m.counters, m.run_id, hooks.launch_id),
-                                          epoch) or m.latest
-            hooks.after_epoch(epoch, m.result.metrics, m.latest, ctx)
+            _save(m, hooks, epoch)
         if m.result.diverged or stopped or epoch == m.cfg.total_epochs:
             ending.append(m)
     # The launcher has every member's checkpoint of this epoch before any of their runs ends.
@@ -322,29 +293,17 @@ def _finish(m: Member) -> None:
     if m.finished:
         return
     m.finished = True
-    if m.result.metrics:
-        say(time_line(m.cfg.name, m.counters), ctx=m.trainer.ctx)
+    if m.result.metrics:  # the run's last console line: where its time went
+        times = time_metrics(m.counters)
+        say(f"[{m.cfg.name}] time: training {times['time_train_s']:.2f} s, evaluations every few steps "
+            f"{times['time_eval_s']:.2f} s ({times['eval_fraction']:.1%} of training), epoch-end evaluations "
+            f"{times['time_epoch_eval_s']:.2f} s, probes {times['time_probe_s']:.2f} s, "
+            f"sharpness {times['time_sharpness_s']:.2f} s ({m.counters.sharpness_readings} readings), "
+            f"tracking {times['time_tracking_s']:.2f} s", ctx=m.trainer.ctx)
     m.result.checkpoint = m.latest
     if m.latest is not None:  # where the run's final weights are (interpolate, init_from by run id)
         m.tracker.set_tags({"checkpoint_path": str(Path(m.latest).resolve())})
     m.tracker.finish("FINISHED")
-
-
-def epoch_metrics(trainer: Trainer, dataset: Dataset, train_loss_running: float, epoch: int) -> dict[str, float]:
-    batch = trainer.cfg.train.eval_batch_size
-    faults.maybe_kill("evaluate", epoch, trainer.ctx.rank)
-    metrics = {"train_loss_running": train_loss_running}
-    for prefix, split in (("train", dataset.train), ("val", dataset.validation), ("test", dataset.test)):
-        if len(split):
-            metrics[f"{prefix}_loss"], metrics[f"{prefix}_accuracy"] = evaluate(trainer.model, split, trainer.ctx, batch)
-    metrics["generalization_gap_accuracy"] = metrics["train_accuracy"] - metrics["test_accuracy"]
-    metrics["generalization_gap_loss"] = metrics["test_loss"] - metrics["train_loss"]
-    return metrics
-
-
-def run_step_budget(trainer: Trainer) -> int:
-    """The run's last step: train.max_steps, else every epoch's steps."""
-    return trainer.cfg.step_budget(trainer.plan.steps_per_epoch)
 
 
 def first_epoch(cfg: Config, counters: RunCounters) -> int:
@@ -353,80 +312,82 @@ def first_epoch(cfg: Config, counters: RunCounters) -> int:
     return cfg.total_epochs + 1 if stopped else counters.epoch + 1
 
 
-def begin_epochs(trainer: Trainer, tracker, hooks: RunHooks, checkpoints: Checkpoints, state: Optional[dict],
-                 run_id: Optional[str]) -> tuple[RunCounters, SharpnessReadings, Optional[Path]]:
-    """A new run's start (step-0 sharpness, the epoch-0 checkpoint) or a resumed run's state loaded;
-    returns (counters, sharpness readings, the checkpoint just written or None)."""
-    cfg, ctx = trainer.cfg, trainer.ctx
-    if state is not None:
-        counters = load_state(trainer, state)
-        return counters, SharpnessReadings(cfg, ctx, trainer.model, trainer.train_set, counters,
-                                           trainer.train_step.on_training_stream), None
-    counters = RunCounters()
-    sharp = SharpnessReadings(cfg, ctx, trainer.model, trainer.train_set, counters,
-                              trainer.train_step.on_training_stream)
-    if sharp.periodic:  # step 0, before the first update, logged before epoch 0 is saved
-        sharp.read(0)
-        with timed(counters, "tracking_seconds", ctx.device):
-            _log_trajectory(tracker, sharp)
+def _begin(m: Member, dataset: Dataset, hooks: RunHooks, clock: TrainingClock) -> None:
+    """A resumed run's state loaded, or a new run's start: step-0 sharpness and the epoch-0 checkpoint."""
+    trainer, ctx = m.trainer, m.trainer.ctx
+    m.counters = RunCounters() if m.state is None else load_state(trainer, m.state)
+    m.sharp = SharpnessReadings(m.cfg, ctx, trainer.model, trainer.train_set, m.counters,
+                                trainer.train_step.on_training_stream)
+    m.result = RunResult(m.run_id, m.counters.epoch, m.counters.global_step)
+    m.evals = StepEvaluations(m.cfg, ctx, trainer.model, dataset.validation, trainer.train_set, trainer.noise_probe,
+                              m.counters, m.cfg.step_budget(trainer.plan.steps_per_epoch),
+                              trainer.train_step.on_training_stream, m.sharp, clock=clock)
+    if m.state is not None:
+        return
+    if m.sharp.periodic:  # step 0, before the first update, logged before epoch 0 is saved
+        m.sharp.read(0)
+        with timed(m.counters, "tracking_seconds", ctx.device):
+            _log_trajectory(m.tracker, m.sharp)
     # Epoch 0 is saved too: a run killed in its first epoch resumes into the same MLflow run.
-    latest = checkpoints.save(checkpoint_state(trainer, counters, run_id, hooks.launch_id), 0)
-    hooks.after_epoch(0, {}, latest, ctx)
-    return counters, sharp, latest
+    _save(m, hooks, 0)
 
 
-def end_epoch(trainer: Trainer, dataset: Dataset, tracker, counters: RunCounters, evals: StepEvaluations,
-              sharp: SharpnessReadings, epoch: int, steps: int, samples: int, train_loss_running: float,
-              elapsed_s: float, run_id: Optional[str]) -> tuple[RunResult, bool]:
+def _save(m: Member, hooks: RunHooks, epoch: int) -> None:
+    """The member's checkpoint of ``epoch`` (where it is kept), then the launcher's ``after_epoch``."""
+    m.latest = m.checkpoints.save(checkpoint_state(m.trainer, m.counters, m.run_id, hooks.launch_id),
+                                  epoch) or m.latest
+    hooks.after_epoch(epoch, m.result.metrics, m.latest, m.trainer.ctx)
+
+
+def _end_epoch(m: Member, dataset: Dataset, epoch: int, samples: int, train_loss_running: float) -> bool:
     """After an epoch's steps (all of them, or those before the run stopped inside it): count them,
-    measure, log. Returns the run's result so far and whether it stopped (target reached)."""
-    cfg, ctx = trainer.cfg, trainer.ctx
-    counters.epoch, counters.global_step = epoch, counters.global_step + steps
+    measure, log; the run's result so far in ``m.result``. Returns whether it stopped (target reached)."""
+    cfg, counters = m.cfg, m.counters
+    counters.epoch, counters.global_step = epoch, counters.global_step + m.steps
     counters.samples_seen += samples
     counters.stopped_at_target = cfg.train.stop_at_target and counters.target_reached_step > 0
     # train.target_train_loss: the run ends at the check that reached it (it broke out of the epoch
     # there), so what is measured below is measured at those parameters.
     stopped = counters.stopped_at_target or counters.train_loss_target_step > 0
     is_last = epoch == cfg.total_epochs or stopped
-    metrics, tags = _measure_epoch(trainer, dataset, counters, train_loss_running, elapsed_s, samples)
+    metrics, tags = _measure_epoch(m, dataset, train_loss_running, samples)
     diverged = "diverged" in tags
-    metrics.update(evals.take_at_target())
-    if "steps_to_target" in metrics:
-        tags["steps_to_target"] = str(int(metrics["steps_to_target"]))
-    if "steps_to_train_loss_target" in metrics:
-        tags["steps_to_train_loss_target"] = str(int(metrics["steps_to_train_loss_target"]))
+    metrics.update(m.evals.take_at_target())
     if not diverged:
-        metrics.update(_sharpness_at_epoch_end(cfg, sharp, epoch, counters.global_step, is_last))
-    if is_last and not counters.target_reached_step and cfg.metrics.target_val_accuracy is not None:
-        tags["steps_to_target"] = "not reached"
-    if is_last and not counters.train_loss_target_step and cfg.train.target_train_loss is not None:
-        tags["steps_to_train_loss_target"] = "not reached"
+        metrics.update(_sharpness_at_epoch_end(m, epoch, is_last))
+    targets = {"steps_to_target": (counters.target_reached_step, cfg.metrics.target_val_accuracy),
+               "steps_to_train_loss_target": (counters.train_loss_target_step, cfg.train.target_train_loss)}
+    for key, (reached_step, target) in targets.items():
+        if key in metrics:
+            tags[key] = str(int(metrics[key]))
+        elif is_last and not reached_step and target is not None:
+            tags[key] = "not reached"
     if counters.stopped_at_target:
         tags["stopped_at_target"] = "true"
     metrics.update(time_metrics(counters))  # cumulative; the last epoch's are the run's
     metrics.update(sharpness_cost_metrics(counters))
     finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-    with timed(counters, "tracking_seconds", ctx.device):
-        tracker.log_epoch(finite, epoch, counters.global_step)
-        tracker.log_metric_history("val_subset_accuracy", evals.take_history())
+    with timed(counters, "tracking_seconds", m.trainer.ctx.device):
+        m.tracker.log_epoch(finite, epoch, counters.global_step)
+        m.tracker.log_metric_history("val_subset_accuracy", m.evals.take_history())
         if cfg.train.target_train_loss is not None:
-            tracker.log_metric_history("train_loss_full", evals.take_train_loss_history())
-        _log_trajectory(tracker, sharp)
+            m.tracker.log_metric_history("train_loss_full", m.evals.take_train_loss_history())
+        _log_trajectory(m.tracker, m.sharp)
         if tags:
-            tracker.set_tags(tags)
-    return RunResult(run_id, epoch, counters.global_step, metrics, diverged), stopped
+            m.tracker.set_tags(tags)
+    m.result = RunResult(m.run_id, epoch, counters.global_step, metrics, diverged)
+    return stopped
 
 
-def _sharpness_at_epoch_end(cfg: Config, sharp: SharpnessReadings, epoch: int, global_step: int,
-                            is_last: bool) -> dict[str, float]:
+def _sharpness_at_epoch_end(m: Member, epoch: int, is_last: bool) -> dict[str, float]:
     """The epoch-unit reading when due; at the run's end the final reading, whose values are the final
     metrics with metrics.sharpness. One reading at a step serves both (``read`` reuses it)."""
-    if sharp.is_due_after_epoch(epoch):
-        sharp.read(global_step)
-    if not (is_last and (cfg.metrics.sharpness or sharp.periodic)):
+    if m.sharp.is_due_after_epoch(epoch):
+        m.sharp.read(m.counters.global_step)
+    if not (is_last and (m.cfg.metrics.sharpness or m.sharp.periodic)):
         return {}
-    final = sharp.read(global_step)
-    return final if cfg.metrics.sharpness and final is not None else {}
+    final = m.sharp.read(m.counters.global_step)
+    return final if m.cfg.metrics.sharpness and final is not None else {}
 
 
 def _log_trajectory(tracker, sharp: SharpnessReadings) -> None:
@@ -436,31 +397,29 @@ def _log_trajectory(tracker, sharp: SharpnessReadings) -> None:
             tracker.log_metric_history(key, points)
 
 
-def time_line(name: str, counters: RunCounters) -> str:
-    """The run's last console line: where its time went."""
-    times = time_metrics(counters)
-    return (f"[{name}] time: training {times['time_train_s']:.2f} s, evaluations every few steps "
-            f"{times['time_eval_s']:.2f} s ({times['eval_fraction']:.1%} of training), epoch-end evaluations "
-            f"{times['time_epoch_eval_s']:.2f} s, probes {times['time_probe_s']:.2f} s, "
-            f"sharpness {times['time_sharpness_s']:.2f} s ({counters.sharpness_readings} readings), "
-            f"tracking {times['time_tracking_s']:.2f} s")
-
-
-def _measure_epoch(trainer: Trainer, dataset: Dataset, counters: RunCounters, train_loss_running: float,
-                   elapsed_s: float, samples: int) -> tuple[dict[str, float], dict[str, str]]:
+def _measure_epoch(m: Member, dataset: Dataset, train_loss_running: float,
+                   samples: int) -> tuple[dict[str, float], dict[str, str]]:
     """The epoch's metrics and tags; every rank runs it (evaluation and the probe all-reduce)."""
+    trainer, counters = m.trainer, m.counters
     if not math.isfinite(train_loss_running) or train_loss_running > DIVERGED_LOSS:
         # Evaluating a blown-up model only produces NaNs: record the loss and stop.
         return ({"train_loss_running": train_loss_running, "global_step": float(counters.global_step)},
                 {"diverged": "true", "diverged_epoch": str(counters.epoch)})
+    metrics = {"train_loss_running": train_loss_running}
     with timed(counters, "epoch_eval_seconds", trainer.ctx.device):
-        metrics = epoch_metrics(trainer, dataset, train_loss_running, counters.epoch)
+        faults.maybe_kill("evaluate", counters.epoch, trainer.ctx.rank)
+        for prefix, split in (("train", dataset.train), ("val", dataset.validation), ("test", dataset.test)):
+            if len(split):
+                metrics[f"{prefix}_loss"], metrics[f"{prefix}_accuracy"] = evaluate(
+                    trainer.model, split, trainer.ctx, trainer.cfg.train.eval_batch_size)
+        metrics["generalization_gap_accuracy"] = metrics["train_accuracy"] - metrics["test_accuracy"]
+        metrics["generalization_gap_loss"] = metrics["test_loss"] - metrics["train_loss"]
     if trainer.noise_probe:
         with timed(counters, "probe_seconds", trainer.ctx.device):
             metrics.update(trainer.noise_probe.epoch_metrics())
-    # elapsed_s: the training steps only, without the evaluations between them.
+    elapsed_s = counters.train_seconds - m.seconds_before  # the training steps only, without the evaluations
     metrics.update(epoch_s=elapsed_s, samples_per_s=samples / elapsed_s, global_step=float(counters.global_step),
-                   lr=trainer.lr_at(counters.global_step), weight_norm=weight_norm(trainer.model))
+                   lr=float(trainer.schedule.lr_at(counters.global_step)[0]), weight_norm=weight_norm(trainer.model))
     return metrics, {}
 
 

@@ -1,23 +1,16 @@
 """What one member of the training loop holds (``Trainer``), and the engine of a run alone (``SingleRun``).
 
-The loop (core/train_loop.py) trains K >= 1 members through one engine: an
-object with ``steps_per_epoch``, ``local_batches(epoch)``, ``train_step(indices,
-global batch size, global step) -> this rank's summed loss`` (a number, or one per
-member) and ``keep(rows, trainers)`` (go on with only those members). A run alone
-is ``SingleRun``: one model, maybe DDP-wrapped, its step the eager step or the CUDA
-graph step (core/step.py, core/graph_step.py), with every feature of a run alone
-(DDP, either gradient engine, accumulation, bf16). A stack of K trials is
-core/stacked_run.py's engine. Above the engine, the loop sees only ``Trainer``s:
-each member's model (for a stack, a view of its row), optimizer, batch plan,
-schedule and probe, which evaluations, checkpoints and sharpness readings use
-as they would for a run alone.
-
-Also here: what a member's checkpoint holds (``checkpoint_state``, ``load_state``)
-and starting from another run's weights (``InitWeights``, resolved by the launcher).
+The loop (core/train_loop.py) trains K >= 1 members through one engine: an object with
+``steps_per_epoch``, ``local_batches(epoch)``, ``train_step(indices, global batch size, global
+step) -> this rank's summed loss`` (one per member) and ``keep(rows, trainers)``. A run alone is
+``SingleRun`` (DDP, either gradient engine, accumulation, bf16, the CUDA-graph step); a stack is
+core/stacked_run.py's engine. Above the engine the loop sees only ``Trainer``s. Also here: a
+member's checkpoint state and starting from another run's weights (``InitWeights``).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -31,7 +24,7 @@ from harness.core.config import Config
 from harness.core.data import BatchPlan, Dataset, Split
 from harness.core.distributed import DistContext
 from harness.core.evaluation import RunCounters
-from harness.core.graph_step import GraphStep, graph_unavailable_reason, side_stream
+from harness.core.graph_step import GraphStep, graph_unavailable_reason, new_side_stream
 from harness.core.model import build_model
 from harness.core.optim import MemberState, Optimizer, Schedule
 from harness.core.step import EagerStep, unwrap
@@ -41,11 +34,8 @@ from harness.core.noise_probe import NoiseProbe
 @dataclass
 class Trainer:
     """What one member holds: its model (maybe DDP-wrapped, or a view of a stack's row), optimiser,
-    batch plan, training split, LR schedule, step and noise probe.
-
-    ``train_step`` is what the loop's helpers ask where autograd on the parameters
-    runs (``on_training_stream``); the engine, not the member, trains the batches.
-    """
+    batch plan, training split, LR schedule, step (asked where autograd on the parameters runs:
+    ``on_training_stream``) and noise probe."""
 
     cfg: Config
     ctx: DistContext
@@ -56,10 +46,6 @@ class Trainer:
     schedule: Schedule
     train_step: object
     noise_probe: Optional[NoiseProbe] = None
-
-    def lr_at(self, global_step: int) -> float:
-        """The learning rate of step ``global_step`` (the epoch's metrics log it)."""
-        return float(self.schedule.lr_at(global_step)[0])
 
 
 class SingleRun:
@@ -83,15 +69,18 @@ def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
     """A run alone's trainer: model, DDP where autograd needs it, probe, optimiser, plan, schedule, step."""
     model = build_model(cfg).to(ctx.device)
     # With several accumulation passes per rank, the probe's small batch is the micro-batch.
-    accumulating = cfg.accumulation_steps(ctx.world_size) > 1
-    probe = NoiseProbe(ctx, cfg.optim.global_batch_size, cfg.metrics.noise_scale_ema_decay,
-                       micro_batch_size=cfg.optim.micro_batch_size if accumulating else None) \
-        if cfg.metrics.noise_scale else None
-    graph_stream = side_stream(cfg, ctx)
+    micro_batch_size = cfg.optim.micro_batch_size if cfg.accumulation_steps(ctx.world_size) > 1 else None
+    probe = (NoiseProbe(ctx, cfg.optim.global_batch_size, cfg.metrics.noise_scale_ema_decay, micro_batch_size)
+             if cfg.metrics.noise_scale else None)
+    no_graph_reason = graph_unavailable_reason(cfg, ctx) if cfg.performance.cuda_graph else None
+    graph_stream = new_side_stream(ctx.device) if cfg.performance.cuda_graph and not no_graph_reason else None
     # The hand-written engine computes gradients outside autograd, where DDP's
     # hooks never fire; it averages them itself (core/step.py).
     if ctx.is_distributed and cfg.train.grad_engine == "autograd":
-        model = _wrap_ddp(model, ctx, graph_stream)
+        # PyTorch's CUDA-graph notes: DDP must be built on the side stream that warms up and captures.
+        with torch.cuda.stream(graph_stream):  # None: a no-op
+            model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                            else None)
     if probe:
         probe.attach(model)
     optimizer = Optimizer([cfg.optim], [p.view(1, -1) for p in unwrap(model).parameters()])
@@ -101,25 +90,16 @@ def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
     train_step: EagerStep | GraphStep = EagerStep(cfg, ctx, model, optimizer, dataset.train, schedule, probe)
     if graph_stream is not None:
         train_step = GraphStep(train_step, graph_stream)
-    elif cfg.performance.cuda_graph:
-        say(f"[{cfg.name}] performance.cuda_graph: running the eager step instead, because "
-            f"{graph_unavailable_reason(cfg, ctx)}", ctx=ctx)
+    elif no_graph_reason:
+        say(f"[{cfg.name}] performance.cuda_graph: running the eager step instead, because {no_graph_reason}",
+            ctx=ctx)
     return Trainer(cfg, ctx, model, optimizer, plan, dataset.train, schedule, train_step, probe)
-
-
-def _wrap_ddp(model: torch.nn.Module, ctx: DistContext, graph_stream) -> DistributedDataParallel:
-    # PyTorch's CUDA-graph notes: DDP must be built on the side stream that warms
-    # up and captures. Without a graph step the stream is None, a no-op here.
-    with torch.cuda.stream(graph_stream):
-        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def checkpoint_state(trainer: Trainer, counters: RunCounters, run_id: Optional[str],
                      launch_id: Optional[str] = None) -> dict:
-    """What a checkpoint holds: the member's state, its counters, and what ties it to its run.
-
-    The weights are copied: a stack's member model is a view of its row, and saving
-    a view would save every row of the stack."""
+    """What a checkpoint holds: the member's state, its counters, and what ties it to its run. The
+    weights are copied: a stack member's model is a view of its row, and saving it would save the stack."""
     return {"model": {key: value.detach().clone() for key, value in unwrap(trainer.model).state_dict().items()},
             "optimizer": trainer.optimizer.state_dict(),
             "launch_id": launch_id,  # which launch wrote it: a torchrun restart resumes only its own
@@ -153,13 +133,9 @@ class InitWeights:
 
 
 def load_init_weights(trainer: Trainer, init: Optional[InitWeights]) -> dict[str, str]:
-    """Load ``init``'s weights into the (unwrapped) model; the run's tags saying so.
-
-    Weights only: the optimiser state, counters and data order stay this run's own.
-    Every rank loads the same weights, so DDP's replicas agree without a broadcast;
-    it runs before the first step, so a CUDA-graph step (which captures at its first
-    step) captures the loaded parameters (load_state_dict copies in place).
-    """
+    """Load ``init``'s weights (only: optimiser state, counters and data order stay this run's) into the
+    unwrapped model on every rank, so DDP's replicas agree without a broadcast; the run's tags saying so.
+    It runs before the first step, and copies in place, so a CUDA-graph step captures the loaded weights."""
     if init is None:
         return {}
     unwrap(trainer.model).load_state_dict(init.model_state)
@@ -172,12 +148,8 @@ def train_epoch(engine, epoch: int, first_global_step: int = 0,
     """Train up to ``max_steps`` steps of ``epoch`` through ``engine`` (``SingleRun``, or a stacked trainer)
     with no evaluation, record or checkpoint: what the benchmarks time. Returns this rank's summed loss
     (one per member of a stack), its samples and the steps taken."""
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    samples = steps = 0
-    for indices, global_batch_size in engine.local_batches(epoch):
-        if steps == max_steps:
-            break
-        loss_sum = loss_sum.to(indices.device) + engine.train_step(indices, global_batch_size, first_global_step + steps)
-        samples += indices.shape[-1]
-        steps += 1
+    loss_sum, samples, steps = torch.zeros((), dtype=torch.float64), 0, 0
+    for indices, global_batch_size in itertools.islice(engine.local_batches(epoch), max_steps):
+        loss = engine.train_step(indices, global_batch_size, first_global_step + steps)
+        loss_sum, samples, steps = loss_sum.to(indices.device) + loss, samples + indices.shape[-1], steps + 1
     return loss_sum, samples, steps

@@ -68,7 +68,7 @@ def _as_on_a_gpu(engine, graph: bool):
     """``engine`` freezing a member as on a GPU (no host read: the graph needs it) and, with ``graph``, training
     its full batches through the graph step's body, uncaptured; returns that graph step (None without)."""
     alone = isinstance(engine, SingleRun)
-    owner = engine.trainer if alone else engine.stack  # what holds the step the engine runs
+    owner = engine.trainer if alone else engine  # what holds the step the engine runs
     owner.optimizer.host_sync_free = True
     if not graph:
         return None
@@ -217,7 +217,7 @@ def test_a_stack_members_optimizer_state_is_a_run_alones_and_back(monkeypatch, n
     assert stack.model.layout.member_major == member_major
     batches = stack.local_batches(1)
     for step in range(3):
-        stack.step(next(batches)[0], global_step=step)
+        stack.step(*next(batches), step)
     alone = build_trainer(members[1], DistContext(), load_dataset(members[1]))
     saved = stack.optimizer.member(1).state_dict()
     alone.optimizer.load_state_dict(saved)

@@ -134,10 +134,10 @@ def test_the_step_whose_loss_is_not_finite_leaves_that_members_parameters_and_mo
     stack = _stacked([_config(tmp_path, k, **m) for k, m in enumerate(settings)])
     stack.optimizer.host_sync_free = host_sync_free
     batches = stack.local_batches(1)
-    stack.step(next(batches)[0])  # momentum buffers that are not zero
+    stack.step(*next(batches), 0)  # momentum buffers that are not zero
     stack.model.weights[-1][1].mul_(1e38)  # finite weights whose logits overflow: member 1's loss is not finite
     before = [t[1].clone() for t in stack.model.parameters() + stack.optimizer.state["momentum_buffer"]]
-    loss = stack.step(next(batches)[0])
+    loss = stack.step(*next(batches), 1)
     assert torch.isfinite(loss).tolist() == [True, False, True] and diverged(stack) == [False, True, False]
     after = [t[1] for t in stack.model.parameters() + stack.optimizer.state["momentum_buffer"]]
     assert all(torch.equal(b, a) for b, a in zip(before, after))

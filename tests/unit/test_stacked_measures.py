@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from harness.core.config import Config
 from harness.core.data import Split
 from harness.core.distributed import DistContext
-from harness.core.stacked import StackedTrainer
+from harness.core.stacked import StackedTrainer, point_at_row
 from harness.core.model import build_model
-from harness.core.stacked_run import point_at_row
 from harness.core.backprop import autograd_backward
 from harness.measure.exact_noise import exact_noise_scale
 from harness.core.noise_probe import NoiseProbe
