@@ -201,7 +201,11 @@ def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHoo
         hooks.epoch_done(0, ctx)
     # A member that stopped at its target before a restart has just ended: it trains no more.
     in_engine = _keep(engine, members, [m for m in members if not m.finished])
-    first = members[0]
+    if not in_engine:
+        return
+    # The epochs and steps of a member still training: one that stopped at its target in the
+    # resumed epoch holds fewer steps and no epoch left.
+    first = in_engine[0]
     global_step = first.counters.global_step
     budget = first.cfg.step_budget(engine.steps_per_epoch)  # the run's last step, the same for every member
     for epoch in range(first_epoch(first.cfg, first.counters), first.cfg.total_epochs + 1):

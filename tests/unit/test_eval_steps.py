@@ -16,7 +16,7 @@ from harness.core.distributed import DistContext
 from harness.core.evaluation import AUTO_EVAL_COST, AUTO_RESOLUTION, eval_floor, is_evaluation_step
 from harness.core.model import build_model
 from harness.core.train_loop import RunHooks
-from harness.launching.runs import train_run
+from harness.launching.runs import train_run, train_trials
 from harness.errors import InputError
 
 # smoke: 512 training samples in batches of 64, 8 steps an epoch; the validation
@@ -164,3 +164,31 @@ def test_no_target_means_no_steps_to_target(tmp_path):
     result = train_run(smoke_config(tmp_path, "tracking.enabled=false", "metrics.target_val_accuracy=null",
                                 "train.max_steps=8", "metrics.sharpness=false"), DistContext())
     assert "steps_to_target" not in result.metrics and "eval_fraction" in result.metrics
+
+
+class FailAtEpochEnd(RunHooks):
+    """Hooks that break a run once every member's checkpoint of epoch ``epoch`` is written."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def epoch_done(self, epoch, ctx):
+        if epoch == self.epoch:
+            raise RuntimeError("injected failure")
+
+
+def test_a_stack_resumed_after_its_first_member_stopped_at_the_target_trains_the_others_to_the_end(tmp_path):
+    def stack(place):  # member 0 reaches the target early and stops; member 1 never does
+        return [smoke_config(place, "tracking.enabled=false", f"name=m{k}", f"optim.lr={lr}", *STOP)
+                for k, lr in enumerate((0.4, 0.002))]
+    straight = train_trials(stack(tmp_path / "straight"), DistContext())
+    stopped_epoch = straight[0].epochs_completed
+    assert stopped_epoch < straight[1].epochs_completed == 6
+    interrupted = stack(tmp_path / "resumed")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train_trials(interrupted, DistContext(), hooks=FailAtEpochEnd(stopped_epoch))
+    resumed = train_trials(interrupted, DistContext(), hooks=RunHooks(resume=True))
+    assert [r.global_step for r in resumed] == [r.global_step for r in straight]
+    a, b = (torch.load(r.checkpoint, weights_only=True)["model"] for r in (straight[1], resumed[1]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
