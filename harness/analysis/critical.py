@@ -1,31 +1,28 @@
 """The critical batch size of a finished sweep: the LR tuned per batch size, the fit of S(B), the parent's numbers.
 
-Owns, from the trial records harness/analysis/report.py reads out of MLflow: the
-choice of the best LR per (LR rule, batch size) (Shallue et al. 2018: claims about
-batch size hold only with the optimizer tuned per batch size), the flag for a best LR
-on the grid's edge, the fit of S(B) = S_min (1 + B_crit/B) to the tuned steps with a
-bootstrap over seeds (McCandlish et al. 2018), the noise scale read near B_crit, the
-parent run's metrics (fixed names, so sweeps compare) and the report's Markdown.
-Pure: no MLflow, no files. The fit itself is harness/measure/critical_batch.py's.
+Pure, from harness/analysis/report.py's trial records: the best LR per (LR rule, batch size) (Shallue
+et al. 2018: batch-size claims hold only with the optimizer tuned per batch size), the bootstrap fit of
+S(B) = S_min (1 + B_crit/B) over seeds (McCandlish et al. 2018; harness/measure/critical_batch.py),
+the noise scale near B_crit, the parent run's metrics (fixed names, so sweeps compare), the Markdown.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from harness.measure.critical_batch import NotEnoughBatchSizes, StepsFit, bootstrap_fit
 
 FIT_MIN_BATCH_SIZES = 3
 INTERVAL_LEVEL = 0.9  # of the bootstrap interval of B_crit
-# Per-trial metrics the training loop logs (child runs).
+# Per-trial metrics the training loop logs.
 STEPS, SAMPLES = "steps_to_target", "samples_to_target"
 NOISE_PROBE, NOISE_EXACT = "grad_noise_scale_at_target", "grad_noise_scale_exact_at_target"
-# Cumulative within a run (the last logged value is the run's total).
-TIME_METRICS = ("time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s", "time_sharpness_s",
-                "time_tracking_s")
+# Cumulative within a run (the last logged value is the run's total), and what each one times.
+TIME_METRICS = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epoch_eval_s": "epoch-end evaluation",
+                "time_probe_s": "probes", "time_sharpness_s": "sharpness", "time_tracking_s": "tracking"}
 
 
 @dataclass
@@ -64,19 +61,12 @@ class TunedBatch:
 
     def values(self, key: str) -> list[float]:
         """``key`` of the best LR's seeds that reached the target and logged it (samples fall back to B x steps)."""
-        if self.best is None:
-            return []
-        out = []
-        for trial in self.best.trials:
-            if math.isfinite(steps_of(trial)):
-                value = trial.final.get(key, self.batch_size * steps_of(trial) if key == SAMPLES else math.nan)
-                if math.isfinite(value):
-                    out.append(value)
-        return out
+        reached = [t for t in self.best.trials if math.isfinite(steps_of(t))] if self.best else []
+        values = [t.final.get(key, self.batch_size * steps_of(t) if key == SAMPLES else math.nan) for t in reached]
+        return [v for v in values if math.isfinite(v)]
 
     def median(self, key: str) -> float:
-        values = self.values(key)
-        return statistics.median(values) if values else math.nan
+        return _median(self.values(key))
 
     @property
     def median_samples(self) -> float:
@@ -100,7 +90,6 @@ class CriticalBatch:
     near_batch_sizes: tuple[int, ...] = ()  # where B_simple was read: the reached sizes around B_crit
     noise_scale: float = math.nan  # median grad_noise_scale_at_target over their tuned trials
     noise_scale_exact: float = math.nan
-    extra: dict = field(default_factory=dict)
 
 
 def steps_of(trial) -> float:
@@ -118,8 +107,7 @@ def tune(trials: list) -> list[TunedBatch]:
     for (rule, batch_size), by_lr in sorted(cells.items()):
         grid = [LrCell(lr, by_lr[lr]) for lr in sorted(by_lr)]
         reached = [c for c in grid if math.isfinite(c.median_steps)]
-        best = min(reached, key=lambda c: (c.median_steps, c.lr)) if reached else None
-        tuned.append(TunedBatch(rule, batch_size, grid, best))
+        tuned.append(TunedBatch(rule, batch_size, grid, min(reached, key=lambda c: (c.median_steps, c.lr), default=None)))
     return tuned
 
 
@@ -127,8 +115,7 @@ def critical_batch(rule: str, tuned: list[TunedBatch], resamples: int = 1000, se
     """Fit S(B) to one rule's tuned steps (bootstrap over the best LR's seeds), and read B_simple near B_crit."""
     mine = [t for t in tuned if t.lr_rule == rule]
     result = CriticalBatch(rule, mine)
-    # Seeds of the best LR that never reached are left out of the fit: their steps are unknown, not infinite
-    # (the median already reached, so most seeds did).
+    # Best-LR seeds that never reached stay out of the fit: their steps are unknown, not infinite.
     steps_by_batch = {t.batch_size: t.values(STEPS) for t in mine if t.reached}
     if len(steps_by_batch) < FIT_MIN_BATCH_SIZES:
         sizes = ", ".join(map(str, sorted(steps_by_batch))) or "none"
@@ -137,7 +124,7 @@ def critical_batch(rule: str, tuned: list[TunedBatch], resamples: int = 1000, se
         return result
     try:
         result.fit, result.low, result.high = bootstrap_fit(steps_by_batch, resamples=resamples, seed=seed,
-                                                                  level=INTERVAL_LEVEL)
+                                                            level=INTERVAL_LEVEL)
     except NotEnoughBatchSizes as err:
         result.why_no_fit = f"no fit of S(B) for lr rule {rule}: {err}"
         return result
@@ -145,13 +132,15 @@ def critical_batch(rule: str, tuned: list[TunedBatch], resamples: int = 1000, se
         result.why_no_fit = f"no valid fit of S(B) for lr rule {rule}: {result.fit.problem}"
         result.fit, result.low, result.high = None, math.nan, math.nan
         return result
-    near = nearest_batch_sizes(sorted(steps_by_batch), result.fit.b_crit)
-    result.near_batch_sizes = near
+    result.near_batch_sizes = near = nearest_batch_sizes(sorted(steps_by_batch), result.fit.b_crit)
     by_size = {t.batch_size: t for t in mine}
-    for attr, key in (("noise_scale", NOISE_PROBE), ("noise_scale_exact", NOISE_EXACT)):
-        values = [v for b in near for v in by_size[b].values(key)]
-        setattr(result, attr, statistics.median(values) if values else math.nan)
+    result.noise_scale, result.noise_scale_exact = (_median([v for b in near for v in by_size[b].values(key)])
+                                                    for key in (NOISE_PROBE, NOISE_EXACT))
     return result
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
 
 
 def nearest_batch_sizes(sizes: list[int], b_crit: float) -> tuple[int, ...]:
@@ -159,29 +148,19 @@ def nearest_batch_sizes(sizes: list[int], b_crit: float) -> tuple[int, ...]:
     the one nearest it where it lies outside ``sizes`` (or is not a positive number)."""
     if not (math.isfinite(b_crit) and b_crit > 0):
         return ()
-    below = [b for b in sizes if b < b_crit]
-    above = [b for b in sizes if b >= b_crit]
-    return tuple(x for x in (below[-1] if below else None, above[0] if above else None) if x is not None)
-
-
-def primary_rule(rules: list[str]) -> str:
-    """The rule whose answer gets the fixed metric names: 'none' (the grid then is the tuning), else the first."""
-    return "none" if "none" in rules else sorted(rules)[0]
+    return tuple([b for b in sizes if b < b_crit][-1:] + [b for b in sizes if b >= b_crit][:1])
 
 
 def parent_metrics(results: list[CriticalBatch]) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
-    """(single values, per-batch-size series with step = batch size) for the sweep's parent run.
-
-    The primary rule's numbers carry the fixed names (``critical_batch_size``, ``tuned_lr``, ...);
-    with several rules every rule's numbers also appear as ``<name>_<rule>``. Numbers that do not exist
-    (no fit, no noise-scale metric logged) are left out, never logged as NaN.
-    """
+    """(single values, per-batch-size series with step = batch size) for the sweep's parent run. The
+    primary rule's numbers carry the fixed names (``critical_batch_size``, ``tuned_lr``, ...); with several
+    rules each rule's also appear as ``<name>_<rule>``. Numbers that do not exist are left out, never NaN."""
     rules = [r.lr_rule for r in results]
+    primary = "none" if "none" in rules else min(rules)  # "none": its LR grid is the tuning
     single: dict[str, float] = {}
     series: dict[str, dict[int, float]] = {}
     for result in results:
-        suffixes = [""] if len(rules) == 1 else ([""] if result.lr_rule == primary_rule(rules) else []) + \
-            [f"_{result.lr_rule}"]
+        suffixes = ([""] if result.lr_rule == primary else []) + ([f"_{result.lr_rule}"] if len(rules) > 1 else [])
         values = {"critical_batch_size": result.fit.b_crit if result.fit else math.nan,
                   "critical_batch_size_low": result.low, "critical_batch_size_high": result.high,
                   "min_steps_to_target": result.fit.s_min if result.fit else math.nan,
@@ -204,12 +183,6 @@ def _spread(median: float, values: list[float], digits: int, missing: int) -> st
     if len(values) > 1:
         text += f" [{min(values):.{digits}f}, {max(values):.{digits}f}]"
     return text + (f" ({missing} seed(s) not reached)" if missing else "")
-
-
-def _ratio(b_crit: float, b_simple: float) -> str:
-    if not (math.isfinite(b_crit) and math.isfinite(b_simple) and b_simple > 0):
-        return "no ratio"
-    return f"B_crit / B_simple = {b_crit / b_simple:.2f}"
 
 
 def markdown(results: list[CriticalBatch]) -> str:
@@ -247,8 +220,8 @@ def answer_line(result: CriticalBatch) -> str:
     sizes = [t.batch_size for t in result.tuned if t.reached]
     line = (f"lr rule {result.lr_rule}: B_crit = {fit.b_crit:.4g} ({INTERVAL_LEVEL:.0%} bootstrap interval "
             f"{result.low:.4g}..{result.high:.4g}), S_min = {fit.s_min:.4g} steps, E_min = {fit.e_min:.4g} samples; "
-            f"B_simple (probe) = {_num(result.noise_scale)} ({_ratio(fit.b_crit, result.noise_scale)}), "
-            f"B_simple (exact) = {_num(result.noise_scale_exact)} ({_ratio(fit.b_crit, result.noise_scale_exact)}); "
+            f"{_b_simple('probe', result.noise_scale, fit.b_crit)}, "
+            f"{_b_simple('exact', result.noise_scale_exact, fit.b_crit)}; "
             f"B_simple is the median over the tuned trials at batch sizes {near} (the nearest to B_crit)")
     if not min(sizes) <= fit.b_crit <= max(sizes):
         line += (f". B_crit lies outside the batch sizes that reached the target ({min(sizes)}..{max(sizes)}): "
@@ -258,15 +231,13 @@ def answer_line(result: CriticalBatch) -> str:
     return line
 
 
-def _num(value: float) -> str:
-    return f"{value:.4g}" if math.isfinite(value) else "not recorded"
+def _b_simple(name: str, value: float, b_crit: float) -> str:
+    ratio = (f"B_crit / B_simple = {b_crit / value:.2f}" if math.isfinite(b_crit) and math.isfinite(value) and value > 0
+             else "no ratio")
+    return f"B_simple ({name}) = {f'{value:.4g}' if math.isfinite(value) else 'not recorded'} ({ratio})"
 
 
 def time_spent(trial_metrics: list[dict[str, float]]) -> dict[str, Optional[float]]:
-    """Each time_*_s metric (one dict of final metrics per trial) summed over the trials that logged it;
-    None where no trial did."""
-    totals: dict[str, Optional[float]] = {}
-    for key in TIME_METRICS:
-        values = [m[key] for m in trial_metrics if key in m and math.isfinite(m[key])]
-        totals[key] = sum(values) if values else None
-    return totals
+    """Each time_*_s metric summed over the trials (final metrics each) that logged it; None where none did."""
+    values = {key: [m[key] for m in trial_metrics if key in m and math.isfinite(m[key])] for key in TIME_METRICS}
+    return {key: sum(v) if v else None for key, v in values.items()}

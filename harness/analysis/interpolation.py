@@ -1,19 +1,12 @@
 """``harness interpolate``: Keskar et al. (2017)'s 1-D plot between two runs' solutions, written and recorded.
 
-Owns the orchestration: resolve the two sources (harness/records/checkpoint_source.py),
-refuse what cannot be compared (another architecture, another data set, an empty α
-range) before anything is written, score θ(α) on the full training and test splits
-of run A's data config (core.data.load_dataset, core.evaluation.evaluate), write
-``interpolation.csv`` and ``interpolation.png`` under ``<out>/interpolate-<a>-<b>/``,
-and log a new MLflow run naming both sources, with the files as artifacts and one
-metric per point (step = the point's index). The walk along the line is
-harness/measure/interpolation.py's, the figure harness/analysis/plots.py's, every
-MLflow store check harness/records/mlflow_store.py's.
+Owns the orchestration: refuse what cannot be compared before anything is written, score θ(α) on
+the full training and test splits of run A's data config, write the CSV and plot, and log a new
+MLflow run naming both sources. The walk along the line is harness/measure/interpolation.py's.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +22,7 @@ from harness.core.distributed import DistContext
 from harness.core.evaluation import evaluate
 from harness.core.model import build_model
 from harness.errors import InputError
+from harness.analysis.spread import write_rows
 from harness.measure.interpolation import alpha_grid, interpolation_curve
 from harness.records.checkpoint_source import CheckpointSource, check_same_architecture, resolve_checkpoint
 from harness.records.mlflow_store import (check_experiment, check_tracking_server, check_tracking_uri,
@@ -50,10 +44,10 @@ class InterpolationResult:
 def run_interpolation(ref_a: str, ref_b: str, *, tracking_uri: Optional[str], experiment: str,
                       alpha_min: float = -1.0, alpha_max: float = 2.0, points: int = 25,
                       out_dir: str | Path = "reports", device: str = "auto", eval_batch_size: int = 10000,
-                      label_a: Optional[str] = None, label_b: Optional[str] = None, log_to_mlflow: bool = True,
-                      parent_run_id: Optional[str] = None) -> InterpolationResult:
+                      label_a: Optional[str] = None, label_b: Optional[str] = None,
+                      log_to_mlflow: bool = True) -> InterpolationResult:
     """Loss and accuracy along θ(α) = (1 − α)·θ_a + α·θ_b; ``ref_a``/``ref_b``: a checkpoint file, a run's
-    checkpoint folder or an MLflow run id. ``parent_run_id`` nests the new run (a sweep report's)."""
+    checkpoint folder or an MLflow run id."""
     alphas = alpha_grid(alpha_min, alpha_max, points)
     if eval_batch_size < 1:
         raise InputError(f"--eval-batch-size: {eval_batch_size}; expected a positive number")
@@ -74,16 +68,16 @@ def run_interpolation(ref_a: str, ref_b: str, *, tracking_uri: Optional[str], ex
     rows = score_line(source_a, source_b, alphas, ctx, eval_batch_size)
     directory = Path(out_dir) / f"interpolate-{_short(source_a)}-{_short(source_b)}"
     directory.mkdir(parents=True, exist_ok=True)
-    csv_path, plot_path = _write_csv(rows, directory / "interpolation.csv"), directory / "interpolation.png"
+    csv_path = write_rows(directory / "interpolation.csv", COLUMNS,
+                          ([f"{row[key]:.8g}" for key in COLUMNS] for row in rows))
+    plot_path = directory / "interpolation.png"
     from harness.analysis import plots  # matplotlib only where a figure is drawn
 
     plots.interpolation(rows, plot_path, label_a, label_b)
-    run_id = None
-    if log_to_mlflow:
-        run_id = _record(uri, experiment, source_a, source_b, (ref_a, ref_b), (label_a, label_b), rows,
-                         [csv_path, plot_path], {"alpha_min": alpha_min, "alpha_max": alpha_max, "points": points,
-                                                 "eval_batch_size": eval_batch_size, "device": ctx.device.type},
-                         parent_run_id)
+    params = {"alpha_min": alpha_min, "alpha_max": alpha_max, "points": points, "eval_batch_size": eval_batch_size,
+              "device": ctx.device.type}
+    run_id = _record(uri, experiment, source_a, source_b, (ref_a, ref_b), (label_a, label_b), rows,
+                     [csv_path, plot_path], params) if log_to_mlflow else None
     return InterpolationResult(csv_path, plot_path, run_id, rows)
 
 
@@ -92,15 +86,11 @@ def score_line(source_a: CheckpointSource, source_b: CheckpointSource, alphas: l
     """The rows of the curve: loss and accuracy on the full training and test splits of A's data config
     (its validation split and subsets, so 'train' is the set A trained on)."""
     dataset = load_dataset(source_a.config).to(ctx.device)
-    model = build_model(source_a.config).to(ctx.device)
-    model.eval()
+    model = build_model(source_a.config).to(ctx.device).eval()
 
     def score(network: torch.nn.Module) -> dict[str, float]:
-        scores = {}
-        for split_name, split in (("train", dataset.train), ("test", dataset.test)):
-            scores[f"{split_name}_loss"], scores[f"{split_name}_accuracy"] = evaluate(network, split, ctx,
-                                                                                    eval_batch_size)
-        return scores
+        return {f"{name}_{kind}": value for name, split in (("train", dataset.train), ("test", dataset.test))
+                for kind, value in zip(("loss", "accuracy"), evaluate(network, split, ctx, eval_batch_size))}
 
     curve = interpolation_curve(model, source_a.model_state, source_b.model_state, alphas, score)
     return [{"alpha": point.alpha, **point.scores} for point in curve]
@@ -136,23 +126,14 @@ def _device(requested: str) -> torch.device:
 def _label(source: CheckpointSource, other: CheckpointSource, letter: str) -> str:
     """``B=32``; when both runs share the batch size, the run's name tells them apart."""
     batch = source.config.optim.global_batch_size
-    if batch != other.config.optim.global_batch_size:
-        return f"B={batch}"
-    return f"{letter}: {source.config.name} B={batch}"
+    same = batch == other.config.optim.global_batch_size
+    return f"{letter}: {source.config.name} B={batch}" if same else f"B={batch}"
 
 
 def _short(source: CheckpointSource) -> str:
     """A folder-safe short name: the run id's first 8 digits, else the run's folder and epoch."""
     text = source.run_id[:8] if source.run_id else f"{source.path.parent.name}-{source.path.stem}"
     return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:60]
-
-
-def _write_csv(rows: list[dict[str, float]], path: Path) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({key: f"{row[key]:.8g}" for key in COLUMNS} for row in rows)
-    return path
 
 
 def _source_tags(letter: str, ref: str, source: CheckpointSource, label: str) -> dict[str, str]:
@@ -164,7 +145,7 @@ def _source_tags(letter: str, ref: str, source: CheckpointSource, label: str) ->
 
 def _record(uri: str, experiment: str, source_a: CheckpointSource, source_b: CheckpointSource,
             refs: tuple[str, str], labels: tuple[str, str], rows: list[dict[str, float]], files: list[Path],
-            params: dict, parent_run_id: Optional[str]) -> str:
+            params: dict) -> str:
     """A new MLflow run: both sources in its tags, the grid in its params, one metric per point, the files."""
     from harness.records.tracking import git_commit
 
@@ -174,8 +155,6 @@ def _record(uri: str, experiment: str, source_a: CheckpointSource, source_b: Che
                                     f"`{labels[0]}` ({source_a.path}) and `{labels[1]}` ({source_b.path}). Metrics "
                                     "`interpolation/*` have step = point index (`interpolation/alpha` gives α); "
                                     f"CSV and plot: artifacts, folder `{ARTIFACT_FOLDER}/`.")}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
     # Non-finite values (a blown-up loss far along the line) stay in the CSV, out of MLflow's charts.
     metrics = [(METRIC_PREFIX + key, row[key], index) for index, row in enumerate(rows)
                for key in COLUMNS if math.isfinite(row[key])]

@@ -1,15 +1,11 @@
 """The note's second claim, read from a finished sweep: batch sizes compared at equal training loss.
 
-Owns, from the trial records harness/analysis/report.py reads out of MLflow: the
-table per (LR rule, batch size, LR) of a sweep whose trials stop at
-``train.target_train_loss`` (steps and epochs to that loss, and the test accuracy,
-test loss, gaps and sharpness at it), the edge-of-stability limit 2(1 + β)/η of
-each trial (Cohen et al. 2021), the choice of the two trials the report
-interpolates between, and the Markdown. Pure: no MLflow, no files.
-
-Only trials that reached the loss target enter the columns read at the target:
-a trial that ran out of budget sits at a higher loss, and averaging it in would
-compare unequal things (the point of this table).
+Owns, from harness/analysis/report.py's trial records: the table per (LR rule, batch size, LR)
+of a sweep whose trials stop at ``train.target_train_loss`` (steps and epochs to it; test
+accuracy, loss, gaps and sharpness there), each trial's edge-of-stability limit 2(1 + β)/η
+(Cohen et al. 2021) and sharpness path, and the two trials the report interpolates between.
+Pure. Only trials that reached the loss target are averaged: one that ran out of budget sits
+at a higher loss.
 """
 
 from __future__ import annotations
@@ -37,13 +33,21 @@ def stability_limit(lr: float, momentum: float) -> float:
     return 2.0 * (1.0 + momentum) / lr
 
 
+def sharpness_curves(trials: list, label) -> list[tuple[str, list[tuple[int, float]], float]]:
+    """(``label(trial)``, λ_max history, stability limit) of every healthy trial with two sharpness readings or more
+    (a path needs two), for plots.sharpness_trajectories."""
+    return [(label(t), t.history[SHARPNESS_HISTORY], stability_limit(t.lr, t.momentum))
+            for t in trials if not t.diverged and len(t.history.get(SHARPNESS_HISTORY, ())) > 1]
+
+
 def is_healthy(trial) -> bool:
     """Not diverged, and reached the loss target where the sweep had one."""
     return not trial.diverged and (trial.target_train_loss is None or STEPS in trial.final)
 
 
 @dataclass
-class EqualLossRow:
+class CellRow:
+    """One (LR rule, batch size, LR) of a sweep, as the report's tables show it."""
     lr_rule: str
     batch_size: int
     lr: float
@@ -51,31 +55,39 @@ class EqualLossRow:
     seeds: int
     reached: int
     diverged: int
-    stats: dict[str, tuple[float, float]]  # column -> (mean, std) over the trials that reached the target
+    stats: dict[str, tuple[float, float]]  # column -> (mean, std) over the trials averaged
 
     @property
     def limit(self) -> float:
         return stability_limit(self.lr, self.momentum)
 
 
-def equal_loss_rows(trials: list) -> list[EqualLossRow]:
-    """One row per (rule, batch size, LR), its columns over the seeds that reached the loss target."""
+def cell_rows(trials: list, columns, averaged, reached) -> list[CellRow]:
+    """One row per (rule, batch size, LR): ``columns`` over the trials ``averaged`` keeps; ``reached`` counts."""
     groups: dict[tuple[str, int, float], list] = defaultdict(list)
     for trial in trials:
         groups[(trial.lr_rule, trial.batch_size, trial.lr)].append(trial)
     rows = []
     for (rule, batch_size, lr), members in sorted(groups.items()):
-        reached = [t for t in members if not t.diverged and STEPS in t.final]
-        stats = {column: mean_std([t.final[key] for t in reached if key in t.final]) for column, key in AT_TARGET}
-        rows.append(EqualLossRow(rule, batch_size, lr, members[0].momentum, len(members), len(reached),
-                                 sum(t.diverged for t in members), stats))
+        kept = [t for t in members if averaged(t)]
+        stats = {column: mean_std([t.final[key] for t in kept if key in t.final]) for column, key in columns}
+        rows.append(CellRow(rule, batch_size, lr, members[0].momentum, len(members), sum(map(reached, members)),
+                            sum(t.diverged for t in members), stats))
     return rows
 
 
+def equal_loss_rows(trials: list) -> list[CellRow]:
+    """One row per (rule, batch size, LR), its columns over the seeds that reached the loss target."""
+    return cell_rows(trials, AT_TARGET, _reached_loss, _reached_loss)
+
+
+def _reached_loss(trial) -> bool:
+    return not trial.diverged and STEPS in trial.final
+
+
 def interpolation_pair(trials: list) -> Optional[tuple]:
-    """(small, large): the healthy trials of the smallest and the largest healthy batch size, of the same
-    LR rule and seed (the lowest seed both have), each the fewest steps to the target among its LRs; None
-    when fewer than two batch sizes are healthy."""
+    """(small, large): healthy trials of the smallest and largest healthy batch size, same LR rule and (lowest
+    shared) seed, each the fewest steps to target among its LRs; None with fewer than two healthy sizes."""
     healthy = [t for t in trials if is_healthy(t)]
     for rule in sorted({t.lr_rule for t in healthy}):
         members = [t for t in healthy if t.lr_rule == rule]
@@ -86,13 +98,12 @@ def interpolation_pair(trials: list) -> Optional[tuple]:
                        & {t.seed for t in members if t.batch_size == sizes[-1]})
         if not seeds:
             continue
-        pick = [min((t for t in members if t.batch_size == size and t.seed == seeds[0]),
-                    key=lambda t: t.final.get(STEPS, math.inf)) for size in (sizes[0], sizes[-1])]
-        return pick[0], pick[1]
+        return tuple(min((t for t in members if t.batch_size == size and t.seed == seeds[0]),
+                         key=lambda t: t.final.get(STEPS, math.inf)) for size in (sizes[0], sizes[-1]))
     return None
 
 
-def markdown(rows: list[EqualLossRow], target: float) -> str:
+def markdown(rows: list[CellRow], target: float) -> str:
     """The table at equal training loss, and what it rests on."""
     lines = [f"### Batch sizes at equal training loss ({target:g}, full training split)", "",
              "Columns read at the first evaluation whose full training loss reached the target, mean ± std over "

@@ -1,15 +1,13 @@
-"""The sweep report's figures (matplotlib, no display needed).
+"""The report's figures (matplotlib, no display needed).
 
-Each function takes the trial records and summary rows of harness/analysis/report.py (or the
-tuned answers of harness/analysis/critical.py) and writes one PNG; nothing here reads MLflow
-or computes a metric beyond evaluating an already fitted curve.
+Each function takes what harness/analysis computed and writes one PNG; nothing here reads
+MLflow or computes a metric beyond evaluating a fitted curve.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -25,32 +23,45 @@ def draw_all(trials, rows, directory: Path, target_label: str = "target") -> lis
             steps_to_target(trials, rows, directory / "steps_to_target.png", target_label)]
 
 
-def _by_rule(rows):
-    grouped = defaultdict(list)
-    for row in rows:
-        grouped[row.lr_rule].append(row)
-    return grouped
+def _by_rule(rows) -> dict[str, list]:
+    return {rule: [r for r in rows if r.lr_rule == rule] for rule in dict.fromkeys(r.lr_rule for r in rows)}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _finish(fig, path: Path, *axes, notes: list[str] = (), fontsize=7) -> Path:
+    """Grid and legend on ``axes``, ``notes`` on the first, then save."""
+    if notes:  # say on the figure why a curve is missing, not only in the table
+        axes[0].text(0.02, 0.02, "\n".join(notes), transform=axes[0].transAxes, fontsize=7, va="bottom", wrap=True)
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:  # e.g. a sweep without a target has nothing to plot
+            ax.legend(fontsize=fontsize)
+    return _save(fig, path)
+
+
+def _errorbar(ax, rows, column: str, label: str) -> None:
+    """``column``'s mean ± std over seeds against batch size."""
+    ax.errorbar([r.batch_size for r in rows], [r.stats[column][0] for r in rows],
+                yerr=[r.stats[column][1] for r in rows], marker="o", capsize=3, label=label)
 
 
 def accuracy_and_gap(rows, path: Path) -> Path:
     fig, (acc_ax, gap_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for rule, members in _by_rule(rows).items():
-        batch = [r.batch_size for r in members]
         for ax, column in ((acc_ax, "test_accuracy"), (gap_ax, "gap_accuracy")):
-            mean = [r.stats[column][0] for r in members]
-            std = [r.stats[column][1] for r in members]
-            ax.errorbar(batch, mean, yerr=std, marker="o", capsize=3, label=f"lr rule: {rule}")
+            _errorbar(ax, members, column, f"lr rule: {rule}")
     acc_ax.set(title="Final test accuracy", ylabel="test accuracy")
     gap_ax.set(title="Generalisation gap", ylabel="train accuracy − test accuracy")
     for ax in (acc_ax, gap_ax):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("global batch size")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, acc_ax, gap_ax, fontsize=None)
 
 
 def loss_curves(trials, path: Path, against: str) -> Path:
@@ -62,21 +73,13 @@ def loss_curves(trials, path: Path, against: str) -> Path:
     for ax, rule in zip(axes[0], rules):
         for i, batch_size in enumerate(sizes):
             members = [t for t in trials if t.lr_rule == rule and t.batch_size == batch_size and not t.diverged]
-            curves = [_curve(t, "train_loss", against) for t in members]
-            curves = [c for c in curves if c]
-            if not curves:
+            train, test = (_mean_curve(members, key, against) for key in ("train_loss", "test_loss"))
+            if not train:
                 continue
-            length = min(len(c) for c in curves)
-            xs = [curves[0][k][0] for k in range(length)]
-            ys = [statistics.fmean(c[k][1] for c in curves) for k in range(length)]
             colour = cmap(i / max(1, len(sizes) - 1))
-            ax.plot(xs, ys, color=colour, label=f"B={batch_size} train")
-            test_curves = [c for c in (_curve(t, "test_loss", against) for t in members) if c]
-            if test_curves:
-                test_len = min(len(c) for c in test_curves)
-                ax.plot([test_curves[0][k][0] for k in range(test_len)],
-                        [statistics.fmean(c[k][1] for c in test_curves) for k in range(test_len)],
-                        color=colour, linestyle="--")
+            ax.plot(*train, color=colour, label=f"B={batch_size} train")
+            if test:
+                ax.plot(*test, color=colour, linestyle="--")
         ax.set(title=f"Loss (solid: train, dashed: test), lr rule {rule}", ylabel="cross-entropy",
                xlabel="epoch" if against == "epoch" else "optimizer steps")
         if against == "steps":
@@ -84,10 +87,16 @@ def loss_curves(trials, path: Path, against: str) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # every trial of the rule diverged: no curve to name
             ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def _mean_curve(trials, key: str, against: str):
+    """(x, mean over the trials of ``key``) up to the shortest trial's end; None where no trial logged it."""
+    curves = [c for c in (_curve(t, key, against) for t in trials) if c]
+    if not curves:
+        return None
+    length = min(len(c) for c in curves)
+    return [x for x, _ in curves[0][:length]], [statistics.fmean(c[k][1] for c in curves) for k in range(length)]
 
 
 def _curve(trial, key: str, against: str) -> list[tuple[float, float]]:
@@ -101,17 +110,16 @@ def _curve(trial, key: str, against: str) -> list[tuple[float, float]]:
 def steps_to_target(trials, rows, path: Path, target_label: str) -> Path:
     """Steps-to-target vs batch size (log-log), the ideal linear-scaling line, and the measured noise scale."""
     fig, ax = plt.subplots(figsize=(7, 4.8))
-    for rule, members in _by_rule(rows).items():
+    groups = _by_rule(rows)
+    for rule, members in groups.items():
         reached = [r for r in members if not math.isnan(r.stats["steps_to_target"][0])]
         if not reached:
             continue
-        batch = [r.batch_size for r in reached]
-        mean = [r.stats["steps_to_target"][0] for r in reached]
-        std = [r.stats["steps_to_target"][1] for r in reached]
-        ax.errorbar(batch, mean, yerr=std, marker="o", capsize=3, label=f"measured, lr rule {rule}")
+        _errorbar(ax, reached, "steps_to_target", f"measured, lr rule {rule}")
         # Perfect scaling: doubling the batch halves the steps (from the smallest batch).
-        ideal = [mean[0] * batch[0] / b for b in batch]
-        ax.plot(batch, ideal, linestyle=":", color="grey", label="ideal linear scaling" if rule == min(_by_rule(rows)) else None)
+        batch, first = [r.batch_size for r in reached], reached[0].stats["steps_to_target"][0] * reached[0].batch_size
+        ax.plot(batch, [first / b for b in batch], linestyle=":", color="grey",
+                label="ideal linear scaling" if rule == min(groups) else None)
     noise_scales = [t.final["grad_noise_scale"] for t in trials if "grad_noise_scale" in t.final and not t.diverged
                     and math.isfinite(t.final["grad_noise_scale"])]
     if noise_scales:
@@ -120,13 +128,7 @@ def steps_to_target(trials, rows, path: Path, target_label: str) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set(title=f"Steps to reach {target_label}", xlabel="global batch size", ylabel="optimizer steps")
-    ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:  # a sweep without a target has nothing to plot here
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, ax, fontsize=8)
 
 
 def draw_critical(results, directory: Path, target_label: str = "target") -> list[Path]:
@@ -138,12 +140,9 @@ def draw_critical(results, directory: Path, target_label: str = "target") -> lis
 
 def _tuned_points(result, key: str):
     """(batch sizes, medians, lower, upper errors) over the best LR's seeds, reached batch sizes only."""
-    points = [(t.batch_size, t.values(key)) for t in result.tuned if t.values(key)]
-    batch = [b for b, _ in points]
-    median = [statistics.median(v) for _, v in points]
-    low = [m - min(v) for m, (_, v) in zip(median, points)]
-    high = [max(v) - m for m, (_, v) in zip(median, points)]
-    return batch, median, low, high
+    points = [(t.batch_size, statistics.median(t.values(key)), t.values(key)) for t in result.tuned if t.values(key)]
+    return ([b for b, _, _ in points], [m for _, m, _ in points], [m - min(v) for _, m, v in points],
+            [max(v) - m for _, m, v in points])
 
 
 def _dense(batch: list[int]) -> list[float]:
@@ -152,15 +151,14 @@ def _dense(batch: list[int]) -> list[float]:
 
 
 def tuned_vs_batch(results, path: Path, quantity: str, target_label: str) -> Path:
-    """Steps (or samples) to target at the tuned LR vs batch size, log-log: median over seeds with
-    their range, the fitted S(B) = S_min + E_min/B (E = B S), perfect scaling (S = E_min/B, E = E_min),
-    B_crit with its interval and B_simple (probe and exact) as vertical lines."""
-    key = "steps_to_target" if quantity == "steps" else "samples_to_target"
+    """Steps (or samples) to target at the tuned LR vs batch size, log-log: median and range over seeds, the
+    fitted S(B) = S_min + E_min/B (E = B S), perfect scaling, B_crit with its interval and B_simple."""
+    steps = quantity == "steps"
     fig, ax = plt.subplots(figsize=(7.5, 5))
     notes = []
     for i, result in enumerate(results):
         colour = f"C{i}"
-        batch, median, low, high = _tuned_points(result, key)
+        batch, median, low, high = _tuned_points(result, "steps_to_target" if steps else "samples_to_target")
         if not batch:
             notes.append(f"lr rule {result.lr_rule}: no batch size reached the target")
             continue
@@ -171,19 +169,17 @@ def tuned_vs_batch(results, path: Path, quantity: str, target_label: str) -> Pat
             notes.append(result.why_no_fit)
             continue
         xs = _dense(batch)
-        curve = [fit.steps_at(b) * (1 if quantity == "steps" else b) for b in xs]
-        ideal = [fit.e_min / b if quantity == "steps" else fit.e_min for b in xs]
-        ax.plot(xs, curve, color=colour, label=f"fit: S_min={fit.s_min:.0f}, E_min={fit.e_min:.0f}")
-        ax.plot(xs, ideal, color=colour, linestyle=":", label="perfect scaling" + (" S = E_min/B" if quantity ==
-                                                                                    "steps" else " E = E_min"))
+        ax.plot(xs, [fit.steps_at(b) * (1 if steps else b) for b in xs], color=colour,
+                label=f"fit: S_min={fit.s_min:.0f}, E_min={fit.e_min:.0f}")
+        ax.plot(xs, [fit.e_min / b if steps else fit.e_min for b in xs], color=colour, linestyle=":",
+                label="perfect scaling" + (" S = E_min/B" if steps else " E = E_min"))
         _vertical_lines(ax, result, colour)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ylabel = "optimizer steps to target" if quantity == "steps" else "training samples to target"
     ax.set(title=f"{quantity.capitalize()} to reach {target_label}, LR tuned per batch size",
-           xlabel="global batch size", ylabel=ylabel)
-    _finish(fig, ax, path, notes)
-    return path
+           xlabel="global batch size",
+           ylabel="optimizer steps to target" if steps else "training samples to target")
+    return _finish(fig, path, ax, notes=notes)
 
 
 def _vertical_lines(ax, result, colour) -> None:
@@ -213,63 +209,41 @@ def pareto_front(results, path: Path, target_label: str) -> Path:
                 label=f"tuned LR, lr rule {result.lr_rule}")
         for s, e, b in points:
             ax.annotate(f"B={b}", (s, e), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if result.fit is not None:
-            fit = result.fit
-            xs = _dense(batch)
-            ax.plot([fit.steps_at(b) for b in xs], [b * fit.steps_at(b) for b in xs], color=colour,
-                    label=f"fit: S_min={fit.s_min:.0f}, E_min={fit.e_min:.0f}, B_crit={fit.b_crit:.0f}")
-        else:
+        fit = result.fit
+        if fit is None:
             notes.append(result.why_no_fit)
+            continue
+        xs = _dense(batch)
+        ax.plot([fit.steps_at(b) for b in xs], [b * fit.steps_at(b) for b in xs], color=colour,
+                label=f"fit: S_min={fit.s_min:.0f}, E_min={fit.e_min:.0f}, B_crit={fit.b_crit:.0f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set(title=f"Pareto front to reach {target_label}", xlabel="optimizer steps", ylabel="training samples")
-    _finish(fig, ax, path, notes)
-    return path
-
-
-def _finish(fig, ax, path: Path, notes: list[str]) -> None:
-    if notes:  # say on the figure why a curve is missing, not only in the table
-        ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
-    ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _finish(fig, path, ax, notes=notes)
 
 
 def sharpness_trajectories(curves, path: Path, title: str) -> Path:
-    """λ_max against optimizer steps, one colour per curve group, with each group's stability limit dashed.
-
-    ``curves``: (group label, [(step, λ_max)], limit 2(1+β)/η or None), one per trial; trials of one
-    group (seeds) share a colour and a label. Steps on a symlog axis: step 0 (before the first update)
-    is a reading too, and the batch sizes' step counts differ by orders of magnitude.
-    """
+    """λ_max against optimizer steps, one colour per group, with each group's stability limit dashed.
+    ``curves``: (group label, [(step, λ_max)], limit or None), one per trial. A symlog axis: step 0 is
+    a reading too, and the batch sizes' step counts differ by orders of magnitude."""
     fig, ax = plt.subplots(figsize=(8, 5))
     groups = list(dict.fromkeys(label for label, _, _ in curves))
     cmap = plt.get_cmap("viridis")
     notes = []
     for i, group in enumerate(groups):
         colour = cmap(i / max(1, len(groups) - 1))
-        members = [(points, limit) for label, points, limit in curves if label == group]
-        labelled = False
-        for points, limit in members:
-            if not points:
-                continue
-            steps, values = zip(*sorted(points))
-            ax.plot(steps, values, marker=".", color=colour, alpha=0.85, label=None if labelled else group)
-            labelled = True
-        limits = sorted({limit for _, limit in members if limit is not None})
-        for limit in limits:
+        drawn = [sorted(points) for label, points, _ in curves if label == group and points]
+        for k, points in enumerate(drawn):
+            ax.plot(*zip(*points), marker=".", color=colour, alpha=0.85, label=None if k else group)
+        for limit in sorted({limit for label, _, limit in curves if label == group and limit is not None}):
             ax.axhline(limit, color=colour, linestyle="--", linewidth=1)
-        if not labelled:
+        if not drawn:
             notes.append(f"{group}: no sharpness readings logged")
     ax.set_xscale("symlog", linthresh=10)
     ax.set_xlim(left=0)
     ax.set_yscale("log")
     ax.set(title=title, xlabel="optimizer steps", ylabel="top Hessian eigenvalue λ_max")
-    _finish(fig, ax, path, notes)
-    return path
+    return _finish(fig, path, ax, notes=notes)
 
 
 def interpolation(rows: list[dict[str, float]], path: Path, label_a: str, label_b: str) -> Path:
@@ -296,13 +270,7 @@ def interpolation(rows: list[dict[str, float]], path: Path, label_a: str, label_
         loss_ax.set_yscale("log")
     loss_ax.set(title="Loss along the line between the two solutions", ylabel="cross-entropy")
     acc_ax.set(title="Accuracy along the same line", ylabel="accuracy")
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, loss_ax, acc_ax, fontsize=8)
 
 
 def capacity(result: dict, path: Path) -> Path:
@@ -321,11 +289,6 @@ def capacity(result: dict, path: Path) -> Path:
         ax.axvline(result["largest_batch"], color="red", linestyle=":", linewidth=1,
                    label=f"largest {result['largest_batch']} ({result['cap_reason'][:40]})")
         ax.set_xlabel("batch size")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
     step_ax.set(title=f"Time per step, {result['device_name'][:40]}", ylabel="ms per step")
     sample_ax.set(title="Time per sample", ylabel="µs per sample")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, step_ax, sample_ax, fontsize=8)

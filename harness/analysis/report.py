@@ -1,18 +1,14 @@
 """Read a finished sweep back from MLflow: tables (CSV, Markdown) and plots (PNG).
 
-Owns turning a parent run and its child runs into numbers per (LR rule, batch
-size), mean and standard deviation over seeds, and drawing them. Logs the files
-as artifacts of the parent run, and the means as the parent's metrics with
-step = batch size (``by_batch/<column>_<rule>``), so MLflow's own charts of the
-parent plot them against batch size. Reads MLflow only (through
-harness/records/mlflow_store.py, which owns the queries): nothing is recomputed
-from the models.
+Owns turning a parent run's child runs into numbers per (LR rule, batch size), mean ± std over
+seeds, logged back as the parent's artifacts and as metrics with step = batch size
+(``by_batch/<column>_<rule>``), so MLflow charts them against batch size. Reads MLflow only.
 """
 
 from __future__ import annotations
 
-import csv
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,20 +16,14 @@ from typing import Optional
 
 from harness.errors import InputError
 from harness.analysis import critical, minima
-from harness.analysis.spread import cell, mean_std
+from harness.analysis.spread import cell, write_rows
 from harness.records.mlflow_store import child_runs, log_new_metrics, logged_steps, newest_sweep_run, open_client
 
 # (column, metric key) of the summary; each gets a mean and a std over seeds.
-SUMMARY_METRICS = (
-    ("test_accuracy", "test_accuracy"),
-    ("gap_accuracy", "generalization_gap_accuracy"),
-    ("gap_loss", "generalization_gap_loss"),
-    ("steps_to_target", "steps_to_target"),
-    ("noise_scale", "grad_noise_scale"),
-    ("sharpness", "top_hessian_eigenvalue"),
-)
-HISTORY_KEYS = ("train_loss", "test_loss", "train_loss_running", "global_step", "test_accuracy",
-                "by_step/top_hessian_eigenvalue")
+SUMMARY_METRICS = (("test_accuracy", "test_accuracy"), ("gap_accuracy", "generalization_gap_accuracy"),
+                   ("gap_loss", "generalization_gap_loss"), ("steps_to_target", "steps_to_target"),
+                   ("noise_scale", "grad_noise_scale"), ("sharpness", "top_hessian_eigenvalue"))
+HISTORY_KEYS = ("train_loss", "test_loss", "global_step", minima.SHARPNESS_HISTORY)  # what the figures draw
 
 
 @dataclass
@@ -44,7 +34,6 @@ class TrialRecord:
     batch_size: int
     lr: float
     seed: int
-    status: str
     diverged: bool
     final: dict[str, float]
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -53,22 +42,9 @@ class TrialRecord:
 
 
 @dataclass
-class SummaryRow:
-    lr_rule: str
-    batch_size: int
-    lr: float
-    seeds: int
-    reached: int  # trials whose validation accuracy reached the target
-    diverged: int
-    stats: dict[str, tuple[float, float]]  # column -> (mean, std) over the trials that have it
-
-
-@dataclass
 class Report:
-    sweep_run_id: str
     experiment_id: str
     directory: Path
-    rows: list[SummaryRow]
     csv_path: Path
     markdown_path: Path
     markdown_table: str
@@ -85,10 +61,9 @@ def find_sweep_run(client, experiment: str, sweep_run_id: Optional[str]):
             raise InputError(f"--sweep-run-id {sweep_run_id}: no such run in the tracking store") from None
         kind = run.data.tags.get("run_kind")
         if kind != "sweep":
-            raise InputError(f"--sweep-run-id {sweep_run_id}: run {run.info.run_name!r} is "
-                             f"{('an ' if kind[0] in 'aeiou' else 'a ') + kind + ' run' if kind else 'not a sweep'}; "
-                             "expected the parent run of a sweep "
-                             "(tag run_kind = sweep)")
+            what = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} run" if kind else "not a sweep"
+            raise InputError(f"--sweep-run-id {sweep_run_id}: run {run.info.run_name!r} is {what}; "
+                             "expected the parent run of a sweep (tag run_kind = sweep)")
         return run
     run = newest_sweep_run(client, experiment)
     if run is None:
@@ -100,13 +75,13 @@ def collect_trials(client, parent) -> list[TrialRecord]:
     records = []
     for run in child_runs(client, parent.info.run_id, parent.info.experiment_id):
         params, tags = run.data.params, run.data.tags
-        history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-                   for key in HISTORY_KEYS if key in run.data.metrics}
         records.append(TrialRecord(
             run_id=run.info.run_id, name=tags.get("trial", run.info.run_name), lr_rule=params.get("lr_rule", "none"),
             batch_size=int(params["batch_size"]), lr=float(params["lr"]), seed=int(params["seed"]),
-            status=run.info.status, diverged=tags.get("diverged") == "true", final=dict(run.data.metrics),
-            history=history, momentum=float(params.get("optim.momentum", 0.0)),
+            diverged=tags.get("diverged") == "true", final=dict(run.data.metrics),
+            history={key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+                     for key in HISTORY_KEYS if key in run.data.metrics},
+            momentum=float(params.get("optim.momentum", 0.0)),
             target_train_loss=_optional_float(params.get("train.target_train_loss"))))
     return sorted(records, key=lambda r: (r.lr_rule, r.batch_size, r.lr, r.seed))
 
@@ -115,21 +90,12 @@ def _optional_float(param: Optional[str]) -> Optional[float]:
     return None if param in (None, "None") else float(param)
 
 
-def summarise(trials: list[TrialRecord]) -> list[SummaryRow]:
-    groups: dict[tuple[str, int, float], list[TrialRecord]] = defaultdict(list)
-    for trial in trials:  # one LR per (rule, batch size) unless the sweep has an LR grid
-        groups[(trial.lr_rule, trial.batch_size, trial.lr)].append(trial)
-    rows = []
-    for (rule, batch_size, _lr), members in sorted(groups.items()):
-        healthy = [t for t in members if not t.diverged]
-        stats = {column: mean_std([t.final[key] for t in healthy if key in t.final]) for column, key in SUMMARY_METRICS}
-        rows.append(SummaryRow(rule, batch_size, members[0].lr, len(members),
-                               reached=sum("steps_to_target" in t.final for t in members),
-                               diverged=len(members) - len(healthy), stats=stats))
-    return rows
+def summarise(trials: list[TrialRecord]) -> list[minima.CellRow]:
+    """One row per (rule, batch size, LR): the healthy trials' means; ``reached``: the validation accuracy target."""
+    return minima.cell_rows(trials, SUMMARY_METRICS, lambda t: not t.diverged, lambda t: "steps_to_target" in t.final)
 
 
-def markdown_table(rows: list[SummaryRow]) -> str:
+def markdown_table(rows: list[minima.CellRow]) -> str:
     header = ("| LR rule | batch | LR | seeds | test accuracy | gap (acc) | gap (loss) | steps to target "
               "| reached | noise scale | sharpness | diverged |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -142,67 +108,48 @@ def markdown_table(rows: list[SummaryRow]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[SummaryRow], path: Path) -> None:
+def write_csv(rows: list[minima.CellRow], path: Path) -> Path:
     columns = [c for c, _ in SUMMARY_METRICS]
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["lr_rule", "batch_size", "lr", "seeds", "reached", "diverged"]
-                        + [f"{c}_{part}" for c in columns for part in ("mean", "std")])
-        for row in rows:
-            writer.writerow([row.lr_rule, row.batch_size, row.lr, row.seeds, row.reached, row.diverged]
-                            + [v for c in columns for v in row.stats[c]])
+    return write_rows(path, ["lr_rule", "batch_size", "lr", "seeds", "reached", "diverged"]
+                      + [f"{c}_{part}" for c in columns for part in ("mean", "std")],
+                      ([row.lr_rule, row.batch_size, row.lr, row.seeds, row.reached, row.diverged]
+                       + [v for c in columns for v in row.stats[c]] for row in rows))
 
 
-def parent_metric_key(column: str, lr_rule: str) -> str:
-    return f"by_batch/{column}_{lr_rule}"
-
-
-def tuned_rows(rows: list[SummaryRow], tuned: list[critical.TunedBatch]) -> list[SummaryRow]:
+def tuned_rows(rows: list[minima.CellRow], tuned: list[critical.TunedBatch]) -> list[minima.CellRow]:
     """One row per (rule, batch size): the only one, or with an LR grid the tuned LR's (the smallest LR
     where none reached), so per-batch-size figures and the parent's ``by_batch/`` series stay one line."""
     best = {(t.lr_rule, t.batch_size): (t.best.lr if t.best else t.grid[0].lr) for t in tuned}
     return [row for row in rows if best[(row.lr_rule, row.batch_size)] == row.lr]
 
 
-def log_parent_metrics(client, parent_run_id: str, rows: list[SummaryRow],
-                       results: list[critical.CriticalBatch] = ()) -> None:
+def log_parent_metrics(client, parent_run_id: str, rows: list[minima.CellRow],
+                       results: list[critical.CriticalBatch]) -> None:
     """Each row's means on the parent run, step = batch size; the critical batch size's numbers
     (critical.parent_metrics: single values at step 0, per batch size at step = batch size)."""
-    import time
+    from mlflow.entities import Metric, RunTag
 
     values: dict[str, dict[int, float]] = defaultdict(dict)
     for row in rows:
-        for column, (mean, _std) in row.stats.items():
-            if math.isfinite(mean):
-                values[parent_metric_key(column, row.lr_rule)][row.batch_size] = mean
-        values[parent_metric_key("diverged", row.lr_rule)][row.batch_size] = float(row.diverged)
-    if results:
-        single, series = critical.parent_metrics(list(results))
-        values.update({key: {0: value} for key, value in single.items()})
-        values.update(series)
-        near = {f"grad_noise_scale_batch_sizes_{r.lr_rule}": ",".join(map(str, r.near_batch_sizes))
-                for r in results if r.near_batch_sizes}
-        if near:  # which trials the parent's grad_noise_scale_* medians are over
-            client.log_batch(parent_run_id, tags=[_tag(k, v) for k, v in near.items()])
-    from mlflow.entities import Metric
-
+        means = {column: mean for column, (mean, _std) in row.stats.items() if math.isfinite(mean)}
+        for column, value in {**means, "diverged": float(row.diverged)}.items():
+            values[f"by_batch/{column}_{row.lr_rule}"][row.batch_size] = value
+    single, series = critical.parent_metrics(results)
+    values.update({key: {0: value} for key, value in single.items()})
+    values.update(series)
+    near = {f"grad_noise_scale_batch_sizes_{r.lr_rule}": ",".join(map(str, r.near_batch_sizes))
+            for r in results if r.near_batch_sizes}
+    if near:  # which trials the parent's grad_noise_scale_* medians are over
+        client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in near.items()])
     now_ms = int(time.time() * 1000)
     metrics = [Metric(key, value, now_ms, step) for key, by_step in values.items() for step, value in by_step.items()]
     log_new_metrics(client, parent_run_id, metrics, logged_steps(client, parent_run_id))
 
 
-def _tag(key: str, value: str):
-    from mlflow.entities import RunTag
-
-    return RunTag(key, value)
-
-
 def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str] = None,
-                 out_dir: str | Path = "reports", log_artifacts: bool = True, interpolate: bool = True) -> Report:
-    """Read the sweep, write table and plots under ``out_dir/<sweep run id>/``, log them to the parent run.
-
-    ``interpolate``: also evaluate the loss along the line between the smallest and the largest
-    healthy batch size's final parameters (harness/analysis/interpolation.py, a run of its own)."""
+                 out_dir: str | Path = "reports", interpolate: bool = True) -> Report:
+    """Read the sweep, write table and plots under ``out_dir/<sweep run id>/``, log them to the parent run;
+    ``interpolate``: also the loss along the line between the smallest and largest healthy batch size."""
     from harness.analysis import plots
 
     client = open_client(tracking_uri)
@@ -216,50 +163,38 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     per_batch = tuned_rows(rows, tuned)
     directory = Path(out_dir) / parent.info.run_id
     directory.mkdir(parents=True, exist_ok=True)
-    csv_path, markdown_path = directory / "summary.csv", directory / "summary.md"
-    write_csv(rows, csv_path)
+    csv_path, markdown_path = write_csv(rows, directory / "summary.csv"), directory / "summary.md"
     target = parent.data.params.get("metrics.target_val_accuracy")
     has_target = target not in (None, "None")  # without one there is no S(B) to tune or fit
     table = markdown_table(rows) + ("\n\n" + critical.markdown(results) if has_target else "")
     target_label = f"val acc ≥ {target}" if has_target else "target"
-    drawn = plots.draw_all(trials, per_batch, directory, target_label=target_label)
-    if has_target:
-        drawn += plots.draw_critical(results, directory, target_label=target_label)
-    minima_table, minima_plots = _minima_sections(tracking_uri, experiment, trials, directory, interpolate)
-    table += minima_table
-    drawn += minima_plots
+    drawn = plots.draw_all(trials, per_batch, directory, target_label) + (
+        plots.draw_critical(results, directory, target_label) if has_target else [])
+    text, figures = _minima_sections(tracking_uri, experiment, trials, directory, interpolate)
+    table, drawn = table + text, drawn + figures
     markdown_path.write_text(f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{table}\n")
-    if log_artifacts:
-        for path in [csv_path, markdown_path, *drawn]:
-            client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
-        log_parent_metrics(client, parent.info.run_id, per_batch, results)
-    return Report(parent.info.run_id, parent.info.experiment_id, directory, rows, csv_path, markdown_path, table, drawn,
-                  results, critical.time_spent([t.final for t in trials]))
-
-
-def sharpness_curves(trials: list[TrialRecord], label) -> list[tuple[str, list[tuple[int, float]], float]]:
-    """(label, λ_max history, stability limit) of every healthy trial that logged sharpness during training."""
-    return [(label(t), t.history[minima.SHARPNESS_HISTORY], minima.stability_limit(t.lr, t.momentum))
-            for t in trials if not t.diverged and len(t.history.get(minima.SHARPNESS_HISTORY, ())) > 1]
+    for path in [csv_path, markdown_path, *drawn]:
+        client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
+    log_parent_metrics(client, parent.info.run_id, per_batch, results)
+    return Report(parent.info.experiment_id, directory, csv_path, markdown_path, table, drawn, results,
+                  critical.time_spent([t.final for t in trials]))
 
 
 def _minima_sections(tracking_uri: str, experiment: str, trials: list[TrialRecord], directory: Path,
                      interpolate: bool) -> tuple[str, list[Path]]:
-    """The equal-training-loss table (a sweep with train.target_train_loss), the sharpness trajectories
-    (trials with sharpness readings during training) and the interpolation between the smallest and the
-    largest healthy batch size: Markdown to append, and the figures."""
+    """The equal-loss table, sharpness trajectories and interpolation the sweep has: Markdown to append, figures."""
     from harness.analysis import plots
 
     text, drawn = "", []
     targets = {t.target_train_loss for t in trials if t.target_train_loss is not None}
     if targets:
         text += "\n\n" + minima.markdown(minima.equal_loss_rows(trials), min(targets))
-    curves = sharpness_curves(trials, lambda t: f"B={t.batch_size} lr {t.lr:.3g}" + (
-        f" ({t.lr_rule})" if len({x.lr_rule for x in trials}) > 1 else ""))
+    several_rules = len({t.lr_rule for t in trials}) > 1
+    curves = minima.sharpness_curves(trials, lambda t: f"B={t.batch_size} lr {t.lr:.3g}" + (
+        f" ({t.lr_rule})" if several_rules else ""))
     if curves:
-        drawn.append(plots.sharpness_trajectories(
-            curves, directory / "sharpness_vs_steps.png",
-            "Sharpness during training (dashed: 2(1+β)/η of the trial's LR)"))
+        drawn.append(plots.sharpness_trajectories(curves, directory / "sharpness_vs_steps.png",
+                                                  "Sharpness during training (dashed: 2(1+β)/η of the trial's LR)"))
     pair = minima.interpolation_pair(trials) if interpolate else None
     if pair:
         from harness.analysis.interpolation import run_interpolation

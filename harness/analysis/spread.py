@@ -1,14 +1,14 @@
-"""Mean ± standard deviation over seeds, as every report table computes and prints it (no I/O).
+"""Mean ± standard deviation over seeds, as every report table computes and prints it, and the CSV files.
 
-Used by harness/analysis/report.py (the sweep's summary), harness/analysis/minima.py (the table at
-equal training loss) and harness/sweeps/escape.py (before → after). Non-finite values are left
-out; no value at all gives NaN, printed as "-".
+Non-finite values are left out; no value at all gives NaN, printed as "-".
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import statistics
+from pathlib import Path
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -22,3 +22,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def cell(mean: float, std: float, digits: int) -> str:
     """``0.8576 ± 0.0036``, or ``-`` where there was nothing to average."""
     return "-" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_rows(path: Path, header: list[str], rows) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path

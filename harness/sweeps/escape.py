@@ -1,23 +1,15 @@
 """The escape experiment: does a small batch leave the region a large batch settled in (and the reverse)?
 
-Owns ``harness escape``'s runs. From a finished sweep it takes the healthy trials of
-the smallest and the largest batch size (the pair the sweep's report interpolates
-between, per seed both have) and continues each one's final weights
-(``checkpoint.init_from``: weights only, fresh optimizer) for the same number of
-epochs four ways: large → small, small → large, and the two controls large → large
-and small → small, so that a change can be told from what more training does
-anyway. A continuation takes the batch size and LR of the trial whose batch it
-adopts, keeps its source's data and model, and reads sharpness at its start and
-after every epoch. The runs are children of one MLflow parent (``run_kind``
-``escape``, tag ``escape_of`` = the sweep's run id); the table (before → after:
-training loss, test accuracy, λ_max against 2(1+β)/η) and the sharpness plot go
-to its artifacts. Training is the shared loop (core/train_loop.py, through
-sweeps/sweep.py's ``run_trials``), in this process, one rank.
+Owns ``harness escape``'s runs. Per seed, a finished sweep's healthy smallest- and largest-batch
+trials continue from their final weights (fresh optimizer) four ways: large → small, small → large,
+and the controls large → large and small → small, which tell a change from what more training does
+anyway. A continuation adopts the batch size and LR of its target and reads sharpness every epoch.
+The runs are children of one MLflow parent (``run_kind`` ``escape``, tag ``escape_of``), whose
+artifacts get the before → after table and the sharpness plot. One rank, in this process.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +21,7 @@ from harness.core.config import Config
 from harness.errors import InputError
 from harness.analysis import minima
 from harness.analysis.report import TrialRecord, collect_trials, find_sweep_run
-from harness.analysis.spread import mean_std
+from harness.analysis.spread import mean_std, write_rows
 from harness.launching.preflight import check_init_from, preflight
 from harness.launching.run_lock import run_folders_held
 from harness.sweeps.sweep import SweepProgress, run_trials, sweep_parent_run
@@ -44,10 +36,6 @@ class Continuation:
     source: TrialRecord  # whose final weights it starts from
     adopted: TrialRecord  # whose batch size and LR it trains with
     cfg: Config
-
-    @property
-    def label(self) -> str:
-        return f"B={self.source.batch_size} → B={self.adopted.batch_size}"
 
 
 def continuation_config(source_cfg: Config, source: TrialRecord, adopted: TrialRecord, epochs: int,
@@ -72,26 +60,24 @@ def plan_continuations(trials: list[TrialRecord], epochs: int, name: str, tracki
     """The four continuations per seed both ends of the sweep share (see the module's docstring)."""
     from harness.records.checkpoint_source import resolve_checkpoint
 
-    pairs = []
     healthy = [t for t in trials if minima.is_healthy(t)]
     first = minima.interpolation_pair(trials)
     if first is None:
         raise InputError("--sweep-run-id: the sweep has fewer than two healthy batch sizes (not diverged, loss target "
                          "reached where set); expected a smallest and a largest to continue")
-    small_size, large_size, rule = first[0].batch_size, first[1].batch_size, first[0].lr_rule
-    for seed in sorted({t.seed for t in healthy}):
-        ends = [[t for t in healthy if t.lr_rule == rule and t.batch_size == size and t.seed == seed]
-                for size in (small_size, large_size)]
-        if all(ends):
-            pairs.append(tuple(min(end, key=lambda t: t.final.get(minima.STEPS, math.inf)) for end in ends))
     plan = []
-    for small, large in pairs:
+    for seed in sorted({t.seed for t in healthy}):
+        ends = [[t for t in healthy if t.lr_rule == first[0].lr_rule and t.batch_size == end.batch_size
+                 and t.seed == seed] for end in first]
+        if not all(ends):
+            continue
+        small, large = (min(end, key=lambda t: t.final.get(minima.STEPS, math.inf)) for end in ends)
         # Each source's own config, read once from its checkpoint (both of its continuations start from it).
         configs = {t.run_id: resolve_checkpoint(t.run_id, tracking_uri, key="--sweep-run-id").config
                    for t in (small, large)}
-        for source, adopted in ((large, small), (large, large), (small, large), (small, small)):
-            plan.append(Continuation(source, adopted, continuation_config(
-                configs[source.run_id], source, adopted, epochs, name, tracking_uri, experiment)))
+        plan += [Continuation(source, adopted, continuation_config(configs[source.run_id], source, adopted, epochs,
+                                                                   name, tracking_uri, experiment))
+                 for source, adopted in ((large, small), (large, large), (small, large), (small, small))]
     return plan
 
 
@@ -100,13 +86,12 @@ def run_escape(tracking_uri: str, experiment: str, sweep_run_id: Optional[str], 
     """Run the continuations of a finished sweep and write the escape table; returns the table's path."""
     if epochs < 1:
         raise InputError(f"--epochs: {epochs}; expected a positive number of epochs")
-    from harness.records.mlflow_store import child_runs, open_client
+    from harness.records.mlflow_store import open_client
 
     client = open_client(tracking_uri)
     parent = find_sweep_run(client, experiment, sweep_run_id)
-    trials = collect_trials(client, parent)
     name = f"escape-{parent.info.run_name}"[:60]
-    plan = plan_continuations(trials, epochs, name, tracking_uri, experiment)
+    plan = plan_continuations(collect_trials(client, parent), epochs, name, tracking_uri, experiment)
     # Everything is checked before the first continuation starts: the store, folders and data once
     # (they share the sweep's), and every continuation's init_from.
     dataset = preflight(plan[0].cfg, 1, use_gpu=plan[0].cfg.train.device == "cuda")
@@ -119,39 +104,28 @@ def run_escape(tracking_uri: str, experiment: str, sweep_run_id: Optional[str], 
             sweep_parent_run(parent_cfg, ctx, trials=[c.cfg for c in plan], kind="escape") as escape:
         client.set_tag(escape.run_id, "escape_of", parent.info.run_id)
         for index, continuation in enumerate(plan):
-            progress.starting(index, continuation.cfg, f"from {continuation.source.name}")
+            progress.starting_stack([index], [continuation.cfg], f"from {continuation.source.name}")
             escape.outcomes += run_trials([continuation.cfg], ctx, dataset, escape.run_id, resume=False)
-        runs = {run.data.tags.get("trial"): run for run in child_runs(client, escape.run_id)}
+        records = {r.name: r for r in collect_trials(client, client.get_run(escape.run_id))}
         directory = Path(out_dir) / escape.run_id
         directory.mkdir(parents=True, exist_ok=True)
-        rows = escape_rows(plan, {c.cfg.name: dict(runs[c.cfg.name].data.metrics) for c in plan
-                                  if c.cfg.name in runs})
+        rows = escape_rows(plan, {trial: record.final for trial, record in records.items()})
         table_path = directory / "escape.md"
         table_path.write_text(f"# Escape from {parent.info.run_name} ({parent.info.run_id}), {epochs} epochs\n\n"
                               + escape_markdown(rows, epochs) + "\n")
-        write_escape_csv(rows, directory / "escape.csv")
-        drawn = [table_path, directory / "escape.csv", _draw(client, plan, runs, directory)]
+        drawn = [table_path, write_escape_csv(rows, directory / "escape.csv"), _draw(plan, records, directory)]
         for path in drawn:
             client.log_artifact(escape.run_id, str(path), artifact_path="report")
-    say("\n" + escape_markdown(rows, epochs))
-    say(f"\nescape report: {directory}")
+    say("\n" + escape_markdown(rows, epochs), f"\nescape report: {directory}")
     return table_path
 
 
-def _draw(client, plan: list[Continuation], runs: dict, directory: Path) -> Path:
+def _draw(plan: list[Continuation], records: dict[str, TrialRecord], directory: Path) -> Path:
     from harness.analysis import plots
 
-    curves = []
-    for continuation in plan:
-        run = runs.get(continuation.cfg.name)
-        if run is None or run.data.tags.get("diverged") == "true":
-            continue
-        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
-                                                                             minima.SHARPNESS_HISTORY))
-        if len(history) < 2:  # as the report's sharpness_curves: a path needs two readings
-            continue
-        optim = continuation.cfg.optim
-        curves.append((continuation.label, history, minima.stability_limit(optim.lr, optim.momentum)))
+    labels = {c.cfg.name: f"B={c.source.batch_size} → B={c.adopted.batch_size}" for c in plan}
+    curves = minima.sharpness_curves([records[c.cfg.name] for c in plan if c.cfg.name in records],
+                                     lambda record: labels[record.name])
     return plots.sharpness_trajectories(curves, directory / "escape_sharpness.png",
                                         "Sharpness while continuing (dashed: 2(1+β)/η of the continuation's LR)")
 
@@ -163,32 +137,27 @@ class EscapeRow:
     adopted_lr: float
     momentum: float
     seeds: int
-    before: dict[str, list[float]]
-    after: dict[str, list[float]]
+    before: dict[str, float]  # READOUTS key -> mean over the seeds
+    after: dict[str, float]
 
 
 def escape_rows(plan: list[Continuation], finals: dict[str, dict[str, float]]) -> list[EscapeRow]:
     """One row per (source batch, adopted batch): before and after values over the seeds that finished."""
-    rows: dict[tuple[int, int], EscapeRow] = {}
+    groups: dict[tuple[int, int], list[Continuation]] = {}
     for c in plan:
-        after = finals.get(c.cfg.name)
-        if after is None:
-            continue
-        row = rows.setdefault((c.source.batch_size, c.adopted.batch_size), EscapeRow(
-            c.source.batch_size, c.adopted.batch_size, c.adopted.lr, c.cfg.optim.momentum, 0,
-            {k: [] for k, _, _ in READOUTS}, {k: [] for k, _, _ in READOUTS}))
-        row.seeds += 1
-        for key, _, _ in READOUTS:
-            row.before[key].append(c.source.final.get(key, math.nan))
-            row.after[key].append(after.get(key, math.nan))
-    return list(rows.values())
+        if c.cfg.name in finals:
+            groups.setdefault((c.source.batch_size, c.adopted.batch_size), []).append(c)
+
+    def means(metrics: list[dict[str, float]]) -> dict[str, float]:
+        return {key: mean_std([m.get(key, math.nan) for m in metrics])[0] for key, _, _ in READOUTS}
+
+    return [EscapeRow(*sizes, members[0].adopted.lr, members[0].cfg.optim.momentum, len(members),
+                      means([c.source.final for c in members]), means([finals[c.cfg.name] for c in members]))
+            for sizes, members in groups.items()]
 
 
-def _before_after(before: list[float], after: list[float], digits: int) -> str:
-    b, a = mean_std(before)[0], mean_std(after)[0]
-    if math.isnan(b) and math.isnan(a):
-        return "-"
-    return f"{b:.{digits}f} → {a:.{digits}f}"
+def _before_after(b: float, a: float, digits: int) -> str:
+    return "-" if math.isnan(b) and math.isnan(a) else f"{b:.{digits}f} → {a:.{digits}f}"
 
 
 def escape_markdown(rows: list[EscapeRow], epochs: int) -> str:
@@ -199,18 +168,16 @@ def escape_markdown(rows: list[EscapeRow], epochs: int) -> str:
              + " | λ_max / limit after |", "|" + "---|" * (5 + len(READOUTS))]
     for row in rows:
         limit = minima.stability_limit(row.adopted_lr, row.momentum)
-        ratio = mean_std(row.after[minima.SHARPNESS])[0] / limit
+        ratio = row.after[minima.SHARPNESS] / limit
         lines.append(f"| B={row.source_batch} | B={row.adopted_batch} | {row.adopted_lr:.4g} | {row.seeds} | "
                      + " | ".join(_before_after(row.before[k], row.after[k], d) for k, _, d in READOUTS)
                      + f" | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} |")
     return "\n".join(lines)
 
 
-def write_escape_csv(rows: list[EscapeRow], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["from_batch", "continued_with_batch", "lr", "seeds"]
-                        + [f"{k}_{when}" for k, _, _ in READOUTS for when in ("before", "after")])
-        for row in rows:
-            writer.writerow([row.source_batch, row.adopted_batch, row.adopted_lr, row.seeds]
-                            + [mean_std(getattr(row, when)[k])[0] for k, _, _ in READOUTS for when in ("before", "after")])
+def write_escape_csv(rows: list[EscapeRow], path: Path) -> Path:
+    return write_rows(path, ["from_batch", "continued_with_batch", "lr", "seeds"]
+                      + [f"{k}_{when}" for k, _, _ in READOUTS for when in ("before", "after")],
+                      ([row.source_batch, row.adopted_batch, row.adopted_lr, row.seeds]
+                       + [getattr(row, when)[k] for k, _, _ in READOUTS for when in ("before", "after")]
+                       for row in rows))

@@ -1,21 +1,20 @@
 """Sweeps: expand a sweep config into trial configs and run them under one parent run.
 
-Owns what every sweep driver shares: the list of trials (batch size x seed) and
-the LR scaling rule, the parent run (skip-on-resume, outcomes), the progress
-line, the summary table and the report that ends a sweep; and the local driver,
-``run_sweep`` (every trial in this process group). The drivers that start other
-processes per trial (torchrun, Ray) are in ``sweep_drivers``. Each trial is an
-ordinary run of ``train_loop.train``; a trial that fails or diverges is recorded
-and the sweep goes on.
+Owns what every sweep driver shares: the trials (LR rule x batch size x LR x seed), the
+parent run (skip-on-resume, outcomes), the progress line, the summary table and the report
+that ends a sweep; and the local driver, ``run_sweep``. The drivers that start other
+processes per trial (torchrun, Ray) are in ``sweep_drivers``. A trial that fails or
+diverges is recorded and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from harness import signals
@@ -27,87 +26,68 @@ from harness.core.distributed import DistContext, broadcast_from_main
 from harness.errors import InputError
 from harness.core.stacked import SHARED_KEYS, check_stackable, dotted
 from harness.core.train_loop import RunHooks, RunResult
-from harness.analysis.critical import time_spent
+from harness.analysis.critical import TIME_METRICS, time_spent
 from harness.analysis.report import build_report
 from harness.records.mlflow_store import ui_links
 from harness.records.tracking import display_name, make_tracker
 from harness.launching.runs import train_trials
 
 
-def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -> float:
-    """LR for ``batch_size``: ``none`` keeps it, ``linear`` scales by B/B0 (Goyal et al. 2017),
-    ``sqrt`` by sqrt(B/B0) (Hoffer et al. 2017)."""
-    ratio = batch_size / base_batch_size
-    return base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
-
-
 def trial_lr(cfg: Config, rule: str, batch_size: int, grid_value: Optional[float]) -> float:
-    """A trial's LR: the scaling rule's LR, times a grid factor, or an explicit grid LR as given."""
+    """A grid LR as given, else the rule's LR times the grid factor if any: ``none`` keeps the base LR,
+    ``linear`` scales it by B/B0 (Goyal et al. 2017), ``sqrt`` by sqrt(B/B0) (Hoffer et al. 2017)."""
     sweep = cfg.sweep
     if sweep.lrs:
         return grid_value
-    rule_lr = scaled_lr(cfg.optim.lr, batch_size, sweep.base_batch_size, rule)
+    ratio = batch_size / sweep.base_batch_size
+    rule_lr = cfg.optim.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
     return rule_lr * grid_value if sweep.lr_factors else rule_lr
 
 
 def expand_trials(cfg: Config) -> list[Config]:
     """One run config per (LR rule, batch size, grid LR, seed), in that order, without the sweep section.
-
-    Without an LR grid (sweep.lrs, sweep.lr_factors) the grid is one LR, the rule's,
-    and trials keep the names they always had."""
+    Without an LR grid (sweep.lrs, sweep.lr_factors) the grid is one LR, the rule's."""
     sweep = cfg.sweep
     trials = []
-    for rule in sweep.lr_rules:
-        for batch_size in sweep.batch_sizes:
-            for grid_value in sweep.lr_grid():
-                for seed in sweep.seeds:
-                    raw = cfg.to_dict()
-                    raw.pop("sweep")
-                    raw["name"] = trial_name(cfg.name, rule, batch_size, seed, sweep.lr_label(grid_value))
-                    raw["seed"] = seed
-                    raw["optim"]["global_batch_size"] = batch_size
-                    raw["optim"]["lr"] = trial_lr(cfg, rule, batch_size, grid_value)
-                    if rule != "none":
-                        raw["optim"]["warmup_epochs"] = sweep.warmup_epochs
-                    if sweep.budget_steps is not None:
-                        raw["train"]["max_steps"] = sweep.budget_steps
-                    raw["trial"] = {"sweep": cfg.name, "lr_rule": rule, "base_lr": cfg.optim.lr,
-                                    "base_batch_size": sweep.base_batch_size}
-                    trials.append(Config.from_dict(raw))
+    for rule, batch_size, grid_value, seed in itertools.product(sweep.lr_rules, sweep.batch_sizes, sweep.lr_grid(),
+                                                                sweep.seeds):
+        raw = cfg.to_dict()
+        raw.pop("sweep")
+        raw.update(name=trial_name(cfg.name, rule, batch_size, seed, sweep.lr_label(grid_value)), seed=seed,
+                   trial={"sweep": cfg.name, "lr_rule": rule, "base_lr": cfg.optim.lr,
+                          "base_batch_size": sweep.base_batch_size})
+        raw["optim"].update(global_batch_size=batch_size, lr=trial_lr(cfg, rule, batch_size, grid_value))
+        if rule != "none":
+            raw["optim"]["warmup_epochs"] = sweep.warmup_epochs
+        if sweep.budget_steps is not None:
+            raw["train"]["max_steps"] = sweep.budget_steps
+        trials.append(Config.from_dict(raw))
     return trials
+
+
+def _sweep_trials(cfg: Config, flag: str) -> list[Config]:
+    if not cfg.is_sweep:
+        raise InputError(f"{flag}: {cfg.name!r} is not a sweep config; expected a config with a sweep section")
+    return expand_trials(cfg)
 
 
 def select_trial(cfg: Config, index: int) -> Config:
     """Trial ``index`` of a sweep config (the order of ``expand_trials``)."""
-    if not cfg.is_sweep:
-        raise InputError(f"--trial {index}: {cfg.name!r} is not a sweep config; expected a config with a sweep section")
-    trials = expand_trials(cfg)
+    trials = _sweep_trials(cfg, f"--trial {index}")
     if not 0 <= index < len(trials):
         raise InputError(f"--trial {index}: expected 0..{len(trials) - 1} for the {len(trials)} trials of {cfg.name!r}")
     return trials[index]
 
 
-def data_depends_on_seed(cfg: Config) -> bool:
-    """Do trials of different seeds hold different data? (core/data.py ``load_dataset``: the validation
-    split is drawn by the seed, digits' test split too, and synthetic data is drawn from it.)"""
-    return cfg.data.validation_size > 0 or cfg.data.dataset in ("digits", "synthetic")
-
-
 def select_trials(cfg: Config, text: str) -> list[Config]:
     """Trials ``text`` (``"0,2,5"``, 0-based, the order of ``expand_trials``) of a sweep config, to train
-    as one stack (launch/train.py --trials): refused in one line unless they can share one.
-
-    Every rank trains on the data of the first trial (``preflight`` loads it), so trials whose
-    data differ by seed must not share a stack here; the local sweep driver, whose trials all
-    share the sweep's data, may stack them."""
+    as one stack (launch/train.py --trials), refused in one line unless they can share one. Every rank
+    trains on the first trial's data, so trials whose data differ by seed must not share a stack."""
     try:
         indices = [int(part) for part in text.split(",")]
     except ValueError:
         raise InputError(f"--trials {text}: expected comma-separated trial indices, e.g. 0,1,2") from None
-    if not cfg.is_sweep:
-        raise InputError(f"--trials {text}: {cfg.name!r} is not a sweep config; expected a config with a sweep "
-                         "section")
-    trials = expand_trials(cfg)
+    trials = _sweep_trials(cfg, f"--trials {text}")
     for index in indices:
         if not 0 <= index < len(trials):
             raise InputError(f"--trials {text}: trial {index} does not exist; expected indices 0..{len(trials) - 1} "
@@ -117,47 +97,31 @@ def select_trials(cfg: Config, text: str) -> list[Config]:
         raise InputError(f"--trials {text}: trial {repeated[0]} given more than once; expected each trial once")
     members = [trials[i] for i in indices]
     check_stackable(members)
-    seeds = sorted({m.seed for m in members})
-    if len(seeds) > 1 and data_depends_on_seed(members[0]):
+    seeds, data = sorted({m.seed for m in members}), members[0].data
+    # The seed draws the validation split, digits' test split and synthetic data.
+    if len(seeds) > 1 and (data.validation_size > 0 or data.dataset in ("digits", "synthetic")):
         raise InputError(f"--trials {text}: trials of seeds {', '.join(map(str, seeds))} hold different data "
-                         f"(the split of {members[0].data.dataset} depends on the seed); expected trials of one seed")
+                         f"(the split of {data.dataset} depends on the seed); expected trials of one seed")
     return members
-
-
-def stack_groups(trials: list[Config], stack_trials, split_by_seed: bool = False) -> list[list[int]]:
-    """``trials``' indices in stacks (``sweep.stack_trials``): trials that share every key a stack
-    must share (core/stacked.py SHARED_KEYS: architecture, batch size, data, budget, probe) go
-    together, in sweep order, up to ``stack_trials`` per stack (``auto``: all of them).
-
-    ``split_by_seed``: trials whose data differ by seed (each process loads its trial's
-    own validation split: the torchrun driver) share a stack only with their seed's trials.
-    """
-    groups: dict[tuple, list[int]] = {}
-    for index, trial in enumerate(trials):
-        key = tuple(repr(dotted(trial, k)) for k in SHARED_KEYS) + ((trial.seed,) if split_by_seed else ())
-        groups.setdefault(key, []).append(index)
-    stacks = []
-    for members in groups.values():
-        size = len(members) if stack_trials == "auto" else stack_trials
-        stacks += [members[i:i + size] for i in range(0, len(members), size)]
-    return sorted(stacks)
 
 
 def pending_stacks(cfg: Config, trials: list[Config], parent: "SweepParent",
                    split_by_seed: bool = False) -> list[list[int]]:
-    """The indices of the trials still to run (``parent`` skips the finished ones), grouped in
-    stacks by ``stack_groups`` (one trial per group without ``sweep.stack_trials``)."""
+    """The indices of the trials still to run, in stacks of trials that share core/stacked.py's SHARED_KEYS
+    (sweep order, up to ``sweep.stack_trials`` each; one trial each without it). ``split_by_seed``: one
+    seed's trials per stack (where each process loads its first trial's data, whose split depends on it)."""
     pending = [i for i, trial in enumerate(trials) if not parent.skip(trial)]
     if not cfg.sweep.stacks:
         return [[i] for i in pending]
-    return [[pending[i] for i in stack]
-            for stack in stack_groups([trials[i] for i in pending], cfg.sweep.stack_trials, split_by_seed)]
-
-
-def in_sweep_order(parent: "SweepParent", trials: list[Config]) -> None:
-    """Sort ``parent``'s outcomes into the order of ``trials`` (stacks and skips append them out of it)."""
-    order = {trial.name: i for i, trial in enumerate(trials)}
-    parent.outcomes.sort(key=lambda outcome: order[outcome.cfg.name])
+    groups: dict[tuple, list[int]] = {}
+    for i in pending:
+        key = tuple(repr(dotted(trials[i], k)) for k in SHARED_KEYS) + ((trials[i].seed,) if split_by_seed else ())
+        groups.setdefault(key, []).append(i)
+    stacks = []
+    for members in groups.values():
+        size = len(members) if cfg.sweep.stack_trials == "auto" else cfg.sweep.stack_trials
+        stacks += [members[i:i + size] for i in range(0, len(members), size)]
+    return sorted(stacks)
 
 
 def format_duration(seconds: float) -> str:
@@ -167,13 +131,8 @@ def format_duration(seconds: float) -> str:
 
 
 class SweepProgress:
-    """The line each trial of a sweep starts with: trial i of N, time elapsed, an ETA.
-
-    The local and torchrun drivers call ``starting`` once per trial
-    that runs; a trial's duration is the time to the next call, and the ETA is the
-    mean of those durations times the trials left (trials skipped by --resume
-    included, so it errs long).
-    """
+    """The line each trial (or stack) of a sweep starts with: trial i of N, time elapsed, an ETA (the mean
+    duration times the trials left, skipped ones included, so it errs long)."""
 
     def __init__(self, total: int):
         self.total = total
@@ -181,9 +140,6 @@ class SweepProgress:
         self.trial_started_s: Optional[float] = None
         self.last_count = 1  # trials in the stack that started last
         self.durations_s: list[float] = []
-
-    def starting(self, index: int, trial: Config, how: str = "") -> None:
-        self.starting_stack([index], [trial], how)
 
     def starting_stack(self, indices: list[int], trials: list[Config], how: str = "") -> None:
         """Trials ``indices`` start (together, as one stack, when there are several)."""
@@ -211,18 +167,14 @@ class TrialOutcome:
     stopped_early: Optional[str] = None  # the scheduler that stopped the trial (Ray Tune's ASHA)
 
 
+@dataclass
 class SweepParent:
-    """The sweep's MLflow parent run; the driver (``run_sweep``, ``sweep_drivers``) fills ``outcomes`` as trials end.
-
-    ``finished`` names the trials an earlier, interrupted attempt of this sweep
-    completed (empty unless resuming): they are skipped.
-    """
-
-    def __init__(self, run_id: Optional[str], finished: frozenset = frozenset(), ctx: Optional[DistContext] = None):
-        self.run_id = run_id
-        self.ctx = ctx
-        self.finished = finished
-        self.outcomes: list[TrialOutcome] = []
+    """The sweep's MLflow parent run; the driver fills ``outcomes`` as trials end. ``finished`` names
+    the trials an earlier, interrupted attempt of this sweep completed (empty unless resuming): they are skipped."""
+    run_id: Optional[str]
+    finished: frozenset = frozenset()
+    ctx: Optional[DistContext] = None
+    outcomes: list[TrialOutcome] = field(default_factory=list)
 
     def skip(self, trial: Config) -> bool:
         if trial.name in self.finished:
@@ -235,12 +187,11 @@ class SweepParent:
 @contextlib.contextmanager
 def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False, trials: Optional[list[Config]] = None,
                      kind: str = "sweep"):
-    """Start the parent run (or, resuming, reopen the newest unfinished one of this sweep);
-    end it FINISHED with trial counts, KILLED on a termination signal, or FAILED if the
-    sweep itself breaks; child runs still RUNNING then end with the parent's status.
-
-    ``trials``: the runs it will hold (default: the sweep's ``expand_trials``); ``kind``: the
-    parent's ``run_kind`` tag (``sweep``; ``escape`` for harness/sweeps/escape.py's runs)."""
+    """Start the parent run (or, resuming, reopen the newest unfinished one of this sweep); end it FINISHED
+    with trial counts, KILLED on a termination signal, or FAILED if the sweep breaks; child runs still
+    RUNNING then end with the parent's status. ``trials``: the runs it holds (default: ``expand_trials``),
+    in the order its outcomes end up in; ``kind``: the parent's ``run_kind`` tag."""
+    trials = expand_trials(cfg) if trials is None else trials
     tracker = make_tracker(cfg, ctx)
     previous = tracker.unfinished_sweep_run(cfg.name) if resume else None
     finished = tracker.finished_children(previous) if previous else frozenset()
@@ -251,24 +202,23 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False, trials
         raise InputError(f"--resume: no unfinished sweep named {cfg.name!r} in experiment "
                          f"{cfg.tracking.experiment!r}; expected one that was interrupted")
     if not resume:
-        # A new sweep starts every trial from scratch: checkpoints an older sweep
-        # of the same name left must not be resumed into by a later --resume.
-        for trial in trials if trials is not None else expand_trials(cfg):
+        # A new sweep starts every trial from scratch: a later --resume must not pick up older checkpoints.
+        for trial in trials:
             Checkpoints(trial, ctx).clear()
     try:  # start inside: a signal held back during start is raised as it returns
         parent = SweepParent(tracker.start(resume_run_id=previous), finished, ctx)
         tracker.set_tags({"run_kind": kind})
         yield parent
+        order = {trial.name: i for i, trial in enumerate(trials)}
+        parent.outcomes.sort(key=lambda outcome: order[outcome.cfg.name])
         tracker.set_tags({"trials": len(parent.outcomes),
                           "trials_failed": sum(o.error is not None for o in parent.outcomes)})
         # A trial whose process died without a word (SIGKILL, out of memory) left its run RUNNING.
         tracker.end_running_children(parent.run_id, "FAILED")
         tracker.finish("FINISHED")
     except BaseException as err:
-        # Inline, as in train_loop.train: a termination signal is raised once, and
-        # if it lands during the first attempt the second one runs to its end.
-        # Children come first: a trial the driver could not stop cleanly (a Ray
-        # task, a torchrun killed after its grace period) must not stay RUNNING.
+        # As in train_loop.train: a termination signal is raised once, so if it lands during the first
+        # attempt the second one runs to its end. Children first: an unstoppable trial must not stay RUNNING.
         try:
             status = signals.end_status(err)
             tracker.end_running_children(tracker.run_id, status)
@@ -280,22 +230,28 @@ def sweep_parent_run(cfg: Config, ctx: DistContext, resume: bool = False, trials
         raise
 
 
-def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None,
-              resume: bool = False) -> SweepParent:
-    """Run every trial in this process group, one after another, as children of one parent run."""
-    dataset = dataset or load_dataset(cfg)
+def run_stacks(cfg: Config, ctx: DistContext, resume: bool, run_stack, how,
+               split_by_seed: bool = False) -> SweepParent:
+    """The sweep's pending stacks one after another under one parent run, each through ``run_stack(members,
+    indices, parent)`` (its outcomes) after its progress line (``how(indices)``: how it runs)."""
     trials = expand_trials(cfg)
     progress = SweepProgress(len(trials)) if ctx.is_main else None
-    how = f"in this process group of {ctx.world_size}"
-    with sweep_parent_run(cfg, ctx, resume) as parent:
-        # Every trial of the sweep shares this process's dataset, so stacks need not split by seed.
-        for indices in pending_stacks(cfg, trials, parent):
+    with sweep_parent_run(cfg, ctx, resume, trials) as parent:
+        for indices in pending_stacks(cfg, trials, parent, split_by_seed):
             members = [trials[i] for i in indices]
             if progress:
-                progress.starting_stack(indices, members, how)
-            parent.outcomes += run_trials(members, ctx, dataset, parent.run_id, resume)
-        in_sweep_order(parent, trials)
+                progress.starting_stack(indices, members, how(indices))
+            parent.outcomes += run_stack(members, indices, parent)
     return parent
+
+
+def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None, resume: bool = False) -> SweepParent:
+    """Run every trial in this process group, one after another, as children of one parent run."""
+    dataset = dataset or load_dataset(cfg)
+    # Every trial of the sweep shares this process's dataset, so stacks need not split by seed.
+    return run_stacks(cfg, ctx, resume,
+                      lambda members, _, parent: run_trials(members, ctx, dataset, parent.run_id, resume),
+                      how=lambda _: f"in this process group of {ctx.world_size}")
 
 
 def run_trials(members: list[Config], ctx: DistContext, dataset: Dataset, parent_run_id,
@@ -313,6 +269,9 @@ def run_trials(members: list[Config], ctx: DistContext, dataset: Dataset, parent
         return [TrialOutcome(trial, None, f"{type(err).__name__}: {err}") for trial in members]
 
 
+SUMMARY_KEYS = ("train_loss", "test_loss", "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss")
+
+
 def summary_table(outcomes: list[TrialOutcome]) -> str:
     """The table ``make sweep`` ends with: one row per trial, final-epoch numbers."""
     header = ["rule", "batch", "lr", "seed", "train loss", "test loss", "test acc", "gap (acc)", "gap (loss)", "status"]
@@ -322,24 +281,19 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
         status = ("failed" if o.error else "skipped" if o.skipped else "done" if o.result is None
                   else "diverged" if o.result.diverged else f"stopped ({o.stopped_early})" if o.stopped_early
                   else "ok")
-        rows.append([o.cfg.trial.lr_rule if o.cfg.trial else "none", str(o.cfg.optim.global_batch_size), f"{o.cfg.optim.lr:.4g}", str(o.cfg.seed)]
-                    + [f"{m[k]:.4f}" if k in m else "-" for k in
-                       ("train_loss", "test_loss", "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss")]
-                    + [status])
+        rows.append([o.cfg.trial.lr_rule if o.cfg.trial else "none", str(o.cfg.optim.global_batch_size),
+                     f"{o.cfg.optim.lr:.4g}", str(o.cfg.seed)]
+                    + [f"{m[k]:.4f}" if k in m else "-" for k in SUMMARY_KEYS] + [status])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-TIME_NAMES = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epoch_eval_s": "epoch-end evaluation",
-              "time_probe_s": "probes", "time_sharpness_s": "sharpness", "time_tracking_s": "tracking"}
-
-
 def where_the_time_went(spent: dict[str, Optional[float]], elapsed_s: float) -> str:
     """One line: each time_*_s metric summed over the trials, its share of the sweep's wall time,
     and evaluation against training."""
-    parts = [f"{TIME_NAMES[key]} " + (f"{format_duration(value)} ({value / elapsed_s:.0%})" if value is not None
-                                      and elapsed_s > 0 else "not recorded")
+    parts = [f"{TIME_METRICS[key]} " + (f"{format_duration(value)} ({value / elapsed_s:.0%})"
+                                        if value is not None and elapsed_s > 0 else "not recorded")
              for key, value in spent.items()]
     line = f"where the time went (summed over trials, share of {format_duration(elapsed_s)}): {', '.join(parts)}"
     train, evaluation = spent.get("time_train_s"), spent.get("time_eval_s")
@@ -355,14 +309,13 @@ def report_sweep(cfg: Config, parent: SweepParent, report_dir: str, elapsed_s: f
     if cfg.tracking.enabled:
         say(f"building the report from MLflow ({cfg.tracking.uri})")
         report = build_report(cfg.tracking.uri, cfg.tracking.experiment, sweep_run_id=parent.run_id, out_dir=report_dir)
-        say("\n" + report.markdown_table)
-        say(f"\nreport: {report.directory} (plots: {', '.join(p.name for p in report.plots)})")
+        say("\n" + report.markdown_table,
+            f"\nreport: {report.directory} (plots: {', '.join(p.name for p in report.plots)})")
         spent = report.time_spent
     else:
         say(summary_table(outcomes))
         spent = time_spent([o.result.metrics for o in outcomes if o.result])
     failed = sum(o.error is not None for o in outcomes)
-    say(f"{len(outcomes)} trials, {failed} failed, {format_duration(elapsed_s)}")
-    say(where_the_time_went(spent, elapsed_s))
+    say(f"{len(outcomes)} trials, {failed} failed, {format_duration(elapsed_s)}", where_the_time_went(spent, elapsed_s))
     if cfg.tracking.enabled:
-        say("\n".join(ui_links(cfg.tracking.uri, report.experiment_id, parent.run_id)))
+        say(*ui_links(cfg.tracking.uri, report.experiment_id, parent.run_id))

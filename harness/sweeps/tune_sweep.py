@@ -1,17 +1,11 @@
-"""A sweep on Ray as a Ray Tune experiment: one Tune trial per sweep trial, each a function
-trainable that builds and fits that trial's TorchTrainer (Ray Train V2's Train + Tune pattern;
-``Tuner(TorchTrainer)`` is gone in V2). With ``sweep.stack_trials``, one Tune trial per stack:
-its TorchTrainer trains the stack's trials as one stacked model, each trial its own MLflow run.
+"""A sweep on Ray as a Ray Tune experiment: one Tune trial per sweep trial (or per stack, with
+``sweep.stack_trials``), each a function trainable that builds and fits its TorchTrainer (Ray
+Train V2's Train + Tune pattern; ``Tuner(TorchTrainer)`` is gone in V2).
 
-Owns: the trainable, what each trial's Train run forwards to Tune (rank 0's report of every
-epoch), how many trials run at once (from the cluster's resources), early stopping (ASHA on
-validation accuracy, ``sweep.early_stopping: asha``) and how an early-stopped trial's MLflow
-run ends (FINISHED, tagged ``stopped_early: asha``), failed trials' runs, stopping the
-experiment on a termination signal, and the placement groups Ray Train leaves behind.
-Leaves to others: the trials, the parent run and --resume's skipping (``sweep``), one
-Train run (``ray_train``), MLflow I/O (``records.mlflow_store``), the checks before
-anything starts (config, ``preflight``, ``commands``). Imported only by the Ray path
-(``sweep_drivers.run_sweep_on_ray``).
+Owns: the trainable, what each Train run forwards to Tune, how many trials run at once, ASHA early
+stopping (a stopped trial's run ends FINISHED, tagged ``stopped_early: asha``), failed trials' runs,
+stopping on a termination signal, and the placement groups Ray Train leaves behind. The trials and
+parent run are ``sweep``'s; one Train run is ``ray_train``'s.
 """
 
 from __future__ import annotations
@@ -35,29 +29,21 @@ from harness.errors import InputError
 from harness.records.mlflow_store import end_runs_of_launch, end_stopped_run
 from harness.records.tracking import display_name
 from harness.launching.ray_train import RayOptions, build_trainer, new_launch_id, result_dict, run_results
-from harness.sweeps.sweep import (SweepParent, TrialOutcome, expand_trials, in_sweep_order, pending_stacks,
-                                   sweep_parent_run)
+from harness.sweeps.sweep import SweepParent, TrialOutcome, expand_trials, pending_stacks, sweep_parent_run
 
 ASHA_METRIC = "val_accuracy"  # maximised
 ASHA_TIME_ATTR = "epoch"  # epochs trained, as each report says (a restarted worker group repeats none)
-# How long the trials may take to go after a termination signal; afterwards the parent run ends
-# their MLflow runs KILLED anyway.
-STOP_WAIT_S = 30
-# How long no leftover placement group of the sweep's job must turn up before the sweep stops
-# looking for them (``remove_leftover_placement_groups``).
-LEFTOVER_QUIET_S = 2.0
+STOP_WAIT_S = 30  # for the trials to go after a termination signal; then the parent run ends their runs KILLED
+LEFTOVER_QUIET_S = 2.0  # ``remove_leftover_placement_groups`` stops after this long without a new leftover
 # Set by the main thread on a termination signal, read by Tune's loop (``SignalStopper``):
 # module-level, since Tune pickles its run config and an Event does not pickle.
 _STOP_ALL = threading.Event()
 
 
 class EpochsToTune(TuneReportCallback):
-    """Forward rank 0's report of every trained epoch to this Tune trial, with the run's epoch count.
-
-    Runs in the Train run's controller. Epoch 0 (the initial checkpoint, no metrics)
-    is no result to rank; ``total_epochs`` lets the scheduler leave a trial's last
-    epoch alone (see ``TrialLines.on_trial_result``).
-    """
+    """Forward rank 0's report of every trained epoch to this Tune trial, with the run's epoch count
+    (runs in the Train controller). Epoch 0 (the initial checkpoint) has no metrics to rank;
+    ``total_epochs`` tells ``TrialLines.on_trial_result`` a trial's last epoch."""
 
     def __init__(self, total_epochs: int):
         super().__init__()
@@ -70,14 +56,9 @@ class EpochsToTune(TuneReportCallback):
 
 def run_trial(config: dict, trials: list, stacks: dict, launch_ids: dict, options: RayOptions,
               parent_run_id: Optional[str], resume: bool) -> dict:
-    """The Tune function trainable: fit the TorchTrainer of the sweep trials ``stacks[config["trial_index"]]``
-    (one trial, or several trained as one stack).
-
-    Returns rank 0's RunResults as Tune's final result (``run_results``, one per
-    trial), the only way they reach the driver. On a failure it raises: Tune records
-    the trial ERROR and the driver ends its MLflow runs (here, a Tune stop could
-    kill this process halfway through).
-    """
+    """The Tune function trainable: fit the TorchTrainer of the sweep trials ``stacks[config["trial_index"]]``;
+    rank 0's RunResults as Tune's final result, the only way they reach the driver. A failure raises: the
+    driver ends its MLflow runs (here, a Tune stop could kill this process halfway through)."""
     index = config["trial_index"]
     members = [trials[i] for i in stacks[index]]
     trainer = build_trainer(members, options, launch_ids[index], parent_run_id, resume,
@@ -87,11 +68,8 @@ def run_trial(config: dict, trials: list, stacks: dict, launch_ids: dict, option
 
 
 def concurrency(options: RayOptions, cluster: dict, num_trials: int) -> tuple[int, str]:
-    """How many trials fit on the cluster at once (each needs num_workers x (1 CPU [+ 1 GPU])), and why.
-
-    ``cluster``: ``ray.cluster_resources()``. Ray Train's ScalingConfig gives each
-    worker 1 CPU (and 1 GPU with use_gpu); the trainable and Train's controller take none.
-    """
+    """How many trials fit on the cluster (``ray.cluster_resources()``) at once, and why: Ray Train gives
+    each worker 1 CPU (and 1 GPU with use_gpu); the trainable and Train's controller take none."""
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     per_trial = f"{options.num_workers} worker(s) x 1 CPU{' + 1 GPU' if options.use_gpu else ''} per trial"
     fits = int(cpus // options.num_workers)
@@ -130,10 +108,8 @@ class SignalStopper(tune.Stopper):
 
 
 class TrialLines(tune.Callback):
-    """The console lines of the trials as Tune starts and ends them; remembers which ASHA stopped early.
-
-    With ASHA (``asha``), a result Tune marks done before the trial's last epoch is its stop.
-    """
+    """The console lines of the trials as Tune starts and ends them; remembers which ASHA stopped early
+    (with ASHA, a result Tune marks done before the trial's last epoch is its stop)."""
 
     def __init__(self, trials: list[Config], stacks: dict[int, list[int]], asha: bool):
         self.trials, self.stacks, self.asha = trials, stacks, asha
@@ -177,7 +153,7 @@ def run_tune_sweep(cfg: Config, options: RayOptions, resume: bool = False) -> Sw
     trials = expand_trials(cfg)
     scheduler = asha_scheduler(cfg, trials)  # before anything starts: it may refuse the config
     ctx = DistContext(world_size=options.num_workers, launcher="ray")
-    with sweep_parent_run(cfg, ctx, resume) as parent:
+    with sweep_parent_run(cfg, ctx, resume, trials) as parent:
         # With sweep.stack_trials, a Tune trial trains a stack. Each worker loads its first trial's
         # data, so trials whose data differ by seed go in different stacks, as under torchrun.
         stacks = pending_stacks(cfg, trials, parent, split_by_seed=True)
@@ -185,7 +161,6 @@ def run_tune_sweep(cfg: Config, options: RayOptions, resume: bool = False) -> Sw
             outcomes = _run_experiment(cfg, trials, {stack[0]: stack for stack in stacks}, options, scheduler,
                                        parent.run_id, resume)
             parent.outcomes += [outcomes[index] for stack in stacks for index in stack]
-        in_sweep_order(parent, trials)
     return parent
 
 
@@ -265,21 +240,11 @@ def _outcomes(members: list[Config], launch_id: str, result, stopped: Optional[d
 
 
 def remove_leftover_placement_groups(quiet_s: float = LEFTOVER_QUIET_S, poll_s: float = 0.25) -> list[str]:
-    """Remove every placement group this driver's Ray job holds, until none has turned up for ``quiet_s``;
-    the ids removed.
-
-    Called once the experiment is over (or has had ``STOP_WAIT_S`` to stop after a
-    signal). Every group of a Ray job carries the job's id at the end of its own, the
-    Train controllers' (actors of this job) included. Why: Ray Train 2.60 leaks them.
-    A Train controller that Tune stops while it makes its worker group's placement
-    group (ASHA's stop, or every trial's on a signal) can have the group registered
-    after the GCS has seen the controller die, and the GCS then never removes it, not
-    even when the job ends, and the next sweep's trial waits for its CPUs for ever
-    (docs/cluster.md says when it happens). Ray gives no way to wait for a dying
-    actor's last requests, hence the quiet spell: such a group turns up within a few
-    hundred ms of its controller's death. Tune's own trial groups are gone by now. A
-    failure here is a warning: it must not hide how the experiment ended.
-    """
+    """Remove every placement group this driver's Ray job holds (its id ends with the job's), until none has
+    turned up for ``quiet_s``; the ids removed. Why: Ray Train 2.60 leaks them. A Train controller that Tune
+    stops while it makes its worker group's placement group can have the group registered after the GCS saw
+    it die; the GCS never removes it, and the next sweep's trial waits for its CPUs for ever (docs/cluster.md).
+    Such a group turns up within a few hundred ms, hence the quiet spell. A failure here is only a warning."""
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group

@@ -39,7 +39,7 @@ def test_stability_limit_is_where_heavy_ball_on_a_quadratic_starts_to_diverge(lr
 
 def trial(batch_size: int, seed: int, final: dict, diverged: bool = False, lr: float = 0.1) -> TrialRecord:
     return TrialRecord(run_id=f"r{batch_size}-{seed}", name=f"t-bs{batch_size}-seed{seed}", lr_rule="sqrt",
-                       batch_size=batch_size, lr=lr, seed=seed, status="FINISHED", diverged=diverged, final=final,
+                       batch_size=batch_size, lr=lr, seed=seed, diverged=diverged, final=final,
                        momentum=0.9, target_train_loss=0.2)
 
 

@@ -224,7 +224,7 @@ def critical_trial(batch_size, lr, seed, steps, diverged=False):
     from harness.analysis.report import TrialRecord
 
     final = {} if steps is None else {"steps_to_target": steps}
-    return TrialRecord("id", "name", "none", batch_size, lr, seed, "FINISHED", diverged, final)
+    return TrialRecord("id", "name", "none", batch_size, lr, seed, diverged, final)
 
 
 def test_one_lr_per_batch_size_is_never_on_an_edge_and_a_diverged_trial_never_wins():
