@@ -1,21 +1,25 @@
 """The ``harness`` command: tools around training runs (gradcheck, report, interpolate, escape, bench, capacity,
-scaling, replay, mlflow-server).
-
-Training itself starts from launch/ (torchrun, Ray, sweeps).
+scaling, replay, mlflow-server). Training itself starts from launch/ (torchrun, Ray, sweeps).
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
+import json
 import sys
+from pathlib import Path
+from typing import Optional
 
-# Nothing imported at load time pulls in torch (harness.bench.bench, harness.records.tracking
+# Nothing imported at load time pulls in torch (harness.bench.bench, harness.core.checkpoint, harness.records.tracking
 # do): `harness --help` answers without paying for torch.
 from harness import signals
 from harness.console import say
-from harness.launching.entrypoints import ArgumentParser, add_config_arguments, check_output_file, exits_on_input_error
+from harness.core.config import load_config
 from harness.errors import InputError
+from harness.launching.entrypoints import ArgumentParser, add_config_arguments, check_output_file, exits_on_input_error
+from harness.records.mlflow_store import (Spool, check_experiment, check_tracking_server, check_tracking_uri,
+                                          default_tracking_uri, open_client, replay as replay_spool)
+from harness.records.tracking_server import check_port_free, serve_postgresql, serve_sqlite
 
 BENCH_BATCH_SIZES = [32, 128, 512, 2048, 8192]
 # bench --stack: stacking pays where one trial's step uses the device poorly, the small batches.
@@ -23,12 +27,13 @@ STACK_BATCH_SIZES = [32, 64, 128, 512]
 
 GRADCHECK_TOLERANCE = 1e-8
 GRADCHECK_MAX_SAMPLES = 64
+URI_HELP = "default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+DEVICE_HELP = "auto: cuda where available, else cpu"
 
 
 def gradcheck(args: argparse.Namespace) -> int:
     """Hand-written gradients vs autograd in float64, per parameter, on one batch of the config's data."""
     from harness.core.backprop import gradient_differences
-    from harness.core.config import load_config
     from harness.core.data import load_dataset
     from harness.core.model import build_model
 
@@ -48,37 +53,46 @@ def gradcheck(args: argparse.Namespace) -> int:
     return 0 if verdict == "ok" else 1
 
 
+def checked_uri(args: argparse.Namespace, server: bool = False) -> str:
+    """``--tracking-uri`` or its default, refused now if MLflow cannot use it (with ``server``: nor reach it)."""
+    uri = args.tracking_uri or default_tracking_uri()
+    check_tracking_uri(uri)
+    if server:
+        check_tracking_server(uri)
+    return uri
+
+
+def checked_device(requested: str):
+    """``--device``'s device; cuda without a CUDA device is refused."""
+    import torch
+
+    from harness.core.distributed import pick_device
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device: cuda was requested but no CUDA device is available; expected cpu or auto")
+    return pick_device(requested)
+
+
 def report(args: argparse.Namespace) -> int:
     """Tables and plots of a finished sweep, read back from MLflow and logged to its parent run."""
-    from pathlib import Path
-
-    from harness.core.checkpoint import check_writable_dir
     from harness.analysis.report import build_report
-    from harness.records.mlflow_store import check_tracking_uri, default_tracking_uri
+    from harness.core.checkpoint import check_writable_dir
 
     check_writable_dir(Path(args.out), "--out")
-    check_tracking_uri(args.tracking_uri or default_tracking_uri())
-    result = build_report(args.tracking_uri or default_tracking_uri(), args.experiment,
-                          sweep_run_id=args.sweep_run_id, out_dir=args.out, interpolate=not args.no_interpolation)
-    say(result.markdown_table)
-    say(f"\nreport: {result.directory}")
-    for path in [result.csv_path, result.markdown_path, *result.plots]:
-        say(f"  {path}")
+    result = build_report(checked_uri(args), args.experiment, sweep_run_id=args.sweep_run_id, out_dir=args.out,
+                          interpolate=not args.no_interpolation)
+    say(result.markdown_table, f"\nreport: {result.directory}",
+        *[f"  {path}" for path in [result.csv_path, result.markdown_path, *result.plots]])
     return 0
 
 
 def escape(args: argparse.Namespace) -> int:
     """Continue a finished sweep's smallest- and largest-batch solutions with each other's batch size."""
-    from pathlib import Path
-
     from harness.core.checkpoint import check_writable_dir
-    from harness.records.mlflow_store import check_tracking_uri, default_tracking_uri
     from harness.sweeps.escape import run_escape
 
     check_writable_dir(Path(args.out), "--out")
-    uri = args.tracking_uri or default_tracking_uri()
-    check_tracking_uri(uri)
-    run_escape(uri, args.experiment, args.sweep_run_id, args.epochs, args.out)
+    run_escape(checked_uri(args), args.experiment, args.sweep_run_id, args.epochs, args.out)
     return 0
 
 
@@ -101,7 +115,6 @@ def interpolate(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     """Seconds per epoch of the harness's step against a plain DataLoader loop, in this process."""
     from harness.bench.bench import PATHS, format_table, run_benchmark, tf32_matmuls
-    from harness.core.config import load_config
     from harness.core.distributed import pick_device
 
     unknown = sorted(set(args.paths or ()) - set(PATHS))
@@ -131,21 +144,20 @@ def bench(args: argparse.Namespace) -> int:
             from harness.bench.stack_bench import format_stack_table, run_stack_benchmark
 
             result = run_stack_benchmark(cfg, device, batch_sizes, args.epochs, args.stack,
-                                         pathlib.Path(args.profile) if args.profile else None)
+                                         Path(args.profile) if args.profile else None)
         else:
             result = run_benchmark(cfg, device, batch_sizes, args.epochs, tuple(args.paths or PATHS))
     result["matmuls"] = "tf32" if args.tf32 else "fp32"
     say(format_stack_table(result) if args.stack else format_table(result))
-    if args.json:
-        write_result_json(result, args.json, "the table above is the result")
+    write_result_json(result, args.json, "the table above is the result")
     return 0
 
 
-def write_result_json(result: dict, path: str, kept: str) -> None:
-    """A tool's ``--json`` file, written after its work (its path was checked before it): a write that
-    fails now is one line saying where the result still is."""
-    import json
-
+def write_result_json(result: dict, path: Optional[str], kept: str) -> None:
+    """A tool's ``--json`` file (if ``path``), written after its work (its path was checked before it): a
+    write that fails now is one line saying where the result still is."""
+    if not path:
+        return
     try:
         with open(path, "w") as handle:
             handle.write(json.dumps(result, indent=2) + "\n")
@@ -156,29 +168,17 @@ def write_result_json(result: dict, path: str, kept: str) -> None:
 
 def capacity(args: argparse.Namespace) -> int:
     """Time per step, per epoch and peak memory at batch sizes 1, 2, 4, ...: where the device stops being parallel."""
-    from pathlib import Path
-
-    import torch
-
-    from harness.core.checkpoint import check_writable_dir
-    from harness.core.config import load_config
-    from harness.core.distributed import pick_device
-    from harness.records.mlflow_store import (check_experiment, check_tracking_server, check_tracking_uri,
-                                              default_tracking_uri)
     from harness.bench.capacity import check_arguments, format_table, record, run_capacity, write_outputs
+    from harness.core.checkpoint import check_writable_dir
 
     check_arguments(args.max_batch, args.memory_limit, args.epoch_samples)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device: cuda was requested but no CUDA device is available; expected cpu or auto")
+    device = checked_device(args.device)
     cfg = load_config(args.config, args.overrides)
-    device = pick_device(args.device)
     check_writable_dir(Path(args.out), "--out")
     if args.json:
         check_output_file(args.json, "--json")
-    uri = args.tracking_uri or default_tracking_uri()
     if not args.no_mlflow:  # a store that would refuse the run is refused now, before the work
-        check_tracking_uri(uri)
-        check_tracking_server(uri)
+        uri = checked_uri(args, server=True)
         check_experiment(uri, args.experiment)
     say(f"capacity of {device.type}: {cfg.name}, batch 1, 2, 4, ... up to {args.max_batch}")
     result = run_capacity(cfg, device, args.max_batch, args.memory_limit, args.epoch_samples)
@@ -187,8 +187,8 @@ def capacity(args: argparse.Namespace) -> int:
     say("", *[f"  {path}" for path in files])
     if not args.no_mlflow:
         say(f"MLflow run {record(uri, args.experiment, result, files, args.config)}")
-    if args.json:  # last: a write that fails now still leaves the measurement recorded
-        write_result_json(result, args.json, f"the measurement is kept in {files[0]}")
+    # Last: a write that fails now still leaves the measurement recorded.
+    write_result_json(result, args.json, f"the measurement is kept in {files[0]}")
     return 0
 
 
@@ -202,8 +202,6 @@ def scaling(args: argparse.Namespace) -> int:
         check_output_file(args.json, "--json")
     if args.measure:
         return _scaling_measure(args)
-    from harness.core.config import load_config
-
     if args.from_json and args.step_times:
         raise InputError("--step-times: given with --from-json; expected one source of step times")
     for batch in args.batch_sizes or ():
@@ -225,22 +223,16 @@ def scaling(args: argparse.Namespace) -> int:
         raise InputError("--batch-sizes: no global batch has a measured step time at B and B / W; expected batch "
                          f"sizes within the measured {min(step_seconds)}..{max(step_seconds)}")
     say(model.format_table(result))
-    if args.json:
-        write_result_json(result, args.json, "the table above is the result")
+    write_result_json(result, args.json, "the table above is the result")
     return 0
 
 
 def _scaling_capacity_now(args: argparse.Namespace, cfg) -> tuple[dict, list, dict]:
     """No step times given: measure them now, as `harness capacity` does (no MLflow run)."""
-    import torch
-
-    from harness.core.distributed import pick_device
     from harness.bench.capacity import check_arguments, run_capacity
 
     check_arguments(args.max_batch, None, args.epoch_samples)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device: cuda was requested but no CUDA device is available; expected cpu or auto")
-    device = pick_device(args.device)
+    device = checked_device(args.device)
     say(f"step times of {device.type}: {cfg.name}, batch 1, 2, 4, ... up to {args.max_batch}")
     measured = run_capacity(cfg, device, args.max_batch, None, args.epoch_samples)
     source = {"kind": "capacity measured now", "description": f"{device.type} {measured['device_name']}, "
@@ -250,7 +242,6 @@ def _scaling_capacity_now(args: argparse.Namespace, cfg) -> tuple[dict, list, di
 
 def _scaling_measure(args: argparse.Namespace) -> int:
     """The model checked against 2 gloo processes on 127.0.0.1: all-reduce times, 1- vs 2-rank DDP steps."""
-    from harness.core.config import load_config
     from harness.bench.scaling_check import DEFAULT_BATCHES, check_batches, format_report, run_check
 
     if args.from_json or args.step_times:
@@ -263,24 +254,16 @@ def _scaling_measure(args: argparse.Namespace) -> int:
         f"{', '.join(map(str, batches))}, 2 ranks x 1 thread")
     result = run_check(cfg, batches)
     say(format_report(result))
-    if args.json:
-        write_result_json(result, args.json, "the report above is the result")
+    write_result_json(result, args.json, "the report above is the result")
     return 0
 
 
 def replay(args: argparse.Namespace) -> int:
     """Deliver a spool of MLflow records that a run could not send."""
-    from pathlib import Path
-
-    from harness.records.mlflow_store import (Spool, check_tracking_server, check_tracking_uri, default_tracking_uri,
-                                              open_client, replay as replay_spool)
-
     spool = Spool(Path(args.spool))
     if not spool:
         raise InputError(f"{args.spool}: no spool file (or empty); expected the path a run printed")
-    uri = args.tracking_uri or default_tracking_uri()
-    check_tracking_uri(uri)
-    check_tracking_server(uri)
+    uri = checked_uri(args, server=True)
     count, bad = replay_spool(open_client(uri), spool)
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
@@ -292,17 +275,11 @@ def replay(args: argparse.Namespace) -> int:
 
 
 def mlflow_server(args: argparse.Namespace) -> int:
-    """A local MLflow server: sqlite store (or PostgreSQL, --backend postgresql), artifacts folder,
-    one worker, no job runners."""
-    from pathlib import Path
-
+    """A local MLflow server over sqlite (or PostgreSQL, --backend): artifacts folder, one worker, no job runners."""
     from harness.core.checkpoint import check_writable_dir
-    from harness.records.tracking_server import check_port_free, serve_postgresql, serve_sqlite
 
-    if not 1 <= args.port <= 65535:
-        raise InputError(f"--port: {args.port} is not a TCP port; expected 1..65535")
-    check_writable_dir(Path(args.store_dir), "--store-dir")
     check_port_free(args.host, args.port, "--port")
+    check_writable_dir(Path(args.store_dir), "--store-dir")
     store = Path(args.store_dir).resolve()
     if args.backend == "postgresql":
         return serve_postgresql(store, args.host, args.port, args.pg_port)
@@ -310,146 +287,129 @@ def mlflow_server(args: argparse.Namespace) -> int:
     serve_sqlite(store, args.host, args.port)  # exec: the server takes this process's PID
 
 
+def add_sweep_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """Which finished sweep (report, escape), where to look for it and where its files go."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--sweep-run-id", help="the sweep's parent run id")
+    which.add_argument("--latest", action="store_true",
+                       help="the newest sweep of the experiment (the default when no --sweep-run-id)")
+    parser.add_argument("--tracking-uri", help=URI_HELP)
+    parser.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment to look in")
+    parser.add_argument("--out", default="reports", help=out_help)
+
+
+def add_measure_arguments(parser: argparse.ArgumentParser, config_help: str, set_example: str,
+                          device_help: str = DEVICE_HELP) -> None:
+    """What a measuring command (bench, capacity, scaling) builds its model from, where it runs, where its
+    result goes."""
+    parser.add_argument("--config", default="configs/fashion_mnist.yaml", help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one config key (repeatable){set_example}")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=device_help)
+    parser.add_argument("--json", help="also write the result here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("gradcheck", help="compare the hand-written backward pass with autograd")
-    add_config_arguments(check)
-    check.set_defaults(handler=gradcheck)
-    rep = commands.add_parser("report", help="tables and plots of a finished sweep, from MLflow")
-    which = rep.add_mutually_exclusive_group()
-    which.add_argument("--sweep-run-id", default=None, help="the sweep's parent run id")
-    which.add_argument("--latest", action="store_true",
-                       help="the newest sweep of the experiment (the default when no --sweep-run-id)")
-    rep.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    rep.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment to look in")
-    rep.add_argument("--out", default="reports", help="folder for the files (one subfolder per sweep)")
+
+    def command(name: str, handler, help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add_config_arguments(command("gradcheck", gradcheck, "compare the hand-written backward pass with autograd"))
+    rep = command("report", report, "tables and plots of a finished sweep, from MLflow")
+    add_sweep_arguments(rep, "folder for the files (one subfolder per sweep)")
     rep.add_argument("--no-interpolation", action="store_true",
                      help="skip the loss along the line between the smallest and largest healthy batch's weights")
-    rep.set_defaults(handler=report)
-    inter = commands.add_parser("interpolate", help="loss and accuracy on the line between two runs' weights "
-                                "(Keskar et al. 2017)")
+    inter = command("interpolate", interpolate, "loss and accuracy on the line between two runs' weights "
+                    "(Keskar et al. 2017)")
     inter.add_argument("--run-a", required=True, help="run A (α = 0): MLflow run id, checkpoint file or a run's "
                        "checkpoint folder (its newest epoch-*.pt) (required)")
     inter.add_argument("--run-b", required=True, help="run B (α = 1), the same kinds (required)")
     inter.add_argument("--alpha-min", type=float, default=-1.0, help="first α of the grid")
     inter.add_argument("--alpha-max", type=float, default=2.0, help="last α of the grid")
     inter.add_argument("--points", type=int, default=25, help="α values, evenly spaced, both ends included")
-    inter.add_argument("--label-a", default=None, help="name of A on the plot (default: B=<its batch size>)")
-    inter.add_argument("--label-b", default=None, help="name of B on the plot (default: B=<its batch size>)")
-    inter.add_argument("--tracking-uri", default=None,
-                       help="where run ids are looked up and the new run goes; default: $MLFLOW_TRACKING_URI, "
-                       "else sqlite:///mlflow.db")
+    inter.add_argument("--label-a", help="name of A on the plot (default: B=<its batch size>)")
+    inter.add_argument("--label-b", help="name of B on the plot (default: B=<its batch size>)")
+    inter.add_argument("--tracking-uri", help=f"where run ids are looked up and the new run goes; {URI_HELP}")
     inter.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment of the new run")
     inter.add_argument("--no-mlflow", action="store_true", help="write the CSV and plot only, log no MLflow run")
     inter.add_argument("--out", default="reports", help="folder for the files (subfolder interpolate-<a>-<b>)")
-    inter.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                       help="auto: cuda where available, else cpu")
+    inter.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     inter.add_argument("--eval-batch-size", type=int, default=10000, help="samples per forward pass when scoring")
-    inter.set_defaults(handler=interpolate)
-    esc = commands.add_parser("escape", help="continue a sweep's smallest- and largest-batch solutions with each "
-                                             "other's batch size (and their own, as control)")
-    which = esc.add_mutually_exclusive_group()
-    which.add_argument("--sweep-run-id", default=None, help="the sweep's parent run id")
-    which.add_argument("--latest", action="store_true",
-                       help="the newest sweep of the experiment (the default when no --sweep-run-id)")
+    esc = command("escape", escape, "continue a sweep's smallest- and largest-batch solutions with each other's "
+                  "batch size (and their own, as control)")
+    add_sweep_arguments(esc, "folder for the files (one subfolder per escape run)")
     esc.add_argument("--epochs", type=int, default=5, help="epochs every continuation trains")
-    esc.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    esc.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment to look in")
-    esc.add_argument("--out", default="reports", help="folder for the files (one subfolder per escape run)")
-    esc.set_defaults(handler=escape)
-    ben = commands.add_parser("bench", help="time the training step against a plain DataLoader loop")
-    ben.add_argument("--config", default="configs/fashion_mnist.yaml", help="YAML file: data set and model to time")
-    ben.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one config key (repeatable)")
-    ben.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                     help="auto: cuda where available, else cpu")
-    ben.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                     help=f"global batch sizes to time (default {' '.join(map(str, BENCH_BATCH_SIZES))}; "
-                     f"with --stack {' '.join(map(str, STACK_BATCH_SIZES))})")
+    ben = command("bench", bench, "time the training step against a plain DataLoader loop")
+    add_measure_arguments(ben, "YAML file: data set and model to time", "")
+    ben.add_argument("--batch-sizes", type=int, nargs="+", help="global batch sizes to time (default "
+                     f"{' '.join(map(str, BENCH_BATCH_SIZES))}; with --stack {' '.join(map(str, STACK_BATCH_SIZES))})")
     ben.add_argument("--epochs", type=int, default=3, help="timed epochs per path (after one warm-up)")
-    ben.add_argument("--paths", nargs="+", default=None, metavar="PATH",
+    ben.add_argument("--paths", nargs="+", metavar="PATH",
                      help="which of the bench's paths to time: dataloader, harness, harness_ddp, harness_graph, "
                      "harness_graph_ddp (default all; the dataloader peer always runs)")
-    ben.add_argument("--stack", type=int, default=None, metavar="K",
-                     help="instead: K trials (seeds seed..seed+K-1) trained as one stacked model against the same "
-                     "K one after another (core/stacked.py)")
-    ben.add_argument("--tf32", action="store_true",
-                     help="every side's fp32 matrix products on CUDA in TF32 (tensor cores), for this bench only; "
-                     "training itself stays fp32")
-    ben.add_argument("--profile", default=None, metavar="DIR",
+    ben.add_argument("--stack", type=int, metavar="K", help="instead: K trials (seeds seed..seed+K-1) trained as "
+                     "one stacked model against the same K one after another (core/stacked.py)")
+    ben.add_argument("--tf32", action="store_true", help="every side's fp32 matrix products on CUDA in TF32 (tensor "
+                     "cores), for this bench only; training itself stays fp32")
+    ben.add_argument("--profile", metavar="DIR",
                      help="with --stack: also profile one more epoch of the stack and of one trial alone per batch "
                      "size (torch.profiler; the kernels on a GPU), a table per batch size into DIR")
-    ben.add_argument("--json", default=None, help="also write the result here")
-    ben.set_defaults(handler=bench)
-    cap = commands.add_parser("capacity", help="time per step and memory at batch 1, 2, 4, ...: where the device "
-                              "stops being parallel, the largest batch that fits, and the accumulation beyond it")
-    cap.add_argument("--config", default="configs/fashion_mnist.yaml", help="YAML file: data set and model")
-    cap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one config key (repeatable), e.g. performance.precision=bf16")
-    cap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                     help="auto: cuda where available, else cpu")
+    cap = command("capacity", capacity, "time per step and memory at batch 1, 2, 4, ...: where the device stops "
+                  "being parallel, the largest batch that fits, and the accumulation beyond it")
+    add_measure_arguments(cap, "YAML file: data set and model", ", e.g. performance.precision=bf16")
     cap.add_argument("--max-batch", type=int, default=65536, help="largest batch size to try (a power of two "
                      "or not: the doubling stops at or below it; the training set's size caps it too)")
-    cap.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+    cap.add_argument("--memory-limit", type=float, metavar="GB",
                      help="stop before a batch whose peak memory exceeds this many GB (1e9 bytes)")
-    cap.add_argument("--epoch-samples", type=int, default=None,
+    cap.add_argument("--epoch-samples", type=int,
                      help="samples in the timed epoch (default: the training set); keeps batch 1 short on a CPU")
-    cap.add_argument("--json", default=None, help="also write the result here")
     cap.add_argument("--out", default="reports", help="folder for the files (subfolder capacity-<device>-<config>)")
-    cap.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    cap.add_argument("--tracking-uri", help=URI_HELP)
     cap.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment of the new run")
     cap.add_argument("--no-mlflow", action="store_true", help="write the table, JSON and plot only")
-    cap.set_defaults(handler=capacity)
-    sca = commands.add_parser("scaling", help="when data parallelism pays: time per step, throughput and "
-                              "efficiency against world size and link, from measured step times (a cost model); "
-                              "--measure checks it against 2 real gloo processes here")
-    sca.add_argument("--from-json", default=None, help="step times and layer sizes from a `harness capacity --json` "
+    sca = command("scaling", scaling, "when data parallelism pays: time per step, throughput and efficiency "
+                  "against world size and link, from measured step times (a cost model); --measure checks it "
+                  "against 2 real gloo processes here")
+    sca.add_argument("--from-json", help="step times and layer sizes from a `harness capacity --json` "
                      "result (default: measure them now, as capacity does)")
-    sca.add_argument("--step-times", nargs="+", default=None, metavar="BATCH=SECONDS",
+    sca.add_argument("--step-times", nargs="+", metavar="BATCH=SECONDS",
                      help="step times given by hand (e.g. from another device); the model is --config's")
-    sca.add_argument("--config", default="configs/fashion_mnist.yaml", help="YAML file: data set and model")
-    sca.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one config key (repeatable), e.g. model.hidden_sizes=[50000]")
-    sca.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                     help="where step times are measured now: auto = cuda where available, else cpu")
+    add_measure_arguments(sca, "YAML file: data set and model", ", e.g. model.hidden_sizes=[50000]",
+                        "where step times are measured now: auto = cuda where available, else cpu")
     sca.add_argument("--max-batch", type=int, default=8192, help="largest batch measured now")
     sca.add_argument("--epoch-samples", type=int, default=4096, help="samples of capacity's timed epoch")
-    sca.add_argument("--parameters", type=int, default=None,
-                     help="gradient elements (default: the MLP's parameter count)")
+    sca.add_argument("--parameters", type=int, help="gradient elements (default: the MLP's parameter count)")
     sca.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 8, 64], metavar="W",
                      help="ranks (devices) to predict for; 1 is always included")
-    sca.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
-                     help="global batches (default: the measured ones); with --measure: the timed global batches "
-                     "(default 32 128 512 2048)")
+    sca.add_argument("--batch-sizes", type=int, nargs="+", metavar="B", help="global batches (default: the measured "
+                     "ones); with --measure: the timed global batches (default 32 128 512 2048)")
     sca.add_argument("--link", action="append", default=[], metavar="NAME",
                      help="a named link: nvlink (300 GB/s, 5 us) or ethernet-100g (12.5 GB/s, 30 us), assumptions "
                      "(docs/performance.md); repeatable; default: both unless --link-gbps")
-    sca.add_argument("--link-gbps", type=float, default=None, help="a custom link's bandwidth in Gb/s")
-    sca.add_argument("--link-latency-us", type=float, default=None,
-                     help="the custom link's latency per message in us (default 0)")
+    sca.add_argument("--link-gbps", type=float, help="a custom link's bandwidth in Gb/s")
+    sca.add_argument("--link-latency-us", type=float, help="the custom link's latency per message in us (default 0)")
     sca.add_argument("--collective", default="ring", choices=("ring", "tree"),
                      help="latency term: 2(W-1) messages (ring) or 2 log2 W (tree); bandwidth term 2(W-1)/W x bytes")
     sca.add_argument("--efficiency-floor", type=float, default=0.5,
                      help="below this scaling efficiency, data parallelism 'stops paying'")
     sca.add_argument("--measure", action="store_true", help="measure gloo all-reduce times and 1- vs 2-rank DDP "
                      "steps on this machine and compare them with the model")
-    sca.add_argument("--json", default=None, help="also write the result here")
-    sca.set_defaults(handler=scaling)
-    rp = commands.add_parser("replay", help="deliver MLflow records a run spooled while the server was down")
+    rp = command("replay", replay, "deliver MLflow records a run spooled while the server was down")
     rp.add_argument("spool", help="the spool file the run printed (checkpoints/<run>/mlflow-spool.jsonl)")
-    rp.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    rp.set_defaults(handler=replay)
-    srv = commands.add_parser("mlflow-server", help="a local MLflow server for the UI (127.0.0.1 by default)")
+    rp.add_argument("--tracking-uri", help=URI_HELP)
+    srv = command("mlflow-server", mlflow_server, "a local MLflow server for the UI (127.0.0.1 by default)")
     srv.add_argument("--host", default="127.0.0.1", help="127.0.0.1; another address exposes every run")
     srv.add_argument("--port", type=int, default=5000, help="port on --host")
     srv.add_argument("--store-dir", default=".", help="folder of mlflow.db (or mlflow-pg/) and mlartifacts/")
     srv.add_argument("--backend", default="sqlite", choices=("sqlite", "postgresql"),
                      help="sqlite: one file; postgresql: a PostgreSQL of its own in <store-dir>/mlflow-pg/ "
                      "(127.0.0.1, generated password), for many concurrent writers")
-    srv.add_argument("--pg-port", type=int, default=None,
+    srv.add_argument("--pg-port", type=int,
                      help="PostgreSQL's port on 127.0.0.1 (--backend postgresql; default: a free one)")
-    srv.set_defaults(handler=mlflow_server)
     return parser
 
 

@@ -1,16 +1,8 @@
 """What each script in launch/ runs once its arguments are parsed: one function per script.
 
-- ``train_command`` (launch/train.py): one run, or a sweep config's trials, on every
-  rank of a torchrun job, or in this process without torchrun.
-- ``ray_job_command`` (launch/ray_job.py): one run, or a sweep, as Ray Train runs.
-- ``sweep_command`` (launch/sweep.py): a sweep with the local, torchrun or Ray driver,
-  then its report.
-
-Each loads the config, calls ``preflight`` before any process group, worker, trial
-or MLflow run starts, runs, and says what it did. The scripts keep the parser and
-the process's exit (signals, exit codes). The checks are ``preflight``'s; the sweep
-drivers are in ``sweep`` and ``sweep_drivers``; Ray Train is ``ray_train``, imported
-only by the Ray paths (ray and Ray Train take ~1.5 s to load).
+Each loads the config, calls ``preflight`` before any process group, worker, trial or MLflow run
+starts, runs, and says what it did. The scripts keep the parser and the process's exit (signals,
+exit codes). Ray Train (``ray_train``) is imported only by the Ray paths: it is slow to load.
 """
 
 from __future__ import annotations
@@ -37,16 +29,15 @@ from harness.sweeps.sweep_drivers import run_sweep_on_ray, torchrun_sweep
 
 
 def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
-    """launch/train.py: ``--trial`` picks one trial of a sweep config, ``--trials`` several to train as
-    one stack (core/stacked_run.py, each member its own run); ``--resume``, or a torchrun restart,
-    continues from the newest checkpoint (each member's own); ``--parent-run-id`` nests the MLflow run(s).
-    With ``--nnodes`` (not under torchrun): check, then become this node's torchrun running ``argv``."""
+    """launch/train.py: one run, several as one stack (``--trials``), or a sweep config's trials, on every
+    rank of a torchrun job or in this process. With ``--nnodes`` (not under torchrun): check, then become
+    this node's torchrun running ``argv``."""
     cfg = load_run_config(args)
     refuse_early_stopping(cfg, "launch/train.py")
     if args.trials is not None and args.trial is not None:
         raise InputError(f"--trials {args.trials}: given together with --trial {args.trial}; expected one of them")
-    # The trials this process trains as one run of the loop (one, or a stack); the first is ``cfg``.
-    # A sweep config without --trial or --trials runs as a sweep.
+    # The trials this process trains as one run of the loop (one, or a stack); without either option a
+    # sweep config runs as a sweep.
     members = select_trials(cfg, args.trials) if args.trials is not None \
         else [select_trial(cfg, args.trial)] if args.trial is not None else [cfg]
     cfg = members[0]
@@ -62,9 +53,8 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
     attempt = distributed.agree_on_attempt() if under_torchrun else 0
     restart = attempt > 0
     resume = args.resume or restart
-    # torchrun's run id is new for every launch (a uuid with --standalone or one node).
-    # A restart may resume only what this launch wrote: an earlier run's checkpoints
-    # in the same folder are not its own (unless the user asked for --resume).
+    # torchrun's run id is new for every launch: a restart resumes only what this launch wrote, not an
+    # earlier run's checkpoints in the same folder (unless the user asked for --resume).
     hooks = RunHooks(resume=resume, launch_id=os.environ.get("TORCHELASTIC_RUN_ID"),
                      same_launch_only=restart and not args.resume)
     launch_id = hooks.launch_id if hooks.same_launch_only else None
@@ -103,16 +93,16 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
     return 0
 
 
-def finished_line(cfg: Config, result) -> str:
-    """The line launch/train.py ends a run with."""
-    return (f"finished {cfg.name}: epochs {result.epochs_completed}, steps {result.global_step}, "
-            f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
-            f"{'diverged, ' if result.diverged else ''}"
-            f"MLflow run {result.run_id or '-'}, checkpoint {result.checkpoint or '-'}")
+def finished_line(cfg: Config, result, on_ray: bool = False) -> str:
+    """The line a launcher ends a run with."""
+    records = [f"MLflow run {result.run_id or '-'}", f"checkpoint {result.checkpoint or '-'}"]
+    return (f"finished {cfg.name}{' on Ray' if on_ray else ''}: epochs {result.epochs_completed}, "
+            f"steps {result.global_step}, test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
+            f"{'diverged, ' if result.diverged else ''}" + ", ".join(records[::-1] if on_ray else records))
 
 
 def ray_job_command(args: argparse.Namespace) -> int:
-    """launch/ray_job.py: ``--num-workers`` ranks per run, the Ray options of ``entrypoints.add_ray_arguments``."""
+    """launch/ray_job.py: one run, or a sweep, as Ray Train runs of ``--num-workers`` ranks."""
     cfg = load_run_config(args)
     refuse_stacks_under_asha(cfg)
     cfg, options = start_ray(cfg, args, args.num_workers)
@@ -124,10 +114,7 @@ def ray_job_command(args: argparse.Namespace) -> int:
 
     with run_folders_held([cfg]):  # the driver: Ray's workers restart and may run on other nodes
         result = fit(cfg, options)
-    say(f"finished {cfg.name} on Ray: epochs {result.epochs_completed}, steps {result.global_step}, "
-        f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f}, "
-        f"{'diverged, ' if result.diverged else ''}"
-        f"checkpoint {result.checkpoint or '-'}, MLflow run {result.run_id or '-'}")
+    say(finished_line(cfg, result, on_ray=True))
     return 0
 
 

@@ -1,14 +1,7 @@
-"""Every human-readable line the harness writes: one exit, rank 0 only.
+"""Every human-readable line the harness writes, flushed at once so it interleaves with child processes'.
 
-``say`` writes progress and results to stdout, ``warn`` writes problems to
-stderr. Both speak only for the main process: with a ``DistContext`` that is its
-rank 0; without one (a CLI command, a sweep driver, a signal handler) it is the
-process that torchrun numbered 0 through ``$RANK``, or the only process when
-nothing numbered it. So a line written by every rank of a torchrun job appears
-once, and no module calls ``print`` itself.
-
-Owns the decision who speaks and the flushing (lines must interleave with the
-child processes' in the order they happened). Does not own what is said.
+``say`` (stdout) and ``warn`` (stderr) speak only for the main process: rank 0 of a ``DistContext``, else
+the process ``$RANK`` numbers 0, or the only one. A line every rank of a torchrun job writes appears once.
 """
 
 from __future__ import annotations
@@ -18,14 +11,9 @@ import sys
 from typing import Optional, TextIO
 
 
-def _is_main(ctx) -> bool:
-    if ctx is not None:
-        return ctx.is_main
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _write(stream: TextIO, lines: tuple[str, ...], ctx) -> None:
-    if _is_main(ctx):
+    is_main = ctx.is_main if ctx is not None else os.environ.get("RANK", "0") == "0"
+    if is_main:
         for line in lines:
             print(line, file=stream, flush=True)
 
@@ -41,7 +29,6 @@ def warn(*lines: str, ctx: Optional[object] = None) -> None:
 
 
 def fail(line: str) -> None:
-    """The one line a process writes as it exits on an error: from any rank, since
-    only the rank that met the problem knows it (its peers then fail on the broken
-    process group, or exit on the same input error and say the same)."""
+    """The one line a process writes as it exits on an error, from any rank: only the rank that met the
+    problem knows it (its peers fail on the broken process group, or say the same)."""
     print(line, file=sys.stderr, flush=True)

@@ -1,8 +1,5 @@
-"""The one exception type that means "the user's input is wrong".
-
-Launchers catch it, print its one-line message and exit with code 2 before any
-process group, worker or MLflow run starts.
-"""
+"""The one exception type that means "the user's input is wrong": launchers print its one-line
+message and exit with code 2 before any process group, worker or MLflow run starts."""
 
 USAGE_EXIT_CODE = 2
 

@@ -1,12 +1,8 @@
 """Another run's weights, named by the user: a checkpoint file, a run's checkpoint folder or an MLflow run id.
 
-Owns turning that reference into a :class:`CheckpointSource` (the file, its run,
-the config it was trained with, its model weights) and the check that a source
-fits a network (:func:`check_same_architecture`). Used by ``checkpoint.init_from``
-(preflight and the training loop) and ``harness interpolate``. Every failure is an
-:class:`~harness.errors.InputError` of one line naming the option (``key``) and
-what was expected. The MLflow lookup of a run id is mlflow_store.run_checkpoint_path;
-the checkpoint layout (``epoch-NNNN.pt``, newest first) is core/checkpoint.py's.
+Owns turning that reference into a :class:`CheckpointSource` and the check that it fits a network, for
+``checkpoint.init_from`` and ``harness interpolate``; every failure is one line naming the option (``key``).
+The run id lookup is mlflow_store.run_checkpoint_path's, the checkpoint layout core/checkpoint.py's.
 """
 
 from __future__ import annotations
@@ -46,7 +42,12 @@ class CheckpointSource:
 def resolve_checkpoint(ref: str, tracking_uri: Optional[str], key: str) -> CheckpointSource:
     """The checkpoint ``ref`` names: a file, a folder (its newest ``epoch-*.pt``) or an MLflow run id
     (its ``checkpoint_path`` tag, looked up in ``tracking_uri``, default $MLFLOW_TRACKING_URI or ./mlflow.db)."""
-    path, run_id = _locate(ref, tracking_uri or default_tracking_uri(), key)
+    try:
+        path, run_id = _locate(ref, tracking_uri or default_tracking_uri(), key)
+    except (OSError, RuntimeError) as err:  # a name past the file system's limit, an unknown ~user, no access
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise InputError(f"{key}: {ref[:200]}{'...' if len(ref) > 200 else ''}: {reason}; expected a checkpoint "
+                         "file, a run's checkpoint folder or an MLflow run id") from None
     state = _load(path, key)
     try:
         config = Config.from_dict(state["config"])
@@ -59,15 +60,6 @@ def resolve_checkpoint(ref: str, tracking_uri: Optional[str], key: str) -> Check
 
 
 def _locate(ref: str, tracking_uri: str, key: str) -> tuple[Path, Optional[str]]:
-    try:
-        return _locate_path(ref, tracking_uri, key)
-    except (OSError, RuntimeError) as err:  # a name past the file system's limit, an unknown ~user, no access
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise InputError(f"{key}: {ref[:200]}{'...' if len(ref) > 200 else ''}: {reason}; expected a checkpoint "
-                         "file, a run's checkpoint folder or an MLflow run id") from None
-
-
-def _locate_path(ref: str, tracking_uri: str, key: str) -> tuple[Path, Optional[str]]:
     given = Path(ref).expanduser()
     if given.is_file():
         return given.resolve(), None

@@ -1,14 +1,7 @@
-"""The one place that talks to MLflow: the store, its checks, the queries, the spool.
+"""The one place that talks to MLflow: the store and its checks, every query, the spool of undelivered records.
 
-Every filter string and ``search_runs`` call lives here, next to the client they
-go through, so the tracker and the report never write the same query twice. Its three parts, in order: the store (URI, health and input checks,
-opening a client), the queries (sweep runs, child runs, ending runs left
-RUNNING), and the spool of records a run could not deliver, with their replay.
-
-It leaves to others what to record: the tracker (tracking.py) decides what a run
-logs and when, the report (harness/analysis/report.py) what a sweep's numbers
-mean. MLflow itself is imported inside the functions that need it, so that
-``harness --help`` and runs with tracking off never load it.
+What a run records and when is tracking.py's; what a sweep's numbers mean is analysis/report.py's.
+MLflow is imported inside the functions that need it: ``harness --help`` and untracked runs never load it.
 """
 
 from __future__ import annotations
@@ -27,20 +20,15 @@ from harness.errors import InputError
 # --- the store: where it is, whether it answers, a client ----------------------
 
 
-def default_tracking_uri(cwd: Path | None = None) -> str:
+def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else an absolute sqlite file in the working directory."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Refuse to start when an HTTP tracking server does not answer /health, or a PostgreSQL
-    store does not accept a login."""
+    """Refuse an HTTP tracking server that does not answer /health, or a PostgreSQL store that refuses a login."""
     if uri.lower().startswith("postgresql"):
-        check_database(uri, timeout_s)
-        return
+        return check_database(uri, timeout_s)
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.request
@@ -65,10 +53,8 @@ def masked_uri(uri: str) -> str:
 
 
 def check_database(uri: str, timeout_s: float = 5.0) -> None:
-    """Refuse a database URI (``postgresql://user:password@host:port/db``) whose driver is missing,
-    whose server does not answer within ``timeout_s`` or that refuses the login; the line shows
-    the URI without its password. Without a password in the URI, libpq reads ``$PGPASSFILE``
-    (default ``~/.pgpass``), as MLflow will."""
+    """Refuse a ``postgresql://`` URI whose driver is missing, whose server does not answer or that
+    refuses the login (libpq reads a password missing from the URI from ``$PGPASSFILE``, as MLflow will)."""
     import sqlalchemy
     from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -85,8 +71,7 @@ def check_database(uri: str, timeout_s: float = 5.0) -> None:
         raise InputError(f"tracking.uri: no driver for {shown} ({err}); expected the pinned driver installed "
                          "(pip install 'psycopg[binary]', see requirements.txt)") from None
     try:
-        with engine.connect():
-            pass
+        engine.connect().close()
     except DBAPIError as err:
         reason = " ".join(str(err.orig).split()) or type(err.orig).__name__
         if url.password:  # libpq does not echo passwords; make sure no message ever does
@@ -111,8 +96,7 @@ def sqlite_path(uri: str) -> Optional[Path]:
 
 
 def check_tracking_uri(uri: str) -> None:
-    """Refuse a URI MLflow cannot use, before any run starts: unknown scheme, a sqlite
-    file that is not a database or whose folder does not exist."""
+    """Refuse a URI MLflow cannot use: unknown scheme, a sqlite file that is no database or lacks its folder."""
     scheme = uri.partition(":")[0].split("+", 1)[0].lower() if ":" in uri else ""
     if scheme not in TRACKING_SCHEMES:
         raise InputError(f"tracking.uri: unknown scheme in {uri!r}; expected one of "
@@ -122,13 +106,13 @@ def check_tracking_uri(uri: str) -> None:
     path = sqlite_path(uri)
     if path is None:
         return
-    if path.exists() and not path.is_file():
-        raise InputError(f"tracking.uri: {path} is not a file; expected a SQLite database file")
     if not path.exists():
         if not path.parent.is_dir():
             raise InputError(f"tracking.uri: folder {path.parent} does not exist; expected the folder of the "
                              "SQLite file to exist")
         return
+    if not path.is_file():
+        raise InputError(f"tracking.uri: {path} is not a file; expected a SQLite database file")
     import sqlite3
 
     try:
@@ -139,44 +123,29 @@ def check_tracking_uri(uri: str) -> None:
                          "store or a path where one can be created") from None
 
 
-@contextlib.contextmanager
-def store_creation_lock(uri: str):
-    """Hold an exclusive lock while a sqlite store may be created or migrated.
+def open_client(uri: str):
+    """An ``MlflowClient`` whose store exists and is migrated.
 
-    Two processes opening a new store at once both run MLflow's schema migration
-    and the second dies. The lock is on a side file (``<db>.lock``), not the
-    database: closing any other descriptor of the database file would drop the
-    POSIX locks SQLite holds on it.
+    Two processes opening a new sqlite store at once would both run MLflow's schema migration and the
+    second would die, so it is created under a lock. The lock is on a side file (``<db>.lock``): closing
+    any other descriptor of the database file would drop the POSIX locks SQLite holds on it.
     """
-    path = sqlite_path(uri)
-    if path is None:
-        yield
-        return
     import fcntl
 
-    with open(f"{path}.lock", "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-def open_client(uri: str):
-    """An ``MlflowClient`` whose store exists and is migrated (created under the lock)."""
     from mlflow.tracking import MlflowClient
 
-    if sqlite_path(uri) is None:  # a server (or database server) migrates its own store
+    path = sqlite_path(uri)
+    if path is None:  # a server (or database server) migrates its own store
         return MlflowClient(tracking_uri=uri)
-    with store_creation_lock(uri):
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released as the file closes
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # creates and migrates a new store here
     return client
 
 
 def check_experiment(uri: str, name: str) -> None:
-    """Refuse an experiment MLflow would not log to (deleted), if the store already exists;
-    a store that does not exist yet is not created by this check."""
+    """Refuse an experiment deleted in an existing store (a store that does not exist is not created here)."""
     path = sqlite_path(uri)
     if path is not None and not path.exists():
         return
@@ -184,21 +153,7 @@ def check_experiment(uri: str, name: str) -> None:
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise InputError(f"tracking.experiment: {name!r} is deleted in {masked_uri(uri)}; restore it with `mlflow "
                          f"experiments restore --experiment-id {experiment.experiment_id}` "
-                         f"(MLFLOW_TRACKING_URI={masked_uri(uri)}) or "
-                         "choose another name")
-
-
-def check_resume_run(uri: str, run_id: Optional[str], checkpoint: Path) -> None:
-    """Refuse to resume into a store that lacks the run the checkpoint belongs to."""
-    if not run_id:
-        return
-    from mlflow.exceptions import MlflowException
-
-    try:
-        open_client(uri).get_run(run_id)
-    except MlflowException:
-        raise InputError(f"{checkpoint}: its MLflow run {run_id} is not in {masked_uri(uri)}; expected the store "
-                         "the run was started with (tracking.uri), or start afresh without --resume") from None
+                         f"(MLFLOW_TRACKING_URI={masked_uri(uri)}) or choose another name")
 
 
 def check_resume_run_in_store(cfg: Config) -> None:
@@ -208,17 +163,25 @@ def check_resume_run_in_store(cfg: Config) -> None:
 
     checkpoints = Checkpoints(cfg)
     path = checkpoints.newest()
-    if path is not None:
-        state = checkpoints.load(path)
-        check_resume_run(cfg.tracking.uri or default_tracking_uri(), state.get("run_id"), path)
+    run_id = checkpoints.load(path).get("run_id") if path is not None else None
+    if not run_id:
+        return
+    from mlflow.exceptions import MlflowException
+
+    uri = cfg.tracking.uri or default_tracking_uri()
+    try:
+        open_client(uri).get_run(run_id)
+    except MlflowException:
+        raise InputError(f"{path}: its MLflow run {run_id} is not in {masked_uri(uri)}; expected the store "
+                         "the run was started with (tracking.uri), or start afresh without --resume") from None
 
 
 CHECKPOINT_PATH_TAG = "checkpoint_path"  # set by the training loop at a run's end: its newest checkpoint
 
 
 def run_checkpoint_path(uri: str, run_id: str, key: str) -> str:
-    """The ``checkpoint_path`` tag of run ``run_id`` in the store at ``uri``; refused (``key`` names the
-    option) when the store or the run does not exist, or the run recorded no checkpoint."""
+    """The ``checkpoint_path`` tag of run ``run_id`` in the store at ``uri``; refused (as option ``key``)
+    when the store or the run does not exist, or the run recorded no checkpoint."""
     from mlflow.exceptions import MlflowException
 
     check_tracking_uri(uri)
@@ -244,8 +207,8 @@ UI_PORT = 5000  # harness mlflow-server's and mlflow ui's default
 
 
 def ui_links(uri: str, experiment_id: str, sweep_run_id: Optional[str] = None) -> list[str]:
-    """How to open the MLflow UI on this store, and the URLs of the experiment's runs (its
-    model-training view: MLflow 3 opens an experiment on its GenAI overview otherwise) and of the sweep."""
+    """How to open the MLflow UI on this store, and the URLs of the experiment's runs and of the sweep
+    (in the model-training view: MLflow 3 opens an experiment on its GenAI overview otherwise)."""
     if uri.startswith(("http://", "https://")):
         base, lines = uri.rstrip("/"), []
     else:
@@ -296,38 +259,34 @@ def end_running_children(client, parent_run_id: str, status: str, what: str) -> 
                             children_of(parent_run_id), status, what, "their trial")
 
 
+def _experiment_of(client, cfg: Config) -> Optional[str]:
+    """The id of ``cfg``'s experiment, None if it does not exist."""
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    return experiment.experiment_id if experiment else None
+
+
 def end_runs_of_launch(cfg: Config, launch_id: str, status: str) -> list[str]:
-    """End every run tagged ``launch_id`` that is still RUNNING with ``status``; returns their ids.
-
-    For a launcher whose workers were stopped before they could finish their own run.
-    """
-    def experiment_ids():
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-        return experiment.experiment_id if experiment else None
-
+    """End the runs of launch ``launch_id`` its stopped workers left RUNNING with ``status``; returns their ids."""
     try:
         client = open_client(cfg.tracking.uri or default_tracking_uri())
     except Exception as err:  # the store is unreachable: report, do not mask why the run ended
         warn(f"[{cfg.name}] could not open the tracking store ({type(err).__name__}: {err})")
         return []
-    return end_running_runs(client, experiment_ids, f"tags.launch_id = '{launch_id}'", status,
+    return end_running_runs(client, lambda: _experiment_of(client, cfg), f"tags.launch_id = '{launch_id}'", status,
                             f"[{cfg.name}] the run of launch {launch_id}", "its workers")
 
 
 def end_stopped_run(cfg: Config, launch_id: str, tags: dict[str, str]) -> list[str]:
-    """Tag the run of launch ``launch_id`` with ``tags`` and end it FINISHED; returns its ids.
+    """Tag the run of launch ``launch_id`` with ``tags`` and end it FINISHED; returns its ids. Best effort.
 
-    For a run a scheduler stopped on purpose (Ray Tune's ASHA): its workers were
-    killed mid-epoch, yet it ended as decided. A worker torn down by the stop may
-    have ended the run FAILED or KILLED first (its next report to the stopped
-    controller raises): that status is the stop's echo, not the run's outcome, so it
-    is overwritten too. The tags go first, so a reader that sees it FINISHED sees
-    why. Best effort, like ``end_runs_of_launch``.
+    For a run a scheduler stopped on purpose (Ray Tune's ASHA). A worker torn down by the stop may have
+    ended it FAILED or KILLED first: that is the stop's echo, not the run's outcome, so it is overwritten.
+    The tags go first, so a reader that sees it FINISHED sees why.
     """
     try:
         client = open_client(cfg.tracking.uri or default_tracking_uri())
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-        runs = client.search_runs([experiment.experiment_id], f"tags.launch_id = '{launch_id}'") if experiment else []
+        experiment = _experiment_of(client, cfg)
+        runs = client.search_runs([experiment], f"tags.launch_id = '{launch_id}'") if experiment else []
         for run in runs:
             for key, value in tags.items():
                 client.set_tag(run.info.run_id, key, value)
@@ -340,12 +299,8 @@ def end_stopped_run(cfg: Config, launch_id: str, tags: dict[str, str]) -> list[s
 
 
 def end_running_runs(client, experiment_id, selection: str, status: str, what: str, left_by: str) -> list[str]:
-    """End the runs matching ``selection`` that are still RUNNING with ``status``; returns their ids.
-
-    ``experiment_id`` is called inside the guard (it may query the store; None: nothing to end).
-    Best effort: with the store unreachable, say so on stderr and end nothing, rather than
-    mask why the caller is stopping.
-    """
+    """End the runs matching ``selection`` still RUNNING with ``status``; returns their ids. ``experiment_id``
+    (None: nothing to end) queries the store inside the guard: an unreachable store is reported, not raised."""
     try:
         experiment = experiment_id()
         if experiment is None:
@@ -372,13 +327,9 @@ def experiment_id(client, name: str) -> str:
 
 
 # --- the spool: records a run could not deliver, and their replay ---------------
-#
-# When the tracking server is down, the tracker appends each record (metrics of one
-# step, tags, the final status) to a JSON-lines file and goes on training. At the
-# next record, and at the end of the run, it replays the spool in order; once all
-# of it arrived the file is removed. If the server never comes back the file stays,
-# and ``harness replay <spool>`` delivers it later. Replay skips every (metric,
-# step) the run already holds, so nothing arrives twice.
+# With the server down, the tracker appends each record to a JSON-lines file and trains on; it
+# replays the file at the next record and at the run's end, or ``harness replay <spool>`` does later.
+# Replay skips every (metric, step) the run already holds, so nothing arrives twice.
 
 
 class Spool:
@@ -403,26 +354,28 @@ class Spool:
         self.path.unlink(missing_ok=True)
 
 
-def metrics_record(run_id: str, metrics: dict[str, float], step: int) -> dict[str, Any]:
-    return {"op": "metrics", "run_id": run_id, "step": step, "timestamp_ms": int(time.time() * 1000),
-            "metrics": metrics}
-
-
-def history_record(run_id: str, key: str, points: list[tuple[int, float]]) -> dict[str, Any]:
-    """``key`` at many steps: ``points`` = [(step, value), ...]."""
-    return {"op": "history", "run_id": run_id, "key": key, "timestamp_ms": int(time.time() * 1000),
-            "points": [[int(step), float(value)] for step, value in points]}
-
-
 def logged_steps(client, run_id: str) -> set[tuple[str, int]]:
     """Every (metric, step) the tracking store already holds for ``run_id``."""
     keys = client.get_run(run_id).data.metrics.keys()
     return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
 
 
+def now_ms() -> int:
+    """A record's timestamp: milliseconds since the epoch, as MLflow keeps them."""
+    return int(time.time() * 1000)
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """Log ``params`` (values as strings) in batches of MLflow's limit."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for lo in range(0, len(items), MLFLOW_PARAM_BATCH):
+        client.log_batch(run_id, params=items[lo:lo + MLFLOW_PARAM_BATCH])
+
+
 def log_new_metrics(client, run_id: str, metrics: list, logged: set[tuple[str, int]]) -> None:
-    """Log the ``Metric`` entities whose (key, step) is not in ``logged`` yet, in batches of
-    MLflow's limit, and add them to ``logged``: delivering a record or a report twice adds nothing twice."""
+    """Log the ``Metric``s whose (key, step) is not in ``logged`` yet, in batches, and add them to it."""
     fresh = [m for m in metrics if (m.key, m.step) not in logged]
     for lo in range(0, len(fresh), MLFLOW_METRIC_BATCH):
         client.log_batch(run_id, metrics=fresh[lo:lo + MLFLOW_METRIC_BATCH])
@@ -435,8 +388,7 @@ def apply_record(client, record: dict[str, Any], logged: set[tuple[str, int]]) -
 
     run_id = record["run_id"]
     if record["op"] == "metrics":
-        step = record["step"]
-        log_new_metrics(client, run_id, [Metric(k, float(v), record["timestamp_ms"], step)
+        log_new_metrics(client, run_id, [Metric(k, float(v), record["timestamp_ms"], record["step"])
                                          for k, v in record["metrics"].items()], logged)
     elif record["op"] == "history":  # one metric at many steps (evaluations inside a run), in few calls
         log_new_metrics(client, run_id, [Metric(record["key"], float(v), record["timestamp_ms"], int(step))
@@ -453,6 +405,7 @@ def apply_record(client, record: dict[str, Any], logged: set[tuple[str, int]]) -
 RECORD_KEYS = {"metrics": ("run_id", "step", "timestamp_ms", "metrics"), "tags": ("run_id", "tags"),
                "terminate": ("run_id", "status"), "history": ("run_id", "key", "timestamp_ms", "points")}
 MLFLOW_METRIC_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+MLFLOW_PARAM_BATCH = 100  # and of params
 
 
 def parse_lines(spool: Spool) -> tuple[list[dict[str, Any]], list[int]]:
@@ -475,12 +428,8 @@ def parse_lines(spool: Spool) -> tuple[list[dict[str, Any]], list[int]]:
 
 
 def replay(client, spool: Spool) -> tuple[int, list[int]]:
-    """Deliver every well-formed record of a spool (dedup against the store).
-
-    Returns (records delivered, numbers of malformed lines). The spool is removed
-    only when every line was delivered; a damaged one is kept for inspection
-    (replaying it again delivers nothing twice).
-    """
+    """Deliver every well-formed record of a spool; returns (records delivered, numbers of malformed lines).
+    Only a spool delivered whole is removed."""
     from mlflow.exceptions import MlflowException
 
     records, bad = parse_lines(spool)
@@ -492,24 +441,18 @@ def replay(client, spool: Spool) -> tuple[int, list[int]]:
             raise InputError(f"{spool.path}: its records are for MLflow run {run_id}, which this tracking store "
                              "does not hold; expected --tracking-uri of the store the run wrote to (nothing was "
                              "delivered)") from None
-    count = 0
     for record in records:
-        run_id = record["run_id"]
-        if run_id not in logged_by_run:
-            logged_by_run[run_id] = logged_steps(client, run_id)
-        apply_record(client, record, logged_by_run[run_id])
-        count += 1
+        apply_record(client, record, logged_by_run[record["run_id"]])
     if not bad:
         spool.remove()
-    return count, bad
+    return len(records), bad
 
 
 def record_finished_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
                         metrics: list[tuple[str, float, int]], files: list[Path], artifact_folder: str) -> str:
-    """A run of its own for results computed before it (harness interpolate, harness capacity):
-    created, filled (params, ``(key, value, step)`` metrics, files as artifacts) and ended in one go,
-    FINISHED, or FAILED/KILLED by whatever interrupts it; never left RUNNING. Returns its id."""
-    from mlflow.entities import Metric, Param
+    """A run of its own for results computed before it (harness interpolate, harness capacity), created,
+    filled and ended FINISHED in one go (FAILED/KILLED if interrupted, never left RUNNING); returns its id."""
+    from mlflow.entities import Metric
 
     from harness import signals
 
@@ -517,9 +460,9 @@ def record_finished_run(uri: str, experiment: str, run_name: str, tags: dict[str
     with signals.deferred():  # a signal must not cut the creation in half
         run_id = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
     try:
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        now_ms = int(time.time() * 1000)
-        log_new_metrics(client, run_id, [Metric(key, value, now_ms, step) for key, value, step in metrics], set())
+        log_params(client, run_id, params)
+        timestamp_ms = now_ms()
+        log_new_metrics(client, run_id, [Metric(key, value, timestamp_ms, step) for key, value, step in metrics], set())
         for path in files:
             client.log_artifact(run_id, str(path), artifact_path=artifact_folder)
         client.set_terminated(run_id, status="FINISHED")

@@ -1,15 +1,8 @@
-"""What a run tells the world from rank 0: console lines and its MLflow run.
+"""What a run records from rank 0, and when: console lines and its MLflow run (params, tags, metrics).
 
-The loop calls the tracker on every rank; ``make_tracker`` hands rank 0 a real
-one and the other ranks a :class:`NullTracker`, so no ``if rank == 0`` appears in
-the loop. Collectives never happen in here: values arrive already reduced.
-
-Owns what a run records (params, tags, metrics, its description) and when.
-Leaves checkpoint files to core/checkpoint.py, and every MLflow query, store
-check and the spool to mlflow_store.py. MLflow is imported only when tracking
-is enabled. Runs are written through ``MlflowClient`` with explicit run ids, so
-a resumed run (same id) can skip every (metric, step) it already holds and
-nothing is logged twice.
+The loop calls the tracker on every rank; ``make_tracker`` hands the other ranks a :class:`NullTracker`,
+so the loop has no ``if rank == 0``. Values arrive already reduced: no collectives in here. MLflow queries,
+store checks and the spool are mlflow_store.py's; a resumed run skips every (metric, step) it already holds.
 """
 
 from __future__ import annotations
@@ -28,16 +21,14 @@ from harness.core.checkpoint import SPOOL_NAME, checkpoint_dir
 from harness.core.config import Config, flatten
 from harness.core.distributed import DistContext
 from harness.records.mlflow_store import (Spool, apply_record, child_runs, default_tracking_uri, end_running_children,
-                                          experiment_id, history_record, logged_steps, metrics_record,
-                                          newest_sweep_run, open_client)
-
-MLFLOW_PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
+                                          experiment_id, log_params, logged_steps, newest_sweep_run, now_ms,
+                                          open_client)
 
 
 def git_commit() -> str:
     """The commit of the harness checkout, or $HARNESS_GIT_COMMIT where there is no .git (Ray jobs)."""
-    if os.environ.get("HARNESS_GIT_COMMIT"):
-        return os.environ["HARNESS_GIT_COMMIT"]
+    if commit := os.environ.get("HARNESS_GIT_COMMIT"):
+        return commit
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
@@ -48,9 +39,11 @@ def git_commit() -> str:
 def run_params(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     """The resolved config (flattened keys) plus short names every launcher shares."""
     params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
+    params.update(world_size=ctx.world_size, launcher=ctx.launcher)
     if cfg.is_sweep:  # a sweep's parent run: the trials carry the per-run names below
-        return {**params, "world_size": ctx.world_size, "launcher": ctx.launcher}
-    params.update({
+        return params
+    return {
+        **params,
         "batch_size": cfg.optim.global_batch_size,
         # The compare view's scatter axes are linear: log2 spaces batch sizes 32..8192 evenly.
         "log2_batch_size": round(math.log2(cfg.optim.global_batch_size), 3),
@@ -58,11 +51,8 @@ def run_params(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         "lr": cfg.optim.lr,
         "lr_rule": cfg.trial.lr_rule if cfg.trial else "none",
         "seed": cfg.seed,
-        "world_size": ctx.world_size,
-        "launcher": ctx.launcher,
         "device_type": ctx.device.type,
-    })
-    return params
+    }
 
 
 def display_name(cfg: Config) -> str:
@@ -82,27 +72,17 @@ def run_description(cfg: Config) -> str:
                 "One child run per trial. This run's metrics have step = batch size, one key per LR rule "
                 "(e.g. `by_batch/test_accuracy_none`): its charts plot them against batch size. "
                 "Tables and plots: artifacts, folder `report/`.")
+    steps = "Metrics have step = epoch; `by_step/<metric>` holds the same values with step = optimizer step."
     if cfg.trial is not None:
         return (f"Trial `{cfg.name}` of sweep `{cfg.trial.sweep}`: batch {cfg.optim.global_batch_size}, "
-                f"LR {cfg.optim.lr:.4g} (rule {cfg.trial.lr_rule}), seed {cfg.seed}. Metrics have step = epoch; "
-                "`by_step/<metric>` holds the same values with step = optimizer step.")
-    return (f"Run `{cfg.name}`: batch {cfg.optim.global_batch_size}, LR {cfg.optim.lr:.4g}, seed {cfg.seed}. "
-            "Metrics have step = epoch; `by_step/<metric>` holds the same values with step = optimizer step.")
+                f"LR {cfg.optim.lr:.4g} (rule {cfg.trial.lr_rule}), seed {cfg.seed}. {steps}")
+    return f"Run `{cfg.name}`: batch {cfg.optim.global_batch_size}, LR {cfg.optim.lr:.4g}, seed {cfg.seed}. {steps}"
 
 
-# Per-epoch metrics also logged with step = optimizer step, under ``by_step/<key>``:
-# MLflow's charts take the step as their x axis, and loss against optimizer steps
-# is what shows whether a large batch makes up for taking fewer steps.
+# Per-epoch metrics also logged with step = optimizer step, under ``by_step/<key>``: loss against optimizer
+# steps (MLflow's charts' x axis) shows whether a large batch makes up for taking fewer steps.
 BY_STEP_KEYS = ("train_loss", "train_loss_running", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
                 "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss")
-
-
-def by_step_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    return {f"by_step/{k}": metrics[k] for k in BY_STEP_KEYS if k in metrics}
-
-
-def format_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
-    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
 
 
 class NullTracker:
@@ -120,10 +100,9 @@ class NullTracker:
         pass
 
     def log_epoch(self, metrics: dict[str, float], epoch: int, global_step: int) -> None:
-        """An epoch's metrics at step = epoch, and the curves compared across batch sizes again at step =
-        the optimizer step (``by_step/...``)."""
+        """An epoch's metrics at step = epoch, and again at step = optimizer step (``by_step/...``)."""
         self.log_metrics(metrics, step=epoch)
-        self.log_metrics(by_step_metrics(metrics), step=global_step)
+        self.log_metrics({f"by_step/{k}": metrics[k] for k in BY_STEP_KEYS if k in metrics}, step=global_step)
 
     def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
         """``key`` at many steps at once, ``points`` = [(step, value), ...] (one record, not one per step)."""
@@ -152,36 +131,30 @@ class ConsoleTracker(NullTracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if "test_accuracy" in metrics:
             say(f"[{self.cfg.name}] epoch {step}/{self.cfg.total_epochs}  "
-                + format_metrics(metrics, self.EPOCH_KEYS), ctx=self.ctx)
+                + "  ".join(f"{k} {metrics[k]:.4f}" for k in self.EPOCH_KEYS if k in metrics), ctx=self.ctx)
 
 
 class MLflowTracker(ConsoleTracker):
-    """Rank 0 with MLflow: one run per training run, nested under a sweep's parent run.
-
-    Records that cannot be delivered (the tracking server is down) go to a local
-    spool (mlflow_store.Spool, in the run's checkpoint folder) and training goes on; the spool is replayed as soon
-    as the server answers again.
-    """
+    """Rank 0 with MLflow: one run per training run, nested under a sweep's parent run. Records the server
+    does not take go to a spool in the run's checkpoint folder, replayed once the server answers again."""
 
     def __init__(self, cfg: Config, ctx: DistContext, parent_run_id: Optional[str] = None):
         super().__init__(cfg, ctx)
         uri = cfg.tracking.uri or default_tracking_uri()
         if uri.startswith(("http://", "https://")):
-            # MLflow's client retries a dead server with backoff for minutes per
-            # call; fail fast instead and spool, so training never waits on it.
+            # MLflow's client retries a dead server for minutes per call: fail fast and spool instead.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = open_client(uri)  # MLflow is imported only when tracking is on
         self.parent_run_id = parent_run_id
-        self.run_id: Optional[str] = None
         self._logged: set[tuple[str, int]] = set()
         self.spool = Spool(checkpoint_dir(cfg) / SPOOL_NAME)
         self._stale_logged = False  # after a failure the store may hold more than we know
 
     @signals.deferring  # a signal must not cut an MLflow write in half (see signals.deferred)
     def start(self, resume_run_id: Optional[str] = None, launch_id: Optional[str] = None) -> Optional[str]:
-        """Create the run (or reopen ``resume_run_id``). ``launch_id`` is tagged on a new run, so that
-        the launcher can find and end it if the process holding it dies (harness/launching/ray_train.py)."""
+        """Create the run (or reopen ``resume_run_id``). ``launch_id`` is tagged on a new run: the launcher
+        finds and ends it by that tag if the process holding it dies."""
         if resume_run_id:
             self.run_id = resume_run_id
             self._logged = logged_steps(self.client, resume_run_id)
@@ -193,24 +166,15 @@ class MLflowTracker(ConsoleTracker):
         tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "torch_version": torch.__version__,
                 "launcher": self.ctx.launcher, "world_size": str(self.ctx.world_size),
                 "mlflow.note.content": run_description(self.cfg)}
-        if launch_id:
-            tags["launch_id"] = launch_id
-        if self.cfg.trial is not None:
-            tags["trial"] = self.cfg.name  # the trial's config name: what a resumed sweep matches on
-        if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
+        # trial: the trial's config name, what a resumed sweep matches on.
+        optional = {"launch_id": launch_id, "trial": self.cfg.name if self.cfg.trial is not None else None,
+                    "mlflow.parentRunId": self.parent_run_id}
+        tags.update({key: value for key, value in optional.items() if value})
         run = self.client.create_run(experiment_id(self.client, self.cfg.tracking.experiment),
                                      run_name=display_name(self.cfg), tags=tags)
         self.run_id = run.info.run_id
-        self._log_params(run_params(self.cfg, self.ctx))
+        log_params(self.client, self.run_id, run_params(self.cfg, self.ctx))
         return self.run_id
-
-    def _log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), MLFLOW_PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + MLFLOW_PARAM_BATCH])
 
     @signals.deferring
     def _deliver(self, record: dict[str, Any]) -> None:
@@ -244,12 +208,14 @@ class MLflowTracker(ConsoleTracker):
         super().log_metrics(metrics, step)
         fresh = {k: float(v) for k, v in metrics.items() if (k, step) not in self._logged}
         if fresh:
-            self._deliver(metrics_record(self.run_id, fresh, step))
+            self._deliver({"op": "metrics", "run_id": self.run_id, "step": step, "timestamp_ms": now_ms(),
+                           "metrics": fresh})
 
     def log_metric_history(self, key: str, points: list[tuple[int, float]]) -> None:
-        fresh = [(step, value) for step, value in points if (key, step) not in self._logged]
+        fresh = [[int(step), float(value)] for step, value in points if (key, step) not in self._logged]
         if fresh:
-            self._deliver(history_record(self.run_id, key, fresh))
+            self._deliver({"op": "history", "run_id": self.run_id, "key": key, "timestamp_ms": now_ms(),
+                           "points": fresh})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._deliver({"op": "tags", "run_id": self.run_id, "tags": {k: str(v) for k, v in tags.items()}})
@@ -263,20 +229,14 @@ class MLflowTracker(ConsoleTracker):
                  f"{self.spool.path}; deliver them with: harness replay {self.spool.path} "
                  f"--tracking-uri {self.cfg.tracking.uri}", ctx=self.ctx)
 
-
     def unfinished_sweep_run(self, sweep_name: str) -> Optional[str]:
         """The newest parent run of this sweep that did not finish (killed: RUNNING; broken: FAILED)."""
         run = newest_sweep_run(self.client, self.cfg.tracking.experiment, sweep_name)
         return run.info.run_id if run is not None and run.info.status != "FINISHED" else None
 
     def end_running_children(self, parent_run_id: Optional[str], status: str) -> list[str]:
-        """End the parent's child runs that are still RUNNING with ``status``; returns their ids.
-
-        The fallback for trials whose own process could not finish its run: killed
-        by SIGKILL, or a Ray task cancelled with its workers. Best effort: with the
-        tracking server down there is nothing to search, and the parent's own
-        record (spooled) still says how the sweep ended.
-        """
+        """End the parent's child runs still RUNNING with ``status`` (their process could not: SIGKILL, a
+        cancelled Ray task); returns their ids. Best effort: the parent's own record says how the sweep ended."""
         if not parent_run_id:
             return []
         return end_running_children(self.client, parent_run_id, status, f"[{self.cfg.name}] the sweep's child run")

@@ -1,28 +1,17 @@
 """The MLflow tracking server behind ``harness mlflow-server``: over a SQLite file, or over a PostgreSQL of its own.
 
-SQLite (the default) is one file and one ``mlflow server`` process, exec'd so that
-it owns the command's PID. PostgreSQL is for many writers at once (ranks and
-trials on several nodes): this module initdb's a database cluster into
-``<store>/mlflow-pg/`` on the first start (reused afterwards), starts it on
-127.0.0.1 only with scram-sha-256 logins and a generated password, runs
-``mlflow server`` over it as a child, and stays in front of both: SIGTERM or
-SIGINT to this process stops mlflow, then PostgreSQL (``pg_ctl -w stop``); if
-mlflow dies, PostgreSQL is stopped too. Both serve artifacts through the server
-(``--artifacts-destination``), so workers need no shared disk.
-
-The password lives in ``mlflow-pg/password`` and ``mlflow-pg/pgpass`` (mode
-0600, never in the repo): mlflow gets ``MLFLOW_BACKEND_STORE_URI`` without a
-password and ``PGPASSFILE``, from which libpq reads it, so it appears in no
-process's argv or environment.
-
-Owns starting and stopping these servers and refusing what would make them fail
-(port in use, a folder PostgreSQL cannot reach, a cluster already running).
-Leaves checking a client's tracking URI to records/mlflow_store.py.
+SQLite is one ``mlflow server``, exec'd to own the command's PID. PostgreSQL, for many writers, is a cluster
+in ``<store>/mlflow-pg/`` on 127.0.0.1 with ``mlflow server`` as a child; this process stops both, mlflow
+first. Its generated password is only in mode-0600 files (mlflow reads it through ``PGPASSFILE``), never in
+an argv or environment. Artifacts go through the server: workers need no shared disk. Owns starting, stopping
+and refusing what would make these servers fail; a client's tracking URI is records/mlflow_store.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import importlib.util
 import os
 import pwd
 import secrets
@@ -51,7 +40,9 @@ MLFLOW_STOP_WAIT_S = 30
 
 
 def check_port_free(host: str, port: int, key: str) -> None:
-    """Refuse a port something already listens on: the server would start and then die in uvicorn."""
+    """Refuse a port out of range, or one something already listens on: the server would start and then die."""
+    if not 1 <= port <= 65535:
+        raise InputError(f"{key}: {port} is not a TCP port; expected 1..65535")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         # SO_REUSEADDR as the servers set it: a port left in TIME_WAIT by a stopped server is free to them.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -68,27 +59,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def mlflow_command(host: str, port: int, artifacts: Path) -> list[str]:
-    return [str(Path(sys.executable).with_name("mlflow")), "server", "--artifacts-destination", str(artifacts),
-            "--host", host, "--port", str(port), "--workers", "1"]
+def mlflow_command(host: str, port: int, artifacts: Path, *backend: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("mlflow")), "server", *backend, "--artifacts-destination",
+            str(artifacts), "--host", host, "--port", str(port), "--workers", "1"]
 
 
 def serve_sqlite(store: Path, host: str, port: int) -> None:
     """exec ``mlflow server`` over ``<store>/mlflow.db``: the server takes this process's PID."""
-    command = mlflow_command(host, port, store / "mlartifacts")
-    command[2:2] = ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]
+    command = mlflow_command(host, port, store / "mlartifacts", "--backend-store-uri", f"sqlite:///{store}/mlflow.db")
     say(f"MLflow UI on http://{host}:{port} (store {store / 'mlflow.db'})")
     os.execve(command[0], command, {**os.environ, **SERVER_ENV})
 
 
 def serve_postgresql(store: Path, host: str, port: int, pg_port: Optional[int]) -> int:
-    """Run PostgreSQL and ``mlflow server`` over it until a termination signal or mlflow's end.
-
-    One server per store: it holds ``<store>/mlflow-server.lock`` from its first check to its
-    last stop, so a second one over the same store is refused before it touches the cluster.
-    A termination signal while it starts ends it as one once it is up does: what it
-    started is stopped, and it exits 0."""
-    if pg_port is not None and pg_port == port:
+    """Run PostgreSQL and ``mlflow server`` over it until a termination signal (exit 0) or mlflow's end,
+    holding ``<store>/mlflow-server.lock`` from its first check to its last stop: one server per store."""
+    if pg_port == port:
         raise InputError(f"--pg-port: {pg_port} is --port too; expected two different ports (the MLflow UI "
                          "listens on one, PostgreSQL on the other)")
     cluster = LocalPostgres(store / PG_FOLDER)
@@ -121,10 +107,8 @@ def serve_postgresql(store: Path, host: str, port: int, pg_port: Optional[int]) 
         except InputError:
             if made_store and not cluster.folder.exists():  # refused on a new store: leave no trace of it
                 (store / SERVER_LOCK).unlink(missing_ok=True)
-                try:
+                with contextlib.suppress(OSError):
                     store.rmdir()  # only if empty: nothing but the lock was made in it
-                except OSError:
-                    pass
             raise
         finally:
             if mlflow is not None:
@@ -135,44 +119,32 @@ def serve_postgresql(store: Path, host: str, port: int, pg_port: Optional[int]) 
 def terminated_with_parent() -> None:
     """In a child, before exec (``preexec_fn``): SIGTERM when the process that started it dies, however it dies."""
     PR_SET_PDEATHSIG = 1
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent's finally block still stops it
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the parent's finally block still stops it
-        pass
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM mlflow (it stops its uvicorn worker itself), then end whatever is left of its session:
-    after mlflow was killed, its uvicorn worker lived on as an orphan, still serving."""
+    """SIGTERM mlflow (it stops its uvicorn worker itself), then end what is left of its session: a worker
+    orphaned by a killed mlflow would go on serving."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(MLFLOW_STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            pass
     end_session(process.pid, MLFLOW_STOP_WAIT_S)  # the session's id is mlflow's PID (start_new_session)
     process.wait()
 
 
 def end_session(sid: int, wait_s: float) -> None:
-    """SIGTERM every process of session ``sid`` (a process started with ``start_new_session``), then
-    SIGKILL what is left after ``wait_s``; returns once none is left or that wait is over too."""
+    """SIGTERM every process of session ``sid``, then SIGKILL what is left after ``wait_s``."""
     for signum in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(sid, signum)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                os.killpg(sid, 0)  # raises ProcessLookupError once none is left
+                time.sleep(0.2)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and _session_alive(sid):
-            time.sleep(0.2)
-
-
-def _session_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 class LocalPostgres:
@@ -193,24 +165,19 @@ class LocalPostgres:
     def uri(self, port: int) -> str:
         return f"postgresql://{PG_ROLE}@127.0.0.1:{port}/{PG_DATABASE}"
 
-    def _command(self, program: str, *args: str) -> list[str]:
-        command = [str(self.bindir / program), *args]
-        return ["runuser", "-u", PG_SYSTEM_USER, "--", *command] if self.as_root else command
-
     def _run(self, program: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(self._command(program, *args), capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL)
+        """One of PostgreSQL's programs, run as PG_SYSTEM_USER when we are root."""
+        command = [str(self.bindir / program), *args]
+        if self.as_root:
+            command = ["runuser", "-u", PG_SYSTEM_USER, "--", *command]
+        return subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
     def check(self, pg_port: Optional[int]) -> None:
         """Everything that would stop PostgreSQL from starting, refused before anything is created."""
-        try:
-            import psycopg  # noqa: F401  (the driver of postgresql:// in SQLAlchemy 2.1)
-        except ImportError:
+        if importlib.util.find_spec("psycopg") is None:  # the driver of postgresql:// in SQLAlchemy 2.1
             raise InputError("--backend postgresql: the PostgreSQL driver psycopg is not installed; expected "
-                             "pip install 'psycopg[binary]' (pinned in requirements.txt)") from None
+                             "pip install 'psycopg[binary]' (pinned in requirements.txt)")
         if pg_port is not None:
-            if not 1 <= pg_port <= 65535:
-                raise InputError(f"--pg-port: {pg_port} is not a TCP port; expected 1..65535")
             check_port_free("127.0.0.1", pg_port, "--pg-port")
         if self.as_root:
             self._check_reachable_by_server_user()
@@ -219,34 +186,18 @@ class LocalPostgres:
                              "expected the folder a previous start created, or no folder (move this one away)")
 
     def take_over_if_stale(self) -> None:
-        """With the store's lock held: a PostgreSQL of this cluster that is still running was left by a
-        server that was killed, if it is the one that server started (its PID recorded); stopped, so that
-        this start begins as any other. Any other running one is refused."""
+        """With the store's lock held (so no server of this store runs): stop a PostgreSQL of this cluster that
+        a killed server started (its PID recorded), so this start begins as any other; refuse any other."""
         running = (self.data / "postmaster.pid").exists() and self._run("pg_ctl", "status", "-D", str(self.data))
         if running and running.returncode == 0:
-            if self._postmaster_pid() is None or self._postmaster_pid() != self._recorded_pid():
+            postmaster = _read_pid(self.data / "postmaster.pid")
+            if postmaster is None or postmaster != _read_pid(self.started_record):
                 raise InputError(f"--store-dir: the PostgreSQL of {self.data} is already running, not started by "
-                                 "a harness mlflow-server; expected it stopped "
-                                 f"(pg_ctl -D {self.data} stop)")
-            # Ours, left by a server that was killed (the store's lock, which this process now holds,
-            # says that no server is running): stopped, then started again as on any start.
-            warn(f"stopping the PostgreSQL (pid {self._postmaster_pid()}) that a killed harness mlflow-server "
+                                 f"a harness mlflow-server; expected it stopped (pg_ctl -D {self.data} stop)")
+            warn(f"stopping the PostgreSQL (pid {postmaster}) that a killed harness mlflow-server "
                  f"left running on {self.data}")
             self.started = True
             self.stop()
-
-    def _postmaster_pid(self) -> Optional[int]:
-        """The running postmaster's PID, from the first line of PGDATA/postmaster.pid."""
-        try:
-            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return None
-
-    def _recorded_pid(self) -> Optional[int]:
-        try:
-            return int(self.started_record.read_text())
-        except (OSError, ValueError):
-            return None
 
     def _check_reachable_by_server_user(self) -> None:
         try:
@@ -267,8 +218,7 @@ class LocalPostgres:
                              "traversable (chmod o+x), e.g. one outside a mode-700 home or temp folder")
 
     def initialise(self) -> None:
-        """initdb on the first start: a new cluster with a generated password. Nothing half-made
-        stays behind: a failed initdb removes the folder it was given."""
+        """initdb on the first start: a new cluster with a generated password; a failed one leaves no folder."""
         if (self.data / "PG_VERSION").is_file():
             self._write_pgpass()
             return
@@ -297,7 +247,7 @@ class LocalPostgres:
         options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={shlex.quote(str(self.folder))}"
         self.started = True  # from here on, a postmaster of this data folder is this process's to stop
         done = self._run("pg_ctl", "start", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "-t", "60")
-        if (postmaster := self._postmaster_pid()) is not None:
+        if (postmaster := _read_pid(self.data / "postmaster.pid")) is not None:
             _write_private(self.started_record, f"{postmaster}\n")
         if done.returncode != 0:
             reason = _last_line(self.log.read_text() if self.log.exists() else done.stderr)
@@ -309,13 +259,11 @@ class LocalPostgres:
 
         with psycopg.connect(host="127.0.0.1", port=port, user=PG_ROLE, dbname="postgres",
                              passfile=str(self.pgpass), connect_timeout=10, autocommit=True) as connection:
-            exists = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone()
-            if not exists:
+            if not connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone():
                 connection.execute(f'CREATE DATABASE "{PG_DATABASE}"')
 
     def stop(self) -> None:
-        """Stop the PostgreSQL this process started (or found left by a killed server of this store); any
-        other is not this process's to stop."""
+        """Stop the PostgreSQL this process started or took over; any other is not this process's to stop."""
         if self.started and (self.data / "postmaster.pid").exists():
             done = self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "60")
             if done.returncode != 0:
@@ -344,6 +292,14 @@ def _write_private(path: Path, text: str) -> None:
     os.fchmod(descriptor, 0o600)  # O_CREAT's mode applies to new files only
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
+
+
+def _read_pid(path: Path) -> Optional[int]:
+    """The PID on the first line of ``path`` (PGDATA/postmaster.pid, or STARTED_BY_US), None if there is none."""
+    try:
+        return int(path.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
 
 
 def _last_line(text: str) -> str:
