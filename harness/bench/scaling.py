@@ -1,42 +1,26 @@
 """``harness scaling``: when data parallelism pays, on paper (a cost model of one synchronous SGD step).
 
-The model (the alpha-beta model of collectives; Thakur, Rabenseifner and Gropp 2005, "Optimization of
-collective communication operations in MPICH"; Patarasuk and Yuan 2009 for the ring's bandwidth term):
-at a global batch ``B`` over ``W`` ranks, one step takes
+The alpha-beta model of collectives (Thakur, Rabenseifner and Gropp 2005; Patarasuk and Yuan 2009 for
+the ring's bandwidth term): at a global batch ``B`` over ``W`` ranks, ``step(B, W) = compute(B / W) +
+all_reduce(W, n)``, where
 
-    step(B, W) = compute(B / W) + all_reduce(W, n)
+- ``compute(b)`` is the measured time of a step at batch ``b`` on one device (a ``harness capacity``
+  result, or step times given by hand), interpolated log-log, never extrapolated;
+- ``all_reduce(W, n)`` of ``n`` gradient bytes over a link of bandwidth ``beta`` and per-message latency
+  ``alpha`` is ``2 (W - 1) alpha + 2 (W - 1) / W * n / beta`` on a ring; a tree pays ``2 log2(W) alpha``
+  with the ring's bandwidth term (an approximation of NCCL's pipelined double binary trees);
+- nothing overlaps, as in DDP when the whole gradient fits one bucket; ``step_overlap_s`` is the bound
+  ``max(compute, all_reduce)`` that overlap could reach.
 
-- ``compute(b)``: the measured time of one step at batch ``b`` on one device (a ``harness capacity`` result,
-  or step times given by hand), read off the measured points by log-log interpolation; never extrapolated
-  (a per-rank batch outside the measured range gives no prediction).
-- ``all_reduce(W, n)`` of ``n`` gradient bytes (parameters x bytes per gradient element) over a link of
-  bandwidth ``beta`` (bytes/s) and per-message latency ``alpha`` (s):
-  ring: ``2 (W - 1) alpha + 2 (W - 1) / W * n / beta`` (a reduce-scatter and an all-gather, ``W - 1`` steps
-  each; every rank sends ``2 (W - 1) / W * n`` bytes: ``ring_bytes_sent_per_rank``);
-  tree: ``2 log2(W) alpha + 2 (W - 1) / W * n / beta`` (the latency of a reduce and a broadcast down a
-  binary tree, with the ring's bandwidth term, as pipelined double binary trees get close to it: an
-  approximation, for small messages at large W where NCCL picks trees).
-- No overlap: the all-reduce starts after the backward ends. This is the bound that DDP reaches when the
-  whole gradient fits one bucket (25 MB by default: the note's 1.6 MB gradient does), and what the measured
-  check on this machine sees. Overlapping the all-reduce with the backward can at best hide the shorter of
-  the two: ``max(compute, all_reduce)``, written to the JSON as ``step_overlap_s``.
-
-Outputs per (B, W, link): time per step, throughput (samples/s), speedup over W = 1 at the same global B,
-scaling efficiency = speedup / W. The alternative use of W devices, W independent trials (one per device,
-no communication), has W x the one-device throughput: its efficiency is 1 by construction, and data
-parallelism's throughput is exactly ``efficiency`` x theirs. Where the efficiency is below the floor (0.5),
-data parallelism "stops paying": the devices do more work as separate trials.
-
-The named links' numbers are assumptions, not measurements (``NAMED_LINKS`` says where each comes from);
-``--link-gbps`` / ``--link-latency-us`` give any other link. The check of the model against real
-processes on this machine is harness/bench/scaling_check.py.
-
-Owns the model (pure functions), the table, the verdict lines and the JSON. Reads a capacity JSON but does
-not measure (harness/bench/capacity.py does).
+W independent trials (one per device) train W x the one-device samples/s, so data parallelism's
+throughput is ``efficiency`` (speedup / W) x theirs: below the floor (0.5) it "stops paying". The named
+links' numbers are assumptions (``NAMED_LINKS`` says where each comes from); scaling_check.py checks the
+model against real processes on this machine.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -46,9 +30,7 @@ from typing import Optional
 from harness.errors import InputError
 
 EFFICIENCY_FLOOR = 0.5
-DEFAULT_WORLD_SIZES = (1, 2, 8, 64)
 GRADIENT_ELEMENT_BYTES = 4  # fp32 gradients: the parameters stay fp32 under bf16 autocast (core/precision.py)
-COLLECTIVES = ("ring", "tree")
 
 
 @dataclass(frozen=True)
@@ -70,11 +52,6 @@ NAMED_LINKS = {
 }
 
 
-def custom_link(gbps: float, latency_us: float) -> Link:
-    """A link given on the command line (Gb/s, as network links are quoted; us per message)."""
-    return Link(f"custom-{gbps:g}gbps", gbps * 1e9 / 8, latency_us * 1e-6, "given on the command line")
-
-
 def parameter_count(layer_sizes: list[int] | tuple[int, ...]) -> int:
     """The MLP's parameters (core/model.py: a Linear with bias between consecutive sizes)."""
     return sum(n_in * n_out + n_out for n_in, n_out in zip(layer_sizes, layer_sizes[1:]))
@@ -85,31 +62,22 @@ def ring_bytes_sent_per_rank(world_size: int, gradient_bytes: float) -> float:
     return 2 * (world_size - 1) * gradient_bytes / world_size
 
 
-def latency_steps(world_size: int, collective: str) -> float:
-    """How many message latencies one all-reduce pays: 2 (W - 1) on a ring, 2 log2 W down and up a tree."""
-    if world_size == 1:
-        return 0.0
-    return 2 * (world_size - 1) if collective == "ring" else 2 * math.log2(world_size)
-
-
 def all_reduce_s(world_size: int, gradient_bytes: float, link: Link, collective: str = "ring") -> float:
-    """The alpha-beta time of one all-reduce of ``gradient_bytes`` over ``world_size`` ranks (module doc)."""
-    return (latency_steps(world_size, collective) * link.latency_s
-            + ring_bytes_sent_per_rank(world_size, gradient_bytes) / link.bandwidth_bytes_s)
+    """The alpha-beta time of one all-reduce of ``gradient_bytes`` over ``world_size`` ranks (module doc):
+    2 (W - 1) message latencies on a ring, 2 log2 W down and up a tree."""
+    latencies = 2 * (world_size - 1) if collective == "ring" else 2 * math.log2(world_size)
+    return latencies * link.latency_s + ring_bytes_sent_per_rank(world_size, gradient_bytes) / link.bandwidth_bytes_s
 
 
 def step_time_at(step_seconds: dict[int, float], batch: float) -> Optional[float]:
     """The step time at ``batch`` by log-log interpolation between measured batches; None outside them."""
     batches = sorted(step_seconds)
-    if not batches or batch < batches[0] or batch > batches[-1]:
-        return None
-    if batch in step_seconds:
-        return step_seconds[batch]
-    for low, high in zip(batches, batches[1:]):
-        if low < batch < high:
-            fraction = math.log(batch / low) / math.log(high / low)
-            return math.exp(math.log(step_seconds[low]) + fraction * math.log(step_seconds[high] / step_seconds[low]))
-    return None
+    if batch in step_seconds or not (batches and batches[0] < batch < batches[-1]):
+        return step_seconds.get(batch)  # a measured batch, or None outside the measured range
+    above = bisect.bisect(batches, batch)
+    low, high = batches[above - 1], batches[above]
+    fraction = math.log(batch / low) / math.log(high / low)
+    return math.exp(math.log(step_seconds[low]) + fraction * math.log(step_seconds[high] / step_seconds[low]))
 
 
 def predict(step_seconds: dict[int, float], gradient_bytes: float, world_sizes: list[int], links: list[Link],
@@ -120,13 +88,10 @@ def predict(step_seconds: dict[int, float], gradient_bytes: float, world_sizes: 
         for batch in global_batches or sorted(step_seconds):
             one_device_s = step_time_at(step_seconds, batch)
             for world_size in world_sizes:
-                if batch % world_size or one_device_s is None:
-                    continue
-                compute_s = step_time_at(step_seconds, batch // world_size)
-                if compute_s is None:
-                    continue
-                rows.append(_row(link, batch, world_size, compute_s, one_device_s,
-                                 all_reduce_s(world_size, gradient_bytes, link, collective)))
+                compute_s = None if batch % world_size else step_time_at(step_seconds, batch // world_size)
+                if one_device_s is not None and compute_s is not None:
+                        rows.append(_row(link, batch, world_size, compute_s, one_device_s,
+                                     all_reduce_s(world_size, gradient_bytes, link, collective)))
     return rows
 
 
@@ -150,15 +115,14 @@ def stops_paying(rows: list[dict], floor: float = EFFICIENCY_FLOOR) -> list[dict
         for world_size in sorted({r["world_size"] for r in rows if r["link"] == link and r["world_size"] > 1}):
             cells = sorted((r for r in rows if r["link"] == link and r["world_size"] == world_size),
                            key=lambda r: r["global_batch_size"])
-            below = 0
-            while below < len(cells) and cells[below]["efficiency"] < floor:
-                below += 1
+            below = next((i for i, c in enumerate(cells) if c["efficiency"] >= floor), len(cells))
+            paying = cells[below] if below < len(cells) else {}
             verdicts.append({"link": link, "world_size": world_size,
                              "stops_paying_up_to_batch": cells[below - 1]["global_batch_size"] if below else None,
                              "smallest_batch": cells[0]["global_batch_size"],
                              "largest_batch": cells[-1]["global_batch_size"],
-                             "next_batch": cells[below]["global_batch_size"] if below < len(cells) else None,
-                             "next_efficiency": cells[below]["efficiency"] if below < len(cells) else None,
+                             "next_batch": paying.get("global_batch_size"),
+                             "next_efficiency": paying.get("efficiency"),
                              "best_efficiency": max(c["efficiency"] for c in cells),
                              "later_below_floor": [c["global_batch_size"] for c in cells[below:]
                                                    if c["efficiency"] < floor]})
@@ -183,12 +147,11 @@ def verdict_line(verdict: dict, floor: float) -> str:
 
 
 def build_result(step_seconds: dict[int, float], parameters: int, world_sizes: list[int], links: list[Link],
-                 collective: str, floor: float, source: dict, element_bytes: int = GRADIENT_ELEMENT_BYTES,
-                 global_batches: Optional[list[int]] = None) -> dict:
+                 collective: str, floor: float, source: dict, global_batches: Optional[list[int]] = None) -> dict:
     """The JSON-ready result: inputs, assumptions, every row and the verdicts."""
-    gradient_bytes = parameters * element_bytes
+    gradient_bytes = parameters * GRADIENT_ELEMENT_BYTES
     rows = predict(step_seconds, gradient_bytes, world_sizes, links, collective, global_batches)
-    return {"source": source, "parameters": parameters, "gradient_element_bytes": element_bytes,
+    return {"source": source, "parameters": parameters, "gradient_element_bytes": GRADIENT_ELEMENT_BYTES,
             "gradient_bytes": gradient_bytes, "collective": collective, "world_sizes": world_sizes,
             "efficiency_floor": floor, "overlap": "none (step_s); step_overlap_s = max(compute, all-reduce) bound",
             "links": [asdict(link) for link in links],
@@ -232,12 +195,10 @@ def format_table(result: dict) -> str:
 def check_arguments(world_sizes: list[int], link_names: list[str], link_gbps: Optional[float],
                     link_latency_us: Optional[float], floor: float, parameters: Optional[int]) -> None:
     """The command's own numbers, before any measurement."""
-    for world_size in world_sizes:
-        if world_size < 1:
-            raise InputError(f"--world-sizes: {world_size}; expected world sizes of at least 1")
-    for name in link_names:
-        if name not in NAMED_LINKS:
-            raise InputError(f"--link: {name!r}; expected one of {', '.join(NAMED_LINKS)}")
+    if bad := [w for w in world_sizes if w < 1]:
+        raise InputError(f"--world-sizes: {bad[0]}; expected world sizes of at least 1")
+    if bad := [name for name in link_names if name not in NAMED_LINKS]:
+        raise InputError(f"--link: {bad[0]!r}; expected one of {', '.join(NAMED_LINKS)}")
     if link_gbps is not None and not (math.isfinite(link_gbps) and link_gbps > 0):
         raise InputError(f"--link-gbps: {link_gbps:g}; expected a positive bandwidth in Gb/s")
     if link_latency_us is not None:
@@ -253,8 +214,10 @@ def check_arguments(world_sizes: list[int], link_names: list[str], link_gbps: Op
 
 def links_from_arguments(link_names: list[str], link_gbps: Optional[float],
                          link_latency_us: Optional[float]) -> list[Link]:
-    """The named links asked for (both when none and no custom link), then the custom one."""
-    custom = [custom_link(link_gbps, link_latency_us or 0.0)] if link_gbps is not None else []
+    """The named links asked for (both when none and no custom link), then the custom one (given in Gb/s,
+    as network links are quoted, and us per message)."""
+    custom = [Link(f"custom-{link_gbps:g}gbps", link_gbps * 1e9 / 8, (link_latency_us or 0.0) * 1e-6,
+                   "given on the command line")] if link_gbps is not None else []
     names = link_names or ([] if custom else list(NAMED_LINKS))
     return [NAMED_LINKS[name] for name in dict.fromkeys(names)] + custom
 

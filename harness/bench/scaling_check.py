@@ -1,24 +1,11 @@
-"""``harness scaling --measure``: the cost model (bench/scaling.py) checked against real processes here.
+"""``harness scaling --measure``: the cost model (scaling.py) checked against real processes here.
 
-Two processes on 127.0.0.1 (torch.multiprocessing, gloo over loopback TCP) measure:
-
-1. gloo all-reduce times over a sweep of float32 sizes (``ALLREDUCE_SIZES`` plus the config's gradient),
-   each the median of at least ``REPEATS`` calls and ``MIN_TIMED_S`` of them, each call timed between a
-   barrier and its return on rank 0. ``fit_link`` fits the model's ring formula for W = 2,
-   ``t = 2 alpha + n / beta``, to them (least squares on relative error, so small sizes count as much as
-   large) and gives the loopback "link": its alpha and beta.
-2. the harness's own DDP step (core/trainer.build_trainer, autograd through DDP, gloo) at global batch
-   B over 2 ranks, against the same step in one process without a process group at B and at B / 2; and
-   the 2-rank step under DDP's ``no_sync`` (both ranks computing at once, no all-reduce), which shows
-   what sharing the machine's cores costs the compute, apart from the all-reduce.
-
-Compute shares the cores: each rank runs with one thread (``torch.set_num_threads(1)``), so that two ranks
-use two cores of the machine; the one-process steps run with one thread too, which is the fair
-"one device" of the model (with two threads the one-process step would have both cores). The predicted
-2-rank step is ``compute(B / 2) + all_reduce(2, gradient bytes)`` with the fitted link (no overlap: the
-whole gradient is one DDP bucket), printed beside the measured one with their ratio.
-
-Owns the processes, the timing and the fit; the formula is bench/scaling.py's.
+Two processes on 127.0.0.1 (gloo over loopback TCP, one thread each, so two cores) measure gloo
+all-reduce times over ``ALLREDUCE_SIZES`` plus the config's gradient, which ``fit_link`` turns into the
+loopback "link" (alpha, beta); and the harness's DDP step at global batch B, with and without DDP's
+``no_sync`` (the compute alone, sharing the cores). Against them: the same step in one process, one
+thread (the model's fair "one device"), at B and at B / 2, and the predicted 2-rank step
+``compute(B / 2) + all_reduce(2, gradient bytes)`` with the fitted link (no overlap: one DDP bucket).
 """
 
 from __future__ import annotations
@@ -33,26 +20,24 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harness.console import say
 from harness.core.config import Config
-from harness.core.data import load_dataset
+from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext
 from harness.core.trainer import build_trainer
 from harness.errors import InputError
-from harness.bench.bench import cpu_name
-from harness.bench.scaling import Link, all_reduce_s, parameter_count
+from harness.bench.bench import STEP_ONLY, Repeats, cpu_name, time_calls
+from harness.bench.scaling import GRADIENT_ELEMENT_BYTES, Link, all_reduce_s, parameter_count
 
 WORLD_SIZE = 2
 THREADS_PER_RANK = 1
 ALLREDUCE_SIZES = tuple(4 ** k for k in range(3, 12))  # float32 elements: 64 (256 B) .. 4 Mi (16 MiB)
-REPEATS = 5
-MIN_TIMED_S = 0.2
-MAX_REPEATS = 200
-WARMUP = 2
+TIMING = Repeats(warmup=2, calls=5, min_s=0.2, max_calls=200)
 DEFAULT_BATCHES = (32, 128, 512, 2048)
 TIMEOUT_S = 120
 JOINED_KEY = "harness/scaling/ranks-joined"  # rank 0 sets it in the parent's store once both ranks are in
@@ -67,14 +52,12 @@ def check_batches(batches: list[int], train_samples: int) -> None:
 
 def run_check(cfg: Config, batches: list[int]) -> dict:
     """Both measurements and the comparison (module doc); the JSON-ready result."""
-    cfg = cfg.replace(**{"metrics.noise_scale": False, "metrics.sharpness": False, "tracking.enabled": False,
-                         "train.progress": False})
+    cfg = cfg.replace(**STEP_ONLY, **{"train.progress": False})
     gradient_elements = parameter_count(cfg.layer_sizes)
-    sizes = sorted({*ALLREDUCE_SIZES, gradient_elements})
     one_rank = one_process_steps(cfg, sorted({*batches, *(b // WORLD_SIZE for b in batches)}))
-    two_rank = spawn_ranks(cfg, sizes, batches)
+    two_rank = spawn_ranks(cfg, sorted({*ALLREDUCE_SIZES, gradient_elements}), batches)
     link = fit_link([(p["bytes"], p["median_s"]) for p in two_rank["allreduce"]])
-    gradient_bytes = gradient_elements * 4
+    gradient_bytes = gradient_elements * GRADIENT_ELEMENT_BYTES
     steps = []
     for batch in batches:
         predicted = one_rank[batch // WORLD_SIZE] + all_reduce_s(WORLD_SIZE, gradient_bytes, link)
@@ -84,50 +67,29 @@ def run_check(cfg: Config, batches: list[int]) -> dict:
                       "two_rank_compute_only_s": two_rank["steps"][str(batch)]["compute_only_s"],
                       "predicted_two_rank_step_s": predicted, "measured_over_predicted": measured / predicted,
                       "measured_speedup": one_rank[batch] / measured, "predicted_speedup": one_rank[batch] / predicted})
-    allreduce = [{**p, "predicted_s": all_reduce_s(WORLD_SIZE, p["bytes"], link),
-                  "measured_over_predicted": p["median_s"] / all_reduce_s(WORLD_SIZE, p["bytes"], link)}
-                 for p in two_rank["allreduce"]]
+    allreduce = [{**p, "predicted_s": (model_s := all_reduce_s(WORLD_SIZE, p["bytes"], link)),
+                  "measured_over_predicted": p["median_s"] / model_s} for p in two_rank["allreduce"]]
     return {"machine": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "backend": "gloo",
             "transport": "TCP over 127.0.0.1", "world_size": WORLD_SIZE, "threads_per_rank": THREADS_PER_RANK,
             "config": cfg.name, "layer_sizes": list(cfg.layer_sizes), "gradient_elements": gradient_elements,
             "gradient_bytes": gradient_bytes, "date": time.strftime("%Y-%m-%d"),
-            "timing": f"median of at least {REPEATS} calls and {MIN_TIMED_S} s after {WARMUP} warm-up, rank 0",
+            "timing": f"median of at least {TIMING.calls} calls and {TIMING.min_s} s after {TIMING.warmup} warm-up, "
+                      "rank 0",
             "fit": {"formula": "t = 2 (W - 1) alpha + 2 (W - 1) / W * bytes / beta, W = 2",
                     "latency_s": link.latency_s, "bandwidth_bytes_s": link.bandwidth_bytes_s},
             "allreduce": allreduce, "steps": steps}
 
 
 def fit_link(points: list[tuple[float, float]]) -> Link:
-    """Least squares of ``t = a + b n`` with weights 1 / t (relative error); alpha = a / 2, beta = 1 / b (W = 2).
-
-    A negative intercept (latency hidden by noise) is refitted through the origin.
-    """
-    weights = [1 / t for _, t in points]
-    sw = sum(w * w for w in weights)
-    swn = sum(w * w * n for (n, _), w in zip(points, weights))
-    swt = sum(w * w * t for (_, t), w in zip(points, weights))
-    swnn = sum(w * w * n * n for (n, _), w in zip(points, weights))
-    swnt = sum(w * w * n * t for (n, t), w in zip(points, weights))
-    det = sw * swnn - swn * swn
-    intercept = (swnn * swt - swn * swnt) / det
-    slope = (sw * swnt - swn * swt) / det
+    """Least squares of ``t = a + b n`` with weights 1 / t (relative error, so small sizes count as much as
+    large); alpha = a / 2, beta = 1 / b (W = 2). A negative intercept (latency hidden by noise) is refitted
+    through the origin."""
+    n, t = np.array(points, dtype=np.float64).T
+    slope, intercept = np.polyfit(n, t, 1, w=1 / t)
     if intercept < 0:
-        intercept, slope = 0.0, swnt / swnn
+        intercept, slope = 0.0, np.sum(n / t) / np.sum((n / t) ** 2)
     # W = 2: 2 (W - 1) = 2 latency steps and 2 (W - 1) / W = 1 times the bytes.
-    return Link("loopback-fit", 1 / slope, intercept / 2, "fitted to gloo all-reduce times on 127.0.0.1")
-
-
-def _timed(call) -> float:
-    """Median seconds of ``call``: at least REPEATS and MIN_TIMED_S of them, after WARMUP (one process)."""
-    seconds: list[float] = []
-    for index in range(MAX_REPEATS + WARMUP):
-        started = time.perf_counter()
-        call(index)
-        if index >= WARMUP:
-            seconds.append(time.perf_counter() - started)
-        if len(seconds) >= REPEATS and sum(seconds) >= MIN_TIMED_S:
-            break
-    return statistics.median(seconds)
+    return Link("loopback-fit", float(1 / slope), float(intercept / 2), "fitted to gloo all-reduce times on 127.0.0.1")
 
 
 def _sample_indices(cfg: Config, batch: int, rank: int, world_size: int) -> torch.Tensor:
@@ -147,7 +109,8 @@ def one_process_steps(cfg: Config, batches: list[int]) -> dict[int, float]:
             trainer = build_trainer(cfg.replace(**{"optim.global_batch_size": batch}), DistContext(launcher="scaling"),
                                     dataset)
             indices = _sample_indices(cfg, batch, 0, 1)
-            result[batch] = _timed(lambda step: trainer.train_step(indices, batch, step))
+            result[batch] = statistics.median(time_calls(lambda step: trainer.train_step(indices, batch, step),
+                                                         torch.device("cpu"), TIMING))
         return result
     finally:
         torch.set_num_threads(threads)
@@ -192,8 +155,9 @@ def _rank_main(rank: int, world_size: int, port: int, cfg_dict: dict, sizes: lis
         if rank == 0:
             store.set(JOINED_KEY, "1")
         cfg = Config.from_dict(cfg_dict)
-        result = {"allreduce": [_allreduce_point(n) for n in sizes],
-                  "steps": {str(b): _ddp_step_s(cfg, rank, world_size, b) for b in batches}}
+        result = {"allreduce": [_allreduce_point(n) for n in sizes]}
+        dataset = load_dataset(cfg)  # read once: every batch size trains on the same data set
+        result["steps"] = {str(b): _ddp_step_s(cfg, dataset, rank, world_size, b) for b in batches}
         if rank == 0:
             Path(out).write_text(json.dumps(result))
     finally:
@@ -206,55 +170,45 @@ def _rank_main(rank: int, world_size: int, port: int, cfg_dict: dict, sizes: lis
     os._exit(0)
 
 
-def _agreed(seconds: list[float]) -> bool:
-    """Rank 0 decides whether to time more; both ranks must make the same number of collective calls."""
-    more = torch.tensor([len(seconds) < REPEATS or (sum(seconds) < MIN_TIMED_S and len(seconds) < MAX_REPEATS)])
-    dist.broadcast(more, src=0)
-    return bool(more.item())
+def _time_together(call) -> list[float]:
+    """Seconds of each ``call(index)`` after a barrier, as many as rank 0's ``TIMING`` asks for: both
+    ranks must make the same number of collective calls."""
+    seconds: list[float] = []
+    while True:
+        more = torch.tensor([TIMING.wants_more(seconds)])
+        dist.broadcast(more, src=0)
+        if not more.item():
+            return seconds
+        dist.barrier()
+        started = time.perf_counter()
+        call(len(seconds))
+        seconds.append(time.perf_counter() - started)
 
 
 def _allreduce_point(elements: int) -> dict:
     tensor = torch.ones(elements, dtype=torch.float32)
-    for _ in range(WARMUP):
+    for _ in range(TIMING.warmup):
         dist.all_reduce(tensor)
-    seconds: list[float] = []
-    while _agreed(seconds):
-        dist.barrier()
-        started = time.perf_counter()
-        dist.all_reduce(tensor)
-        seconds.append(time.perf_counter() - started)
+    seconds = _time_together(lambda _: dist.all_reduce(tensor))
     return {"elements": elements, "bytes": 4 * elements, "median_s": statistics.median(seconds), "calls": len(seconds)}
 
 
-def _ddp_step_s(cfg: Config, rank: int, world_size: int, batch: int) -> dict:
+def _ddp_step_s(cfg: Config, dataset: Dataset, rank: int, world_size: int, batch: int) -> dict:
     """Median seconds of the harness's DDP step at global ``batch`` (its all-reduce synchronises the ranks),
     and of the same step under DDP's ``no_sync`` (both ranks computing at once, no all-reduce)."""
     ctx = DistContext(rank=rank, world_size=world_size, launcher="scaling")
-    trainer = build_trainer(cfg.replace(**{"optim.global_batch_size": batch}), ctx, _dataset(cfg))
+    trainer = build_trainer(cfg.replace(**{"optim.global_batch_size": batch}), ctx, dataset)
     indices = _sample_indices(cfg, batch, rank, world_size)
-    for step in range(WARMUP):
+    for step in range(TIMING.warmup):
         trainer.train_step(indices, batch, step)
     result = {}
     for name, context in (("step_s", contextlib.nullcontext), ("compute_only_s", trainer.model.no_sync)):
-        seconds: list[float] = []
-        while _agreed(seconds):
-            dist.barrier()
-            started = time.perf_counter()
+        def step(index: int) -> None:
             with context():
-                trainer.train_step(indices, batch, WARMUP + len(seconds))
-            seconds.append(time.perf_counter() - started)
-        result[name] = statistics.median(seconds)
+                trainer.train_step(indices, batch, TIMING.warmup + index)
+
+        result[name] = statistics.median(_time_together(step))
     return result
-
-
-_DATASETS: dict = {}
-
-
-def _dataset(cfg: Config):
-    # Read once per rank: every batch size trains on the same data set.
-    if cfg.name not in _DATASETS:
-        _DATASETS[cfg.name] = load_dataset(cfg)
-    return _DATASETS[cfg.name]
 
 
 def format_report(result: dict) -> str:
@@ -273,10 +227,9 @@ def format_report(result: dict) -> str:
               "| B | 1 process at B, ms | 1 process at B/2, ms | 2 ranks measured, ms | 2 ranks predicted, ms | "
               "measured / predicted | speedup measured | speedup predicted | 2 ranks, compute only (no_sync), ms |",
               "|---" * 9 + "|"]
-    for s in result["steps"]:
-        lines.append(f"| {s['global_batch_size']} | {s['one_rank_step_s'] * 1e3:.4g} | "
-                     f"{s['one_rank_half_batch_step_s'] * 1e3:.4g} | {s['two_rank_step_s'] * 1e3:.4g} | "
-                     f"{s['predicted_two_rank_step_s'] * 1e3:.4g} | {s['measured_over_predicted']:.2f} | "
-                     f"{s['measured_speedup']:.2f}x | {s['predicted_speedup']:.2f}x | "
-                     f"{s['two_rank_compute_only_s'] * 1e3:.4g} |")
+    lines += [f"| {s['global_batch_size']} | {s['one_rank_step_s'] * 1e3:.4g} | "
+              f"{s['one_rank_half_batch_step_s'] * 1e3:.4g} | {s['two_rank_step_s'] * 1e3:.4g} | "
+              f"{s['predicted_two_rank_step_s'] * 1e3:.4g} | {s['measured_over_predicted']:.2f} | "
+              f"{s['measured_speedup']:.2f}x | {s['predicted_speedup']:.2f}x | "
+              f"{s['two_rank_compute_only_s'] * 1e3:.4g} |" for s in result["steps"]]
     return "\n".join(lines)

@@ -1,38 +1,19 @@
-"""``harness bench --stack K``: K trials trained as one stacked model against the same K trials one after another.
+"""``harness bench --stack K``: K trials trained as one stacked model against the same K one after another.
 
-Both sides train the same K trials (the config's, with seeds seed, seed+1, ...,
-seed+K-1: own initial weights, own data order) on one copy of the data (the
-config's split, as a local sweep's trials share it) from the same initial
-weights, in this process, one warm-up epoch each, then in rounds: per round
-one timed epoch of each side in turn (bench.py ``time_interleaved``), so a
-slow spell of the machine falls on every side of its rounds alike:
+Both sides train the same K trials (the config's, seeds seed .. seed+K-1) on one copy of the data, as a
+local sweep's trials share it; one warm-up epoch each, then one timed epoch of each side per round
+(``time_interleaved``): ``sequential`` runs each trial's epoch through the harness's step (on CUDA its
+graph step), ``stacked`` one epoch of core/stacked.py's StackedTrainer (on CUDA from graphs). The ratio
+is the speed-up of the whole stack. Each side's time is its fastest epoch: a slow spell of a shared
+machine only adds time, more to the sequential side's many small operations, so a median would flatter
+the stack.
 
-- ``sequential``: each trial's epoch through the harness's step (core/step.py
-  via trainer.build_trainer; on CUDA its graph step, core/graph_step.py),
-  trial after trial;
-- ``stacked``: one epoch of core/stacked.py's StackedTrainer, all K at once (on
-  CUDA replayed from core/graph_step.py's graphs).
-
-One "epoch" is one epoch of every trial on both sides, so the ratio
-sequential / stacked is the speed-up of the whole stack. Each side's time is its
-fastest timed epoch: on a shared machine a slow spell (one trial's epoch taking
-nearly twice as long for seconds at a time) only ever adds time, and it adds more to the sequential
-side's many small operations than to the stack's few large ones, so a median or
-a ratio of rounds taken in a spell would flatter the stack. The rounds give both
-sides the same chances at an undisturbed epoch. Ratios are against the peer
-measured in the same process, never against a number from elsewhere.
-
-A third column bounds what any stack could gain: ``matmuls`` times only the
-stacked step's matrix products for the same epoch (each layer's forward, weight
-gradient and delta, batched over the K members), with nothing else: no
-activations, loss, update, gathering or launch of anything but those products.
-Neither side can train an epoch in less than its arithmetic takes, so
-sequential / matmuls is the most a stack of these K trials can gain here.
+``matmuls`` times only the stacked step's matrix products for the same epoch: no side can train an
+epoch faster than its arithmetic, so sequential / matmuls bounds what a stack of these K trials can gain.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +25,7 @@ from harness.core.distributed import DistContext
 from harness.core.stacked import StackedTrainer
 from harness.core.stacked_run import use_graph_step
 from harness.core.trainer import SingleRun, build_trainer, train_epoch
-from harness.bench.bench import cpu_name, time_interleaved
+from harness.bench.bench import STEP_ONLY, _synchronise, device_name, environment, time_interleaved
 
 
 def stack_members(cfg: Config, stack: int) -> list[Config]:
@@ -56,19 +37,19 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
                         profile_dir: Optional[Path] = None) -> dict:
     """Time K trials stacked against the same K one after another at every batch size; the JSON-ready result.
     ``profile_dir``: also profile one more epoch of each side per batch size there (``profile_epochs``)."""
-    # As harness bench: the step alone, without the probes a study switches on.
-    # On CUDA both sides take the graph step (core/graph_step.py, one trial at a time or the
-    # whole stack): each side at its fastest, the comparison the stack has to win.
+    # On CUDA both sides take the graph step (one trial at a time or the whole stack): each side at its
+    # fastest, the comparison the stack has to win.
     graph = device.type == "cuda"
-    cfg = cfg.replace(**{"metrics.noise_scale": False, "metrics.sharpness": False, "tracking.enabled": False,
-                         "performance.cuda_graph": graph})
-    members = stack_members(cfg, stack)
-    datasets = [load_dataset(cfg).to(device)] * stack  # one copy, as the trials of a local sweep share it
+    cfg = cfg.replace(**STEP_ONLY, **{"performance.cuda_graph": graph})
+    dataset = load_dataset(cfg).to(device)  # one copy, as the trials of a local sweep share it
     rows = []
     for batch_size in batch_sizes:
-        trials = [m.replace(**{"optim.global_batch_size": batch_size}) for m in members]
-        engines = [SingleRun(build_trainer(t, DistContext(device=device, launcher="bench"), d))
-                   for t, d in zip(trials, datasets)]
+        trials = stack_members(cfg.replace(**{"optim.global_batch_size": batch_size}), stack)
+        engines = [SingleRun(build_trainer(t, DistContext(device=device, launcher="bench"), dataset))
+                   for t in trials]
+        stacked = StackedTrainer(trials, [dataset.train] * stack, device)
+        if graph:
+            use_graph_step(stacked, stack, stacked.ctx)
 
         def sequential_epoch(epoch: int) -> None:
             for engine in engines:
@@ -77,39 +58,21 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
         def stacked_epoch(epoch: int) -> None:
             train_epoch(stacked, epoch)
 
-        stacked = StackedTrainer(trials, [d.train for d in datasets], device)
-        if graph:
-            use_graph_step(stacked, stack, stacked.ctx)
         seconds = time_interleaved({"sequential": sequential_epoch, "stacked": stacked_epoch,
                                     "matmuls": matmuls_only_epoch(stacked)}, device, epochs)
         if profile_dir is not None:
-            def one_trial_alone(epoch: int) -> None:
-                train_epoch(engines[0], epoch)
-
             profile_epochs(profile_dir / f"stack{stack}-batch{batch_size}.txt", device, epochs + 1,
-                           {f"the stack of {stack}": stacked_epoch, "one trial alone": one_trial_alone},
+                           {f"the stack of {stack}": stacked_epoch,
+                            "one trial alone": lambda epoch: train_epoch(engines[0], epoch)},
                            stacked.steps_per_epoch)
         engines.clear()
-        sequential_s, stacked_s, matmuls_s = seconds["sequential"], seconds["stacked"], seconds["matmuls"]
-        sequential, together, matmuls = min(sequential_s), min(stacked_s), min(matmuls_s)
+        sequential, together, matmuls = (min(seconds[side]) for side in seconds)
         rows.append({"batch_size": batch_size, "sequential_s_per_epoch": sequential,
                      "stacked_s_per_epoch": together, "speedup": sequential / together,
                      "matmuls_s_per_epoch": matmuls, "speedup_bound": sequential / matmuls,
-                     "sequential_epoch_seconds": sequential_s, "stacked_epoch_seconds": stacked_s,
-                     "matmuls_epoch_seconds": matmuls_s})
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "stack": stack,
-        "cuda_graph": graph,
-        "train_samples": len(datasets[0].train),
-        "epochs_timed": epochs,
-        "layer_sizes": list(cfg.layer_sizes),
-        "date": time.strftime("%Y-%m-%d"),
-        "timings": rows,
-    }
+                     **{f"{side}_epoch_seconds": seconds[side] for side in seconds}})
+    return {**environment(device, cfg), "stack": stack, "cuda_graph": graph, "train_samples": len(dataset.train),
+            "epochs_timed": epochs, "timings": rows}
 
 
 def profile_epochs(path: Path, device: torch.device, epoch: int, sides: dict, steps: int) -> None:
@@ -125,10 +88,8 @@ def profile_epochs(path: Path, device: torch.device, epoch: int, sides: dict, st
     for name, run_epoch in sides.items():
         with profile(activities=activities) as prof:
             run_epoch(epoch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        tables.append(f"== {name}: one epoch of {steps} steps, {device} "
-                      f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()})\n"
+            _synchronise(device)
+        tables.append(f"== {name}: one epoch of {steps} steps, {device} ({device_name(device)})\n"
                       + prof.key_averages().table(sort_by=sort_by, row_limit=40))
     path.write_text("\n\n".join(tables) + "\n")
 
@@ -136,9 +97,9 @@ def profile_epochs(path: Path, device: torch.device, epoch: int, sides: dict, st
 def matmuls_only_epoch(stacked: StackedTrainer):
     """``run_epoch(epoch)`` of only the matrix products of ``stacked``'s steps: per step, each layer's
     forward (``baddbmm``), weight gradient (``bmm``, or ``baddbmm_`` where the step folds it into the
-    momentum) and, below the last layer, delta (``bmm``), for all members
-    and the epoch's batch sizes (the uneven last batch included), into buffers made once. The inputs are
-    zeros: a product's time does not depend on its values."""
+    momentum) and, below the last layer, delta (``bmm``), for all members and the epoch's batch sizes (the
+    uneven last batch included), into buffers made once. The inputs are zeros: a product's time does not
+    depend on its values."""
     model = stacked.model
     sizes = [indices.shape[1] for indices, _ in stacked.local_batches(0)]  # the step's own batches
     widths = [model.weights[0].shape[2]] + [w.shape[1] for w in model.weights]
@@ -155,7 +116,6 @@ def matmuls_only_epoch(stacked: StackedTrainer):
     # Where the step folds the weight gradient into the momentum buffer (StackedTrainer.can_fold), its product is that
     # baddbmm_; the bench's stack trains every member, so folding depends only on the batch's size.
     folds = {size: stacked.can_fold(size) for size in set(sizes)}
-    momentum = stacked.fold_momentum
 
     def run_epoch(_epoch: int) -> None:
         for size in sizes:
@@ -167,7 +127,7 @@ def matmuls_only_epoch(stacked: StackedTrainer):
                     delta = deltas[depth + 1][rows, :size]
                     if folds[size]:
                         weight_grads[depth][rows].baddbmm_(delta.transpose(1, 2), activations[depth][rows, :size],
-                                                           beta=momentum)
+                                                           beta=stacked.fold_momentum)
                     else:
                         torch.bmm(delta.transpose(1, 2), activations[depth][rows, :size],
                                   out=weight_grads[depth][rows])
@@ -184,8 +144,7 @@ def format_stack_table(result: dict) -> str:
              f"{'on' if result.get('cuda_graph') else 'off'}, matrix products in {result.get('matmuls', 'fp32')}",
              "| batch | sequential s/epoch | stacked s/epoch | speed-up (sequential / stacked) "
              "| matmuls alone s/epoch | bound (sequential / matmuls) |", "|---|---|---|---|---|---|"]
-    for row in result["timings"]:
-        lines.append(f"| {row['batch_size']} | {row['sequential_s_per_epoch']:.4f} | "
-                     f"{row['stacked_s_per_epoch']:.4f} | {row['speedup']:.2f}x | "
-                     f"{row['matmuls_s_per_epoch']:.4f} | {row['speedup_bound']:.2f}x |")
+    lines += [f"| {row['batch_size']} | {row['sequential_s_per_epoch']:.4f} | {row['stacked_s_per_epoch']:.4f} | "
+              f"{row['speedup']:.2f}x | {row['matmuls_s_per_epoch']:.4f} | {row['speedup_bound']:.2f}x |"
+              for row in result["timings"]]
     return "\n".join(lines)

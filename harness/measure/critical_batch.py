@@ -6,9 +6,8 @@ examples, S = S_min (1 + B_crit / B), i.e. S = S_min + E_min / B with
 E_min = S_min B_crit. Least squares of S on 1/B gives S_min (intercept) and
 E_min (slope); B_crit = E_min / S_min. A bootstrap over seeds gives an interval.
 
-Numbers in, numbers out: no I/O, no MLflow. Which trials reached the target, which
-LR is best per batch size, and what is logged are the report's business
-(harness/analysis); this module only fits.
+Numbers in, numbers out: which trials reached the target, which LR is best per batch
+size, and what is logged are harness/analysis's business; this module only fits.
 """
 
 from __future__ import annotations
@@ -74,35 +73,24 @@ def _check_points(batch_sizes: Sequence[float], steps: Sequence[float]) -> tuple
 
 
 def _line_through(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ordinary least squares y = intercept + slope x along the last axis (centred sums).
-
-    Vectorised so a bootstrap fits all its resamples at once; x is shared.
-    """
+    """Ordinary least squares y = intercept + slope x along the last axis, so a bootstrap fits all its
+    resamples at once; x is shared."""
     x_centred = x - x.mean()
     slope = (y * x_centred).sum(axis=-1) / (x_centred * x_centred).sum()
     intercept = y.mean(axis=-1) - slope * x.mean()
     return intercept, slope
 
 
-def _fit_from(s_min: float, e_min: float) -> StepsFit:
-    # A non-positive coefficient makes e_min / s_min meaningless (negative, or
-    # infinite): keep the coefficients for the report, never a negative B_crit.
-    b_crit = e_min / s_min if s_min > 0 and e_min > 0 else math.nan
-    return StepsFit(s_min=float(s_min), e_min=float(e_min), b_crit=float(b_crit))
-
-
 def fit_steps_curve(batch_sizes: Sequence[float], steps: Sequence[float]) -> StepsFit:
     """Least squares of S on 1/B: S = S_min + E_min / B (McCandlish et al. 2018, eq. 2.11).
 
-    ``batch_sizes`` may repeat (one point per seed); at least 3 distinct batch sizes
-    are needed, else :class:`NotEnoughBatchSizes`. The residuals are in steps, so
-    the small batch sizes (many steps) weigh most, as in a plain least squares.
-    A fit with S_min <= 0 or E_min <= 0 comes back with ``valid`` False, b_crit NaN
-    and ``problem`` saying why; it is never a negative critical batch size.
+    ``batch_sizes`` may repeat (one point per seed); at least 3 distinct batch sizes are needed, else
+    :class:`NotEnoughBatchSizes`. The residuals are in steps, so the small batch sizes (many steps) weigh
+    most. A fit with S_min <= 0 or E_min <= 0 comes back with ``valid`` False, b_crit NaN and ``problem``
+    saying why: never a negative critical batch size.
     """
-    inverse_batch, steps_array = _check_points(batch_sizes, steps)
-    s_min, e_min = _line_through(inverse_batch, steps_array)
-    return _fit_from(float(s_min), float(e_min))
+    s_min, e_min = map(float, _line_through(*_check_points(batch_sizes, steps)))
+    return StepsFit(s_min, e_min, e_min / s_min if s_min > 0 and e_min > 0 else math.nan)
 
 
 @dataclass(frozen=True)
@@ -134,12 +122,10 @@ def bootstrap_interval(steps_by_batch: Mapping[int, Sequence[float]], resamples:
                        level: float = 0.9) -> BootstrapInterval:
     """Percentile bootstrap of b_crit over seeds (Efron's percentile interval).
 
-    Each resample draws, for every batch size independently, as many seeds as it
-    has, with replacement, takes their median and refits. Resamples whose fit is
-    not valid (S_min or E_min <= 0) are skipped and counted in ``skipped``; the
-    interval is over the rest (NaN, NaN when none is valid). With one seed per
-    batch size every resample is the point fit, so the interval has zero width:
-    it says nothing about seed noise then.
+    Each resample draws, for every batch size independently, as many seeds as it has, with replacement,
+    takes their median and refits. Resamples whose fit is not valid are counted in ``skipped``; the
+    interval is over the rest (NaN, NaN when none is valid). With one seed per batch size the interval has
+    zero width: it says nothing about seed noise then.
     """
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
@@ -157,20 +143,16 @@ def bootstrap_interval(steps_by_batch: Mapping[int, Sequence[float]], resamples:
     used = int(is_valid.sum())
     if used == 0:
         return BootstrapInterval(math.nan, math.nan, 0, resamples)
-    tail = (1 - level) / 2
-    low, high = np.quantile(b_crit, [tail, 1 - tail])
+    low, high = np.quantile(b_crit, [(1 - level) / 2, 1 - (1 - level) / 2])
     return BootstrapInterval(float(low), float(high), used, resamples - used)
 
 
 def bootstrap_fit(steps_by_batch: Mapping[int, Sequence[float]], resamples: int = 1000, seed: int = 0,
                   level: float = 0.9) -> tuple[StepsFit, float, float]:
-    """The fit on each batch size's MEDIAN steps, and a ``level`` percentile interval (low, high) of b_crit.
-
-    ``steps_by_batch`` maps a batch size to the steps to target of its seeds (at
-    its tuned LR) that reached the target; a batch size with an empty list is left
-    out. The interval comes from :func:`bootstrap_interval`: resamples whose fit is
-    invalid are skipped, and (NaN, NaN) means none was valid. The point fit may be
-    invalid too: check ``fit.valid``.
+    """The fit on each batch size's MEDIAN steps, and a ``level`` percentile interval (low, high) of b_crit
+    (:func:`bootstrap_interval`). ``steps_by_batch`` maps a batch size to the steps to target of its seeds
+    (at its tuned LR) that reached the target; an empty list is left out. The point fit may be invalid too:
+    check ``fit.valid``.
     """
     batch_sizes, per_batch = _steps_table(steps_by_batch)
     fit = fit_steps_curve(batch_sizes, [float(np.median(values)) for values in per_batch])

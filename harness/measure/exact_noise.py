@@ -1,26 +1,17 @@
 """The exact gradient noise scale at fixed parameters, from per-example gradients.
 
-B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, App. A), with G the mean
-of the per-example gradients g_i of the cross-entropy over N fixed examples and
-tr(Sigma) = sum_i |g_i - G|^2 / (N - 1), the unbiased per-example covariance's
-trace. Only two sums over the examples are needed: sum_i g_i and sum_i |g_i|^2.
+B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, App. A), with G the mean of the per-example
+gradients g_i of the cross-entropy over N fixed examples and tr(Sigma) = sum_i |g_i - G|^2 / (N - 1).
+Only two sums over the examples are needed: sum_i g_i and sum_i |g_i|^2.
 
-For a model whose parameters are all weights and biases of ``nn.Linear`` layers,
-each applied once (the harness's MLP), both come from one batched backward pass:
-example i's gradient of a layer's weight is the outer product delta_i a_i^T of
-the layer's output gradient and its input, so |g_i|^2 = sum over layers of
-|delta_i|^2 (|a_i|^2 + 1), the 1 for the bias (the identity behind Goodfellow's
-per-example gradient norms, 2015). No per-example gradient is formed, which makes it
-about a hundred times faster than ``vmap`` over per-example gradients of the MLP. Any other model goes through torch.func:
-``vmap`` of ``grad`` of one example's loss through a ``functional_call`` of the
-model, in chunks so memory stays at ``chunk_size`` gradients (a 784-500-10 MLP has
-~0.4 M parameters: 1.6 MB each). tests/unit/test_exact_noise.py checks both against a
-loop of one backward pass per example.
+For a model made only of ``nn.Linear`` layers, each applied once (the harness's MLP), both come from
+one batched backward pass: example i's gradient of a layer's weight is the outer product delta_i a_i^T,
+so |g_i|^2 = sum over layers of |delta_i|^2 (|a_i|^2 + 1), the 1 for the bias (Goodfellow 2015), about
+a hundred times faster than per-example gradients. Any other model goes through torch.func: ``vmap`` of
+``grad`` of one example's loss, in chunks of ``chunk_size`` gradients.
 
-This is the check of the training-time estimator (core/noise_probe.py), which
-infers the same two quantities from batch gradients at two sizes. Pure: a model
-and tensors in, numbers out; no process group, no I/O. The caller chooses the
-examples (the training loop takes the first ``metrics.exact_noise_samples``).
+This checks the training-time estimator (core/noise_probe.py), which infers the same two quantities
+from batch gradients at two sizes. Pure: a model and tensors in, numbers out.
 """
 
 from __future__ import annotations
@@ -44,9 +35,8 @@ def exact_noise_scale(model: torch.nn.Module, features: torch.Tensor, targets: t
                       chunk_size: int = 64, method: str = "auto") -> ExactNoiseScale:
     """|G|^2, tr(Sigma) and B_simple of the mean cross-entropy of ``model`` over ``features``/``targets``.
 
-    ``method``: ``layers`` (the per-layer norm identity, for models made of ``nn.Linear``
-    layers only), ``vmap`` (per-example gradients, any model), or ``auto`` (``layers``
-    where it applies). ``chunk_size``: examples per ``vmap`` pass.
+    ``method``: ``layers`` (the per-layer norm identity, ``nn.Linear`` layers only), ``vmap`` (any model),
+    or ``auto`` (``layers`` where it applies). ``chunk_size``: examples per ``vmap`` pass.
     """
     count = len(targets)
     if count < 2:
@@ -58,17 +48,14 @@ def exact_noise_scale(model: torch.nn.Module, features: torch.Tensor, targets: t
     linears = linear_layers_only(model)
     if method == "layers" and linears is None:
         raise ValueError("method 'layers' needs a model whose parameters are all nn.Linear weights and biases")
-    sums = None
-    if method != "vmap" and linears is not None:
-        sums = _sums_by_layers(model, linears, features, targets)
-    if sums is None:  # vmap asked for, or a layer not applied exactly once
-        sums = _sums_by_vmap(model, features, targets, chunk_size)
-    grad_sums, sq_norm_sum = sums
+    by_layers = _sums_by_layers(model, linears, features, targets) if method != "vmap" and linears else None
+    # By vmap where asked for, or where a layer was not applied exactly once.
+    grad_sums, sq_norm_sum = by_layers or _sums_by_vmap(model, features, targets, chunk_size)
     mean_sq_norm = sum(float(s.pow(2).sum()) for s in grad_sums) / count**2  # |G|^2
     # sum_i |g_i - G|^2 = sum_i |g_i|^2 - N |G|^2
     trace_cov = (float(sq_norm_sum) - count * mean_sq_norm) / (count - 1)
-    b_simple = trace_cov / mean_sq_norm if mean_sq_norm > 0 else float("nan")
-    return ExactNoiseScale(grad_sq_norm=mean_sq_norm, trace_cov=trace_cov, b_simple=b_simple)
+    return ExactNoiseScale(grad_sq_norm=mean_sq_norm, trace_cov=trace_cov,
+                           b_simple=trace_cov / mean_sq_norm if mean_sq_norm > 0 else float("nan"))
 
 
 def linear_layers_only(model: torch.nn.Module) -> Optional[list[torch.nn.Linear]]:
@@ -119,8 +106,7 @@ def _sums_by_vmap(model: torch.nn.Module, features: torch.Tensor, targets: torch
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def loss_of_one(weights, x, y):
-        logits = functional_call(model, weights, (x.unsqueeze(0),))
-        return F.cross_entropy(logits, y.unsqueeze(0))
+        return F.cross_entropy(functional_call(model, weights, (x.unsqueeze(0),)), y.unsqueeze(0))
 
     per_example_grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0))
     # Float64 sums: tr(Sigma) is a difference of two sums over N examples.

@@ -61,11 +61,8 @@ def interpolate_state(state_a: dict[str, torch.Tensor], state_b: dict[str, torch
 def interpolation_curve(model: torch.nn.Module, state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
                         alphas: list[float], score: Callable[[torch.nn.Module], dict[str, float]]
                         ) -> list[InterpolationPoint]:
-    """``score(model)`` with the model's parameters set to θ(α), for every α in ``alphas``.
-
-    ``model`` is overwritten (load_state_dict copies onto its device); the caller's two
-    states are left as they are.
-    """
+    """``score(model)`` with the model's parameters set to θ(α), for every α in ``alphas``; ``model`` is
+    overwritten, the caller's two states are left as they are."""
     points = []
     with torch.no_grad():
         for alpha in alphas:

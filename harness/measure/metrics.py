@@ -1,7 +1,5 @@
-"""Measurements that explain batch-size effects, as pure functions.
-
-Tensors or numbers in, numbers out: no I/O, no process groups, so each one is
-tested against a problem whose answer is known (tests/unit/test_metrics.py).
+"""Measurements that explain batch-size effects, as pure functions: tensors or numbers in, numbers out,
+no I/O, no process groups, so each one is tested against a problem whose answer is known.
 
 - gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, App. A)
 - steps-to-target (Shallue et al. 2018's steps-to-result)
@@ -44,12 +42,11 @@ def simple_noise_scale(grad_sq_norm: float, trace_cov: float) -> float:
 
 
 def debiased_average(average, decay: float, updates: int):
-    """An exponential moving average started at zero, divided by 1 - decay**updates
-    (Adam's bias correction) so early values are not pulled towards zero.
+    """An exponential moving average started at zero, divided by 1 - decay**updates (Adam's bias
+    correction) so early values are not pulled towards zero. Floats or tensors.
 
-    McCandlish et al. 2018 average the two squared norms over steps before taking
-    their ratio, because each single-step estimate is very noisy. Works on floats
-    and on tensors alike (grad_noise.NoiseProbe keeps its averages on the device).
+    McCandlish et al. 2018 average the two squared norms over steps before taking their ratio, because
+    each single-step estimate is very noisy.
     """
     if updates <= 0:
         raise ValueError(f"no updates yet (updates={updates})")
@@ -67,26 +64,14 @@ class TargetReached:
     seconds: float
 
 
-def first_reaching(values: Sequence[float], target: float) -> Optional[int]:
-    """Index of the first value >= target, else None."""
-    for index, value in enumerate(values):
-        if value >= target:
-            return index
-    return None
-
-
 def steps_to_target(val_accuracy: Sequence[float], steps: Sequence[int], samples: Sequence[int],
                     seconds: Sequence[float], target: float,
                     epochs: Optional[Sequence[int]] = None) -> Optional[TargetReached]:
-    """The first evaluation whose validation accuracy reaches ``target``.
-
-    Shallue et al. 2018 measure steps-to-result at evaluation points; so do we.
-    ``steps``, ``samples`` and ``seconds`` are cumulative at each evaluation;
-    ``epochs`` gives the epochs done at each evaluation (default 1, 2, ...; a
-    fraction where evaluations fall inside epochs). The training loop passes one
-    evaluation at a time (core/evaluation.py, every few steps) until the target is reached.
+    """The first evaluation whose validation accuracy is at least ``target`` (Shallue et al. 2018 measure
+    steps-to-result at evaluation points). ``steps``, ``samples`` and ``seconds`` are cumulative at each
+    evaluation; ``epochs`` the epochs done (default 1, 2, ...; a fraction where evaluations fall inside epochs).
     """
-    index = first_reaching(val_accuracy, target)
+    index = next((i for i, value in enumerate(val_accuracy) if value >= target), None)
     if index is None:
         return None
     epoch = float(epochs[index]) if epochs is not None else index + 1
@@ -103,12 +88,9 @@ DEFAULT_LANCZOS_RESTARTS = 20
 
 @dataclass(frozen=True)
 class HessianExtremes:
-    """The largest and smallest algebraic eigenvalues of a Hessian, and how they were found.
-
-    ``top`` or ``bottom`` is NaN when its Lanczos run did not converge within the
-    allowed restarts; ``converged`` is then False. ``hessian_vector_products``
-    counts every product the solver asked for (its cost).
-    """
+    """The largest and smallest algebraic eigenvalues of a Hessian, and how they were found: ``top`` or
+    ``bottom`` is NaN (and ``converged`` False) when its Lanczos run did not converge within the allowed
+    restarts; ``hessian_vector_products`` counts every product the solver asked for (its cost)."""
 
     top: float
     bottom: float
@@ -122,41 +104,33 @@ def hessian_extremes(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch
                      seed: int = 0) -> HessianExtremes:
     """Largest and smallest ALGEBRAIC eigenvalues of the Hessian of ``loss_fn()`` w.r.t. ``params``.
 
-    Lanczos (ARPACK's implicitly restarted Lanczos, scipy's ``eigsh``) on
-    Hessian-vector products (Pearlmutter's trick: the gradient of ``g . v``), in
-    the parameters' dtype. Two runs, with rho = max |eigenvalue| (the spectral radius):
+    ARPACK's implicitly restarted Lanczos (scipy's ``eigsh``) on Hessian-vector products (Pearlmutter's
+    trick), in two runs, with rho = max |eigenvalue| (the spectral radius):
 
-    1. ``which='LM'`` finds the eigenvalue of largest magnitude, +-rho: that is
-       the top one if positive, the bottom one if negative (so power iteration
-       alone would report a negative "sharpness" on a network with strong negative
-       curvature).
-    2. The other end, as the largest eigenvalue of H + 2 rho I (for the top) or
-       2 rho I - H (for the bottom). Lanczos is shift-invariant (same Krylov
-       space, same convergence); the shift only puts that eigenvalue in
-       [rho, 3 rho], so ARPACK's relative stopping rule becomes an absolute one on
-       the scale of rho, even when the wanted eigenvalue is near zero.
+    1. ``which='LM'`` finds the eigenvalue of largest magnitude, +-rho: the top one if positive, the
+       bottom one if negative (power iteration alone would report a negative "sharpness" there).
+    2. The other end, as the largest eigenvalue of H + 2 rho I (top) or 2 rho I - H (bottom). The shift
+       keeps the Krylov space and puts that eigenvalue in [rho, 3 rho], so ARPACK's relative stopping
+       rule becomes an absolute one on the scale of rho, even for an eigenvalue near zero.
 
-    Tolerance: each returned value has a Ritz residual at most ``tolerance * rho``,
-    so an eigenvalue of H lies within that distance of it. ``iterations`` caps
-    ARPACK's restarts per run. Deterministic given ``seed`` (the start vector).
+    Each value has a Ritz residual at most ``tolerance * rho``, so an eigenvalue of H lies within that
+    distance of it. ``iterations`` caps ARPACK's restarts per run; ``seed`` fixes the start vector.
     """
     # Imported here: scipy.sparse.linalg takes ~0.3 s to load, and only this end-of-run probe needs it.
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     params = [p for p in params if p.requires_grad]
     hvp, size, counter = _hessian_vector_product(loss_fn, params)
-    generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(size, generator=generator, dtype=torch.float64).numpy()
+    start = torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
     if size < 3:  # too small for ARPACK (k < ncv <= n): the Hessian itself, column by column
         dense = np.stack([hvp(column) for column in np.eye(size)])
         eigenvalues = np.linalg.eigvalsh((dense + dense.T) / 2)
         return HessianExtremes(float(eigenvalues[-1]), float(eigenvalues[0]), True, counter[0], tolerance)
 
     def largest(matvec, which: str, tol: float) -> float:
-        operator = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
         try:
-            return float(eigsh(operator, k=1, which=which, v0=start, tol=tol, maxiter=iterations,
-                               return_eigenvectors=False)[0])
+            return float(eigsh(LinearOperator((size, size), matvec=matvec, dtype=np.float64), k=1, which=which,
+                               v0=start, tol=tol, maxiter=iterations, return_eigenvectors=False)[0])
         except ArpackNoConvergence:
             return math.nan
 
@@ -174,24 +148,10 @@ def hessian_extremes(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch
     return HessianExtremes(top, bottom, math.isfinite(top) and math.isfinite(bottom), counter[0], tolerance)
 
 
-def top_hessian_eigenvalue(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
-                           iterations: int = DEFAULT_LANCZOS_RESTARTS, tolerance: float = 1e-3,
-                           seed: int = 0) -> float:
-    """Largest ALGEBRAIC eigenvalue of the Hessian (sharpness); NaN if Lanczos did not converge.
-
-    See :func:`hessian_extremes`, which also gives the smallest one and whether it converged.
-    """
-    return hessian_extremes(loss_fn, params, tolerance, iterations, seed).top
-
-
 def _hessian_vector_product(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]):
-    """``(hvp, size, counter)``: hvp maps a flat float64 numpy vector to H v (float64), counter[0] counts calls.
-
-    The gradient graph is built once (create_graph) and each product
-    differentiates ``g . v`` through it again (retain_graph).
-    """
-    loss = loss_fn()
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+    """``(hvp, size, counter)``: hvp maps a flat float64 numpy vector to H v (float64), counter[0] counts
+    calls. The gradient graph is built once; each product differentiates ``g . v`` through it again."""
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
     sizes = [p.numel() for p in params]
     counter = [0]
 
