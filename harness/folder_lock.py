@@ -1,10 +1,8 @@
 """An exclusive lock on a file, held by one process while it works in a folder that must have one user.
 
-``flock`` on ``path``, taken without waiting: a second process is refused at once, with
-the first one's PID and host in the message. The kernel drops the lock when its
-process ends, however it ends (SIGKILL too), so a killed holder never leaves it
-stuck. The lock file stays afterwards: deleting it would let a third process lock a
-new file of the same name while a second still holds the old one.
+``flock`` without waiting: a second process is refused at once, with the holder's PID and host.
+The kernel drops the lock when its process ends, SIGKILL included. The lock file stays:
+deleting it would let a third process lock a new file of that name while a second holds the old one.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ def held(path: Path, refusal: Callable[[str], str]) -> Iterator[None]:
         handle = open(path, "a+")
     except OSError as err:
         raise InputError(f"{path}: cannot open the lock file ({err.strerror}); expected a writable folder") from None
-    try:
+    with handle:  # closing drops the lock
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -40,5 +38,3 @@ def held(path: Path, refusal: Callable[[str], str]) -> Iterator[None]:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
         yield
-    finally:
-        handle.close()  # drops the lock

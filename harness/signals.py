@@ -1,13 +1,10 @@
 """Termination signals: SIGTERM and SIGINT end a run as KILLED, never RUNNING.
 
-Owns the handlers of an entry point's main process. The first SIGTERM or
-SIGINT raises :class:`Terminated` in the main thread, so ``finally`` blocks and
-``except BaseException`` blocks run as the stack unwinds: the training loop and
-the sweep's parent run finish their MLflow runs as KILLED, and a launcher passes
-the signal on to the processes it started. Signals that follow the first are
-recorded and otherwise ignored, so they cannot cut that unwinding short (SIGKILL
-still can). Which MLflow status a run ends with is decided here
-(:func:`end_status`); who finishes which run is the caller's business.
+Owns the handlers of an entry point's main process. The first SIGTERM or SIGINT raises
+:class:`Terminated` in the main thread, so ``finally`` and ``except BaseException`` blocks run as the
+stack unwinds (runs end KILLED, launchers pass the signal on); later signals are recorded and
+otherwise ignored, so they cannot cut that short. Which MLflow status a run ends with is decided
+here (:func:`end_status`); who finishes which run is the caller's business.
 """
 
 from __future__ import annotations
@@ -23,8 +20,7 @@ from harness.console import fail
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 EXIT_CODES = tuple(128 + signum for signum in HANDLED)  # what exits_on_termination returns
 
-# Every handled signal this process received, oldest first.
-_received: list[int] = []
+_received: list[int] = []  # every handled signal this process received, oldest first
 
 
 class Terminated(BaseException):
@@ -34,10 +30,6 @@ class Terminated(BaseException):
     def __init__(self, signum: int):
         super().__init__(f"terminated by {signal.Signals(signum).name}")
         self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
 
 
 # Depth of nested ``deferred()`` blocks, and whether a Terminated waits for their end.
@@ -57,12 +49,8 @@ def _handler(signum: int, _frame) -> None:
 
 @contextlib.contextmanager
 def deferred():
-    """Hold the first signal's Terminated until this block ends.
-
-    For calls that must not be cut in half: a Terminated raised inside an MLflow
-    write to SQLite left its transaction open, and the store locked for the rest
-    of the process, so the run could not even be marked KILLED.
-    """
+    """Hold the first signal's Terminated until this block ends: a Terminated inside an MLflow write to
+    SQLite would leave its transaction open and the store locked, so the run could not be marked KILLED."""
     global _defer_depth, _pending
     _defer_depth += 1
     try:
@@ -74,46 +62,27 @@ def deferred():
         raise Terminated(_received[0])
 
 
-def deferring(function: Callable) -> Callable:
-    """``function`` run inside ``deferred()``."""
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        with deferred():
-            return function(*args, **kwargs)
-
-    return wrapper
+# As a decorator: every call of the function runs inside a deferred() block of its own.
+deferring = deferred()
 
 
-def install() -> None:
-    """Handle SIGTERM and SIGINT in this process (main thread only; elsewhere Python forbids it).
-
-    Call again after anything that installs its own handler: ``ray.init`` sets
-    SIGTERM to ``sys.exit``.
-    """
-    if threading.current_thread() is threading.main_thread():
-        for signum in HANDLED:
-            signal.signal(signum, _handler)
-
-
-def received() -> Optional[int]:
-    """The first termination signal this process got, or None."""
-    return _received[0] if _received else None
+def install() -> dict:
+    """Handle SIGTERM and SIGINT in this process (main thread only; elsewhere Python forbids it); the handlers
+    it replaced. Call again after anything that installs its own: ``ray.init`` sets SIGTERM to ``sys.exit``."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _handler) for signum in HANDLED}
 
 
 def end_status(error: BaseException) -> str:
     """The MLflow status of a run that ``error`` ended: KILLED when a termination was
     asked for (even if what surfaced first was a collective broken by a peer that
     exited on the same signal), else FAILED."""
-    if _received or isinstance(error, (Terminated, KeyboardInterrupt)):
-        return "KILLED"
-    return "FAILED"
+    return "KILLED" if _received or isinstance(error, (Terminated, KeyboardInterrupt)) else "FAILED"
 
 
-RESUME_ADVICE = "an unfinished MLflow run is marked KILLED (continue it with --resume)"
-
-
-def exits_on_termination(main: Optional[Callable[..., int]] = None, *, after: str = RESUME_ADVICE):
+def exits_on_termination(main: Optional[Callable[..., int]] = None, *,
+                         after: str = "an unfinished MLflow run is marked KILLED (continue it with --resume)"):
     """Run ``main`` with the handlers installed; a termination signal becomes exit code 128+signal
     and one line on stderr, ending with ``after`` (what became of the work, and what to do next: only
     a command that has ``--resume`` says to use it). The previous handlers are put back afterwards
@@ -123,23 +92,20 @@ def exits_on_termination(main: Optional[Callable[..., int]] = None, *, after: st
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = {signum: signal.getsignal(signum) for signum in HANDLED} if in_main_thread else {}
         _received.clear()
-        install()
+        previous = install()
         try:
             return main(*args, **kwargs)
         except BaseException as err:
             # After a signal, what surfaces may be another error it caused: a
             # collective broken by a peer that exited on the same signal, or Ray's
             # ray.wait wrapping Terminated in a SystemError. The exit is the signal's.
-            signum = received()
-            if signum is None:
+            if not _received:
                 raise
-            stop = err if isinstance(err, Terminated) else Terminated(signum)
+            stop = err if isinstance(err, Terminated) else Terminated(_received[0])
             seen = "" if err is stop else f" ({type(err).__name__} as it stopped: {str(err)[:200]})"
             fail(f"stopped: {stop}{seen}; {after}")
-            return stop.exit_code
+            return 128 + stop.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -156,14 +122,12 @@ def call_interruptibly(call: Callable[[], Any], name: str, on_stop: Callable[[Ba
                        stop_wait_s: float = 0.0, stop_on_error: bool = True) -> Any:
     """``call()`` in a helper thread while this thread waits in Python, where signal handlers run.
 
-    For calls that block in C++ for a whole run (Ray Train's ``fit``, Ray Tune's): in
-    the main thread no Python signal handler runs until they return, so a SIGTERM
-    went unanswered until training ended (and off the main thread Ray leaves our
-    SIGINT handler in place). When the wait is interrupted, ``on_stop(error)`` runs,
-    the helper gets ``stop_wait_s`` to wind down, and the error is raised; when the
-    call raises, ``on_stop`` runs too (with ``stop_on_error``) and its error is raised.
-    After an interruption the helper thread may still be inside C++, where a normal
-    interpreter exit can crash (seen: SIGSEGV): launch/ray_job.py then ends with os._exit.
+    For calls that block in C++ for a whole run (Ray Train's ``fit``, Ray Tune's), during which the
+    main thread runs no Python signal handler (and off the main thread Ray leaves our SIGINT handler
+    alone). When the wait is interrupted, ``on_stop(error)`` runs, the helper gets ``stop_wait_s`` to
+    wind down, and the error is raised; when the call raises, ``on_stop`` runs too (with
+    ``stop_on_error``) and its error is raised. The helper may then still be inside C++, where a
+    normal interpreter exit can crash: launch/ray_job.py ends with os._exit.
     """
     outcome: dict[str, Any] = {}
 

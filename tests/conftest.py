@@ -102,6 +102,13 @@ def smoke_config(tmp_path: Path, *overrides: str):
                                                 f"checkpoint.dir={tmp_path}/checkpoints", *overrides])
 
 
+def train_run(cfg, ctx, hooks=None, dataset=None, parent_run_id=None):
+    """Train one run of ``cfg`` on this rank: the launchers' train_trials with one trial."""
+    from harness.launching.runs import train_trials
+
+    return train_trials([cfg], ctx, hooks, dataset, parent_run_id)[0]
+
+
 def run_command(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a real command (python, torchrun) with the repo's venv first on PATH."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -1,10 +1,8 @@
 """What every command-line entry point shares: config arguments, the exit-2 rule, joining Ray.
 
-A bad config, data file or checkpoint raises ``InputError``; ``exits_on_input_error``
-turns it into one line on stderr and exit code 2. Launchers call ``load_run_config``
-and then ``preflight.preflight`` (the checks beyond the config file) before they
-start any process group, worker or MLflow run; what each launcher runs after that
-is in ``harness.commands``.
+A bad input raises ``InputError``; ``exits_on_input_error`` turns it into one line on stderr and
+exit code 2. Launchers call ``load_run_config``, then ``preflight.preflight``, before they start
+anything; what each launcher runs after that is in ``harness.commands``.
 """
 
 from __future__ import annotations
@@ -36,14 +34,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.required or "default" in text:
-            return text
-        return super()._get_help_string(action)
+        return text if action.required or "default" in text else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the defaults in the help, and usage errors as the one ``error:`` line
-    (exit 2, via ``exits_on_input_error``) that every other bad input gets."""
+    """argparse with the defaults in the help, and usage errors as every other bad input's ``error:`` line."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -58,17 +53,15 @@ class ArgumentParser(argparse.ArgumentParser):
             raise InputError(f"{name}: expected one of {', '.join(map(str, action.choices))}, got {value!r}")
 
 
-def check_output_file(path: str | Path, key: str) -> Path:
-    """A file a tool writes after its work (``--json``): refused now, not after the measurement, if it
-    names a folder or a device, lies in a folder that does not exist, or cannot be written there;
-    creates nothing (the probe file in its folder is removed at once)."""
+def check_output_file(path: str | Path, key: str) -> None:
+    """A file a tool writes after its work (``--json``), refused now rather than after the measurement
+    if it is a folder or a device, or its folder is missing or not writable; creates nothing."""
     import tempfile
 
     given = Path(path).expanduser()
+    folder = given.absolute().parent
     try:
-        exists, is_file = given.exists(), given.is_file()
-        folder = given.absolute().parent
-        folder_is_dir = folder.is_dir()
+        exists, is_file, folder_is_dir = given.exists(), given.is_file(), folder.is_dir()
     except OSError as err:  # a name past the file system's limit, a loop of links
         raise InputError(f"{key}: {path}: {err.strerror}; expected a file path to write") from None
     if exists and not is_file:
@@ -77,15 +70,11 @@ def check_output_file(path: str | Path, key: str) -> Path:
     if not folder_is_dir:
         raise InputError(f"{key}: {folder} is not a folder; expected a file in an existing folder")
     try:
-        handle, probe = tempfile.mkstemp(prefix=".harness-write-check-", dir=folder)
-        os.close(handle)
-        os.unlink(probe)
+        tempfile.TemporaryFile(dir=folder).close()  # no name on Linux, else removed at once
         if exists:
-            with open(given, "a"):
-                pass
+            open(given, "a").close()
     except OSError as err:
         raise InputError(f"{key}: cannot write {given} ({err.strerror}); expected a writable file") from None
-    return given
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,23 +85,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_run_config(args: argparse.Namespace) -> Config:
     """The validated config, with the tracking URI made absolute so workers elsewhere agree.
-
-    Checks the config itself (keys, types, ranges); ``preflight`` checks the rest.
-    ``args.resolved_config`` (a sweep's torchrun trial) is a config already
-    resolved by the parent process, as JSON: taken as it is, not re-parsed as YAML.
-    """
+    ``args.resolved_config`` (a sweep's torchrun trial) is the parent's resolved config as JSON, taken as it is."""
     resolved = getattr(args, "resolved_config", None)
-    if resolved and args.overrides:
-        raise InputError("--set: not with --resolved-config; expected the overrides already applied in the JSON")
-    if resolved:
-        try:
-            cfg = Config.from_dict(json.loads(resolved))
-        except json.JSONDecodeError as err:
-            raise InputError(f"--resolved-config: not JSON ({err.msg}); expected the JSON of a resolved config") from None
-    else:
+    if not resolved:
         cfg = load_config(args.config, args.overrides)
-    return cfg if resolved or not cfg.tracking.enabled or cfg.tracking.uri else \
-        cfg.replace(**{"tracking.uri": default_tracking_uri()})
+        if cfg.tracking.enabled and not cfg.tracking.uri:
+            return cfg.replace(**{"tracking.uri": default_tracking_uri()})
+        return cfg
+    if args.overrides:
+        raise InputError("--set: not with --resolved-config; expected the overrides already applied in the JSON")
+    try:
+        return Config.from_dict(json.loads(resolved))
+    except json.JSONDecodeError as err:
+        raise InputError(f"--resolved-config: not JSON ({err.msg}); expected the JSON of a resolved config") from None
 
 
 def exits_on_input_error(main: Callable[..., int]) -> Callable[..., int]:
@@ -127,19 +112,11 @@ def exits_on_input_error(main: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
-# Ray's placement group strategies for a run's workers (ScalingConfig.placement_strategy):
-# PACK fills a node before the next (Ray's default), SPREAD uses distinct nodes where it
-# can, STRICT_SPREAD one worker per node (Ray waits for enough nodes; preflight refuses too few).
-RAY_PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
-
-
 def add_ray_arguments(parser: argparse.ArgumentParser, num_workers_help: Optional[str] = None) -> None:
     """The Ray options; ``num_workers_help`` (launch/sweep.py, whose --nproc is the ranks per
     trial) makes --num-workers an unset alias with that help instead of a value of its own."""
-    if num_workers_help:
-        parser.add_argument("--num-workers", type=int, default=None, help=num_workers_help)
-    else:
-        parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (ranks) per run")
+    parser.add_argument("--num-workers", type=int, default=None if num_workers_help else 2,
+                        help=num_workers_help or "Ray Train workers (ranks) per run")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per run")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
@@ -149,7 +126,8 @@ def add_ray_arguments(parser: argparse.ArgumentParser, num_workers_help: Optiona
     parser.add_argument("--shared-storage", action="store_true",
                         help="--storage-path is a folder every node of the Ray cluster sees at the same path "
                              "(a shared file system); needed for a folder on a cluster of several nodes")
-    parser.add_argument("--placement-strategy", default="PACK", choices=RAY_PLACEMENT_STRATEGIES,
+    # Ray's placement group strategies (ScalingConfig.placement_strategy).
+    parser.add_argument("--placement-strategy", default="PACK", choices=("PACK", "SPREAD", "STRICT_SPREAD"),
                         help="where Ray places a run's workers: PACK fills a node first, SPREAD uses distinct "
                              "nodes where it can, STRICT_SPREAD one worker per node")
 
@@ -165,9 +143,8 @@ RAY_ADDRESS_EXPECTED = ("expected the address of a running Ray head: host:port o
 def connect_ray(num_cpus=None) -> None:
     """Join $RAY_ADDRESS's cluster (always set inside a Ray job), else start a local Ray on loopback.
 
-    A malformed or unreachable address is an InputError within RAY_PROBE_TIMEOUT_S;
-    a port that accepts but is no Ray cluster, or Ctrl-C/SIGTERM while connecting,
-    ends the process with one ``error:`` line (see ``_exit_unless_done_within``).
+    A malformed or unreachable address is an InputError within RAY_PROBE_TIMEOUT_S; a port that
+    accepts but is no Ray cluster, or a signal while connecting, ends the process with one line.
     """
     import ray
 
@@ -183,7 +160,12 @@ def connect_ray(num_cpus=None) -> None:
         host, port = ray_host_port(address)
         with _exit_unless_done_within(address, RAY_PROBE_TIMEOUT_S + 5, f"no answer from {address!r} within "
                                       f"{RAY_PROBE_TIMEOUT_S + 5:.0f} s"):
-            _probe_tcp(address, host, port)
+            try:
+                socket.create_connection((host, port), timeout=RAY_PROBE_TIMEOUT_S).close()
+            except OSError as err:  # refused, timed out, unknown host, no route
+                reason = err.strerror or str(err) or type(err).__name__
+                raise InputError(f"RAY_ADDRESS: nothing answers at {address!r} ({reason}); "
+                                 f"{RAY_ADDRESS_EXPECTED}") from None
     with _exit_unless_done_within(address, RAY_INIT_DEADLINE_S, f"{address!r} accepts connections but no Ray "
                                   f"cluster answered within {RAY_INIT_DEADLINE_S:.0f} s"):
         try:
@@ -209,23 +191,14 @@ def ray_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _probe_tcp(address: str, host: str, port: int) -> None:
-    try:
-        socket.create_connection((host, port), timeout=RAY_PROBE_TIMEOUT_S).close()
-    except OSError as err:  # refused, timed out, unknown host, no route
-        reason = err.strerror or str(err) or type(err).__name__
-        raise InputError(f"RAY_ADDRESS: nothing answers at {address!r} ({reason}); {RAY_ADDRESS_EXPECTED}") from None
-
-
 @contextlib.contextmanager
 def _exit_unless_done_within(address: str, deadline_s: float, problem: str):
-    """Run the block; if it takes longer than ``deadline_s``, or SIGINT/SIGTERM arrives,
-    print one ``error: RAY_ADDRESS: ...`` line and end the process (exit 2, or 128 + the signal).
+    """Run the block; if it takes longer than ``deadline_s``, or SIGINT/SIGTERM arrives, print one
+    ``error: RAY_ADDRESS: ...`` line and end the process (exit 2, or 128 + the signal).
 
-    The block may sit in Ray's C++ code, where Python's own handlers never run. Python's
-    C-level handler still writes each signal's number to the wakeup fd, which a watcher
-    thread reads. Nothing has started yet (no worker, no MLflow run), so ``os._exit``
-    leaves nothing half-done. Only from the main thread; elsewhere the block just runs.
+    The block may sit in Ray's C++ code, where Python's handlers never run, but Python's C-level
+    handler still writes each signal's number to the wakeup fd, which a watcher thread reads.
+    Nothing has started yet, so ``os._exit`` leaves nothing half-done. Main thread only.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -1,9 +1,8 @@
 """Will the model fit? A memory estimate checked before anything is allocated.
 
-Owns the estimate of what one training process needs (parameters, gradients,
-the optimizer's state, the activations of one batch, the data set in memory) and the check
-against what the device has free. A model too large for memory is refused with
-the estimate and the limit, instead of the kernel's OOM killer ending the run
+Owns the estimate of what one training process needs (parameters, gradients, the optimizer's
+state, one batch's activations, the data set in memory) and its check against the device's free
+memory: a model too large is refused with both numbers, instead of the OOM killer ending the run
 half-way with its MLflow run left RUNNING. Does not own devices or models.
 """
 
@@ -14,33 +13,30 @@ from harness.core.optim import STATE_KEYS
 from harness.errors import InputError
 
 FLOAT_BYTES = 4
-def copies_per_parameter(cfg: Config) -> int:
-    """Parameters, their gradients and the optimizer's state of every weight (SGD's momentum buffer, Adam's
-    two moments; its step count is one number per run)."""
-    return 2 + sum(key != "step" for key in STATE_KEYS[cfg.optim.name])
 # Per sample and unit: the pre-activation z, the activation a and the gradient
 # flowing back (autograd keeps z and a; the backward pass makes a delta).
 ACTIVATION_COPIES = 3
 
 
+def copies_per_parameter(cfg: Config) -> int:
+    """Parameters, their gradients and the optimizer's state of every weight (SGD's momentum buffer, Adam's
+    two moments; its step count is one number per run)."""
+    return 2 + sum(key != "step" for key in STATE_KEYS[cfg.optim.name])
+
+
 def parameter_count(cfg: Config) -> int:
-    sizes = cfg.layer_sizes
-    return sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes, sizes[1:]))
+    return sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(cfg.layer_sizes, cfg.layer_sizes[1:]))
 
 
 def estimate_training_bytes(cfg: Config) -> int:
     """Bytes one process needs to train ``cfg`` with its largest batch (the whole batch in one process)."""
     batch = max(cfg.sweep.batch_sizes) if cfg.sweep else cfg.optim.global_batch_size
-    eval_batch = cfg.train.eval_batch_size
-    units = sum(cfg.layer_sizes)
     weights = copies_per_parameter(cfg) * parameter_count(cfg)
-    activations = ACTIVATION_COPIES * max(batch, eval_batch) * units
-    if cfg.data.dataset == "synthetic":
-        samples = cfg.data.synthetic.num_train + cfg.data.synthetic.num_test
-    else:
-        samples = sum(KNOWN_SPLIT_SIZES[cfg.data.dataset])
-    data = samples * cfg.input_size
-    return FLOAT_BYTES * (weights + activations + data)
+    activations = ACTIVATION_COPIES * max(batch, cfg.train.eval_batch_size) * sum(cfg.layer_sizes)
+    synthetic = cfg.data.synthetic
+    samples = synthetic.num_train + synthetic.num_test if cfg.data.dataset == "synthetic" \
+        else sum(KNOWN_SPLIT_SIZES[cfg.data.dataset])
+    return FLOAT_BYTES * (weights + activations + samples * cfg.input_size)
 
 
 def available_bytes(device_type: str) -> tuple[int, str]:
@@ -52,15 +48,14 @@ def available_bytes(device_type: str) -> tuple[int, str]:
 
         # This rank's own GPU (torchrun sets LOCAL_RANK): asking about the default
         # device would open a CUDA context on GPU 0 in every rank of the host.
-        device = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
-        free, _ = torch.cuda.mem_get_info(device)
+        free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         return free, "free GPU memory (torch.cuda.mem_get_info)"
     import psutil
 
     return psutil.virtual_memory().available, "available RAM (psutil)"
 
 
-def check_memory(cfg: Config, device_type: str = "cpu") -> None:
+def check_memory(cfg: Config, device_type: str) -> None:
     needed = estimate_training_bytes(cfg)
     limit, what = available_bytes(device_type)
     if needed > limit:

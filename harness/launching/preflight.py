@@ -1,11 +1,9 @@
-"""Every check of a run's input that can fail before anything starts.
+"""Every check of a run's input that can fail before anything starts, in order.
 
-``preflight`` is called by every launcher (launch/train.py on each rank, the sweep
-launchers, the Ray launcher) after the config is loaded and before any process
-group, worker, trial or MLflow run exists, so a bad input is one ``InputError``
-line and exit code 2 with nothing left behind. It owns the order of the checks;
-each check itself lives with what it checks (config, data, memory, tracking,
-checkpoints). Loading the config (its own key checks) is ``entrypoints.load_run_config``.
+Every launcher calls ``preflight`` after loading the config (``entrypoints.load_run_config``) and
+before any process group, worker, trial or MLflow run exists, so a bad input is one ``InputError``
+line and exit code 2 with nothing left behind. Each check lives with what it checks (config, data,
+memory, tracking, checkpoints); this module owns their order.
 """
 
 from __future__ import annotations
@@ -22,6 +20,8 @@ from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import pick_device
 from harness.core.precision import check_precision
 from harness.launching.memory import check_memory
+from harness.launching.ray_cluster import alive_nodes, check_cluster, check_storage_path
+from harness.records.checkpoint_source import CheckpointSource, check_same_architecture, resolve_checkpoint
 from harness.records.mlflow_store import (check_experiment, check_resume_run_in_store, check_tracking_server,
                                          check_tracking_uri, default_tracking_uri)
 
@@ -49,9 +49,8 @@ def preflight(cfg: Config, world_size: int, use_gpu: bool, *, resume: bool = Fal
     if use_gpu:
         pick_device("cuda")
     dataset = load_dataset(cfg)  # a missing or damaged data file fails here, not in every rank or trial
-    resumable = None
-    if resume and not cfg.is_sweep:  # a sweep config has no checkpoint of its own; its trials do
-        resumable = check_resumable(cfg, launch_id)
+    # A sweep config has no checkpoint of its own; its trials do.
+    resumable = check_resumable(cfg, launch_id) if resume and not cfg.is_sweep else None
     # A run that resumes its own checkpoint ignores init_from (it has the weights), so its source may be gone.
     # Every trial of a sweep shares the model, so one check covers them all.
     if cfg.checkpoint.init_from is not None and resumable is None:
@@ -68,31 +67,22 @@ def check_resumable(cfg: Config, launch_id: Optional[str]) -> Optional[Path]:
     return resumable
 
 
-def check_init_from(cfg: Config) -> None:
-    """The run's ``checkpoint.init_from`` exists and holds a network of the run's architecture."""
-    from harness.records.checkpoint_source import check_same_architecture, resolve_checkpoint
-
+def check_init_from(cfg: Config) -> CheckpointSource:
+    """The run's ``checkpoint.init_from``, resolved and checked to hold a network of the run's architecture."""
     source = resolve_checkpoint(cfg.checkpoint.init_from, cfg.tracking.uri or default_tracking_uri(),
                                 "checkpoint.init_from")
     check_same_architecture(source, cfg, "checkpoint.init_from")
+    return source
 
 
 def _device_type(device: str) -> str:
-    wants_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return "cuda" if wants_cuda and torch.cuda.is_available() else "cpu"
+    return "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
 
 
-def preflight_ray_storage(storage_path: str) -> None:
-    """Before joining Ray: the ``--storage-path`` where Ray keeps run state (see ``ray_cluster.check_storage_path``)."""
-    from harness.launching.ray_cluster import check_storage_path
-
-    check_storage_path(storage_path)
+preflight_ray_storage = check_storage_path  # before joining Ray: the --storage-path where Ray keeps run state
 
 
 def preflight_ray_cluster(cfg: Config, storage_path: str, shared_storage: bool, num_workers: int,
                           placement_strategy: str) -> None:
-    """After joining Ray, before any worker or MLflow run: what a cluster of several nodes needs
-    (shared storage, a tracking store every node reaches, nodes to spread over; ``ray_cluster.check_cluster``)."""
-    from harness.launching.ray_cluster import alive_nodes, check_cluster
-
+    """After joining Ray, before any worker or MLflow run: what a cluster of several nodes needs."""
     check_cluster(cfg, storage_path, shared_storage, num_workers, placement_strategy, alive_nodes())

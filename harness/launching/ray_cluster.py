@@ -1,21 +1,11 @@
 """What a Ray run needs from the cluster it joins: storage and records every node reaches, room to spread.
 
-On one node, every worker writes where the driver checked. On several, Ray places
-each worker (rank 0 included) on any node, and that worker writes Ray Train's
-checkpoints to ``--storage-path`` and the MLflow records to ``tracking.uri`` from
-there: a local folder or a SQLite file on another node is another folder or file,
-so a restarted run would not find its checkpoint and the records would be split.
-The checks here refuse that, with one line, before any worker or MLflow
-run starts:
-
-- ``check_storage_path`` (before joining Ray): the folder exists, or can be made in
-  an existing one; a URI (``s3://``, ``gs://``, ...) is the storage service's to check;
-- ``check_cluster`` (after joining, given the alive nodes): with several nodes, a
-  local storage path only if the user says it is shared (``--shared-storage``), a
-  tracking store every node reaches, and enough nodes for ``STRICT_SPREAD``.
-
-``preflight`` calls them (it owns the order of the checks); joining the cluster is
-``entrypoints.connect_ray``'s, the Ray Train run ``ray_train``'s.
+On several nodes Ray places each worker (rank 0 included) on any node, which writes Ray Train's
+checkpoints to ``--storage-path`` and the MLflow records to ``tracking.uri`` from there: a local
+folder or SQLite file is then another one on each node, so a restarted run would not find its
+checkpoint and the records would be split. ``check_storage_path`` (before joining Ray) and
+``check_cluster`` (after, given the alive nodes) refuse that in one line before anything starts;
+``preflight`` calls them.
 """
 
 from __future__ import annotations
@@ -31,8 +21,6 @@ from harness.core.config import Config
 from harness.errors import InputError
 
 DEFAULT_STORAGE_PATH = "checkpoints/ray"
-# Tracking stores that are a file on the machine that opens them.
-FILE_TRACKING_SCHEMES = ("sqlite", "file")
 
 
 @dataclass(frozen=True)
@@ -61,10 +49,8 @@ def resolve_storage_path(path: str) -> str:
 def check_storage_path(path: str) -> None:
     """A local ``--storage-path`` must be a folder, or a new folder in an existing one, and writable.
 
-    Ray makes the last folder itself; a missing parent is the sign of a typo or of a
-    shared file system that is not mounted, which Ray would paper over by creating a
-    local folder tree where the mount should be. The default (``checkpoints/ray``,
-    under the working directory) may be made whole.
+    A missing parent is the sign of a typo or of a shared file system that is not mounted, which Ray
+    would paper over by making a local folder tree where the mount should be. The default may be made whole.
     """
     if is_storage_uri(path):
         return
@@ -88,7 +74,8 @@ def alive_nodes() -> list[ClusterNode]:
 
 def check_cluster(cfg: Config, storage_path: str, shared_storage: bool, num_workers: int, placement_strategy: str,
                   nodes: list[ClusterNode]) -> None:
-    """Refuse what cannot work on this cluster's ``nodes`` (see the module's docstring)."""
+    """Refuse what cannot work on this cluster's ``nodes``: with several, a local storage path unless it is
+    shared (``--shared-storage``) and a tracking store not every node reaches; too few for ``STRICT_SPREAD``."""
     count = len(nodes)
     if count > 1:
         if not is_storage_uri(storage_path) and not shared_storage:
@@ -108,7 +95,7 @@ def check_tracking_reachable(uri: str, nodes: list[ClusterNode]) -> None:
     """A tracking store every node of a multi-node cluster can write: not a file, not this machine's loopback
     when the nodes are on other machines."""
     scheme = uri.partition(":")[0].split("+", 1)[0].lower()
-    if scheme in FILE_TRACKING_SCHEMES:
+    if scheme in ("sqlite", "file"):  # a file on the machine that opens it
         raise InputError(f"tracking.uri: {uri} is a file on this machine, but the Ray cluster has {len(nodes)} "
                          "nodes and rank 0 may run on any of them (a SQLite file is not safe on a shared file "
                          "system either); expected an MLflow server every node reaches (http://host:port, see "
@@ -122,9 +109,7 @@ def check_tracking_reachable(uri: str, nodes: list[ClusterNode]) -> None:
 
 
 def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False

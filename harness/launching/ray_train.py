@@ -1,21 +1,14 @@
 """Ray Train glue: the worker function TorchTrainer runs, and its resume/report hooks.
 
-Ray Train made the process group; this module only reads it
-(``distributed.context_from_process_group``) and trains through the same loop as
-torchrun (one run, or a stack of a sweep's trials: one report per epoch carries
-every member's checkpoint, ``RayHooks``). Resume
-comes from ``ray.train.get_checkpoint()`` (the newest checkpoint Ray registered,
-which after a kill may be one epoch older than the newest file rank 0 wrote: the
-tracker's (metric, step) dedup makes that harmless). Every rank reports after
-every epoch; only rank 0 attaches a checkpoint. The ranks gather
-their Ray node ids as they start, and the run is tagged with them (``ray_worker_nodes``):
-where the workers ran, checked rather than assumed, again after every restart.
+Ray Train made the process group; the worker only reads it (``distributed.context_from_process_group``)
+and trains through the same loop as torchrun (one run, or a stack of a sweep's trials). Every rank
+reports after every epoch; only rank 0 attaches a checkpoint (``RayHooks``). Resume comes from
+``ray.train.get_checkpoint()``, which after a kill may be an epoch older than rank 0's newest file:
+the tracker's (metric, step) dedup makes that harmless. The run is tagged with the ranks' Ray node
+ids (``ray_worker_nodes``): where the workers ran, checked rather than assumed, after every restart.
 
-The driver's side is ``prepare_ray_run`` (paths and options for workers that may
-run elsewhere) and ``fit`` (one run). Checking the input is ``preflight``'s,
-joining the cluster ``entrypoints.connect_ray``'s (and what a cluster of several
-nodes needs, ``ray_cluster``'s), a sweep of Ray runs (a Ray
-Tune experiment whose trials call ``build_trainer``) ``tune_sweep``'s.
+The driver's side is ``prepare_ray_run`` and ``fit`` (one run); a Tune sweep's trials call
+``build_trainer`` (``tune_sweep``).
 """
 
 from __future__ import annotations
@@ -34,7 +27,7 @@ import torch.distributed
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from harness import signals
+from harness import faults, signals
 from harness.core.checkpoint import checkpoint_dir, newest_in
 from harness.core.config import Config
 from harness.core.data import load_dataset
@@ -50,12 +43,10 @@ class RayHooks(RunHooks):
     """Resume from Ray's newest registered checkpoint; with ``resume_local`` (a resumed sweep), from each
     run's own checkpoint folder when Ray has none.
 
-    Ray keeps one checkpoint per report, so the loop reports once per epoch
-    (``epoch_done``), with every member's newest checkpoint file in a folder named as
-    the member's own checkpoint folder (its run name), and, for a run alone, the
-    epoch's metrics (what a Tune scheduler reads). After a restart each member resumes
-    from its folder of Ray's newest checkpoint. A member whose run has ended stays in
-    every later report: a restart finds it ended and does not train it again.
+    Ray keeps one checkpoint per report, so the loop reports once per epoch (``epoch_done``) with
+    every member's newest checkpoint file in a folder named as its run's checkpoint folder, and, for
+    a run alone, the epoch's metrics (for Tune's schedulers). A member whose run has ended stays in
+    every later report, so a restart finds it ended and does not train it again.
     """
 
     def __init__(self, resume_local: bool = False, launch_id: Optional[str] = None,
@@ -67,8 +58,7 @@ class RayHooks(RunHooks):
         self.epoch_metrics: list[dict[str, float]] = []  # this epoch's, one per member that ended it
 
     def run_tags(self) -> dict[str, str]:
-        """Where this attempt's workers run: each rank's Ray node id, in rank order, and how many nodes
-        that is. Set again after a restart, which may place the workers elsewhere."""
+        """Each rank's Ray node id, in rank order, and how many nodes that is (again after a restart)."""
         if not self.worker_nodes:
             return {}
         return {"ray_worker_nodes": ",".join(self.worker_nodes),
@@ -76,17 +66,6 @@ class RayHooks(RunHooks):
 
     def restored_checkpoint(self, cfg: Config) -> Optional[Path]:
         """Run ``cfg``'s file in Ray's newest registered checkpoint (downloaded once); None if there is none."""
-        folder = self._download_restored()
-        if folder is None:
-            return None
-        name = checkpoint_dir(cfg).name
-        path = newest_in(folder / name)
-        if path is not None:
-            self.latest.setdefault(name, path)  # until the member saves again (or for good, if it has ended)
-        return path
-
-    def _download_restored(self) -> Optional[Path]:
-        """Ray's newest registered checkpoint, downloaded once into a folder of this hook's; None if Ray has none."""
         if self._restored_dir is None:
             checkpoint = ray.train.get_checkpoint()
             if checkpoint is None:
@@ -95,7 +74,11 @@ class RayHooks(RunHooks):
             # every worker of the node, and two downloads into it race.
             self._restored_dir = tempfile.mkdtemp(prefix="harness-restore-")
             checkpoint.to_directory(self._restored_dir)
-        return Path(self._restored_dir)
+        name = checkpoint_dir(cfg).name
+        path = newest_in(Path(self._restored_dir) / name)
+        if path is not None:
+            self.latest.setdefault(name, path)  # until the member saves again (or for good, if it has ended)
+        return path
 
     def after_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Optional[Path], ctx: DistContext) -> None:
         if checkpoint is not None:
@@ -135,10 +118,8 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """What each Ray Train worker runs: rebuild the trials' configs (one run, or a stack), train, report.
 
     Returns each member's RunResult as a dict: Ray hands rank 0's to the driver as
-    ``Result.return_value``, the only way the MLflow run ids (known to rank 0 alone)
-    and a divergence (whose epoch is never reported) reach it. The members' data
-    are the first member's (the sweep groups trials whose data differ by seed into
-    different stacks, as for torchrun).
+    ``Result.return_value``, the only way the MLflow run ids (known to rank 0 alone) and a
+    divergence (whose epoch is never reported) reach it. The members share the first one's data.
     """
     members = [Config.from_dict(member) for member in loop_config["configs"]]
     ctx = context_from_process_group(members[0].train.device, launcher="ray")
@@ -165,16 +146,12 @@ def worker_node_ids(ctx: DistContext) -> list[str]:
 
 def worker_env() -> dict[str, str]:
     """Variables the workers need from the submitting process (Ray does not pass its environment)."""
-    names = ("MLFLOW_TRACKING_URI", "HARNESS_DATA_DIR", "HARNESS_GIT_COMMIT", "HARNESS_INJECT_FAULT",
-             "HARNESS_INJECT_HOLD", *COLLECTIVE_CAPTURE_ENV)
+    names = ("MLFLOW_TRACKING_URI", "HARNESS_DATA_DIR", "HARNESS_GIT_COMMIT", *faults.ACTIONS, *COLLECTIVE_CAPTURE_ENV)
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
-# Ray Train 2.60 patches print() in its workers to log through the root logger and,
-# since Ray already replaced the worker's sys.stdout, also tees to the original
-# print: every line a worker prints (the epoch lines) reached the driver twice.
-# Unpatched, a print goes once to the worker's stdout, which Ray streams to the
-# driver prefixed by the worker's pid.
+# Ray Train's print patch in its workers sends every printed line (the epoch lines) to the driver
+# twice; unpatched, a print reaches the driver once, through the worker's streamed stdout.
 WORKER_RUNTIME_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
@@ -184,7 +161,7 @@ class RayOptions:
     use_gpu: bool = False
     max_failures: int = 1
     storage_path: str = "checkpoints/ray"
-    placement_strategy: str = "PACK"  # see entrypoints.RAY_PLACEMENT_STRATEGIES
+    placement_strategy: str = "PACK"  # see entrypoints.add_ray_arguments
     # Captured where the run is launched: Ray tasks and workers have another environment.
     env_vars: dict = field(default_factory=dict)
 
@@ -244,10 +221,10 @@ def run_results(result, trials: list[Config]) -> list[RunResult]:
             for trial, returned in zip(trials, result.return_value["members"])]
 
 
-def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, resume: bool = False) -> RunResult:
+def fit(cfg: Config, options: RayOptions) -> RunResult:
     """One Ray Train run of ``cfg`` (a TorchTrainer) from this driver; rank 0's last report as a RunResult."""
     launch_id = new_launch_id(cfg)
-    trainer = build_trainer([cfg], options, launch_id, parent_run_id, resume)
+    trainer = build_trainer([cfg], options, launch_id)
     # On an early stop the workers die with this driver (or already did) and cannot
     # end their MLflow run themselves: a signal here would leave it RUNNING.
     def on_stop(error: BaseException) -> None:
@@ -260,15 +237,13 @@ def fit(cfg: Config, options: RayOptions, parent_run_id: Optional[str] = None, r
 
 
 def end_orphaned_run(cfg: Config, launch_id: str, status: str, disconnect: bool) -> None:
-    """End the MLflow run of launch ``launch_id`` with ``status`` if it is still RUNNING.
+    """End the MLflow run of launch ``launch_id`` with ``status`` if it is still RUNNING (best effort).
 
-    Called by the driver when ``fit`` stops early; best effort, since the store may be
-    what failed. Ray ends the run's workers with the driver (their owner). With
-    ``disconnect`` (fit has returned) the driver disconnects first and lets them go.
-    Without it (a signal: fit still runs in its thread, inside Ray's C++ client) Ray
-    stays up: ``ray.shutdown()`` would destroy the core worker under that thread, whose
-    next call into Ray would crash the driver with SIGSEGV instead of its exit 143. launch/ray_job.py
-    then ends the process with ``os._exit``, and Ray ends the workers with it.
+    Called by the driver when ``fit`` stops early. With ``disconnect`` (fit has returned) the driver
+    leaves Ray first, which lets the workers go. Without it (a signal: fit still runs in its thread,
+    inside Ray's C++ client) Ray stays up: ``ray.shutdown()`` under that thread would crash the driver
+    with SIGSEGV instead of its exit 143; launch/ray_job.py then ends with ``os._exit``, and Ray ends
+    the workers with it.
     """
     if not cfg.tracking.enabled:
         return

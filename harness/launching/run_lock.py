@@ -1,16 +1,12 @@
 """One run of a name at a time: the process that writes a run's folder holds its lock.
 
-Two runs of one name share the folder ``checkpoint.dir/<name>``: the second would clear
-the first's checkpoints and write its own weights over them, and every reader of that
-folder (``--resume``, ``checkpoint.init_from``, ``harness interpolate``, ``harness
-escape``) would then read the wrong run's weights. So each launcher holds the lock
-(``harness.folder_lock``) of ``<folder>/.lock`` for every folder it writes (a run's, each
-member's of a stack, a sweep's), from after its input checks, before any process group,
-worker or MLflow run starts, until its command ends; a second start is refused in one line.
-
-The holder is the process that outlives the work: the process of a run without
-torchrun, rank 0 of a torchrun job (a restarted rank 0 takes it again), the driver of a
-sweep or of a Ray run (its workers, restarted or on other nodes, never lock).
+Two runs of one name share ``checkpoint.dir/<name>``: the second would write its weights over the
+first's, and every reader of that folder (``--resume``, ``checkpoint.init_from``, ``harness
+interpolate``, ``harness escape``) would read the wrong run's. So each launcher holds
+``<folder>/.lock`` (``harness.folder_lock``) of every folder it writes, from after its input
+checks, before any process group, worker or MLflow run starts, until its command ends. The holder
+is the process that outlives the work: the run's process, rank 0 under torchrun (taken again after
+a restart), the driver of a sweep or a Ray run (whose workers never lock).
 """
 
 from __future__ import annotations
@@ -22,8 +18,6 @@ from harness import folder_lock
 from harness.core.checkpoint import checkpoint_dir
 from harness.core.config import Config
 
-LOCK_NAME = ".lock"
-
 
 @contextlib.contextmanager
 def run_folders_held(cfgs: list[Config], what: str = "run") -> Iterator[None]:
@@ -34,7 +28,7 @@ def run_folders_held(cfgs: list[Config], what: str = "run") -> Iterator[None]:
             if cfg.checkpoint.enabled or cfg.tracking.enabled:
                 folder = checkpoint_dir(cfg)
                 stack.enter_context(folder_lock.held(
-                    folder / LOCK_NAME,
+                    folder / ".lock",
                     lambda holder, folder=folder, name=cfg.name:
                         f"checkpoint.dir: {folder} is in use by another {what} named {name} ({holder}); expected one "
                         f"{what} of a name at a time: wait for it to end, or give this one another name "

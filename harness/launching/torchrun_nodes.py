@@ -3,14 +3,12 @@
     python launch/train.py --config configs/fashion_mnist.yaml \\
         --nnodes 2 --node-rank 0 --nproc-per-node 1 --rdzv-endpoint node0:29400 --rdzv-id run-42
 
-checks the node options against the config (the world size is nnodes x nproc-per-node:
-every global batch size of the run or sweep must split over it, micro-batches too) and
-the run's input (``preflight``), and then replaces this process with
-``torchrun --rdzv-backend c10d ...`` running launch/train.py with the same arguments on
-this node. A bad option is one ``error:`` line and exit code 2 before torchrun starts
-anything. Under torchrun (RANK set) the same options are only compared with what torchrun
-started, so a rank of a job of another shape refuses too. Running torchrun by hand works
-as well (docs/cluster.md); the checks then happen in each rank, after torchrun started.
+checks the node options against the config (every global batch size of the run or sweep must split
+over nnodes x nproc-per-node ranks) and the run's input (``preflight``), then replaces this process
+with ``torchrun --rdzv-backend c10d ...`` running launch/train.py with the same arguments, so a bad
+option is one ``error:`` line and exit code 2 before torchrun starts anything. Under torchrun (RANK
+set) the options are only compared with the job torchrun started. Torchrun started by hand works too
+(docs/cluster.md): each rank then checks.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 from harness.errors import InputError
 
@@ -45,16 +42,13 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --nnodes: worker-group restarts after a rank fails")
 
 
-def _count(option: str, text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise InputError(f"{option}: expected a whole number of at least 1 (a fixed count: the world size sets "
-                         f"each rank's share of the global batch), got {text!r}")
-    return int(text)
-
-
 def node_counts(args: argparse.Namespace) -> tuple[int, int]:
     """(nodes, ranks per node) from --nnodes and --nproc-per-node, refused unless whole numbers >= 1."""
-    return _count("--nnodes", args.nnodes), _count("--nproc-per-node", args.nproc_per_node)
+    for option, text in (("--nnodes", args.nnodes), ("--nproc-per-node", args.nproc_per_node)):
+        if not text.isdigit() or int(text) < 1:
+            raise InputError(f"{option}: expected a whole number of at least 1 (a fixed count: the world size "
+                             f"sets each rank's share of the global batch), got {text!r}")
+    return int(args.nnodes), int(args.nproc_per_node)
 
 
 def starts_torchrun(args: argparse.Namespace) -> bool:
@@ -95,20 +89,18 @@ def check_against_torchrun(args: argparse.Namespace) -> None:
             raise InputError(f"{given[0]}: only with --nnodes; expected --nnodes N as well, or torchrun's own "
                              "options when torchrun is started by hand")
         return
-    started = {"--nnodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
-               "--nproc-per-node": int(os.environ.get("LOCAL_WORLD_SIZE", "1"))}
-    for option, given in zip(started, node_counts(args)):
-        if given != started[option]:
-            raise InputError(f"{option}: {given}, but torchrun started a job of {started['--nnodes']} node(s) with "
-                             f"{started['--nproc-per-node']} rank(s) each (world size "
+    started = int(os.environ.get("GROUP_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    for option, given, want in zip(("--nnodes", "--nproc-per-node"), node_counts(args), started):
+        if given != want:
+            raise InputError(f"{option}: {given}, but torchrun started a job of {started[0]} node(s) with "
+                             f"{started[1]} rank(s) each (world size "
                              f"{os.environ.get('WORLD_SIZE')}); expected the same numbers as torchrun's")
 
 
 def torchrun_command(args: argparse.Namespace, train_argv: list[str]) -> list[str]:
     """This node's torchrun command line, running launch/train.py with ``train_argv``."""
     nnodes, nproc_per_node = node_counts(args)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
+    command = [str(Path(sys.executable).with_name("torchrun")), f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
                f"--max-restarts={args.max_restarts}"]
     if nnodes == 1:
         command.append("--standalone")  # a rendezvous of its own on a free port, a new id per launch
@@ -122,8 +114,8 @@ def torchrun_command(args: argparse.Namespace, train_argv: list[str]) -> list[st
     return command + [str(TRAIN_SCRIPT), *train_argv]
 
 
-def exec_torchrun(command: list[str], env: Optional[dict] = None) -> None:
+def exec_torchrun(command: list[str]) -> None:
     """Become ``command``: torchrun then gets the terminal's signals itself, as if started by hand."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(command[0], command, env if env is not None else os.environ)
+    os.execv(command[0], command)

@@ -778,7 +778,7 @@ def torchrun_never_starts(monkeypatch):
     pytest's own process with torchrun. Fail the test instead."""
     from harness.launching import torchrun_nodes
 
-    def started(command, env=None):
+    def started(command):
         raise AssertionError(f"torchrun was started: {command}")
 
     monkeypatch.setattr(torchrun_nodes, "exec_torchrun", started)

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, run_command, UncapturedGraphStep
+from conftest import CONFIGS, REPO, run_command, UncapturedGraphStep, train_run
 from harness.core.config import load_config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
@@ -21,7 +21,6 @@ from harness.core.trainer import SingleRun, train_epoch
 from harness.core.step import unwrap
 from harness.core.sharpness import read_sharpness
 from harness.core.trainer import build_trainer
-from harness.launching.runs import train_run
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

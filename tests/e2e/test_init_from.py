@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_command, smoke_config
+from conftest import REPO, run_command, smoke_config, train_run
 from harness.core.checkpoint import newest_in
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import MLP
-from harness.launching.runs import train_run
 
 # Digits, one 32-unit layer; the source trains 2 epochs, so its momentum buffers are far from zero.
 TINY = ("data.dataset=digits", "metrics.sharpness=false", "metrics.noise_scale=false",

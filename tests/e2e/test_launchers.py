@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, run_command, seeded_store
+from conftest import CONFIGS, REPO, run_command, seeded_store, train_run
 from harness.core.config import load_config
 from harness.core.evaluation import is_evaluation_step
 
@@ -50,7 +50,6 @@ def single_process_params(tmp):
     """configs/smoke.yaml with the global batch in one process at world size 1, trained here by the loop that
     launch/train.py runs without torchrun (train_run; a new interpreter adds only its imports): final parameters."""
     from harness.core.distributed import DistContext
-    from harness.launching.runs import train_run
 
     train_run(load_config(CONFIGS / "smoke.yaml", [f"tracking.uri={seeded_store(tmp)}", f"checkpoint.dir={tmp}/ckpt",
                                                    f"train.epochs={EPOCHS}"]), DistContext())

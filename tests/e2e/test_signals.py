@@ -19,12 +19,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, seeded_store, smoke_config
+from conftest import CONFIGS, REPO, seeded_store, smoke_config, train_run
 from harness import signals
 from harness.core.distributed import DistContext
 from harness.records.tracking import make_tracker
 from harness.core.train_loop import RunHooks, train
-from harness.launching.runs import train_run
 
 pytestmark = pytest.mark.slow
 

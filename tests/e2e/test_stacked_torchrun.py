@@ -10,13 +10,12 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_command, seeded_store
+from conftest import REPO, run_command, seeded_store, train_run
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.launching.runs import train_trials
 from harness.core.train_loop import RunHooks
-from harness.launching.runs import train_run
 from harness.sweeps.sweep import expand_trials
 
 TRAIN = str(REPO / "launch/train.py")

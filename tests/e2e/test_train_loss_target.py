@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, run_command, seeded_store, smoke_config
+from conftest import CONFIGS, REPO, run_command, seeded_store, smoke_config, train_run
 from harness.core.checkpoint import config_fingerprint
 from harness.core.config import load_config
 from harness.core.data import load_dataset
@@ -21,7 +21,6 @@ from harness.core.distributed import DistContext
 from harness.core.evaluation import AUTO_EVAL_COST, RunCounters, eval_floor
 from harness.core.model import build_model
 from harness.core.train_loop import RunHooks
-from harness.launching.runs import train_run
 
 TRAIN_SIZE = 256
 # Digits, 256 training samples in one batch of 256: every step is a full-batch step and

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, REPO, FailAfterEpoch, smoke_config
+from conftest import CONFIGS, REPO, FailAfterEpoch, smoke_config, train_run
 from harness.core import evaluation
 from harness.core.checkpoint import Checkpoints
 from harness.core.config import load_config
@@ -16,7 +16,7 @@ from harness.core.distributed import DistContext
 from harness.core.evaluation import AUTO_EVAL_COST, AUTO_RESOLUTION, eval_floor, is_evaluation_step
 from harness.core.model import build_model
 from harness.core.train_loop import RunHooks
-from harness.launching.runs import train_run, train_trials
+from harness.launching.runs import train_trials
 from harness.errors import InputError
 
 # smoke: 512 training samples in batches of 64, 8 steps an epoch; the validation

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from conftest import smoke_config
+from conftest import smoke_config, train_run
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import MLP
-from harness.launching.runs import train_run
 from harness.measure.interpolation import interpolate_state, interpolation_curve
 
 # Digits and a 32-unit layer: two runs of three epochs each take about two seconds, and leave

@@ -6,12 +6,11 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from conftest import FailAfterEpoch, smoke_config
+from conftest import FailAfterEpoch, smoke_config, train_run
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import build_model
 from harness.core.train_loop import RunHooks
-from harness.launching.runs import train_run
 
 # Digits, 256 training samples in batches of 64: 4 steps an epoch. A 64-4-10 network has
 # 310 parameters, few enough for the dense Hessian.

@@ -3,14 +3,13 @@
 import pytest
 import torch
 
-from conftest import diverged, member_state_dict, stack_epoch
+from conftest import diverged, member_state_dict, stack_epoch, train_run
 from harness.core import stacked
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.stacked import StackedTrainer, check_stackable
 from harness.core.optim import Schedule
-from harness.launching.runs import train_run
 from harness.errors import InputError
 
 EPOCHS = 3

@@ -7,12 +7,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, smoke_config
+from conftest import CONFIGS, smoke_config, train_run
 from harness.core.checkpoint import Checkpoints
 from harness.core.distributed import DistContext
 from harness.sweeps.sweep import expand_trials, run_sweep
 from harness.core.train_loop import RunHooks, train
-from harness.launching.runs import train_run
 from harness.core.evaluation import is_evaluation_step
 from harness.records.tracking import BY_STEP_KEYS, make_tracker
 
@@ -134,9 +133,9 @@ def test_in_process_sweep_nests_one_child_per_batch_size(tmp_path):
 
 def test_tracking_off_never_imports_mlflow(tmp_path):
     code = ("import sys; from harness.core.config import load_config; from harness.core.distributed import DistContext; "
-            "from harness.launching.runs import train_run; "
+            "from harness.launching.runs import train_trials; "
             f"cfg = load_config({str(CONFIGS / 'smoke.yaml')!r}, ['tracking.enabled=false', "
-            f"'checkpoint.dir={tmp_path}']); train_run(cfg, DistContext()); print('mlflow' in sys.modules)")
+            f"'checkpoint.dir={tmp_path}']); train_trials([cfg], DistContext()); print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
