@@ -19,6 +19,7 @@ FIT_MIN_BATCH_SIZES = 3
 INTERVAL_LEVEL = 0.9  # of the bootstrap interval of B_crit
 # Per-trial metrics the training loop logs.
 STEPS, SAMPLES = "steps_to_target", "samples_to_target"
+RACE_BOUND = "steps_to_target_lower_bound"  # a trial the race stopped (train.race_stop) took more steps than this
 NOISE_PROBE, NOISE_EXACT = "grad_noise_scale_at_target", "grad_noise_scale_exact_at_target"
 # Cumulative within a run (the last logged value is the run's total), and what each one times.
 TIME_METRICS = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epoch_eval_s": "epoch-end evaluation",
@@ -59,6 +60,18 @@ class TunedBatch:
             return ""
         return "smallest" if self.best is self.grid[0] else "largest" if self.best is self.grid[-1] else ""
 
+    @property
+    def race_stopped(self) -> int:
+        return sum(math.isfinite(race_bound(t)) for c in self.grid for t in c.trials)
+
+    @property
+    def race_doubt(self) -> list[float]:
+        """LRs with seeds the race stopped whose median, counting those seeds at their lower bounds, is at most
+        the tuned median: there the race, not the training, may have decided the tuned LR."""
+        tuned = self.best.median_steps if self.best else math.inf
+        return [c.lr for c in self.grid if c is not self.best and any(math.isfinite(race_bound(t)) for t in c.trials)
+                and statistics.median(min(steps_of(t), race_bound(t)) for t in c.trials) <= tuned]
+
     def values(self, key: str) -> list[float]:
         """``key`` of the best LR's seeds that reached the target and logged it (samples fall back to B x steps)."""
         reached = [t for t in self.best.trials if math.isfinite(steps_of(t))] if self.best else []
@@ -95,6 +108,12 @@ class CriticalBatch:
 def steps_of(trial) -> float:
     """Steps to target of one trial; inf where it never reached the target (or diverged)."""
     value = trial.final.get(STEPS, math.inf)
+    return math.inf if trial.diverged or not math.isfinite(value) else value
+
+
+def race_bound(trial) -> float:
+    """The lower bound on the steps of a trial the race stopped; inf for any other."""
+    value = trial.final.get(RACE_BOUND, math.inf)
     return math.inf if trial.diverged or not math.isfinite(value) else value
 
 
@@ -207,6 +226,14 @@ def markdown(results: list[CriticalBatch]) -> str:
         if edges:
             lines += [f"Best LR on the grid's edge (the optimum may lie beyond it; widen the grid): "
                       f"{', '.join(edges)}.", ""]
+        stopped = sum(t.race_stopped for t in result.tuned)
+        if stopped:
+            doubt = [f"{t.batch_size} (LR {', '.join(f'{lr:.4g}' for lr in t.race_doubt)})"
+                     for t in result.tuned if t.race_doubt]
+            lines += [f"Race stop: {stopped} trial(s) stopped short of the target at k times the steps of the fastest "
+                      "trial of their batch size, each with a lower bound on its steps; " +
+                      (f"the race may have decided the tuned LR at {', '.join(doubt)}: rerun with a larger "
+                       "sweep.race_stop." if doubt else "none of them could have been a tuned LR."), ""]
         lines += [answer_line(result), ""]
     return "\n".join(lines)
 

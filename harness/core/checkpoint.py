@@ -36,7 +36,8 @@ KEEP_NEWEST = 2
 # executed: the same update, rounded differently), so a run may resume with another value.
 _NOT_FINGERPRINTED = ("name", "tracking", "checkpoint", "sweep", "trial", "metrics", "performance", "train.epochs",
                       "train.max_steps", "train.progress", "train.eval_batch_size", "train.device",
-                      "train.target_train_loss", "optim.micro_batch_size")
+                      "train.target_train_loss", "train.race_stop", "train.race_best_steps",
+                      "optim.micro_batch_size")
 
 
 def config_fingerprint(cfg: Config) -> str:

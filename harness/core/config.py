@@ -143,6 +143,11 @@ class TrainConfig(ConfigModel):
     # End the run (FINISHED) at the first evaluation whose loss over the whole training split is
     # at or below this: batch sizes compared at equal training loss (Keskar et al. 2017).
     target_train_loss: Optional[PositiveFloat] = None
+    # With stop_at_target: stop a trial still short of the target at race_stop times the steps of the
+    # fastest trial of its batch size (a stack's members, and race_best_steps from trials run before);
+    # it is recorded with a lower bound on its steps (core/evaluation.py Race). Sweeps set both.
+    race_stop: Optional[Annotated[float, Field(gt=1), Expect("a number > 1 or null")]] = None
+    race_best_steps: Optional[PositiveInt] = None
 
 
 class MetricsConfig(ConfigModel):
@@ -154,6 +159,10 @@ class MetricsConfig(ConfigModel):
     # None: about 40 evaluations over the run's step budget (harness/core/evaluation.py).
     eval_every_steps: Optional[PositiveInt] = None
     eval_samples: PositiveInt = 2000
+    # The epoch-end training loss and accuracy on this many training samples, spread evenly over the
+    # split (the same ones every epoch, on every launcher): an estimate; a run's last epoch scores
+    # the whole split. None: the whole split every epoch.
+    train_eval_samples: Optional[PositiveInt] = None
     # The automatic schedule's budget: evaluations cost about this fraction of training at most
     # (core/evaluation.py eval_floor); a larger fraction buys a finer stopping point.
     eval_cost: Annotated[float, Field(gt=0, le=1), Expect("a number in (0, 1]")] = DEFAULT_EVAL_COST
@@ -237,6 +246,9 @@ class SweepConfig(ConfigModel):
     # Trials that share batch size and architecture trained as one stacked model (core/stacked.py),
     # up to this many per stack; auto: as many as can; 1: each alone.
     stack_trials: StackTrials = 1
+    # The steps-to-target race (trials with train.stop_at_target): a trial still short of the target at
+    # this many times the steps of the fastest trial of its batch size stops (train.race_stop). null: off.
+    race_stop: Optional[Annotated[float, Field(gt=1), Expect("a number > 1 or null")]] = 2.0
 
     @property
     def stacks(self) -> bool:
@@ -379,6 +391,9 @@ def _check_cross_field(cfg: Config) -> None:
     if cfg.train.stop_at_target and cfg.metrics.target_val_accuracy is None:
         raise InputError("train.stop_at_target: true needs a target; expected metrics.target_val_accuracy "
                          "in (0, 1], or stop_at_target false")
+    if cfg.train.race_stop is not None and not cfg.train.stop_at_target:
+        raise InputError(f"train.race_stop: {cfg.train.race_stop:g} races trials to their target; expected "
+                         "train.stop_at_target true, or race_stop null")
     if cfg.train.target_train_loss is not None and cfg.train.stop_at_target:
         raise InputError(f"train.target_train_loss: {cfg.train.target_train_loss:g} given together with "
                          "train.stop_at_target true; expected at most one stopping rule (train.stop_at_target false)")

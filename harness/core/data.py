@@ -132,6 +132,14 @@ class Split:
         """The first ``count`` samples."""
         return Split(self.features[:count], self.targets[:count])
 
+    def spread(self, count: Optional[int]) -> "Split":
+        """``count`` samples evenly spaced over the split (a fixed subsample that needs no seed); all of it
+        for None or a count at least its length."""
+        if count is None or count >= len(self):
+            return self
+        rows = torch.linspace(0, len(self) - 1, count, device=self.targets.device).long()
+        return Split(self.features.index_select(0, rows), self.targets.index_select(0, rows))
+
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The samples at ``indices`` (any shape): features [*indices.shape, d] and targets [*indices.shape].
         ``index_select`` copies whole rows: several times faster than ``features[indices]``."""

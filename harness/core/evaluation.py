@@ -49,6 +49,7 @@ class RunCounters:
     sharpness_seconds: float = 0.0  # every sharpness reading, the final one included (time_sharpness_s)
     sharpness_readings: int = 0
     hessian_vector_products_total: int = 0  # of all sharpness readings: their cost in backward passes
+    race_stopped_step: int = 0  # 0: not stopped by the race (train.race_stop); else the step it stopped at
 
 
 def time_metrics(counters: RunCounters) -> dict[str, float]:
@@ -147,6 +148,25 @@ class TrainingClock:
         return now
 
 
+class Race:
+    """The steps-to-target race of one batch size's trials (train.race_stop = k): a trial still short of the
+    target at k times the steps of the fastest trial that reached it cannot be its batch size's tuned one
+    unless the seeds disagree by more than k (harness/analysis/critical.py checks that), so it stops there.
+
+    ``best``: the fewest steps to the target known, from the trials of other processes
+    (train.race_best_steps) and the members of this stack as they reach it."""
+
+    def __init__(self, factor: Optional[float], best: Optional[int] = None):
+        self.factor, self.best = factor, best or math.inf
+
+    def reached(self, steps: int) -> None:
+        self.best = min(self.best, steps)
+
+    def lost(self, global_step: int) -> bool:
+        """Is a trial still short of the target at ``global_step`` out of the race?"""
+        return self.factor is not None and global_step >= self.factor * self.best
+
+
 class StepEvaluations:
     """The periodic evaluations of one run, on every rank (they all-reduce, and all ranks agree). The loop
     calls ``start_epoch``, ``after_step`` after each step (true: stop, a target is reached), stops ``clock``
@@ -154,9 +174,11 @@ class StepEvaluations:
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, validation: Split,
                  train_set: Split, probe: Optional[NoiseProbe], counters: RunCounters, last_step: int,
-                 training_stream=contextlib.nullcontext, sharpness=None, *, clock: TrainingClock):
+                 training_stream=contextlib.nullcontext, sharpness=None, *, clock: TrainingClock,
+                 race: Optional[Race] = None):
         self.cfg, self.ctx, self.model, self.probe, self.counters = cfg, ctx, model, probe, counters
         self.clock = clock  # a stack's members share one
+        self.race = race or Race(None)  # and one race
         # The budget's last step is evaluated too: a trial whose last steps fall between
         # two evaluations would otherwise be "not reached" when its final parameters did.
         self.last_step = last_step
@@ -199,7 +221,13 @@ class StepEvaluations:
         loss_reached = self._check_train_loss(global_step)
         counters.eval_seconds += self.clock.restart() - started
         if reached is None:
+            if target is not None and not counters.target_reached_step and self.race.lost(global_step):
+                # Its steps to the target are more than this: a lower bound, not "not reached".
+                counters.race_stopped_step = global_step
+                self.at_target["steps_to_target_lower_bound"] = float(global_step)
+                return True
             return loss_reached
+        self.race.reached(reached.steps)
         counters.target_reached_step, counters.target_reached_epoch = reached.steps, counters.epoch + 1
         self.at_target = {"steps_to_target": float(reached.steps), "samples_to_target": float(reached.samples),
                           "seconds_to_target": reached.seconds, "epochs_to_target": reached.epochs}

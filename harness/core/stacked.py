@@ -36,7 +36,8 @@ from harness.core.noise_probe import MemberProbes, halves_squared_norm
 SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.validation_size",
                "data.train_subset", "data.synthetic", "optim.name", "optim.global_batch_size",
                "optim.micro_batch_size", "train.drop_last", "performance.precision", "train.epochs", "train.max_steps",
-               "metrics.noise_scale", "metrics.noise_scale_ema_decay", "metrics.noise_scale_interval")
+               "metrics.noise_scale", "metrics.noise_scale_ema_decay", "metrics.noise_scale_interval",
+               "train.race_stop")
 # On a CPU one pass of the stacked step computes at most about this many samples (members x batch):
 # beyond it the stack's activations outgrow the caches and the step runs slower than the same
 # members one after another (docs/steps.md measures it).

@@ -25,7 +25,7 @@ from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.epoch_bar import LossPostfix, epoch_bar
-from harness.core.evaluation import RunCounters, StepEvaluations, TrainingClock, evaluate, time_metrics, timed
+from harness.core.evaluation import Race, RunCounters, StepEvaluations, TrainingClock, evaluate, time_metrics, timed
 from harness.core.sharpness import SharpnessReadings, sharpness_cost_metrics
 from harness.core.stacked_run import build_stack
 from harness.core.step import unwrap
@@ -192,8 +192,12 @@ def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHoo
     step, and at the epoch's end each member's measurements, log, checkpoint and (if its run ends) finish."""
     ctx = members[0].trainer.ctx
     clock = shared_clock(ctx.device, members)
+    race = Race(members[0].cfg.train.race_stop,
+                min((m.cfg.train.race_best_steps for m in members if m.cfg.train.race_best_steps), default=None))
     for m in members:
-        _begin(m, dataset, hooks, clock)
+        _begin(m, dataset, hooks, clock, race)
+        if m.counters.target_reached_step:  # reached before a restart: it still leads the race
+            race.reached(m.counters.target_reached_step)
         if first_epoch(m.cfg, m.counters) > m.cfg.total_epochs:
             m.finished = True  # stopped at its target before the restart: nothing left to train
             m.tracker.finish("FINISHED")
@@ -311,12 +315,16 @@ def _finish(m: Member) -> None:
 
 
 def first_epoch(cfg: Config, counters: RunCounters) -> int:
-    """The next epoch to train; past the last for a run that stopped at its target (resuming it trains nothing)."""
-    stopped = counters.stopped_at_target or counters.train_loss_target_step > 0
-    return cfg.total_epochs + 1 if stopped else counters.epoch + 1
+    """The next epoch to train; past the last for a run that stopped early (resuming it trains nothing)."""
+    return cfg.total_epochs + 1 if stopped_early(counters) else counters.epoch + 1
 
 
-def _begin(m: Member, dataset: Dataset, hooks: RunHooks, clock: TrainingClock) -> None:
+def stopped_early(counters: RunCounters) -> bool:
+    """Has the run ended before its budget: at its target, its training-loss target, or out of the race?"""
+    return counters.stopped_at_target or counters.train_loss_target_step > 0 or counters.race_stopped_step > 0
+
+
+def _begin(m: Member, dataset: Dataset, hooks: RunHooks, clock: TrainingClock, race: Race) -> None:
     """A resumed run's state loaded, or a new run's start: step-0 sharpness and the epoch-0 checkpoint."""
     trainer, ctx = m.trainer, m.trainer.ctx
     m.counters = RunCounters() if m.state is None else load_state(trainer, m.state)
@@ -325,7 +333,7 @@ def _begin(m: Member, dataset: Dataset, hooks: RunHooks, clock: TrainingClock) -
     m.result = RunResult(m.run_id, m.counters.epoch, m.counters.global_step)
     m.evals = StepEvaluations(m.cfg, ctx, trainer.model, dataset.validation, trainer.train_set, trainer.noise_probe,
                               m.counters, m.cfg.step_budget(trainer.plan.steps_per_epoch),
-                              trainer.train_step.on_training_stream, m.sharp, clock=clock)
+                              trainer.train_step.on_training_stream, m.sharp, clock=clock, race=race)
     if m.state is not None:
         return
     if m.sharp.periodic:  # step 0, before the first update, logged before epoch 0 is saved
@@ -352,9 +360,9 @@ def _end_epoch(m: Member, dataset: Dataset, epoch: int, samples: int, train_loss
     counters.stopped_at_target = cfg.train.stop_at_target and counters.target_reached_step > 0
     # train.target_train_loss: the run ends at the check that reached it (it broke out of the epoch
     # there), so what is measured below is measured at those parameters.
-    stopped = counters.stopped_at_target or counters.train_loss_target_step > 0
+    stopped = stopped_early(counters)
     is_last = epoch == cfg.total_epochs or stopped
-    metrics, tags = _measure_epoch(m, dataset, train_loss_running, samples)
+    metrics, tags = _measure_epoch(m, dataset, train_loss_running, samples, is_last)
     diverged = "diverged" in tags
     metrics.update(m.evals.take_at_target())
     if not diverged:
@@ -366,6 +374,9 @@ def _end_epoch(m: Member, dataset: Dataset, epoch: int, samples: int, train_loss
             tags[key] = str(int(metrics[key]))
         elif is_last and not reached_step and target is not None:
             tags[key] = "not reached"
+    if counters.race_stopped_step:
+        tags.update(steps_to_target=f"slower than the best by more than {cfg.train.race_stop:g}x",
+                    race_stopped_step=str(counters.race_stopped_step))
     if counters.stopped_at_target:
         tags["stopped_at_target"] = "true"
     metrics.update(time_metrics(counters))  # cumulative; the last epoch's are the run's
@@ -402,7 +413,7 @@ def _log_trajectory(tracker, sharp: SharpnessReadings) -> None:
 
 
 def _measure_epoch(m: Member, dataset: Dataset, train_loss_running: float,
-                   samples: int) -> tuple[dict[str, float], dict[str, str]]:
+                   samples: int, is_last: bool) -> tuple[dict[str, float], dict[str, str]]:
     """The epoch's metrics and tags; every rank runs it (evaluation and the probe all-reduce)."""
     trainer, counters = m.trainer, m.counters
     if not math.isfinite(train_loss_running) or train_loss_running > DIVERGED_LOSS:
@@ -412,7 +423,10 @@ def _measure_epoch(m: Member, dataset: Dataset, train_loss_running: float,
     metrics = {"train_loss_running": train_loss_running}
     with timed(counters, "epoch_eval_seconds", trainer.ctx.device):
         faults.maybe_kill("evaluate", counters.epoch, trainer.ctx.rank)
-        for prefix, split in (("train", dataset.train), ("val", dataset.validation), ("test", dataset.test)):
+        # The training split's per-epoch numbers are an estimate on metrics.train_eval_samples; the last whole.
+        train = dataset.train if is_last else dataset.train.spread(m.cfg.metrics.train_eval_samples)
+        metrics["train_eval_samples"] = float(len(train))
+        for prefix, split in (("train", train), ("val", dataset.validation), ("test", dataset.test)):
             if len(split):
                 metrics[f"{prefix}_loss"], metrics[f"{prefix}_accuracy"] = evaluate(
                     trainer.model, split, trainer.ctx, trainer.cfg.train.eval_batch_size)

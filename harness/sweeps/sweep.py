@@ -61,6 +61,8 @@ def expand_trials(cfg: Config) -> list[Config]:
             raw["optim"]["warmup_epochs"] = sweep.warmup_epochs
         if sweep.budget_steps is not None:
             raw["train"]["max_steps"] = sweep.budget_steps
+        if cfg.train.stop_at_target and cfg.train.race_stop is None:
+            raw["train"]["race_stop"] = sweep.race_stop
         trials.append(Config.from_dict(raw))
     return trials
 
@@ -238,11 +240,24 @@ def run_stacks(cfg: Config, ctx: DistContext, resume: bool, run_stack, how,
     progress = SweepProgress(len(trials)) if ctx.is_main else None
     with sweep_parent_run(cfg, ctx, resume, trials) as parent:
         for indices in pending_stacks(cfg, trials, parent, split_by_seed):
-            members = [trials[i] for i in indices]
+            members = [race_from(trials[i], parent.outcomes) for i in indices]
             if progress:
                 progress.starting_stack(indices, members, how(indices))
             parent.outcomes += run_stack(members, indices, parent)
     return parent
+
+
+def race_from(trial: Config, outcomes: list[TrialOutcome]) -> Config:
+    """``trial`` with train.race_best_steps: the fewest steps to the target among the trials of its batch size
+    (and LR rule) this process has run (a trial run by another process reports nothing back here)."""
+    if trial.train.race_stop is None:
+        return trial
+    steps = [o.result.metrics["steps_to_target"] for o in outcomes
+             if o.result and "steps_to_target" in o.result.metrics and o.cfg.trial == trial.trial
+             and o.cfg.optim.global_batch_size == trial.optim.global_batch_size]
+    if not steps:
+        return trial
+    return trial.model_copy(update={"train": trial.train.model_copy(update={"race_best_steps": int(min(steps))})})
 
 
 def run_sweep(cfg: Config, ctx: DistContext, dataset: Optional[Dataset] = None, resume: bool = False) -> SweepParent:

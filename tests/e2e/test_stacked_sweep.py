@@ -22,7 +22,7 @@ train: {epochs: 3, progress: false, stop_at_target: true}
 metrics: {target_val_accuracy: 0.9, eval_every_steps: 4, exact_noise_samples: 128, noise_scale_interval: 1}
 tracking: {experiment: stacks}
 sweep: {batch_sizes: [32, 64], seeds: [0, 1], lr_rules: [sqrt], base_batch_size: 64, warmup_epochs: 0.5,
-        lr_factors: [0.5, 1, 4]}
+        lr_factors: [0.5, 1, 4], race_stop: null}
 """
 # Wall-clock metrics: a member's share of its stack's time is not the time of its trial alone.
 CLOCK_KEYS = ("time_", "epoch_s", "samples_per_s", "eval_fraction", "seconds_to_target",

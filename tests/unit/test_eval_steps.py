@@ -140,6 +140,9 @@ def test_resume_reaches_the_target_at_the_same_step_with_the_same_measurements(t
     (["metrics.target_val_accuracy=1.5"], "metrics.target_val_accuracy: expected a number in (0, 1] or null"),
     (["metrics.target_val_accuracy=0"], "metrics.target_val_accuracy: expected a number in (0, 1] or null"),
     (["train.stop_at_target=true", "metrics.target_val_accuracy=null"], "train.stop_at_target: true needs a target"),
+    (["train.race_stop=2"], "train.race_stop: 2 races trials to their target; expected train.stop_at_target true"),
+    (["train.stop_at_target=true", "train.race_stop=1"], "train.race_stop: expected a number > 1 or null"),
+    (["metrics.train_eval_samples=0"], "metrics.train_eval_samples: expected a positive number"),
 ])
 def test_bad_evaluation_keys_are_refused_with_one_line(overrides, expected):
     with pytest.raises(InputError) as error:
@@ -178,17 +181,42 @@ class FailAtEpochEnd(RunHooks):
             raise RuntimeError("injected failure")
 
 
-def test_a_stack_resumed_after_its_first_member_stopped_at_the_target_trains_the_others_to_the_end(tmp_path):
-    def stack(place):  # member 0 reaches the target early and stops; member 1 never does
-        return [smoke_config(place, "tracking.enabled=false", f"name=m{k}", f"optim.lr={lr}", *STOP)
+@pytest.mark.parametrize("race_stop", [None, 2], ids=["no race", "race"])
+def test_a_stack_resumed_after_its_first_member_stopped_at_the_target_ends_each_member_where_it_ends_unbroken(
+        tmp_path, race_stop):
+    def stack(place):  # member 0 reaches the target early and stops; member 1 never does (the race stops it)
+        race = [f"train.race_stop={race_stop}"] if race_stop else []
+        return [smoke_config(place, "tracking.enabled=false", f"name=m{k}", f"optim.lr={lr}", *STOP, *race)
                 for k, lr in enumerate((0.4, 0.002))]
     straight = train_trials(stack(tmp_path / "straight"), DistContext())
     stopped_epoch = straight[0].epochs_completed
-    assert stopped_epoch < straight[1].epochs_completed == 6
+    assert stopped_epoch < straight[1].epochs_completed <= 6
     interrupted = stack(tmp_path / "resumed")
     with pytest.raises(RuntimeError, match="injected failure"):
         train_trials(interrupted, DistContext(), hooks=FailAtEpochEnd(stopped_epoch))
     resumed = train_trials(interrupted, DistContext(), hooks=RunHooks(resume=True))
     assert [r.global_step for r in resumed] == [r.global_step for r in straight]
+    bound = straight[1].metrics.get("steps_to_target_lower_bound")
+    # The race: member 1 stops at the first evaluation at or past twice member 0's steps, with that bound.
+    assert bound == (None if race_stop is None else straight[1].global_step)
+    if race_stop:
+        assert straight[1].global_step >= race_stop * straight[0].metrics["steps_to_target"] > straight[1].global_step - 3
+        assert resumed[1].metrics["steps_to_target_lower_bound"] == bound
     a, b = (torch.load(r.checkpoint, weights_only=True)["model"] for r in (straight[1], resumed[1]))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_epoch_training_metrics_are_an_estimate_on_fixed_samples_and_the_last_epoch_scores_the_whole_split(tmp_path):
+    cfg = smoke_config(tmp_path, "metrics.train_eval_samples=100", "train.epochs=3", "metrics.sharpness=false")
+    result = train_run(cfg, DistContext())
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    counts = [m.value for m in sorted(client.get_metric_history(result.run_id, "train_eval_samples"),
+                                      key=lambda m: m.step)]
+    assert counts == [100, 100, 512]
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(result.checkpoint, weights_only=True)["model"])
+    train = load_dataset(cfg).train
+    whole = evaluation.evaluate(model, train, DistContext(), 10000)
+    assert result.metrics["train_loss"] == pytest.approx(whole[0], rel=1e-6)
+    spread = train.spread(100)  # evenly spaced over the split: its ends included, no repeats
+    assert torch.equal(spread.targets[[0, -1]], train.targets[[0, -1]]) and len(spread) == 100
