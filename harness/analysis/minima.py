@@ -56,6 +56,7 @@ class CellRow:
     reached: int
     diverged: int
     stats: dict[str, tuple[float, float]]  # column -> (mean, std) over the trials averaged
+    raced: int = 0  # trials the steps-to-target race stopped (train.race_stop): neither reached nor not
 
     @property
     def limit(self) -> float:
@@ -72,7 +73,8 @@ def cell_rows(trials: list, columns, averaged, reached) -> list[CellRow]:
         kept = [t for t in members if averaged(t)]
         stats = {column: mean_std([t.final[key] for t in kept if key in t.final]) for column, key in columns}
         rows.append(CellRow(rule, batch_size, lr, members[0].momentum, len(members), sum(map(reached, members)),
-                            sum(t.diverged for t in members), stats))
+                            sum(t.diverged for t in members), stats,
+                            sum("steps_to_target_lower_bound" in t.final for t in members)))
     return rows
 
 

@@ -103,7 +103,8 @@ def markdown_table(rows: list[minima.CellRow]) -> str:
         s = row.stats
         lines.append(f"| {row.lr_rule} | {row.batch_size} | {row.lr:.4g} | {row.seeds} "
                      f"| {cell(*s['test_accuracy'], 4)} | {cell(*s['gap_accuracy'], 4)} | {cell(*s['gap_loss'], 4)} "
-                     f"| {cell(*s['steps_to_target'], 0)} | {row.reached}/{row.seeds} "
+                     f"| {cell(*s['steps_to_target'], 0)} | {row.reached}/{row.seeds}"
+                     f"{f' ({row.raced} stopped by the race)' if row.raced else ''} "
                      f"| {cell(*s['noise_scale'], 0)} | {cell(*s['sharpness'], 2)} | {row.diverged} |")
     return "\n".join(lines)
 

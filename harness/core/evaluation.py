@@ -95,6 +95,35 @@ def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size:
     return float(totals[0]) / count, float(totals[1]) / count
 
 
+@torch.no_grad()
+def evaluate_members(models: list[torch.nn.Module], split: Split, ctx: DistContext,
+                     batch_size: int) -> list[tuple[float, float]]:
+    """``evaluate`` of several MLPs of one architecture at once (a stack's members): their weights stacked
+    [K, ...] and one batched forward per chunk of ``batch_size`` member-samples, so K members cost one
+    evaluation's passes, not K. One model is ``evaluate`` itself."""
+    if len(models) == 1:
+        return [evaluate(models[0], split, ctx, batch_size)]
+    nets = [unwrap(m) for m in models]
+    weights = [torch.stack(layer) for layer in zip(*([l.weight for l in n.linears] for n in nets))]
+    biases = [torch.stack(layer).unsqueeze(1) for layer in zip(*([l.bias for l in n.linears] for n in nets))]
+    shard = torch.tensor_split(torch.arange(len(split)), ctx.world_size)[ctx.rank]
+    start, stop = (int(shard[0]), int(shard[-1]) + 1) if len(shard) else (0, 0)
+    rows = max(1, batch_size // len(nets))
+    totals = torch.zeros(len(nets), 3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
+    for lo in range(start, stop, rows):
+        x, y = split.features[lo:min(stop, lo + rows)], split.targets[lo:min(stop, lo + rows)]
+        z = torch.matmul(x, weights[0].transpose(1, 2)) + biases[0]  # [K, n, d_1]
+        for w, b in zip(weights[1:], biases[1:]):
+            z = torch.baddbmm(b, nets[0].activation(z), w.transpose(1, 2))
+        losses = F.cross_entropy(z.flatten(0, 1), y.repeat(len(nets)), reduction="none")
+        totals[:, 0] += losses.view(len(nets), -1).sum(1)
+        totals[:, 1] += (z.argmax(2) == y).sum(1)
+        totals[:, 2] += len(y)
+    all_reduce_sum(totals, ctx)
+    count = totals[:, 2].clamp(min=1.0)
+    return list(zip((totals[:, 0] / count).tolist(), (totals[:, 1] / count).tolist()))
+
+
 # The automatic schedule keeps evaluations under about this fraction of training
 # (metrics.eval_cost, default AUTO_EVAL_COST): scoring n samples is one forward pass,
 # about a third of a training step's forward and backward over n samples, so k steps

@@ -25,7 +25,8 @@ from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.epoch_bar import LossPostfix, epoch_bar
-from harness.core.evaluation import Race, RunCounters, StepEvaluations, TrainingClock, evaluate, time_metrics, timed
+from harness.core.evaluation import (Race, RunCounters, StepEvaluations, TrainingClock, evaluate_members,
+                                     synchronized_now, time_metrics, timed)
 from harness.core.sharpness import SharpnessReadings, sharpness_cost_metrics
 from harness.core.stacked_run import build_stack
 from harness.core.step import unwrap
@@ -267,9 +268,13 @@ def _end_members_epoch(live: list[Member], dataset: Dataset, hooks: RunHooks, ep
     # Every rank's loss and samples, summed.
     totals = all_reduce_sum(torch.tensor([[m.loss for m in live], [float(m.samples) for m in live]],
                                          dtype=torch.float64, device=ctx.device), ctx).tolist()
+    running = [loss / max(samples, 1.0) for loss, samples in zip(*totals)]
+    for m, samples in zip(live, totals[1]):
+        _count_epoch(m, epoch, int(samples))
+    scores = _score_members([m for m, loss in zip(live, running) if not _blown_up(loss)], dataset)
     ending = []
-    for m, loss, samples in zip(live, *totals):
-        stopped = _end_epoch(m, dataset, epoch, int(samples), loss / max(samples, 1.0))
+    for m, loss, samples in zip(live, running, totals[1]):
+        stopped = _end_epoch(m, epoch, int(samples), loss, scores.get(id(m), {}))
         if not m.result.diverged:
             _save(m, hooks, epoch)
         if m.result.diverged or stopped or epoch == m.cfg.total_epochs:
@@ -351,18 +356,62 @@ def _save(m: Member, hooks: RunHooks, epoch: int) -> None:
     hooks.after_epoch(epoch, m.result.metrics, m.latest, m.trainer.ctx)
 
 
-def _end_epoch(m: Member, dataset: Dataset, epoch: int, samples: int, train_loss_running: float) -> bool:
-    """After an epoch's steps (all of them, or those before the run stopped inside it): count them,
-    measure, log; the run's result so far in ``m.result``. Returns whether it stopped (target reached)."""
-    cfg, counters = m.cfg, m.counters
+def _count_epoch(m: Member, epoch: int, samples: int) -> None:
+    """Count an epoch's steps (all of them, or those before the run stopped inside it) and samples."""
+    counters = m.counters
     counters.epoch, counters.global_step = epoch, counters.global_step + m.steps
     counters.samples_seen += samples
-    counters.stopped_at_target = cfg.train.stop_at_target and counters.target_reached_step > 0
-    # train.target_train_loss: the run ends at the check that reached it (it broke out of the epoch
-    # there), so what is measured below is measured at those parameters.
+    counters.stopped_at_target = m.cfg.train.stop_at_target and counters.target_reached_step > 0
+
+
+def _is_last(m: Member) -> bool:
+    """Does the member's run end with this epoch? (train.target_train_loss: the run ends at the check that
+    reached it, having broken out of the epoch there, so what is measured is measured at those parameters.)"""
+    return m.counters.epoch == m.cfg.total_epochs or stopped_early(m.counters)
+
+
+def _blown_up(train_loss_running: float) -> bool:
+    return not math.isfinite(train_loss_running) or train_loss_running > DIVERGED_LOSS
+
+
+def _score_members(members: list[Member], dataset: Dataset) -> dict[int, dict[str, float]]:
+    """The epoch-end loss and accuracy of every split for ``members``, by ``id``: the members whose runs go on
+    as one batched evaluation (a stack served as one), those ending here as another (their training split
+    whole, the others' its metrics.train_eval_samples estimate). The time is shared evenly among them."""
+    if not members:
+        return {}
+    ctx = members[0].trainer.ctx
+    faults.maybe_kill("evaluate", members[0].counters.epoch, ctx.rank)
+    scores: dict[int, dict[str, float]] = {}
+    for last in (False, True):
+        group = [m for m in members if _is_last(m) == last]
+        if not group:
+            continue
+        started = synchronized_now(ctx.device)
+        train = dataset.train if last else dataset.train.spread(group[0].cfg.metrics.train_eval_samples)
+        metrics = [{"train_eval_samples": float(len(train))} for _ in group]
+        for prefix, split in (("train", train), ("val", dataset.validation), ("test", dataset.test)):
+            if len(split):
+                values = evaluate_members([m.trainer.model for m in group], split, ctx,
+                                          group[0].cfg.train.eval_batch_size)
+                for out, (loss, accuracy) in zip(metrics, values):
+                    out[f"{prefix}_loss"], out[f"{prefix}_accuracy"] = loss, accuracy
+        share = (synchronized_now(ctx.device) - started) / len(group)
+        for m, out in zip(group, metrics):
+            out["generalization_gap_accuracy"] = out["train_accuracy"] - out["test_accuracy"]
+            out["generalization_gap_loss"] = out["test_loss"] - out["train_loss"]
+            m.counters.epoch_eval_seconds += share
+            scores[id(m)] = out
+    return scores
+
+
+def _end_epoch(m: Member, epoch: int, samples: int, train_loss_running: float, scores: dict[str, float]) -> bool:
+    """After an epoch's steps were counted: measure, log; the run's result so far in ``m.result``. Returns
+    whether it stopped (a target reached, or out of the race)."""
+    cfg, counters = m.cfg, m.counters
     stopped = stopped_early(counters)
-    is_last = epoch == cfg.total_epochs or stopped
-    metrics, tags = _measure_epoch(m, dataset, train_loss_running, samples, is_last)
+    is_last = _is_last(m)
+    metrics, tags = _measure_epoch(m, train_loss_running, samples, scores)
     diverged = "diverged" in tags
     metrics.update(m.evals.take_at_target())
     if not diverged:
@@ -412,26 +461,16 @@ def _log_trajectory(tracker, sharp: SharpnessReadings) -> None:
             tracker.log_metric_history(key, points)
 
 
-def _measure_epoch(m: Member, dataset: Dataset, train_loss_running: float,
-                   samples: int, is_last: bool) -> tuple[dict[str, float], dict[str, str]]:
-    """The epoch's metrics and tags; every rank runs it (evaluation and the probe all-reduce)."""
+def _measure_epoch(m: Member, train_loss_running: float, samples: int,
+                   scores: dict[str, float]) -> tuple[dict[str, float], dict[str, str]]:
+    """The epoch's metrics and tags, its evaluations' ``scores`` among them; every rank runs it (the probe
+    all-reduces)."""
     trainer, counters = m.trainer, m.counters
-    if not math.isfinite(train_loss_running) or train_loss_running > DIVERGED_LOSS:
+    if _blown_up(train_loss_running):
         # Evaluating a blown-up model only produces NaNs: record the loss and stop.
         return ({"train_loss_running": train_loss_running, "global_step": float(counters.global_step)},
                 {"diverged": "true", "diverged_epoch": str(counters.epoch)})
-    metrics = {"train_loss_running": train_loss_running}
-    with timed(counters, "epoch_eval_seconds", trainer.ctx.device):
-        faults.maybe_kill("evaluate", counters.epoch, trainer.ctx.rank)
-        # The training split's per-epoch numbers are an estimate on metrics.train_eval_samples; the last whole.
-        train = dataset.train if is_last else dataset.train.spread(m.cfg.metrics.train_eval_samples)
-        metrics["train_eval_samples"] = float(len(train))
-        for prefix, split in (("train", train), ("val", dataset.validation), ("test", dataset.test)):
-            if len(split):
-                metrics[f"{prefix}_loss"], metrics[f"{prefix}_accuracy"] = evaluate(
-                    trainer.model, split, trainer.ctx, trainer.cfg.train.eval_batch_size)
-        metrics["generalization_gap_accuracy"] = metrics["train_accuracy"] - metrics["test_accuracy"]
-        metrics["generalization_gap_loss"] = metrics["test_loss"] - metrics["train_loss"]
+    metrics = {"train_loss_running": train_loss_running, **scores}
     if trainer.noise_probe:
         with timed(counters, "probe_seconds", trainer.ctx.device):
             metrics.update(trainer.noise_probe.epoch_metrics())

@@ -108,13 +108,13 @@ def test_a_run_that_never_reaches_the_target_uses_its_budget_and_says_not_reache
 
 
 def test_evaluations_happen_only_at_their_steps(tmp_path, monkeypatch):
-    calls = []
-    real = evaluation.evaluate
-    monkeypatch.setattr(evaluation, "evaluate", lambda *args: calls.append(1) or real(*args))
+    steps = []
+    real = evaluation.StepEvaluations._evaluate
+    monkeypatch.setattr(evaluation.StepEvaluations, "_evaluate", lambda self, step: steps.append(step) or real(self, step))
     cfg = smoke_config(tmp_path, "tracking.enabled=false", "train.max_steps=20", "metrics.eval_every_steps=4",
                        "metrics.sharpness=false")
     train_run(cfg, DistContext())
-    assert len(calls) == 20 // 4
+    assert steps == [4, 8, 12, 16, 20]
 
 
 def test_resume_reaches_the_target_at_the_same_step_with_the_same_measurements(tmp_path):
@@ -220,3 +220,13 @@ def test_epoch_training_metrics_are_an_estimate_on_fixed_samples_and_the_last_ep
     assert result.metrics["train_loss"] == pytest.approx(whole[0], rel=1e-6)
     spread = train.spread(100)  # evenly spaced over the split: its ends included, no repeats
     assert torch.equal(spread.targets[[0, -1]], train.targets[[0, -1]]) and len(spread) == 100
+
+
+def test_members_evaluated_as_one_score_what_each_scores_alone():
+    cfg = load_config(CONFIGS / "smoke.yaml", ["tracking.enabled=false"])
+    split = load_dataset(cfg).test
+    models = [build_model(cfg.model_copy(update={"seed": seed})) for seed in (0, 1, 2)]
+    together = evaluation.evaluate_members(models, split, DistContext(), batch_size=100)
+    for model, (loss, accuracy) in zip(models, together):
+        alone = evaluation.evaluate(model, split, DistContext(), batch_size=10000)
+        assert loss == pytest.approx(alone[0], rel=1e-6) and accuracy == alone[1]

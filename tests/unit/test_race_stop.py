@@ -49,3 +49,4 @@ def test_the_race_stops_slow_trials_finished_with_a_bound_and_leaves_the_tuned_t
         [(t.batch_size, t.best.lr, t.best.steps) for t in b.tuned]
     assert (a.fit.b_crit, a.low, a.high) == pytest.approx((b.fit.b_crit, b.low, b.high), rel=0, abs=0)
     assert not any(t.race_doubt for t in a.tuned)
+    assert "stopped by the race)" in raced.markdown_table and "stopped by the race" not in full.markdown_table
