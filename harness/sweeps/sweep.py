@@ -114,7 +114,7 @@ def pending_stacks(cfg: Config, trials: list[Config], parent: "SweepParent",
     seed's trials per stack (where each process loads its first trial's data, whose split depends on it)."""
     pending = [i for i, trial in enumerate(trials) if not parent.skip(trial)]
     if not cfg.sweep.stacks:
-        return [[i] for i in pending]
+        return [[i] for i in sorted(pending, key=lambda i: race_order(cfg, trials[i], i))]
     groups: dict[tuple, list[int]] = {}
     for i in pending:
         key = tuple(repr(dotted(trials[i], k)) for k in SHARED_KEYS) + ((trials[i].seed,) if split_by_seed else ())
@@ -124,6 +124,17 @@ def pending_stacks(cfg: Config, trials: list[Config], parent: "SweepParent",
         size = len(members) if cfg.sweep.stack_trials == "auto" else cfg.sweep.stack_trials
         stacks += [members[i:i + size] for i in range(0, len(members), size)]
     return sorted(stacks)
+
+
+def race_order(cfg: Config, trial: Config, index: int) -> tuple:
+    """Where trial ``index`` runs among its batch size's trials one by one: where trials race to their target
+    over an LR grid of factors, the rule's own LR first, then the factors out from it (the likeliest fastest
+    first, so the race's best is known early); else in sweep order."""
+    if trial.train.race_stop is None or not cfg.sweep.lr_factors:
+        return (index,)
+    rule_lr = trial_lr(cfg, trial.trial.lr_rule, trial.optim.global_batch_size, 1.0)
+    return (trial.trial.lr_rule, trial.optim.global_batch_size, abs(math.log(trial.optim.lr / rule_lr)),
+            trial.optim.lr, index)
 
 
 def format_duration(seconds: float) -> str:

@@ -9,7 +9,7 @@ from conftest import seeded_store
 from harness.analysis.report import build_report
 from harness.core.config import Config
 from harness.core.distributed import DistContext
-from harness.sweeps.sweep import run_sweep
+from harness.sweeps.sweep import SweepParent, expand_trials, pending_stacks, run_sweep
 
 # 3 batch sizes x 3 LRs x 2 seeds on digits, each batch size one stack; LR x1/8 is far slower than the
 # others at every batch size, so the race stops it.
@@ -50,3 +50,15 @@ def test_the_race_stops_slow_trials_finished_with_a_bound_and_leaves_the_tuned_t
     assert (a.fit.b_crit, a.low, a.high) == pytest.approx((b.fit.b_crit, b.low, b.high), rel=0, abs=0)
     assert not any(t.race_doubt for t in a.tuned)
     assert "stopped by the race)" in raced.markdown_table and "stopped by the race" not in full.markdown_table
+
+
+@pytest.mark.parametrize("race_stop", [2.0, None], ids=["race", "no race"])
+def test_trials_one_by_one_race_the_rules_lr_first_then_out_from_it(race_stop):
+    raw = {**SWEEP, "sweep": {**SWEEP["sweep"], "race_stop": race_stop, "stack_trials": 1, "batch_sizes": [16, 32],
+                              "lr_factors": [0.25, 0.5, 1, 2], "seeds": [0]}}
+    cfg = Config.from_dict(yaml.safe_load(yaml.safe_dump(raw)))
+    trials = expand_trials(cfg)
+    order = [trials[i].name.split("-lrx")[1] for (i,) in pending_stacks(cfg, trials, SweepParent(None))]
+    factors = ["0.25", "0.5", "1", "2"]
+    expected = ["1", "0.5", "2", "0.25"] if race_stop else factors  # |log factor|: 0, log 2 (twice), log 4
+    assert order == [f"{f}-seed0" for f in expected * 2]
