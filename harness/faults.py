@@ -1,7 +1,7 @@
 """Deliberate crashes for fault tests: SIGKILL this process at a named point, once, or hold it there.
 
 ``HARNESS_INJECT_FAULT=<point>:<epoch>:<rank>:<marker file>`` (several, comma-separated; points: ``step``,
-``micro_batch`` (before the second pass of the epoch's middle step), ``evaluate``, ``checkpoint``): that
+``micro_batch`` (before the second pass of the epoch's middle step), ``checkpoint``): that
 rank kills itself at that point of that epoch unless the marker exists; it writes the marker first, so
 the restarted run goes through. ``HARNESS_INJECT_HOLD`` takes the same specs and sleeps there instead
 (at most ``HOLD_S``), once, so a test can fail something outside the rank (a Ray node) mid-epoch.
@@ -20,11 +20,11 @@ from harness.errors import InputError
 # Each variable, and the word its marker file starts with.
 ACTIONS = {"HARNESS_INJECT_FAULT": "killed", "HARNESS_INJECT_HOLD": "holding"}
 HOLD_S = 120.0  # long enough for the test to act, short enough that a missed action still ends the run
-POINTS = ("step", "micro_batch", "evaluate", "checkpoint")
+POINTS = ("step", "micro_batch", "checkpoint")
 
 
 def parse_specs(env_var: str) -> list[tuple[str, int, int, str]]:
-    """``step:1:0:/tmp/m,evaluate:2:1:/tmp/n`` in ``$env_var`` -> [(point, epoch, rank, marker), ...];
+    """``step:1:0:/tmp/m,checkpoint:2:1:/tmp/n`` in ``$env_var`` -> [(point, epoch, rank, marker), ...];
     InputError for a malformed spec, so launchers refuse it at start-up (check_env)."""
     specs = []
     for spec in filter(None, os.environ.get(env_var, "").split(",")):
