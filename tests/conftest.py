@@ -319,13 +319,6 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group("ray-cluster"))
         elif module_fixtures and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    # Longest first (--dist loadgroup hands out groups in this order): the Ray cluster's tests, one worker's
-    # chain of the longest tests, start at once; then the other groups; the short unit tests fill in last.
-    def rank(item) -> int:
-        group = item.get_closest_marker("xdist_group")
-        return (0 if group and group.args[0] == "ray-cluster" else 1 if group
-                else 2 if e2e in Path(item.fspath).parents else 3)
-    items.sort(key=rank)
 
 
 def _module_fixtures(item) -> list[str]:
