@@ -88,8 +88,10 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
                                        parent_run_id=args.parent_run_id)
                 for member, result in zip(members, results):
                     say(finished_line(member, result), ctx=ctx)
-        finally:
+        except BaseException:
             distributed.shutdown()
+            raise
+        distributed.shutdown(finished=True)
     return 0
 
 

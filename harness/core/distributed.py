@@ -190,8 +190,12 @@ def context_from_process_group(requested_device: str, launcher: str = "ray") -> 
                        device=_rank_device(requested_device, local_rank), launcher=launcher)
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group. ``finished`` (every rank ends its work here): meet at a barrier first, so no
+    rank tears down its gloo connections while a peer still uses them (a peer then aborts, SIGABRT)."""
     if dist.is_available() and dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
