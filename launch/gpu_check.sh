@@ -67,7 +67,7 @@ if [ ! -s "$out/bench-cuda.json" ]; then
     run bench-without-graph-ddp "$py" -m harness.cli bench "${bench_args[@]}" \
         --paths harness harness_ddp harness_graph --json "$out/bench-cuda.json"
 fi
-# The target workload (configs/sweep_gpu.yaml): 7 batch sizes, 10 epochs, one seed, one GPU.
+# The GPU sweep (configs/sweep_gpu.yaml): 7 batch sizes, 10 epochs, one seed, one GPU.
 sweep_args=(--config configs/sweep_gpu.yaml --launcher local "${tracking[@]}" --set train.device=cuda)
 run sweep-graph "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_graph=true \
     --set checkpoint.dir=/tmp/gpu-check-sweep-graph
