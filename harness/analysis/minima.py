@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
+from harness.analysis.critical import RACE_BOUND
 from harness.analysis.spread import cell, mean_std
 
 # Per-trial metrics the training loop logs (core/evaluation.py).
@@ -74,7 +75,7 @@ def cell_rows(trials: list, columns, averaged, reached) -> list[CellRow]:
         stats = {column: mean_std([t.final[key] for t in kept if key in t.final]) for column, key in columns}
         rows.append(CellRow(rule, batch_size, lr, members[0].momentum, len(members), sum(map(reached, members)),
                             sum(t.diverged for t in members), stats,
-                            sum("steps_to_target_lower_bound" in t.final for t in members)))
+                            sum(RACE_BOUND in t.final for t in members)))
     return rows
 
 

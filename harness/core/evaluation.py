@@ -77,15 +77,20 @@ def timed(counters: RunCounters, field: str, device: torch.device):
         setattr(counters, field, getattr(counters, field) + synchronized_now(device) - started)
 
 
+def _rank_chunks(split: Split, ctx: DistContext, rows: int):
+    """This rank's contiguous shard of ``split`` (the ranks' shards sum-reduce to the whole), ``rows`` at a time."""
+    shard = torch.tensor_split(torch.arange(len(split)), ctx.world_size)[ctx.rank]
+    start, stop = (int(shard[0]), int(shard[-1]) + 1) if len(shard) else (0, 0)
+    for lo in range(start, stop, rows):
+        yield split.features[lo:min(stop, lo + rows)], split.targets[lo:min(stop, lo + rows)]
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size: int) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole split; each rank scores a contiguous shard, then a sum-reduce."""
     model = unwrap(model)
-    shard = torch.tensor_split(torch.arange(len(split)), ctx.world_size)[ctx.rank]
-    start, stop = (int(shard[0]), int(shard[-1]) + 1) if len(shard) else (0, 0)
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
-    for lo in range(start, stop, batch_size):
-        x, y = split.features[lo:min(stop, lo + batch_size)], split.targets[lo:min(stop, lo + batch_size)]
+    for x, y in _rank_chunks(split, ctx, batch_size):
         logits = model(x)
         totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
         totals[1] += (logits.argmax(1) == y).sum()
@@ -106,12 +111,8 @@ def evaluate_members(models: list[torch.nn.Module], split: Split, ctx: DistConte
     nets = [unwrap(m) for m in models]
     weights = [torch.stack(layer) for layer in zip(*([l.weight for l in n.linears] for n in nets))]
     biases = [torch.stack(layer).unsqueeze(1) for layer in zip(*([l.bias for l in n.linears] for n in nets))]
-    shard = torch.tensor_split(torch.arange(len(split)), ctx.world_size)[ctx.rank]
-    start, stop = (int(shard[0]), int(shard[-1]) + 1) if len(shard) else (0, 0)
-    rows = max(1, batch_size // len(nets))
     totals = torch.zeros(len(nets), 3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
-    for lo in range(start, stop, rows):
-        x, y = split.features[lo:min(stop, lo + rows)], split.targets[lo:min(stop, lo + rows)]
+    for x, y in _rank_chunks(split, ctx, max(1, batch_size // len(nets))):
         z = torch.matmul(x, weights[0].transpose(1, 2)) + biases[0]  # [K, n, d_1]
         for w, b in zip(weights[1:], biases[1:]):
             z = torch.baddbmm(b, nets[0].activation(z), w.transpose(1, 2))
