@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from harness.core.config_loader import (ConfigModel, Expect, check, list_of, parse_override, read_yaml_file,
                                         set_dotted)
@@ -77,6 +77,17 @@ StackTrials = Annotated[Any, check(
     lambda v: None if v == "auto" or (type(v) is int and v >= 1) else "a positive number of trials per stack, or auto")]
 # A validator, not min_length: a string of spaces is blank too, and the value must stay as given.
 NonBlank = Annotated[str, check(lambda v: None if v.strip() else "a non-empty string")]
+
+
+def _accuracy_targets_complaint(value) -> Optional[str]:
+    values = value if isinstance(value, tuple) else (value,)
+    fine = (values and all(type(v) is float and 0 < v <= 1 for v in values) and len(set(values)) == len(values))
+    return None if value is None or fine else "a number in (0, 1], or a non-empty list of distinct such numbers"
+
+
+# One held-out accuracy target, or several (a list); a single number stays a number, as configs wrote it.
+AccuracyTargets = Annotated[Any, BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value),
+                            check(_accuracy_targets_complaint)]
 Betas = list_of(float, check(lambda v: None if len(v) == 2 and all(0 <= b < 1 for b in v)
                              else "two numbers in [0, 1)"))
 
@@ -153,9 +164,9 @@ class TrainConfig(ConfigModel):
 class MetricsConfig(ConfigModel):
     """What harness/measure/metrics.py measures during a run."""
 
-    # Steps-to-target (Shallue et al. 2018): the first evaluation (on the first eval_samples
-    # validation samples) whose accuracy reaches this.
-    target_val_accuracy: Optional[Annotated[float, Field(gt=0, le=1), Expect("a number in (0, 1] or null")]] = 0.85
+    # Steps-to-target (Shallue et al. 2018): the first step whose accuracy on the first eval_samples
+    # validation samples reaches this; a list: each target's (the run goes on to the last).
+    target_val_accuracy: Optional[AccuracyTargets] = 0.85
     # None: about 40 evaluations over the run's step budget (harness/core/evaluation.py).
     eval_every_steps: Optional[PositiveInt] = None
     eval_samples: PositiveInt = 2000
@@ -169,6 +180,9 @@ class MetricsConfig(ConfigModel):
     # The exact B_simple from per-example gradients at the target (measure/exact_noise.py),
     # over the first N training samples; None: not computed.
     exact_noise_samples: Optional[PositiveInt] = 1024
+    # The exact B_simple at a target: its two components averaged over the states after the last N
+    # steps up to the crossing, then divided (one step's |G|^2 swings with the momentum's oscillation).
+    noise_window_steps: PositiveInt = 16
     noise_scale: bool = True
     noise_scale_ema_decay: Fraction = 0.95
     # Measure every N-th step: the estimate is an average anyway, and measuring costs.
@@ -184,6 +198,12 @@ class MetricsConfig(ConfigModel):
     # metrics. None: only the final reading.
     sharpness_every: Optional[PositiveInt] = None
     sharpness_every_unit: Literal["steps", "doubling_steps", "epochs"] = "steps"
+
+    @property
+    def accuracy_targets(self) -> tuple[float, ...]:
+        """The held-out accuracy targets, ascending; () without one."""
+        value = self.target_val_accuracy
+        return () if value is None else tuple(sorted(value if isinstance(value, tuple) else (value,)))
 
 
 class PerformanceConfig(ConfigModel):

@@ -1,9 +1,10 @@
 """Evaluations inside a run, at step resolution, and where a run's time goes.
 
 Owns ``evaluate`` (loss and accuracy of a split, sharded over ranks); ``StepEvaluations``
-(the periodic accuracy of a fixed validation subset, on ``eval_interval``'s schedule, the
-first one reaching ``metrics.target_val_accuracy`` and what is measured there; with
-``train.target_train_loss``, the whole training split's loss); ``RunCounters`` and the clock.
+(the periodic accuracy of a fixed validation subset, on ``eval_interval``'s schedule and at
+each epoch's end; which of ``metrics.target_val_accuracy``'s targets it finds reached, recorded
+at the exact steps core/crossing.py finds; with ``train.target_train_loss``, the whole training
+split's loss); the race; ``RunCounters`` and the clock.
 
 Between evaluations nothing here syncs with the device: steps and samples are host
 integers. Leaves the loop and what is logged when to core/train_loop.py.
@@ -24,9 +25,7 @@ from harness.core.config import DEFAULT_EVAL_COST, Config
 from harness.core.data import Split
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.step import unwrap
-from harness.measure.exact_noise import exact_noise_scale
 from harness.core.noise_probe import NoiseProbe
-from harness.measure.metrics import steps_to_target
 
 
 @dataclass
@@ -50,6 +49,8 @@ class RunCounters:
     sharpness_readings: int = 0
     hessian_vector_products_total: int = 0  # of all sharpness readings: their cost in backward passes
     race_stopped_step: int = 0  # 0: not stopped by the race (train.race_stop); else the step it stopped at
+    targets_reached: tuple = ()  # (target, step) of each metrics.target_val_accuracy reached, ascending
+    replay_seconds: float = 0.0  # training again to find the exact step of each target (time_replay_s)
 
 
 def time_metrics(counters: RunCounters) -> dict[str, float]:
@@ -57,6 +58,7 @@ def time_metrics(counters: RunCounters) -> dict[str, float]:
     return {"time_train_s": counters.train_seconds, "time_eval_s": counters.eval_seconds,
             "time_epoch_eval_s": counters.epoch_eval_seconds, "time_probe_s": counters.probe_seconds,
             "time_tracking_s": counters.tracking_seconds, "time_sharpness_s": counters.sharpness_seconds,
+            "time_replay_s": counters.replay_seconds,
             "eval_fraction": counters.eval_seconds / counters.train_seconds if counters.train_seconds else 0.0}
 
 
@@ -152,9 +154,12 @@ def eval_interval(cfg: Config, global_step: int) -> int:
     return floor * 2 ** max(0, math.floor(math.log2(max(global_step * AUTO_RESOLUTION / floor, 1.0))))
 
 
-def is_evaluation_step(cfg: Config, global_step: int) -> bool:
-    """Does the run evaluate after step ``global_step`` (1-based)? Stateless, so a resumed run keeps the schedule."""
-    return global_step % eval_interval(cfg, global_step) == 0
+def is_evaluation_step(cfg: Config, global_step: int, steps_per_epoch: int = 0) -> bool:
+    """Does the run evaluate after step ``global_step`` (1-based)? Stateless, so a resumed run keeps the schedule.
+    Given ``steps_per_epoch``, a run with a target evaluates after every epoch's last step too: a checkpoint
+    is then a state checked below the targets not reached, where core/crossing.py can start after a restart."""
+    epoch_end = steps_per_epoch and cfg.metrics.accuracy_targets and global_step % steps_per_epoch == 0
+    return bool(epoch_end) or global_step % eval_interval(cfg, global_step) == 0
 
 
 class TrainingClock:
@@ -199,31 +204,42 @@ class Race:
 
 class StepEvaluations:
     """The periodic evaluations of one run, on every rank (they all-reduce, and all ranks agree). The loop
-    calls ``start_epoch``, ``after_step`` after each step (true: stop, a target is reached), stops ``clock``
-    after the last step, then takes the histories and ``at_target`` to log."""
+    calls ``start_epoch``, ``after_step`` after each step (true: stop); where an evaluation found targets
+    reached (``crossed``) it finds their exact steps (core/crossing.py) and hands them to ``settle``
+    (true: stop); it stops ``clock`` after the last step, then takes the histories and ``at_target`` to log."""
 
     def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, validation: Split,
                  train_set: Split, probe: Optional[NoiseProbe], counters: RunCounters, last_step: int,
-                 training_stream=contextlib.nullcontext, sharpness=None, *, clock: TrainingClock,
-                 race: Optional[Race] = None):
+                 steps_per_epoch: int, sharpness=None, *, clock: TrainingClock, race: Optional[Race] = None):
         self.cfg, self.ctx, self.model, self.probe, self.counters = cfg, ctx, model, probe, counters
         self.clock = clock  # a stack's members share one
         self.race = race or Race(None)  # and one race
         # The budget's last step is evaluated too: a trial whose last steps fall between
         # two evaluations would otherwise be "not reached" when its final parameters did.
-        self.last_step = last_step
+        self.last_step, self.steps_per_epoch = last_step, steps_per_epoch
+        self.targets = cfg.metrics.accuracy_targets
         self.subset = validation.head(cfg.metrics.eval_samples)
         self.train_set = train_set
-        self.training_stream = training_stream  # where autograd on the parameters runs (the graph step's stream)
         self.history: list[tuple[int, float]] = []  # (global step, subset accuracy) not logged yet
         self.train_loss_history: list[tuple[int, float]] = []  # (global step, full training loss) not logged yet
         self.sharpness = sharpness  # core/sharpness.py's SharpnessReadings, read between two steps, or None
-        self.at_target: dict[str, float] = {}  # what was measured at the target, not logged yet
+        self.at_target: dict[str, float] = {}  # what was measured at the targets, not logged yet
         self.samples = counters.samples_seen
+        self.evaluated = -1  # the step of the last evaluation
+        self.crossed: list[float] = []  # targets the last evaluation found reached, their steps not settled
+        # (global step, training seconds) of the last evaluation with no target crossed: a crossing's time
+        # is interpolated between it and the evaluation that found it.
+        self.last_check = (counters.global_step, counters.train_seconds)
 
     def start_epoch(self) -> None:
         self.samples = self.counters.samples_seen
         self.clock.restart()
+
+    @property
+    def pending(self) -> list[float]:
+        """The targets not reached yet, ascending."""
+        reached = dict(self.counters.targets_reached)
+        return [t for t in self.targets if t not in reached]
 
     def after_step(self, global_step: int, global_batch_size: int) -> bool:
         """Count the step's samples; at an evaluation point, evaluate. True: stop training here."""
@@ -232,39 +248,60 @@ class StepEvaluations:
             self.clock.stop()  # reading sharpness is not training
             self.sharpness.read(global_step)
             self.clock.restart()
-        if not (is_evaluation_step(self.cfg, global_step) or global_step == self.last_step):
+        if not (is_evaluation_step(self.cfg, global_step, self.steps_per_epoch) or global_step == self.last_step):
             return False
         return self._evaluate(global_step)
 
     def _evaluate(self, global_step: int) -> bool:
-        counters, target = self.counters, self.cfg.metrics.target_val_accuracy
+        counters = self.counters
+        self.evaluated = global_step
         started = self.clock.stop()
         _, accuracy = evaluate(self.model, self.subset, self.ctx, self.cfg.train.eval_batch_size)
         if self.probe:
             self.probe.close_window()
         self.history.append((global_step, accuracy))
-        reached = None
-        if target is not None and not counters.target_reached_step:
-            reached = steps_to_target([accuracy], steps=[global_step], samples=[self.samples],
-                                      seconds=[counters.train_seconds], target=target,
-                                      epochs=[self.samples / len(self.train_set)])
+        pending = self.pending
+        self.crossed = [t for t in pending if accuracy >= t]
         loss_reached = self._check_train_loss(global_step)
         counters.eval_seconds += self.clock.restart() - started
-        if reached is None:
-            if target is not None and not counters.target_reached_step and self.race.lost(global_step):
-                # Its steps to the target are more than this: a lower bound, not "not reached".
-                counters.race_stopped_step = global_step
-                self.at_target["steps_to_target_lower_bound"] = float(global_step)
-                return True
-            return loss_reached
-        self.race.reached(reached.steps)
-        counters.target_reached_step, counters.target_reached_epoch = reached.steps, counters.epoch + 1
-        self.at_target = {"steps_to_target": float(reached.steps), "samples_to_target": float(reached.samples),
-                          "seconds_to_target": reached.seconds, "epochs_to_target": reached.epochs}
-        with timed(counters, "probe_seconds", self.ctx.device):
-            self.at_target.update(self._noise_at_target())
-        self.clock.restart()
-        return self.cfg.train.stop_at_target or loss_reached
+        if self.crossed:
+            return loss_reached  # ``settle`` decides the rest
+        self.last_check = (global_step, counters.train_seconds)
+        return self._race_lost(global_step) if pending else loss_reached
+
+    def _race_lost(self, global_step: int) -> bool:
+        """Out of the race at ``global_step``: its steps to the last target are more than this (a lower bound,
+        not "not reached"), and it stops."""
+        if not self.race.lost(global_step):
+            return False
+        self.counters.race_stopped_step = global_step
+        self.at_target["steps_to_target_lower_bound"] = float(global_step)
+        return True
+
+    def settle(self, global_step: int, crossings: list) -> bool:
+        """Record the ``crossed`` targets at their exact steps (core/crossing.py ``Crossing``s), with the probe's
+        windows ending at ``global_step``. True: stop training (the last target reached, or out of the race)."""
+        counters, last = self.counters, self.targets[-1]
+        probe = self.probe.window_metrics() if self.probe else {}
+        (checked, checked_seconds), seconds = self.last_check, counters.train_seconds
+        for crossing in crossings:
+            share = (crossing.step - checked) / max(global_step - checked, 1)
+            metrics = {"steps_to_target": float(crossing.step), "samples_to_target": float(crossing.samples),
+                       "seconds_to_target": checked_seconds + share * (seconds - checked_seconds),
+                       "epochs_to_target": crossing.samples / len(self.train_set),
+                       "steps_to_target_resolution": float(crossing.resolution), **probe, **crossing.noise}
+            counters.targets_reached += ((crossing.target, crossing.step),)
+            if len(self.targets) > 1:
+                self.at_target.update({f"{key}_{crossing.target:g}": value for key, value in metrics.items()})
+            if crossing.target == last:
+                self.at_target.update(metrics)
+                self.race.reached(crossing.step)
+                counters.target_reached_step, counters.target_reached_epoch = crossing.step, counters.epoch + 1
+        self.crossed = []
+        self.last_check = (global_step, seconds)
+        if not self.pending:
+            return self.cfg.train.stop_at_target
+        return self._race_lost(global_step)
 
     def _check_train_loss(self, global_step: int) -> bool:
         """With train.target_train_loss: score the whole training split (sharded over the ranks, which
@@ -283,20 +320,6 @@ class StepEvaluations:
                               epochs_to_train_loss_target=self.samples / len(self.train_set),
                               train_loss_at_target_check=loss)
         return True
-
-    def _noise_at_target(self) -> dict[str, float]:
-        """The probe's windows ending here, and the exact B_simple at these parameters (every rank computes it)."""
-        metrics = self.probe.window_metrics() if self.probe else {}
-        count = self.cfg.metrics.exact_noise_samples
-        if count is not None and len(self.train_set) >= 2:
-            subset = self.train_set.head(count)
-            with self.training_stream():
-                exact = exact_noise_scale(unwrap(self.model), subset.features, subset.targets)
-            metrics.update(grad_sq_norm_exact_at_target=exact.grad_sq_norm,
-                           grad_trace_cov_exact_at_target=exact.trace_cov)
-            if exact.b_simple == exact.b_simple:
-                metrics["grad_noise_scale_exact_at_target"] = exact.b_simple
-        return metrics
 
     def take_history(self) -> list[tuple[int, float]]:
         history, self.history = self.history, []

@@ -231,6 +231,10 @@ class NoiseProbe:
         noise_scale = simple_noise_scale(grad_sq_norm, trace_cov)
         return dict(zip(names, (grad_sq_norm, trace_cov) + ((noise_scale,) if noise_scale == noise_scale else ())))
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The running state a step changes (``STATE``), as tensors."""
+        return [getattr(self, name) for name in STATE]
+
     def state_dict(self) -> dict:
         return {"ema": self.ema.cpu(), "updates": int(self.updates), "window": self.window.cpu(),
                 "closed_windows": self.closed_windows.cpu()}
@@ -266,6 +270,8 @@ class MemberProbes:
 
     def can_measure(self, global_batch_size: int) -> bool:
         return self.members[0].can_measure(global_batch_size)
+
+    state_tensors = NoiseProbe.state_tensors
 
     def record(self, small_sq: torch.Tensor, big_sq: torch.Tensor, active: torch.Tensor) -> None:
         """One step's squared norms, [K] each: ``small_sq`` of the small batch (as a mean), ``big_sq`` reduced.

@@ -127,6 +127,9 @@ class Optimizer:
         self.state = {key: [block.index_select(0, rows) for block in blocks] for key, blocks in self.state.items()}
         self._columns()
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [block for blocks in self.state.values() for block in blocks]
+
     def shared_momentum(self) -> Optional[float]:
         """For plain SGD whose members share one momentum, that momentum (what folding the gradient into
         the momentum buffer needs: core/stacked.py); otherwise None."""

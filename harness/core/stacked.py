@@ -37,7 +37,9 @@ SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.v
                "data.train_subset", "data.synthetic", "optim.name", "optim.global_batch_size",
                "optim.micro_batch_size", "train.drop_last", "performance.precision", "train.epochs", "train.max_steps",
                "metrics.noise_scale", "metrics.noise_scale_ema_decay", "metrics.noise_scale_interval",
-               "train.race_stop")
+               "train.race_stop", "train.target_train_loss", "metrics.target_val_accuracy", "metrics.eval_samples",
+               "metrics.eval_every_steps", "metrics.eval_cost", "metrics.exact_noise_samples",
+               "metrics.noise_window_steps")  # the evaluation points, shared: core/crossing.py trains again from them
 # On a CPU one pass of the stacked step computes at most about this many samples (members x batch):
 # beyond it the stack's activations outgrow the caches and the step runs slower than the same
 # members one after another (docs/steps.md measures it).
@@ -298,6 +300,11 @@ class StackedTrainer(CapturableStep):
         for row, trainer in enumerate(trainers):
             point_at_row(trainer.model, self, row)
             trainer.optimizer = self.optimizer.member(row)
+
+    def training_state(self) -> list[torch.Tensor]:
+        """Every tensor a step changes and a later step reads (the first one new whenever members leave)."""
+        return [self.model.flat_parameters, *self.optimizer.state_tensors(),
+                *(self.probe.state_tensors() if self.probe else ()), self.active]
 
     def step(self, indices: torch.Tensor, global_batch_size: int, global_step: int) -> torch.Tensor:
         """One step of every active member on its batch ``indices`` [K, b]; returns this rank's summed CE

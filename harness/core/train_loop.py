@@ -21,6 +21,7 @@ import torch
 from harness import faults, signals
 from harness.console import say
 from harness.core.checkpoint import Checkpoints
+from harness.core.crossing import Replay
 from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext, all_reduce_sum
@@ -213,6 +214,7 @@ def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHoo
     first = in_engine[0]
     global_step = first.counters.global_step
     budget = first.cfg.step_budget(engine.steps_per_epoch)  # the run's last step, the same for every member
+    replay = Replay(engine, first.cfg.metrics.noise_window_steps)
     for epoch in range(first_epoch(first.cfg, first.counters), first.cfg.total_epochs + 1):
         if not in_engine:
             break
@@ -220,7 +222,9 @@ def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHoo
         for m in live:
             m.training, m.steps, m.samples, m.loss, m.seconds_before = True, 0, 0, 0.0, m.counters.train_seconds
             m.evals.start_epoch()
-        in_engine = _train_one_epoch(engine, in_engine, epoch, global_step, budget)
+        if any(m.evals.pending for m in live):  # the last epoch's end was an evaluation point (or this is step 0)
+            replay.checked_below(global_step)
+        in_engine = _train_one_epoch(engine, in_engine, epoch, global_step, budget, replay)
         clock.stop()
         for m in live:
             m.training = False
@@ -229,9 +233,11 @@ def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHoo
         in_engine = _keep(engine, in_engine, [m for m in in_engine if not m.finished])
 
 
-def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: int, budget: int) -> list[Member]:
+def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: int, budget: int,
+                     replay: Replay) -> list[Member]:
     """The engine's steps of ``epoch`` until the budget, or until every member has stopped; the members still
-    training at its end. Each member's loss and samples are banked on it."""
+    training at its end. Each member's loss and samples are banked on it; a target an evaluation finds
+    reached is settled at its exact step (``replay``)."""
     ctx = in_engine[0].trainer.ctx
     with epoch_bar(in_engine[0].cfg, ctx, engine.steps_per_epoch, epoch) as bar:
         postfix = LossPostfix(bar, ctx.device)
@@ -243,23 +249,42 @@ def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: i
             if step == engine.steps_per_epoch // 2:
                 faults.maybe_kill("step", epoch, ctx.rank)
             loss_sum.add_(engine.train_step(indices, global_batch_size, global_step + step))  # in float64
+            replay.record(indices, global_batch_size)
             local_samples = indices.shape[-1]
             window_samples += local_samples
             postfix.maybe_show(loss_sum, window_samples)  # before update(): its redraw then shows the new value
             bar.update(1)
+            done = global_step + step + 1
             for m in in_engine:
                 m.steps += 1
                 m.samples += local_samples
-                if m.evals.after_step(global_step + step + 1, global_batch_size):
-                    m.training = False  # its run stops here (its target)
+                if m.evals.after_step(done, global_batch_size):
+                    m.training = False  # its run stops here (its training-loss target, or out of the race)
+            _settle_crossings(replay, [m for m in in_engine if m.evals.crossed], done)
             if not all(m.training for m in in_engine):
                 _bank(loss_sum, in_engine)
                 in_engine = _keep(engine, in_engine, [m for m in in_engine if m.training])
                 if not in_engine:
                     break
                 loss_sum, window_samples = torch.zeros(len(in_engine), dtype=torch.float64, device=ctx.device), 0
+            if in_engine[0].evals.evaluated == done and any(m.evals.pending for m in in_engine):
+                replay.checked_below(done)
     _bank(loss_sum, in_engine)
     return in_engine
+
+
+def _settle_crossings(replay: Replay, crossing: list[Member], global_step: int) -> None:
+    """The members whose evaluation at ``global_step`` found targets reached: their exact steps (training
+    again from the last check, which is not training time), recorded; those whose runs end there stop."""
+    if not crossing:
+        return
+    clock = crossing[0].evals.clock
+    clock.stop()
+    found = replay.crossings(crossing, global_step, [m.evals.samples for m in crossing])
+    clock.restart()
+    for m, crossings in zip(crossing, found):
+        if m.evals.settle(global_step, crossings):
+            m.training = False
 
 
 def _end_members_epoch(live: list[Member], dataset: Dataset, hooks: RunHooks, epoch: int) -> None:
@@ -336,9 +361,10 @@ def _begin(m: Member, dataset: Dataset, hooks: RunHooks, clock: TrainingClock, r
     m.sharp = SharpnessReadings(m.cfg, ctx, trainer.model, trainer.train_set, m.counters,
                                 trainer.train_step.on_training_stream)
     m.result = RunResult(m.run_id, m.counters.epoch, m.counters.global_step)
+    steps_per_epoch = trainer.plan.steps_per_epoch
     m.evals = StepEvaluations(m.cfg, ctx, trainer.model, dataset.validation, trainer.train_set, trainer.noise_probe,
-                              m.counters, m.cfg.step_budget(trainer.plan.steps_per_epoch),
-                              trainer.train_step.on_training_stream, m.sharp, clock=clock, race=race)
+                              m.counters, m.cfg.step_budget(steps_per_epoch), steps_per_epoch, m.sharp,
+                              clock=clock, race=race)
     if m.state is not None:
         return
     if m.sharp.periodic:  # step 0, before the first update, logged before epoch 0 is saved

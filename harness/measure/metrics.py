@@ -2,7 +2,6 @@
 no I/O, no process groups, so each one is tested against a problem whose answer is known.
 
 - gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, App. A)
-- steps-to-target (Shallue et al. 2018's steps-to-result)
 - sharpness: the largest and smallest algebraic eigenvalues of the loss Hessian,
   by Lanczos (scipy's ARPACK) on Hessian-vector products
 """
@@ -11,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,32 +50,6 @@ def debiased_average(average, decay: float, updates: int):
     if updates <= 0:
         raise ValueError(f"no updates yet (updates={updates})")
     return average / (1 - decay ** updates)
-
-
-# --- steps to target ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TargetReached:
-    steps: int
-    epochs: float  # may be a fraction: evaluations fall inside epochs
-    samples: int
-    seconds: float
-
-
-def steps_to_target(val_accuracy: Sequence[float], steps: Sequence[int], samples: Sequence[int],
-                    seconds: Sequence[float], target: float,
-                    epochs: Optional[Sequence[int]] = None) -> Optional[TargetReached]:
-    """The first evaluation whose validation accuracy is at least ``target`` (Shallue et al. 2018 measure
-    steps-to-result at evaluation points). ``steps``, ``samples`` and ``seconds`` are cumulative at each
-    evaluation; ``epochs`` the epochs done (default 1, 2, ...; a fraction where evaluations fall inside epochs).
-    """
-    index = next((i for i, value in enumerate(val_accuracy) if value >= target), None)
-    if index is None:
-        return None
-    epoch = float(epochs[index]) if epochs is not None else index + 1
-    return TargetReached(steps=int(steps[index]), epochs=epoch, samples=int(samples[index]),
-                         seconds=float(seconds[index]))
 
 
 # --- sharpness ---------------------------------------------------------------

@@ -26,6 +26,8 @@ EPOCHS = 3
 # Every launcher here trains configs/smoke.yaml: its evaluation schedule decides which
 # steps val_subset_accuracy is logged at (harness/core/evaluation.py).
 SMOKE_CONFIG = load_config(CONFIGS / "smoke.yaml")
+# Subset accuracies the smoke run reaches within its epochs, each at a step found exactly.
+TARGETS = "metrics.target_val_accuracy=[0.25, 0.4]"
 
 
 def _settings(tmp, *extra):
@@ -46,13 +48,13 @@ def final_params(tmp):
     return torch.load(tmp / "ckpt" / "smoke" / f"epoch-{EPOCHS:04d}.pt", weights_only=True)["model"]
 
 
-def single_process_params(tmp):
+def single_process_params(tmp, *overrides):
     """configs/smoke.yaml with the global batch in one process at world size 1, trained here by the loop that
     launch/train.py runs without torchrun (train_run; a new interpreter adds only its imports): final parameters."""
     from harness.core.distributed import DistContext
 
     train_run(load_config(CONFIGS / "smoke.yaml", [f"tracking.uri={seeded_store(tmp)}", f"checkpoint.dir={tmp}/ckpt",
-                                                   f"train.epochs={EPOCHS}"]), DistContext())
+                                                   f"train.epochs={EPOCHS}", *overrides]), DistContext())
     return final_params(tmp)
 
 
@@ -74,9 +76,13 @@ def assert_each_metric_logged_once_per_epoch(client, run):
     global_steps = [int(m.value) for m in client.get_metric_history(run.info.run_id, "global_step")]
     assert len(global_steps) == EPOCHS
     last = global_steps[-1]  # the budget's last step is evaluated too
-    evaluated = [step for step in range(1, last) if is_evaluation_step(SMOKE_CONFIG, step)] + [last]
+    evaluated = [step for step in range(1, last)
+                 if is_evaluation_step(SMOKE_CONFIG, step, SMOKE_CONFIG.steps_per_epoch())] + [last]
     for key in run.data.metrics:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        if "_target" in key:  # measured where a target is reached: once
+            assert len(steps) == 1, (key, steps)
+            continue
         expected = ([EPOCHS] if key in SHARPNESS_METRICS else global_steps if key.startswith("by_step/")
                     else evaluated if key == "val_subset_accuracy"  # step resolution: step = optimizer step
                     else list(range(1, EPOCHS + 1)))
@@ -86,7 +92,7 @@ def assert_each_metric_logged_once_per_epoch(client, run):
 @pytest.fixture(scope="module")
 def torchrun_two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("torchrun2")
-    torchrun(tmp, 2)
+    torchrun(tmp, 2, "--set", TARGETS)
     return tmp
 
 
@@ -97,10 +103,15 @@ def test_torchrun_two_gloo_ranks_record_one_finished_run(torchrun_two_ranks):
     assert_each_metric_logged_once_per_epoch(client, run)
 
 
-def test_two_ranks_match_single_process_with_the_global_batch(torchrun_two_ranks, tmp_path):
-    single, double = single_process_params(tmp_path), final_params(torchrun_two_ranks)
+def test_two_ranks_match_one_process_and_reach_each_target_at_the_step_it_finds_evaluating_every_step(
+        torchrun_two_ranks, tmp_path):
+    single = single_process_params(tmp_path, TARGETS, "metrics.eval_every_steps=1")
+    double = final_params(torchrun_two_ranks)
     worst = max(float((single[k] - double[k]).abs().max()) for k in single)
     assert worst <= 1e-5, worst
+    (_, two_ranks), (_, one) = only_run(torchrun_two_ranks), only_run(tmp_path)
+    for key in ("steps_to_target_0.25", "steps_to_target_0.4"):
+        assert two_ranks.data.metrics[key] == one.data.metrics[key], key
 
 
 def ray_job(tmp, ray_cluster, *extra, env=None):

@@ -60,7 +60,7 @@ def test_automatic_schedule_reads_steps_to_target_to_five_percent_at_a_bounded_c
     assert eval_floor(finer) == math.ceil(256 / (3 * 0.3 * 64)) == 5
 
 
-def test_stop_at_target_ends_at_the_first_evaluation_that_reaches_it(tmp_path):
+def test_stop_at_target_ends_at_the_first_evaluation_that_reaches_it_with_the_exact_step(tmp_path):
     cfg = smoke_config(tmp_path, *STOP)
     result = train_run(cfg, DistContext())
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
@@ -68,14 +68,17 @@ def test_stop_at_target_ends_at_the_first_evaluation_that_reaches_it(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["stopped_at_target"] == "true"
     history = [(m.step, m.value) for m in client.get_metric_history(result.run_id, "val_subset_accuracy")]
     steps = [step for step, _ in history]
-    assert steps == list(range(3, result.global_step + 1, 3))  # every 3 steps, and none after the stop
-    # The first evaluation at or above the target is the last one, and the run stopped there.
+    # Every 3 steps and every epoch's end (8 steps), and none after the stop.
+    assert steps == [s for s in range(1, result.global_step + 1) if s % 3 == 0 or s % 8 == 0]
+    # The first evaluation at or above the target is the last one, and the run stopped there ...
     assert all(value < 0.6 for _, value in history[:-1]) and history[-1][1] >= 0.6
+    # ... and the step that first reached it lies after the evaluation before.
     metrics = run.data.metrics
-    assert metrics["steps_to_target"] == history[-1][0] == result.global_step < 48
-    assert run.data.tags["steps_to_target"] == str(result.global_step)
-    assert metrics["samples_to_target"] == 64 * result.global_step  # 512 = 8 full batches: every batch is 64
-    assert metrics["epochs_to_target"] == pytest.approx(result.global_step / 8)
+    reached = int(metrics["steps_to_target"])
+    assert history[-2][0] < reached <= history[-1][0] == result.global_step < 48
+    assert run.data.tags["steps_to_target"] == str(reached)
+    assert metrics["samples_to_target"] == 64 * reached  # 512 = 8 full batches: every batch is 64
+    assert metrics["epochs_to_target"] == pytest.approx(reached / 8)
     # Independent: the final checkpoint's weights, scored by plain torch, give the logged accuracy.
     final = torch.load(result.checkpoint, weights_only=True)
     assert subset_accuracy(cfg, final["model"]) == pytest.approx(history[-1][1])
@@ -101,9 +104,9 @@ def test_a_run_that_never_reaches_the_target_uses_its_budget_and_says_not_reache
     result = train_run(cfg, DistContext())
     run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id)
     assert result.global_step == 12 and run.data.tags["steps_to_target"] == "not reached"
-    # The schedule's floor is 14 steps here: the only evaluation is the budget's last step.
+    # The schedule's floor is 14 steps here: the evaluations are the first epoch's end and the budget's last step.
     history = MlflowClient(tracking_uri=cfg.tracking.uri).get_metric_history(result.run_id, "val_subset_accuracy")
-    assert [m.step for m in history] == [12]
+    assert [m.step for m in history] == [8, 12]
     assert "steps_to_target" not in run.data.metrics and "stopped_at_target" not in run.data.tags
 
 
@@ -118,8 +121,10 @@ def test_evaluations_happen_only_at_their_steps(tmp_path, monkeypatch):
 
 
 def test_resume_reaches_the_target_at_the_same_step_with_the_same_measurements(tmp_path):
-    straight = train_run(smoke_config(tmp_path / "straight", "tracking.enabled=false", *STOP), DistContext())
-    cfg = smoke_config(tmp_path / "resumed", "tracking.enabled=false", *STOP)
+    # A window of 4 steps before the crossing lies after the restart: a window starts no earlier than it.
+    window = "metrics.noise_window_steps=4"
+    straight = train_run(smoke_config(tmp_path / "straight", "tracking.enabled=false", *STOP, window), DistContext())
+    cfg = smoke_config(tmp_path / "resumed", "tracking.enabled=false", *STOP, window)
     with pytest.raises(RuntimeError):
         train_run(cfg, DistContext(), hooks=FailAfterEpoch(2))  # mid-window, before the target
     resumed = train_run(cfg, DistContext(), hooks=RunHooks(resume=True))
@@ -132,13 +137,17 @@ def test_resume_reaches_the_target_at_the_same_step_with_the_same_measurements(t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+TARGETS_EXPECTED = "metrics.target_val_accuracy: expected a number in (0, 1], or a non-empty list of distinct such"
+
+
 @pytest.mark.parametrize("overrides, expected", [
     (["metrics.eval_every_steps=0"], "metrics.eval_every_steps: expected a positive number, got 0"),
     (["metrics.eval_samples=-1"], "metrics.eval_samples: expected a positive number"),
     (["metrics.eval_cost=0"], "metrics.eval_cost: expected a number in (0, 1]"),
     (["metrics.eval_cost=1.5"], "metrics.eval_cost: expected a number in (0, 1]"),
-    (["metrics.target_val_accuracy=1.5"], "metrics.target_val_accuracy: expected a number in (0, 1] or null"),
-    (["metrics.target_val_accuracy=0"], "metrics.target_val_accuracy: expected a number in (0, 1] or null"),
+    (["metrics.target_val_accuracy=1.5"], TARGETS_EXPECTED),
+    (["metrics.target_val_accuracy=[0.8, 0.8]"], TARGETS_EXPECTED),
+    (["metrics.target_val_accuracy=0"], TARGETS_EXPECTED),
     (["train.stop_at_target=true", "metrics.target_val_accuracy=null"], "train.stop_at_target: true needs a target"),
     (["train.race_stop=2"], "train.race_stop: 2 races trials to their target; expected train.stop_at_target true"),
     (["train.stop_at_target=true", "train.race_stop=1"], "train.race_stop: expected a number > 1 or null"),

@@ -11,8 +11,7 @@ from harness.core.config import load_config
 from harness.core.distributed import DistContext
 from harness.errors import InputError
 from harness.core.noise_probe import NoiseProbe
-from harness.measure.metrics import (debiased_average, hessian_extremes, noise_scale_components, simple_noise_scale,
-                                     steps_to_target)
+from harness.measure.metrics import debiased_average, hessian_extremes, noise_scale_components, simple_noise_scale
 
 
 def top_hessian_eigenvalue(loss_fn, params, iterations, tolerance):
@@ -69,14 +68,6 @@ def test_noise_scale_is_nan_until_gradient_norm_is_positive():
     assert NoiseProbe(DistContext(), global_batch_size=64, decay=0.9).epoch_metrics() == {}
     with pytest.raises(ValueError):
         noise_scale_components(1.0, 1.0, 8, 8)
-
-
-def test_steps_to_target_takes_the_first_evaluation_that_reaches_it():
-    reached = steps_to_target([0.5, 0.79, 0.81, 0.9], steps=[10, 20, 30, 40], samples=[100, 200, 300, 400],
-                              seconds=[1.0, 2.0, 3.0, 4.0], target=0.8)
-    assert (reached.steps, reached.epochs, reached.samples, reached.seconds) == (30, 3, 300, 3.0)
-    assert steps_to_target([0.5, 0.6], [1, 2], [1, 2], [1.0, 2.0], target=0.8) is None
-    assert steps_to_target([0.8], [5], [50], [0.5], target=0.8).steps == 5  # reaching is >= the target
 
 
 def test_top_hessian_eigenvalue_of_a_quadratic():

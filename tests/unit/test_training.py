@@ -19,12 +19,12 @@ EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss
                  "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss", "samples_per_s",
                  "epoch_s", "global_step", "lr", "grad_sq_norm_estimate", "grad_trace_cov_estimate",
                  "time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s", "time_tracking_s",
-                 "eval_fraction", "time_sharpness_s", "sharpness_readings", "hessian_vector_products_total",
+                 "eval_fraction", "time_sharpness_s", "time_replay_s", "sharpness_readings", "hessian_vector_products_total",
                  "weight_norm", "train_eval_samples"}
 FINAL_METRICS = {"top_hessian_eigenvalue", "bottom_hessian_eigenvalue", "hessian_eigensolver_converged",
                  "hessian_vector_products"}
 TIMINGS = {"epoch_s", "samples_per_s", "time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s",
-           "time_tracking_s", "eval_fraction", "time_sharpness_s"}
+           "time_tracking_s", "eval_fraction", "time_sharpness_s", "time_replay_s"}
 
 
 def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
@@ -39,10 +39,10 @@ def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
     by_step = {f"by_step/{key}" for key in BY_STEP_KEYS}
     assert EPOCH_METRICS | FINAL_METRICS | by_step | {"val_subset_accuracy"} <= set(run.data.metrics) <= (
         EPOCH_METRICS | FINAL_METRICS | by_step | {"grad_noise_scale", "val_subset_accuracy"})
-    # The subset's evaluations on the automatic schedule (its cost floor is 14 steps at batch 64)
-    # and at the budget's last step, logged with step = step.
-    evaluated = [step for step in range(1, 17) if is_evaluation_step(cfg, step)] + [16]
-    assert evaluated == [14, 16]
+    # The subset's evaluations on the automatic schedule (its cost floor is 14 steps at batch 64), at
+    # each epoch's end (8 steps: the run has a target) and at the budget's last step, logged with step = step.
+    evaluated = [step for step in range(1, 17) if is_evaluation_step(cfg, step, 8)]
+    assert evaluated == [8, 14, 16]
     assert [m.step for m in client.get_metric_history(result.run_id, "val_subset_accuracy")] == evaluated
     for key in by_step:  # the same values again, with step = the optimizer step at each epoch's end
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [8, 16], key

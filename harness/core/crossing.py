@@ -1,0 +1,159 @@
+"""The exact step at which a run reaches a target, and the noise scale read around it.
+
+Evaluations run every few steps (core/evaluation.py), so the first one that finds a target
+reached says only that the crossing lies after the last evaluation below it. The data order is a
+pure function of (seed, epoch) and a step is a pure function of the state and the batch, so the
+steps since then can be trained again: ``Replay`` keeps the engine's state at recent checked
+points and the batches since, and ``Replay.crossings`` re-trains from there, evaluating after
+every step, to find the first step at or above each target. A second pass reads the exact
+B_simple (measure/exact_noise.py) after each of the ``metrics.noise_window_steps`` steps up to
+the crossing and averages its two components. The engine's state is then put back as it was,
+so training goes on untouched.
+
+A crossing is exact within the interval where an evaluation first sees it: accuracy that rises
+above a target and falls below it again between two evaluations is not seen. A window reaches back
+no further than the snapshots do: not past the start of the process (a resumed run's checkpoint),
+nor past a stack's members leaving it; ``grad_noise_scale_exact_window_steps`` says how many it held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.core.evaluation import evaluate_members, synchronized_now
+from harness.core.step import unwrap
+from harness.measure.exact_noise import exact_noise_scale
+
+
+@dataclass
+class Crossing:
+    """One member's target, reached at ``step``: ``samples`` seen by then, and what was measured there."""
+
+    target: float
+    step: int
+    samples: int
+    noise: dict[str, float] = field(default_factory=dict)
+    resolution: int = 1  # 1: the exact step; more: it lies within this many steps before ``step``
+
+
+class Replay:
+    """The engine's state at recent checked points (steps where every pending target was below), and the
+    batches trained since the oldest of them. The oldest kept lies at least ``window`` steps before the
+    newest check, so a window of steps ending at any later crossing can be trained again."""
+
+    def __init__(self, engine, window: int):
+        self.engine, self.window = engine, window
+        self.snapshots: list[tuple[int, list[torch.Tensor]]] = []  # (global step, the engine's state then)
+        self.batches: list[tuple[torch.Tensor, int]] = []  # (indices, global batch size) of each step since
+        self.checked = -1  # the last checked step
+        self.layout = None  # the engine's first state tensor when the snapshots were taken
+
+    def record(self, indices: torch.Tensor, global_batch_size: int) -> None:
+        if self.snapshots:
+            self.batches.append((indices, global_batch_size))
+
+    def forget(self) -> None:
+        """The engine's rows changed (members left): the snapshots no longer fit it."""
+        self.snapshots, self.batches = [], []
+
+    def checked_below(self, global_step: int) -> None:
+        """Every pending target was checked below at ``global_step``: a start for a later replay."""
+        if self.snapshots and self.engine.training_state()[0] is not self.layout:
+            self.forget()  # members left the engine: its tensors are new, with fewer rows
+        self.layout = self.engine.training_state()[0]
+        self.checked = global_step
+        if not self.snapshots or global_step - self.snapshots[-1][0] >= max(1, self.window // 4):
+            self.snapshots.append((global_step, [t.clone() for t in self.engine.training_state()]))
+        # The oldest snapshot is needed only while the next one is too recent to start a window from.
+        while len(self.snapshots) > 1 and self.snapshots[1][0] <= global_step + 1 - self.window:
+            dropped = self.snapshots[1][0] - self.snapshots[0][0]
+            self.snapshots.pop(0)
+            del self.batches[:dropped]
+
+    def _restore(self, state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for live, saved in zip(self.engine.training_state(), state):
+                live.copy_(saved)  # in place: a captured CUDA graph holds these addresses
+
+    def _train_from_base(self, last_step: int):
+        """Restore the oldest snapshot and train again up to ``last_step``, yielding the step each state is after
+        (the snapshot's first)."""
+        base, state = self.snapshots[0]
+        self._restore(state)
+        yield base
+        for offset, (indices, global_batch_size) in enumerate(self.batches[:last_step - base]):
+            self.engine.train_step(indices, global_batch_size, base + offset + 1)
+            yield base + offset + 1
+
+    def crossings(self, members: list, global_step: int, samples_now: list[int]) -> list[list[Crossing]]:
+        """For each of ``members`` (whose evaluation at ``global_step`` found ``evals.crossed`` reached), the
+        first step at or above each crossed target and the exact noise scale around it. ``samples_now``: each
+        member's samples seen at ``global_step``."""
+        cfg, ctx = members[0].cfg, members[0].trainer.ctx
+        sizes = [b for _, b in self.batches]
+        first: list[dict[float, int]] = [{} for _ in members]
+        started = synchronized_now(ctx.device)
+        now = [t.clone() for t in self.engine.training_state()]
+        if not self.snapshots or self.checked >= global_step - 1:
+            first = [{t: global_step for t in m.evals.crossed} for m in members]
+        else:
+            subset = members[0].evals.subset
+            for step in self._train_from_base(global_step):
+                if step <= self.checked:
+                    continue
+                scores = evaluate_members([m.trainer.model for m in members], subset, ctx, cfg.train.eval_batch_size)
+                for found, m, (_, accuracy) in zip(first, members, scores):
+                    found.update({t: step for t in m.evals.crossed if t not in found and accuracy >= t})
+                if all(len(found) == len(m.evals.crossed) for found, m in zip(first, members)):
+                    break
+        noise = self._window_noise(members, first, global_step)
+        self._restore(now)
+        share = (synchronized_now(ctx.device) - started) / len(members)
+        base = self.snapshots[0][0] if self.snapshots else global_step
+        result = []
+        for k, (m, found) in enumerate(zip(members, first)):
+            m.counters.replay_seconds += share
+            result.append([Crossing(t, step, samples_now[k] - sum(sizes[step - base:global_step - base]),
+                                    noise[k].get(t, {}), 1 if self.snapshots else global_step - self.checked)
+                           for t, step in sorted(found.items())])
+        return result
+
+    def _window_noise(self, members: list, first: list[dict[float, int]],
+                      global_step: int) -> list[dict[float, dict[str, float]]]:
+        """Per member and target: the exact |G|^2 and tr(Sigma) after each step of the window ending at the
+        crossing (as far back as the snapshots reach), averaged, and their ratio."""
+        cfg = members[0].cfg
+        count = cfg.metrics.exact_noise_samples
+        noise: list[dict[float, dict[str, float]]] = [{} for _ in members]
+        train_set = members[0].trainer.train_set
+        if count is None or len(train_set) < 2:
+            return noise
+        subset = train_set.head(count)
+        sums: dict[tuple[int, float], list[float]] = {}  # (member, target) -> [|G|^2 sum, tr(Sigma) sum, steps]
+
+        def read(step: int) -> None:
+            for k, (m, found) in enumerate(zip(members, first)):
+                targets = [t for t, crossing in found.items() if crossing - self.window < step <= crossing]
+                if not targets:
+                    continue
+                with m.trainer.train_step.on_training_stream():
+                    exact = exact_noise_scale(unwrap(m.trainer.model), subset.features, subset.targets)
+                for t in targets:
+                    total = sums.setdefault((k, t), [0.0, 0.0, 0])
+                    total[0], total[1], total[2] = total[0] + exact.grad_sq_norm, total[1] + exact.trace_cov, total[2] + 1
+
+        last = max((step for found in first for step in found.values()), default=global_step)
+        if self.snapshots and last > self.snapshots[0][0]:
+            for step in self._train_from_base(last):
+                read(step)
+        else:  # no snapshot to go back to: the state now is the crossing's
+            read(global_step)
+        for (k, t), (sq_norm, trace, steps) in sums.items():
+            sq_norm, trace = sq_norm / steps, trace / steps
+            noise[k][t] = {"grad_sq_norm_exact_at_target": sq_norm, "grad_trace_cov_exact_at_target": trace,
+                           "grad_noise_scale_exact_window_steps": float(steps)}
+            if sq_norm > 0:
+                noise[k][t]["grad_noise_scale_exact_at_target"] = trace / sq_norm
+        return noise
