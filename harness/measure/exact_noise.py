@@ -1,8 +1,8 @@
 """The exact gradient noise scale at fixed parameters, from per-example gradients.
 
 B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, App. A), with G the mean of the per-example
-gradients g_i of the cross-entropy over N fixed examples and tr(Sigma) = sum_i |g_i - G|^2 / (N - 1).
-Only two sums over the examples are needed: sum_i g_i and sum_i |g_i|^2.
+gradients g_i of the cross-entropy (or another mean loss, ``loss_fn``) over N fixed examples and
+tr(Sigma) = sum_i |g_i - G|^2 / (N - 1). Only two sums over the examples are needed: sum_i g_i and sum_i |g_i|^2.
 
 For a model made only of ``nn.Linear`` layers, each applied once (the harness's MLP), both come from
 one batched backward pass: example i's gradient of a layer's weight is the outer product delta_i a_i^T,
@@ -11,17 +11,22 @@ a hundred times faster than per-example gradients. Any other model goes through 
 ``grad`` of one example's loss, in chunks of ``chunk_size`` gradients.
 
 This checks the training-time estimator (core/noise_probe.py), which infers the same two quantities
-from batch gradients at two sizes. Pure: a model and tensors in, numbers out.
+from batch gradients at two sizes. Its sums and per-example gradients also feed B_noise
+(measure/hessian_noise.py). Pure: a model and tensors in, numbers out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
+
+
+# loss_fn(outputs, targets) -> the mean loss over the batch, as F.cross_entropy returns by default.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -31,13 +36,40 @@ class ExactNoiseScale:
     b_simple: float  # trace_cov / grad_sq_norm (NaN if |G|^2 is 0)
 
 
+@dataclass(frozen=True)
+class GradientSums:
+    """Two sums over N examples' gradients g_i, float64: all B_simple needs, and G = grad_sum / count."""
+
+    count: int
+    grad_sum: dict[str, torch.Tensor]  # sum_i g_i, per parameter, in model.named_parameters() order
+    sq_norm_sum: torch.Tensor  # sum_i |g_i|^2
+
+    def mean_gradient(self) -> torch.Tensor:
+        """G, flattened in model.named_parameters() order."""
+        return torch.cat([s.flatten() for s in self.grad_sum.values()]) / self.count
+
+    def noise_scale(self) -> ExactNoiseScale:
+        mean_sq_norm = sum(float(s.pow(2).sum()) for s in self.grad_sum.values()) / self.count**2  # |G|^2
+        # sum_i |g_i - G|^2 = sum_i |g_i|^2 - N |G|^2
+        trace_cov = (float(self.sq_norm_sum) - self.count * mean_sq_norm) / (self.count - 1)
+        return ExactNoiseScale(grad_sq_norm=mean_sq_norm, trace_cov=trace_cov,
+                               b_simple=trace_cov / mean_sq_norm if mean_sq_norm > 0 else float("nan"))
+
+
 def exact_noise_scale(model: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor,
-                      chunk_size: int = 64, method: str = "auto") -> ExactNoiseScale:
-    """|G|^2, tr(Sigma) and B_simple of the mean cross-entropy of ``model`` over ``features``/``targets``.
+                      chunk_size: int = 64, method: str = "auto",
+                      loss_fn: LossFn = F.cross_entropy) -> ExactNoiseScale:
+    """|G|^2, tr(Sigma) and B_simple of the mean ``loss_fn`` of ``model`` over ``features``/``targets``.
 
     ``method``: ``layers`` (the per-layer norm identity, ``nn.Linear`` layers only), ``vmap`` (any model),
     or ``auto`` (``layers`` where it applies). ``chunk_size``: examples per ``vmap`` pass.
     """
+    return gradient_sums(model, features, targets, chunk_size, method, loss_fn).noise_scale()
+
+
+def gradient_sums(model: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor,
+                  chunk_size: int = 64, method: str = "auto", loss_fn: LossFn = F.cross_entropy) -> GradientSums:
+    """sum_i g_i and sum_i |g_i|^2 over the examples; arguments as ``exact_noise_scale``'s."""
     count = len(targets)
     if count < 2:
         raise ValueError(f"need at least 2 examples for a covariance, got {count}")
@@ -48,14 +80,26 @@ def exact_noise_scale(model: torch.nn.Module, features: torch.Tensor, targets: t
     linears = linear_layers_only(model)
     if method == "layers" and linears is None:
         raise ValueError("method 'layers' needs a model whose parameters are all nn.Linear weights and biases")
-    by_layers = _sums_by_layers(model, linears, features, targets) if method != "vmap" and linears else None
+    by_layers = (_sums_by_layers(model, linears, features, targets, loss_fn)
+                 if method != "vmap" and linears else None)
     # By vmap where asked for, or where a layer was not applied exactly once.
-    grad_sums, sq_norm_sum = by_layers or _sums_by_vmap(model, features, targets, chunk_size)
-    mean_sq_norm = sum(float(s.pow(2).sum()) for s in grad_sums) / count**2  # |G|^2
-    # sum_i |g_i - G|^2 = sum_i |g_i|^2 - N |G|^2
-    trace_cov = (float(sq_norm_sum) - count * mean_sq_norm) / (count - 1)
-    return ExactNoiseScale(grad_sq_norm=mean_sq_norm, trace_cov=trace_cov,
-                           b_simple=trace_cov / mean_sq_norm if mean_sq_norm > 0 else float("nan"))
+    grad_sum, sq_norm_sum = by_layers or _sums_by_vmap(model, features, targets, chunk_size, loss_fn)
+    return GradientSums(count=count, grad_sum=grad_sum, sq_norm_sum=sq_norm_sum)
+
+
+def per_example_gradients(model: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int = 64, loss_fn: LossFn = F.cross_entropy
+                          ) -> Iterator[dict[str, torch.Tensor]]:
+    """Each example's gradient of its own loss, ``chunk_size`` examples at a time (torch.func: ``vmap`` of
+    ``grad``): per chunk, parameter name -> (chunk, *shape), in the model's dtype and named_parameters() order."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss_of_one(weights, x, y):
+        return loss_fn(functional_call(model, weights, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    gradients_of_chunk = vmap(grad(loss_of_one), in_dims=(None, 0, 0))
+    for lo in range(0, len(targets), chunk_size):
+        yield gradients_of_chunk(params, features[lo:lo + chunk_size], targets[lo:lo + chunk_size])
 
 
 def linear_layers_only(model: torch.nn.Module) -> Optional[list[torch.nn.Linear]]:
@@ -66,7 +110,8 @@ def linear_layers_only(model: torch.nn.Module) -> Optional[list[torch.nn.Linear]
 
 
 def _sums_by_layers(model: torch.nn.Module, linears: list[torch.nn.Linear], features: torch.Tensor,
-                    targets: torch.Tensor) -> Optional[tuple[list[torch.Tensor], torch.Tensor]]:
+                    targets: torch.Tensor, loss_fn: LossFn
+                    ) -> Optional[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """(sum_i g_i per parameter, sum_i |g_i|^2), float64, from one backward pass of the summed loss:
     row i of a layer's output gradient is example i's delta. None if a layer ran other than once."""
     inputs, outputs = [], []
@@ -82,40 +127,33 @@ def _sums_by_layers(model: torch.nn.Module, linears: list[torch.nn.Linear], feat
             logits = model(features.detach().requires_grad_())
             if len(outputs) != len(linears):
                 return None
-            loss = F.cross_entropy(logits, targets, reduction="sum")  # sum: row i of each delta is example i's
+            loss = loss_fn(logits, targets) * len(targets)  # the sum: row i of each delta is example i's
             deltas = torch.autograd.grad(loss, outputs)
     finally:
         for handle in handles:
             handle.remove()
-    grad_sums = []
+    sums_by_id = {}
     sq_norm_sum = torch.zeros((), dtype=torch.float64, device=features.device)
     for layer, a, delta in zip(linears, inputs, deltas):
         a, delta = a.detach().double(), delta.double()
         delta_sq = delta.pow(2).sum(1)
         sq_norm_sum += (delta_sq * a.pow(2).sum(1)).sum()
-        grad_sums.append(delta.T @ a)  # the weight's: sum_i delta_i a_i^T
+        sums_by_id[id(layer.weight)] = delta.T @ a  # sum_i delta_i a_i^T
         if layer.bias is not None:
             sq_norm_sum += delta_sq.sum()
-            grad_sums.append(delta.sum(0))
-    return grad_sums, sq_norm_sum
+            sums_by_id[id(layer.bias)] = delta.sum(0)
+    return {name: sums_by_id[id(p)] for name, p in model.named_parameters()}, sq_norm_sum
 
 
-def _sums_by_vmap(model: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor,
-                  chunk_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _sums_by_vmap(model: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                  loss_fn: LossFn) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(sum_i g_i per parameter, sum_i |g_i|^2), float64, from per-example gradients (torch.func)."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-
-    def loss_of_one(weights, x, y):
-        return F.cross_entropy(functional_call(model, weights, (x.unsqueeze(0),)), y.unsqueeze(0))
-
-    per_example_grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0))
     # Float64 sums: tr(Sigma) is a difference of two sums over N examples.
-    grad_sum = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    grad_sum = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()}
     sq_norm_sum = torch.zeros((), dtype=torch.float64, device=features.device)
-    for lo in range(0, len(targets), chunk_size):
-        grads = per_example_grads(params, features[lo:lo + chunk_size], targets[lo:lo + chunk_size])
+    for grads in per_example_gradients(model, features, targets, chunk_size, loss_fn):
         for name, g in grads.items():
             g = g.double()
             grad_sum[name] += g.sum(0)
-            sq_norm_sum += g.flatten(1).pow(2).sum()
-    return list(grad_sum.values()), sq_norm_sum
+            sq_norm_sum += g.pow(2).sum()
+    return grad_sum, sq_norm_sum
