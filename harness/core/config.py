@@ -183,6 +183,11 @@ class MetricsConfig(ConfigModel):
     # The exact B_simple at a target: its two components averaged over the states after the last N
     # steps up to the crossing, then divided (one step's |G|^2 swings with the momentum's oscillation).
     noise_window_steps: PositiveInt = 16
+    # B_noise = tr(H Sigma) / (G^T H G) at each target's crossing (measure/hessian_noise.py), over the first N
+    # training samples, tr(H Sigma) from hessian_noise_deviations of them (one Hessian-vector product each,
+    # its sampling error logged beside it); None: not computed.
+    hessian_noise_samples: Optional[PositiveInt] = 256
+    hessian_noise_deviations: Annotated[int, Field(ge=2), Expect("a number >= 2")] = 16
     noise_scale: bool = True
     noise_scale_ema_decay: Fraction = 0.95
     # Measure every N-th step: the estimate is an average anyway, and measuring costs.

@@ -7,7 +7,8 @@ steps since then can be trained again: ``Replay`` keeps the engine's state at re
 points and the batches since, and ``Replay.crossings`` re-trains from there, evaluating after
 every step, to find the first step at or above each target. A second pass reads the exact
 B_simple (measure/exact_noise.py) after each of the ``metrics.noise_window_steps`` steps up to
-the crossing and averages its two components. The engine's state is then put back as it was,
+the crossing and averages its two components, and B_noise (measure/hessian_noise.py) at the
+crossing. The engine's state is then put back as it was,
 so training goes on untouched.
 
 A crossing is exact within the interval where an evaluation first sees it: accuracy that rises
@@ -25,6 +26,7 @@ import torch
 from harness.core.evaluation import evaluate_members, synchronized_now
 from harness.core.step import unwrap
 from harness.measure.exact_noise import exact_noise_scale
+from harness.measure.hessian_noise import hessian_noise_scale
 
 
 @dataclass
@@ -123,14 +125,13 @@ class Replay:
     def _window_noise(self, members: list, first: list[dict[float, int]],
                       global_step: int) -> list[dict[float, dict[str, float]]]:
         """Per member and target: the exact |G|^2 and tr(Sigma) after each step of the window ending at the
-        crossing (as far back as the snapshots reach), averaged, and their ratio."""
-        cfg = members[0].cfg
-        count = cfg.metrics.exact_noise_samples
-        noise: list[dict[float, dict[str, float]]] = [{} for _ in members]
+        crossing (as far back as the snapshots reach), averaged, and their ratio; B_noise at the crossing."""
+        metrics_cfg = members[0].cfg.metrics
         train_set = members[0].trainer.train_set
-        if count is None or len(train_set) < 2:
+        noise: list[dict[float, dict[str, float]]] = [{} for _ in members]
+        exact_count, hessian_count = metrics_cfg.exact_noise_samples, metrics_cfg.hessian_noise_samples
+        if (exact_count is None and hessian_count is None) or len(train_set) < 2:
             return noise
-        subset = train_set.head(count)
         sums: dict[tuple[int, float], list[float]] = {}  # (member, target) -> [|G|^2 sum, tr(Sigma) sum, steps]
 
         def read(step: int) -> None:
@@ -138,11 +139,23 @@ class Replay:
                 targets = [t for t, crossing in found.items() if crossing - self.window < step <= crossing]
                 if not targets:
                     continue
+                model = unwrap(m.trainer.model)
                 with m.trainer.train_step.on_training_stream():
-                    exact = exact_noise_scale(unwrap(m.trainer.model), subset.features, subset.targets)
-                for t in targets:
-                    total = sums.setdefault((k, t), [0.0, 0.0, 0])
-                    total[0], total[1], total[2] = total[0] + exact.grad_sq_norm, total[1] + exact.trace_cov, total[2] + 1
+                    if exact_count is not None:
+                        subset = train_set.head(exact_count)
+                        exact = exact_noise_scale(model, subset.features, subset.targets)
+                        for t in targets:
+                            total = sums.setdefault((k, t), [0.0, 0.0, 0])
+                            total[0] += exact.grad_sq_norm
+                            total[1] += exact.trace_cov
+                            total[2] += 1
+                    at_crossing = [t for t in targets if found[t] == step]
+                    if hessian_count is not None and at_crossing:
+                        subset = train_set.head(hessian_count)
+                        hessian = hessian_noise_scale(model, subset.features, subset.targets,
+                                                      metrics_cfg.hessian_noise_deviations)
+                        for t in at_crossing:
+                            noise[k].setdefault(t, {}).update(_hessian_metrics(hessian))
 
         last = max((step for found in first for step in found.values()), default=global_step)
         if self.snapshots and last > self.snapshots[0][0]:
@@ -152,8 +165,20 @@ class Replay:
             read(global_step)
         for (k, t), (sq_norm, trace, steps) in sums.items():
             sq_norm, trace = sq_norm / steps, trace / steps
-            noise[k][t] = {"grad_sq_norm_exact_at_target": sq_norm, "grad_trace_cov_exact_at_target": trace,
-                           "grad_noise_scale_exact_window_steps": float(steps)}
+            noise[k].setdefault(t, {}).update(grad_sq_norm_exact_at_target=sq_norm,
+                                              grad_trace_cov_exact_at_target=trace,
+                                              grad_noise_scale_exact_window_steps=float(steps))
             if sq_norm > 0:
                 noise[k][t]["grad_noise_scale_exact_at_target"] = trace / sq_norm
         return noise
+
+
+def _hessian_metrics(hessian) -> dict[str, float]:
+    """B_noise's metrics at a target: its components, its sampling error, itself where G^T H G > 0."""
+    metrics = {"grad_hess_grad_at_target": hessian.grad_hess_grad,
+               "grad_trace_hess_cov_at_target": hessian.trace_hess_cov,
+               "grad_trace_hess_cov_std_error_at_target": hessian.trace_hess_cov_std_error}
+    if hessian.b_noise == hessian.b_noise:
+        metrics.update(grad_noise_scale_hessian_at_target=hessian.b_noise,
+                       grad_noise_scale_hessian_rel_error_at_target=hessian.b_noise_rel_error)
+    return metrics

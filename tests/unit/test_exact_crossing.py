@@ -14,11 +14,13 @@ from harness.core.distributed import DistContext
 from harness.core.model import build_model
 from harness.launching.runs import train_trials
 from harness.measure.exact_noise import exact_noise_scale
+from harness.measure.hessian_noise import hessian_noise_scale
 
 # smoke: 8 steps an epoch of batch 64; the subset reaches 0.5 and 0.6 in its third and fourth epochs.
 TARGETS = [0.5, 0.6]
 COMMON = ("train.epochs=6", f"metrics.target_val_accuracy={TARGETS}",
-          "metrics.eval_samples=200", "metrics.sharpness=false", "metrics.exact_noise_samples=128")
+          "metrics.eval_samples=200", "metrics.sharpness=false", "metrics.exact_noise_samples=128",
+          "metrics.hessian_noise_samples=128", "metrics.hessian_noise_deviations=8")
 
 
 def final_metrics(results, place):
@@ -56,8 +58,11 @@ def test_each_target_is_reached_at_the_step_an_evaluation_after_every_step_finds
         crossing = int(metrics["steps_to_target"])
         at_crossing = train_trials(trials(tmp_path / f"at{member}", k, f"train.max_steps={crossing}",
                                           "metrics.target_val_accuracy=null"), DistContext())[member]
-        assert metrics["grad_noise_scale_exact_at_target"] == pytest.approx(exact_at(at_crossing.checkpoint).b_simple,
-                                                                           rel=1e-6)
+        exact, hessian = exact_at(at_crossing.checkpoint)
+        assert metrics["grad_noise_scale_exact_at_target"] == pytest.approx(exact.b_simple, rel=1e-6)
+        assert metrics["grad_noise_scale_hessian_at_target"] == pytest.approx(hessian.b_noise, rel=1e-6)
+        assert metrics["grad_trace_hess_cov_std_error_at_target"] == pytest.approx(hessian.trace_hess_cov_std_error,
+                                                                                  rel=1e-6)
 
 
 def accuracy_history(result, place) -> dict[int, float]:
@@ -66,13 +71,14 @@ def accuracy_history(result, place) -> dict[int, float]:
 
 
 def exact_at(checkpoint):
-    """The exact noise scale of a checkpoint's weights on the first 128 training samples, computed afresh. The
-    training split is seed 0's: a stack's members train on its first trial's data."""
+    """The exact B_simple and B_noise (8 deviations) of a checkpoint's weights on the first 128 training samples,
+    computed afresh. The training split is seed 0's: a stack's members train on its first trial's data."""
     state = torch.load(checkpoint, weights_only=True)
     model = build_model(Config.from_dict(state["config"]))
     model.load_state_dict(state["model"])
     subset = load_dataset(load_config(CONFIGS / "smoke.yaml")).train.head(128)
-    return exact_noise_scale(model, subset.features, subset.targets)
+    return (exact_noise_scale(model, subset.features, subset.targets),
+            hessian_noise_scale(model, subset.features, subset.targets, deviations=8))
 
 
 @pytest.mark.parametrize("k", [1, 3], ids=["alone", "stack of 3"])
@@ -95,7 +101,7 @@ def test_the_noise_scale_at_a_target_averages_each_component_over_the_states_of_
     # Independent: runs stopped by their budget after each step of the window, each scored afresh.
     states = [exact_at(train_trials(trials(tmp_path / f"at{step}", 1, f"train.max_steps={step}",
                                            "metrics.target_val_accuracy=null"), DistContext())[0].checkpoint)
-              for step in range(crossing - 3, crossing + 1)]
+              [0] for step in range(crossing - 3, crossing + 1)]
     sq_norm = sum(s.grad_sq_norm for s in states) / 4
     trace = sum(s.trace_cov for s in states) / 4
     assert metrics["grad_noise_scale_exact_window_steps"] == 4
