@@ -14,7 +14,7 @@ so training goes on untouched.
 A crossing is exact within the interval where an evaluation first sees it: accuracy that rises
 above a target and falls below it again between two evaluations is not seen. A window reaches back
 no further than the snapshots do: not past the start of the process (a resumed run's checkpoint),
-nor past a stack's members leaving it; ``grad_noise_scale_exact_window_steps`` says how many it held.
+nor past a stack's members leaving it; ``grad_noise_scale_exact_window_steps_at_target`` says how many it held.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ class Replay:
             sq_norm, trace = sq_norm / steps, trace / steps
             noise[k].setdefault(t, {}).update(grad_sq_norm_exact_at_target=sq_norm,
                                               grad_trace_cov_exact_at_target=trace,
-                                              grad_noise_scale_exact_window_steps=float(steps))
+                                              grad_noise_scale_exact_window_steps_at_target=float(steps))
             if sq_norm > 0:
                 noise[k][t]["grad_noise_scale_exact_at_target"] = trace / sq_norm
         return noise

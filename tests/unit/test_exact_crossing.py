@@ -104,6 +104,6 @@ def test_the_noise_scale_at_a_target_averages_each_component_over_the_states_of_
               [0] for step in range(crossing - 3, crossing + 1)]
     sq_norm = sum(s.grad_sq_norm for s in states) / 4
     trace = sum(s.trace_cov for s in states) / 4
-    assert metrics["grad_noise_scale_exact_window_steps"] == 4
+    assert metrics["grad_noise_scale_exact_window_steps_at_target"] == 4
     assert metrics["grad_sq_norm_exact_at_target"] == pytest.approx(sq_norm, rel=1e-6)
     assert metrics["grad_noise_scale_exact_at_target"] == pytest.approx(trace / sq_norm, rel=1e-6)
