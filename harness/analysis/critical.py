@@ -1,26 +1,34 @@
-"""The critical batch size of a finished sweep: the LR tuned per batch size, the fit of S(B), the parent's numbers.
+"""The critical batch size of a finished sweep: the LR tuned per batch size, the fits of S(B), the parent's numbers.
 
-Pure, from harness/analysis/report.py's trial records: the best LR per (LR rule, batch size) (Shallue
-et al. 2018: batch-size claims hold only with the optimizer tuned per batch size), the bootstrap fit of
-S(B) = S_min (1 + B_crit/B) over seeds (McCandlish et al. 2018; harness/measure/critical_batch.py),
-the noise scale near B_crit, the parent run's metrics (fixed names, so sweeps compare), the Markdown.
+Pure, from harness/analysis/report.py's trial records, once per held-out accuracy target: the best LR per
+(LR rule, batch size) (Shallue et al. 2018: batch-size claims hold only with the optimizer tuned per batch
+size), the fits of S(B) = S_min (1 + B_crit/B) (McCandlish et al. 2018; harness/measure/critical_batch.py)
+with a bootstrap over seeds and the LR choice and B_crit with each batch size left out, the noise scales
+near B_crit, the parent run's metrics (fixed names, so sweeps compare), the Markdown.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-from harness.measure.critical_batch import NotEnoughBatchSizes, StepsFit, bootstrap_fit
+from harness.measure.critical_batch import (LEAST_SQUARES, RELATIVE_ERROR, NotEnoughBatchSizes, SeedSteps, StepsFit,
+                                            bootstrap_interval, fit_least_squares, fit_relative_error, leave_one_out)
 
 FIT_MIN_BATCH_SIZES = 3
 INTERVAL_LEVEL = 0.9  # of the bootstrap interval of B_crit
+RESAMPLES = 1000
 # Per-trial metrics the training loop logs.
 STEPS, SAMPLES = "steps_to_target", "samples_to_target"
 RACE_BOUND = "steps_to_target_lower_bound"  # a trial the race stopped (train.race_stop) took more steps than this
 NOISE_PROBE, NOISE_EXACT = "grad_noise_scale_at_target", "grad_noise_scale_exact_at_target"
+NOISE_HESSIAN = "grad_noise_scale_hessian_at_target"  # B_noise = tr(HΣ)/GᵀHG (McCandlish et al. 2018, App. A)
+# With several targets a trial logs these once per target as <key>_<t>, t = f"{target:g}"; the unsuffixed key
+# holds the largest target's. RACE_BOUND has no suffix: it bounds every target the trial had not reached.
+PER_TARGET = (STEPS, SAMPLES, NOISE_PROBE, NOISE_EXACT, NOISE_HESSIAN)
 # Cumulative within a run (the last logged value is the run's total), and what each one times.
 TIME_METRICS = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epoch_eval_s": "epoch-end evaluation",
                 "time_probe_s": "probes", "time_sharpness_s": "sharpness", "time_tracking_s": "tracking"}
@@ -39,6 +47,11 @@ class LrCell:
     @property
     def median_steps(self) -> float:
         return statistics.median(self.steps)
+
+    @property
+    def seed_steps(self) -> SeedSteps:
+        """What the bootstrap resamples: the seeds' steps and the race's lower bounds."""
+        return SeedSteps(self.steps, [race_bound(t) for t in self.trials])
 
 
 @dataclass
@@ -93,16 +106,30 @@ class TunedBatch:
 
 @dataclass
 class CriticalBatch:
-    """One LR rule's answer: the tuned batch sizes, the fit (or why there is none), B_simple near B_crit."""
+    """One LR rule's answer at one target: the tuned batch sizes, the fits (or why there is none), B_crit with
+    each batch size left out, and the noise scales near B_crit."""
     lr_rule: str
     tuned: list[TunedBatch]
-    fit: Optional[StepsFit] = None
+    target: Optional[float] = None  # None: the sweep's one target (its trials log no suffixed keys)
+    fit: Optional[StepsFit] = None  # the relative-error fit: the answer
+    least_squares: Optional[StepsFit] = None  # least squares on 1/B, beside it
     low: float = math.nan
     high: float = math.nan
+    resamples_skipped: int = 0  # bootstrap resamples without a valid fit, left out of the interval
+    resamples: int = 0
+    leave_one_out: dict[int, float] = field(default_factory=dict)  # B_crit without that batch size (NaN: no fit)
     why_no_fit: str = ""
     near_batch_sizes: tuple[int, ...] = ()  # where B_simple was read: the reached sizes around B_crit
     noise_scale: float = math.nan  # median grad_noise_scale_at_target over their tuned trials
     noise_scale_exact: float = math.nan
+    noise_scale_hessian: float = math.nan  # B_noise
+
+    @property
+    def leave_one_out_max_ratio(self) -> float:
+        """The most B_crit moves (a factor, at least 1) when one batch size is left out; NaN without values."""
+        moved = [max(v / self.fit.b_crit, self.fit.b_crit / v) for v in self.leave_one_out.values()
+                 if self.fit and math.isfinite(v)]
+        return max(moved, default=math.nan)
 
 
 def steps_of(trial) -> float:
@@ -115,6 +142,45 @@ def race_bound(trial) -> float:
     """The lower bound on the steps of a trial the race stopped; inf for any other."""
     value = trial.final.get(RACE_BOUND, math.inf)
     return math.inf if trial.diverged or not math.isfinite(value) else value
+
+
+def targets(trials: list) -> list[Optional[float]]:
+    """The targets the trials logged numbers for, ascending: every t of a ``<key>_<t>`` in :data:`PER_TARGET`;
+    [None] where no trial has one (one target: the unsuffixed keys). A target no trial reached logs no key."""
+    found = set()
+    for trial in trials:
+        for name in trial.final:
+            for key in PER_TARGET:
+                if name.startswith(key + "_"):
+                    try:
+                        found.add(float(name[len(key) + 1:]))
+                    except ValueError:  # e.g. steps_to_target_lower_bound
+                        pass
+    return sorted(t for t in found if math.isfinite(t)) or [None]
+
+
+def at_target(trial, target: Optional[float], last: Optional[float]):
+    """``trial`` with the unsuffixed :data:`PER_TARGET` keys holding ``target``'s values (absent where it did
+    not reach it), so tuning and fitting read one target; ``last``: the largest target, whose values the
+    unsuffixed keys already hold."""
+    if target is None:
+        return trial
+    final = {k: v for k, v in trial.final.items() if k not in PER_TARGET or target == last}
+    final.update({k: trial.final[f"{k}_{target:g}"] for k in PER_TARGET if f"{k}_{target:g}" in trial.final})
+    if STEPS in final:  # it reached this target: a race bound belongs to a harder one it fell short of
+        final.pop(RACE_BOUND, None)
+    return dataclasses.replace(trial, final=final)
+
+
+def analyse(trials: list, resamples: int = RESAMPLES, seed: int = 0) -> list[CriticalBatch]:
+    """Per target (ascending) and LR rule: tune the LR per batch size and fit S(B) (:func:`critical_batch`)."""
+    every = targets(trials)
+    rules = sorted({t.lr_rule for t in trials})
+    results = []
+    for target in every:
+        tuned = tune([at_target(t, target, every[-1]) for t in trials])
+        results += [critical_batch(rule, tuned, resamples, seed, target) for rule in rules]
+    return results
 
 
 def tune(trials: list) -> list[TunedBatch]:
@@ -130,31 +196,42 @@ def tune(trials: list) -> list[TunedBatch]:
     return tuned
 
 
-def critical_batch(rule: str, tuned: list[TunedBatch], resamples: int = 1000, seed: int = 0) -> CriticalBatch:
-    """Fit S(B) to one rule's tuned steps (bootstrap over the best LR's seeds), and read B_simple near B_crit."""
+def critical_batch(rule: str, tuned: list[TunedBatch], resamples: int = RESAMPLES, seed: int = 0,
+                   target: Optional[float] = None) -> CriticalBatch:
+    """Fit S(B) to one rule's tuned steps (both fits, the bootstrap over seeds and LR choice, each batch size left
+    out), and read the noise scales near B_crit."""
     mine = [t for t in tuned if t.lr_rule == rule]
-    result = CriticalBatch(rule, mine)
+    result = CriticalBatch(rule, mine, target)
     # Best-LR seeds that never reached stay out of the fit: their steps are unknown, not infinite.
-    steps_by_batch = {t.batch_size: t.values(STEPS) for t in mine if t.reached}
-    if len(steps_by_batch) < FIT_MIN_BATCH_SIZES:
-        sizes = ", ".join(map(str, sorted(steps_by_batch))) or "none"
-        result.why_no_fit = (f"no fit of S(B) for lr rule {rule}: {len(steps_by_batch)} batch size(s) reached the "
+    medians = {t.batch_size: statistics.median(t.values(STEPS)) for t in mine if t.values(STEPS)}
+    what = f"lr rule {rule}" + (f", target {target:g}" if target is not None else "")
+    if len(medians) < FIT_MIN_BATCH_SIZES:
+        sizes = ", ".join(map(str, sorted(medians))) or "none"
+        result.why_no_fit = (f"no fit of S(B) for {what}: {len(medians)} batch size(s) reached the "
                              f"target ({sizes}); it needs at least {FIT_MIN_BATCH_SIZES}")
         return result
+    sizes, steps = sorted(medians), [medians[b] for b in sorted(medians)]
     try:
-        result.fit, result.low, result.high = bootstrap_fit(steps_by_batch, resamples=resamples, seed=seed,
-                                                            level=INTERVAL_LEVEL)
+        fit = fit_relative_error(sizes, steps)
     except NotEnoughBatchSizes as err:
-        result.why_no_fit = f"no fit of S(B) for lr rule {rule}: {err}"
+        result.why_no_fit = f"no fit of S(B) for {what}: {err}"
         return result
-    if not result.fit.valid:  # never a negative or infinite critical batch size on the parent run
-        result.why_no_fit = f"no valid fit of S(B) for lr rule {rule}: {result.fit.problem}"
-        result.fit, result.low, result.high = None, math.nan, math.nan
+    least_squares = fit_least_squares(sizes, steps)
+    result.least_squares = least_squares if least_squares.valid else None
+    if not fit.valid:  # never a negative or infinite critical batch size on the parent run
+        result.why_no_fit = f"no valid fit of S(B) for {what}: {fit.problem}"
         return result
-    result.near_batch_sizes = near = nearest_batch_sizes(sorted(steps_by_batch), result.fit.b_crit)
+    result.fit = fit
+    interval = bootstrap_interval({t.batch_size: [c.seed_steps for c in t.grid] for t in mine},
+                                  resamples=resamples, seed=seed, level=INTERVAL_LEVEL)
+    result.low, result.high, result.resamples_skipped = interval.low, interval.high, interval.skipped
+    result.resamples = resamples
+    if len(sizes) > FIT_MIN_BATCH_SIZES:
+        result.leave_one_out = {int(b): v for b, v in leave_one_out(sizes, steps).items()}
+    result.near_batch_sizes = near = nearest_batch_sizes(sizes, fit.b_crit)
     by_size = {t.batch_size: t for t in mine}
-    result.noise_scale, result.noise_scale_exact = (_median([v for b in near for v in by_size[b].values(key)])
-                                                    for key in (NOISE_PROBE, NOISE_EXACT))
+    result.noise_scale, result.noise_scale_exact, result.noise_scale_hessian = (
+        _median([v for b in near for v in by_size[b].values(key)]) for key in (NOISE_PROBE, NOISE_EXACT, NOISE_HESSIAN))
     return result
 
 
@@ -171,28 +248,53 @@ def nearest_batch_sizes(sizes: list[int], b_crit: float) -> tuple[int, ...]:
 
 
 def parent_metrics(results: list[CriticalBatch]) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
-    """(single values, per-batch-size series with step = batch size) for the sweep's parent run. The
-    primary rule's numbers carry the fixed names (``critical_batch_size``, ``tuned_lr``, ...); with several
-    rules each rule's also appear as ``<name>_<rule>``. Numbers that do not exist are left out, never NaN."""
-    rules = [r.lr_rule for r in results]
+    """(single values, series) for the sweep's parent run. The single values and the per-batch-size series
+    (step = batch size: ``tuned_lr``, ...) are the largest target's; each number also gets a series
+    ``<name>_by_target`` with step = round(1000 t) (e.g. 850 for 0.85), so MLflow plots it against the target.
+    The primary rule's numbers carry the fixed names; with several rules each rule's also appear as
+    ``<name>_<rule>``. Numbers that do not exist are left out, never NaN."""
+    rules = list(dict.fromkeys(r.lr_rule for r in results))
     primary = "none" if "none" in rules else min(rules)  # "none": its LR grid is the tuning
+    last = results[-1].target if results else None
     single: dict[str, float] = {}
     series: dict[str, dict[int, float]] = {}
     for result in results:
         suffixes = ([""] if result.lr_rule == primary else []) + ([f"_{result.lr_rule}"] if len(rules) > 1 else [])
-        values = {"critical_batch_size": result.fit.b_crit if result.fit else math.nan,
-                  "critical_batch_size_low": result.low, "critical_batch_size_high": result.high,
-                  "min_steps_to_target": result.fit.s_min if result.fit else math.nan,
-                  "min_samples_to_target": result.fit.e_min if result.fit else math.nan,
-                  "grad_noise_scale_at_target": result.noise_scale,
-                  "grad_noise_scale_exact": result.noise_scale_exact}
-        per_batch = {"tuned_lr": {t.batch_size: t.best.lr for t in result.tuned if t.reached},
-                     "tuned_steps_to_target": {t.batch_size: t.best.median_steps for t in result.tuned if t.reached},
-                     "tuned_samples_to_target": {t.batch_size: t.median_samples for t in result.tuned if t.reached}}
+        values = _numbers(result)
         for suffix in suffixes:
+            if result.target is not None:
+                step = round(1000 * result.target)
+                for key, value in values.items():
+                    if math.isfinite(value):
+                        series.setdefault(f"{key}_by_target{suffix}", {})[step] = value
+            if result.target != last:
+                continue
             single.update({k + suffix: v for k, v in values.items() if math.isfinite(v)})
-            series.update({k + suffix: {b: v for b, v in s.items() if math.isfinite(v)} for k, s in per_batch.items()})
+            series.update({k + suffix: {b: v for b, v in s.items() if math.isfinite(v)}
+                           for k, s in _per_batch(result).items()})
     return single, series
+
+
+def _numbers(result: CriticalBatch) -> dict[str, float]:
+    """The parent's single numbers of one result (NaN where there is none)."""
+    fit, least_squares = result.fit, result.least_squares
+    return {"critical_batch_size": fit.b_crit if fit else math.nan,
+            "critical_batch_size_low": result.low, "critical_batch_size_high": result.high,
+            "critical_batch_size_least_squares": least_squares.b_crit if least_squares else math.nan,
+            "critical_batch_size_leave_one_out_max_ratio": result.leave_one_out_max_ratio,
+            "critical_batch_size_resamples_skipped": float(result.resamples_skipped) if fit else math.nan,
+            "min_steps_to_target": fit.s_min if fit else math.nan,
+            "min_samples_to_target": fit.e_min if fit else math.nan,
+            "grad_noise_scale_at_target": result.noise_scale,
+            "grad_noise_scale_exact": result.noise_scale_exact,
+            "grad_noise_scale_hessian": result.noise_scale_hessian}
+
+
+def _per_batch(result: CriticalBatch) -> dict[str, dict[int, float]]:
+    reached = [t for t in result.tuned if t.reached]
+    return {"tuned_lr": {t.batch_size: t.best.lr for t in reached},
+            "tuned_steps_to_target": {t.batch_size: t.best.median_steps for t in reached},
+            "tuned_samples_to_target": {t.batch_size: t.median_samples for t in reached}}
 
 
 def _spread(median: float, values: list[float], digits: int, missing: int) -> str:
@@ -204,64 +306,142 @@ def _spread(median: float, values: list[float], digits: int, missing: int) -> st
     return text + (f" ({missing} seed(s) not reached)" if missing else "")
 
 
+def _number(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else "-"
+
+
+def _target_name(target: Optional[float]) -> str:
+    return "the target" if target is None else f"{target:g}"
+
+
 def markdown(results: list[CriticalBatch]) -> str:
-    """The tuned table per rule and the answer: B_crit with its interval beside B_simple (probe, exact)."""
+    """The largest target's tuned table and answer per rule, then per rule one row per target (B_crit from
+    both fits, the leave-one-out range, B_simple and B_noise), and with several targets the tuned steps."""
+    last = results[-1].target if results else None
     lines = []
     for result in results:
-        lines += [f"### LR tuned per batch size (lr rule {result.lr_rule})", "",
-                  "Steps and samples: median over the best LR's seeds (a seed that never reached counts as infinite) "
-                  "[min, max over the seeds that reached]; B_simple: median at the target over those seeds.", "",
-                  "| batch | tuned LR | on the grid's edge | LRs tried | steps to target | samples to target "
-                  "| B_simple at target (probe) | B_simple (exact) |", "|---|---|---|---|---|---|---|---|"]
-        for t in result.tuned:
-            missing = sum(not math.isfinite(s) for s in t.best.steps) if t.best else 0
-            lr = f"{t.best.lr:.4g}" if t.best else "none reached"
-            noise = [f"{t.median(k):.0f}" if math.isfinite(t.median(k)) else "-" for k in (NOISE_PROBE, NOISE_EXACT)]
-            lines.append(f"| {t.batch_size} | {lr} | {t.edge or 'no'} | {len(t.grid)} "
-                         f"| {_spread(t.best.median_steps if t.best else math.nan, t.values(STEPS), 0, missing)} "
-                         f"| {_spread(t.median_samples, t.values(SAMPLES), 0, missing)} "
-                         f"| {noise[0]} | {noise[1]} |")
-        lines.append("")
-        edges = [f"{t.batch_size} ({t.edge})" for t in result.tuned if t.edge]
-        if edges:
-            lines += [f"Best LR on the grid's edge (the optimum may lie beyond it; widen the grid): "
-                      f"{', '.join(edges)}.", ""]
-        stopped = sum(t.race_stopped for t in result.tuned)
-        if stopped:
-            doubt = [f"{t.batch_size} (LR {', '.join(f'{lr:.4g}' for lr in t.race_doubt)})"
-                     for t in result.tuned if t.race_doubt]
-            lines += [f"Race stop: {stopped} trial(s) stopped short of the target at k times the steps of the fastest "
-                      "trial of their batch size, each with a lower bound on its steps; " +
-                      (f"the race may have decided the tuned LR at {', '.join(doubt)}: rerun with a larger "
-                       "sweep.race_stop." if doubt else "none of them could have been a tuned LR."), ""]
-        lines += [answer_line(result), ""]
+        if result.target == last:
+            lines += tuned_table(result) + [answer_line(result), ""]
+            lines += [leave_one_out_line(result), ""] if result.fit else []
+    for rule in dict.fromkeys(r.lr_rule for r in results):
+        mine = [r for r in results if r.lr_rule == rule]
+        lines += by_target_table(mine)
+        lines += steps_by_target_table(mine) if len(mine) > 1 else []
     return "\n".join(lines)
 
 
+def tuned_table(result: CriticalBatch) -> list[str]:
+    """Markdown lines: per batch size the tuned LR, its steps and samples to target and the noise scales;
+    the grid-edge and race notes."""
+    target = f", target {result.target:g}" if result.target is not None else ""
+    lines = [f"### LR tuned per batch size (lr rule {result.lr_rule}{target})", "",
+             "Steps and samples: median over the best LR's seeds (a seed that never reached counts as infinite) "
+             "[min, max over the seeds that reached]; B_simple, B_noise: median at the target over those seeds.", "",
+             "| batch | tuned LR | on the grid's edge | LRs tried | steps to target | samples to target "
+             "| B_simple at target (probe) | B_simple (exact) | B_noise |", "|---|---|---|---|---|---|---|---|---|"]
+    for t in result.tuned:
+        missing = sum(not math.isfinite(s) for s in t.best.steps) if t.best else 0
+        lr = f"{t.best.lr:.4g}" if t.best else "none reached"
+        noise = [f"{t.median(k):.0f}" if math.isfinite(t.median(k)) else "-"
+                 for k in (NOISE_PROBE, NOISE_EXACT, NOISE_HESSIAN)]
+        lines.append(f"| {t.batch_size} | {lr} | {t.edge or 'no'} | {len(t.grid)} "
+                     f"| {_spread(t.best.median_steps if t.best else math.nan, t.values(STEPS), 0, missing)} "
+                     f"| {_spread(t.median_samples, t.values(SAMPLES), 0, missing)} | {' | '.join(noise)} |")
+    lines.append("")
+    edges = [f"{t.batch_size} ({t.edge})" for t in result.tuned if t.edge]
+    if edges:
+        lines += [f"Best LR on the grid's edge (the optimum may lie beyond it; widen the grid): "
+                  f"{', '.join(edges)}.", ""]
+    stopped = sum(t.race_stopped for t in result.tuned)
+    if stopped:
+        doubt = [f"{t.batch_size} (LR {', '.join(f'{lr:.4g}' for lr in t.race_doubt)})"
+                 for t in result.tuned if t.race_doubt]
+        lines += [f"Race stop: {stopped} trial(s) stopped short of the target at k times the steps of the fastest "
+                  "trial of their batch size, each with a lower bound on its steps; " +
+                  (f"the race may have decided the tuned LR at {', '.join(doubt)}: rerun with a larger "
+                   "sweep.race_stop." if doubt else "none of them could have been a tuned LR."), ""]
+    return lines
+
+
+def by_target_table(results: list[CriticalBatch]) -> list[str]:
+    """Markdown lines: one rule's B_crit per target from both fits, the leave-one-out range, B_simple, B_noise."""
+    lines = [f"### Critical batch size per target (lr rule {results[0].lr_rule})", "",
+             f"B_crit: the relative-error fit (least squares on log S) with its {INTERVAL_LEVEL:.0%} bootstrap "
+             "interval over seeds and the LR choice, and least squares on 1/B; leave-one-out: the range of B_crit "
+             "with each batch size left out; B_simple, B_noise: median over the tuned trials at the batch sizes "
+             "nearest B_crit.", "",
+             f"| target | B_crit ({RELATIVE_ERROR}) | B_crit ({LEAST_SQUARES}) | leave-one-out range "
+             "| B_simple (probe) | B_simple (exact) | B_noise |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        answer = f"{r.fit.b_crit:.4g} ({_number(r.low)}..{_number(r.high)})" if r.fit else "no valid fit"
+        answer += f", {r.resamples_skipped} of {r.resamples} resamples without a fit" if r.resamples_skipped else ""
+        other = _number(r.least_squares.b_crit) if r.least_squares else "-"
+        moved = [v for v in r.leave_one_out.values() if math.isfinite(v)]
+        spread = f"{min(moved):.4g}..{max(moved):.4g}" if moved else "-"
+        noise = " | ".join(_number(v) for v in (r.noise_scale, r.noise_scale_exact, r.noise_scale_hessian))
+        lines.append(f"| {_target_name(r.target)} | {answer} | {other} | {spread} | {noise} |")
+    # The largest target's reason is in its answer line; the others' go here.
+    reasons = [r.why_no_fit for r in results if r.fit is None and r.target != results[-1].target]
+    return lines + [""] + (reasons + [""] if reasons else [])
+
+
+def steps_by_target_table(results: list[CriticalBatch]) -> list[str]:
+    """Markdown lines: one rule's tuned median steps (and tuned LR) per batch size, one column per target."""
+    names = [_target_name(r.target) for r in results]
+    sizes = sorted({t.batch_size for r in results for t in r.tuned})
+    cells = {(i, t.batch_size): f"{t.best.median_steps:.0f} (LR {t.best.lr:.4g})" if t.best else "not reached"
+             for i, r in enumerate(results) for t in r.tuned}
+    lines = [f"### Tuned steps to target per target (lr rule {results[0].lr_rule})", "",
+             "| batch | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {b} | " + " | ".join(cells.get((i, b), "-") for i in range(len(results))) + " |" for b in sizes]
+    return lines + [""]
+
+
 def answer_line(result: CriticalBatch) -> str:
-    """B_crit (fit, interval) beside B_simple probe and exact, with their ratios; or why there is no fit."""
+    """B_crit from the relative-error fit (interval) and from least squares on 1/B, beside B_simple (probe,
+    exact) and B_noise with their ratios; or why there is no fit."""
     if result.fit is None:
-        return result.why_no_fit
+        return result.why_no_fit + (f"; {LEAST_SQUARES} gives {result.least_squares.b_crit:.4g}"
+                                    if result.least_squares else "")
     fit = result.fit
     near = ", ".join(map(str, result.near_batch_sizes)) or "none"
     sizes = [t.batch_size for t in result.tuned if t.reached]
-    line = (f"lr rule {result.lr_rule}: B_crit = {fit.b_crit:.4g} ({INTERVAL_LEVEL:.0%} bootstrap interval "
-            f"{result.low:.4g}..{result.high:.4g}), S_min = {fit.s_min:.4g} steps, E_min = {fit.e_min:.4g} samples; "
-            f"{_b_simple('probe', result.noise_scale, fit.b_crit)}, "
-            f"{_b_simple('exact', result.noise_scale_exact, fit.b_crit)}; "
-            f"B_simple is the median over the tuned trials at batch sizes {near} (the nearest to B_crit)")
+    target = f", target {result.target:g}" if result.target is not None else ""
+    skipped = (f"; {result.resamples_skipped} of {result.resamples} resamples gave no valid fit and are left out"
+               if result.resamples_skipped else "")
+    other = (f"{LEAST_SQUARES} gives {result.least_squares.b_crit:.4g}" if result.least_squares
+             else f"{LEAST_SQUARES} gives no valid fit")
+    line = (f"lr rule {result.lr_rule}{target}: B_crit = {fit.b_crit:.4g} ({RELATIVE_ERROR}, {INTERVAL_LEVEL:.0%} "
+            f"interval {result.low:.4g}..{result.high:.4g} over seeds and the LR choice{skipped}); {other}; "
+            f"S_min = {fit.s_min:.4g} steps, E_min = {fit.e_min:.4g} samples; "
+            f"{_noise_scale('B_simple (probe)', 'B_simple', result.noise_scale, fit.b_crit)}, "
+            f"{_noise_scale('B_simple (exact)', 'B_simple', result.noise_scale_exact, fit.b_crit)}"
+            + (f", {_noise_scale('B_noise', 'B_noise', result.noise_scale_hessian, fit.b_crit)}"
+               if math.isfinite(result.noise_scale_hessian) else "") +
+            f"; B_simple is the median over the tuned trials at batch sizes {near} (the nearest to B_crit)")
     if not min(sizes) <= fit.b_crit <= max(sizes):
         line += (f". B_crit lies outside the batch sizes that reached the target ({min(sizes)}..{max(sizes)}): "
                  "an extrapolation")
-    if all(len(t.values(STEPS)) < 2 for t in result.tuned if t.reached):
-        line += ". One seed per batch size: the interval says nothing about seed noise"
+    if all(len(c.trials) < 2 for t in result.tuned for c in t.grid):
+        line += ". One seed per batch size and LR: the interval says nothing about seed noise"
     return line
 
 
-def _b_simple(name: str, value: float, b_crit: float) -> str:
-    ratio = (f"B_crit / B_simple = {b_crit / value:.2f}" if math.isfinite(b_crit) and math.isfinite(value) and value > 0
-             else "no ratio")
-    return f"B_simple ({name}) = {f'{value:.4g}' if math.isfinite(value) else 'not recorded'} ({ratio})"
+def leave_one_out_line(result: CriticalBatch) -> str:
+    """B_crit with each batch size left out, and the most it moves."""
+    if not result.leave_one_out:
+        return (f"Leaving one batch size out: not done, it needs at least {FIT_MIN_BATCH_SIZES + 1} batch sizes "
+                "that reached the target.")
+    moves = ", ".join(f"B={b} → {v:.4g}" if math.isfinite(v) else f"B={b} → no valid fit"
+                      for b, v in result.leave_one_out.items())
+    return (f"Leaving one batch size out ({RELATIVE_ERROR}): {moves}; B_crit moves by at most a factor of "
+            f"{result.leave_one_out_max_ratio:.2f}.")
+
+
+def _noise_scale(name: str, symbol: str, value: float, b_crit: float) -> str:
+    ratio = (f"B_crit / {symbol} = {b_crit / value:.2f}" if math.isfinite(b_crit) and math.isfinite(value)
+             and value > 0 else "no ratio")
+    return f"{name} = {f'{value:.4g}' if math.isfinite(value) else 'not recorded'} ({ratio})"
 
 
 def time_spent(trial_metrics: list[dict[str, float]]) -> dict[str, Optional[float]]:

@@ -15,6 +15,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# (harness/analysis/critical.CriticalBatch attribute, line style, name) of the noise scales read near B_crit.
+NOISE_SCALES = (("noise_scale", "-.", "B_simple (probe)"), ("noise_scale_exact", (0, (1, 1)), "B_simple (exact)"),
+                ("noise_scale_hessian", (0, (5, 1, 1, 1)), "B_noise"))
+
 
 def draw_all(trials, rows, directory: Path, target_label: str = "target") -> list[Path]:
     return [accuracy_and_gap(rows, directory / "accuracy_gap_vs_batch.png"),
@@ -170,7 +174,11 @@ def tuned_vs_batch(results, path: Path, quantity: str, target_label: str) -> Pat
             continue
         xs = _dense(batch)
         ax.plot(xs, [fit.steps_at(b) * (1 if steps else b) for b in xs], color=colour,
-                label=f"fit: S_min={fit.s_min:.0f}, E_min={fit.e_min:.0f}")
+                label=f"{fit.method}: S_min={fit.s_min:.0f}, E_min={fit.e_min:.0f}")
+        if result.least_squares:
+            other = result.least_squares
+            ax.plot(xs, [other.steps_at(b) * (1 if steps else b) for b in xs], color=colour, linestyle="-.",
+                    linewidth=1, label=f"{other.method}: B_crit={other.b_crit:.0f}")
         ax.plot(xs, [fit.e_min / b if steps else fit.e_min for b in xs], color=colour, linestyle=":",
                 label="perfect scaling" + (" S = E_min/B" if steps else " E = E_min"))
         _vertical_lines(ax, result, colour)
@@ -184,12 +192,13 @@ def tuned_vs_batch(results, path: Path, quantity: str, target_label: str) -> Pat
 
 def _vertical_lines(ax, result, colour) -> None:
     fit = result.fit
-    ax.axvline(fit.b_crit, color=colour, linestyle="--", label=f"B_crit (fit) = {fit.b_crit:.0f}")
+    ax.axvline(fit.b_crit, color=colour, linestyle="--", label=f"B_crit ({fit.method}) = {fit.b_crit:.0f}")
     if math.isfinite(result.low) and math.isfinite(result.high):
         ax.axvspan(max(result.low, 1e-9), result.high, color=colour, alpha=0.1, label="B_crit interval")
-    for value, style, name in ((result.noise_scale, "-.", "probe"), (result.noise_scale_exact, (0, (1, 1)), "exact")):
+    for attribute, style, name in NOISE_SCALES:
+        value = getattr(result, attribute)
         if math.isfinite(value) and value > 0:
-            ax.axvline(value, color="crimson", linestyle=style, label=f"B_simple ({name}) = {value:.0f}")
+            ax.axvline(value, color="crimson", linestyle=style, label=f"{name} = {value:.0f}")
 
 
 def pareto_front(results, path: Path, target_label: str) -> Path:
@@ -219,6 +228,33 @@ def pareto_front(results, path: Path, target_label: str) -> Path:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set(title=f"Pareto front to reach {target_label}", xlabel="optimizer steps", ylabel="training samples")
+    return _finish(fig, path, ax, notes=notes)
+
+
+def critical_vs_target(results, path: Path) -> Path:
+    """B_crit (relative-error fit, with its bootstrap interval) and the noise scales read near it, against the
+    held-out accuracy target (log y): McCandlish et al. 2018 expect B_crit to grow as the target gets harder."""
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    notes = []
+    for i, rule in enumerate(dict.fromkeys(r.lr_rule for r in results)):
+        mine = [r for r in results if r.lr_rule == rule and r.target is not None]
+        fitted = [r for r in mine if r.fit]
+        notes += [f"lr rule {rule}, target {r.target:g}: no valid fit" for r in mine if not r.fit]
+        if fitted:
+            targets, b_crit = [r.target for r in fitted], [r.fit.b_crit for r in fitted]
+            # A percentile interval need not hold the point estimate: a bar of negative length draws nothing.
+            below = [max(b - r.low, 0) if math.isfinite(r.low) else 0 for b, r in zip(b_crit, fitted)]
+            above = [max(r.high - b, 0) if math.isfinite(r.high) else 0 for b, r in zip(b_crit, fitted)]
+            ax.errorbar(targets, b_crit, yerr=[below, above], marker="o", capsize=3, color=f"C{i}",
+                        label=f"B_crit ({fitted[0].fit.method}), lr rule {rule}")
+        for (attribute, style, name), marker in zip(NOISE_SCALES, "sv^"):
+            points = [(r.target, getattr(r, attribute)) for r in mine]
+            points = [(t, v) for t, v in points if math.isfinite(v) and v > 0]
+            if points:
+                ax.plot(*zip(*points), marker=marker, linestyle=style, color=f"C{i}", alpha=0.7,
+                        label=f"{name}, lr rule {rule}")
+    ax.set_yscale("log")
+    ax.set(title="Critical batch size against the target", xlabel="held-out accuracy target", ylabel="batch size")
     return _finish(fig, path, ax, notes=notes)
 
 

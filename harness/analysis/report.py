@@ -49,7 +49,7 @@ class Report:
     markdown_path: Path
     markdown_table: str
     plots: list[Path]
-    critical: list[critical.CriticalBatch] = field(default_factory=list)
+    critical: list[critical.CriticalBatch] = field(default_factory=list)  # per target (ascending), per LR rule
     time_spent: dict[str, Optional[float]] = field(default_factory=dict)
 
 
@@ -127,7 +127,8 @@ def tuned_rows(rows: list[minima.CellRow], tuned: list[critical.TunedBatch]) -> 
 def log_parent_metrics(client, parent_run_id: str, rows: list[minima.CellRow],
                        results: list[critical.CriticalBatch]) -> None:
     """Each row's means on the parent run, step = batch size; the critical batch size's numbers
-    (critical.parent_metrics: single values at step 0, per batch size at step = batch size)."""
+    (critical.parent_metrics: single values at step 0, per batch size at step = batch size, per target at
+    step = round(1000 target))."""
     from mlflow.entities import Metric, RunTag
 
     values: dict[str, dict[int, float]] = defaultdict(dict)
@@ -139,7 +140,7 @@ def log_parent_metrics(client, parent_run_id: str, rows: list[minima.CellRow],
     values.update({key: {0: value} for key, value in single.items()})
     values.update(series)
     near = {f"grad_noise_scale_batch_sizes_{r.lr_rule}": ",".join(map(str, r.near_batch_sizes))
-            for r in results if r.near_batch_sizes}
+            for r in results if r.near_batch_sizes and r.target == results[-1].target}  # the fixed names' target
     if near:  # which trials the parent's grad_noise_scale_* medians are over
         client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in near.items()])
     now_ms = int(time.time() * 1000)
@@ -158,19 +159,23 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     trials = collect_trials(client, parent)
     if not trials:
         raise InputError(f"sweep run {parent.info.run_id}: no child runs; expected one per trial")
-    tuned = critical.tune(trials)
-    results = [critical.critical_batch(rule, tuned) for rule in sorted({t.lr_rule for t in trials})]
+    results = critical.analyse(trials)
+    largest = results[-1].target
+    last = [r for r in results if r.target == largest]  # the largest target's, one per rule
     rows = summarise(trials)
-    per_batch = tuned_rows(rows, tuned)
+    per_batch = tuned_rows(rows, [t for r in last for t in r.tuned])
     directory = Path(out_dir) / parent.info.run_id
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, markdown_path = write_csv(rows, directory / "summary.csv"), directory / "summary.md"
     target = parent.data.params.get("metrics.target_val_accuracy")
-    has_target = target not in (None, "None")  # without one there is no S(B) to tune or fit
+    has_target = target not in (None, "None") or largest is not None  # without one there is no S(B) to fit
     table = markdown_table(rows) + ("\n\n" + critical.markdown(results) if has_target else "")
-    target_label = f"val acc ≥ {target}" if has_target else "target"
+    target_label = (f"val acc ≥ {largest:g}" if largest is not None else f"val acc ≥ {target}" if has_target
+                    else "target")
     drawn = plots.draw_all(trials, per_batch, directory, target_label) + (
-        plots.draw_critical(results, directory, target_label) if has_target else [])
+        plots.draw_critical(last, directory, target_label) if has_target else [])
+    if len(results) > len(last):  # several targets
+        drawn.append(plots.critical_vs_target(results, directory / "critical_batch_vs_target.png"))
     text, figures = _minima_sections(tracking_uri, experiment, trials, directory, interpolate)
     table, drawn = table + text, drawn + figures
     markdown_path.write_text(f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{table}\n")
