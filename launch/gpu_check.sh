@@ -7,7 +7,8 @@
 #      graph-under-DDP path if the full run fails, so one broken path costs no table);
 #   4. configs/sweep_gpu.yaml (7 batch sizes, 10 epochs, 1 seed, graph step on), timed;
 #   5. the same sweep with the eager step, timed, for the comparison;
-#   6. configs/critical_batch.yaml (the critical batch size two ways), timed; at the end again without
+#   6. configs/critical_batch.yaml (the critical batch size at two targets), timed, then its full protocol
+#      (configs/critical_batch_gpu.yaml: 8 seeds, 8 LRs, targets up to 0.88); at the end again without
 #      the race (critical-batch-no-race: every trial to its target or budget) for what the race saves;
 #   7. `harness capacity --device cuda` in fp32 and in bf16 (the bf16 step on CUDA):
 #      time per step and peak memory against the batch, up to the first out-of-memory;
@@ -43,7 +44,7 @@ if "$py" -c "import mlflow" 2>/dev/null; then
 else
     tracking=(--set tracking.enabled=false)
 fi
-steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager critical-batch capacity capacity-bf16 stack-bench stack-bench-tf32 stack-bench-wide stack-bench-wide-tf32 critical-batch-unstacked critical-batch-no-race} "
+steps=" ${STEPS:-environment graph-tests torchrun-nccl bench sweep-graph sweep-eager critical-batch critical-batch-gpu capacity capacity-bf16 stack-bench stack-bench-tf32 stack-bench-wide stack-bench-wide-tf32 critical-batch-unstacked critical-batch-no-race} "
 run() {  # run a named step (if STEPS names it), keep going after a failure, remember it
     local name=$1; shift
     case "$steps" in *" $name "*|*" ${name%-without-graph-ddp} "*) ;; *) return 0 ;; esac
@@ -73,9 +74,12 @@ run sweep-graph "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_
     --set checkpoint.dir=/tmp/gpu-check-sweep-graph
 run sweep-eager "$py" launch/sweep.py "${sweep_args[@]}" --set performance.cuda_graph=false \
     --set checkpoint.dir=/tmp/gpu-check-sweep-eager
-# The critical-batch study at full size: 10 batch sizes x 6 LRs x 2 seeds, each trial stopped at its target.
+# The critical-batch study: 10 batch sizes x 6 LRs x 4 seeds, two targets, each trial stopped at the last.
 run critical-batch "$py" launch/sweep.py --config configs/critical_batch.yaml --launcher local "${tracking[@]}" \
     --set train.device=cuda --set checkpoint.dir=/tmp/gpu-check-critical --report-dir "$out/critical-report"
+# Its full protocol: 8 seeds, 8 LRs, targets up to 0.88.
+run critical-batch-gpu "$py" launch/sweep.py --config configs/critical_batch_gpu.yaml --launcher local \
+    "${tracking[@]}" --set checkpoint.dir=/tmp/gpu-check-critical-gpu --report-dir "$out/critical-report-gpu"
 # The note's hardware claims measured on the device, in fp32 and bf16.
 run capacity "$py" -m harness.cli capacity --config configs/fashion_mnist.yaml --device cuda --epoch-samples 55000 \
     --no-mlflow --json "$out/capacity-cuda.json" --out "$out"

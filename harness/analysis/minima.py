@@ -106,6 +106,50 @@ def interpolation_pair(trials: list) -> Optional[tuple]:
     return None
 
 
+@dataclass(frozen=True)
+class Difference:
+    """Test accuracy at the smallest batch minus at the largest, over their seeds that reached the loss
+    target: Welch's t-test (unequal variances) and its 95% interval."""
+    lr_rule: str
+    small: int
+    large: int
+    small_values: tuple[float, ...]
+    large_values: tuple[float, ...]
+    difference: float
+    low: float
+    high: float
+    p_value: float
+
+    def line(self) -> str:
+        return (f"Test accuracy at B={self.small} minus B={self.large} (lr rule {self.lr_rule}): "
+                f"{self.difference:+.4f} (95% interval {self.low:+.4f}..{self.high:+.4f}; Welch's t-test "
+                f"p = {self.p_value:.3g}; {len(self.small_values)} and {len(self.large_values)} seeds)")
+
+
+def extremes_difference(trials: list) -> list[Difference]:
+    """Per LR rule, the smallest and the largest batch size with at least two seeds at the loss target (at each,
+    the LR with the most such seeds: a rule's sweep has one LR per batch size): is the small batch's test
+    accuracy higher?"""
+    from scipy import stats
+
+    differences = []
+    for rule in sorted({t.lr_rule for t in trials}):
+        cells: dict[int, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for t in trials:
+            if t.lr_rule == rule and _reached_loss(t) and "test_accuracy" in t.final:
+                cells[t.batch_size][t.lr].append(t.final["test_accuracy"])
+        sizes = sorted(b for b, by_lr in cells.items() if max(map(len, by_lr.values())) >= 2)
+        if len(sizes) < 2:
+            continue
+        small, large = (max(cells[b].values(), key=len) for b in (sizes[0], sizes[-1]))
+        result = stats.ttest_ind(small, large, equal_var=False)
+        low, high = result.confidence_interval(0.95)
+        differences.append(Difference(rule, sizes[0], sizes[-1], tuple(small), tuple(large),
+                                      float(sum(small) / len(small) - sum(large) / len(large)),
+                                      float(low), float(high), float(result.pvalue)))
+    return differences
+
+
 def markdown(rows: list[CellRow], target: float) -> str:
     """The table at equal training loss, and what it rests on."""
     lines = [f"### Batch sizes at equal training loss ({target:g}, full training split)", "",

@@ -195,6 +195,7 @@ def _minima_sections(tracking_uri: str, experiment: str, trials: list[TrialRecor
     targets = {t.target_train_loss for t in trials if t.target_train_loss is not None}
     if targets:
         text += "\n\n" + minima.markdown(minima.equal_loss_rows(trials), min(targets))
+        text += "".join("\n\n" + d.line() for d in minima.extremes_difference(trials))
     several_rules = len({t.lr_rule for t in trials}) > 1
     curves = minima.sharpness_curves(trials, lambda t: f"B={t.batch_size} lr {t.lr:.3g}" + (
         f" ({t.lr_rule})" if several_rules else ""))

@@ -8,8 +8,9 @@ points and the batches since, and ``Replay.crossings`` re-trains from there, eva
 every step, to find the first step at or above each target. A second pass reads the exact
 B_simple (measure/exact_noise.py) after each of the ``metrics.noise_window_steps`` steps up to
 the crossing and averages its two components, and B_noise (measure/hessian_noise.py) at the
-crossing. The engine's state is then put back as it was,
-so training goes on untouched.
+crossing. Both passes train the engine's ``replica`` of the members that crossed (a stack's
+others are not trained again); the engine's own state is put back as it was, so training goes
+on untouched.
 
 A crossing is exact within the interval where an evaluation first sees it: accuracy that rises
 above a target and falls below it again between two evaluations is not seen. A window reaches back
@@ -74,46 +75,36 @@ class Replay:
             self.snapshots.pop(0)
             del self.batches[:dropped]
 
-    def _restore(self, state: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for live, saved in zip(self.engine.training_state(), state):
-                live.copy_(saved)  # in place: a captured CUDA graph holds these addresses
-
-    def _train_from_base(self, last_step: int):
-        """Restore the oldest snapshot and train again up to ``last_step``, yielding the step each state is after
-        (the snapshot's first)."""
-        base, state = self.snapshots[0]
-        self._restore(state)
-        yield base
-        for offset, (indices, global_batch_size) in enumerate(self.batches[:last_step - base]):
-            self.engine.train_step(indices, global_batch_size, base + offset + 1)
-            yield base + offset + 1
-
-    def crossings(self, members: list, global_step: int, samples_now: list[int]) -> list[list[Crossing]]:
-        """For each of ``members`` (whose evaluation at ``global_step`` found ``evals.crossed`` reached), the
-        first step at or above each crossed target and the exact noise scale around it. ``samples_now``: each
-        member's samples seen at ``global_step``."""
-        cfg, ctx = members[0].cfg, members[0].trainer.ctx
-        sizes = [b for _, b in self.batches]
-        first: list[dict[float, int]] = [{} for _ in members]
+    def crossings(self, members: list, rows: list[int], global_step: int,
+                  samples_now: list[int]) -> list[list[Crossing]]:
+        """For each of ``members`` (the engine's ``rows``, whose evaluation at ``global_step`` found
+        ``evals.crossed`` reached), the first step at or above each crossed target and the noise scales around
+        it. ``samples_now``: each member's samples seen at ``global_step``."""
+        ctx = members[0].trainer.ctx
         started = synchronized_now(ctx.device)
-        now = [t.clone() for t in self.engine.training_state()]
-        if not self.snapshots or self.checked >= global_step - 1:
+        if self.snapshots and self.engine.training_state()[0] is not self.layout:
+            self.forget()  # cannot happen while the loop shrinks the engine only where it checks
+        if not self.snapshots:  # nothing to go back to: the crossing is placed at this evaluation
             first = [{t: global_step for t in m.evals.crossed} for m in members]
+            noise = self._noise(members, [m.trainer.model for m in members], first, [global_step])
         else:
-            subset = members[0].evals.subset
-            for step in self._train_from_base(global_step):
-                if step <= self.checked:
-                    continue
-                scores = evaluate_members([m.trainer.model for m in members], subset, ctx, cfg.train.eval_batch_size)
-                for found, m, (_, accuracy) in zip(first, members, scores):
-                    found.update({t: step for t in m.evals.crossed if t not in found and accuracy >= t})
-                if all(len(found) == len(m.evals.crossed) for found, m in zip(first, members)):
-                    break
-        noise = self._window_noise(members, first, global_step)
-        self._restore(now)
+            now = [t.clone() for t in self.engine.training_state()]
+            base, state = self.snapshots[0]
+            _restore(self.engine, state)
+            replica, models = self.engine.replica(rows, [m.cfg for m in members])
+            if replica is not self.engine:
+                _restore(self.engine, now)  # the live engine goes on from where it was
+            at_base = [t.clone() for t in replica.training_state()]
+            pick = (lambda indices: indices) if replica is self.engine else (
+                lambda indices, rows=torch.tensor(rows, device=ctx.device): indices[rows])
+            steps = _Steps(replica, at_base, base, [(pick(indices), size) for indices, size in self.batches])
+            first = self._first_steps(members, models, steps, global_step)
+            noise = self._noise(members, models, first, steps.up_to(max(s for f in first for s in f.values())))
+            if replica is self.engine:
+                _restore(self.engine, now)
         share = (synchronized_now(ctx.device) - started) / len(members)
         base = self.snapshots[0][0] if self.snapshots else global_step
+        sizes = [size for _, size in self.batches]
         result = []
         for k, (m, found) in enumerate(zip(members, first)):
             m.counters.replay_seconds += share
@@ -122,10 +113,30 @@ class Replay:
                            for t, step in sorted(found.items())])
         return result
 
-    def _window_noise(self, members: list, first: list[dict[float, int]],
-                      global_step: int) -> list[dict[float, dict[str, float]]]:
+    def _first_steps(self, members: list, models: list, steps: "_Steps", global_step: int) -> list[dict[float, int]]:
+        """Each member's first step at or above each of its crossed targets: after the last check, the
+        subset evaluated after every step trained again (none where that check was the step before)."""
+        first: list[dict[float, int]] = [{} for _ in members]
+        if self.checked >= global_step - 1:
+            return [{t: global_step for t in m.evals.crossed} for m in members]
+        cfg, ctx = members[0].cfg, members[0].trainer.ctx
+        for step in steps.up_to(global_step):
+            if step <= self.checked:
+                continue
+            scores = evaluate_members(models, members[0].evals.subset, ctx, cfg.train.eval_batch_size)
+            for found, m, (_, accuracy) in zip(first, members, scores):
+                found.update({t: step for t in m.evals.crossed if t not in found and accuracy >= t})
+            if all(len(found) == len(m.evals.crossed) for found, m in zip(first, members)):
+                break
+        for found, m in zip(first, members):  # the replica's rounding kept one below: the evaluation's step
+            found.update({t: global_step for t in m.evals.crossed if t not in found})
+        return first
+
+    def _noise(self, members: list, models: list, first: list[dict[float, int]],
+               states) -> list[dict[float, dict[str, float]]]:
         """Per member and target: the exact |G|^2 and tr(Sigma) after each step of the window ending at the
-        crossing (as far back as the snapshots reach), averaged, and their ratio; B_noise at the crossing."""
+        crossing (as far back as ``states``, the steps each state is after, reach), averaged, and their ratio;
+        B_noise at the crossing."""
         metrics_cfg = members[0].cfg.metrics
         train_set = members[0].trainer.train_set
         noise: list[dict[float, dict[str, float]]] = [{} for _ in members]
@@ -133,17 +144,15 @@ class Replay:
         if (exact_count is None and hessian_count is None) or len(train_set) < 2:
             return noise
         sums: dict[tuple[int, float], list[float]] = {}  # (member, target) -> [|G|^2 sum, tr(Sigma) sum, steps]
-
-        def read(step: int) -> None:
-            for k, (m, found) in enumerate(zip(members, first)):
+        for step in states:
+            for k, (m, model, found) in enumerate(zip(members, models, first)):
                 targets = [t for t, crossing in found.items() if crossing - self.window < step <= crossing]
                 if not targets:
                     continue
-                model = unwrap(m.trainer.model)
                 with m.trainer.train_step.on_training_stream():
                     if exact_count is not None:
                         subset = train_set.head(exact_count)
-                        exact = exact_noise_scale(model, subset.features, subset.targets)
+                        exact = exact_noise_scale(unwrap(model), subset.features, subset.targets)
                         for t in targets:
                             total = sums.setdefault((k, t), [0.0, 0.0, 0])
                             total[0] += exact.grad_sq_norm
@@ -152,17 +161,10 @@ class Replay:
                     at_crossing = [t for t in targets if found[t] == step]
                     if hessian_count is not None and at_crossing:
                         subset = train_set.head(hessian_count)
-                        hessian = hessian_noise_scale(model, subset.features, subset.targets,
+                        hessian = hessian_noise_scale(unwrap(model), subset.features, subset.targets,
                                                       metrics_cfg.hessian_noise_deviations)
                         for t in at_crossing:
                             noise[k].setdefault(t, {}).update(_hessian_metrics(hessian))
-
-        last = max((step for found in first for step in found.values()), default=global_step)
-        if self.snapshots and last > self.snapshots[0][0]:
-            for step in self._train_from_base(last):
-                read(step)
-        else:  # no snapshot to go back to: the state now is the crossing's
-            read(global_step)
         for (k, t), (sq_norm, trace, steps) in sums.items():
             sq_norm, trace = sq_norm / steps, trace / steps
             noise[k].setdefault(t, {}).update(grad_sq_norm_exact_at_target=sq_norm,
@@ -171,6 +173,27 @@ class Replay:
             if sq_norm > 0:
                 noise[k][t]["grad_noise_scale_exact_at_target"] = trace / sq_norm
         return noise
+
+
+class _Steps:
+    """An engine's replica at a snapshot, and the batches after it: ``up_to(step)`` puts the snapshot back and
+    trains again up to ``step``, yielding the step each state is after (the snapshot's first)."""
+
+    def __init__(self, engine, state: list[torch.Tensor], base: int, batches: list[tuple[torch.Tensor, int]]):
+        self.engine, self.state, self.base, self.batches = engine, state, base, batches
+
+    def up_to(self, last_step: int):
+        _restore(self.engine, self.state)
+        yield self.base
+        for offset, (indices, global_batch_size) in enumerate(self.batches[:last_step - self.base]):
+            self.engine.train_step(indices, global_batch_size, self.base + offset + 1)
+            yield self.base + offset + 1
+
+
+def _restore(engine, state: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for live, saved in zip(engine.training_state(), state):
+            live.copy_(saved)  # in place: a captured CUDA graph holds these addresses
 
 
 def _hessian_metrics(hessian) -> dict[str, float]:

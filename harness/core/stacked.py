@@ -14,6 +14,7 @@ core/stacked_run.py's; grouping trials into stacks is sweeps/sweep.py's.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Iterator, Optional
@@ -300,6 +301,22 @@ class StackedTrainer(CapturableStep):
         for row, trainer in enumerate(trainers):
             point_at_row(trainer.model, self, row)
             trainer.optimizer = self.optimizer.member(row)
+
+    def replica(self, rows: list[int], members: list[Config]) -> tuple[StackedTrainer, list[torch.nn.Module]]:
+        """A stack of the members ``rows`` alone (``members``: their configs), holding copies of their state,
+        stepped eagerly, and a model viewing each of its rows: where core/crossing.py trains again what these
+        members trained, at their cost alone. Its probe starts empty: a probe's state never moves parameters."""
+        replica = copy.copy(self)
+        replica.model, replica.optimizer, replica.data = (copy.copy(part) for part in (self.model, self.optimizer,
+                                                                                        self.data))
+        replica.probe = (MemberProbes(self.ctx, self.global_batch_size, self.probe.decay, len(self.plans))
+                         if self.probe else None)
+        replica.train_step = replica.step
+        replica.keep(rows)
+        models = [build_model(cfg).to(self.device) for cfg in members]
+        for row, model in enumerate(models):
+            point_at_row(model, replica, row)
+        return replica, models
 
     def training_state(self) -> list[torch.Tensor]:
         """Every tensor a step changes and a later step reads (the first one new whenever members leave)."""

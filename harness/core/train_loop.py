@@ -260,7 +260,7 @@ def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: i
                 m.samples += local_samples
                 if m.evals.after_step(done, global_batch_size):
                     m.training = False  # its run stops here (its training-loss target, or out of the race)
-            _settle_crossings(replay, [m for m in in_engine if m.evals.crossed], done)
+            _settle_crossings(replay, in_engine, done)
             if not all(m.training for m in in_engine):
                 _bank(loss_sum, in_engine)
                 in_engine = _keep(engine, in_engine, [m for m in in_engine if m.training])
@@ -273,14 +273,16 @@ def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: i
     return in_engine
 
 
-def _settle_crossings(replay: Replay, crossing: list[Member], global_step: int) -> None:
+def _settle_crossings(replay: Replay, in_engine: list[Member], global_step: int) -> None:
     """The members whose evaluation at ``global_step`` found targets reached: their exact steps (training
     again from the last check, which is not training time), recorded; those whose runs end there stop."""
-    if not crossing:
+    rows = [row for row, m in enumerate(in_engine) if m.evals.crossed]
+    if not rows:
         return
+    crossing = [in_engine[row] for row in rows]
     clock = crossing[0].evals.clock
     clock.stop()
-    found = replay.crossings(crossing, global_step, [m.evals.samples for m in crossing])
+    found = replay.crossings(crossing, rows, global_step, [m.evals.samples for m in crossing])
     clock.restart()
     for m, crossings in zip(crossing, found):
         if m.evals.settle(global_step, crossings):

@@ -2,7 +2,8 @@
 
 The loop (core/train_loop.py) trains K >= 1 members through one engine: an object with
 ``steps_per_epoch``, ``local_batches(epoch)``, ``train_step(indices, global batch size, global
-step) -> this rank's summed loss`` (one per member), ``keep(rows, trainers)`` and ``training_state()``. A run alone is
+step) -> this rank's summed loss`` (one per member), ``keep(rows, trainers)``, ``training_state()`` and
+``replica(rows, configs)``. A run alone is
 ``SingleRun`` (DDP, either gradient engine, accumulation, bf16, the CUDA-graph step); a stack is
 core/stacked_run.py's engine. Above the engine the loop sees only ``Trainer``s. Also here: a
 member's checkpoint state and starting from another run's weights (``InitWeights``).
@@ -63,6 +64,10 @@ class SingleRun:
 
     def keep(self, rows: list[int], trainers: list[Trainer]) -> None:
         """Nothing to shrink: a run alone that stops ends the loop."""
+
+    def replica(self, rows: list[int], members: list[Config]) -> tuple[SingleRun, list[torch.nn.Module]]:
+        """What trains its one member again (core/crossing.py): the engine itself, and its model."""
+        return self, [self.trainer.model]
 
     def training_state(self) -> list[torch.Tensor]:
         """Every tensor a step changes and a later step reads: parameters, optimizer state, the probe's state."""
