@@ -17,6 +17,7 @@ from typing import Optional
 
 from harness.measure.critical_batch import (LEAST_SQUARES, RELATIVE_ERROR, NotEnoughBatchSizes, SeedSteps, StepsFit,
                                             bootstrap_interval, fit_least_squares, fit_relative_error, leave_one_out)
+from harness.measure.exact_noise import population_noise_scale
 
 FIT_MIN_BATCH_SIZES = 3
 INTERVAL_LEVEL = 0.9  # of the bootstrap interval of B_crit
@@ -29,9 +30,16 @@ NOISE_HESSIAN = "grad_noise_scale_hessian_at_target"  # B_noise = tr(HΣ)/GᵀHG
 # With several targets a trial logs these once per target as <key>_<t>, t = f"{target:g}"; the unsuffixed key
 # holds the largest target's. RACE_BOUND has no suffix: it bounds every target the trial had not reached.
 PER_TARGET = (STEPS, SAMPLES, NOISE_PROBE, NOISE_EXACT, NOISE_HESSIAN)
+# What the exact B_simple and B_noise at a target are the ratio of, over the examples they were read on, and
+# the config key saying how many (harness/core/crossing.py).
+COMPONENTS = {NOISE_EXACT: ("grad_trace_cov_exact_at_target", "grad_sq_norm_exact_at_target",
+                            "metrics.exact_noise_samples"),
+              NOISE_HESSIAN: ("grad_trace_hess_cov_at_target", "grad_hess_grad_at_target",
+                              "metrics.hessian_noise_samples")}
 # Cumulative within a run (the last logged value is the run's total), and what each one times.
 TIME_METRICS = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epoch_eval_s": "epoch-end evaluation",
-                "time_probe_s": "probes", "time_sharpness_s": "sharpness", "time_tracking_s": "tracking"}
+                "time_probe_s": "probes", "time_sharpness_s": "sharpness", "time_tracking_s": "tracking",
+                "time_replay_s": "exact crossings"}
 
 
 @dataclass
@@ -130,6 +138,28 @@ class CriticalBatch:
         moved = [max(v / self.fit.b_crit, self.fit.b_crit / v) for v in self.leave_one_out.values()
                  if self.fit and math.isfinite(v)]
         return max(moved, default=math.nan)
+
+
+def population_noise_scales(final: dict[str, float], params: dict[str, str]) -> dict[str, float]:
+    """``final`` with the exact B_simple and B_noise at each target recomputed from their logged components as
+    the training set's (measure/exact_noise.py ``population_noise_scale``, N from the run's ``params``), so a
+    run that logged the ratio over its N examples alone reads as one that logs the population's."""
+    out = dict(final)
+    for key, (trace_key, quadratic_key, count_key) in COMPONENTS.items():
+        count = params.get(count_key)
+        if count in (None, "None"):
+            continue
+        for name, trace in final.items():
+            suffix = name[len(trace_key):]
+            if not name.startswith(trace_key) or (suffix and not suffix.startswith("_")):
+                continue
+            if quadratic_key + suffix in final:
+                value = population_noise_scale(trace, final[quadratic_key + suffix], int(count))
+                if value > 0:
+                    out[key + suffix] = value
+                else:  # NaN or negative: nothing to read
+                    out.pop(key + suffix, None)
+    return out
 
 
 def steps_of(trial) -> float:

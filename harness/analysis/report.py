@@ -78,7 +78,8 @@ def collect_trials(client, parent) -> list[TrialRecord]:
         records.append(TrialRecord(
             run_id=run.info.run_id, name=tags.get("trial", run.info.run_name), lr_rule=params.get("lr_rule", "none"),
             batch_size=int(params["batch_size"]), lr=float(params["lr"]), seed=int(params["seed"]),
-            diverged=tags.get("diverged") == "true", final=dict(run.data.metrics),
+            diverged=tags.get("diverged") == "true",
+            final=critical.population_noise_scales(run.data.metrics, params),
             history={key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
                      for key in HISTORY_KEYS if key in run.data.metrics},
             momentum=float(params.get("optim.momentum", 0.0)),

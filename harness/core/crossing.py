@@ -26,7 +26,7 @@ import torch
 
 from harness.core.evaluation import evaluate_members, synchronized_now
 from harness.core.step import unwrap
-from harness.measure.exact_noise import exact_noise_scale
+from harness.measure.exact_noise import exact_noise_scale, population_noise_scale
 from harness.measure.hessian_noise import hessian_noise_scale
 
 
@@ -164,14 +164,16 @@ class Replay:
                         hessian = hessian_noise_scale(unwrap(model), subset.features, subset.targets,
                                                       metrics_cfg.hessian_noise_deviations)
                         for t in at_crossing:
-                            noise[k].setdefault(t, {}).update(_hessian_metrics(hessian))
+                            noise[k].setdefault(t, {}).update(_hessian_metrics(hessian, len(subset)))
+        count = min(exact_count or 0, len(train_set))
         for (k, t), (sq_norm, trace, steps) in sums.items():
             sq_norm, trace = sq_norm / steps, trace / steps
             noise[k].setdefault(t, {}).update(grad_sq_norm_exact_at_target=sq_norm,
                                               grad_trace_cov_exact_at_target=trace,
                                               grad_noise_scale_exact_window_steps_at_target=float(steps))
-            if sq_norm > 0:
-                noise[k][t]["grad_noise_scale_exact_at_target"] = trace / sq_norm
+            b_simple = population_noise_scale(trace, sq_norm, count)
+            if b_simple == b_simple:
+                noise[k][t]["grad_noise_scale_exact_at_target"] = b_simple
         return noise
 
 
@@ -196,12 +198,14 @@ def _restore(engine, state: list[torch.Tensor]) -> None:
             live.copy_(saved)  # in place: a captured CUDA graph holds these addresses
 
 
-def _hessian_metrics(hessian) -> dict[str, float]:
-    """B_noise's metrics at a target: its components, its sampling error, itself where G^T H G > 0."""
+def _hessian_metrics(hessian, count: int) -> dict[str, float]:
+    """B_noise's metrics at a target: its components over ``count`` examples, the sampling error of tr(H Sigma),
+    and B_noise of the training set they were drawn from, where it is positive."""
     metrics = {"grad_hess_grad_at_target": hessian.grad_hess_grad,
                "grad_trace_hess_cov_at_target": hessian.trace_hess_cov,
                "grad_trace_hess_cov_std_error_at_target": hessian.trace_hess_cov_std_error}
-    if hessian.b_noise == hessian.b_noise:
-        metrics.update(grad_noise_scale_hessian_at_target=hessian.b_noise,
+    b_noise = population_noise_scale(hessian.trace_hess_cov, hessian.grad_hess_grad, count)
+    if b_noise == b_noise and b_noise > 0:
+        metrics.update(grad_noise_scale_hessian_at_target=b_noise,
                        grad_noise_scale_hessian_rel_error_at_target=hessian.b_noise_rel_error)
     return metrics

@@ -40,7 +40,9 @@ SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.v
                "metrics.noise_scale", "metrics.noise_scale_ema_decay", "metrics.noise_scale_interval",
                "train.race_stop", "train.target_train_loss", "metrics.target_val_accuracy", "metrics.eval_samples",
                "metrics.eval_every_steps", "metrics.eval_cost", "metrics.exact_noise_samples",
-               "metrics.noise_window_steps", "metrics.hessian_noise_samples", "metrics.hessian_noise_deviations")  # the evaluation points, shared: core/crossing.py trains again from them
+               # The evaluations and what is read at a target: core/crossing.py trains the members again from
+               # shared evaluation points.
+               "metrics.noise_window_steps", "metrics.hessian_noise_samples", "metrics.hessian_noise_deviations")
 # On a CPU one pass of the stacked step computes at most about this many samples (members x batch):
 # beyond it the stack's activations outgrow the caches and the step runs slower than the same
 # members one after another (docs/steps.md measures it).

@@ -339,7 +339,8 @@ def _finish(m: Member) -> None:
             f"{times['time_eval_s']:.2f} s ({times['eval_fraction']:.1%} of training), epoch-end evaluations "
             f"{times['time_epoch_eval_s']:.2f} s, probes {times['time_probe_s']:.2f} s, "
             f"sharpness {times['time_sharpness_s']:.2f} s ({m.counters.sharpness_readings} readings), "
-            f"tracking {times['time_tracking_s']:.2f} s", ctx=m.trainer.ctx)
+            f"exact crossings {times['time_replay_s']:.2f} s, tracking {times['time_tracking_s']:.2f} s",
+            ctx=m.trainer.ctx)
     m.result.checkpoint = m.latest
     if m.latest is not None:  # where the run's final weights are (interpolate, init_from by run id)
         m.tracker.set_tags({"checkpoint_path": str(Path(m.latest).resolve())})

@@ -17,6 +17,8 @@ from batch gradients at two sizes. Its sums and per-example gradients also feed 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -54,6 +56,16 @@ class GradientSums:
         trace_cov = (float(self.sq_norm_sum) - self.count * mean_sq_norm) / (self.count - 1)
         return ExactNoiseScale(grad_sq_norm=mean_sq_norm, trace_cov=trace_cov,
                                b_simple=trace_cov / mean_sq_norm if mean_sq_norm > 0 else float("nan"))
+
+
+def population_noise_scale(trace: float, quadratic: float, count: int) -> float:
+    """A noise scale of the population ``count`` examples were drawn from: ``trace`` / (``quadratic`` -
+    ``trace`` / count). The mean gradient of N examples has E|G_N|^2 = |G|^2 + tr(Sigma)/N (and
+    E G_N^T H G_N = G^T H G + tr(H Sigma)/N), so B_simple (B_noise) over the N examples alone is low by a
+    factor 1 + B/N; with the unbiased tr(Sigma) (tr(H Sigma)) the difference is unbiased. NaN where
+    nothing is left of the denominator (B not small against N: more examples are needed)."""
+    denominator = quadratic - trace / count
+    return trace / denominator if denominator > 0 else math.nan
 
 
 def exact_noise_scale(model: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor,

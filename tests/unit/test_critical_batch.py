@@ -226,3 +226,18 @@ def test_malformed_seed_steps_are_refused(cell):
 def test_steps_fit_keeps_its_interface():
     fit = StepsFit(s_min=10.0, e_min=5000.0, b_crit=500.0)
     assert fit.valid and fit.steps_at(500) == pytest.approx(20.0) and fit.method == RELATIVE_ERROR
+
+
+def test_the_report_reads_b_simple_and_b_noise_as_the_training_sets_from_their_logged_components():
+    from harness.analysis.critical import population_noise_scales
+
+    final = {"grad_trace_cov_exact_at_target_0.8": 8.0, "grad_sq_norm_exact_at_target_0.8": 0.1,
+             "grad_noise_scale_exact_at_target_0.8": 80.0,  # the ratio over the 1024 examples alone
+             "grad_trace_hess_cov_at_target": 3.0, "grad_hess_grad_at_target": 0.01,
+             "grad_noise_scale_hessian_at_target": 300.0}
+    out = population_noise_scales(final, {"metrics.exact_noise_samples": "1024",
+                                          "metrics.hessian_noise_samples": "256"})
+    assert out["grad_noise_scale_exact_at_target_0.8"] == pytest.approx(8.0 / (0.1 - 8.0 / 1024))
+    # 0.01 - 3/256 < 0: B_noise is not small against 256 examples, and nothing is read.
+    assert "grad_noise_scale_hessian_at_target" not in out
+    assert population_noise_scales(final, {}) == final  # without the counts, as logged

@@ -13,7 +13,7 @@ from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.core.model import build_model
 from harness.launching.runs import train_trials
-from harness.measure.exact_noise import exact_noise_scale
+from harness.measure.exact_noise import exact_noise_scale, population_noise_scale
 from harness.measure.hessian_noise import hessian_noise_scale
 
 # smoke: 8 steps an epoch of batch 64; the subset reaches 0.5 and 0.6 in its third and fourth epochs.
@@ -59,8 +59,12 @@ def test_each_target_is_reached_at_the_step_an_evaluation_after_every_step_finds
         at_crossing = train_trials(trials(tmp_path / f"at{member}", k, f"train.max_steps={crossing}",
                                           "metrics.target_val_accuracy=null"), DistContext())[member]
         exact, hessian = exact_at(at_crossing.checkpoint)
-        assert metrics["grad_noise_scale_exact_at_target"] == pytest.approx(exact.b_simple, rel=1e-6)
-        assert metrics["grad_noise_scale_hessian_at_target"] == pytest.approx(hessian.b_noise, rel=1e-6)
+        assert metrics["grad_sq_norm_exact_at_target"] == pytest.approx(exact.grad_sq_norm, rel=1e-6)
+        assert metrics["grad_noise_scale_exact_at_target"] == pytest.approx(
+            population_noise_scale(exact.trace_cov, exact.grad_sq_norm, 128), rel=1e-6)
+        assert metrics["grad_hess_grad_at_target"] == pytest.approx(hessian.grad_hess_grad, rel=1e-6)
+        assert metrics["grad_noise_scale_hessian_at_target"] == pytest.approx(
+            population_noise_scale(hessian.trace_hess_cov, hessian.grad_hess_grad, 128), rel=1e-6)
         assert metrics["grad_trace_hess_cov_std_error_at_target"] == pytest.approx(hessian.trace_hess_cov_std_error,
                                                                                   rel=1e-6)
 
@@ -106,4 +110,4 @@ def test_the_noise_scale_at_a_target_averages_each_component_over_the_states_of_
     trace = sum(s.trace_cov for s in states) / 4
     assert metrics["grad_noise_scale_exact_window_steps_at_target"] == 4
     assert metrics["grad_sq_norm_exact_at_target"] == pytest.approx(sq_norm, rel=1e-6)
-    assert metrics["grad_noise_scale_exact_at_target"] == pytest.approx(trace / sq_norm, rel=1e-6)
+    assert metrics["grad_noise_scale_exact_at_target"] == pytest.approx(trace / (sq_norm - trace / 128), rel=1e-6)

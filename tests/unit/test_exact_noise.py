@@ -16,7 +16,7 @@ from harness.core.backprop import autograd_backward
 from harness.core.distributed import DistContext
 from harness.core.model import MLP
 from harness.core import noise_probe as grad_noise
-from harness.measure.exact_noise import exact_noise_scale
+from harness.measure.exact_noise import exact_noise_scale, population_noise_scale
 from harness.core.noise_probe import NoiseProbe
 from harness.measure.metrics import noise_scale_components
 
@@ -186,3 +186,24 @@ def test_window_survives_a_checkpoint():
     restored = NoiseProbe(DistContext(), global_batch_size=8, decay=0.9)
     restored.load_state_dict(probe.state_dict())
     assert torch.equal(restored.window, probe.window) and torch.equal(restored.closed_windows, probe.closed_windows)
+
+
+def test_the_population_noise_scale_removes_what_n_examples_add_to_the_squared_mean_gradient():
+    # Per-example gradients drawn from a population with mean G and covariance sigma^2 I in d dimensions:
+    # B_simple = d sigma^2 / |G|^2 = 100. Over N = 100 examples the plain ratio reads about 100 / (1 + 100/100).
+    generator = torch.Generator().manual_seed(0)
+    d, sigma, n = 50, 2.0, 100
+    mean = torch.full((d,), 0.2, dtype=torch.float64)
+    truth = d * sigma**2 / float(mean.pow(2).sum())
+    plain, population = [], []
+    for _ in range(400):
+        g = mean + sigma * torch.randn(n, d, generator=generator, dtype=torch.float64)
+        sq_norm = float(g.mean(0).pow(2).sum())
+        trace = float((g - g.mean(0)).pow(2).sum()) / (n - 1)
+        plain.append(sq_norm)
+        population.append(sq_norm - trace / n)
+        assert population_noise_scale(trace, sq_norm, n) == pytest.approx(trace / (sq_norm - trace / n))
+    true_sq_norm = float(mean.pow(2).sum())
+    assert sum(population) / 400 == pytest.approx(true_sq_norm, rel=0.02)  # unbiased
+    assert sum(plain) / 400 == pytest.approx(true_sq_norm + d * sigma**2 / n, rel=0.02)  # high by tr(Sigma)/N
+    assert truth == pytest.approx(100) and math.isnan(population_noise_scale(10.0, 0.05, 100))  # nothing left: NaN

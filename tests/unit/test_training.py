@@ -19,8 +19,8 @@ EPOCH_METRICS = {"train_loss_running", "train_loss", "train_accuracy", "val_loss
                  "test_accuracy", "generalization_gap_accuracy", "generalization_gap_loss", "samples_per_s",
                  "epoch_s", "global_step", "lr", "grad_sq_norm_estimate", "grad_trace_cov_estimate",
                  "time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s", "time_tracking_s",
-                 "eval_fraction", "time_sharpness_s", "time_replay_s", "sharpness_readings", "hessian_vector_products_total",
-                 "weight_norm", "train_eval_samples"}
+                 "eval_fraction", "time_sharpness_s", "time_replay_s", "sharpness_readings",
+                 "hessian_vector_products_total", "weight_norm", "train_eval_samples"}
 FINAL_METRICS = {"top_hessian_eigenvalue", "bottom_hessian_eigenvalue", "hessian_eigensolver_converged",
                  "hessian_vector_products"}
 TIMINGS = {"epoch_s", "samples_per_s", "time_train_s", "time_eval_s", "time_epoch_eval_s", "time_probe_s",

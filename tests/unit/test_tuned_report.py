@@ -276,7 +276,7 @@ def test_time_is_summed_over_trials_and_a_missing_metric_is_not_recorded(tuned_s
     trials = len(BATCH_SIZES) * len(LRS) * len(SEEDS)
     assert report.time_spent == {"time_train_s": 2.0 * trials, "time_eval_s": 0.25 * trials,
                                  "time_epoch_eval_s": None, "time_probe_s": None, "time_sharpness_s": None,
-                                 "time_tracking_s": 0.125 * trials}
+                                 "time_tracking_s": 0.125 * trials, "time_replay_s": None}
     line = where_the_time_went(report.time_spent, elapsed_s=2.0 * trials * 2)
     minutes, seconds = divmod(round(2.0 * trials), 60)
     assert f"training {minutes}m{seconds:02d}s (50%)" in line and "probes not recorded" in line
