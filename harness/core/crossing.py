@@ -14,8 +14,8 @@ on untouched.
 
 A crossing is exact within the interval where an evaluation first sees it: accuracy that rises
 above a target and falls below it again between two evaluations is not seen. A window reaches back
-no further than the snapshots do: not past the start of the process (a resumed run's checkpoint),
-nor past a stack's members leaving it; ``grad_noise_scale_exact_window_steps_at_target`` says how many it held.
+no further than the snapshots do: not past the start of the process (a resumed run's checkpoint);
+``grad_noise_scale_exact_window_steps_at_target`` says how many states it held.
 """
 
 from __future__ import annotations
@@ -58,13 +58,23 @@ class Replay:
             self.batches.append((indices, global_batch_size))
 
     def forget(self) -> None:
-        """The engine's rows changed (members left): the snapshots no longer fit it."""
+        """The snapshots no longer fit the engine."""
         self.snapshots, self.batches = [], []
+
+    def keep(self, rows: list[int]) -> None:
+        """Members left the engine, which kept ``rows``: the snapshots and batches keep those rows too, so a
+        window still reaches back past the change."""
+        if self.snapshots:
+            index = torch.tensor(rows, device=self.batches[0][0].device if self.batches else None)
+            self.snapshots = [(step, self.engine.select_state(state, rows)) for step, state in self.snapshots]
+            self.batches = [(indices.index_select(0, index.to(indices.device)), size)
+                            for indices, size in self.batches]
+            self.layout = self.engine.training_state()[0]
 
     def checked_below(self, global_step: int) -> None:
         """Every pending target was checked below at ``global_step``: a start for a later replay."""
         if self.snapshots and self.engine.training_state()[0] is not self.layout:
-            self.forget()  # members left the engine: its tensors are new, with fewer rows
+            self.forget()  # the engine's tensors are new and ``keep`` was not told
         self.layout = self.engine.training_state()[0]
         self.checked = global_step
         if not self.snapshots or global_step - self.snapshots[-1][0] >= max(1, self.window // 4):

@@ -320,6 +320,13 @@ class StackedTrainer(CapturableStep):
             point_at_row(model, replica, row)
         return replica, models
 
+    def select_state(self, state: list[torch.Tensor], rows: list[int]) -> list[torch.Tensor]:
+        """Members ``rows`` of a copy of ``training_state()`` (taken before members left), laid out as the
+        state of a stack of those members is."""
+        index = torch.tensor(rows, device=self.device)
+        layout = self.model.layout
+        return [layout.select(layout.views(state[0]), index)] + [t.index_select(0, index) for t in state[1:]]
+
     def training_state(self) -> list[torch.Tensor]:
         """Every tensor a step changes and a later step reads (the first one new whenever members leave)."""
         return [self.model.flat_parameters, *self.optimizer.state_tensors(),

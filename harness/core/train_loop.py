@@ -230,7 +230,7 @@ def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHoo
             m.training = False
         global_step += max(m.steps for m in live)
         _end_members_epoch(live, dataset, hooks, epoch)
-        in_engine = _keep(engine, in_engine, [m for m in in_engine if not m.finished])
+        in_engine = _keep(engine, in_engine, [m for m in in_engine if not m.finished], replay)
 
 
 def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: int, budget: int,
@@ -263,7 +263,7 @@ def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: i
             _settle_crossings(replay, in_engine, done)
             if not all(m.training for m in in_engine):
                 _bank(loss_sum, in_engine)
-                in_engine = _keep(engine, in_engine, [m for m in in_engine if m.training])
+                in_engine = _keep(engine, in_engine, [m for m in in_engine if m.training], replay)
                 if not in_engine:
                     break
                 loss_sum, window_samples = torch.zeros(len(in_engine), dtype=torch.float64, device=ctx.device), 0
@@ -319,12 +319,16 @@ def _bank(loss_sum: torch.Tensor, in_engine: list[Member]) -> None:
         m.loss += value
 
 
-def _keep(engine, in_engine: list[Member], staying: list[Member]) -> list[Member]:
-    """Shrink the engine to ``staying`` (the others' runs have ended or stop here). A member that leaves
-    keeps what it had: its parameters, optimizer state and probe stay where its run stopped."""
+def _keep(engine, in_engine: list[Member], staying: list[Member], replay: Optional[Replay] = None) -> list[Member]:
+    """Shrink the engine (and ``replay``'s snapshots) to ``staying`` (the others' runs have ended or stop here).
+    A member that leaves keeps what it had: its parameters, optimizer state and probe stay where its run
+    stopped."""
     if len(staying) < len(in_engine) and staying:
         rows = {id(m): row for row, m in enumerate(in_engine)}
-        engine.keep([rows[id(m)] for m in staying], [m.trainer for m in staying])
+        kept = [rows[id(m)] for m in staying]
+        engine.keep(kept, [m.trainer for m in staying])
+        if replay is not None:
+            replay.keep(kept)
     return staying
 
 
