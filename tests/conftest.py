@@ -47,8 +47,8 @@ def _read_each_idx_file_once() -> None:
         key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, expect_ndim)
         if key not in arrays:
             arrays[key] = read(path, expect_ndim)
-            arrays[key].flags.writeable = False  # shared by every caller: none may change it
-        return arrays[key]
+            arrays[key].flags.writeable = False  # the cached copy: no caller may change it
+        return arrays[key].copy()  # a copy (milliseconds) for a caller that wraps it in a tensor
 
     data.read_idx = read_idx
 

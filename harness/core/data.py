@@ -10,6 +10,7 @@ Batches are slices of one seeded permutation per epoch; no DataLoader is involve
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,8 @@ def locate_idx_dir(data: DataConfig, env_dir: Optional[str]) -> Path:
 
 
 def load_idx_split(directory: Path, part: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``part`` ("train" or "test") of an IDX data set: features scaled to [0, 1], labels checked."""
+    """The ``part`` ("train" or "test") of an IDX data set: features as stored (pixel values 0..255, one
+    row per image; ``load_dataset`` scales the rows it keeps), labels checked."""
     image_path = _find_idx(directory, IDX_FILES[f"{part}_images"])
     label_path = _find_idx(directory, IDX_FILES[f"{part}_labels"])
     x, y = read_idx(image_path, expect_ndim=3), read_idx(label_path, expect_ndim=1)
@@ -112,7 +114,7 @@ def load_idx_split(directory: Path, part: str, num_classes: int) -> tuple[np.nda
     if y.min() < 0 or y.max() >= num_classes:
         raise InputError(f"{label_path}: label {int(y.max()) if y.max() >= num_classes else int(y.min())} "
                          f"out of range; expected 0..{num_classes - 1}")
-    return x.reshape(len(x), -1).astype(np.float32) / 255.0, y
+    return x.reshape(len(x), -1), y
 
 
 @dataclass(frozen=True)
@@ -162,10 +164,12 @@ class Dataset:
 def load_dataset(cfg: Config) -> Dataset:
     """Read the configured source and split it into train / validation / test."""
     data = cfg.data
+    pixel_scale = None  # IDX files hold pixel values: scaled to [0, 1] once the kept rows are known
     if data.dataset in ("fashion-mnist", "mnist"):
         directory = locate_idx_dir(data, os.environ.get("HARNESS_DATA_DIR"))
         x_train, y_train = load_idx_split(directory, "train", cfg.num_classes)
         x_test, y_test = load_idx_split(directory, "test", cfg.num_classes)
+        pixel_scale = 255.0
     elif data.dataset == "digits":
         x_train, y_train, x_test, y_test = _digits(cfg.seed)
     else:
@@ -180,6 +184,9 @@ def load_dataset(cfg: Config) -> Dataset:
         train = train.head(data.train_subset)
     if data.test_subset is not None:
         test = test.head(data.test_subset)
+    if pixel_scale is not None:  # float32 / 255 as numpy's x.astype(float32) / 255: the same bits
+        train, validation, test = (Split(s.features.to(torch.float32) / pixel_scale, s.targets)
+                                   for s in (train, validation, test))
     return Dataset(train=train, validation=validation, test=test)
 
 
@@ -207,11 +214,17 @@ def split_validation(split: Split, validation_size: int, seed: int) -> tuple[Spl
 
 
 def _digits(seed: int):
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: always offline
-
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int64)
+    """scikit-learn's bundled digits (always offline), read from its CSV without importing scikit-learn,
+    whose import costs each process (every torchrun rank, every Ray worker) about a second."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("data.dataset 'digits': scikit-learn is not installed; expected it "
+                         "(pip install scikit-learn), whose package holds the digits")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as rows:
+        table = np.loadtxt(rows, delimiter=",")
+    x = (table[:, :-1] / 16.0).astype(np.float32)
+    y = table[:, -1].astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(y))
     test_size = KNOWN_SPLIT_SIZES["digits"][1]
     test, train = np.sort(order[:test_size]), np.sort(order[test_size:])

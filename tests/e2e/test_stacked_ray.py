@@ -2,7 +2,7 @@
 Ray Tune trial (one TorchTrainer of 2 workers on a real local Ray cluster); every member is its own
 MLflow run and ends where its trial run alone ends; a worker SIGKILLed mid-epoch is restarted by
 Ray Train and every member resumes exactly from its own file in Ray's checkpoint; SIGTERM to the sweep
-ends every run KILLED, leaves no placement group behind, and --resume reopens the same runs."""
+then ends every run KILLED, leaves no placement group behind, and --resume reopens the same runs."""
 
 import os
 import sys
@@ -34,42 +34,76 @@ def straight(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_ray_stack_killed_mid_epoch_resumes_every_member_from_rays_checkpoint_and_matches_each_trial_alone(
+def test_ray_stack_resumes_from_rays_checkpoint_after_a_sigkill_and_from_its_own_after_sigterm(
         tmp_path, ray_cluster, solo, straight):
+    """Rank 1 SIGKILLs itself in the middle of epoch 2: Ray Train restarts the workers and every member
+    resumes from its own file in Ray's epoch-1 checkpoint. Then rank 0 is held in the middle of epoch 3
+    and the sweep gets SIGTERM: it exits 143, the parent and all three members end KILLED and no
+    placement group is left. --resume reopens the same runs and resumes every member from its epoch-2
+    checkpoint in the run's folder; each ends where the uninterrupted stack and its trial alone end,
+    every (metric, step) logged once across both interruptions."""
+    import signal
+    import subprocess
+    import time
+
     config = tmp_path / "stk.yaml"
     config.write_text(SWEEP)
-    marker = tmp_path / "killed-step"
-    result = run_command(
-        [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher", "ray", "--nproc", "2",
-         "--max-failures", "1", "--set", f"tracking.uri={seeded_store(tmp_path)}",
-         "--set", f"checkpoint.dir={tmp_path}/ckpt", "--set", "sweep.stack_trials=auto",
-         "--report-dir", str(tmp_path / "reports"), "--storage-path", str(tmp_path / "ray")],
-        cwd=tmp_path, timeout=600,
-        env={"RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"],
-             # rank 1 dies in the middle of epoch 2: the members' newest checkpoints in Ray are epoch 1's
-             "HARNESS_INJECT_FAULT": f"step:2:1:{marker}"})
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert marker.exists(), "the fault was never injected"
-    assert "[sweep] Ray Tune: 3 trials in 1 stacks (a Ray Tune trial each)" in result.stdout
-    assert "[sweep] trials 1, 2, 3 started as one stack" in result.stdout
-    assert "3 trials, 0 failed" in result.stdout
-
+    killed, held = tmp_path / "killed", tmp_path / "held"
+    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher", "ray",
+               "--nproc", "2", "--max-failures", "1", "--set", f"tracking.uri={seeded_store(tmp_path)}",
+               "--set", f"checkpoint.dir={tmp_path}/ckpt", "--set", "sweep.stack_trials=auto",
+               "--report-dir", str(tmp_path / "reports"), "--storage-path", str(tmp_path / "ray")]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"]}
+    log = open(tmp_path / "first.log", "w")
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                             env={**env, "HARNESS_INJECT_FAULT": f"step:2:1:{killed}",
+                                  "HARNESS_INJECT_HOLD": f"step:3:0:{held}"})
+    try:
+        deadline = time.monotonic() + 300
+        while not held.exists():
+            assert sweep.poll() is None and time.monotonic() < deadline, \
+                "the stack never reached epoch 3: " + (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        sweep.send_signal(signal.SIGTERM)
+        assert sweep.wait(120) == 143
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+        log.close()
+    first = (tmp_path / "first.log").read_text()
+    assert killed.exists(), "the fault was never injected"
+    assert "[sweep] Ray Tune: 3 trials in 1 stacks (a Ray Tune trial each)" in first
+    assert "[sweep] trials 1, 2, 3 started as one stack" in first
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("stk").experiment_id
     (parent,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
-    assert parent.info.status == "FINISHED" and parent.data.tags["trials_failed"] == "0"
-    members = {r.data.tags["trial"]: r for r in
-               client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
-    assert sorted(members) == sorted(t.name for t in _trials())
+    members = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "KILLED"
+    assert sorted((r.data.tags["trial"], r.info.status) for r in members) == \
+        sorted((t.name, "KILLED") for t in _trials())
+    # Before --resume, only Ray's own checkpoint can have resumed them; one Ray Train run for the stack.
+    assert all(r.data.tags.get("resumed") == "true" for r in members)
+    assert len({r.data.tags["launch_id"] for r in members}) == 1
+    # Tune stopped the running trial: its Train controller's placement group (it can be registered
+    # after the controller is killed) must not hold the CPUs the resumed sweep's trial needs.
+    assert live_placement_groups(ray_cluster) == []
+
+    result = run_command(command + ["--resume"], cwd=tmp_path, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "3 trials, 0 failed" in result.stdout
+    (resumed,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
+    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
+    assert resumed.data.tags["trials_failed"] == "0"
+    after = {r.data.tags["trial"]: r for r in
+             client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    # The same three runs, reopened and finished: no member started a second run.
+    assert sorted(r.info.run_id for r in after.values()) == sorted(r.info.run_id for r in members)
     straight_client, uninterrupted = straight
-    # One Ray Train run for the stack: one launch id on every member.
-    assert len({r.data.tags["launch_id"] for r in members.values()}) == 1
-    for name, run in members.items():
+    for name, run in after.items():
         twin = uninterrupted[name]
         assert run.info.status == "FINISHED", name
         assert (run.data.params["world_size"], run.data.tags["stack_size"]) == ("2", "3"), name
-        # Without --resume, only Ray's own checkpoint can have resumed it.
-        assert run.data.tags.get("resumed") == "true", name
         assert run.data.metrics.keys() == twin.data.metrics.keys(), name
         for key in twin.data.metrics:  # every (metric, step) once, at the uninterrupted run's steps
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
@@ -82,56 +116,3 @@ def test_ray_stack_killed_mid_epoch_resumes_every_member_from_rays_checkpoint_an
     # Ray's storage holds the stack's last checkpoint with a folder per member.
     stored = [p.parent.name for p in (tmp_path / "ray").rglob(f"epoch-{EPOCHS:04d}.pt")]
     assert sorted(set(stored)) == sorted(t.name for t in _trials()), stored
-
-
-@pytest.mark.slow
-def test_sigterm_to_a_ray_stack_ends_every_member_killed_and_resume_finishes_them_as_each_trial_alone(
-        tmp_path, ray_cluster, solo):
-    """SIGTERM while rank 0 is held in the middle of epoch 2: the sweep exits 143 and the parent and
-    all three members' runs end KILLED. --resume reopens them and resumes every member from its
-    own epoch-1 checkpoint in the run's folder (Ray's storage of the stopped run is not reused)."""
-    import signal
-    import subprocess
-    import time
-
-    config = tmp_path / "stk.yaml"
-    config.write_text(SWEEP)
-    held = tmp_path / "held"
-    command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher", "ray",
-               "--nproc", "2", "--set", f"tracking.uri={seeded_store(tmp_path)}",
-               "--set", f"checkpoint.dir={tmp_path}/ckpt", "--set", "sweep.stack_trials=auto",
-               "--report-dir", str(tmp_path / "reports"), "--storage-path", str(tmp_path / "ray")]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"]}
-    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**env, "HARNESS_INJECT_HOLD": f"step:2:0:{held}"})
-    try:
-        deadline = time.monotonic() + 300
-        while not held.exists():
-            assert sweep.poll() is None and time.monotonic() < deadline, "the stack never reached epoch 2"
-            time.sleep(0.5)
-        sweep.send_signal(signal.SIGTERM)
-        assert sweep.wait(120) == 143
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-            sweep.wait()
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("stk").experiment_id
-    (parent,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
-    members = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert parent.info.status == "KILLED"
-    assert sorted((r.data.tags["trial"], r.info.status) for r in members) == \
-        sorted((t.name, "KILLED") for t in _trials())
-    # Tune stopped the running trial: its Train controller's placement group (it can be registered
-    # after the controller is killed) must not hold the CPUs the resumed sweep's trial needs.
-    assert live_placement_groups(ray_cluster) == []
-
-    result = run_command(command + ["--resume"], cwd=tmp_path, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    (resumed,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
-    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
-    after = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    # The same three runs, reopened and finished: no member started a second run.
-    assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in members)
-    assert all(r.info.status == "FINISHED" and r.data.tags.get("resumed") == "true" for r in after)
-    _assert_members_match_solo(tmp_path, solo)

@@ -22,6 +22,33 @@ def test_real_fashion_mnist_files(fashion_dir):
     assert read_idx(fashion_dir / "t10k-images-idx3-ubyte.gz").shape == (10000, 28, 28)
 
 
+def test_features_are_the_files_pixels_over_255_in_float32_for_every_split(fashion_dir, tmp_path):
+    """load_dataset scales only the rows it keeps: the values are numpy's x.astype(float32) / 255 of the
+    held-out permutation's rows, bit for bit."""
+    images = read_idx(fashion_dir / "train-images-idx3-ubyte.gz").reshape(60000, -1)
+    expected = torch.from_numpy(images.astype(np.float32) / 255.0)
+    data = load_dataset(smoke_config(tmp_path))
+    order = torch.randperm(60000, generator=torch.Generator().manual_seed(0))
+    kept, held = order[256:].sort().values[:512], order[:256].sort().values
+    assert data.train.features.dtype == torch.float32
+    assert torch.equal(data.train.features, expected[kept]) and torch.equal(data.validation.features, expected[held])
+
+
+def test_digits_are_scikit_learns_digits(tmp_path):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    data = load_dataset(smoke_config(tmp_path, "data.dataset=digits", "data.train_subset=null",
+                                     "data.test_subset=null", "data.validation_size=1"))
+    features = torch.cat([data.train.features, data.validation.features, data.test.features])
+    targets = torch.cat([data.train.targets, data.validation.targets, data.test.targets])
+    order = torch.from_numpy(np.lexsort((targets.numpy(), *features.numpy().T[::-1])))
+    reference = torch.from_numpy((bunch.data / 16.0).astype(np.float32))
+    by_row = torch.from_numpy(np.lexsort((bunch.target, *bunch.data.T[::-1])))
+    assert torch.equal(features[order], reference[by_row])
+    assert torch.equal(targets[order], torch.from_numpy(bunch.target.astype(np.int64))[by_row])
+
+
 @pytest.fixture
 def copied_fashion(fashion_dir, tmp_path):
     """The four real files, decompressed into a folder the test may damage."""
