@@ -168,7 +168,8 @@ def test_killed_sweep_resumes_skipping_finished_trials_into_the_same_parent(tmp_
     config.write_text(TINY_SWEEP.replace("epochs: 3", "epochs: 4").replace("[8, 32, 1024]", "[32, 64, 128]")
                       .replace("data: {dataset: digits, validation_size: 200}",
                                "data: {dataset: fashion-mnist, validation_size: 1000, train_subset: 8192}")
-                      .replace("hidden_sizes: [32]", "hidden_sizes: [256]"))
+                      .replace("hidden_sizes: [32]", "hidden_sizes: [256]")
+                      .replace("sharpness_samples: 256, sharpness_iterations: 10", "sharpness: false"))
     uri = seeded_store(tmp_path)
     command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher", "local",
                "--set", f"tracking.uri={uri}", "--set", f"checkpoint.dir={tmp_path}/ckpt",
@@ -202,7 +203,7 @@ def test_killed_sweep_resumes_skipping_finished_trials_into_the_same_parent(tmp_
         assert steps == [1, 2, 3, 4], (child.data.tags["trial"], steps)
 
 
-# --- the LR grid (issue 13): sweep.lrs / sweep.lr_factors crossed with batch sizes and seeds ---------------
+# --- the LR grid: sweep.lrs / sweep.lr_factors crossed with batch sizes and seeds ---------------
 
 def grid_config(**sweep):
     from harness.core.config import Config
