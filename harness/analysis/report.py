@@ -83,12 +83,16 @@ def collect_trials(client, parent) -> list[TrialRecord]:
             history={key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
                      for key in HISTORY_KEYS if key in run.data.metrics},
             momentum=float(params.get("optim.momentum", 0.0)),
-            target_train_loss=_optional_float(params.get("train.target_train_loss"))))
+            target_train_loss=_smallest_loss_target(params.get("train.target_train_loss"))))
     return sorted(records, key=lambda r: (r.lr_rule, r.batch_size, r.lr, r.seed))
 
 
-def _optional_float(param: Optional[str]) -> Optional[float]:
-    return None if param in (None, "None") else float(param)
+def _smallest_loss_target(param: Optional[str]) -> Optional[float]:
+    """The training loss a trial ran to: train.target_train_loss as logged (``0.2``, or ``(0.3, 0.2)`` for
+    several targets, whose smallest ends the run)."""
+    if param in (None, "None"):
+        return None
+    return min(float(v) for v in param.strip("()[]").split(",") if v.strip())
 
 
 def summarise(trials: list[TrialRecord]) -> list[minima.CellRow]:

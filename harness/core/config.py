@@ -10,6 +10,7 @@ and what was expected, so launchers can exit with code 2.
 
 from __future__ import annotations
 
+import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -88,6 +89,28 @@ def _accuracy_targets_complaint(value) -> Optional[str]:
 # One held-out accuracy target, or several (a list); a single number stays a number, as configs wrote it.
 AccuracyTargets = Annotated[Any, BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value),
                             check(_accuracy_targets_complaint)]
+def _loss_targets_complaint(value) -> Optional[str]:
+    values = value if isinstance(value, tuple) else (value,)
+    fine = (values and all(type(v) is float and 0 < v < math.inf for v in values) and len(set(values)) == len(values))
+    return None if value is None or fine else "a positive number, or a non-empty list of distinct positive numbers"
+
+
+def _as_floats(value):
+    """A list as a tuple, and integers (not booleans) as floats: a loss target of 1 means 1.0."""
+    def number(v):
+        return float(v) if type(v) is int else v
+    return tuple(map(number, value)) if isinstance(value, list) else number(value)
+
+
+# One training-loss target, or several (a list); a single number stays a number, as configs wrote it.
+LossTargets = Annotated[Any, BeforeValidator(_as_floats), check(_loss_targets_complaint)]
+
+
+def targets_text(value) -> str:
+    """A target setting as a config writes it: ``0.2``, or ``[0.3, 0.2]``."""
+    return f"[{', '.join(f'{v:g}' for v in value)}]" if isinstance(value, tuple) else f"{value:g}"
+
+
 Betas = list_of(float, check(lambda v: None if len(v) == 2 and all(0 <= b < 1 for b in v)
                              else "two numbers in [0, 1)"))
 
@@ -152,13 +175,20 @@ class TrainConfig(ConfigModel):
     # End the run (FINISHED) at the first evaluation reaching metrics.target_val_accuracy.
     stop_at_target: bool = False
     # End the run (FINISHED) at the first evaluation whose loss over the whole training split is
-    # at or below this: batch sizes compared at equal training loss (Keskar et al. 2017).
-    target_train_loss: Optional[PositiveFloat] = None
+    # at or below this: batch sizes compared at equal training loss (Keskar et al. 2017). A list:
+    # the steps to each are recorded, and the run ends at the smallest.
+    target_train_loss: Optional[LossTargets] = None
     # With stop_at_target: stop a trial still short of the target at race_stop times the steps of the
     # fastest trial of its batch size (a stack's members, and race_best_steps from trials run before);
     # it is recorded with a lower bound on its steps (core/evaluation.py Race). Sweeps set both.
     race_stop: Optional[Annotated[float, Field(gt=1), Expect("a number > 1 or null")]] = None
     race_best_steps: Optional[PositiveInt] = None
+
+    @property
+    def loss_targets(self) -> tuple[float, ...]:
+        """The training-loss targets, descending (the order training reaches them); () without one."""
+        value = self.target_train_loss
+        return () if value is None else tuple(sorted(value if isinstance(value, tuple) else (value,), reverse=True))
 
 
 class MetricsConfig(ConfigModel):
@@ -420,7 +450,7 @@ def _check_cross_field(cfg: Config) -> None:
         raise InputError(f"train.race_stop: {cfg.train.race_stop:g} races trials to their target; expected "
                          "train.stop_at_target true, or race_stop null")
     if cfg.train.target_train_loss is not None and cfg.train.stop_at_target:
-        raise InputError(f"train.target_train_loss: {cfg.train.target_train_loss:g} given together with "
+        raise InputError(f"train.target_train_loss: {targets_text(cfg.train.target_train_loss)} given together with "
                          "train.stop_at_target true; expected at most one stopping rule (train.stop_at_target false)")
     if cfg.optim.name == "nesterov" and cfg.optim.momentum == 0:
         raise InputError("optim.name: nesterov with optim.momentum 0; expected a momentum > 0 "

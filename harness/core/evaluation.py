@@ -51,6 +51,7 @@ class RunCounters:
     race_stopped_step: int = 0  # 0: not stopped by the race (train.race_stop); else the step it stopped at
     targets_reached: tuple = ()  # (target, step) of each metrics.target_val_accuracy reached, ascending
     replay_seconds: float = 0.0  # training again to find the exact step of each target (time_replay_s)
+    loss_targets_reached: tuple = ()  # (target, step) of each train.target_train_loss reached, descending
 
 
 def time_metrics(counters: RunCounters) -> dict[str, float]:
@@ -305,21 +306,27 @@ class StepEvaluations:
 
     def _check_train_loss(self, global_step: int) -> bool:
         """With train.target_train_loss: score the whole training split (sharded over the ranks, which
-        then agree); true at the first check at or below the target, whose numbers are kept to log."""
-        target, counters = self.cfg.train.target_train_loss, self.counters
-        if target is None or counters.train_loss_target_step:
+        then agree); each target the loss is at or below is reached at this check, its numbers kept to log
+        (suffixed ``_<target>`` where there are several; unsuffixed: the smallest's). True at the smallest."""
+        targets, counters = self.cfg.train.loss_targets, self.counters
+        if not targets or counters.train_loss_target_step:
             return False
         loss, _ = evaluate(self.model, self.train_set, self.ctx, self.cfg.train.eval_batch_size)
         self.train_loss_history.append((global_step, loss))
-        if not loss <= target:  # a NaN loss never reaches it
-            return False
-        counters.train_loss_target_step = global_step
-        self.at_target.update(steps_to_train_loss_target=float(global_step),
-                              samples_to_train_loss_target=float(self.samples),
-                              seconds_to_train_loss_target=counters.train_seconds,
-                              epochs_to_train_loss_target=self.samples / len(self.train_set),
-                              train_loss_at_target_check=loss)
-        return True
+        reached = dict(counters.loss_targets_reached)
+        for target in (t for t in targets if t not in reached and loss <= t):  # a NaN loss reaches none
+            counters.loss_targets_reached += ((target, global_step),)
+            metrics = {"steps_to_train_loss_target": float(global_step),
+                       "samples_to_train_loss_target": float(self.samples),
+                       "seconds_to_train_loss_target": counters.train_seconds,
+                       "epochs_to_train_loss_target": self.samples / len(self.train_set),
+                       "train_loss_at_target_check": loss}
+            if len(targets) > 1:
+                self.at_target.update({f"{key}_{target:g}": value for key, value in metrics.items()})
+            if target == targets[-1]:
+                self.at_target.update(metrics)
+                counters.train_loss_target_step = global_step
+        return bool(counters.train_loss_target_step)
 
     def take_history(self) -> list[tuple[int, float]]:
         history, self.history = self.history, []

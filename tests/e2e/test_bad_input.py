@@ -52,6 +52,7 @@ def assert_refused(place, capsys, status, expected, before=()):
     assert not left, f"left behind: {left}"
 
 
+LOSS_TARGETS = "train.target_train_loss: expected a positive number, or a non-empty list of distinct positive numbers"
 CONFIG_CASES = {
     "yaml syntax": ("optim: {lr: 0.1\n", "bad.yaml: YAML syntax error at line"),
     "unknown key": ("optim: {learning_rate: 0.1}\n", "optim.learning_rate: unknown key"),
@@ -68,10 +69,9 @@ CONFIG_CASES = {
     "nan sweep size": ("sweep: {batch_sizes: [.nan]}\n", "sweep.batch_sizes[0]: expected an integer"),
     "graph switch not a boolean": ("performance: {cuda_graph: maybe}\n",
                                    "performance.cuda_graph: expected true or false, got str 'maybe'"),
-    "zero training-loss target": ("train: {target_train_loss: 0}\n",
-                                  "train.target_train_loss: expected a positive number, got 0"),
-    "negative training-loss target": ("train: {target_train_loss: -0.5}\n",
-                                      "train.target_train_loss: expected a positive number, got -0.5"),
+    "zero training-loss target": ("train: {target_train_loss: 0}\n", f"{LOSS_TARGETS}, got 0"),
+    "negative training-loss target": ("train: {target_train_loss: -0.5}\n", f"{LOSS_TARGETS}, got -0.5"),
+    "repeated training-loss targets": ("train: {target_train_loss: [0.3, 0.3]}\n", f"{LOSS_TARGETS}, got [0.3, 0.3]"),
     "two stopping rules": ("train: {target_train_loss: 0.5, stop_at_target: true}\n",
                            "train.target_train_loss: 0.5 given together with train.stop_at_target true; "
                            "expected at most one stopping rule (train.stop_at_target false)"),

@@ -92,6 +92,24 @@ def test_training_loss_target_stops_at_the_step_plain_gradient_descent_first_rea
     assert len(client.get_metric_history(result.run_id, "train_loss_full")) == step
 
 
+def test_each_of_several_loss_targets_is_reached_at_the_step_plain_gradient_descent_reaches_it(tmp_path):
+    """A list: each target's step, suffixed by the target; unsuffixed keys and the stop are the smallest's."""
+    probe = smoke_config(tmp_path / "probe", *FULL_BATCH)
+    (early, high, losses), (late, low, _) = known_stop(probe, level=0.9), known_stop(probe, level=0.6)
+    assert early < late
+    cfg = smoke_config(tmp_path, *FULL_BATCH, f"train.target_train_loss=[{low!r}, {high!r}]")
+    result = train_run(cfg, DistContext())
+    run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(result.run_id)
+    metrics, tags = run.data.metrics, run.data.tags
+    assert result.global_step == late and tags["steps_to_train_loss_target"] == str(late)
+    for target, step in ((high, early), (low, late)):
+        assert metrics[f"steps_to_train_loss_target_{target:g}"] == step, target
+        assert metrics[f"samples_to_train_loss_target_{target:g}"] == TRAIN_SIZE * step
+        assert metrics[f"train_loss_at_target_check_{target:g}"] == pytest.approx(losses[step], rel=1e-4)
+    assert metrics["steps_to_train_loss_target"] == late
+    assert metrics["train_loss_at_target_check"] == metrics[f"train_loss_at_target_check_{low:g}"]
+
+
 def test_a_run_that_never_reaches_the_target_says_not_reached_and_one_that_does_stops_mid_epoch(tmp_path):
     # Batches of 64: 4 steps an epoch, so a stop can fall inside an epoch.
     minibatch = (*FULL_BATCH, "optim.global_batch_size=64", "train.max_steps=12")

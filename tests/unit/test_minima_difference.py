@@ -38,3 +38,10 @@ def test_the_difference_of_the_extremes_is_welchs_interval_and_p_value_computed_
     assert (difference.low, difference.high) == pytest.approx((m1 - m2 - half, m1 - m2 + half), rel=1e-9)
     assert difference.p_value == pytest.approx(2 * stats.t.sf((m1 - m2) / math.sqrt(v1 + v2), dof), rel=1e-9)
     assert "+0.0120" in difference.line() and "5 and 5 seeds" in difference.line()
+
+
+@pytest.mark.parametrize("param, expected", [("0.2", 0.2), ("(0.3, 0.2)", 0.2), ("None", None), (None, None)])
+def test_a_trial_is_compared_at_its_smallest_training_loss_target(param, expected):
+    from harness.analysis.report import _smallest_loss_target
+
+    assert _smallest_loss_target(param) == expected
