@@ -1,8 +1,8 @@
 """Many processes writing to one MLflow store at once: the server over PostgreSQL keeps every
 (run, metric, step) exactly once; the same writers on a shared SQLite file show what SQLite does.
 
-The writers, all real processes started together: one torchrun job of 2 ranks
-(launch/train.py; rank 0 writes its run, rank 1 writes nothing) and
+The writers, all real processes started together: one torchrun job (launch/train.py; one rank: only
+rank 0 writes, so further ranks add start-up, not writes) and
 PLAIN_WRITERS processes logging through the harness's tracker (tests/e2e/tracking_writer.py
 forks them), which wait at a gate until all of them are ready, so that they write at the same
 time as the training run. (A local sweep as a further writer tripled the test's
@@ -157,7 +157,7 @@ def start_writers(uri: str, folder: Path, writers: int) -> tuple[list, Path]:
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     common = dict(cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     processes = [
-        subprocess.Popen(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "launch/train.py"),
+        subprocess.Popen(["torchrun", "--standalone", "--nproc_per_node=1", str(REPO / "launch/train.py"),
                           "--config", str(CONFIGS / "smoke.yaml"), "--set", f"tracking.uri={uri}",
                           "--set", f"train.epochs={TRAIN_EPOCHS}", "--set", f"checkpoint.dir={folder}/ckpt"], **common),
     ]
