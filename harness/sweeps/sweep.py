@@ -317,11 +317,16 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
 
 def where_the_time_went(spent: dict[str, Optional[float]], elapsed_s: float) -> str:
     """One line: each time_*_s metric summed over the trials, its share of the sweep's wall time,
-    and evaluation against training."""
-    parts = [f"{TIME_METRICS[key]} " + (f"{format_duration(value)} ({value / elapsed_s:.0%})"
-                                        if value is not None and elapsed_s > 0 else "not recorded")
+    and evaluation against training. A resumed sweep's trials carry the time of earlier launches,
+    which this launch's wall time does not hold: their shares are then of the sum."""
+    total = sum(value for value in spent.values() if value is not None)
+    basis, of = elapsed_s, format_duration(elapsed_s)
+    if total > elapsed_s:
+        basis, of = total, f"their sum {format_duration(total)}: trials resumed from an earlier launch carry its time"
+    parts = [f"{TIME_METRICS[key]} " + (f"{format_duration(value)} ({value / basis:.0%})"
+                                        if value is not None and basis > 0 else "not recorded")
              for key, value in spent.items()]
-    line = f"where the time went (summed over trials, share of {format_duration(elapsed_s)}): {', '.join(parts)}"
+    line = f"where the time went (summed over trials, share of {of}): {', '.join(parts)}"
     train, evaluation = spent.get("time_train_s"), spent.get("time_eval_s")
     if train and evaluation is not None:
         line += f"; evaluation / training = {evaluation / train:.0%}"

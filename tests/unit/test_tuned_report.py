@@ -283,6 +283,9 @@ def test_time_is_summed_over_trials_and_a_missing_metric_is_not_recorded(tuned_s
     assert "epoch-end evaluation not recorded" in line
     assert "sharpness not recorded" in line
     assert "evaluation / training = 12%" in line  # 0.25 s of evaluation per 2 s of training
+    # Resumed: the trials' times hold an earlier launch's too, and the shares are of their sum, never above 100%.
+    resumed = where_the_time_went(report.time_spent, elapsed_s=1.0)
+    assert "share of their sum " in resumed and f"training {minutes}m{seconds:02d}s (84%)" in resumed
 
 
 def test_fewer_than_three_batch_sizes_reaching_the_target_says_why_and_logs_no_fit(tmp_path):
