@@ -80,30 +80,26 @@ StackTrials = Annotated[Any, check(
 NonBlank = Annotated[str, check(lambda v: None if v.strip() else "a non-empty string")]
 
 
-def _accuracy_targets_complaint(value) -> Optional[str]:
-    values = value if isinstance(value, tuple) else (value,)
-    fine = (values and all(type(v) is float and 0 < v <= 1 for v in values) and len(set(values)) == len(values))
-    return None if value is None or fine else "a number in (0, 1], or a non-empty list of distinct such numbers"
-
-
-# One held-out accuracy target, or several (a list); a single number stays a number, as configs wrote it.
-AccuracyTargets = Annotated[Any, BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value),
-                            check(_accuracy_targets_complaint)]
-def _loss_targets_complaint(value) -> Optional[str]:
-    values = value if isinstance(value, tuple) else (value,)
-    fine = (values and all(type(v) is float and 0 < v < math.inf for v in values) and len(set(values)) == len(values))
-    return None if value is None or fine else "a positive number, or a non-empty list of distinct positive numbers"
-
-
 def _as_floats(value):
-    """A list as a tuple, and integers (not booleans) as floats: a loss target of 1 means 1.0."""
+    """A list as a tuple, and integers (not booleans) as floats: a target of 1 means 1.0."""
     def number(v):
         return float(v) if type(v) is int else v
     return tuple(map(number, value)) if isinstance(value, list) else number(value)
 
 
-# One training-loss target, or several (a list); a single number stays a number, as configs wrote it.
-LossTargets = Annotated[Any, BeforeValidator(_as_floats), check(_loss_targets_complaint)]
+def _targets(in_range, expected: str):
+    """One target, or several (a list, held as a tuple, its values distinct); a single number stays a
+    number, as configs wrote it."""
+    def complaint(value) -> Optional[str]:
+        values = value if isinstance(value, tuple) else (value,)
+        fine = values and all(type(v) is float and in_range(v) for v in values) and len(set(values)) == len(values)
+        return None if value is None or fine else expected
+
+    return Annotated[Any, BeforeValidator(_as_floats), check(complaint)]
+
+
+AccuracyTargets = _targets(lambda v: 0 < v <= 1, "a number in (0, 1], or a non-empty list of distinct such numbers")
+LossTargets = _targets(lambda v: 0 < v < math.inf, "a positive number, or a non-empty list of distinct positive numbers")
 
 
 def targets_text(value) -> str:
