@@ -282,7 +282,7 @@ class StepEvaluations:
     def settle(self, global_step: int, crossings: list) -> bool:
         """Record the ``crossed`` targets at their exact steps (core/crossing.py ``Crossing``s), with the probe's
         windows ending at ``global_step``. True: stop training (the last target reached, or out of the race)."""
-        counters, last = self.counters, self.targets[-1]
+        counters = self.counters
         probe = self.probe.window_metrics() if self.probe else {}
         (checked, checked_seconds), seconds = self.last_check, counters.train_seconds
         for crossing in crossings:
@@ -292,10 +292,7 @@ class StepEvaluations:
                        "epochs_to_target": crossing.samples / len(self.train_set),
                        "steps_to_target_resolution": float(crossing.resolution), **probe, **crossing.noise}
             counters.targets_reached += ((crossing.target, crossing.step),)
-            if len(self.targets) > 1:
-                self.at_target.update({f"{key}_{crossing.target:g}": value for key, value in metrics.items()})
-            if crossing.target == last:
-                self.at_target.update(metrics)
+            if self._keep_at_target(metrics, crossing.target, self.targets):
                 self.race.reached(crossing.step)
                 counters.target_reached_step, counters.target_reached_epoch = crossing.step, counters.epoch + 1
         self.crossed = []
@@ -321,12 +318,19 @@ class StepEvaluations:
                        "seconds_to_train_loss_target": counters.train_seconds,
                        "epochs_to_train_loss_target": self.samples / len(self.train_set),
                        "train_loss_at_target_check": loss}
-            if len(targets) > 1:
-                self.at_target.update({f"{key}_{target:g}": value for key, value in metrics.items()})
-            if target == targets[-1]:
-                self.at_target.update(metrics)
+            if self._keep_at_target(metrics, target, targets):
                 counters.train_loss_target_step = global_step
         return bool(counters.train_loss_target_step)
+
+    def _keep_at_target(self, metrics: dict[str, float], target: float, targets: tuple[float, ...]) -> bool:
+        """Keep ``metrics`` measured at ``target`` to log: suffixed ``_<target>`` where there are several
+        targets, unsuffixed for the last of ``targets`` (the one that ends the run). True for the last."""
+        if len(targets) > 1:
+            self.at_target.update({f"{key}_{target:g}": value for key, value in metrics.items()})
+        if target != targets[-1]:
+            return False
+        self.at_target.update(metrics)
+        return True
 
     def take_history(self) -> list[tuple[int, float]]:
         history, self.history = self.history, []
