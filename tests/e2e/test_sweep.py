@@ -21,7 +21,7 @@ data: {dataset: digits, validation_size: 200}
 model: {hidden_sizes: [32], activation: relu}
 optim: {lr: 0.2, momentum: 0.9, global_batch_size: 8}
 train: {epochs: 3, progress: false}
-metrics: {target_val_accuracy: 0.5, sharpness_samples: 256, sharpness_iterations: 10}
+metrics: {target_val_accuracy: 0.5, sharpness: true, sharpness_samples: 256, sharpness_iterations: 10}
 tracking: {experiment: tiny}
 sweep: {batch_sizes: [8, 32, 1024], seeds: [0], lr_rules: [linear], base_batch_size: 8}
 """
@@ -169,7 +169,7 @@ def test_killed_sweep_resumes_skipping_finished_trials_into_the_same_parent(tmp_
                       .replace("data: {dataset: digits, validation_size: 200}",
                                "data: {dataset: fashion-mnist, validation_size: 1000, train_subset: 8192}")
                       .replace("hidden_sizes: [32]", "hidden_sizes: [256]")
-                      .replace("sharpness_samples: 256, sharpness_iterations: 10", "sharpness: false"))
+                      .replace("sharpness: true", "sharpness: false"))
     uri = seeded_store(tmp_path)
     command = [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher", "local",
                "--set", f"tracking.uri={uri}", "--set", f"checkpoint.dir={tmp_path}/ckpt",
@@ -278,7 +278,7 @@ def test_local_sweep_with_an_lr_grid_records_the_tuned_lr_on_the_parent(tmp_path
     config.write_text(TINY_SWEEP.replace("lr_rules: [linear], base_batch_size: 8",
                                          "lr_rules: [none], base_batch_size: 8, lr_factors: [0.25, 1.0]")
                       .replace("[8, 32, 1024]", "[8, 16, 32]").replace("activation: relu", "activation: tanh")
-                      .replace("epochs: 3", "epochs: 1").replace("sharpness_samples: 256", "sharpness: false"))
+                      .replace("epochs: 3", "epochs: 1").replace("sharpness: true", "sharpness: false"))
     result = run_command([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(config), "--launcher",
                           "local", "--set", f"tracking.uri={seeded_store(tmp_path)}",
                           "--set", f"checkpoint.dir={tmp_path}/ckpt", "--report-dir", str(tmp_path / "reports")],

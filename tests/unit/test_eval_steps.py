@@ -23,7 +23,7 @@ from harness.errors import InputError
 # subset is the first 200 of its 256 validation samples. Seen: the subset reaches
 # 0.6 in epoch 4 (step ~26), far before the 6-epoch budget of 48 steps.
 STOP = ("train.epochs=6", "metrics.target_val_accuracy=0.6", "metrics.eval_every_steps=3",
-        "metrics.eval_samples=200", "train.stop_at_target=true", "metrics.sharpness_samples=128",
+        "metrics.eval_samples=200", "train.stop_at_target=true", "metrics.sharpness=true", "metrics.sharpness_samples=128",
         "metrics.exact_noise_samples=128")
 
 

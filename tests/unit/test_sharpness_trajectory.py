@@ -46,7 +46,7 @@ def trajectory(cfg, run_id, key="by_step/top_hessian_eigenvalue"):
 
 
 def test_sharpness_is_read_at_step_zero_every_n_steps_and_at_the_end_without_changing_training(tmp_path, capsys):
-    cfg = smoke_config(tmp_path, *TINY, "train.max_steps=10", "metrics.sharpness_every=3")
+    cfg = smoke_config(tmp_path, *TINY, "train.max_steps=10", "metrics.sharpness=true", "metrics.sharpness_every=3")
     result = train_run(cfg, DistContext())
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("[smoke] time:") and "sharpness " in last_line and "(5 readings)" in last_line

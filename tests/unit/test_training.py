@@ -28,7 +28,7 @@ TIMINGS = {"epoch_s", "samples_per_s", "time_train_s", "time_eval_s", "time_epoc
 
 
 def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
-    cfg = smoke_config(tmp_path)
+    cfg = smoke_config(tmp_path, "metrics.sharpness=true")
     result = train_run(cfg, DistContext())
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(result.run_id)
