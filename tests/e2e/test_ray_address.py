@@ -1,8 +1,8 @@
 """An unreachable or malformed $RAY_ADDRESS: one ``error: RAY_ADDRESS:`` line, exit 2, nothing started.
 
-No Ray cluster here: before the fix, ray.init retried an unreachable address for
-minutes inside Ray's C++ client, ignoring Ctrl-C; the subprocess timeouts below
-are what such a hang runs into.
+No Ray cluster here. ray.init retries an unreachable address for minutes inside Ray's
+C++ client, ignoring Ctrl-C, so the launchers try the address themselves first; the
+subprocess timeouts below are what a launcher that skipped that check would run into.
 """
 
 import os

@@ -28,8 +28,8 @@ sweep: {batch_sizes: [8, 32, 1024], seeds: [0], lr_rules: [linear], base_batch_s
 PLOTS = ("accuracy_gap_vs_batch.png", "loss_curves_epochs.png", "loss_curves_steps.png", "steps_to_target.png")
 
 
-# The torchrun and Ray sweeps start processes per trial: two trials (one trains,
-# one diverges) show what the launcher adds; the local sweep runs all three.
+# The torchrun sweep starts processes per trial: two trials (one trains, one diverges)
+# show what the launcher adds; the local sweep runs all three. A sweep on Ray: tests/e2e/test_tune.py.
 LAUNCHER_BATCH_SIZES = (8, 1024)
 
 
@@ -149,12 +149,6 @@ def test_torchrun_sweep_trials_use_a_tracking_uri_with_space_hash_as_given(torch
     assert len(trials) == len(LAUNCHER_BATCH_SIZES) and {t.info.status for t in trials} == {"FINISHED"}
     assert all("test_accuracy" in t.data.metrics for t in trials)
     assert not (tmp / "runs").exists()  # where the URI cut at " #" would have put a store
-
-
-def test_ray_sweep_runs_trials_as_ray_train_runs(tmp_path, ray_cluster):
-    run_sweep_command(tmp_path, "--launcher", "ray", "--nproc", "1", batch_sizes=LAUNCHER_BATCH_SIZES,
-                      env={"RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"]})
-    check_sweep_records(tmp_path, "ray", 1, LAUNCHER_BATCH_SIZES)
 
 
 def test_killed_sweep_resumes_skipping_finished_trials_into_the_same_parent(tmp_path):

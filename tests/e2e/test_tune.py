@@ -45,7 +45,10 @@ def sweep_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_asha_stops_the_hopeless_batch_and_ends_its_runs_finished_and_tagged(tmp_path, ray_cluster):
+def test_ray_sweep_trains_each_trial_as_a_ray_train_run_and_asha_stops_the_hopeless_one_finished_and_tagged(
+        tmp_path, ray_cluster):
+    # The sweep's records apart from the launcher (names, by_step and by_batch series, a diverged trial):
+    # tests/e2e/test_sweep.py; a diverged run's result through Ray Train: tests/unit/test_ray_fit.py.
     # One seed, 2 workers a trial: the cluster's 2 CPUs run one trial at a time, in grid order, so the
     # batch-16 trial has passed the rung at epoch 1 before the batch-512 one reaches it.
     (tmp_path / "tuned.yaml").write_text(TUNE_SWEEP.replace("seeds: [0, 1]", "seeds: [0]"))
@@ -63,7 +66,7 @@ def test_asha_stops_the_hopeless_batch_and_ends_its_runs_finished_and_tagged(tmp
     assert set(stopped) == {"tuned-none-bs512-seed0"}
     for name, child in children.items():
         assert child.info.status == "FINISHED", name
-        assert child.data.params["launcher"] == "ray"
+        assert (child.data.params["launcher"], child.data.params["world_size"]) == ("ray", "2")
         epochs = {m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")}
         if name in stopped:
             # Stopped at a rung before its last epoch. Its workers train on until Tune's stop
@@ -75,8 +78,9 @@ def test_asha_stops_the_hopeless_batch_and_ends_its_runs_finished_and_tagged(tmp
     first_epoch = {name: min(client.get_metric_history(c.info.run_id, "val_accuracy"), key=lambda m: m.step).value
                    for name, c in children.items()}
     assert first_epoch["tuned-none-bs512-seed0"] < first_epoch["tuned-none-bs16-seed0"]
-    # The report is built as before, from the runs in MLflow.
+    # The report, from the runs in MLflow, beside the parent run.
     assert (tmp_path / "reports" / parent.info.run_id / "summary.csv").stat().st_size > 0
+    assert "report/summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     # ASHA's stops left no placement group holding the cluster's CPUs (Ray Train can leak one;
     # the sweep removes its job's leftovers, tune_sweep.remove_leftover_placement_groups).
     assert live_placement_groups(ray_cluster) == []
