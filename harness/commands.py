@@ -92,6 +92,8 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
             distributed.shutdown()
             raise
         distributed.shutdown(finished=True)
+    if under_torchrun and world_size > 1:
+        distributed.end_rank_process(0)
     return 0
 
 

@@ -6,12 +6,14 @@ backend and device, and the few collectives the loop needs. ``world_size == 1`` 
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -197,6 +199,19 @@ def shutdown(finished: bool = False) -> None:
         if finished and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def end_rank_process(exit_code: int) -> NoReturn:
+    """End a torchrun rank whose work is done and recorded, without the interpreter's finalization.
+
+    Gloo's worker threads and DDP's reducer live on as C++ objects after ``destroy_process_group``; torn
+    down while the interpreter finalizes, one of them now and then ends the process with SIGABRT
+    ("terminate called without an active exception"), and torchrun counts a rank that finished as failed
+    (and restarts, or fails the job). Python's exit handlers still run, and the output is flushed."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
