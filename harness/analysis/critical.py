@@ -17,7 +17,7 @@ from typing import Optional
 
 from harness.measure.critical_batch import (LEAST_SQUARES, RELATIVE_ERROR, NotEnoughBatchSizes, SeedSteps, StepsFit,
                                             bootstrap_interval, fit_least_squares, fit_relative_error, leave_one_out)
-from harness.measure.exact_noise import population_noise_scale
+from harness.measure.exact_noise import RESOLVED_WITHIN_STD_ERRORS, population_noise_scale
 
 FIT_MIN_BATCH_SIZES = 3
 INTERVAL_LEVEL = 0.9  # of the bootstrap interval of B_crit
@@ -36,6 +36,10 @@ COMPONENTS = {NOISE_EXACT: ("grad_trace_cov_exact_at_target", "grad_sq_norm_exac
                             "metrics.exact_noise_samples"),
               NOISE_HESSIAN: ("grad_trace_hess_cov_at_target", "grad_hess_grad_at_target",
                               "metrics.hessian_noise_samples")}
+# The sampling error of an estimated trace (tr(H Sigma) comes from a subsample): B_noise reads +inf,
+# unresolved, where that error leaves it unbounded (measure/exact_noise.py population_noise_scale).
+TRACE_STD_ERRORS = {NOISE_HESSIAN: "grad_trace_hess_cov_std_error_at_target"}
+UNRESOLVED = "unresolved"  # printed for a noise scale whose interval is unbounded above
 # Cumulative within a run (the last logged value is the run's total), and what each one times.
 TIME_METRICS = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epoch_eval_s": "epoch-end evaluation",
                 "time_probe_s": "probes", "time_sharpness_s": "sharpness", "time_tracking_s": "tracking",
@@ -94,10 +98,11 @@ class TunedBatch:
                 and statistics.median(min(steps_of(t), race_bound(t)) for t in c.trials) <= tuned]
 
     def values(self, key: str) -> list[float]:
-        """``key`` of the best LR's seeds that reached the target and logged it (samples fall back to B x steps)."""
+        """``key`` of the best LR's seeds that reached the target and logged it (samples fall back to B x steps);
+        a noise scale may be +inf (unresolved), and a median over such values may be too."""
         reached = [t for t in self.best.trials if math.isfinite(steps_of(t))] if self.best else []
         values = [t.final.get(key, self.batch_size * steps_of(t) if key == SAMPLES else math.nan) for t in reached]
-        return [v for v in values if math.isfinite(v)]
+        return [v for v in values if not math.isnan(v)]
 
     def median(self, key: str) -> float:
         return _median(self.values(key))
@@ -143,7 +148,8 @@ class CriticalBatch:
 def population_noise_scales(final: dict[str, float], params: dict[str, str]) -> dict[str, float]:
     """``final`` with the exact B_simple and B_noise at each target recomputed from their logged components as
     the training set's (measure/exact_noise.py ``population_noise_scale``, N from the run's ``params``), so a
-    run that logged the ratio over its N examples alone reads as one that logs the population's."""
+    run that logged the ratio over its N examples alone reads as one that logs the population's. B_noise is
+    +inf where its tr(H Sigma)'s sampling error leaves it unbounded."""
     out = dict(final)
     for key, (trace_key, quadratic_key, count_key) in COMPONENTS.items():
         count = params.get(count_key)
@@ -154,8 +160,9 @@ def population_noise_scales(final: dict[str, float], params: dict[str, str]) -> 
             if not name.startswith(trace_key) or (suffix and not suffix.startswith("_")):
                 continue
             if quadratic_key + suffix in final:
-                value = population_noise_scale(trace, final[quadratic_key + suffix], int(count))
-                if value > 0:
+                std_error = final.get(TRACE_STD_ERRORS[key] + suffix, 0.0) if key in TRACE_STD_ERRORS else 0.0
+                value = population_noise_scale(trace, final[quadratic_key + suffix], int(count), std_error)
+                if value > 0:  # +inf included: unresolved, which the report says
                     out[key + suffix] = value
                 else:  # NaN or negative: nothing to read
                     out.pop(key + suffix, None)
@@ -340,6 +347,11 @@ def _number(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else "-"
 
 
+def _noise_number(value: float, digits: str = ".4g") -> str:
+    """A noise scale: +inf is one its sampling error leaves unbounded (population_noise_scales)."""
+    return f"{value:{digits}}" if math.isfinite(value) else UNRESOLVED if value == math.inf else "-"
+
+
 def _target_name(target: Optional[float]) -> str:
     return "the target" if target is None else f"{target:g}"
 
@@ -372,8 +384,7 @@ def tuned_table(result: CriticalBatch) -> list[str]:
     for t in result.tuned:
         missing = sum(not math.isfinite(s) for s in t.best.steps) if t.best else 0
         lr = f"{t.best.lr:.4g}" if t.best else "none reached"
-        noise = [f"{t.median(k):.0f}" if math.isfinite(t.median(k)) else "-"
-                 for k in (NOISE_PROBE, NOISE_EXACT, NOISE_HESSIAN)]
+        noise = [_noise_number(t.median(k), ".0f") for k in (NOISE_PROBE, NOISE_EXACT, NOISE_HESSIAN)]
         lines.append(f"| {t.batch_size} | {lr} | {t.edge or 'no'} | {len(t.grid)} "
                      f"| {_spread(t.best.median_steps if t.best else math.nan, t.values(STEPS), 0, missing)} "
                      f"| {_spread(t.median_samples, t.values(SAMPLES), 0, missing)} | {' | '.join(noise)} |")
@@ -399,7 +410,9 @@ def by_target_table(results: list[CriticalBatch]) -> list[str]:
              f"B_crit: the relative-error fit (least squares on log S) with its {INTERVAL_LEVEL:.0%} bootstrap "
              "interval over seeds and the LR choice, and least squares on 1/B; leave-one-out: the range of B_crit "
              "with each batch size left out; B_simple, B_noise: median over the tuned trials at the batch sizes "
-             "nearest B_crit.", "",
+             f"nearest B_crit; B_noise {UNRESOLVED}: tr(HΣ) {RESOLVED_WITHIN_STD_ERRORS:g} standard errors above its "
+             "estimate leaves no GᵀHG after the N-sample correction (more metrics.hessian_noise_samples or "
+             "hessian_noise_deviations would bound it).", "",
              f"| target | B_crit ({RELATIVE_ERROR}) | B_crit ({LEAST_SQUARES}) | leave-one-out range "
              "| B_simple (probe) | B_simple (exact) | B_noise |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -408,7 +421,7 @@ def by_target_table(results: list[CriticalBatch]) -> list[str]:
         other = _number(r.least_squares.b_crit) if r.least_squares else "-"
         moved = [v for v in r.leave_one_out.values() if math.isfinite(v)]
         spread = f"{min(moved):.4g}..{max(moved):.4g}" if moved else "-"
-        noise = " | ".join(_number(v) for v in (r.noise_scale, r.noise_scale_exact, r.noise_scale_hessian))
+        noise = " | ".join(_noise_number(v) for v in (r.noise_scale, r.noise_scale_exact, r.noise_scale_hessian))
         lines.append(f"| {_target_name(r.target)} | {answer} | {other} | {spread} | {noise} |")
     # The largest target's reason is in its answer line; the others' go here.
     reasons = [r.why_no_fit for r in results if r.fit is None and r.target != results[-1].target]
@@ -447,7 +460,7 @@ def answer_line(result: CriticalBatch) -> str:
             f"{_noise_scale('B_simple (probe)', 'B_simple', result.noise_scale, fit.b_crit)}, "
             f"{_noise_scale('B_simple (exact)', 'B_simple', result.noise_scale_exact, fit.b_crit)}"
             + (f", {_noise_scale('B_noise', 'B_noise', result.noise_scale_hessian, fit.b_crit)}"
-               if math.isfinite(result.noise_scale_hessian) else "") +
+               if not math.isnan(result.noise_scale_hessian) else "") +
             f"; B_simple is the median over the tuned trials at batch sizes {near} (the nearest to B_crit)")
     if not min(sizes) <= fit.b_crit <= max(sizes):
         line += (f". B_crit lies outside the batch sizes that reached the target ({min(sizes)}..{max(sizes)}): "
@@ -471,6 +484,9 @@ def leave_one_out_line(result: CriticalBatch) -> str:
 def _noise_scale(name: str, symbol: str, value: float, b_crit: float) -> str:
     ratio = (f"B_crit / {symbol} = {b_crit / value:.2f}" if math.isfinite(b_crit) and math.isfinite(value)
              and value > 0 else "no ratio")
+    if value == math.inf:
+        return (f"{name} {UNRESOLVED} (the sampling error of its tr(HΣ) leaves it unbounded above; more "
+                "metrics.hessian_noise_samples or hessian_noise_deviations would bound it)")
     return f"{name} = {f'{value:.4g}' if math.isfinite(value) else 'not recorded'} ({ratio})"
 
 

@@ -20,6 +20,7 @@ no further than the snapshots do: not past the start of the process (a resumed r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -210,12 +211,13 @@ def _restore(engine, state: list[torch.Tensor]) -> None:
 
 def _hessian_metrics(hessian, count: int) -> dict[str, float]:
     """B_noise's metrics at a target: its components over ``count`` examples, the sampling error of tr(H Sigma),
-    and B_noise of the training set they were drawn from, where it is positive."""
+    and B_noise of the training set they were drawn from, where it is positive and resolved."""
     metrics = {"grad_hess_grad_at_target": hessian.grad_hess_grad,
                "grad_trace_hess_cov_at_target": hessian.trace_hess_cov,
                "grad_trace_hess_cov_std_error_at_target": hessian.trace_hess_cov_std_error}
-    b_noise = population_noise_scale(hessian.trace_hess_cov, hessian.grad_hess_grad, count)
-    if b_noise == b_noise and b_noise > 0:
+    b_noise = population_noise_scale(hessian.trace_hess_cov, hessian.grad_hess_grad, count,
+                                     hessian.trace_hess_cov_std_error)
+    if math.isfinite(b_noise) and b_noise > 0:  # unresolved (inf): its components are logged, not the ratio
         metrics.update(grad_noise_scale_hessian_at_target=b_noise,
                        grad_noise_scale_hessian_rel_error_at_target=hessian.b_noise_rel_error)
     return metrics

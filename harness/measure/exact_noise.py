@@ -58,13 +58,24 @@ class GradientSums:
                                b_simple=trace_cov / mean_sq_norm if mean_sq_norm > 0 else float("nan"))
 
 
-def population_noise_scale(trace: float, quadratic: float, count: int) -> float:
+# How many standard errors of an estimated trace a population noise scale must stay bounded over.
+RESOLVED_WITHIN_STD_ERRORS = 2.0
+
+
+def population_noise_scale(trace: float, quadratic: float, count: int, trace_std_error: float = 0.0) -> float:
     """A noise scale of the population ``count`` examples were drawn from: ``trace`` / (``quadratic`` -
     ``trace`` / count). The mean gradient of N examples has E|G_N|^2 = |G|^2 + tr(Sigma)/N (and
     E G_N^T H G_N = G^T H G + tr(H Sigma)/N), so B_simple (B_noise) over the N examples alone is low by a
     factor 1 + B/N; with the unbiased tr(Sigma) (tr(H Sigma)) the difference is unbiased. NaN where
-    nothing is left of the denominator (B not small against N: more examples are needed)."""
+    nothing is left of the denominator (B not small against N: more examples are needed).
+
+    ``trace_std_error``: the trace's sampling error where it is estimated (B_noise's tr(H Sigma), from a
+    subsample). The value's relative error is the trace's times 1 + B/N, so where B is large against N a
+    modest error in the trace leaves the value unbounded: +inf (unresolved) where the trace at
+    RESOLVED_WITHIN_STD_ERRORS standard errors above its estimate leaves nothing of the denominator."""
     denominator = quadratic - trace / count
+    if trace_std_error > 0 and quadratic - (trace + RESOLVED_WITHIN_STD_ERRORS * trace_std_error) / count <= 0:
+        return math.inf if trace > 0 else math.nan
     return trace / denominator if denominator > 0 else math.nan
 
 

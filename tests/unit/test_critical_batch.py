@@ -241,3 +241,15 @@ def test_the_report_reads_b_simple_and_b_noise_as_the_training_sets_from_their_l
     # 0.01 - 3/256 < 0: B_noise is not small against 256 examples, and nothing is read.
     assert "grad_noise_scale_hessian_at_target" not in out
     assert population_noise_scales(final, {}) == final  # without the counts, as logged
+
+
+@pytest.mark.parametrize("std_error, expected", [(0.2, 1.0 / (0.01 - 1.0 / 256)), (0.8, math.inf)],
+                         ids=["resolved", "unresolved"])
+def test_b_noise_is_unresolved_where_two_standard_errors_of_its_trace_leave_no_denominator(std_error, expected):
+    from harness.analysis.critical import population_noise_scales
+
+    final = {"grad_trace_hess_cov_at_target_0.85": 1.0, "grad_hess_grad_at_target_0.85": 0.01,
+             "grad_trace_hess_cov_std_error_at_target_0.85": std_error}
+    out = population_noise_scales(final, {"metrics.hessian_noise_samples": "256"})
+    # 0.01 - (1 + 2 x 0.2) / 256 > 0, the value bounded; 0.01 - (1 + 2 x 0.8) / 256 < 0: any size fits.
+    assert out["grad_noise_scale_hessian_at_target_0.85"] == pytest.approx(expected)

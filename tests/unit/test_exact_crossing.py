@@ -2,6 +2,8 @@
 evaluation after every step finds, for a run alone and for each member of a stack, and leaves the run's
 trajectory as it was."""
 
+import math
+
 import pytest
 import torch
 
@@ -63,8 +65,12 @@ def test_each_target_is_reached_at_the_step_an_evaluation_after_every_step_finds
         assert metrics["grad_noise_scale_exact_at_target"] == pytest.approx(
             population_noise_scale(exact.trace_cov, exact.grad_sq_norm, 128), rel=1e-6)
         assert metrics["grad_hess_grad_at_target"] == pytest.approx(hessian.grad_hess_grad, rel=1e-6)
-        assert metrics["grad_noise_scale_hessian_at_target"] == pytest.approx(
-            population_noise_scale(hessian.trace_hess_cov, hessian.grad_hess_grad, 128), rel=1e-6)
+        b_noise = population_noise_scale(hessian.trace_hess_cov, hessian.grad_hess_grad, 128,
+                                         hessian.trace_hess_cov_std_error)
+        if math.isfinite(b_noise):
+            assert metrics["grad_noise_scale_hessian_at_target"] == pytest.approx(b_noise, rel=1e-6)
+        else:  # unresolved by 8 deviations: its components are logged, not the ratio
+            assert "grad_noise_scale_hessian_at_target" not in metrics
         assert metrics["grad_trace_hess_cov_std_error_at_target"] == pytest.approx(hessian.trace_hess_cov_std_error,
                                                                                   rel=1e-6)
 

@@ -8,6 +8,7 @@ exact value; the window averages the two components before dividing
 """
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -207,3 +208,30 @@ def test_the_population_noise_scale_removes_what_n_examples_add_to_the_squared_m
     assert sum(population) / 400 == pytest.approx(true_sq_norm, rel=0.02)  # unbiased
     assert sum(plain) / 400 == pytest.approx(true_sq_norm + d * sigma**2 / n, rel=0.02)  # high by tr(Sigma)/N
     assert truth == pytest.approx(100) and math.isnan(population_noise_scale(10.0, 0.05, 100))  # nothing left: NaN
+
+
+@pytest.mark.parametrize("truth_over_n", [0.25, 8.0])
+def test_a_subsampled_trace_leaves_the_population_value_unresolved_where_its_error_allows_any_size(truth_over_n):
+    """B_noise's tr(H Sigma) is a mean over a subsample of deviations (measure/hessian_noise.py). Known truth:
+    Gaussian per-example gradients with H = I, B = tr(Sigma) / |G|^2 set to truth_over_n x N. Where B is small
+    against N every draw is resolved and centred on B; where it is 8N the plain correction reads some draws
+    above 10x B, and the trace's standard error marks those unresolved (+inf): no resolved draw exceeds 3x B."""
+    generator = torch.Generator().manual_seed(0)
+    n, d, sampled = 256, 100, 16
+    truth = truth_over_n * n
+    mean = torch.full((d,), math.sqrt(1 / truth), dtype=torch.float64)  # |G|^2 = d / truth, tr(Sigma) = d
+    plain, ruled = [], []
+    for _ in range(200):
+        g = mean + torch.randn(n, d, generator=generator, dtype=torch.float64)
+        quadratic = float(g.mean(0).pow(2).sum())
+        deviations = (g - g.mean(0)).pow(2).sum(1)[torch.randperm(n, generator=generator)[:sampled]]
+        trace = n / (n - 1) * float(deviations.mean())
+        std_error = n / (n - 1) * math.sqrt((1 - sampled / n) * float(deviations.var()) / sampled)
+        plain.append(population_noise_scale(trace, quadratic, n))
+        ruled.append(population_noise_scale(trace, quadratic, n, std_error))
+    resolved = [v for v in ruled if math.isfinite(v)]
+    if truth_over_n < 1:
+        assert len(resolved) == 200 and statistics.median(resolved) == pytest.approx(truth, rel=0.05)
+    else:
+        assert max(v for v in plain if math.isfinite(v)) > 10 * truth
+        assert ruled.count(math.inf) >= 50 and max(resolved) < 3 * truth
