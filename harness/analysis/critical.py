@@ -39,7 +39,10 @@ COMPONENTS = {NOISE_EXACT: ("grad_trace_cov_exact_at_target", "grad_sq_norm_exac
 # The sampling error of an estimated trace (tr(H Sigma) comes from a subsample): B_noise reads +inf,
 # unresolved, where that error leaves it unbounded (measure/exact_noise.py population_noise_scale).
 TRACE_STD_ERRORS = {NOISE_HESSIAN: "grad_trace_hess_cov_std_error_at_target"}
-UNRESOLVED = "unresolved"  # printed for a noise scale whose interval is unbounded above
+UNRESOLVED = "unresolved"  # printed for a noise scale whose interval is unbounded above, and why:
+UNRESOLVED_WHY = (f"tr(HΣ) {RESOLVED_WITHIN_STD_ERRORS:g} standard errors above its estimate leaves no GᵀHG after "
+                  "the N-sample correction (more metrics.hessian_noise_samples or hessian_noise_deviations would "
+                  "bound it)")
 # Cumulative within a run (the last logged value is the run's total), and what each one times.
 TIME_METRICS = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epoch_eval_s": "epoch-end evaluation",
                 "time_probe_s": "probes", "time_sharpness_s": "sharpness", "time_tracking_s": "tracking",
@@ -410,9 +413,7 @@ def by_target_table(results: list[CriticalBatch]) -> list[str]:
              f"B_crit: the relative-error fit (least squares on log S) with its {INTERVAL_LEVEL:.0%} bootstrap "
              "interval over seeds and the LR choice, and least squares on 1/B; leave-one-out: the range of B_crit "
              "with each batch size left out; B_simple, B_noise: median over the tuned trials at the batch sizes "
-             f"nearest B_crit; B_noise {UNRESOLVED}: tr(HΣ) {RESOLVED_WITHIN_STD_ERRORS:g} standard errors above its "
-             "estimate leaves no GᵀHG after the N-sample correction (more metrics.hessian_noise_samples or "
-             "hessian_noise_deviations would bound it).", "",
+             f"nearest B_crit; B_noise {UNRESOLVED}: {UNRESOLVED_WHY}.", "",
              f"| target | B_crit ({RELATIVE_ERROR}) | B_crit ({LEAST_SQUARES}) | leave-one-out range "
              "| B_simple (probe) | B_simple (exact) | B_noise |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -482,11 +483,10 @@ def leave_one_out_line(result: CriticalBatch) -> str:
 
 
 def _noise_scale(name: str, symbol: str, value: float, b_crit: float) -> str:
+    if value == math.inf:
+        return f"{name} {UNRESOLVED} ({UNRESOLVED_WHY})"
     ratio = (f"B_crit / {symbol} = {b_crit / value:.2f}" if math.isfinite(b_crit) and math.isfinite(value)
              and value > 0 else "no ratio")
-    if value == math.inf:
-        return (f"{name} {UNRESOLVED} (the sampling error of its tr(HΣ) leaves it unbounded above; more "
-                "metrics.hessian_noise_samples or hessian_noise_deviations would bound it)")
     return f"{name} = {f'{value:.4g}' if math.isfinite(value) else 'not recorded'} ({ratio})"
 
 

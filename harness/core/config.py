@@ -218,7 +218,7 @@ class MetricsConfig(ConfigModel):
     noise_scale_ema_decay: Fraction = 0.95
     # Measure every N-th step: the estimate is an average anyway, and measuring costs.
     noise_scale_interval: PositiveInt = 4
-    # The top Hessian eigenvalue at the end of a run: a Lanczos pass, so only where a config asks for it.
+    # The Hessian's extreme eigenvalues at the end of a run: a Lanczos pass, so only where a config asks for it.
     sharpness: bool = False
     sharpness_samples: PositiveInt = 1024
     sharpness_iterations: PositiveInt = 20
