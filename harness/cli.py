@@ -35,9 +35,14 @@ def gradcheck(args: argparse.Namespace) -> int:
     """Hand-written gradients vs autograd in float64, per parameter, on one batch of the config's data."""
     from harness.core.backprop import gradient_differences
     from harness.core.data import load_dataset
-    from harness.core.model import build_model
+    from harness.core.model import build_model, describe_model, is_mlp
 
     cfg = load_config(args.config, args.overrides)
+    if not is_mlp(cfg):
+        say(f"gradcheck {cfg.name}: {describe_model(cfg)} trains with the autograd engine; the hand-written "
+            "backward, and this check of it, is the note's MLP's (no model.factory)")
+        return 0
+    say(f"gradcheck {cfg.name}: this config trains with the {cfg.train.grad_engine} engine")
     train_set = load_dataset(cfg).train
     n = min(cfg.optim.global_batch_size, GRADCHECK_MAX_SAMPLES, len(train_set))
     x, y = train_set.features[:n].double(), train_set.targets[:n]
@@ -51,6 +56,16 @@ def gradcheck(args: argparse.Namespace) -> int:
     verdict = "ok" if worst <= GRADCHECK_TOLERANCE else "FAIL"
     say(f"worst {worst:.3e} (tolerance {GRADCHECK_TOLERANCE:.0e}): {verdict}")
     return 0 if verdict == "ok" else 1
+
+
+def mlp_config(args: argparse.Namespace, command: str):
+    """The config of a command that times or builds the note's MLP only: a factory's model is refused in one line
+    (timing the MLP in its place would answer another question)."""
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.factory is not None:
+        raise InputError(f"model.factory: {cfg.model.factory} with harness {command}, which times the note's MLP "
+                         "(model.hidden_sizes) only; expected a config without model.factory")
+    return cfg
 
 
 def checked_uri(args: argparse.Namespace, server: bool = False) -> str:
@@ -130,7 +145,7 @@ def bench(args: argparse.Namespace) -> int:
                          "profiles its epochs)")
     if args.json:
         check_output_file(args.json, "--json")
-    cfg = load_config(args.config, args.overrides)
+    cfg = mlp_config(args, "bench")
     device = pick_device(args.device)
     batch_sizes = args.batch_sizes or (STACK_BATCH_SIZES if args.stack else BENCH_BATCH_SIZES)
     for batch_size in batch_sizes:
@@ -173,7 +188,7 @@ def capacity(args: argparse.Namespace) -> int:
 
     check_arguments(args.max_batch, args.memory_limit, args.epoch_samples)
     device = checked_device(args.device)
-    cfg = load_config(args.config, args.overrides)
+    cfg = mlp_config(args, "capacity")
     check_writable_dir(Path(args.out), "--out")
     if args.json:
         check_output_file(args.json, "--json")
@@ -207,7 +222,7 @@ def scaling(args: argparse.Namespace) -> int:
     for batch in args.batch_sizes or ():
         if batch < 1:
             raise InputError(f"--batch-sizes: {batch}; expected positive global batch sizes")
-    cfg = None if args.from_json else load_config(args.config, args.overrides)
+    cfg = None if args.from_json else mlp_config(args, "scaling")
     if args.from_json:
         step_seconds, layer_sizes, source = model.load_capacity(args.from_json)
     elif args.step_times:
@@ -247,7 +262,7 @@ def _scaling_measure(args: argparse.Namespace) -> int:
     if args.from_json or args.step_times:
         raise InputError("--measure: given with --from-json or --step-times; expected --measure alone "
                          "(it measures its own step times)")
-    cfg = load_config(args.config, args.overrides)
+    cfg = mlp_config(args, "scaling --measure")
     batches = args.batch_sizes or list(DEFAULT_BATCHES)
     check_batches(batches, cfg.train_set_size)
     say(f"measuring on this machine: gloo all-reduce sweep and DDP steps of {cfg.name} at B = "

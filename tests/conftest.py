@@ -368,9 +368,5 @@ def diverged(stack) -> list[bool]:
 
 
 def member_state_dict(stack, k: int) -> dict:
-    """Member k's parameters as ``MLP.state_dict()`` names them (copies, not views)."""
-    state = {}
-    for i, (w, b) in enumerate(zip(stack.model.weights, stack.model.biases)):
-        state[f"linears.{i}.weight"] = w[k].clone()
-        state[f"linears.{i}.bias"] = b[k].clone()
-    return state
+    """Member k's parameters as its model's ``state_dict()`` names them (copies, not views)."""
+    return {name: p[k].clone() for name, p in zip(stack.model.names, stack.model.parameters())}

@@ -54,7 +54,7 @@ def run_interpolation(ref_a: str, ref_b: str, *, tracking_uri: Optional[str], ex
     uri = tracking_uri or default_tracking_uri()
     source_a = resolve_checkpoint(ref_a, uri, "--run-a")
     source_b = resolve_checkpoint(ref_b, uri, "--run-b")
-    check_same_architecture(source_b, (source_a.layer_sizes, source_a.activation), "--run-b")
+    check_same_architecture(source_b, source_a.config, "--run-b")
     _check_same_data(source_a, source_b)
     check_writable_dir(Path(out_dir), "--out")
     if log_to_mlflow:  # a store that would refuse the run is refused now, before the work

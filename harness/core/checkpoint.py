@@ -27,6 +27,7 @@ from harness import faults
 from harness.console import say
 from harness.core.config import Config
 from harness.core.distributed import broadcast_from_main
+from harness.core.model import describe_model, weight_shapes
 from harness.errors import InputError
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})\.pt$")
@@ -48,31 +49,30 @@ def config_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_model_weights(state: Any, path: Path, layer_sizes: tuple[int, ...], key: str = "") -> None:
+def check_model_weights(state: Any, path: Path, cfg: Config, key: str = "") -> None:
     """Refuse, in one line naming the file (after ``key``), a checkpoint whose ``model`` would not load
-    into the network of ``layer_sizes`` or holds a weight that is not finite."""
-    head, network = f"{key}: {path}" if key else f"{path}", "-".join(map(str, layer_sizes))
-    expected = {}  # model.MLP's weights for layer_sizes
-    for index, (n_in, n_out) in enumerate(zip(layer_sizes, layer_sizes[1:])):
-        expected.update({f"linears.{index}.weight": (n_out, n_in), f"linears.{index}.bias": (n_out,)})
+    into ``cfg``'s network or holds a weight that is not finite."""
+    head, network = f"{key}: {path}" if key else f"{path}", describe_model(cfg)
+    expected = weight_shapes(cfg)
     model = state.get("model") if isinstance(state, dict) else None
     if not isinstance(model, dict) or not model:
         found = "missing" if model is None else "empty" if isinstance(model, dict) else f"a {type(model).__name__}"
         raise InputError(f"{head}: its model weights are {found}; expected a mapping of the network's "
-                         f"{len(expected)} weight tensors ({', '.join(expected)})")
+                         f"{len(expected)} weight tensors ({', '.join(list(expected)[:6])})")
     if set(model) != set(expected):
         odd = sorted(set(model) ^ set(expected), key=str)[:3]
         raise InputError(f"{head}: its model weights are named {', '.join(map(str, odd))}...; expected exactly "
-                         f"{', '.join(expected)} (a {network} network)")
-    for name, shape in expected.items():
+                         f"{', '.join(list(expected)[:6])}{'...' if len(expected) > 6 else ''} (a {network} network)")
+    for name, (shape, floating) in expected.items():
         tensor = model[name]
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() != floating:
             raise InputError(f"{head}: model weight {name} is a {type(tensor).__name__} "
-                             f"{getattr(tensor, 'dtype', '')}; expected a floating-point tensor")
+                             f"{getattr(tensor, 'dtype', '')}; expected a{' floating-point' if floating else 'n integer'} "
+                             "tensor")
         if tuple(tensor.shape) != shape:
             raise InputError(f"{head}: model weight {name} has shape {list(tensor.shape)}; expected {list(shape)} "
                              f"(a {network} network)")
-        if not bool(torch.isfinite(tensor).all()):
+        if floating and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"{head}: model weight {name} holds NaN or infinite values; expected finite weights")
 
 
@@ -172,7 +172,7 @@ class Checkpoints:
             raise InputError(f"{path}: checkpoint was made by another config (fingerprint "
                              f"{state['config_fingerprint']}, this config {config_fingerprint(self.cfg)}); "
                              "expected the same model, data, optimiser and seed")
-        check_model_weights(state, path, self.cfg.layer_sizes)
+        check_model_weights(state, path, self.cfg)
         return state
 
     def resume_state(self) -> Optional[dict[str, Any]]:

@@ -10,6 +10,7 @@ and what was expected, so launchers can exit with code 2.
 
 from __future__ import annotations
 
+import json
 import math
 import typing
 from pathlib import Path
@@ -107,6 +108,12 @@ def targets_text(value) -> str:
     return f"[{', '.join(f'{v:g}' for v in value)}]" if isinstance(value, tuple) else f"{value:g}"
 
 
+# model.factory / data.factory: the user's code (core/factories.py).
+FACTORY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*\Z"
+FACTORY_EXPECTED = '"package.module:function" (a module importable from the working directory or PYTHONPATH)'
+FactoryPath = Annotated[str, Field(pattern=FACTORY_PATTERN), Expect(FACTORY_EXPECTED)]
+
+
 Betas = list_of(float, check(lambda v: None if len(v) == 2 and all(0 <= b < 1 for b in v)
                              else "two numbers in [0, 1)"))
 
@@ -121,8 +128,20 @@ class SyntheticConfig(ConfigModel):
     num_classes: PositiveInt = 10  # ... scored by a 10-way output layer
 
 
-class DataConfig(ConfigModel):
+class WithKwargs(ConfigModel):
+    """A section holding a factory's ``kwargs`` (a mapping, which Python cannot hash): hashed by its JSON,
+    so a Config stays hashable as every other section is."""
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+
+class DataConfig(WithKwargs):
     dataset: Dataset = "fashion-mnist"
+    # The user's data instead of data.dataset: factory(**kwargs) returns (train, test), each a map-style
+    # Dataset of (features, label) or a pair (features, labels) (core/factories.py); held in memory.
+    factory: Optional[FactoryPath] = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
     data_dir: Optional[str] = None
     validation_size: NonNegativeInt = 5000
     # Keep only the first N training / test samples after the split (small tests).
@@ -131,9 +150,14 @@ class DataConfig(ConfigModel):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
 
-class ModelConfig(ConfigModel):
+class ModelConfig(WithKwargs):
+    # The note's MLP: input -> hidden_sizes -> classes, the activation between.
     hidden_sizes: HiddenSizes = (500,)
     activation: Literal["sigmoid", "tanh", "relu"] = "sigmoid"
+    # The user's model instead: factory(**kwargs) returns an nn.Module mapping inputs to logits
+    # (core/factories.py); trained with autograd, seeded with the run's seed.
+    factory: Optional[FactoryPath] = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class OptimConfig(ConfigModel):
@@ -394,7 +418,12 @@ class Config(ConfigModel):
 
 
 def _known_sizes(data: DataConfig) -> tuple[int, int, int]:
-    """(samples in the training file before the validation split, features, classes), known without reading it."""
+    """(samples in the training file before the validation split, features, classes), known without reading
+    the data files; a data factory is called once per process to know them (core/factories.py)."""
+    if data.factory is not None:
+        from harness.core.factories import factory_data
+        samples = factory_data(data.factory, data.kwargs)
+        return len(samples.train_labels), samples.num_features, samples.num_classes
     syn = data.synthetic
     if data.dataset == "synthetic":
         return syn.num_train, syn.num_features, syn.num_classes
@@ -438,8 +467,9 @@ def _check_cross_field(cfg: Config) -> None:
                          f"{syn.num_classes}; expected <= num_classes")
     total = _known_sizes(data)[0]
     if data.validation_size >= total:
+        source = "data.factory's training part" if data.factory else data.dataset
         raise InputError(f"data.validation_size: {data.validation_size} leaves no training data; "
-                         f"expected < {total} for {data.dataset}")
+                         f"expected < {total} for {source}")
     if cfg.train.stop_at_target and cfg.metrics.target_val_accuracy is None:
         raise InputError("train.stop_at_target: true needs a target; expected metrics.target_val_accuracy "
                          "in (0, 1], or stop_at_target false")
@@ -449,6 +479,9 @@ def _check_cross_field(cfg: Config) -> None:
     if cfg.train.target_train_loss is not None and cfg.train.stop_at_target:
         raise InputError(f"train.target_train_loss: {targets_text(cfg.train.target_train_loss)} given together with "
                          "train.stop_at_target true; expected at most one stopping rule (train.stop_at_target false)")
+    if cfg.model.factory is not None and cfg.train.grad_engine == "manual":
+        raise InputError(f"train.grad_engine: manual with model.factory {cfg.model.factory}; the hand-written "
+                         "backward is the note's MLP's; expected grad_engine autograd")
     if cfg.optim.name == "nesterov" and cfg.optim.momentum == 0:
         raise InputError("optim.name: nesterov with optim.momentum 0; expected a momentum > 0 "
                          "(Nesterov's step is a momentum step), or optim.name sgd")

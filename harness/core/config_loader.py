@@ -272,6 +272,14 @@ def set_dotted(root: type[BaseModel], raw: dict, key: str, value: Any) -> None:
             where = ".".join(parts[: depth + 1])
             raise InputError(f"--set {key}: unknown key {where!r}; expected one of " + ", ".join(sorted(fields))
                              if fields else f"--set {key}: {where!r} has no sub-keys")
+        if typing.get_origin(fields[part].annotation) is dict and depth < len(parts) - 1:
+            # A free mapping (a factory's kwargs): the rest of the key names its entries.
+            for inner in parts[depth:-1]:
+                if not isinstance(node.get(inner), dict):
+                    node[inner] = {}
+                node = node[inner]
+            node[parts[-1]] = value
+            return
         schema = _model_in(fields[part].annotation)
         if depth == len(parts) - 1:
             node[part] = value

@@ -1,4 +1,4 @@
-"""Data: IDX files, the four sources, the validation split and the per-rank batch plan.
+"""Data: IDX files, the four sources and a factory's, the validation split and the per-rank batch plan.
 
 Owns reading and checking data files, turning each source into in-memory tensors
 (train / validation / test) and deciding which sample indices each rank trains on
@@ -21,6 +21,7 @@ import torch
 
 from harness.core.config import (KNOWN_SPLIT_SIZES, Config, DataConfig, check_divisible_by_world_size,
                             steps_per_epoch)
+from harness.core.factories import factory_data
 from harness.errors import InputError
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -165,7 +166,13 @@ def load_dataset(cfg: Config) -> Dataset:
     """Read the configured source and split it into train / validation / test."""
     data = cfg.data
     pixel_scale = None  # IDX files hold pixel values: scaled to [0, 1] once the kept rows are known
-    if data.dataset in ("fashion-mnist", "mnist"):
+    if data.factory is not None:
+        samples = factory_data(data.factory, data.kwargs)
+        x_train, y_train, x_test, y_test = (samples.train_features, samples.train_labels, samples.test_features,
+                                            samples.test_labels)
+        if cfg.model.factory is None:  # the note's MLP takes each sample as one row of features
+            x_train, x_test = x_train.flatten(1), x_test.flatten(1)
+    elif data.dataset in ("fashion-mnist", "mnist"):
         directory = locate_idx_dir(data, os.environ.get("HARNESS_DATA_DIR"))
         x_train, y_train = load_idx_split(directory, "train", cfg.num_classes)
         x_test, y_test = load_idx_split(directory, "test", cfg.num_classes)
@@ -175,6 +182,8 @@ def load_dataset(cfg: Config) -> Dataset:
     else:
         x_train, y_train, x_test, y_test = _synthetic(cfg)
     def as_split(x, y):
+        if torch.is_tensor(x):
+            return Split(x, y)
         return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
 
     train_all, test = as_split(x_train, y_train), as_split(x_test, y_test)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from harness.core.config import DEFAULT_EVAL_COST, Config
 from harness.core.data import Split
 from harness.core.distributed import DistContext, all_reduce_sum
+from harness.core.model import MLP
 from harness.core.step import unwrap
 from harness.core.noise_probe import NoiseProbe
 
@@ -90,14 +91,18 @@ def _rank_chunks(split: Split, ctx: DistContext, rows: int):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size: int) -> tuple[float, float]:
-    """(mean loss, accuracy) over the whole split; each rank scores a contiguous shard, then a sum-reduce."""
+    """(mean loss, accuracy) over the whole split; each rank scores a contiguous shard, then a sum-reduce.
+    The model scores in eval mode (a factory's dropout off, its batch norm on running statistics)."""
     model = unwrap(model)
+    was_training = model.training
+    model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
     for x, y in _rank_chunks(split, ctx, batch_size):
         logits = model(x)
         totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(y)
+    model.train(was_training)
     all_reduce_sum(totals, ctx)
     count = max(float(totals[2]), 1.0)
     return float(totals[0]) / count, float(totals[1]) / count
@@ -109,9 +114,9 @@ def evaluate_members(models: list[torch.nn.Module], split: Split, ctx: DistConte
     """``evaluate`` of several MLPs of one architecture at once (a stack's members): their weights stacked
     [K, ...] and one batched forward per chunk of ``batch_size`` member-samples, so K members cost one
     evaluation's passes, not K. One model is ``evaluate`` itself."""
-    if len(models) == 1:
-        return [evaluate(models[0], split, ctx, batch_size)]
     nets = [unwrap(m) for m in models]
+    if len(models) == 1 or not all(isinstance(n, MLP) for n in nets):  # another architecture: one by one
+        return [evaluate(m, split, ctx, batch_size) for m in models]
     weights = [torch.stack(layer) for layer in zip(*([l.weight for l in n.linears] for n in nets))]
     biases = [torch.stack(layer).unsqueeze(1) for layer in zip(*([l.bias for l in n.linears] for n in nets))]
     totals = torch.zeros(len(nets), 3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count

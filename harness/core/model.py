@@ -1,7 +1,8 @@
-"""The lecture note's DNN: a multilayer perceptron (nn.Module only).
+"""The lecture note's DNN, a multilayer perceptron, or the user's model (``model.factory``): nn.Modules only.
 
-The output layer returns raw logits, as ``CrossEntropyLoss`` expects; the note's sigmoid
-before the loss would squash them into (0, 1) and flatten the softmax.
+The MLP's output layer returns raw logits, as ``CrossEntropyLoss`` expects; the note's sigmoid
+before the loss would squash them into (0, 1) and flatten the softmax. A factory's model returns
+logits too (core/factories.py builds and checks it).
 """
 
 from __future__ import annotations
@@ -28,8 +29,36 @@ class MLP(nn.Module):
         return output(x)
 
 
-def build_model(cfg) -> MLP:
-    """The configured MLP, initialised from ``cfg.seed`` so every rank starts identical."""
+def build_model(cfg) -> nn.Module:
+    """The configured model (the MLP, or model.factory's), initialised from ``cfg.seed`` so every rank
+    starts identical."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
+        if cfg.model.factory is not None:
+            from harness.core.factories import build_factory_model
+            return build_factory_model(cfg.model.factory, cfg.model.kwargs)
         return MLP(cfg.layer_sizes, cfg.model.activation)
+
+
+def is_mlp(cfg) -> bool:
+    """Does ``cfg`` train the note's MLP (what the hand-written backward and the stacked step know)?"""
+    return cfg.model.factory is None
+
+
+def weight_shapes(cfg) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Every tensor of the model's state_dict: its shape and whether it is floating-point (a module's
+    buffers may count things): what a checkpoint of ``cfg`` must hold."""
+    if is_mlp(cfg):
+        shapes = {}
+        for index, (n_in, n_out) in enumerate(zip(cfg.layer_sizes, cfg.layer_sizes[1:])):
+            shapes.update({f"linears.{index}.weight": ((n_out, n_in), True), f"linears.{index}.bias": ((n_out,), True)})
+        return shapes
+    return {name: (tuple(t.shape), t.is_floating_point()) for name, t in build_model(cfg).state_dict().items()}
+
+
+def describe_model(cfg) -> str:
+    """``784-500-10 sigmoid``, or ``examples.cnn:build(channels=8)``."""
+    if is_mlp(cfg):
+        return "-".join(map(str, cfg.layer_sizes)) + f" {cfg.model.activation}"
+    from harness.core.factories import describe_factory
+    return describe_factory(cfg.model.factory, cfg.model.kwargs)

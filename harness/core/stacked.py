@@ -1,7 +1,7 @@
-"""K trials of one MLP architecture trained as one stacked model: the stacked step.
+"""K trials of one architecture trained as one stacked model: the stacked step.
 
-Owns the stacked model (every member's parameters on a leading K axis), its forward as batched
-matrix products and hand-written backward, the per-member loss, the step (core/optim.py's update
+Owns the stacked MLP (every member's parameters on a leading K axis), its forward as batched
+matrix products and hand-written backward (any other model: core/stacked_module.py), the per-member loss, the step (core/optim.py's update
 and schedule for all members at once, SGD's momentum folded into the weight-gradient product),
 each member's data order and rank share, the one all-reduce of the gradients, the stacked noise
 probe, freezing diverged members, and dropping members whose runs ended (``StackedTrainer.keep``).
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from typing import Iterator, Optional
 
 import torch
@@ -27,14 +26,16 @@ from harness.core.data import BatchPlan, Split
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.backprop import activation_backward
 from harness.core.graph_step import WARMUP_STEPS, CapturableStep
-from harness.core.model import ACTIVATION_MODULES, build_model
+from harness.core.model import ACTIVATION_MODULES, build_model, is_mlp
+from harness.core.stacked_module import StackedModule, StackedParameters, unstackable_reason
 from harness.core.optim import Optimizer, Schedule
 from harness.errors import InputError
 from harness.core.noise_probe import MemberProbes, halves_squared_norm
 
 # Keys every member of a stack must agree on: they fix the tensors' shapes (architecture,
 # batch size, the training split's size) or what one step computes for all members at once.
-SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.validation_size",
+SHARED_KEYS = ("model.hidden_sizes", "model.activation", "model.factory", "model.kwargs", "data.dataset",
+               "data.factory", "data.kwargs", "data.validation_size",
                "data.train_subset", "data.synthetic", "optim.name", "optim.global_batch_size",
                "optim.micro_batch_size", "train.drop_last", "performance.precision", "train.epochs", "train.max_steps",
                "metrics.noise_scale", "metrics.noise_scale_ema_decay", "metrics.noise_scale_interval",
@@ -47,7 +48,8 @@ SHARED_KEYS = ("model.hidden_sizes", "model.activation", "data.dataset", "data.v
 # beyond it the stack's activations outgrow the caches and the step runs slower than the same
 # members one after another (docs/steps.md measures it).
 CPU_PASS_SAMPLES = 4096
-# Devices whose stacks lay their parameters out parameter by parameter (MemberLayout); elsewhere member by member.
+# Devices whose stacks lay their parameters out parameter by parameter (core/stacked_module.py MemberLayout);
+# elsewhere member by member.
 PARAMETER_MAJOR_DEVICES = ("cpu",)
 
 
@@ -72,46 +74,18 @@ def check_stackable(members: list[Config]) -> None:
             raise InputError(f"{key}: the stacked trials differ ({', '.join(sorted(values))}); expected one value "
                              "for every trial of a stack")
     check_stackable_trial(members[0], "with a stack")
+    reason = stack_refusal(members[0])
+    if len(members) > 1 and reason:
+        raise InputError(f"model.factory: {members[0].model.factory} cannot be stacked: {reason}; expected trials "
+                         "one at a time")
 
 
-class MemberLayout:
-    """Where each member's parameters lie in one flat 1-D buffer (gradients share the layout; the optimizer's
-    state takes the shapes of its ``blocks``, the [K, n] pieces the update and the norms walk over).
-
-    Member-major (on a GPU): member k's parameters end to end in row k of one [K, P] block, so one
-    elementwise pass updates every parameter of every member. Parameter-major (on a CPU): each
-    parameter's [K, n] block in turn, so each weight's gradient is a contiguous [K, d_l, d_{l-1}]:
-    a CPU's bmm into a batch-strided view runs one GEMM per member (docs/steps.md).
-    """
-
-    def __init__(self, shapes: list[tuple[int, ...]], member_major: bool):
-        self.shapes, self.member_major = shapes, member_major
-        self.sizes = [math.prod(shape) for shape in shapes]
-        self.width = sum(self.sizes)  # P: one member's parameters
-
-    def select(self, views: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        """A new buffer holding only the members ``rows`` of the [K, ...] tensors ``views``, in this layout."""
-        picked = [v.index_select(0, rows.to(v.device)).reshape(len(rows), -1) for v in views]
-        return torch.cat(picked, dim=1).reshape(-1) if self.member_major else torch.cat([p.reshape(-1) for p in picked])
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``flat`` as [K, *shape] views, one per parameter tensor in ``parameters()`` order."""
-        members = flat.numel() // self.width
-        if self.member_major:
-            pieces = flat.view(members, self.width).split(self.sizes, dim=1)
-        else:
-            pieces = flat.split([members * size for size in self.sizes])
-        return [piece.view(members, *shape) for piece, shape in zip(pieces, self.shapes)]
-
-    def blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``flat`` as the [K, n] pieces an elementwise pass with per-member [K, 1] columns walks over."""
-        members = flat.numel() // self.width
-        if self.member_major:
-            return [flat.view(members, self.width)]
-        return [view.reshape(members, -1) for view in self.views(flat)]
+def stack_refusal(cfg: Config) -> Optional[str]:
+    """Why the model of ``cfg`` cannot be a stack's member; None where it can (the note's MLP always can)."""
+    return None if is_mlp(cfg) else unstackable_reason(build_model(cfg))
 
 
-class StackedMLP:
+class StackedMLP(StackedParameters):
     """K MLPs of one architecture: ``weights[l]`` is [K, d_l, d_{l-1}], ``biases[l]`` is [K, d_l].
 
     Forward of x [K, b, d_0] is one ``torch.baddbmm`` per layer: members never mix (a NaN in one
@@ -121,40 +95,19 @@ class StackedMLP:
     """
 
     def __init__(self, members: list[Config], device: torch.device | str = "cpu"):
-        models = [build_model(cfg) for cfg in members]  # each member's own seed: the solo run's initial weights
         self.activation_name = members[0].model.activation
         self.activation = ACTIVATION_MODULES[self.activation_name]()
-        self.layout = MemberLayout([tuple(p.shape) for p in models[0].parameters()],
-                                   member_major=torch.device(device).type not in PARAMETER_MAJOR_DEVICES)
-        stacked = [torch.stack([p.detach() for p in same]) for same in zip(*(m.parameters() for m in models))]
-        self.flat_parameters = self.layout.select(stacked, torch.arange(len(models))).to(device)
         # The -1 scattered into the softmax for each sample's target (loss_and_gradients): one number made
         # once, expanded to the batch, so no step fills a tensor with it.
-        self._minus_one = torch.full((1, 1, 1), -1.0, dtype=self.flat_parameters.dtype, device=device)
-        self._make_views()
+        self._minus_one = torch.full((1, 1, 1), -1.0, device=device)
+        # Each member's own seed: the solo run's initial weights.
+        super().__init__([build_model(cfg) for cfg in members], torch.device(device).type not in PARAMETER_MAJOR_DEVICES,
+                         device)
 
     def _make_views(self) -> None:
-        views = self.layout.views(self.flat_parameters)
-        self.weights, self.biases = views[0::2], views[1::2]
-        self.flat_gradients = torch.zeros_like(self.flat_parameters)
-        views = self.layout.views(self.flat_gradients)
-        self.weight_grads, self.bias_grads = views[0::2], views[1::2]
-        # The [K, n] pieces the optimizer updates (core/optim.py).
-        self.parameter_blocks = self.layout.blocks(self.flat_parameters)
-        self.gradient_blocks = self.layout.blocks(self.flat_gradients)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only the members ``rows`` (new tensors; views of the old rows still see the old values)."""
-        self.flat_parameters = self.layout.select(self.parameters(), rows)
-        self._make_views()
-
-    @property
-    def num_members(self) -> int:
-        return self.weights[0].shape[0]
-
-    def parameters(self) -> list[torch.Tensor]:
-        """In nn.Module order per layer (weight, bias), as MLP.parameters() lists a member's."""
-        return [p for pair in zip(self.weights, self.biases) for p in pair]
+        super()._make_views()
+        self.weights, self.biases = self.stacked_parameters[0::2], self.stacked_parameters[1::2]
+        self.weight_grads, self.bias_grads = self.stacked_gradients[0::2], self.stacked_gradients[1::2]
 
     def members_per_pass(self, batch: int) -> int:
         """How many members one pass of the step computes at once: all of them, except on a CPU where
@@ -208,11 +161,6 @@ class StackedMLP:
                                             pre_activations[depth - 1], activations[depth])
         return loss, folded
 
-    def member_squared_norms(self, flat: torch.Tensor) -> torch.Tensor:
-        """[K] float64: each member's squared norm over all of ``flat`` (laid out as ``flat_gradients``), one
-        norm kernel per block, in the gradients' own precision as a run alone's probe takes them."""
-        return sum(torch.linalg.vector_norm(block, dim=1).double().square() for block in self.layout.blocks(flat))
-
 
 class StackedData:
     """The members' training samples, gathered per member into [K, b, features] batches. Equal training
@@ -257,14 +205,16 @@ class StackedTrainer(CapturableStep):
                                 seed=m.seed, rank=self.ctx.rank, world_size=self.ctx.world_size,
                                 drop_last=m.train.drop_last) for m in members]
         self.steps_per_epoch = self.plans[0].steps_per_epoch
-        self.model = StackedMLP(members, self.device)
+        member_major = self.device.type not in PARAMETER_MAJOR_DEVICES
+        self.model = (StackedMLP(members, self.device) if is_mlp(first)
+                      else StackedModule(members, member_major, self.device))
         self.schedule = Schedule.of(members, self.steps_per_epoch, self.device)
         self.optimizer = Optimizer([m.optim for m in members], self.model.parameter_blocks)
         # Folding (``can_fold``) saves the memory-bound CPU update a write and a read of the weight gradients
         # (docs/performance.md). It needs one momentum for every member of a plain-SGD stack (a product's beta
         # is one number) and the parameter-major layout (each weight's buffer one contiguous block).
-        self.fold_momentum = (self.optimizer.shared_momentum() if not self.model.layout.member_major
-                              and self.device.type == "cpu" else None)
+        self.fold_momentum = (self.optimizer.shared_momentum() if isinstance(self.model, StackedMLP)
+                              and not self.model.layout.member_major and self.device.type == "cpu" else None)
         self.probe = (MemberProbes(self.ctx, self.global_batch_size, first.metrics.noise_scale_ema_decay,
                                    len(members)) if first.metrics.noise_scale else None)
         self.measure_interval = first.metrics.noise_scale_interval
@@ -411,7 +361,7 @@ class StackedTrainer(CapturableStep):
 
 
 def point_at_row(model: torch.nn.Module, stack: StackedTrainer, row: int) -> None:
-    """Make ``model``'s parameters views of row ``row`` of the stack's weights and biases."""
-    for i, linear in enumerate(model.linears):
-        linear.weight.data = stack.model.weights[i][row]
-        linear.bias.data = stack.model.biases[i][row]
+    """Make ``model``'s parameters views of row ``row`` of the stack's (the stacked model lists them in
+    ``model.parameters()`` order)."""
+    for parameter, stacked in zip(model.parameters(), stack.model.parameters()):
+        parameter.data = stacked[row]

@@ -1,7 +1,8 @@
 """A stack of trials as an engine of the training loop: ``build_stack(trials, ctx, dataset)``.
 
 The engine is core/stacked.py's ``StackedTrainer``; here each of its members becomes one the loop
-(core/train_loop.py) treats as a run alone: its ``Trainer`` holds an ordinary ``MLP`` whose
+(core/train_loop.py) treats as a run alone: its ``Trainer`` holds an ordinary model (the MLP, or
+model.factory's) whose
 parameters alias row k of the stacked tensors (evaluation, the exact noise scale, Hessian readings
 and checkpoints run on it unchanged), its row of the optimizer state and of the stacked noise probe.
 When members leave (``StackedTrainer.keep``), the staying members' views move to their new rows;
@@ -33,8 +34,11 @@ def use_graph_step(stack: StackedTrainer, size: int, ctx: DistContext) -> None:
 def build_stack(trials: list[Config], ctx: DistContext, dataset: Dataset) -> tuple[StackedTrainer, list[Trainer]]:
     """The stack of ``trials`` (``stacked.check_stackable`` refuses what cannot share it) and each member's trainer."""
     stack = StackedTrainer(trials, [dataset.train] * len(trials), ctx=ctx)
-    if trials[0].performance.cuda_graph:
+    if trials[0].performance.cuda_graph and trials[0].model.factory is None:
         use_graph_step(stack, len(trials), ctx)
+    elif trials[0].performance.cuda_graph:
+        say(f"[stack of {len(trials)}] performance.cuda_graph: running the eager stacked step, because a stack of "
+            "model.factory's model is not captured as CUDA graphs", ctx=ctx)
     trainers = []
     for k, cfg in enumerate(trials):
         model = build_model(cfg).to(stack.device)

@@ -9,6 +9,7 @@ half-way with its MLflow run left RUNNING. Does not own devices or models.
 from __future__ import annotations
 
 from harness.core.config import KNOWN_SPLIT_SIZES, Config
+from harness.core.model import build_model, is_mlp
 from harness.core.optim import STATE_KEYS
 from harness.errors import InputError
 
@@ -25,18 +26,31 @@ def copies_per_parameter(cfg: Config) -> int:
 
 
 def parameter_count(cfg: Config) -> int:
+    if not is_mlp(cfg):
+        return sum(p.numel() for p in build_model(cfg).parameters())
     return sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(cfg.layer_sizes, cfg.layer_sizes[1:]))
 
 
 def estimate_training_bytes(cfg: Config) -> int:
-    """Bytes one process needs to train ``cfg`` with its largest batch (the whole batch in one process)."""
+    """Bytes one process needs to train ``cfg`` with its largest batch (the whole batch in one process).
+    A factory's model has no known activation sizes: its estimate counts its weights and the data only."""
     batch = max(cfg.sweep.batch_sizes) if cfg.sweep else cfg.optim.global_batch_size
     weights = copies_per_parameter(cfg) * parameter_count(cfg)
-    activations = ACTIVATION_COPIES * max(batch, cfg.train.eval_batch_size) * sum(cfg.layer_sizes)
-    synthetic = cfg.data.synthetic
-    samples = synthetic.num_train + synthetic.num_test if cfg.data.dataset == "synthetic" \
-        else sum(KNOWN_SPLIT_SIZES[cfg.data.dataset])
-    return FLOAT_BYTES * (weights + activations + samples * cfg.input_size)
+    activations = ACTIVATION_COPIES * max(batch, cfg.train.eval_batch_size) * sum(cfg.layer_sizes) \
+        if is_mlp(cfg) else 0
+    return FLOAT_BYTES * (weights + activations + _sample_count(cfg) * cfg.input_size)
+
+
+def _sample_count(cfg: Config) -> int:
+    """Training and test samples in memory."""
+    data = cfg.data
+    if data.factory is not None:
+        from harness.core.factories import factory_data
+        samples = factory_data(data.factory, data.kwargs)
+        return len(samples.train_labels) + len(samples.test_labels)
+    if data.dataset == "synthetic":
+        return data.synthetic.num_train + data.synthetic.num_test
+    return sum(KNOWN_SPLIT_SIZES[data.dataset])
 
 
 def available_bytes(device_type: str) -> tuple[int, str]:
@@ -59,7 +73,8 @@ def check_memory(cfg: Config, device_type: str) -> None:
     needed = estimate_training_bytes(cfg)
     limit, what = available_bytes(device_type)
     if needed > limit:
-        raise InputError(f"model.hidden_sizes: training needs about {needed / 2**30:.1f} GiB "
+        key = "model.hidden_sizes" if is_mlp(cfg) else "model.factory"
+        raise InputError(f"{key}: training needs about {needed / 2**30:.1f} GiB "
                          f"({parameter_count(cfg):,} parameters x {copies_per_parameter(cfg)} copies, one batch's "
                          f"activations, the data set) but only {limit / 2**30:.1f} GiB is {what}; expected a "
                          "smaller model or batch")

@@ -18,6 +18,8 @@ from harness.core.checkpoint import Checkpoints, check_writable_dir, checkpoint_
 from harness.core.config import Config, check_world_size
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import pick_device
+from harness.core.factories import check_model_output
+from harness.core.model import build_model, is_mlp
 from harness.core.precision import check_precision
 from harness.launching.memory import check_memory
 from harness.launching.ray_cluster import alive_nodes, check_cluster, check_storage_path
@@ -49,6 +51,8 @@ def preflight(cfg: Config, world_size: int, use_gpu: bool, *, resume: bool = Fal
     if use_gpu:
         pick_device("cuda")
     dataset = load_dataset(cfg)  # a missing or damaged data file fails here, not in every rank or trial
+    if not is_mlp(cfg):  # the user's model: built and run on two samples here, not first in every rank
+        check_model_output(build_model(cfg), dataset.train.features, cfg.num_classes, cfg.model.factory)
     # A sweep config has no checkpoint of its own; its trials do.
     resumable = check_resumable(cfg, launch_id) if resume and not cfg.is_sweep else None
     # A run that resumes its own checkpoint ignores init_from (it has the weights), so its source may be gone.

@@ -176,9 +176,12 @@ def prepare_ray_run(cfg: Config, num_workers: int, use_gpu: bool, max_failures: 
         paths["checkpoint.init_from"] = str(Path(cfg.checkpoint.init_from).resolve())
     if cfg.performance.cuda_graph and use_gpu:
         allow_collective_capture()  # here; worker_env() carries it to the workers
+    env_vars = worker_env()
+    if cfg.model.factory or cfg.data.factory:  # the workers import the user's modules from where this process does
+        env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, (os.getcwd(), os.environ.get("PYTHONPATH"))))
     options = RayOptions(num_workers=num_workers, use_gpu=use_gpu, max_failures=max_failures,
                          storage_path=resolve_storage_path(storage_path), placement_strategy=placement_strategy,
-                         env_vars=worker_env())
+                         env_vars=env_vars)
     return cfg.replace(**paths), options
 
 

@@ -16,6 +16,7 @@ import torch
 
 from harness.core.checkpoint import check_model_weights, newest_in
 from harness.core.config import Config
+from harness.core.model import describe_model, is_mlp
 from harness.errors import InputError
 from harness.records.mlflow_store import default_tracking_uri, run_checkpoint_path
 
@@ -30,13 +31,6 @@ class CheckpointSource:
     config: Config  # the resolved config it was trained with
     model_state: dict[str, torch.Tensor]  # on the CPU
 
-    @property
-    def layer_sizes(self) -> tuple[int, ...]:
-        return self.config.layer_sizes
-
-    @property
-    def activation(self) -> str:
-        return self.config.model.activation
 
 
 def resolve_checkpoint(ref: str, tracking_uri: Optional[str], key: str) -> CheckpointSource:
@@ -54,7 +48,7 @@ def resolve_checkpoint(ref: str, tracking_uri: Optional[str], key: str) -> Check
     except InputError as err:  # a config this version no longer accepts
         raise InputError(f"{key}: {path} holds a config this harness cannot read ({err}); expected a checkpoint "
                          "written by this version") from None
-    check_model_weights(state, path, config.layer_sizes, key)
+    check_model_weights(state, path, config, key)
     return CheckpointSource(path=path, run_id=run_id or state.get("run_id"), config=config,
                             model_state=state["model"])
 
@@ -97,18 +91,10 @@ def _load(path: Path, key: str) -> dict:
     return state
 
 
-def describe_network(layer_sizes: tuple[int, ...], activation: str) -> str:
-    """``784-500-10 sigmoid``"""
-    return "-".join(map(str, layer_sizes)) + f" {activation}"
-
-
-def check_same_architecture(source: CheckpointSource, expected: Config | tuple[tuple[int, ...], str],
-                            key: str) -> None:
-    """Refuse a source whose network is not ``expected`` (a config, or (layer sizes, activation)):
-    its weights would not load (other sizes) or would mean another function (other activation)."""
-    sizes, activation = (expected.layer_sizes, expected.model.activation) if isinstance(expected, Config) \
-        else (tuple(expected[0]), expected[1])
-    if tuple(source.layer_sizes) != sizes or source.activation != activation:
-        raise InputError(f"{key}: {source.path} holds a {describe_network(source.layer_sizes, source.activation)} "
-                         f"network; expected {describe_network(sizes, activation)} "
-                         "(model.hidden_sizes, model.activation)")
+def check_same_architecture(source: CheckpointSource, expected: Config, key: str) -> None:
+    """Refuse a source whose network is not ``expected``'s: its weights would not load (other sizes)
+    or would mean another function (another activation, another factory)."""
+    found, wanted = describe_model(source.config), describe_model(expected)
+    if found != wanted:
+        keys = "model.hidden_sizes, model.activation" if is_mlp(expected) else "model.factory, model.kwargs"
+        raise InputError(f"{key}: {source.path} holds a {found} network; expected {wanted} ({keys})")

@@ -24,7 +24,7 @@ from harness.console import say
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext, broadcast_from_main
 from harness.errors import InputError
-from harness.core.stacked import SHARED_KEYS, check_stackable, dotted
+from harness.core.stacked import SHARED_KEYS, check_stackable, dotted, stack_refusal
 from harness.core.train_loop import RunHooks, RunResult
 from harness.analysis.critical import TIME_METRICS, time_spent
 from harness.analysis.report import build_report
@@ -113,7 +113,11 @@ def pending_stacks(cfg: Config, trials: list[Config], parent: "SweepParent",
     (sweep order, up to ``sweep.stack_trials`` each; one trial each without it). ``split_by_seed``: one
     seed's trials per stack (where each process loads its first trial's data, whose split depends on it)."""
     pending = [i for i, trial in enumerate(trials) if not parent.skip(trial)]
-    if not cfg.sweep.stacks:
+    refusal = stack_refusal(cfg) if cfg.sweep.stacks else None
+    if refusal:
+        say(f"[{cfg.name}] trials one at a time, not stacked (sweep.stack_trials {cfg.sweep.stack_trials}): "
+            f"model.factory {cfg.model.factory} cannot be stacked: {refusal}")
+    if not cfg.sweep.stacks or refusal:
         return [[i] for i in sorted(pending, key=lambda i: race_order(cfg, trials[i], i))]
     groups: dict[tuple, list[int]] = {}
     for i in pending:

@@ -28,6 +28,9 @@ EPOCHS = 3
 SMOKE_CONFIG = load_config(CONFIGS / "smoke.yaml")
 # Subset accuracies the smoke run reaches within its epochs, each at a step found exactly.
 TARGETS = "metrics.target_val_accuracy=[0.25, 0.4]"
+# A user's own model (tests/user_models.py, imported from the repository root): the Ray job trains it, so the
+# Ray tests show a factory's model trained, checkpointed and resumed on the cluster as the MLP is elsewhere.
+USER_MODEL = "model.factory=tests.user_models:tiny_cnn"
 
 
 def _settings(tmp, *extra):
@@ -114,10 +117,23 @@ def test_two_ranks_match_one_process_and_reach_each_target_at_the_step_it_finds_
         assert two_ranks.data.metrics[key] == one.data.metrics[key], key
 
 
+def test_a_users_model_trains_on_two_torchrun_ranks_as_in_one_process(tmp_path, monkeypatch):
+    """tests/user_models.py's CNN, imported by each rank from PYTHONPATH, against the loop in this process."""
+    for folder in ("ranks", "one"):
+        (tmp_path / folder).mkdir()
+    torchrun(tmp_path / "ranks", 2, "--set", USER_MODEL, env={"PYTHONPATH": str(REPO)})
+    monkeypatch.syspath_prepend(str(REPO))
+    single = single_process_params(tmp_path / "one", USER_MODEL)
+    double = final_params(tmp_path / "ranks")
+    worst = max(float((single[k] - double[k]).abs().max()) for k in single)
+    assert worst <= 1e-5, worst
+
+
 def ray_job(tmp, ray_cluster, *extra, env=None):
     result = run_command([sys.executable, RAY_JOB, "--config", str(CONFIGS / "smoke.yaml"), "--num-workers", "2",
-                          "--storage-path", str(tmp / "ray"), *_settings(tmp, *extra)],
-                         cwd=tmp, env={"RAY_ADDRESS": ray_cluster["address"], **ray_cluster["env"], **(env or {})},
+                          "--storage-path", str(tmp / "ray"), *_settings(tmp, "--set", USER_MODEL, *extra)],
+                         cwd=tmp, env={"RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(REPO), **ray_cluster["env"],
+                                       **(env or {})},
                          timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
@@ -125,7 +141,7 @@ def ray_job(tmp, ray_cluster, *extra, env=None):
 
 @pytest.fixture(scope="module")
 def ray_job_submitted(ray_cluster, tmp_path_factory):
-    """A run submitted as a Ray job to the head node, as a cluster user would."""
+    """A run of a user's model submitted as a Ray job to the head node, as a cluster user would."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     tmp = tmp_path_factory.mktemp("rayjob")
@@ -133,7 +149,7 @@ def ray_job_submitted(ray_cluster, tmp_path_factory):
     # process, which an earlier test in this pytest process may have read elsewhere.
     client = JobSubmissionClient(ray_cluster["dashboard"],
                                  headers={"Authorization": f"Bearer {ray_cluster['env']['RAY_AUTH_TOKEN']}"})
-    settings = " ".join(_settings(tmp))
+    settings = " ".join(_settings(tmp, "--set", USER_MODEL))
     job_id = client.submit_job(
         entrypoint=f"python launch/ray_job.py --config configs/smoke.yaml --num-workers 2 "
                    f"--storage-path {tmp}/ray {settings}",
@@ -166,10 +182,11 @@ def test_ray_job_prints_each_epoch_line_once_and_ends_naming_the_mlflow_run(ray_
 
 
 def test_a_ray_run_records_the_keys_and_reaches_the_parameters_of_the_loop_that_launch_train_runs(
-        ray_job_submitted, tmp_path):
+        ray_job_submitted, tmp_path, monkeypatch):
     """Against the loop run in this process (what launch/train.py runs, under torchrun or alone):
     the Ray tests share one pytest worker, and a torchrun job here would add its start to theirs."""
-    single = single_process_params(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    single = single_process_params(tmp_path, USER_MODEL)
     _, ray_run = only_run(ray_job_submitted[0])
     _, single_run = only_run(tmp_path)
     assert set(ray_run.data.params) == set(single_run.data.params)

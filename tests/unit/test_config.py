@@ -48,9 +48,11 @@ def test_config_is_frozen():
     assert cfg.optim.lr == 0.1
 
 
-def test_round_trip_goes_through_json_and_keeps_equality_and_hash():
-    """What Ray and torchrun hand a worker: JSON of to_dict(), rebuilt with from_dict."""
-    cfg = load_config(CONFIGS / "study.yaml")
+@pytest.mark.parametrize("overrides", [(), ("model.factory=user_models:tiny_cnn", "model.kwargs={channels: 3}")],
+                         ids=["mlp", "factory"])
+def test_round_trip_goes_through_json_and_keeps_equality_and_hash(overrides):
+    """What Ray and torchrun hand a worker: JSON of to_dict(), rebuilt with from_dict (a factory's kwargs too)."""
+    cfg = load_config(CONFIGS / "study.yaml", overrides)
     again = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and hash(again) == hash(cfg)
     assert cfg.replace(**{"optim.lr": 0.5}) != cfg and cfg.replace(**{"optim.lr": 0.5}).optim.lr == 0.5

@@ -20,15 +20,17 @@ from harness.core import noise_probe as grad_noise
 from harness.measure.exact_noise import exact_noise_scale, population_noise_scale
 from harness.core.noise_probe import NoiseProbe
 from harness.measure.metrics import noise_scale_components
+from user_models import tiny_cnn
 
 
-def small_problem(count=96, seed=0, dtype=torch.float64):
+def small_problem(count=96, seed=0, dtype=torch.float64, kind="mlp"):
+    """The note's MLP (12-16-5 sigmoid), or a user's CNN (tests/user_models.py) on 4x4 images, at random weights."""
     generator = torch.Generator().manual_seed(seed)
-    model = MLP((12, 16, 5), "sigmoid").to(dtype)
+    model = (MLP((12, 16, 5), "sigmoid") if kind == "mlp" else tiny_cnn(side=4, channels=3, classes=5)).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator, dtype=dtype) * 0.5)
-    x = torch.rand(count, 12, generator=generator, dtype=dtype)
+    x = torch.rand(count, 12 if kind == "mlp" else 16, generator=generator, dtype=dtype)
     y = torch.randint(0, 5, (count,), generator=generator)
     return model, x, y
 
@@ -42,9 +44,9 @@ def per_example_gradients_by_loop(model, x, y) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("method", ["vmap", "layers"])
-def test_exact_noise_scale_equals_a_loop_of_per_example_backward_passes(method):
-    model, x, y = small_problem()
+@pytest.mark.parametrize("method,kind", [("vmap", "mlp"), ("layers", "mlp"), ("auto", "cnn")])
+def test_exact_noise_scale_equals_a_loop_of_per_example_backward_passes(method, kind):
+    model, x, y = small_problem(kind=kind)
     g = per_example_gradients_by_loop(model, x, y)
     mean = g.mean(0)
     want_grad_sq = float(mean @ mean)
@@ -107,13 +109,14 @@ def test_exact_noise_scale_refuses_fewer_than_two_examples():
         exact_noise_scale(model, x, y)
 
 
-def test_windowed_probe_agrees_with_the_exact_noise_scale_at_fixed_parameters():
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_windowed_probe_agrees_with_the_exact_noise_scale_at_fixed_parameters(kind):
     # 600 two-batch measurements (B=32 split in halves of 16) of batches drawn with
     # replacement from the same N examples; the parameters never move, so both
     # estimate the same tr(Sigma) and |G|^2 (here B_simple ~ 4.9). Seen with these seeds:
     # tr(Sigma) 1.4% low, |G|^2 1.1% high, B_simple 2.5% low; the bounds leave room
     # for the sampling error of 600 steps: 10% (tr), 20% (|G|^2), B_simple within 1.25x.
-    model, x, y = small_problem(count=512, seed=3)
+    model, x, y = small_problem(count=512, seed=3, kind=kind)
     exact = exact_noise_scale(model, x, y)
     probe = NoiseProbe(DistContext(), global_batch_size=32, decay=0.95)
     params = list(model.parameters())

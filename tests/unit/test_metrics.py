@@ -12,6 +12,7 @@ from harness.core.distributed import DistContext
 from harness.errors import InputError
 from harness.core.noise_probe import NoiseProbe
 from harness.measure.metrics import debiased_average, hessian_extremes, noise_scale_components, simple_noise_scale
+from user_models import tiny_cnn
 
 
 def top_hessian_eigenvalue(loss_fn, params, iterations, tolerance):
@@ -116,13 +117,18 @@ def test_hessian_extremes_are_the_algebraic_ones_even_when_a_negative_eigenvalue
     assert top_hessian_eigenvalue(loss, [x], iterations=200, tolerance=tolerance) == pytest.approx(found.top)
 
 
-def test_hessian_extremes_of_a_small_mlp_match_its_explicit_hessian():
-    # A 5-7-3 sigmoid MLP at its random start: an indefinite Hessian. The explicit
-    # Hessian (torch.autograd.functional.hessian over the flat parameters, 80 x 80)
-    # and numpy's dense eigvalsh are the independent answer.
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_hessian_extremes_of_a_small_network_match_its_explicit_hessian(kind):
+    # A 5-7-3 sigmoid MLP, or a user's CNN on 4x4 images (tests/user_models.py), at its random start: an
+    # indefinite Hessian. The explicit Hessian (torch.autograd.functional.hessian over the flat parameters,
+    # 80 x 80 and 47 x 47) and numpy's dense eigvalsh are the independent answer.
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Sigmoid(), torch.nn.Linear(7, 3)).double()
-    inputs, targets = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    if kind == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Sigmoid(), torch.nn.Linear(7, 3)).double()
+    else:
+        model = tiny_cnn(side=4, channels=2, classes=3).double()
+    inputs = torch.randn(40, 5 if kind == "mlp" else 16, dtype=torch.float64)
+    targets = torch.randint(0, 3, (40,))
     params = list(model.parameters())
     shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
 

@@ -45,16 +45,25 @@ def _stacked(members: list[Config]) -> StackedTrainer:
     return StackedTrainer(members, [load_dataset(cfg).train for cfg in members])
 
 
-@pytest.mark.parametrize("samples_per_pass, member_major", [(stacked.CPU_PASS_SAMPLES, False), (64, False),
-                                                             (stacked.CPU_PASS_SAMPLES, True)],
-                         ids=["one_pass", "member_by_member", "gpu_layout"])
+# A user's model (tests/user_models.py): a convolution over the 8x8 digits, stacked through torch.func.
+CNN = {"factory": "user_models:tiny_cnn", "kwargs": {"side": 8, "channels": 3}}
+
+
+@pytest.mark.parametrize("samples_per_pass, member_major, model",
+                         [(stacked.CPU_PASS_SAMPLES, False, None), (64, False, None), (stacked.CPU_PASS_SAMPLES, True, None),
+                          (stacked.CPU_PASS_SAMPLES, False, CNN)],
+                         ids=["one_pass", "member_by_member", "gpu_layout", "cnn"])
 def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path, monkeypatch, samples_per_pass,
-                                                                   member_major):
+                                                                   member_major, model):
     # member_by_member: the CPU's large-batch way (one member per pass, CPU_PASS_SAMPLES // 64 = 1), the same sums.
-    # gpu_layout: the GPU's member-major buffers (core/stacked.py MemberLayout), run here.
+    # gpu_layout: the GPU's member-major buffers (core/stacked_module.py MemberLayout), run here.
+    # cnn: a model that is not the MLP (core/stacked_module.py), each member against its run alone.
     monkeypatch.setattr(stacked, "CPU_PASS_SAMPLES", samples_per_pass)
     monkeypatch.setattr(stacked, "PARAMETER_MAJOR_DEVICES", ("cpu",) if not member_major else ())
     members = [_config(tmp_path, k, **m) for k, m in enumerate(MEMBERS)]
+    if model:
+        members = [cfg.replace(**{"model.factory": model["factory"], "model.kwargs": model["kwargs"]})
+                   for cfg in members]
     stack = _stacked(members)
     assert stack.model.layout.member_major == member_major
     assert stack.steps_per_epoch == 21 and 1337 % 64 == 57  # the uneven last batch is trained
