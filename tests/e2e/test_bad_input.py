@@ -810,7 +810,7 @@ def _tampered(state, case):
 
 TAMPERED = {
     "a weight of the wrong shape": "model weight linears.0.weight has shape [32, 700]; expected [32, 784] "
-                                   "(a 784-32-10 network)",
+                                   "(a 784-32-10 sigmoid network)",
     "a NaN weight": "model weight linears.1.bias holds NaN or infinite values; expected finite weights",
     "model not a mapping": "its model weights are a list; expected a mapping of the network's 4 weight tensors",
     "model empty": "its model weights are empty; expected a mapping",
