@@ -20,7 +20,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -45,6 +45,25 @@ def resolve_factory(path: str, key: str) -> Callable[..., Any]:
         found = "no such name" if function is None else f"{_describe(function)}, not a function"
         raise InputError(f"{key}: {module_name} has {function_name} as {found}; expected {FACTORY_EXPECTED}")
     return function
+
+
+def import_roots(paths: list[Optional[str]]) -> list[str]:
+    """The folders the factories ``paths`` import from here (the one above each module's top package): what
+    another process (a Ray worker) puts on its PYTHONPATH to import them as this one does."""
+    roots = []
+    for path in filter(None, paths):
+        module_name = path.partition(":")[0]
+        module = importlib.import_module(module_name)
+        file = getattr(module, "__file__", None)
+        if not file:
+            continue
+        depth = module_name.count(".") + (2 if os.path.basename(file) == "__init__.py" else 1)
+        root = os.path.abspath(file)
+        for _ in range(depth):
+            root = os.path.dirname(root)
+        if root not in roots:
+            roots.append(root)
+    return roots
 
 
 def call_factory(path: str, kwargs: dict[str, Any], key: str) -> Any:

@@ -178,7 +178,9 @@ def prepare_ray_run(cfg: Config, num_workers: int, use_gpu: bool, max_failures: 
         allow_collective_capture()  # here; worker_env() carries it to the workers
     env_vars = worker_env()
     if cfg.model.factory or cfg.data.factory:  # the workers import the user's modules from where this process does
-        env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, (os.getcwd(), os.environ.get("PYTHONPATH"))))
+        from harness.core.factories import import_roots
+        roots = import_roots([cfg.model.factory, cfg.data.factory])
+        env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, (*roots, os.environ.get("PYTHONPATH"))))
     options = RayOptions(num_workers=num_workers, use_gpu=use_gpu, max_failures=max_failures,
                          storage_path=resolve_storage_path(storage_path), placement_strategy=placement_strategy,
                          env_vars=env_vars)

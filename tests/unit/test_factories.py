@@ -129,3 +129,12 @@ def test_the_line_between_two_runs_of_a_factory_model_ends_at_each_run(tmp_path)
                                log_to_mlflow=False)
     for row, run in zip(result.rows, ends):
         assert row["test_accuracy"] == pytest.approx(run.metrics["test_accuracy"])
+
+
+def test_ray_workers_get_the_folder_each_factory_imports_from_here():
+    """What a Ray run puts on its workers' PYTHONPATH (launching/ray_train.py): the folder above each factory
+    module's top package, wherever this process found it."""
+    from harness.core.factories import import_roots
+
+    assert import_roots(["tests.user_models:tiny_cnn", None, "examples:anything", "user_models:tiny_cnn"]) == \
+        [str(REPO), str(REPO / "tests")]
