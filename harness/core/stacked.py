@@ -97,12 +97,12 @@ class StackedMLP(StackedParameters):
     def __init__(self, members: list[Config], device: torch.device | str = "cpu"):
         self.activation_name = members[0].model.activation
         self.activation = ACTIVATION_MODULES[self.activation_name]()
-        # The -1 scattered into the softmax for each sample's target (loss_and_gradients): one number made
-        # once, expanded to the batch, so no step fills a tensor with it.
-        self._minus_one = torch.full((1, 1, 1), -1.0, device=device)
         # Each member's own seed: the solo run's initial weights.
         super().__init__([build_model(cfg) for cfg in members], torch.device(device).type not in PARAMETER_MAJOR_DEVICES,
                          device)
+        # The -1 scattered into the softmax for each sample's target (loss_and_gradients): one number made
+        # once, expanded to the batch, so no step fills a tensor with it.
+        self._minus_one = torch.full((1, 1, 1), -1.0, dtype=self.flat_parameters.dtype, device=device)
 
     def _make_views(self) -> None:
         super()._make_views()
