@@ -58,7 +58,8 @@ run() {  # run a named step (if STEPS names it), keep going after a failure, rem
 run environment bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; \
     $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), torch.cuda.get_device_name(0))'; \
     $py -c 'import mlflow; print(\"mlflow\", mlflow.__version__)' || echo 'no mlflow: the sweeps run with tracking off'"
-run graph-tests "$py" -m pytest -q -p no:cacheprovider --tb=short -rs tests/e2e/test_graph_step.py tests/unit/test_stacked_graph.py
+run graph-tests "$py" -m pytest -q -p no:cacheprovider --tb=short -rs tests/e2e/test_graph_step.py tests/unit/test_stacked_graph.py \
+    tests/unit/test_data_placement.py
 run torchrun-nccl "$py" -m torch.distributed.run --standalone --nproc_per_node 1 launch/train.py \
     --config configs/fashion_mnist.yaml --set tracking.enabled=false --set train.device=cuda \
     --set train.progress=false --set performance.cuda_graph=true --set checkpoint.dir=/tmp/gpu-check-checkpoints

@@ -49,7 +49,7 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
                    for t in trials]
         stacked = StackedTrainer(trials, [dataset.train] * stack, device)
         if graph:
-            use_graph_step(stacked, stack, stacked.ctx)
+            use_graph_step(stacked, trials[0], stack, stacked.ctx)
 
         def sequential_epoch(epoch: int) -> None:
             for engine in engines:

@@ -147,6 +147,10 @@ class DataConfig(WithKwargs):
     # Keep only the first N training / test samples after the split (small tests).
     train_subset: Optional[PositiveInt] = None
     test_subset: Optional[PositiveInt] = None
+    # Where the samples live while training: on the device ("device"), in host memory with each batch
+    # copied over as it is drawn ("host"), or on the device when they take at most half its free memory
+    # ("auto"). The batch plan, and so every result, is the same either way.
+    resident: Literal["auto", "device", "host"] = "auto"
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
 

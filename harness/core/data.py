@@ -4,7 +4,10 @@ Owns reading and checking data files, turning each source into in-memory tensors
 (train / validation / test) and deciding which sample indices each rank trains on
 at each step. Does not own models, devices or training.
 
-Batches are slices of one seeded permutation per epoch; no DataLoader is involved.
+Batches are slices of one seeded permutation per epoch; no DataLoader is involved. The samples live on
+the training device when they fit there (``data.resident``); otherwise the features stay in host memory
+(pinned for a GPU) and each batch is gathered there and copied over as it is drawn, by the same batch
+plan: the same samples in the same order wherever they live.
 """
 
 from __future__ import annotations
@@ -120,7 +123,12 @@ def load_idx_split(directory: Path, part: str, num_classes: int) -> tuple[np.nda
 
 @dataclass(frozen=True)
 class Split:
-    """Features (float32 in [0, 1]) and integer targets held in memory."""
+    """Features (float32 in [0, 1]) and integer targets held in memory.
+
+    The targets live on the training device; the features there too, or in host memory when the data
+    set does not fit on the device (``Dataset.place``): every batch and subset taken from a split comes
+    back on the targets' device either way.
+    """
 
     features: torch.Tensor
     targets: torch.Tensor
@@ -128,26 +136,37 @@ class Split:
     def __len__(self) -> int:
         return len(self.targets)
 
+    @property
+    def device(self) -> torch.device:
+        """Where batches of this split are computed on."""
+        return self.targets.device
+
     def to(self, device) -> "Split":
         return Split(self.features.to(device), self.targets.to(device))
 
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``start:stop`` on the split's device."""
+        return self.features[start:stop].to(self.device, non_blocking=True), self.targets[start:stop]
+
     def head(self, count: int) -> "Split":
         """The first ``count`` samples."""
-        return Split(self.features[:count], self.targets[:count])
+        return Split(self.features[:count].to(self.device), self.targets[:count])
 
     def spread(self, count: Optional[int]) -> "Split":
         """``count`` samples evenly spaced over the split (a fixed subsample that needs no seed); all of it
         for None or a count at least its length."""
         if count is None or count >= len(self):
             return self
-        rows = torch.linspace(0, len(self) - 1, count, device=self.targets.device).long()
-        return Split(self.features.index_select(0, rows), self.targets.index_select(0, rows))
+        rows = torch.linspace(0, len(self) - 1, count, device=self.device).long()
+        return Split(*self.batch(rows))
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The samples at ``indices`` (any shape): features [*indices.shape, d] and targets [*indices.shape].
-        ``index_select`` copies whole rows: several times faster than ``features[indices]``."""
+        """The samples at ``indices`` (any shape, on the split's device): features [*indices.shape, ...] and
+        targets [*indices.shape], both on the split's device. ``index_select`` copies whole rows: several
+        times faster than ``features[indices]``; features in host memory are gathered there, then copied."""
         flat = indices.reshape(-1)
-        return (self.features.index_select(0, flat).view(*indices.shape, *self.features.shape[1:]),
+        features = self.features.index_select(0, flat.to(self.features.device))
+        return (features.to(indices.device, non_blocking=True).view(*indices.shape, *self.features.shape[1:]),
                 self.targets.index_select(0, flat).view(indices.shape))
 
 
@@ -160,6 +179,44 @@ class Dataset:
     def to(self, device) -> "Dataset":
         """All three splits moved to ``device`` once (training then indexes them there)."""
         return Dataset(self.train.to(device), self.validation.to(device), self.test.to(device))
+
+    @property
+    def feature_bytes(self) -> int:
+        return sum(s.features.numel() * s.features.element_size() for s in (self.train, self.validation, self.test))
+
+    def place(self, device, resident: str = "auto") -> "Dataset":
+        """The splits for training on ``device``: all of it there when ``resident`` is "device", or "auto"
+        and the features take at most half the device's free memory; otherwise the features stay in host
+        memory (pinned, so copies to a GPU run asynchronously) and only the targets move."""
+        device = torch.device(device)
+        if features_stay_on_host(device, self.feature_bytes, resident):
+            if device.type == "cuda":
+                print(f"data: the samples' {self.feature_bytes / 2**30:.2f} GiB stay in host memory (data.resident "
+                      f"{resident}); each batch is copied to {device} as it is drawn", flush=True)
+            return Dataset(*(Split(_pinned(s.features, device), s.targets.to(device))
+                             for s in (self.train, self.validation, self.test)))
+        return self.to(device)
+
+
+RESIDENT_SHARE = 0.5  # of the device's free memory the data set may take; the rest is the model's and batches'
+
+
+def features_stay_on_host(device: torch.device, feature_bytes: int, resident: str,
+                          free_bytes: Optional[int] = None) -> bool:
+    """Whether ``data.resident`` keeps the features in host memory for training on ``device``, whose free
+    memory is ``free_bytes`` (asked of the GPU when None)."""
+    if device.type == "cpu" or resident == "device":
+        return False
+    if resident == "host":
+        return True
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else feature_bytes
+    return feature_bytes > RESIDENT_SHARE * free_bytes
+
+
+def _pinned(features: torch.Tensor, device: torch.device) -> torch.Tensor:
+    features = features.cpu()
+    return features.pin_memory() if device.type == "cuda" else features
 
 
 def load_dataset(cfg: Config) -> Dataset:

@@ -86,7 +86,7 @@ def _rank_chunks(split: Split, ctx: DistContext, rows: int):
     shard = torch.tensor_split(torch.arange(len(split)), ctx.world_size)[ctx.rank]
     start, stop = (int(shard[0]), int(shard[-1]) + 1) if len(shard) else (0, 0)
     for lo in range(start, stop, rows):
-        yield split.features[lo:min(stop, lo + rows)], split.targets[lo:min(stop, lo + rows)]
+        yield split.rows(lo, min(stop, lo + rows))
 
 
 @torch.no_grad()

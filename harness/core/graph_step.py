@@ -34,10 +34,16 @@ WARMUP_STEPS = 3
 WARMUP_STEPS_DDP = 11
 
 
-def graph_unavailable_reason(cfg: Config, ctx: DistContext) -> Optional[str]:
-    """Why ``performance.cuda_graph`` cannot be honoured on this rank, or None when it can."""
+def graph_unavailable_reason(cfg: Config, ctx: DistContext, features_device: Optional[torch.device] = None
+                             ) -> Optional[str]:
+    """Why ``performance.cuda_graph`` cannot be honoured on this rank, or None when it can.
+    ``features_device``: where the training samples live, when known."""
     if ctx.device.type != "cuda":
         return f"the device is {ctx.device.type}, and CUDA graphs need a CUDA device"
+    if features_device is not None and features_device != ctx.device:
+        # A graph replays the gather it captured; a batch gathered in host memory is not part of it.
+        return (f"the samples stay in host memory (data.resident {cfg.data.resident!r}), and a graph step "
+                "gathers its batch on the device")
     if cfg.train.grad_engine != "autograd":
         return (f"train.grad_engine is {cfg.train.grad_engine!r}: its hand-written backward and "
                 "all-reduce run outside autograd and DDP; the graph step captures the autograd engine")

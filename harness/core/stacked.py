@@ -177,8 +177,9 @@ class StackedData:
         shared = all(torch.equal(s.features, first.features) and torch.equal(s.targets, first.targets)
                      for s in splits[1:])
         members = [first] if shared else splits
-        self.samples = Split(torch.cat([s.features for s in members]).to(device),
-                             torch.cat([s.targets for s in members]).to(device))
+        self.samples = Split(first.features, first.targets.to(device)) if shared else Split(
+            torch.cat([s.features for s in members]),  # where the splits keep them
+            torch.cat([s.targets for s in members]).to(device))
         offsets = [0] * len(splits) if shared else [k * self.num_samples for k in range(len(splits))]
         self.offsets = torch.tensor(offsets, device=device).unsqueeze(1)  # [K, 1]
         self.shared = shared  # then every offset is 0, and a batch needs no addition

@@ -17,25 +17,26 @@ from harness.core.data import Dataset
 from harness.core.distributed import DistContext
 from harness.core.model import build_model
 from harness.core.stacked import StackedTrainer, point_at_row
-from harness.core.graph_step import GraphStep, new_side_stream
+from harness.core.graph_step import GraphStep, graph_unavailable_reason, new_side_stream
 from harness.core.optim import Schedule
 from harness.core.trainer import Trainer
 
 
-def use_graph_step(stack: StackedTrainer, size: int, ctx: DistContext) -> None:
+def use_graph_step(stack: StackedTrainer, cfg: Config, size: int, ctx: DistContext) -> None:
     """Train the stack through a ``GraphStep`` where CUDA graphs can run; elsewhere say in one line why not."""
-    if ctx.device.type == "cuda":
+    reason = graph_unavailable_reason(cfg, ctx, stack.data.samples.features.device)
+    if reason is None:
         stack.train_step = GraphStep(stack, new_side_stream(ctx.device))
     else:
-        say(f"[stack of {size}] performance.cuda_graph: running the eager stacked step instead, because the device "
-            f"is {ctx.device.type}, and CUDA graphs need a CUDA device", ctx=ctx)
+        say(f"[stack of {size}] performance.cuda_graph: running the eager stacked step instead, because {reason}",
+            ctx=ctx)
 
 
 def build_stack(trials: list[Config], ctx: DistContext, dataset: Dataset) -> tuple[StackedTrainer, list[Trainer]]:
     """The stack of ``trials`` (``stacked.check_stackable`` refuses what cannot share it) and each member's trainer."""
     stack = StackedTrainer(trials, [dataset.train] * len(trials), ctx=ctx)
     if trials[0].performance.cuda_graph and trials[0].model.factory is None:
-        use_graph_step(stack, len(trials), ctx)
+        use_graph_step(stack, trials[0], len(trials), ctx)
     elif trials[0].performance.cuda_graph:
         say(f"[stack of {len(trials)}] performance.cuda_graph: running the eager stacked step, because a stack of "
             "model.factory's model is not captured as CUDA graphs", ctx=ctx)

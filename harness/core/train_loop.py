@@ -134,7 +134,7 @@ def train(trials: list[Config], ctx: DistContext, trackers: list, hooks: Optiona
     different epochs cannot share steps: they are trained as separate groups.
     """
     hooks = hooks or RunHooks()
-    dataset = (dataset or load_dataset(trials[0])).to(ctx.device)
+    dataset = (dataset or load_dataset(trials[0])).place(ctx.device, trials[0].data.resident)
     checkpoints = [hooks.checkpoints(cfg, ctx) for cfg in trials]
     states = [c.resume_state() for c in checkpoints]
     epochs = [state["epoch"] if state else 0 for state in states]

@@ -83,7 +83,8 @@ def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
     micro_batch_size = cfg.optim.micro_batch_size if cfg.accumulation_steps(ctx.world_size) > 1 else None
     probe = (NoiseProbe(ctx, cfg.optim.global_batch_size, cfg.metrics.noise_scale_ema_decay, micro_batch_size)
              if cfg.metrics.noise_scale else None)
-    no_graph_reason = graph_unavailable_reason(cfg, ctx) if cfg.performance.cuda_graph else None
+    no_graph_reason = (graph_unavailable_reason(cfg, ctx, dataset.train.features.device)
+                       if cfg.performance.cuda_graph else None)
     graph_stream = new_side_stream(ctx.device) if cfg.performance.cuda_graph and not no_graph_reason else None
     # The hand-written engine computes gradients outside autograd, where DDP's
     # hooks never fire; it averages them itself (core/step.py).

@@ -31,14 +31,16 @@ def parameter_count(cfg: Config) -> int:
     return sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(cfg.layer_sizes, cfg.layer_sizes[1:]))
 
 
-def estimate_training_bytes(cfg: Config) -> int:
-    """Bytes one process needs to train ``cfg`` with its largest batch (the whole batch in one process).
-    A factory's model has no known activation sizes: its estimate counts its weights and the data only."""
+def estimate_training_bytes(cfg: Config, with_data: bool = True) -> int:
+    """Bytes one process needs to train ``cfg`` with its largest batch (the whole batch in one process),
+    the data set included unless ``with_data`` is False. A factory's model has no known activation sizes:
+    its estimate counts its weights and the data only."""
     batch = max(cfg.sweep.batch_sizes) if cfg.sweep else cfg.optim.global_batch_size
     weights = copies_per_parameter(cfg) * parameter_count(cfg)
     activations = ACTIVATION_COPIES * max(batch, cfg.train.eval_batch_size) * sum(cfg.layer_sizes) \
         if is_mlp(cfg) else 0
-    return FLOAT_BYTES * (weights + activations + _sample_count(cfg) * cfg.input_size)
+    data = _sample_count(cfg) * cfg.input_size if with_data else 0
+    return FLOAT_BYTES * (weights + activations + data)
 
 
 def _sample_count(cfg: Config) -> int:
@@ -70,7 +72,8 @@ def available_bytes(device_type: str) -> tuple[int, str]:
 
 
 def check_memory(cfg: Config, device_type: str) -> None:
-    needed = estimate_training_bytes(cfg)
+    # On a GPU, data.resident "auto" and "host" keep a data set that does not fit in host memory.
+    needed = estimate_training_bytes(cfg, with_data=device_type == "cpu" or cfg.data.resident == "device")
     limit, what = available_bytes(device_type)
     if needed > limit:
         key = "model.hidden_sizes" if is_mlp(cfg) else "model.factory"
