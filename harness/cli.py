@@ -188,7 +188,7 @@ def capacity(args: argparse.Namespace) -> int:
 
     check_arguments(args.max_batch, args.memory_limit, args.epoch_samples)
     device = checked_device(args.device)
-    cfg = mlp_config(args, "capacity")
+    cfg = load_config(args.config, args.overrides)
     check_writable_dir(Path(args.out), "--out")
     if args.json:
         check_output_file(args.json, "--json")

@@ -30,7 +30,7 @@ from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture
 from harness.core.graph_step import graph_unavailable_reason
-from harness.core.model import build_model
+from harness.core.model import build_model, describe_model, is_mlp
 from harness.core.trainer import SingleRun, build_trainer, train_epoch
 
 # The harness's paths in the table's row order, as (cuda_graph, ddp). The DataLoader peer always runs
@@ -188,8 +188,8 @@ def device_name(device: torch.device) -> str:
 def environment(device: torch.device, cfg: Config) -> dict:
     """The head of a result's JSON: the device, the software and the model timed, and the date."""
     return {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "layer_sizes": list(cfg.layer_sizes),
-            "date": time.strftime("%Y-%m-%d")}
+            "threads": torch.get_num_threads(), "model": describe_model(cfg),
+            "layer_sizes": list(cfg.layer_sizes) if is_mlp(cfg) else None, "date": time.strftime("%Y-%m-%d")}
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """``harness capacity``: the note's hardware claims, measured on this device.
 
 A device runs a mini-batch in parallel, so a larger batch costs little more time per update, until the
-device's size caps the batch. Measured with the harness's own eager step (one process, no DDP, data on
+device's size caps the batch. Measured for the config's model (the note's MLP or model.factory's) with the
+harness's own eager step (one process, no DDP, data on
 the device) at batch sizes 1, 2, 4, ... up to the first of ``--max-batch``, the training set, the
 ``--memory-limit`` or (CUDA) an out-of-memory error: the median time per step (``STEP_REPEATS``) and per
 sample; one epoch of ``epoch_samples`` through the trainer's own loop; the peak memory (on CUDA
@@ -30,6 +31,8 @@ from harness.console import say
 from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext
+from harness.core.factories import check_model_output
+from harness.core.model import build_model, is_mlp
 from harness.core.precision import forward_context
 from harness.core.step import unwrap
 from harness.core.trainer import SingleRun, Trainer, build_trainer, train_epoch
@@ -104,6 +107,8 @@ def run_capacity(cfg: Config, device: torch.device, max_batch: int, memory_limit
     """Measure every batch size (module doc); returns the JSON-ready result."""
     cfg = cfg.replace(**STEP_ONLY, **{"train.progress": False})
     dataset = load_dataset(cfg).to(device)
+    if not is_mlp(cfg):  # the user's model, run on two samples before anything is timed or recorded
+        check_model_output(build_model(cfg), dataset.train.features, cfg.num_classes, cfg.model.factory)
     samples = min(epoch_samples or len(dataset.train), len(dataset.train))
     points: list[BatchPoint] = []
     cap_reason = "--max-batch" if max_batch <= len(dataset.train) else "the training set's size"
@@ -185,7 +190,7 @@ def step_tensor_bytes(trainer: Trainer, indices: torch.Tensor) -> int:
 def format_table(result: dict) -> str:
     flat, largest = result["flat_until_batch"], result["largest_batch"]
     lines = [f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
-             f"{result['threads']} threads, layers {result['layer_sizes']}, {result['precision']}; step = median of at "
+             f"{result['threads']} threads, model {result['model']}, {result['precision']}; step = median of at "
              f"least {result['step_repeats']} steps and {result['min_timed_seconds']} s after {result['warmup_steps']} "
              f"warm-up; epoch = {result['epoch_samples']} samples",
              "| batch | ms/step | µs/sample | s/epoch (samples) | memory MiB | |", "|---|---|---|---|---|---|"]
@@ -224,7 +229,7 @@ def record(uri: str, experiment: str, result: dict, files: list[Path], config_pa
                                     f"on {result['device_name']}. Metrics `{METRIC_PREFIX}*` have step = batch "
                                     f"size. Flat until batch {result['flat_until_batch']}: "
                                     f"{result['flat_definition']}. Memory: {result['memory_means']}.")}
-    params = {key: result[key] for key in ("device", "device_name", "layer_sizes", "precision", "max_batch",
+    params = {key: result[key] for key in ("device", "device_name", "model", "precision", "max_batch",
                                            "memory_limit_gb", "epoch_samples", "torch", "threads")}
     params.update(config=config_path, config_name=result["config"], cap_reason=result["cap_reason"][:250])
     metrics = [(METRIC_PREFIX + key, float(p[key]), p["batch_size"]) for p in result["points"]

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, seeded_store
 from harness.core.config import load_config
+from harness.core.model import build_model
 from harness.bench.capacity import accumulation_plans, batch_sizes, flat_until, run_capacity
 
 SMOKE = CONFIGS / "smoke.yaml"  # 784-32-10 sigmoid, 512 training samples
@@ -51,6 +52,19 @@ def test_cpu_memory_is_the_step_tensors_counted_by_hand():
     memory = {p["batch_size"]: p["memory_bytes"] for p in result["points"]}
     assert memory == {b: 3 * 4 * parameters + b * per_sample + 4 for b in (1, 2, 4, 8)}
     assert result["largest_batch"] == 8 and result["cap_reason"] == "--max-batch"
+
+
+def test_capacity_measures_a_factory_model_whose_fixed_memory_is_three_copies_of_its_weights():
+    """A factory's CNN: the step's tensors grow by the same bytes per sample at every batch, and what does not
+    grow is its parameters, gradients and momentum (4 bytes each) and the loss's scalar."""
+    cfg = load_config(SMOKE, ["tracking.enabled=false", "model.factory=tests.user_models:tiny_cnn"])
+    result = run_capacity(cfg, torch.device("cpu"), max_batch=8, epoch_samples=16)
+    assert result["model"] == "tests.user_models:tiny_cnn()" and result["layer_sizes"] is None
+    memory = {p["batch_size"]: p["memory_bytes"] for p in result["points"]}
+    per_sample = memory[2] - memory[1]
+    assert per_sample > 0 and all(memory[b] == memory[1] + (b - 1) * per_sample for b in (4, 8))
+    parameters = sum(p.numel() for p in build_model(cfg).parameters())
+    assert memory[1] - per_sample == 3 * 4 * parameters + 4
 
 
 @pytest.mark.slow

@@ -106,7 +106,7 @@ def test_gradcheck_says_which_engine_a_config_trains_with(capsys):
     assert "trains with the autograd engine" in out and "tests.user_models:tiny_cnn" in out
 
 
-@pytest.mark.parametrize("command", ["bench", "capacity", "scaling"])
+@pytest.mark.parametrize("command", ["bench", "scaling"])
 def test_the_timing_commands_refuse_a_factory_model_rather_than_time_the_mlp_in_its_place(command, capsys):
     from harness.cli import main
 
