@@ -1,7 +1,8 @@
 """A user's own code, as tests hand it to the harness: ``model.factory: "tests.user_models:tiny_cnn"``.
 
 tiny_cnn is a network that is not an MLP (a convolution, a pool, a linear head) for 28x28 or 8x8 grey
-images; with_batch_norm one that cannot be stacked; pixels_as_images a data factory; the rest are
+images; tiny_cnn_with_its_loss the same returning its own loss (model.output loss); with_batch_norm one
+that cannot be stacked; pixels_as_images a data factory; the rest are
 factories that fail in each way a user's can, each refused with exit code 2.
 """
 
@@ -40,6 +41,25 @@ def pixels_as_images(count: int = 300, side: int = 8, seed: int = 0):
     cut = math.ceil(count * 0.8)
     train = torch.utils.data.TensorDataset(images[:cut], labels[:cut])
     return train, (images[cut:], labels[cut:])
+
+
+class TinyCNNWithItsLoss(TinyCNN):
+    """tiny_cnn scoring itself: forward(images, labels) is the batch's mean cross-entropy (model.output loss)."""
+
+    def forward(self, x, labels):
+        return torch.nn.functional.cross_entropy(super().forward(x), labels)
+
+
+def tiny_cnn_with_its_loss(side: int = 28, channels: int = 4, classes: int = 10) -> nn.Module:
+    return TinyCNNWithItsLoss(side, channels, classes)
+
+
+def loss_per_sample(side: int = 28) -> nn.Module:
+    """Returns a loss per sample, where model.output loss expects the batch's mean."""
+    class PerSample(TinyCNN):
+        def forward(self, x, labels):
+            return torch.nn.functional.cross_entropy(super().forward(x), labels, reduction="none")
+    return PerSample(side, 2, 10)
 
 
 def with_batch_norm(classes: int = 10) -> nn.Module:

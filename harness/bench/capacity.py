@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from harness.console import say
 from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext
 from harness.core.factories import check_model_output
-from harness.core.model import build_model, is_mlp
+from harness.core.model import build_model, is_mlp, summed_loss
 from harness.core.precision import forward_context
 from harness.core.step import unwrap
 from harness.core.trainer import SingleRun, Trainer, build_trainer, train_epoch
@@ -108,7 +107,8 @@ def run_capacity(cfg: Config, device: torch.device, max_batch: int, memory_limit
     cfg = cfg.replace(**STEP_ONLY, **{"train.progress": False})
     dataset = load_dataset(cfg).to(device)
     if not is_mlp(cfg):  # the user's model, run on two samples before anything is timed or recorded
-        check_model_output(build_model(cfg), dataset.train.features, cfg.num_classes, cfg.model.factory)
+        check_model_output(build_model(cfg), dataset.train.features, dataset.train.targets, cfg.num_classes,
+                           cfg.model.factory)
     samples = min(epoch_samples or len(dataset.train), len(dataset.train))
     points: list[BatchPoint] = []
     cap_reason = "--max-batch" if max_batch <= len(dataset.train) else "the training set's size"
@@ -180,10 +180,8 @@ def step_tensor_bytes(trainer: Trainer, indices: torch.Tensor) -> int:
 
     x, y = trainer.train_set.batch(indices)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with forward_context(trainer.cfg.performance.precision, indices.device.type)():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-    del loss, logits
+        loss = summed_loss(model, x, y, forward_context(trainer.cfg.performance.precision, indices.device.type))
+    del loss
     return sum(held.values()) + sum(saved.values())
 
 

@@ -21,7 +21,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from harness.core.model import MLP
+from harness.core.model import MLP, summed_loss
 
 
 def activation_backward(name: str, grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -78,12 +78,8 @@ def autograd_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     normalizer = float(len(y)) if normalizer is None else float(normalizer)
     if not accumulate:
         model.zero_grad(set_to_none=set_to_none)
-    with forward_context():
-        logits = model(x)
     # Autocast's bf16 logits get an fp32 softmax and loss; fp32 and fp64 (gradcheck) logits are left as they are.
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
-    loss = F.cross_entropy(logits, y, reduction="sum") / normalizer
+    loss = summed_loss(model, x, y, forward_context) / normalizer
     loss.backward()
     return loss.detach()
 

@@ -162,6 +162,10 @@ class ModelConfig(WithKwargs):
     # (core/factories.py); trained with autograd, seeded with the run's seed.
     factory: Optional[FactoryPath] = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    # What the factory's model returns: logits [n, classes] from forward(features), scored by cross-entropy
+    # and accuracy; or "loss": the mean loss over the batch from forward(features, labels), its own
+    # objective (no accuracy, so no accuracy targets).
+    output: Literal["logits", "loss"] = "logits"
 
 
 class OptimConfig(ConfigModel):
@@ -483,6 +487,8 @@ def _check_cross_field(cfg: Config) -> None:
     if cfg.train.target_train_loss is not None and cfg.train.stop_at_target:
         raise InputError(f"train.target_train_loss: {targets_text(cfg.train.target_train_loss)} given together with "
                          "train.stop_at_target true; expected at most one stopping rule (train.stop_at_target false)")
+    if cfg.model.output == "loss":
+        _check_loss_output(cfg)
     if cfg.model.factory is not None and cfg.train.grad_engine == "manual":
         raise InputError(f"train.grad_engine: manual with model.factory {cfg.model.factory}; the hand-written "
                          "backward is the note's MLP's; expected grad_engine autograd")
@@ -506,6 +512,20 @@ def _check_cross_field(cfg: Config) -> None:
                              f"({cfg.train_set_size} samples); expected <= {cfg.train_set_size}")
         # One rank's view, at load: what W ranks need is checked again by check_world_size.
         check_micro_batch(cfg.optim.micro_batch_size, key, size, 1)
+
+
+def _check_loss_output(cfg: Config) -> None:
+    """A model that returns its own loss has no logits: nothing that reads accuracy can run on it."""
+    if cfg.model.factory is None:
+        raise InputError("model.output: loss needs model.factory (the note's MLP returns logits); expected "
+                         "model.output logits, or a model.factory")
+    if cfg.metrics.target_val_accuracy is not None:
+        raise InputError(f"metrics.target_val_accuracy: {targets_text(cfg.metrics.target_val_accuracy)} with "
+                         "model.output loss, whose model gives no accuracy; expected null (train.target_train_loss "
+                         "stops a run at a training loss)")
+    if cfg.sweep and cfg.sweep.early_stopping == "asha":
+        raise InputError("sweep.early_stopping: asha ranks trials by validation accuracy, which model.output loss "
+                         "does not give; expected early_stopping none")
 
 
 def check_stackable_trial(cfg: Config, where: str) -> None:

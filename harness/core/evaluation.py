@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from harness.core.config import DEFAULT_EVAL_COST, Config
 from harness.core.data import Split
 from harness.core.distributed import DistContext, all_reduce_sum
-from harness.core.model import MLP
+from harness.core.model import MLP, returns_loss, summed_loss
 from harness.core.step import unwrap
 from harness.core.noise_probe import NoiseProbe
 
@@ -97,10 +97,15 @@ def evaluate(model: torch.nn.Module, split: Split, ctx: DistContext, batch_size:
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
+    scores_accuracy = not returns_loss(model)
     for x, y in _rank_chunks(split, ctx, batch_size):
-        logits = model(x)
-        totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        totals[1] += (logits.argmax(1) == y).sum()
+        if scores_accuracy:
+            logits = model(x)
+            totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            totals[1] += (logits.argmax(1) == y).sum()
+        else:  # a model that returns its own loss has no accuracy: NaN
+            totals[0] += summed_loss(model, x, y).double()
+            totals[1] = math.nan
         totals[2] += len(y)
     model.train(was_training)
     all_reduce_sum(totals, ctx)

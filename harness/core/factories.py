@@ -3,7 +3,8 @@
 Owns importing a factory, calling it with its ``kwargs`` and checking what it returns, every failure one
 ``InputError`` line naming the key, so a launcher exits with code 2 before anything starts:
 
-- a model factory returns an ``nn.Module`` mapping a batch of inputs to logits [n, classes];
+- a model factory returns an ``nn.Module`` mapping a batch of inputs to logits [n, classes], or (model.output
+  loss) a batch of inputs and labels to the batch's mean loss;
 - a data factory returns ``(train, test)``, each a map-style ``torch.utils.data.Dataset`` whose items are
   ``(features, label)``, or a pair ``(features, labels)`` of tensors or numpy arrays: features of any shape
   per sample, integer labels from 0. The samples are held in memory (core/data.py splits and batches them).
@@ -86,24 +87,35 @@ def build_factory_model(path: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
-def check_model_output(model: torch.nn.Module, features: torch.Tensor, num_classes: int, path: str) -> None:
+def check_model_output(model: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                       path: str) -> None:
     """Refuse a model that cannot score the data: its forward on two samples must give finite logits
-    [2, classes] with a column for every label the data holds."""
-    sample = features[:2]
+    [2, classes] with a column for every label the data holds, or (model.output loss) one number."""
+    from harness.core.model import returns_loss
+
+    sample, sample_labels = features[:2], labels[:2]
+    gives_loss = returns_loss(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(sample)
+            output = model(sample, sample_labels) if gives_loss else model(sample)
     except Exception as err:
+        takes = "a batch of samples and their labels to its mean loss" if gives_loss else \
+            "a batch of samples to logits"
         raise InputError(f"model.factory: {path} cannot take a batch of the data (samples of shape "
                          f"{list(sample.shape[1:])}): {type(err).__name__}: {_first_line(err)}; expected a model "
-                         "mapping a batch of samples to logits") from None
+                         f"mapping {takes}") from None
     finally:
         model.train(was_training)
-    if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[0] != len(sample) \
-            or logits.shape[1] < num_classes or not logits.is_floating_point():
-        shape = list(logits.shape) if torch.is_tensor(logits) else _describe(logits)
+    shape = list(output.shape) if torch.is_tensor(output) else _describe(output)
+    if gives_loss:
+        if not torch.is_tensor(output) or output.dim() != 0 or not output.is_floating_point():
+            raise InputError(f"model.factory: {path} with model.output loss returns {shape} for {len(sample)} "
+                             "samples; expected one number, the batch's mean loss")
+        return
+    if not torch.is_tensor(output) or output.dim() != 2 or output.shape[0] != len(sample) \
+            or output.shape[1] < num_classes or not output.is_floating_point():
         raise InputError(f"model.factory: {path} maps {len(sample)} samples to {shape}; expected logits "
                          f"[{len(sample)}, {num_classes}] (one column per class of the data)")
 

@@ -2,13 +2,21 @@
 
 The MLP's output layer returns raw logits, as ``CrossEntropyLoss`` expects; the note's sigmoid
 before the loss would squash them into (0, 1) and flatten the softmax. A factory's model returns
-logits too (core/factories.py builds and checks it).
+logits too (core/factories.py builds and checks it), or with ``model.output: loss`` its own mean loss
+over a batch from ``forward(features, labels)``; ``summed_loss`` is the one place that tells them apart
+for training (evaluation and the measurements ask ``returns_loss``).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# Set on a model built with model.output "loss" (an attribute, not state: checkpoints do not see it).
+RETURNS_LOSS = "harness_returns_loss"
 
 ACTIVATION_MODULES = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -36,8 +44,27 @@ def build_model(cfg) -> nn.Module:
         torch.manual_seed(cfg.seed)
         if cfg.model.factory is not None:
             from harness.core.factories import build_factory_model
-            return build_factory_model(cfg.model.factory, cfg.model.kwargs)
+            model = build_factory_model(cfg.model.factory, cfg.model.kwargs)
+            setattr(model, RETURNS_LOSS, cfg.model.output == "loss")
+            return model
         return MLP(cfg.layer_sizes, cfg.model.activation)
+
+
+def returns_loss(model: nn.Module) -> bool:
+    """Does ``model`` (or the module a DistributedDataParallel wraps) return its own mean loss, not logits?"""
+    return bool(getattr(getattr(model, "module", model), RETURNS_LOSS, False))
+
+
+def summed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                forward_context=contextlib.nullcontext) -> torch.Tensor:
+    """The loss summed over the batch: cross-entropy of the logits (bf16 or fp16 logits scored in fp32), or a
+    loss-returning model's mean loss times the batch. ``forward_context`` (core/precision.py) wraps the
+    model's forward only."""
+    with forward_context():
+        output = model(x, y) if returns_loss(model) else model(x)
+    if output.dtype in (torch.bfloat16, torch.float16):
+        output = output.float()
+    return output * len(y) if returns_loss(model) else F.cross_entropy(output, y, reduction="sum")
 
 
 def is_mlp(cfg) -> bool:

@@ -14,13 +14,13 @@ import contextlib
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from harness.console import warn
 from harness.core.config import Config
 from harness.core.data import Split
 from harness.core.distributed import DistContext
 from harness.core.evaluation import RunCounters, timed
+from harness.core.model import summed_loss
 from harness.core.step import unwrap
 from harness.measure.metrics import hessian_extremes
 
@@ -40,10 +40,10 @@ def read_sharpness(cfg: Config, ctx: DistContext, model: torch.nn.Module, train_
     subset = train_set.head(metrics_cfg.sharpness_samples)
     x, y = subset.features, subset.targets
     with torch.no_grad():
-        if not torch.isfinite(F.cross_entropy(model(x), y)):
+        if not torch.isfinite(summed_loss(model, x, y)):
             return None
     with training_stream():
-        extremes = hessian_extremes(lambda: F.cross_entropy(model(x), y), list(model.parameters()),
+        extremes = hessian_extremes(lambda: summed_loss(model, x, y) / len(y), list(model.parameters()),
                                     tolerance=metrics_cfg.sharpness_tolerance,
                                     iterations=metrics_cfg.sharpness_iterations, seed=cfg.seed)
     if not extremes.converged:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from harness.core.config import Config
-from harness.core.model import build_model
+from harness.core.model import build_model, returns_loss
 
 
 def unstackable_reason(model: torch.nn.Module) -> Optional[str]:
@@ -142,6 +142,8 @@ class StackedModule(StackedParameters):
         template = self.template
 
         def member_loss(params, xs, ys):
+            if returns_loss(template):  # its own mean loss over the member's batch
+                return functional_call(template, params, (xs, ys)) * len(ys) / normalizer
             logits = functional_call(template, params, (xs,))
             return F.cross_entropy(logits, ys, reduction="sum") / normalizer
 

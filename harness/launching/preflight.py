@@ -52,7 +52,8 @@ def preflight(cfg: Config, world_size: int, use_gpu: bool, *, resume: bool = Fal
         pick_device("cuda")
     dataset = load_dataset(cfg)  # a missing or damaged data file fails here, not in every rank or trial
     if not is_mlp(cfg):  # the user's model: built and run on two samples here, not first in every rank
-        check_model_output(build_model(cfg), dataset.train.features, cfg.num_classes, cfg.model.factory)
+        check_model_output(build_model(cfg), dataset.train.features, dataset.train.targets, cfg.num_classes,
+                           cfg.model.factory)
     # A sweep config has no checkpoint of its own; its trials do.
     resumable = check_resumable(cfg, launch_id) if resume and not cfg.is_sweep else None
     # A run that resumes its own checkpoint ignores init_from (it has the weights), so its source may be gone.

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from harness.core.model import returns_loss
+
 
 # loss_fn(outputs, targets) -> the mean loss over the batch, as F.cross_entropy returns by default.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -100,7 +102,7 @@ def gradient_sums(model: torch.nn.Module, features: torch.Tensor, targets: torch
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if method not in ("auto", "layers", "vmap"):
         raise ValueError(f"method must be auto, layers or vmap, got {method!r}")
-    linears = linear_layers_only(model)
+    linears = None if returns_loss(model) else linear_layers_only(model)  # the layer identity reads logits
     if method == "layers" and linears is None:
         raise ValueError("method 'layers' needs a model whose parameters are all nn.Linear weights and biases")
     by_layers = (_sums_by_layers(model, linears, features, targets, loss_fn)
@@ -118,11 +120,20 @@ def per_example_gradients(model: torch.nn.Module, features: torch.Tensor, target
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def loss_of_one(weights, x, y):
-        return loss_fn(functional_call(model, weights, (x.unsqueeze(0),)), y.unsqueeze(0))
+        return mean_loss(model, weights, x.unsqueeze(0), y.unsqueeze(0), loss_fn)
 
     gradients_of_chunk = vmap(grad(loss_of_one), in_dims=(None, 0, 0))
     for lo in range(0, len(targets), chunk_size):
         yield gradients_of_chunk(params, features[lo:lo + chunk_size], targets[lo:lo + chunk_size])
+
+
+def mean_loss(model: torch.nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+              loss_fn: LossFn) -> torch.Tensor:
+    """The mean loss of ``model`` with ``weights`` over (x, y): ``loss_fn`` of its outputs, or the loss a
+    model built with model.output "loss" returns itself."""
+    if returns_loss(model):
+        return functional_call(model, weights, (x, y))
+    return loss_fn(functional_call(model, weights, (x,)), y)
 
 
 def linear_layers_only(model: torch.nn.Module) -> Optional[list[torch.nn.Linear]]:

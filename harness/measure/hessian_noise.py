@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
-from harness.measure.exact_noise import ExactNoiseScale, LossFn, gradient_sums, per_example_gradients
+from harness.measure.exact_noise import ExactNoiseScale, LossFn, gradient_sums, mean_loss, per_example_gradients
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,13 @@ def hessian_vector_products(model: torch.nn.Module, features: torch.Tensor, targ
     at a time; rows are flat in model.named_parameters() order and are cast to the model's dtype."""
     params = {name: p.detach() for name, p in model.named_parameters()}
 
-    def mean_loss(weights):
-        return loss_fn(functional_call(model, weights, (features,)), targets)
+    def loss_of(weights):
+        return mean_loss(model, weights, features, targets, loss_fn)
 
     def product(vector):
         pieces = vector.split([p.numel() for p in params.values()])
         tangent = {name: piece.view_as(p) for (name, p), piece in zip(params.items(), pieces)}
-        return _flat(jvp(grad(mean_loss), (params,), (tangent,))[1], batched=False)
+        return _flat(jvp(grad(loss_of), (params,), (tangent,))[1], batched=False)
 
     dtype = next(iter(params.values())).dtype
     return vmap(product, chunk_size=chunk_size)(vectors.to(dtype)).double()

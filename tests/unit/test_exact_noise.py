@@ -15,18 +15,23 @@ import torch
 
 from harness.core.backprop import autograd_backward
 from harness.core.distributed import DistContext
-from harness.core.model import MLP
+from harness.core.model import MLP, RETURNS_LOSS
 from harness.core import noise_probe as grad_noise
 from harness.measure.exact_noise import exact_noise_scale, population_noise_scale
 from harness.core.noise_probe import NoiseProbe
 from harness.measure.metrics import noise_scale_components
-from user_models import tiny_cnn
+from user_models import tiny_cnn, tiny_cnn_with_its_loss
 
 
 def small_problem(count=96, seed=0, dtype=torch.float64, kind="mlp"):
-    """The note's MLP (12-16-5 sigmoid), or a user's CNN (tests/user_models.py) on 4x4 images, at random weights."""
+    """The note's MLP (12-16-5 sigmoid), or a user's CNN (tests/user_models.py) on 4x4 images, at random weights;
+    "cnn_loss": the CNN returning its own mean loss (model.output loss)."""
     generator = torch.Generator().manual_seed(seed)
-    model = (MLP((12, 16, 5), "sigmoid") if kind == "mlp" else tiny_cnn(side=4, channels=3, classes=5)).to(dtype)
+    if kind == "mlp":
+        model = MLP((12, 16, 5), "sigmoid").to(dtype)
+    else:
+        model = (tiny_cnn if kind == "cnn" else tiny_cnn_with_its_loss)(side=4, channels=3, classes=5).to(dtype)
+        setattr(model, RETURNS_LOSS, kind == "cnn_loss")
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator, dtype=dtype) * 0.5)
@@ -44,7 +49,7 @@ def per_example_gradients_by_loop(model, x, y) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("method,kind", [("vmap", "mlp"), ("layers", "mlp"), ("auto", "cnn")])
+@pytest.mark.parametrize("method,kind", [("vmap", "mlp"), ("layers", "mlp"), ("auto", "cnn"), ("auto", "cnn_loss")])
 def test_exact_noise_scale_equals_a_loop_of_per_example_backward_passes(method, kind):
     model, x, y = small_problem(kind=kind)
     g = per_example_gradients_by_loop(model, x, y)

@@ -4,6 +4,7 @@ exit code 2 before anything starts. (Two torchrun ranks and a Ray job train the 
 tests/e2e/test_launchers.py; the study's measurements on it: test_exact_noise.py, test_metrics.py.)"""
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from harness.core.distributed import DistContext
 from harness.core.model import describe_model, weight_shapes
 
 CNN = "model.factory=tests.user_models:tiny_cnn"
+LOSS_CNN = "model={factory: 'tests.user_models:tiny_cnn_with_its_loss', output: loss}"
 # 8x8 images from a data factory: a map-style Dataset for training, a pair of tensors for testing.
 IMAGES = ["data.factory=tests.user_models:pixels_as_images", "data.validation_size=40",
           "optim.global_batch_size=16", "train.epochs=3", "metrics.target_val_accuracy=null"]
@@ -33,6 +35,20 @@ def test_a_factory_model_on_factory_data_trains_and_its_checkpoint_holds_its_own
     saved = torch.load(tmp_path / "checkpoints" / "smoke" / "epoch-0003.pt", weights_only=True)
     assert {k: (tuple(v.shape), True) for k, v in saved["model"].items()} == weight_shapes(cfg)
     assert describe_model(cfg) == "tests.user_models:tiny_cnn(side=8, channels=3)"
+
+
+def test_a_model_returning_its_own_loss_trains_as_the_same_model_scored_by_the_harness(tmp_path):
+    """model.output loss: the CNN's own mean cross-entropy, times the batch, is the harness's summed
+    cross-entropy of its logits; the weights after 3 epochs agree to rounding, and no accuracy is made up."""
+    weights, results = [], []
+    for name, model in (("logits", [CNN]), ("loss", [LOSS_CNN.replace("tiny_cnn_with_its_loss'",
+                                                                        "tiny_cnn_with_its_loss', kwargs: {side: 8}")])):
+        cfg = smoke_config(tmp_path / name, *model, "model.kwargs={side: 8}", *IMAGES)
+        results.append(train_run(cfg, DistContext()))
+        weights.append(torch.load(results[-1].checkpoint, weights_only=True)["model"])
+    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) <= 1e-5
+    assert abs(results[0].metrics["test_loss"] - results[1].metrics["test_loss"]) <= 1e-5
+    assert results[0].metrics["test_accuracy"] > 0.5 and math.isnan(results[1].metrics["test_accuracy"])
 
 
 def test_the_notes_mlp_trains_on_factory_data_as_rows_of_features(tmp_path):
@@ -67,6 +83,11 @@ def launch_train(tmp_path, monkeypatch, *overrides):
     ([CNN, "model.kwargs={classes: 3}"], "model.factory: tests.user_models:tiny_cnn maps 2 samples to [2, 3]; "
                                          "expected logits [2, 10]"),
     ([CNN, "train.grad_engine=manual"], "train.grad_engine: manual with model.factory"),
+    (["model.output=loss"], "model.output: loss needs model.factory"),
+    ([LOSS_CNN], "metrics.target_val_accuracy: 0.85 with model.output loss, whose model gives no accuracy"),
+    ([LOSS_CNN.replace("tiny_cnn_with_its_loss", "loss_per_sample"), "metrics.target_val_accuracy=null"],
+     "model.factory: tests.user_models:loss_per_sample with model.output loss returns [2] for 2 samples; expected "
+     "one number"),
     (["data.factory=tests.user_models:raises"], "data.factory: tests.user_models:raises() raised RuntimeError"),
     (["data.factory=tests.user_models:one_part_only"], "data.factory: tests.user_models:one_part_only: its train "
                                                        "part is a Tensor; expected a map-style torch Dataset"),

@@ -47,12 +47,13 @@ def _stacked(members: list[Config]) -> StackedTrainer:
 
 # A user's model (tests/user_models.py): a convolution over the 8x8 digits, stacked through torch.func.
 CNN = {"factory": "user_models:tiny_cnn", "kwargs": {"side": 8, "channels": 3}}
+CNN_WITH_ITS_LOSS = {**CNN, "factory": "user_models:tiny_cnn_with_its_loss", "output": "loss"}
 
 
 @pytest.mark.parametrize("samples_per_pass, member_major, model",
                          [(stacked.CPU_PASS_SAMPLES, False, None), (64, False, None), (stacked.CPU_PASS_SAMPLES, True, None),
-                          (stacked.CPU_PASS_SAMPLES, False, CNN)],
-                         ids=["one_pass", "member_by_member", "gpu_layout", "cnn"])
+                          (stacked.CPU_PASS_SAMPLES, False, CNN), (stacked.CPU_PASS_SAMPLES, False, CNN_WITH_ITS_LOSS)],
+                         ids=["one_pass", "member_by_member", "gpu_layout", "cnn", "cnn_returning_its_loss"])
 def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path, monkeypatch, samples_per_pass,
                                                                    member_major, model):
     # member_by_member: the CPU's large-batch way (one member per pass, CPU_PASS_SAMPLES // 64 = 1), the same sums.
@@ -62,8 +63,7 @@ def test_stacked_members_end_with_the_parameters_of_their_solo_runs(tmp_path, mo
     monkeypatch.setattr(stacked, "PARAMETER_MAJOR_DEVICES", ("cpu",) if not member_major else ())
     members = [_config(tmp_path, k, **m) for k, m in enumerate(MEMBERS)]
     if model:
-        members = [cfg.replace(**{"model.factory": model["factory"], "model.kwargs": model["kwargs"]})
-                   for cfg in members]
+        members = [cfg.replace(**{f"model.{key}": value for key, value in model.items()}) for cfg in members]
     stack = _stacked(members)
     assert stack.model.layout.member_major == member_major
     assert stack.steps_per_epoch == 21 and 1337 % 64 == 57  # the uneven last batch is trained
