@@ -1,5 +1,5 @@
 """The ``harness`` command: tools around training runs (gradcheck, report, interpolate, escape, bench, capacity,
-scaling, replay, mlflow-server). Training itself starts from launch/ (torchrun, Ray, sweeps).
+batch-size, scaling, replay, mlflow-server). Training itself starts from launch/ (torchrun, Ray, sweeps).
 """
 
 from __future__ import annotations
@@ -207,6 +207,33 @@ def capacity(args: argparse.Namespace) -> int:
     return 0
 
 
+def batch_size(args: argparse.Namespace) -> int:
+    """Which batch size: predicted steps, samples and time to the config's target for every batch, from one short
+    run's noise scale and the device's time per step."""
+    from harness.bench import batch_size as finder
+    from harness.core.checkpoint import check_writable_dir
+
+    finder.check_arguments(args.batch, args.lr, args.every, args.window, args.max_steps, args.max_batch)
+    device = checked_device(args.device)
+    cfg = load_config(args.config, args.overrides)
+    finder.check_config(cfg, args.batch or cfg.optim.global_batch_size)
+    check_writable_dir(Path(args.out), "--out")
+    if args.json:
+        check_output_file(args.json, "--json")
+    if not args.no_mlflow:
+        uri = checked_uri(args, server=True)
+        check_experiment(uri, args.experiment)
+    result = finder.run_finder(cfg, device, args.batch, args.lr, args.lr_rule, args.every, args.window,
+                               args.max_steps, args.max_batch, measure_hardware=not args.no_hardware)
+    say("", finder.format_answer(result))
+    files = finder.write_outputs(result, Path(args.out) / f"batch-size-{device.type}-{cfg.name}")
+    say(*[f"  {path}" for path in files])
+    if not args.no_mlflow:
+        say(f"MLflow run {finder.record(uri, args.experiment, result, files, args.config)}")
+    write_result_json(result, args.json, f"the answer is kept in {files[0]}")
+    return 0
+
+
 def scaling(args: argparse.Namespace) -> int:
     """When data parallelism pays: the cost model's table (or, with --measure, its check on this machine)."""
     from harness.bench import scaling as model
@@ -386,6 +413,25 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--tracking-uri", help=URI_HELP)
     cap.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment of the new run")
     cap.add_argument("--no-mlflow", action="store_true", help="write the table, JSON and plot only")
+    bsz = command("batch-size", batch_size, "which batch size to use: predicted steps, samples and time to the "
+                  "config's target for every batch, from one short run's noise scale and the device's time per step")
+    add_measure_arguments(bsz, "YAML file: data set, model, optimizer and accuracy targets", "")
+    bsz.add_argument("--batch", type=int, help="the small batch the statistics run trains at (default: the "
+                     "config's optim.global_batch_size)")
+    bsz.add_argument("--lr", type=float, help="its LR (default: the config's optim.lr): about the tuned one at --batch")
+    bsz.add_argument("--lr-rule", default="noise", choices=("noise", "sqrt", "linear", "none"),
+                     help="the LR column: noise (McCandlish et al.: lr (1 + B_crit/B0) / (1 + B_crit/B)), sqrt, "
+                     "linear or none, from --lr at --batch")
+    bsz.add_argument("--every", type=int, default=25, help="steps between noise readings")
+    bsz.add_argument("--window", type=int, default=4, help="consecutive steps each reading averages")
+    bsz.add_argument("--max-steps", type=int, help="step budget when a target is not reached (default: the "
+                     "config's epochs)")
+    bsz.add_argument("--max-batch", type=int, default=8192, help="largest candidate batch (and capacity's)")
+    bsz.add_argument("--no-hardware", action="store_true", help="skip the time per step: statistics only")
+    bsz.add_argument("--out", default="reports", help="folder for the files (subfolder batch-size-<device>-<config>)")
+    bsz.add_argument("--tracking-uri", help=URI_HELP)
+    bsz.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment of the new run")
+    bsz.add_argument("--no-mlflow", action="store_true", help="print and write the files only")
     sca = command("scaling", scaling, "when data parallelism pays: time per step, throughput and efficiency "
                   "against world size and link, from measured step times (a cost model); --measure checks it "
                   "against 2 real gloo processes here")
@@ -434,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exits_on_input_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("gradcheck", "bench", "interpolate", "capacity", "scaling"):
+    if args.command in ("gradcheck", "bench", "interpolate", "capacity", "scaling", "batch-size"):
         import torch
 
         torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -328,3 +328,31 @@ def capacity(result: dict, path: Path) -> Path:
     step_ax.set(title=f"Time per step, {result['device_name'][:40]}", ylabel="ms per step")
     sample_ax.set(title="Time per sample", ylabel="µs per sample")
     return _finish(fig, path, step_ax, sample_ax, fontsize=8)
+
+
+def batch_size_answer(result: dict, path: Path) -> Path:
+    """``harness batch-size``'s figure: per target, predicted steps against the batch size (log-log, S_min and
+    B_crit marked, the measured run's point), and predicted time to the target where time per step was
+    measured. ``result``: bench/batch_size.py's."""
+    fig, (steps_ax, wall_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, answer in enumerate(result["answers"]):
+        rows = answer["rows"]
+        label = f"to {answer['target']:g}" if answer["target"] is not None else f"to step {answer['measured_steps']}"
+        batches = [r["batch_size"] for r in rows]
+        steps_ax.plot(batches, [r["steps"] for r in rows], marker="o", color=f"C{k}", label=f"predicted {label}")
+        steps_ax.axhline(answer["s_min"], color=f"C{k}", linestyle=":", linewidth=1)
+        steps_ax.axvline(answer["b_crit"], color=f"C{k}", linestyle="--", linewidth=1,
+                         label=f"B_crit ~ {answer['b_crit']:.0f}")
+        steps_ax.plot([result["batch"]], [answer["measured_steps"]], marker="*", markersize=12, color=f"C{k}",
+                      linestyle="none", label=f"measured at batch {result['batch']}")
+        timed = [r for r in rows if r["wall_s"] is not None]
+        if timed:
+            wall_ax.plot([r["batch_size"] for r in timed], [r["wall_s"] for r in timed], marker="o", color=f"C{k}",
+                         label=label)
+    for ax in (steps_ax, wall_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+    steps_ax.set(title="Predicted steps to target (S_min dotted)", ylabel="steps")
+    wall_ax.set(title=f"Predicted time to target, {result['device']}", ylabel="seconds (steps x time per step)")
+    return _finish(fig, path, steps_ax, wall_ax, fontsize=7)
