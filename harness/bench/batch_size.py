@@ -13,8 +13,9 @@ Two measurements, then an answer (harness/analysis/batch_prediction.py):
 
 The answer per target: each candidate batch's predicted steps, samples, LR, time per step and time to
 the target; the batch with the least predicted time, the one with the fewest samples, and which limit
-binds. The noise scale used is B_simple, which McCandlish et al. use for B_noise where the Hessian is
-not known (it equals B_noise where the Hessian is a multiple of the identity).
+binds, by the noise scale at the target and (beside it) integrated over training
+(harness/analysis/batch_prediction.py). The noise scale used is B_simple, which McCandlish et al. use for
+B_noise where the Hessian is not known (it equals B_noise where the Hessian is a multiple of the identity).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from harness.analysis.batch_prediction import NoiseReading, predict, recommend
+from harness.analysis.batch_prediction import NoiseReading, at_target, predict, recommend
 from harness.console import say
 from harness.core.config import Config
 from harness.core.data import load_dataset
@@ -49,7 +50,7 @@ EVALUATIONS_PER_READING = 5  # the held-out accuracy is checked this many times 
 class RunReadings:
     """What the small-batch run measured."""
 
-    readings: list[dict]  # {step, b_noise, b_simple_over_n, resolved}
+    readings: list[dict]  # {step, b_noise, b_simple_over_n, resolved, trace, grad_sq}
     crossings: dict[float, int]  # target -> first step whose held-out accuracy reached it
     steps: int  # steps trained
     reached_all: bool
@@ -140,7 +141,12 @@ def _reading(step: int, window_sums: list[tuple[float, float]], count: int) -> d
     population = population_noise_scale(trace, quadratic, count)
     resolved = math.isfinite(population) and population > 0
     return {"step": step, "b_noise": population if resolved else over_n, "b_simple_over_n": over_n,
-            "resolved": resolved}
+            "resolved": resolved, "trace": trace, "grad_sq": quadratic}
+
+
+def len_noise_samples(cfg: Config) -> int:
+    """How many training samples the noise readings use."""
+    return min(cfg.metrics.exact_noise_samples, cfg.train_set_size)
 
 
 def candidate_batches(smallest: int, largest: int) -> list[int]:
@@ -158,6 +164,7 @@ def run_finder(cfg: Config, device: torch.device, batch: Optional[int] = None, l
     batch = batch or cfg.optim.global_batch_size
     lr = lr or cfg.optim.lr
     check_config(cfg, batch)
+    cfg = cfg.replace(**{"performance.cuda_graph": cfg.performance.cuda_graph and device.type == "cuda"})
     budget = max_steps or cfg.train.epochs * math.ceil(cfg.train_set_size / batch)
     say(f"batch-size: statistics: {cfg.name} at batch {batch}, LR {lr:g}, the noise scale every {every} steps, "
         f"up to held-out accuracy {', '.join(f'{t:g}' for t in sorted(cfg.metrics.accuracy_targets)) or '-'} "
@@ -180,7 +187,8 @@ def run_finder(cfg: Config, device: torch.device, batch: Optional[int] = None, l
         if not readings:
             continue
         prediction = predict(readings, end_step, batch, lr, candidate_batches(min(16, batch), largest_candidate),
-                             lr_rule, step_seconds, capacity["largest_batch"] if capacity else None)
+                             lr_rule, step_seconds, capacity["largest_batch"] if capacity else None,
+                             at_target(run.readings, end_step, len_noise_samples(cfg)))
         answer = recommend(prediction, capacity["flat_until_batch"] if capacity else None,
                            capacity["largest_batch"] if capacity else None)
         answers.append({"target": target, "measured_steps": end_step, **prediction, **answer})
@@ -198,12 +206,13 @@ def format_answer(result: dict) -> str:
     for answer in result["answers"]:
         what = f"held-out accuracy {answer['target']:g}" if answer["target"] is not None else \
             f"step {answer['measured_steps']} of the run at batch {result['batch']}"
-        lines += [f"To {what}: critical batch ~ {answer['b_crit']:.0f} (S_min {answer['s_min']:.0f} steps, "
-                  f"E_min {answer['e_min']:.0f} samples). Fastest predicted: batch {answer['fastest_batch']}; "
-                  f"fewest samples: batch {answer['fewest_samples_batch']}. {answer['binds'][0].upper()}"
+        lines += [f"To {what}: critical batch ~ {answer['b_crit']:.0f}, the noise scale at the target (S_min "
+                  f"{answer['s_min']:.0f} steps, E_min {answer['e_min']:.0f} samples; integrated over training: "
+                  f"{answer['b_crit_integrated']:.0f}). Fastest predicted: batch {answer['fastest_batch']}; fewest "
+                  f"samples: batch {answer['fewest_samples_batch']}. {answer['binds'][0].upper()}"
                   f"{answer['binds'][1:]}.", "",
                   "| batch | predicted steps | samples | LR (" + result["lr_rule"] + " rule) | ms/step | predicted "
-                  "time to target | |", "|---|---|---|---|---|---|---|"]
+                  "time to target | steps (integrated) | |", "|---|---|---|---|---|---|---|---|"]
         for row in answer["rows"]:
             marks = [label for label, batch in (("measured run", result["batch"]), ("fastest", answer["fastest_batch"]),
                                                 ("fewest samples", answer["fewest_samples_batch"]))
@@ -213,7 +222,7 @@ def format_answer(result: dict) -> str:
             step_ms = "-" if row["step_s"] is None else f"{row['step_s'] * 1e3:.3g}"
             wall = "-" if row["wall_s"] is None else f"{row['wall_s']:.3g} s"
             lines.append(f"| {row['batch_size']} | {row['steps']:.0f} | {row['samples']:.3g} | {row['lr']:.4g} | "
-                         f"{step_ms} | {wall} | {', '.join(marks)} |")
+                         f"{step_ms} | {wall} | {row['steps_integrated']:.0f} | {', '.join(marks)} |")
         lines.append("")
     unresolved = sum(not r["resolved"] for r in result["run"]["readings"])
     if unresolved:
@@ -250,8 +259,8 @@ def record(uri: str, experiment: str, result: dict, files: list[Path], config_pa
               "window": result["window"], "noise_samples": result["noise_samples"]}
     metrics = [(METRIC_PREFIX + key, float(row[key]), row["batch_size"]) for row in last["rows"]
                for key in ("steps", "samples", "lr", "step_s", "wall_s") if row[key] is not None]
-    metrics += [(METRIC_PREFIX + key, float(last[key]), 0) for key in ("b_crit", "s_min", "e_min")
-                if last[key] is not None]
+    metrics += [(METRIC_PREFIX + key, float(last[key]), 0) for key in ("b_crit", "s_min", "e_min",
+                                                                        "b_crit_integrated") if last[key] is not None]
     metrics += [(METRIC_PREFIX + key, float(last[key]), 0) for key in ("fastest_batch", "fewest_samples_batch")
                 if last[key] is not None]
     metrics += [(METRIC_PREFIX + "noise_reading", float(r["b_noise"]), r["step"]) for r in result["run"]["readings"]]

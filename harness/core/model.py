@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Set on a model built with model.output "loss" (an attribute, not state: checkpoints do not see it).
-RETURNS_LOSS = "harness_returns_loss"
+from harness.measure.objective import RETURNS_LOSS, returns_loss
 
 ACTIVATION_MODULES = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -48,11 +47,6 @@ def build_model(cfg) -> nn.Module:
             setattr(model, RETURNS_LOSS, cfg.model.output == "loss")
             return model
         return MLP(cfg.layer_sizes, cfg.model.activation)
-
-
-def returns_loss(model: nn.Module) -> bool:
-    """Does ``model`` (or the module a DistributedDataParallel wraps) return its own mean loss, not logits?"""
-    return bool(getattr(getattr(model, "module", model), RETURNS_LOSS, False))
 
 
 def summed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

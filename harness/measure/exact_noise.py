@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from harness.core.model import returns_loss
+from harness.measure.objective import returns_loss
 
 
 # loss_fn(outputs, targets) -> the mean loss over the batch, as F.cross_entropy returns by default.

@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, seeded_store
-from harness.analysis.batch_prediction import (NoiseReading, lr_for, minimum_steps_and_samples, predict,
+from harness.analysis.batch_prediction import (NoiseReading, at_target, lr_for, minimum_steps_and_samples, predict,
                                                predicted_steps, recommend, step_seconds_at)
 from harness.bench.batch_size import read_noise_along_training
 from harness.core.config import load_config
@@ -110,3 +110,17 @@ def test_the_command_prints_the_answer_and_records_it_as_a_finished_mlflow_run(t
         16, 32, 64, 128, 256]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "batch-size")} == {
         "batch-size/batch-size.json", "batch-size/batch-size.png"}
+
+
+def test_at_the_target_the_noise_scale_is_the_last_stretchs_mean_trace_over_its_mean_gradient():
+    """The last 20% of the steps' readings, their tr(Sigma) and |G|^2 averaged, corrected for N samples; the
+    steps follow S(B) = S(B0) (1 + B_t / B) / (1 + B_t / B0), the run's own count at B0."""
+    readings = [{"step": s, "trace": 10.0 + s, "grad_sq": 1.0, "b_noise": 10.0 + s} for s in range(0, 100, 10)]
+    trace = (90 + 100) / 2  # steps 80 and 90 lie in the last 20% of 100 steps
+    expected = population_noise_scale(trace, 1.0, 1000)
+    assert at_target(readings, 100, 1000) == pytest.approx(expected, rel=1e-12)
+    result = predict([NoiseReading(r["step"], r["b_noise"]) for r in readings], 100, 32, 0.1, [32, 4096], "noise",
+                     b_at_target=expected)
+    steps = {r["batch_size"]: r["steps"] for r in result["rows"]}
+    assert steps[32] == pytest.approx(100) and result["b_crit"] == expected
+    assert steps[4096] == pytest.approx(100 * (1 + expected / 4096) / (1 + expected / 32))

@@ -15,7 +15,8 @@ import torch
 
 from harness.core.backprop import autograd_backward
 from harness.core.distributed import DistContext
-from harness.core.model import MLP, RETURNS_LOSS
+from harness.core.model import MLP
+from harness.measure.objective import RETURNS_LOSS
 from harness.core import noise_probe as grad_noise
 from harness.measure.exact_noise import exact_noise_scale, population_noise_scale
 from harness.core.noise_probe import NoiseProbe
