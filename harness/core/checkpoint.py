@@ -38,12 +38,22 @@ KEEP_NEWEST = 2
 _NOT_FINGERPRINTED = ("name", "tracking", "checkpoint", "sweep", "trial", "metrics", "performance", "train.epochs",
                       "train.max_steps", "train.progress", "train.eval_batch_size", "train.device",
                       "train.target_train_loss", "train.race_stop", "train.race_best_steps",
-                      "optim.micro_batch_size")
+                      "optim.micro_batch_size", "data.resident")
+# Keys that change nothing at these values: left out there, so a checkpoint written before they existed
+# still resumes.
+_FINGERPRINTED_UNLESS = {"model.output": "logits", "optim.batch_schedule": "constant"}
+_ONLY_WITH = {"optim.batch_schedule": ("optim.batch_steps", "optim.batch_noise_every", "optim.batch_noise_multiple",
+                                       "optim.max_global_batch_size", "optim.batch_lr_rule")}
 
 
 def config_fingerprint(cfg: Config) -> str:
     raw = cfg.to_dict()
-    for key in _NOT_FINGERPRINTED:
+    dropped = list(_NOT_FINGERPRINTED)
+    for key, inert in _FINGERPRINTED_UNLESS.items():
+        section, _, leaf = key.rpartition(".")
+        if raw[section].get(leaf) == inert:
+            dropped += [key, *_ONLY_WITH.get(key, ())]
+    for key in dropped:
         section, _, leaf = key.rpartition(".")  # a top-level key or one a section deep
         (raw[section] if section else raw).pop(leaf, None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]

@@ -114,6 +114,12 @@ FACTORY_EXPECTED = '"package.module:function" (a module importable from the work
 FactoryPath = Annotated[str, Field(pattern=FACTORY_PATTERN), Expect(FACTORY_EXPECTED)]
 
 
+# (step, global batch) pairs: YAML lists of two positive integers, held as tuples.
+BatchSteps = Annotated[Any, BeforeValidator(lambda value: tuple(tuple(p) if isinstance(p, list) else p for p in value)
+                                            if isinstance(value, list) else value),
+                       check(lambda v: None if isinstance(v, tuple) and v and all(
+                           isinstance(p, tuple) and len(p) == 2 and all(type(n) is int and n > 0 for n in p)
+                           for p in v) else "a non-empty list of [step, batch] pairs of positive integers")]
 Betas = list_of(float, check(lambda v: None if len(v) == 2 and all(0 <= b < 1 for b in v)
                              else "two numbers in [0, 1)"))
 
@@ -187,6 +193,22 @@ class OptimConfig(ConfigModel):
     # this many samples summed into one update, so a batch larger than the device holds trains as
     # one batch would. None: one pass per step.
     micro_batch_size: Optional[PositiveInt] = None
+    # A global batch that changes during the run (core/batch_schedule.py): "constant" (global_batch_size
+    # throughout); "steps": batch_steps' (step, batch) pairs, each batch from its step on; "noise_scale":
+    # every batch_noise_every steps the exact B_simple on metrics.exact_noise_samples training samples,
+    # and the batch grows to the largest power of two at most batch_noise_multiple x B_simple (never
+    # shrinking; capped by max_global_batch_size and the training set). The LR follows each step's batch
+    # by batch_lr_rule from lr at global_batch_size.
+    batch_schedule: Literal["constant", "steps", "noise_scale"] = "constant"
+    batch_steps: Optional[BatchSteps] = None
+    batch_noise_every: PositiveInt = 50
+    batch_noise_multiple: PositiveFloat = 1.0
+    max_global_batch_size: Optional[PositiveInt] = None
+    batch_lr_rule: Literal["sqrt", "linear", "none"] = "sqrt"
+
+    @property
+    def batch_grows(self) -> bool:
+        return self.batch_schedule != "constant"
 
 
 class TrainConfig(ConfigModel):
@@ -457,6 +479,8 @@ def check_world_size(cfg: Config, world_size: int) -> None:
     for size in sizes:
         check_divisible_by_world_size(key, size, world_size)
         check_micro_batch(cfg.optim.micro_batch_size, key, size, world_size)
+    for _, size in cfg.optim.batch_steps or () if cfg.optim.batch_schedule == "steps" else ():
+        check_divisible_by_world_size("optim.batch_steps", size, world_size)
 
 
 def check_micro_batch(micro_batch_size: Optional[int], key: str, global_batch_size: int, world_size: int) -> None:
@@ -489,6 +513,8 @@ def _check_cross_field(cfg: Config) -> None:
                          "train.stop_at_target true; expected at most one stopping rule (train.stop_at_target false)")
     if cfg.model.output == "loss":
         _check_loss_output(cfg)
+    if cfg.optim.batch_grows:
+        _check_batch_schedule(cfg)
     if cfg.model.factory is not None and cfg.train.grad_engine == "manual":
         raise InputError(f"train.grad_engine: manual with model.factory {cfg.model.factory}; the hand-written "
                          "backward is the note's MLP's; expected grad_engine autograd")
@@ -512,6 +538,36 @@ def _check_cross_field(cfg: Config) -> None:
                              f"({cfg.train_set_size} samples); expected <= {cfg.train_set_size}")
         # One rank's view, at load: what W ranks need is checked again by check_world_size.
         check_micro_batch(cfg.optim.micro_batch_size, key, size, 1)
+    for _, size in cfg.optim.batch_steps or () if cfg.optim.batch_schedule == "steps" else ():
+        if size > cfg.train_set_size:
+            raise InputError(f"optim.batch_steps: batch {size} is larger than the training set "
+                             f"({cfg.train_set_size} samples); expected <= {cfg.train_set_size}")
+
+
+def _check_batch_schedule(cfg: Config) -> None:
+    """A batch that changes during a run: what it needs, and what it cannot run with, each one line."""
+    optim, schedule = cfg.optim, cfg.optim.batch_schedule
+    if schedule == "steps":
+        pairs = optim.batch_steps or ()
+        if not pairs:
+            raise InputError("optim.batch_steps: null with optim.batch_schedule steps; expected (step, batch) pairs, "
+                             "e.g. [[500, 256], [2000, 1024]]")
+        steps = [step for step, _ in pairs]
+        if steps != sorted(set(steps)):
+            raise InputError(f"optim.batch_steps: steps {steps}; expected increasing steps")
+    elif cfg.metrics.exact_noise_samples is None or cfg.metrics.exact_noise_samples < 2:
+        raise InputError("metrics.exact_noise_samples: null with optim.batch_schedule noise_scale, which reads the "
+                         "exact B_simple on that many training samples; expected a number >= 2 (e.g. 1024)")
+    if cfg.sweep and cfg.sweep.stacks:
+        raise InputError(f"sweep.stack_trials: {cfg.sweep.stack_trials} with optim.batch_schedule {schedule}: a "
+                         "stack's members share one batch at every step; expected stack_trials 1")
+    if optim.micro_batch_size is not None:
+        raise InputError(f"optim.micro_batch_size: {optim.micro_batch_size} with optim.batch_schedule {schedule}; "
+                         "expected null (accumulation plans a fixed batch)")
+    if optim.schedule != "constant" or optim.warmup_epochs > 0:
+        raise InputError(f"optim.schedule: {optim.schedule} (warmup_epochs {optim.warmup_epochs:g}) with "
+                         f"optim.batch_schedule {schedule}, whose LR follows the batch; expected schedule constant "
+                         "and warmup_epochs 0")
 
 
 def _check_loss_output(cfg: Config) -> None:

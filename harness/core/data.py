@@ -17,7 +17,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -322,13 +322,19 @@ class BatchPlan:
     rank: int = 0
     world_size: int = 1
     drop_last: bool = False
+    # A batch that changes during the run (core/batch_schedule.py): asked before each step for the global
+    # batch it takes; steps then walk the permutation by their own sizes until it is used up.
+    batch_now: Optional[Callable[[], int]] = None
 
     def __post_init__(self):
         check_divisible_by_world_size("optim.global_batch_size", self.global_batch_size, self.world_size)
 
     @property
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.num_samples, self.global_batch_size, self.drop_last)
+        """An epoch's steps; with ``batch_now``, at the batch it gives now (a batch that changes mid-epoch
+        makes the epoch's count another)."""
+        batch = self.global_batch_size if self.batch_now is None else self.batch_now()
+        return steps_per_epoch(self.num_samples, batch, self.drop_last)
 
     def permutation(self, epoch: int, device=None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -338,7 +344,21 @@ class BatchPlan:
     def local_batches(self, epoch: int, device=None) -> Iterator[tuple[torch.Tensor, int]]:
         """Yield ``(local indices, global batch size)`` for every step of ``epoch``."""
         perm = self.permutation(epoch, device)
+        if self.batch_now is not None:
+            yield from self._scheduled_batches(perm)
+            return
         for step in range(self.steps_per_epoch):
             global_batch = perm[step * self.global_batch_size:(step + 1) * self.global_batch_size]
             # Equal pieces for a full batch; for the last, smaller one they differ by at most one sample.
+            yield torch.tensor_split(global_batch, self.world_size)[self.rank], len(global_batch)
+
+    def _scheduled_batches(self, perm: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
+        """``local_batches`` with the global batch of each step asked of ``batch_now``."""
+        start = 0
+        while start < self.num_samples:
+            size = self.batch_now()
+            if self.drop_last and start + size > self.num_samples:
+                return
+            global_batch = perm[start:start + size]
+            start += size
             yield torch.tensor_split(global_batch, self.world_size)[self.rank], len(global_batch)

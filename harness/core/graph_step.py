@@ -40,6 +40,8 @@ def graph_unavailable_reason(cfg: Config, ctx: DistContext, features_device: Opt
     ``features_device``: where the training samples live, when known."""
     if ctx.device.type != "cuda":
         return f"the device is {ctx.device.type}, and CUDA graphs need a CUDA device"
+    if cfg.optim.batch_grows:
+        return f"optim.batch_schedule {cfg.optim.batch_schedule!r} changes the batch's shape, which a graph fixes"
     if features_device is not None and features_device != ctx.device:
         # A graph replays the gather it captured; a batch gathered in host memory is not part of it.
         return (f"the samples stay in host memory (data.resident {cfg.data.resident!r}), and a graph step "

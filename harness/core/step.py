@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness import faults
 from harness.core.backprop import autograd_backward, manual_backward
+from harness.core.batch_schedule import lr_factor
 from harness.core.config import Config, steps_per_epoch
 from harness.core.data import Split
 from harness.core.graph_step import WARMUP_STEPS, WARMUP_STEPS_DDP, CapturableStep
@@ -69,6 +70,7 @@ class EagerStep(CapturableStep):
         # What a graph step (core/graph_step.py) wrapping this one needs: the full batch it replays, and how
         # many eager steps warm up first (PyTorch's notes ask for 11 DDP iterations before capture).
         self.global_batch_size = cfg.optim.global_batch_size
+        self.batch_lr_rule = cfg.optim.batch_lr_rule if cfg.optim.batch_grows else None
         self.graph_warmup_steps = WARMUP_STEPS_DDP if self._under_ddp else WARMUP_STEPS
         self._steps_per_epoch = steps_per_epoch(len(train_set), cfg.optim.global_batch_size, cfg.train.drop_last)
 
@@ -76,8 +78,10 @@ class EagerStep(CapturableStep):
         if self.micro_batch_size is not None:
             epoch, step = divmod(global_step, self._steps_per_epoch)
             self.fault_epoch = epoch + 1 if step == self._steps_per_epoch // 2 else None
-        return self.step_body(indices, global_batch_size, self.schedule.lr(global_step),
-                              self.should_measure(global_batch_size, global_step))
+        lr = self.schedule.lr(global_step)
+        if self.batch_lr_rule is not None:  # a batch that changes: the LR follows this step's batch
+            lr = lr * lr_factor(self.batch_lr_rule, global_batch_size, self.global_batch_size)
+        return self.step_body(indices, global_batch_size, lr, self.should_measure(global_batch_size, global_step))
 
     def step_body(self, indices: torch.Tensor, global_batch_size: int, lr: torch.Tensor,
                   measure: bool) -> torch.Tensor:

@@ -26,6 +26,7 @@ from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import DistContext, all_reduce_sum
 from harness.core.epoch_bar import LossPostfix, epoch_bar
+from harness.core.batch_schedule import epoch_steps_bound
 from harness.core.evaluation import (Race, RunCounters, StepEvaluations, TrainingClock, evaluate_members,
                                      synchronized_now, time_metrics, timed)
 from harness.core.sharpness import SharpnessReadings, sharpness_cost_metrics
@@ -213,7 +214,8 @@ def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHoo
     # resumed epoch holds fewer steps and no epoch left.
     first = in_engine[0]
     global_step = first.counters.global_step
-    budget = first.cfg.step_budget(engine.steps_per_epoch)  # the run's last step, the same for every member
+    # The run's last step, the same for every member.
+    budget = first.cfg.step_budget(epoch_steps_bound(first.cfg, first.trainer.plan))
     replay = Replay(engine, first.cfg.metrics.noise_window_steps)
     for epoch in range(first_epoch(first.cfg, first.counters), first.cfg.total_epochs + 1):
         if not in_engine:
@@ -258,6 +260,8 @@ def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: i
             for m in in_engine:
                 m.steps += 1
                 m.samples += local_samples
+                if m.trainer.batch_schedule is not None:
+                    _follow_batch_schedule(m, done)
                 if m.evals.after_step(done, global_batch_size):
                     m.training = False  # its run stops here (its training-loss target, or out of the race)
             _settle_crossings(replay, in_engine, done)
@@ -271,6 +275,20 @@ def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: i
                 replay.checked_below(done)
     _bank(loss_sum, in_engine)
     return in_engine
+
+
+def _follow_batch_schedule(m: Member, steps_done: int) -> None:
+    """The member's batch from step ``steps_done`` on (optim.batch_schedule): where it changes, one line and
+    ``by_step/batch_size`` at that step."""
+    schedule = m.trainer.batch_schedule
+    before = schedule.current
+    after = schedule.after_step(steps_done)
+    if after is None:
+        return
+    noise = f", B_simple {schedule.last_noise_scale:.0f}" if schedule.last_noise_scale is not None else ""
+    say(f"[{m.cfg.name}] step {steps_done}: global batch {before} -> {after}{noise}", ctx=m.trainer.ctx)
+    with timed(m.counters, "tracking_seconds", m.trainer.ctx.device):
+        m.tracker.log_metrics({"by_step/batch_size": float(after)}, step=steps_done)
 
 
 def _settle_crossings(replay: Replay, in_engine: list[Member], global_step: int) -> None:
@@ -368,12 +386,14 @@ def _begin(m: Member, dataset: Dataset, hooks: RunHooks, clock: TrainingClock, r
     m.sharp = SharpnessReadings(m.cfg, ctx, trainer.model, trainer.train_set, m.counters,
                                 trainer.train_step.on_training_stream)
     m.result = RunResult(m.run_id, m.counters.epoch, m.counters.global_step)
-    steps_per_epoch = trainer.plan.steps_per_epoch
+    steps_per_epoch = epoch_steps_bound(m.cfg, trainer.plan)
     m.evals = StepEvaluations(m.cfg, ctx, trainer.model, dataset.validation, trainer.train_set, trainer.noise_probe,
                               m.counters, m.cfg.step_budget(steps_per_epoch), steps_per_epoch, m.sharp,
                               clock=clock, race=race)
     if m.state is not None:
         return
+    if trainer.batch_schedule is not None:
+        m.tracker.log_metrics({"by_step/batch_size": float(trainer.batch_schedule.current)}, step=0)
     if m.sharp.periodic:  # step 0, before the first update, logged before epoch 0 is saved
         m.sharp.read(0)
         with timed(m.counters, "tracking_seconds", ctx.device):

@@ -20,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from harness.console import say
+from harness.core.batch_schedule import BatchSchedule, build_batch_schedule
 from harness.core.checkpoint import config_fingerprint
 from harness.core.config import Config
 from harness.core.data import BatchPlan, Dataset, Split
@@ -47,6 +48,7 @@ class Trainer:
     schedule: Schedule
     train_step: object
     noise_probe: Optional[NoiseProbe] = None
+    batch_schedule: Optional[BatchSchedule] = None  # a batch that changes during the run
 
 
 class SingleRun:
@@ -54,7 +56,10 @@ class SingleRun:
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
-        self.steps_per_epoch = trainer.plan.steps_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.trainer.plan.steps_per_epoch
 
     def local_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, int]]:
         return self.trainer.plan.local_batches(epoch, self.trainer.ctx.device)
@@ -96,8 +101,10 @@ def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
     if probe:
         probe.attach(model)
     optimizer = Optimizer([cfg.optim], [p.view(1, -1) for p in unwrap(model).parameters()])
+    batch_schedule = build_batch_schedule(cfg, ctx, model, dataset.train)
     plan = BatchPlan(num_samples=len(dataset.train), global_batch_size=cfg.optim.global_batch_size, seed=cfg.seed,
-                     rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last)
+                     rank=ctx.rank, world_size=ctx.world_size, drop_last=cfg.train.drop_last,
+                     batch_now=(lambda: batch_schedule.current) if batch_schedule else None)
     schedule = Schedule.of([cfg], plan.steps_per_epoch, ctx.device)
     train_step: EagerStep | GraphStep = EagerStep(cfg, ctx, model, optimizer, dataset.train, schedule, probe)
     if graph_stream is not None:
@@ -105,7 +112,7 @@ def build_trainer(cfg: Config, ctx: DistContext, dataset: Dataset) -> Trainer:
     elif no_graph_reason:
         say(f"[{cfg.name}] performance.cuda_graph: running the eager step instead, because {no_graph_reason}",
             ctx=ctx)
-    return Trainer(cfg, ctx, model, optimizer, plan, dataset.train, schedule, train_step, probe)
+    return Trainer(cfg, ctx, model, optimizer, plan, dataset.train, schedule, train_step, probe, batch_schedule)
 
 
 def checkpoint_state(trainer: Trainer, counters: RunCounters, run_id: Optional[str],
@@ -117,6 +124,7 @@ def checkpoint_state(trainer: Trainer, counters: RunCounters, run_id: Optional[s
             "launch_id": launch_id,  # which launch wrote it: a torchrun restart resumes only its own
             "epoch": counters.epoch, "global_step": counters.global_step, "counters": vars(counters).copy(),
             "noise_probe": trainer.noise_probe.state_dict() if trainer.noise_probe else None,
+            "batch_schedule": trainer.batch_schedule.state_dict() if trainer.batch_schedule else None,
             "rng_cpu": torch.get_rng_state(), "run_id": run_id,
             "config_fingerprint": config_fingerprint(trainer.cfg),
             # The resolved config: what another run needs to start from this one's weights
@@ -131,6 +139,8 @@ def load_state(trainer: Trainer, state: dict) -> RunCounters:
     torch.set_rng_state(state["rng_cpu"])
     if trainer.noise_probe and state.get("noise_probe"):
         trainer.noise_probe.load_state_dict(state["noise_probe"])
+    if trainer.batch_schedule and state.get("batch_schedule"):
+        trainer.batch_schedule.load_state_dict(state["batch_schedule"])
     return RunCounters(**state["counters"])
 
 
