@@ -309,6 +309,18 @@ def interpolation(rows: list[dict[str, float]], path: Path, label_a: str, label_
     return _finish(fig, path, loss_ax, acc_ax, fontsize=8)
 
 
+def json_and_figure(result: dict, directory: Path, stem: str, draw) -> list[Path]:
+    """A measuring command's result as ``<stem>.json`` and its figure ``draw(result, path)`` as ``<stem>.png`` in
+    ``directory``: the files its MLflow run carries."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = [directory / f"{stem}.json", directory / f"{stem}.png"]
+    files[0].write_text(json.dumps(result, indent=2))
+    draw(result, files[1])
+    return files
+
+
 def capacity(result: dict, path: Path) -> Path:
     """``harness capacity``'s figure, log-log: time per step and time per sample against the batch size,
     with the end of the flat range and the largest measured batch marked. ``result``: bench/capacity.py's."""

@@ -20,7 +20,6 @@ B_noise where the Hessian is not known (it equals B_noise where the Hessian is a
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -238,11 +237,7 @@ def write_outputs(result: dict, directory: Path) -> list[Path]:
     """The JSON and the figure in ``directory``; the files for MLflow."""
     from harness.analysis import plots  # matplotlib only where a figure is drawn
 
-    directory.mkdir(parents=True, exist_ok=True)
-    files = [directory / "batch-size.json", directory / "batch-size.png"]
-    files[0].write_text(json.dumps(result, indent=2))
-    plots.batch_size_answer(result, files[1])
-    return files
+    return plots.json_and_figure(result, directory, "batch-size", plots.batch_size_answer)
 
 
 def record(uri: str, experiment: str, result: dict, files: list[Path], config_path: str) -> str:

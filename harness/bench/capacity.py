@@ -16,7 +16,6 @@ The figure is harness/analysis/plots.py's ``capacity``.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -210,11 +209,7 @@ def write_outputs(result: dict, directory: Path) -> list[Path]:
     """The JSON and the plot in ``directory``; the files for MLflow."""
     from harness.analysis import plots  # matplotlib only where a figure is drawn
 
-    directory.mkdir(parents=True, exist_ok=True)
-    files = [directory / "capacity.json", directory / "capacity.png"]
-    files[0].write_text(json.dumps(result, indent=2))
-    plots.capacity(result, files[1])
-    return files
+    return plots.json_and_figure(result, directory, "capacity", plots.capacity)
 
 
 def record(uri: str, experiment: str, result: dict, files: list[Path], config_path: str) -> str:
