@@ -40,7 +40,8 @@ class NoiseReading:
 def at_target(readings: Sequence[dict], end_step: int, count: int, stretch: float = TARGET_STRETCH) -> float:
     """The noise scale over the last ``stretch`` of the steps before ``end_step`` (at least the last two
     readings): the readings' mean tr(Sigma) over their mean |G|^2, corrected for ``count`` samples
-    (``population_noise_scale``; the uncorrected ratio, a lower bound, where nothing is left of |G|^2).
+    (``population_noise_scale``; the uncorrected ratio, a lower bound, where that leaves nothing or more than
+    ``count``: N samples do not resolve it).
     ``readings``: dicts with step, trace, grad_sq."""
     from harness.measure.exact_noise import population_noise_scale
 
@@ -51,7 +52,7 @@ def at_target(readings: Sequence[dict], end_step: int, count: int, stretch: floa
     trace = sum(r["trace"] for r in last) / len(last)
     quadratic = sum(r["grad_sq"] for r in last) / len(last)
     population = population_noise_scale(trace, quadratic, count)
-    return population if math.isfinite(population) and population > 0 else trace / quadratic
+    return population if math.isfinite(population) and 0 < population <= count else trace / quadratic
 
 
 @dataclass(frozen=True)

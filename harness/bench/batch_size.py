@@ -132,13 +132,13 @@ def read_noise_along_training(cfg: Config, device: torch.device, batch: int, lr:
 
 def _reading(step: int, window_sums: list[tuple[float, float]], count: int) -> dict:
     """One noise reading: the window's mean tr(Sigma) over its mean |G|^2, corrected for ``count`` samples;
-    where the correction leaves nothing (|G|^2 within the N-sample noise), the uncorrected ratio, a lower
-    bound, marked unresolved."""
+    where the correction leaves nothing or a value beyond ``count`` (|G|^2 within the N-sample noise: N
+    samples do not resolve it), the uncorrected ratio, a lower bound, marked unresolved."""
     trace = sum(t for t, _ in window_sums) / len(window_sums)
     quadratic = sum(q for _, q in window_sums) / len(window_sums)
     over_n = trace / quadratic if quadratic > 0 else math.inf
     population = population_noise_scale(trace, quadratic, count)
-    resolved = math.isfinite(population) and population > 0
+    resolved = math.isfinite(population) and 0 < population <= count
     return {"step": step, "b_noise": population if resolved else over_n, "b_simple_over_n": over_n,
             "resolved": resolved, "trace": trace, "grad_sq": quadratic}
 

@@ -3,7 +3,8 @@
 ``steps``: ``optim.batch_steps``' (step, batch) pairs, each batch from its step on (global_batch_size
 before the first). ``noise_scale``: every ``optim.batch_noise_every`` steps the exact simple noise scale
 B_simple of the current weights on the first ``metrics.exact_noise_samples`` training samples
-(measure/exact_noise.py, corrected for the sample count), and the batch grows to the largest power of two
+(measure/exact_noise.py, corrected for the sample count; a corrected value beyond that count is not
+resolved by it, and the uncorrected ratio, a lower bound, is used), and the batch grows to the largest power of two
 at most ``batch_noise_multiple`` x B_simple: McCandlish et al.'s adaptive batch, B ~ B_noise, never
 shrinking, capped by ``optim.max_global_batch_size`` and the training set, and kept divisible by the
 world size. Every rank reads the same weights and samples; the ranks' choices are still reduced to one
@@ -74,9 +75,13 @@ class BatchSchedule:
     def _from_noise_scale(self) -> int:
         from harness.core.step import unwrap
 
+        count = len(self.noise_samples)
         sums = gradient_sums(unwrap(self.model), self.noise_samples.features, self.noise_samples.targets).noise_scale()
-        scale = population_noise_scale(sums.trace_cov, sums.grad_sq_norm, len(self.noise_samples))
-        if not (math.isfinite(scale) and scale > 0):  # |G|^2 within the sample's noise: the uncorrected lower bound
+        scale = population_noise_scale(sums.trace_cov, sums.grad_sq_norm, count)
+        # Beyond the sample count the correction divides by what is left of |G|^2 after the N-sample noise,
+        # which may be almost nothing (readings of 10^5 were seen): N samples do not resolve such a scale,
+        # and the uncorrected ratio over them, a lower bound, decides instead.
+        if not (math.isfinite(scale) and 0 < scale <= count):
             scale = sums.b_simple if math.isfinite(sums.b_simple) else float(self.current)
         self.last_noise_scale = scale
         target = self.cfg.optim.batch_noise_multiple * scale
