@@ -352,7 +352,8 @@ def add_measure_arguments(parser: argparse.ArgumentParser, config_help: str, set
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="harness", description="Tools around training runs: check the backward pass, "
+                            "report on a sweep, time the device, find a batch size, serve MLflow.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler, help_: str) -> argparse.ArgumentParser:
