@@ -159,3 +159,20 @@ def test_ray_workers_get_the_folder_each_factory_imports_from_here():
 
     assert import_roots(["tests.user_models:tiny_cnn", None, "examples:anything", "user_models:tiny_cnn"]) == \
         [str(REPO), str(REPO / "tests")]
+
+
+@pytest.mark.parametrize("mode", ["accumulation", "bf16"])
+def test_a_factory_model_trains_with_accumulation_and_bf16_as_the_mlp_does(tmp_path, mode):
+    """Micro-batches of 4 summed into each step of 16 give the one-pass weights (<= 1e-5); a bf16 forward
+    changes them, by less than 2% of their norm (test_precision.py's bound for the MLP)."""
+    weights = []
+    for name, extra in (("one-pass", []), (mode, ["optim.micro_batch_size=4"] if mode == "accumulation"
+                                                 else ["performance.precision=bf16"])):
+        cfg = smoke_config(tmp_path / name, CNN, "model.kwargs={side: 8}", *IMAGES, *extra)
+        weights.append(torch.load(train_run(cfg, DistContext()).checkpoint, weights_only=True)["model"])
+    plain, other = weights
+    if mode == "accumulation":
+        assert max(float((plain[k] - other[k]).abs().max()) for k in plain) <= 1e-5
+    else:
+        assert any(not torch.equal(plain[k], other[k]) for k in plain)
+        assert all(float((other[k] - plain[k]).norm() / plain[k].norm()) < 0.02 for k in plain)
