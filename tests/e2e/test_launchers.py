@@ -68,6 +68,21 @@ def only_run(tmp):
     return client, runs[0]
 
 
+# configs/smoke.yaml from batch 16: the exact B_simple on 256 samples every 4 steps, the batch the largest
+# power of two at most that, up to 256 (seen growing 16 -> 32 -> 64 -> 128 within 3 epochs).
+GROWING = ["optim.global_batch_size=16", "optim.batch_schedule=noise_scale", "optim.batch_noise_every=4",
+           "metrics.exact_noise_samples=256", "optim.max_global_batch_size=256", "metrics.sharpness=false"]
+
+
+def batches_taken(tmp) -> list[tuple[int, float]]:
+    client, run = only_run(tmp)
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "by_step/batch_size"))
+
+
+def set_flags(overrides):
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
 # Logged once, at the end of training (train_loop.sharpness).
 SHARPNESS_METRICS = {"top_hessian_eigenvalue", "bottom_hessian_eigenvalue", "hessian_eigensolver_converged",
                      "hessian_vector_products"}
@@ -196,19 +211,30 @@ def test_a_ray_run_records_the_keys_and_reaches_the_parameters_of_the_loop_that_
     assert worst <= 1e-5, worst
 
 
-def test_ray_worker_sigkilled_while_writing_a_checkpoint_is_restarted_and_resumes_exactly(
-        ray_cluster, ray_job_submitted, tmp_path):
-    """Rank 0 dies while writing epoch 3's checkpoint; Ray Train restarts the workers from epoch 2's.
-    (A kill in the middle of an epoch on Ray: tests/e2e/test_stacked_ray.py.)"""
+def test_ray_worker_sigkilled_while_writing_a_checkpoint_mid_schedule_resumes_to_the_batches_and_weights_of_one_process(
+        ray_cluster, tmp_path, monkeypatch):
+    """Rank 0 dies while writing epoch 3's checkpoint; Ray Train restarts the workers from epoch 2's, whose
+    schedule state says which batch comes next: the batch grows with the noise scale (GROWING), so a restart
+    that lost the state would take other batches. (A kill in the middle of an epoch on Ray:
+    tests/e2e/test_stacked_ray.py.) The note's MLP: a user's CNN's convolutions round with the process's thread
+    count, and at batch 16 and LR up to 0.28 that grows past 1e-5 even between two processes of one launcher."""
+    monkeypatch.syspath_prepend(str(REPO))
+    ray_dir, single_dir = tmp_path / "ray", tmp_path / "single"
+    ray_dir.mkdir(), single_dir.mkdir()
     marker = tmp_path / "killed-checkpoint"
-    ray_job(tmp_path, ray_cluster, "--max-failures", "1", env={"HARNESS_INJECT_FAULT": f"checkpoint:3:0:{marker}"})
+    ray_job(ray_dir, ray_cluster, "--max-failures", "1", *set_flags([*GROWING, "model.factory=null"]),
+            env={"HARNESS_INJECT_FAULT": f"checkpoint:3:0:{marker}"})
     assert marker.exists(), "the fault was never injected"
-    client, run = only_run(tmp_path)
-    assert run.data.tags.get("resumed") == "true"
-    assert_each_metric_logged_once_per_epoch(client, run)
-    resumed, straight = final_params(tmp_path), final_params(ray_job_submitted[0])
-    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
-    assert not list((tmp_path / "ckpt" / "smoke").glob(".epoch-*")), "a half-written checkpoint was left"
+    client, run = only_run(ray_dir)
+    assert run.data.tags.get("resumed") == "true" and run.info.status == "FINISHED"
+    for key in run.data.metrics:  # the epoch replayed after the restart is not logged twice
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == sorted(set(steps)), (key, steps)
+    assert not list((ray_dir / "ckpt" / "smoke").glob(".epoch-*")), "a half-written checkpoint was left"
+    single = single_process_params(single_dir, *GROWING)
+    assert batches_taken(ray_dir) == batches_taken(single_dir) and len({v for _, v in batches_taken(ray_dir)}) >= 2
+    on_ray = final_params(ray_dir)
+    assert max(float((single[k] - on_ray[k]).abs().max()) for k in single) <= 1e-5
 
 
 def test_sigterm_to_ray_job_ends_its_run_killed(ray_cluster, tmp_path):
