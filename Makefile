@@ -34,7 +34,7 @@ MLFLOW_PORT ?= 5000
 unexport PYTHONDONTWRITEBYTECODE
 
 sweep: setup data
-	$(PY) launch/sweep.py --config $(SWEEP_CONFIG) --launcher torchrun --nproc $(NPROC)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launch/train.py --config $(SWEEP_CONFIG)
 
 test: setup data
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)

@@ -96,7 +96,7 @@ def report(args: argparse.Namespace) -> int:
     check_writable_dir(Path(args.out), "--out")
     result = build_report(checked_uri(args), args.experiment, sweep_run_id=args.sweep_run_id, out_dir=args.out,
                           interpolate=not args.no_interpolation)
-    say(result.markdown_table, f"\nreport: {result.directory}",
+    say(*result.answer, "", result.markdown_table, f"\nreport: {result.directory}",
         *[f"  {path}" for path in [result.csv_path, result.markdown_path, *result.plots]])
     return 0
 

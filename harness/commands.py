@@ -79,9 +79,10 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
             raise InputError(refusal)
         ctx = distributed.init_from_env(cfg.train.device, attempt=attempt) if under_torchrun \
             else distributed.local_context(cfg.train.device)
+        started_s, parent = time.monotonic(), None
         try:
             if cfg.is_sweep:
-                say("", summary_table(run_sweep(cfg, ctx, dataset=dataset, resume=resume).outcomes), ctx=ctx)
+                parent = run_sweep(cfg, ctx, dataset=dataset, resume=resume)
             else:
                 # Every member's data is the first's: select_trials refused members whose data differ.
                 results = train_trials(members, ctx, hooks=hooks, dataset=dataset,
@@ -92,6 +93,8 @@ def train_command(args: argparse.Namespace, argv: Optional[list[str]] = None) ->
             distributed.shutdown()
             raise
         distributed.shutdown(finished=True)
+        if parent is not None and ctx.is_main:  # the report reads MLflow alone: no collective after the group
+            report_sweep(cfg, parent, args.report_dir, time.monotonic() - started_s)
     if under_torchrun and world_size > 1:
         distributed.end_rank_process(0)
     return 0

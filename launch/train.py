@@ -38,6 +38,8 @@ def main(argv=None) -> int:
                         help="with a sweep config: train these trials (0-based, comma-separated) as one stack, "
                              "each its own MLflow run (launch/sweep.py uses it with sweep.stack_trials)")
     parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest this run under")
+    parser.add_argument("--report-dir", default="reports",
+                        help="with a sweep config: where the report it ends with writes its files")
     parser.add_argument("--resolved-config", default=None, metavar="JSON",
                         help="the whole resolved config as JSON, used instead of --config and --set "
                              "(launch/sweep.py passes it so trials do not re-parse values as YAML)")

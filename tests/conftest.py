@@ -74,6 +74,13 @@ def workdir(tmp_path, monkeypatch) -> Path:
 _STORE_TEMPLATE: list[Path] = []
 
 
+def trial_runs(client, experiment_ids: list, parent_run_id: str) -> list:
+    """The child runs of a sweep's parent that are its trials: the report's interpolation run, also a child,
+    left out."""
+    children = client.search_runs(experiment_ids, f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return [run for run in children if run.data.tags.get("run_kind") != "interpolation"]
+
+
 def seeded_store(directory: Path) -> str:
     """A private sqlite MLflow store in ``directory``, copied from one made once per session.
 

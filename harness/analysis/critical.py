@@ -43,6 +43,7 @@ UNRESOLVED = "unresolved"  # printed for a noise scale whose interval is unbound
 UNRESOLVED_WHY = (f"tr(HΣ) {RESOLVED_WITHIN_STD_ERRORS:g} standard errors above its estimate leaves no GᵀHG after "
                   "the N-sample correction (more metrics.hessian_noise_samples or hessian_noise_deviations would "
                   "bound it)")
+NO_INTERVAL = "no interval: one seed per batch size and LR (sweep.seeds with 2 or more gives one)"
 # Cumulative within a run (the last logged value is the run's total), and what each one times.
 TIME_METRICS = {"time_train_s": "training", "time_eval_s": "evaluation", "time_epoch_eval_s": "epoch-end evaluation",
                 "time_probe_s": "probes", "time_sharpness_s": "sharpness", "time_tracking_s": "tracking",
@@ -139,6 +140,18 @@ class CriticalBatch:
     noise_scale: float = math.nan  # median grad_noise_scale_at_target over their tuned trials
     noise_scale_exact: float = math.nan
     noise_scale_hessian: float = math.nan  # B_noise
+
+    @property
+    def one_seed(self) -> bool:
+        """Every (batch size, LR) ran one seed: B_crit has no interval over seeds."""
+        return all(len(c.trials) < 2 for t in self.tuned for c in t.grid)
+
+    def interval_text(self, digits: str = ".4g") -> str:
+        """B_crit's interval as the report prints it, or why there is none."""
+        if self.one_seed:
+            return NO_INTERVAL
+        low, high = (f"{v:{digits}}" if math.isfinite(v) else "-" for v in (self.low, self.high))
+        return f"{INTERVAL_LEVEL:.0%} interval {low}..{high} over seeds and the LR choice"
 
     @property
     def leave_one_out_max_ratio(self) -> float:
@@ -250,6 +263,11 @@ def critical_batch(rule: str, tuned: list[TunedBatch], resamples: int = RESAMPLE
         result.why_no_fit = (f"no fit of S(B) for {what}: {len(medians)} batch size(s) reached the "
                              f"target ({sizes}); it needs at least {FIT_MIN_BATCH_SIZES}")
         return result
+    if max(len(t.grid) for t in mine) < 2:
+        result.why_no_fit = (f"no B_crit for {what}: one LR per batch size, so no batch size's steps are its fewest "
+                             "(B_crit is read from steps with the LR tuned per batch size); sweep.lr_factors with 2 or "
+                             "more values tunes it")
+        return result
     sizes, steps = sorted(medians), [medians[b] for b in sorted(medians)]
     try:
         fit = fit_relative_error(sizes, steps)
@@ -262,10 +280,11 @@ def critical_batch(rule: str, tuned: list[TunedBatch], resamples: int = RESAMPLE
         result.why_no_fit = f"no valid fit of S(B) for {what}: {fit.problem}"
         return result
     result.fit = fit
-    interval = bootstrap_interval({t.batch_size: [c.seed_steps for c in t.grid] for t in mine},
-                                  resamples=resamples, seed=seed, level=INTERVAL_LEVEL)
-    result.low, result.high, result.resamples_skipped = interval.low, interval.high, interval.skipped
-    result.resamples = resamples
+    if not result.one_seed:  # one seed per LR: the bootstrap has nothing to resample, so no interval
+        interval = bootstrap_interval({t.batch_size: [c.seed_steps for c in t.grid] for t in mine},
+                                      resamples=resamples, seed=seed, level=INTERVAL_LEVEL)
+        result.low, result.high, result.resamples_skipped = interval.low, interval.high, interval.skipped
+        result.resamples = resamples
     if len(sizes) > FIT_MIN_BATCH_SIZES:
         result.leave_one_out = {int(b): v for b, v in leave_one_out(sizes, steps).items()}
     result.near_batch_sizes = near = nearest_batch_sizes(sizes, fit.b_crit)
@@ -417,7 +436,8 @@ def by_target_table(results: list[CriticalBatch]) -> list[str]:
              f"| target | B_crit ({RELATIVE_ERROR}) | B_crit ({LEAST_SQUARES}) | leave-one-out range "
              "| B_simple (probe) | B_simple (exact) | B_noise |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        answer = f"{r.fit.b_crit:.4g} ({_number(r.low)}..{_number(r.high)})" if r.fit else "no valid fit"
+        interval = "no interval: one seed" if r.one_seed else f"{_number(r.low)}..{_number(r.high)}"
+        answer = f"{r.fit.b_crit:.4g} ({interval})" if r.fit else "no valid fit"
         answer += f", {r.resamples_skipped} of {r.resamples} resamples without a fit" if r.resamples_skipped else ""
         other = _number(r.least_squares.b_crit) if r.least_squares else "-"
         moved = [v for v in r.leave_one_out.values() if math.isfinite(v)]
@@ -455,8 +475,8 @@ def answer_line(result: CriticalBatch) -> str:
                if result.resamples_skipped else "")
     other = (f"{LEAST_SQUARES} gives {result.least_squares.b_crit:.4g}" if result.least_squares
              else f"{LEAST_SQUARES} gives no valid fit")
-    line = (f"lr rule {result.lr_rule}{target}: B_crit = {fit.b_crit:.4g} ({RELATIVE_ERROR}, {INTERVAL_LEVEL:.0%} "
-            f"interval {result.low:.4g}..{result.high:.4g} over seeds and the LR choice{skipped}); {other}; "
+    line = (f"lr rule {result.lr_rule}{target}: B_crit = {fit.b_crit:.4g} ({RELATIVE_ERROR}, "
+            f"{result.interval_text()}{skipped}); {other}; "
             f"S_min = {fit.s_min:.4g} steps, E_min = {fit.e_min:.4g} samples; "
             f"{_noise_scale('B_simple (probe)', 'B_simple', result.noise_scale, fit.b_crit)}, "
             f"{_noise_scale('B_simple (exact)', 'B_simple', result.noise_scale_exact, fit.b_crit)}"
@@ -466,8 +486,6 @@ def answer_line(result: CriticalBatch) -> str:
     if not min(sizes) <= fit.b_crit <= max(sizes):
         line += (f". B_crit lies outside the batch sizes that reached the target ({min(sizes)}..{max(sizes)}): "
                  "an extrapolation")
-    if all(len(c.trials) < 2 for t in result.tuned for c in t.grid):
-        line += ". One seed per batch size and LR: the interval says nothing about seed noise"
     return line
 
 

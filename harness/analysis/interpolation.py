@@ -7,7 +7,9 @@ MLflow run naming both sources. The walk along the line is harness/measure/inter
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,9 @@ METRIC_PREFIX = "interpolation/"  # MLflow keys: interpolation/train_loss, ..., 
 ARTIFACT_FOLDER = "interpolation"
 
 
+RUN_KIND = "interpolation"  # the run_kind tag of its MLflow run
+
+
 @dataclass
 class InterpolationResult:
     csv_path: Path
@@ -45,9 +50,9 @@ def run_interpolation(ref_a: str, ref_b: str, *, tracking_uri: Optional[str], ex
                       alpha_min: float = -1.0, alpha_max: float = 2.0, points: int = 25,
                       out_dir: str | Path = "reports", device: str = "auto", eval_batch_size: int = 10000,
                       label_a: Optional[str] = None, label_b: Optional[str] = None,
-                      log_to_mlflow: bool = True) -> InterpolationResult:
+                      log_to_mlflow: bool = True, parent_run_id: Optional[str] = None) -> InterpolationResult:
     """Loss and accuracy along θ(α) = (1 − α)·θ_a + α·θ_b; ``ref_a``/``ref_b``: a checkpoint file, a run's
-    checkpoint folder or an MLflow run id."""
+    checkpoint folder or an MLflow run id; ``parent_run_id``: the run (a sweep's) its MLflow run nests under."""
     alphas = alpha_grid(alpha_min, alpha_max, points)
     if eval_batch_size < 1:
         raise InputError(f"--eval-batch-size: {eval_batch_size}; expected a positive number")
@@ -77,7 +82,7 @@ def run_interpolation(ref_a: str, ref_b: str, *, tracking_uri: Optional[str], ex
     params = {"alpha_min": alpha_min, "alpha_max": alpha_max, "points": points, "eval_batch_size": eval_batch_size,
               "device": ctx.device.type}
     run_id = _record(uri, experiment, source_a, source_b, (ref_a, ref_b), (label_a, label_b), rows,
-                     [csv_path, plot_path], params) if log_to_mlflow else None
+                     [csv_path, plot_path], params, parent_run_id) if log_to_mlflow else None
     return InterpolationResult(csv_path, plot_path, run_id, rows)
 
 
@@ -145,11 +150,13 @@ def _source_tags(letter: str, ref: str, source: CheckpointSource, label: str) ->
 
 def _record(uri: str, experiment: str, source_a: CheckpointSource, source_b: CheckpointSource,
             refs: tuple[str, str], labels: tuple[str, str], rows: list[dict[str, float]], files: list[Path],
-            params: dict) -> str:
-    """A new MLflow run: both sources in its tags, the grid in its params, one metric per point, the files."""
+            params: dict, parent_run_id: Optional[str] = None) -> str:
+    """A new MLflow run (a child of ``parent_run_id`` where given): both sources in its tags, the grid in its
+    params, one metric per point, the files."""
     from harness.records.tracking import git_commit
 
-    tags = {"run_kind": "interpolation", "git_commit": git_commit(),
+    tags = {"run_kind": RUN_KIND, "git_commit": git_commit(),
+            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
             **_source_tags("a", refs[0], source_a, labels[0]), **_source_tags("b", refs[1], source_b, labels[1]),
             "mlflow.note.content": (f"Keskar et al. (2017) interpolation θ(α) = (1 − α)·θ_a + α·θ_b between "
                                     f"`{labels[0]}` ({source_a.path}) and `{labels[1]}` ({source_b.path}). Metrics "
@@ -160,3 +167,35 @@ def _record(uri: str, experiment: str, source_a: CheckpointSource, source_b: Che
                for key in COLUMNS if math.isfinite(row[key])]
     return record_finished_run(uri, experiment, f"interpolate {labels[0]} - {labels[1]}", tags, params, metrics,
                                files, ARTIFACT_FOLDER)
+
+
+def earlier_result(client, parent_run_id: str, run_a: str, run_b: str, out_dir: Path) -> Optional[InterpolationResult]:
+    """The FINISHED interpolation between runs ``run_a`` and ``run_b`` already nested under ``parent_run_id``,
+    its files fetched into ``out_dir``; None where there is none (a report drawn again reuses it, and adds
+    no second run)."""
+    from harness.records.mlflow_store import child_runs
+
+    for run in child_runs(client, parent_run_id):
+        tags = run.data.tags
+        if (tags.get("run_kind") == RUN_KIND and run.info.status == "FINISHED"
+                and tags.get("source_a_run_id") == run_a and tags.get("source_b_run_id") == run_b):
+            with _quiet_downloads():
+                folder = Path(client.download_artifacts(run.info.run_id, ARTIFACT_FOLDER, str(out_dir)))
+            csv_path, plot_path = folder / "interpolation.csv", folder / "interpolation.png"
+            if csv_path.exists() and plot_path.exists():
+                return InterpolationResult(csv_path, plot_path, run.info.run_id, [])
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_downloads():
+    """MLflow draws a progress bar for every download: two small files need none."""
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.errors import InputError
-from harness.analysis import critical, minima
+from harness.analysis import answer, critical, minima
 from harness.analysis.spread import cell, write_rows
 from harness.records.mlflow_store import child_runs, log_new_metrics, logged_steps, newest_sweep_run, open_client
 
@@ -51,6 +51,7 @@ class Report:
     plots: list[Path]
     critical: list[critical.CriticalBatch] = field(default_factory=list)  # per target (ascending), per LR rule
     time_spent: dict[str, Optional[float]] = field(default_factory=dict)
+    answer: list[str] = field(default_factory=list)  # the plain lines the report opens with (analysis/answer.py)
 
 
 def find_sweep_run(client, experiment: str, sweep_run_id: Optional[str]):
@@ -75,6 +76,8 @@ def collect_trials(client, parent) -> list[TrialRecord]:
     records = []
     for run in child_runs(client, parent.info.run_id, parent.info.experiment_id):
         params, tags = run.data.params, run.data.tags
+        if "batch_size" not in params:  # not a trial: the report's own interpolation run
+            continue
         records.append(TrialRecord(
             run_id=run.info.run_id, name=tags.get("trial", run.info.run_name), lr_rule=params.get("lr_rule", "none"),
             batch_size=int(params["batch_size"]), lr=float(params["lr"]), seed=int(params["seed"]),
@@ -174,6 +177,8 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     csv_path, markdown_path = write_csv(rows, directory / "summary.csv"), directory / "summary.md"
     target = parent.data.params.get("metrics.target_val_accuracy")
     has_target = target not in (None, "None") or largest is not None  # without one there is no S(B) to fit
+    stopped = parent.data.params.get("train.stop_at_target") == "True"
+    answer_lines = answer.plain_answer(results if has_target else [], rows, stopped, str(target))
     table = markdown_table(rows) + ("\n\n" + critical.markdown(results) if has_target else "")
     target_label = (f"val acc ≥ {largest:g}" if largest is not None else f"val acc ≥ {target}" if has_target
                     else "target")
@@ -181,18 +186,23 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
         plots.draw_critical(last, directory, target_label) if has_target else [])
     if len(results) > len(last):  # several targets
         drawn.append(plots.critical_vs_target(results, directory / "critical_batch_vs_target.png"))
-    text, figures = _minima_sections(tracking_uri, experiment, trials, directory, interpolate)
+    text, figures = _minima_sections(client, tracking_uri, experiment, parent.info.run_id, trials, directory,
+                                     interpolate)
     table, drawn = table + text, drawn + figures
-    markdown_path.write_text(f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{table}\n")
+    opening = answer_lines[0] + "\n\n" + "\n".join(answer_lines[1:]) + "\n\n" if answer_lines else ""
+    markdown_path.write_text(f"# Sweep {parent.info.run_name} ({parent.info.run_id})\n\n{opening}{table}\n")
     for path in [csv_path, markdown_path, *drawn]:
         client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
     log_parent_metrics(client, parent.info.run_id, per_batch, results)
+    if answer_lines:  # the run's description: what its Overview opens with in the MLflow UI
+        client.set_tag(parent.info.run_id, "mlflow.note.content",
+                       answer_lines[0] + "\n\n" + "\n".join(answer_lines[1:]))
     return Report(parent.info.experiment_id, directory, csv_path, markdown_path, table, drawn, results,
-                  critical.time_spent([t.final for t in trials]))
+                  critical.time_spent([t.final for t in trials]), answer_lines)
 
 
-def _minima_sections(tracking_uri: str, experiment: str, trials: list[TrialRecord], directory: Path,
-                     interpolate: bool) -> tuple[str, list[Path]]:
+def _minima_sections(client, tracking_uri: str, experiment: str, parent_run_id: str, trials: list[TrialRecord],
+                     directory: Path, interpolate: bool) -> tuple[str, list[Path]]:
     """The equal-loss table, sharpness trajectories and interpolation the sweep has: Markdown to append, figures."""
     from harness.analysis import plots
 
@@ -209,13 +219,13 @@ def _minima_sections(tracking_uri: str, experiment: str, trials: list[TrialRecor
                                                   "Sharpness during training (dashed: 2(1+β)/η of the trial's LR)"))
     pair = minima.interpolation_pair(trials) if interpolate else None
     if pair:
-        from harness.analysis.interpolation import run_interpolation
+        from harness.analysis.interpolation import earlier_result, run_interpolation
 
         small, large = pair
         try:
-            result = run_interpolation(small.run_id, large.run_id, tracking_uri=tracking_uri, experiment=experiment,
-                                       out_dir=directory, label_a=f"B={small.batch_size}",
-                                       label_b=f"B={large.batch_size}")
+            result = earlier_result(client, parent_run_id, small.run_id, large.run_id, directory) or run_interpolation(
+                small.run_id, large.run_id, tracking_uri=tracking_uri, experiment=experiment, out_dir=directory,
+                label_a=f"B={small.batch_size}", label_b=f"B={large.batch_size}", parent_run_id=parent_run_id)
         except InputError as err:  # e.g. checkpoints switched off: the rest of the report still stands
             text += f"\n\nInterpolation between B={small.batch_size} and B={large.batch_size} not drawn: {err}"
         else:

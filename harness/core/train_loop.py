@@ -355,7 +355,8 @@ def _finish(m: Member) -> None:
     if m.finished:
         return
     m.finished = True
-    if m.result.metrics:  # the run's last console line: where its time went
+    # The run's last console line: where its time went (a sweep's trials: summed in the sweep's last lines).
+    if m.result.metrics and m.cfg.trial is None:
         times = time_metrics(m.counters)
         say(f"[{m.cfg.name}] time: training {times['time_train_s']:.2f} s, evaluations every few steps "
             f"{times['time_eval_s']:.2f} s ({times['eval_fraction']:.1%} of training), epoch-end evaluations "

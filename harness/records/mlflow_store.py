@@ -259,10 +259,16 @@ def newest_sweep_run(client, experiment: str, sweep_name: Optional[str] = None):
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    selection = SWEEP_RUNS if sweep_name is None else f"{SWEEP_RUNS} and attributes.run_name = '{sweep_name}'"
-    runs = client.search_runs([found.experiment_id], selection, order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    return runs[0] if runs else None
+    # The parent carries its config's name in the tag sweep_name; a parent recorded before the tag existed,
+    # as its run name.
+    for selection in ([SWEEP_RUNS] if sweep_name is None else
+                      [f"{SWEEP_RUNS} and tags.sweep_name = '{sweep_name}'",
+                       f"{SWEEP_RUNS} and attributes.run_name = '{sweep_name}'"]):
+        runs = client.search_runs([found.experiment_id], selection, order_by=["attributes.start_time DESC"],
+                                  max_results=1)
+        if runs:
+            return runs[0]
+    return None
 
 
 def child_runs(client, parent_run_id: str, experiment_id: Optional[str] = None) -> list:

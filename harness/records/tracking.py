@@ -58,9 +58,23 @@ def run_params(cfg: Config, ctx: DistContext) -> dict[str, Any]:
 def display_name(cfg: Config) -> str:
     """The MLflow run name: a trial leads with what differs between trials (``bs32 lr0.1 s0 none``),
     so the UI's truncated name column still tells runs apart; other runs keep their config name."""
+    if cfg.is_sweep:
+        return sweep_display_name(cfg)
     if cfg.trial is None:
         return cfg.name
     return f"bs{cfg.optim.global_batch_size} lr{cfg.optim.lr:.4g} s{cfg.seed} {cfg.trial.lr_rule}"
+
+
+def sweep_display_name(cfg: Config) -> str:
+    """A sweep's parent run named by what it swept: ``sweep: batch 32-2048 x 3 LRs x 2 seeds``."""
+    sweep = cfg.sweep
+    sizes = sorted(sweep.batch_sizes)
+    parts = [f"batch {sizes[0]}-{sizes[-1]}" if len(sizes) > 1 else f"batch {sizes[0]}"]
+    lrs = len(sweep.lr_grid())
+    parts += [f"{lrs} LRs"] if lrs > 1 else []
+    parts += [f"{len(sweep.seeds)} seeds"] if len(sweep.seeds) > 1 else []
+    parts += [f"rules {'/'.join(sweep.lr_rules)}"] if len(sweep.lr_rules) > 1 else []
+    return f"{cfg.name}: {' x '.join(parts)}"
 
 
 def run_description(cfg: Config) -> str:
@@ -167,7 +181,9 @@ class MLflowTracker(ConsoleTracker):
                 "launcher": self.ctx.launcher, "world_size": str(self.ctx.world_size),
                 "mlflow.note.content": run_description(self.cfg)}
         # trial: the trial's config name, what a resumed sweep matches on.
+        # sweep_name: the sweep's config name, what a resumed sweep finds its parent run by.
         optional = {"launch_id": launch_id, "trial": self.cfg.name if self.cfg.trial is not None else None,
+                    "sweep_name": self.cfg.name if self.cfg.is_sweep else None,
                     "mlflow.parentRunId": self.parent_run_id}
         tags.update({key: value for key, value in optional.items() if value})
         run = self.client.create_run(experiment_id(self.client, self.cfg.tracking.experiment),

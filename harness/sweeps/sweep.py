@@ -170,9 +170,22 @@ class SweepProgress:
                if self.durations_s else "ETA after the first trial")
         which = (f"trial {indices[0] + 1}/{self.total}" if len(indices) == 1 else
                  f"trials {', '.join(str(i + 1) for i in indices)}/{self.total} as one stack")
-        names = "; ".join(f"{display_name(t)} ({t.name})" for t in trials)
+        names = f"{display_name(trials[0])} ({trials[0].name})" if len(trials) == 1 else stack_summary(trials)
         say(f"[sweep] {which} ({format_duration(now - self.started_s)} elapsed, {eta}): "
             f"{names}{': ' + how if how else ''}")
+
+
+def stack_summary(trials: list[Config]) -> str:
+    """What a stack's trials span, in one short phrase: ``batch 32, LR 0.1/0.2/0.4, seeds 0/1``."""
+    def values(what: str, items, text=str) -> str:
+        distinct = list(dict.fromkeys(items))
+        return f"{what}{'s' if len(distinct) > 1 and what != 'LR' else ''} {'/'.join(text(v) for v in distinct)}"
+
+    parts = [values("batch", (t.optim.global_batch_size for t in trials)),
+             values("LR", (t.optim.lr for t in trials), lambda v: f"{v:.4g}"),
+             values("seed", (t.seed for t in trials))]
+    rules = {t.trial.lr_rule for t in trials if t.trial}
+    return ", ".join(parts + ([values("rule", sorted(rules))] if len(rules) > 1 else []))
 
 
 @dataclass
@@ -344,7 +357,7 @@ def report_sweep(cfg: Config, parent: SweepParent, report_dir: str, elapsed_s: f
     if cfg.tracking.enabled:
         say(f"building the report from MLflow ({cfg.tracking.uri})")
         report = build_report(cfg.tracking.uri, cfg.tracking.experiment, sweep_run_id=parent.run_id, out_dir=report_dir)
-        say("\n" + report.markdown_table,
+        say("", *report.answer, "\n" + report.markdown_table,
             f"\nreport: {report.directory} (plots: {', '.join(p.name for p in report.plots)})")
         spent = report.time_spent
     else:

@@ -12,7 +12,7 @@ import torch
 
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_command, seeded_store
+from conftest import REPO, run_command, seeded_store, trial_runs
 from harness.analysis import minima
 from harness.analysis.report import TrialRecord
 
@@ -100,7 +100,7 @@ def test_a_sweep_at_equal_training_loss_reports_the_table_the_sharpness_paths_an
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tiny").experiment_id
     (parent,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
-    trials = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trials = trial_runs(client, [experiment], parent.info.run_id)
     for trial in trials:  # every trial stopped at the target: the table compares equal losses
         assert trial.data.metrics["train_loss"] <= 0.3
         assert trial.data.tags["steps_to_train_loss_target"] == str(int(trial.data.metrics["global_step"]))
@@ -139,8 +139,8 @@ def test_escape_continues_both_ends_with_each_others_batch_and_their_own(minima_
     (escape,) = client.search_runs([experiment], "tags.run_kind = 'escape'")
     assert escape.info.status == "FINISHED" and escape.data.tags["escape_of"] == sweep.info.run_id
     sources = {int(t.data.params["batch_size"]): t for t in
-               client.search_runs([experiment], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")}
-    continuations = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{escape.info.run_id}'")
+               trial_runs(client, [experiment], sweep.info.run_id)}
+    continuations = trial_runs(client, [experiment], escape.info.run_id)
     pairs = set()
     for run in continuations:
         assert run.info.status == "FINISHED"
@@ -187,7 +187,7 @@ def test_escape_from_a_tampered_source_is_refused_in_one_line_before_any_run(min
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tiny").experiment_id
     (sweep,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
-    source = next(t for t in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+    source = next(t for t in trial_runs(client, [experiment], sweep.info.run_id)
                   if t.data.params["batch_size"] == "512")
     path = source.data.tags["checkpoint_path"]
     kept = open(path, "rb").read()

@@ -10,7 +10,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_command, seeded_store
+from conftest import REPO, run_command, seeded_store, trial_runs
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
 from harness.launching.runs import train_trials
@@ -80,7 +80,7 @@ def test_ray_stack_resumes_from_rays_checkpoint_after_a_sigkill_and_from_its_own
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("stk").experiment_id
     (parent,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
-    members = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    members = trial_runs(client, [experiment], parent.info.run_id)
     assert parent.info.status == "KILLED"
     assert sorted((r.data.tags["trial"], r.info.status) for r in members) == \
         sorted((t.name, "KILLED") for t in _trials())
@@ -98,7 +98,7 @@ def test_ray_stack_resumes_from_rays_checkpoint_after_a_sigkill_and_from_its_own
     assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
     assert resumed.data.tags["trials_failed"] == "0"
     after = {r.data.tags["trial"]: r for r in
-             client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+             trial_runs(client, [experiment], parent.info.run_id)}
     # The same three runs, reopened and finished: no member started a second run.
     assert sorted(r.info.run_id for r in after.values()) == sorted(r.info.run_id for r in members)
     straight_client, uninterrupted = straight

@@ -6,7 +6,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_command, seeded_store
+from conftest import REPO, run_command, seeded_store, trial_runs
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def _children(client: MlflowClient) -> dict:
     experiment = client.get_experiment_by_name("stacks").experiment_id
     (parent,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
     assert parent.info.status == "FINISHED" and parent.data.tags["trials_failed"] == "0"
-    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = trial_runs(client, [experiment], parent.info.run_id)
     assert all(c.info.status == "FINISHED" for c in children)
     return {c.data.tags["trial"]: c for c in children}
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_command, seeded_store, train_run
+from conftest import REPO, run_command, seeded_store, train_run, trial_runs
 from harness.core.config import Config
 from harness.core.data import load_dataset
 from harness.core.distributed import DistContext
@@ -71,8 +71,7 @@ def _final_params(folder, trial):
 def _members(folder, parent: str) -> tuple[MlflowClient, dict]:
     """The store's client, and the parent's child runs by trial name; every one FINISHED."""
     client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("stk").experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent}'")
+    runs = trial_runs(client, [client.get_experiment_by_name("stk").experiment_id], parent)
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     return client, {r.data.tags["trial"]: r for r in runs}
 

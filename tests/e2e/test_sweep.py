@@ -9,7 +9,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_command, seeded_store
+from conftest import REPO, run_command, seeded_store, trial_runs
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def check_sweep_records(tmp_path, launcher, world_size, batch_sizes=(8, 32, 1024
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert (parent.data.tags["trials"], parent.data.tags["trials_failed"]) == (str(len(batch_sizes)), "0")
-    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = trial_runs(client, [experiment], parent.info.run_id)
     by_batch = {int(c.data.params["batch_size"]): c for c in children}
     assert sorted(by_batch) == list(batch_sizes)
     for child in children:
@@ -145,7 +145,7 @@ def test_torchrun_sweep_trials_use_a_tracking_uri_with_space_hash_as_given(torch
     tmp, store = torchrun_sweep
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("run_kind") != "interpolation"]
     assert len(trials) == len(LAUNCHER_BATCH_SIZES) and {t.info.status for t in trials} == {"FINISHED"}
     assert all("test_accuracy" in t.data.metrics for t in trials)
     assert not (tmp / "runs").exists()  # where the URI cut at " #" would have put a store
@@ -186,7 +186,7 @@ def test_killed_sweep_resumes_skipping_finished_trials_into_the_same_parent(tmp_
     assert "[tiny-linear-bs32-seed0] finished in an earlier attempt: skipped" in result.stdout
     parents = client.search_runs([experiment], "tags.run_kind = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    children = trial_runs(client, [experiment], parents[0].info.run_id)
     assert sorted(c.data.tags["trial"] for c in children) == [f"tiny-linear-bs{b}-seed0" for b in (128, 32, 64)]
     by_name = {c.data.tags["trial"]: c for c in children}
     assert by_name["tiny-linear-bs32-seed0"].info.end_time == first_run.info.end_time  # not run again
@@ -284,7 +284,7 @@ def test_local_sweep_with_an_lr_grid_records_the_tuned_lr_on_the_parent(tmp_path
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("tiny").experiment_id
     parent = client.search_runs([experiment], "tags.run_kind = 'sweep'")[0]
-    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = trial_runs(client, [experiment], parent.info.run_id)
     assert sorted(c.data.tags["trial"] for c in children) == sorted(
         f"tiny-none-bs{b}-lrx{f}-seed0" for b in (8, 16, 32) for f in ("0.25", "1"))
     assert {c.info.run_name for c in children} == {f"bs{b} lr{lr:.4g} s0 none" for b in (8, 16, 32)

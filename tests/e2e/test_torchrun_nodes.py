@@ -137,14 +137,16 @@ def test_sweep_in_one_process_group_over_two_nodes_resumes_after_a_rank_is_kille
     marker = tmp_path / "killed"
     small = ["--set", "data.train_subset=512", "--set", "data.validation_size=256", "--set", "data.test_subset=512",
              "--set", "model.hidden_sizes=[32]", "--set", "sweep.batch_sizes=[32,64]", "--set", "train.epochs=1",
-             "--set", "train.progress=false", "--set", "tracking.experiment=nodes-sweep"]
+             "--set", "train.progress=false", "--set", "tracking.experiment=nodes-sweep", "--set", "sweep.seeds=[0]",
+             "--set", "sweep.lrs=null"]
     two_nodes(tmp_path, *small, env={"HARNESS_INJECT_FAULT": f"step:1:1:{marker}"}, max_restarts=1,
               config="sweep.yaml")
     assert marker.exists(), "the fault was never injected"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("nodes-sweep").experiment_id])
     parents = [r for r in runs if r.data.tags.get("run_kind") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")
+                and r.data.tags.get("run_kind") != "interpolation"]
     assert len(parents) == 1 and len(children) == 2, [(r.info.run_name, r.info.status) for r in runs]
     assert {r.info.status for r in runs} == {"FINISHED"}
     for child in children:

@@ -7,7 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_command, seeded_store
+from conftest import REPO, run_command, seeded_store, trial_runs
 from harness.core.config import load_config
 from harness.errors import InputError
 
@@ -40,7 +40,7 @@ def sweep_runs(tmp_path):
     experiment = client.get_experiment_by_name("tuned").experiment_id
     parents = client.search_runs([experiment], "tags.run_kind = 'sweep'")
     assert len(parents) == 1
-    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    children = trial_runs(client, [experiment], parents[0].info.run_id)
     return client, parents[0], {c.data.tags["trial"]: c for c in children}
 
 

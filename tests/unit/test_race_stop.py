@@ -5,7 +5,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import seeded_store
+from conftest import seeded_store, trial_runs
 from harness.analysis.report import build_report
 from harness.core.config import Config
 from harness.core.distributed import DistContext
@@ -31,8 +31,7 @@ def sweep(place, race_stop):
     parent = run_sweep(cfg, DistContext())
     report = build_report(cfg.tracking.uri, "race", sweep_run_id=parent.run_id, out_dir=place / "reports",
                           interpolate=False)
-    runs = MlflowClient(cfg.tracking.uri).search_runs(
-        [report.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    runs = trial_runs(MlflowClient(cfg.tracking.uri), [report.experiment_id], parent.run_id)
     return report, runs
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, smoke_config, train_run
+from conftest import CONFIGS, smoke_config, train_run, trial_runs
 from harness.core.checkpoint import Checkpoints
 from harness.core.distributed import DistContext
 from harness.sweeps.sweep import expand_trials, run_sweep
@@ -126,7 +126,7 @@ def test_in_process_sweep_nests_one_child_per_batch_size(tmp_path):
     experiment = client.get_experiment_by_name("smoke").experiment_id
     parents = client.search_runs([experiment], "tags.trials = '2'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    children = trial_runs(client, [experiment], parents[0].info.run_id)
     assert sorted(int(c.data.params["batch_size"]) for c in children) == [32, 128]
     assert {o.result.run_id for o in outcomes} == {c.info.run_id for c in children}
 

@@ -304,7 +304,8 @@ def test_fewer_than_three_batch_sizes_reaching_the_target_says_why_and_logs_no_f
 
 def test_steps_that_grow_with_the_batch_size_give_no_critical_batch_size(tmp_path):
     """An invalid fit (E_min < 0) is reported with its reason, never logged as a negative B_crit."""
-    trials = [critical_trial(b, 0.1, s, 100.0 + b / 4 + s) for b in (16, 64, 256) for s in SEEDS]
+    trials = [critical_trial(b, lr, s, (100.0 + b / 4 + s) * (1 if lr == 0.1 else 2))
+              for b in (16, 64, 256) for lr in (0.1, 0.3) for s in SEEDS]
     result = critical.critical_batch("none", critical.tune(trials))
     assert result.fit is None and "E_min" in result.why_no_fit and "is not positive" in result.why_no_fit
     single, _series = critical.parent_metrics([result])
@@ -334,8 +335,11 @@ def test_batch_sizes_near_b_crit_bracket_it(sizes, b_crit, near):
 
 
 def test_with_two_lr_rules_the_fixed_names_hold_rule_none_and_each_rule_gets_suffixed_names():
-    trials = [critical_trial(b, 0.1, s, S_MIN * (1 + B_CRIT / b) + s) for b in (16, 64, 256, 1024) for s in SEEDS]
-    trials += [critical_trial(b, 0.2, s, 2 * S_MIN * (1 + B_CRIT / b) + s) for b in (16, 64, 256, 1024) for s in SEEDS]
+    # Each rule an LR grid of two, the second LR 1.5x slower: each rule's tuned steps are its first LR's.
+    trials = [critical_trial(b, lr, s, factor * S_MIN * (1 + B_CRIT / b) + s) for b in (16, 64, 256, 1024)
+              for lr, factor in ((0.1, 1), (0.15, 1.5)) for s in SEEDS]
+    trials += [critical_trial(b, lr, s, factor * 2 * S_MIN * (1 + B_CRIT / b) + s) for b in (16, 64, 256, 1024)
+               for lr, factor in ((0.2, 1), (0.3, 1.5)) for s in SEEDS]
     for trial in trials[len(trials) // 2:]:
         trial.lr_rule = "linear"
     tuned = critical.tune(trials)
