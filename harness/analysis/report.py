@@ -23,6 +23,7 @@ from harness.records.mlflow_store import child_runs, log_new_metrics, logged_ste
 SUMMARY_METRICS = (("test_accuracy", "test_accuracy"), ("gap_accuracy", "generalization_gap_accuracy"),
                    ("gap_loss", "generalization_gap_loss"), ("steps_to_target", "steps_to_target"),
                    ("noise_scale", "grad_noise_scale"), ("sharpness", "top_hessian_eigenvalue"))
+ANSWER_END = "\n\n---\n\n"  # in the parent's description: the answer above it, what the sweep ran below
 HISTORY_KEYS = ("train_loss", "test_loss", "global_step", minima.SHARPNESS_HISTORY)  # what the figures draw
 
 
@@ -136,7 +137,7 @@ def log_parent_metrics(client, parent_run_id: str, rows: list[minima.CellRow],
                        results: list[critical.CriticalBatch]) -> None:
     """Each row's means on the parent run, step = batch size; the critical batch size's numbers
     (critical.parent_metrics: single values at step 0, per batch size at step = batch size, per target at
-    step = round(1000 target))."""
+    step = round(1000 target)); each per-batch-size series again against log2 of the batch size."""
     from mlflow.entities import Metric, RunTag
 
     values: dict[str, dict[int, float]] = defaultdict(dict)
@@ -145,8 +146,10 @@ def log_parent_metrics(client, parent_run_id: str, rows: list[minima.CellRow],
         for column, value in {**means, "diverged": float(row.diverged)}.items():
             values[f"by_batch/{column}_{row.lr_rule}"][row.batch_size] = value
     single, series = critical.parent_metrics(results)
+    by_batch = {**values, **{key: s for key, s in series.items() if "_by_target" not in key}}
     values.update({key: {0: value} for key, value in single.items()})
     values.update(series)
+    values.update(log2_batch_series(by_batch))
     near = {f"grad_noise_scale_batch_sizes_{r.lr_rule}": ",".join(map(str, r.near_batch_sizes))
             for r in results if r.near_batch_sizes and r.target == results[-1].target}  # the fixed names' target
     if near:  # which trials the parent's grad_noise_scale_* medians are over
@@ -154,6 +157,17 @@ def log_parent_metrics(client, parent_run_id: str, rows: list[minima.CellRow],
     now_ms = int(time.time() * 1000)
     metrics = [Metric(key, value, now_ms, step) for key, by_step in values.items() for step, value in by_step.items()]
     log_new_metrics(client, parent_run_id, metrics, logged_steps(client, parent_run_id))
+
+
+def log2_batch_series(by_batch: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    """Each per-batch-size series again against log2 of the batch size, so that MLflow's charts (a linear
+    axis of steps) space 32, 64, 128, ... evenly: ``by_log2_batch/<name>`` with step = log2(B) where every batch
+    size is a power of two, else ``by_log2_batch_x100/<name>`` with step = round(100 log2(B))."""
+    sizes = {b for series in by_batch.values() for b in series}
+    whole = all(b > 0 and b & (b - 1) == 0 for b in sizes)
+    prefix, scale = ("by_log2_batch/", 1) if whole else ("by_log2_batch_x100/", 100)
+    return {prefix + key.removeprefix("by_batch/"): {round(scale * math.log2(b)): v for b, v in series.items()}
+            for key, series in by_batch.items()}
 
 
 def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str] = None,
@@ -194,9 +208,11 @@ def build_report(tracking_uri: str, experiment: str, sweep_run_id: Optional[str]
     for path in [csv_path, markdown_path, *drawn]:
         client.log_artifact(parent.info.run_id, str(path), artifact_path="report")
     log_parent_metrics(client, parent.info.run_id, per_batch, results)
-    if answer_lines:  # the run's description: what its Overview opens with in the MLflow UI
+    if answer_lines:  # the run's description, what its Overview opens with in the MLflow UI: the answer first
+        described = parent.data.tags.get("mlflow.note.content", "")
+        described = described.split(ANSWER_END, 1)[1] if ANSWER_END in described else described  # a report's again
         client.set_tag(parent.info.run_id, "mlflow.note.content",
-                       answer_lines[0] + "\n\n" + "\n".join(answer_lines[1:]))
+                       answer_lines[0] + "\n\n" + "\n".join(answer_lines[1:]) + ANSWER_END + described)
     return Report(parent.info.experiment_id, directory, csv_path, markdown_path, table, drawn, results,
                   critical.time_spent([t.final for t in trials]), answer_lines)
 

@@ -90,7 +90,7 @@ def run_escape(tracking_uri: str, experiment: str, sweep_run_id: Optional[str], 
 
     client = open_client(tracking_uri)
     parent = find_sweep_run(client, experiment, sweep_run_id)
-    name = f"escape-{parent.info.run_name}"[:60]
+    name = f"escape-{parent.data.tags.get('sweep_name', parent.info.run_name)}"[:60]
     plan = plan_continuations(collect_trials(client, parent), epochs, name, tracking_uri, experiment)
     # Everything is checked before the first continuation starts: the store, folders and data once
     # (they share the sweep's), and every continuation's init_from.

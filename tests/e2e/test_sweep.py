@@ -86,7 +86,11 @@ def check_ui_records(client, parent, by_batch):
     """What the MLflow UI shows: names that lead with what differs, descriptions, the commit,
     metrics against optimizer steps, and the parent's metrics against batch size."""
     assert parent.data.tags["mlflow.source.git.commit"] == parent.data.tags["git_commit"] != "unknown"
-    assert "batch sizes" in parent.data.tags["mlflow.note.content"]
+    # Named by what it swept; its description opens with the report's answer, then what the sweep ran.
+    sizes = sorted(by_batch)
+    assert parent.info.run_name == f"tiny: batch {sizes[0]}-{sizes[-1]}" and parent.data.tags["sweep_name"] == "tiny"
+    assert parent.data.tags["mlflow.note.content"].startswith(f"The answer: {len(sizes)} trials")
+    assert "batch sizes" in parent.data.tags["mlflow.note.content"].split("\n---\n")[1]
     for batch, child in by_batch.items():
         lr = 0.2 * batch / 8
         assert child.info.run_name == f"bs{batch} lr{lr:.4g} s0 linear"
@@ -109,10 +113,20 @@ def check_ui_records(client, parent, by_batch):
     assert gap == {b: pytest.approx(by_batch[b].data.metrics["generalization_gap_loss"]) for b in healthy}
     diverged = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "by_batch/diverged_linear")}
     assert diverged == {b: float(b == 1024) for b in by_batch}
+    # The same series against log2 of the batch size: powers of two evenly spaced on MLflow's step axis.
+    history = client.get_metric_history(parent.info.run_id, "by_log2_batch/test_accuracy_linear")
+    log2 = {m.step: m.value for m in history}
+    assert log2 == {int(math.log2(b)): value for b, value in accuracy.items()}
 
 
-def test_local_sweep_records_parent_children_and_report(tmp_path):
-    result = run_sweep_command(tmp_path, "--launcher", "local")
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("local_sweep")
+    return tmp, run_sweep_command(tmp, "--launcher", "local")
+
+
+def test_local_sweep_records_parent_children_and_report(local_sweep):
+    tmp_path, result = local_sweep
     assert "3 trials, 0 failed" in result.stdout
     # Progress over the whole sweep, and the way into the UI at the end.
     assert re.search(r"^\[sweep\] trial 1/3 \(\d+m\d\ds elapsed, ETA after the first trial\): "
@@ -122,6 +136,24 @@ def test_local_sweep_records_parent_children_and_report(tmp_path):
     assert "?workflowType=machine_learning" in result.stdout
     assert "| linear | 1024 | 25.6 | 1 |" in result.stdout
     check_sweep_records(tmp_path, "local", 1)
+
+
+def test_a_second_report_reuses_the_interpolation_the_sweep_nested_under_its_parent(local_sweep):
+    tmp_path, _ = local_sweep
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.run_kind = 'sweep'")
+    (first,) = client.search_runs([experiment], "tags.run_kind = 'interpolation'")
+    assert first.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    again = run_command([sys.executable, "-m", "harness.cli", "report", "--latest", "--experiment", "tiny",
+                         "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "again")],
+                        cwd=REPO, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.startswith("The answer: 3 trials") and "interpolating" not in again.stdout
+    assert f"MLflow run {first.info.run_id}" in again.stdout
+    assert [r.info.run_id for r in client.search_runs([experiment], "tags.run_kind = 'interpolation'")] == [
+        first.info.run_id]
+    assert (tmp_path / "again" / parent.info.run_id / "interpolation" / "interpolation.png").stat().st_size > 0
 
 
 @pytest.fixture(scope="module")

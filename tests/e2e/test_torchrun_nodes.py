@@ -148,6 +148,10 @@ def test_sweep_in_one_process_group_over_two_nodes_resumes_after_a_rank_is_kille
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")
                 and r.data.tags.get("run_kind") != "interpolation"]
     assert len(parents) == 1 and len(children) == 2, [(r.info.run_name, r.info.status) for r in runs]
+    # Rank 0 ends the sweep as launch/sweep.py does: the report, opening with the answer in words.
+    output = (tmp_path / "node0.log").read_text()
+    assert "The answer: 2 trials, batch 32 to 64, 1 LR x 1 seed per batch size" in output
+    assert "2 trials, 0 failed" in output and (tmp_path / "reports" / parents[0].info.run_id / "summary.md").exists()
     assert {r.info.status for r in runs} == {"FINISHED"}
     for child in children:
         assert [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")] == [1]

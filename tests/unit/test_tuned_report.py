@@ -349,3 +349,12 @@ def test_with_two_lr_rules_the_fixed_names_hold_rule_none_and_each_rule_gets_suf
     assert single["min_steps_to_target_linear"] == pytest.approx(2 * single["min_steps_to_target"], rel=0.05)
     assert series["tuned_lr"] == {b: 0.1 for b in (16, 64, 256, 1024)}
     assert series["tuned_lr_linear"] == {b: 0.2 for b in (16, 64, 256, 1024)}
+
+
+def test_per_batch_series_are_repeated_against_log2_of_the_batch_size():
+    from harness.analysis.report import log2_batch_series
+
+    assert log2_batch_series({"by_batch/test_accuracy_none": {32: 0.8, 1024: 0.7}, "tuned_lr": {32: 0.1}}) == {
+        "by_log2_batch/test_accuracy_none": {5: 0.8, 10: 0.7}, "by_log2_batch/tuned_lr": {5: 0.1}}
+    # A batch size that is not a power of two: hundredths of log2, named so.
+    assert log2_batch_series({"tuned_lr": {32: 0.1, 48: 0.2}}) == {"by_log2_batch_x100/tuned_lr": {500: 0.1, 558: 0.2}}
