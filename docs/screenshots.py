@@ -80,6 +80,14 @@ class Page:
         print(f"screenshots: {label} {option} not found; the plot keeps its default", flush=True)
         return False
 
+    async def type_into(self, selector: str, text: str) -> bool:
+        """Focus the first element matching ``selector`` and type ``text`` into it, as keystrokes."""
+        if not await self.click(f"document.querySelector({json.dumps(selector)})"):
+            print(f"screenshots: no {selector} to type into", flush=True)
+            return False
+        await self.call("Input.insertText", text=text)
+        return True
+
     async def shoot(self, path: Path) -> None:
         png = await self.call("Page.captureScreenshot", format="png")
         path.write_bytes(base64.b64decode(png["data"]))
@@ -107,8 +115,14 @@ async def take(base: str, out: Path, experiment: str, parent: str, children: lis
         await page.click("document.querySelectorAll('[role=radio], label')[1]")
         await asyncio.sleep(12)
         await page.shoot(out / "mlflow-sweep-charts.png")
+        # Click 1: the parent run, whose Overview opens with the report's answer (its description).
+        await page.open(f"{base}/#/experiments/{experiment}/runs/{parent}?workflowType=machine_learning", 10)
+        await page.shoot(out / "mlflow-sweep-answer.png")
+        # Click 2: its Model metrics tab, filtered to the series against log2 of the batch size.
         await page.open(f"{base}/#/experiments/{experiment}/runs/{parent}/model-metrics"
                         "?workflowType=machine_learning", 12)
+        await page.type_into("input[placeholder*=earch]", "by_log2_batch/")
+        await asyncio.sleep(6)
         await page.shoot(out / "mlflow-sweep-vs-batch.png")
         ids = json.dumps(children, separators=(",", ":"))
         await page.open(f"{base}/#/compare-runs?runs={ids}&experiments=[\"{experiment}\"]"

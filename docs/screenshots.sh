@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Regenerates the MLflow UI screenshots in docs/ (make screenshots):
-#  1. a real, small sweep (configs/sweep.yaml, fewer epochs and samples) into a
-#     fresh store in a temporary folder;
+#  1. `make sweep`'s own command (configs/sweep.yaml in one torchrun process group of
+#     2) into a fresh store in a temporary folder;
 #  2. `harness mlflow-server` over that store on 127.0.0.1;
-#  3. headless Chromium shots of the views docs/mlflow-ui.md shows;
+#  3. headless Chromium shots of the path docs/mlflow-ui.md shows, from the
+#     experiment's link to the sweep's answer;
 #  4. the server stopped by its PID, the temporary folder removed.
-# Needs chromium (apt-get install chromium). Takes about 5 minutes on 2 cores.
+# Needs chromium (apt-get install chromium). Takes about 3 minutes on 2 cores.
 # SCREENSHOT_STORE=DIR keeps the store in DIR and reuses it when it is there
 # (to retake the shots without a new sweep).
 set -euo pipefail
@@ -24,13 +25,13 @@ cleanup() {
 trap cleanup EXIT
 
 if [ ! -f "$WORK/mlflow.db" ]; then
-    echo "screenshots: running a small sweep into $WORK/mlflow.db"
+    echo "screenshots: running make sweep's command into $WORK/mlflow.db"
     mkdir -p "$WORK"
-    "$PY" "$REPO/launch/sweep.py" --config "$REPO/configs/sweep.yaml" --launcher local \
-        --set train.epochs=3 --set data.train_subset=12000 --set train.progress=false \
+    (cd "$WORK" && OMP_NUM_THREADS=1 "$(dirname "$PY")/torchrun" --standalone --nproc_per_node 2 \
+        "$REPO/launch/train.py" --config "$REPO/configs/sweep.yaml" --set train.progress=false \
         --set "tracking.uri=sqlite:///$WORK/mlflow.db" --set "checkpoint.dir=$WORK/checkpoints" \
-        --report-dir "$WORK/reports" > "$WORK/sweep.log"
-    tail -n 4 "$WORK/sweep.log"
+        --report-dir "$WORK/reports" > "$WORK/sweep.log" 2>&1)
+    grep -A 6 '^The answer' "$WORK/sweep.log" || tail -n 20 "$WORK/sweep.log"
 fi
 
 echo "screenshots: starting harness mlflow-server on 127.0.0.1:$PORT"
@@ -48,7 +49,8 @@ from mlflow.tracking import MlflowClient
 client = MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}")
 experiment = client.get_experiment_by_name("minibatch-harness").experiment_id
 parent = client.search_runs([experiment], "tags.run_kind = 'sweep'")[0].info.run_id
-children = [r.info.run_id for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")]
+children = [r.info.run_id for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
+            if r.data.tags.get("run_kind") != "interpolation"]
 print(experiment, parent, " ".join(children))
 EOF
 )
