@@ -33,7 +33,7 @@ def plain_answer(results: list[critical.CriticalBatch], rows: list, stopped_at_t
     ``stopped_at_target``: the trials ended at the target (train.stop_at_target), so their gaps are read there;
     ``target_text``: the sweep's one target as the config wrote it (a result for it carries no number)."""
     result = primary(results)
-    if result is None or (result.target is None and not any(t.reached for t in result.tuned)):
+    if result is None:
         return _without_target(rows)
     tuned = result.tuned
     sizes = [t.batch_size for t in tuned]
@@ -45,9 +45,9 @@ def plain_answer(results: list[critical.CriticalBatch], rows: list, stopped_at_t
     reached = [t for t in tuned if t.reached]
     missed = [str(t.batch_size) for t in tuned if not t.reached]
     steps = ", ".join(f"{t.batch_size}: {t.best.median_steps:.0f}" for t in reached)
-    lines.append(f"- Steps to {target} at each batch size's best LR"
-                 f"{' (median over seeds)' if seeds > 1 else ''}: {steps or 'none reached'}"
-                 + (f"; not reached: {', '.join(missed)}" if missed else "") + ".")
+    lines.append(f"- Steps to {target} at each batch size's best LR{' (median over seeds)' if seeds > 1 else ''}: "
+                 + (steps + (f"; not reached: {', '.join(missed)}" if missed else "") if reached
+                    else "no batch size reached it within its budget") + ".")
     if len(reached) >= 2:
         lines.append("- " + _scaling(reached))
     lines.append("- " + _critical(result))
