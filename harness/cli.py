@@ -27,6 +27,7 @@ STACK_BATCH_SIZES = [32, 64, 128, 512]
 
 GRADCHECK_TOLERANCE = 1e-8
 GRADCHECK_MAX_SAMPLES = 64
+CAPACITY_EPOCH_SAMPLES = 4096  # the timed epoch of harness capacity: batch 1 in seconds
 URI_HELP = "default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
 DEVICE_HELP = "auto: cuda where available, else cpu"
 
@@ -357,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler, help_: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_)
+        # The listing's phrase, and as a sentence the first line of the subcommand's own --help.
+        sub = commands.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
         sub.set_defaults(handler=handler)
         return sub
 
@@ -404,12 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     cap = command("capacity", capacity, "time per step and memory at batch 1, 2, 4, ...: where the device stops "
                   "being parallel, the largest batch that fits, and the accumulation beyond it")
     add_measure_arguments(cap, "YAML file: data set and model", ", e.g. performance.precision=bf16")
-    cap.add_argument("--max-batch", type=int, default=65536, help="largest batch size to try (a power of two "
+    cap.add_argument("--max-batch", type=int, default=8192, help="largest batch size to try (a power of two "
                      "or not: the doubling stops at or below it; the training set's size caps it too)")
     cap.add_argument("--memory-limit", type=float, metavar="GB",
                      help="stop before a batch whose peak memory exceeds this many GB (1e9 bytes)")
-    cap.add_argument("--epoch-samples", type=int,
-                     help="samples in the timed epoch (default: the training set); keeps batch 1 short on a CPU")
+    cap.add_argument("--epoch-samples", type=int, default=CAPACITY_EPOCH_SAMPLES,
+                     help="samples in the timed epoch, at most the training set (a whole epoch at batch 1 takes "
+                     "minutes on a CPU)")
     cap.add_argument("--out", default="reports", help="folder for the files (subfolder capacity-<device>-<config>)")
     cap.add_argument("--tracking-uri", help=URI_HELP)
     cap.add_argument("--experiment", default="minibatch-harness", help="MLflow experiment of the new run")

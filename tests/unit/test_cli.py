@@ -106,3 +106,20 @@ def test_make_echoes_no_comment_lines():
     assert result.returncode == 0, result.stderr
     echoed = [line for line in result.stdout.splitlines() if line.lstrip().startswith("#")]
     assert not echoed, echoed
+
+
+SUBCOMMANDS = ("gradcheck", "report", "interpolate", "escape", "bench", "capacity", "batch-size", "scaling", "replay",
+               "mlflow-server")
+
+
+@pytest.mark.parametrize("subcommand", [None, *SUBCOMMANDS])
+def test_each_help_opens_with_one_plain_sentence(subcommand, capsys):
+    from harness import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([subcommand, "--help"] if subcommand else ["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    first = text.split("\n\n")[1].replace("\n", " ")  # the paragraph after the usage lines
+    assert first[0].isupper() and first.endswith("."), first
+    assert not any(markup in first for markup in ("``", ":func:", ":class:", "`")), first
