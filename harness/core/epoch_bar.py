@@ -53,8 +53,9 @@ class LossPostfix:
 
 
 def epoch_bar(cfg: Config, ctx: DistContext, total: int, epoch: int):
-    """The tqdm bar of one epoch's steps, shown on rank 0 with train.progress on."""
+    """The tqdm bar of one epoch's steps, shown on rank 0 with train.progress on; never on a Ray worker, whose
+    output Ray forwards line by line (each redraw of the bar would be a line of its own)."""
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"{cfg.name} epoch {epoch}", unit="step", leave=False, mininterval=1.0,
-                disable=not (ctx.is_main and cfg.train.progress))
+                disable=not (ctx.is_main and cfg.train.progress and ctx.launcher != "ray"))

@@ -140,6 +140,9 @@ RAY_ADDRESS_EXPECTED = ("expected the address of a running Ray head: host:port o
                         "--port` printed it (e.g. 127.0.0.1:6379), or ray://host:port")
 
 
+RAY_VERBOSE = "HARNESS_RAY_VERBOSE"  # "1": Ray's own INFO lines on the console too
+
+
 def connect_ray(num_cpus=None) -> None:
     """Join $RAY_ADDRESS's cluster (always set inside a Ray job), else start a local Ray on loopback.
 
@@ -154,7 +157,7 @@ def connect_ray(num_cpus=None) -> None:
     if not address:
         # address="local": a new Ray of our own. Plain ray.init() would join any cluster
         # this host runs (or last ran: /tmp/ray/ray_current_cluster), and then refuse num_cpus.
-        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", logging_config=ray_logging())
         return
     if address != "auto":  # "auto": Ray looks up this host's running cluster itself
         host, port = ray_host_port(address)
@@ -169,11 +172,21 @@ def connect_ray(num_cpus=None) -> None:
     with _exit_unless_done_within(address, RAY_INIT_DEADLINE_S, f"{address!r} accepts connections but no Ray "
                                   f"cluster answered within {RAY_INIT_DEADLINE_S:.0f} s"):
         try:
-            ray.init(address=address)
+            ray.init(address=address, logging_config=ray_logging())
         except ConnectionError as err:  # "auto" with no cluster here; a cluster that refused our token (~20 s)
             raise InputError(f"RAY_ADDRESS: {address!r}: {str(err).splitlines()[0]}; {RAY_ADDRESS_EXPECTED}, "
                              "and, for a cluster in token mode, its token in RAY_AUTH_TOKEN or ~/.ray/auth_token "
                              "(Ray logs InvalidAuthToken above when that is the cause)") from None
+
+
+def ray_logging():
+    """Ray's own INFO lines (Ray Train's per-report and checkpoint lines, its worker-group set-up) off in
+    every process of this job, warnings and errors kept; ``HARNESS_RAY_VERBOSE=1`` keeps them all."""
+    import ray
+
+    if os.environ.get(RAY_VERBOSE) == "1":
+        return None
+    return ray.LoggingConfig(encoding="TEXT", log_level="WARNING")
 
 
 def ray_host_port(address: str) -> tuple[str, int]:

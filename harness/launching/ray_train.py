@@ -13,6 +13,7 @@ The driver's side is ``prepare_ray_run`` and ``fit`` (one run); a Tune sweep's t
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from typing import Any, Optional
 import ray.train
 import torch.distributed
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import LoggingConfig as TrainLoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from harness import faults, signals
@@ -35,6 +37,7 @@ from harness.core.distributed import (COLLECTIVE_CAPTURE_ENV, DistContext, allow
                                      context_from_process_group)
 from harness.core.train_loop import RunHooks, RunResult
 from harness.records.mlflow_store import end_runs_of_launch
+from harness.launching.entrypoints import RAY_VERBOSE
 from harness.launching.ray_cluster import resolve_storage_path
 from harness.launching.runs import train_trials
 
@@ -122,6 +125,8 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     divergence (whose epoch is never reported) reach it. The members share the first one's data.
     """
     members = [Config.from_dict(member) for member in loop_config["configs"]]
+    if not loop_config.get("ray_verbose"):
+        quiet_train_reports()
     ctx = context_from_process_group(members[0].train.device, launcher="ray")
     hooks = RayHooks(loop_config.get("resume_local", False), loop_config.get("launch_id"), worker_node_ids(ctx))
     try:
@@ -130,6 +135,15 @@ def worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     finally:
         hooks.close()
     return {"members": [result_dict(result) for result in results]}
+
+
+def quiet_train_reports() -> None:
+    """Ray Train logs every ``ray.train.report`` of every rank ("Reporting training result N: TrainingReport(...)",
+    with the checkpoint's full path) at INFO through a logger named after its module's file, which its
+    log-level setting (``RunConfig.logging_config``, for loggers named ``ray.train``) does not reach."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def worker_node_ids(ctx: DistContext) -> list[str]:
@@ -204,9 +218,11 @@ def build_trainer(trials: list[Config], options: RayOptions, launch_id: str, par
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         worker_runtime_env={"env_vars": {**WORKER_RUNTIME_ENV, **options.env_vars}},
         callbacks=list(callbacks) or None,
+        # Ray Train's own INFO lines (each report, each checkpoint, the worker group's start) off the console.
+        logging_config=None if os.environ.get(RAY_VERBOSE) == "1" else TrainLoggingConfig(log_level="WARNING"),
     )
     loop_config = {"parent_run_id": parent_run_id, "resume_local": resume, "launch_id": launch_id,
-                   "configs": [trial.to_dict() for trial in trials]}
+                   "configs": [trial.to_dict() for trial in trials], "ray_verbose": os.environ.get(RAY_VERBOSE) == "1"}
     return TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
