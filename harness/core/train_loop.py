@@ -37,6 +37,9 @@ from harness.core.trainer import (InitWeights, SingleRun, Trainer, build_trainer
 
 # A loss above this (cross-entropy of 10 classes starts near 2.3) means the run blew up.
 DIVERGED_LOSS = 1e3
+# The training loss at step resolution (step = optimizer step): the mean over this rank's samples since the
+# point before, a point at each evaluation and at each epoch's end.
+TRAIN_LOSS_POINTS = "train_loss_window"
 
 
 @dataclass
@@ -99,6 +102,10 @@ class Member:
     samples: int = 0  # this rank's samples of this epoch, until it stopped
     seconds_before: float = 0.0
     loss: float = 0.0  # this rank's summed loss of this epoch, banked from the engine's rows
+    # The training loss at step resolution: (summed loss, samples) of this epoch up to the last point, and
+    # the points (step, mean loss of this rank's samples since the one before), logged at the epoch's end.
+    loss_mark: tuple[float, int] = (0.0, 0)
+    loss_points: list = field(default_factory=list)
 
     @property
     def cfg(self) -> Config:
@@ -223,6 +230,7 @@ def _train_epochs(engine, members: list[Member], dataset: Dataset, hooks: RunHoo
         live = list(in_engine)
         for m in live:
             m.training, m.steps, m.samples, m.loss, m.seconds_before = True, 0, 0, 0.0, m.counters.train_seconds
+            m.loss_mark, m.loss_points = (0.0, 0), []
             m.evals.start_epoch()
         if any(m.evals.pending for m in live):  # the last epoch's end was an evaluation point (or this is step 0)
             replay.checked_below(global_step)
@@ -264,6 +272,8 @@ def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: i
                     _follow_batch_schedule(m, done)
                 if m.evals.after_step(done, global_batch_size):
                     m.training = False  # its run stops here (its training-loss target, or out of the race)
+            if in_engine[0].evals.evaluated == done:  # an evaluation's host sync: the loss point rides on it
+                _mark_loss(loss_sum, in_engine, done)
             _settle_crossings(replay, in_engine, done)
             if not all(m.training for m in in_engine):
                 _bank(loss_sum, in_engine)
@@ -273,8 +283,21 @@ def _train_one_epoch(engine, in_engine: list[Member], epoch: int, global_step: i
                 loss_sum, window_samples = torch.zeros(len(in_engine), dtype=torch.float64, device=ctx.device), 0
             if in_engine[0].evals.evaluated == done and any(m.evals.pending for m in in_engine):
                 replay.checked_below(done)
+    if in_engine:
+        _mark_loss(loss_sum, in_engine, global_step + in_engine[0].steps)  # the epoch's last stretch
     _bank(loss_sum, in_engine)
     return in_engine
+
+
+def _mark_loss(loss_sum: torch.Tensor, in_engine: list[Member], step: int) -> None:
+    """Each member's training-loss point at ``step``: the mean loss of this rank's samples since its last point."""
+    for m, row in zip(in_engine, loss_sum.reshape(-1).tolist()):
+        total, (marked, marked_samples) = m.loss + row, m.loss_mark
+        if m.samples > marked_samples:
+            mean = (total - marked) / (m.samples - marked_samples)
+            if math.isfinite(mean):
+                m.loss_points.append((step, mean))
+        m.loss_mark = (total, m.samples)
 
 
 def _follow_batch_schedule(m: Member, steps_done: int) -> None:
@@ -487,6 +510,7 @@ def _end_epoch(m: Member, epoch: int, samples: int, train_loss_running: float, s
     with timed(counters, "tracking_seconds", m.trainer.ctx.device):
         m.tracker.log_epoch(finite, epoch, counters.global_step)
         m.tracker.log_metric_history("val_subset_accuracy", m.evals.take_history())
+        m.tracker.log_metric_history(TRAIN_LOSS_POINTS, m.loss_points)
         if cfg.train.target_train_loss is not None:
             m.tracker.log_metric_history("train_loss_full", m.evals.take_train_loss_history())
         _log_trajectory(m.tracker, m.sharp)

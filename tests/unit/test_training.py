@@ -37,8 +37,9 @@ def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
     assert run.data.params["model.hidden_sizes"] == "[32]" and run.data.params["world_size"] == "1"
     assert {"git_commit", "torch_version", "launcher"} <= set(run.data.tags)
     by_step = {f"by_step/{key}" for key in BY_STEP_KEYS}
-    assert EPOCH_METRICS | FINAL_METRICS | by_step | {"val_subset_accuracy"} <= set(run.data.metrics) <= (
-        EPOCH_METRICS | FINAL_METRICS | by_step | {"grad_noise_scale", "val_subset_accuracy"})
+    step_resolution = {"val_subset_accuracy", "train_loss_window"}
+    assert EPOCH_METRICS | FINAL_METRICS | by_step | step_resolution <= set(run.data.metrics) <= (
+        EPOCH_METRICS | FINAL_METRICS | by_step | step_resolution | {"grad_noise_scale"})
     # The subset's evaluations on the automatic schedule (its cost floor is 14 steps at batch 64), at
     # each epoch's end (8 steps: the run has a target) and at the budget's last step, logged with step = step.
     evaluated = [step for step in range(1, 17) if is_evaluation_step(cfg, step, 8)]
@@ -56,6 +57,24 @@ def test_smoke_run_is_recorded_in_a_real_sqlite_store(tmp_path):
     gap = run.data.metrics["train_accuracy"] - run.data.metrics["test_accuracy"]
     assert run.data.metrics["generalization_gap_accuracy"] == pytest.approx(gap)
     assert result.global_step == 2 * 8  # 512 samples / 64 per step, 2 epochs
+
+
+def test_training_loss_is_logged_at_each_evaluation_and_epoch_end_and_its_windows_average_to_the_epochs(tmp_path):
+    """A point at each evaluation (8, 14, 16, 24 on smoke's schedule) and each epoch's end; each the mean loss
+    of the samples since the point before, so an epoch's points, weighted by their steps (every batch full),
+    average to that epoch's train_loss_running."""
+    cfg = smoke_config(tmp_path, "train.epochs=3")
+    result = train_run(cfg, DistContext())
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    points = sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, "train_loss_window"))
+    assert [step for step, _ in points] == [8, 14, 16, 24]
+    epochs = {m.step: m.value for m in client.get_metric_history(result.run_id, "train_loss_running")}
+    previous = 0
+    for epoch in (1, 2, 3):
+        inside = [(step, value) for step, value in points if 8 * (epoch - 1) < step <= 8 * epoch]
+        weighted = sum((step - start) * value for (start, _), (step, value) in zip([(previous, 0)] + inside, inside))
+        assert weighted / 8 == pytest.approx(epochs[epoch], rel=1e-9), epoch
+        previous = inside[-1][0]
 
 
 class FailAfterFirstEpoch(RunHooks):
