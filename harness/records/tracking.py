@@ -36,9 +36,31 @@ def git_commit() -> str:
         return "unknown"
 
 
+# Config keys that apply only where another setting says so: (key or key prefix, does it apply to cfg).
+APPLIES_ONLY = (
+    ("data.synthetic.", lambda c: c.data.dataset == "synthetic"),
+    ("optim.betas", lambda c: c.optim.name != "sgd"), ("optim.eps", lambda c: c.optim.name != "sgd"),
+    *((key, lambda c: c.optim.batch_schedule != "constant") for key in (
+        "optim.batch_steps", "optim.batch_noise_", "optim.batch_lr_rule", "optim.max_global_batch_size")),
+    ("optim.warmup_epochs", lambda c: c.optim.warmup_epochs > 0),
+    ("metrics.sharpness_", lambda c: c.metrics.sharpness or c.metrics.sharpness_every is not None),
+    ("metrics.noise_scale_", lambda c: c.metrics.noise_scale),
+    ("metrics.noise_window_steps", lambda c: c.metrics.exact_noise_samples is not None),
+    ("metrics.hessian_noise_deviations", lambda c: c.metrics.hessian_noise_samples is not None),
+)
+
+
+def applicable(cfg: Config, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without what does not apply to this run: unset keys (None) and the keys of a feature it does
+    not use (no ``data.synthetic.*`` on Fashion-MNIST, no Adam's betas under SGD), so that the MLflow UI's
+    param lists and dropdowns hold what the run is."""
+    skipped = [prefix for prefix, applies in APPLIES_ONLY if not applies(cfg)]
+    return {k: v for k, v in params.items() if v is not None and not any(k.startswith(p) for p in skipped)}
+
+
 def run_params(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     """The resolved config (flattened keys) plus short names every launcher shares."""
-    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
+    params = applicable(cfg, {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")})
     params.update(world_size=ctx.world_size, launcher=ctx.launcher)
     if cfg.is_sweep:  # a sweep's parent run: the trials carry the per-run names below
         return params

@@ -201,3 +201,18 @@ def test_diverging_run_stops_early_and_is_tagged(tmp_path):
     run = client.get_run(result.run_id)
     assert result.diverged and result.epochs_completed < 6
     assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "true"
+
+
+@pytest.mark.parametrize("overrides, present, absent", [
+    ([], {"data.dataset", "optim.momentum"},
+     {"data.synthetic.num_train", "optim.betas", "optim.batch_steps", "metrics.sharpness_samples", "data.factory"}),
+    (["data.dataset=synthetic", "data.validation_size=0", "optim.global_batch_size=4", "optim.name=adam",
+      "metrics.sharpness=true"],
+     {"data.synthetic.num_train", "optim.betas", "metrics.sharpness_samples"}, {"optim.batch_steps"}),
+])
+def test_a_run_records_only_the_params_that_apply_to_it(tmp_path, overrides, present, absent):
+    from harness.records.tracking import run_params
+
+    params = run_params(smoke_config(tmp_path, *overrides), DistContext())
+    assert present <= set(params) and not absent & set(params), sorted(params)
+    assert None not in params.values()
