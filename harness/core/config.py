@@ -317,6 +317,9 @@ class TrackingConfig(ConfigModel):
     # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (resolved by the launcher).
     uri: Optional[str] = None
     experiment: NonBlank = "minibatch-harness"
+    # The MLflow run's name. None: a sweep's trial is named by what differs between trials; another run by
+    # its config's name and what its --set overrides changed (the launchers fill it in).
+    run_name: Optional[NonBlank] = None
 
 
 class CheckpointConfig(ConfigModel):

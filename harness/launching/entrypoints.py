@@ -89,15 +89,30 @@ def load_run_config(args: argparse.Namespace) -> Config:
     resolved = getattr(args, "resolved_config", None)
     if not resolved:
         cfg = load_config(args.config, args.overrides)
+        named = {} if cfg.is_sweep or cfg.tracking.run_name else {"tracking.run_name": named_by_overrides(
+            cfg.name, args.overrides or [])}
         if cfg.tracking.enabled and not cfg.tracking.uri:
-            return cfg.replace(**{"tracking.uri": default_tracking_uri()})
-        return cfg
+            named["tracking.uri"] = default_tracking_uri()
+        return cfg.replace(**named) if named else cfg
     if args.overrides:
         raise InputError("--set: not with --resolved-config; expected the overrides already applied in the JSON")
     try:
         return Config.from_dict(json.loads(resolved))
     except json.JSONDecodeError as err:
         raise InputError(f"--resolved-config: not JSON ({err.msg}); expected the JSON of a resolved config") from None
+
+
+# Overrides that change where a run's records go, not what it trains: left out of its name.
+UNNAMED_OVERRIDES = ("tracking.", "checkpoint.", "train.progress", "train.device")
+
+
+def named_by_overrides(name: str, overrides: list[str]) -> str:
+    """A run's MLflow name: its config's, then each override that changes what it trains, by its last key
+    (``fashion-mnist lr=0.05 hidden_sizes=[256,128]``), as sweep trials are named by what differs."""
+    changed = [item.split("=", 1) for item in overrides if "=" in item]
+    parts = [f"{key.strip().rsplit('.', 1)[-1]}={value.strip()}" for key, value in changed
+             if key.strip() != "name" and not key.strip().startswith(UNNAMED_OVERRIDES)]
+    return " ".join([name, *parts])[:250]
 
 
 def exits_on_input_error(main: Callable[..., int]) -> Callable[..., int]:

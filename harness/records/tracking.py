@@ -79,11 +79,12 @@ def run_params(cfg: Config, ctx: DistContext) -> dict[str, Any]:
 
 def display_name(cfg: Config) -> str:
     """The MLflow run name: a trial leads with what differs between trials (``bs32 lr0.1 s0 none``),
-    so the UI's truncated name column still tells runs apart; other runs keep their config name."""
+    so the UI's truncated name column still tells runs apart; another run takes ``tracking.run_name`` (which
+    the launchers fill in from the config's name and its overrides), else its config's name."""
     if cfg.is_sweep:
         return sweep_display_name(cfg)
     if cfg.trial is None:
-        return cfg.name
+        return cfg.tracking.run_name or cfg.name
     return f"bs{cfg.optim.global_batch_size} lr{cfg.optim.lr:.4g} s{cfg.seed} {cfg.trial.lr_rule}"
 
 

@@ -43,7 +43,8 @@ def test_two_runs_started_together_on_a_new_sqlite_store_both_record_everything(
                 process.wait()
     assert [p.returncode for p in processes] == [0, 0], outputs
     client, runs = _finished_runs(uri, "smoke")
-    assert sorted(r.info.run_name for r in runs) == ["run0", "run1"]
+    # Named by the config's name and what the overrides changed (not where records and checkpoints go).
+    assert sorted(r.info.run_name for r in runs) == ["run0 epochs=1", "run1 epochs=1"]
     for run in runs:
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1]

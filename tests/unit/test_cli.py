@@ -123,3 +123,14 @@ def test_each_help_opens_with_one_plain_sentence(subcommand, capsys):
     first = text.split("\n\n")[1].replace("\n", " ")  # the paragraph after the usage lines
     assert first[0].isupper() and first.endswith("."), first
     assert not any(markup in first for markup in ("``", ":func:", ":class:", "`")), first
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ([], "fashion-mnist"),
+    (["optim.lr=0.05", "model.hidden_sizes=[256,128]"], "fashion-mnist lr=0.05 hidden_sizes=[256,128]"),
+    (["tracking.uri=sqlite:///x.db", "checkpoint.dir=/tmp/c", "train.progress=false", "name=other"], "fashion-mnist"),
+])
+def test_a_single_run_is_named_by_its_config_and_what_its_overrides_change(overrides, name):
+    from harness.launching.entrypoints import named_by_overrides
+
+    assert named_by_overrides("fashion-mnist", overrides) == name
