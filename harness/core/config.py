@@ -320,6 +320,8 @@ class TrackingConfig(ConfigModel):
     # The MLflow run's name. None: a sweep's trial is named by what differs between trials; another run by
     # its config's name and what its --set overrides changed (the launchers fill it in).
     run_name: Optional[NonBlank] = None
+    # The run's final weights as an MLflow model (artifact "model": mlflow.pytorch.load_model("runs:/<id>/model")).
+    log_model: bool = True
 
 
 class CheckpointConfig(ConfigModel):

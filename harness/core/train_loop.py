@@ -31,6 +31,7 @@ from harness.core.evaluation import (Race, RunCounters, StepEvaluations, Trainin
                                      synchronized_now, time_metrics, timed)
 from harness.core.sharpness import SharpnessReadings, sharpness_cost_metrics
 from harness.core.stacked_run import build_stack
+from harness.core.model import build_model
 from harness.core.step import unwrap
 from harness.core.trainer import (InitWeights, SingleRun, Trainer, build_trainer, checkpoint_state,
                                   load_init_weights, load_state)
@@ -390,7 +391,17 @@ def _finish(m: Member) -> None:
     m.result.checkpoint = m.latest
     if m.latest is not None:  # where the run's final weights are (interpolate, init_from by run id)
         m.tracker.set_tags({"checkpoint_path": str(Path(m.latest).resolve())})
+    if m.cfg.tracking.log_model and m.trainer.ctx.is_main and not m.result.diverged:
+        with timed(m.counters, "tracking_seconds", m.trainer.ctx.device):
+            m.tracker.log_model(final_model(m))
     m.tracker.finish("FINISHED")
+
+
+def final_model(m: Member) -> torch.nn.Module:
+    """The member's final weights in a model of its own on the CPU (a stack member's are a view of its row)."""
+    model = build_model(m.cfg)
+    model.load_state_dict({k: v.detach().cpu().clone() for k, v in unwrap(m.trainer.model).state_dict().items()})
+    return model.eval()
 
 
 def first_epoch(cfg: Config, counters: RunCounters) -> int:

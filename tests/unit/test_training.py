@@ -216,3 +216,26 @@ def test_a_run_records_only_the_params_that_apply_to_it(tmp_path, overrides, pre
     params = run_params(smoke_config(tmp_path, *overrides), DistContext())
     assert present <= set(params) and not absent & set(params), sorted(params)
     assert None not in params.values()
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_each_runs_final_model_is_an_mlflow_model_that_loads_with_its_checkpoints_weights(tmp_path, stacked):
+    """Alone, or each member of a stack of two (whose weights are views of the stack's rows): the run's
+    artifact "model" loads with mlflow.pytorch.load_model and holds the final checkpoint's weights."""
+    import mlflow
+    import mlflow.pytorch
+
+    from harness.launching.runs import train_trials
+
+    lrs = (0.1, 0.05) if stacked else (0.1,)
+    trials = [smoke_config(tmp_path, "tracking.log_model=true", f"optim.lr={lr}", f"name=smoke-lr{lr}")
+              for lr in lrs]
+    results = train_trials(trials, DistContext())
+    mlflow.set_tracking_uri(trials[0].tracking.uri)
+    features = torch.rand(5, 784)
+    for result in results:
+        model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+        weights = torch.load(result.checkpoint, weights_only=True)["model"]
+        assert set(model.state_dict()) == set(weights)
+        assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+        assert model(features).shape == (5, 10)
