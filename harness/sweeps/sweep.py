@@ -29,7 +29,7 @@ from harness.core.train_loop import RunHooks, RunResult
 from harness.analysis.critical import TIME_METRICS, time_spent
 from harness.analysis.report import build_report
 from harness.records.mlflow_store import ui_links
-from harness.records.tracking import display_name, make_tracker
+from harness.records.tracking import display_name, make_tracker, sweep_display_name
 from harness.launching.runs import train_trials
 
 
@@ -266,6 +266,9 @@ def run_stacks(cfg: Config, ctx: DistContext, resume: bool, run_stack, how,
     indices, parent)`` (its outcomes) after its progress line (``how(indices)``: how it runs)."""
     trials = expand_trials(cfg)
     progress = SweepProgress(len(trials)) if ctx.is_main else None
+    if progress:  # what the sweep holds, and how to make it shorter
+        say(f"[sweep] {sweep_display_name(cfg).split(': ', 1)[-1]}: {len(trials)} trials; fewer with --set "
+            "sweep.seeds=[0], a shorter sweep.batch_sizes or sweep.lrs, or a smaller train.epochs")
     with sweep_parent_run(cfg, ctx, resume, trials) as parent:
         for indices in pending_stacks(cfg, trials, parent, split_by_seed):
             members = [race_from(trials[i], parent.outcomes) for i in indices]
