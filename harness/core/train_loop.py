@@ -391,9 +391,9 @@ def _finish(m: Member) -> None:
     m.result.checkpoint = m.latest
     if m.latest is not None:  # where the run's final weights are (interpolate, init_from by run id)
         m.tracker.set_tags({"checkpoint_path": str(Path(m.latest).resolve())})
-    if m.cfg.tracking.log_model and m.trainer.ctx.is_main and not m.result.diverged:
+    if m.cfg.tracking.log_model and not m.result.diverged:
         with timed(m.counters, "tracking_seconds", m.trainer.ctx.device):
-            m.tracker.log_model(final_model(m))
+            m.tracker.log_model(lambda: final_model(m))  # built by the tracker that records it: rank 0's
     m.tracker.finish("FINISHED")
 
 

@@ -136,7 +136,7 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
-    def log_model(self, model) -> None:
+    def log_model(self, build_model) -> None:
         pass
 
     def log_epoch(self, metrics: dict[str, float], epoch: int, global_step: int) -> None:
@@ -262,8 +262,8 @@ class MLflowTracker(ConsoleTracker):
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._deliver({"op": "tags", "run_id": self.run_id, "tags": {k: str(v) for k, v in tags.items()}})
 
-    def log_model(self, model) -> None:
-        """``model`` (on the CPU) as the run's MLflow model, artifact ``model``: loadable with
+    def log_model(self, build_model) -> None:
+        """The model ``build_model()`` returns (on the CPU) as the run's MLflow model, artifact ``model``: loadable with
         ``mlflow.pytorch.load_model(f"runs:/{run_id}/model")`` where the harness (or a factory's module) imports.
         Pickled (MLflow's pt2 format would trace a forward pass), with torch's pin as its only requirement
         (MLflow would otherwise infer the environment, which takes seconds). A store that does not take it
@@ -277,7 +277,7 @@ class MLflowTracker(ConsoleTracker):
         level, pytorch_log.level = pytorch_log.level, logging.ERROR
         try:
             with tempfile.TemporaryDirectory(prefix="harness-model-") as folder:
-                mlflow.pytorch.save_model(model, f"{folder}/model", serialization_format="pickle",
+                mlflow.pytorch.save_model(build_model(), f"{folder}/model", serialization_format="pickle",
                                           pip_requirements=[f"torch=={torch.__version__}"])
                 self.client.log_artifacts(self.run_id, f"{folder}/model", "model")
         except Exception as err:  # noqa: BLE001 - an unreachable store, a model that does not pickle
