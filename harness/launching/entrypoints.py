@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from harness.core.config import Config, load_config
-from harness.console import fail
+from harness.console import fail, say
 from harness.errors import USAGE_EXIT_CODE, InputError
 from harness.records.mlflow_store import default_tracking_uri
 
@@ -184,6 +184,7 @@ def connect_ray(num_cpus=None) -> None:
                 reason = err.strerror or str(err) or type(err).__name__
                 raise InputError(f"RAY_ADDRESS: nothing answers at {address!r} ({reason}); "
                                  f"{RAY_ADDRESS_EXPECTED}") from None
+    say(f"connecting to the Ray cluster at {address}")  # Ray's own line on it is INFO, off (ray_logging)
     with _exit_unless_done_within(address, RAY_INIT_DEADLINE_S, f"{address!r} accepts connections but no Ray "
                                   f"cluster answered within {RAY_INIT_DEADLINE_S:.0f} s"):
         try:

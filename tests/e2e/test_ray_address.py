@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -71,16 +72,15 @@ def test_ctrl_c_while_ray_init_waits_ends_with_one_error_line(tmp_path):
         address = f"127.0.0.1:{listener.getsockname()[1]}"
         launcher = subprocess.Popen(launcher_command("ray_job", tmp_path), cwd=tmp_path, text=True,
                                     env={**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"},
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            lines = []
-            for line in launcher.stderr:  # Ray logs this as ray.init starts to connect
-                lines.append(line)
-                if "Connecting to existing Ray cluster" in line:
+            for line in launcher.stdout:  # the launcher's line as ray.init starts to connect
+                if line.startswith("connecting to the Ray cluster at"):
                     break
+            time.sleep(1)  # ray.init is inside its C++ wait by now
             launcher.send_signal(signal.SIGINT)
             launcher.wait(timeout=60)  # a launcher that ignores Ctrl-C fails here
-            lines += launcher.stderr.readlines()
+            lines = launcher.stderr.readlines()
         finally:
             if launcher.poll() is None:
                 launcher.kill()

@@ -218,9 +218,10 @@ def assert_every_step_once(uri: str, outcome: dict) -> None:
         for key in range(PLAIN_KEYS):
             assert histories.get((f"writer{index}", f"load_{key}")) == list(range(1, PLAIN_STEPS + 1)), (index, key)
     trained = {name for name, key in histories if key == "test_accuracy"}
-    assert trained == {"smoke"}, trained
+    run_name = f"smoke epochs={TRAIN_EPOCHS}"  # the config's name and what its --set changed
+    assert trained == {run_name}, trained
     for key in EPOCH_KEYS:
-        assert histories[("smoke", key)] == list(range(1, TRAIN_EPOCHS + 1)), key
+        assert histories[(run_name, key)] == list(range(1, TRAIN_EPOCHS + 1)), key
     for experiment in client.search_experiments():
         for run in client.search_runs([experiment.experiment_id]):
             assert run.info.status == "FINISHED", run.info.run_name
