@@ -176,7 +176,9 @@ def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epo
     samples = len(dataset.train)
     ctx = DistContext(device=device, launcher="bench")
     timings: list[dict] = []
-    timed = [path for path in PATHS if path == "dataloader" or path in paths]
+    graphs = cfg.replace(**{"performance.cuda_graph": True})
+    timed = [path for path in PATHS if path == "dataloader" or path in paths
+             and not (HARNESS_PATHS[path][0] and graph_unavailable_reason(graphs, ctx))]
     progress = BatchProgress(batch_sizes, f"bench on {device.type}: {', '.join(timed)}, each 1 warm-up and "
                              f"{epochs} timed epochs of {samples} samples",
                              "--epochs 1, fewer --batch-sizes or --paths shorten it")
