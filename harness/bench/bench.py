@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from harness.console import say
 from harness.core.config import Config
 from harness.core.data import Dataset, load_dataset
 from harness.core.distributed import COLLECTIVE_CAPTURE_ENV, DistContext, allow_collective_capture
@@ -64,6 +65,28 @@ class Repeats:
 
     def wants_more(self, seconds: list[float]) -> bool:
         return len(seconds) < self.calls or (sum(seconds) < self.min_s and len(seconds) < self.max_calls)
+
+
+class BatchProgress:
+    """A bench's progress on stdout: what it will time and how to time less, then one line per batch size
+    with the time so far and the estimated time left (the mean batch size's time so far, times those left)."""
+
+    def __init__(self, batch_sizes: list[int], plan: str, shorter: str):
+        self.total, self.done, self.started = len(batch_sizes), 0, time.perf_counter()
+        say(f"{plan}, at batch {', '.join(map(str, batch_sizes))}; {shorter}")
+
+    def batch_done(self, batch_size: int, summary: str) -> None:
+        self.done += 1
+        elapsed_s = time.perf_counter() - self.started
+        left = f"about {format_seconds(elapsed_s / self.done * (self.total - self.done))} left" \
+            if self.done < self.total else "done"
+        say(f"  batch {batch_size}: {summary} [{self.done}/{self.total}, {format_seconds(elapsed_s)}; {left}]")
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s`` or ``3 min 05 s``."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
 
 def _synchronise(device: torch.device) -> None:
@@ -153,6 +176,12 @@ def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epo
     samples = len(dataset.train)
     ctx = DistContext(device=device, launcher="bench")
     timings: list[dict] = []
+    graphs = cfg.replace(**{"performance.cuda_graph": True})
+    timed = [path for path in PATHS if path == "dataloader" or path in paths
+             and not (HARNESS_PATHS[path][0] and graph_unavailable_reason(graphs, ctx))]
+    progress = BatchProgress(batch_sizes, f"bench on {device.type}: {', '.join(timed)}, each 1 warm-up and "
+                             f"{epochs} timed epochs of {samples} samples",
+                             "--epochs 1, fewer --batch-sizes or --paths shorten it")
     for batch_size in batch_sizes:
         trial = cfg.replace(**{"optim.global_batch_size": batch_size})
         peer = timing("dataloader", batch_size, samples,
@@ -172,6 +201,8 @@ def run_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int], epo
                 engine = SingleRun(build_trainer(path_cfg, ctx, dataset.to(device)))
                 seconds = time_epochs(lambda epoch: train_epoch(engine, epoch), device, epochs)
             timings.append(timing(path, batch_size, samples, seconds, peer["seconds_per_epoch"]))
+        progress.batch_done(batch_size, ", ".join(f"{t['path']} {t['seconds_per_epoch']:.3g} s/epoch" for t in timings
+                                                  if t["batch_size"] == batch_size and t["seconds_per_epoch"]))
     return {**environment(device, cfg), "train_samples": samples, "epochs_timed": epochs, "timings": timings}
 
 

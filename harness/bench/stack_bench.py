@@ -25,7 +25,7 @@ from harness.core.distributed import DistContext
 from harness.core.stacked import StackedTrainer
 from harness.core.stacked_run import use_graph_step
 from harness.core.trainer import SingleRun, build_trainer, train_epoch
-from harness.bench.bench import STEP_ONLY, _synchronise, device_name, environment, time_interleaved
+from harness.bench.bench import STEP_ONLY, BatchProgress, _synchronise, device_name, environment, time_interleaved
 
 
 def stack_members(cfg: Config, stack: int) -> list[Config]:
@@ -43,6 +43,9 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
     cfg = cfg.replace(**STEP_ONLY, **{"performance.cuda_graph": graph})
     dataset = load_dataset(cfg).to(device)  # one copy, as the trials of a local sweep share it
     rows = []
+    progress = BatchProgress(batch_sizes, f"bench --stack {stack} on {device.type}: {stack} trials one after another "
+                             f"and stacked, each 1 warm-up and {epochs} timed epochs of {len(dataset.train)} samples",
+                             "--epochs 1, a smaller --stack or fewer --batch-sizes shorten it")
     for batch_size in batch_sizes:
         trials = stack_members(cfg.replace(**{"optim.global_batch_size": batch_size}), stack)
         engines = [SingleRun(build_trainer(t, DistContext(device=device, launcher="bench"), dataset))
@@ -71,6 +74,7 @@ def run_stack_benchmark(cfg: Config, device: torch.device, batch_sizes: list[int
                      "stacked_s_per_epoch": together, "speedup": sequential / together,
                      "matmuls_s_per_epoch": matmuls, "speedup_bound": sequential / matmuls,
                      **{f"{side}_epoch_seconds": seconds[side] for side in seconds}})
+        progress.batch_done(batch_size, f"one after another {sequential:.3g} s/epoch, stacked {together:.3g} s/epoch")
     return {**environment(device, cfg), "stack": stack, "cuda_graph": graph, "train_samples": len(dataset.train),
             "epochs_timed": epochs, "timings": rows}
 

@@ -3,6 +3,7 @@ The `harness bench` command runs through its main() in the pytest process."""
 
 import collections
 import json
+import re
 
 import pytest
 import torch
@@ -46,6 +47,18 @@ def test_bench_json_has_every_path_at_every_batch_size(tmp_path, capsys):
     assert "| 128 | harness_ddp |" in stdout
 
 
+def test_bench_says_what_it_times_how_to_time_less_and_the_time_left_after_each_batch(capsys):
+    status, stdout, stderr = bench(capsys, "--device", "cpu", "--batch-sizes", "256", "512", "--epochs", "1",
+                                   "--paths", "harness")
+    assert status == 0, stderr
+    head, first, second = stdout.splitlines()[:3]
+    assert head == ("bench on cpu: dataloader, harness, each 1 warm-up and 1 timed epochs of 512 samples, at batch "
+                    "256, 512; --epochs 1, fewer --batch-sizes or --paths shorten it")
+    assert re.fullmatch(r"  batch 256: dataloader \S+ s/epoch, harness \S+ s/epoch \[1/2, \d+ s; about \d+ s left\]",
+                        first), first
+    assert re.fullmatch(r"  batch 512: .* \[2/2, \d+ s; done\]", second), second
+
+
 def refused(capsys, *args) -> tuple[int, str]:
     """A refused bench (as test_bad_input.py runs the harness command's other refusals): exit status, stderr."""
     status, _, stderr = bench(capsys, *args)
@@ -78,6 +91,11 @@ def test_bench_stack_times_k_trials_stacked_against_them_one_after_another(tmp_p
         assert row["sequential_s_per_epoch"] > 0 and row["stacked_s_per_epoch"] > 0
         assert row["speedup"] == row["sequential_s_per_epoch"] / row["stacked_s_per_epoch"]
         assert row["speedup_bound"] == row["sequential_s_per_epoch"] / row["matmuls_s_per_epoch"]
+    assert stdout.startswith("bench --stack 3 on cpu: 3 trials one after another and stacked, each 1 warm-up and 1 "
+                             "timed epochs of 512 samples, at batch 64, 100; --epochs 1, a smaller --stack or fewer "
+                             "--batch-sizes shorten it\n  batch 64: one after another ")
+    assert re.search(r"\n  batch 100: one after another \S+ s/epoch, stacked \S+ s/epoch \[2/2, \d+ s; done\]\n",
+                     stdout), stdout
     assert "| 100 |" in stdout and "sequential / stacked" in stdout
     assert "bound (sequential / matmuls)" in stdout
 
