@@ -19,7 +19,7 @@ from harness.core import distributed
 from harness.core.config import Config
 from harness.core.train_loop import RunHooks
 from harness.errors import InputError
-from harness.launching.entrypoints import connect_ray, load_run_config
+from harness.launching.entrypoints import connect_ray, load_run_config, ray_verbose
 from harness.launching import torchrun_nodes
 from harness.launching.preflight import check_resumable, preflight, preflight_ray_cluster, preflight_ray_storage
 from harness.launching.run_lock import run_folders_held
@@ -201,8 +201,8 @@ def start_ray(cfg: Config, args: argparse.Namespace, num_workers: int):
     from harness.launching.ray_train import prepare_ray_run  # only the Ray paths pay for loading Ray Train
 
     cfg, options = prepare_ray_run(cfg, num_workers, args.use_gpu, args.max_failures, args.storage_path,
-                                   args.placement_strategy)
-    connect_ray(args.num_cpus)
+                                   args.placement_strategy, verbose=ray_verbose(args))
+    connect_ray(args.num_cpus, options.verbose)
     # Only now is the cluster known; still before any worker or MLflow run.
     preflight_ray_cluster(cfg, args.storage_path, args.shared_storage, num_workers, args.placement_strategy)
     signals.install()  # ray.init set its own SIGTERM handler (sys.exit)

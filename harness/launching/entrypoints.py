@@ -28,6 +28,13 @@ from harness.records.mlflow_store import default_tracking_uri
 # Nothing imported here loads torch, ray or mlflow (ray is imported where Ray is
 # joined): `harness --help` and the launchers' --help answer without them.
 
+RAY_VERBOSE = "HARNESS_RAY_VERBOSE"  # "1": Ray's own INFO lines on the console too, as with --verbose
+
+
+def ray_verbose(args: argparse.Namespace) -> bool:
+    """Whether Ray's own INFO lines go to the console: ``--verbose``, or ``HARNESS_RAY_VERBOSE=1``."""
+    return bool(getattr(args, "verbose", False)) or os.environ.get(RAY_VERBOSE) == "1"
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default, unless the text already says it or the option is required."""
@@ -145,6 +152,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser, num_workers_help: Optiona
     parser.add_argument("--placement-strategy", default="PACK", choices=("PACK", "SPREAD", "STRICT_SPREAD"),
                         help="where Ray places a run's workers: PACK fills a node first, SPREAD uses distinct "
                              "nodes where it can, STRICT_SPREAD one worker per node")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"Ray's own INFO lines on the console too (Ray Train's per-report and worker-group "
+                             f"lines, ray.init's): the same as {RAY_VERBOSE}=1; default: warnings and errors only")
 
 
 # An unreachable $RAY_ADDRESS must fail fast: ray.init alone retries for minutes
@@ -155,10 +165,7 @@ RAY_ADDRESS_EXPECTED = ("expected the address of a running Ray head: host:port o
                         "--port` printed it (e.g. 127.0.0.1:6379), or ray://host:port")
 
 
-RAY_VERBOSE = "HARNESS_RAY_VERBOSE"  # "1": Ray's own INFO lines on the console too
-
-
-def connect_ray(num_cpus=None) -> None:
+def connect_ray(num_cpus=None, verbose: bool = False) -> None:
     """Join $RAY_ADDRESS's cluster (always set inside a Ray job), else start a local Ray on loopback.
 
     A malformed or unreachable address is an InputError within RAY_PROBE_TIMEOUT_S; a port that
@@ -172,7 +179,7 @@ def connect_ray(num_cpus=None) -> None:
     if not address:
         # address="local": a new Ray of our own. Plain ray.init() would join any cluster
         # this host runs (or last ran: /tmp/ray/ray_current_cluster), and then refuse num_cpus.
-        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", logging_config=ray_logging())
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", logging_config=ray_logging(verbose))
         return
     if address != "auto":  # "auto": Ray looks up this host's running cluster itself
         host, port = ray_host_port(address)
@@ -188,19 +195,19 @@ def connect_ray(num_cpus=None) -> None:
     with _exit_unless_done_within(address, RAY_INIT_DEADLINE_S, f"{address!r} accepts connections but no Ray "
                                   f"cluster answered within {RAY_INIT_DEADLINE_S:.0f} s"):
         try:
-            ray.init(address=address, logging_config=ray_logging())
+            ray.init(address=address, logging_config=ray_logging(verbose))
         except ConnectionError as err:  # "auto" with no cluster here; a cluster that refused our token (~20 s)
             raise InputError(f"RAY_ADDRESS: {address!r}: {str(err).splitlines()[0]}; {RAY_ADDRESS_EXPECTED}, "
                              "and, for a cluster in token mode, its token in RAY_AUTH_TOKEN or ~/.ray/auth_token "
                              "(Ray logs InvalidAuthToken above when that is the cause)") from None
 
 
-def ray_logging():
+def ray_logging(verbose: bool = False):
     """Ray's own INFO lines (Ray Train's per-report and checkpoint lines, its worker-group set-up) off in
-    every process of this job, warnings and errors kept; ``HARNESS_RAY_VERBOSE=1`` keeps them all."""
+    every process of this job, warnings and errors kept; ``verbose`` keeps them all."""
     import ray
 
-    if os.environ.get(RAY_VERBOSE) == "1":
+    if verbose:
         return None
     return ray.LoggingConfig(encoding="TEXT", log_level="WARNING")
 

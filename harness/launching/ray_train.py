@@ -37,7 +37,6 @@ from harness.core.distributed import (COLLECTIVE_CAPTURE_ENV, DistContext, allow
                                      context_from_process_group)
 from harness.core.train_loop import RunHooks, RunResult
 from harness.records.mlflow_store import end_runs_of_launch
-from harness.launching.entrypoints import RAY_VERBOSE
 from harness.launching.ray_cluster import resolve_storage_path
 from harness.launching.runs import train_trials
 
@@ -176,12 +175,14 @@ class RayOptions:
     max_failures: int = 1
     storage_path: str = "checkpoints/ray"
     placement_strategy: str = "PACK"  # see entrypoints.add_ray_arguments
+    verbose: bool = False  # Ray's own INFO lines on the console too (entrypoints.ray_verbose)
     # Captured where the run is launched: Ray tasks and workers have another environment.
     env_vars: dict = field(default_factory=dict)
 
 
 def prepare_ray_run(cfg: Config, num_workers: int, use_gpu: bool, max_failures: int,
-                    storage_path: str, placement_strategy: str = "PACK") -> tuple[Config, RayOptions]:
+                    storage_path: str, placement_strategy: str = "PACK",
+                    verbose: bool = False) -> tuple[Config, RayOptions]:
     """The config with its folders made absolute, for workers that run elsewhere; the runs' options."""
     paths = {"checkpoint.dir": str(Path(cfg.checkpoint.dir).resolve())}
     if cfg.data.data_dir:
@@ -197,7 +198,7 @@ def prepare_ray_run(cfg: Config, num_workers: int, use_gpu: bool, max_failures: 
         env_vars["PYTHONPATH"] = os.pathsep.join(filter(None, (*roots, os.environ.get("PYTHONPATH"))))
     options = RayOptions(num_workers=num_workers, use_gpu=use_gpu, max_failures=max_failures,
                          storage_path=resolve_storage_path(storage_path), placement_strategy=placement_strategy,
-                         env_vars=env_vars)
+                         verbose=verbose, env_vars=env_vars)
     return cfg.replace(**paths), options
 
 
@@ -219,10 +220,10 @@ def build_trainer(trials: list[Config], options: RayOptions, launch_id: str, par
         worker_runtime_env={"env_vars": {**WORKER_RUNTIME_ENV, **options.env_vars}},
         callbacks=list(callbacks) or None,
         # Ray Train's own INFO lines (each report, each checkpoint, the worker group's start) off the console.
-        logging_config=None if os.environ.get(RAY_VERBOSE) == "1" else TrainLoggingConfig(log_level="WARNING"),
+        logging_config=None if options.verbose else TrainLoggingConfig(log_level="WARNING"),
     )
     loop_config = {"parent_run_id": parent_run_id, "resume_local": resume, "launch_id": launch_id,
-                   "configs": [trial.to_dict() for trial in trials], "ray_verbose": os.environ.get(RAY_VERBOSE) == "1"}
+                   "configs": [trial.to_dict() for trial in trials], "ray_verbose": options.verbose}
     return TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,

@@ -115,7 +115,11 @@ def torchrun_command(args: argparse.Namespace, train_argv: list[str]) -> list[st
 
 
 def exec_torchrun(command: list[str]) -> None:
-    """Become ``command``: torchrun then gets the terminal's signals itself, as if started by hand."""
+    """Become ``command``: torchrun then gets the terminal's signals itself, as if started by hand.
+
+    torchrun gives each rank one OpenMP thread unless OMP_NUM_THREADS is set, and prints a four-line banner
+    saying so; set here to that same 1 (unless the user chose a value), the ranks run as before, without it."""
     sys.stdout.flush()
     sys.stderr.flush()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.execv(command[0], command)

@@ -197,7 +197,9 @@ def _run_experiment(cfg: Config, trials: list[Config], stacks: dict[int, list[in
         param_space={"trial_index": tune.grid_search(sorted(stacks))},
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=limit, num_samples=1,
                                     trial_name_creator=name_of, trial_dirname_creator=name_of),
-        run_config=tune.RunConfig(name=new_launch_id(cfg), storage_path=options.storage_path, verbose=0,
+        # verbose=0: the trials' own lines (TrialLines) instead of Tune's status tables, unless asked for.
+        run_config=tune.RunConfig(name=new_launch_id(cfg), storage_path=options.storage_path,
+                                  verbose=None if options.verbose else 0,
                                   stop=SignalStopper(), callbacks=[lines],
                                   failure_config=tune.FailureConfig(max_failures=0)))
     _STOP_ALL.clear()

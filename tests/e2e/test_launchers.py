@@ -111,8 +111,39 @@ def assert_each_metric_logged_once_per_epoch(client, run):
 @pytest.fixture(scope="module")
 def torchrun_two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("torchrun2")
-    torchrun(tmp, 2, "--set", TARGETS)
+    result = torchrun(tmp, 2, "--set", TARGETS)
+    (tmp / CONSOLE).write_text(result.stdout + result.stderr)
     return tmp
+
+
+CONSOLE = "console.txt"  # a launcher's whole output (stdout, then stderr), kept beside its run's records
+# A run's lines besides its epoch lines: the time line and the last line; under Ray also the driver's "connecting
+# to the Ray cluster" line and Ray's two warnings on a success (its token authentication's, its core's about
+# Ray Train's PreemptionWatcher actor).
+OTHER_LINES = {"torchrun": 2, "ray": 5}
+# What a successful run must not print: Ray Train's per-report, checkpoint and worker-group INFO lines, Ray's
+# log deduplication notes, a traceback, a progress bar (forwarded one line per redraw under Ray), torchrun's banner.
+CHATTER = ("Reporting training result", "Checkpoint successfully created", "Started training worker group",
+           "[repeated ", "Ray deduplicates logs", "Traceback", "step/s", "OMP_NUM_THREADS")
+
+
+def assert_each_epoch_printed_once_among_few_lines(output: str, launcher: str) -> None:
+    """Rank 0's line for each epoch, exactly once, in an output of at most ``OTHER_LINES[launcher]`` more."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    epoch_lines = [line for line in lines if "[smoke] epoch " in line]
+    for epoch in range(1, EPOCHS + 1):
+        assert sum(f"[smoke] epoch {epoch}/{EPOCHS} " in line for line in lines) == 1, (epoch, output[-4000:])
+    assert len(epoch_lines) == EPOCHS, epoch_lines
+    others = [line for line in lines if line not in epoch_lines]
+    assert len(others) <= OTHER_LINES[launcher], others
+    for chatter in CHATTER:
+        assert chatter not in output, (chatter, output[-4000:])
+
+
+def test_two_torchrun_ranks_print_each_epoch_once_among_few_lines(torchrun_two_ranks):
+    output = (torchrun_two_ranks / CONSOLE).read_text()
+    assert_each_epoch_printed_once_among_few_lines(output, "torchrun")
+    assert output.strip().splitlines()[-1].startswith("finished smoke: ")
 
 
 def test_torchrun_two_gloo_ranks_record_one_finished_run(torchrun_two_ranks):
@@ -190,16 +221,11 @@ def test_ray_job_submission_trains_on_the_cluster(ray_job_submitted):
 def test_ray_job_prints_each_epoch_line_once_and_ends_naming_the_mlflow_run(ray_job_submitted):
     tmp, logs = ray_job_submitted
     _, run = only_run(tmp)
+    # Ray's own INFO chatter stays off the console (--verbose or HARNESS_RAY_VERBOSE=1 brings it back).
+    assert_each_epoch_printed_once_among_few_lines(logs, "ray")
     lines = logs.strip().splitlines()
-    for epoch in range(1, EPOCHS + 1):
-        assert sum(f"[smoke] epoch {epoch}/{EPOCHS} " in line for line in lines) == 1, (epoch, logs[-4000:])
     assert lines[-1].startswith("finished smoke on Ray") and lines[-1].endswith(f"MLflow run {run.info.run_id}"), \
         lines[-3:]
-    # Ray's own INFO chatter stays off the console (HARNESS_RAY_VERBOSE=1 brings it back); a success has no
-    # traceback and no per-step progress bar.
-    for chatter in ("Reporting training result", "Checkpoint successfully created", "Started training worker group",
-                    "Traceback", "step/s"):
-        assert chatter not in logs, (chatter, logs[-4000:])
 
 
 def test_a_ray_run_records_the_keys_and_reaches_the_parameters_of_the_loop_that_launch_train_runs(
