@@ -77,7 +77,7 @@ optim: {lr: 0.1, momentum: 0.9, global_batch_size: 64}
 train: {epochs: 200, target_train_loss: 0.3, progress: false}
 metrics: {target_val_accuracy: null, noise_scale: false, exact_noise_samples: null, sharpness: true,
           sharpness_every: 10, sharpness_every_unit: epochs, sharpness_samples: 256, eval_every_steps: 4}
-tracking: {experiment: tiny}
+tracking: {experiment: tiny, log_model: false}
 sweep: {batch_sizes: [16, 512], seeds: [0], lr_rules: [sqrt], base_batch_size: 64}
 """
 

@@ -20,7 +20,7 @@ model: {hidden_sizes: [32], activation: sigmoid}
 optim: {lr: 0.2, momentum: 0.9, global_batch_size: 64, weight_decay: 0.0001}
 train: {epochs: 2, progress: false, stop_at_target: true}
 metrics: {target_val_accuracy: 0.9, eval_every_steps: 4, exact_noise_samples: 128, noise_scale_interval: 1}
-tracking: {experiment: stacks}
+tracking: {experiment: stacks, log_model: false}
 sweep: {batch_sizes: [32, 64], seeds: [0, 1], lr_rules: [sqrt], base_batch_size: 64, warmup_epochs: 0.5,
         lr_factors: [0.5, 1, 4], race_stop: null}
 """

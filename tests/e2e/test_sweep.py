@@ -22,7 +22,7 @@ model: {hidden_sizes: [32], activation: relu}
 optim: {lr: 0.2, momentum: 0.9, global_batch_size: 8}
 train: {epochs: 3, progress: false}
 metrics: {target_val_accuracy: 0.5, sharpness: true, sharpness_samples: 256, sharpness_iterations: 10}
-tracking: {experiment: tiny}
+tracking: {experiment: tiny, log_model: false}
 sweep: {batch_sizes: [8, 32, 1024], seeds: [0], lr_rules: [linear], base_batch_size: 8}
 """
 PLOTS = ("accuracy_gap_vs_batch.png", "loss_curves_epochs.png", "loss_curves_steps.png", "steps_to_target.png")

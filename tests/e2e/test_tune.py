@@ -20,7 +20,7 @@ model: {hidden_sizes: [32], activation: relu}
 optim: {lr: 0.1, momentum: 0.9, global_batch_size: 16}
 train: {epochs: 3, progress: false}
 metrics: {target_val_accuracy: 0.5, sharpness_samples: 128, sharpness_iterations: 5}
-tracking: {experiment: tuned}
+tracking: {experiment: tuned, log_model: false}
 sweep: {batch_sizes: [16, 512], seeds: [0, 1], lr_rules: [none]}
 """
 
